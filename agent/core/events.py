@@ -1,0 +1,178 @@
+"""Events into the core, commands out of it, and the time the caller gives.
+
+Small frozen dataclasses (the h11 habit). Adapters and the simulator make
+events; ``agent.core.turnstile.Gate.handle(event, now)`` consumes them and
+returns a ``Step`` of records (to journal first) and commands (to drive after).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Now:
+    """The time given to the core by its caller.
+
+    mono: monotonic seconds (timeouts, deadlines); wall: UTC epoch seconds
+    (schedules, dates, record timestamps); synced: whether the wall clock is
+    synchronised (NTP).
+    """
+
+    mono: float
+    wall: float
+    synced: bool = True
+
+
+# --- events -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CardRead:
+    """A card read that passed its frame checks, reduced to a key."""
+
+    reader: str  # reader name from the config; it fixes the direction
+    key: int
+    format: str = "key"  # "w26", "w34", "w35", "w37", "rdm6300", "emline", "osdp", "key"
+    raw: str | None = None  # the frame as read (bits or hex), for the log
+
+
+@dataclass(frozen=True)
+class ReaderError:
+    """A frame that failed its checks: a reader.error record, never a decision."""
+
+    reader: str
+    kind: str  # parity, length, checksum, glitch, garbage, disconnected
+    detail: str = ""
+    raw: str | None = None
+
+
+@dataclass(frozen=True)
+class ReaderStatus:
+    reader: str
+    online: bool
+
+
+@dataclass(frozen=True)
+class Keypad:
+    """A keypad burst (4-bit or 8-bit Wiegand); recorded, not a card."""
+
+    reader: str
+    keys: str
+
+
+@dataclass(frozen=True)
+class PassSensor:
+    """A passage sensor opened: the arm turned past 60 degrees.
+
+    side "A" is the entry direction (in), "B" the exit (out).
+    """
+
+    side: str
+
+
+@dataclass(frozen=True)
+class Button:
+    """The guard's manual-pass button for one direction ("in" or "out")."""
+
+    direction: str
+
+
+@dataclass(frozen=True)
+class RemoteOpen:
+    """A verified remote command to open once in a direction."""
+
+    direction: str
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class FireLoop:
+    """The fire-alarm loop changed: open=True means alarm (free passage)."""
+
+    open: bool
+
+
+@dataclass(frozen=True)
+class FireReset:
+    """The fire-release reset (input or command)."""
+
+    by: str = "input"  # "input" or "command"
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class ReadyLine:
+    """The turnstile's Ready output: ok=False is a fault."""
+
+    ok: bool
+
+
+@dataclass(frozen=True)
+class LockdownSwitch:
+    """The guard's lockdown key switch."""
+
+    on: bool
+
+
+@dataclass(frozen=True)
+class Tamper:
+    active: bool
+
+
+@dataclass(frozen=True)
+class SetMode:
+    """A mode change from a (verified) command or the simulator."""
+
+    mode: str  # normal, entry_only, free, lockdown (never fire)
+    by: str = "command"
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class SwapTable:
+    """Swap in a new compiled access list (built off the gate thread)."""
+
+    table: Any  # fastpath.Table
+    kind: str = "snapshot"  # snapshot or delta
+    base: str | None = None
+
+
+@dataclass(frozen=True)
+class ResetFault:
+    """Explicit reset of the latched core fault."""
+
+    by: str = "command"
+
+
+@dataclass(frozen=True)
+class Tick:
+    """Nothing happened; lets the core act on its deadline."""
+
+
+# --- commands ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SetOutput:
+    """Drive an output line: unlock_a, unlock_b, stop, fire_release."""
+
+    line: str
+    active: bool
+
+
+@dataclass(frozen=True)
+class Feedback:
+    """Reader LED/beeper signal: granted, denied or error."""
+
+    reader: str
+    signal: str
+
+
+@dataclass
+class Step:
+    """What one call to the core produced. Journal the records, then drive
+    the commands, in that order."""
+
+    records: list[dict] = field(default_factory=list)
+    commands: list[SetOutput | Feedback] = field(default_factory=list)

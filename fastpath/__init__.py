@@ -1,0 +1,54 @@
+"""The hot path: card table and access decision, compiled (Cython) or pure.
+
+Selection (like msgpack): the compiled twin when it imports, else the pure
+one. ``GATE_PUREPYTHON=1`` forces the pure twin; ``GATE_REQUIRE_COMPILED=1``
+makes a missing compiled twin an ImportError instead of a silent fallback.
+
+Both twins export the same names:
+
+- ``Table(columns: TableColumns)``: immutable card table. ``len(table)`` is
+  the number of card entries; ``table.version``; ``table.lookup(key)`` gives
+  the card's person index, -1 for no person (unknown or blocked-only);
+  ``table.is_blocked(key)``; ``table.person_id(index)``; ``table.persons``;
+  ``table.nbytes()`` an estimate of the memory it holds.
+- ``GateState()``: anti-passback positions and guest uses, keyed by person id
+  so they outlive a table swap. ``record_passage(person_id, direction,
+  epoch_s, guest)``; ``position(person_id)``; ``uses(person_id)``;
+  ``to_dict()`` / ``GateState.from_dict(d)`` for persistence.
+- ``decide(table, state, key, direction, mode, epoch_s, minute_of_week, day,
+  busy, apb_mode, apb_window_s) -> (result, person_index, warning)`` with the
+  integer codes of ``fastpath.codes``.
+"""
+from __future__ import annotations
+
+import os
+
+from . import codes
+from .columns import TableColumns
+
+_force_pure = os.environ.get("GATE_PUREPYTHON", "") in ("1", "true", "yes")
+_require_compiled = os.environ.get("GATE_REQUIRE_COMPILED", "") in ("1", "true", "yes")
+
+if _force_pure and _require_compiled:
+    raise ImportError("GATE_PUREPYTHON=1 and GATE_REQUIRE_COMPILED=1 contradict each other; unset one")
+
+if _force_pure:
+    from ._pure import GateState, Table, decide
+
+    IMPLEMENTATION = "pure"
+else:
+    try:
+        from ._compiled import GateState, Table, decide
+
+        IMPLEMENTATION = "compiled"
+    except ImportError as exc:
+        if _require_compiled:
+            raise ImportError(
+                "GATE_REQUIRE_COMPILED=1 but the compiled fastpath is missing "
+                f"({exc}); build it with `make build` (needs gcc and python3-dev)"
+            ) from exc
+        from ._pure import GateState, Table, decide
+
+        IMPLEMENTATION = "pure"
+
+__all__ = ["IMPLEMENTATION", "GateState", "Table", "TableColumns", "codes", "decide"]
