@@ -1,0 +1,54 @@
+# gate-agent: every target sets itself up on a fresh Debian / Raspberry Pi OS
+# machine (system packages, .venv, the compiled fastpath), idempotently.
+
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+# On a Raspberry Pi, lgpio comes from Debian (python3-lgpio): the venv must see it.
+VENV_FLAGS := $(shell grep -qs Raspberry /proc/device-tree/model && echo --system-site-packages)
+PYTEST_FLAGS ?= -q
+# The core and simulator tests, run once more on the pure twin alone.
+PURE_TESTS := tests/test_cards.py tests/test_acl.py tests/test_fastpath.py tests/test_turnstile.py tests/test_simulator.py
+SCENARIO ?= examples/school-morning.toml
+
+.PHONY: all setup build run simulate test test-pure bench soak fuzz lint clean
+
+all: build
+
+$(STAMP): pyproject.toml setup.py scripts/setup-system.sh
+	PYTHON=$(PYTHON) scripts/setup-system.sh
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
+	$(VPY) -m pip install -q --upgrade pip setuptools wheel "Cython>=3.0"
+	$(VPY) -m pip install -q --no-build-isolation -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# Compile fastpath/_compiled.pyx in place (skipped with GATE_PUREPYTHON=1).
+build: $(STAMP)
+	$(VPY) setup.py -q build_ext --inplace
+	$(VPY) -c 'import fastpath; print("fastpath:", fastpath.IMPLEMENTATION)'
+
+run: build
+	$(VPY) -m agent.cli simulate $(SCENARIO) --pretty
+
+test: build
+	$(VPY) -m pytest $(PYTEST_FLAGS)
+	$(MAKE) --no-print-directory test-pure
+
+# Proves the package works where no compiler exists.
+test-pure: $(STAMP)
+	GATE_PUREPYTHON=1 GATE_REQUIRE_COMPILED= $(VPY) -m pytest $(PYTEST_FLAGS) $(wildcard $(PURE_TESTS))
+
+bench: build
+	$(VPY) -m bench.run
+
+soak: build
+	$(VPY) -m pytest $(PYTEST_FLAGS) -m soak -o addopts=""
+
+lint: $(STAMP)
+	$(VPY) -m ruff check agent fastpath tests bench
+
+clean:
+	rm -rf build fastpath/_compiled.c fastpath/*.so *.egg-info
