@@ -1,0 +1,65 @@
+"""The `gate-agent` command line.
+
+Exit codes: 0 success, 1 the thing checked is wrong (an unmet scenario
+expectation), 2 bad input (an invalid scenario, config or access list).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from agent.simulator import ScenarioError, Simulator, check_expectations, format_pretty, load_scenario
+
+    try:
+        scenario = load_scenario(args.scenario)
+    except ScenarioError as exc:
+        print(f"gate-agent simulate: {exc}", file=sys.stderr)
+        return 2
+    sim = Simulator(scenario, trace_io=args.trace_io)
+    out = sys.stdout
+    if args.pretty:
+        import fastpath
+
+        print(f"# {scenario.name} — {scenario.source} (fastpath: {fastpath.IMPLEMENTATION})", file=out)
+    for item in sim.run():
+        if args.pretty:
+            print(format_pretty(item), file=out)
+        else:
+            print(json.dumps(item, separators=(",", ":"), ensure_ascii=False), file=out)
+    if args.check:
+        failures = check_expectations(sim.records, scenario.expect)
+        for f in failures:
+            print(f"gate-agent simulate: expectation not met: {f}", file=sys.stderr)
+        if failures:
+            return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gate-agent", description="School turnstile agent")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sim = sub.add_parser(
+        "simulate",
+        help="run a scenario in virtual time and print the event records (JSON Lines)",
+        description="Run a scenario file (docs/scenarios.md) through the real decoders, "
+        "fastpath and state machine in virtual time.",
+    )
+    sim.add_argument("scenario", help="scenario file (TOML)")
+    sim.add_argument("--trace-io", action="store_true", help="add a line for every output change")
+    sim.add_argument("--pretty", action="store_true", help="one human-readable line per record")
+    sim.add_argument("--check", action="store_true", help="exit 1 when the scenario's [[expect]] entries are not met")
+    sim.set_defaults(func=_cmd_simulate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

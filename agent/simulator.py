@@ -1,0 +1,382 @@
+"""The scenario simulator: a school morning in virtual time.
+
+A scenario (TOML, docs/scenarios.md) holds the gate's config, the access
+list, a start time and timed stimuli. The simulator feeds them through the
+real frame decoders, the fastpath and the turnstile state machine, in virtual
+time, and yields the event records (numbered like the journal numbers them)
+and, with ``trace_io``, a line for every output change.
+
+It owns the clock (virtual) and the only "I/O" is reading the scenario and
+its access-list files, so the same run gives the same records every time.
+"""
+from __future__ import annotations
+
+import heapq
+import json
+import tomllib
+from dataclasses import dataclass, field, fields
+from datetime import datetime, timedelta
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterator
+
+import fastpath
+from agent import __version__
+from agent.core import events as ev
+from agent.core.acl import AccessList, AclRejected, build_table
+from agent.core.cards import CardFormatError, decode_wiegand, parse_card_string
+from agent.core.gateconfig import GateConfig, GateConfigError
+from agent.core.records import SequenceSink, make_record, rfc3339_ms
+from agent.core.serialframes import EmLineStream, Rdm6300Stream
+from agent.core.turnstile import Gate
+
+MONO_START = 1000.0  # virtual monotonic seconds at the scenario's start
+
+
+class ScenarioError(ValueError):
+    """A scenario that cannot run; the message lists every problem with where it is."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source}: invalid scenario ({len(problems)} problem(s)):\n{lines}")
+
+
+@lru_cache(maxsize=1)
+def _scenario_validator():
+    import jsonschema_rs
+
+    schema = json.loads(resources.files("agent").joinpath("schemas/scenario.schema.json").read_text())
+    return jsonschema_rs.validator_for(schema)
+
+
+def _path(parts) -> str:
+    return "/" + "/".join(str(p) for p in parts)
+
+
+@dataclass
+class Scenario:
+    name: str
+    source: str
+    start: datetime
+    config: GateConfig
+    acl: AccessList | None
+    steps: list[dict]  # each with "t" (seconds from start), in order
+    expect: list[dict] = field(default_factory=list)
+    clock_synced: bool = True
+    state: dict | None = None
+
+
+def _load_acl_doc(value: Any, base: Path, where: str, problems: list[str]) -> dict | None:
+    if isinstance(value, dict):
+        return value
+    path = (base / value).resolve()
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        problems.append(f"{where}: access-list file {path} not found")
+    except json.JSONDecodeError as exc:
+        problems.append(f"{where}: {path} is not valid JSON: {exc}")
+    return None
+
+
+def _parse_at(at: str, start: datetime, prev_t: float) -> float:
+    """Seconds from the start for a step's `at`."""
+    if at.startswith("+"):
+        return prev_t + float(at[1:])
+    if "T" in at:
+        return (datetime.fromisoformat(at) - start).total_seconds()
+    parts = at.split(":")
+    h, m = int(parts[0]), int(parts[1])
+    s = float(parts[2]) if len(parts) > 2 else 0.0
+    day = start.replace(hour=0, minute=0, second=0, microsecond=0)
+    return (day + timedelta(hours=h, minutes=m, seconds=s) - start).total_seconds()
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    """Read and check a scenario; raise ScenarioError naming every problem."""
+    path = Path(path)
+    source = str(path)
+    try:
+        doc = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ScenarioError(source, [f"file not found: {path}"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ScenarioError(source, [f"not valid TOML: {exc}"]) from None
+    return scenario_from_dict(doc, source=source, base=path.parent)
+
+
+def scenario_from_dict(doc: dict, *, source: str = "<scenario>", base: Path = Path(".")) -> Scenario:
+    problems = [
+        f"{_path(e.instance_path)}: {e.message}" for e in _scenario_validator().iter_errors(doc)
+    ]
+    if problems:
+        raise ScenarioError(source, problems)
+
+    try:
+        start = datetime.fromisoformat(doc["start"])
+        if start.tzinfo is None:
+            problems.append("/start: needs a UTC offset, e.g. 2026-09-01T07:30:00+07:00")
+    except ValueError:
+        problems.append(f"/start: {doc['start']!r} is not an RFC 3339 date-time")
+        start = datetime.fromisoformat("2026-09-01T07:30:00+00:00")
+
+    gate_fields = dict(doc.get("gate", {}))
+    known = {f.name for f in fields(GateConfig)}
+    for k in sorted(set(gate_fields) - known):
+        problems.append(f"/gate/{k}: unknown setting; allowed: {', '.join(sorted(known))}")
+        gate_fields.pop(k)
+    config = None
+    try:
+        config = GateConfig(**gate_fields)
+    except (GateConfigError, TypeError, ValueError) as exc:
+        problems.append(f"/gate: {exc}")
+
+    acl = None
+    if "acl" in doc:
+        acl_doc = _load_acl_doc(doc["acl"], base, "/acl", problems)
+        if acl_doc is not None:
+            try:
+                acl = AccessList.from_snapshot(acl_doc)
+            except AclRejected as exc:
+                problems.extend(f"/acl{e.path}: {e.message}" for e in exc.errors[:20])
+    key_width = acl.key_width if acl else 24
+    readers = dict(config.readers) if config else {}
+
+    steps: list[dict] = []
+    t = 0.0
+    for i, step in enumerate(doc["steps"]):
+        where = f"/steps/{i}"
+        try:
+            t_new = _parse_at(step["at"], start, t)
+        except ValueError as exc:
+            problems.append(f"{where}/at: {exc}")
+            continue
+        if t_new < t:
+            problems.append(f"{where}/at: {step['at']} is before the previous step; steps run in time order")
+        t = max(t, t_new)
+        reader = step.get("reader")
+        needs_reader = any(k in step for k in ("card", "wiegand", "serial")) or "rush" in step
+        if "rush" in step:
+            reader = step["rush"].get("reader", reader)
+        if needs_reader:
+            reader = reader or next(iter(readers), None)
+            if reader not in readers:
+                problems.append(f"{where}/reader: {reader!r} is not a reader of the gate; readers: {sorted(readers)}")
+        cards = [step["card"]] if "card" in step else step.get("rush", {}).get("cards", [])
+        for j, c in enumerate(cards):
+            try:
+                parse_card_string(c, key_width)
+            except CardFormatError as exc:
+                sub = "card" if "card" in step else f"rush/cards/{j}"
+                problems.append(f"{where}/{sub}: {exc}")
+        if "serial" in step and "protocol" not in step:
+            problems.append(f"{where}/protocol: a serial step needs protocol = \"rdm6300\" or \"emline\"")
+        for key in ("acl_delta", "acl_snapshot"):
+            if key in step:
+                loaded = _load_acl_doc(step[key], base, f"{where}/{key}", problems)
+                step = {**step, key: loaded}
+        if "rush" in step:
+            r = step["rush"]
+            for j, c in enumerate(r["cards"]):
+                steps.append({"t": t + j * r["every"], "card": c, "reader": reader, "walk": r.get("walk")})
+            t += (len(r["cards"]) - 1) * r["every"]
+            continue
+        steps.append({**step, "t": t, "reader": reader})
+
+    if problems:
+        raise ScenarioError(source, problems)
+    return Scenario(
+        name=doc.get("name", Path(source).stem),
+        source=source,
+        start=start,
+        config=config,
+        acl=acl,
+        steps=steps,
+        expect=list(doc.get("expect", [])),
+        clock_synced=doc.get("clock_synced", True),
+        state=doc.get("state"),
+    )
+
+
+class Simulator:
+    """Runs a Scenario through the core; `run()` yields output lines (dicts)."""
+
+    def __init__(self, scenario: Scenario, *, fp=None, trace_io: bool = False, boot: str = "sim-boot"):
+        self.sc = scenario
+        self.fp = fp or fastpath
+        self.trace_io = trace_io
+        self.sink = SequenceSink("sim")
+        self.acl = scenario.acl
+        self.start_epoch = scenario.start.timestamp()
+        self.synced = scenario.clock_synced
+        implementation = getattr(self.fp, "IMPLEMENTATION", None) or (
+            "compiled" if self.fp.__name__.endswith("_compiled") else "pure"
+        )
+        table = build_table(self.acl, self.fp) if self.acl else None
+        state = self.fp.GateState.from_dict(scenario.state) if scenario.state else self.fp.GateState()
+        self.gate = Gate(
+            scenario.config, self.fp, table, state, boot=boot,
+            implementation=implementation, version=__version__,
+        )
+        if self.acl:
+            self.gate.set_timezone(self.acl.timezone)
+        self._streams: dict[tuple[str, str], Any] = {}
+        self._queue: list[tuple[float, int, dict]] = []
+        self._n = 0
+        self.records: list[dict] = []
+
+    def now(self, t: float) -> ev.Now:
+        return ev.Now(mono=MONO_START + t, wall=self.start_epoch + t, synced=self.synced)
+
+    def _push(self, t: float, step: dict) -> None:
+        self._n += 1
+        heapq.heappush(self._queue, (t, self._n, step))
+
+    def _emit(self, step: ev.Step, t: float) -> Iterator[dict]:
+        for rec in self.sink.commit(step.records):
+            self.records.append(rec)
+            yield rec
+        if self.trace_io:
+            for cmd in step.commands:
+                if isinstance(cmd, ev.SetOutput):
+                    yield {"trace": "io", "ts": rfc3339_ms(self.start_epoch + t), "line": cmd.line,
+                           "active": cmd.active}
+                elif isinstance(cmd, ev.Feedback):
+                    yield {"trace": "feedback", "ts": rfc3339_ms(self.start_epoch + t),
+                           "reader": cmd.reader, "signal": cmd.signal}
+
+    def _events_for(self, step: dict, t: float) -> list[Any]:
+        """Turn one stimulus into core events, through the real decoders."""
+        reader = step.get("reader")
+        key_width = self.acl.key_width if self.acl else 24
+        if "card" in step:
+            key = parse_card_string(step["card"], key_width)
+            return [ev.CardRead(reader=reader, key=key, format="key", raw=step["card"])]
+        if "wiegand" in step:
+            res = decode_wiegand(step["wiegand"], key_width)
+            return [_result_event(reader, res)]
+        if "serial" in step:
+            proto = step["protocol"]
+            stream = self._streams.get((reader, proto))
+            if stream is None:
+                cls = Rdm6300Stream if proto == "rdm6300" else EmLineStream
+                stream = self._streams[(reader, proto)] = cls(key_width=key_width)
+            data = bytes.fromhex(step["serial"].replace(" ", ""))
+            return [_result_event(reader, r) for r in stream.feed(data)]
+        if "pass" in step:
+            return [ev.PassSensor(side=step["pass"])]
+        if "button" in step:
+            return [ev.Button(direction=step["button"])]
+        if "remote_open" in step:
+            return [ev.RemoteOpen(direction=step["remote_open"], request_id=f"sim-{self._n}")]
+        if "fire" in step:
+            return [ev.FireLoop(open=step["fire"] == "open")]
+        if "fire_reset" in step:
+            return [ev.FireReset(by="input")]
+        if "ready" in step:
+            return [ev.ReadyLine(ok=step["ready"])]
+        if "lockdown_switch" in step:
+            return [ev.LockdownSwitch(on=step["lockdown_switch"])]
+        if "tamper" in step:
+            return [ev.Tamper(active=step["tamper"])]
+        if "mode" in step:
+            return [ev.SetMode(mode=step["mode"], by="command", request_id=f"sim-{self._n}")]
+        return []
+
+    def _apply_acl(self, step: dict, t: float) -> list[dict]:
+        """An access-list change: build the new table off the decision path, then swap."""
+        kind = "delta" if "acl_delta" in step else "snapshot"
+        doc = step.get("acl_delta") or step.get("acl_snapshot")
+        try:
+            new = self.acl.apply_delta(doc) if kind == "delta" and self.acl else AccessList.from_snapshot(doc)
+        except AclRejected as exc:
+            now = self.now(t)
+            recs = [make_record(
+                "acl.rejected", now, self.gate_boot, version=doc.get("version"), code=exc.code,
+                errors=[{"path": e.path, "message": e.message} for e in exc.errors[:50]],
+            )]
+            if exc.code == "base_mismatch":
+                recs.append(make_record("acl.requested", now, self.gate_boot, reason="base_mismatch",
+                                        have=self.acl.version if self.acl else None))
+            return recs
+        self.acl = new
+        self.gate.set_timezone(new.timezone)
+        return [ev.SwapTable(table=build_table(new, self.fp), kind=kind, base=doc.get("base"))]
+
+    @property
+    def gate_boot(self) -> str:
+        return "sim-boot"
+
+    def run(self) -> Iterator[dict]:
+        yield from self._emit(self.gate.start(self.now(0.0)), 0.0)
+        for step in self.sc.steps:
+            self._push(step["t"], step)
+        while self._queue:
+            t_next = self._queue[0][0]
+            deadline = self.gate.next_deadline()
+            if deadline is not None and deadline - MONO_START <= t_next:
+                t_dl = max(deadline - MONO_START, 0.0)
+                yield from self._emit(self.gate.handle(ev.Tick(), self.now(t_dl)), t_dl)
+                continue
+            t, _, step = heapq.heappop(self._queue)
+            if "clock_synced" in step:
+                self.synced = step["clock_synced"]
+            if "acl_delta" in step or "acl_snapshot" in step:
+                out = self._apply_acl(step, t)
+                for item in out:
+                    if isinstance(item, dict):
+                        yield from self._emit(ev.Step(records=[item]), t)
+                    else:
+                        yield from self._emit(self.gate.handle(item, self.now(t)), t)
+                continue
+            # A step with no stimulus of its own (a clock change) still shows the core the time.
+            for event in self._events_for(step, t) or [ev.Tick()]:
+                before = len(self.records)
+                yield from self._emit(self.gate.handle(event, self.now(t)), t)
+                if step.get("walk") is not None:
+                    granted = [r for r in self.records[before:] if r["type"] == "access.granted"]
+                    if granted and not granted[0].get("check"):
+                        side = "A" if granted[0]["direction"] == "in" else "B"
+                        self._push(t + step["walk"], {"pass": side, "t": t + step["walk"]})
+        # Let pending deadlines (pulse ends, passage timeouts) run out.
+        while (deadline := self.gate.next_deadline()) is not None:
+            t_dl = deadline - MONO_START
+            yield from self._emit(self.gate.handle(ev.Tick(), self.now(t_dl)), t_dl)
+
+
+def _result_event(reader: str, res) -> Any:
+    if res.ok and res.kind == "card":
+        return ev.CardRead(reader=reader, key=res.key, format=res.format, raw=res.raw)
+    if res.ok and res.kind == "keypad":
+        return ev.Keypad(reader=reader, keys=res.keys)
+    return ev.ReaderError(reader=reader, kind=res.error or "length",
+                          detail=getattr(res, "detail", "") or "", raw=res.raw)
+
+
+def check_expectations(records: list[dict], expect: list[dict]) -> list[str]:
+    """Unmet `expect` entries of a scenario, as messages."""
+    failures = []
+    for i, exp in enumerate(expect):
+        want = {k: v for k, v in exp.items() if k not in ("count", "min")}
+        n = sum(1 for r in records if all(r.get(k) == v for k, v in want.items()))
+        if "count" in exp and n != exp["count"]:
+            failures.append(f"/expect/{i}: {want} matched {n} record(s), expected exactly {exp['count']}")
+        elif "count" not in exp and n < exp.get("min", 1):
+            failures.append(f"/expect/{i}: {want} matched {n} record(s), expected at least {exp.get('min', 1)}")
+    return failures
+
+
+def format_pretty(item: dict) -> str:
+    """One human line for `make run`."""
+    ts = item.get("ts", "")[11:23]
+    if "trace" in item:
+        if item["trace"] == "io":
+            return f"{ts}    io  {item['line']:<12} {'ON' if item['active'] else 'off'}"
+        return f"{ts}    io  {item['reader']} feedback {item['signal']}"
+    t = item["type"]
+    skip = {"v", "id", "seq", "ts", "clock_synced", "boot", "mono", "type"}
+    rest = " ".join(f"{k}={v}" for k, v in item.items() if k not in skip and v is not None)
+    return f"{ts} #{item['seq']:<4} {t:<18} {rest}"
