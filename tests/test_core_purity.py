@@ -1,0 +1,50 @@
+"""The core stays pure: no threads, clocks, GPIO, sockets or third-party I/O."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+CORE = Path(__file__).resolve().parent.parent / "agent" / "core"
+ALLOWED_TOP = {
+    "__future__", "array", "bisect", "calendar", "collections", "dataclasses", "datetime",
+    "enum", "functools", "importlib", "itertools", "json", "math", "operator", "re", "typing",
+    "zoneinfo", "fastpath", "agent", "jsonschema_rs", "heapq", "types", "string", "hashlib",
+    "copy", "abc", "numbers", "struct", "binascii",
+}
+FORBIDDEN_CALLS = {("time", "time"), ("time", "monotonic"), ("datetime", "now"), ("datetime", "utcnow"),
+                   ("date", "today"), ("time", "sleep")}
+
+
+def core_files():
+    return sorted(p for p in CORE.glob("*.py"))
+
+
+@pytest.mark.parametrize("path", core_files(), ids=lambda p: p.name)
+def test_core_module_imports_only_pure_modules(path):
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in ast.walk(tree):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names = [node.module or ""]
+        for name in names:
+            top = name.split(".")[0]
+            assert top in ALLOWED_TOP, f"{path.name} imports {name}: the core may not do I/O"
+            assert not name.startswith("agent.") or name.startswith("agent.core") or name == "agent", (
+                f"{path.name} imports {name}: the core must not import adapters"
+            )
+
+
+@pytest.mark.parametrize("path", core_files(), ids=lambda p: p.name)
+def test_core_module_reads_no_clock(path):
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            owner = node.func.value
+            owner_name = owner.id if isinstance(owner, ast.Name) else getattr(owner, "attr", None)
+            assert (owner_name, node.func.attr) not in FORBIDDEN_CALLS, (
+                f"{path.name}:{node.lineno} calls {owner_name}.{node.func.attr}: the caller gives the core its time"
+            )
