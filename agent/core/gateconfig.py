@@ -1,0 +1,129 @@
+"""GateConfig: how one turnstile is wired and how its lane behaves.
+
+Pure data, checked on construction: a bad value raises GateConfigError naming
+every bad field at once with what is allowed (the mqtt-io habit), so a
+technician fixes the whole config in one go.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from types import MappingProxyType
+from typing import Mapping
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from fastpath import codes
+
+RELAY_MODES = ("pulse", "potential")
+# Fire is entered only through the fire loop, never configured.
+INITIAL_MODES = tuple(m for m in codes.MODES if m != "fire")
+MIN_PULSE_S = 0.1  # turnstile control inputs need at least 100 ms
+MAX_WAIT_S = 60.0  # the turnstile itself faults a passage stalled over 30 s
+
+
+class GateConfigError(ValueError):
+    """One or more bad gate settings; ``errors`` is a list of (field, message)."""
+
+    def __init__(self, errors: list[tuple[str, str]]):
+        self.errors = errors
+        lines = "\n".join(f"  - {name}: {msg}" for name, msg in errors)
+        super().__init__(f"invalid gate config ({len(errors)} problem(s)); fix these settings:\n{lines}")
+
+
+def _default_readers() -> Mapping[str, str]:
+    return {"entry": "in", "exit": "out"}
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    site: str = "site"
+    gate: str = "gate"
+    # reader name -> direction ("in" or "out"); the reader fixes a card's direction
+    readers: Mapping[str, str] = field(default_factory=_default_readers, hash=False)
+    relay_mode: str = "pulse"  # "pulse": one pulse opens one passage; "potential": held while open
+    pulse_s: float = 0.3
+    wait_s: float = 5.0  # the turnstile's own wait: 5 s on a TTR-04, 8 s on a TTR-10A
+    apb: str = "off"  # anti-passback: off, soft, hard, timed
+    apb_window_min: int = 0  # for "timed": minutes before the same person may enter again
+    fire_release: bool = True  # a fire-release relay is wired to the turnstile's Fire Alarm input
+    timezone: str = "UTC"  # for schedules, when the access list names none
+    initial_mode: str = "normal"
+
+    def __post_init__(self) -> None:
+        # Freeze the reader map so the config really is immutable.
+        if isinstance(self.readers, Mapping):
+            object.__setattr__(self, "readers", MappingProxyType(dict(self.readers)))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise GateConfigError listing every bad field with what is allowed."""
+        errors: list[tuple[str, str]] = []
+        for name in ("site", "gate"):
+            v = getattr(self, name)
+            if not isinstance(v, str) or not v or "/" in v or "+" in v or "#" in v:
+                errors.append((name, f"{v!r} is not allowed: use a non-empty name without '/', '+' or '#' "
+                                     "(it is part of the MQTT topic)"))
+        if not isinstance(self.readers, Mapping) or not self.readers:
+            errors.append(("readers", f"{self.readers!r}: give at least one reader as name -> direction, "
+                                      "e.g. {entry = \"in\", exit = \"out\"}"))
+        else:
+            for name, direction in self.readers.items():
+                if not isinstance(name, str) or not name:
+                    errors.append(("readers", f"reader name {name!r} must be a non-empty string"))
+                if direction not in codes.DIRECTIONS:
+                    errors.append((f"readers.{name}", f"direction {direction!r}; allowed: \"in\", \"out\""))
+        if self.relay_mode not in RELAY_MODES:
+            errors.append(("relay_mode", f"{self.relay_mode!r}; allowed: \"pulse\", \"potential\""))
+        wait_ok = _is_number(self.wait_s) and 0 < self.wait_s <= MAX_WAIT_S
+        if not wait_ok:
+            errors.append(("wait_s", f"{self.wait_s!r}; allowed: seconds, more than 0 and at most "
+                                     f"{MAX_WAIT_S:g} (5.0 on a TTR-04, 8.0 on a TTR-10A)"))
+        if not _is_number(self.pulse_s) or self.pulse_s < MIN_PULSE_S:
+            errors.append(("pulse_s", f"{self.pulse_s!r}; allowed: at least {MIN_PULSE_S} s "
+                                      "(the turnstile needs a 100 ms pulse)"))
+        elif wait_ok and self.pulse_s > self.wait_s:
+            errors.append(("pulse_s", f"{self.pulse_s!r} is longer than wait_s ({self.wait_s!r}); "
+                                      "a pulse must end within the passage wait"))
+        if self.apb not in codes.APB_MODES:
+            errors.append(("apb", f"{self.apb!r}; allowed: {', '.join(codes.APB_MODES)}"))
+        if (not isinstance(self.apb_window_min, int) or isinstance(self.apb_window_min, bool)
+                or self.apb_window_min < 0):
+            errors.append(("apb_window_min", f"{self.apb_window_min!r}; allowed: whole minutes, 0 or more"))
+        elif self.apb == "timed" and self.apb_window_min == 0:
+            errors.append(("apb_window_min", "apb = \"timed\" needs a window of at least 1 minute"))
+        if not isinstance(self.fire_release, bool):
+            errors.append(("fire_release", f"{self.fire_release!r}; allowed: true or false"))
+        if not valid_timezone(self.timezone):
+            errors.append(("timezone", f"{self.timezone!r} is not a known IANA time zone; "
+                                       "use a name like \"Europe/Moscow\" or \"UTC\""))
+        if self.initial_mode not in INITIAL_MODES:
+            errors.append(("initial_mode", f"{self.initial_mode!r}; allowed: {', '.join(INITIAL_MODES)} "
+                                           "(fire is entered only through the fire loop)"))
+        if errors:
+            raise GateConfigError(errors)
+
+    @property
+    def apb_window_s(self) -> int:
+        return self.apb_window_min * 60
+
+    def direction_of(self, reader: str) -> str | None:
+        """The direction of a configured reader, None for a reader not in the config."""
+        return self.readers.get(reader)
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+
+def valid_timezone(name: object) -> bool:
+    if not isinstance(name, str) or not name:
+        return False
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        return False
+    return True
