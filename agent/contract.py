@@ -1,0 +1,227 @@
+"""The message contract with the regional server: topics, vocabularies, schemas.
+
+The names here are fixed by the server (docs/contract.md is the prose; the
+JSON Schemas in agent/schemas/ are the letter). Import-light on purpose: the
+standard library, and jsonschema_rs only when something is validated, so the
+simulator, the CLI and the uplink can import the topic helpers cheaply.
+
+The vocabularies are written out rather than imported from ``fastpath.codes``
+so the contract stays readable on its own; a test checks that they agree.
+"""
+from __future__ import annotations
+
+import json
+import re
+from functools import lru_cache
+from importlib import resources
+from typing import Any
+
+from agent import CONTRACT_VERSION  # one number for the records and the contract
+
+__all__ = [
+    "COMMANDS",
+    "COMMAND_REFUSALS",
+    "CONTRACT_VERSION",
+    "DENIAL_REASONS",
+    "DIRECTIONS",
+    "EVENT_TYPES",
+    "KINDS",
+    "MODES",
+    "READER_ERROR_KINDS",
+    "TOPIC_ROOT",
+    "ContractError",
+    "canonical_json",
+    "check",
+    "load_schema",
+    "topics",
+    "validate",
+]
+
+TOPIC_ROOT = "gate/v1"
+
+EVENT_TYPES: tuple[str, ...] = (
+    "access.granted",
+    "access.denied",
+    "passage",
+    "passage.timeout",
+    "passage.forced",
+    "alarm.fire",
+    "alarm",
+    "mode.changed",
+    "reader.error",
+    "reader.status",
+    "turnstile.fault",
+    "turnstile.ready",
+    "acl.applied",
+    "acl.rejected",
+    "acl.requested",
+    "command.result",
+    "agent.started",
+    "journal.recovered",
+    "journal.overflow",
+)
+
+# In the order the checks run (DESIGN.md, "Decision semantics"): the first
+# failing check names the reason, so the order is part of the contract.
+DENIAL_REASONS: tuple[str, ...] = (
+    "lockdown",
+    "wrong_direction",
+    "blocked",
+    "unknown_card",
+    "not_yet_valid",
+    "expired",
+    "holiday",
+    "outside_schedule",
+    "exit_restricted",
+    "antipassback",
+    "gate_busy",
+)
+
+MODES: tuple[str, ...] = ("normal", "entry_only", "free", "lockdown", "fire")
+DIRECTIONS: tuple[str, ...] = ("in", "out")
+READER_ERROR_KINDS: tuple[str, ...] = (
+    "parity",
+    "length",
+    "checksum",
+    "glitch",
+    "garbage",
+    "disconnected",
+)
+COMMANDS: tuple[str, ...] = ("open", "set_mode", "fire_reset", "status", "acl_snapshot")
+COMMAND_REFUSALS: tuple[str, ...] = (
+    "bad_signature",
+    "replayed",
+    "expired",
+    "misaddressed",
+    "unsigned",
+    "invalid",
+    "fire",
+)
+
+# Message kinds with a schema of this module (agent/schemas/{kind}.schema.json).
+# validate() also accepts any other schema shipped there, e.g. "acl".
+KINDS: tuple[str, ...] = ("event", "status", "telemetry", "ack", "cmd", "cmd-reply")
+
+# Topic levels must not contain MQTT separators or wildcards, or a gate could
+# publish into (or subscribe to) another gate's topics.
+_LEVEL = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class ContractError(ValueError):
+    """A message or a name that breaks the contract."""
+
+
+def topics(site: str, gate: str) -> dict[str, str]:
+    """The six topics of one gate: events, status, telemetry, acl, cmd, ack."""
+    for what, value in (("site", site), ("gate", gate)):
+        if not isinstance(value, str) or not _LEVEL.fullmatch(value):
+            raise ContractError(
+                f"{what} {value!r} cannot be an MQTT topic level: use 1 to 64 letters, digits, "
+                "'_' or '-' (no '/', '+', '#' or spaces); fix it in the gate's configuration"
+            )
+    base = f"{TOPIC_ROOT}/{site}/{gate}"
+    return {name: f"{base}/{name}" for name in ("events", "status", "telemetry", "acl", "cmd", "ack")}
+
+
+@lru_cache(maxsize=None)
+def _schema_text(name: str) -> str:
+    resource = resources.files("agent").joinpath("schemas", f"{name}.schema.json")
+    try:
+        return resource.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ContractError(
+            f"no schema named {name!r} in agent/schemas; known: {', '.join(_available())}"
+        ) from None
+
+
+def _available() -> list[str]:
+    folder = resources.files("agent").joinpath("schemas")
+    suffix = ".schema.json"
+    return sorted(p.name[: -len(suffix)] for p in folder.iterdir() if p.name.endswith(suffix))
+
+
+def load_schema(name: str) -> dict:
+    """The JSON Schema ``agent/schemas/{name}.schema.json`` as a fresh dict."""
+    if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9-]*", name):
+        raise ContractError(f"schema name {name!r} is not valid: use one of {', '.join(KINDS)}")
+    return json.loads(_schema_text(name))
+
+
+@lru_cache(maxsize=None)
+def _validator(kind: str) -> Any:
+    import jsonschema_rs  # only when validating: keeps `import agent.contract` light
+
+    # Formats are asserted (date-time): timestamps must be real dates, not just the right shape.
+    return jsonschema_rs.Draft202012Validator(load_schema(kind), validate_formats=True)
+
+
+def _path(parts: Any) -> str:
+    """A JSONPath-like location, e.g. ``$.errors[3].path`` or ``$.kinds['access.denied']``."""
+    out = "$"
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif _IDENT.fullmatch(part):
+            out += f".{part}"
+        else:
+            out += "[" + json.dumps(part) + "]"
+    return out
+
+
+def _describe(err: Any) -> list[str]:
+    """One or more "path: message" lines for one jsonschema_rs error.
+
+    Missing and unexpected properties are reported at the property itself,
+    which is where the reader of the message has to look.
+    """
+    import jsonschema_rs
+
+    where = list(err.instance_path)
+    kind = err.kind
+    if isinstance(kind, jsonschema_rs.ValidationErrorKind.Required):
+        return [f"{_path([*where, kind.property])}: required property is missing"]
+    if isinstance(kind, jsonschema_rs.ValidationErrorKind.AdditionalProperties):
+        return [
+            f"{_path([*where, name])}: property not allowed here (not in the contract; remove it)"
+            for name in kind.unexpected
+        ]
+    if isinstance(kind, jsonschema_rs.ValidationErrorKind.Enum):
+        # jsonschema_rs abbreviates long lists ("or 9 other candidates"); the
+        # sender needs the whole vocabulary to fix the message.
+        allowed = ", ".join(json.dumps(o) for o in kind.options)
+        return [f"{_path(where)}: {json.dumps(err.instance)} is not allowed; use one of {allowed}"]
+    return [f"{_path(where)}: {err.message}"]
+
+
+def validate(kind: str, msg: Any) -> list[str]:
+    """Check one message against its schema; an empty list means valid.
+
+    kind: "event", "status", "telemetry", "ack", "cmd", "cmd-reply" (or
+    another schema in agent/schemas, such as "acl"). Each problem is one
+    "path: message" string, e.g. ``$.reason: "late" is not one of [...]``.
+    """
+    errors: list[str] = []
+    for err in _validator(kind).iter_errors(msg):
+        errors.extend(_describe(err))
+    if kind == "event" and isinstance(msg, dict):
+        # Not expressible in JSON Schema: the id must name this record's seq.
+        rid, seq = msg.get("id"), msg.get("seq")
+        if isinstance(rid, str) and isinstance(seq, int) and not isinstance(seq, bool):
+            if not rid.endswith(f":{seq}"):
+                errors.append(f"$.id: {rid!r} must be '{{journal}}:{seq}', ending in this record's seq")
+    return errors
+
+
+def check(kind: str, msg: Any) -> None:
+    """Raise ContractError listing every problem when ``msg`` breaks the contract."""
+    errors = validate(kind, msg)
+    if errors:
+        raise ContractError(f"{kind} message breaks the contract: " + "; ".join(errors))
+
+
+def canonical_json(msg: dict) -> bytes:
+    """The bytes a command's ``sig`` signs: every field but ``sig``, sorted keys,
+    no spaces, UTF-8 (non-ASCII kept as is, not escaped)."""
+    body = {k: v for k, v in msg.items() if k != "sig"}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
