@@ -1,0 +1,179 @@
+"""The simulator: every example scenario meets its expectations on both twins,
+bad scenarios are refused with where, and runs are deterministic."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.simulator import ScenarioError, Simulator, check_expectations, load_scenario, scenario_from_dict
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = sorted((ROOT / "examples").glob("*.toml"))
+ACL = str(ROOT / "examples" / "acl" / "school.json")
+
+
+def run(scenario, fp, trace_io=False):
+    return list(Simulator(scenario, fp=fp, trace_io=trace_io).run())
+
+
+def test_there_are_at_least_ten_example_scenarios():
+    assert len(EXAMPLES) >= 10, [p.name for p in EXAMPLES]
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_scenario_meets_its_expectations(path, fp):
+    scenario = load_scenario(path)
+    assert scenario.expect, f"{path.name} has no [[expect]] entries"
+    out = run(scenario, fp)
+    failures = check_expectations(out, scenario.expect)
+    assert not failures, "\n".join(failures)
+    # Records are numbered gap-free in order, ids are {journal}:{seq}.
+    seqs = [r["seq"] for r in out]
+    assert seqs == list(range(1, len(out) + 1))
+    assert all(r["id"] == f"sim:{r['seq']}" for r in out)
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_records_follow_the_contract(path, fp):
+    contract = pytest.importorskip("agent.contract")
+    for rec in run(load_scenario(path), fp):
+        errors = contract.validate("event", rec)
+        assert not errors, (rec, errors)
+
+
+def test_same_scenario_gives_same_records_on_both_twins(fp_pair):
+    pure, compiled = fp_pair
+    path = ROOT / "examples" / "school-morning.toml"
+    assert run(load_scenario(path), pure) == run(load_scenario(path), compiled)
+
+
+def test_run_is_deterministic(fp):
+    path = ROOT / "examples" / "school-morning.toml"
+    assert run(load_scenario(path), fp) == run(load_scenario(path), fp)
+
+
+def _mini(steps, **extra):
+    doc = {
+        "start": "2026-09-01T07:30:00+07:00",
+        "acl": ACL,
+        "gate": {"readers": {"entry": "in", "exit": "out"}},
+        "steps": steps,
+    }
+    doc.update(extra)
+    return scenario_from_dict(doc, source="mini.toml", base=ROOT)
+
+
+def test_card_string_and_raw_wiegand_and_rdm6300_give_one_key(fp):
+    from agent.core.cards import encode_rdm6300, encode_w26
+
+    w26 = encode_w26(100, 60179)
+    tag = (0x14 << 32) | (100 << 16) | 60179
+    serial = encode_rdm6300(tag).hex(" ")
+    sc = _mini([
+        {"at": "08:00:00", "card": "100,60179", "reader": "entry"},
+        {"at": "+10", "wiegand": w26, "reader": "entry"},
+        {"at": "+10", "serial": serial, "protocol": "rdm6300", "reader": "entry"},
+    ])
+    decisions = [r for r in run(sc, fp) if r["type"].startswith("access.")]
+    assert len(decisions) == 3
+    assert len({r["card"] for r in decisions}) == 1
+    assert decisions[0]["card"] == (100 << 16) | 60179
+
+
+def test_walk_turns_a_grant_into_a_passage(fp):
+    sc = _mini([{"at": "08:00:00", "card": "100,60179", "reader": "entry", "walk": 1.5}])
+    out = run(sc, fp)
+    types = [r["type"] for r in out]
+    assert "access.granted" in types and "passage" in types
+    passage = next(r for r in out if r["type"] == "passage")
+    assert passage["direction"] == "in" and passage["source"] == "card"
+
+
+def test_trace_io_shows_every_output_change(fp):
+    sc = _mini([{"at": "08:00:00", "card": "100,60179", "reader": "entry", "walk": 1.0}])
+    out = run(sc, fp, trace_io=True)
+    io = [(o["line"], o["active"]) for o in out if o.get("trace") == "io"]
+    assert ("unlock_a", True) in io
+    assert ("unlock_a", False) in io
+    assert io.index(("unlock_a", True)) < io.index(("unlock_a", False))
+    # Nothing is active at start: the first trace of every line is "off".
+    first = {}
+    for line, active in io:
+        first.setdefault(line, active)
+    assert first["stop"] is False and first["fire_release"] is False
+
+
+def test_bad_frame_is_a_reader_error_not_a_decision(fp):
+    from agent.core.cards import encode_w26
+
+    bits = list(encode_w26(100, 60179))
+    bits[5] = "1" if bits[5] == "0" else "0"  # break the even parity
+    sc = _mini([{"at": "08:00:00", "wiegand": "".join(bits), "reader": "entry"}])
+    out = run(sc, fp)
+    assert [r["kind"] for r in out if r["type"] == "reader.error"] == ["parity"]
+    assert not [r for r in out if r["type"].startswith("access.")]
+
+
+def test_invalid_scenario_lists_every_problem_with_where():
+    with pytest.raises(ScenarioError) as info:
+        scenario_from_dict(
+            {
+                "start": "2026-09-01T07:30:00+07:00",
+                "acl": ACL,
+                "gate": {"readers": {"entry": "in"}, "pulse_s": 0.01, "colour": "red"},
+                "steps": [
+                    {"at": "08:00", "card": "100;60179", "reader": "entry"},
+                    {"at": "08:01", "card": "100,60179", "reader": "side-door"},
+                    {"at": "07:59", "pass": "A"},
+                ],
+            },
+            source="bad.toml",
+            base=ROOT,
+        )
+    msg = str(info.value)
+    assert "bad.toml" in msg
+    assert "/steps/0/card" in msg
+    assert "/steps/1/reader" in msg
+    assert "/steps/2/at" in msg
+    assert "/gate/colour" in msg
+    assert "pulse_s" in msg
+
+
+def test_schema_errors_name_the_path():
+    with pytest.raises(ScenarioError) as info:
+        scenario_from_dict({"start": "2026-09-01T07:30:00+07:00", "steps": [{"at": "8 o'clock", "pass": "C"}]})
+    msg = str(info.value)
+    assert "/steps/0/at" in msg and "/steps/0/pass" in msg
+
+
+def test_cli_prints_json_lines_and_exits_2_on_a_bad_file(tmp_path):
+    good = ROOT / "examples" / "school-morning.toml"
+    res = subprocess.run([sys.executable, "-m", "agent.cli", "simulate", str(good)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert res.returncode == 0, res.stderr
+    lines = [json.loads(line) for line in res.stdout.splitlines()]
+    assert lines and all({"id", "seq", "ts", "type", "v"} <= set(rec) for rec in lines)
+    assert lines[0]["type"] == "agent.started"
+    bad = tmp_path / "bad.toml"
+    bad.write_text('start = "yesterday"\nsteps = []\n')
+    res = subprocess.run([sys.executable, "-m", "agent.cli", "simulate", str(bad)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert res.returncode == 2
+    assert "bad.toml" in res.stderr and "/steps" in res.stderr
+
+
+def test_cli_check_fails_on_an_unmet_expectation(tmp_path):
+    sc = tmp_path / "x.toml"
+    sc.write_text(
+        f'start = "2026-09-01T07:30:00+07:00"\nacl = "{ACL}"\n'
+        '[[steps]]\nat = "08:00"\ncard = "100,60179"\nreader = "entry"\n'
+        '[[expect]]\ntype = "access.denied"\nreason = "blocked"\n'
+    )
+    res = subprocess.run([sys.executable, "-m", "agent.cli", "simulate", "--check", str(sc)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert res.returncode == 1
+    assert "expectation not met" in res.stderr
