@@ -257,7 +257,7 @@ class Simulator:
             return [ev.CardRead(reader=reader, key=key, format="key", raw=step["card"])]
         if "wiegand" in step:
             res = decode_wiegand(step["wiegand"], key_width)
-            return [_result_event(reader, res)]
+            return [res.as_event(reader)]
         if "serial" in step:
             proto = step["protocol"]
             stream = self._streams.get((reader, proto))
@@ -265,7 +265,7 @@ class Simulator:
                 cls = Rdm6300Stream if proto == "rdm6300" else EmLineStream
                 stream = self._streams[(reader, proto)] = cls(key_width=key_width)
             data = bytes.fromhex(step["serial"].replace(" ", ""))
-            return [_result_event(reader, r) for r in stream.feed(data)]
+            return [r.as_event(reader) for r in stream.feed(data)]
         if "pass" in step:
             return [ev.PassSensor(side=step["pass"])]
         if "button" in step:
@@ -345,15 +345,6 @@ class Simulator:
         while (deadline := self.gate.next_deadline()) is not None:
             t_dl = deadline - MONO_START
             yield from self._emit(self.gate.handle(ev.Tick(), self.now(t_dl)), t_dl)
-
-
-def _result_event(reader: str, res) -> Any:
-    if res.ok and res.kind == "card":
-        return ev.CardRead(reader=reader, key=res.key, format=res.format, raw=res.raw)
-    if res.ok and res.kind == "keypad":
-        return ev.Keypad(reader=reader, keys=res.keys)
-    return ev.ReaderError(reader=reader, kind=res.error or "length",
-                          detail=getattr(res, "detail", "") or "", raw=res.raw)
 
 
 def check_expectations(records: list[dict], expect: list[dict]) -> list[str]:
