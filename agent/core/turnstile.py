@@ -1,0 +1,651 @@
+"""The turnstile state machine: one lane, its modes and its output lines.
+
+Rules this module obeys (the h11 habit):
+
+- Pure and deterministic: no threads, clocks, sockets or GPIO. The caller gives
+  each event with the time (``Now``) and gets a ``Step``; the same calls give
+  the same Steps. Timeouts come from ``next_deadline()``: the caller calls
+  ``handle(Tick(), now)`` when it passes (any later event also runs them first).
+- Records before commands: the caller journals ``Step.records``, then drives
+  ``Step.commands``.
+- Outputs only on change: the wanted level of every line is worked out from
+  the state and only differences are emitted (releases before activations),
+  so nothing ever pulses by accident.
+- Nothing active at start: ``start()`` drives every line inactive. Unlock lines
+  are never driven at start; only a configured ``initial_mode`` that holds a
+  line (lockdown: Stop; free: the release) asserts it, after all went off.
+- Transitions are a table (data, ``TRANSITIONS``): (lane state, event type) ->
+  handler. Lane states: IDLE, PENDING (a passage was opened and not yet
+  completed or timed out), FAULT.
+- An illegal event (unknown type, unknown reader, bad direction/side/mode
+  string, time going backwards) latches FAULT: ``turnstile.fault`` kind
+  ``core``, the lane is cleared, unlock lines drop. In FAULT cards are refused
+  (``gate_busy`` unless they have their own reason), buttons are ignored, fire
+  still frees the gate; ``ResetFault`` clears it. Time going backwards is
+  latched and the event is still handled in FAULT (so a fire loop is never
+  lost); any other illegal event is not handled.
+- Safety first: fire mode's lines (release, held unlocks) win over everything,
+  FAULT included.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Callable
+from zoneinfo import ZoneInfo
+
+import agent
+from fastpath import codes
+from fastpath.columns import TableColumns
+
+from . import events as ev
+from .gateconfig import GateConfig, valid_timezone
+from .records import make_record
+
+IDLE = "idle"
+PENDING = "pending"
+FAULT = "fault"
+LANE_STATES = (IDLE, PENDING, FAULT)
+
+LINES = ("unlock_a", "unlock_b", "stop", "fire_release")
+UNLOCK_LINE = {codes.IN: "unlock_a", codes.OUT: "unlock_b"}
+SIDES = {"A": codes.IN, "B": codes.OUT}
+DIRECTION_CODE = {name: i for i, name in enumerate(codes.DIRECTIONS)}
+MODE_CODE = {name: i for i, name in enumerate(codes.MODES)}
+COMMANDABLE_MODES = ("normal", "entry_only", "free", "lockdown")  # fire: only the loop
+SET_MODE_BY = ("command", "switch", "simulator", "start")
+FIRE_RESET_BY = ("input", "command")
+FREE_MODES = ("free", "fire")  # the gate is already free: buttons do nothing, PASS is "free"
+MAX_KEY = 2**64 - 1
+
+# command.result "command" names for the events that answer a command.
+CMD_SET_MODE = "set_mode"
+CMD_FIRE_RESET = "fire_reset"
+CMD_OPEN = "open"
+
+
+@dataclass
+class _Pending:
+    """An opened passage waiting for its PASS (or the wait to run out)."""
+
+    direction: int
+    source: str  # card, button, remote
+    person: str | None
+    card: int | None
+    guest: bool
+    started: float  # monotonic s when the unlock was driven
+    deadline: float  # started + wait_s
+    drives: bool  # False for a grant in free mode: the gate is already open
+
+
+class Gate:
+    """One turnstile lane. ``handle(event, now) -> Step``; see the module rules."""
+
+    def __init__(
+        self,
+        config: GateConfig,
+        fp: Any,
+        table: Any = None,
+        state: Any = None,
+        *,
+        boot: str = "",
+        implementation: str = "pure",
+        version: str = agent.__version__,
+    ) -> None:
+        self._cfg = config
+        self._fp = fp
+        self._table = table
+        self._state = state if state is not None else fp.GateState()
+        self._boot = boot
+        self._implementation = implementation
+        self._version = version
+        # Decisions need a table; with none, every card is unknown_card (DESIGN: new board).
+        self._empty_table = fp.Table(TableColumns(version=""))
+        self._apb = codes.APB_MODES.index(config.apb)
+        self._tz_name: str | None = None
+        self._zones: dict[str, ZoneInfo] = {}
+        self._local_cache: tuple[int, str, int, int] | None = None  # (minute, tz, mow, day)
+
+        self._commanded = config.initial_mode
+        self._switch = False  # lockdown key switch
+        self._fire = False  # fire mode latched (until FireReset with the loop closed)
+        self._loop_open = False
+        self._tamper = False
+        self._ready = True
+
+        self._lane = IDLE
+        self._pending: _Pending | None = None
+        self._waiting: list[tuple[int, str]] = []  # (direction, source), at most one per direction
+        self._pulses: dict[str, float] = {}  # line -> monotonic s when its pulse ends
+        self._outputs: dict[str, bool] = {line: False for line in LINES}
+        self._last_mono: float | None = None
+        self._alarms: set[str] = set()  # raised alarm kinds the core clears itself
+
+    # --- read-only view -------------------------------------------------------------
+
+    @property
+    def mode(self) -> str:
+        """The effective mode: fire if latched, else lockdown if switched, else commanded."""
+        if self._fire:
+            return "fire"
+        if self._switch:
+            return "lockdown"
+        return self._commanded
+
+    @property
+    def pending(self) -> tuple[str, str] | None:
+        """(direction, source) of the passage waiting for its PASS, or None."""
+        p = self._pending
+        return None if p is None else (codes.DIRECTIONS[p.direction], p.source)
+
+    @property
+    def waiting(self) -> tuple[tuple[str, str], ...]:
+        """Buttons/remote opens waiting for the lane, as (direction, source)."""
+        return tuple((codes.DIRECTIONS[d], s) for d, s in self._waiting)
+
+    @property
+    def lane(self) -> str:
+        return self._lane
+
+    @property
+    def faulted(self) -> bool:
+        return self._lane == FAULT
+
+    @property
+    def outputs(self) -> dict[str, bool]:
+        return dict(self._outputs)
+
+    @property
+    def table(self) -> Any:
+        return self._table
+
+    @property
+    def state(self) -> Any:
+        return self._state
+
+    @property
+    def config(self) -> GateConfig:
+        return self._cfg
+
+    @property
+    def timezone(self) -> str:
+        """The zone schedules are read in: set_timezone(), else the table's, else the config's."""
+        return self._tz_name or getattr(self._table, "timezone", None) or self._cfg.timezone
+
+    def set_timezone(self, name: str | None) -> None:
+        """The access list's time zone (the runtime calls it when it swaps tables); None: config's."""
+        if name is not None and not valid_timezone(name):
+            raise ValueError(f"time zone {name!r} is not a known IANA zone; the access list must name "
+                             "one like \"Europe/Moscow\" (is the tzdata package installed?)")
+        self._tz_name = name or None
+
+    def next_deadline(self) -> float | None:
+        """Monotonic seconds of the next timeout (pulse end, passage wait), or None."""
+        times = list(self._pulses.values())
+        if self._pending is not None:
+            times.append(self._pending.deadline)
+        return min(times) if times else None
+
+    # --- entry points ------------------------------------------------------------------
+
+    def start(self, now: ev.Now) -> ev.Step:
+        """The agent started: say so, raise start-up alarms, drive every line inactive."""
+        step = ev.Step()
+        self._last_mono = now.mono
+        has_table = self._has_table()
+        self._record(step, now, "agent.started", version=self._version, fastpath=self._implementation,
+                     acl_version=self._table.version if has_table else None, mode=self.mode)
+        if not has_table:
+            self._alarms.add("acl_missing")
+            self._record(step, now, "alarm", kind="acl_missing", active=True,
+                         detail="no access list yet: every card is refused as unknown_card")
+            self._record(step, now, "acl.requested", reason="missing", have=None)
+        self._clock_alarm(now, step)
+        # Explicitly off, whatever the lines were left at (a restart never pulses a relay).
+        for line in LINES:
+            step.commands.append(ev.SetOutput(line, False))
+            self._outputs[line] = False
+        self._sync_outputs(step)
+        return step
+
+    def handle(self, event: Any, now: ev.Now) -> ev.Step:
+        """One event at time `now`: records to journal, then commands to drive."""
+        step = ev.Step()
+        if self._last_mono is not None and now.mono < self._last_mono:
+            self._latch_fault(now, step, f"monotonic time went backwards: {now.mono} after {self._last_mono}")
+        self._last_mono = now.mono
+        self._clock_alarm(now, step)
+        self._run_deadlines(now, step)
+        self._sync_outputs(step)  # a pulse that ended must drop before a new one starts
+        handler = TRANSITIONS.get((self._lane, type(event)))
+        if handler is None:
+            self._illegal(now, step, f"unknown event {type(event).__name__}: {event!r}")
+        else:
+            handler(self, event, now, step)
+        self._sync_outputs(step)
+        return step
+
+    # --- handlers (named in TRANSITIONS) ----------------------------------------------------
+
+    def _on_tick(self, event: ev.Tick, now: ev.Now, step: ev.Step) -> None:
+        pass  # deadlines already ran in handle()
+
+    def _on_ignore(self, event: Any, now: ev.Now, step: ev.Step) -> None:
+        pass
+
+    def _on_card(self, event: ev.CardRead, now: ev.Now, step: ev.Step) -> None:
+        direction = self._reader_direction(event.reader, now, step)
+        if direction is None:
+            return
+        key = event.key
+        if not isinstance(key, int) or isinstance(key, bool) or not 0 <= key <= MAX_KEY:
+            self._illegal(now, step, f"card key {key!r} from reader {event.reader!r} is not a 0..2^64-1 integer")
+            return
+        dname = codes.DIRECTIONS[direction]
+        table = self._table if self._table is not None else self._empty_table
+        if self.mode == "fire":
+            # Recorded with no check: the list of who evacuated.
+            idx = table.lookup(key)
+            self._record(step, now, "access.granted", reader=event.reader, direction=dname, card=key,
+                         format=event.format, person=table.person_id(idx) if idx >= 0 else None,
+                         check="none")
+            step.commands.append(ev.Feedback(event.reader, "granted"))
+            return
+        busy = self._lane == FAULT or self._pending is not None or UNLOCK_LINE[direction] in self._pulses
+        mow, day = self._local(now)
+        result, idx, warning = self._fp.decide(
+            table, self._state, key, direction, MODE_CODE[self.mode], int(math.floor(now.wall)),
+            mow, day, busy, self._apb, self._cfg.apb_window_s,
+        )
+        person = table.person_id(idx) if idx >= 0 else None
+        if result != codes.GRANTED:
+            self._record(step, now, "access.denied", reader=event.reader, direction=dname, card=key,
+                         format=event.format, person=person, reason=codes.RESULTS[result])
+            step.commands.append(ev.Feedback(event.reader, "denied"))
+            return
+        fields: dict[str, Any] = dict(reader=event.reader, direction=dname, card=key, format=event.format,
+                                      person=person)
+        if warning == codes.WARN_ANTIPASSBACK:
+            fields["warning"] = "antipassback"
+        self._record(step, now, "access.granted", **fields)
+        step.commands.append(ev.Feedback(event.reader, "granted"))
+        self._open(now, direction, "card", person=person, card=key,
+                   guest=bool(person is not None and table.is_guest(idx)))
+
+    def _on_pass_pending(self, event: ev.PassSensor, now: ev.Now, step: ev.Step) -> None:
+        direction = self._side_direction(event.side, now, step)
+        if direction is None:
+            return
+        p = self._pending
+        if p is None or p.direction != direction:
+            # A pending grant the other way stays pending.
+            self._unpaired_pass(direction, now, step)
+            return
+        self._record(step, now, "passage", direction=codes.DIRECTIONS[direction], source=p.source,
+                     person=p.person, card=p.card, after_ms=_ms(now.mono - p.started))
+        if p.source == "card" and p.person is not None:
+            # Only card passages move people (anti-passback) and spend guest uses.
+            _, day = self._local(now)
+            self._state.record_passage(p.person, direction, int(math.floor(now.wall)), day, p.guest)
+        self._close_lane()
+        self._start_waiting(now)
+
+    def _on_pass_unpaired(self, event: ev.PassSensor, now: ev.Now, step: ev.Step) -> None:
+        direction = self._side_direction(event.side, now, step)
+        if direction is not None:
+            self._unpaired_pass(direction, now, step)
+
+    def _on_button(self, event: ev.Button, now: ev.Now, step: ev.Step) -> None:
+        direction = self._direction(event.direction, "Button", now, step)
+        if direction is not None:
+            self._request_open(direction, "button", now)
+
+    def _on_remote_open(self, event: ev.RemoteOpen, now: ev.Now, step: ev.Step) -> None:
+        direction = self._direction(event.direction, "RemoteOpen", now, step)
+        if direction is None:
+            return
+        if event.request_id:
+            # In fire/free the gate is already free: the open is done as asked.
+            self._record(step, now, "command.result", request_id=event.request_id, command=CMD_OPEN,
+                         result="done")
+        self._request_open(direction, "remote", now)
+
+    def _on_remote_open_fault(self, event: ev.RemoteOpen, now: ev.Now, step: ev.Step) -> None:
+        if self._direction(event.direction, "RemoteOpen", now, step) is None:
+            return
+        if event.request_id:
+            self._record(step, now, "command.result", request_id=event.request_id, command=CMD_OPEN,
+                         result="refused", reason="invalid")
+
+    def _on_reader_error(self, event: ev.ReaderError, now: ev.Now, step: ev.Step) -> None:
+        if self._reader_direction(event.reader, now, step) is None:
+            return
+        self._record(step, now, "reader.error", reader=event.reader, kind=event.kind, detail=event.detail,
+                     raw=event.raw)
+        step.commands.append(ev.Feedback(event.reader, "error"))
+
+    def _on_reader_status(self, event: ev.ReaderStatus, now: ev.Now, step: ev.Step) -> None:
+        if self._reader_direction(event.reader, now, step) is None:
+            return
+        self._record(step, now, "reader.status", reader=event.reader, online=bool(event.online))
+
+    def _on_keypad(self, event: ev.Keypad, now: ev.Now, step: ev.Step) -> None:
+        self._reader_direction(event.reader, now, step)  # checked, otherwise ignored for now
+
+    def _on_fire_loop(self, event: ev.FireLoop, now: ev.Now, step: ev.Step) -> None:
+        if not event.open:
+            if self._loop_open:
+                self._loop_open = False
+                self._record(step, now, "alarm.fire", active=False)
+            return  # the mode stays fire until the release is reset
+        if not self._loop_open:
+            self._loop_open = True
+            self._record(step, now, "alarm.fire", active=True)
+        if self._fire:
+            return
+        before = self.mode
+        self._fire = True
+        self._record(step, now, "mode.changed", **{"from": before, "to": "fire", "by": "fire_loop"})
+        p = self._pending
+        if p is not None:
+            self._record(step, now, "passage.timeout", direction=codes.DIRECTIONS[p.direction],
+                         source=p.source, person=p.person, card=p.card,
+                         waited_ms=_ms(now.mono - p.started), cancelled="fire")
+        self._close_lane()
+        self._waiting.clear()
+        self._pulses.clear()  # fire's own lines take over at once
+
+    def _on_fire_reset(self, event: ev.FireReset, now: ev.Now, step: ev.Step) -> None:
+        if event.by not in FIRE_RESET_BY:
+            self._illegal(now, step, f"FireReset by {event.by!r}; allowed: {', '.join(FIRE_RESET_BY)}")
+            return
+        by_command = event.by == "command"
+        if self._fire and self._loop_open:
+            if by_command:
+                self._record(step, now, "command.result", request_id=event.request_id,
+                             command=CMD_FIRE_RESET, result="refused", reason="fire")
+            return
+        if self._fire:
+            self._fire = False
+            self._record(step, now, "mode.changed", **{"from": "fire", "to": self.mode, "by": "fire_reset"})
+        if by_command:
+            self._record(step, now, "command.result", request_id=event.request_id, command=CMD_FIRE_RESET,
+                         result="done")
+
+    def _on_set_mode(self, event: ev.SetMode, now: ev.Now, step: ev.Step) -> None:
+        by_command = event.by == "command"
+        if event.by not in SET_MODE_BY:
+            self._illegal(now, step, f"SetMode by {event.by!r}; allowed: {', '.join(SET_MODE_BY)}")
+            return
+        if event.mode not in COMMANDABLE_MODES:
+            if by_command:
+                self._record(step, now, "command.result", request_id=event.request_id,
+                             command=CMD_SET_MODE, result="refused", reason="invalid")
+            else:
+                self._illegal(now, step, f"SetMode to {event.mode!r}; allowed: {', '.join(COMMANDABLE_MODES)}")
+            return
+        if self._fire:
+            if by_command:
+                self._record(step, now, "command.result", request_id=event.request_id,
+                             command=CMD_SET_MODE, result="refused", reason="fire")
+            return
+        before = self.mode
+        self._commanded = event.mode
+        if self.mode != before:
+            self._record(step, now, "mode.changed", **{"from": before, "to": self.mode, "by": event.by})
+        if by_command:
+            self._record(step, now, "command.result", request_id=event.request_id, command=CMD_SET_MODE,
+                         result="done")
+        self._start_waiting(now)
+
+    def _on_lockdown_switch(self, event: ev.LockdownSwitch, now: ev.Now, step: ev.Step) -> None:
+        before = self.mode
+        self._switch = bool(event.on)  # remembered under fire, applied at its reset
+        if self.mode != before:
+            self._record(step, now, "mode.changed", **{"from": before, "to": self.mode, "by": "switch"})
+        self._start_waiting(now)
+
+    def _on_ready_line(self, event: ev.ReadyLine, now: ev.Now, step: ev.Step) -> None:
+        ok = bool(event.ok)
+        if ok == self._ready:
+            return
+        self._ready = ok
+        if ok:
+            self._record(step, now, "turnstile.ready", kind="ready_restored")
+        else:
+            self._record(step, now, "turnstile.fault", kind="ready_lost",
+                         detail="the turnstile's Ready line opened: unauthorised rotation, a passage "
+                                "stalled over 30 s or a sensor fault; check the turnstile")
+
+    def _on_tamper(self, event: ev.Tamper, now: ev.Now, step: ev.Step) -> None:
+        active = bool(event.active)
+        if active != self._tamper:
+            self._tamper = active
+            self._record(step, now, "alarm", kind="tamper", active=active)
+
+    def _on_swap_table(self, event: ev.SwapTable, now: ev.Now, step: ev.Step) -> None:
+        table = event.table
+        if table is None or not isinstance(getattr(table, "version", None), str):
+            self._illegal(now, step, f"SwapTable with {table!r}: it needs a fastpath Table")
+            return
+        if event.kind not in ("snapshot", "delta"):
+            self._illegal(now, step, f"SwapTable kind {event.kind!r}; allowed: snapshot, delta")
+            return
+        self._table = table  # the old table is simply dropped; pending passages hold their own ids
+        self._local_cache = None
+        self._record(step, now, "acl.applied", version=table.version, kind=event.kind, base=event.base,
+                     cards=len(table), people=table.persons)
+        if table.version and "acl_missing" in self._alarms:
+            self._alarms.discard("acl_missing")
+            self._record(step, now, "alarm", kind="acl_missing", active=False)
+
+    def _on_reset_fault(self, event: ev.ResetFault, now: ev.Now, step: ev.Step) -> None:
+        self._lane = IDLE
+        self._record(step, now, "turnstile.ready", kind="core_reset")
+
+    # --- lane -------------------------------------------------------------------------------
+
+    def _open(self, now: ev.Now, direction: int, source: str, *, person: str | None = None,
+              card: int | None = None, guest: bool = False) -> None:
+        """Open one passage: pending until its PASS or the wait ends."""
+        drives = self.mode not in FREE_MODES
+        self._pending = _Pending(direction, source, person, card, guest, now.mono,
+                                 now.mono + self._cfg.wait_s, drives)
+        self._lane = PENDING
+        if drives and self._cfg.relay_mode == "pulse":
+            self._pulses[UNLOCK_LINE[direction]] = now.mono + self._cfg.pulse_s
+
+    def _close_lane(self) -> None:
+        self._pending = None
+        if self._lane == PENDING:
+            self._lane = IDLE
+
+    def _can_open(self, direction: int) -> bool:
+        # A pulse still on its line would merge with a new one: wait for it to end.
+        return self._lane == IDLE and UNLOCK_LINE[direction] not in self._pulses
+
+    def _request_open(self, direction: int, source: str, now: ev.Now) -> None:
+        """A button or remote open: at once if the lane is free, else it waits its turn."""
+        if self.mode in FREE_MODES:
+            return  # the gate is already free
+        if self._can_open(direction):
+            self._open(now, direction, source)
+        elif all(d != direction for d, _ in self._waiting):
+            self._waiting.append((direction, source))
+
+    def _start_waiting(self, now: ev.Now) -> None:
+        if self.mode in FREE_MODES or self._lane == FAULT:
+            self._waiting.clear()
+            return
+        for i, (direction, source) in enumerate(self._waiting):
+            if self._can_open(direction):
+                del self._waiting[i]
+                self._open(now, direction, source)
+                return
+
+    def _unpaired_pass(self, direction: int, now: ev.Now, step: ev.Step) -> None:
+        if self.mode in FREE_MODES:
+            self._record(step, now, "passage", direction=codes.DIRECTIONS[direction], source="free",
+                         person=None, card=None, after_ms=None)
+        else:
+            self._record(step, now, "passage.forced", direction=codes.DIRECTIONS[direction])
+
+    def _run_deadlines(self, now: ev.Now, step: ev.Step) -> None:
+        """Pulse ends and passage waits due by `now`, in time order."""
+        while True:
+            due: list[tuple[float, int, str]] = [(t, 0, line) for line, t in self._pulses.items()
+                                                 if t <= now.mono]
+            p = self._pending
+            if p is not None and p.deadline <= now.mono:
+                due.append((p.deadline, 1, ""))
+            if not due:
+                return
+            _, kind, line = min(due)
+            if kind == 0:
+                del self._pulses[line]
+            else:
+                self._record(step, now, "passage.timeout", direction=codes.DIRECTIONS[p.direction],
+                             source=p.source, person=p.person, card=p.card,
+                             waited_ms=_ms(p.deadline - p.started))
+                self._close_lane()  # a grant that times out moves nobody
+            self._start_waiting(now)
+
+    # --- outputs ------------------------------------------------------------------------------
+
+    def _wanted(self) -> dict[str, bool]:
+        """The level each line should have now, from the mode and the lane."""
+        cfg = self._cfg
+        mode = self.mode
+        out = {line: False for line in LINES}
+        if mode in FREE_MODES:
+            # The release relay drives the turnstile's Fire Alarm input; without one, hold both unlocks.
+            out["fire_release"] = cfg.fire_release
+            hold = not cfg.fire_release or (mode == "fire" and cfg.relay_mode == "potential")
+            out["unlock_a"] = out["unlock_b"] = hold
+        elif mode == "lockdown":
+            p = self._pending
+            # Stop is dropped only for a guard's (button/remote) passage.
+            out["stop"] = not (p is not None and p.source != "card")
+        p = self._pending
+        if p is not None and p.drives and cfg.relay_mode == "potential":
+            out[UNLOCK_LINE[p.direction]] = True
+        for line in self._pulses:
+            out[line] = True
+        if self._lane == FAULT and mode != "fire":
+            out["unlock_a"] = out["unlock_b"] = False
+        return out
+
+    def _sync_outputs(self, step: ev.Step) -> None:
+        wanted = self._wanted()
+        for level in (False, True):  # releases first, then activations
+            for line in LINES:
+                if wanted[line] == level and self._outputs[line] != level:
+                    self._outputs[line] = level
+                    step.commands.append(ev.SetOutput(line, level))
+
+    # --- checks, faults, alarms -------------------------------------------------------------
+
+    def _illegal(self, now: ev.Now, step: ev.Step, detail: str) -> None:
+        self._latch_fault(now, step, detail)
+
+    def _latch_fault(self, now: ev.Now, step: ev.Step, detail: str) -> None:
+        self._record(step, now, "turnstile.fault", kind="core", detail=detail)
+        self._lane = FAULT
+        self._pending = None
+        self._waiting.clear()
+        self._pulses.clear()
+
+    def _reader_direction(self, reader: str, now: ev.Now, step: ev.Step) -> int | None:
+        name = self._cfg.readers.get(reader) if isinstance(reader, str) else None
+        if name is None:
+            self._illegal(now, step, f"reader {reader!r} is not in the gate config "
+                                     f"(readers: {', '.join(sorted(self._cfg.readers))})")
+            return None
+        return DIRECTION_CODE[name]
+
+    def _direction(self, value: str, what: str, now: ev.Now, step: ev.Step) -> int | None:
+        code = DIRECTION_CODE.get(value) if isinstance(value, str) else None
+        if code is None:
+            self._illegal(now, step, f"{what} direction {value!r}; allowed: \"in\", \"out\"")
+        return code
+
+    def _side_direction(self, side: str, now: ev.Now, step: ev.Step) -> int | None:
+        code = SIDES.get(side) if isinstance(side, str) else None
+        if code is None:
+            self._illegal(now, step, f"PassSensor side {side!r}; allowed: \"A\" (in), \"B\" (out)")
+        return code
+
+    def _clock_alarm(self, now: ev.Now, step: ev.Step) -> None:
+        raised = "clock_unsynced" in self._alarms
+        if not now.synced and not raised:
+            self._alarms.add("clock_unsynced")
+            self._record(step, now, "alarm", kind="clock_unsynced", active=True,
+                         detail="the wall clock is not synchronised (NTP); deciding with the best time there is")
+        elif now.synced and raised:
+            self._alarms.discard("clock_unsynced")
+            self._record(step, now, "alarm", kind="clock_unsynced", active=False)
+
+    def _has_table(self) -> bool:
+        return self._table is not None and bool(self._table.version)
+
+    def _local(self, now: ev.Now) -> tuple[int, int]:
+        """(minute_of_week, date ordinal) in the schedule's zone; cached per minute."""
+        tz = self.timezone
+        minute = math.floor(now.wall / 60)
+        c = self._local_cache
+        if c is not None and c[0] == minute and c[1] == tz:
+            return c[2], c[3]
+        zone = self._zones.get(tz)
+        if zone is None:
+            zone = self._zones[tz] = ZoneInfo(tz)
+        local = datetime.fromtimestamp(now.wall, zone)
+        mow = local.weekday() * 1440 + local.hour * 60 + local.minute
+        day = local.date().toordinal()
+        self._local_cache = (minute, tz, mow, day)
+        return mow, day
+
+    def _record(self, step: ev.Step, now: ev.Now, rtype: str, **fields: Any) -> None:
+        step.records.append(make_record(rtype, now, self._boot, **fields))
+
+
+def _ms(seconds: float) -> int:
+    return int(round(seconds * 1000))
+
+
+Handler = Callable[[Gate, Any, ev.Now, ev.Step], None]
+
+
+def _every_state(event_type: type, handler: Handler) -> dict[tuple[str, type], Handler]:
+    return {(state, event_type): handler for state in LANE_STATES}
+
+
+# (lane state, event type) -> handler. A pair not listed is an illegal event.
+TRANSITIONS: dict[tuple[str, type], Handler] = {
+    (IDLE, ev.CardRead): Gate._on_card,
+    (PENDING, ev.CardRead): Gate._on_card,  # decided busy: gate_busy unless it has its own reason
+    (FAULT, ev.CardRead): Gate._on_card,  # decided busy, as while pending
+    (IDLE, ev.PassSensor): Gate._on_pass_unpaired,
+    (PENDING, ev.PassSensor): Gate._on_pass_pending,
+    (FAULT, ev.PassSensor): Gate._on_pass_unpaired,
+    (IDLE, ev.Button): Gate._on_button,
+    (PENDING, ev.Button): Gate._on_button,  # waits for the lane
+    (FAULT, ev.Button): Gate._on_ignore,
+    (IDLE, ev.RemoteOpen): Gate._on_remote_open,
+    (PENDING, ev.RemoteOpen): Gate._on_remote_open,  # waits for the lane
+    (FAULT, ev.RemoteOpen): Gate._on_remote_open_fault,
+    (IDLE, ev.ResetFault): Gate._on_ignore,
+    (PENDING, ev.ResetFault): Gate._on_ignore,
+    (FAULT, ev.ResetFault): Gate._on_reset_fault,
+    **_every_state(ev.Tick, Gate._on_tick),
+    **_every_state(ev.ReaderError, Gate._on_reader_error),
+    **_every_state(ev.ReaderStatus, Gate._on_reader_status),
+    **_every_state(ev.Keypad, Gate._on_keypad),
+    **_every_state(ev.FireLoop, Gate._on_fire_loop),
+    **_every_state(ev.FireReset, Gate._on_fire_reset),
+    **_every_state(ev.SetMode, Gate._on_set_mode),
+    **_every_state(ev.LockdownSwitch, Gate._on_lockdown_switch),
+    **_every_state(ev.ReadyLine, Gate._on_ready_line),
+    **_every_state(ev.Tamper, Gate._on_tamper),
+    **_every_state(ev.SwapTable, Gate._on_swap_table),
+}
