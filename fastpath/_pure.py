@@ -33,6 +33,8 @@ from .codes import (
     LOCKDOWN_DENIED,
     MINUTES_PER_WEEK,
     MODES,
+    NO_END,
+    NO_START,
     NOT_YET_VALID,
     OUT,
     OUTSIDE_SCHEDULE,
@@ -125,6 +127,11 @@ def normalised(columns: TableColumns, copy: bool = True) -> dict[str, Any]:
     for i, pid in enumerate(ids):
         if not isinstance(pid, str):
             raise ValueError(f"TableColumns.person_ids[{i}] is {type(pid).__name__}, not str")
+        if not pid.isascii():
+            try:
+                pid.encode("utf-8")  # the compiled twin stores ids as UTF-8
+            except UnicodeEncodeError:
+                raise ValueError(f"TableColumns.person_ids[{i}] is not valid Unicode") from None
     c["person_ids"] = ids
 
     def same_length(names: tuple[str, ...], what: str) -> int:
@@ -355,7 +362,8 @@ def state_from_dict(d: Any) -> tuple[dict, dict, dict]:
         raise bad(f"format is {d.get('format')!r}, this agent reads format {STATE_FORMAT}")
 
     def is_int(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
+        # int64, as the compiled twin holds days and epoch seconds in C.
+        return isinstance(v, int) and not isinstance(v, bool) and NO_START <= v <= NO_END
 
     def section(name: str) -> dict:
         sec = d.get(name, {})
