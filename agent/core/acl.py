@@ -1,0 +1,1045 @@
+"""The access list: schema, validation, snapshots and deltas, compiled columns.
+
+The regional server sends the list as JSON (docs/access-list.md): a whole
+*snapshot*, or a *delta* against a named base version. This module checks a
+document against the JSON Schema (agent/schemas/acl.schema.json) and against
+the rules a schema cannot express, holds the result as an immutable
+``AccessList``, and compiles it to ``fastpath.TableColumns`` for the hot path.
+
+A document is taken whole or refused whole: ``AclRejected`` lists every error
+found (up to MAX_ERRORS), each with the JSON pointer of the bad field, so the
+server can fix them all in one go. The gate keeps deciding on the list it had.
+
+Pure: standard library, ``jsonschema_rs`` (a validator, no I/O) and the core;
+no clocks. Time zones come from ``zoneinfo`` (the tzdata package).
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+from array import array
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from functools import lru_cache
+from importlib import resources
+from itertools import islice
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import jsonschema_rs
+
+from fastpath.codes import BITMAP_BYTES, CARD_BLOCKED, MINUTES_PER_WEEK, NO_END, NO_START, PERSON_GUEST
+from fastpath.columns import TableColumns
+
+from .cards import CardFormatError, parse_card_string
+
+__all__ = [
+    "AccessList",
+    "AclError",
+    "AclRejected",
+    "DEFAULT_KEY_WIDTH",
+    "MAX_ERRORS",
+    "WEEKDAYS",
+    "build_table",
+    "check_document",
+    "minute_of_week",
+    "parse_acl_json",
+    "schedule_bitmap",
+    "schema",
+    "synthetic_acl",
+]
+
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")  # index = datetime.weekday()
+DEFAULT_KEY_WIDTH = 24
+MAX_ERRORS = 1000  # errors kept per refusal; a broken million-card list must not flood memory
+_SHOWN_IN_STR = 10  # errors quoted by str(AclRejected)
+_MAX_MESSAGE = 900  # the acl.rejected record allows 1000 characters per message
+
+_ALL_MINUTES = (1 << MINUTES_PER_WEEK) - 1
+ALL_ONES = _ALL_MINUTES.to_bytes(BITMAP_BYTES, "little")
+NO_MINUTES = bytes(BITMAP_BYTES)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@dataclass(frozen=True)
+class AclError:
+    """One thing wrong with a document: the JSON pointer of the field and what to do."""
+
+    path: str  # JSON pointer into the document, e.g. "/people/17/cards/0"; "" is the whole document
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path or '/'}: {self.message}"
+
+
+class AclRejected(ValueError):
+    """A document refused whole. ``code``: "invalid" or "base_mismatch"."""
+
+    def __init__(self, errors: list[AclError], code: str = "invalid", total: int | None = None) -> None:
+        self.errors = list(errors)
+        self.code = code
+        self.total = len(self.errors) if total is None else total  # errors found, kept or not
+        shown = "; ".join(str(e) for e in self.errors[:_SHOWN_IN_STR])
+        more = self.total - min(len(self.errors), _SHOWN_IN_STR)
+        tail = f"; and {more} more" if more > 0 else ""
+        noun = "error" if self.total == 1 else "errors"
+        super().__init__(f"access list refused ({code}), {self.total} {noun}: {shown}{tail}")
+
+
+class _Errors:
+    """Collects errors, keeping the first MAX_ERRORS and counting the rest."""
+
+    def __init__(self) -> None:
+        self.items: list[AclError] = []
+        self.total = 0
+
+    def add(self, path: str, message: str) -> None:
+        self.total += 1
+        if len(self.items) < MAX_ERRORS:
+            if len(message) > _MAX_MESSAGE:
+                message = message[: _MAX_MESSAGE - 3] + "..."
+            self.items.append(AclError(path, message))
+
+    def __bool__(self) -> bool:
+        return self.total > 0
+
+    def raise_if_any(self, code: str = "invalid") -> None:
+        if self.total:
+            raise AclRejected(self.items, code, self.total)
+
+
+def _ptr(*parts: str | int) -> str:
+    """A JSON pointer (RFC 6901) from path parts."""
+    return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in parts)
+
+
+def _short(value: Any) -> str:
+    """A value quoted for a message, cut short (a message must stay readable)."""
+    text = json.dumps(value, ensure_ascii=False) if not isinstance(value, (dict, list)) else type(value).__name__
+    return text if len(text) <= 60 else text[:57] + '..."'
+
+
+# --------------------------------------------------------------------------- schema
+
+
+@lru_cache(maxsize=1)
+def _schema_text() -> str:
+    return (resources.files("agent") / "schemas" / "acl.schema.json").read_text(encoding="utf-8")
+
+
+def schema() -> dict:
+    """The JSON Schema (draft 2020-12) of snapshots and deltas (a fresh copy)."""
+    return json.loads(_schema_text())
+
+
+@lru_cache(maxsize=3)
+def _validator(kind: str | None) -> Any:
+    """A validator for one kind, so errors point into that kind's fields
+    (a oneOf failure alone would only say "matches neither")."""
+    s = schema()
+    if kind is not None:
+        del s["oneOf"]
+        s["$ref"] = f"#/$defs/{kind}"
+    return jsonschema_rs.validator_for(s)
+
+
+# Messages for schema failures, by the $defs entry that failed: what is wanted.
+_WANTED = {
+    "card": 'a card string: "100,60179" (facility,card), "0006613779" (10-digit EM-Marine print) '
+    'or "hex:0A008EC793" (UID in hex)',
+    "date": "a date YYYY-MM-DD (local date in the list's time zone)",
+    "datetime": 'an RFC 3339 date-time with offset, e.g. "2026-09-01T07:00:00+07:00"',
+    "date_or_datetime": 'a date YYYY-MM-DD or an RFC 3339 date-time with offset, e.g. "2026-09-01" '
+    'or "2026-09-01T08:00:00+07:00"',
+    "time_range": 'a time range "HH:MM-HH:MM" (24-hour, end exclusive, "24:00" allowed as end)',
+    "name": "a name of letters, digits, '_', '.', '-' (at most 64, starting with a letter or digit)",
+    "id": "a pseudonymous id of letters, digits, '_', '.', ':', '-' (at most 64)",
+    "timezone": 'an IANA time zone name such as "Asia/Tomsk"',
+    "key_width": "an integer key width from 24 to 64",
+    "version": "a non-empty version string (at most 128 characters)",
+}
+
+
+def _schema_message(err: Any) -> str:
+    sp = list(err.schema_path)
+    keyword = sp[-1] if sp else ""
+    where = sp[1] if len(sp) >= 2 and sp[0] == "$defs" else None
+    if keyword == "additionalProperties" and isinstance(err.instance, dict):
+        allowed = _allowed_fields(sp[:-1])
+        extra = err.message.split("(", 1)[-1].rstrip(")") if "(" in err.message else err.message
+        msg = f"unknown field(s): {extra}; allowed here: {', '.join(allowed)}"
+        if where in ("person", "guest"):
+            msg += " (the list holds pseudonymous ids and cards only: no names, photos or biometrics)"
+        return msg
+    if keyword in ("pattern", "anyOf") and where in _WANTED:
+        return f"{_short(err.instance)} is not {_WANTED[where]}"
+    if keyword == "anyOf" and where == "group":
+        return f"{_short(err.instance)} is not a schedule name or null"
+    if keyword == "const" and sp[-2:] == ["kind", "const"]:
+        return f'{_short(err.instance)}: "kind" must be "snapshot" or "delta"'
+    return err.message
+
+
+def _allowed_fields(def_path: list) -> list[str]:
+    node: Any = schema()
+    for part in def_path:
+        node = node[part]
+    return sorted(node.get("properties", {}))
+
+
+def _check_schema(doc: Any, errors: _Errors) -> str | None:
+    """Schema errors into `errors`; returns the document's kind when it has a known one."""
+    kind = doc.get("kind") if isinstance(doc, dict) else None
+    if kind not in ("snapshot", "delta"):
+        if not isinstance(doc, dict):
+            errors.add("", f"an access list is a JSON object, not {type(doc).__name__}")
+        else:
+            errors.add("/kind", f'"kind" must be "snapshot" or "delta", got {_short(kind)}')
+        return None
+    for err in islice(_validator(kind).iter_errors(doc), MAX_ERRORS):
+        errors.add(_ptr(*err.instance_path), _schema_message(err))
+    return kind
+
+
+# --------------------------------------------------------------------------- JSON
+
+
+def parse_acl_json(data: bytes | str) -> dict:
+    """The document in `data`, or AclRejected("invalid") saying where the JSON breaks."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        try:
+            data = bytes(data).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise AclRejected(
+                [AclError("", f"not UTF-8 text (byte {exc.start}); send the list as UTF-8 JSON")]
+            ) from None
+
+    def no_constant(name: str) -> Any:
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        doc = json.loads(data, parse_constant=no_constant)
+    except json.JSONDecodeError as exc:
+        raise AclRejected(
+            [AclError("", f"not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}")]
+        ) from None
+    except ValueError as exc:
+        raise AclRejected([AclError("", f"not valid JSON: {exc}")]) from None
+    if not isinstance(doc, dict):
+        raise AclRejected([AclError("", f"an access list is a JSON object, not {type(doc).__name__}")])
+    return doc
+
+
+# --------------------------------------------------------------------------- time
+
+
+def minute_of_week(local_dt: datetime) -> int:
+    """Minute of the week of a local wall time: Monday 00:00 is 0, Sunday 23:59 is 10079."""
+    return local_dt.weekday() * 1440 + local_dt.hour * 60 + local_dt.minute
+
+
+def _range_minutes(text: str) -> tuple[int, int]:
+    """"07:00-08:30" -> (420, 510): start inclusive, end exclusive."""
+    a, b = text.split("-")
+    return int(a[:2]) * 60 + int(a[3:]), int(b[:2]) * 60 + int(b[3:])
+
+
+def schedule_bitmap(schedule: dict) -> bytes:
+    """A schedule's week as codes.BITMAP_BYTES bytes: bit i (byte i//8, mask
+    1 << i%8) set when minute i of the week (Monday 00:00 = 0) is open."""
+    bits = 0
+    week = schedule.get("week") or {}
+    for d, day in enumerate(WEEKDAYS):
+        for text in week.get(day) or ():
+            start, end = _range_minutes(text)
+            if end > start:
+                bits |= ((1 << (end - start)) - 1) << (d * 1440 + start)
+    # Little-endian int bytes: bit i of the int is bit i % 8 of byte i // 8.
+    return bits.to_bytes(BITMAP_BYTES, "little")
+
+
+def _parse_date(text: str) -> date:
+    return date.fromisoformat(text)
+
+
+def _parse_datetime(text: str) -> datetime:
+    """RFC 3339 with offset (schema-checked shape); fractions past microseconds cut."""
+    s = text.upper().replace("Z", "+00:00")
+    if "." in s:  # fromisoformat takes at most 6 fraction digits
+        head, rest = s.split(".", 1)
+        digits = len(rest) - len(rest.lstrip("0123456789"))
+        s = head + "." + rest[:digits][:6].ljust(6, "0") + rest[digits:]
+    dt = datetime.fromisoformat(s)
+    if dt.tzinfo is None:
+        raise ValueError("no UTC offset")
+    return dt
+
+
+def _is_date(text: str) -> bool:
+    return len(text) == 10
+
+
+class _Epochs:
+    """Validity strings to UTC epoch seconds in one time zone, cached (many
+    people share a date). A date starts at its local midnight; as an end it
+    means the whole local day, so it maps to the next local midnight."""
+
+    def __init__(self, tz: ZoneInfo) -> None:
+        self.tz = tz
+        self._start: dict[str, int] = {}
+        self._end: dict[str, int] = {}
+
+    def _midnight(self, d: date) -> int:
+        return math.floor(datetime(d.year, d.month, d.day, tzinfo=self.tz).timestamp())
+
+    def start(self, text: str) -> int:
+        v = self._start.get(text)
+        if v is None:
+            if _is_date(text):
+                v = self._midnight(_parse_date(text))
+            else:
+                v = math.floor(_parse_datetime(text).timestamp())
+            self._start[text] = v
+        return v
+
+    def end(self, text: str) -> int:
+        v = self._end.get(text)
+        if v is None:
+            if _is_date(text):
+                v = self._midnight(_parse_date(text) + timedelta(days=1))
+            else:
+                v = math.floor(_parse_datetime(text).timestamp())
+            self._end[text] = v
+        return v
+
+
+def _zone(name: str) -> ZoneInfo | None:
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        return None
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True, slots=True)
+class _Person:
+    id: str
+    cards: tuple[str, ...]
+    keys: tuple[int, ...]
+    groups: tuple[str, ...]
+    valid_from: str | None
+    valid_until: str | None
+
+    def to_json(self) -> dict:
+        d: dict[str, Any] = {"id": self.id, "cards": list(self.cards), "groups": list(self.groups)}
+        if self.valid_from is not None:
+            d["valid_from"] = self.valid_from
+        if self.valid_until is not None:
+            d["valid_until"] = self.valid_until
+        return d
+
+
+@dataclass(frozen=True, slots=True)
+class _Guest:
+    id: str
+    card: str
+    key: int
+    start: str  # "from"
+    until: str
+    uses: int
+    groups: tuple[str, ...] | None
+
+    def to_json(self) -> dict:
+        d: dict[str, Any] = {"id": self.id, "card": self.card, "from": self.start, "until": self.until,
+                             "uses": self.uses}
+        if self.groups is not None:
+            d["groups"] = list(self.groups)
+        return d
+
+
+class _Reader:
+    """Turns document parts into model objects, reporting what it cannot read.
+
+    Items the schema already refused are skipped quietly (their error is in);
+    the checks here are the ones a schema cannot make."""
+
+    def __init__(self, key_width: int, errors: _Errors) -> None:
+        self.key_width = key_width
+        self.errors = errors
+        self._tuples: dict[tuple[str, ...], tuple[str, ...]] = {}  # shared group tuples
+
+    def _intern(self, items: list) -> tuple[str, ...]:
+        t = tuple(items)
+        return self._tuples.setdefault(t, t)
+
+    def key(self, text: Any, path: str) -> int | None:
+        if not isinstance(text, str):
+            return None
+        try:
+            return parse_card_string(text, self.key_width)
+        except CardFormatError as exc:
+            self.errors.add(path, str(exc))
+            return None
+
+    def _validity(self, value: Any, path: str, as_date_ok: bool = True) -> bool:
+        if not isinstance(value, str):
+            return False
+        try:
+            if as_date_ok and _is_date(value):
+                _parse_date(value)
+            else:
+                _parse_datetime(value)
+        except ValueError:
+            self.errors.add(path, f"{_short(value)} is not a real calendar date or time")
+            return False
+        return True
+
+    def person(self, p: Any, path: str) -> _Person | None:
+        if not isinstance(p, dict) or not isinstance(p.get("id"), str):
+            return None
+        cards, groups = p.get("cards"), p.get("groups")
+        if not isinstance(cards, list) or not isinstance(groups, list) or not groups:
+            return None
+        ok = True
+        keys = []
+        for j, c in enumerate(cards):
+            k = self.key(c, f"{path}/cards/{j}")
+            if k is None:
+                ok = False
+            keys.append(k)
+        vf, vu = p.get("valid_from"), p.get("valid_until")
+        if vf is not None and not self._validity(vf, f"{path}/valid_from"):
+            ok = False
+        if vu is not None and not self._validity(vu, f"{path}/valid_until"):
+            ok = False
+        if not ok or not all(isinstance(g, str) for g in groups):
+            return None
+        return _Person(p["id"], tuple(cards), tuple(keys), self._intern(groups), vf, vu)
+
+    def guest(self, g: Any, path: str) -> _Guest | None:
+        if not isinstance(g, dict) or not isinstance(g.get("id"), str):
+            return None
+        key = self.key(g.get("card"), f"{path}/card")
+        ok = key is not None
+        for field in ("from", "until"):
+            if not self._validity(g.get(field), f"{path}/{field}", as_date_ok=False):
+                ok = False
+        uses, groups = g.get("uses"), g.get("groups")
+        if not isinstance(uses, int) or isinstance(uses, bool) or uses < 1:
+            ok = False
+        if groups is not None and (not isinstance(groups, list) or not groups
+                                   or not all(isinstance(x, str) for x in groups)):
+            ok = False
+        if not ok:
+            return None
+        return _Guest(g["id"], g["card"], key, g["from"], g["until"], uses,
+                      None if groups is None else self._intern(groups))
+
+    def schedule(self, s: Any, path: str) -> bool:
+        """True when the schedule's time ranges are usable."""
+        if not isinstance(s, dict) or not isinstance(s.get("week"), dict):
+            return False
+        ok = True
+        for day, ranges in s["week"].items():
+            if day not in WEEKDAYS or not isinstance(ranges, list):
+                ok = False
+                continue
+            for j, text in enumerate(ranges):
+                try:
+                    start, end = _range_minutes(text)
+                except (ValueError, TypeError, AttributeError):
+                    ok = False  # the schema reported the shape
+                    continue
+                if end <= start:
+                    self.errors.add(f"{path}/week/{day}/{j}",
+                                    f"time range {text!r} ends at or before it starts; a range is "
+                                    "start-end on one day (split ranges that cross midnight)")
+                    ok = False
+        return ok
+
+    def dates(self, items: Any, path: str) -> list[str]:
+        out = []
+        for i, h in enumerate(items if isinstance(items, list) else ()):
+            if isinstance(h, str):
+                try:
+                    _parse_date(h)
+                except ValueError:
+                    self.errors.add(f"{path}/{i}", f"{_short(h)} is not a real calendar date")
+                    continue
+                out.append(h)
+        return out
+
+
+def _copy_json(value: Any) -> Any:
+    """A deep copy of plain JSON (schedules and groups are small)."""
+    if isinstance(value, dict):
+        return {k: _copy_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy_json(v) for v in value]
+    return value
+
+
+# Where an item of the merged list came from: its path in the current
+# document, or None for an item carried over from the base version.
+_PathOf = Callable[[int, str], "str | None"]
+
+
+def _check_model(
+    *,
+    people: list[_Person],
+    guests: list[_Guest],
+    groups: dict[str, dict],
+    schedules: dict[str, dict],
+    tz: ZoneInfo | None,
+    errors: _Errors,
+    person_path: _PathOf,
+    guest_path: _PathOf,
+    group_path: Callable[[str], "str | None"],
+    base_version: str | None = None,
+) -> None:
+    """Cross-field rules over a whole (merged) list: ids, card keys, references, validity."""
+
+    def report(path: str | None, what: str, message: str) -> None:
+        if path is None:  # only a base item: say so, the delta cannot point at it
+            errors.add("", f"{what} (carried over from base version {base_version!r}): {message}")
+        else:
+            errors.add(path, message)
+
+    for name, g in groups.items():
+        for direction in ("entry", "exit"):
+            ref = g.get(direction)
+            if ref is not None and ref not in schedules:
+                report(None if group_path(name) is None else group_path(name) + "/" + direction,
+                       f"group {name!r}",
+                       f"schedule {ref!r} is not defined; add it to \"schedules\" or use null "
+                       "(always allowed)")
+
+    ids: dict[str, str] = {}  # id -> "person" / "guest", to catch one id used twice
+    owner: dict[int, tuple[str, str]] = {}  # card key -> (holder id, where)
+    epochs = _Epochs(tz) if tz is not None else None
+
+    def check_groups(names: Iterable[str], path: str | None, what: str) -> None:
+        for k, gname in enumerate(names):
+            if gname not in groups:
+                report(None if path is None else f"{path}/groups/{k}", what,
+                       f"group {gname!r} is not defined; add it to \"groups\"")
+
+    def take_key(key: int, card: str, holder: str, path: str | None, what: str) -> None:
+        prev = owner.get(key)
+        if prev is None:
+            owner[key] = (holder, card)
+            return
+        other_holder, other_card = prev
+        same = "the same card" if other_card == card else f"the same key as {other_card!r}"
+        whose = "this person's own card" if other_holder == holder else f"held by {other_holder!r}"
+        report(path, what, f"card {card!r} (key {key}) is {same}, {whose}; a card belongs to one "
+                           "person or guest: remove one of them")
+
+    for i, p in enumerate(people):
+        path = person_path(i, p.id)
+        what = f"person {p.id!r}"
+        if p.id in ids:
+            report(None if path is None else path + "/id", what,
+                   f"id {p.id!r} is used twice; ids of people and guests must be unique")
+        ids[p.id] = "person"
+        for j, (card, key) in enumerate(zip(p.cards, p.keys)):
+            take_key(key, card, p.id, None if path is None else f"{path}/cards/{j}", what)
+        check_groups(p.groups, path, what)
+        if epochs is not None and p.valid_from is not None and p.valid_until is not None:
+            if epochs.start(p.valid_from) >= epochs.end(p.valid_until):
+                report(None if path is None else path + "/valid_from", what,
+                       f"valid_from {p.valid_from!r} is not before valid_until {p.valid_until!r}")
+
+    for i, g in enumerate(guests):
+        path = guest_path(i, g.id)
+        what = f"guest {g.id!r}"
+        if g.id in ids:
+            report(None if path is None else path + "/id", what,
+                   f"id {g.id!r} is used twice; ids of people and guests must be unique")
+        ids[g.id] = "guest"
+        take_key(g.key, g.card, g.id, None if path is None else f"{path}/card", what)
+        if g.groups is not None:
+            check_groups(g.groups, path, what)
+        if epochs is not None and epochs.start(g.start) >= epochs.end(g.until):
+            report(None if path is None else path + "/from", what,
+                   f"from {g.start!r} is not before until {g.until!r}")
+
+
+# --------------------------------------------------------------------------- AccessList
+
+
+class AccessList:
+    """A validated access list. Immutable: ``apply_delta`` returns a new one.
+
+    Build it with ``AccessList.from_snapshot(doc)``; compile it for the hot
+    path with ``columns()`` or ``build_table(acl, fp)``.
+    """
+
+    __slots__ = ("_version", "_site", "_generated", "_timezone", "_key_width", "_schedules",
+                 "_groups", "_people", "_guests", "_blocked", "_holidays")
+
+    def __init__(self, *, version: str, timezone: str, key_width: int, schedules: dict, groups: dict,
+                 people: tuple, guests: tuple, blocked: tuple, holidays: tuple,
+                 site: str | None = None, generated: str | None = None) -> None:
+        """Internal: use from_snapshot (it validates)."""
+        for name, value in (("_version", version), ("_site", site), ("_generated", generated),
+                            ("_timezone", timezone), ("_key_width", key_width),
+                            ("_schedules", schedules), ("_groups", groups), ("_people", people),
+                            ("_guests", guests), ("_blocked", blocked), ("_holidays", holidays)):
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("AccessList is immutable; apply_delta() returns a new one")
+
+    def __repr__(self) -> str:
+        c = self.counts()
+        return (f"AccessList(version={self._version!r}, timezone={self._timezone!r}, "
+                f"people={c['people']}, guests={c['guests']}, cards={c['cards']}, "
+                f"blocked={c['blocked']})")
+
+    # -- reading
+
+    @property
+    def version(self) -> str:
+        return self._version
+
+    @property
+    def timezone(self) -> str:
+        return self._timezone
+
+    @property
+    def key_width(self) -> int:
+        return self._key_width
+
+    @property
+    def site(self) -> str | None:
+        return self._site
+
+    @property
+    def holidays(self) -> tuple[str, ...]:
+        return self._holidays
+
+    def counts(self) -> dict[str, int]:
+        """people, guests, cards (held by people and guests) and blocked cards."""
+        return {
+            "people": len(self._people),
+            "guests": len(self._guests),
+            "cards": sum(len(p.keys) for p in self._people) + len(self._guests),
+            "blocked": len(self._blocked),
+        }
+
+    def to_snapshot(self) -> dict:
+        """The list as a snapshot document (fresh objects; from_snapshot reads it back)."""
+        doc: dict[str, Any] = {"kind": "snapshot", "version": self._version}
+        if self._site is not None:
+            doc["site"] = self._site
+        if self._generated is not None:
+            doc["generated"] = self._generated
+        doc["timezone"] = self._timezone
+        doc["key_width"] = self._key_width
+        doc["schedules"] = _copy_json(self._schedules)
+        doc["groups"] = _copy_json(self._groups)
+        doc["people"] = [p.to_json() for p in self._people]
+        doc["guests"] = [g.to_json() for g in self._guests]
+        doc["blocked"] = [card for card, _ in self._blocked]
+        doc["holidays"] = list(self._holidays)
+        return doc
+
+    # -- building
+
+    @classmethod
+    def from_snapshot(cls, doc: Any) -> AccessList:
+        """Validate a snapshot document; AclRejected("invalid") lists every error."""
+        errors = _Errors()
+        kind = _check_schema(doc, errors)
+        if kind == "delta":
+            errors.add("/kind", "this is a delta; apply it to the list it names as base "
+                                "(AccessList.apply_delta), or send a snapshot")
+        if kind != "snapshot":
+            errors.raise_if_any()
+        key_width = doc.get("key_width", DEFAULT_KEY_WIDTH)
+        if not isinstance(key_width, int) or isinstance(key_width, bool) or not 24 <= key_width <= 64:
+            key_width = DEFAULT_KEY_WIDTH  # reported by the schema; read cards at the default
+        reader = _Reader(key_width, errors)
+
+        tz_name = doc.get("timezone")
+        tz = _zone(tz_name) if isinstance(tz_name, str) else None
+        if isinstance(tz_name, str) and tz is None:
+            errors.add("/timezone", f"unknown time zone {tz_name!r}; use an IANA name such as "
+                                    "\"Asia/Tomsk\" (see `timedatectl list-timezones`)")
+        generated = doc.get("generated")
+        if generated is not None:
+            reader._validity(generated, "/generated", as_date_ok=False)
+
+        schedules = doc.get("schedules") if isinstance(doc.get("schedules"), dict) else {}
+        for name, s in schedules.items():
+            reader.schedule(s, _ptr("schedules", name))
+        groups = doc.get("groups") if isinstance(doc.get("groups"), dict) else {}
+        groups = {k: v for k, v in groups.items() if isinstance(v, dict)}
+
+        people: list[_Person] = []
+        people_pos: list[int] = []  # document index of each read person
+        for i, p in enumerate(doc.get("people") or ()):
+            person = reader.person(p, f"/people/{i}")
+            if person is not None:
+                people.append(person)
+                people_pos.append(i)
+        guests: list[_Guest] = []
+        guests_pos: list[int] = []
+        for i, g in enumerate(doc.get("guests") or ()):
+            guest = reader.guest(g, f"/guests/{i}")
+            if guest is not None:
+                guests.append(guest)
+                guests_pos.append(i)
+
+        blocked: list[tuple[str, int]] = []
+        seen_blocked: dict[int, int] = {}
+        for i, card in enumerate(doc.get("blocked") or ()):
+            key = reader.key(card, f"/blocked/{i}")
+            if key is None:
+                continue
+            if key in seen_blocked:
+                errors.add(f"/blocked/{i}", f"card {card!r} (key {key}) is already blocked at "
+                                            f"/blocked/{seen_blocked[key]}; list each card once")
+                continue
+            seen_blocked[key] = i
+            blocked.append((card, key))
+        holidays = reader.dates(doc.get("holidays"), "/holidays")
+
+        _check_model(
+            people=people, guests=guests, groups=groups, schedules=schedules, tz=tz, errors=errors,
+            person_path=lambda i, _id: f"/people/{people_pos[i]}",
+            guest_path=lambda i, _id: f"/guests/{guests_pos[i]}",
+            group_path=lambda name: _ptr("groups", name),
+        )
+        errors.raise_if_any()
+        return cls(
+            version=doc["version"], site=doc.get("site"), generated=generated, timezone=tz_name,
+            key_width=key_width, schedules=_copy_json(schedules), groups=_copy_json(groups),
+            people=tuple(people), guests=tuple(guests), blocked=tuple(blocked),
+            holidays=tuple(holidays),
+        )
+
+    def apply_delta(self, doc: Any) -> AccessList:
+        """A new list: this one changed as the delta says. This one stays as it was.
+
+        AclRejected("base_mismatch") when the delta's base is not this version
+        (ask for a snapshot); AclRejected("invalid") listing every error else.
+        A delta must match its base exactly: removing what is not there or
+        adding what already is (a blocked card, a holiday) is an error too.
+        """
+        if isinstance(doc, dict) and isinstance(doc.get("base"), str) and doc.get("kind") == "delta" \
+                and doc["base"] != self._version:
+            raise AclRejected([AclError("/base", (
+                f"delta is against version {doc['base']!r} but this gate holds {self._version!r}; "
+                f"send a snapshot or a delta against {self._version!r}"))], code="base_mismatch")
+        errors = _Errors()
+        kind = _check_schema(doc, errors)
+        if kind == "snapshot":
+            errors.add("/kind", "this is a snapshot; load it with AccessList.from_snapshot")
+        if kind != "delta":
+            errors.raise_if_any()
+        reader = _Reader(self._key_width, errors)
+
+        tz_name = self._timezone
+        if isinstance(doc.get("timezone"), str):
+            tz_name = doc["timezone"]
+        tz = _zone(tz_name)
+        if tz is None:
+            errors.add("/timezone", f"unknown time zone {tz_name!r}; use an IANA name such as "
+                                    "\"Asia/Tomsk\" (see `timedatectl list-timezones`)")
+
+        schedules = dict(self._schedules)
+        new_schedules = doc.get("schedules") if isinstance(doc.get("schedules"), dict) else {}
+        for name, s in new_schedules.items():
+            reader.schedule(s, _ptr("schedules", name))
+            schedules[name] = _copy_json(s)
+        groups = dict(self._groups)
+        new_groups = doc.get("groups") if isinstance(doc.get("groups"), dict) else {}
+        for name, g in new_groups.items():
+            if isinstance(g, dict):
+                groups[name] = _copy_json(g)
+
+        # People: removals, then upserts by id (in place; new ones at the end).
+        people = {p.id: p for p in self._people}
+        guests = {g.id: g for g in self._guests}
+        delta_people: dict[str, int] = {}
+        delta_guests: dict[str, int] = {}
+        self._removals(doc, "remove_people", people, delta_people, "person", errors)
+        self._removals(doc, "remove_guests", guests, delta_guests, "guest", errors)
+        for coll, field, read, origin in ((people, "people", reader.person, delta_people),
+                                          (guests, "guests", reader.guest, delta_guests)):
+            removed = set(x for x in doc.get(f"remove_{field}") or () if isinstance(x, str))
+            for i, item in enumerate(doc.get(field) or ()):
+                obj = read(item, f"/{field}/{i}")
+                if obj is None:
+                    continue
+                if obj.id in origin:
+                    errors.add(f"/{field}/{i}/id", f"id {obj.id!r} appears twice in this delta "
+                                                   f"(also /{field}/{origin[obj.id]})")
+                    continue
+                if obj.id in removed:
+                    errors.add(f"/{field}/{i}/id", f"id {obj.id!r} is both upserted and removed "
+                                                   "by this delta; do one")
+                    continue
+                origin[obj.id] = i
+                coll[obj.id] = obj
+
+        blocked = self._blocked_after(doc, reader, errors)
+        holidays = self._holidays_after(doc, reader, errors)
+
+        people_list = list(people.values())
+        guests_list = list(guests.values())
+        _check_model(
+            people=people_list, guests=guests_list, groups=groups, schedules=schedules, tz=tz,
+            errors=errors,
+            person_path=lambda i, pid: f"/people/{delta_people[pid]}" if pid in delta_people else None,
+            guest_path=lambda i, gid: f"/guests/{delta_guests[gid]}" if gid in delta_guests else None,
+            group_path=lambda name: _ptr("groups", name) if name in new_groups else None,
+            base_version=self._version,
+        )
+        errors.raise_if_any()
+        return AccessList(
+            version=doc["version"], site=self._site, generated=None, timezone=tz_name,
+            key_width=self._key_width, schedules=schedules, groups=groups,
+            people=tuple(people_list), guests=tuple(guests_list), blocked=blocked,
+            holidays=holidays,
+        )
+
+    @staticmethod
+    def _removals(doc: dict, field: str, coll: dict, origin: dict, what: str, errors: _Errors) -> None:
+        for i, rid in enumerate(doc.get(field) or ()):
+            if not isinstance(rid, str):
+                continue
+            if rid not in coll:
+                errors.add(f"/{field}/{i}", f"no {what} {rid!r} in the base version; the delta does "
+                                            "not match it (send a snapshot)")
+                continue
+            del coll[rid]
+
+    def _blocked_after(self, doc: dict, reader: _Reader, errors: _Errors) -> tuple:
+        current = {key: card for card, key in self._blocked}
+        unblock: dict[int, int] = {}
+        for i, card in enumerate(doc.get("unblock") or ()):
+            key = reader.key(card, f"/unblock/{i}")
+            if key is None:
+                continue
+            if key not in current:
+                errors.add(f"/unblock/{i}", f"card {card!r} (key {key}) is not blocked in the base "
+                                            "version; the delta does not match it (send a snapshot)")
+            unblock[key] = i
+        added: list[tuple[str, int]] = []
+        for i, card in enumerate(doc.get("block") or ()):
+            key = reader.key(card, f"/block/{i}")
+            if key is None:
+                continue
+            if key in unblock:
+                errors.add(f"/block/{i}", f"card {card!r} is both blocked and unblocked "
+                                          f"(/unblock/{unblock[key]}) by this delta; do one")
+            elif key in current:
+                errors.add(f"/block/{i}", f"card {card!r} (key {key}) is already blocked (as "
+                                          f"{current[key]!r}) in the base version")
+            elif any(k == key for _, k in added):
+                errors.add(f"/block/{i}", f"card {card!r} (key {key}) is listed twice in \"block\"")
+            else:
+                added.append((card, key))
+        return tuple(b for b in self._blocked if b[1] not in unblock) + tuple(added)
+
+    def _holidays_after(self, doc: dict, reader: _Reader, errors: _Errors) -> tuple:
+        current = set(self._holidays)
+        remove = reader.dates(doc.get("holidays_remove"), "/holidays_remove")
+        add = reader.dates(doc.get("holidays_add"), "/holidays_add")
+        for i, h in enumerate(doc.get("holidays_remove") or ()):
+            if h in remove and h not in current:
+                errors.add(f"/holidays_remove/{i}", f"{h} is not a holiday in the base version")
+        for i, h in enumerate(doc.get("holidays_add") or ()):
+            if h in add and h in current:
+                errors.add(f"/holidays_add/{i}", f"{h} is already a holiday in the base version")
+            elif h in remove:
+                errors.add(f"/holidays_add/{i}", f"{h} is both added and removed by this delta")
+        gone = set(remove)
+        return tuple(h for h in self._holidays if h not in gone) + tuple(h for h in add if h not in current)
+
+    # -- compiling
+
+    def columns(self) -> TableColumns:
+        """The list compiled to fastpath columns (see fastpath/columns.py)."""
+        tz = ZoneInfo(self._timezone)
+        epochs = _Epochs(tz)
+        bitmaps = {name: int.from_bytes(schedule_bitmap(s), "little") for name, s in self._schedules.items()}
+
+        gs_entry: list[bytes] = []
+        gs_entry_holiday: list[bytes] = []
+        gs_exit: list[bytes] = []
+        gs_index: dict[tuple[str, ...], int] = {}
+
+        def groupset(names: tuple[str, ...]) -> int:
+            """Index of the group set (interned); () is the unrestricted set of a guest."""
+            idx = gs_index.get(names)
+            if idx is not None:
+                return idx
+            canon = tuple(sorted(set(names)))
+            idx = gs_index.get(canon)
+            if idx is None:
+                if not canon:
+                    entry, holiday, exit_ = _ALL_MINUTES, 0, _ALL_MINUTES
+                else:
+                    entry = holiday = exit_ = 0
+                    for gname in canon:
+                        g = self._groups[gname]
+                        e, x = g.get("entry"), g.get("exit")
+                        entry |= _ALL_MINUTES if e is None else bitmaps[e]
+                        if e is not None and self._schedules[e].get("holidays") is True:
+                            holiday |= bitmaps[e]
+                        exit_ |= _ALL_MINUTES if x is None else bitmaps[x]
+                idx = len(gs_entry)
+                gs_entry.append(entry.to_bytes(BITMAP_BYTES, "little"))
+                gs_entry_holiday.append(holiday.to_bytes(BITMAP_BYTES, "little"))
+                gs_exit.append(exit_.to_bytes(BITMAP_BYTES, "little"))
+                gs_index[canon] = idx
+            gs_index[names] = idx
+            return idx
+
+        n_people = len(self._people)
+        n_persons = n_people + len(self._guests)
+        person_ids: list[str] = []
+        p_from = array("q", bytes(8 * n_persons))
+        p_until = array("q", bytes(8 * n_persons))
+        p_gs = array("i", bytes(4 * n_persons))
+        p_flags = array("B", bytes(n_persons))
+        p_uses = array("i", bytes(4 * n_persons))
+        keys: list[int] = []
+        owners: list[int] = []
+        for i, p in enumerate(self._people):
+            person_ids.append(p.id)
+            p_from[i] = NO_START if p.valid_from is None else epochs.start(p.valid_from)
+            p_until[i] = NO_END if p.valid_until is None else epochs.end(p.valid_until)
+            p_gs[i] = groupset(p.groups)
+            for k in p.keys:
+                keys.append(k)
+                owners.append(i)
+        for j, g in enumerate(self._guests):
+            i = n_people + j
+            person_ids.append(g.id)
+            p_from[i] = epochs.start(g.start)
+            p_until[i] = epochs.end(g.until)
+            p_gs[i] = groupset(g.groups or ())
+            p_flags[i] = PERSON_GUEST
+            p_uses[i] = g.uses
+            keys.append(g.key)
+            owners.append(i)
+
+        blocked_keys = {key for _, key in self._blocked}
+        if blocked_keys:
+            held = {k for k in keys if k in blocked_keys}
+            for _, key in self._blocked:
+                if key not in held:  # a lost card nobody holds now: blocked-only entry
+                    keys.append(key)
+                    owners.append(-1)
+
+        order = sorted(range(len(keys)), key=keys.__getitem__)
+        card_keys = array("Q", [keys[i] for i in order])
+        card_person = array("i", [owners[i] for i in order])
+        if blocked_keys:
+            card_flags = array("B", [CARD_BLOCKED if k in blocked_keys else 0 for k in card_keys])
+        else:
+            card_flags = array("B", bytes(len(card_keys)))
+
+        holidays = array("i", sorted(_parse_date(h).toordinal() for h in self._holidays))
+        return TableColumns(
+            version=self._version, key_width=self._key_width,
+            card_keys=card_keys, card_person=card_person, card_flags=card_flags,
+            person_ids=person_ids, person_from=p_from, person_until=p_until,
+            person_groupset=p_gs, person_flags=p_flags, person_max_uses=p_uses,
+            gs_entry=gs_entry, gs_entry_holiday=gs_entry_holiday, gs_exit=gs_exit,
+            holidays=holidays,
+        )
+
+
+def check_document(doc: Any) -> list[AclError]:
+    """Every error in a snapshot, or in a delta as far as it can be checked
+    without its base; [] when none. For tools (a command-line check)."""
+    errors = _Errors()
+    kind = _check_schema(doc, errors)
+    if kind == "snapshot":
+        try:
+            AccessList.from_snapshot(doc)
+        except AclRejected as exc:
+            return exc.errors
+        return []
+    if kind == "delta" and not errors:
+        reader = _Reader(DEFAULT_KEY_WIDTH, errors)
+        for name, s in (doc.get("schedules") or {}).items():
+            reader.schedule(s, _ptr("schedules", name))
+        for field, read in (("people", reader.person), ("guests", reader.guest)):
+            for i, item in enumerate(doc.get(field) or ()):
+                read(item, f"/{field}/{i}")
+        for field in ("block", "unblock"):
+            for i, card in enumerate(doc.get(field) or ()):
+                reader.key(card, f"/{field}/{i}")
+        for field in ("holidays_add", "holidays_remove"):
+            reader.dates(doc.get(field), f"/{field}")
+        if isinstance(doc.get("timezone"), str) and _zone(doc["timezone"]) is None:
+            errors.add("/timezone", f"unknown time zone {doc['timezone']!r}")
+    return errors.items
+
+
+def build_table(acl: AccessList, fp: Any) -> Any:
+    """A fastpath Table of the list; `fp` is a twin module (fastpath or fastpath._pure)."""
+    return fp.Table(acl.columns())
+
+
+# --------------------------------------------------------------------------- bench helper
+
+
+def synthetic_acl(n_cards: int, *, seed: int = 1, version: str = "synthetic.1") -> dict:
+    """A valid snapshot with n_cards cards (for benchmarks and soak tests).
+
+    One card per person, in the three card forms in turn, a few groups and
+    schedules, 0.1% blocked cards, a few guests and holidays. Keys are
+    distinct: n_cards must fit in the 24-bit key space of this list."""
+    if n_cards >= 1 << 24:
+        raise ValueError(f"n_cards {n_cards} does not fit 24-bit keys; use fewer than {1 << 24}")
+    rng = random.Random(seed)
+    keys = rng.sample(range(1, 1 << 24), n_cards + n_cards // 1000 + 1)
+    lessons = {"mon": ["12:00-19:00"], "tue": ["12:00-19:00"], "wed": ["12:00-19:00"],
+               "thu": ["12:00-19:00"], "fri": ["12:00-19:00"]}
+    day = {d: ["07:00-19:00"] for d in WEEKDAYS[:6]}
+    doc: dict[str, Any] = {
+        "kind": "snapshot", "version": version, "timezone": "Asia/Tomsk", "key_width": 24,
+        "schedules": {
+            "school-day": {"week": day},
+            "after-lessons": {"week": lessons},
+            "staff": {"holidays": True, "week": {d: ["06:00-22:00"] for d in WEEKDAYS}},
+        },
+        "groups": {
+            "junior": {"entry": "school-day", "exit": "after-lessons"},
+            "senior": {"entry": "school-day", "exit": None},
+            "staff": {"entry": "staff", "exit": None},
+        },
+        "people": [], "guests": [], "blocked": [], "holidays": ["2026-11-04", "2026-12-31"],
+    }
+    group_cycle = (["junior"], ["senior"], ["staff"], ["junior", "senior"])
+    people = doc["people"]
+    n_guests = min(10, n_cards // 100)
+    for i in range(n_cards - n_guests):
+        k = keys[i]
+        form = i % 3
+        card = f"{k >> 16},{k & 0xFFFF}" if form == 0 else (f"{k:010d}" if form == 1 else f"hex:{k:06X}")
+        p: dict[str, Any] = {"id": f"p-{i:07x}", "cards": [card], "groups": group_cycle[i % 4]}
+        if i % 5 == 0:
+            p["valid_until"] = "2027-06-30"
+        people.append(p)
+    for j in range(n_guests):
+        k = keys[n_cards - n_guests + j]
+        doc["guests"].append({"id": f"g-{j:04d}", "card": f"{k:010d}", "from": "2026-09-01T07:00:00+07:00",
+                              "until": "2026-09-30T20:00:00+07:00", "uses": 1})
+    for k in keys[n_cards:]:
+        doc["blocked"].append(f"{k:010d}")
+    return doc
