@@ -8,11 +8,12 @@ simulator, the CLI and the uplink can import the topic helpers cheaply.
 The vocabularies are written out rather than imported from ``fastpath.codes``
 so the contract stays readable on its own; a test checks that they agree.
 """
+
 from __future__ import annotations
 
 import json
 import re
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 from typing import Any
 
@@ -121,10 +122,12 @@ def topics(site: str, gate: str) -> dict[str, str]:
                 "'_' or '-' (no '/', '+', '#' or spaces); fix it in the gate's configuration"
             )
     base = f"{TOPIC_ROOT}/{site}/{gate}"
-    return {name: f"{base}/{name}" for name in ("events", "status", "telemetry", "acl", "cmd", "ack")}
+    return {
+        name: f"{base}/{name}" for name in ("events", "status", "telemetry", "acl", "cmd", "ack")
+    }
 
 
-@lru_cache(maxsize=None)
+@cache
 def _schema_text(name: str) -> str:
     resource = resources.files("agent").joinpath("schemas", f"{name}.schema.json")
     try:
@@ -148,7 +151,7 @@ def load_schema(name: str) -> dict:
     return json.loads(_schema_text(name))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _validator(kind: str) -> Any:
     import jsonschema_rs  # only when validating: keeps `import agent.contract` light
 
@@ -207,9 +210,9 @@ def validate(kind: str, msg: Any) -> list[str]:
     if kind == "event" and isinstance(msg, dict):
         # Not expressible in JSON Schema: the id must name this record's seq.
         rid, seq = msg.get("id"), msg.get("seq")
-        if isinstance(rid, str) and isinstance(seq, int) and not isinstance(seq, bool):
-            if not rid.endswith(f":{seq}"):
-                errors.append(f"$.id: {rid!r} must be '{{journal}}:{seq}', ending in this record's seq")
+        seq_ok = isinstance(seq, int) and not isinstance(seq, bool)
+        if isinstance(rid, str) and seq_ok and not rid.endswith(f":{seq}"):
+            errors.append(f"$.id: {rid!r} must be '{{journal}}:{seq}', ending in this record's seq")
     return errors
 
 
@@ -224,4 +227,6 @@ def canonical_json(msg: dict) -> bytes:
     """The bytes a command's ``sig`` signs: every field but ``sig``, sorted keys,
     no spaces, UTF-8 (non-ASCII kept as is, not escaped)."""
     body = {k: v for k, v in msg.items() if k != "sig"}
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode(
+        "utf-8"
+    )
