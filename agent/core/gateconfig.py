@@ -7,6 +7,7 @@ technician fixes the whole config in one go.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Mapping
@@ -19,6 +20,8 @@ RELAY_MODES = ("pulse", "potential")
 INITIAL_MODES = tuple(m for m in codes.MODES if m != "fire")
 MIN_PULSE_S = 0.1  # turnstile control inputs need at least 100 ms
 MAX_WAIT_S = 60.0  # the turnstile itself faults a passage stalled over 30 s
+# site and gate are MQTT topic levels (agent.contract.topics): no separators or wildcards.
+_TOPIC_LEVEL = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class GateConfigError(ValueError):
@@ -64,9 +67,9 @@ class GateConfig:
         errors: list[tuple[str, str]] = []
         for name in ("site", "gate"):
             v = getattr(self, name)
-            if not isinstance(v, str) or not v or "/" in v or "+" in v or "#" in v:
-                errors.append((name, f"{v!r} is not allowed: use a non-empty name without '/', '+' or '#' "
-                                     "(it is part of the MQTT topic)"))
+            if not isinstance(v, str) or not _TOPIC_LEVEL.fullmatch(v):
+                errors.append((name, f"{v!r} is not allowed: use 1 to 64 letters, digits, '_' or '-' "
+                                     "(it is an MQTT topic level)"))
         if not isinstance(self.readers, Mapping) or not self.readers:
             errors.append(("readers", f"{self.readers!r}: give at least one reader as name -> direction, "
                                       "e.g. {entry = \"in\", exit = \"out\"}"))

@@ -58,6 +58,10 @@ SET_MODE_BY = ("command", "switch", "simulator", "start")
 FIRE_RESET_BY = ("input", "command")
 FREE_MODES = ("free", "fire")  # the gate is already free: buttons do nothing, PASS is "free"
 MAX_KEY = 2**64 - 1
+# After a pulse a line rests this long before the next one, so two pulses never merge
+# into one (the turnstile needs 100 ms to see a level).
+LINE_REST_S = 0.1
+MAX_DETAIL = 500  # the contract allows 1000 characters; an event's repr can be longer
 
 # command.result "command" names for the events that answer a command.
 CMD_SET_MODE = "set_mode"
@@ -118,6 +122,7 @@ class Gate:
         self._pending: _Pending | None = None
         self._waiting: list[tuple[int, str]] = []  # (direction, source), at most one per direction
         self._pulses: dict[str, float] = {}  # line -> monotonic s when its pulse ends
+        self._rest: dict[str, float] = {}  # line -> monotonic s when it may pulse again
         self._outputs: dict[str, bool] = {line: False for line in LINES}
         self._last_mono: float | None = None
         self._alarms: set[str] = set()  # raised alarm kinds the core clears itself
@@ -183,6 +188,9 @@ class Gate:
     def next_deadline(self) -> float | None:
         """Monotonic seconds of the next timeout (pulse end, passage wait), or None."""
         times = list(self._pulses.values())
+        if self._waiting:
+            # A line's rest only matters to an opener waiting for it; any later event ends it too.
+            times += self._rest.values()
         if self._pending is not None:
             times.append(self._pending.deadline)
         return min(times) if times else None
@@ -252,7 +260,7 @@ class Gate:
                          check="none")
             step.commands.append(ev.Feedback(event.reader, "granted"))
             return
-        busy = self._lane == FAULT or self._pending is not None or UNLOCK_LINE[direction] in self._pulses
+        busy = self._lane == FAULT or self._pending is not None or not self._line_free(direction)
         mow, day = self._local(now)
         result, idx, warning = self._fp.decide(
             table, self._state, key, direction, MODE_CODE[self.mode], int(math.floor(now.wall)),
@@ -354,7 +362,7 @@ class Gate:
                          waited_ms=_ms(now.mono - p.started), cancelled="fire")
         self._close_lane()
         self._waiting.clear()
-        self._pulses.clear()  # fire's own lines take over at once
+        self._drop_pulses(now)  # fire's own lines take over at once
 
     def _on_fire_reset(self, event: ev.FireReset, now: ev.Now, step: ev.Step) -> None:
         if event.by not in FIRE_RESET_BY:
@@ -461,9 +469,18 @@ class Gate:
         if self._lane == PENDING:
             self._lane = IDLE
 
+    def _line_free(self, direction: int) -> bool:
+        # A pulse still on its line (or just ended) would merge with a new one.
+        line = UNLOCK_LINE[direction]
+        return line not in self._pulses and line not in self._rest
+
     def _can_open(self, direction: int) -> bool:
-        # A pulse still on its line would merge with a new one: wait for it to end.
-        return self._lane == IDLE and UNLOCK_LINE[direction] not in self._pulses
+        return self._lane == IDLE and self._line_free(direction)
+
+    def _drop_pulses(self, now: ev.Now) -> None:
+        for line in self._pulses:
+            self._rest[line] = now.mono + LINE_REST_S
+        self._pulses.clear()
 
     def _request_open(self, direction: int, source: str, now: ev.Now) -> None:
         """A button or remote open: at once if the lane is free, else it waits its turn."""
@@ -492,10 +509,11 @@ class Gate:
             self._record(step, now, "passage.forced", direction=codes.DIRECTIONS[direction])
 
     def _run_deadlines(self, now: ev.Now, step: ev.Step) -> None:
-        """Pulse ends and passage waits due by `now`, in time order."""
+        """Pulse ends, line rests and passage waits due by `now`, in time order."""
         while True:
             due: list[tuple[float, int, str]] = [(t, 0, line) for line, t in self._pulses.items()
                                                  if t <= now.mono]
+            due += [(t, 2, line) for line, t in self._rest.items() if t <= now.mono]
             p = self._pending
             if p is not None and p.deadline <= now.mono:
                 due.append((p.deadline, 1, ""))
@@ -504,6 +522,9 @@ class Gate:
             _, kind, line = min(due)
             if kind == 0:
                 del self._pulses[line]
+                self._rest[line] = now.mono + LINE_REST_S  # rests from when it really drops
+            elif kind == 2:
+                del self._rest[line]
             else:
                 self._record(step, now, "passage.timeout", direction=codes.DIRECTIONS[p.direction],
                              source=p.source, person=p.person, card=p.card,
@@ -550,11 +571,13 @@ class Gate:
         self._latch_fault(now, step, detail)
 
     def _latch_fault(self, now: ev.Now, step: ev.Step, detail: str) -> None:
+        if len(detail) > MAX_DETAIL:
+            detail = detail[: MAX_DETAIL - 3] + "..."
         self._record(step, now, "turnstile.fault", kind="core", detail=detail)
         self._lane = FAULT
         self._pending = None
         self._waiting.clear()
-        self._pulses.clear()
+        self._drop_pulses(now)
 
     def _reader_direction(self, reader: str, now: ev.Now, step: ev.Step) -> int | None:
         name = self._cfg.readers.get(reader) if isinstance(reader, str) else None
