@@ -1,0 +1,336 @@
+"""The reference ingest: the regional side's end of the events contract.
+
+Subscribes to the events of every gate with an MQTT 5 shared subscription
+(``$share/{group}/gate/v1/+/+/events``), so several ingests can run side by
+side on one database; stores each event once by ``id`` (SQLite,
+``INSERT OR IGNORE``); keeps, per journal, the highest seq up to which it
+holds every event; and, only after that is committed, publishes
+``{"journal", "upto"}`` to the gate's ``ack`` topic. A gate forgets an event
+only on that ack, so a crash anywhere here loses nothing: the gate resends.
+
+Run it with ``python -m agent.uplink.ingest --host H --port P --db FILE``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import queue
+import signal
+import sqlite3
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from agent.contract import TOPIC_ROOT, topics
+
+from .mqtt import TlsConfig
+
+log = logging.getLogger("agent.ingest")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    id TEXT PRIMARY KEY,
+    journal TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    site TEXT NOT NULL,
+    gate TEXT NOT NULL,
+    type TEXT,
+    ts TEXT,
+    body JSON NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS events_journal_seq ON events(journal, seq);
+CREATE INDEX IF NOT EXISTS events_site_gate ON events(site, gate);
+CREATE TABLE IF NOT EXISTS journals (
+    journal TEXT PRIMARY KEY,
+    site TEXT NOT NULL,
+    gate TEXT NOT NULL,
+    upto INTEGER NOT NULL DEFAULT 0
+);
+"""
+
+
+class IngestError(RuntimeError):
+    """The ingest cannot run (database or broker settings)."""
+
+
+class Ingest:
+    """Stores every gate's events once and acknowledges them to the gate.
+
+    ``start()`` connects (paho's own network thread) and starts the writer
+    thread; ``stop()`` ends both. Messages are written in batches: the writer
+    takes whatever has arrived, inserts it in one transaction, commits, then
+    publishes one ack per journal touched.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int = 1883,
+        *,
+        db_path: str | Path,
+        group: str = "ingest",
+        client_id: str | None = None,
+        tls: TlsConfig | None = None,
+        username: str | None = None,
+        password: str | None = None,
+    ) -> None:
+        self.host, self.port = host, port
+        self.db_path = str(db_path)
+        self.group = group
+        self.filter = f"$share/{group}/{TOPIC_ROOT}/+/+/events"
+        self.client_id = client_id or f"ingest-{group}-{int(time.time() * 1000) % 10**9}"
+        self._db = self._open_db(self.db_path)
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self.received = 0
+        self.stored = 0
+        self.duplicates = 0
+        self.rejected = 0
+
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5)
+        client.max_inflight_messages_set(0)
+        client.reconnect_delay_set(1, 30)
+        if username is not None:
+            client.username_pw_set(username, password)
+        if tls is not None:
+            client.tls_set_context(tls.context())
+        client.on_connect = self._on_connect
+        client.on_message = self._on_message
+        client.on_disconnect = self._on_disconnect
+        self._client = client
+        self.connected = threading.Event()
+
+    @staticmethod
+    def _open_db(path: str) -> sqlite3.Connection:
+        try:
+            db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(SCHEMA)
+        except sqlite3.Error as exc:
+            raise IngestError(
+                f"cannot open the ingest database {path!r} ({exc}); check the path and its permissions"
+            ) from exc
+        return db
+
+    # --- lifecycle ----------------------------------------------------------
+
+    def start(self) -> Ingest:
+        self._writer = threading.Thread(target=self._write_loop, name="ingest-writer", daemon=True)
+        self._writer.start()
+        self._client.connect_async(self.host, self.port, keepalive=30, clean_start=True)
+        self._client.loop_start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._queue.put(None)  # the writer stores and acks what arrived, then ends
+        if self._writer is not None:
+            self._writer.join(10)
+        try:
+            self._client.disconnect()
+        finally:
+            self._client.loop_stop()
+        self._db.close()
+
+    def __enter__(self) -> Ingest:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # --- MQTT (paho's thread) ------------------------------------------------
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.error("ingest: broker %s:%s refused the connection: %s", self.host, self.port, reason_code)
+            return
+        client.subscribe(self.filter, options=SubscribeOptions(qos=1))
+        log.info("ingest: connected to %s:%s, subscribed to %s", self.host, self.port, self.filter)
+        self.connected.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.connected.clear()
+        if not self._stopping.is_set():
+            log.warning("ingest: disconnected from %s:%s (%s); paho reconnects", self.host, self.port, reason_code)
+
+    def _on_message(self, client, userdata, message) -> None:
+        # Only hand over: the writer thread does the SQL, so paho keeps reading.
+        self._queue.put((message.topic, message.payload))
+
+    # --- storing (writer thread) ---------------------------------------------
+
+    def _write_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            batch = []
+            while item is not None:
+                batch.append(item)
+                if len(batch) >= 2000:
+                    break
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    item = False
+                    break
+            if batch:
+                try:
+                    self._store(batch)
+                except sqlite3.Error:
+                    # Not acked, so the gates resend; the message says why.
+                    log.exception("ingest: database write failed; events not acknowledged, gates will resend")
+            if item is None:
+                return
+
+    def _parse(self, topic: str, payload: bytes) -> tuple | None:
+        parts = topic.split("/")
+        if len(parts) != 5 or parts[4] != "events":
+            return None
+        site, gate = parts[2], parts[3]
+        try:
+            rec = json.loads(payload)
+            rid, seq = rec["id"], rec["seq"]
+            journal, _, seq_text = rid.rpartition(":")
+            if not journal or not isinstance(seq, int) or seq < 1 or seq_text != str(seq):
+                raise ValueError(f"id {rid!r} does not end in ':{seq}'")
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.warning("ingest: rejected a message on %s (%s)", topic, exc)
+            self.rejected += 1
+            return None
+        return (rid, journal, seq, site, gate, rec.get("type"), rec.get("ts"),
+                payload.decode("utf-8"))
+
+    def _store(self, batch: list[tuple[str, bytes]]) -> None:
+        rows = [r for r in (self._parse(t, p) for t, p in batch) if r is not None]
+        self.received += len(batch)
+        if not rows:
+            return
+        acks: dict[str, tuple[str, str, int]] = {}
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")  # other ingests on this file wait; upto stays consistent
+        try:
+            before = db.total_changes
+            db.executemany(
+                "INSERT OR IGNORE INTO events(id, journal, seq, site, gate, type, ts, body) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+            inserted = db.total_changes - before
+            for journal, site, gate in {(r[1], r[3], r[4]) for r in rows}:
+                acks[journal] = (site, gate, self._advance(journal, site, gate))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self.stored += inserted
+        self.duplicates += len(rows) - inserted
+        # Acks only after COMMIT: an ack promises the events are stored.
+        for journal, (site, gate, upto) in acks.items():
+            if upto >= 1:
+                self._client.publish(
+                    topics(site, gate)["ack"], json.dumps({"journal": journal, "upto": upto}), qos=1
+                )
+
+    def _advance(self, journal: str, site: str, gate: str) -> int:
+        """Move the journal's contiguous mark over the seqs now stored."""
+        db = self._db
+        row = db.execute("SELECT upto FROM journals WHERE journal = ?", (journal,)).fetchone()
+        upto = row[0] if row else 0
+        while True:
+            seqs = [s for (s,) in db.execute(
+                "SELECT seq FROM events WHERE journal = ? AND seq > ? ORDER BY seq LIMIT 1000",
+                (journal, upto),
+            )]
+            moved = False
+            for s in seqs:
+                if s != upto + 1:
+                    break
+                upto, moved = s, True
+            if not moved or len(seqs) < 1000 or seqs[-1] != upto:
+                break
+        db.execute(
+            "INSERT INTO journals(journal, site, gate, upto) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(journal) DO UPDATE SET upto = excluded.upto, site = excluded.site, "
+            "gate = excluded.gate",
+            (journal, site, gate, upto),
+        )
+        return upto
+
+    # --- reading ----------------------------------------------------------------
+
+    def events(self, site: str | None = None, gate: str | None = None) -> list[dict]:
+        """Stored events (each once), ordered by journal then seq."""
+        sql, args = "SELECT body FROM events", []
+        where = []
+        if site is not None:
+            where.append("site = ?")
+            args.append(site)
+        if gate is not None:
+            where.append("gate = ?")
+            args.append(gate)
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY journal, seq"
+        # A separate connection: readers never wait for (or disturb) the writer.
+        with sqlite3.connect(self.db_path, timeout=30) as db:
+            return [json.loads(body) for (body,) in db.execute(sql, args)]
+
+    def upto(self, journal: str) -> int:
+        """The journal's contiguous mark: every seq up to it is stored."""
+        with sqlite3.connect(self.db_path, timeout=30) as db:
+            row = db.execute("SELECT upto FROM journals WHERE journal = ?", (journal,)).fetchone()
+        return row[0] if row else 0
+
+    def stats(self) -> dict:
+        return {"received": self.received, "stored": self.stored,
+                "duplicates": self.duplicates, "rejected": self.rejected}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="gate-agent ingest",
+        description="Reference ingest: store every gate's events once and acknowledge them.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="MQTT broker host (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=1883, help="MQTT broker port (default 1883)")
+    parser.add_argument("--db", required=True, help="SQLite database file (created if missing)")
+    parser.add_argument("--group", default="ingest", help="shared-subscription group (default ingest)")
+    parser.add_argument("--client-id", default=None)
+    parser.add_argument("--ca-file", default=None, help="CA file: connect with TLS")
+    parser.add_argument("--cert-file", default=None)
+    parser.add_argument("--key-file", default=None)
+    parser.add_argument("--username", default=None)
+    parser.add_argument("--password", default=None)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    tls = TlsConfig(args.ca_file, args.cert_file, args.key_file) if args.ca_file else None
+    try:
+        ingest = Ingest(args.host, args.port, db_path=args.db, group=args.group,
+                        client_id=args.client_id, tls=tls, username=args.username,
+                        password=args.password)
+    except (IngestError, ValueError) as exc:
+        print(f"error: {exc}")
+        return 2
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    ingest.start()
+    print(f"ingest: {args.host}:{args.port} -> {args.db} (group {args.group}); Ctrl-C stops")
+    done.wait()
+    ingest.stop()
+    print(f"ingest: stopped; {ingest.stats()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

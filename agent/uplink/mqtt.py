@@ -1,0 +1,760 @@
+"""The MQTT uplink: sends the journal's pending events, takes the server's acks.
+
+One thread (``Uplink.start()``) owns the paho client and runs its own select
+loop over the client's socket and a wake-up socket, with paho's external-loop
+API (``loop_read``/``loop_write``/``loop_misc``). Nothing else touches paho or
+the journal's uplink methods, so the gate thread never waits for the network:
+it commits records and calls ``wake()``, which only writes one byte.
+
+Delivery (DESIGN.md, "Contract"):
+
+- Events go out in seq order, one record per message, QoS 1, with at most
+  ``window`` unacknowledged publishes on the wire (also capped by the
+  broker's Receive Maximum).
+- ``ack_mode="ingest"`` (default): an event is done only when the server's
+  ``ack`` message ``{"journal", "upto"}`` arrives (``journal.ack_upto``); a
+  PUBACK only frees its window slot. Events still pending after a reconnect,
+  after ``resend_after_s`` without ack progress, or after the broker answered
+  0x10 (nobody subscribed) are sent again; duplicates keep their ``id``.
+- ``ack_mode="broker"`` (labs): a PUBACK below 0x80 acknowledges the event
+  (``journal.ack_one``); 0x10 also counts but raises the ``broker_dropped``
+  alarm, because the broker threw the message away.
+- A PUBACK of 0x80 or more (0x87: not authorised by the broker's ACL) keeps
+  the event pending, raises ``publish_refused`` and pauses publishing for a
+  growing backoff before it retries.
+
+Every connection is a fresh paho client (clean start): on connect the uplink
+subscribes to ack, acl and cmd, publishes the retained ``online`` status
+and sends everything still pending; the retained ``offline`` will covers an
+unclean loss, ``stop()`` publishes ``offline`` itself. Reconnects back off
+exponentially with jitter up to ``backoff_max_s``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import select
+import socket
+import ssl
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.properties import Properties
+
+import fastpath
+from agent import CONTRACT_VERSION, __version__
+from agent.contract import topics
+from agent.core.records import rfc3339_ms
+
+log = logging.getLogger("agent.uplink")
+
+ACK_MODES = ("ingest", "broker")
+RC_NO_MATCHING_SUBSCRIBERS = 0x10
+RC_FIRST_FAILURE = 0x80
+
+# How many pending records one journal read fetches: big enough that a
+# backlog drains without a query per message, small enough to stay cheap.
+FETCH_BATCH = 512
+
+
+class UplinkError(ValueError):
+    """A bad uplink setting (ack mode, window, TLS files)."""
+
+
+class JournalForUplink(Protocol):
+    """The journal methods the uplink uses, all from its own thread."""
+
+    id: str
+
+    def pending(self, after_seq: int = 0, limit: int = 100) -> list[dict]: ...
+    def ack_upto(self, journal_id: str, seq: int) -> bool: ...
+    def ack_one(self, seq: int) -> Any: ...
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """TLS to the broker: the CA that signed its certificate, and for mutual
+    TLS the board's own certificate and key. ``server_name`` is the name
+    checked in the broker's certificate when it differs from the host
+    (connecting by IP address, say)."""
+
+    ca_file: str
+    cert_file: str | None = None
+    key_file: str | None = None
+    server_name: str | None = None
+
+    def context(self) -> ssl.SSLContext:
+        """A client SSLContext; raises UplinkError naming a missing or bad file."""
+        for what, path in (("ca_file", self.ca_file), ("cert_file", self.cert_file),
+                           ("key_file", self.key_file)):
+            if path is not None and not Path(path).is_file():
+                raise UplinkError(
+                    f"TLS {what} {path!r} does not exist or is not a file; "
+                    "fix the path in the uplink's tls settings"
+                )
+        if (self.cert_file is None) != (self.key_file is None):
+            raise UplinkError(
+                "TLS client certificate needs both cert_file and key_file (mutual TLS); "
+                "set both, or neither for server-only TLS"
+            )
+        ctx: ssl.SSLContext = _NamedContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.server_name = self.server_name  # type: ignore[attr-defined]
+        try:
+            ctx.load_verify_locations(cafile=self.ca_file)
+            if self.cert_file is not None:
+                ctx.load_cert_chain(self.cert_file, self.key_file)
+        except (ssl.SSLError, OSError) as exc:
+            raise UplinkError(
+                f"TLS files could not be loaded ({exc}); ca_file must hold PEM CA certificates, "
+                "cert_file/key_file a PEM certificate and its matching private key"
+            ) from exc
+        return ctx
+
+
+class _NamedContext(ssl.SSLContext):
+    """Checks the broker's certificate against ``server_name`` when set
+    (paho always passes the host it connects to)."""
+
+    server_name: str | None = None
+
+    def wrap_socket(self, sock, *args, server_hostname=None, **kwargs):  # type: ignore[override]
+        return super().wrap_socket(
+            sock, *args, server_hostname=self.server_name or server_hostname, **kwargs
+        )
+
+
+def read_boot_id() -> str:
+    """The kernel's boot id (the same ``boot`` the event records carry)."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def _json(msg: dict) -> bytes:
+    return json.dumps(msg, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def _rc_value(reason_code: Any) -> int:
+    value = getattr(reason_code, "value", reason_code)
+    return int(value) if value is not None else 0
+
+
+def _rc_text(reason_code: Any) -> str:
+    return f"0x{_rc_value(reason_code):02X} {getattr(reason_code, 'getName', lambda: '')()}".strip()
+
+
+class Uplink:
+    """Publishes the journal's events over MQTT 5 from one thread of its own.
+
+    ``start()`` starts the thread, ``stop()`` ends it after publishing the
+    retained ``offline`` status. ``wake()`` (any thread, never blocks) says
+    new records are committed. ``on_alarm(kind, active, detail)`` and
+    ``on_message(topic, payload, properties)`` are called on the uplink
+    thread; keep them short (enqueue and return).
+    """
+
+    def __init__(
+        self,
+        journal: JournalForUplink,
+        *,
+        site: str,
+        gate: str,
+        host: str,
+        port: int = 1883,
+        client_id: str | None = None,
+        ack_mode: str = "ingest",
+        window: int = 20,
+        keepalive: int = 30,
+        tls: TlsConfig | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        backoff_min_s: float = 0.5,
+        backoff_max_s: float = 60.0,
+        resend_after_s: float = 30.0,
+        connect_timeout_s: float = 10.0,
+        status_fields: Callable[[], dict] | None = None,
+        on_alarm: Callable[[str, bool, str], None] | None = None,
+        on_message: Callable[[str, bytes, Any], None] | None = None,
+        boot: str | None = None,
+        started_at: float | None = None,
+    ) -> None:
+        if ack_mode not in ACK_MODES:
+            raise UplinkError(f"ack_mode {ack_mode!r} is not known; use 'ingest' (default) or 'broker' (labs)")
+        if not isinstance(window, int) or not 1 <= window <= 65535:
+            raise UplinkError(f"window {window!r} must be an integer from 1 to 65535 (default 20)")
+        if not 0 < backoff_min_s <= backoff_max_s:
+            raise UplinkError(
+                f"backoff_min_s {backoff_min_s} and backoff_max_s {backoff_max_s}: "
+                "need 0 < backoff_min_s <= backoff_max_s"
+            )
+        self.journal = journal
+        self.site, self.gate = site, gate
+        self.topics = topics(site, gate)
+        self.host, self.port = host, port
+        self.client_id = client_id or f"gate-{site}-{gate}"
+        self.ack_mode = ack_mode
+        self.window = window
+        self.keepalive = keepalive
+        self.tls = tls
+        self._ssl_context = tls.context() if tls is not None else None  # bad files fail here, at start-up
+        self.username, self.password = username, password
+        self.backoff_min_s, self.backoff_max_s = backoff_min_s, backoff_max_s
+        self.resend_after_s = resend_after_s
+        self.connect_timeout_s = connect_timeout_s
+        self.status_fields = status_fields
+        self.on_alarm = on_alarm
+        self.on_message = on_message
+        self.boot = boot or read_boot_id()
+        self.started_at = time.time() if started_at is None else started_at
+
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._outbox: deque[tuple[str, bytes, int, bool, Properties | None]] = deque(maxlen=1000)
+
+        # Connection state, touched only by the uplink thread.
+        self._client: mqtt.Client | None = None
+        self._connected = False
+        self._connect_deadline = 0.0
+        self._next_connect_at = 0.0
+        self._connect_failures = 0
+        self._window_eff = window
+        self._inflight: dict[int, int | None] = {}  # mid -> event seq (None: status, replies)
+        self._inflight_seqs: set[int] = set()
+        self._buffer: deque[dict] = deque()
+        self._cursor = 0  # highest seq handed to paho since the last rewind
+        self._maybe_more = True
+        self._poll_at = 0.0
+        self._retry_at: float | None = None  # rewind and publish again at this time
+        self._paused_until = 0.0
+        self._refusals = 0
+        self._drop_backoff = backoff_min_s
+        self._acked_upto = 0
+        self._min_seq_sent: int | None = None
+        self._last_ack_progress = 0.0
+        self._resend_check_at = 0.0
+        self._alarms: dict[str, bool] = {}
+        self._log_quiet = False  # repeated connect failures are logged once per outage
+
+        self._published = 0
+        self._acked = 0
+        self._reconnects = 0
+        self._last_error: str | None = None
+        self._drain_samples: deque[tuple[float, int]] = deque(maxlen=64)
+
+    # --- public API (any thread) -----------------------------------------
+
+    def start(self) -> Uplink:
+        if self._thread is not None:
+            raise RuntimeError("Uplink.start() called twice; make a new Uplink instead")
+        self._thread = threading.Thread(target=self._run, name="uplink", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Publish the retained ``offline`` status, disconnect, end the thread."""
+        self._stopping = True
+        self.wake()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        for s in (self._wake_r, self._wake_w):
+            try:
+                s.close()
+            except OSError:
+                pass
+
+    def wake(self) -> None:
+        """New records are committed: publish now. Never blocks."""
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # a wake-up is already pending, or we are stopping
+
+    def publish(self, topic: str, payload: bytes | str, *, qos: int = 1, retain: bool = False,
+                properties: Properties | None = None) -> None:
+        """Queue one message (a command reply, say) for the uplink thread.
+
+        Dropped when not connected for QoS 0; QoS 1 messages wait for the
+        connection (up to 1,000, the oldest dropped first)."""
+        data = payload.encode("utf-8") if isinstance(payload, str) else payload
+        self._outbox.append((topic, data, qos, retain, properties))
+        self.wake()
+
+    def publish_telemetry(self, payload: dict) -> None:
+        """Telemetry: QoS 0, not retained; a sample lost while offline is not resent."""
+        self.publish(self.topics["telemetry"], _json(payload), qos=0)
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    def stats(self) -> dict:
+        return {
+            "connected": self._connected,
+            "published": self._published,
+            "acked": self._acked,
+            "inflight": len(self._inflight),
+            "reconnects": self._reconnects,
+            "last_error": self._last_error,
+            "drain_per_s": self._drain_rate(),
+        }
+
+    def __enter__(self) -> Uplink:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # --- the uplink thread ------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stopping:
+            try:
+                self._step()
+            except Exception as exc:  # never let the thread die: log, drop the link, retry
+                log.exception("uplink: unexpected error, reconnecting: %s", exc)
+                self._last_error = f"{type(exc).__name__}: {exc}"
+                self._drop_client()
+                self._schedule_reconnect()
+        try:
+            self._shutdown()
+        except Exception:
+            log.exception("uplink: error during shutdown")
+
+    def _step(self) -> None:
+        now = time.monotonic()
+        if self._client is None:
+            if now < self._next_connect_at:
+                self._sleep(min(self._next_connect_at - now, 1.0))
+                return
+            self._connect()
+            return
+        client = self._client
+        if self._connected:
+            self._flush_outbox()
+            self._timers(now)
+            if now >= self._paused_until:
+                self._fill_window()
+        elif now > self._connect_deadline:
+            self._fail(f"no CONNACK from {self.host}:{self.port} within {self.connect_timeout_s} s")
+            return
+        if client.want_write():
+            client.loop_write()
+        sock = client.socket()
+        if sock is None:
+            self._lost()
+            return
+        pending_tls = hasattr(sock, "pending") and sock.pending() > 0
+        timeout = 0.0 if pending_tls else self._select_timeout(now)
+        wlist = [sock] if client.want_write() else []
+        readable, writable, _ = select.select([sock, self._wake_r], wlist, [], timeout)
+        if self._wake_r in readable:
+            self._drain_wake()
+        if sock in readable or pending_tls:
+            client.loop_read()
+        if writable and client.socket() is not None:
+            client.loop_write()
+        if client.socket() is not None:
+            client.loop_misc()
+        if client.socket() is None:
+            self._lost()
+
+    def _select_timeout(self, now: float) -> float:
+        due = [now + 1.0, self._poll_at]  # 1 s at most: keepalive and the safety poll
+        if self._retry_at is not None:
+            due.append(self._retry_at)
+        if self._paused_until > now:
+            due.append(self._paused_until)
+        if not self._connected:
+            due.append(self._connect_deadline)
+        return max(0.0, min(due) - now)
+
+    def _sleep(self, seconds: float) -> None:
+        readable, _, _ = select.select([self._wake_r], [], [], seconds)
+        if readable:
+            self._drain_wake()
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+        self._maybe_more = True
+
+    # --- connecting ---------------------------------------------------------
+
+    def _new_client(self) -> mqtt.Client:
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=mqtt.MQTTv5,
+        )
+        client.max_inflight_messages_set(0)  # our own window; paho must not queue
+        client.connect_timeout = self.connect_timeout_s
+        if self.username is not None:
+            client.username_pw_set(self.username, self.password)
+        if self._ssl_context is not None:
+            client.tls_set_context(self._ssl_context)
+        will = {"v": CONTRACT_VERSION, "state": "offline", "boot": self.boot, "reason": "will"}
+        client.will_set(self.topics["status"], _json(will), qos=1, retain=True)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        return client
+
+    def _connect(self) -> None:
+        client = self._new_client()
+        self._client = client
+        self._connected = False
+        self._connect_deadline = time.monotonic() + self.connect_timeout_s
+        try:
+            rc = client.connect(self.host, self.port, keepalive=self.keepalive, clean_start=True)
+        except ssl.SSLCertVerificationError as exc:
+            self._tls_rejected(exc)
+            return
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            self._fail(self._describe_connect_error(exc))
+            return
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            self._fail(f"connect to {self.host}:{self.port} failed: {mqtt.error_string(rc)}")
+
+    def _describe_connect_error(self, exc: BaseException) -> str:
+        where = f"{self.host}:{self.port}"
+        if isinstance(exc, ConnectionRefusedError):
+            return f"broker {where} refused the connection (is it running, is the port right?)"
+        if isinstance(exc, socket.gaierror):
+            return f"cannot resolve broker host {self.host!r} ({exc}); check the host name and DNS"
+        if isinstance(exc, (TimeoutError, socket.timeout)):
+            return f"broker {where} did not answer within {self.connect_timeout_s} s (network down?)"
+        if isinstance(exc, ssl.SSLError):
+            return f"TLS handshake with {where} failed: {exc}; check the CA, client certificate and key"
+        return f"cannot connect to broker {where}: {exc}"
+
+    def _tls_rejected(self, exc: ssl.SSLCertVerificationError) -> None:
+        reason = getattr(exc, "verify_message", "") or str(exc)
+        if "not yet valid" in reason or "expired" in reason:
+            # Usually the board's clock, not the certificate: a Pi without RTC after a power cut.
+            detail = (
+                f"broker certificate rejected: {reason} by this board's clock "
+                f"({rfc3339_ms(time.time())}); check the clock (NTP, fake-hwclock). "
+                "Events are kept in the journal; retrying with backoff"
+            )
+        else:
+            detail = (
+                f"broker certificate rejected: {reason}; check the CA file and "
+                "server_name in the uplink's tls settings"
+            )
+        self._alarm("tls_rejected", True, detail)
+        self._fail(detail, level=logging.ERROR)
+
+    def _fail(self, message: str, level: int = logging.WARNING) -> None:
+        """A connection attempt failed: log it (once per outage), back off."""
+        self._last_error = message
+        if self._log_quiet:
+            log.debug("uplink: %s", message)
+        else:
+            log.log(level, "uplink: %s; retrying with backoff, events stay in the journal", message)
+            self._log_quiet = True
+        self._drop_client()
+        self._schedule_reconnect()
+
+    def _schedule_reconnect(self) -> None:
+        # Exponential backoff with jitter (half to full delay), capped.
+        delay = min(self.backoff_max_s, self.backoff_min_s * (2 ** min(self._connect_failures, 30)))
+        delay = random.uniform(delay / 2, delay)
+        self._connect_failures += 1
+        self._next_connect_at = time.monotonic() + delay
+
+    def _drop_client(self) -> None:
+        client, self._client = self._client, None
+        self._connected = False
+        self._reset_flow()
+        sock = client.socket() if client is not None else None
+        if sock is not None:
+            try:
+                sock.close()  # no DISCONNECT packet: a lost link keeps the will armed
+            except OSError:
+                pass
+
+    def _lost(self) -> None:
+        if self._connected:
+            log.warning("uplink: connection to %s:%s lost; reconnecting", self.host, self.port)
+            self._reconnects += 1
+            self._log_quiet = False
+        self._fail(self._last_error or "connection closed")
+
+    def _reset_flow(self) -> None:
+        self._inflight.clear()
+        self._inflight_seqs.clear()
+        self._rewind()
+
+    def _rewind(self) -> None:
+        """Publish again from the oldest pending record (in-flight ones excepted)."""
+        self._buffer.clear()
+        self._cursor = 0
+        self._maybe_more = True
+
+    # --- paho callbacks (the uplink thread, inside loop_read) ----------------
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            self._last_error = f"broker refused the connection: {_rc_text(reason_code)}"
+            if _rc_value(reason_code) in (0x86, 0x87):
+                self._last_error += "; check the uplink's username/password and the broker's ACL"
+            log.error("uplink: %s", self._last_error)
+            return  # paho closes the socket; the loop reconnects with backoff
+        now = time.monotonic()
+        self._connected = True
+        self._connect_failures = 0
+        self._log_quiet = False
+        self._alarm("tls_rejected", False, "")
+        receive_max = getattr(properties, "ReceiveMaximum", None)
+        self._window_eff = min(self.window, receive_max) if receive_max else self.window
+        self._last_ack_progress = now
+        self._resend_check_at = now + self.resend_after_s
+        self._paused_until = 0.0
+        self._retry_at = None
+        self._reset_flow()
+        log.info("uplink: connected to %s:%s as %s (window %d, ack mode %s)",
+                 self.host, self.port, self.client_id, self._window_eff, self.ack_mode)
+        client.subscribe([(self.topics["ack"], 1), (self.topics["acl"], 1), (self.topics["cmd"], 1)])
+        self._publish_raw(self.topics["status"], _json(self._birth()), qos=1, retain=True)
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        if not self._stopping:
+            self._last_error = f"disconnected: {_rc_text(reason_code)}"
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        seq = self._inflight.pop(mid, None)
+        if seq is None:
+            if _rc_value(reason_code) >= RC_FIRST_FAILURE:
+                log.warning("uplink: broker refused a status/reply publish: %s", _rc_text(reason_code))
+            return
+        self._inflight_seqs.discard(seq)
+        rc = _rc_value(reason_code)
+        if rc >= RC_FIRST_FAILURE:
+            self._refused(seq, reason_code)
+            return
+        if self._refusals:
+            self._refusals = 0
+            self._alarm("publish_refused", False, "the broker accepts events again")
+        if self.ack_mode == "broker":
+            self.journal.ack_one(seq)
+            self._count_acked(1)
+            if rc == RC_NO_MATCHING_SUBSCRIBERS:
+                self._alarm("broker_dropped", True,
+                            f"the broker had no subscriber for {self.topics['events']} and dropped "
+                            f"event seq {seq} (reason 0x10); ack mode 'broker' counts it as delivered")
+            else:
+                self._alarm("broker_dropped", False, "")
+        elif rc == RC_NO_MATCHING_SUBSCRIBERS:
+            # Nobody (no ingest) received it: send it again later, backing off.
+            if self._retry_at is None:
+                self._retry_at = time.monotonic() + self._drop_backoff
+                log.info("uplink: no subscriber took event seq %d (0x10); resending in %.1f s",
+                         seq, self._drop_backoff)
+                self._drop_backoff = min(self._drop_backoff * 2, self.resend_after_s)
+
+    def _refused(self, seq: int, reason_code: Any) -> None:
+        self._refusals += 1
+        delay = min(self.backoff_max_s, self.backoff_min_s * 2 ** min(self._refusals - 1, 30))
+        delay = random.uniform(delay / 2, delay)
+        now = time.monotonic()
+        detail = (f"broker refused event seq {seq} on {self.topics['events']}: {_rc_text(reason_code)}; "
+                  "the event stays in the journal; check the broker's ACL for this gate")
+        self._last_error = detail
+        if self._refusals == 1:
+            log.error("uplink: %s", detail)
+        self._alarm("publish_refused", True, detail)
+        # Pause and retry everything pending (including this seq) after the backoff.
+        self._paused_until = max(self._paused_until, now + delay)
+        self._retry_at = self._paused_until
+
+    def _on_message(self, client, userdata, message) -> None:
+        topic = message.topic
+        if topic == self.topics["ack"]:
+            self._on_ack(message.payload)
+            return
+        if self.on_message is not None:
+            try:
+                self.on_message(topic, message.payload, message.properties)
+            except Exception:
+                log.exception("uplink: on_message handler failed for %s", topic)
+
+    def _on_ack(self, payload: bytes) -> None:
+        try:
+            msg = json.loads(payload)
+            journal_id, upto = msg["journal"], msg["upto"]
+            if not isinstance(journal_id, str) or not isinstance(upto, int) or isinstance(upto, bool):
+                raise TypeError("journal must be a string and upto an integer")
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("uplink: ignoring malformed ack on %s (%s): %r", self.topics["ack"], exc, payload[:200])
+            return
+        if self.ack_mode != "ingest":
+            return
+        if journal_id != self.journal.id:
+            log.info("uplink: ack for another journal %s ignored (ours is %s)", journal_id, self.journal.id)
+            return
+        self.journal.ack_upto(journal_id, upto)
+        if upto > self._acked_upto:
+            # Count only what this run sent (the first ack's baseline is unknown otherwise).
+            base = max(self._acked_upto, (self._min_seq_sent or upto + 1) - 1)
+            if upto > base:
+                self._count_acked(upto - base)
+            self._acked_upto = upto
+            self._last_ack_progress = time.monotonic()
+            self._drop_backoff = self.backoff_min_s
+
+    # --- publishing -----------------------------------------------------------
+
+    def _publish_raw(self, topic: str, payload: bytes, qos: int, retain: bool = False,
+                     properties: Properties | None = None, seq: int | None = None) -> bool:
+        assert self._client is not None
+        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            self._last_error = f"publish failed: {mqtt.error_string(info.rc)}"
+            return False
+        if qos > 0:
+            self._inflight[info.mid] = seq
+            if seq is not None:
+                self._inflight_seqs.add(seq)
+        return True
+
+    def _fill_window(self) -> None:
+        topic = self.topics["events"]
+        while len(self._inflight) < self._window_eff:
+            rec = self._next_record()
+            if rec is None:
+                return
+            seq = rec["seq"]
+            if not self._publish_raw(topic, _json(rec), 1, seq=seq):
+                self._buffer.appendleft(rec)
+                return
+            self._cursor = seq
+            self._published += 1
+            if self._min_seq_sent is None or seq < self._min_seq_sent:
+                self._min_seq_sent = seq
+
+    def _next_record(self) -> dict | None:
+        while True:
+            if not self._buffer:
+                if not self._maybe_more:
+                    return None
+                batch = self.journal.pending(after_seq=self._cursor, limit=FETCH_BATCH)
+                if len(batch) < FETCH_BATCH:
+                    self._maybe_more = False  # until wake(), a rewind or the safety poll
+                if not batch:
+                    return None
+                self._buffer.extend(batch)
+            rec = self._buffer.popleft()
+            if rec["seq"] in self._inflight_seqs:
+                continue  # still on the wire from before a rewind
+            return rec
+
+    def _flush_outbox(self) -> None:
+        while self._outbox and len(self._inflight) < self._window_eff:
+            topic, payload, qos, retain, props = self._outbox.popleft()
+            if not self._publish_raw(topic, payload, qos, retain, props):
+                return
+
+    def _timers(self, now: float) -> None:
+        if now >= self._poll_at:
+            # Safety net: find records even if a wake() was missed.
+            self._poll_at = now + 1.0
+            self._maybe_more = True
+        if self._retry_at is not None and now >= self._retry_at:
+            self._retry_at = None
+            self._rewind()
+        if self.ack_mode == "ingest" and now >= self._resend_check_at:
+            self._resend_check_at = now + self.resend_after_s
+            if now - self._last_ack_progress >= self.resend_after_s:
+                oldest = self.journal.pending(after_seq=0, limit=1)
+                if oldest and oldest[0]["seq"] <= self._cursor and oldest[0]["seq"] not in self._inflight_seqs:
+                    log.info("uplink: no ingest ack for %.0f s; resending from seq %d",
+                             self.resend_after_s, oldest[0]["seq"])
+                    self._rewind()
+
+    # --- status, alarms, stats ---------------------------------------------------
+
+    def _birth(self) -> dict:
+        birth = {
+            "v": CONTRACT_VERSION,
+            "state": "online",
+            "version": __version__,
+            "fastpath": fastpath.IMPLEMENTATION,
+            "acl_version": None,
+            "started_at": rfc3339_ms(self.started_at),
+            "boot": self.boot,
+            "journal": self.journal.id,
+        }
+        if self.status_fields is not None:
+            try:
+                birth.update(self.status_fields())
+            except Exception:
+                log.exception("uplink: status_fields() failed; publishing the status without them")
+        return birth
+
+    def _alarm(self, kind: str, active: bool, detail: str) -> None:
+        """Report an alarm only when it changes state (no flood while it lasts)."""
+        if self._alarms.get(kind, False) == active:
+            return
+        self._alarms[kind] = active
+        if self.on_alarm is not None:
+            try:
+                self.on_alarm(kind, active, detail)
+            except Exception:
+                log.exception("uplink: on_alarm handler failed for %s", kind)
+
+    def _count_acked(self, n: int) -> None:
+        self._acked += n
+        now = time.monotonic()
+        if not self._drain_samples or now - self._drain_samples[-1][0] >= 0.25:
+            self._drain_samples.append((now, self._acked))
+
+    def _drain_rate(self) -> float:
+        samples = list(self._drain_samples)
+        if not samples:
+            return 0.0
+        now = time.monotonic()
+        recent = [s for s in samples if now - s[0] <= 10.0] or samples[-1:]
+        t0, n0 = recent[0]
+        span = now - t0
+        if span <= 0:
+            return 0.0
+        return round((self._acked - n0) / span, 3)
+
+    def _shutdown(self) -> None:
+        client = self._client
+        if client is None or not self._connected:
+            self._drop_client()
+            return
+        offline = {"v": CONTRACT_VERSION, "state": "offline", "boot": self.boot, "reason": "shutdown"}
+        info = client.publish(self.topics["status"], _json(offline), qos=1, retain=True)
+        deadline = time.monotonic() + 2.0
+        while client.socket() is not None and not info.is_published() and time.monotonic() < deadline:
+            sock = client.socket()
+            wlist = [sock] if client.want_write() else []
+            readable, writable, _ = select.select([sock], wlist, [], 0.1)
+            if readable:
+                client.loop_read()
+            if writable and client.socket() is not None:
+                client.loop_write()
+        if client.socket() is not None:
+            client.disconnect()  # normal disconnect: the broker drops the will
+            if client.want_write() and client.socket() is not None:
+                client.loop_write()
+        self._drop_client()
+        log.info("uplink: stopped (offline status published: %s)", info.is_published())

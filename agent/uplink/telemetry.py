@@ -1,0 +1,90 @@
+"""Telemetry: the health figures published every N seconds.
+
+``build_telemetry`` gathers them from the journal (backlog, oldest pending
+age), the uplink (drain rate) and the runtime (reader errors, decision
+latencies, clock, access list), into the message of
+``agent/schemas/telemetry.schema.json``. ``Uplink.publish_telemetry`` sends
+it (QoS 0, not retained: a lost sample is not resent).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from agent import CONTRACT_VERSION
+from agent.core.records import rfc3339_ms
+
+CPU_TEMP_PATH = Path("/sys/class/thermal/thermal_zone0/temp")
+
+
+class JournalForTelemetry(Protocol):
+    def backlog(self) -> int: ...
+    def oldest_pending_age_s(self, now_wall: float) -> float | None: ...
+
+
+def percentiles(samples_ms: Sequence[float]) -> dict[str, float | None]:
+    """p50, p99 and p999 (nearest rank) of decision latencies in ms; nulls when empty."""
+    if not samples_ms:
+        return {"p50": None, "p99": None, "p999": None}
+    ordered = sorted(samples_ms)
+    n = len(ordered)
+
+    def rank(p: float) -> float:
+        return round(float(ordered[max(0, math.ceil(p * n) - 1)]), 3)
+
+    return {"p50": rank(0.50), "p99": rank(0.99), "p999": rank(0.999)}
+
+
+def read_cpu_temp_c(path: Path = CPU_TEMP_PATH) -> float | None:
+    """SoC temperature in Celsius from the thermal zone (millidegrees), or None."""
+    try:
+        return round(int(path.read_text().strip()) / 1000.0, 1)
+    except (OSError, ValueError):
+        return None
+
+
+def build_telemetry(
+    journal: JournalForTelemetry,
+    runtime_stats: dict[str, Any],
+    now_wall: float,
+    *,
+    uplink_stats: dict[str, Any] | None = None,
+    cpu_temp_path: Path = CPU_TEMP_PATH,
+) -> dict:
+    """One telemetry message.
+
+    runtime_stats (from the runtime; missing keys give empty/neutral values):
+      ``boot`` (str), ``uptime_s`` (float), ``clock_synced`` (bool),
+      ``acl_version`` (str or None), ``acl_age_s`` (float or None),
+      ``reader_errors`` ({reader: {kind: count}}),
+      ``decision_samples_ms`` (latencies of the last interval) or
+      ``decision_ms`` (already computed {p50, p99, p999}),
+      ``drain_per_s`` (used when no uplink_stats are given).
+    uplink_stats: ``Uplink.stats()``, for ``drain_per_s``.
+    """
+    oldest = journal.oldest_pending_age_s(now_wall)
+    if "decision_ms" in runtime_stats:
+        decision = dict(runtime_stats["decision_ms"])
+    else:
+        decision = percentiles(runtime_stats.get("decision_samples_ms") or ())
+    drain = (uplink_stats or runtime_stats).get("drain_per_s", 0.0) or 0.0
+    return {
+        "v": CONTRACT_VERSION,
+        "ts": rfc3339_ms(now_wall),
+        "boot": runtime_stats.get("boot", "unknown"),
+        "backlog": int(journal.backlog()),
+        "oldest_pending_s": None if oldest is None else round(max(0.0, float(oldest)), 3),
+        "drain_per_s": round(float(drain), 3),
+        "reader_errors": {
+            reader: {kind: int(n) for kind, n in kinds.items()}
+            for reader, kinds in (runtime_stats.get("reader_errors") or {}).items()
+        },
+        "decision_ms": decision,
+        "clock_synced": bool(runtime_stats.get("clock_synced", False)),
+        "cpu_temp_c": read_cpu_temp_c(cpu_temp_path),
+        "uptime_s": round(max(0.0, float(runtime_stats.get("uptime_s", 0.0))), 3),
+        "acl_version": runtime_stats.get("acl_version"),
+        "acl_age_s": runtime_stats.get("acl_age_s"),
+    }
