@@ -26,7 +26,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         print(f"# {scenario.name} — {scenario.source} (fastpath: {fastpath.IMPLEMENTATION})", file=out)
     for item in sim.run():
         if args.pretty:
-            print(format_pretty(item), file=out)
+            print(format_pretty(item, scenario.start.tzinfo), file=out)
         else:
             print(json.dumps(item, separators=(",", ":"), ensure_ascii=False), file=out)
     if args.check:

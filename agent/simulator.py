@@ -360,14 +360,25 @@ def check_expectations(records: list[dict], expect: list[dict]) -> list[str]:
     return failures
 
 
-def format_pretty(item: dict) -> str:
-    """One human line for `make run`."""
-    ts = item.get("ts", "")[11:23]
+def format_pretty(item: dict, tz=None) -> str:
+    """One human line for `make run`: local time, record number, type, fields;
+    cards shown as facility,card."""
+    from agent.core.cards import format_key
+
+    ts = item.get("ts", "")
+    if ts and tz is not None:
+        ts = datetime.fromisoformat(ts.replace("Z", "+00:00")).astimezone(tz).isoformat(timespec="milliseconds")
+    ts = ts[11:23]
     if "trace" in item:
         if item["trace"] == "io":
-            return f"{ts}    io  {item['line']:<12} {'ON' if item['active'] else 'off'}"
-        return f"{ts}    io  {item['reader']} feedback {item['signal']}"
-    t = item["type"]
+            return f"{ts}       io {item['line']:<12} {'ON' if item['active'] else 'off'}"
+        return f"{ts}       io {item['reader']} feedback {item['signal']}"
     skip = {"v", "id", "seq", "ts", "clock_synced", "boot", "mono", "type"}
-    rest = " ".join(f"{k}={v}" for k, v in item.items() if k not in skip and v is not None)
-    return f"{ts} #{item['seq']:<4} {t:<18} {rest}"
+    parts = []
+    for k, v in item.items():
+        if k in skip or v is None:
+            continue
+        if k == "card" and isinstance(v, int):
+            v = format_key(v)["facility_card"]
+        parts.append(f"{k}={v}")
+    return f"{ts} #{item['seq']:<4} {item['type']:<18} {' '.join(parts)}"
