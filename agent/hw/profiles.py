@@ -322,8 +322,9 @@ def check_profile(p: Profile) -> list[str]:
                 fix = "pick a pin from BCM 9 to 27 (pulled down at power-on) or add a boot line gpio=N=op,dl"
             else:
                 fix = "pick a pin from BCM 2 to 8 (pulled up at power-on) or add a boot line gpio=N=op,dh"
+            where = f"outputs.{line}" if line in p.outputs else f"readers.{line}"
             errors.append(
-                f"{line}: BCM {out.pin} is {at_power_on} at power-on, which is this active-"
+                f"{where}: BCM {out.pin} is {at_power_on} at power-on, which is this active-"
                 f"{'high' if out.active_high else 'low'} output's ACTIVE level: the relay would "
                 f"switch on every boot before the agent runs; {fix}"
             )

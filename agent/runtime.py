@@ -1,0 +1,398 @@
+"""The gate thread: one thread owns the core and drives the outputs.
+
+Adapters (gpiozero and paho callbacks, serial readers, the Wiegand timer)
+call ``GateRuntime.submit(event)`` from any thread; it only enqueues. The
+gate thread takes the next event (fire-loop events before anything else
+queued), or a ``Tick`` when the core's next deadline passes, and for each:
+
+1. ``step = gate.handle(event, clock.now())``
+2. ``sink.commit(step.records)``: journal first (principle 2)
+3. drive ``step.commands``: SetOutput -> outputs.set, Feedback -> outputs.feedback
+4. ``on_record(record)`` for each committed record (uplink, log)
+
+Failure policy: an exception from the core, the sink, an output or a hook
+is logged with the event and counted; it never kills the gate thread. If
+the sink's commit raises, the commands are STILL driven: the gate must keep
+letting the right people through with a broken disk (principle 1, "the gate
+never waits for the disk"); the records that could not be committed are
+logged in full at ERROR level, so the system journal keeps them, and the
+``sink_errors`` counter tells telemetry.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from collections import deque
+from typing import Any, Callable, Protocol
+
+from agent.core.events import Feedback, FireLoop, Now, SetOutput, Tick
+
+log = logging.getLogger(__name__)
+
+# Every output the core can drive; stop() drives each inactive.
+OUTPUT_LINES = ("unlock_a", "unlock_b", "stop", "fire_release")
+_TICK = Tick()
+CORE_RETRY_S = 0.1  # after a core error, its overdue deadline is retried this much later
+
+
+class OutputDriver(Protocol):
+    """Where the gate thread sends commands (agent.hw.turnstile_io.TurnstileIO)."""
+
+    def set(self, line: str, active: bool) -> None: ...
+
+    def feedback(self, reader: str, signal: str) -> None: ...
+
+
+class RecordSink(Protocol):
+    """The journal (agent.uplink.journal) or records.SequenceSink."""
+
+    def commit(self, records: list[dict]) -> list[dict]: ...
+
+
+class Clock:
+    """The time given to the core: monotonic s, UTC epoch s, and whether the
+    wall clock is synchronised.
+
+    synced is a callable so the composition root decides how to know (e.g. a
+    cached `timedatectl show -p NTPSynchronized` checked off the gate thread);
+    it is called once per event, so it must be cheap. monotonic and wall are
+    injectable for tests; deadlines are compared with ``monotonic()``.
+    """
+
+    def __init__(
+        self,
+        synced: Callable[[], bool] = lambda: True,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self._synced = synced
+        self.monotonic = monotonic
+        self._wall = wall
+        self._synced_failed = False
+
+    def now(self) -> Now:
+        try:
+            synced = bool(self._synced())
+        except Exception:
+            # Unknown is not synchronised; say so once, not per event.
+            if not self._synced_failed:
+                log.exception("clock sync check failed; treating the clock as unsynchronised")
+                self._synced_failed = True
+            synced = False
+        return Now(mono=self.monotonic(), wall=self._wall(), synced=synced)
+
+
+class _Ring:
+    """Last N decision latencies (seconds). Writes from the gate thread only;
+    readers copy the list (one atomic C-level copy under the GIL)."""
+
+    def __init__(self, size: int) -> None:
+        self._buf: list[float] = [0.0] * size
+        self._n = 0
+
+    def add(self, value: float) -> None:
+        self._buf[self._n % len(self._buf)] = value
+        self._n += 1
+
+    def values(self) -> list[float]:
+        n = self._n
+        buf = self._buf[:]
+        return buf if n >= len(buf) else buf[:n]
+
+
+def percentiles_ms(values: list[float], qs: tuple[float, ...] = (0.5, 0.99, 0.999)) -> dict[str, float]:
+    """Nearest-rank percentiles of seconds, in milliseconds: p50_ms, p99_ms, p999_ms."""
+    out: dict[str, float] = {}
+    if not values:
+        return out
+    ordered = sorted(values)
+    for q in qs:
+        idx = min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))
+        name = "p" + f"{q * 100:g}".replace(".", "")
+        out[f"{name}_ms"] = round(ordered[idx] * 1000, 3)
+    return out
+
+
+class GateRuntime:
+    """One gate thread around a core ``Gate``.
+
+    gate: agent.core.turnstile.Gate. sink: commit(records) -> numbered
+    records. outputs: an OutputDriver. clock: a Clock (default: system time,
+    always synced). on_record: called with each committed record, after the
+    commands were driven. watchdog: called from the gate thread at least
+    every ``watchdog_interval_s`` while it is alive and not stuck (systemd's
+    WATCHDOG=1), so a hung gate thread gets the agent restarted. on_idle:
+    called on the gate thread when the queue has drained and then every
+    ``idle_interval_s`` while idle (journal maintenance); it delays the next
+    event by its duration, so it must be short. max_queue: ordinary events
+    beyond this many queued are dropped and counted (fire-loop events never).
+    """
+
+    def __init__(
+        self,
+        gate: Any,
+        sink: RecordSink,
+        *,
+        outputs: OutputDriver,
+        clock: Clock | None = None,
+        on_record: Callable[[dict], Any] | None = None,
+        watchdog: Callable[[], Any] | None = None,
+        on_idle: Callable[[], Any] | None = None,
+        watchdog_interval_s: float = 1.0,
+        idle_interval_s: float = 1.0,
+        max_queue: int = 10_000,
+        latency_samples: int = 4096,
+    ) -> None:
+        self.gate = gate
+        self.sink = sink
+        self.outputs = outputs
+        self.clock = clock or Clock()
+        self._on_record = on_record
+        self._watchdog = watchdog
+        self._on_idle = on_idle
+        self._watchdog_interval = watchdog_interval_s
+        self._idle_interval = idle_interval_s
+        self._max_queue = max_queue
+        self._cond = threading.Condition(threading.Lock())
+        self._fire_q: deque[tuple[Any, float]] = deque()
+        self._q: deque[tuple[Any, float]] = deque()
+        self._busy = False  # the gate thread holds an event it has not finished
+        self._stopping = False
+        self._started = False
+        self._thread: threading.Thread | None = None
+        self._deadline: float | None = None
+        self._drained = False  # processed something since on_idle last ran
+        self._next_idle = 0.0
+        self._next_pet = 0.0
+        self._latency = _Ring(latency_samples)
+        self.counters: dict[str, int] = {
+            "events": 0,
+            "ticks": 0,
+            "records": 0,
+            "core_errors": 0,
+            "sink_errors": 0,
+            "output_errors": 0,
+            "hook_errors": 0,
+            "dropped": 0,
+            "queue_max": 0,
+        }
+
+    # -- any thread ----------------------------------------------------------------
+
+    def submit(self, event: Any) -> bool:
+        """Queue an event for the gate thread; never blocks on the core.
+
+        Returns False when it was dropped (queue full, or the runtime stopped).
+        A FireLoop goes ahead of everything already queued.
+        """
+        t = time.monotonic()
+        with self._cond:
+            if self._stopping:
+                self.counters["dropped"] += 1
+                return False
+            if isinstance(event, FireLoop):
+                self._fire_q.append((event, t))
+            else:
+                if len(self._q) >= self._max_queue:
+                    self.counters["dropped"] += 1
+                    if self.counters["dropped"] in (1, 10, 100) or self.counters["dropped"] % 1000 == 0:
+                        log.warning("gate queue full (%d events): dropped %d so far, latest %r; "
+                                    "an input is flooding the agent, check its wiring",
+                                    self._max_queue, self.counters["dropped"], event)
+                    return False
+                self._q.append((event, t))
+                if len(self._q) > self.counters["queue_max"]:
+                    self.counters["queue_max"] = len(self._q)
+            self._cond.notify_all()
+        return True
+
+    def queue_depth(self) -> int:
+        with self._cond:
+            return len(self._q) + len(self._fire_q)
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until every queued event was handled; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not (self._q or self._fire_q or self._busy), timeout)
+
+    def latency_percentiles(self) -> dict[str, float]:
+        """Decision latency (submit -> commands driven) over the last samples:
+        n, p50_ms, p99_ms, p999_ms, max_ms; empty values before any event."""
+        values = self._latency.values()
+        out: dict[str, float] = {"n": len(values)}
+        if values:
+            out.update(percentiles_ms(values))
+            out["max_ms"] = round(max(values) * 1000, 3)
+        return out
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Run gate.start (its commands: every line inactive), then the gate thread."""
+        if self._started:
+            raise RuntimeError("GateRuntime.start() was already called; build a new runtime to restart")
+        self._started = True
+        step = self.gate.start(self.clock.now())
+        self._dispatch(step, "start")
+        self._deadline = self.gate.next_deadline()
+        now = self.clock.monotonic()
+        self._next_idle = now + self._idle_interval
+        self._next_pet = now
+        self._thread = threading.Thread(target=self._run, name="gate", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the gate thread (queued events are not handled), then drive
+        every output inactive."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+            if thread.is_alive():
+                log.error("gate thread did not stop within %.1f s; driving outputs inactive anyway", timeout)
+        lines = list(OUTPUT_LINES)
+        lines += [line for line in getattr(self.gate, "outputs", {}) if line not in lines]
+        for line in lines:
+            try:
+                self.outputs.set(line, False)
+            except Exception:
+                self.counters["output_errors"] += 1
+                log.exception("could not drive %s inactive at stop", line)
+
+    # -- gate thread ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            self._pet()
+            kind, item = self._next()
+            if kind == "stop":
+                return
+            if kind == "idle":
+                self._idle()
+                continue
+            if kind == "pet":
+                continue
+            event, t_enq = item
+            self._process(event, t_enq)
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+
+    def _next(self) -> tuple[str, Any]:
+        with self._cond:
+            while True:
+                if self._fire_q:
+                    self._busy = True
+                    return "event", self._fire_q.popleft()
+                if self._q:
+                    self._busy = True
+                    return "event", self._q.popleft()
+                if self._stopping:
+                    return "stop", None
+                now = self.clock.monotonic()
+                dl = self._deadline
+                if dl is not None and now >= dl:
+                    self._busy = True
+                    return "event", (_TICK, None)
+                if self._on_idle is not None and (self._drained or now >= self._next_idle):
+                    return "idle", None
+                if self._watchdog is not None and now >= self._next_pet:
+                    return "pet", None
+                waits = [dl - now] if dl is not None else []
+                if self._on_idle is not None:
+                    waits.append(self._next_idle - now)
+                if self._watchdog is not None:
+                    waits.append(self._next_pet - now)
+                self._cond.wait(max(0.0, min(waits)) if waits else None)
+
+    def _pet(self) -> None:
+        if self._watchdog is None:
+            return
+        now = self.clock.monotonic()
+        if now < self._next_pet:
+            return
+        self._next_pet = now + self._watchdog_interval
+        try:
+            self._watchdog()
+        except Exception:
+            self.counters["hook_errors"] += 1
+            log.exception("watchdog callback failed")
+
+    def _idle(self) -> None:
+        self._drained = False
+        self._next_idle = self.clock.monotonic() + self._idle_interval
+        try:
+            self._on_idle()  # type: ignore[misc]
+        except Exception:
+            self.counters["hook_errors"] += 1
+            log.exception("on_idle callback failed")
+
+    def _process(self, event: Any, t_enq: float | None) -> None:
+        if t_enq is None:
+            self.counters["ticks"] += 1
+        else:
+            self.counters["events"] += 1
+        failed = False
+        try:
+            step = self.gate.handle(event, self.clock.now())
+        except Exception:
+            failed = True
+            self.counters["core_errors"] += 1
+            log.exception("core failed on %r; event dropped, the gate thread goes on", event)
+            step = None
+        if step is not None:
+            self._dispatch(step, event)
+        if t_enq is not None:
+            self._latency.add(time.monotonic() - t_enq)
+        try:
+            self._deadline = self.gate.next_deadline()
+        except Exception:
+            failed = True
+            self.counters["core_errors"] += 1
+            log.exception("core next_deadline failed; the next event will run its timeouts")
+            self._deadline = None
+        if failed and self._deadline is not None:
+            # A core that keeps failing on its own deadline must not spin the thread.
+            self._deadline = max(self._deadline, self.clock.monotonic() + CORE_RETRY_S)
+        self._drained = True
+
+    def _dispatch(self, step: Any, event: Any) -> None:
+        """Records to the sink, then commands to the outputs, then the hooks."""
+        committed: list[dict] = []
+        if step.records:
+            try:
+                committed = self.sink.commit(step.records)
+                self.counters["records"] += len(committed)
+            except Exception:
+                self.counters["sink_errors"] += 1
+                log.exception("sink commit failed for %r; driving its commands anyway", event)
+                for rec in step.records:
+                    log.error("uncommitted record: %s", json.dumps(rec, default=str, sort_keys=True))
+        for cmd in step.commands:
+            try:
+                if isinstance(cmd, SetOutput):
+                    self.outputs.set(cmd.line, cmd.active)
+                elif isinstance(cmd, Feedback):
+                    self.outputs.feedback(cmd.reader, cmd.signal)
+                else:
+                    log.error("unknown command %r from the core for %r; ignored", cmd, event)
+            except Exception:
+                self.counters["output_errors"] += 1
+                log.exception("driving %r failed (event %r)", cmd, event)
+        if self._on_record is not None:
+            for rec in committed:
+                try:
+                    self._on_record(rec)
+                except Exception:
+                    self.counters["hook_errors"] += 1
+                    log.exception("on_record failed for record %s", rec.get("id"))
