@@ -1,0 +1,1122 @@
+"""The journal: every record the gate makes, numbered and kept on disk until
+the regional side confirmed it (DESIGN.md principle 2; docs/contract.md,
+"Delivery").
+
+How the gate thread is kept from waiting:
+
+* One writer. Only the gate thread writes the events database (``commit``,
+  ``maintenance``, ``close``). The uplink reads it on its own connection; in
+  WAL mode readers never block the writer.
+* Acknowledgements stay in memory until the gate thread applies them.
+  ``ack_upto`` raises a watermark (one int) and ``ack_one`` appends to a
+  ``deque`` (atomic append/popleft: no lock is shared with the gate thread);
+  the uplink's own view hides acknowledged records from ``pending`` and
+  ``backlog`` at once. ``maintenance()``, which the gate thread calls when
+  idle, writes them to the events table (``commit`` does so first when the
+  journal is full). Chosen over a second "acks" database: no second file, no
+  write on the uplink's hot path; a crash before ``maintenance`` only re-sends
+  those records, and ids are stable so the server de-duplicates.
+* No fsync on the gate thread. ``synchronous=NORMAL`` in WAL mode writes each
+  commit to the WAL without fsync, which survives kill -9. Automatic
+  checkpoints are off (a checkpoint fsyncs); a background thread fsyncs the
+  WAL and checkpoints every ``sync_interval_s``, so a power cut loses at most
+  that window.
+* A seq never names two different records on the server: ``pending`` offers
+  only records already fsynced (it syncs first, on the uplink's thread, when
+  needed). After a power cut the journal numbers on from the last durable
+  seq, and nobody saw the records that were lost.
+
+Capacity and a full disk never make ``commit`` raise and never leave a gap in
+the seqs (the contract promises none): a record that cannot be kept is refused
+before it is numbered, counted, and reported by ``journal.overflow`` once space
+returns. Low-value types (``LOW_VALUE_TYPES``) are refused from 90 % of the
+capacity (and of the memory buffer), so access and passage records keep the
+last 10 %; those are kept up to the hard cap ``capacity_events``. The
+journal's own records (alarms, overflow, recovered) are always kept.
+
+A full disk (``SQLITE_FULL``; ``disk_budget_bytes`` is enforced with
+``PRAGMA max_page_count``, so an exhausted budget looks the same) or any other
+write failure: records are numbered and wait, in order, in a bounded memory
+buffer, written on the next ``commit`` or ``maintenance``. Buffered records are
+not offered to the uplink until written, so if the process dies first their
+seqs are reused safely. While the disk is full, acknowledged records are
+deleted at once instead of kept for the retention period.
+
+Corruption at open: ``integrity_check`` (``quick_check`` on large files). The
+pending records still readable are copied into a new journal (new id, seqs from
+1, ``salvaged_from`` keeps the old id) built beside the damaged file; then the
+damaged file is renamed ``<name>.corrupt-<UTC stamp>`` (never deleted), the new
+one takes its place, and it holds a ``journal.recovered`` record.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from urllib.parse import quote
+
+from agent.core.events import Now
+from agent.core.records import make_record
+
+__all__ = [
+    "BYTES_PER_EVENT_ESTIMATE",
+    "DEFAULT_DISK_BUDGET",
+    "LOW_VALUE_TYPES",
+    "Journal",
+    "JournalError",
+]
+
+log = logging.getLogger(__name__)
+
+# Records that give way first when the journal (or the memory buffer) is full.
+LOW_VALUE_TYPES: frozenset[str] = frozenset(
+    {"telemetry", "reader.error", "reader.status", "acl.requested"}
+)
+
+# Disk bytes one pending event takes (row, JSON body, index entries), with a
+# margin: a typical access.granted measures about 230 bytes (bench/test).
+BYTES_PER_EVENT_ESTIMATE = 400
+# 1,000,000 pending events need about 250 MB; the default leaves room to spare.
+DEFAULT_DISK_BUDGET = 1 << 30
+
+ALARM_ON_SHARE = 0.8  # alarm journal_capacity when the backlog passes this
+ALARM_OFF_SHARE = 0.7  # and clear it when it falls below this
+LOW_VALUE_SHARE = 0.9  # low-value records are refused from this share on
+FULL_CHECK_MAX_BYTES = 32 << 20  # integrity_check up to this size, quick_check above
+PURGE_BATCH = 5000  # rows deleted per maintenance call: bounds the gate's pause
+SALVAGE_CHUNK = 4096
+MIN_DISK_BUDGET = 64 << 10
+
+_SQLITE_CORRUPT = 11
+_SQLITE_FULL = 13
+_SQLITE_NOTADB = 26
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS state (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    last_seq INTEGER NOT NULL,   -- high-water mark: seqs are never reused
+    pending INTEGER NOT NULL,    -- rows with done IS NULL (the uplink reads it)
+    acked_upto INTEGER NOT NULL, -- watermark applied to the table (salvage uses it)
+    cap_alarm INTEGER NOT NULL,  -- the capacity alarm is active
+    overflow TEXT NOT NULL       -- dropped counts not yet reported, JSON or ''
+);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY,
+    type TEXT NOT NULL,
+    wall REAL NOT NULL,          -- the record's ts as epoch seconds
+    done REAL,                   -- NULL while pending; retention counts from it
+    body TEXT NOT NULL           -- the record as JSON, with id and seq
+);
+CREATE INDEX IF NOT EXISTS ev_pending ON events(seq) WHERE done IS NULL;
+CREATE INDEX IF NOT EXISTS ev_done ON events(done) WHERE done IS NOT NULL;
+"""
+
+_INSERT = "INSERT INTO events (seq, type, wall, body) VALUES (?, ?, ?, ?)"
+_STATE = (
+    "UPDATE state SET last_seq = ?, pending = ?, acked_upto = ?, cap_alarm = ?, overflow = ? "
+    "WHERE id = 1"
+)
+
+
+class JournalError(RuntimeError):
+    """The journal cannot be opened or used; the message says what to do."""
+
+
+def _system_clock() -> Now:
+    # Only when the runtime passes no clock: this one cannot know NTP state.
+    return Now(mono=time.monotonic(), wall=time.time(), synced=False)
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def _code(exc: BaseException) -> int | None:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return None if code is None else code & 0xFF
+
+
+def _is_full(exc: BaseException) -> bool:
+    code = _code(exc)
+    return code == _SQLITE_FULL if code is not None else "full" in str(exc)
+
+
+def _is_corrupt(exc: BaseException) -> bool:
+    code = _code(exc)
+    if code is not None:
+        return code in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
+    return not isinstance(exc, sqlite3.OperationalError)
+
+
+def _wall_of(rec: dict) -> float:
+    ts = rec.get("ts")
+    if isinstance(ts, str):
+        try:
+            return datetime.fromisoformat(ts).timestamp()
+        except ValueError:
+            pass
+    return time.time()
+
+
+def _type_of(rec: dict) -> str:
+    t = rec.get("type")
+    return t if isinstance(t, str) and t else "unknown"
+
+
+def _side(path: Path, suffix: str) -> Path:
+    return Path(str(path) + suffix)
+
+
+def _db_files(path: Path) -> list[Path]:
+    return [path, _side(path, "-wal"), _side(path, "-shm")]
+
+
+def _create_private(path: Path) -> None:
+    """Create an empty file readable by the service user only (personal data)."""
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
+    os.close(fd)
+
+
+def _chmod_private(path: Path) -> None:
+    for p in _db_files(path):
+        try:
+            if p.stat().st_mode & 0o777 != 0o600:
+                os.chmod(p, 0o600)
+        except FileNotFoundError:
+            pass
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _setup_writer(conn: sqlite3.Connection, path: Path) -> None:
+    mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    if str(mode).lower() != "wal":
+        raise JournalError(
+            f"the journal {path} cannot use WAL mode (got {mode!r}); put it on a local "
+            "filesystem that supports shared memory (not NFS or a FUSE mount)"
+        )
+    conn.execute("PRAGMA synchronous=NORMAL")  # no fsync at commit in WAL mode
+    conn.execute("PRAGMA wal_autocheckpoint=0")  # checkpoints (fsync) only off the gate thread
+    conn.execute("PRAGMA journal_size_limit=67108864")
+
+
+def _new_db(conn: sqlite3.Connection, journal_id: str) -> None:
+    conn.executescript(_SCHEMA)
+    conn.execute("BEGIN")
+    conn.execute("INSERT OR IGNORE INTO meta VALUES ('journal_id', ?)", (journal_id,))
+    conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema', '1')")
+    conn.execute("INSERT OR IGNORE INTO state VALUES (1, 0, 0, 0, 0, '')")
+    conn.execute("COMMIT")
+
+
+def _new_journal_id() -> str:
+    return secrets.token_hex(5)  # 10 hex digits; fits the contract's id pattern
+
+
+class _Salvage:
+    """Reads what it can of a damaged journal, in seq order.
+
+    A range that raises is bisected down to single seqs; each seq that still
+    cannot be read, above the acknowledged watermark, counts as lost (an
+    upper bound: it may have been acknowledged one by one, or purged).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.old_id: str | None = None
+        self.lost: int | None = 0
+        self.conn: sqlite3.Connection | None = None
+        try:
+            # Read-only: no checkpoint into the damaged file on close.
+            self.conn = sqlite3.connect(
+                f"file:{quote(str(path))}?mode=ro", uri=True, isolation_level=None
+            )
+        except sqlite3.Error:
+            self.conn = None
+
+    def _one(self, sql: str):
+        try:
+            row = self.conn.execute(sql).fetchone()
+            return None if row is None else row[0]
+        except sqlite3.Error:
+            return None
+
+    def batches(self) -> Iterator[list[dict]]:
+        if self.conn is None:
+            self.lost = None
+            return
+        old = self._one("SELECT value FROM meta WHERE key = 'journal_id'")
+        self.old_id = old if isinstance(old, str) and old.strip() else None
+        acked = self._one("SELECT acked_upto FROM state WHERE id = 1")
+        acked = acked if isinstance(acked, int) else 0
+        highs = [
+            v
+            for v in (
+                self._one("SELECT last_seq FROM state WHERE id = 1"),
+                self._one("SELECT max(seq) FROM events NOT INDEXED"),
+            )
+            if isinstance(v, int)
+        ]
+        if not highs:
+            self.lost = None  # nothing tells how many there were
+            yield from self._scan()
+            return
+        hi = max(highs)
+        stack = [(a, min(a + SALVAGE_CHUNK - 1, hi)) for a in range(1, hi + 1, SALVAGE_CHUNK)]
+        stack.reverse()
+        while stack:
+            a, b = stack.pop()
+            got: list[dict] = []
+            last = a - 1
+            try:
+                for seq, done, body in self.conn.execute(
+                    "SELECT seq, done, body FROM events NOT INDEXED "
+                    "WHERE seq BETWEEN ? AND ? ORDER BY seq",
+                    (a, b),
+                ):
+                    last = seq
+                    if done is not None:
+                        continue
+                    rec = self._parse(body)
+                    if rec is None:
+                        self.lost += 1
+                    else:
+                        got.append(rec)
+            except sqlite3.Error:
+                lo = last + 1
+                if lo == b:
+                    self.lost += 1 if lo > acked else 0
+                elif lo < b:
+                    mid = (lo + b) // 2
+                    stack.append((mid + 1, b))
+                    stack.append((lo, mid))
+            if got:
+                yield got
+
+    def _scan(self) -> Iterator[list[dict]]:
+        got: list[dict] = []
+        try:
+            for _seq, done, body in self.conn.execute(
+                "SELECT seq, done, body FROM events NOT INDEXED ORDER BY seq"
+            ):
+                rec = self._parse(body) if done is None else None
+                if rec is not None:
+                    got.append(rec)
+                if len(got) >= SALVAGE_CHUNK:
+                    yield got
+                    got = []
+        except sqlite3.Error:
+            pass
+        if got:
+            yield got
+
+    @staticmethod
+    def _parse(body) -> dict | None:
+        try:
+            rec = json.loads(body)
+        except (TypeError, ValueError):
+            return None
+        return rec if isinstance(rec, dict) else None
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+
+
+class Journal:
+    """The SQLite journal of one gate.
+
+    Gate thread: ``commit``, ``maintenance``, ``close``. Uplink (any other
+    thread): ``pending``, ``ack_upto``, ``ack_one``, ``backlog``,
+    ``oldest_pending_age_s``, ``stats``, ``sync``.
+
+    ``clock`` gives the time for the journal's own records (alarms, overflow,
+    recovered); pass the runtime's, which knows whether the clock is
+    synchronised. ``boot`` defaults to the kernel's boot id.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        sync_interval_s: float = 1.0,
+        capacity_events: int = 1_000_000,
+        disk_budget_bytes: int = DEFAULT_DISK_BUDGET,
+        retention_days: float = 30,
+        memory_buffer: int = 10_000,
+        clock: Callable[[], Now] | None = None,
+        boot: str | None = None,
+    ) -> None:
+        if not sync_interval_s > 0:
+            raise ValueError(f"sync_interval_s={sync_interval_s!r}: give a positive number of seconds")
+        if capacity_events < 1:
+            raise ValueError(f"capacity_events={capacity_events!r}: give at least 1")
+        if memory_buffer < 1:
+            raise ValueError(f"memory_buffer={memory_buffer!r}: give at least 1")
+        if not retention_days > 0:
+            raise ValueError(f"retention_days={retention_days!r}: give a positive number of days")
+        need = capacity_events * BYTES_PER_EVENT_ESTIMATE
+        if disk_budget_bytes < max(need, MIN_DISK_BUDGET):
+            raise ValueError(
+                f"disk_budget_bytes={disk_budget_bytes} cannot hold capacity_events={capacity_events} "
+                f"(about {BYTES_PER_EVENT_ESTIMATE} bytes each): raise the budget to at least "
+                f"{max(need, MIN_DISK_BUDGET)} or lower capacity_events"
+            )
+        self.path = Path(path)
+        self._tmp_path = _side(self.path, ".salvage")
+        self._wal_path = _side(self.path, "-wal")
+        self._sync_interval = float(sync_interval_s)
+        self._capacity = int(capacity_events)
+        self._low_cap = max(1, int(capacity_events * LOW_VALUE_SHARE))
+        self._alarm_on = capacity_events * ALARM_ON_SHARE
+        self._alarm_off = capacity_events * ALARM_OFF_SHARE
+        self._budget = int(disk_budget_bytes)
+        self._retention_s = float(retention_days) * 86400.0
+        self._memory_buffer = int(memory_buffer)
+        self._buf_low_cap = max(1, int(memory_buffer * LOW_VALUE_SHARE))
+        self._clock = clock or _system_clock
+        self._boot = boot or _boot_id()
+
+        self.id = ""
+        self.recovered_record: dict | None = None
+        self._closed = False
+        # Gate-thread state (other threads only read these ints).
+        self._last_seq = 0  # last seq handed out
+        self._committed_seq = 0  # every seq <= this is written to the WAL
+        self._db_pending = 0  # rows with done IS NULL
+        self._applied_wm = 0  # ack watermark written to the table
+        self._applied_gen = 0  # ack_one entries up to this generation are written
+        self._oldest_done: float | None = None
+        self._buffer: list[tuple[dict, tuple, bool]] = []  # (record, row, own) waiting for the disk
+        self._blocked: str | None = None  # why writes fail: "disk full", ...
+        self._blocked_alarm: str | None = None  # the alarm raised for it
+        self._cap_alarm = False
+        self._dropped: dict[str, int] = {}  # refused since the last overflow record
+        self._dropped_total = 0
+        # Uplink state: guarded by _ulock, which the gate thread never takes.
+        self._ulock = threading.Lock()
+        self._uconn: sqlite3.Connection | None = None
+        self._u_wm = 0  # everything <= this is acknowledged (or not pending)
+        self._u_singles: dict[int, int] = {}  # seq -> generation, acknowledged one by one
+        self._u_gen = 0
+        self._u_pruned = (0, 0)
+        self._acks: deque[tuple[int, int]] = deque()  # (generation, seq) for the gate thread
+        # Sync.
+        self._sync_lock = threading.Lock()
+        self._synced_seq = 0
+        self._syncs = 0
+        self._sync_errors = 0
+        self._last_sync_s = 0.0
+        self._max_sync_s = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+        self._open()
+
+    # --- open, recover ------------------------------------------------------
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        adopted = self._settle_salvage()
+        problem = self._check_integrity()
+        if problem is not None:
+            self._rebuild(problem)
+        if not self.path.exists():
+            _create_private(self.path)
+        try:
+            conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA busy_timeout=2000")
+            _setup_writer(conn, self.path)
+            _new_db(conn, _new_journal_id())
+            conn.execute("PRAGMA busy_timeout=0")  # from now on a lock never makes the gate wait
+        except sqlite3.Error as exc:
+            raise JournalError(
+                f"cannot open the journal {self.path}: {exc}; check that the service user can "
+                f"write {self.path.parent} and that no other gate-agent uses this journal"
+            ) from exc
+        self._db = conn
+        self._page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        self.set_disk_budget(self._budget)
+        self.id = conn.execute("SELECT value FROM meta WHERE key = 'journal_id'").fetchone()[0]
+        last, pending, acked, cap_alarm, overflow = conn.execute(
+            "SELECT last_seq, pending, acked_upto, cap_alarm, overflow FROM state WHERE id = 1"
+        ).fetchone()
+        actual = conn.execute(
+            "SELECT count(*) FROM events INDEXED BY ev_pending WHERE done IS NULL"
+        ).fetchone()[0]
+        top = conn.execute("SELECT max(seq) FROM events").fetchone()[0] or 0
+        self._last_seq = self._committed_seq = max(last, top)
+        self._db_pending = actual
+        self._applied_wm = acked
+        if actual != pending or self._last_seq != last:
+            log.warning("journal %s: state corrected (pending %d, last seq %d)", self.path, actual, self._last_seq)
+            conn.execute(
+                "UPDATE state SET pending = ?, last_seq = ? WHERE id = 1", (actual, self._last_seq)
+            )
+        self._cap_alarm = bool(cap_alarm)
+        if overflow:
+            try:
+                self._dropped = {str(k): int(v) for k, v in json.loads(overflow)["kinds"].items()}
+            except (ValueError, KeyError, TypeError, AttributeError):
+                self._dropped = {}
+        self._refresh_oldest_done()
+        if self.recovered_record is None and adopted:
+            self.recovered_record = self._load_recovered()
+        _chmod_private(self.path)
+        _fsync_dir(self.path.parent)
+        self.sync()  # what a killed predecessor left in the WAL is durable from here on
+
+    def _settle_salvage(self) -> bool:
+        """Finish or discard a rebuild that a crash interrupted."""
+        tmp = self._tmp_path
+        if not tmp.exists():
+            return False
+        if not self.path.exists() and not _side(tmp, "-wal").exists():
+            # The damaged file was moved aside; the finished salvage takes its place.
+            os.replace(tmp, self.path)
+            _fsync_dir(self.path.parent)
+            return True
+        for p in _db_files(tmp):
+            p.unlink(missing_ok=True)  # an unfinished copy: the damaged original is still there
+        return False
+
+    def _load_recovered(self) -> dict | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'recovered_seq'").fetchone()
+        if row is None:
+            return None
+        body = self._db.execute("SELECT body FROM events WHERE seq = ?", (int(row[0]),)).fetchone()
+        return json.loads(body[0]) if body else None
+
+    def _check_integrity(self) -> str | None:
+        """None when the file is sound (or absent), else what is wrong with it."""
+        p = self.path
+        if not p.exists():
+            return None
+        size = p.stat().st_size
+        if size == 0 and not self._wal_path.exists():
+            return None
+        check = "integrity_check" if size <= FULL_CHECK_MAX_BYTES else "quick_check"
+        try:
+            conn = sqlite3.connect(str(p), isolation_level=None)
+            try:
+                conn.execute("PRAGMA busy_timeout=5000")
+                rows = conn.execute(f"PRAGMA {check}").fetchall()
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            if _is_corrupt(exc):
+                return str(exc)
+            raise JournalError(
+                f"cannot check the journal {p}: {exc}; check that the service user can write "
+                f"{p.parent} and that no other gate-agent uses this journal"
+            ) from exc
+        if rows == [("ok",)]:
+            return None
+        return "; ".join(str(r[0]) for r in rows[:5]) or "integrity check failed"
+
+    def _rebuild(self, problem: str) -> None:
+        """Salvage a damaged journal into a new one, then swap the files."""
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        dest = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        n = 1
+        while any(p.exists() for p in _db_files(dest)):
+            dest = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{n}")
+            n += 1
+        log.error("journal %s is damaged (%s); salvaging it, then moving it to %s", self.path, problem, dest)
+        tmp = self._tmp_path
+        for p in _db_files(tmp):
+            p.unlink(missing_ok=True)
+        _create_private(tmp)
+        salvage = _Salvage(self.path)
+        new = sqlite3.connect(str(tmp), isolation_level=None)
+        try:
+            _setup_writer(new, tmp)
+            jid = _new_journal_id()
+            _new_db(new, jid)
+            seq = 0
+            new.execute("BEGIN")  # one transaction: a crash leaves no half salvage
+            for batch in salvage.batches():
+                rows = []
+                for rec in batch:
+                    seq += 1
+                    orig = rec.get("id")
+                    rec = {k: v for k, v in rec.items() if k not in ("id", "seq")}
+                    d = {"id": f"{jid}:{seq}", "seq": seq, **rec}
+                    if isinstance(orig, str):
+                        d["salvaged_from"] = orig
+                    rows.append(self._row(d))
+                new.executemany(_INSERT, rows)
+            salvaged = seq
+            rec = make_record(
+                "journal.recovered",
+                self._clock(),
+                self._boot,
+                moved_to=str(dest),
+                salvaged=salvaged,
+                lost=salvage.lost,
+                old_journal=salvage.old_id,
+            )
+            seq += 1
+            d = {"id": f"{jid}:{seq}", "seq": seq, **rec}
+            new.execute(_INSERT, self._row(d))
+            new.execute(_STATE, (seq, seq, 0, 0, ""))
+            new.execute("INSERT OR REPLACE INTO meta VALUES ('recovered_seq', ?)", (str(seq),))
+            new.execute("COMMIT")
+        finally:
+            salvage.close()
+            new.close()  # last connection: checkpoints and removes its WAL
+        # The damaged WAL moves first: a WAL left behind must never meet the new file.
+        for suffix in ("-wal", "-shm", ""):
+            src = _side(self.path, suffix)
+            if src.exists():
+                os.replace(src, _side(dest, suffix))
+        os.replace(tmp, self.path)
+        _fsync_dir(self.path.parent)
+        self.recovered_record = d
+        log.error(
+            "journal %s rebuilt as %s: %d record(s) salvaged, lost %s, damaged file kept at %s",
+            self.path, jid, salvaged, salvage.lost, dest,
+        )
+
+    # --- the gate thread ------------------------------------------------------
+
+    def commit(self, records: list[dict]) -> list[dict]:
+        """Number the records and journal them, in one transaction; return them.
+
+        Each returned dict is the record with ``id`` and ``seq`` added (a new
+        dict; the input is not changed). Records refused for capacity are left
+        out (counted, and reported later by ``journal.overflow``); records the
+        journal adds itself (``alarm`` journal_capacity, ``journal.overflow``)
+        follow in the list. Never raises for a full journal or disk, never
+        waits for an fsync or for the uplink.
+        """
+        self._check_open()
+        fresh: list[tuple[dict, tuple, bool]] = []
+        for rec in records:
+            if self._admit(rec, len(fresh)):
+                fresh.append(self._prepare(rec, own=False))
+        out = self._store(fresh)
+        out.extend(self._after_write())
+        return out
+
+    def maintenance(self, now_wall: float) -> list[dict]:
+        """Gate thread, when idle: write buffered records, apply the uplink's
+        acknowledgements, purge acknowledged records past retention. Returns
+        the records the journal committed itself. Cheap when there is
+        nothing to do."""
+        self._check_open()
+        out: list[dict] = []
+        if self._buffer:
+            out.extend(self._store([]))
+        if self._u_wm > self._applied_wm or self._acks:
+            self._apply_acks(now_wall)
+        if self._oldest_done is not None and self._oldest_done < now_wall - self._retention_s:
+            self._purge(now_wall - self._retention_s)
+        out.extend(self._after_write())
+        return out
+
+    def set_disk_budget(self, disk_budget_bytes: int) -> int:
+        """Change the disk budget (gate thread); returns the budget in force.
+
+        SQLite will not shrink below the current file, so a budget smaller
+        than the file stops growth where it is.
+        """
+        self._budget = int(disk_budget_bytes)
+        pages = max(1, self._budget // self._page_size)
+        got = self._db.execute(f"PRAGMA max_page_count={pages}").fetchone()[0]
+        if got > pages:
+            log.warning(
+                "journal %s is %d bytes, over its disk budget of %d bytes; it will not grow",
+                self.path, got * self._page_size, self._budget,
+            )
+        return got * self._page_size
+
+    def _stored(self) -> int:
+        return self._db_pending + len(self._buffer)
+
+    def _acks_waiting(self) -> bool:
+        return self._u_wm > self._applied_wm or bool(self._acks)
+
+    def _admit(self, rec: dict, extra: int) -> bool:
+        """Whether one more record fits; refused records are counted, never numbered."""
+        rtype = _type_of(rec)
+        low = rtype in LOW_VALUE_TYPES
+        limit = self._low_cap if low else self._capacity
+        if self._stored() + extra >= limit and self._acks_waiting():
+            self._apply_acks(self._clock().wall)  # room the server already gave back
+        if self._stored() + extra >= limit or (
+            self._buffer
+            and len(self._buffer) + extra >= (self._buf_low_cap if low else self._memory_buffer)
+        ):
+            self._dropped[rtype] = self._dropped.get(rtype, 0) + 1
+            self._dropped_total += 1
+            return False
+        return True
+
+    def _row(self, d: dict) -> tuple:
+        return (d["seq"], _type_of(d), _wall_of(d), json.dumps(d, separators=(",", ":"), default=str))
+
+    def _prepare(self, rec: dict, own: bool) -> tuple[dict, tuple, bool]:
+        self._last_seq += 1
+        seq = self._last_seq
+        if "id" in rec or "seq" in rec:
+            rec = {k: v for k, v in rec.items() if k not in ("id", "seq")}
+        d = {"id": f"{self.id}:{seq}", "seq": seq, **rec}
+        return (d, self._row(d), own)
+
+    def _state_args(self, last_seq: int, pending: int, acked_upto: int) -> tuple:
+        # last_seq: only seqs already written, so a crash never leaves a gap.
+        overflow = ""
+        if self._dropped:
+            overflow = json.dumps({"dropped": sum(self._dropped.values()), "kinds": self._dropped})
+        return (last_seq, pending, acked_upto, int(self._cap_alarm), overflow)
+
+    def _txn(self, body: Callable[[sqlite3.Connection], None]) -> BaseException | None:
+        """Run body in one write transaction; the sqlite error, or None."""
+        conn = self._db
+        try:
+            conn.execute("BEGIN")
+            try:
+                body(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            return exc
+        return None
+
+    def _store(self, items: list[tuple[dict, tuple, bool]]) -> list[dict]:
+        """Write the buffer and the new items, in seq order; buffer them on failure."""
+        if not items and not self._buffer:
+            return []
+        rows = [it[1] for it in self._buffer] + [it[1] for it in items]
+        pending = self._db_pending + len(rows)
+
+        def write(conn: sqlite3.Connection) -> None:
+            conn.executemany(_INSERT, rows)
+            conn.execute(_STATE, self._state_args(self._last_seq, pending, self._applied_wm))
+
+        exc = self._txn(write)
+        if exc is None:
+            self._db_pending = pending
+            self._committed_seq = self._last_seq  # nothing numbered is left unwritten
+            if self._buffer:
+                log.warning("journal %s: %d buffered record(s) written", self.path, len(self._buffer))
+                self._buffer.clear()
+            self._blocked = None
+        else:
+            reason = "disk full" if _is_full(exc) else f"write failed: {exc}"
+            if self._blocked is None:
+                log.error("journal %s: %s; records wait in memory", self.path, reason)
+            self._blocked = reason
+            self._buffer.extend(items)
+        return [it[0] for it in items]
+
+    def _alarm(self, active: bool, detail: str) -> dict:
+        return make_record(
+            "alarm", self._clock(), self._boot, kind="journal_capacity", active=active, detail=detail
+        )
+
+    def _after_write(self) -> list[dict]:
+        """The journal's own records for the state it is now in."""
+        own: list[dict] = []
+        if self._blocked is not None and self._blocked_alarm is None:
+            self._blocked_alarm = self._blocked
+            own.append(self._alarm(True, self._blocked))
+        elif self._blocked is None and self._blocked_alarm is not None:
+            own.append(self._alarm(False, self._blocked_alarm))
+            self._blocked_alarm = None
+        stored = self._stored()
+        if not self._cap_alarm and stored > self._alarm_on:
+            self._cap_alarm = True
+            own.append(self._alarm(True, f"backlog {stored} of {self._capacity}"))
+        elif self._cap_alarm and stored < self._alarm_off:
+            self._cap_alarm = False
+            own.append(self._alarm(False, f"backlog {stored} of {self._capacity}"))
+        if self._dropped and self._blocked is None and stored < self._capacity:
+            kinds, self._dropped = self._dropped, {}
+            own.append(
+                make_record(
+                    "journal.overflow",
+                    self._clock(),
+                    self._boot,
+                    dropped=sum(kinds.values()),
+                    kinds=kinds,
+                )
+            )
+        if not own:
+            return []
+        return self._store([self._prepare(r, own=True) for r in own])
+
+    def _apply_acks(self, now_wall: float) -> None:
+        """Write the uplink's acknowledgements into the events table."""
+        upto = min(self._u_wm, self._committed_seq)
+        items: list[tuple[int, int]] = []
+        while True:
+            try:
+                items.append(self._acks.popleft())
+            except IndexError:
+                break
+        singles = sorted({s for _g, s in items if s > upto and s <= self._committed_seq})
+        do_upto = upto > self._applied_wm
+        new_wm = max(self._applied_wm, upto)
+        counted = [0]
+
+        def mark(conn: sqlite3.Connection) -> None:
+            n = 0
+            if do_upto:
+                n += conn.execute(
+                    "UPDATE events INDEXED BY ev_pending SET done = min(wall, ?) "
+                    "WHERE done IS NULL AND seq <= ?",
+                    (now_wall, upto),
+                ).rowcount
+            if singles:
+                n += conn.executemany(
+                    "UPDATE events SET done = min(wall, ?) WHERE seq = ? AND done IS NULL",
+                    [(now_wall, s) for s in singles],
+                ).rowcount
+            counted[0] = n
+            conn.execute(_STATE, self._state_args(self._committed_seq, self._db_pending - n, new_wm))
+
+        def delete(conn: sqlite3.Connection) -> None:
+            # A full disk: acknowledged records go now rather than after retention.
+            n = 0
+            if do_upto:
+                n += conn.execute(
+                    "DELETE FROM events INDEXED BY ev_pending WHERE done IS NULL AND seq <= ?",
+                    (upto,),
+                ).rowcount
+            if singles:
+                n += conn.executemany(
+                    "DELETE FROM events WHERE seq = ? AND done IS NULL", [(s,) for s in singles]
+                ).rowcount
+            counted[0] = n
+            conn.execute(_STATE, self._state_args(self._committed_seq, self._db_pending - n, new_wm))
+
+        exc = self._txn(mark)
+        if exc is not None and _is_full(exc):
+            exc = self._txn(delete)
+        if exc is not None:
+            log.warning("journal %s: acknowledgements not written yet (%s)", self.path, exc)
+            self._acks.extendleft(items)  # try again later
+            return
+        self._db_pending -= counted[0]
+        self._applied_wm = new_wm
+        if items:
+            self._applied_gen = max(self._applied_gen, max(g for g, _s in items))
+        self._refresh_oldest_done()
+
+    def _refresh_oldest_done(self) -> None:
+        self._oldest_done = self._db.execute(
+            "SELECT min(done) FROM events INDEXED BY ev_done WHERE done IS NOT NULL"
+        ).fetchone()[0]
+
+    def _purge(self, cutoff: float) -> None:
+        exc = self._txn(
+            lambda conn: conn.execute(
+                "DELETE FROM events WHERE seq IN (SELECT seq FROM events INDEXED BY ev_done "
+                "WHERE done IS NOT NULL AND done < ? LIMIT ?)",
+                (cutoff, PURGE_BATCH),
+            )
+        )
+        if exc is not None:
+            log.warning("journal %s: purge failed (%s); will retry", self.path, exc)
+        self._refresh_oldest_done()
+
+    # --- the uplink ---------------------------------------------------------
+
+    def _uplink_conn(self) -> sqlite3.Connection:
+        # Called with _ulock held.
+        if self._uconn is None:
+            conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA busy_timeout=5000")  # the uplink may wait; the gate never does
+            conn.execute("PRAGMA query_only=1")
+            self._uconn = conn
+        return self._uconn
+
+    def _prune(self, applied_gen: int) -> None:
+        # Called with _ulock held. Entries the gate wrote before applied_gen was
+        # read, or that the watermark covers, are no longer needed in memory.
+        if self._u_singles and (applied_gen, self._u_wm) != self._u_pruned:
+            wm = self._u_wm
+            self._u_singles = {
+                s: g for s, g in self._u_singles.items() if s > wm and g > applied_gen
+            }
+            self._u_pruned = (applied_gen, wm)
+
+    def pending(self, after_seq: int = 0, limit: int = 100) -> list[dict]:
+        """Records not yet acknowledged with seq > after_seq, in seq order, as
+        committed (dicts with id and seq). Only records already fsynced are
+        offered; if newer ones exist this syncs first (on the caller's thread)."""
+        self._check_open()
+        if limit <= 0:
+            return []
+        if self._committed_seq > self._synced_seq:
+            self.sync()
+        hi = self._synced_seq
+        applied = self._applied_gen  # read before the query: see _prune
+        out: list[dict] = []
+        with self._ulock:
+            self._prune(applied)
+            wm = self._u_wm
+            start = max(int(after_seq), wm)
+            singles = self._u_singles
+            conn = self._uplink_conn()
+            cursor = start
+            while len(out) < limit:
+                want = limit - len(out)
+                rows = conn.execute(
+                    "SELECT seq, body FROM events INDEXED BY ev_pending "
+                    "WHERE done IS NULL AND seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
+                    (cursor, hi, want),
+                ).fetchall()
+                out.extend(json.loads(body) for seq, body in rows if seq not in singles)
+                if len(rows) < want:
+                    cursor = hi
+                    break
+                cursor = rows[-1][0]
+            if start == wm:
+                # Nothing below the first record offered is pending any more:
+                # move the watermark there, so one-by-one acks compact into it.
+                top = out[0]["seq"] - 1 if out else cursor
+                if top > self._u_wm:
+                    self._u_wm = top
+        return out
+
+    def ack_upto(self, journal_id: str, seq: int) -> bool:
+        """Ingest acknowledgement: every record of journal_id with seq <= seq is
+        stored by the server. Another journal's ack is ignored (False)."""
+        if journal_id != self.id:
+            return False
+        with self._ulock:
+            # The server can hold only what was offered, and only durable records are.
+            seq = min(int(seq), self._synced_seq)
+            if seq > self._u_wm:
+                self._u_wm = seq
+        return True
+
+    def ack_one(self, seq: int) -> bool:
+        """Broker-mode acknowledgement of one record. False for a seq never offered."""
+        seq = int(seq)
+        with self._ulock:
+            if seq < 1 or seq > self._synced_seq:
+                return False
+            if seq <= self._u_wm or seq in self._u_singles:
+                return True
+            if seq == self._u_wm + 1:
+                wm = seq
+                while wm + 1 in self._u_singles:
+                    wm += 1
+                self._u_wm = wm
+            else:
+                self._u_gen += 1
+                self._u_singles[seq] = self._u_gen
+                self._acks.append((self._u_gen, seq))
+        return True
+
+    def backlog(self) -> int:
+        """Records committed and not yet acknowledged (memory buffer included)."""
+        self._check_open()
+        buffered = len(self._buffer)
+        applied = self._applied_gen
+        with self._ulock:
+            self._prune(applied)
+            wm = self._u_wm
+            singles = sorted(s for s in self._u_singles if s > wm)
+            conn = self._uplink_conn()
+            conn.execute("BEGIN")  # one snapshot for the counter and the counts
+            try:
+                total = conn.execute("SELECT pending FROM state WHERE id = 1").fetchone()[0]
+                total -= conn.execute(
+                    "SELECT count(*) FROM events INDEXED BY ev_pending WHERE done IS NULL AND seq <= ?",
+                    (wm,),
+                ).fetchone()[0]
+                for i in range(0, len(singles), 500):
+                    chunk = singles[i : i + 500]
+                    total -= conn.execute(
+                        "SELECT count(*) FROM events WHERE done IS NULL AND seq IN (%s)"
+                        % ",".join("?" * len(chunk)),
+                        chunk,
+                    ).fetchone()[0]
+            finally:
+                conn.execute("COMMIT")
+        return total + buffered
+
+    def oldest_pending_age_s(self, now_wall: float) -> float | None:
+        """Age of the oldest record not yet acknowledged (by its ts), or None."""
+        self._check_open()
+        applied = self._applied_gen
+        with self._ulock:
+            self._prune(applied)
+            cursor = self._u_wm
+            singles = self._u_singles
+            conn = self._uplink_conn()
+            while True:
+                rows = conn.execute(
+                    "SELECT seq, wall FROM events INDEXED BY ev_pending "
+                    "WHERE done IS NULL AND seq > ? ORDER BY seq LIMIT 64",
+                    (cursor,),
+                ).fetchall()
+                for seq, wall in rows:
+                    if seq not in singles:
+                        return max(0.0, now_wall - wall)
+                if len(rows) < 64:
+                    break
+                cursor = rows[-1][0]
+        first = self._buffer[:1]
+        return max(0.0, now_wall - first[0][1][2]) if first else None
+
+    def stats(self) -> dict:
+        """Figures for telemetry and the log."""
+        db_bytes = 0
+        for p in (self.path, self._wal_path):
+            try:
+                db_bytes += p.stat().st_size
+            except FileNotFoundError:
+                pass
+        return {
+            "journal": self.id,
+            "last_seq": self._last_seq,
+            "synced_seq": self._synced_seq,
+            "backlog": self.backlog(),
+            "stored": self._stored(),
+            "capacity": self._capacity,
+            "buffered": len(self._buffer),
+            "memory_buffer": self._memory_buffer,
+            "blocked": self._blocked,
+            "capacity_alarm": self._cap_alarm,
+            "dropped_unreported": sum(self._dropped.values()),
+            "dropped_total": self._dropped_total,
+            "db_bytes": db_bytes,
+            "disk_budget_bytes": self._budget,
+            "sync_interval_s": self._sync_interval,
+            "syncs": self._syncs,
+            "sync_errors": self._sync_errors,
+            "last_sync_s": self._last_sync_s,
+            "max_sync_s": self._max_sync_s,
+            "recovered": self.recovered_record is not None,
+        }
+
+    # --- durability -----------------------------------------------------------
+
+    def sync(self) -> int:
+        """fsync the journal files (never on the gate thread); returns the
+        highest seq now durable."""
+        with self._sync_lock:
+            target = self._committed_seq
+            t0 = time.monotonic()
+            _fsync_file(self._wal_path)
+            _fsync_file(self.path)
+            took = time.monotonic() - t0
+            self._syncs += 1
+            self._last_sync_s = took
+            self._max_sync_s = max(self._max_sync_s, took)
+            if target > self._synced_seq:
+                self._synced_seq = target
+            return self._synced_seq
+
+    def start_sync_thread(self) -> None:
+        """Sync and checkpoint the WAL every sync_interval_s, off the gate thread."""
+        self._check_open()
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._sync_loop, name="journal-sync", daemon=True)
+        self._thread.start()
+
+    def _sync_loop(self) -> None:
+        conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute("PRAGMA busy_timeout=1000")
+            while not self._stop.wait(self._sync_interval):
+                try:
+                    self.sync()
+                    # PASSIVE never waits for readers or the writer; it keeps the WAL short.
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except (OSError, sqlite3.Error) as exc:
+                    self._sync_errors += 1
+                    log.warning("journal %s: sync failed (%s); retrying", self.path, exc)
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        """Stop the sync thread (idempotent)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=max(5.0, 2 * self._sync_interval))
+            self._thread = None
+
+    def close(self) -> None:
+        """Write what waits, apply acknowledgements, sync, close (gate thread)."""
+        if self._closed:
+            return
+        self.stop()
+        try:
+            self.maintenance(self._clock().wall)
+        except sqlite3.Error as exc:
+            log.warning("journal %s: final maintenance failed (%s)", self.path, exc)
+        if self._buffer:
+            log.error(
+                "journal %s closed with %d record(s) still in memory (%s): they are lost",
+                self.path, len(self._buffer), self._blocked,
+            )
+        self.sync()
+        self._closed = True
+        with self._ulock:
+            if self._uconn is not None:
+                self._uconn.close()
+                self._uconn = None
+        try:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        except sqlite3.Error:
+            pass
+        self._db.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise JournalError(f"the journal {self.path} is closed; open a new Journal")
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Journal({str(self.path)!r}, id={self.id!r}, last_seq={self._last_seq})"
