@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import json
 import math
-import random
 from array import array
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from functools import lru_cache
 from importlib import resources
-from itertools import islice
-from typing import Any
+from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import jsonschema_rs
@@ -96,8 +94,17 @@ class _Errors:
     def __init__(self) -> None:
         self.items: list[AclError] = []
         self.total = 0
+        self.schema_paths: set[str] = set()  # a field the schema refused gets no second error
+
+    def add_schema(self, path: str, message: str) -> None:
+        self.schema_paths.add(path)
+        self._keep(path, message)
 
     def add(self, path: str, message: str) -> None:
+        if path not in self.schema_paths:
+            self._keep(path, message)
+
+    def _keep(self, path: str, message: str) -> None:
         self.total += 1
         if len(self.items) < MAX_ERRORS:
             if len(message) > _MAX_MESSAGE:
@@ -179,6 +186,8 @@ def _schema_message(err: Any) -> str:
         return f"{_short(err.instance)} is not {_WANTED[where]}"
     if keyword == "anyOf" and where == "group":
         return f"{_short(err.instance)} is not a schedule name or null"
+    if keyword == "uniqueItems":
+        return "lists the same entry twice; list each once"
     if keyword == "const" and sp[-2:] == ["kind", "const"]:
         return f'{_short(err.instance)}: "kind" must be "snapshot" or "delta"'
     return err.message
@@ -200,8 +209,13 @@ def _check_schema(doc: Any, errors: _Errors) -> str | None:
         else:
             errors.add("/kind", f'"kind" must be "snapshot" or "delta", got {_short(kind)}')
         return None
-    for err in islice(_validator(kind).iter_errors(doc), MAX_ERRORS):
-        errors.add(_ptr(*err.instance_path), _schema_message(err))
+    for err in _validator(kind).iter_errors(doc):
+        path = _ptr(*err.instance_path)
+        if len(errors.items) < MAX_ERRORS:
+            errors.add_schema(path, _schema_message(err))
+        else:  # count it, skip building its message
+            errors.schema_paths.add(path)
+            errors.total += 1
     return kind
 
 
@@ -327,8 +341,9 @@ def _zone(name: str) -> ZoneInfo | None:
 # --------------------------------------------------------------------------- model
 
 
-@dataclass(frozen=True, slots=True)
-class _Person:
+class _Person(NamedTuple):
+    """A person as held (a tuple: a million of them must build fast and stay small)."""
+
     id: str
     cards: tuple[str, ...]
     keys: tuple[int, ...]
@@ -345,8 +360,7 @@ class _Person:
         return d
 
 
-@dataclass(frozen=True, slots=True)
-class _Guest:
+class _Guest(NamedTuple):
     id: str
     card: str
     key: int
@@ -367,20 +381,26 @@ class _Reader:
     """Turns document parts into model objects, reporting what it cannot read.
 
     Items the schema already refused are skipped quietly (their error is in);
-    the checks here are the ones a schema cannot make."""
+    the checks here are the ones a schema cannot make. Paths are built only
+    for errors: a million-person list must read in seconds."""
 
     def __init__(self, key_width: int, errors: _Errors) -> None:
         self.key_width = key_width
         self.errors = errors
-        self._tuples: dict[tuple[str, ...], tuple[str, ...]] = {}  # shared group tuples
+        self._tuples: dict[tuple, tuple[str, ...] | None] = {}  # shared group tuples; None: not all str
+        self._good_validity: set[str] = set()  # validity strings already checked
 
-    def _intern(self, items: list) -> tuple[str, ...]:
+    def _intern(self, items: list) -> tuple[str, ...] | None:
         t = tuple(items)
-        return self._tuples.setdefault(t, t)
+        got = self._tuples.get(t, False)
+        if got is False:
+            got = t if all(type(x) is str for x in t) else None
+            self._tuples[t] = got
+        return got
 
     def key(self, text: Any, path: str) -> int | None:
-        if not isinstance(text, str):
-            return None
+        if type(text) is not str:
+            return None  # the schema reported it
         try:
             return parse_card_string(text, self.key_width)
         except CardFormatError as exc:
@@ -388,8 +408,10 @@ class _Reader:
             return None
 
     def _validity(self, value: Any, path: str, as_date_ok: bool = True) -> bool:
-        if not isinstance(value, str):
+        if type(value) is not str:
             return False
+        if value in self._good_validity:
+            return True
         try:
             if as_date_ok and _is_date(value):
                 _parse_date(value)
@@ -398,31 +420,41 @@ class _Reader:
         except ValueError:
             self.errors.add(path, f"{_short(value)} is not a real calendar date or time")
             return False
+        if len(self._good_validity) < 100_000:  # bounded: datetimes may all differ
+            self._good_validity.add(value)
         return True
 
-    def person(self, p: Any, path: str) -> _Person | None:
-        if not isinstance(p, dict) or not isinstance(p.get("id"), str):
+    def person(self, p: Any, where: str, i: int) -> _Person | None:
+        """The person at document path f"{where}/{i}", or None (errors reported)."""
+        if type(p) is not dict:
             return None
-        cards, groups = p.get("cards"), p.get("groups")
-        if not isinstance(cards, list) or not isinstance(groups, list) or not groups:
+        pid, cards, groups = p.get("id"), p.get("cards"), p.get("groups")
+        if type(pid) is not str or type(cards) is not list or type(groups) is not list or not groups:
             return None
-        ok = True
+        # A person with a bad field still takes part in the cross checks (its
+        # other errors are reported too); the document is refused anyway.
         keys = []
-        for j, c in enumerate(cards):
-            k = self.key(c, f"{path}/cards/{j}")
-            if k is None:
-                ok = False
-            keys.append(k)
+        parse, width = parse_card_string, self.key_width
+        for c in cards:
+            try:
+                keys.append(parse(c, width))
+            except CardFormatError as exc:
+                if type(c) is str:  # else the schema reported it
+                    self.errors.add(f"{where}/{i}/cards/{len(keys)}", str(exc))
+                keys.append(object())  # a placeholder key that matches nothing
         vf, vu = p.get("valid_from"), p.get("valid_until")
-        if vf is not None and not self._validity(vf, f"{path}/valid_from"):
-            ok = False
-        if vu is not None and not self._validity(vu, f"{path}/valid_until"):
-            ok = False
-        if not ok or not all(isinstance(g, str) for g in groups):
+        if vf is not None and not self._validity(vf, f"{where}/{i}/valid_from"):
+            vf = None
+        if vu is not None and not self._validity(vu, f"{where}/{i}/valid_until"):
+            vu = None
+        gt = self._intern(groups)
+        if gt is None:
             return None
-        return _Person(p["id"], tuple(cards), tuple(keys), self._intern(groups), vf, vu)
+        return _Person(pid, tuple(cards), tuple(keys), gt, vf, vu)
 
-    def guest(self, g: Any, path: str) -> _Guest | None:
+    def guest(self, g: Any, where: str, i: int) -> _Guest | None:
+        """The guest at document path f"{where}/{i}", or None (errors reported)."""
+        path = f"{where}/{i}"
         if not isinstance(g, dict) or not isinstance(g.get("id"), str):
             return None
         key = self.key(g.get("card"), f"{path}/card")
@@ -433,13 +465,13 @@ class _Reader:
         uses, groups = g.get("uses"), g.get("groups")
         if not isinstance(uses, int) or isinstance(uses, bool) or uses < 1:
             ok = False
-        if groups is not None and (not isinstance(groups, list) or not groups
-                                   or not all(isinstance(x, str) for x in groups)):
-            ok = False
+        gt = None
+        if groups is not None:
+            gt = self._intern(groups) if isinstance(groups, list) and groups else None
+            ok = ok and gt is not None
         if not ok:
             return None
-        return _Guest(g["id"], g["card"], key, g["from"], g["until"], uses,
-                      None if groups is None else self._intern(groups))
+        return _Guest(g["id"], g["card"], key, g["from"], g["until"], uses, gt)
 
     def schedule(self, s: Any, path: str) -> bool:
         """True when the schedule's time ranges are usable."""
@@ -520,54 +552,108 @@ def _check_model(
                        f"schedule {ref!r} is not defined; add it to \"schedules\" or use null "
                        "(always allowed)")
 
-    ids: dict[str, str] = {}  # id -> "person" / "guest", to catch one id used twice
-    owner: dict[int, tuple[str, str]] = {}  # card key -> (holder id, where)
-    epochs = _Epochs(tz) if tz is not None else None
+    # One pass over every holder; paths and messages are built only on errors.
+    # A holder is a person index i, or a guest index j stored as ~j.
+    ids: dict[str, int] = {}  # ids of people and guests share one space (GateState is keyed by id)
+    owner: dict[int, int] = {}  # card key -> holder
+    # With an unknown zone (reported already) only same-kind bounds compare safely.
+    epochs = _Epochs(tz if tz is not None else ZoneInfo("UTC"))
+    groups_ok: dict[tuple, bool] = {}
 
-    def check_groups(names: Iterable[str], path: str | None, what: str) -> None:
+    def h_path(h: int) -> str | None:
+        return person_path(h, people[h].id) if h >= 0 else guest_path(~h, guests[~h].id)
+
+    def h_what(h: int) -> str:
+        return f"person {people[h].id!r}" if h >= 0 else f"guest {guests[~h].id!r}"
+
+    def h_id(h: int) -> str:
+        return people[h].id if h >= 0 else guests[~h].id
+
+    def card_at(h: int, key: int, j: int | None = None) -> tuple[str, str]:
+        """(card string, path suffix) of holder h's card with this key (index j if known)."""
+        if h < 0:
+            return guests[~h].card, "/card"
+        if j is None:
+            j = people[h].keys.index(key)
+        return people[h].cards[j], f"/cards/{j}"
+
+    def conflict(h: int, other: int, message: Callable[[int, int], tuple[str, str]]) -> None:
+        """Report a clash at h, or at the other holder when only that one is in this
+        document (a delta). message(at, partner) -> (path suffix, text)."""
+        at, partner = h, other
+        if h_path(h) is None and h_path(other) is not None:
+            at, partner = other, h
+        suffix, text = message(at, partner)
+        path = h_path(at)
+        report(None if path is None else path + suffix, h_what(at), text)
+
+    def check_id(h: int, hid: str) -> None:
+        other = ids.get(hid)
+        if other is None:
+            ids[hid] = h
+            return
+        conflict(h, other, lambda at, partner: (
+            "/id", f"id {hid!r} is used twice ({h_what(partner)} has it too); ids of people and "
+                   "guests must be unique"))
+
+    def check_key(h: int, key: int, j: int | None = None) -> None:
+        other = owner.get(key)
+        if other is None:
+            owner[key] = h
+            return
+        places = {h: card_at(h, key, j), other: card_at(other, key)} if h != other else {}
+
+        def message(at: int, partner: int) -> tuple[str, str]:
+            if at == partner:  # one person lists the card twice
+                (card, suffix), (first, _) = card_at(h, key, j), card_at(h, key)
+                same = "the same card" if first == card else f"the same key as {first!r}"
+                return suffix, (f"card {card!r} (key {key}) is {same}, listed before for this "
+                                "person; list each card once")
+            (card, suffix), (other_card, _) = places[at], places[partner]
+            same = "the same card" if other_card == card else f"the same key as {other_card!r}"
+            return suffix, (f"card {card!r} (key {key}) is {same}, held by {h_id(partner)!r}; a card "
+                            "belongs to one person or guest: remove one of them")
+
+        conflict(h, other, message)
+
+    def bad_groups(names: tuple, h: int) -> None:
+        path = h_path(h)
         for k, gname in enumerate(names):
             if gname not in groups:
-                report(None if path is None else f"{path}/groups/{k}", what,
+                report(None if path is None else f"{path}/groups/{k}", h_what(h),
                        f"group {gname!r} is not defined; add it to \"groups\"")
 
-    def take_key(key: int, card: str, holder: str, path: str | None, what: str) -> None:
-        prev = owner.get(key)
-        if prev is None:
-            owner[key] = (holder, card)
-            return
-        other_holder, other_card = prev
-        same = "the same card" if other_card == card else f"the same key as {other_card!r}"
-        whose = "this person's own card" if other_holder == holder else f"held by {other_holder!r}"
-        report(path, what, f"card {card!r} (key {key}) is {same}, {whose}; a card belongs to one "
-                           "person or guest: remove one of them")
+    def groups_defined(names: tuple) -> bool:
+        ok = groups_ok.get(names)
+        if ok is None:
+            ok = groups_ok[names] = all(g in groups for g in names)
+        return ok
 
     for i, p in enumerate(people):
-        path = person_path(i, p.id)
-        what = f"person {p.id!r}"
-        if p.id in ids:
-            report(None if path is None else path + "/id", what,
-                   f"id {p.id!r} is used twice; ids of people and guests must be unique")
-        ids[p.id] = "person"
-        for j, (card, key) in enumerate(zip(p.cards, p.keys)):
-            take_key(key, card, p.id, None if path is None else f"{path}/cards/{j}", what)
-        check_groups(p.groups, path, what)
-        if epochs is not None and p.valid_from is not None and p.valid_until is not None:
+        check_id(i, p.id)
+        for j, key in enumerate(p.keys):
+            if key in owner:
+                check_key(i, key, j)
+            else:
+                owner[key] = i
+        if not groups_defined(p.groups):
+            bad_groups(p.groups, i)
+        if p.valid_from is not None and p.valid_until is not None and (
+                tz is not None or _is_date(p.valid_from) == _is_date(p.valid_until)):
             if epochs.start(p.valid_from) >= epochs.end(p.valid_until):
-                report(None if path is None else path + "/valid_from", what,
+                path = person_path(i, p.id)
+                report(None if path is None else path + "/valid_from", h_what(i),
                        f"valid_from {p.valid_from!r} is not before valid_until {p.valid_until!r}")
 
-    for i, g in enumerate(guests):
-        path = guest_path(i, g.id)
-        what = f"guest {g.id!r}"
-        if g.id in ids:
-            report(None if path is None else path + "/id", what,
-                   f"id {g.id!r} is used twice; ids of people and guests must be unique")
-        ids[g.id] = "guest"
-        take_key(g.key, g.card, g.id, None if path is None else f"{path}/card", what)
-        if g.groups is not None:
-            check_groups(g.groups, path, what)
-        if epochs is not None and epochs.start(g.start) >= epochs.end(g.until):
-            report(None if path is None else path + "/from", what,
+    for j, g in enumerate(guests):
+        h = ~j
+        check_id(h, g.id)
+        check_key(h, g.key)
+        if g.groups is not None and not groups_defined(g.groups):
+            bad_groups(g.groups, h)
+        if epochs.start(g.start) >= epochs.end(g.until):
+            path = guest_path(j, g.id)
+            report(None if path is None else path + "/from", h_what(h),
                    f"from {g.start!r} is not before until {g.until!r}")
 
 
@@ -686,14 +772,14 @@ class AccessList:
         people: list[_Person] = []
         people_pos: list[int] = []  # document index of each read person
         for i, p in enumerate(doc.get("people") or ()):
-            person = reader.person(p, f"/people/{i}")
+            person = reader.person(p, "/people", i)
             if person is not None:
                 people.append(person)
                 people_pos.append(i)
         guests: list[_Guest] = []
         guests_pos: list[int] = []
         for i, g in enumerate(doc.get("guests") or ()):
-            guest = reader.guest(g, f"/guests/{i}")
+            guest = reader.guest(g, "/guests", i)
             if guest is not None:
                 guests.append(guest)
                 guests_pos.append(i)
@@ -777,7 +863,7 @@ class AccessList:
                                           (guests, "guests", reader.guest, delta_guests)):
             removed = set(x for x in doc.get(f"remove_{field}") or () if isinstance(x, str))
             for i, item in enumerate(doc.get(field) or ()):
-                obj = read(item, f"/{field}/{i}")
+                obj = read(item, f"/{field}", i)
                 if obj is None:
                     continue
                 if obj.id in origin:
@@ -979,7 +1065,7 @@ def check_document(doc: Any) -> list[AclError]:
             reader.schedule(s, _ptr("schedules", name))
         for field, read in (("people", reader.person), ("guests", reader.guest)):
             for i, item in enumerate(doc.get(field) or ()):
-                read(item, f"/{field}/{i}")
+                read(item, f"/{field}", i)
         for field in ("block", "unblock"):
             for i, card in enumerate(doc.get(field) or ()):
                 reader.key(card, f"/{field}/{i}")
@@ -1004,10 +1090,12 @@ def synthetic_acl(n_cards: int, *, seed: int = 1, version: str = "synthetic.1") 
     One card per person, in the three card forms in turn, a few groups and
     schedules, 0.1% blocked cards, a few guests and holidays. Keys are
     distinct: n_cards must fit in the 24-bit key space of this list."""
-    if n_cards >= 1 << 24:
-        raise ValueError(f"n_cards {n_cards} does not fit 24-bit keys; use fewer than {1 << 24}")
-    rng = random.Random(seed)
-    keys = rng.sample(range(1, 1 << 24), n_cards + n_cards // 1000 + 1)
+    if not 0 <= n_cards < (1 << 24) - (1 << 15):
+        raise ValueError(f"n_cards {n_cards} does not fit 24-bit keys; use fewer than {(1 << 24) - (1 << 15)}")
+    # i -> (i * odd + offset) mod 2**24 is a bijection: distinct, scattered keys, no RNG needed.
+    mult, offset = 0x9E3779 | 1, (seed * 0x5BD1E9) & 0xFFFFFF
+    wanted = n_cards + n_cards // 1000 + 1
+    keys = [k for k in (((i + 1) * mult + offset) & 0xFFFFFF for i in range(wanted + 1)) if k][:wanted]
     lessons = {"mon": ["12:00-19:00"], "tue": ["12:00-19:00"], "wed": ["12:00-19:00"],
                "thu": ["12:00-19:00"], "fri": ["12:00-19:00"]}
     day = {d: ["07:00-19:00"] for d in WEEKDAYS[:6]}
