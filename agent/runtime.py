@@ -7,7 +7,8 @@ queued), or a ``Tick`` when the core's next deadline passes, and for each:
 
 1. ``step = gate.handle(event, clock.now())``
 2. ``sink.commit(step.records)``: journal first (principle 2)
-3. drive ``step.commands``: SetOutput -> outputs.set, Feedback -> outputs.feedback
+3. drive ``step.commands``: SetOutput -> outputs.set (all lines first),
+   then Feedback -> outputs.feedback
 4. ``on_record(record)`` for each committed record (uplink, log)
 
 Failure policy: an exception from the core, the sink, an output or a hook
@@ -366,6 +367,18 @@ class GateRuntime:
             self._deadline = max(self._deadline, self.clock.monotonic() + CORE_RETRY_S)
         self._drained = True
 
+    def _drive(self, cmd: Any, event: Any) -> None:
+        try:
+            if isinstance(cmd, SetOutput):
+                self.outputs.set(cmd.line, cmd.active)
+            elif isinstance(cmd, Feedback):
+                self.outputs.feedback(cmd.reader, cmd.signal)
+            else:
+                log.error("unknown command %r from the core for %r; ignored", cmd, event)
+        except Exception:
+            self.counters["output_errors"] += 1
+            log.exception("driving %r failed (event %r)", cmd, event)
+
     def _dispatch(self, step: Any, event: Any) -> None:
         """Records to the sink, then commands to the outputs, then the hooks."""
         committed: list[dict] = []
@@ -378,17 +391,14 @@ class GateRuntime:
                 log.exception("sink commit failed for %r; driving its commands anyway", event)
                 for rec in step.records:
                     log.error("uncommitted record: %s", json.dumps(rec, default=str, sort_keys=True))
+        # Lines first (in the core's order: releases before activations), reader
+        # feedback after: a beep must never delay a relay.
         for cmd in step.commands:
-            try:
-                if isinstance(cmd, SetOutput):
-                    self.outputs.set(cmd.line, cmd.active)
-                elif isinstance(cmd, Feedback):
-                    self.outputs.feedback(cmd.reader, cmd.signal)
-                else:
-                    log.error("unknown command %r from the core for %r; ignored", cmd, event)
-            except Exception:
-                self.counters["output_errors"] += 1
-                log.exception("driving %r failed (event %r)", cmd, event)
+            if isinstance(cmd, SetOutput):
+                self._drive(cmd, event)
+        for cmd in step.commands:
+            if not isinstance(cmd, SetOutput):
+                self._drive(cmd, event)
         if self._on_record is not None:
             for rec in committed:
                 try:

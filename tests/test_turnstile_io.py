@@ -386,13 +386,6 @@ def _pulses(factory, out) -> int:
     return sum(1 for a, b in zip(states, states[1:]) if a != out.active_high and b == out.active_high)
 
 
-def _wait_blinks_done(io, reader):
-    for dev in io.feedback_lines[reader].values():
-        thread = dev._blink_thread
-        if thread is not None:
-            thread.join(5)
-
-
 @pytest.mark.parametrize("signal,led,beeps", [("granted", 1, 1), ("denied", 0, 2), ("error", 0, 3)])
 def test_feedback_signals_blink_the_readers_led_and_beeper(factory, signal, led, beeps):
     profile = load_profile("pi4-relay4")
@@ -400,7 +393,7 @@ def test_feedback_signals_blink_the_readers_led_and_beeper(factory, signal, led,
     io = TurnstileIO(profile, factory=factory, submit=Collect(), feedback_patterns=FAST)
     try:
         io.feedback("exit", signal)
-        _wait_blinks_done(io, "exit")
+        assert io.wait_feedback(5)
         r = profile.readers["exit"]
         assert _pulses(factory, r.led) == led
         assert _pulses(factory, r.beeper) == beeps

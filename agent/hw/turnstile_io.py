@@ -11,6 +11,8 @@ Input callbacks (run on gpiozero's threads) only call ``submit(event)``.
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 from typing import Any, Callable
 
 from gpiozero import DigitalInputDevice, DigitalOutputDevice
@@ -29,8 +31,9 @@ from .profiles import InputPin, OutputPin, Profile
 
 log = logging.getLogger(__name__)
 
-# Reader feedback as blink patterns: (line, on_s, off_s, n). Background blinks
-# (gpiozero threads), so the gate thread never waits for a beep.
+# Reader feedback as blink patterns: (line, on_s, off_s, n). gpiozero background
+# blinks, started by a small feedback thread: starting a blink starts a thread,
+# which the gate thread must not wait for.
 FEEDBACK_PATTERNS: dict[str, tuple[tuple[str, float, float, int], ...]] = {
     "granted": (("led", 1.0, 0.0, 1), ("beeper", 0.1, 0.0, 1)),
     "denied": (("beeper", 0.1, 0.1, 2),),
@@ -101,6 +104,8 @@ class TurnstileIO:
         self._callbacks: list[Callable[[], None]] = []
         self._started = False
         self._closed = False
+        self._feedback_q: queue.SimpleQueue[Any] = queue.SimpleQueue()  # (reader, signal), marker, None
+        self._feedback_thread: threading.Thread | None = None
         try:
             for line, spec in profile.outputs.items():
                 self.outputs[line] = self._output(spec)
@@ -117,6 +122,9 @@ class TurnstileIO:
         except Exception:
             self.close()
             raise
+        if self.feedback_lines:
+            self._feedback_thread = threading.Thread(target=self._feedback_loop, name="feedback", daemon=True)
+            self._feedback_thread.start()
 
     # -- construction ------------------------------------------------------------
 
@@ -197,6 +205,10 @@ class TurnstileIO:
         if self._closed:
             return
         self._closed = True
+        thread = self._feedback_thread
+        if thread is not None:
+            self._feedback_q.put(None)
+            thread.join(timeout=2.0)
         for dev in self._all_outputs():
             try:
                 dev.off()  # also stops a running feedback blink
@@ -220,6 +232,9 @@ class TurnstileIO:
     def set(self, line: str, active: bool) -> None:
         """Drive a turnstile output; a line the board does not wire is ignored
         (e.g. fire_release when no fire-release relay is fitted)."""
+        if self._closed:
+            log.debug("output %s set to %s after close; ignored", line, active)
+            return
         dev = self.outputs.get(line)
         if dev is None:
             self.counters["unwired_outputs"] += 1
@@ -231,17 +246,51 @@ class TurnstileIO:
             dev.off()
 
     def feedback(self, reader: str, signal: str) -> None:
-        """Show granted / denied / error on the reader's LED and beeper lines."""
-        lines = self.feedback_lines.get(reader)
-        pattern = self.feedback_patterns.get(signal)
-        if pattern is None:
+        """Show granted / denied / error on the reader's LED and beeper lines.
+
+        Only queues the signal: the feedback thread starts the blinks.
+        """
+        if signal not in self.feedback_patterns:
             log.warning("unknown feedback signal %r for reader %s; allowed: %s",
                         signal, reader, ", ".join(self.feedback_patterns))
             return
-        if not lines:
+        if self._closed or reader not in self.feedback_lines:
             return
         self.counters["feedback"] += 1
-        for line, on_s, off_s, n in pattern:
-            dev = lines.get(line)
-            if dev is not None:
-                dev.blink(on_time=on_s, off_time=off_s, n=n, background=True)
+        self._feedback_q.put((reader, signal))
+
+    def _feedback_loop(self) -> None:
+        while True:
+            item = self._feedback_q.get()
+            if item is None:
+                return
+            if isinstance(item, threading.Event):
+                item.set()  # wait_feedback's marker: every earlier signal was started
+                continue
+            reader, signal = item
+            lines = self.feedback_lines[reader]
+            for line, on_s, off_s, n in self.feedback_patterns[signal]:
+                dev = lines.get(line)
+                if dev is None:
+                    continue
+                try:
+                    dev.blink(on_time=on_s, off_time=off_s, n=n, background=True)
+                except Exception:  # a closed or failing line must not end the thread
+                    log.exception("reader %s: feedback %s on %s failed", reader, signal, line)
+
+    def wait_feedback(self, timeout: float = 5.0) -> bool:
+        """Wait until every queued feedback signal has finished blinking (tests, io-test)."""
+        if self._feedback_thread is None or self._closed:
+            return True
+        marker = threading.Event()
+        self._feedback_q.put(marker)  # type: ignore[arg-type]
+        if not marker.wait(timeout):
+            return False
+        for lines in self.feedback_lines.values():
+            for dev in lines.values():
+                thread = getattr(dev, "_blink_thread", None)  # gpiozero's running blink, if any
+                if thread is not None:
+                    thread.join(timeout)
+                    if thread.is_alive():
+                        return False
+        return True
