@@ -9,11 +9,14 @@ port, so tests can take it away while events flow.
 """
 from __future__ import annotations
 
+import getpass
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -73,6 +76,8 @@ class Mosquitto:
         lines = [
             f"listener {self.port} {self.host}",
             "allow_anonymous true",
+            # Run as root, mosquitto switches to user "mosquitto", which cannot write here.
+            f"user {getpass.getuser()}",
             f"persistence {'true' if persistence else 'false'}",
             f"persistence_location {self.workdir}/",
             f"log_dest file {self.log_path}",
@@ -138,6 +143,11 @@ class Mosquitto:
                 self.proc.wait()
         self._close()
 
+    def reload(self) -> None:
+        """SIGHUP: mosquitto re-reads its config and ACL file."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGHUP)
+
     def kill(self) -> None:
         """SIGKILL: the broker vanishes without a word to its clients."""
         if self.proc is None:
@@ -200,3 +210,132 @@ def wait_until(pred: Callable[[], object], timeout: float = 10.0, what: str = "c
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.01)
+
+
+class Observer:
+    """A plain paho client that subscribes to ``topic`` and records every
+    message as (topic, payload, retain). It reconnects (and resubscribes) on
+    its own when the broker comes back, so it can watch through outages."""
+
+    def __init__(self, broker: Mosquitto, topic: str = "#", *, qos: int = 1,
+                 username: str | None = None) -> None:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        self.topic = topic
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self._lock = threading.Lock()
+        self.subscribed = threading.Event()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5,
+                                  client_id=f"observer-{id(self)}")
+        if username is not None:
+            self.client.username_pw_set(username)
+        self.client.reconnect_delay_set(0.1, 0.5)
+
+        def on_connect(client, userdata, flags, rc, props):
+            client.subscribe(topic, qos=qos)
+
+        def on_subscribe(client, userdata, mid, rcs, props):
+            self.subscribed.set()
+
+        def on_message(client, userdata, msg):
+            with self._lock:
+                self.messages.append((msg.topic, msg.payload, bool(msg.retain)))
+
+        self.client.on_connect = on_connect
+        self.client.on_subscribe = on_subscribe
+        self.client.on_message = on_message
+        self.client.connect_async(broker.host, broker.port, keepalive=10)
+        self.client.loop_start()
+        if not self.subscribed.wait(10):
+            self.stop()
+            raise RuntimeError(f"observer could not subscribe to {topic} on {broker.host}:{broker.port}")
+
+    def records(self, topic: str | None = None) -> list[dict]:
+        """The JSON payloads received (on ``topic`` if given), in arrival order."""
+        with self._lock:
+            return [json.loads(p) for t, p, _ in self.messages if topic is None or t == topic]
+
+    def all(self) -> list[tuple[str, bytes, bool]]:
+        with self._lock:
+            return list(self.messages)
+
+    def publish(self, topic: str, payload: bytes | str, qos: int = 1) -> None:
+        self.client.publish(topic, payload, qos=qos).wait_for_publish(5)
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def __enter__(self) -> Observer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+# --- journal, uplink and ingest fixtures shared by the uplink test modules ----------
+
+SITE, GATE = "school7", "gate1"
+BOOT = "3f1c2d9e-boot"
+
+
+def passage(i: int) -> dict:
+    """A contract-valid record, as the core makes them (seq and id come from the journal)."""
+    from agent.core.events import Now
+    from agent.core.records import make_record
+
+    return make_record("passage", Now(mono=100.0 + i, wall=1_790_000_000.0 + i), BOOT,
+                       direction="in" if i % 2 == 0 else "out", source="button",
+                       person=None, card=None, after_ms=800 + i)
+
+
+@pytest.fixture
+def journal(tmp_path: Path):
+    """A real journal in tmp_path."""
+    from agent.uplink.journal import Journal
+
+    j = Journal(tmp_path / "journal.db")
+    yield j
+    close = getattr(j, "close", None)
+    if close is not None:
+        close()
+
+
+@pytest.fixture
+def uplinks() -> Iterator[Callable]:
+    """``uplinks(journal, broker, **options)``: a started Uplink for SITE/GATE with
+    short backoffs; every one is stopped at the end of the test."""
+    from agent.uplink.mqtt import Uplink
+
+    made: list = []
+
+    def make(journal, broker, **options):
+        options.setdefault("backoff_min_s", 0.1)
+        options.setdefault("backoff_max_s", 1.0)
+        up = Uplink(journal, site=SITE, gate=GATE, host=broker.host, port=broker.port,
+                    boot=BOOT, **options)
+        made.append(up)
+        return up.start()
+
+    yield make
+    for up in made:
+        up.stop()
+
+
+@pytest.fixture
+def ingest_at(tmp_path: Path) -> Iterator[Callable]:
+    """``ingest_at(broker, **options)``: a started reference ingest, subscribed."""
+    from agent.uplink.ingest import Ingest
+
+    made: list = []
+
+    def make(broker, db_name: str = "ingest.db", **options):
+        ing = Ingest(broker.host, broker.port, db_path=tmp_path / db_name, **options).start()
+        made.append(ing)
+        assert ing.ready.wait(10), "the ingest did not subscribe"
+        return ing
+
+    yield make
+    for ing in made:
+        ing.stop()

@@ -105,8 +105,10 @@ class Ingest:
         client.on_connect = self._on_connect
         client.on_message = self._on_message
         client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
         self._client = client
-        self.connected = threading.Event()
+        # Set once the broker confirmed the subscription: events sent after it reach us.
+        self.ready = threading.Event()
 
     @staticmethod
     def _open_db(path: str) -> sqlite3.Connection:
@@ -154,11 +156,17 @@ class Ingest:
             log.error("ingest: broker %s:%s refused the connection: %s", self.host, self.port, reason_code)
             return
         client.subscribe(self.filter, options=SubscribeOptions(qos=1))
-        log.info("ingest: connected to %s:%s, subscribed to %s", self.host, self.port, self.filter)
-        self.connected.set()
+        log.info("ingest: connected to %s:%s, subscribing to %s", self.host, self.port, self.filter)
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        if any(rc.is_failure for rc in reason_codes):
+            log.error("ingest: the broker refused the subscription %s: %s; check its ACL",
+                      self.filter, [str(rc) for rc in reason_codes])
+            return
+        self.ready.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
-        self.connected.clear()
+        self.ready.clear()
         if not self._stopping.is_set():
             log.warning("ingest: disconnected from %s:%s (%s); paho reconnects", self.host, self.port, reason_code)
 
@@ -210,8 +218,8 @@ class Ingest:
 
     def _store(self, batch: list[tuple[str, bytes]]) -> None:
         rows = [r for r in (self._parse(t, p) for t, p in batch) if r is not None]
-        self.received += len(batch)
         if not rows:
+            self.received += len(batch)
             return
         acks: dict[str, tuple[str, str, int]] = {}
         db = self._db
@@ -230,8 +238,10 @@ class Ingest:
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        # Counted after the commit, so a caller seeing the count also sees the rows.
         self.stored += inserted
         self.duplicates += len(rows) - inserted
+        self.received += len(batch)
         # Acks only after COMMIT: an ack promises the events are stored.
         for journal, (site, gate, upto) in acks.items():
             if upto >= 1:

@@ -525,7 +525,8 @@ class Uplink:
         self._window_eff = min(self.window, receive_max) if receive_max else self.window
         self._last_ack_progress = now
         self._resend_check_at = now + self.resend_after_s
-        self._paused_until = 0.0
+        # A refusal pause outlives the connection: mosquitto 2.0 drops a client
+        # after refusing its publish, and resending at once would loop.
         self._retry_at = None
         self._reset_flow()
         log.info("uplink: connected to %s:%s as %s (window %d, ack mode %s)",
