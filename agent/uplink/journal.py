@@ -82,16 +82,17 @@ LOW_VALUE_TYPES: frozenset[str] = frozenset(
 )
 
 # Disk bytes one pending event takes (row, JSON body, index entries), with a
-# margin: a typical access.granted measures about 230 bytes (bench/test).
-BYTES_PER_EVENT_ESTIMATE = 400
-# 1,000,000 pending events need about 250 MB; the default leaves room to spare.
+# margin: a typical access.granted measures about 330 bytes (tests/test_journal.py).
+BYTES_PER_EVENT_ESTIMATE = 450
+# 1,000,000 pending events need about 330 MB; the default leaves room to spare.
 DEFAULT_DISK_BUDGET = 1 << 30
 
 ALARM_ON_SHARE = 0.8  # alarm journal_capacity when the backlog passes this
 ALARM_OFF_SHARE = 0.7  # and clear it when it falls below this
 LOW_VALUE_SHARE = 0.9  # low-value records are refused from this share on
 FULL_CHECK_MAX_BYTES = 32 << 20  # integrity_check up to this size, quick_check above
-PURGE_BATCH = 5000  # rows deleted per maintenance call: bounds the gate's pause
+PURGE_BATCH = 2000  # rows deleted per maintenance call: bounds the gate's pause
+ACK_BATCH = 2000  # rows marked acknowledged per call, for the same reason
 SALVAGE_CHUNK = 4096
 MIN_DISK_BUDGET = 64 << 10
 
@@ -427,6 +428,7 @@ class Journal:
         self._cap_alarm = False
         self._dropped: dict[str, int] = {}  # refused since the last overflow record
         self._dropped_total = 0
+        self._state_dirty = False  # state row behind memory (drop counts)
         # Uplink state: guarded by _ulock, which the gate thread never takes.
         self._ulock = threading.Lock()
         self._uconn: sqlite3.Connection | None = None
@@ -643,7 +645,9 @@ class Journal:
         if self._buffer:
             out.extend(self._store([]))
         if self._u_wm > self._applied_wm or self._acks:
-            self._apply_acks(now_wall)
+            freed = self._apply_acks(now_wall)
+            if freed and self._buffer:
+                out.extend(self._store([]))  # the acknowledged rows made room
         if self._oldest_done is not None and self._oldest_done < now_wall - self._retention_s:
             self._purge(now_wall - self._retention_s)
         out.extend(self._after_write())
@@ -684,6 +688,7 @@ class Journal:
         ):
             self._dropped[rtype] = self._dropped.get(rtype, 0) + 1
             self._dropped_total += 1
+            self._state_dirty = True
             return False
         return True
 
@@ -724,6 +729,13 @@ class Journal:
     def _store(self, items: list[tuple[dict, tuple, bool]]) -> list[dict]:
         """Write the buffer and the new items, in seq order; buffer them on failure."""
         if not items and not self._buffer:
+            if self._state_dirty:  # drop counts alone: keep them across a restart
+                self._state_dirty = self._txn(
+                    lambda conn: conn.execute(
+                        _STATE,
+                        self._state_args(self._last_seq, self._db_pending, self._applied_wm),
+                    )
+                ) is not None
             return []
         rows = [it[1] for it in self._buffer] + [it[1] for it in items]
         pending = self._db_pending + len(rows)
@@ -734,6 +746,7 @@ class Journal:
 
         exc = self._txn(write)
         if exc is None:
+            self._state_dirty = False
             self._db_pending = pending
             self._committed_seq = self._last_seq  # nothing numbered is left unwritten
             if self._buffer:
@@ -784,11 +797,20 @@ class Journal:
             return []
         return self._store([self._prepare(r, own=True) for r in own])
 
-    def _apply_acks(self, now_wall: float) -> None:
-        """Write the uplink's acknowledgements into the events table."""
+    def _apply_acks(self, now_wall: float) -> int:
+        """Write the uplink's acknowledgements into the events table, at most
+        ACK_BATCH rows a call so the gate thread never pauses long."""
         upto = min(self._u_wm, self._committed_seq)
+        if upto > self._applied_wm:
+            row = self._db.execute(
+                "SELECT seq FROM events INDEXED BY ev_pending WHERE done IS NULL AND seq > ? "
+                "AND seq <= ? ORDER BY seq LIMIT 1 OFFSET ?",
+                (self._applied_wm, upto, ACK_BATCH - 1),
+            ).fetchone()
+            if row is not None:
+                upto = row[0]  # the rest on the next call
         items: list[tuple[int, int]] = []
-        while True:
+        while len(items) < ACK_BATCH:
             try:
                 items.append(self._acks.popleft())
             except IndexError:
@@ -815,7 +837,6 @@ class Journal:
             conn.execute(_STATE, self._state_args(self._committed_seq, self._db_pending - n, new_wm))
 
         def delete(conn: sqlite3.Connection) -> None:
-            # A full disk: acknowledged records go now rather than after retention.
             n = 0
             if do_upto:
                 n += conn.execute(
@@ -829,18 +850,20 @@ class Journal:
             counted[0] = n
             conn.execute(_STATE, self._state_args(self._committed_seq, self._db_pending - n, new_wm))
 
-        exc = self._txn(mark)
+        # A full disk: acknowledged records go now rather than after retention.
+        exc = self._txn(delete if self._blocked == "disk full" else mark)
         if exc is not None and _is_full(exc):
             exc = self._txn(delete)
         if exc is not None:
             log.warning("journal %s: acknowledgements not written yet (%s)", self.path, exc)
-            self._acks.extendleft(items)  # try again later
-            return
+            self._acks.extendleft(reversed(items))  # try again later, in order
+            return 0
         self._db_pending -= counted[0]
         self._applied_wm = new_wm
         if items:
             self._applied_gen = max(self._applied_gen, max(g for g, _s in items))
         self._refresh_oldest_done()
+        return counted[0]
 
     def _refresh_oldest_done(self) -> None:
         self._oldest_done = self._db.execute(
@@ -1088,7 +1111,12 @@ class Journal:
             return
         self.stop()
         try:
-            self.maintenance(self._clock().wall)
+            now = self._clock().wall
+            self.maintenance(now)
+            for _ in range(10_000):  # acks are applied in batches; bounded in case writes fail
+                if not self._acks_waiting() or self._blocked is not None:
+                    break
+                self._apply_acks(now)
         except sqlite3.Error as exc:
             log.warning("journal %s: final maintenance failed (%s)", self.path, exc)
         if self._buffer:
