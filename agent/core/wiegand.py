@@ -95,7 +95,7 @@ class WiegandDecoder:
         out: list[CardResult] = []
         for line in (0, 1):
             fell = self._fall[line]
-            if fell is not None and not self._stuck[line] and t - fell >= self.stuck_s:
+            if fell is not None and not self._stuck[line] and t >= fell + self.stuck_s:
                 self._stuck[line] = True
                 self.counters["stuck"] += 1
                 # The frame in progress is broken: report what arrived, then the line.
@@ -111,7 +111,8 @@ class WiegandDecoder:
                         raw="",
                     )
                 )
-        if self._pending() and self._last_edge is not None and t - self._last_edge >= self.silence_s:
+        # Same sums as deadline(), so poll(deadline()) always does the work due.
+        if self._pending() and self._last_edge is not None and t >= self._last_edge + self.silence_s:
             self._complete(out)
         return out
 
