@@ -351,14 +351,6 @@ class _Person(NamedTuple):
     valid_from: str | None
     valid_until: str | None
 
-    def to_json(self) -> dict:
-        d: dict[str, Any] = {"id": self.id, "cards": list(self.cards), "groups": list(self.groups)}
-        if self.valid_from is not None:
-            d["valid_from"] = self.valid_from
-        if self.valid_until is not None:
-            d["valid_until"] = self.valid_until
-        return d
-
 
 class _Guest(NamedTuple):
     id: str
@@ -731,7 +723,14 @@ class AccessList:
         doc["key_width"] = self._key_width
         doc["schedules"] = _copy_json(self._schedules)
         doc["groups"] = _copy_json(self._groups)
-        doc["people"] = [p.to_json() for p in self._people]
+        doc["people"] = people = []
+        for pid, cards, _, groups, vf, vu in self._people:  # unpacked: a million must be quick
+            d = {"id": pid, "cards": list(cards), "groups": list(groups)}
+            if vf is not None:
+                d["valid_from"] = vf
+            if vu is not None:
+                d["valid_until"] = vu
+            people.append(d)
         doc["guests"] = [g.to_json() for g in self._guests]
         doc["blocked"] = [card for card, _ in self._blocked]
         doc["holidays"] = list(self._holidays)
@@ -1002,14 +1001,18 @@ class AccessList:
         p_uses = array("i", bytes(4 * n_persons))
         keys: list[int] = []
         owners: list[int] = []
-        for i, p in enumerate(self._people):
-            person_ids.append(p.id)
-            p_from[i] = NO_START if p.valid_from is None else epochs.start(p.valid_from)
-            p_until[i] = NO_END if p.valid_until is None else epochs.end(p.valid_until)
-            p_gs[i] = groupset(p.groups)
-            for k in p.keys:
-                keys.append(k)
+        start, end = epochs.start, epochs.end
+        for i, (pid, _, pkeys, pgroups, vf, vu) in enumerate(self._people):
+            person_ids.append(pid)
+            p_from[i] = NO_START if vf is None else start(vf)
+            p_until[i] = NO_END if vu is None else end(vu)
+            p_gs[i] = groupset(pgroups)
+            if len(pkeys) == 1:
+                keys.append(pkeys[0])
                 owners.append(i)
+            else:
+                keys.extend(pkeys)
+                owners.extend([i] * len(pkeys))
         for j, g in enumerate(self._guests):
             i = n_people + j
             person_ids.append(g.id)
