@@ -1,4 +1,5 @@
 """Card keys, list strings and frame decoders (agent.core.cards)."""
+
 from __future__ import annotations
 
 import pytest
@@ -75,7 +76,19 @@ def test_wider_width_allows_16_bit_facility():
 
 @pytest.mark.parametrize(
     "text",
-    ["", "abc", "256,1", "1,65536", "12345678901", "hex:", "hex:xyz", "0x8EC793", "1,2,3", "-1,5", "hex:12345678901234567"],
+    [
+        "",
+        "abc",
+        "256,1",
+        "1,65536",
+        "12345678901",
+        "hex:",
+        "hex:xyz",
+        "0x8EC793",
+        "1,2,3",
+        "-1,5",
+        "hex:12345678901234567",
+    ],
 )
 def test_bad_card_strings_raise_with_the_string_and_forms(text):
     with pytest.raises(CardFormatError) as info:
@@ -172,7 +185,7 @@ def _c1k35_parity_ok(bits: str) -> bool:
     bot, mid = v & 0xFFFFFFFF, v >> 32
 
     def par(x: int) -> int:
-        return bin(x).count("1") & 1
+        return x.bit_count() & 1
 
     p_even = par(mid & 1) ^ par(bot & 0xB6DB6DB6)
     p_odd = par(mid & 3) ^ par(bot & 0x6DB6DB6C)
@@ -197,7 +210,12 @@ def test_w35_decoder_agrees_with_reference_on_any_frame(v):
 
 @pytest.mark.parametrize(
     "frame",
-    [encode_w26(100, 60179), encode_w34(4660, 22136), encode_w35(1234, 567890), encode_w37(4660, 300000)],
+    [
+        encode_w26(100, 60179),
+        encode_w34(4660, 22136),
+        encode_w35(1234, 567890),
+        encode_w37(4660, 300000),
+    ],
     ids=["w26", "w34", "w35", "w37"],
 )
 def test_any_single_bit_error_is_a_parity_error(frame):
@@ -306,7 +324,9 @@ def test_em_line_hex_mode_reads_digits_as_hex():
     assert decode_em_line("0100123456").key == 100123456 & 0xFFFFFF
 
 
-@pytest.mark.parametrize("line", ["", "\r\n", "12345", "ZZZZZZZZZZ", "000661377", "123456789", "0000000000", "00000000"])
+@pytest.mark.parametrize(
+    "line", ["", "\r\n", "12345", "ZZZZZZZZZZ", "000661377", "123456789", "0000000000", "00000000"]
+)
 def test_em_line_garbage(line):
     r = decode_em_line(line)
     assert not r.ok and r.error == "garbage" and r.key is None
@@ -327,9 +347,10 @@ def test_same_card_same_key_across_readers(tag40):
     assert decode_em_line(f"{tag40:010X}\r\n", number="hex").key == key
     # At width 32, W34 sends the 32 data bits and agrees with the serial read.
     low32 = tag40 & 0xFFFFFFFF
-    assert decode_wiegand(encode_w34(low32 >> 16, low32 & 0xFFFF), 32).key == decode_rdm6300(
-        encode_rdm6300(tag40), 32
-    ).key
+    assert (
+        decode_wiegand(encode_w34(low32 >> 16, low32 & 0xFFFF), 32).key
+        == decode_rdm6300(encode_rdm6300(tag40), 32).key
+    )
 
 
 # --- results as core events --------------------------------------------------------------

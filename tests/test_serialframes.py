@@ -1,4 +1,5 @@
 """Serial stream decoders and the repeat filter (agent.core.serialframes)."""
+
 from __future__ import annotations
 
 import pytest
@@ -90,7 +91,9 @@ def test_rdm6300_frame_too_long_is_garbage():
 
 def test_rdm6300_bad_checksum_and_all_zero_tag():
     s = Rdm6300Stream()
-    out = s.feed(b"\x02" + b"14008EC793" + b"CF" + b"\x03" + encode_rdm6300(0x1400000000) + DESIGN_FRAME)
+    out = s.feed(
+        b"\x02" + b"14008EC793" + b"CF" + b"\x03" + encode_rdm6300(0x1400000000) + DESIGN_FRAME
+    )
     assert [r.error for r in out] == ["checksum", "garbage", None]
     assert "all-zero" in out[1].detail
 
@@ -107,7 +110,7 @@ def test_rdm6300_key_width():
     assert Rdm6300Stream(key_width=40).feed(DESIGN_FRAME)[0].key == 0x14008EC793
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(st.binary(max_size=400), st.lists(st.integers(0, 400), max_size=20))
 def test_rdm6300_random_bytes_never_raise(data, cuts):
     s = Rdm6300Stream()
@@ -117,12 +120,15 @@ def test_rdm6300_random_bytes_never_raise(data, cuts):
 
 tags = st.integers(0, (1 << 40) - 1).filter(lambda v: v & 0xFFFFFFFF)
 pieces = st.lists(
-    st.one_of(st.builds(lambda t: ("frame", t), tags), st.builds(lambda g: ("junk", g), st.binary(max_size=40))),
+    st.one_of(
+        st.builds(lambda t: ("frame", t), tags),
+        st.builds(lambda g: ("junk", g), st.binary(max_size=40)),
+    ),
     max_size=12,
 )
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(pieces, st.lists(st.integers(0, 1000), max_size=30))
 def test_rdm6300_finds_every_frame_between_garbage(parts, cuts):
     data = b"".join(encode_rdm6300(p) if kind == "frame" else p for kind, p in parts)
@@ -169,7 +175,7 @@ def test_em_overlong_line_reported_once_and_dropped():
     assert out[1].key == parse_card_string("0006613779")
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(st.binary(max_size=400), st.lists(st.integers(0, 400), max_size=20))
 def test_em_random_bytes_never_raise(data, cuts):
     out = feed_chunks(EmLineStream(), data, cuts)
@@ -188,7 +194,7 @@ em_pieces = st.lists(
 )
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(em_pieces, st.lists(st.integers(0, 1500), max_size=30))
 def test_em_finds_every_line_between_garbage(parts, cuts):
     data = b"".join(p for _, p in parts)

@@ -1,11 +1,19 @@
 """The Wiegand edge decoder on pulse trains in virtual time (agent.core.wiegand)."""
+
 from __future__ import annotations
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.core.cards import decode_wiegand, encode_keypad, encode_w26, encode_w34, encode_w35, encode_w37
+from agent.core.cards import (
+    decode_wiegand,
+    encode_keypad,
+    encode_w26,
+    encode_w34,
+    encode_w35,
+    encode_w37,
+)
 from agent.core.wiegand import WiegandDecoder
 
 pytestmark = pytest.mark.core
@@ -18,8 +26,14 @@ def pulse(t: float, line: int, width: float) -> list[Edge]:
     return [(t, line, 0), (t + width, line, 1)]
 
 
-def train(bits: str, t0: float = 1.0, width: float = 50e-6, gap: float = 2e-3,
-          widths: list[float] | None = None, gaps: list[float] | None = None) -> list[Edge]:
+def train(
+    bits: str,
+    t0: float = 1.0,
+    width: float = 50e-6,
+    gap: float = 2e-3,
+    widths: list[float] | None = None,
+    gaps: list[float] | None = None,
+) -> list[Edge]:
     """Edges of a frame: bit 0 pulses D0, bit 1 pulses D1; gap is rising edge to next falling."""
     edges: list[Edge] = []
     t = t0
@@ -99,7 +113,9 @@ def test_noise_pulses_are_dropped_and_counted(data):
     edges = train(W26, gap=1e-3)
     # Insert 1-5 us noise pulses on either line inside gaps, away from real pulses.
     starts = sorted(t for t, _, lvl in edges if lvl == 0)
-    slots = data.draw(st.lists(st.integers(0, len(starts) - 2), min_size=1, max_size=8, unique=True))
+    slots = data.draw(
+        st.lists(st.integers(0, len(starts) - 2), min_size=1, max_size=8, unique=True)
+    )
     noisy = list(edges)
     for i in slots:
         t = starts[i] + 300e-6
@@ -116,7 +132,9 @@ def test_missing_bit_is_a_length_error_not_a_card():
     edges = train(W26[:10] + W26[11:])
     out = feed_all(dec, edges) + finish(dec)
     assert len(out) == 1
-    assert not out[0].ok and out[0].kind == "raw" and out[0].error == "length" and out[0].key is None
+    assert (
+        not out[0].ok and out[0].kind == "raw" and out[0].error == "length" and out[0].key is None
+    )
     assert dec.counters["length_errors"] == 1
 
 
@@ -195,7 +213,12 @@ def test_stuck_line_reported_once():
     assert dec.deadline() == pytest.approx(1.005)
     assert dec.poll(1.004) == []
     out = dec.poll(1.006)
-    assert len(out) == 1 and out[0].error == "glitch" and "stuck" in out[0].detail and "D0" in out[0].detail
+    assert (
+        len(out) == 1
+        and out[0].error == "glitch"
+        and "stuck" in out[0].detail
+        and "D0" in out[0].detail
+    )
     assert not out[0].ok and out[0].key is None
     for t in (1.01, 1.5, 3.0, 60.0):
         assert dec.poll(t) == []
@@ -240,7 +263,12 @@ def test_both_lines_low_is_a_glitch_and_no_bit():
 def test_overlong_frame_is_a_length_error():
     dec = WiegandDecoder(max_bits=64)
     out = feed_all(dec, train("1" * 70, gap=0.3e-3)) + finish(dec)
-    assert len(out) == 1 and out[0].error == "length" and out[0].kind == "raw" and "70" in out[0].detail
+    assert (
+        len(out) == 1
+        and out[0].error == "length"
+        and out[0].kind == "raw"
+        and "70" in out[0].detail
+    )
     assert dec.counters["length_errors"] == 1 and dec.counters["frames"] == 1
 
 
@@ -249,7 +277,8 @@ def test_repeated_level_reports_change_nothing():
     edges = []
     for t, line, level in train(W26):
         edges += [(t, line, level), (t + 1e-7, line, level)]
-    out = feed_all(dec, [(1.0 - 1e-3, 0, 1)] + edges) + finish(dec)  # a rise while high, then doubles
+    # A rise while already high, then every edge reported twice.
+    out = feed_all(dec, [(1.0 - 1e-3, 0, 1)] + edges) + finish(dec)
     assert [r.key for r in out] == [decode_wiegand(W26).key]
 
 

@@ -24,6 +24,7 @@ form instead.
 
 Pure: standard library only, no clocks, no I/O.
 """
+
 from __future__ import annotations
 
 import re
@@ -50,7 +51,9 @@ class CardFormatError(ValueError):
 def check_key_width(key_width: int) -> int:
     """Return key_width if it is a supported width, else raise ValueError."""
     if not isinstance(key_width, int) or isinstance(key_width, bool):
-        raise ValueError(f"key_width must be an integer from {MIN_KEY_WIDTH} to {MAX_KEY_WIDTH}, got {key_width!r}")
+        raise TypeError(
+            f"key_width must be an integer from {MIN_KEY_WIDTH} to {MAX_KEY_WIDTH}, got {key_width!r}"
+        )
     if not MIN_KEY_WIDTH <= key_width <= MAX_KEY_WIDTH:
         raise ValueError(
             f"key_width {key_width} is out of range: set the site's key width to a value "
@@ -196,17 +199,17 @@ def _field(v: int, n: int, start: int, length: int) -> int:
 # including the parity bit, wanted parity of their sum: 0 even, 1 odd).
 # Positions count from 0 = the first bit sent.
 _PARITY: dict[int, list[tuple[int, list[int], int]]] = {
-    26: [(0, list(range(0, 13)), 0), (25, list(range(13, 26)), 1)],
-    34: [(0, list(range(0, 17)), 0), (33, list(range(17, 34)), 1)],
+    26: [(0, list(range(13)), 0), (25, list(range(13, 26)), 1)],
+    34: [(0, list(range(17)), 0), (33, list(range(17, 34)), 1)],
     # HID Corporate 1000: bit 1 even and bit 34 odd over interleaved 2-of-3
     # groups, then bit 0 odd over the whole frame.
     35: [
         (1, [1] + [i for i in range(2, 34) if i % 3 != 1], 0),
         (34, [i for i in range(1, 33) if i % 3 != 0] + [34], 1),
-        (0, list(range(0, 35)), 1),
+        (0, list(range(35)), 1),
     ],
     # H10304: even over 1..18, odd over 18..35 (the halves share bit 18).
-    37: [(0, list(range(0, 19)), 0), (36, list(range(18, 37)), 1)],
+    37: [(0, list(range(19)), 0), (36, list(range(18, 37)), 1)],
 }
 
 # (format, data start, data length, facility length) per frame length.
@@ -262,15 +265,27 @@ def decode_wiegand(bits: str | Sequence[int], key_width: int = 24) -> CardResult
         value = int(raw, 2)
         if value >= len(_KEYPAD_CHARS):
             return _error("keypad", "keypad4", "garbage", f"keypad value {value} is no key", raw)
-        return CardResult(ok=True, kind="keypad", format="keypad4", keys=_KEYPAD_CHARS[value], raw=raw)
+        return CardResult(
+            ok=True, kind="keypad", format="keypad4", keys=_KEYPAD_CHARS[value], raw=raw
+        )
     if n == 8:
         high, low = int(raw[:4], 2), int(raw[4:], 2)
         if high != (~low & 0xF):
-            return _error("keypad", "keypad8", "parity", "8-bit keypad: high nibble is not the complement of the low", raw)
+            return _error(
+                "keypad",
+                "keypad8",
+                "parity",
+                "8-bit keypad: high nibble is not the complement of the low",
+                raw,
+            )
         if low >= len(_KEYPAD_CHARS):
             return _error("keypad", "keypad8", "garbage", f"keypad value {low} is no key", raw)
-        return CardResult(ok=True, kind="keypad", format="keypad8", keys=_KEYPAD_CHARS[low], raw=raw)
-    return _error("raw", "raw", "length", f"{n}-bit frame is no known format (26, 34, 35, 37, 4, 8)", raw)
+        return CardResult(
+            ok=True, kind="keypad", format="keypad8", keys=_KEYPAD_CHARS[low], raw=raw
+        )
+    return _error(
+        "raw", "raw", "length", f"{n}-bit frame is no known format (26, 34, 35, 37, 4, 8)", raw
+    )
 
 
 def _encode(n: int, fields: list[tuple[int, int, int]]) -> str:
@@ -335,9 +350,13 @@ def decode_rdm6300(frame: bytes, key_width: int = 24) -> CardResult:
     frame = bytes(frame)
     raw = frame.hex().upper()  # garbage is logged as hex; a well-formed frame as its 12 characters
     if len(frame) != RDM6300_FRAME_LEN:
-        return _error("card", "rdm6300", "garbage", f"frame of {len(frame)} bytes, expected 14", raw)
+        return _error(
+            "card", "rdm6300", "garbage", f"frame of {len(frame)} bytes, expected 14", raw
+        )
     if frame[0] != STX or frame[-1] != ETX:
-        return _error("card", "rdm6300", "garbage", "frame does not start with 0x02 and end with 0x03", raw)
+        return _error(
+            "card", "rdm6300", "garbage", "frame does not start with 0x02 and end with 0x03", raw
+        )
     body = frame[1:13]
     if not set(body) <= _HEXDIGITS:
         return _error("card", "rdm6300", "garbage", "non-hex characters inside the frame", raw)
@@ -349,7 +368,11 @@ def decode_rdm6300(frame: bytes, key_width: int = 24) -> CardResult:
         computed ^= b
     if given != computed:
         return _error(
-            "card", "rdm6300", "checksum", f"checksum {given:02X} but the bytes give {computed:02X}", raw
+            "card",
+            "rdm6300",
+            "checksum",
+            f"checksum {given:02X} but the bytes give {computed:02X}",
+            raw,
         )
     value = int.from_bytes(payload, "big")
     if value & 0xFFFFFFFF == 0:
@@ -396,7 +419,11 @@ def decode_em_line(line: str | bytes, key_width: int = 24, number: str = "auto")
     elif number in ("auto", "hex") and _EM_HEX.match(s):
         value = int(s, 16)
     if value is None:
-        want = {"auto": "10 decimal digits or 8/10 hex digits", "dec": "10 decimal digits", "hex": "8 or 10 hex digits"}
+        want = {
+            "auto": "10 decimal digits or 8/10 hex digits",
+            "dec": "10 decimal digits",
+            "hex": "8 or 10 hex digits",
+        }
         return _error("card", "emline", "garbage", f"line is not {want[number]}", raw)
     if value == 0:
         return _error("card", "emline", "garbage", "all-zero tag", raw)

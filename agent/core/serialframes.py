@@ -6,6 +6,7 @@ return ``cards.CardResult``s, one shape for every reader. They keep no time:
 suppressing a card that stays in the field is ``RepeatFilter``'s job, with
 the time given by the caller.
 """
+
 from __future__ import annotations
 
 from .cards import (
@@ -22,7 +23,14 @@ _HEX = frozenset(b"0123456789ABCDEFabcdef")
 
 
 def _garbage(fmt: str, data: bytes | bytearray, detail: str) -> CardResult:
-    return CardResult(ok=False, kind="card", format=fmt, error="garbage", detail=detail, raw=bytes(data).hex().upper())
+    return CardResult(
+        ok=False,
+        kind="card",
+        format=fmt,
+        error="garbage",
+        detail=detail,
+        raw=bytes(data).hex().upper(),
+    )
 
 
 class Rdm6300Stream:
@@ -114,7 +122,9 @@ class EmLineStream:
                 self._line.append(b)
                 if len(self._line) > self.max_line:
                     out.append(
-                        _garbage("emline", self._line, f"line over {self.max_line} bytes without CR/LF")
+                        _garbage(
+                            "emline", self._line, f"line over {self.max_line} bytes without CR/LF"
+                        )
                     )
                     self._line = bytearray()
                     self._skipping = True

@@ -11,6 +11,7 @@ pulse of 20 to 100 us on D0 (bit 0) or D1 (bit 1), bits 0.2 to 20 ms apart.
 A frame ends after silence, or, when the reader's format is fixed, at its
 last bit.
 """
+
 from __future__ import annotations
 
 from .cards import CardResult, check_key_width, decode_wiegand
@@ -51,7 +52,9 @@ class WiegandDecoder:
         if not 0 < silence_s:
             raise ValueError(f"silence_s must be positive, got {silence_s}")
         if not 0 <= glitch_s < stuck_s:
-            raise ValueError(f"need 0 <= glitch_s < stuck_s, got glitch_s={glitch_s}, stuck_s={stuck_s}")
+            raise ValueError(
+                f"need 0 <= glitch_s < stuck_s, got glitch_s={glitch_s}, stuck_s={stuck_s}"
+            )
         self.silence_s = silence_s
         self.glitch_s = glitch_s
         self.fixed_bits = fixed_bits
@@ -112,7 +115,11 @@ class WiegandDecoder:
                     )
                 )
         # Same sums as deadline(), so poll(deadline()) always does the work due.
-        if self._pending() and self._last_edge is not None and t >= self._last_edge + self.silence_s:
+        if (
+            self._pending()
+            and self._last_edge is not None
+            and t >= self._last_edge + self.silence_s
+        ):
             self._complete(out)
         return out
 
