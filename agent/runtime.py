@@ -27,7 +27,8 @@ import math
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from agent.core.events import Feedback, FireLoop, Now, SetOutput, Tick
 
@@ -126,10 +127,12 @@ class GateRuntime:
     always synced). on_record: called with each committed record, after the
     commands were driven. watchdog: called from the gate thread at least
     every ``watchdog_interval_s`` while it is alive and not stuck (systemd's
-    WATCHDOG=1), so a hung gate thread gets the agent restarted. on_idle:
-    called on the gate thread when the queue has drained and then every
-    ``idle_interval_s`` while idle (journal maintenance); it delays the next
-    event by its duration, so it must be short. max_queue: ordinary events
+    WATCHDOG=1), so a hung gate thread gets the agent restarted.
+    on_idle(now): called on the gate thread when the queue has drained and
+    then every ``idle_interval_s`` while idle, e.g.
+    ``lambda now: journal.maintenance(now.wall)``; records it returns (already
+    committed) go to on_record. It delays the next event by its duration, so
+    it must be short. max_queue: ordinary events
     beyond this many queued are dropped and counted (fire-loop events never).
     """
 
@@ -142,7 +145,7 @@ class GateRuntime:
         clock: Clock | None = None,
         on_record: Callable[[dict], Any] | None = None,
         watchdog: Callable[[], Any] | None = None,
-        on_idle: Callable[[], Any] | None = None,
+        on_idle: Callable[[Now], list[dict] | None] | None = None,
         watchdog_interval_s: float = 1.0,
         idle_interval_s: float = 1.0,
         max_queue: int = 10_000,
@@ -206,8 +209,7 @@ class GateRuntime:
                                     self._max_queue, self.counters["dropped"], event)
                     return False
                 self._q.append((event, t))
-                if len(self._q) > self.counters["queue_max"]:
-                    self.counters["queue_max"] = len(self._q)
+                self.counters["queue_max"] = max(self.counters["queue_max"], len(self._q))
             self._cond.notify_all()
         return True
 
@@ -333,10 +335,21 @@ class GateRuntime:
         self._drained = False
         self._next_idle = self.clock.monotonic() + self._idle_interval
         try:
-            self._on_idle()  # type: ignore[misc]
+            committed = self._on_idle(self.clock.now())  # type: ignore[misc]
         except Exception:
             self.counters["hook_errors"] += 1
             log.exception("on_idle callback failed")
+            return
+        # Records the idle work committed itself (the journal's own alarms and
+        # overflow reports) go on to the uplink like any other.
+        if committed and self._on_record is not None:
+            self.counters["records"] += len(committed)
+            for rec in committed:
+                try:
+                    self._on_record(rec)
+                except Exception:
+                    self.counters["hook_errors"] += 1
+                    log.exception("on_record failed for record %s", rec.get("id"))
 
     def _process(self, event: Any, t_enq: float | None) -> None:
         if t_enq is None:

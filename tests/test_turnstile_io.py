@@ -6,6 +6,7 @@ real board starts, and "no output ever went active" covers power-on too.
 """
 from __future__ import annotations
 
+import itertools
 import threading
 from array import array
 from pathlib import Path
@@ -383,7 +384,7 @@ FAST = {
 
 def _pulses(factory, out) -> int:
     states = output_states(factory, out)
-    return sum(1 for a, b in zip(states, states[1:]) if a != out.active_high and b == out.active_high)
+    return sum(1 for a, b in itertools.pairwise(states) if a != out.active_high and b == out.active_high)
 
 
 @pytest.mark.parametrize("signal,led,beeps", [("granted", 1, 1), ("denied", 0, 2), ("error", 0, 3)])

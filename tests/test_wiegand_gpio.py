@@ -161,7 +161,7 @@ def test_noise_pulses_are_dropped_and_the_card_still_reads(readers):
             line = rng.randint(0, 1)
             noisy += [(t, line, 0), (t + 2e-6, line, 1)]
     r.feed_edges(noisy)
-    assert [e for e in got.items if isinstance(e, ev.CardRead)][0].key == KEY
+    assert next(e for e in got.items if isinstance(e, ev.CardRead)).key == KEY
     assert r.counters["glitches"] == 25
 
 

@@ -19,10 +19,11 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 OUTPUT_LINES = ("unlock_a", "unlock_b", "stop", "fire_release")
 REQUIRED_OUTPUTS = ("unlock_a", "unlock_b", "stop")
@@ -42,7 +43,7 @@ INPUT_LINES = tuple(INPUT_MEANING)
 REQUIRED_INPUTS = ("pass_a", "pass_b")
 PULLS = ("up", "down", "none")
 LEVELS = ("high", "low")
-BCM_PINS = range(0, 28)
+BCM_PINS = range(28)
 # The HAT ID EEPROM lines: a HAT's EEPROM (or its absence) must not be disturbed.
 RESERVED_PINS = {0: "ID_SD (HAT EEPROM)", 1: "ID_SC (HAT EEPROM)"}
 
@@ -369,10 +370,10 @@ def load_profile(name_or_path: str | os.PathLike) -> Profile:
                 raise ProfileError(str(path), [f"not valid TOML: {exc}"]) from None
             profile = parse_profile(doc, str(path))
             if not (text.endswith(".toml") or os.sep in text) and profile.name != text:
-                raise ProfileError(str(path), [f"name = {profile.name!r} but the file is {path.name}; "
-                                               "make them agree"])
+                raise ProfileError(str(path), [(f"name = {profile.name!r} but the file is {path.name}; "
+                                               "make them agree")])
             return profile
     available = ", ".join(available_profiles()) or "none found"
     where = ", ".join(str(d) for d in profile_dirs())
-    raise ProfileNotFound(text, [f"no such profile; available: {available} (searched {where}); "
-                                 "set hardware.profile to one of them or to a .toml path"])
+    raise ProfileNotFound(text, [(f"no such profile; available: {available} (searched {where}); "
+                                 "set hardware.profile to one of them or to a .toml path")])

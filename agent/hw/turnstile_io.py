@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from gpiozero import DigitalInputDevice, DigitalOutputDevice
 
