@@ -25,7 +25,7 @@ from agent.core.records import SequenceSink
 from agent.core.turnstile import Gate
 from agent.hw.profiles import load_profile
 from agent.hw.turnstile_io import TurnstileIO
-from agent.hw.wiegand_gpio import WiegandReader
+from agent.hw.wiegand_gpio import WiegandReader, readers_from_profile
 from agent.runtime import GateRuntime
 from fastpath import codes
 from fastpath.columns import TableColumns
@@ -338,3 +338,23 @@ def test_a_pulse_train_on_the_entry_readers_mock_pins_opens_unlock_a_and_pass_a_
         rt.stop()
         reader.close()
         io.close()
+
+
+def test_readers_from_profile_open_each_wired_reader_on_its_pins(factory):
+    profile = load_profile("pi-opto")
+    got = Events()
+    readers = readers_from_profile(profile, factory=factory, submit=got,
+                                   decoder_kwargs={name: {**MOCK, "fixed_bits": 26} for name in profile.readers})
+    try:
+        assert set(readers) == {"entry", "exit"}
+        pins = profile.readers["exit"]
+        drive_bits(factory, pins.d0, pins.d1, encode_w26(100, 60179))
+        assert got.items == [ev.CardRead(reader="exit", key=KEY, format="w26", raw=encode_w26(100, 60179))]
+    finally:
+        for r in readers.values():
+            r.close()
+
+
+def test_readers_from_profile_names_a_reader_the_board_does_not_wire(factory):
+    with pytest.raises(ValueError, match="lobby.*pi4-relay4"):
+        readers_from_profile(load_profile("pi4-relay4"), factory=factory, submit=Events(), names=["lobby"])

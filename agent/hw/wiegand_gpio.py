@@ -205,3 +205,41 @@ class WiegandReader:
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=2.0)
+
+
+def readers_from_profile(
+    profile: Any,
+    *,
+    factory: Any,
+    submit: Callable[[Any], Any],
+    decoder_kwargs: dict[str, dict] | None = None,
+    names: Iterable[str] | None = None,
+) -> dict[str, WiegandReader]:
+    """A WiegandReader for each reader of a board profile (agent.hw.profiles).
+
+    decoder_kwargs: reader name -> WiegandDecoder options (e.g. fixed_bits for
+    a reader whose format is fixed, key_width). names: only these readers
+    (the gate config's), default all the profile wires. If one fails to open,
+    those already opened are closed again.
+    """
+    wanted = list(profile.readers if names is None else names)
+    missing = [n for n in wanted if n not in profile.readers]
+    if missing:
+        raise ValueError(
+            f"reader(s) {', '.join(missing)} are not wired in hardware profile {profile.name} "
+            f"(it wires: {', '.join(profile.readers) or 'none'}); rename the readers in the gate "
+            "config or pick a profile that wires them"
+        )
+    out: dict[str, WiegandReader] = {}
+    try:
+        for name in wanted:
+            pins = profile.readers[name]
+            out[name] = WiegandReader(
+                name, pins.d0, pins.d1, factory=factory, submit=submit,
+                decoder_kwargs=(decoder_kwargs or {}).get(name), pull=pins.pull,
+            )
+    except Exception:
+        for reader in out.values():
+            reader.close()
+        raise
+    return out
