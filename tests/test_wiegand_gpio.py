@@ -197,6 +197,14 @@ def test_a_stuck_line_is_reported_once(readers):
     assert r.counters["stuck"] == 1
 
 
+def test_the_timer_reports_a_line_stuck_low_with_no_further_edge(readers):
+    got = Events()
+    r = readers(submit=got)
+    r.feed_edges([(time.monotonic() - 0.1, 1, 0)])  # D1 fell and never rose: reader unplugged mid-pulse
+    err = got.wait_for(1)[0]
+    assert isinstance(err, ev.ReaderError) and err.kind == "glitch" and "D1" in err.detail
+
+
 def test_two_readers_interleaved_each_read_their_own_card(readers):
     got = Events()
     entry = readers("entry", submit=got, timer=False, decoder_kwargs={"fixed_bits": 26})

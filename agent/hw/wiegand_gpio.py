@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 # An edge timestamp more than this far from the timer's clock means the
 # edge clock jumped (e.g. a realtime clock stepped): re-anchor it.
 _REANCHOR_S = 1.0
+_TIMER_SLACK_S = 0.02
 
 
 class WiegandReader:
@@ -137,8 +138,13 @@ class WiegandReader:
             self.adapter_counters["edges"] += 1
             results = self.decoder.feed(t, line, level)
             due = self.decoder.deadline()
-            # Wake the timer only when it must act earlier than it planned to.
-            if due is not None and (self._timer_until is None or due < self._timer_until):
+            # Wake the timer only when it sleeps with nothing to do, or must act
+            # much earlier than planned. A frame's silence deadline only moves
+            # later; what comes earlier is the stuck-line check each falling
+            # edge sets, and a wake per bit for it is not worth it: a stuck
+            # line is reported at most _TIMER_SLACK_S late.
+            until = self._timer_until
+            if due is not None and (until is None or due < until - _TIMER_SLACK_S):
                 self._wake.notify()
         if results:
             self._deliver(results)
