@@ -200,7 +200,7 @@ def test_a_stuck_line_is_reported_once(readers):
 def test_the_timer_reports_a_line_stuck_low_with_no_further_edge(readers):
     got = Events()
     r = readers(submit=got)
-    r.feed_edges([(time.monotonic() - 0.1, 1, 0)])  # D1 fell and never rose: reader unplugged mid-pulse
+    r.feed_edges([(time.monotonic() - 0.1, 1, 0)])  # D1 fell and never rose: a shorted line or a dead reader
     err = got.wait_for(1)[0]
     assert isinstance(err, ev.ReaderError) and err.kind == "glitch" and "D1" in err.detail
 
