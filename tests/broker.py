@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Self
 
 import pytest
 
@@ -169,7 +170,7 @@ class Mosquitto:
             return "(no mosquitto log)"
         return "log: " + " | ".join(tail)
 
-    def __enter__(self) -> Mosquitto:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -267,7 +268,7 @@ class Observer:
         self.client.disconnect()
         self.client.loop_stop()
 
-    def __enter__(self) -> Observer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

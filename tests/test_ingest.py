@@ -1,4 +1,5 @@
 """The reference ingest: stores each event once, acks the contiguous prefix, after commit."""
+# ruff: noqa: F811 - pytest fixtures imported from tests.broker, used as arguments
 from __future__ import annotations
 
 import json

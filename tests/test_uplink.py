@@ -1,4 +1,5 @@
 """The MQTT uplink against a real mosquitto, a real journal and the reference ingest."""
+# ruff: noqa: F811 - pytest fixtures imported from tests.broker, used as arguments
 from __future__ import annotations
 
 import json
@@ -141,12 +142,13 @@ def test_bad_settings_are_refused_with_a_message(journal):
 
 def cut_connection(up: Uplink) -> None:
     """Break the uplink's TCP connection without an MQTT DISCONNECT (a lost link)."""
-    sock = up._client.socket()  # noqa: SLF001 - the test plays the network failing
+    sock = up._client.socket()  # the test plays the network failing
     sock.shutdown(socket.SHUT_RDWR)
 
 
 def test_status_online_retained_offline_will_on_loss_and_offline_on_stop(broker, journal, uplinks):
-    up = uplinks(journal, broker, status_fields=lambda: {"acl_version": "2026-09-01.3"})
+    fields = {"acl_version": "2026-09-01.3"}
+    up = uplinks(journal, broker, status_fields=lambda: dict(fields))
     wait_until(lambda: up.connected, 10, "connect")
     with Observer(broker, T["status"]) as late:  # subscribes after the birth: sees it retained
         wait_until(lambda: late.all(), 5, "the retained status")
@@ -159,10 +161,15 @@ def test_status_online_retained_offline_will_on_loss_and_offline_on_stop(broker,
     assert birth["boot"] == BOOT
 
     with Observer(broker, T["status"]) as watch:
+        fields["acl_version"] = "2026-09-02.1"  # a new access list: the status says so
+        up.refresh_status()
+        wait_until(lambda: any(r.get("acl_version") == "2026-09-02.1" for r in watch.records()), 5,
+                   "the new status")
+
         cut_connection(up)
         wait_until(lambda: [r["state"] for r in watch.records()][-2:] == ["offline", "online"], 10,
                    "the will, then a new birth")
-        will = [r for r in watch.records() if r["state"] == "offline"][0]
+        will = next(r for r in watch.records() if r["state"] == "offline")
         assert will["reason"] == "will" and validate("status", will) == []
 
         up.stop()
@@ -238,7 +245,7 @@ def _pki(tmp_path: Path, *, server_not_before_days: float = -1.0) -> dict[str, s
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
 
     def name(cn: str) -> x509.Name:
         return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])

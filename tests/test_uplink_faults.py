@@ -1,5 +1,6 @@
 """Faults against a real mosquitto: the broker killed while events flow, the broker's ACL
 refusing events. Nothing the gate journalled may be lost."""
+# ruff: noqa: F811 - pytest fixtures imported from tests.broker, used as arguments
 from __future__ import annotations
 
 import threading
@@ -37,7 +38,7 @@ class Gate(threading.Thread):
                 self.committed += self.journal.commit([passage(i)])
                 self.uplink.wake()
                 self.done.wait(0.004)  # a steady flow, not a burst
-        except BaseException as exc:  # surfaced by the test
+        except Exception as exc:  # noqa: BLE001 - surfaced by the test
             self.error = exc
         finally:
             self.done.set()
@@ -55,9 +56,9 @@ def test_broker_killed_and_restarted_while_events_flow_loses_nothing(
         gate = Gate(journal, up, total=400)
         gate.start()
         for outage in (60, 220):  # two outages, each while the gate keeps committing
-            wait_until(lambda: len(gate.committed) >= outage, 20, f"{outage} records committed")
+            wait_until(lambda n=outage: len(gate.committed) >= n, 20, f"{outage} records committed")
             broker.kill()
-            wait_until(lambda: len(gate.committed) >= outage + 60 or gate.done.is_set(), 20,
+            wait_until(lambda n=outage: len(gate.committed) >= n + 60 or gate.done.is_set(), 20,
                        "records committed during the outage")
             broker.start()
         gate.join(30)

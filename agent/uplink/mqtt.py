@@ -43,7 +43,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -222,6 +222,7 @@ class Uplink:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._outbox: deque[tuple[str, bytes, int, bool, Properties | None]] = deque(maxlen=1000)
+        self._status_due = False
 
         # Connection state, touched only by the uplink thread.
         self._client: mqtt.Client | None = None
@@ -285,10 +286,18 @@ class Uplink:
                 properties: Properties | None = None) -> None:
         """Queue one message (a command reply, say) for the uplink thread.
 
-        Dropped when not connected for QoS 0; QoS 1 messages wait for the
-        connection (up to 1,000, the oldest dropped first)."""
+        Dropped when not connected for QoS 0 (a stale sample is worthless);
+        QoS 1 messages wait for the connection (up to 1,000, the oldest
+        dropped first)."""
+        if qos == 0 and not self._connected:
+            return
         data = payload.encode("utf-8") if isinstance(payload, str) else payload
         self._outbox.append((topic, data, qos, retain, properties))
+        self.wake()
+
+    def refresh_status(self) -> None:
+        """Publish the ``online`` status again (e.g. a new access-list version)."""
+        self._status_due = True
         self.wake()
 
     def publish_telemetry(self, payload: dict) -> None:
@@ -310,7 +319,7 @@ class Uplink:
             "drain_per_s": self._drain_rate(),
         }
 
-    def __enter__(self) -> Uplink:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -323,7 +332,7 @@ class Uplink:
             try:
                 self._step()
             except Exception as exc:  # never let the thread die: log, drop the link, retry
-                log.exception("uplink: unexpected error, reconnecting: %s", exc)
+                log.exception("uplink: unexpected error, reconnecting")
                 self._last_error = f"{type(exc).__name__}: {exc}"
                 self._drop_client()
                 self._schedule_reconnect()
@@ -535,7 +544,8 @@ class Uplink:
         self._publish_raw(self.topics["status"], _json(self._birth()), qos=1, retain=True)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
-        if not self._stopping:
+        # Before CONNACK the refusal itself is the better explanation: keep it.
+        if self._connected and not self._stopping:
             self._last_error = f"disconnected: {_rc_text(reason_code)}"
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
@@ -561,13 +571,12 @@ class Uplink:
                             f"event seq {seq} (reason 0x10); ack mode 'broker' counts it as delivered")
             else:
                 self._alarm("broker_dropped", False, "")
-        elif rc == RC_NO_MATCHING_SUBSCRIBERS:
+        elif rc == RC_NO_MATCHING_SUBSCRIBERS and self._retry_at is None:
             # Nobody (no ingest) received it: send it again later, backing off.
-            if self._retry_at is None:
-                self._retry_at = time.monotonic() + self._drop_backoff
-                log.info("uplink: no subscriber took event seq %d (0x10); resending in %.1f s",
-                         seq, self._drop_backoff)
-                self._drop_backoff = min(self._drop_backoff * 2, self.resend_after_s)
+            self._retry_at = time.monotonic() + self._drop_backoff
+            log.info("uplink: no subscriber took event seq %d (0x10); resending in %.1f s",
+                     seq, self._drop_backoff)
+            self._drop_backoff = min(self._drop_backoff * 2, self.resend_after_s)
 
     def _refused(self, seq: int, reason_code: Any) -> None:
         self._refusals += 1
@@ -666,6 +675,9 @@ class Uplink:
             return rec
 
     def _flush_outbox(self) -> None:
+        if self._status_due:
+            self._status_due = False
+            self._publish_raw(self.topics["status"], _json(self._birth()), qos=1, retain=True)
         while self._outbox and len(self._inflight) < self._window_eff:
             topic, payload, qos, retain, props = self._outbox.popleft()
             if not self._publish_raw(topic, payload, qos, retain, props):
