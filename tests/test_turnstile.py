@@ -9,7 +9,7 @@ line (outputs only on change, so nothing pulses by accident).
 from __future__ import annotations
 
 from array import array
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -24,7 +24,7 @@ from fastpath.columns import TableColumns
 pytestmark = pytest.mark.core
 
 MONO0 = 1000.0
-WALL0 = datetime(2026, 9, 7, 8, 0, tzinfo=timezone.utc).timestamp()  # a Monday, 08:00 UTC
+WALL0 = datetime(2026, 9, 7, 8, 0, tzinfo=UTC).timestamp()  # a Monday, 08:00 UTC
 DAY0 = datetime(2026, 9, 7).toordinal()
 
 ONES = b"\xff" * codes.BITMAP_BYTES
@@ -825,7 +825,8 @@ def test_schedules_are_read_in_local_time_of_the_lists_zone(fp):
     run.gate.set_timezone("Asia/Novosibirsk")
     assert run.gate.timezone == "Asia/Novosibirsk"
     assert only(run(40, card(K_BOB)), "access.denied")["reason"] == "outside_schedule"
-    run.gate.set_timezone(None)  # back to the config's zone
+    run.gate.timezone = None  # back to the config's zone
+    assert run.gate.timezone == "UTC"
     assert types(run(41, card(K_BOB))) == ["access.granted"]
     # 09:04 UTC: the window has closed
     assert only(run(42, ev.PassSensor("A")), "passage")["person"] == BOB

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
-from typing import Mapping
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from fastpath import codes
@@ -65,47 +65,51 @@ class GateConfig:
     def validate(self) -> None:
         """Raise GateConfigError listing every bad field with what is allowed."""
         errors: list[tuple[str, str]] = []
+
+        def bad(name: str, message: str) -> None:
+            errors.append((name, message))
+
         for name in ("site", "gate"):
             v = getattr(self, name)
             if not isinstance(v, str) or not _TOPIC_LEVEL.fullmatch(v):
-                errors.append((name, f"{v!r} is not allowed: use 1 to 64 letters, digits, '_' or '-' "
-                                     "(it is an MQTT topic level)"))
+                bad(name, f"{v!r} is not allowed: use 1 to 64 letters, digits, '_' or '-' "
+                          "(it is an MQTT topic level)")
         if not isinstance(self.readers, Mapping) or not self.readers:
-            errors.append(("readers", f"{self.readers!r}: give at least one reader as name -> direction, "
-                                      "e.g. {entry = \"in\", exit = \"out\"}"))
+            bad("readers", f"{self.readers!r}: give at least one reader as name -> direction, "
+                           'e.g. {entry = "in", exit = "out"}')
         else:
             for name, direction in self.readers.items():
                 if not isinstance(name, str) or not name:
-                    errors.append(("readers", f"reader name {name!r} must be a non-empty string"))
+                    bad("readers", f"reader name {name!r} must be a non-empty string")
                 if direction not in codes.DIRECTIONS:
-                    errors.append((f"readers.{name}", f"direction {direction!r}; allowed: \"in\", \"out\""))
+                    bad(f"readers.{name}", f'direction {direction!r}; allowed: "in", "out"')
         if self.relay_mode not in RELAY_MODES:
-            errors.append(("relay_mode", f"{self.relay_mode!r}; allowed: \"pulse\", \"potential\""))
+            bad("relay_mode", f'{self.relay_mode!r}; allowed: "pulse", "potential"')
         wait_ok = _is_number(self.wait_s) and 0 < self.wait_s <= MAX_WAIT_S
         if not wait_ok:
-            errors.append(("wait_s", f"{self.wait_s!r}; allowed: seconds, more than 0 and at most "
-                                     f"{MAX_WAIT_S:g} (5.0 on a TTR-04, 8.0 on a TTR-10A)"))
+            bad("wait_s", f"{self.wait_s!r}; allowed: seconds, more than 0 and at most "
+                          f"{MAX_WAIT_S:g} (5.0 on a TTR-04, 8.0 on a TTR-10A)")
         if not _is_number(self.pulse_s) or self.pulse_s < MIN_PULSE_S:
-            errors.append(("pulse_s", f"{self.pulse_s!r}; allowed: at least {MIN_PULSE_S} s "
-                                      "(the turnstile needs a 100 ms pulse)"))
+            bad("pulse_s", f"{self.pulse_s!r}; allowed: at least {MIN_PULSE_S} s "
+                           "(the turnstile needs a 100 ms pulse)")
         elif wait_ok and self.pulse_s > self.wait_s:
-            errors.append(("pulse_s", f"{self.pulse_s!r} is longer than wait_s ({self.wait_s!r}); "
-                                      "a pulse must end within the passage wait"))
+            bad("pulse_s", f"{self.pulse_s!r} is longer than wait_s ({self.wait_s!r}); "
+                           "a pulse must end within the passage wait")
         if self.apb not in codes.APB_MODES:
-            errors.append(("apb", f"{self.apb!r}; allowed: {', '.join(codes.APB_MODES)}"))
-        if (not isinstance(self.apb_window_min, int) or isinstance(self.apb_window_min, bool)
-                or self.apb_window_min < 0):
-            errors.append(("apb_window_min", f"{self.apb_window_min!r}; allowed: whole minutes, 0 or more"))
-        elif self.apb == "timed" and self.apb_window_min == 0:
-            errors.append(("apb_window_min", "apb = \"timed\" needs a window of at least 1 minute"))
+            bad("apb", f"{self.apb!r}; allowed: {', '.join(codes.APB_MODES)}")
+        window = self.apb_window_min
+        if not isinstance(window, int) or isinstance(window, bool) or window < 0:
+            bad("apb_window_min", f"{window!r}; allowed: whole minutes, 0 or more")
+        elif self.apb == "timed" and window == 0:
+            bad("apb_window_min", 'apb = "timed" needs a window of at least 1 minute')
         if not isinstance(self.fire_release, bool):
-            errors.append(("fire_release", f"{self.fire_release!r}; allowed: true or false"))
+            bad("fire_release", f"{self.fire_release!r}; allowed: true or false")
         if not valid_timezone(self.timezone):
-            errors.append(("timezone", f"{self.timezone!r} is not a known IANA time zone; "
-                                       "use a name like \"Europe/Moscow\" or \"UTC\""))
+            bad("timezone", f"{self.timezone!r} is not a known IANA time zone; "
+                            'use a name like "Europe/Moscow" or "UTC"')
         if self.initial_mode not in INITIAL_MODES:
-            errors.append(("initial_mode", f"{self.initial_mode!r}; allowed: {', '.join(INITIAL_MODES)} "
-                                           "(fire is entered only through the fire loop)"))
+            bad("initial_mode", f"{self.initial_mode!r}; allowed: {', '.join(INITIAL_MODES)} "
+                                "(fire is entered only through the fire loop)")
         if errors:
             raise GateConfigError(errors)
 

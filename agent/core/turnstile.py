@@ -30,9 +30,10 @@ Rules this module obeys (the h11 habit):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Callable
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import agent
@@ -178,6 +179,10 @@ class Gate:
         """The zone schedules are read in: set_timezone(), else the table's, else the config's."""
         return self._tz_name or getattr(self._table, "timezone", None) or self._cfg.timezone
 
+    @timezone.setter
+    def timezone(self, name: str | None) -> None:
+        self.set_timezone(name)
+
     def set_timezone(self, name: str | None) -> None:
         """The access list's time zone (the runtime calls it when it swaps tables); None: config's."""
         if name is not None and not valid_timezone(name):
@@ -263,7 +268,7 @@ class Gate:
         busy = self._lane == FAULT or self._pending is not None or not self._line_free(direction)
         mow, day = self._local(now)
         result, idx, warning = self._fp.decide(
-            table, self._state, key, direction, MODE_CODE[self.mode], int(math.floor(now.wall)),
+            table, self._state, key, direction, MODE_CODE[self.mode], math.floor(now.wall),
             mow, day, busy, self._apb, self._cfg.apb_window_s,
         )
         person = table.person_id(idx) if idx >= 0 else None
@@ -272,8 +277,8 @@ class Gate:
                          format=event.format, person=person, reason=codes.RESULTS[result])
             step.commands.append(ev.Feedback(event.reader, "denied"))
             return
-        fields: dict[str, Any] = dict(reader=event.reader, direction=dname, card=key, format=event.format,
-                                      person=person)
+        fields: dict[str, Any] = {"reader": event.reader, "direction": dname, "card": key,
+                                  "format": event.format, "person": person}
         if warning == codes.WARN_ANTIPASSBACK:
             fields["warning"] = "antipassback"
         self._record(step, now, "access.granted", **fields)
@@ -295,7 +300,7 @@ class Gate:
         if p.source == "card" and p.person is not None:
             # Only card passages move people (anti-passback) and spend guest uses.
             _, day = self._local(now)
-            self._state.record_passage(p.person, direction, int(math.floor(now.wall)), day, p.guest)
+            self._state.record_passage(p.person, direction, math.floor(now.wall), day, p.guest)
         self._close_lane()
         self._start_waiting(now)
 
@@ -633,7 +638,7 @@ class Gate:
 
 
 def _ms(seconds: float) -> int:
-    return int(round(seconds * 1000))
+    return round(seconds * 1000)
 
 
 Handler = Callable[[Gate, Any, ev.Now, ev.Step], None]
