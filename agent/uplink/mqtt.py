@@ -523,8 +523,7 @@ class Uplink:
             self._last_error = f"broker refused the connection: {_rc_text(reason_code)}"
             if _rc_value(reason_code) in (0x86, 0x87):
                 self._last_error += "; check the uplink's username/password and the broker's ACL"
-            log.error("uplink: %s", self._last_error)
-            return  # paho closes the socket; the loop reconnects with backoff
+            return  # paho closes the socket; the loop logs once and reconnects with backoff
         now = time.monotonic()
         self._connected = True
         self._connect_failures = 0
