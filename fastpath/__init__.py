@@ -7,14 +7,17 @@ makes a missing compiled twin an ImportError instead of a silent fallback.
 Both twins export the same names:
 
 - ``Table(columns: TableColumns)``: immutable card table. ``len(table)`` is
-  the number of card entries; ``table.version``; ``table.lookup(key)`` gives
-  the card's person index, -1 for no person (unknown or blocked-only);
-  ``table.is_blocked(key)``; ``table.person_id(index)``; ``table.persons``;
+  the number of card entries; ``table.version``; ``table.key_width``;
+  ``table.lookup(key)`` gives the card's person index, -1 for no person
+  (unknown or blocked-only); ``table.is_blocked(key)``;
+  ``table.person_id(index)``; ``table.is_guest(index)``; ``table.persons``;
   ``table.nbytes()`` an estimate of the memory it holds.
 - ``GateState()``: anti-passback positions and guest uses, keyed by person id
   so they outlive a table swap. ``record_passage(person_id, direction,
-  epoch_s, guest)``; ``position(person_id)``; ``uses(person_id)``;
-  ``to_dict()`` / ``GateState.from_dict(d)`` for persistence.
+  epoch_s, day, guest)``; ``position(person_id, day)`` (POS_UNKNOWN when the
+  position was set on another local day); ``last_entry(person_id)``;
+  ``uses(person_id)``; ``to_dict()`` / ``GateState.from_dict(d)`` for
+  persistence.
 - ``decide(table, state, key, direction, mode, epoch_s, minute_of_week, day,
   busy, apb_mode, apb_window_s) -> (result, person_index, warning)`` with the
   integer codes of ``fastpath.codes``.
