@@ -318,6 +318,8 @@ for _state in (IDLE, PENDING, FAULT):
         (_state, lambda fp: ev.Tamper(active=True), ["alarm"], lambda g, s: only(s, "alarm")["kind"] == "tamper"),
         (_state, lambda fp: ev.SwapTable(table=fp.Table(columns("v2"))), ["acl.applied"],
          lambda g, s: g.table.version == "v2"),
+        (_state, lambda fp: ev.Report("alarm", {"kind": "publish_refused", "active": True, "detail": "0x87"}),
+         ["alarm"], lambda g, s: only(s, "alarm")["kind"] == "publish_refused" and s.commands == []),
     ]
 
 

@@ -146,6 +146,16 @@ class ResetFault:
 
 
 @dataclass(frozen=True)
+class Report:
+    """A record from an adapter (an uplink alarm, a refused command, a rejected
+    access list): journalled on the gate thread, numbered in order with the
+    rest. The core adds the envelope and changes nothing else."""
+
+    type: str
+    fields: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Tick:
     """Nothing happened; lets the core act on its deadline."""
 

@@ -437,6 +437,12 @@ class Gate:
             self._tamper = active
             self._record(step, now, "alarm", kind="tamper", active=active)
 
+    def _on_report(self, event: ev.Report, now: ev.Now, step: ev.Step) -> None:
+        if not isinstance(event.type, str) or not event.type or not isinstance(event.fields, dict):
+            self._illegal(now, step, f"Report with type {event.type!r}: it needs a record type and fields")
+            return
+        self._record(step, now, event.type, **event.fields)
+
     def _on_swap_table(self, event: ev.SwapTable, now: ev.Now, step: ev.Step) -> None:
         table = event.table
         if table is None or not isinstance(getattr(table, "version", None), str):
@@ -676,4 +682,5 @@ TRANSITIONS: dict[tuple[str, type], Handler] = {
     **_every_state(ev.ReadyLine, Gate._on_ready_line),
     **_every_state(ev.Tamper, Gate._on_tamper),
     **_every_state(ev.SwapTable, Gate._on_swap_table),
+    **_every_state(ev.Report, Gate._on_report),
 }
