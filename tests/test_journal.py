@@ -263,6 +263,15 @@ def test_pending_offers_only_records_already_synced_to_disk(path):
     j.close()
 
 
+def test_pending_offers_fresh_records_while_the_sync_thread_runs(path):
+    j = open_journal(path, sync_interval_s=30)  # the thread itself will not sync in time
+    j.start_sync_thread()
+    for i in range(3):
+        (rec,) = j.commit([granted(i)])
+        assert j.pending(rec["seq"] - 1) == [rec]
+    j.close()
+
+
 def test_sync_thread_syncs_in_the_background_and_stops(path):
     j = open_journal(path, sync_interval_s=0.05)
     j.start_sync_thread()
