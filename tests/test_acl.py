@@ -614,3 +614,72 @@ def test_a_million_card_list_validates_and_compiles_in_seconds(fp):
     t2 = time.perf_counter()
     print(f"1M cards: validate {t1 - t0:.1f} s, columns+Table({fp.__name__}) {t2 - t1:.1f} s")
     assert len(table) == 1_000_000 + acl.counts()["blocked"]
+
+
+# --------------------------------------------------------------------------- robustness
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-10, 10**12) | st.text(max_size=12)
+    | st.sampled_from(["100,60179", "2026-09-01", "07:00-08:00", "pupils", "lessons", "p-1"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+def _all_paths(value, prefix=()):
+    yield prefix
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _all_paths(v, prefix + (k,))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _all_paths(v, prefix + (i,))
+
+
+def _replace(doc, path, value):
+    doc = copy.deepcopy(doc)
+    if not path:
+        return value
+    node = doc
+    for part in path[:-1]:
+        node = node[part]
+    node[path[-1]] = value
+    return doc
+
+
+_SNAPSHOT = minimal(guests=[{"id": "g-1", "card": "100,5", "from": "2026-09-01T07:00:00+07:00",
+                             "until": "2026-09-02T07:00:00+07:00", "uses": 1, "groups": ["pupils"]}],
+                    blocked=["100,9"], holidays=["2026-11-04"])
+_DELTA = {"kind": "delta", "version": "t.2", "base": "t.1",
+          "people": [{"id": "p-2", "cards": ["100,7"], "groups": ["pupils"]}], "remove_people": ["p-1"],
+          "guests": [], "remove_guests": ["g-1"], "block": ["100,8"], "unblock": ["100,9"],
+          "holidays_add": ["2026-11-05"], "holidays_remove": ["2026-11-04"],
+          "schedules": {"x": {"week": {"mon": ["01:00-02:00"]}}}, "groups": {"y": {"entry": "x"}}}
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_junk_anywhere_in_a_snapshot_is_refused_cleanly_or_accepted(data):
+    paths_ = list(_all_paths(_SNAPSHOT))
+    doc = _replace(_SNAPSHOT, data.draw(st.sampled_from(paths_)), data.draw(_json))
+    try:
+        acl = AccessList.from_snapshot(doc)
+    except AclRejected as exc:
+        assert exc.errors and all(isinstance(e.path, str) and e.message for e in exc.errors)
+    else:
+        acl.columns()
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_junk_anywhere_in_a_delta_is_refused_cleanly_or_applied(data):
+    base = AccessList.from_snapshot(_SNAPSHOT)
+    paths_ = list(_all_paths(_DELTA))
+    doc = _replace(_DELTA, data.draw(st.sampled_from(paths_)), data.draw(_json))
+    try:
+        new = base.apply_delta(doc)
+    except AclRejected as exc:
+        assert exc.errors
+    else:
+        new.columns()
+    assert base.to_snapshot() == AccessList.from_snapshot(_SNAPSHOT).to_snapshot()

@@ -56,8 +56,6 @@ _SHOWN_IN_STR = 10  # errors quoted by str(AclRejected)
 _MAX_MESSAGE = 900  # the acl.rejected record allows 1000 characters per message
 
 _ALL_MINUTES = (1 << MINUTES_PER_WEEK) - 1
-ALL_ONES = _ALL_MINUTES.to_bytes(BITMAP_BYTES, "little")
-NO_MINUTES = bytes(BITMAP_BYTES)
 
 
 # --------------------------------------------------------------------------- errors
@@ -341,15 +339,11 @@ def _zone(name: str) -> ZoneInfo | None:
 # --------------------------------------------------------------------------- model
 
 
-class _Person(NamedTuple):
-    """A person as held (a tuple: a million of them must build fast and stay small)."""
-
-    id: str
-    cards: tuple[str, ...]
-    keys: tuple[int, ...]
-    groups: tuple[str, ...]
-    valid_from: str | None
-    valid_until: str | None
+# A person as held: a plain tuple (id, cards, keys, groups, valid_from,
+# valid_until). Plain, not a NamedTuple: a million must build fast (a tuple
+# subclass costs a second per million) and stay small.
+_Person = tuple
+P_ID, P_CARDS, P_KEYS, P_GROUPS, P_FROM, P_UNTIL = range(6)
 
 
 class _Guest(NamedTuple):
@@ -384,7 +378,10 @@ class _Reader:
 
     def _intern(self, items: list) -> tuple[str, ...] | None:
         t = tuple(items)
-        got = self._tuples.get(t, False)
+        try:
+            got = self._tuples.get(t, False)
+        except TypeError:  # an unhashable member: the schema reported it
+            return None
         if got is False:
             got = t if all(type(x) is str for x in t) else None
             self._tuples[t] = got
@@ -442,7 +439,7 @@ class _Reader:
         gt = self._intern(groups)
         if gt is None:
             return None
-        return _Person(pid, tuple(cards), tuple(keys), gt, vf, vu)
+        return (pid, tuple(cards), tuple(keys), gt, vf, vu)
 
     def guest(self, g: Any, where: str, i: int) -> _Guest | None:
         """The guest at document path f"{where}/{i}", or None (errors reported)."""
@@ -500,6 +497,18 @@ class _Reader:
         return out
 
 
+def _items(doc: dict, field: str) -> list:
+    """doc[field] when it is a list, else [] (a wrong type is the schema's error)."""
+    value = doc.get(field)
+    return value if isinstance(value, list) else []
+
+
+def _named(doc: dict, field: str) -> dict:
+    """doc[field] when it is an object, else {} (a wrong type is the schema's error)."""
+    value = doc.get(field)
+    return value if isinstance(value, dict) else {}
+
+
 def _copy_json(value: Any) -> Any:
     """A deep copy of plain JSON (schedules and groups are small)."""
     if isinstance(value, dict):
@@ -538,7 +547,7 @@ def _check_model(
     for name, g in groups.items():
         for direction in ("entry", "exit"):
             ref = g.get(direction)
-            if ref is not None and ref not in schedules:
+            if isinstance(ref, str) and ref not in schedules:
                 report(None if group_path(name) is None else group_path(name) + "/" + direction,
                        f"group {name!r}",
                        f"schedule {ref!r} is not defined; add it to \"schedules\" or use null "
@@ -553,21 +562,21 @@ def _check_model(
     groups_ok: dict[tuple, bool] = {}
 
     def h_path(h: int) -> str | None:
-        return person_path(h, people[h].id) if h >= 0 else guest_path(~h, guests[~h].id)
+        return person_path(h, people[h][P_ID]) if h >= 0 else guest_path(~h, guests[~h].id)
 
     def h_what(h: int) -> str:
-        return f"person {people[h].id!r}" if h >= 0 else f"guest {guests[~h].id!r}"
+        return f"person {people[h][P_ID]!r}" if h >= 0 else f"guest {guests[~h].id!r}"
 
     def h_id(h: int) -> str:
-        return people[h].id if h >= 0 else guests[~h].id
+        return people[h][P_ID] if h >= 0 else guests[~h].id
 
     def card_at(h: int, key: int, j: int | None = None) -> tuple[str, str]:
         """(card string, path suffix) of holder h's card with this key (index j if known)."""
         if h < 0:
             return guests[~h].card, "/card"
         if j is None:
-            j = people[h].keys.index(key)
-        return people[h].cards[j], f"/cards/{j}"
+            j = people[h][P_KEYS].index(key)
+        return people[h][P_CARDS][j], f"/cards/{j}"
 
     def conflict(h: int, other: int, message: Callable[[int, int], tuple[str, str]]) -> None:
         """Report a clash at h, or at the other holder when only that one is in this
@@ -621,21 +630,20 @@ def _check_model(
             ok = groups_ok[names] = all(g in groups for g in names)
         return ok
 
-    for i, p in enumerate(people):
-        check_id(i, p.id)
-        for j, key in enumerate(p.keys):
+    for i, (pid, _, pkeys, pgroups, vf, vu) in enumerate(people):
+        check_id(i, pid)
+        for j, key in enumerate(pkeys):
             if key in owner:
                 check_key(i, key, j)
             else:
                 owner[key] = i
-        if not groups_defined(p.groups):
-            bad_groups(p.groups, i)
-        if p.valid_from is not None and p.valid_until is not None and (
-                tz is not None or _is_date(p.valid_from) == _is_date(p.valid_until)):
-            if epochs.start(p.valid_from) >= epochs.end(p.valid_until):
-                path = person_path(i, p.id)
+        if not groups_defined(pgroups):
+            bad_groups(pgroups, i)
+        if vf is not None and vu is not None and (tz is not None or _is_date(vf) == _is_date(vu)):
+            if epochs.start(vf) >= epochs.end(vu):
+                path = person_path(i, pid)
                 report(None if path is None else path + "/valid_from", h_what(i),
-                       f"valid_from {p.valid_from!r} is not before valid_until {p.valid_until!r}")
+                       f"valid_from {vf!r} is not before valid_until {vu!r}")
 
     for j, g in enumerate(guests):
         h = ~j
@@ -708,7 +716,7 @@ class AccessList:
         return {
             "people": len(self._people),
             "guests": len(self._guests),
-            "cards": sum(len(p.keys) for p in self._people) + len(self._guests),
+            "cards": sum(len(p[P_KEYS]) for p in self._people) + len(self._guests),
             "blocked": len(self._blocked),
         }
 
@@ -762,22 +770,22 @@ class AccessList:
         if generated is not None:
             reader._validity(generated, "/generated", as_date_ok=False)
 
-        schedules = doc.get("schedules") if isinstance(doc.get("schedules"), dict) else {}
+        schedules = _named(doc, "schedules")
         for name, s in schedules.items():
             reader.schedule(s, _ptr("schedules", name))
-        groups = doc.get("groups") if isinstance(doc.get("groups"), dict) else {}
+        groups = _named(doc, "groups")
         groups = {k: v for k, v in groups.items() if isinstance(v, dict)}
 
         people: list[_Person] = []
         people_pos: list[int] = []  # document index of each read person
-        for i, p in enumerate(doc.get("people") or ()):
+        for i, p in enumerate(_items(doc, "people")):
             person = reader.person(p, "/people", i)
             if person is not None:
                 people.append(person)
                 people_pos.append(i)
         guests: list[_Guest] = []
         guests_pos: list[int] = []
-        for i, g in enumerate(doc.get("guests") or ()):
+        for i, g in enumerate(_items(doc, "guests")):
             guest = reader.guest(g, "/guests", i)
             if guest is not None:
                 guests.append(guest)
@@ -785,7 +793,7 @@ class AccessList:
 
         blocked: list[tuple[str, int]] = []
         seen_blocked: dict[int, int] = {}
-        for i, card in enumerate(doc.get("blocked") or ()):
+        for i, card in enumerate(_items(doc, "blocked")):
             key = reader.key(card, f"/blocked/{i}")
             if key is None:
                 continue
@@ -841,18 +849,18 @@ class AccessList:
                                     "\"Asia/Tomsk\" (see `timedatectl list-timezones`)")
 
         schedules = dict(self._schedules)
-        new_schedules = doc.get("schedules") if isinstance(doc.get("schedules"), dict) else {}
+        new_schedules = _named(doc, "schedules")
         for name, s in new_schedules.items():
             reader.schedule(s, _ptr("schedules", name))
             schedules[name] = _copy_json(s)
         groups = dict(self._groups)
-        new_groups = doc.get("groups") if isinstance(doc.get("groups"), dict) else {}
+        new_groups = _named(doc, "groups")
         for name, g in new_groups.items():
             if isinstance(g, dict):
                 groups[name] = _copy_json(g)
 
         # People: removals, then upserts by id (in place; new ones at the end).
-        people = {p.id: p for p in self._people}
+        people = {p[P_ID]: p for p in self._people}
         guests = {g.id: g for g in self._guests}
         delta_people: dict[str, int] = {}
         delta_guests: dict[str, int] = {}
@@ -860,21 +868,22 @@ class AccessList:
         self._removals(doc, "remove_guests", guests, delta_guests, "guest", errors)
         for coll, field, read, origin in ((people, "people", reader.person, delta_people),
                                           (guests, "guests", reader.guest, delta_guests)):
-            removed = set(x for x in doc.get(f"remove_{field}") or () if isinstance(x, str))
-            for i, item in enumerate(doc.get(field) or ()):
+            removed = set(x for x in _items(doc, f"remove_{field}") if isinstance(x, str))
+            for i, item in enumerate(_items(doc, field)):
                 obj = read(item, f"/{field}", i)
                 if obj is None:
                     continue
-                if obj.id in origin:
-                    errors.add(f"/{field}/{i}/id", f"id {obj.id!r} appears twice in this delta "
-                                                   f"(also /{field}/{origin[obj.id]})")
+                oid = obj[0]  # the id, for people and guests alike
+                if oid in origin:
+                    errors.add(f"/{field}/{i}/id", f"id {oid!r} appears twice in this delta "
+                                                   f"(also /{field}/{origin[oid]})")
                     continue
-                if obj.id in removed:
-                    errors.add(f"/{field}/{i}/id", f"id {obj.id!r} is both upserted and removed "
+                if oid in removed:
+                    errors.add(f"/{field}/{i}/id", f"id {oid!r} is both upserted and removed "
                                                    "by this delta; do one")
                     continue
-                origin[obj.id] = i
-                coll[obj.id] = obj
+                origin[oid] = i
+                coll[oid] = obj
 
         blocked = self._blocked_after(doc, reader, errors)
         holidays = self._holidays_after(doc, reader, errors)
@@ -899,7 +908,7 @@ class AccessList:
 
     @staticmethod
     def _removals(doc: dict, field: str, coll: dict, origin: dict, what: str, errors: _Errors) -> None:
-        for i, rid in enumerate(doc.get(field) or ()):
+        for i, rid in enumerate(_items(doc, field)):
             if not isinstance(rid, str):
                 continue
             if rid not in coll:
@@ -911,7 +920,7 @@ class AccessList:
     def _blocked_after(self, doc: dict, reader: _Reader, errors: _Errors) -> tuple:
         current = {key: card for card, key in self._blocked}
         unblock: dict[int, int] = {}
-        for i, card in enumerate(doc.get("unblock") or ()):
+        for i, card in enumerate(_items(doc, "unblock")):
             key = reader.key(card, f"/unblock/{i}")
             if key is None:
                 continue
@@ -920,7 +929,7 @@ class AccessList:
                                             "version; the delta does not match it (send a snapshot)")
             unblock[key] = i
         added: list[tuple[str, int]] = []
-        for i, card in enumerate(doc.get("block") or ()):
+        for i, card in enumerate(_items(doc, "block")):
             key = reader.key(card, f"/block/{i}")
             if key is None:
                 continue
@@ -940,11 +949,13 @@ class AccessList:
         current = set(self._holidays)
         remove = reader.dates(doc.get("holidays_remove"), "/holidays_remove")
         add = reader.dates(doc.get("holidays_add"), "/holidays_add")
-        for i, h in enumerate(doc.get("holidays_remove") or ()):
-            if h in remove and h not in current:
+        for i, h in enumerate(_items(doc, "holidays_remove")):
+            if isinstance(h, str) and h in remove and h not in current:
                 errors.add(f"/holidays_remove/{i}", f"{h} is not a holiday in the base version")
-        for i, h in enumerate(doc.get("holidays_add") or ()):
-            if h in add and h in current:
+        for i, h in enumerate(_items(doc, "holidays_add")):
+            if not isinstance(h, str) or h not in add:
+                continue
+            if h in current:
                 errors.add(f"/holidays_add/{i}", f"{h} is already a holiday in the base version")
             elif h in remove:
                 errors.add(f"/holidays_add/{i}", f"{h} is both added and removed by this delta")
@@ -1064,13 +1075,13 @@ def check_document(doc: Any) -> list[AclError]:
         return []
     if kind == "delta" and not errors:
         reader = _Reader(DEFAULT_KEY_WIDTH, errors)
-        for name, s in (doc.get("schedules") or {}).items():
+        for name, s in _named(doc, "schedules").items():
             reader.schedule(s, _ptr("schedules", name))
         for field, read in (("people", reader.person), ("guests", reader.guest)):
-            for i, item in enumerate(doc.get(field) or ()):
+            for i, item in enumerate(_items(doc, field)):
                 read(item, f"/{field}", i)
         for field in ("block", "unblock"):
-            for i, card in enumerate(doc.get(field) or ()):
+            for i, card in enumerate(_items(doc, field)):
                 reader.key(card, f"/{field}/{i}")
         for field in ("holidays_add", "holidays_remove"):
             reader.dates(doc.get(field), f"/{field}")
