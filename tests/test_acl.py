@@ -1,5 +1,6 @@
 """The access list: schema and semantic checks with paths, snapshots and deltas,
 compiled columns, and a Table built from them on both fastpath twins."""
+
 from __future__ import annotations
 
 import copy
@@ -152,12 +153,19 @@ def test_schema_errors_name_every_bad_field_at_once():
     ]
     doc["schedules"]["lessons"]["week"]["tue"] = ["7:00-08:00"]
     doc["holidays"] = ["2026-13-01"]
-    doc["guests"] = [{"id": "g-1", "card": "0001234567", "from": "2026-09-01", "until": "x", "uses": 0}]
+    doc["guests"] = [
+        {"id": "g-1", "card": "0001234567", "from": "2026-09-01", "until": "x", "uses": 0}
+    ]
     exc = rejected(doc)
     assert exc.code == "invalid"
     assert {
-        "/people/1/cards/0", "/people/1/valid_until", "/schedules/lessons/week/tue/0",
-        "/holidays/0", "/guests/0/from", "/guests/0/until", "/guests/0/uses",
+        "/people/1/cards/0",
+        "/people/1/valid_until",
+        "/schedules/lessons/week/tue/0",
+        "/holidays/0",
+        "/guests/0/from",
+        "/guests/0/until",
+        "/guests/0/uses",
     } <= paths(exc)
     text = str(exc)
     assert "/people/1/cards/0" in text and "card" in text
@@ -172,18 +180,38 @@ def test_semantic_errors_name_their_paths_at_once():
         {"id": "p-2", "cards": ["300,1"], "groups": ["pupils"]},  # facility over 255 at width 24
         {"id": "p-3", "cards": ["0006613779"], "groups": ["pupils"]},  # same key as p-1's card
         {"id": "p-4", "cards": ["100,2"], "groups": ["no-such-group"]},
-        {"id": "p-5", "cards": ["100,3"], "groups": ["pupils"],
-         "valid_from": "2027-01-01", "valid_until": "2026-12-31"},
+        {
+            "id": "p-5",
+            "cards": ["100,3"],
+            "groups": ["pupils"],
+            "valid_from": "2027-01-01",
+            "valid_until": "2026-12-31",
+        },
         {"id": "p-1", "cards": ["100,4"], "groups": ["pupils"]},  # duplicate id
     ]
-    doc["guests"] = [{"id": "p-4", "card": "100,5", "from": "2026-09-01T07:00:00+07:00",
-                      "until": "2026-09-01T20:00:00+07:00", "uses": 1}]  # id of a person
+    doc["guests"] = [
+        {
+            "id": "p-4",
+            "card": "100,5",
+            "from": "2026-09-01T07:00:00+07:00",
+            "until": "2026-09-01T20:00:00+07:00",
+            "uses": 1,
+        }
+    ]  # id of a person
     doc["holidays"] = ["2026-02-30"]
     exc = rejected(doc)
     assert {
-        "/timezone", "/schedules/backwards/week/mon/0", "/schedules/backwards/week/tue/0",
-        "/groups/ghosts/entry", "/people/1/cards/0", "/people/2/cards/0", "/people/3/groups/0",
-        "/people/4/valid_from", "/people/5/id", "/guests/0/id", "/holidays/0",
+        "/timezone",
+        "/schedules/backwards/week/mon/0",
+        "/schedules/backwards/week/tue/0",
+        "/groups/ghosts/entry",
+        "/people/1/cards/0",
+        "/people/2/cards/0",
+        "/people/3/groups/0",
+        "/people/4/valid_from",
+        "/people/5/id",
+        "/guests/0/id",
+        "/holidays/0",
     } <= paths(exc)
     by_path = {e.path: e.message for e in exc.errors}
     assert "p-1" in by_path["/people/2/cards/0"]  # names the other holder
@@ -199,8 +227,17 @@ def test_a_card_on_two_people_is_an_error_at_the_second():
 
 
 def test_a_guest_card_held_by_a_person_is_an_error():
-    doc = minimal(guests=[{"id": "g-1", "card": "0006613779", "from": "2026-09-01T07:00:00+07:00",
-                           "until": "2026-09-02T07:00:00+07:00", "uses": 1}])
+    doc = minimal(
+        guests=[
+            {
+                "id": "g-1",
+                "card": "0006613779",
+                "from": "2026-09-01T07:00:00+07:00",
+                "until": "2026-09-02T07:00:00+07:00",
+                "uses": 1,
+            }
+        ]
+    )
     assert paths(rejected(doc)) == {"/guests/0/card"}
 
 
@@ -215,8 +252,16 @@ def test_schema_forbids_personal_fields_on_a_person(field):
 
 def test_schema_forbids_unknown_fields_on_guests_and_the_document():
     doc = minimal(extra=1)
-    doc["guests"] = [{"id": "g-1", "card": "100,5", "from": "2026-09-01T07:00:00+07:00",
-                      "until": "2026-09-01T20:00:00+07:00", "uses": 1, "phone": "+7"}]
+    doc["guests"] = [
+        {
+            "id": "g-1",
+            "card": "100,5",
+            "from": "2026-09-01T07:00:00+07:00",
+            "until": "2026-09-01T20:00:00+07:00",
+            "uses": 1,
+            "phone": "+7",
+        }
+    ]
     assert paths(rejected(doc)) == {"", "/guests/0"}
 
 
@@ -275,17 +320,28 @@ def test_delta_changes_only_what_it_says_and_the_old_list_is_unchanged():
     acl = AccessList.from_snapshot(old_doc)
     old_columns = acl.columns()
     delta = {
-        "kind": "delta", "version": "2026-09-02.1", "base": "2026-09-01.1",
+        "kind": "delta",
+        "version": "2026-09-02.1",
+        "base": "2026-09-01.1",
         "people": [
             {"id": "p-0002", "cards": ["100,1002"], "groups": ["middle"]},  # replaced
             {"id": "p-0100", "cards": ["100,1100"], "groups": ["senior"]},  # new
         ],
         "remove_people": ["p-0003"],
-        "guests": [{"id": "g-0003", "card": "100,1003", "from": "2026-09-02T08:00:00+07:00",
-                    "until": "2026-09-02T18:00:00+07:00", "uses": 2}],
+        "guests": [
+            {
+                "id": "g-0003",
+                "card": "100,1003",
+                "from": "2026-09-02T08:00:00+07:00",
+                "until": "2026-09-02T18:00:00+07:00",
+                "uses": 2,
+            }
+        ],
         "remove_guests": ["g-0002"],
-        "block": ["100,1004"], "unblock": ["100,12345"],
-        "holidays_add": ["2026-09-03"], "holidays_remove": ["2026-12-31"],
+        "block": ["100,1004"],
+        "unblock": ["100,12345"],
+        "holidays_add": ["2026-09-03"],
+        "holidays_remove": ["2026-12-31"],
         "schedules": {"visitors": {"week": {"sat": ["09:00-12:00"]}}},
         "groups": {"interns": {"entry": "staff", "exit": None}},
     }
@@ -311,7 +367,10 @@ def test_delta_changes_only_what_it_says_and_the_old_list_is_unchanged():
     assert got["schedules"] == {**want["schedules"], **delta["schedules"]}
     assert got["groups"] == {**want["groups"], **delta["groups"]}
     assert (got["timezone"], got["key_width"], got["site"]) == (
-        want["timezone"], want["key_width"], want["site"])
+        want["timezone"],
+        want["key_width"],
+        want["site"],
+    )
     assert new.version == "2026-09-02.1"
     # The result is itself a valid snapshot.
     assert AccessList.from_snapshot(got).to_snapshot() == got
@@ -319,8 +378,15 @@ def test_delta_changes_only_what_it_says_and_the_old_list_is_unchanged():
 
 def test_delta_with_the_wrong_base_is_refused_as_base_mismatch():
     acl = base_list()
-    exc = rejected({"kind": "delta", "version": "2026-09-03.1", "base": "2026-09-02.1",
-                    "remove_people": ["p-0001"]}, base=acl)
+    exc = rejected(
+        {
+            "kind": "delta",
+            "version": "2026-09-03.1",
+            "base": "2026-09-02.1",
+            "remove_people": ["p-0001"],
+        },
+        base=acl,
+    )
     assert exc.code == "base_mismatch"
     assert exc.errors[0].path == "/base"
     assert "2026-09-01.1" in exc.errors[0].message  # says which version the gate holds
@@ -329,10 +395,16 @@ def test_delta_with_the_wrong_base_is_refused_as_base_mismatch():
 def test_an_invalid_delta_is_refused_whole():
     acl = base_list()
     before = acl.to_snapshot()
-    delta = {"kind": "delta", "version": "2026-09-02.1", "base": "2026-09-01.1",
-             "people": [{"id": "p-0200", "cards": ["100,2000"], "groups": ["senior"]},
-                        {"id": "p-0201", "cards": ["100,60179"], "groups": ["senior"]}],  # p-0001's card
-             "holidays_add": ["2026-09-10"]}
+    delta = {
+        "kind": "delta",
+        "version": "2026-09-02.1",
+        "base": "2026-09-01.1",
+        "people": [
+            {"id": "p-0200", "cards": ["100,2000"], "groups": ["senior"]},
+            {"id": "p-0201", "cards": ["100,60179"], "groups": ["senior"]},
+        ],  # p-0001's card
+        "holidays_add": ["2026-09-10"],
+    }
     exc = rejected(delta, base=acl)
     assert exc.code == "invalid"
     assert paths(exc) == {"/people/1/cards/0"}
@@ -342,42 +414,72 @@ def test_an_invalid_delta_is_refused_whole():
 
 def test_delta_must_match_its_base():
     acl = base_list()
-    exc = rejected({
-        "kind": "delta", "version": "v2", "base": "2026-09-01.1",
-        "remove_people": ["p-9999"], "remove_guests": ["g-9999"],
-        "unblock": ["100,777"], "block": ["100,12345"],
-        "holidays_remove": ["2026-09-15"], "holidays_add": ["2026-11-04"],
-        "groups": {"late": {"entry": "no-such", "exit": None}},
-        "people": [{"id": "p-0300", "cards": ["100,3000"], "groups": ["no-such-group"]}],
-        "schedules": {"odd": {"week": {"fri": ["18:00-17:00"]}}},
-    }, base=acl)
-    assert {"/remove_people/0", "/remove_guests/0", "/unblock/0", "/block/0", "/holidays_remove/0",
-            "/holidays_add/0", "/groups/late/entry", "/people/0/groups/0",
-            "/schedules/odd/week/fri/0"} <= paths(exc)
+    exc = rejected(
+        {
+            "kind": "delta",
+            "version": "v2",
+            "base": "2026-09-01.1",
+            "remove_people": ["p-9999"],
+            "remove_guests": ["g-9999"],
+            "unblock": ["100,777"],
+            "block": ["100,12345"],
+            "holidays_remove": ["2026-09-15"],
+            "holidays_add": ["2026-11-04"],
+            "groups": {"late": {"entry": "no-such", "exit": None}},
+            "people": [{"id": "p-0300", "cards": ["100,3000"], "groups": ["no-such-group"]}],
+            "schedules": {"odd": {"week": {"fri": ["18:00-17:00"]}}},
+        },
+        base=acl,
+    )
+    assert {
+        "/remove_people/0",
+        "/remove_guests/0",
+        "/unblock/0",
+        "/block/0",
+        "/holidays_remove/0",
+        "/holidays_add/0",
+        "/groups/late/entry",
+        "/people/0/groups/0",
+        "/schedules/odd/week/fri/0",
+    } <= paths(exc)
 
 
 def test_delta_unblocks_by_key_whatever_the_form():
     acl = base_list()
-    new = acl.apply_delta({"kind": "delta", "version": "v2", "base": "2026-09-01.1",
-                           "unblock": ["0006565945"]})  # "100,12345" in its printed form
+    new = acl.apply_delta(
+        {"kind": "delta", "version": "v2", "base": "2026-09-01.1", "unblock": ["0006565945"]}
+    )  # "100,12345" in its printed form
     assert "100,12345" not in new.to_snapshot()["blocked"]
     assert new.counts()["blocked"] == acl.counts()["blocked"] - 1
 
 
 def test_a_person_moved_out_frees_the_card_for_another_in_the_same_delta():
     acl = base_list()
-    new = acl.apply_delta({"kind": "delta", "version": "v2", "base": "2026-09-01.1",
-                           "remove_people": ["p-0001"],
-                           "people": [{"id": "p-0500", "cards": ["0006613779"], "groups": ["junior"]}]})
+    new = acl.apply_delta(
+        {
+            "kind": "delta",
+            "version": "v2",
+            "base": "2026-09-01.1",
+            "remove_people": ["p-0001"],
+            "people": [{"id": "p-0500", "cards": ["0006613779"], "groups": ["junior"]}],
+        }
+    )
     cols = new.columns()
     key = parse_card_string("100,60179")
     assert cols.person_ids[cols.card_person[list(cols.card_keys).index(key)]] == "p-0500"
 
 
 def test_delta_timezone_moves_date_boundaries():
-    acl = AccessList.from_snapshot(minimal(people=[
-        {"id": "p-1", "cards": ["100,1"], "groups": ["pupils"], "valid_until": "2026-06-30"}]))
-    moved = acl.apply_delta({"kind": "delta", "version": "t.2", "base": "t.1", "timezone": "Europe/Moscow"})
+    acl = AccessList.from_snapshot(
+        minimal(
+            people=[
+                {"id": "p-1", "cards": ["100,1"], "groups": ["pupils"], "valid_until": "2026-06-30"}
+            ]
+        )
+    )
+    moved = acl.apply_delta(
+        {"kind": "delta", "version": "t.2", "base": "t.1", "timezone": "Europe/Moscow"}
+    )
     assert moved.timezone == "Europe/Moscow"
     assert moved.columns().person_until[0] - acl.columns().person_until[0] == 4 * 3600
 
@@ -404,9 +506,19 @@ def test_input_document_changes_after_loading_do_not_reach_the_list():
 
 
 def test_valid_until_date_includes_the_whole_local_day():
-    acl = AccessList.from_snapshot(minimal(people=[
-        {"id": "p-1", "cards": ["100,1"], "groups": ["pupils"],
-         "valid_from": "2025-09-01", "valid_until": "2026-06-30"}]))
+    acl = AccessList.from_snapshot(
+        minimal(
+            people=[
+                {
+                    "id": "p-1",
+                    "cards": ["100,1"],
+                    "groups": ["pupils"],
+                    "valid_from": "2025-09-01",
+                    "valid_until": "2026-06-30",
+                }
+            ]
+        )
+    )
     cols = acl.columns()
     start, until = cols.person_from[0], cols.person_until[0]
     assert start == epoch(2025, 9, 1)  # from local midnight
@@ -424,7 +536,10 @@ def test_datetime_validity_is_taken_as_given_and_guests_keep_their_window():
     g = person_index(cols, "g-0001")
     assert cols.person_flags[g] & codes.PERSON_GUEST
     assert cols.person_max_uses[g] == 1
-    assert (cols.person_from[g], cols.person_until[g]) == (epoch(2026, 9, 1, 7), epoch(2026, 9, 30, 20))
+    assert (cols.person_from[g], cols.person_until[g]) == (
+        epoch(2026, 9, 1, 7),
+        epoch(2026, 9, 30, 20),
+    )
 
 
 def test_people_without_validity_have_open_bounds_and_no_use_limit():
@@ -458,11 +573,14 @@ def test_a_monday_0700_0830_range_sets_exactly_minutes_420_to_509():
 def test_end_2400_closes_the_day_and_days_map_to_their_offsets():
     bm = schedule_bitmap({"week": {"sun": ["23:00-24:00"], "wed": ["00:00-00:01"]}})
     assert [m for m in range(codes.MINUTES_PER_WEEK) if bit(bm, m)] == (
-        [2 * 1440] + list(range(6 * 1440 + 1380, 7 * 1440)))
+        [2 * 1440] + list(range(6 * 1440 + 1380, 7 * 1440))
+    )
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 6), st.integers(0, 1439), st.integers(1, 1440)), max_size=6))
+@given(
+    st.lists(st.tuples(st.integers(0, 6), st.integers(0, 1439), st.integers(1, 1440)), max_size=6)
+)
 def test_schedule_bitmap_sets_a_minute_when_some_range_covers_it(ranges):
     days = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
     week: dict[str, list[str]] = {}
@@ -470,7 +588,8 @@ def test_schedule_bitmap_sets_a_minute_when_some_range_covers_it(ranges):
     for d, start, length in ranges:
         end = min(1440, start + length)
         week.setdefault(days[d], []).append(
-            f"{start // 60:02d}:{start % 60:02d}-{end // 60:02d}:{end % 60:02d}")
+            f"{start // 60:02d}:{start % 60:02d}-{end // 60:02d}:{end % 60:02d}"
+        )
         spans.append((d * 1440 + start, d * 1440 + end))
     bm = schedule_bitmap({"week": week})
     for m in range(0, codes.MINUTES_PER_WEEK, 7):
@@ -497,8 +616,15 @@ def test_groupsets_or_the_groups_and_treat_null_and_holidays_as_specified():
             {"id": "p-free", "cards": ["1,4"], "groups": ["free"]},
             {"id": "p-ba", "cards": ["1,5"], "groups": ["b", "a"]},
         ],
-        guests=[{"id": "g-1", "card": "1,6", "from": "2026-09-01T07:00:00+07:00",
-                 "until": "2026-09-02T07:00:00+07:00", "uses": 1}],
+        guests=[
+            {
+                "id": "g-1",
+                "card": "1,6",
+                "from": "2026-09-01T07:00:00+07:00",
+                "until": "2026-09-02T07:00:00+07:00",
+                "uses": 1,
+            }
+        ],
     )
     cols = AccessList.from_snapshot(doc).columns()
     gs = {pid: cols.person_groupset[i] for i, pid in enumerate(cols.person_ids)}
@@ -525,8 +651,9 @@ def test_groupsets_or_the_groups_and_treat_null_and_holidays_as_specified():
 def test_the_three_forms_of_one_card_give_one_key():
     keys = set()
     for form in ("100,60179", "0006613779", "hex:0A0064EB13"):
-        cols = AccessList.from_snapshot(minimal(people=[
-            {"id": "p-1", "cards": [form], "groups": ["pupils"]}])).columns()
+        cols = AccessList.from_snapshot(
+            minimal(people=[{"id": "p-1", "cards": [form], "groups": ["pupils"]}])
+        ).columns()
         keys.add(tuple(cols.card_keys))
     assert len(keys) == 1
 
@@ -543,10 +670,13 @@ def test_blocked_cards_are_flagged_with_or_without_a_holder():
 
 
 def test_wider_key_width_keeps_full_hex_uids_apart():
-    doc = minimal(key_width=40, people=[
-        {"id": "p-1", "cards": ["hex:0A0064EB13"], "groups": ["pupils"]},
-        {"id": "p-2", "cards": ["hex:0B0064EB13"], "groups": ["pupils"]},  # same low 24 bits
-    ])
+    doc = minimal(
+        key_width=40,
+        people=[
+            {"id": "p-1", "cards": ["hex:0A0064EB13"], "groups": ["pupils"]},
+            {"id": "p-2", "cards": ["hex:0B0064EB13"], "groups": ["pupils"]},  # same low 24 bits
+        ],
+    )
     cols = AccessList.from_snapshot(doc).columns()
     assert list(cols.card_keys) == [0x0A0064EB13, 0x0B0064EB13] and cols.key_width == 40
     with pytest.raises(AclRejected):  # at 24 bits they are one card
@@ -570,9 +700,19 @@ def test_table_from_the_example_finds_cards_on_both_twins(fp):
 
 
 def _decide(fp, table, card, direction, local: datetime) -> str:
-    result, _, _ = fp.decide(table, fp.GateState(), parse_card_string(card), direction, codes.NORMAL,
-                             int(local.timestamp()), minute_of_week(local), local.date().toordinal(),
-                             False, codes.APB_OFF, 0)
+    result, _, _ = fp.decide(
+        table,
+        fp.GateState(),
+        parse_card_string(card),
+        direction,
+        codes.NORMAL,
+        int(local.timestamp()),
+        minute_of_week(local),
+        local.date().toordinal(),
+        False,
+        codes.APB_OFF,
+        0,
+    )
     return codes.RESULTS[result]
 
 
@@ -619,9 +759,14 @@ def test_a_million_card_list_validates_and_compiles_in_seconds(fp):
 # --------------------------------------------------------------------------- robustness
 
 _json = st.recursive(
-    st.none() | st.booleans() | st.integers(-10, 10**12) | st.text(max_size=12)
+    st.none()
+    | st.booleans()
+    | st.integers(-10, 10**12)
+    | st.text(max_size=12)
     | st.sampled_from(["100,60179", "2026-09-01", "07:00-08:00", "pupils", "lessons", "p-1"]),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
     max_leaves=8,
 )
 
@@ -647,14 +792,35 @@ def _replace(doc, path, value):
     return doc
 
 
-_SNAPSHOT = minimal(guests=[{"id": "g-1", "card": "100,5", "from": "2026-09-01T07:00:00+07:00",
-                             "until": "2026-09-02T07:00:00+07:00", "uses": 1, "groups": ["pupils"]}],
-                    blocked=["100,9"], holidays=["2026-11-04"])
-_DELTA = {"kind": "delta", "version": "t.2", "base": "t.1",
-          "people": [{"id": "p-2", "cards": ["100,7"], "groups": ["pupils"]}], "remove_people": ["p-1"],
-          "guests": [], "remove_guests": ["g-1"], "block": ["100,8"], "unblock": ["100,9"],
-          "holidays_add": ["2026-11-05"], "holidays_remove": ["2026-11-04"],
-          "schedules": {"x": {"week": {"mon": ["01:00-02:00"]}}}, "groups": {"y": {"entry": "x"}}}
+_SNAPSHOT = minimal(
+    guests=[
+        {
+            "id": "g-1",
+            "card": "100,5",
+            "from": "2026-09-01T07:00:00+07:00",
+            "until": "2026-09-02T07:00:00+07:00",
+            "uses": 1,
+            "groups": ["pupils"],
+        }
+    ],
+    blocked=["100,9"],
+    holidays=["2026-11-04"],
+)
+_DELTA = {
+    "kind": "delta",
+    "version": "t.2",
+    "base": "t.1",
+    "people": [{"id": "p-2", "cards": ["100,7"], "groups": ["pupils"]}],
+    "remove_people": ["p-1"],
+    "guests": [],
+    "remove_guests": ["g-1"],
+    "block": ["100,8"],
+    "unblock": ["100,9"],
+    "holidays_add": ["2026-11-05"],
+    "holidays_remove": ["2026-11-04"],
+    "schedules": {"x": {"week": {"mon": ["01:00-02:00"]}}},
+    "groups": {"y": {"entry": "x"}},
+}
 
 
 @settings(max_examples=150, deadline=None)

@@ -13,12 +13,13 @@ server can fix them all in one go. The gate keeps deciding on the list it had.
 Pure: standard library, ``jsonschema_rs`` (a validator, no I/O) and the core;
 no clocks. Time zones come from ``zoneinfo`` (the tzdata package).
 """
+
 from __future__ import annotations
 
 import json
 import math
 from array import array
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from functools import lru_cache
@@ -28,18 +29,25 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import jsonschema_rs
 
-from fastpath.codes import BITMAP_BYTES, CARD_BLOCKED, MINUTES_PER_WEEK, NO_END, NO_START, PERSON_GUEST
+from fastpath.codes import (
+    BITMAP_BYTES,
+    CARD_BLOCKED,
+    MINUTES_PER_WEEK,
+    NO_END,
+    NO_START,
+    PERSON_GUEST,
+)
 from fastpath.columns import TableColumns
 
 from .cards import CardFormatError, parse_card_string
 
 __all__ = [
-    "AccessList",
-    "AclError",
-    "AclRejected",
     "DEFAULT_KEY_WIDTH",
     "MAX_ERRORS",
     "WEEKDAYS",
+    "AccessList",
+    "AclError",
+    "AclRejected",
     "build_table",
     "check_document",
     "minute_of_week",
@@ -75,7 +83,9 @@ class AclError:
 class AclRejected(ValueError):
     """A document refused whole. ``code``: "invalid" or "base_mismatch"."""
 
-    def __init__(self, errors: list[AclError], code: str = "invalid", total: int | None = None) -> None:
+    def __init__(
+        self, errors: list[AclError], code: str = "invalid", total: int | None = None
+    ) -> None:
         self.errors = list(errors)
         self.code = code
         self.total = len(self.errors) if total is None else total  # errors found, kept or not
@@ -124,7 +134,11 @@ def _ptr(*parts: str | int) -> str:
 
 def _short(value: Any) -> str:
     """A value quoted for a message, cut short (a message must stay readable)."""
-    text = json.dumps(value, ensure_ascii=False) if not isinstance(value, (dict, list)) else type(value).__name__
+    text = (
+        json.dumps(value, ensure_ascii=False)
+        if not isinstance(value, (dict, list))
+        else type(value).__name__
+    )
     return text if len(text) <= 60 else text[:57] + '..."'
 
 
@@ -178,7 +192,9 @@ def _schema_message(err: Any) -> str:
         extra = err.message.split("(", 1)[-1].rstrip(")") if "(" in err.message else err.message
         msg = f"unknown field(s): {extra}; allowed here: {', '.join(allowed)}"
         if where in ("person", "guest"):
-            msg += " (the list holds pseudonymous ids and cards only: no names, photos or biometrics)"
+            msg += (
+                " (the list holds pseudonymous ids and cards only: no names, photos or biometrics)"
+            )
         return msg
     if keyword in ("pattern", "anyOf") and where in _WANTED:
         return f"{_short(err.instance)} is not {_WANTED[where]}"
@@ -242,7 +258,9 @@ def parse_acl_json(data: bytes | str) -> dict:
     except ValueError as exc:
         raise AclRejected([AclError("", f"not valid JSON: {exc}")]) from None
     if not isinstance(doc, dict):
-        raise AclRejected([AclError("", f"an access list is a JSON object, not {type(doc).__name__}")])
+        raise AclRejected(
+            [AclError("", f"an access list is a JSON object, not {type(doc).__name__}")]
+        )
     return doc
 
 
@@ -255,7 +273,7 @@ def minute_of_week(local_dt: datetime) -> int:
 
 
 def _range_minutes(text: str) -> tuple[int, int]:
-    """"07:00-08:30" -> (420, 510): start inclusive, end exclusive."""
+    """ "07:00-08:30" -> (420, 510): start inclusive, end exclusive."""
     a, b = text.split("-")
     return int(a[:2]) * 60 + int(a[3:]), int(b[:2]) * 60 + int(b[3:])
 
@@ -356,8 +374,13 @@ class _Guest(NamedTuple):
     groups: tuple[str, ...] | None
 
     def to_json(self) -> dict:
-        d: dict[str, Any] = {"id": self.id, "card": self.card, "from": self.start, "until": self.until,
-                             "uses": self.uses}
+        d: dict[str, Any] = {
+            "id": self.id,
+            "card": self.card,
+            "from": self.start,
+            "until": self.until,
+            "uses": self.uses,
+        }
         if self.groups is not None:
             d["groups"] = list(self.groups)
         return d
@@ -373,7 +396,9 @@ class _Reader:
     def __init__(self, key_width: int, errors: _Errors) -> None:
         self.key_width = key_width
         self.errors = errors
-        self._tuples: dict[tuple, tuple[str, ...] | None] = {}  # shared group tuples; None: not all str
+        self._tuples: dict[
+            tuple, tuple[str, ...] | None
+        ] = {}  # shared group tuples; None: not all str
         self._good_validity: set[str] = set()  # validity strings already checked
 
     def _intern(self, items: list) -> tuple[str, ...] | None:
@@ -418,7 +443,12 @@ class _Reader:
         if type(p) is not dict:
             return None
         pid, cards, groups = p.get("id"), p.get("cards"), p.get("groups")
-        if type(pid) is not str or type(cards) is not list or type(groups) is not list or not groups:
+        if (
+            type(pid) is not str
+            or type(cards) is not list
+            or type(groups) is not list
+            or not groups
+        ):
             return None
         # A person with a bad field still takes part in the cross checks (its
         # other errors are reported too); the document is refused anyway.
@@ -478,9 +508,11 @@ class _Reader:
                     ok = False  # the schema reported the shape
                     continue
                 if end <= start:
-                    self.errors.add(f"{path}/week/{day}/{j}",
-                                    f"time range {text!r} ends at or before it starts; a range is "
-                                    "start-end on one day (split ranges that cross midnight)")
+                    self.errors.add(
+                        f"{path}/week/{day}/{j}",
+                        f"time range {text!r} ends at or before it starts; a range is "
+                        "start-end on one day (split ranges that cross midnight)",
+                    )
                     ok = False
         return ok
 
@@ -533,7 +565,7 @@ def _check_model(
     errors: _Errors,
     person_path: _PathOf,
     guest_path: _PathOf,
-    group_path: Callable[[str], "str | None"],
+    group_path: Callable[[str], str | None],
     base_version: str | None = None,
 ) -> None:
     """Cross-field rules over a whole (merged) list: ids, card keys, references, validity."""
@@ -548,10 +580,12 @@ def _check_model(
         for direction in ("entry", "exit"):
             ref = g.get(direction)
             if isinstance(ref, str) and ref not in schedules:
-                report(None if group_path(name) is None else group_path(name) + "/" + direction,
-                       f"group {name!r}",
-                       f"schedule {ref!r} is not defined; add it to \"schedules\" or use null "
-                       "(always allowed)")
+                report(
+                    None if group_path(name) is None else group_path(name) + "/" + direction,
+                    f"group {name!r}",
+                    f'schedule {ref!r} is not defined; add it to "schedules" or use null '
+                    "(always allowed)",
+                )
 
     # One pass over every holder; paths and messages are built only on errors.
     # A holder is a person index i, or a guest index j stored as ~j.
@@ -593,9 +627,17 @@ def _check_model(
         if other is None:
             ids[hid] = h
             return
-        conflict(h, other, lambda at, partner: (
-            "/id", f"id {hid!r} is used twice ({h_what(partner)} has it too); ids of people and "
-                   "guests must be unique"))
+        conflict(
+            h,
+            other,
+            lambda at, partner: (
+                "/id",
+                (
+                    f"id {hid!r} is used twice ({h_what(partner)} has it too); ids of people and "
+                    "guests must be unique"
+                ),
+            ),
+        )
 
     def check_key(h: int, key: int, j: int | None = None) -> None:
         other = owner.get(key)
@@ -608,12 +650,16 @@ def _check_model(
             if at == partner:  # one person lists the card twice
                 (card, suffix), (first, _) = card_at(h, key, j), card_at(h, key)
                 same = "the same card" if first == card else f"the same key as {first!r}"
-                return suffix, (f"card {card!r} (key {key}) is {same}, listed before for this "
-                                "person; list each card once")
+                return suffix, (
+                    f"card {card!r} (key {key}) is {same}, listed before for this "
+                    "person; list each card once"
+                )
             (card, suffix), (other_card, _) = places[at], places[partner]
             same = "the same card" if other_card == card else f"the same key as {other_card!r}"
-            return suffix, (f"card {card!r} (key {key}) is {same}, held by {h_id(partner)!r}; a card "
-                            "belongs to one person or guest: remove one of them")
+            return suffix, (
+                f"card {card!r} (key {key}) is {same}, held by {h_id(partner)!r}; a card "
+                "belongs to one person or guest: remove one of them"
+            )
 
         conflict(h, other, message)
 
@@ -621,8 +667,11 @@ def _check_model(
         path = h_path(h)
         for k, gname in enumerate(names):
             if gname not in groups:
-                report(None if path is None else f"{path}/groups/{k}", h_what(h),
-                       f"group {gname!r} is not defined; add it to \"groups\"")
+                report(
+                    None if path is None else f"{path}/groups/{k}",
+                    h_what(h),
+                    f'group {gname!r} is not defined; add it to "groups"',
+                )
 
     def groups_defined(names: tuple) -> bool:
         ok = groups_ok.get(names)
@@ -639,11 +688,14 @@ def _check_model(
                 owner[key] = i
         if not groups_defined(pgroups):
             bad_groups(pgroups, i)
-        if vf is not None and vu is not None and (tz is not None or _is_date(vf) == _is_date(vu)):
-            if epochs.start(vf) >= epochs.end(vu):
-                path = person_path(i, pid)
-                report(None if path is None else path + "/valid_from", h_what(i),
-                       f"valid_from {vf!r} is not before valid_until {vu!r}")
+        comparable = tz is not None or _is_date(vf or "") == _is_date(vu or "")
+        if vf is not None and vu is not None and comparable and epochs.start(vf) >= epochs.end(vu):
+            path = person_path(i, pid)
+            report(
+                None if path is None else path + "/valid_from",
+                h_what(i),
+                f"valid_from {vf!r} is not before valid_until {vu!r}",
+            )
 
     for j, g in enumerate(guests):
         h = ~j
@@ -653,8 +705,11 @@ def _check_model(
             bad_groups(g.groups, h)
         if epochs.start(g.start) >= epochs.end(g.until):
             path = guest_path(j, g.id)
-            report(None if path is None else path + "/from", h_what(h),
-                   f"from {g.start!r} is not before until {g.until!r}")
+            report(
+                None if path is None else path + "/from",
+                h_what(h),
+                f"from {g.start!r} is not before until {g.until!r}",
+            )
 
 
 # --------------------------------------------------------------------------- AccessList
@@ -667,17 +722,49 @@ class AccessList:
     path with ``columns()`` or ``build_table(acl, fp)``.
     """
 
-    __slots__ = ("_version", "_site", "_generated", "_timezone", "_key_width", "_schedules",
-                 "_groups", "_people", "_guests", "_blocked", "_holidays")
+    __slots__ = (
+        "_blocked",
+        "_generated",
+        "_groups",
+        "_guests",
+        "_holidays",
+        "_key_width",
+        "_people",
+        "_schedules",
+        "_site",
+        "_timezone",
+        "_version",
+    )
 
-    def __init__(self, *, version: str, timezone: str, key_width: int, schedules: dict, groups: dict,
-                 people: tuple, guests: tuple, blocked: tuple, holidays: tuple,
-                 site: str | None = None, generated: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        version: str,
+        timezone: str,
+        key_width: int,
+        schedules: dict,
+        groups: dict,
+        people: tuple,
+        guests: tuple,
+        blocked: tuple,
+        holidays: tuple,
+        site: str | None = None,
+        generated: str | None = None,
+    ) -> None:
         """Internal: use from_snapshot (it validates)."""
-        for name, value in (("_version", version), ("_site", site), ("_generated", generated),
-                            ("_timezone", timezone), ("_key_width", key_width),
-                            ("_schedules", schedules), ("_groups", groups), ("_people", people),
-                            ("_guests", guests), ("_blocked", blocked), ("_holidays", holidays)):
+        for name, value in (
+            ("_version", version),
+            ("_site", site),
+            ("_generated", generated),
+            ("_timezone", timezone),
+            ("_key_width", key_width),
+            ("_schedules", schedules),
+            ("_groups", groups),
+            ("_people", people),
+            ("_guests", guests),
+            ("_blocked", blocked),
+            ("_holidays", holidays),
+        ):
             object.__setattr__(self, name, value)
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -685,9 +772,11 @@ class AccessList:
 
     def __repr__(self) -> str:
         c = self.counts()
-        return (f"AccessList(version={self._version!r}, timezone={self._timezone!r}, "
-                f"people={c['people']}, guests={c['guests']}, cards={c['cards']}, "
-                f"blocked={c['blocked']})")
+        return (
+            f"AccessList(version={self._version!r}, timezone={self._timezone!r}, "
+            f"people={c['people']}, guests={c['guests']}, cards={c['cards']}, "
+            f"blocked={c['blocked']})"
+        )
 
     # -- reading
 
@@ -752,20 +841,30 @@ class AccessList:
         errors = _Errors()
         kind = _check_schema(doc, errors)
         if kind == "delta":
-            errors.add("/kind", "this is a delta; apply it to the list it names as base "
-                                "(AccessList.apply_delta), or send a snapshot")
+            errors.add(
+                "/kind",
+                "this is a delta; apply it to the list it names as base "
+                "(AccessList.apply_delta), or send a snapshot",
+            )
         if kind != "snapshot":
             errors.raise_if_any()
         key_width = doc.get("key_width", DEFAULT_KEY_WIDTH)
-        if not isinstance(key_width, int) or isinstance(key_width, bool) or not 24 <= key_width <= 64:
+        if (
+            not isinstance(key_width, int)
+            or isinstance(key_width, bool)
+            or not 24 <= key_width <= 64
+        ):
             key_width = DEFAULT_KEY_WIDTH  # reported by the schema; read cards at the default
         reader = _Reader(key_width, errors)
 
         tz_name = doc.get("timezone")
         tz = _zone(tz_name) if isinstance(tz_name, str) else None
         if isinstance(tz_name, str) and tz is None:
-            errors.add("/timezone", f"unknown time zone {tz_name!r}; use an IANA name such as "
-                                    "\"Asia/Tomsk\" (see `timedatectl list-timezones`)")
+            errors.add(
+                "/timezone",
+                f"unknown time zone {tz_name!r}; use an IANA name such as "
+                '"Asia/Tomsk" (see `timedatectl list-timezones`)',
+            )
         generated = doc.get("generated")
         if generated is not None:
             reader._validity(generated, "/generated", as_date_ok=False)
@@ -798,24 +897,39 @@ class AccessList:
             if key is None:
                 continue
             if key in seen_blocked:
-                errors.add(f"/blocked/{i}", f"card {card!r} (key {key}) is already blocked at "
-                                            f"/blocked/{seen_blocked[key]}; list each card once")
+                errors.add(
+                    f"/blocked/{i}",
+                    f"card {card!r} (key {key}) is already blocked at "
+                    f"/blocked/{seen_blocked[key]}; list each card once",
+                )
                 continue
             seen_blocked[key] = i
             blocked.append((card, key))
         holidays = reader.dates(doc.get("holidays"), "/holidays")
 
         _check_model(
-            people=people, guests=guests, groups=groups, schedules=schedules, tz=tz, errors=errors,
+            people=people,
+            guests=guests,
+            groups=groups,
+            schedules=schedules,
+            tz=tz,
+            errors=errors,
             person_path=lambda i, _id: f"/people/{people_pos[i]}",
             guest_path=lambda i, _id: f"/guests/{guests_pos[i]}",
             group_path=lambda name: _ptr("groups", name),
         )
         errors.raise_if_any()
         return cls(
-            version=doc["version"], site=doc.get("site"), generated=generated, timezone=tz_name,
-            key_width=key_width, schedules=_copy_json(schedules), groups=_copy_json(groups),
-            people=tuple(people), guests=tuple(guests), blocked=tuple(blocked),
+            version=doc["version"],
+            site=doc.get("site"),
+            generated=generated,
+            timezone=tz_name,
+            key_width=key_width,
+            schedules=_copy_json(schedules),
+            groups=_copy_json(groups),
+            people=tuple(people),
+            guests=tuple(guests),
+            blocked=tuple(blocked),
             holidays=tuple(holidays),
         )
 
@@ -827,11 +941,24 @@ class AccessList:
         A delta must match its base exactly: removing what is not there or
         adding what already is (a blocked card, a holiday) is an error too.
         """
-        if isinstance(doc, dict) and isinstance(doc.get("base"), str) and doc.get("kind") == "delta" \
-                and doc["base"] != self._version:
-            raise AclRejected([AclError("/base", (
-                f"delta is against version {doc['base']!r} but this gate holds {self._version!r}; "
-                f"send a snapshot or a delta against {self._version!r}"))], code="base_mismatch")
+        if (
+            isinstance(doc, dict)
+            and isinstance(doc.get("base"), str)
+            and doc.get("kind") == "delta"
+            and doc["base"] != self._version
+        ):
+            raise AclRejected(
+                [
+                    AclError(
+                        "/base",
+                        (
+                            f"delta is against version {doc['base']!r} but this gate holds {self._version!r}; "
+                            f"send a snapshot or a delta against {self._version!r}"
+                        ),
+                    )
+                ],
+                code="base_mismatch",
+            )
         errors = _Errors()
         kind = _check_schema(doc, errors)
         if kind == "snapshot":
@@ -845,8 +972,11 @@ class AccessList:
             tz_name = doc["timezone"]
         tz = _zone(tz_name)
         if tz is None:
-            errors.add("/timezone", f"unknown time zone {tz_name!r}; use an IANA name such as "
-                                    "\"Asia/Tomsk\" (see `timedatectl list-timezones`)")
+            errors.add(
+                "/timezone",
+                f"unknown time zone {tz_name!r}; use an IANA name such as "
+                '"Asia/Tomsk" (see `timedatectl list-timezones`)',
+            )
 
         schedules = dict(self._schedules)
         new_schedules = _named(doc, "schedules")
@@ -866,21 +996,27 @@ class AccessList:
         delta_guests: dict[str, int] = {}
         self._removals(doc, "remove_people", people, delta_people, "person", errors)
         self._removals(doc, "remove_guests", guests, delta_guests, "guest", errors)
-        for coll, field, read, origin in ((people, "people", reader.person, delta_people),
-                                          (guests, "guests", reader.guest, delta_guests)):
-            removed = set(x for x in _items(doc, f"remove_{field}") if isinstance(x, str))
+        for coll, field, read, origin in (
+            (people, "people", reader.person, delta_people),
+            (guests, "guests", reader.guest, delta_guests),
+        ):
+            removed = {x for x in _items(doc, f"remove_{field}") if isinstance(x, str)}
             for i, item in enumerate(_items(doc, field)):
                 obj = read(item, f"/{field}", i)
                 if obj is None:
                     continue
                 oid = obj[0]  # the id, for people and guests alike
                 if oid in origin:
-                    errors.add(f"/{field}/{i}/id", f"id {oid!r} appears twice in this delta "
-                                                   f"(also /{field}/{origin[oid]})")
+                    errors.add(
+                        f"/{field}/{i}/id",
+                        f"id {oid!r} appears twice in this delta (also /{field}/{origin[oid]})",
+                    )
                     continue
                 if oid in removed:
-                    errors.add(f"/{field}/{i}/id", f"id {oid!r} is both upserted and removed "
-                                                   "by this delta; do one")
+                    errors.add(
+                        f"/{field}/{i}/id",
+                        f"id {oid!r} is both upserted and removed by this delta; do one",
+                    )
                     continue
                 origin[oid] = i
                 coll[oid] = obj
@@ -891,29 +1027,49 @@ class AccessList:
         people_list = list(people.values())
         guests_list = list(guests.values())
         _check_model(
-            people=people_list, guests=guests_list, groups=groups, schedules=schedules, tz=tz,
+            people=people_list,
+            guests=guests_list,
+            groups=groups,
+            schedules=schedules,
+            tz=tz,
             errors=errors,
-            person_path=lambda i, pid: f"/people/{delta_people[pid]}" if pid in delta_people else None,
-            guest_path=lambda i, gid: f"/guests/{delta_guests[gid]}" if gid in delta_guests else None,
+            person_path=lambda i, pid: (
+                f"/people/{delta_people[pid]}" if pid in delta_people else None
+            ),
+            guest_path=lambda i, gid: (
+                f"/guests/{delta_guests[gid]}" if gid in delta_guests else None
+            ),
             group_path=lambda name: _ptr("groups", name) if name in new_groups else None,
             base_version=self._version,
         )
         errors.raise_if_any()
         return AccessList(
-            version=doc["version"], site=self._site, generated=None, timezone=tz_name,
-            key_width=self._key_width, schedules=schedules, groups=groups,
-            people=tuple(people_list), guests=tuple(guests_list), blocked=blocked,
+            version=doc["version"],
+            site=self._site,
+            generated=None,
+            timezone=tz_name,
+            key_width=self._key_width,
+            schedules=schedules,
+            groups=groups,
+            people=tuple(people_list),
+            guests=tuple(guests_list),
+            blocked=blocked,
             holidays=holidays,
         )
 
     @staticmethod
-    def _removals(doc: dict, field: str, coll: dict, origin: dict, what: str, errors: _Errors) -> None:
+    def _removals(
+        doc: dict, field: str, coll: dict, origin: dict, what: str, errors: _Errors
+    ) -> None:
         for i, rid in enumerate(_items(doc, field)):
             if not isinstance(rid, str):
                 continue
             if rid not in coll:
-                errors.add(f"/{field}/{i}", f"no {what} {rid!r} in the base version; the delta does "
-                                            "not match it (send a snapshot)")
+                errors.add(
+                    f"/{field}/{i}",
+                    f"no {what} {rid!r} in the base version; the delta does "
+                    "not match it (send a snapshot)",
+                )
                 continue
             del coll[rid]
 
@@ -925,8 +1081,11 @@ class AccessList:
             if key is None:
                 continue
             if key not in current:
-                errors.add(f"/unblock/{i}", f"card {card!r} (key {key}) is not blocked in the base "
-                                            "version; the delta does not match it (send a snapshot)")
+                errors.add(
+                    f"/unblock/{i}",
+                    f"card {card!r} (key {key}) is not blocked in the base "
+                    "version; the delta does not match it (send a snapshot)",
+                )
             unblock[key] = i
         added: list[tuple[str, int]] = []
         for i, card in enumerate(_items(doc, "block")):
@@ -934,13 +1093,19 @@ class AccessList:
             if key is None:
                 continue
             if key in unblock:
-                errors.add(f"/block/{i}", f"card {card!r} is both blocked and unblocked "
-                                          f"(/unblock/{unblock[key]}) by this delta; do one")
+                errors.add(
+                    f"/block/{i}",
+                    f"card {card!r} is both blocked and unblocked "
+                    f"(/unblock/{unblock[key]}) by this delta; do one",
+                )
             elif key in current:
-                errors.add(f"/block/{i}", f"card {card!r} (key {key}) is already blocked (as "
-                                          f"{current[key]!r}) in the base version")
+                errors.add(
+                    f"/block/{i}",
+                    f"card {card!r} (key {key}) is already blocked (as "
+                    f"{current[key]!r}) in the base version",
+                )
             elif any(k == key for _, k in added):
-                errors.add(f"/block/{i}", f"card {card!r} (key {key}) is listed twice in \"block\"")
+                errors.add(f"/block/{i}", f'card {card!r} (key {key}) is listed twice in "block"')
             else:
                 added.append((card, key))
         return tuple(b for b in self._blocked if b[1] not in unblock) + tuple(added)
@@ -960,7 +1125,9 @@ class AccessList:
             elif h in remove:
                 errors.add(f"/holidays_add/{i}", f"{h} is both added and removed by this delta")
         gone = set(remove)
-        return tuple(h for h in self._holidays if h not in gone) + tuple(h for h in add if h not in current)
+        return tuple(h for h in self._holidays if h not in gone) + tuple(
+            h for h in add if h not in current
+        )
 
     # -- compiling
 
@@ -968,7 +1135,10 @@ class AccessList:
         """The list compiled to fastpath columns (see fastpath/columns.py)."""
         tz = ZoneInfo(self._timezone)
         epochs = _Epochs(tz)
-        bitmaps = {name: int.from_bytes(schedule_bitmap(s), "little") for name, s in self._schedules.items()}
+        bitmaps = {
+            name: int.from_bytes(schedule_bitmap(s), "little")
+            for name, s in self._schedules.items()
+        }
 
         gs_entry: list[bytes] = []
         gs_entry_holiday: list[bytes] = []
@@ -1053,11 +1223,20 @@ class AccessList:
 
         holidays = array("i", sorted(_parse_date(h).toordinal() for h in self._holidays))
         return TableColumns(
-            version=self._version, key_width=self._key_width,
-            card_keys=card_keys, card_person=card_person, card_flags=card_flags,
-            person_ids=person_ids, person_from=p_from, person_until=p_until,
-            person_groupset=p_gs, person_flags=p_flags, person_max_uses=p_uses,
-            gs_entry=gs_entry, gs_entry_holiday=gs_entry_holiday, gs_exit=gs_exit,
+            version=self._version,
+            key_width=self._key_width,
+            card_keys=card_keys,
+            card_person=card_person,
+            card_flags=card_flags,
+            person_ids=person_ids,
+            person_from=p_from,
+            person_until=p_until,
+            person_groupset=p_gs,
+            person_flags=p_flags,
+            person_max_uses=p_uses,
+            gs_entry=gs_entry,
+            gs_entry_holiday=gs_entry_holiday,
+            gs_exit=gs_exit,
             holidays=holidays,
         )
 
@@ -1105,16 +1284,28 @@ def synthetic_acl(n_cards: int, *, seed: int = 1, version: str = "synthetic.1") 
     schedules, 0.1% blocked cards, a few guests and holidays. Keys are
     distinct: n_cards must fit in the 24-bit key space of this list."""
     if not 0 <= n_cards < (1 << 24) - (1 << 15):
-        raise ValueError(f"n_cards {n_cards} does not fit 24-bit keys; use fewer than {(1 << 24) - (1 << 15)}")
+        raise ValueError(
+            f"n_cards {n_cards} does not fit 24-bit keys; use fewer than {(1 << 24) - (1 << 15)}"
+        )
     # i -> (i * odd + offset) mod 2**24 is a bijection: distinct, scattered keys, no RNG needed.
     mult, offset = 0x9E3779 | 1, (seed * 0x5BD1E9) & 0xFFFFFF
     wanted = n_cards + n_cards // 1000 + 1
-    keys = [k for k in (((i + 1) * mult + offset) & 0xFFFFFF for i in range(wanted + 1)) if k][:wanted]
-    lessons = {"mon": ["12:00-19:00"], "tue": ["12:00-19:00"], "wed": ["12:00-19:00"],
-               "thu": ["12:00-19:00"], "fri": ["12:00-19:00"]}
+    keys = [k for k in (((i + 1) * mult + offset) & 0xFFFFFF for i in range(wanted + 1)) if k][
+        :wanted
+    ]
+    lessons = {
+        "mon": ["12:00-19:00"],
+        "tue": ["12:00-19:00"],
+        "wed": ["12:00-19:00"],
+        "thu": ["12:00-19:00"],
+        "fri": ["12:00-19:00"],
+    }
     day = {d: ["07:00-19:00"] for d in WEEKDAYS[:6]}
     doc: dict[str, Any] = {
-        "kind": "snapshot", "version": version, "timezone": "Asia/Tomsk", "key_width": 24,
+        "kind": "snapshot",
+        "version": version,
+        "timezone": "Asia/Tomsk",
+        "key_width": 24,
         "schedules": {
             "school-day": {"week": day},
             "after-lessons": {"week": lessons},
@@ -1125,7 +1316,10 @@ def synthetic_acl(n_cards: int, *, seed: int = 1, version: str = "synthetic.1") 
             "senior": {"entry": "school-day", "exit": None},
             "staff": {"entry": "staff", "exit": None},
         },
-        "people": [], "guests": [], "blocked": [], "holidays": ["2026-11-04", "2026-12-31"],
+        "people": [],
+        "guests": [],
+        "blocked": [],
+        "holidays": ["2026-11-04", "2026-12-31"],
     }
     group_cycle = (["junior"], ["senior"], ["staff"], ["junior", "senior"])
     people = doc["people"]
@@ -1133,15 +1327,26 @@ def synthetic_acl(n_cards: int, *, seed: int = 1, version: str = "synthetic.1") 
     for i in range(n_cards - n_guests):
         k = keys[i]
         form = i % 3
-        card = f"{k >> 16},{k & 0xFFFF}" if form == 0 else (f"{k:010d}" if form == 1 else f"hex:{k:06X}")
+        card = (
+            f"{k >> 16},{k & 0xFFFF}"
+            if form == 0
+            else (f"{k:010d}" if form == 1 else f"hex:{k:06X}")
+        )
         p: dict[str, Any] = {"id": f"p-{i:07x}", "cards": [card], "groups": group_cycle[i % 4]}
         if i % 5 == 0:
             p["valid_until"] = "2027-06-30"
         people.append(p)
     for j in range(n_guests):
         k = keys[n_cards - n_guests + j]
-        doc["guests"].append({"id": f"g-{j:04d}", "card": f"{k:010d}", "from": "2026-09-01T07:00:00+07:00",
-                              "until": "2026-09-30T20:00:00+07:00", "uses": 1})
+        doc["guests"].append(
+            {
+                "id": f"g-{j:04d}",
+                "card": f"{k:010d}",
+                "from": "2026-09-01T07:00:00+07:00",
+                "until": "2026-09-30T20:00:00+07:00",
+                "uses": 1,
+            }
+        )
     for k in keys[n_cards:]:
         doc["blocked"].append(f"{k:010d}")
     return doc
