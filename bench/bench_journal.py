@@ -9,6 +9,7 @@ uplink does not slow the gate. Writes key ``journal`` into bench/results.json:
 ``append_per_s`` (the headline figure), commit latency percentiles, sync
 figures, and the same under uplink load.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,14 @@ def _now() -> Now:
 
 def _record(i: int) -> dict:
     return make_record(
-        "access.granted", _now(), BOOT,
-        reader="entry", direction="in", card=6_613_779 + i, format="w26", person=f"p-{i % 1300:06d}",
+        "access.granted",
+        _now(),
+        BOOT,
+        reader="entry",
+        direction="in",
+        card=6_613_779 + i,
+        format="w26",
+        person=f"p-{i % 1300:06d}",
     )
 
 
@@ -44,7 +51,9 @@ def _pct(sorted_s: list[float], q: float) -> float:
 
 
 def run(directory: Path, seconds: float, sync_interval: float, uplink: bool) -> dict:
-    journal = Journal(directory / "journal.db", sync_interval_s=sync_interval, clock=_now, boot=BOOT)
+    journal = Journal(
+        directory / "journal.db", sync_interval_s=sync_interval, clock=_now, boot=BOOT
+    )
     journal.start_sync_thread()
     stop = threading.Event()
     drained = [0]
@@ -125,12 +134,22 @@ def _merge_json(key: str, value: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=5.0, help="length of the main run (default 5)")
-    ap.add_argument("--sync-interval", type=float, default=1.0,
-                    help="WAL fsync interval of the sync thread, seconds (default 1.0)")
-    ap.add_argument("--dir", type=Path, default=None,
-                    help="directory for the journal (default: a temporary one; use the real "
-                         "data disk to measure it)")
-    ap.add_argument("--no-write", action="store_true", help="print only; leave bench/results.json alone")
+    ap.add_argument(
+        "--sync-interval",
+        type=float,
+        default=1.0,
+        help="WAL fsync interval of the sync thread, seconds (default 1.0)",
+    )
+    ap.add_argument(
+        "--dir",
+        type=Path,
+        default=None,
+        help="directory for the journal (default: a temporary one; use the real "
+        "data disk to measure it)",
+    )
+    ap.add_argument(
+        "--no-write", action="store_true", help="print only; leave bench/results.json alone"
+    )
     args = ap.parse_args(argv)
     if args.seconds <= 0 or args.sync_interval <= 0:
         ap.error("--seconds and --sync-interval must be positive")
@@ -141,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-journal-", dir=base) as tmp:
         main_run = run(Path(tmp) / "alone", args.seconds, args.sync_interval, uplink=False)
     with tempfile.TemporaryDirectory(prefix="bench-journal-", dir=base) as tmp:
-        busy = run(Path(tmp) / "uplink", max(1.0, args.seconds * 0.6), args.sync_interval, uplink=True)
+        busy = run(
+            Path(tmp) / "uplink", max(1.0, args.seconds * 0.6), args.sync_interval, uplink=True
+        )
     result = {
         **main_run,
         "sync_interval_s": args.sync_interval,

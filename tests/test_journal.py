@@ -1,4 +1,5 @@
 """The journal: nothing the gate did is lost (issue 4, section 1)."""
+
 from __future__ import annotations
 
 import json
@@ -39,14 +40,22 @@ def clock() -> Now:
 def granted(i: int, wall: float | None = None) -> dict:
     now = Now(mono=10.0 + i, wall=BASE + i if wall is None else wall)
     return make_record(
-        "access.granted", now, BOOT,
-        reader="entry", direction="in", card=100_000 + i, format="w26", person=f"p-{i:06d}",
+        "access.granted",
+        now,
+        BOOT,
+        reader="entry",
+        direction="in",
+        card=100_000 + i,
+        format="w26",
+        person=f"p-{i:06d}",
     )
 
 
 def reader_error(i: int) -> dict:
     now = Now(mono=10.0 + i, wall=BASE + i)
-    return make_record("reader.error", now, BOOT, reader="entry", kind="parity", detail="", raw=None)
+    return make_record(
+        "reader.error", now, BOOT, reader="entry", kind="parity", detail="", raw=None
+    )
 
 
 def open_journal(path: Path, **kw) -> Journal:
@@ -498,7 +507,9 @@ def test_capacity_alarm_low_value_first_overflow_counted_and_reported(path):
     assert j.commit([granted(21), reader_error(2)]) == []
     stats = j.stats()
     assert stats["stored"] == 10 and stats["dropped_total"] == 4
-    assert not any(r["type"] == "alarm" for r in j.commit([granted(22)])), "the alarm is raised once"
+    assert not any(r["type"] == "alarm" for r in j.commit([granted(22)])), (
+        "the alarm is raised once"
+    )
     offered = drain(j)
     assert [r["seq"] for r in offered] == list(range(1, 11)), "dropped records leave no gap"
 

@@ -5,6 +5,7 @@ acknowledged, and the subset of those the journal was allowed to forget on a
 crash (acknowledgements reach the disk at ``maintenance`` or ``close``; a crash
 before that only brings records back, it never loses one).
 """
+
 from __future__ import annotations
 
 import shutil

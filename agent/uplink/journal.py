@@ -50,6 +50,7 @@ pending records still readable are copied into a new journal (new id, seqs from
 damaged file is renamed ``<name>.corrupt-<UTC stamp>`` (never deleted), the new
 one takes its place, and it holds a ``journal.recovered`` record.
 """
+
 from __future__ import annotations
 
 import json
@@ -61,8 +62,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Self
 from urllib.parse import quote
 
 from agent.core.events import Now
@@ -364,9 +366,11 @@ class _Salvage:
 class Journal:
     """The SQLite journal of one gate.
 
-    Gate thread: ``commit``, ``maintenance``, ``close``. Uplink (any other
+    Gate thread: ``commit``, ``maintenance``, ``set_disk_budget``, ``close``
+    (and ``start_sync_thread``/``stop``). Uplink and telemetry (any other
     thread): ``pending``, ``ack_upto``, ``ack_one``, ``backlog``,
-    ``oldest_pending_age_s``, ``stats``, ``sync``.
+    ``oldest_pending_age_s``, ``stats``, ``sync``; these take the uplink's own
+    lock and connection, so keep them off the gate thread.
 
     ``clock`` gives the time for the journal's own records (alarms, overflow,
     recovered); pass the runtime's, which knows whether the clock is
@@ -386,7 +390,9 @@ class Journal:
         boot: str | None = None,
     ) -> None:
         if not sync_interval_s > 0:
-            raise ValueError(f"sync_interval_s={sync_interval_s!r}: give a positive number of seconds")
+            raise ValueError(
+                f"sync_interval_s={sync_interval_s!r}: give a positive number of seconds"
+            )
         if capacity_events < 1:
             raise ValueError(f"capacity_events={capacity_events!r}: give at least 1")
         if memory_buffer < 1:
@@ -490,7 +496,12 @@ class Journal:
         self._db_pending = actual
         self._applied_wm = acked
         if actual != pending or self._last_seq != last:
-            log.warning("journal %s: state corrected (pending %d, last seq %d)", self.path, actual, self._last_seq)
+            log.warning(
+                "journal %s: state corrected (pending %d, last seq %d)",
+                self.path,
+                actual,
+                self._last_seq,
+            )
             conn.execute(
                 "UPDATE state SET pending = ?, last_seq = ? WHERE id = 1", (actual, self._last_seq)
             )
@@ -557,13 +568,18 @@ class Journal:
 
     def _rebuild(self, problem: str) -> None:
         """Salvage a damaged journal into a new one, then swap the files."""
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         dest = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
         n = 1
         while any(p.exists() for p in _db_files(dest)):
             dest = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{n}")
             n += 1
-        log.error("journal %s is damaged (%s); salvaging it, then moving it to %s", self.path, problem, dest)
+        log.error(
+            "journal %s is damaged (%s); salvaging it, then moving it to %s",
+            self.path,
+            problem,
+            dest,
+        )
         tmp = self._tmp_path
         for p in _db_files(tmp):
             p.unlink(missing_ok=True)
@@ -616,7 +632,11 @@ class Journal:
         self.recovered_record = d
         log.error(
             "journal %s rebuilt as %s: %d record(s) salvaged, lost %s, damaged file kept at %s",
-            self.path, jid, salvaged, salvage.lost, dest,
+            self.path,
+            jid,
+            salvaged,
+            salvage.lost,
+            dest,
         )
 
     # --- the gate thread ------------------------------------------------------
@@ -670,7 +690,9 @@ class Journal:
         if got > pages:
             log.warning(
                 "journal %s is %d bytes, over its disk budget of %d bytes; it will not grow",
-                self.path, got * self._page_size, self._budget,
+                self.path,
+                got * self._page_size,
+                self._budget,
             )
         return got * self._page_size
 
@@ -698,7 +720,12 @@ class Journal:
         return True
 
     def _row(self, d: dict) -> tuple:
-        return (d["seq"], _type_of(d), _wall_of(d), json.dumps(d, separators=(",", ":"), default=str))
+        return (
+            d["seq"],
+            _type_of(d),
+            _wall_of(d),
+            json.dumps(d, separators=(",", ":"), default=str),
+        )
 
     def _prepare(self, rec: dict, own: bool) -> tuple[dict, tuple, bool]:
         self._last_seq += 1
@@ -735,12 +762,15 @@ class Journal:
         """Write the buffer and the new items, in seq order; buffer them on failure."""
         if not items and not self._buffer:
             if self._state_dirty:  # drop counts alone: keep them across a restart
-                self._state_dirty = self._txn(
-                    lambda conn: conn.execute(
-                        _STATE,
-                        self._state_args(self._last_seq, self._db_pending, self._applied_wm),
+                self._state_dirty = (
+                    self._txn(
+                        lambda conn: conn.execute(
+                            _STATE,
+                            self._state_args(self._last_seq, self._db_pending, self._applied_wm),
+                        )
                     )
-                ) is not None
+                    is not None
+                )
             return []
         rows = [it[1] for it in self._buffer] + [it[1] for it in items]
         pending = self._db_pending + len(rows)
@@ -755,7 +785,9 @@ class Journal:
             self._db_pending = pending
             self._committed_seq = self._last_seq  # nothing numbered is left unwritten
             if self._buffer:
-                log.warning("journal %s: %d buffered record(s) written", self.path, len(self._buffer))
+                log.warning(
+                    "journal %s: %d buffered record(s) written", self.path, len(self._buffer)
+                )
                 self._buffer.clear()
             self._blocked = None
         else:
@@ -768,7 +800,12 @@ class Journal:
 
     def _alarm(self, active: bool, detail: str) -> dict:
         return make_record(
-            "alarm", self._clock(), self._boot, kind="journal_capacity", active=active, detail=detail
+            "alarm",
+            self._clock(),
+            self._boot,
+            kind="journal_capacity",
+            active=active,
+            detail=detail,
         )
 
     def _after_write(self) -> list[dict]:
@@ -839,7 +876,9 @@ class Journal:
                     [(now_wall, s) for s in singles],
                 ).rowcount
             counted[0] = n
-            conn.execute(_STATE, self._state_args(self._committed_seq, self._db_pending - n, new_wm))
+            conn.execute(
+                _STATE, self._state_args(self._committed_seq, self._db_pending - n, new_wm)
+            )
 
         def delete(conn: sqlite3.Connection) -> None:
             n = 0
@@ -853,7 +892,9 @@ class Journal:
                     "DELETE FROM events WHERE seq = ? AND done IS NULL", [(s,) for s in singles]
                 ).rowcount
             counted[0] = n
-            conn.execute(_STATE, self._state_args(self._committed_seq, self._db_pending - n, new_wm))
+            conn.execute(
+                _STATE, self._state_args(self._committed_seq, self._db_pending - n, new_wm)
+            )
 
         # A full disk: acknowledged records go now rather than after retention.
         exc = self._txn(delete if self._blocked == "disk full" else mark)
@@ -943,8 +984,7 @@ class Journal:
                 # Nothing below the first record offered is pending any more:
                 # move the watermark there, so one-by-one acks compact into it.
                 top = out[0]["seq"] - 1 if out else cursor
-                if top > self._u_wm:
-                    self._u_wm = top
+                self._u_wm = max(self._u_wm, top)
         return out
 
     def _make_durable(self) -> None:
@@ -969,8 +1009,7 @@ class Journal:
         with self._ulock:
             # The server can hold only what was offered, and only durable records are.
             seq = min(int(seq), self._synced_seq)
-            if seq > self._u_wm:
-                self._u_wm = seq
+            self._u_wm = max(self._u_wm, seq)
         return True
 
     def ack_one(self, seq: int) -> bool:
@@ -1012,8 +1051,8 @@ class Journal:
                 for i in range(0, len(singles), 500):
                     chunk = singles[i : i + 500]
                     total -= conn.execute(
-                        "SELECT count(*) FROM events WHERE done IS NULL AND seq IN (%s)"
-                        % ",".join("?" * len(chunk)),
+                        "SELECT count(*) FROM events WHERE done IS NULL AND seq IN "
+                        f"({','.join('?' * len(chunk))})",
                         chunk,
                     ).fetchone()[0]
             finally:
@@ -1089,8 +1128,7 @@ class Journal:
             self._syncs += 1
             self._last_sync_s = took
             self._max_sync_s = max(self._max_sync_s, took)
-            if target > self._synced_seq:
-                self._synced_seq = target
+            self._synced_seq = max(self._synced_seq, target)
             self._last_sync_at = time.monotonic()
             return self._synced_seq
 
@@ -1142,7 +1180,9 @@ class Journal:
         if self._buffer:
             log.error(
                 "journal %s closed with %d record(s) still in memory (%s): they are lost",
-                self.path, len(self._buffer), self._blocked,
+                self.path,
+                len(self._buffer),
+                self._blocked,
             )
         self.sync()
         self._closed = True
@@ -1160,7 +1200,7 @@ class Journal:
         if self._closed:
             raise JournalError(f"the journal {self.path} is closed; open a new Journal")
 
-    def __enter__(self) -> Journal:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
