@@ -194,7 +194,7 @@ cdef class Table:
         cdef const int[::1] holidays = c["holidays"]
         cdef Py_ssize_t nh = holidays.shape[0]
 
-        # Per-entry checks, in C; the messages come from the pure twin.
+        # Per-entry checks in C, in _pure.validated()'s order and with its messages.
         for i in range(1, n):
             if keys[i - 1] >= keys[i]:
                 raise _pure.element_error("card_keys", i, keys[i], keys[i - 1])
@@ -207,6 +207,7 @@ cdef class Table:
         for i in range(np):
             if p_gs[i] < -1 or p_gs[i] >= ng:
                 raise _pure.element_error("person_groupset", i, p_gs[i], ng)
+        for i in range(np):
             if p_max_uses[i] < 0:
                 raise _pure.element_error("person_max_uses", i, p_max_uses[i], 0)
 
