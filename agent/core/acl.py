@@ -1241,9 +1241,10 @@ class AccessList:
         )
 
 
-def check_document(doc: Any) -> list[AclError]:
+def check_document(doc: Any, key_width: int = DEFAULT_KEY_WIDTH) -> list[AclError]:
     """Every error in a snapshot, or in a delta as far as it can be checked
-    without its base; [] when none. For tools (a command-line check)."""
+    without its base (cards read at `key_width`); [] when none. For tools
+    (a command-line check)."""
     errors = _Errors()
     kind = _check_schema(doc, errors)
     if kind == "snapshot":
@@ -1253,7 +1254,7 @@ def check_document(doc: Any) -> list[AclError]:
             return exc.errors
         return []
     if kind == "delta" and not errors:
-        reader = _Reader(DEFAULT_KEY_WIDTH, errors)
+        reader = _Reader(key_width, errors)
         for name, s in _named(doc, "schedules").items():
             reader.schedule(s, _ptr("schedules", name))
         for field, read in (("people", reader.person), ("guests", reader.guest)):
