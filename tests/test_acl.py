@@ -849,3 +849,15 @@ def test_junk_anywhere_in_a_delta_is_refused_cleanly_or_applied(data):
     else:
         new.columns()
     assert base.to_snapshot() == AccessList.from_snapshot(_SNAPSHOT).to_snapshot()
+
+
+def test_check_document_reports_delta_errors_without_a_base():
+    delta = {
+        "kind": "delta",
+        "version": "b",
+        "base": "a",
+        "block": ["300,1"],
+        "people": [{"id": "p-9", "cards": ["100,1"], "groups": ["g"]}],
+    }
+    assert [e.path for e in check_document(delta)] == ["/block/0"]
+    assert check_document(delta, key_width=32) == []  # facility 300 fits 16 facility bits
