@@ -262,6 +262,27 @@ def test_backlog_and_oldest_pending_age(path):
     j.close()
 
 
+def _rows_in_main_file(path: Path) -> int:
+    copy = path.with_name("copy.db")
+    shutil.copy(path, copy)  # the database file alone, without its WAL
+    with sqlite3.connect(copy) as db:
+        has = db.execute("SELECT count(*) FROM sqlite_master WHERE name = 'events'").fetchone()[0]
+        n = db.execute("SELECT count(*) FROM events").fetchone()[0] if has else 0
+    copy.unlink()
+    return n
+
+
+def test_commit_never_checkpoints_and_checkpoint_folds_the_wal_in(path):
+    j = open_journal(path)
+    out = j.commit([granted(i) for i in range(500)])
+    for i in range(500, 700):
+        out += j.commit([granted(i)])
+    assert _rows_in_main_file(path) == 0, "the gate thread never checkpoints (a checkpoint fsyncs)"
+    j.checkpoint()
+    assert _rows_in_main_file(path) == len(out)
+    j.close()
+
+
 def test_pending_offers_only_records_already_synced_to_disk(path):
     j = open_journal(path)
     j.commit([granted(0)])

@@ -369,7 +369,7 @@ class Journal:
     Gate thread: ``commit``, ``maintenance``, ``set_disk_budget``, ``close``
     (and ``start_sync_thread``/``stop``). Uplink and telemetry (any other
     thread): ``pending``, ``ack_upto``, ``ack_one``, ``backlog``,
-    ``oldest_pending_age_s``, ``stats``, ``sync``; these take the uplink's own
+    ``oldest_pending_age_s``, ``stats``, ``sync``, ``checkpoint``; these take the uplink's own
     lock and connection, so keep them off the gate thread.
 
     ``clock`` gives the time for the journal's own records (alarms, overflow,
@@ -448,6 +448,8 @@ class Journal:
         self._acks: deque[tuple[int, int]] = deque()  # (generation, seq) for the gate thread
         # Sync.
         self._sync_lock = threading.Lock()
+        self._ckpt_lock = threading.Lock()
+        self._ckpt_conn: sqlite3.Connection | None = None
         self._synced_seq = 0
         self._syncs = 0
         self._sync_errors = 0
@@ -1141,20 +1143,28 @@ class Journal:
         self._thread = threading.Thread(target=self._sync_loop, name="journal-sync", daemon=True)
         self._thread.start()
 
+    def checkpoint(self) -> None:
+        """Sync, then fold the WAL into the database file (never on the gate
+        thread). PASSIVE: it never waits for the gate or the uplink; under
+        sustained writes the WAL can only restart once the writer pauses.
+        The sync thread calls it; call it after a bulk fill without one."""
+        self.sync()
+        with self._ckpt_lock:
+            if self._ckpt_conn is None:
+                conn = sqlite3.connect(
+                    str(self.path), isolation_level=None, check_same_thread=False
+                )
+                conn.execute("PRAGMA busy_timeout=1000")
+                self._ckpt_conn = conn
+            self._ckpt_conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
     def _sync_loop(self) -> None:
-        conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
-        try:
-            conn.execute("PRAGMA busy_timeout=1000")
-            while not self._stop.wait(self._sync_interval):
-                try:
-                    self.sync()
-                    # PASSIVE never waits for readers or the writer; it keeps the WAL short.
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                except (OSError, sqlite3.Error) as exc:
-                    self._sync_errors += 1
-                    log.warning("journal %s: sync failed (%s); retrying", self.path, exc)
-        finally:
-            conn.close()
+        while not self._stop.wait(self._sync_interval):
+            try:
+                self.checkpoint()
+            except (OSError, sqlite3.Error) as exc:
+                self._sync_errors += 1
+                log.warning("journal %s: sync failed (%s); retrying", self.path, exc)
 
     def stop(self) -> None:
         """Stop the sync thread (idempotent)."""
@@ -1190,6 +1200,10 @@ class Journal:
             if self._uconn is not None:
                 self._uconn.close()
                 self._uconn = None
+        with self._ckpt_lock:
+            if self._ckpt_conn is not None:
+                self._ckpt_conn.close()
+                self._ckpt_conn = None
         try:
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         except sqlite3.Error:
