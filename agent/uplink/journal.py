@@ -469,7 +469,14 @@ class Journal:
         adopted = self._settle_salvage()
         problem = self._check_integrity()
         if problem is not None:
-            self._rebuild(problem)
+            try:
+                self._rebuild(problem)
+            except (sqlite3.Error, OSError) as exc:
+                raise JournalError(
+                    f"the journal {self.path} is damaged ({problem}) and could not be rebuilt: "
+                    f"{exc}; free disk space or fix permissions in {self.path.parent} and restart "
+                    "(the damaged file is left as it was)"
+                ) from exc
         if not self.path.exists():
             _create_private(self.path)
         try:
