@@ -1,0 +1,373 @@
+"""Access lists from the server: check, build off the gate thread, persist, swap in.
+
+The flow for one message on ``gate/v1/{site}/{gate}/acl`` (docs/security.md):
+
+1. Parse. A signed list comes in an envelope ``{"v", "site", "gate"?,
+   "counter", "key_id", "sig", "list"}`` (``signing.sign_acl``); a bare list is
+   taken only where the config allows unsigned lists (a lab).
+2. Check the envelope: signature by a trusted key, addressed to this gate's
+   site (and gate, when it names one), counter above the last list accepted
+   from that key (an old list cannot be replayed to roll a gate back).
+3. Validate and apply (``agent.core.acl``): a snapshot whole, a delta against
+   the version this gate holds. Any error: ``acl.rejected`` with the reasons,
+   and the gate keeps deciding on the list it had. A delta against another
+   base also sends ``acl.requested`` (reason ``base_mismatch``): the server
+   answers that event with a snapshot.
+4. Build the compiled table here, on the caller's thread (the Downlink's
+   worker), never on the gate thread.
+5. Persist the applied list (``acl.json`` in the state directory, mode 0600,
+   written to a temporary file, fsynced and renamed), then submit
+   ``SwapTable``: the gate swaps tables between two events and never waits.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from agent.contract import CONTRACT_VERSION
+from agent.core.acl import AccessList, AclError, AclRejected, build_table, parse_acl_json
+from agent.core.events import Report, SwapTable
+
+from .signing import SignatureError, verify
+
+log = logging.getLogger("agent.downlink")
+
+__all__ = ["ACL_FILE", "AclSync", "CounterStore", "write_private"]
+
+ACL_FILE = "acl.json"
+COUNTERS_FILE = "counters.json"
+ENVELOPE_FIELDS = frozenset({"v", "site", "gate", "counter", "key_id", "sig", "list"})
+MAX_REPORTED_ERRORS = 50  # the acl.rejected record holds at most 50
+_MAX_TEXT = 1000  # path and message lengths the record allows
+
+
+# --------------------------------------------------------------------------- files
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically, readable by the owner only (0600).
+
+    Temporary file in the same directory, fsync, rename, fsync the directory:
+    after a crash the file is either the old one or the new one, never torn.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o600)  # O_CREAT's mode is masked by the umask; this is not
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:
+        dfd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+
+
+def ensure_state_dir(state_dir: Path) -> Path:
+    """The state directory, created 0700 when missing (it holds personal data)."""
+    state_dir = Path(state_dir)
+    try:
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot create the state directory {state_dir}: {exc.strerror}; "
+                      "create it for the service user (systemd StateDirectory=)") from None
+    return state_dir
+
+
+def _stamp(epoch_s: float) -> str:
+    return datetime.fromtimestamp(epoch_s, tz=timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+def move_aside(path: Path, epoch_s: float) -> Path:
+    """Rename a damaged file to ``<name>.corrupt-<UTC stamp>`` (kept for a technician)."""
+    target = path.with_name(f"{path.name}.corrupt-{_stamp(epoch_s)}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.corrupt-{_stamp(epoch_s)}-{n}")
+    os.replace(path, target)
+    return target
+
+
+class CounterStore:
+    """The last accepted counter per signing key, on disk (``counters.json``, 0600).
+
+    Two spaces: ``cmd`` (commands) and ``acl`` (signed lists). ``advance`` is
+    check-and-set under a lock and is durable before it returns, so a command
+    is acted on only after its counter is on disk: a crash cannot make a
+    replay acceptable. A damaged file is moved aside and reported; counting
+    starts again from zero (the expiry check still bounds replays then).
+    """
+
+    def __init__(self, path: Path, *, wall: Callable[[], float],
+                 report: Callable[[str, dict], None]) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._data: dict[str, dict[str, int]] = {"cmd": {}, "acl": {}}
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return
+        try:
+            data = json.loads(raw)
+            if not isinstance(data, dict):
+                raise ValueError("not an object")
+            for space in ("cmd", "acl"):
+                values = data.get(space, {})
+                if not isinstance(values, dict) or not all(
+                        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+                        for k, v in values.items()):
+                    raise ValueError(f"{space!r} is not a table of key_id -> integer")
+                self._data[space] = dict(values)
+        except ValueError as exc:
+            moved = move_aside(self.path, wall())
+            log.error("replay counters in %s are damaged (%s); moved to %s, counting from zero",
+                      self.path, exc, moved)
+            report("alarm", {"kind": "counters_reset", "active": True,
+                             "detail": f"replay counters were damaged ({str(exc)[:200]}) and moved "
+                                       f"to {moved}; counting starts from zero, the expiry check "
+                                       "still bounds replays; check the disk"[:_MAX_TEXT]})
+
+    def last(self, space: str, key_id: str) -> int:
+        with self._lock:
+            return self._data[space].get(key_id, 0)
+
+    def advance(self, space: str, key_id: str, counter: int) -> bool:
+        """True and stored (durably) when ``counter`` is above the last one; else False."""
+        with self._lock:
+            if counter <= self._data[space].get(key_id, 0):
+                return False
+            new = {s: dict(v) for s, v in self._data.items()}
+            new[space][key_id] = counter
+            write_private(self.path, json.dumps(new, sort_keys=True).encode("utf-8"))
+            self._data = new
+            return True
+
+
+# --------------------------------------------------------------------------- rejections
+
+
+def _rejected_record(version: Any, exc: AclRejected) -> dict:
+    errors = [{"path": (e.path or "/")[:_MAX_TEXT], "message": e.message[:_MAX_TEXT]}
+              for e in exc.errors[:MAX_REPORTED_ERRORS]]
+    if not errors:
+        errors = [{"path": "/", "message": str(exc)[:_MAX_TEXT]}]
+    ok_version = isinstance(version, str) and 1 <= len(version) <= 128
+    return {"version": version if ok_version else None, "code": exc.code, "errors": errors}
+
+
+def _reject(path: str, message: str) -> AclRejected:
+    return AclRejected([AclError(path, message)])
+
+
+# --------------------------------------------------------------------------- sync
+
+
+class AclSync:
+    """One gate's access list: what it holds, what it applies next, what it kept on disk.
+
+    Not thread-safe by itself: ``handle`` is called from one thread at a time
+    (the Downlink's worker); ``status`` only reads.
+    """
+
+    def __init__(
+        self,
+        *,
+        site: str,
+        gate: str,
+        fp: Any,
+        state_dir: Path,
+        submit: Callable[[Any], Any],
+        trusted_keys: dict,
+        counters: CounterStore,
+        signed: bool = True,
+        max_age_s: float | None = None,
+        wall: Callable[[], float],
+        builder: Callable[[AccessList, Any], Any] = build_table,
+    ) -> None:
+        self.site, self.gate = site, gate
+        self.fp = fp
+        self.state_dir = Path(state_dir)
+        self.path = self.state_dir / ACL_FILE
+        self._submit = submit
+        self._trusted = trusted_keys
+        self._counters = counters
+        self.signed = signed
+        self.max_age_s = max_age_s
+        self._wall = wall
+        self._builder = builder  # a seam for tests that hold a build open
+        self.acl: AccessList | None = None
+        self.applied_at: float | None = None  # wall time the held list was applied
+        self._stale_raised = False
+        self._corrupt_raised = False
+        self._flags = threading.Lock()  # status() runs on another thread than handle()
+
+    # --- start-up --------------------------------------------------------------
+
+    def load_persisted(self) -> tuple[AccessList | None, Any]:
+        """The list kept on disk and its table, or (None, None).
+
+        A damaged file is moved aside and reported (``alarm`` ``acl_corrupt``);
+        the gate then starts as a new board would (``acl_missing``, and asks
+        for a snapshot).
+        """
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return None, None
+        try:
+            data = json.loads(raw)
+            if not isinstance(data, dict) or data.get("format") != 1:
+                raise ValueError("not an access-list file of format 1")
+            applied_at = data.get("applied_at")
+            if not isinstance(applied_at, (int, float)) or isinstance(applied_at, bool):
+                raise ValueError("applied_at is missing")
+            acl = AccessList.from_snapshot(data.get("list"))
+            table = self._builder(acl, self.fp)
+        except (ValueError, TypeError, KeyError) as exc:  # AclRejected is a ValueError
+            moved = move_aside(self.path, self._wall())
+            detail = (f"the stored access list {self.path} was damaged ({str(exc)[:300]}); moved "
+                      f"to {moved}; the gate asks the server for a snapshot")
+            log.error("%s", detail)
+            self._corrupt_raised = True
+            self._submit(Report("alarm", {"kind": "acl_corrupt", "active": True,
+                                          "detail": detail[:_MAX_TEXT]}))
+            return None, None
+        self.acl, self.applied_at = acl, float(applied_at)
+        log.info("access list %s loaded from %s", acl.version, self.path)
+        return acl, table
+
+    # --- messages ------------------------------------------------------------
+
+    def handle(self, payload: bytes) -> bool:
+        """One message from the acl topic; True when a new list was swapped in."""
+        version: Any = None
+        try:
+            doc = parse_acl_json(payload)
+            doc, envelope = self._open_envelope(doc)
+            version = doc.get("version")
+            acl, kind, base = self._apply(doc)
+            if envelope is not None and not self._counters.advance(
+                    "acl", envelope["key_id"], envelope["counter"]):
+                raise _reject("/counter", "counter is not above the last list accepted from key "
+                              f"{envelope['key_id']!r}: a replayed list; sign it again with a new counter")
+        except AclRejected as exc:
+            have = self.acl.version if self.acl is not None else None
+            log.warning("access list %r refused: %s", version, exc)
+            self._submit(Report("acl.rejected", _rejected_record(version, exc)))
+            if exc.code == "base_mismatch":
+                self._submit(Report("acl.requested", {"reason": "base_mismatch", "have": have}))
+            return False
+        table = self._builder(acl, self.fp)  # the slow part: here, never on the gate thread
+        now = self._wall()
+        self._persist(acl, kind, base, now)
+        self.acl, self.applied_at = acl, now
+        self._submit(SwapTable(table, kind, base))
+        with self._flags:
+            cleared, self._stale_raised = self._stale_raised, False
+        if cleared:
+            self._submit(Report("alarm", {"kind": "acl_stale", "active": False,
+                                          "detail": f"access list {acl.version} applied"}))
+        if self._corrupt_raised:
+            self._corrupt_raised = False
+            self._submit(Report("alarm", {"kind": "acl_corrupt", "active": False,
+                                          "detail": f"access list {acl.version} applied and stored"}))
+        return True
+
+    def _open_envelope(self, doc: dict) -> tuple[dict, dict | None]:
+        """The list inside a signed envelope (checked), or a bare list where allowed."""
+        if "list" not in doc and "sig" not in doc:
+            if self.signed:
+                raise _reject("/", "unsigned access list: this gate takes only signed lists "
+                              "({\"v\", \"site\", \"counter\", \"key_id\", \"sig\", \"list\"}); push it "
+                              "with `gate-agent acl push --key ... --key-id ...`")
+            return doc, None
+        extra = sorted(set(doc) - ENVELOPE_FIELDS)
+        if extra:
+            raise _reject("/", f"unknown envelope field(s) {', '.join(extra)[:200]}; a signed list "
+                          "has v, site, gate (optional), counter, key_id, sig and list")
+        try:
+            verify(doc, self._trusted)
+        except SignatureError as exc:
+            raise _reject("/sig" if exc.reason == "bad_signature" else "/",
+                          f"{exc.reason}: {exc.detail}") from None
+        if doc.get("v") != CONTRACT_VERSION:
+            raise _reject("/v", f"envelope version {doc.get('v')!r}; this gate reads v {CONTRACT_VERSION}")
+        if doc.get("site") != self.site or ("gate" in doc and doc["gate"] != self.gate):
+            where = f"{doc.get('site')!r}" + (f"/{doc['gate']!r}" if "gate" in doc else "")
+            raise _reject("/site", f"misaddressed: the list is for {where[:200]}, this gate is "
+                          f"{self.site!r}/{self.gate!r}")
+        counter = doc.get("counter")
+        if not isinstance(counter, int) or isinstance(counter, bool) or counter < 1:
+            raise _reject("/counter", "counter must be an integer >= 1, above the last list's")
+        inner = doc.get("list")
+        if not isinstance(inner, dict):
+            raise _reject("/list", "list must be the access-list object (a snapshot or a delta)")
+        if counter <= self._counters.last("acl", doc["key_id"]):
+            raise _reject("/counter", f"counter {counter} is not above the last list accepted from "
+                          f"key {doc['key_id']!r}: a replayed list; sign it again with a new counter")
+        return inner, doc
+
+    def _apply(self, doc: dict) -> tuple[AccessList, str, str | None]:
+        kind = doc.get("kind")
+        if kind == "delta":
+            if self.acl is None:
+                base = doc.get("base")
+                raise AclRejected([AclError("/base", f"delta is against version {str(base)[:128]!r} "
+                                            "but this gate holds no list yet; send a snapshot")],
+                                  code="base_mismatch")
+            return self.acl.apply_delta(doc), "delta", self.acl.version
+        return AccessList.from_snapshot(doc), "snapshot", None
+
+    def _persist(self, acl: AccessList, kind: str, base: str | None, now: float) -> None:
+        data = {"format": 1, "applied_at": now, "kind": kind, "base": base, "list": acl.to_snapshot()}
+        ensure_state_dir(self.state_dir)
+        try:
+            write_private(self.path, json.dumps(data, separators=(",", ":"),
+                                                ensure_ascii=False).encode("utf-8"))
+        except OSError as exc:
+            # The gate still gets the list (principle 1); only the next start lacks it.
+            log.error("could not store access list %s in %s (%s); it is applied but a restart "
+                      "before the next list starts without it", acl.version, self.path, exc)
+            self._submit(Report("alarm", {"kind": "acl_store_failed", "active": True,
+                                          "detail": f"could not write {self.path}: {exc}"[:_MAX_TEXT]}))
+
+    # --- age -----------------------------------------------------------------
+
+    def status(self) -> dict:
+        """{acl_version, acl_age_s, acl_stale}; raises ``acl_stale`` once when the age passes the limit."""
+        version = self.acl.version if self.acl is not None else None
+        age = None if self.applied_at is None else round(max(0.0, self._wall() - self.applied_at), 1)
+        stale = self.max_age_s is not None and age is not None and age > self.max_age_s
+        with self._flags:
+            raise_now = stale and not self._stale_raised
+            if raise_now:
+                self._stale_raised = True
+        if raise_now:
+            self._submit(Report("alarm", {"kind": "acl_stale", "active": True,
+                                          "detail": f"access list {version} was applied {age:.0f} s ago, "
+                                                    f"over the limit of {self.max_age_s:.0f} s; the gate "
+                                                    "keeps using it and asks for a snapshot"}))
+            self._submit(Report("acl.requested", {"reason": "stale", "have": version}))
+        return {"acl_version": version, "acl_age_s": age, "acl_stale": bool(stale)}

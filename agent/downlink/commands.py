@@ -1,0 +1,436 @@
+"""Remote commands: check, refuse or act, and answer on the MQTT 5 response topic.
+
+Refusals are checked in the order docs/contract.md fixes; the first that
+fails names the reason:
+
+1. ``invalid``: a retained message, no MQTT message expiry interval, not
+   JSON, not an object, or not valid against ``cmd.schema.json`` apart from
+   the signature fields;
+2. ``unsigned``: no ``sig`` or ``key_id`` (accepted only with
+   ``allow_unsigned``, a lab setting);
+3. ``bad_signature``: unknown key, or the signature does not verify;
+4. ``misaddressed``: ``site``/``gate`` are not this gate's;
+5. ``expired``: the MQTT message expiry ran out, or (clock synchronised
+   only) ``expires`` is in the past or more than ``max_age_s`` ahead: a
+   command is never good for longer than ``max_age_s``. With the clock not
+   synchronised the ``expires`` check is skipped and an ``alarm``
+   ``expiry_unchecked`` records the skip;
+6. ``replayed``: the counter is not above the last accepted one for its
+   ``key_id``; the new counter is stored durably before anything is done;
+7. ``fire`` (and a fault's ``invalid``) are the gate's own refusals, decided
+   by the core on the gate thread.
+
+Refusals 1 to 6 are answered here at once: a ``command.result`` record
+(``Report``) and a reply. Accepted ``open``, ``set_mode`` and ``fire_reset``
+become core events carrying the ``request_id``; the gate records their
+``command.result`` and ``on_record`` sends the reply once that record is
+journalled. ``status`` and ``acl_snapshot`` are answered here.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from agent.contract import CONTRACT_VERSION, validate
+from agent.core.events import FireReset, RemoteOpen, Report, SetMode
+
+from .acl_sync import CounterStore
+from .signing import SignatureError, verify
+
+log = logging.getLogger("agent.downlink")
+
+__all__ = ["Checked", "CommandHandler", "Delivery", "Refusal", "check_command", "delivery_from",
+           "parse_rfc3339"]
+
+# Stand-ins for the signature fields while the schema is checked: their
+# absence is "unsigned" and their content "bad_signature", never "invalid".
+_SIG_PLACEHOLDER = "A" * 86 + "=="
+_KEY_PLACEHOLDER = "placeholder"
+MAX_PENDING = 1000  # replies awaiting the gate's record
+PENDING_TTL_S = 120.0  # a reply the gate never recorded (its journal failed) is dropped after this
+_MAX_DETAIL = 1000
+CORE_COMMANDS = ("open", "set_mode", "fire_reset")
+
+# Details for the gate's own refusals (the record has no detail field; the reply does).
+_GATE_DETAIL = {
+    "fire": "fire mode: the gate stays free until the fire loop closes and the release is reset",
+    "invalid": "the gate refused it (latched fault or an argument it cannot take); see its events",
+}
+
+
+class Refusal(Exception):
+    """A command refused before it reached the gate: ``reason`` as in ``command.result``."""
+
+    def __init__(self, reason: str, detail: str, request_id: str = "", command: str = "") -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail[:_MAX_DETAIL]
+        self.request_id = request_id
+        self.command = command
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What MQTT said about one message (properties and flags)."""
+
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+    expiry_s: float | None = None  # remaining message expiry interval; None: none was set
+    retain: bool = False
+    known: bool = False  # properties were given (an MQTT 5 delivery)
+
+
+def _prop(properties: Any, attr: str, key: str) -> Any:
+    if isinstance(properties, Mapping):
+        return properties.get(key, properties.get(attr))
+    return getattr(properties, attr, None)
+
+
+def delivery_from(properties: Any, retain: bool | None = None) -> Delivery:
+    """A Delivery from paho's ``Properties``, a dict (``response_topic``,
+    ``correlation_data``, ``message_expiry_interval``, ``retain``) or None."""
+    if retain is None:
+        retain = bool(_prop(properties, "retain", "retain")) if properties is not None else False
+    if properties is None:
+        return Delivery(retain=bool(retain))
+    topic = _prop(properties, "ResponseTopic", "response_topic")
+    corr = _prop(properties, "CorrelationData", "correlation_data")
+    expiry = _prop(properties, "MessageExpiryInterval", "message_expiry_interval")
+    if not isinstance(topic, str) or not topic or "+" in topic or "#" in topic or "\0" in topic:
+        topic = None  # no reply possible to a wildcard or empty topic
+    if isinstance(corr, (bytearray, memoryview)):
+        corr = bytes(corr)
+    elif isinstance(corr, str):
+        corr = corr.encode("utf-8")
+    elif not isinstance(corr, bytes):
+        corr = None
+    if not isinstance(expiry, (int, float)) or isinstance(expiry, bool):
+        expiry = None
+    return Delivery(response_topic=topic, correlation_data=corr, expiry_s=expiry,
+                    retain=bool(retain), known=True)
+
+
+def parse_rfc3339(text: str) -> float:
+    """Epoch seconds of an RFC 3339 date-time with an offset; ValueError otherwise."""
+    s = text.strip().upper().replace("Z", "+00:00")
+    if "." in s:  # fromisoformat takes at most 6 fraction digits
+        head, rest = s.split(".", 1)
+        digits = len(rest) - len(rest.lstrip("0123456789"))
+        s = head + "." + rest[:digits][:6].ljust(6, "0") + rest[digits:]
+    dt = datetime.fromisoformat(s)
+    if dt.tzinfo is None:
+        raise ValueError("no UTC offset")
+    return dt.timestamp()
+
+
+def _ident(msg: Any) -> tuple[str, str]:
+    """(request_id, command) as received, when they fit the record; else empty."""
+    if not isinstance(msg, dict):
+        return "", ""
+    rid, cmd = msg.get("request_id"), msg.get("command")
+    rid = rid if isinstance(rid, str) and len(rid) <= 128 else ""
+    cmd = cmd if isinstance(cmd, str) and len(cmd) <= 64 else ""
+    return rid, cmd
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A command that passed checks 1 to 5 (the replay check needs the counter store)."""
+
+    msg: dict
+    request_id: str
+    command: str
+    args: dict
+    key_id: str  # "" for an unsigned command (allow_unsigned)
+    counter: int
+    expiry_checked: bool
+
+
+def check_command(
+    payload: bytes,
+    delivery: Delivery,
+    *,
+    site: str,
+    gate: str,
+    trusted_keys: Mapping[str, Any],
+    allow_unsigned: bool,
+    now: float,
+    synced: bool,
+    max_age_s: float,
+) -> Checked:
+    """Checks 1 to 5 (module docstring); raises Refusal. No side effects."""
+    try:
+        msg = json.loads(payload, parse_constant=_no_constant)
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise Refusal("invalid", f"not JSON ({str(exc)[:200]}); send one UTF-8 JSON object") from None
+    rid, cmd = _ident(msg)
+
+    def refuse(reason: str, detail: str) -> Refusal:
+        return Refusal(reason, detail, rid, cmd)
+
+    if not isinstance(msg, dict):
+        raise refuse("invalid", f"a command is a JSON object, not {type(msg).__name__}")
+    if delivery.retain:
+        raise refuse("invalid", "retained command: a gate never acts on retained messages; publish "
+                     "commands with retain off and clear the retained one (an empty retained message)")
+    if delivery.known and delivery.expiry_s is None:
+        raise refuse("invalid", "no MQTT message expiry interval: publish commands with one, so a "
+                     "command queued for an offline gate dies in the broker")
+    probe = dict(msg)
+    probe["sig"], probe["key_id"] = _SIG_PLACEHOLDER, _KEY_PLACEHOLDER
+    try:
+        errors = validate("cmd", probe)
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+        errors = [f"$: cannot be checked ({str(exc)[:200]})"]
+    if errors:
+        raise refuse("invalid", "; ".join(errors)[:_MAX_DETAIL])
+
+    # 2, 3: signature
+    key_id = ""
+    if "sig" not in msg or "key_id" not in msg:
+        if not allow_unsigned:
+            raise refuse("unsigned", "no sig or key_id: this gate acts only on commands signed with "
+                         "a trusted key (`gate-agent cmd --key ... --key-id ...`)")
+    else:
+        try:
+            key_id = verify(msg, trusted_keys)
+        except SignatureError as exc:
+            raise refuse(exc.reason, exc.detail) from None
+
+    # 4: addressing
+    if msg["site"] != site or msg["gate"] != gate:
+        raise refuse("misaddressed", f"the command is for {msg['site']}/{msg['gate']}, "
+                     f"this gate is {site}/{gate}")
+
+    # 5: expiry
+    if delivery.expiry_s is not None and delivery.expiry_s <= 0:
+        raise refuse("expired", "the MQTT message expiry interval ran out")
+    try:
+        expires = parse_rfc3339(msg["expires"])
+    except (ValueError, OverflowError):
+        raise refuse("invalid", f"expires {msg['expires'][:64]!r} is not an RFC 3339 time with an "
+                     "offset") from None
+    if synced:
+        if now > expires:
+            raise refuse("expired", f"expired {now - expires:.1f} s ago ({msg['expires']}); "
+                         "send a new command (check the server's clock)")
+        if expires > now + max_age_s:
+            raise refuse("expired", f"expires {expires - now:.0f} s from now, more than the "
+                         f"{max_age_s:g} s a command may live; set expires closer (check the "
+                         "server's clock)")
+    return Checked(msg=msg, request_id=rid, command=cmd, args=dict(msg["args"]),
+                   key_id=key_id, counter=msg["counter"], expiry_checked=synced)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+@dataclass
+class _Pending:
+    topic: str
+    correlation_data: bytes | None
+    command: str
+    since: float
+
+
+class CommandHandler:
+    """Commands for one gate: ``handle`` on the MQTT thread, ``on_record`` on the gate thread."""
+
+    def __init__(
+        self,
+        *,
+        site: str,
+        gate: str,
+        submit: Callable[[Any], Any],
+        publish: Callable[[str, bytes, dict], Any],
+        trusted_keys: Mapping[str, Any],
+        counters: CounterStore,
+        allow_unsigned: bool = False,
+        max_age_s: float = 30.0,
+        clock_synced: Callable[[], bool] = lambda: True,
+        wall: Callable[[], float] = time.time,
+        status: Callable[[], dict] = dict,
+        acl_version: Callable[[], str | None] = lambda: None,
+    ) -> None:
+        self.site, self.gate = site, gate
+        self._submit = submit
+        self._publish = publish
+        self._trusted = trusted_keys
+        self._counters = counters
+        self.allow_unsigned = allow_unsigned
+        self.max_age_s = max_age_s
+        self._synced = clock_synced
+        self._wall = wall
+        self._status = status
+        self._acl_version = acl_version
+        self._pending: dict[str, deque[_Pending]] = {}
+        self._own: Counter[tuple] = Counter()  # command.result records this handler reported
+        self._skip_raised = False
+        self.counts: Counter[str] = Counter()  # done, and refused by reason (for tests and logs)
+
+    # --- MQTT thread -------------------------------------------------------------
+
+    def handle(self, payload: bytes, delivery: Delivery) -> None:
+        """One message from the cmd topic. Never raises."""
+        try:
+            synced = bool(self._synced())
+        except Exception:
+            log.exception("clock sync check failed; treating the clock as unsynchronised")
+            synced = False
+        try:
+            checked = check_command(
+                bytes(payload), delivery, site=self.site, gate=self.gate,
+                trusted_keys=self._trusted, allow_unsigned=self.allow_unsigned,
+                now=self._wall(), synced=synced, max_age_s=self.max_age_s)
+        except Refusal as ref:
+            self._refused(ref, delivery)
+            return
+        self._note_expiry(checked)
+        try:
+            fresh = self._counters.advance("cmd", checked.key_id, checked.counter)
+        except OSError as exc:
+            # The counter could not be stored: acting now would let a replay through later.
+            log.error("could not store the replay counter (%s); command refused", exc)
+            self._refused(Refusal("invalid", f"the gate could not store its replay counter ({exc}); "
+                                  "nothing was done", checked.request_id, checked.command), delivery)
+            return
+        if not fresh:
+            last = self._counters.last("cmd", checked.key_id)
+            self._refused(Refusal("replayed", f"counter {checked.counter} is not above {last}, the "
+                                  f"last accepted for key {checked.key_id or '(unsigned)'!r}: a replay",
+                                  checked.request_id, checked.command), delivery)
+            return
+        self._act(checked, delivery)
+
+    def _note_expiry(self, checked: Checked) -> None:
+        if not checked.expiry_checked:
+            self._skip_raised = True
+            self._submit(Report("alarm", {
+                "kind": "expiry_unchecked", "active": True,
+                "detail": (f"command {checked.request_id} ({checked.command}): expiry not checked, "
+                           "the gate's clock is not synchronised; the counter still stops "
+                           "replays")[:_MAX_DETAIL]}))
+        elif self._skip_raised:
+            self._skip_raised = False
+            self._submit(Report("alarm", {"kind": "expiry_unchecked", "active": False,
+                                          "detail": "the clock is synchronised: command expiry "
+                                                    "is checked again"}))
+
+    def _act(self, c: Checked, delivery: Delivery) -> None:
+        log.info("command %s %s (request %s, key %s, counter %d) accepted",
+                 c.command, c.args, c.request_id, c.key_id or "(unsigned)", c.counter)
+        if c.command in CORE_COMMANDS:
+            if c.command == "open":
+                event: Any = RemoteOpen(c.args["direction"], request_id=c.request_id)
+            elif c.command == "set_mode":
+                event = SetMode(c.args["mode"], by="command", request_id=c.request_id)
+            else:
+                event = FireReset(by="command", request_id=c.request_id)
+            if delivery.response_topic is not None:
+                self._expect(c.request_id, c.command, delivery)
+            if self._submit(event) is False:
+                log.error("the gate queue refused %r (full or stopping); no reply will come", event)
+            return
+        data = None
+        if c.command == "status":
+            try:
+                data = dict(self._status())
+            except Exception:
+                log.exception("status snapshot failed")
+                data = {}
+        else:  # acl_snapshot
+            self._submit(Report("acl.requested", {"reason": "command", "have": self._acl_version()}))
+        self._report(c.request_id, c.command, "done")
+        self._reply(delivery, c.request_id, c.command, "done", data=data)
+
+    def _refused(self, ref: Refusal, delivery: Delivery) -> None:
+        log.warning("command %r (request %r) refused: %s: %s", ref.command, ref.request_id,
+                    ref.reason, ref.detail)
+        self._report(ref.request_id, ref.command, "refused", ref.reason)
+        self._reply(delivery, ref.request_id, ref.command, "refused", reason=ref.reason,
+                    detail=ref.detail)
+
+    def _report(self, request_id: str, command: str, result: str, reason: str | None = None) -> None:
+        self.counts[reason or result] += 1
+        fields = {"request_id": request_id, "command": command, "result": result}
+        if reason is not None:
+            fields["reason"] = reason
+        if len(self._own) > MAX_PENDING:
+            self._own.clear()  # reports whose records never came (a failing journal)
+        self._own[(request_id, command, result, reason)] += 1
+        self._submit(Report("command.result", fields))
+
+    def _expect(self, request_id: str, command: str, delivery: Delivery) -> None:
+        now = time.monotonic()
+        total = sum(len(q) for q in self._pending.values())
+        for rid in list(self._pending):
+            q = self._pending[rid]
+            while q and (now - q[0].since > PENDING_TTL_S or total >= MAX_PENDING):
+                q.popleft()
+                total -= 1
+            if not q:
+                del self._pending[rid]
+        self._pending.setdefault(request_id, deque()).append(
+            _Pending(delivery.response_topic or "", delivery.correlation_data, command, now))
+
+    # --- gate thread -----------------------------------------------------------------
+
+    def on_record(self, record: dict) -> None:
+        """A committed record: a gate's ``command.result`` answers a command waiting for its reply."""
+        if record.get("type") != "command.result":
+            return
+        rid, cmd = record.get("request_id", ""), record.get("command", "")
+        result, reason = record.get("result"), record.get("reason")
+        key = (rid, cmd, result, reason)
+        if self._own.get(key):
+            self._own[key] -= 1  # our own report: its reply has gone already
+            if not self._own[key]:
+                del self._own[key]
+            return
+        if result == "done":
+            self.counts["done"] += 1
+        elif reason:
+            self.counts[reason] += 1
+        q = self._pending.get(rid)
+        if not q:
+            return
+        p = q.popleft()
+        if not q:
+            del self._pending[rid]
+        self._send(p.topic, p.correlation_data, rid, cmd or p.command, result or "refused",
+                   reason=reason, detail=_GATE_DETAIL.get(reason) if reason else None)
+
+    # --- replies ----------------------------------------------------------------------
+
+    def _reply(self, delivery: Delivery, request_id: str, command: str, result: str, *,
+               reason: str | None = None, detail: str | None = None, data: dict | None = None) -> None:
+        if delivery.response_topic is None:
+            return  # no reply asked for; the record is made all the same
+        self._send(delivery.response_topic, delivery.correlation_data, request_id, command, result,
+                   reason=reason, detail=detail, data=data)
+
+    def _send(self, topic: str, correlation: bytes | None, request_id: str, command: str, result: str,
+              *, reason: str | None = None, detail: str | None = None, data: dict | None = None) -> None:
+        reply: dict[str, Any] = {"v": CONTRACT_VERSION, "request_id": request_id,
+                                 "command": command, "result": result}
+        if result == "refused":
+            reply["reason"] = reason or "invalid"
+        if detail:
+            reply["detail"] = detail[:_MAX_DETAIL]
+        if data is not None and result == "done":
+            reply["data"] = data
+        props: dict[str, Any] = {"qos": 1}
+        if correlation is not None:
+            props["correlation_data"] = correlation
+        payload = json.dumps(reply, separators=(",", ":"), ensure_ascii=False, default=str)
+        try:
+            self._publish(topic, payload.encode("utf-8"), props)
+        except Exception:
+            log.exception("could not publish the reply to %s for request %s", topic, request_id)

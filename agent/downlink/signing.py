@@ -1,0 +1,271 @@
+"""Ed25519 signatures on commands and access lists (``cryptography``; no hand-written crypto).
+
+What is signed (docs/security.md, docs/contract.md "Signing"): the canonical
+JSON of every field of the message except ``sig`` (``agent.contract.canonical_json``:
+sorted keys, no spaces, UTF-8). ``key_id`` is one of those fields, so a
+signature cannot be moved to another key's name. The gate trusts the keys in
+its configuration, a dict ``key_id -> public key``; during a rotation it holds
+the old and the new key at once.
+
+Keys on disk and in configs:
+
+- public keys: base64 of the 32 raw bytes (44 characters), or a PEM
+  ``PUBLIC KEY`` block;
+- private keys: PEM PKCS#8 (``gate-agent keygen`` writes them, mode 0600).
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import secrets
+from collections.abc import Mapping
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from agent.contract import CONTRACT_VERSION, canonical_json
+
+__all__ = [
+    "KeyLoadError",
+    "SignatureError",
+    "generate_keypair",
+    "load_private_key",
+    "load_public_key",
+    "load_trusted_keys",
+    "make_command",
+    "private_key_pem",
+    "public_key_b64",
+    "sign_acl",
+    "sign_command",
+    "sign_message",
+    "verify",
+]
+
+SIG_LEN_B64 = 88  # 64 bytes, base64 with padding
+
+
+class SignatureError(ValueError):
+    """A message that is not signed by a trusted key.
+
+    reason: ``unsigned`` (no ``sig`` or ``key_id``) or ``bad_signature``
+    (unknown key, malformed or wrong signature); the words of ``command.result``.
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+class KeyLoadError(ValueError):
+    """A key that cannot be loaded (bad base64, wrong length, not Ed25519)."""
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def generate_keypair() -> tuple[Ed25519PrivateKey, str]:
+    """A new signing key and its public key as base64 (for the gate's trusted keys)."""
+    key = Ed25519PrivateKey.generate()
+    return key, public_key_b64(key.public_key())
+
+
+def public_key_b64(key: Ed25519PublicKey | Ed25519PrivateKey) -> str:
+    """The raw public key, base64 (44 characters): the form gate configs hold."""
+    if isinstance(key, Ed25519PrivateKey):
+        key = key.public_key()
+    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return base64.b64encode(raw).decode("ascii")
+
+
+def private_key_pem(key: Ed25519PrivateKey) -> bytes:
+    """PEM PKCS#8, unencrypted: protect the file (mode 0600) instead."""
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def load_public_key(value: str | bytes | Ed25519PublicKey) -> Ed25519PublicKey:
+    """An Ed25519 public key from base64 of its 32 raw bytes or a PEM block."""
+    if isinstance(value, Ed25519PublicKey):
+        return value
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    if not isinstance(value, str):
+        raise KeyLoadError(f"a public key must be a string, not {type(value).__name__}")
+    text = value.strip()
+    if text.startswith("-----BEGIN"):
+        try:
+            key = serialization.load_pem_public_key(text.encode("ascii"))
+        except (ValueError, TypeError) as exc:
+            raise KeyLoadError(f"PEM public key does not load ({exc}); paste the whole block") from None
+        if not isinstance(key, Ed25519PublicKey):
+            raise KeyLoadError(f"the PEM key is {type(key).__name__}, not Ed25519; "
+                            "make keys with `gate-agent keygen`")
+        return key
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise KeyLoadError(f"public key {text[:20]!r}... is not base64; give the 44-character "
+                        "base64 that `gate-agent keygen` prints, or a PEM block") from None
+    if len(raw) != 32:
+        raise KeyLoadError(f"public key is {len(raw)} bytes, an Ed25519 key has 32; "
+                        "give the 44-character base64 that `gate-agent keygen` prints")
+    return Ed25519PublicKey.from_public_bytes(raw)
+
+
+def load_trusted_keys(keys: Mapping[str, Any]) -> dict[str, Ed25519PublicKey]:
+    """Parse a config's ``key_id -> public key``; one bad entry raises naming its key_id."""
+    if not isinstance(keys, Mapping):
+        raise KeyLoadError("trusted keys must be a table key_id -> public key")
+    out: dict[str, Ed25519PublicKey] = {}
+    for key_id, value in keys.items():
+        if not isinstance(key_id, str) or not 1 <= len(key_id) <= 64:
+            raise KeyLoadError(f"trusted key id {key_id!r} must be a string of 1 to 64 characters")
+        try:
+            out[key_id] = load_public_key(value)
+        except KeyLoadError as exc:
+            raise KeyLoadError(f"trusted key {key_id!r}: {exc}") from None
+    return out
+
+
+def load_private_key(source: str | os.PathLike | bytes) -> Ed25519PrivateKey:
+    """A signing key from a PEM file path, or PEM bytes."""
+    if isinstance(source, bytes):
+        data, where = source, "the PEM data"
+    else:
+        path = Path(source)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise KeyLoadError(f"cannot read the private key {path}: {exc.strerror}; "
+                            "make one with `gate-agent keygen FILE`") from None
+        where = str(path)
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        raise KeyLoadError(f"{where} is not an unencrypted PEM private key ({exc}); "
+                        "make one with `gate-agent keygen FILE`") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise KeyLoadError(f"{where} holds a {type(key).__name__}, not an Ed25519 key; "
+                        "make one with `gate-agent keygen FILE`")
+    return key
+
+
+# --------------------------------------------------------------------------- signing
+
+
+def sign_message(private_key: Ed25519PrivateKey, fields: Mapping[str, Any]) -> dict:
+    """``fields`` (which must hold its ``key_id``) plus ``sig`` over their canonical JSON."""
+    msg = {k: v for k, v in fields.items() if k != "sig"}
+    if not isinstance(msg.get("key_id"), str) or not msg["key_id"]:
+        raise ValueError("the message needs its key_id before it is signed (key_id is signed too)")
+    msg["sig"] = base64.b64encode(private_key.sign(canonical_json(msg))).decode("ascii")
+    return msg
+
+
+def sign_command(private_key: Ed25519PrivateKey, fields: Mapping[str, Any]) -> dict:
+    """A signed command: ``fields`` as made by ``make_command`` (or by hand), with ``sig``."""
+    return sign_message(private_key, fields)
+
+
+def rfc3339_s(epoch_s: float) -> str:
+    """UTC RFC 3339 to the second: ``2026-09-01T07:46:00Z``."""
+    return datetime.fromtimestamp(int(epoch_s), tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def make_command(
+    site: str,
+    gate: str,
+    command: str,
+    args: Mapping[str, Any] | None = None,
+    *,
+    key_id: str,
+    counter: int,
+    now: float,
+    ttl_s: float = 20.0,
+    request_id: str | None = None,
+    nonce: str | None = None,
+) -> dict:
+    """The unsigned fields of a command (contract v1) that expires ``ttl_s`` after ``now``."""
+    expires = datetime.fromtimestamp(now, tz=timezone.utc) + timedelta(seconds=ttl_s)
+    return {
+        "v": CONTRACT_VERSION,
+        "request_id": request_id or f"r-{secrets.token_hex(8)}",
+        "site": site,
+        "gate": gate,
+        "command": command,
+        "args": dict(args or {}),
+        "nonce": nonce or secrets.token_hex(12),
+        "counter": int(counter),
+        "expires": rfc3339_s(expires.timestamp()),
+        "key_id": key_id,
+    }
+
+
+def sign_acl(
+    private_key: Ed25519PrivateKey,
+    document: Mapping[str, Any],
+    *,
+    key_id: str,
+    site: str,
+    counter: int,
+    gate: str | None = None,
+) -> dict:
+    """An access list in its signed envelope (docs/security.md, "Signed access lists").
+
+    ``{"v": 1, "site", "gate" (absent: any gate of the site), "counter",
+    "key_id", "list": {...}, "sig"}``; ``sig`` covers all of it but itself,
+    the whole list included.
+    """
+    env: dict[str, Any] = {"v": CONTRACT_VERSION, "site": site, "counter": int(counter),
+                           "key_id": key_id, "list": dict(document)}
+    if gate is not None:
+        env["gate"] = gate
+    return sign_message(private_key, env)
+
+
+# --------------------------------------------------------------------------- verifying
+
+
+def verify(msg: Mapping[str, Any], trusted_keys: Mapping[str, Any]) -> str:
+    """The ``key_id`` whose trusted key signed ``msg``; else raise SignatureError.
+
+    ``trusted_keys``: key_id -> Ed25519PublicKey (or anything ``load_public_key``
+    takes). The signed bytes are re-derived from the parsed message, so the
+    sender's spacing and key order do not matter.
+    """
+    if not isinstance(msg, Mapping):
+        raise SignatureError("unsigned", "the message is not an object, so it carries no signature")
+    sig, key_id = msg.get("sig"), msg.get("key_id")
+    if sig is None or key_id is None:
+        missing = " and ".join(n for n, v in (("sig", sig), ("key_id", key_id)) if v is None)
+        raise SignatureError("unsigned", f"no {missing}: the gate acts only on signed messages")
+    if not isinstance(key_id, str) or key_id not in trusted_keys:
+        shown = key_id if isinstance(key_id, str) else type(key_id).__name__
+        raise SignatureError("bad_signature", f"key_id {str(shown)[:64]!r} is not one of the keys "
+                             "this gate trusts; add its public key to the gate's config or sign "
+                             "with a trusted key")
+    if not isinstance(sig, str) or len(sig) != SIG_LEN_B64:
+        raise SignatureError("bad_signature", "sig must be the 88-character base64 of a 64-byte "
+                             "Ed25519 signature")
+    try:
+        raw = base64.b64decode(sig, validate=True)
+    except (binascii.Error, ValueError):
+        raise SignatureError("bad_signature", "sig is not valid base64") from None
+    try:
+        key = load_public_key(trusted_keys[key_id])
+        data = canonical_json(dict(msg))
+    except (KeyLoadError, TypeError, ValueError) as exc:
+        raise SignatureError("bad_signature", f"cannot check the signature: {exc}") from None
+    try:
+        key.verify(raw, data)
+    except InvalidSignature:
+        raise SignatureError("bad_signature", f"the signature does not match the message for "
+                             f"key {key_id!r}: forged or altered in transit") from None
+    return key_id
