@@ -680,7 +680,7 @@ def _readers(doc: dict, board: Any, base: Path, errors: list[tuple[str, str]]) -
         where_of = {i: f"hardware.readers[{i}]" for i in range(len(entries))}
     out: list[ReaderSettings] = []
     seen: dict[str, str] = {}
-    ports: dict[str, str] = {}
+    ports: dict[str, tuple[str, str, int, int]] = {}  # port -> (type, reader, address, baudrate)
     used_pins: dict[int, str] = {}
     if board is not None:
         # The board's turnstile lines; a reader's own pins are added as they come.
@@ -725,10 +725,23 @@ def _readers(doc: dict, board: Any, base: Path, errors: list[tuple[str, str]]) -
             kw.update(d0=d0, d1=d1, format=e.get("format"))
         else:
             port = e["port"]
-            if port in ports:
-                errors.append((f"{where}.port", f"{port} is already used by {ports[port]}; "
-                                                "each reader needs its own port"))
-            ports[port] = f"reader {name}"
+            # OSDP is a multi-drop bus: its readers share a port (each with its own
+            # address); a serial reader needs the port to itself.
+            other = ports.get(port)
+            if other is not None:
+                other_type, other_name, other_addr, other_baud = other
+                if rtype != "osdp" or other_type != "osdp":
+                    errors.append((f"{where}.port", f"{port} is already used by reader {other_name}; "
+                                                    "each serial reader needs its own port"))
+                elif e.get("address", 0) == other_addr:
+                    errors.append((f"{where}.address", f"address {other_addr} is already used by reader "
+                                                       f"{other_name} on {port}; give each OSDP reader its "
+                                                       "own address (as set on the reader)"))
+                elif e.get("baudrate", 9600) != other_baud:
+                    errors.append((f"{where}.baudrate", f"readers on one OSDP bus ({port}) share one speed; "
+                                                        f"reader {other_name} uses {other_baud}"))
+            else:
+                ports[port] = (rtype, name, e.get("address", 0), e.get("baudrate", 9600))
             kw["port"] = port
             if "baudrate" in e:
                 kw["baudrate"] = e["baudrate"]
@@ -747,6 +760,11 @@ def _readers(doc: dict, board: Any, base: Path, errors: list[tuple[str, str]]) -
                     if key is not None and not _SCBK.match(key.strip()):
                         errors.append((f"{where}.scbk_file", f"{scbk_file} must hold the Secure Channel "
                                                              "base key as 32 hex digits on one line"))
+                    elif key is not None and bytes.fromhex(key.strip()) == bytes(range(0x30, 0x40)):
+                        errors.append((f"{where}.scbk_file", f"{scbk_file} holds SCBK-D, the published "
+                                                             "install-mode key: it protects nothing; generate "
+                                                             "a random key (openssl rand -hex 16), load it "
+                                                             "into the reader and put it here"))
                     elif key is not None:
                         kw["scbk"] = key.strip().upper()
         out.append(ReaderSettings(**kw))

@@ -1,0 +1,770 @@
+"""The composition root: ``gate-agent run`` builds the agent from its config.
+
+``Service(config).start()`` puts the pieces together in this order, so the
+gate never depends on the network or on anything slower than the disk:
+
+1. the fastpath twin is logged (and refused when the config requires the
+   compiled one and only the pure one loaded);
+2. the journal is opened (a damaged one is salvaged by the journal itself,
+   which commits its own ``journal.recovered`` record) and its sync thread
+   started;
+3. the access list kept on disk is loaded (``Downlink.load_persisted``), and
+   the gate state (anti-passback positions, guest uses) from the state file;
+4. the core ``Gate`` and the gate thread (``GateRuntime``: sink = journal,
+   ``on_record`` wakes the uplink and lets the downlink see command results,
+   ``on_idle`` runs journal maintenance and saves the state, ``watchdog``
+   sends systemd's WATCHDOG=1 from the gate thread's own loop);
+5. the hardware: board profile + pin factory (``mock``: gpiozero's
+   MockFactory, simulated hardware with every input at rest), turnstile I/O,
+   card readers;
+6. systemd is told READY=1: the journal is open and the persisted list (if
+   any) loaded; a new board with no list is ready too (the core raises
+   ``acl_missing`` and refuses cards);
+7. the uplink (paho; its alarms become ``alarm`` records through the gate
+   thread) and a housekeeping thread for telemetry, STATUS= and the clock
+   check.
+
+``stop()`` undoes it: readers first (no new events), the gate thread (every
+output inactive), the pins, the state file, the uplink (publishes the
+retained ``offline`` status), the journal (flushed, synced and closed).
+
+Logs go to stderr one line per message; under systemd (``JOURNAL_STREAM``
+names our stderr) each line starts with a ``<N>`` syslog priority, which
+journald stores as the entry's priority.
+
+``add_run_parser(subparsers)`` adds ``gate-agent run``; ``main(argv)`` runs it
+standalone (``python -c "from agent.service import main; main()"``).
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import fastpath
+from agent import __version__
+from agent.config import DEFAULT_PATH, Config, ConfigError, load_config
+from agent.core.events import Report
+from agent.core.turnstile import Gate
+from agent.runtime import Clock, GateRuntime
+from agent.sdnotify import Notifier, watchdog_interval
+from agent.statefile import StateFile
+
+log = logging.getLogger("agent.service")
+
+__all__ = [
+    "ClockSync",
+    "Service",
+    "ServiceError",
+    "add_run_parser",
+    "main",
+    "setup_logging",
+]
+
+STATE_FILE = "gate-state.json"
+HOUSEKEEPING_S = 1.0  # STATUS= and telemetry checks
+CLOCK_CHECK_S = 10.0  # how often the kernel's clock-sync flag is read
+MAX_DETAIL = 1000  # alarm detail limit in the contract
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # could not start (journal, GPIO, fastpath) or crashed
+EXIT_CONFIG = 2  # the config cannot be used
+
+
+class ServiceError(RuntimeError):
+    """The service cannot start; the message says what is wrong and what to do."""
+
+
+# --------------------------------------------------------------------------- clock
+
+
+class _Timex(ctypes.Structure):
+    # The leading fields of struct timex (sys/timex.h); the kernel writes more, hence _rest.
+    _fields_ = [
+        ("modes", ctypes.c_uint),
+        ("offset", ctypes.c_long),
+        ("freq", ctypes.c_long),
+        ("maxerror", ctypes.c_long),
+        ("esterror", ctypes.c_long),
+        ("status", ctypes.c_int),
+        ("_rest", ctypes.c_byte * 512),
+    ]
+
+
+_TIME_ERROR = 5
+_STA_UNSYNC = 0x0040
+
+
+def kernel_clock_synced() -> bool | None:
+    """Whether the kernel considers the clock NTP-synchronised (what
+    ``timedatectl``'s NTPSynchronized reads: adjtimex, read-only), None when
+    it cannot be asked."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        tx = _Timex()
+        state = libc.adjtimex(ctypes.byref(tx))
+    except (OSError, AttributeError):
+        return None
+    if state < 0:
+        return None
+    return state != _TIME_ERROR and not (tx.status & _STA_UNSYNC)
+
+
+class ClockSync:
+    """A cheap ``() -> bool`` for the core's clock: the cached answer of
+    ``check`` (default: the kernel's flag), refreshed by ``refresh()`` off the
+    gate thread. Unknown counts as not synchronised."""
+
+    def __init__(self, check: Callable[[], bool | None] = kernel_clock_synced) -> None:
+        self._check = check
+        self._value = False
+        self.refresh()
+
+    def refresh(self) -> bool:
+        try:
+            self._value = bool(self._check())
+        except Exception:
+            log.exception("clock sync check failed; treating the clock as unsynchronised")
+            self._value = False
+        return self._value
+
+    def __call__(self) -> bool:
+        return self._value
+
+
+# --------------------------------------------------------------------------- logging
+
+
+_PRIORITY = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
+
+
+class _JournalFormatter(logging.Formatter):
+    """One line per message; with ``prefix`` a ``<N>`` syslog priority first."""
+
+    def __init__(self, prefix: bool) -> None:
+        fmt = "%(name)s: %(message)s" if prefix else "%(asctime)s %(levelname)s %(name)s: %(message)s"
+        super().__init__(fmt)
+        self.prefix = prefix
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        # journald splits on newlines and would lose the priority of the rest:
+        # keep a traceback on the same line.
+        text = " | ".join(line for line in text.splitlines() if line.strip())
+        if self.prefix:
+            prio = next((p for level, p in _PRIORITY if record.levelno >= level), 7)
+            text = f"<{prio}>{text}"
+        return text
+
+
+def _stderr_is_journal(env: Mapping[str, str]) -> bool:
+    """JOURNAL_STREAM is "dev:inode" of the journal stream systemd connected;
+    it counts only when it is really our stderr (not inherited by a child)."""
+    value = env.get("JOURNAL_STREAM", "")
+    if not value:
+        return False
+    try:
+        dev, ino = (int(x) for x in value.split(":", 1))
+        st = os.fstat(sys.stderr.fileno())
+    except (ValueError, OSError, AttributeError):
+        return False
+    return st.st_dev == dev and st.st_ino == ino
+
+
+def setup_logging(level: str = "info", env: Mapping[str, str] | None = None) -> None:
+    """Log to stderr in a form journald indexes (see module doc)."""
+    env = os.environ if env is None else env
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JournalFormatter(prefix=_stderr_is_journal(env)))
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
+
+
+# --------------------------------------------------------------------------- hardware
+
+
+def make_pin_factory(kind: str) -> Any:
+    """The gpiozero pin factory for hardware.pin_factory; ServiceError with the fix when none."""
+    if kind == "mock":
+        from gpiozero.pins.mock import MockFactory
+
+        return MockFactory()
+    try:
+        from gpiozero.pins.lgpio import LGPIOFactory
+
+        return LGPIOFactory()
+    except Exception as exc:  # ImportError (no lgpio), OSError / PinFactoryFallback (no chip)
+        raise ServiceError(
+            f"no GPIO: the lgpio pin factory could not start ({type(exc).__name__}: {exc}). On a "
+            "Raspberry Pi install python3-lgpio (the venv needs --system-site-packages) and check "
+            "that the service user is in group gpio; on another machine set "
+            'hardware.pin_factory = "mock" for simulated hardware'
+        ) from exc
+
+
+def rest_mock_inputs(factory: Any, profile: Any) -> None:
+    """Put every simulated input at rest: turnstile ready, contacts quiet, fire loop closed."""
+    for name, spec in profile.inputs.items():
+        asserted = name == "ready"  # the only input asserted at rest
+        pin = factory.pin(f"GPIO{spec.pin}")
+        high = spec.active_high if asserted else not spec.active_high
+        if high:
+            pin.drive_high()
+        else:
+            pin.drive_low()
+
+
+# --------------------------------------------------------------------------- downlink
+
+
+def _load_downlink_class() -> Any:
+    """agent.downlink.Downlink when it is installed, else None (the agent then
+    runs without access lists over MQTT or remote commands, and says so)."""
+    try:
+        from agent.downlink import Downlink  # type: ignore[attr-defined]
+    except ImportError as exc:
+        log.warning("access lists over MQTT and remote commands are unavailable (%s)", exc)
+        return None
+    return Downlink
+
+
+# The downlink's reply options -> paho's MQTT 5 PUBLISH property names.
+_PROPERTY_NAMES = {
+    "correlation_data": "CorrelationData",
+    "message_expiry_interval": "MessageExpiryInterval",
+    "content_type": "ContentType",
+    "response_topic": "ResponseTopic",
+}
+
+
+def _publish_options(props: Any) -> tuple[int, Any]:
+    """(qos, paho Properties or None) from the downlink's options dict
+    (``qos``, ``correlation_data``...); paho Properties pass through."""
+    if props is None:
+        return 1, None
+    if not isinstance(props, Mapping):
+        return 1, props
+    qos = int(props.get("qos", 1))
+    wanted = {k: v for k, v in props.items() if k != "qos" and v is not None}
+    if not wanted:
+        return qos, None
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    out = Properties(PacketTypes.PUBLISH)
+    for key, value in wanted.items():
+        setattr(out, _PROPERTY_NAMES.get(key, key), value)
+    return qos, out
+
+
+# --------------------------------------------------------------------------- service
+
+
+class Service:
+    """The agent, composed from a Config. ``start()``, then ``stop()`` (idempotent).
+
+    notifier: the sd_notify client (default from $NOTIFY_SOCKET); env: where
+    WATCHDOG_USEC is read; clock_sync: the clock-sync check (default the
+    kernel's flag); factory: a gpiozero pin factory to use instead of the
+    one the config names (tests, the demo). The parts are attributes:
+    journal, gate, runtime, io, readers, buses, uplink, downlink, factory.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        notifier: Notifier | None = None,
+        env: Mapping[str, str] | None = None,
+        clock_sync: ClockSync | None = None,
+        factory: Any = None,
+    ) -> None:
+        self.config = config
+        self.env = os.environ if env is None else env
+        self.notifier = notifier if notifier is not None else Notifier(self.env)
+        self.clock_sync = clock_sync
+        self.factory = factory
+        self.started_at = time.time()
+        self.started_mono = time.monotonic()
+        self.boot: str = ""
+        self.journal: Any = None
+        self.gate: Any = None
+        self.runtime: Any = None
+        self.io: Any = None
+        self.readers: dict[str, Any] = {}
+        self.buses: list[Any] = []
+        self.uplink: Any = None
+        self.downlink: Any = None
+        self.statefile: StateFile | None = None
+        self.acl: Any = None
+        self.ready = threading.Event()
+        self._stopping = threading.Event()
+        self._stopped = False
+        self._housekeeper: threading.Thread | None = None
+        self._reader_errors: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        self._last_status = ""
+        self._last_clock_check = 0.0
+
+    # -- start ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Build and start everything (see the module doc); ServiceError when it cannot."""
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
+        cfg = self.config
+        self._check_fastpath()
+        for warning in cfg.warnings():
+            log.warning("config: %s", warning)
+        self.boot = _boot_id()
+        state_dir = cfg.service.state_dir
+        try:
+            state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ServiceError(f"state directory {state_dir} cannot be created ({exc.strerror}); create it "
+                               "(owner gate-agent, mode 0700) or fix service.state_dir") from exc
+        if not os.access(state_dir, os.W_OK | os.X_OK):
+            raise ServiceError(f"state directory {state_dir} is not writable by this user; "
+                               "chown gate-agent:gate-agent and chmod 0700 it")
+        if self.clock_sync is None:
+            self.clock_sync = ClockSync()
+        clock = Clock(self.clock_sync)
+
+        # Journal first: nothing the gate does may happen before it can be recorded.
+        from agent.uplink.journal import Journal, JournalError
+
+        jc = cfg.journal
+        try:
+            self.journal = Journal(jc.path, sync_interval_s=jc.sync_interval_s,
+                                   capacity_events=jc.capacity_events,
+                                   disk_budget_bytes=jc.disk_budget_bytes,
+                                   retention_days=jc.retention_days, clock=clock.now, boot=self.boot)
+        except (JournalError, OSError) as exc:
+            raise ServiceError(f"the journal {jc.path} cannot be opened: {exc}") from exc
+        self.journal.start_sync_thread()
+        if self.journal.recovered_record is not None:
+            # Already committed by the journal itself; the uplink sends it like any other.
+            log.error("journal was damaged and rebuilt: %s", self.journal.recovered_record)
+        log.info("journal %s open (id %s, backlog %d)", jc.path, self.journal.id, self.journal.backlog())
+
+        # The access list kept on disk, before the broker is reachable.
+        table = None
+        downlink_cls = _load_downlink_class()
+        if downlink_cls is not None:
+            self.downlink = downlink_cls(
+                site=cfg.site, gate=cfg.gate_id, fp=fastpath, state_dir=state_dir,
+                submit=self._submit, publish=self._publish,
+                trusted_keys=dict(cfg.commands.trusted_keys),
+                allow_unsigned=cfg.commands.allow_unsigned, max_age_s=cfg.commands.max_age_s,
+                acl_max_age_s=cfg.acl.max_age_s, clock_synced=self.clock_sync,
+                status_snapshot=self._status_snapshot,
+            )
+            self.acl, table = self.downlink.load_persisted()
+        if table is not None:
+            log.info("access list %s loaded from %s (%d cards)", table.version, state_dir, len(table))
+        else:
+            log.warning("no access list on this board yet: every card is refused (unknown_card) "
+                        "until the server sends one")
+
+        self.statefile = StateFile(state_dir / STATE_FILE, fastpath, interval_s=cfg.service.state_save_s)
+        state = self.statefile.load()
+
+        self.gate = Gate(cfg.gate, fastpath, table, state, boot=self.boot,
+                         implementation=fastpath.IMPLEMENTATION, version=__version__)
+        if self.acl is not None and getattr(self.acl, "timezone", None):
+            self.gate.set_timezone(self.acl.timezone)
+
+        # Hardware: outputs are claimed inactive; inputs are attached after the runtime exists.
+        self._build_hardware()
+        outputs: Any = self.io
+        if self.buses:
+            from agent.hw.osdp_reader import FeedbackRouter
+
+            outputs = FeedbackRouter(self.io, *self.buses)
+
+        wd = watchdog_interval(self.env) if cfg.service.watchdog else None
+        if wd is not None and not self.notifier.enabled:
+            wd = None
+        self.runtime = GateRuntime(
+            self.gate, self.journal, outputs=outputs, clock=clock,
+            on_record=self._on_record, on_idle=self._on_idle,
+            watchdog=self.notifier.watchdog if wd is not None else None,
+            watchdog_interval_s=wd or 1.0,
+        )
+        self.runtime.start()  # agent.started (and acl_missing on a new board), every line inactive
+        self.io.start()
+        for reader in self.readers.values():
+            start = getattr(reader, "start", None)
+            if start is not None and not hasattr(reader, "decoder"):  # Wiegand readers run already
+                start()
+        for bus in self.buses:
+            bus.start()
+
+        self.notifier.ready(self.status_line())
+        self.ready.set()
+        log.info("ready: gate %s/%s, fastpath %s, %s", cfg.site, cfg.gate_id, fastpath.IMPLEMENTATION,
+                 "watchdog every %.1f s" % wd if wd else "no systemd watchdog")
+
+        if cfg.mqtt.enabled:
+            self._start_uplink()
+        self._housekeeper = threading.Thread(target=self._housekeeping, name="housekeeping", daemon=True)
+        self._housekeeper.start()
+
+    def _check_fastpath(self) -> None:
+        impl = fastpath.IMPLEMENTATION
+        log.info("gate-agent %s starting; fastpath: %s", __version__, impl)
+        if self.config.service.require_compiled and impl != "compiled":
+            why = ("GATE_PUREPYTHON is set" if os.environ.get("GATE_PUREPYTHON", "") in ("1", "true", "yes")
+                   else "the compiled module did not import")
+            raise ServiceError(
+                f"service.require_compiled = true but the pure-Python fastpath is loaded ({why}); "
+                "rebuild the agent with its compiled fastpath (sudo ./install.sh, which needs gcc and "
+                "python3-dev) or set service.require_compiled = false"
+            )
+
+    def _build_hardware(self) -> None:
+        cfg = self.config
+        hw = cfg.hardware
+        if self.factory is None:
+            self.factory = make_pin_factory(hw.pin_factory)
+        from agent.hw.turnstile_io import TurnstileIO
+
+        self.io = TurnstileIO(hw.board, factory=self.factory, submit=self._submit)
+        if hw.pin_factory == "mock" or type(self.factory).__name__ == "MockFactory":
+            rest_mock_inputs(self.factory, hw.board)
+        osdp: dict[str, list[Any]] = {}
+        for r in hw.readers:
+            if r.type == "wiegand":
+                from agent.hw.wiegand_gpio import WiegandReader
+
+                kwargs: dict[str, Any] = {"key_width": cfg.key_width}
+                if r.format is not None:
+                    kwargs["fixed_bits"] = r.format
+                pull = hw.board.readers[r.name].pull if r.name in hw.board.readers else "up"
+                self.readers[r.name] = WiegandReader(r.name, r.d0, r.d1, factory=self.factory,
+                                                     submit=self._submit, decoder_kwargs=kwargs, pull=pull)
+            elif r.type in ("rdm6300", "emline"):
+                from agent.hw.serial_reader import SerialReader
+
+                self.readers[r.name] = SerialReader(
+                    r.name, r.port, protocol=r.type, baudrate=r.baudrate, submit=self._submit,
+                    repeat_window_s=r.repeat_window_s, key_width=cfg.key_width, number=r.number)
+            else:
+                osdp.setdefault(r.port, []).append(r)
+        for port, specs in osdp.items():
+            try:
+                from agent.hw.osdp_reader import OsdpBus, OsdpReaderSpec
+            except ImportError as exc:
+                raise ServiceError(f"OSDP readers are configured but the OSDP adapter is missing ({exc})") from exc
+            try:
+                bus = OsdpBus(port, [OsdpReaderSpec(r.name, r.address, r.scbk) for r in specs],
+                              submit=self._submit, baudrate=specs[0].baudrate, key_width=cfg.key_width)
+            except (ImportError, ValueError) as exc:
+                raise ServiceError(f"OSDP bus {port}: {exc}") from exc
+            self.buses.append(bus)
+
+    def _start_uplink(self) -> None:
+        from agent.uplink.mqtt import Uplink, UplinkError
+
+        m = self.config.mqtt
+        try:
+            self.uplink = Uplink(
+                self.journal, site=self.config.site, gate=self.config.gate_id, host=m.host, port=m.port,
+                client_id=m.client_id, ack_mode=m.ack_mode, window=m.window, keepalive=m.keepalive,
+                tls=m.tls.to_uplink() if m.tls is not None else None, username=m.username,
+                password=m.password, backoff_max_s=m.backoff_max_s, status_fields=self._status_fields,
+                on_alarm=self._on_uplink_alarm,
+                on_message=self.downlink.on_message if self.downlink is not None else None,
+                boot=self.boot, started_at=self.started_at,
+            )
+        except UplinkError as exc:
+            raise ServiceError(f"uplink: {exc}") from exc
+        self.uplink.start()
+        log.info("uplink to %s:%d started (%s)", m.host, m.port, "TLS" if m.tls else "no TLS")
+
+    # -- hooks ---------------------------------------------------------------------
+
+    def _submit(self, event: Any) -> Any:
+        runtime = self.runtime
+        if runtime is None:
+            log.warning("event %r before the gate thread exists; dropped", event)
+            return False
+        return runtime.submit(event)
+
+    def _publish(self, topic: str, payload: bytes, properties: Any = None) -> None:
+        """The downlink's replies (command results) go out through the uplink."""
+        if self.uplink is None:
+            log.info("no uplink: reply on %s dropped (the result is in the journal)", topic)
+            return
+        qos, props = _publish_options(properties)
+        self.uplink.publish(topic, payload, qos=qos, properties=props)
+
+    def _status_snapshot(self) -> dict:
+        """Extra fields for the status command's reply."""
+        up = self.uplink
+        return {
+            "mode": self.gate.mode if self.gate is not None else None,
+            "backlog": self.journal.backlog() if self.journal is not None else None,
+            "broker": None if up is None else ("connected" if up.connected else "disconnected"),
+            "clock_synced": self.clock_sync() if self.clock_sync is not None else None,
+            "version": __version__,
+        }
+
+    def _on_record(self, record: dict) -> None:
+        """Gate thread, after each committed record."""
+        rtype = record.get("type")
+        if rtype == "acl.applied" and self.downlink is not None:
+            # A list applied online: schedules follow its time zone (the Table
+            # does not carry one). Safe here: this runs on the gate thread.
+            acl = getattr(getattr(self.downlink, "acl", None), "acl", None)
+            tz = getattr(acl, "timezone", None)
+            if tz:
+                try:
+                    self.gate.set_timezone(tz)
+                except ValueError:
+                    log.exception("access list time zone %r not usable; keeping %s", tz, self.gate.timezone)
+        if rtype == "reader.error":
+            self._reader_errors[str(record.get("reader"))][str(record.get("kind"))] += 1
+        if rtype in ("alarm", "alarm.fire", "mode.changed", "turnstile.fault", "journal.overflow"):
+            log.warning("%s %s", rtype, {k: v for k, v in record.items() if k not in
+                                         ("v", "boot", "mono", "clock_synced")})
+        else:
+            log.debug("record %s", record)
+        if self.uplink is not None:
+            self.uplink.wake()
+        if self.downlink is not None:
+            self.downlink.on_record(record)
+
+    def _on_idle(self, now: Any) -> list[dict]:
+        committed = self.journal.maintenance(now.wall)
+        if self.statefile is not None:
+            self.statefile.maybe_save(self.gate.state, now.mono)
+        return committed
+
+    def _on_uplink_alarm(self, kind: str, active: bool, detail: str) -> None:
+        fields: dict[str, Any] = {"kind": kind, "active": bool(active)}
+        if detail:
+            fields["detail"] = detail[:MAX_DETAIL]
+        self._submit(Report("alarm", fields))
+
+    def _status_fields(self) -> dict:
+        table = self.gate.table if self.gate is not None else None
+        version = getattr(table, "version", None) or None
+        return {"acl_version": version}
+
+    # -- housekeeping: clock, STATUS=, telemetry ------------------------------------------
+
+    def status_line(self) -> str:
+        """The systemd STATUS= text: mode, backlog, broker, access list."""
+        mode = self.gate.mode if self.gate is not None else "starting"
+        backlog = self.journal.backlog() if self.journal is not None else 0
+        if not self.config.mqtt.enabled:
+            broker = "offline (no mqtt.host)"
+        elif self.uplink is None:
+            broker = "starting"
+        else:
+            broker = "connected" if self.uplink.connected else "disconnected"
+        table = self.gate.table if self.gate is not None else None
+        acl = getattr(table, "version", None) or "none"
+        return f"mode {mode}; backlog {backlog}; broker {broker}; acl {acl}"
+
+    def _housekeeping(self) -> None:
+        interval = self.config.mqtt.telemetry_interval_s
+        next_telemetry = time.monotonic() + interval if interval > 0 else None
+        while not self._stopping.wait(HOUSEKEEPING_S):
+            try:
+                now = time.monotonic()
+                if now - self._last_clock_check >= CLOCK_CHECK_S and self.clock_sync is not None:
+                    self._last_clock_check = now
+                    self.clock_sync.refresh()
+                line = self.status_line()
+                if line != self._last_status:
+                    self._last_status = line
+                    self.notifier.status(line)
+                if next_telemetry is not None and now >= next_telemetry and self.uplink is not None:
+                    next_telemetry = now + interval
+                    self.uplink.publish_telemetry(self.telemetry())
+            except Exception:
+                log.exception("housekeeping failed; trying again")
+
+    def telemetry(self) -> dict:
+        """One telemetry message (agent/schemas/telemetry.schema.json)."""
+        from agent.uplink.telemetry import build_telemetry
+
+        lat = self.runtime.latency_percentiles()
+        errors = {r: dict(kinds) for r, kinds in self._reader_errors.items()}
+        self._reader_errors.clear()
+        acl_status = {}
+        if self.downlink is not None:
+            try:
+                acl_status = self.downlink.status()
+            except Exception:
+                log.exception("downlink status failed")
+        table = self.gate.table
+        stats = {
+            "boot": self.boot,
+            "uptime_s": time.monotonic() - self.started_mono,
+            "clock_synced": self.clock_sync() if self.clock_sync is not None else False,
+            "acl_version": acl_status.get("acl_version", getattr(table, "version", None) or None),
+            "acl_age_s": acl_status.get("acl_age_s"),
+            "reader_errors": errors,
+            "decision_ms": {"p50": lat.get("p50_ms"), "p99": lat.get("p99_ms"), "p999": lat.get("p999_ms")},
+        }
+        return build_telemetry(self.journal, stats, time.time(),
+                               uplink_stats=self.uplink.stats() if self.uplink is not None else None)
+
+    # -- stop -------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop cleanly: readers, gate thread (outputs inactive), pins, state, uplink
+        (offline status), journal (flushed and closed). Idempotent; never raises."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._stopping.set()
+        self.notifier.stopping("stopping")
+        log.info("stopping")
+        steps: list[tuple[str, Callable[[], Any]]] = []
+        for name, reader in self.readers.items():
+            # SerialReader.stop ends its thread; WiegandReader.close its timer and pins.
+            steps.append((f"reader {name}", getattr(reader, "stop", None) or reader.close))
+        for bus in self.buses:
+            steps.append((f"OSDP bus {bus.port_name}", bus.stop))
+        if self.runtime is not None:
+            steps.append(("gate thread", self.runtime.stop))
+        if self.io is not None:
+            steps.append(("turnstile I/O", self.io.close))
+        if self.statefile is not None and self.gate is not None:
+            steps.append(("gate state", lambda: self.statefile.save(self.gate.state)))
+        if self._housekeeper is not None:
+            steps.append(("housekeeping", lambda: self._housekeeper.join(5)))
+        if self.uplink is not None:
+            steps.append(("uplink", self.uplink.stop))
+        if self.downlink is not None:
+            steps.append(("downlink", self.downlink.close))  # no new messages once the uplink stopped
+        if self.journal is not None:
+            steps.append(("journal", self.journal.close))
+        for what, step in steps:
+            try:
+                step()
+            except Exception:
+                log.exception("stopping %s failed; going on", what)
+        if self.factory is not None and type(self.factory).__name__ == "MockFactory":
+            try:
+                self.factory.reset()
+            except Exception:
+                pass
+        log.info("stopped")
+        self.notifier.close()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until stop() was called (or a signal asked for it); False on timeout."""
+        return self._stopping.wait(timeout)
+
+    def request_stop(self) -> None:
+        """Ask the main loop to stop (signal handlers: only sets a flag)."""
+        self._stopping.set()
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    return run(args.config)
+
+
+def run(config_path: str | os.PathLike[str] = DEFAULT_PATH) -> int:
+    """Load the config, start the service, wait for SIGTERM/SIGINT, stop. Exit code."""
+    setup_logging("info")
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        # One log line per problem: journald keeps each with its priority.
+        log.error("config %s cannot be used: %d problem(s); fix them and start again (check with: "
+                  "gate-agent check-config %s)", exc.source, len(exc.errors), exc.source)
+        for path, msg in exc.errors:
+            log.error("  %s: %s", path or exc.source, msg)
+        return EXIT_CONFIG
+    setup_logging(config.service.log_level)
+    service = Service(config)
+
+    def on_signal(signum: int, frame: Any) -> None:
+        log.info("%s received", signal.Signals(signum).name)
+        service.request_stop()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        try:
+            service.start()
+        except ServiceError as exc:
+            log.error("cannot start: %s", exc)
+            return EXIT_FAILED
+        except Exception:
+            log.exception("cannot start: unexpected error (a bug: please report it with this log)")
+            return EXIT_FAILED
+        while not service.wait(1.0):
+            if service.runtime is not None and not service.runtime.running:
+                log.error("the gate thread has ended; exiting so systemd restarts the agent")
+                service.stop()
+                return EXIT_FAILED
+        service.stop()
+        return EXIT_OK
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def add_run_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add `run [--config FILE]` to a `gate-agent` subparsers object."""
+    p = subparsers.add_parser(
+        "run",
+        help="run the agent (what the systemd unit starts)",
+        description="Run the gate agent: open the journal, load the access list kept on disk, "
+        "drive the turnstile, report events over MQTT. Stops cleanly on SIGTERM or Ctrl-C. "
+        "Exit codes: 0 stopped cleanly, 1 could not start or failed, 2 the config cannot be used.",
+    )
+    p.add_argument("--config", default=str(DEFAULT_PATH), metavar="FILE",
+                   help=f"config file (default {DEFAULT_PATH})")
+    p.set_defaults(func=_cmd_run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`gate-agent run` on its own: python -c "from agent.service import main; main(['run'])"."""
+    parser = argparse.ArgumentParser(prog="gate-agent")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_run_parser(sub)
+    from agent.config import add_check_config_parser
+
+    add_check_config_parser(sub)
+    args = parser.parse_args(argv)
+    code = args.func(args)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

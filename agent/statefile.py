@@ -1,0 +1,137 @@
+"""The gate state on disk: anti-passback positions and guest uses.
+
+A small JSON file in the state directory, written atomically (a temporary
+file in the same directory, fsync, rename over the old one, fsync of the
+directory), so a power cut leaves either the old state or the new one, never
+a torn file. Mode 0600: positions are personal data (DESIGN.md principle 6).
+
+``StateFile.save`` runs on the gate thread from the runtime's idle hook, at
+most every ``interval_s`` and only when the state changed, plus once at stop;
+the file is small (one entry per person seen), so the write is short. A file
+that cannot be read at start is moved aside (``.corrupt-<n>``) and the gate
+starts with no positions: an unknown position is allowed (DESIGN.md).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+__all__ = ["StateFile", "write_atomic"]
+
+FORMAT = 1
+
+
+def write_atomic(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data``: temp file + fsync + rename + directory fsync."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass  # some filesystems refuse a directory fsync; the rename is still atomic
+    finally:
+        os.close(dfd)
+
+
+class StateFile:
+    """Load and save a fastpath ``GateState`` as JSON at ``path``.
+
+    fp: the fastpath module (or a twin) whose ``GateState`` to build.
+    interval_s: ``maybe_save`` writes at most this often.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], fp: Any, *, interval_s: float = 5.0) -> None:
+        self.path = Path(path)
+        self.fp = fp
+        self.interval_s = interval_s
+        self._last_saved: str | None = None  # the JSON last written (skip unchanged saves)
+        self._last_at: float | None = None
+        self.saves = 0
+        self.errors = 0
+
+    def load(self) -> Any:
+        """The saved GateState, or a new empty one (no file, or an unreadable one moved aside)."""
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return self.fp.GateState()
+        except OSError as exc:
+            log.error("gate state %s cannot be read (%s); starting with no anti-passback positions. "
+                      "Check the owner and mode of the state directory", self.path, exc)
+            return self.fp.GateState()
+        try:
+            doc = json.loads(text)
+            if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+                raise ValueError(f"unknown format {doc.get('format') if isinstance(doc, dict) else doc!r}")
+            state = self.fp.GateState.from_dict(doc["state"])
+        except (ValueError, KeyError, TypeError) as exc:
+            aside = self._move_aside()
+            log.error("gate state %s is damaged (%s); moved to %s, starting with no anti-passback "
+                      "positions (an unknown position is allowed)", self.path, exc, aside)
+            return self.fp.GateState()
+        self._last_saved = json.dumps(doc["state"], sort_keys=True, separators=(",", ":"))
+        return state
+
+    def _move_aside(self) -> Path:
+        n = 1
+        while True:
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{n}")
+            if not aside.exists():
+                break
+            n += 1
+        try:
+            os.replace(self.path, aside)
+        except OSError:
+            log.exception("could not move the damaged state file aside")
+        return aside
+
+    def save(self, state: Any, now_mono: float | None = None) -> bool:
+        """Write the state now if it changed; True when written. Never raises."""
+        try:
+            body = json.dumps(state.to_dict(), sort_keys=True, separators=(",", ":"))
+        except Exception:
+            self.errors += 1
+            log.exception("gate state could not be serialised; not saved")
+            return False
+        self._last_at = now_mono
+        if body == self._last_saved:
+            return False
+        data = ('{"format":%d,"state":%s}\n' % (FORMAT, body)).encode("utf-8")
+        try:
+            write_atomic(self.path, data)
+        except OSError as exc:
+            self.errors += 1
+            if self.errors in (1, 10) or self.errors % 1000 == 0:
+                log.error("gate state %s could not be saved (%s; %d failures); decisions go on, "
+                          "positions since the last save would be lost on a restart",
+                          self.path, exc, self.errors)
+            return False
+        self._last_saved = body
+        self.saves += 1
+        return True
+
+    def maybe_save(self, state: Any, now_mono: float) -> bool:
+        """save() unless the last one was less than interval_s ago."""
+        if self._last_at is not None and now_mono - self._last_at < self.interval_s:
+            return False
+        return self.save(state, now_mono)
