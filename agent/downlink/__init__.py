@@ -10,12 +10,14 @@ and one small fsync). Threads: ``on_message`` (uplink thread),
 
 Composition (the service)::
 
+    uplink = Uplink(journal, ...)
     dl = Downlink(site=..., gate=..., fp=fastpath, state_dir=STATE,
-                  submit=runtime.submit, publish=publish, trusted_keys=cfg.keys)
+                  submit=lambda e: runtime.submit(e), publish=uplink_publisher(uplink),
+                  trusted_keys=cfg.keys)
     acl, table = dl.load_persisted()         # before the broker is reachable
     gate = Gate(cfg, fastpath, table)         # the stored list, or none yet
-    uplink = Uplink(..., on_message=dl.on_message)
     runtime = GateRuntime(gate, journal, on_record=lambda r: (dl.on_record(r), uplink.wake()))
+    uplink.on_message = dl.on_message         # acl and cmd topics (paho's thread)
 
 ``publish(topic, payload, props)``: props may hold ``correlation_data``
 (bytes) and ``qos``; the service maps them to an MQTT 5 publish.
@@ -39,9 +41,26 @@ from .signing import load_trusted_keys
 
 log = logging.getLogger("agent.downlink")
 
-__all__ = ["Downlink"]
+__all__ = ["Downlink", "uplink_publisher"]
 
 _STOP = object()
+
+
+def uplink_publisher(uplink: Any) -> Callable[[str, bytes, dict], None]:
+    """``publish`` for a Downlink over ``agent.uplink.mqtt.Uplink``: props
+    ``correlation_data`` becomes the MQTT 5 CorrelationData, ``qos`` the QoS (default 1)."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    def publish(topic: str, payload: bytes, props: dict) -> None:
+        properties = None
+        if props.get("correlation_data") is not None:
+            properties = Properties(PacketTypes.PUBLISH)
+            properties.CorrelationData = props["correlation_data"]
+        uplink.publish(topic, payload, qos=int(props.get("qos", 1)), retain=False,
+                       properties=properties)
+
+    return publish
 
 
 class Downlink:
@@ -85,7 +104,10 @@ class Downlink:
         self.site, self.gate = site, gate
         self.fp = fp
         self.state_dir = ensure_state_dir(Path(state_dir))
-        self._submit = submit
+        self._submit_to_gate = submit
+        self._backlog: list[Any] = []  # events submit() refused by raising (the runtime not built yet)
+        self._backlog_lock = threading.Lock()
+        submit = self._submit
         keys = load_trusted_keys(trusted_keys or {})
         if not keys and not allow_unsigned:
             log.warning("no trusted keys configured: every command and list will be refused; "
@@ -107,6 +129,23 @@ class Downlink:
         self._queue: queue.Queue[Any] = queue.Queue()
         self._worker: threading.Thread | None = None
         self._worker_lock = threading.Lock()
+
+    def _submit(self, event: Any) -> Any:
+        """submit() to the gate; an event it raises on waits and goes first next time.
+
+        load_persisted() runs before the runtime may exist, and its report of a
+        damaged file must not be lost."""
+        with self._backlog_lock:
+            try:
+                while self._backlog:
+                    self._submit_to_gate(self._backlog[0])
+                    self._backlog.pop(0)
+                return self._submit_to_gate(event)
+            except Exception:
+                if len(self._backlog) < 100:
+                    self._backlog.append(event)
+                log.debug("submit failed; %r kept for later", event, exc_info=True)
+                return None
 
     def _report(self, rtype: str, fields: dict) -> None:
         from agent.core.events import Report
@@ -192,7 +231,18 @@ class Downlink:
 
     def status(self) -> dict:
         """{acl_version, acl_age_s, acl_stale}; flags a stale list (once) as a side effect."""
+        if self._backlog:
+            self._submit_backlog()
         return self.acl.status()
+
+    def _submit_backlog(self) -> None:
+        with self._backlog_lock:
+            try:
+                while self._backlog:
+                    self._submit_to_gate(self._backlog[0])
+                    self._backlog.pop(0)
+            except Exception:
+                pass
 
     def _command_status(self) -> dict:
         fastpath = getattr(self.fp, "IMPLEMENTATION", None) or (

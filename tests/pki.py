@@ -1,0 +1,255 @@
+"""A test CA made with ``cryptography``, and mosquitto running the repository's
+mutual-TLS configuration (mosquitto/gate-broker.conf + mosquitto/acl.conf).
+
+``TestCA`` issues a server certificate for 127.0.0.1/localhost, client
+certificates (CN = MQTT username), and a CRL. ``GateBroker`` copies the
+repository's broker config with only the machine-specific lines rewritten
+(listener port, file paths, log, persistence, run-as user), so the tests
+exercise the shipped config and ACL, not a look-alike.
+
+Fixtures: ``pki`` (a CA with gate A, gate B, the server, the ingest and a
+revoked gate certificate) and ``gate_broker`` (mosquitto with that CA).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import getpass
+import ipaddress
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from tests.broker import Mosquitto, mosquitto_path
+
+ROOT = Path(__file__).resolve().parent.parent
+BROKER_CONF = ROOT / "mosquitto" / "gate-broker.conf"
+BROKER_ACL = ROOT / "mosquitto" / "acl.conf"
+
+SITE = "school-17"
+GATE_A, GATE_B = "main", "side"
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                       serialization.PrivateFormat.TraditionalOpenSSL,
+                                       serialization.NoEncryption()))
+    path.chmod(0o600)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A certificate and its key on disk."""
+
+    name: str  # the CN
+    cert: Path
+    key: Path
+    serial: int
+
+    def tls(self, ca: Path):
+        """An uplink TlsConfig presenting this identity."""
+        from agent.uplink.mqtt import TlsConfig
+
+        return TlsConfig(str(ca), str(self.cert), str(self.key))
+
+
+class TestCA:
+    """A throwaway certificate authority (ECDSA P-256: quick to make)."""
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, folder: Path, name: str = "Test Region CA") -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        now = _now()
+        self.cert = (
+            x509.CertificateBuilder()
+            .subject_name(subject).issuer_name(subject)
+            .public_key(self.key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=2))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                         content_commitment=False, key_encipherment=False,
+                                         data_encipherment=False, key_agreement=False,
+                                         encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(self.key.public_key()), critical=False)
+            .sign(self.key, hashes.SHA256())
+        )
+        self.cert_path = self.folder / "ca.crt"
+        self.cert_path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
+        self.crl_path = self.folder / "ca.crl"
+        self.revoked: list[int] = []
+        self.write_crl()
+
+    def issue(self, cn: str, *, server: bool = False) -> Identity:
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = _now()
+        serial = x509.random_serial_number()
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+            .issuer_name(self.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(serial)
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
+                           critical=False)
+            .add_extension(x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]),
+                critical=False)
+        )
+        if server:
+            builder = builder.add_extension(x509.SubjectAlternativeName([
+                x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False)
+        cert = builder.sign(self.key, hashes.SHA256())
+        stem = re.sub(r"[^A-Za-z0-9_.-]", "_", cn)
+        cert_path, key_path = self.folder / f"{stem}.crt", self.folder / f"{stem}.key"
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        _write_key(key_path, key)
+        return Identity(cn, cert_path, key_path, serial)
+
+    def revoke(self, identity: Identity) -> None:
+        self.revoked.append(identity.serial)
+        self.write_crl()
+
+    def write_crl(self) -> None:
+        now = _now()
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(self.cert.subject)
+            .last_update(now - dt.timedelta(minutes=5))
+            .next_update(now + dt.timedelta(days=1))
+        )
+        for serial in self.revoked:
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(serial)
+                .revocation_date(now - dt.timedelta(minutes=1)).build())
+        crl = builder.sign(self.key, hashes.SHA256())
+        self.crl_path.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+
+
+@dataclass
+class Pki:
+    ca: TestCA
+    server_cert: Identity  # the broker's own certificate
+    gate_a: Identity
+    gate_b: Identity
+    regional: Identity  # CN regional-server
+    ingest: Identity  # CN regional-ingest
+    revoked: Identity  # a gate certificate listed in the CRL
+
+    @property
+    def ca_file(self) -> Path:
+        return self.ca.cert_path
+
+
+def make_pki(folder: Path) -> Pki:
+    ca = TestCA(folder)
+    pki = Pki(
+        ca=ca,
+        server_cert=ca.issue("localhost", server=True),
+        gate_a=ca.issue(f"{SITE}/{GATE_A}"),
+        gate_b=ca.issue(f"{SITE}/{GATE_B}"),
+        regional=ca.issue("regional-server"),
+        ingest=ca.issue("regional-ingest"),
+        revoked=ca.issue(f"{SITE}/stolen"),
+    )
+    ca.revoke(pki.revoked)
+    return pki
+
+
+def render_broker_conf(pki: Pki, workdir: Path, port: int) -> str:
+    """mosquitto/gate-broker.conf with this machine's paths and port; every other line as shipped."""
+    replace = {
+        "listener": f"listener {port} 127.0.0.1",
+        "cafile": f"cafile {pki.ca.cert_path}",
+        "certfile": f"certfile {pki.server_cert.cert}",
+        "keyfile": f"keyfile {pki.server_cert.key}",
+        "crlfile": f"crlfile {pki.ca.crl_path}",
+        "acl_file": f"acl_file {workdir / 'acl.conf'}",
+        "persistence": "persistence false",
+        "persistence_location": f"persistence_location {workdir}/",
+        "log_dest": f"log_dest file {workdir / 'mosquitto.log'}",
+    }
+    seen: set[str] = set()
+    out = []
+    for line in BROKER_CONF.read_text().splitlines():
+        word = line.split(" ", 1)[0] if line and not line.startswith("#") else ""
+        if word in replace:
+            seen.add(word)
+            out.append(replace[word])
+        else:
+            out.append(line)
+    missing = set(replace) - seen
+    assert not missing, f"mosquitto/gate-broker.conf lacks {sorted(missing)}"
+    # Run as root, mosquitto would switch to user "mosquitto", which cannot read the test files.
+    out.append(f"user {getpass.getuser()}")
+    out.append("log_type information")
+    return "\n".join(out) + "\n"
+
+
+class GateBroker(Mosquitto):
+    """mosquitto with the repository's mutual-TLS config and ACL (see render_broker_conf)."""
+
+    def __init__(self, workdir: Path, pki: Pki, *, port: int | None = None) -> None:
+        super().__init__(workdir, port=port)
+        self.pki = pki
+        (self.workdir / "acl.conf").write_text(BROKER_ACL.read_text())
+        self.conf_path.write_text(render_broker_conf(pki, self.workdir, self.port))
+
+    def start(self, timeout: float = 10.0) -> GateBroker:
+        super().start(timeout)
+        return self
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def gate_broker(pki: Pki, tmp_path: Path) -> Iterator[GateBroker]:
+    if mosquitto_path() is None:
+        pytest.skip("mosquitto is not installed (apt-get install mosquitto); broker tests skipped")
+    b = GateBroker(tmp_path / "gate-broker", pki).start()
+    yield b
+    b.stop()
+
+
+def mqtt_client(broker: Mosquitto, identity: Identity | None, ca: Path, *, client_id: str | None = None):
+    """A paho MQTT 5 client configured for mutual TLS as ``identity`` (None: no certificate)."""
+    import ssl
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5,
+                    client_id=client_id or f"t-{identity.name.replace('/', '-') if identity else 'anon'}")
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
+    if identity is not None:
+        ctx.load_cert_chain(str(identity.cert), str(identity.key))
+    c.tls_set_context(ctx)
+    return c

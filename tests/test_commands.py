@@ -1,0 +1,543 @@
+"""Remote commands: every forged, replayed, expired, misaddressed, unsigned,
+invalid, retained or MQTT-expired command is refused with its reason (in the
+reply and in a command.result record); accepted ones become the right core
+events, and the gate's own result comes back on the response topic with the
+correlation data. The last tests go through a real mosquitto with the
+`gate-agent cmd` tool.
+"""
+from __future__ import annotations
+
+import io
+import json
+import time
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent.contract import validate
+from agent.core import events as ev
+from agent.core.gateconfig import GateConfig
+from agent.core.records import SequenceSink
+from agent.core.turnstile import Gate
+from agent.downlink import Downlink
+from agent.downlink.commands import parse_rfc3339
+from agent.downlink.signing import (
+    SignatureError,
+    generate_keypair,
+    make_command,
+    public_key_b64,
+    sign_command,
+    verify,
+)
+
+SITE, GATE = "school-17", "main"
+KEY, PUB = generate_keypair()
+KEY2, PUB2 = generate_keypair()  # the next key during a rotation
+OTHER_KEY, _ = generate_keypair()  # nobody trusts it
+KEY_ID, KEY2_ID = "region-2026a", "region-2026b"
+T0 = 1_788_300_000.0  # 2026-09-01T...Z: the gate's wall clock in these tests
+REPLY = f"gate/v1/{SITE}/{GATE}/reply/t1"
+CORR = b"\x01corr-17"
+PROPS = {"response_topic": REPLY, "correlation_data": CORR, "message_expiry_interval": 20}
+
+
+def command(name: str = "open", args: dict | None = None, *, counter: int = 1, key=KEY,
+            key_id: str = KEY_ID, site: str = SITE, gate: str = GATE, now: float = T0,
+            ttl_s: float = 20.0, request_id: str | None = None, **overrides) -> dict:
+    if args is None:
+        args = {"open": {"direction": "in"}, "set_mode": {"mode": "lockdown"}}.get(name, {})
+    fields = make_command(site, gate, name, args, key_id=key_id, counter=counter, now=now,
+                          ttl_s=ttl_s, request_id=request_id or f"r-{name}-{counter}")
+    fields.update(overrides)
+    return sign_command(key, fields)
+
+
+class Harness:
+    """A Downlink with recording submit/publish and a settable clock."""
+
+    def __init__(self, tmp_path: Path, fp, **kw) -> None:
+        self.events: list = []
+        self.published: list[tuple[str, bytes, dict]] = []
+        self.wall = T0
+        self.synced = True
+        self.state_dir = tmp_path / "state"
+        kw.setdefault("trusted_keys", {KEY_ID: PUB})
+        self.dl = Downlink(site=SITE, gate=GATE, fp=fp, state_dir=self.state_dir,
+                           submit=self.events.append,
+                           publish=lambda t, p, props: self.published.append((t, p, props)),
+                           wall=lambda: self.wall, clock_synced=lambda: self.synced,
+                           acl_async=False, **kw)
+
+    def send(self, msg, props=PROPS, retain=None, topic=f"gate/v1/{SITE}/{GATE}/cmd") -> None:
+        payload = msg if isinstance(msg, bytes) else json.dumps(msg).encode()
+        self.dl.on_message(topic, payload, dict(props) if props is not None else None, retain)
+
+    def replies(self) -> list[dict]:
+        out = []
+        for topic, payload, props in self.published:
+            assert topic == REPLY
+            assert props.get("correlation_data") == CORR
+            reply = json.loads(payload)
+            assert validate("cmd-reply", reply) == []
+            out.append(reply)
+        return out
+
+    def reports(self, rtype: str) -> list[dict]:
+        return [e.fields for e in self.events if isinstance(e, ev.Report) and e.type == rtype]
+
+    def core_events(self) -> list:
+        return [e for e in self.events if not isinstance(e, ev.Report)]
+
+
+@pytest.fixture
+def h(tmp_path, fp) -> Harness:
+    return Harness(tmp_path, fp)
+
+
+def assert_refused(h: Harness, reason: str, request_id: str | None = None) -> None:
+    """Nothing reached the core; one record and one reply say refused for `reason`."""
+    assert h.core_events() == []
+    results = h.reports("command.result")
+    assert [r["result"] for r in results] == ["refused"]
+    assert results[0]["reason"] == reason
+    replies = h.replies()
+    assert len(replies) == 1
+    assert replies[0]["result"] == "refused" and replies[0]["reason"] == reason
+    assert replies[0]["detail"]  # says why
+    if request_id is not None:
+        assert results[0]["request_id"] == replies[0]["request_id"] == request_id
+
+
+# --- accepted -----------------------------------------------------------------------------
+
+
+def test_open_becomes_a_remote_open_with_its_request_id(h):
+    h.send(command("open", {"direction": "out"}, request_id="r-1"))
+    assert h.core_events() == [ev.RemoteOpen("out", request_id="r-1")]
+    assert h.published == []  # the reply waits for the gate's own record
+
+
+def test_set_mode_and_fire_reset_become_core_events_by_command(h):
+    h.send(command("set_mode", {"mode": "entry_only"}, counter=1, request_id="r-1"))
+    h.send(command("fire_reset", counter=2, request_id="r-2"))
+    assert h.core_events() == [ev.SetMode("entry_only", by="command", request_id="r-1"),
+                               ev.FireReset(by="command", request_id="r-2")]
+
+
+class GateLoop:
+    """Feeds what the Downlink submits to a real Gate and its records back to on_record."""
+
+    def __init__(self, h: Harness, fp) -> None:
+        self.h = h
+        self.gate = Gate(GateConfig(site=SITE, gate=GATE), fp, None, boot="b-1")
+        self.sink = SequenceSink("j")
+        self.t = 100.0
+        self.sink.commit(self.gate.start(self.now()).records)
+        self.done = 0
+
+    def now(self) -> ev.Now:
+        self.t += 0.01
+        return ev.Now(mono=self.t, wall=T0 + self.t, synced=True)
+
+    def run(self) -> list[dict]:
+        """Handle every event submitted since the last run, like the gate thread."""
+        out = []
+        while self.done < len(self.h.events):
+            event = self.h.events[self.done]
+            self.done += 1
+            for rec in self.sink.commit(self.gate.handle(event, self.now()).records):
+                assert validate("event", rec) == []
+                out.append(rec)
+                self.h.dl.on_record(rec)
+        return out
+
+
+def test_the_gates_result_is_replied_with_the_correlation_data(h, fp):
+    loop = GateLoop(h, fp)
+    h.send(command("set_mode", {"mode": "lockdown"}, request_id="r-lock"))
+    records = loop.run()
+    assert loop.gate.mode == "lockdown"
+    results = [r for r in records if r["type"] == "command.result"]
+    assert [(r["request_id"], r["result"]) for r in results] == [("r-lock", "done")]
+    assert h.replies() == [{"v": 1, "request_id": "r-lock", "command": "set_mode", "result": "done"}]
+
+
+def test_set_mode_during_fire_is_refused_by_the_gate_and_the_reply_says_fire(h, fp):
+    loop = GateLoop(h, fp)
+    loop.sink.commit(loop.gate.handle(ev.FireLoop(open=True), loop.now()).records)
+    h.send(command("set_mode", {"mode": "normal"}, request_id="r-f"))
+    loop.run()
+    assert loop.gate.mode == "fire"
+    [reply] = h.replies()
+    assert (reply["result"], reply["reason"], reply["request_id"]) == ("refused", "fire", "r-f")
+    assert "fire" in reply["detail"]
+
+
+def test_open_goes_through_in_lockdown_and_is_replied_done(h, fp):
+    loop = GateLoop(h, fp)
+    h.send(command("set_mode", {"mode": "lockdown"}, counter=1, request_id="r-1"))
+    h.send(command("open", {"direction": "in"}, counter=2, request_id="r-2"))
+    loop.run()
+    assert loop.gate.pending == ("in", "remote")
+    assert [(r["request_id"], r["result"]) for r in h.replies()] == [("r-1", "done"), ("r-2", "done")]
+
+
+def test_a_command_without_response_topic_still_acts_and_records(h, fp):
+    loop = GateLoop(h, fp)
+    h.send(command("open", {"direction": "in"}, request_id="r-quiet"),
+           props={"message_expiry_interval": 20})
+    records = loop.run()
+    assert [r["request_id"] for r in records if r["type"] == "command.result"] == ["r-quiet"]
+    assert loop.gate.pending == ("in", "remote")
+    assert h.published == []
+
+
+def test_status_replies_with_a_snapshot(h):
+    h.send(command("status", request_id="r-s"))
+    [reply] = h.replies()
+    assert reply["result"] == "done" and reply["request_id"] == "r-s"
+    assert reply["data"]["site"] == SITE and reply["data"]["gate"] == GATE
+    assert reply["data"]["acl_version"] is None  # no list yet
+    assert h.reports("command.result") == [{"request_id": "r-s", "command": "status", "result": "done"}]
+
+
+def test_acl_snapshot_asks_the_server_for_a_snapshot(h):
+    h.send(command("acl_snapshot", request_id="r-a"))
+    assert h.reports("acl.requested") == [{"reason": "command", "have": None}]
+    assert h.reports("command.result")[0]["result"] == "done"
+    assert h.replies()[0]["result"] == "done"
+
+
+def test_two_trusted_keys_during_a_rotation_each_with_its_own_counter(tmp_path, fp):
+    h = Harness(tmp_path, fp, trusted_keys={KEY_ID: PUB, KEY2_ID: PUB2})
+    h.send(command("open", counter=50, key=KEY, key_id=KEY_ID))
+    h.send(command("open", counter=1, key=KEY2, key_id=KEY2_ID))
+    assert len(h.core_events()) == 2
+    assert h.reports("command.result") == []
+
+
+# --- refused ---------------------------------------------------------------------------------
+
+
+def test_forged_with_an_untrusted_key_under_a_trusted_key_id(h):
+    h.send(command(key=OTHER_KEY, request_id="r-forged"))
+    assert_refused(h, "bad_signature", "r-forged")
+
+
+def test_tampered_arguments_break_the_signature(h):
+    msg = command("open", {"direction": "in"})
+    msg["args"]["direction"] = "out"
+    h.send(msg)
+    assert_refused(h, "bad_signature")
+
+
+def test_tampered_address_breaks_the_signature_before_misaddressed(h):
+    msg = command(gate="side")
+    msg["gate"] = GATE  # re-aimed at this gate by someone without the key
+    h.send(msg)
+    assert_refused(h, "bad_signature")
+
+
+def test_unknown_key_id_is_a_bad_signature(h):
+    h.send(command(key=OTHER_KEY, key_id="someone-else"))
+    assert_refused(h, "bad_signature")
+
+
+def test_unsigned_is_refused(h):
+    msg = command()
+    del msg["sig"], msg["key_id"]
+    h.send(msg)
+    assert_refused(h, "unsigned")
+
+
+def test_unsigned_is_accepted_only_where_the_config_allows_it(tmp_path, fp):
+    h = Harness(tmp_path, fp, allow_unsigned=True)
+    msg = command(counter=3)
+    del msg["sig"], msg["key_id"]
+    h.send(msg)
+    assert h.core_events() == [ev.RemoteOpen("in", request_id=msg["request_id"])]
+    h.send(msg)  # the counter still stops a replay of an unsigned command
+    assert h.reports("command.result")[0]["reason"] == "replayed"
+
+
+def test_a_lab_gate_still_refuses_a_bad_signature(tmp_path, fp):
+    h = Harness(tmp_path, fp, allow_unsigned=True)
+    h.send(command(key=OTHER_KEY))
+    assert_refused(h, "bad_signature")
+
+
+@pytest.mark.parametrize("payload", [b"not json", b"[1, 2]", b"\xff\xfe", b'{"v": 1}', b"NaN"])
+def test_unreadable_messages_are_invalid_with_an_empty_request_id(h, payload):
+    h.send(payload)
+    assert_refused(h, "invalid", "")
+
+
+def test_schema_violations_are_invalid_and_keep_the_request_id(h):
+    h.send(command("set_mode", {"mode": "fire"}, request_id="r-fire-mode"))
+    assert_refused(h, "invalid", "r-fire-mode")
+
+
+def test_an_unknown_extra_field_is_invalid(h):
+    h.send(command(extra="x"))
+    assert_refused(h, "invalid")
+
+
+def test_misaddressed_to_another_gate_or_site(h):
+    h.send(command(gate="side", counter=1))
+    h.send(command(site="school-18", counter=2))
+    assert h.core_events() == []
+    assert [r["reason"] for r in h.reports("command.result")] == ["misaddressed", "misaddressed"]
+    assert [r["reason"] for r in h.replies()] == ["misaddressed", "misaddressed"]
+
+
+def test_expired_in_the_past(h):
+    h.send(command(now=T0 - 60, ttl_s=20))  # expired 40 s ago
+    assert_refused(h, "expired")
+
+
+def test_a_command_valid_for_longer_than_max_age_is_expired(h):
+    h.send(command(ttl_s=3600))
+    assert_refused(h, "expired")
+
+
+def test_a_message_past_its_mqtt_expiry_is_refused_expired(h):
+    h.send(command(), props={**PROPS, "message_expiry_interval": 0})
+    assert_refused(h, "expired")
+
+
+def test_a_command_without_mqtt_message_expiry_is_invalid(h):
+    props = {k: v for k, v in PROPS.items() if k != "message_expiry_interval"}
+    h.send(command(), props=props)
+    assert_refused(h, "invalid")
+
+
+@pytest.mark.parametrize("how", ["flag", "property"])
+def test_a_retained_command_is_never_acted_on(h, how):
+    if how == "flag":
+        h.send(command(), retain=True)
+    else:
+        h.send(command(), props={**PROPS, "retain": True})
+    assert_refused(h, "invalid")
+    assert "retained" in h.replies()[0]["detail"]
+
+
+def test_replayed_same_and_lower_counter(h):
+    h.send(command(counter=10, request_id="r-10"))
+    h.send(command(counter=10, request_id="r-10"))  # the same message again
+    h.send(command(counter=9, request_id="r-9"))  # an older one
+    assert h.core_events() == [ev.RemoteOpen("in", request_id="r-10")]
+    assert [r["reason"] for r in h.reports("command.result")] == ["replayed", "replayed"]
+
+
+def test_the_counter_survives_a_restart(tmp_path, fp):
+    first = Harness(tmp_path, fp)
+    msg = command(counter=77)
+    first.send(msg)
+    assert len(first.core_events()) == 1
+    second = Harness(tmp_path, fp)  # a new Downlink on the same state directory
+    second.send(msg)
+    assert_refused(second, "replayed")
+    counters = second.state_dir / "counters.json"
+    assert counters.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_refused_command_does_not_use_up_its_counter(h):
+    h.send(command(counter=5, now=T0 - 600))  # expired
+    h.send(command(counter=5))
+    assert [r["reason"] for r in h.reports("command.result")] == ["expired"]
+    assert len(h.core_events()) == 1
+
+
+@pytest.mark.parametrize("msg_kw, props, reason", [
+    # Each breaks two rules; the earlier check in the contract's order names it.
+    ({"args": {"direction": "sideways"}, "strip_sig": True}, PROPS, "invalid"),  # invalid + unsigned
+    ({"key": OTHER_KEY, "gate": "side"}, PROPS, "bad_signature"),  # bad sig + misaddressed
+    ({"gate": "side", "now": T0 - 600}, PROPS, "misaddressed"),  # misaddressed + expired
+    ({"now": T0 - 600, "counter": 1}, PROPS, "expired"),  # expired + replayed
+])
+def test_refusals_are_checked_in_the_contract_order(h, msg_kw, props, reason):
+    h.send(command(counter=1, request_id="r-first"))  # counter 1 is used from now on
+    h.events.clear()
+    h.published.clear()
+    strip = msg_kw.pop("strip_sig", False)
+    msg = command(counter=msg_kw.pop("counter", 2), **msg_kw)
+    if strip:
+        del msg["sig"], msg["key_id"]
+    h.send(msg, props=props)
+    assert_refused(h, reason)
+
+
+def test_with_the_clock_unsynchronised_expiry_is_skipped_and_recorded(h):
+    h.synced = False
+    h.send(command(counter=1, now=T0 - 3600, request_id="r-old"))  # would be expired
+    assert h.core_events() == [ev.RemoteOpen("in", request_id="r-old")]
+    [alarm] = h.reports("alarm")
+    assert alarm["kind"] == "expiry_unchecked" and alarm["active"] is True
+    assert "r-old" in alarm["detail"]
+    h.send(command(counter=1, now=T0 - 3600, request_id="r-old"))  # the counter still stops it
+    assert h.reports("command.result")[-1]["reason"] == "replayed"
+    h.synced = True
+    h.send(command(counter=2, request_id="r-new"))
+    assert h.reports("alarm")[-1] == {"kind": "expiry_unchecked", "active": False,
+                                      "detail": h.reports("alarm")[-1]["detail"]}
+
+
+def test_the_mqtt_expiry_is_checked_even_with_the_clock_unsynchronised(h):
+    h.synced = False
+    h.send(command(), props={**PROPS, "message_expiry_interval": 0})
+    assert_refused(h, "expired")
+
+
+def test_messages_on_other_topics_are_ignored(h):
+    h.send(command(), topic=f"gate/v1/{SITE}/side/cmd")
+    assert h.events == [] and h.published == []
+
+
+# --- signing -----------------------------------------------------------------------------------
+
+
+def test_the_contract_example_verifies_with_its_published_key():
+    # docs/contract.md: the example command is signed with seed 0x00..0x1f.
+    example = {"v": 1, "request_id": "r-20260901-0017", "site": "school-042", "gate": "main-1",
+               "command": "open", "args": {"direction": "in"}, "nonce": "6f1c0a9e2b7d4c11",
+               "counter": 1017, "expires": "2026-09-01T07:46:00Z", "key_id": "region-2026a",
+               "sig": "8reA9bezSTfAtS0265N8VjVZitlAWP5B1rbTx3g20yH0k1wYce07D1USEwRTe4Kuq5fRhtCbcQ"
+                      "+Pw4ip4+JoCg=="}
+    pub = public_key_b64(Ed25519PrivateKey.from_private_bytes(bytes(range(32))))
+    assert pub == "A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg="
+    assert verify(example, {"region-2026a": pub}) == "region-2026a"
+    # The same fields with other spacing and key order are the same signed bytes.
+    reordered = json.loads(json.dumps(dict(reversed(list(example.items()))), indent=2))
+    assert verify(reordered, {"region-2026a": pub}) == "region-2026a"
+    example["counter"] = 1018
+    with pytest.raises(SignatureError) as err:
+        verify(example, {"region-2026a": pub})
+    assert err.value.reason == "bad_signature"
+
+
+def test_signed_commands_are_valid_against_the_contract_schema():
+    assert validate("cmd", command("set_mode", {"mode": "free"})) == []
+
+
+def test_expires_parsing_takes_offsets_and_fractions():
+    assert parse_rfc3339("2026-09-01T07:46:00Z") == parse_rfc3339("2026-09-01T14:46:00+07:00")
+    assert parse_rfc3339("2026-09-01T07:46:00.123456789Z") == pytest.approx(
+        parse_rfc3339("2026-09-01T07:46:00Z") + 0.123456, abs=1e-6)
+
+
+# --- through a real broker --------------------------------------------------------------------
+
+
+from tests.broker import make_broker  # noqa: E402,F401  (fixture)
+
+
+class _Outputs:
+    def set(self, line, active):
+        pass
+
+    def feedback(self, reader, signal):
+        pass
+
+
+@pytest.fixture
+def live_gate(tmp_path, make_broker, fp):
+    """A simulated gate wired like the service: Gate + GateRuntime + Journal + Uplink + Downlink."""
+    from agent.downlink import uplink_publisher
+    from agent.runtime import GateRuntime
+    from agent.uplink.journal import Journal
+    from agent.uplink.mqtt import Uplink
+
+    broker = make_broker()
+    journal = Journal(tmp_path / "journal.db")
+    uplink = Uplink(journal, site=SITE, gate=GATE, host=broker.host, port=broker.port,
+                    ack_mode="broker", backoff_min_s=0.1, backoff_max_s=0.5)
+    holder: list = []
+    dl = Downlink(site=SITE, gate=GATE, fp=fp, state_dir=tmp_path / "state",
+                  submit=lambda e: holder[0].submit(e), publish=uplink_publisher(uplink),
+                  trusted_keys={KEY_ID: PUB})
+    gate = Gate(GateConfig(site=SITE, gate=GATE), fp, None)
+    rt = GateRuntime(gate, journal, outputs=_Outputs(),
+                     on_record=lambda r: (dl.on_record(r), uplink.wake()))
+    holder.append(rt)
+    uplink.on_message = dl.on_message
+    rt.start()
+    uplink.start()
+    deadline = time.monotonic() + 10
+    while not uplink.connected:
+        assert time.monotonic() < deadline, "the gate's uplink did not connect"
+        time.sleep(0.02)
+    time.sleep(0.2)  # its SUBSCRIBE is sent right after CONNACK
+    yield broker, gate, tmp_path
+    uplink.stop()
+    rt.stop()
+    dl.close()
+    journal.close()
+
+
+def run_tool(argv: list[str]) -> tuple[int, str, str]:
+    from agent.tools_regional import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+def write_key(tmp_path: Path) -> Path:
+    from agent.downlink.signing import private_key_pem
+
+    path = tmp_path / "region.key"
+    path.write_bytes(private_key_pem(KEY))
+    return path
+
+
+def test_cmd_tool_gets_the_reply_through_mosquitto(live_gate):
+    broker, gate, tmp_path = live_gate
+    key = write_key(tmp_path)
+    conn = ["--site", SITE, "--gate", GATE, "--host", broker.host, "--port", str(broker.port),
+            "--key-id", KEY_ID, "--timeout", "10"]
+    code, out, err = run_tool(["cmd", "set_mode", "lockdown", *conn, "--key", str(key)])
+    assert code == 0, err
+    reply = json.loads(out)
+    assert (reply["command"], reply["result"]) == ("set_mode", "done")
+    assert gate.mode == "lockdown"
+    # The same tool with a key the gate does not trust: refused, exit 1, the reason printed.
+    from agent.downlink.signing import private_key_pem
+
+    forged = tmp_path / "forged.key"
+    forged.write_bytes(private_key_pem(OTHER_KEY))
+    code, out, err = run_tool(["cmd", "open", "in", *conn, "--key", str(forged)])
+    assert code == 1, err
+    assert json.loads(out)["reason"] == "bad_signature"
+    assert gate.pending is None
+
+
+def test_reply_carries_the_correlation_data_on_the_response_topic(live_gate):
+    from agent.tools_regional import Session, send_command
+
+    broker, gate, _ = live_gate
+    session = Session(broker.host, broker.port)
+    try:
+        code, reply, note = send_command(
+            session, site=SITE, gate=GATE, command="status", args={}, key=KEY, key_id=KEY_ID,
+            counter=int(time.time() * 1000), ttl_s=20, timeout=10)
+        assert code == 0, note
+        assert reply["data"]["site"] == SITE
+        replies = [m for m in session.messages if "/reply/" in m.topic]
+        assert len(replies) == 1
+        assert isinstance(replies[0].properties.CorrelationData, bytes)
+        assert len(replies[0].properties.CorrelationData) == 16
+    finally:
+        session.close()
+
+
+def test_cmd_tool_exits_3_when_the_gate_is_not_subscribed(make_broker, tmp_path):
+    broker = make_broker()
+    key = write_key(tmp_path)
+    code, out, err = run_tool(["cmd", "open", "in", "--site", SITE, "--gate", "nobody", "--host",
+                               broker.host, "--port", str(broker.port), "--key", str(key),
+                               "--key-id", KEY_ID, "--timeout", "2"])
+    assert code == 3
+    assert "offline" in err
