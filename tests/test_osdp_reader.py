@@ -7,6 +7,7 @@ through the master. The offline test joins them by an in-memory link that
 can be cut, like a cable. Waits are on conditions with timeouts; nothing
 asserts a timing.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,9 +20,9 @@ osdp = pytest.importorskip(
     "osdp", reason="libosdp is not installed (optional extra: pip install 'gate-agent[osdp]')"
 )
 
-from agent.core import events as ev  # noqa: E402
-from agent.core.cards import encode_w26, encode_w34, parse_card_string  # noqa: E402
-from agent.hw.osdp_reader import (  # noqa: E402
+from agent.core import events as ev
+from agent.core.cards import encode_w26, encode_w34, parse_card_string
+from agent.hw.osdp_reader import (
     SCBK_DEFAULT,
     FeedbackRouter,
     OsdpBus,
@@ -145,8 +146,14 @@ def make_pd(channel, scbk=KEY, enforce=True):
 def wiegand_event(bits: str) -> dict:
     padded = bits + "0" * (-len(bits) % 8)
     data = int(padded, 2).to_bytes(len(padded) // 8, "big")
-    return {"event": osdp.Event.CardRead, "reader_no": 0, "direction": 0,
-            "format": osdp.CardFormat.Wiegand, "length": len(bits), "data": data}
+    return {
+        "event": osdp.Event.CardRead,
+        "reader_no": 0,
+        "direction": 0,
+        "format": osdp.CardFormat.Wiegand,
+        "length": len(bits),
+        "data": data,
+    }
 
 
 def commands_of(pd, n: int, timeout: float = 5.0) -> list[dict]:
@@ -168,7 +175,9 @@ def pty_bus():
     master, slave = os.openpty()
     path = os.ttyname(slave)
     events = Events()
-    bus = OsdpBus(path, [OsdpReaderSpec("entry", ADDRESS, KEY.hex())], submit=events, log_level="error")
+    bus = OsdpBus(
+        path, [OsdpReaderSpec("entry", ADDRESS, KEY.hex())], submit=events, log_level="error"
+    )
     pd = make_pd(MasterChannel(master))
     bus.start()
     try:
@@ -194,21 +203,31 @@ def test_card_read_over_secure_channel_gives_the_same_key_as_a_w26_reader(pty_bu
 
 
 def test_raw_em_marine_uid_gives_the_same_key_as_an_rdm6300_read(pty_bus):
-    bus, pd, events = pty_bus
+    _bus, pd, events = pty_bus
     uid = 0x14008EC793  # the RDM6300 example frame's 40 bits
-    pd.submit_event({"event": osdp.Event.CardRead, "reader_no": 0, "direction": 0,
-                     "format": osdp.CardFormat.Unspecified, "length": 40, "data": uid.to_bytes(5, "big")})
+    pd.submit_event(
+        {
+            "event": osdp.Event.CardRead,
+            "reader_no": 0,
+            "direction": 0,
+            "format": osdp.CardFormat.Unspecified,
+            "length": 40,
+            "data": uid.to_bytes(5, "big"),
+        }
+    )
     got = events.wait(lambda items: cards(items), what="a card read")
     assert cards(got)[0].key == CARD_KEY
 
 
 def test_bad_parity_over_osdp_is_a_reader_error_not_a_card(pty_bus):
-    bus, pd, events = pty_bus
+    _bus, pd, events = pty_bus
     bits = encode_w26(142, 51091)
     flipped = bits[:5] + ("1" if bits[5] == "0" else "0") + bits[6:]
     pd.submit_event(wiegand_event(flipped))
-    got = events.wait(lambda items: any(isinstance(e, ev.ReaderError) for e in items), what="an error")
-    err = [e for e in got if isinstance(e, ev.ReaderError)][0]
+    got = events.wait(
+        lambda items: any(isinstance(e, ev.ReaderError) for e in items), what="an error"
+    )
+    err = next(e for e in got if isinstance(e, ev.ReaderError))
     assert (err.reader, err.kind) == ("entry", "parity")
     assert not cards(got)
 
@@ -221,8 +240,10 @@ def test_bad_parity_over_osdp_is_a_reader_error_not_a_card(pty_bus):
         ("error", {osdp.CommandLEDColor.Red, osdp.CommandLEDColor.Amber}, 3),
     ],
 )
-def test_feedback_signals_reach_the_reader_as_led_and_buzzer_commands(pty_bus, signal, colors, beeps):
-    bus, pd, events = pty_bus
+def test_feedback_signals_reach_the_reader_as_led_and_buzzer_commands(
+    pty_bus, signal, colors, beeps
+):
+    bus, pd, _events = pty_bus
     assert bus.feedback("entry", signal)
     led, buzzer = sorted(commands_of(pd, 2), key=lambda c: c["command"] != osdp.Command.LED)
     assert led["command"] == osdp.Command.LED and buzzer["command"] == osdp.Command.Buzzer
@@ -262,11 +283,18 @@ def test_feedback_for_another_reader_is_not_taken():
     [(None, False), (OTHER_KEY, True), (OTHER_KEY, False)],
     ids=["no-key", "other-key-enforced", "other-key-not-enforced"],
 )
-def test_a_reader_without_the_right_key_never_comes_online_and_its_cards_are_ignored(pd_key, pd_enforce):
+def test_a_reader_without_the_right_key_never_comes_online_and_its_cards_are_ignored(
+    pd_key, pd_enforce
+):
     link = Link()
     events = Events()
-    bus = OsdpBus(LinkEnd(link, 0), [OsdpReaderSpec("entry", ADDRESS, KEY)], submit=events,
-                  online_timeout_s=1.0, log_level="error")
+    bus = OsdpBus(
+        LinkEnd(link, 0),
+        [OsdpReaderSpec("entry", ADDRESS, KEY)],
+        submit=events,
+        online_timeout_s=1.0,
+        log_level="error",
+    )
     pd = make_pd(LinkEnd(link, 1), scbk=pd_key, enforce=pd_enforce)
     bus.start()
     try:
@@ -284,8 +312,14 @@ def test_a_reader_without_the_right_key_never_comes_online_and_its_cards_are_ign
 def test_offline_reader_is_reported_and_brought_back_without_a_restart():
     link = Link()
     events = Events()
-    bus = OsdpBus(LinkEnd(link, 0), [OsdpReaderSpec("exit", ADDRESS, KEY)], submit=events,
-                  retry_min_s=0.5, retry_max_s=1.0, log_level="error")
+    bus = OsdpBus(
+        LinkEnd(link, 0),
+        [OsdpReaderSpec("exit", ADDRESS, KEY)],
+        submit=events,
+        retry_min_s=0.5,
+        retry_max_s=1.0,
+        log_level="error",
+    )
     pd = make_pd(LinkEnd(link, 1))
     bus.start()
     try:
@@ -295,7 +329,9 @@ def test_offline_reader_is_reported_and_brought_back_without_a_restart():
         events.wait(lambda items: statuses(items) == [True, False], timeout=20, what="offline")
         link.mend()
         pd = make_pd(LinkEnd(link, 1))  # plugged back in: a fresh reader
-        events.wait(lambda items: statuses(items) == [True, False, True], timeout=15, what="back online")
+        events.wait(
+            lambda items: statuses(items) == [True, False, True], timeout=15, what="back online"
+        )
         assert bus.is_secure("exit")
         pd.submit_event(wiegand_event(encode_w34(CARD_KEY >> 16, CARD_KEY & 0xFFFF)))
         got = events.wait(lambda items: cards(items), what="a card after the reconnect")
@@ -311,7 +347,9 @@ def test_install_mode_without_a_key_only_when_asked():
         OsdpBus(LinkEnd(Link(), 0), [spec], submit=lambda e: None)
     link = Link()
     events = Events()
-    bus = OsdpBus(LinkEnd(link, 0), [spec], submit=events, insecure_allow_install_mode=True, log_level="error")
+    bus = OsdpBus(
+        LinkEnd(link, 0), [spec], submit=events, insecure_allow_install_mode=True, log_level="error"
+    )
     pd = make_pd(LinkEnd(link, 1), scbk=None, enforce=False)
     bus.start()
     try:
@@ -347,7 +385,11 @@ def test_addresses_and_names_must_be_unique_and_in_range():
     with pytest.raises(OsdpConfigError, match="0 to 126"):
         OsdpBus(ch, [OsdpReaderSpec("entry", 127, KEY)], submit=lambda e: None)
     with pytest.raises(OsdpConfigError, match="used twice"):
-        OsdpBus(ch, [OsdpReaderSpec("entry", 1, KEY), OsdpReaderSpec("exit", 1, OTHER_KEY)], submit=lambda e: None)
+        OsdpBus(
+            ch,
+            [OsdpReaderSpec("entry", 1, KEY), OsdpReaderSpec("exit", 1, OTHER_KEY)],
+            submit=lambda e: None,
+        )
 
 
 # --- card data, without a bus -----------------------------------------------------------

@@ -6,6 +6,7 @@ An unplug is a symlink (the udev name) to the slave whose pty is closed and
 whose link is removed, then pointed at a new pty. Every wait is on a
 condition with a timeout; nothing asserts a timing.
 """
+
 from __future__ import annotations
 
 import os
@@ -104,8 +105,10 @@ def make_reader(readers, path, events, **kw) -> SerialReader:
     reader = SerialReader("entry", path, submit=events, **kw)
     readers.append(reader)
     reader.start()
-    events.wait(lambda items: any(isinstance(e, ev.ReaderStatus) and e.online for e in items),
-                what="the reader to open the port")
+    events.wait(
+        lambda items: any(isinstance(e, ev.ReaderStatus) and e.online for e in items),
+        what="the reader to open the port",
+    )
     return reader
 
 
@@ -183,7 +186,10 @@ def test_em_line_reader_decimal_and_hex_lines(pty, readers):
         lambda items: len(cards(items)) == 2 and any(isinstance(e, ev.ReaderError) for e in items),
         what="two cards and a garbage line",
     )
-    assert [(c.key, c.format) for c in cards(got)] == [(EXAMPLE_KEY, "emline"), (OTHER_KEY, "emline")]
+    assert [(c.key, c.format) for c in cards(got)] == [
+        (EXAMPLE_KEY, "emline"),
+        (OTHER_KEY, "emline"),
+    ]
     assert [e.kind for e in got if isinstance(e, ev.ReaderError)] == ["garbage"]
 
 
@@ -199,8 +205,10 @@ def test_unplug_gives_one_disconnected_then_reopens_and_reads_again(tmp_path, re
     # Unplug: the device goes away and udev removes its name.
     first.close()
     link.unlink()
-    events.wait(lambda items: any(isinstance(e, ev.ReaderStatus) and not e.online for e in items),
-                what="the reader to go offline")
+    events.wait(
+        lambda items: any(isinstance(e, ev.ReaderStatus) and not e.online for e in items),
+        what="the reader to go offline",
+    )
     assert not reader.online
     # Several reopen attempts fail while it is away: still one outage reported.
     events.wait(lambda items: reader.counters["open_failures"] >= 3, what="reopen attempts")
@@ -213,8 +221,12 @@ def test_unplug_gives_one_disconnected_then_reopens_and_reads_again(tmp_path, re
     second = Pty()
     try:
         link.symlink_to(second.path)
-        events.wait(lambda items: len([e for e in items if isinstance(e, ev.ReaderStatus) and e.online]) == 2,
-                    what="the reader to come back online")
+        events.wait(
+            lambda items: (
+                len([e for e in items if isinstance(e, ev.ReaderStatus) and e.online]) == 2
+            ),
+            what="the reader to come back online",
+        )
         assert reader.online
         assert reader.counters["reconnects"] == 1
         second.write(encode_rdm6300(OTHER_KEY | (0x0A << 32)))
@@ -239,8 +251,12 @@ def test_a_name_moved_to_another_device_is_followed(tmp_path, readers):
         tmp = tmp_path / "gate-reader.new"
         tmp.symlink_to(second.path)
         tmp.replace(link)  # atomic, like udev
-        events.wait(lambda items: len([e for e in items if isinstance(e, ev.ReaderStatus) and e.online]) == 2,
-                    what="the reader to follow the name")
+        events.wait(
+            lambda items: (
+                len([e for e in items if isinstance(e, ev.ReaderStatus) and e.online]) == 2
+            ),
+            what="the reader to follow the name",
+        )
         assert [e.kind for e in events.of(ev.ReaderError)] == ["disconnected"]
         second.write(EXAMPLE_FRAME)
         got = events.wait(lambda items: cards(items), what="a card from the new device")
@@ -256,8 +272,9 @@ def test_a_name_moved_to_another_device_is_followed(tmp_path, readers):
 def test_a_port_missing_at_start_is_reported_once_and_picked_up_later(tmp_path, readers):
     events = Events()
     link = tmp_path / "gate-reader"
-    reader = SerialReader("exit", str(link), submit=events, reopen_min_s=0.02, reopen_max_s=0.05,
-                          read_timeout_s=0.05)
+    reader = SerialReader(
+        "exit", str(link), submit=events, reopen_min_s=0.02, reopen_max_s=0.05, read_timeout_s=0.05
+    )
     readers.append(reader)
     reader.start()
     events.wait(lambda items: reader.counters["open_failures"] >= 3, what="failed opens")
@@ -269,8 +286,10 @@ def test_a_port_missing_at_start_is_reported_once_and_picked_up_later(tmp_path, 
     p = Pty()
     try:
         link.symlink_to(p.path)
-        events.wait(lambda items: any(isinstance(e, ev.ReaderStatus) and e.online for e in items),
-                    what="the reader to open the port once it exists")
+        events.wait(
+            lambda items: any(isinstance(e, ev.ReaderStatus) and e.online for e in items),
+            what="the reader to open the port once it exists",
+        )
         p.write(EXAMPLE_FRAME)
         got = events.wait(lambda items: cards(items), what="a card")
         assert cards(got)[0].reader == "exit"

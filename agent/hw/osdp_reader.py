@@ -27,6 +27,7 @@ supervisor thread of ours sends feedback commands (the gate thread only
 queues them), watches who is online, retries an offline reader sooner than
 libosdp's 300 s, and reopens a serial port that went away.
 """
+
 from __future__ import annotations
 
 import logging
@@ -38,10 +39,16 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+import serial
+
 from agent.core.cards import CardResult, check_key_width, decode_wiegand, key_mask
-from agent.core.events import Keypad, ReaderError, ReaderStatus
+from agent.core.events import Keypad, ReaderStatus
 
 log = logging.getLogger(__name__)
+
+# What a serial port raises when it is gone or closed under a read (pyserial
+# gives TypeError when the fd was closed by another thread).
+_PORT_ERRORS = (serial.SerialException, OSError, TypeError, ValueError)
 
 INSTALL_HINT = "OSDP readers need libosdp: pip install 'gate-agent[osdp]' (PyPI package libosdp)"
 # SCBK-D, the key every OSDP reader knows in install mode: no secret at all.
@@ -107,16 +114,26 @@ def _check_specs(
     readers: Sequence[OsdpReaderSpec], insecure_allow_install_mode: bool
 ) -> list[tuple[OsdpReaderSpec, bytes | None]]:
     if not readers:
-        raise OsdpConfigError("OSDP bus: no readers configured; list each reader's name, address and scbk")
+        raise OsdpConfigError(
+            "OSDP bus: no readers configured; list each reader's name, address and scbk"
+        )
     out = []
     names: set[str] = set()
     addresses: set[int] = set()
     for spec in readers:
         where = f"OSDP reader {spec.name!r}"
-        if not isinstance(spec.address, int) or isinstance(spec.address, bool) or not 0 <= spec.address <= 126:
-            raise OsdpConfigError(f"{where}: address {spec.address!r}; an OSDP address is 0 to 126, as set on the reader")
+        if (
+            not isinstance(spec.address, int)
+            or isinstance(spec.address, bool)
+            or not 0 <= spec.address <= 126
+        ):
+            raise OsdpConfigError(
+                f"{where}: address {spec.address!r}; an OSDP address is 0 to 126, as set on the reader"
+            )
         if spec.name in names:
-            raise OsdpConfigError(f"{where}: the name is used twice on this bus; give each reader its own")
+            raise OsdpConfigError(
+                f"{where}: the name is used twice on this bus; give each reader its own"
+            )
         if spec.address in addresses:
             raise OsdpConfigError(
                 f"{where}: address {spec.address} is used twice on this bus; give each reader its own address"
@@ -159,8 +176,12 @@ def decode_osdp_card(fmt: str, data: bytes, length: int | None, key_width: int =
         n = int(length or 0)
         if n <= 0 or n > len(data) * 8:
             return CardResult(
-                ok=False, kind="card", format="osdp", error="length",
-                detail=f"card data says {n} bits but holds {len(data) * 8}", raw=data.hex().upper(),
+                ok=False,
+                kind="card",
+                format="osdp",
+                error="length",
+                detail=f"card data says {n} bits but holds {len(data) * 8}",
+                raw=data.hex().upper(),
             )
         bits = _bits(data, n)
         if fmt == "wiegand":
@@ -177,14 +198,32 @@ def decode_osdp_card(fmt: str, data: bytes, length: int | None, key_width: int =
         elif text and all(c in "0123456789abcdefABCDEF" for c in text):
             value = int(text, 16)
         else:
-            return CardResult(ok=False, kind="card", format="osdp", error="garbage",
-                              detail="ASCII card data is no number", raw=text)
+            return CardResult(
+                ok=False,
+                kind="card",
+                format="osdp",
+                error="garbage",
+                detail="ASCII card data is no number",
+                raw=text,
+            )
     else:
-        return CardResult(ok=False, kind="card", format="osdp", error="garbage",
-                          detail=f"card data in an unknown format {fmt!r}", raw=data.hex().upper())
+        return CardResult(
+            ok=False,
+            kind="card",
+            format="osdp",
+            error="garbage",
+            detail=f"card data in an unknown format {fmt!r}",
+            raw=data.hex().upper(),
+        )
     if value & mask == 0:
-        return CardResult(ok=False, kind="card", format="osdp", error="garbage",
-                          detail="all-zero card number", raw=raw)
+        return CardResult(
+            ok=False,
+            kind="card",
+            format="osdp",
+            error="garbage",
+            detail="all-zero card number",
+            raw=raw,
+        )
     return CardResult(ok=True, kind="card", format="osdp", key=value & mask, raw=raw)
 
 
@@ -225,8 +264,12 @@ FEEDBACK_PATTERNS: dict[str, tuple[LedPattern, BeepPattern]] = {
 _COLORS = ("black", "red", "green", "amber", "blue", "magenta", "cyan", "white")
 
 
-def feedback_commands(osdp: Any, signal: str, reader_no: int = 0,
-                      patterns: Mapping[str, tuple[LedPattern, BeepPattern]] = FEEDBACK_PATTERNS) -> list[dict]:
+def feedback_commands(
+    osdp: Any,
+    signal: str,
+    reader_no: int = 0,
+    patterns: Mapping[str, tuple[LedPattern, BeepPattern]] = FEEDBACK_PATTERNS,
+) -> list[dict]:
     """libosdp command dicts (LED, then buzzer) for a feedback signal."""
     led, beep = patterns[signal]
     colors = osdp.CommandLEDColor
@@ -280,9 +323,9 @@ class SerialChannel:
 
     def open(self) -> None:
         """Open the port; raises serial.SerialException / OSError when it cannot."""
-        import serial
-
-        ser = serial.Serial(self.port, self.baudrate, timeout=0, write_timeout=0.5, exclusive=self.exclusive)
+        ser = serial.Serial(
+            self.port, self.baudrate, timeout=0, write_timeout=0.5, exclusive=self.exclusive
+        )
         with self._lock:
             self._serial = ser
 
@@ -290,7 +333,7 @@ class SerialChannel:
         self.close()
         try:
             self.open()
-        except Exception as exc:  # serial.SerialException, OSError
+        except _PORT_ERRORS as exc:
             self.last_error = f"cannot open {self.port}: {exc}"
             return False
         return True
@@ -301,8 +344,8 @@ class SerialChannel:
         if ser is not None:
             try:
                 ser.close()
-            except Exception:
-                pass
+            except _PORT_ERRORS:
+                log.debug("OSDP bus %s: close failed", self.port, exc_info=True)
 
     def _broken(self, exc: Exception) -> None:
         self.last_error = f"{self.port}: {exc}"
@@ -310,8 +353,8 @@ class SerialChannel:
         ser, self._serial = self._serial, None
         try:
             ser.close()
-        except Exception:
-            pass
+        except _PORT_ERRORS:
+            log.debug("OSDP bus %s: close failed", self.port, exc_info=True)
 
     def read(self, max_bytes: int) -> bytes:
         with self._lock:
@@ -319,7 +362,7 @@ class SerialChannel:
                 return b""
             try:
                 return self._serial.read(max_bytes)
-            except Exception as exc:  # must not raise into libosdp's C code
+            except _PORT_ERRORS as exc:  # must not raise into libosdp's C code
                 self._broken(exc)
                 return b""
 
@@ -329,7 +372,7 @@ class SerialChannel:
                 return len(buf)  # a cut cable: the bytes are lost, libosdp times out
             try:
                 return self._serial.write(buf) or 0
-            except Exception as exc:
+            except _PORT_ERRORS as exc:
                 self._broken(exc)
                 return len(buf)
 
@@ -339,7 +382,7 @@ class SerialChannel:
             if self._serial is not None:
                 try:
                     self._serial.reset_input_buffer()
-                except Exception as exc:
+                except _PORT_ERRORS as exc:
                     self._broken(exc)
 
 
@@ -403,7 +446,9 @@ class OsdpBus:
         self._retry_min = retry_min_s
         self._retry_max = retry_max_s
         self._online_timeout = online_timeout_s
-        self.feedback_patterns = dict(FEEDBACK_PATTERNS if feedback_patterns is None else feedback_patterns)
+        self.feedback_patterns = dict(
+            FEEDBACK_PATTERNS if feedback_patterns is None else feedback_patterns
+        )
         self.insecure = [spec.name for spec, key in checked if key is None]
         if isinstance(port, str):
             self.port_name = port
@@ -426,13 +471,25 @@ class OsdpBus:
         self._started_at = 0.0
         self._timeout_reported: set[str] = set()
         self.counters: dict[str, int] = {
-            "cards": 0, "keypad": 0, "errors": 0, "feedback": 0, "feedback_failed": 0,
-            "online_changes": 0, "retries": 0, "port_reopens": 0,
+            "cards": 0,
+            "keypad": 0,
+            "errors": 0,
+            "feedback": 0,
+            "feedback_failed": 0,
+            "online_changes": 0,
+            "retries": 0,
+            "port_reopens": 0,
         }
-        levels = {"error": osdp.LogLevel.Error, "warning": osdp.LogLevel.Warning,
-                  "info": osdp.LogLevel.Info, "debug": osdp.LogLevel.Debug}
+        levels = {
+            "error": osdp.LogLevel.Error,
+            "warning": osdp.LogLevel.Warning,
+            "info": osdp.LogLevel.Info,
+            "debug": osdp.LogLevel.Debug,
+        }
         if log_level not in levels:
-            raise OsdpConfigError(f"OSDP bus: log_level {log_level!r}; allowed: {', '.join(levels)}")
+            raise OsdpConfigError(
+                f"OSDP bus: log_level {log_level!r}; allowed: {', '.join(levels)}"
+            )
         self._log_level = levels[log_level]
 
     # -- lifecycle ------------------------------------------------------------------
@@ -443,8 +500,11 @@ class OsdpBus:
             raise RuntimeError("OsdpBus.start() was already called")
         osdp = self._osdp
         for name in self.insecure:
-            log.warning("OSDP reader %s runs WITHOUT Secure Channel (insecure_allow_install_mode): "
-                        "anyone on the bus can fake its cards; give it a key before the gate is used", name)
+            log.warning(
+                "OSDP reader %s runs WITHOUT Secure Channel (insecure_allow_install_mode): "
+                "anyone on the bus can fake its cards; give it a key before the gate is used",
+                name,
+            )
         if isinstance(self.channel, SerialChannel) and not self.channel.reopen():
             log.warning("OSDP bus: %s; retrying in the background", self.channel.last_error)
         infos = []
@@ -452,7 +512,11 @@ class OsdpBus:
             flags = [osdp.LibFlag.EnableNotification]
             if pd.key is not None:
                 flags.append(osdp.LibFlag.EnforceSecure)  # no key proof, no card
-            infos.append(osdp.PDInfo(pd.spec.address, self.channel, scbk=pd.key, name=pd.spec.name, flags=flags))
+            infos.append(
+                osdp.PDInfo(
+                    pd.spec.address, self.channel, scbk=pd.key, name=pd.spec.name, flags=flags
+                )
+            )
         self._cp = osdp.ControlPanel(infos, log_level=self._log_level, event_handler=self._on_event)
         self._started_at = self._clock()
         for pd in self._pds:
@@ -503,8 +567,12 @@ class OsdpBus:
         if reader not in self._by_name:
             return False
         if signal not in self.feedback_patterns:
-            log.warning("unknown feedback signal %r for reader %s; allowed: %s",
-                        signal, reader, ", ".join(self.feedback_patterns))
+            log.warning(
+                "unknown feedback signal %r for reader %s; allowed: %s",
+                signal,
+                reader,
+                ", ".join(self.feedback_patterns),
+            )
             return True
         self._queue.put((reader, signal))
         return True
@@ -539,9 +607,13 @@ class OsdpBus:
         name = pd.spec.name
         if kind == osdp.Event.CardRead:
             fmt = self._formats.get(event.get("format"), f"code {event.get('format')}")
-            result = decode_osdp_card(fmt, event.get("data", b""), event.get("length"), self.key_width)
+            result = decode_osdp_card(
+                fmt, event.get("data", b""), event.get("length"), self.key_width
+            )
             with self._lock:
-                self.counters["errors" if result.error else "keypad" if result.kind == "keypad" else "cards"] += 1
+                self.counters[
+                    "errors" if result.error else "keypad" if result.kind == "keypad" else "cards"
+                ] += 1
             self._emit(result.as_event(name))
         elif kind == osdp.Event.KeyPress:
             with self._lock:
@@ -568,10 +640,16 @@ class OsdpBus:
                 pd.offline_since = now
                 pd.next_retry = now + pd.retry_delay
         if online:
-            log.info("OSDP reader %s (address %d) online%s", pd.spec.name, pd.spec.address,
-                     "" if pd.key is None else " with Secure Channel")
+            log.info(
+                "OSDP reader %s (address %d) online%s",
+                pd.spec.name,
+                pd.spec.address,
+                "" if pd.key is None else " with Secure Channel",
+            )
         else:
-            log.warning("OSDP reader %s (address %d) went offline; retrying", pd.spec.name, pd.spec.address)
+            log.warning(
+                "OSDP reader %s (address %d) went offline; retrying", pd.spec.name, pd.spec.address
+            )
         self._emit(ReaderStatus(reader=pd.spec.name, online=online))
 
     def _emit(self, event: Any) -> None:
@@ -629,13 +707,21 @@ class OsdpBus:
         now = self._clock()
         for pd in self._pds:
             name = pd.spec.name
-            if pd.online is None and name not in self._timeout_reported and now - self._started_at >= self._online_timeout:
+            if (
+                pd.online is None
+                and name not in self._timeout_reported
+                and now - self._started_at >= self._online_timeout
+            ):
                 self._timeout_reported.add(name)
                 log.warning(
                     "OSDP reader %s (address %d on %s) is not online after %.0f s: check the RS-485 "
                     "wiring (A to A, B to B, common ground), the reader's address and baud rate, and "
-                    "that the reader holds the same Secure Channel key as the config", name,
-                    pd.spec.address, self.port_name, now - self._started_at)
+                    "that the reader holds the same Secure Channel key as the config",
+                    name,
+                    pd.spec.address,
+                    self.port_name,
+                    now - self._started_at,
+                )
                 self._emit(ReaderStatus(reader=name, online=False))
 
     def _retry_offline(self, now: float) -> None:

@@ -20,6 +20,7 @@ Wiring: RDM6300 TX to the Pi's RXD (GPIO15) at 9600 8N1 (the module runs
 on 5 V; its TX is 5 V TTL, so use a divider or level shifter), or any
 reader through a USB serial adapter. See docs/readers.md.
 """
+
 from __future__ import annotations
 
 import logging
@@ -221,7 +222,13 @@ class SerialReader:
         if back:
             log.warning("reader %s: %s is back", self.name, self.port)
         else:
-            log.info("reader %s: reading %s (%s, %d baud)", self.name, self.port, self.protocol, self.baudrate)
+            log.info(
+                "reader %s: reading %s (%s, %d baud)",
+                self.name,
+                self.port,
+                self.protocol,
+                self.baudrate,
+            )
         self._emit(ReaderStatus(reader=self.name, online=True))
         return True
 
@@ -240,13 +247,19 @@ class SerialReader:
                 self._counters["disconnected_errors"] += 1
         if not first:
             return
-        log.warning("reader %s: %s; reopening with backoff (up to every %.0f s)", self.name, why,
-                    self._reopen_max)
-        self._emit(ReaderError(
-            reader=self.name,
-            kind="disconnected",
-            detail=f"{why}; check the reader's cable and power, the agent reopens the port by itself",
-        ))
+        log.warning(
+            "reader %s: %s; reopening with backoff (up to every %.0f s)",
+            self.name,
+            why,
+            self._reopen_max,
+        )
+        self._emit(
+            ReaderError(
+                reader=self.name,
+                kind="disconnected",
+                detail=f"{why}; check the reader's cable and power, the agent reopens the port by itself",
+            )
+        )
         self._emit(ReaderStatus(reader=self.name, online=False))
 
     def _path_changed(self) -> str | None:

@@ -1,0 +1,136 @@
+"""Bench tools for technicians: ``gate-agent enroll`` and ``gate-agent io-test``.
+
+Shared here: exit codes, the pin factory by name, and telling "the running
+service holds this pin or port" apart from other failures, so both tools
+can say plainly what to do.
+
+Exit codes: 0 done; 1 the check failed (fewer cards than asked, a command
+that failed); 2 bad input (unknown pin, port or profile); 3 busy (the
+service or another program holds the pins or the port).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+from typing import Any
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_BUSY = 3
+
+SERVICE = "gate-agent"
+STOP_SERVICE_HINT = (
+    f"stop the service: sudo systemctl stop {SERVICE}, then run again "
+    f"(and start it afterwards: sudo systemctl start {SERVICE})"
+)
+PIN_FACTORIES = ("lgpio", "mock")
+_BUSY_ERRNOS = {errno.EBUSY, errno.EAGAIN, errno.EWOULDBLOCK}
+_LOCK_DIRS = (Path("/run/lock"), Path("/var/lock"))
+
+
+class DeviceBusy(RuntimeError):
+    """The pins or the port are held by another program (normally the service)."""
+
+
+def _chain(exc: BaseException | None):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def is_busy_error(exc: BaseException) -> bool:
+    """Whether an error means "someone else holds this pin or port".
+
+    gpiozero's GPIOPinInUse (another device in this process, or the mock
+    factory), lgpio's "GPIO busy" (another process, such as the service),
+    pyserial's failed exclusive lock, EBUSY.
+    """
+    for e in _chain(exc):
+        if type(e).__name__ in ("GPIOPinInUse", "DeviceBusy"):
+            return True
+        text = str(e).lower()
+        if "busy" in text or "exclusively lock" in text or "already in use" in text:
+            return True
+        if isinstance(e, OSError) and e.errno == errno.EBUSY:
+            return True
+    return False
+
+
+def busy_message(what: str, exc: BaseException) -> str:
+    """The plain message for a busy pin or port."""
+    return (
+        f"{what} is busy ({exc}): the {SERVICE} service (or another program) is using it. "
+        f"To use this tool, {STOP_SERVICE_HINT}."
+    )
+
+
+def serial_lock_holder(port: str) -> int | None:
+    """The pid holding a UUCP lock file (/run/lock/LCK..ttyUSB0) on the port, if alive."""
+    name = os.path.basename(os.path.realpath(port))
+    for d in _LOCK_DIRS:
+        path = d / f"LCK..{name}"
+        try:
+            pid = int(path.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        except PermissionError:
+            pass  # alive, owned by someone else
+        return pid
+    return None
+
+
+def check_serial_port(port: str) -> None:
+    """Open and close the port once, as the reader will: raise DeviceBusy if it is
+    held, or ValueError saying what to fix when it cannot be opened."""
+    import serial
+
+    pid = serial_lock_holder(port)
+    if pid is not None:
+        raise DeviceBusy(f"{port} is locked by process {pid}")
+    try:
+        ser = serial.Serial(port, 9600, timeout=0, exclusive=True)
+    except (serial.SerialException, OSError) as exc:
+        code = getattr(exc, "errno", None)
+        if is_busy_error(exc) or code in _BUSY_ERRNOS:
+            raise DeviceBusy(str(exc)) from exc
+        if code == errno.ENOENT or not os.path.exists(port):
+            raise ValueError(
+                f"no serial port {port}: check the reader's cable and the udev rule "
+                "(hardware/99-gate-reader.rules); list the ports with: ls -l /dev/serial/by-id/ /dev/gate-reader"
+            ) from exc
+        if code == errno.EACCES:
+            raise ValueError(
+                f"no permission to open {port}: add yourself to the dialout group "
+                "(sudo usermod -aG dialout $USER, then log in again) or run with sudo"
+            ) from exc
+        raise ValueError(f"cannot open {port}: {exc}") from exc
+    ser.close()
+
+
+def make_pin_factory(name: str = "lgpio") -> Any:
+    """A gpiozero pin factory by name: "lgpio" on a Pi 4 or 5, "mock" for a dry run."""
+    if name == "mock":
+        from gpiozero.pins.mock import MockFactory
+
+        return MockFactory()
+    if name == "lgpio":
+        try:
+            from gpiozero.pins.lgpio import LGPIOFactory
+
+            return LGPIOFactory()
+        except ImportError as exc:
+            raise ValueError(
+                "the lgpio pin library is missing: on the Pi, sudo apt install python3-lgpio, and run "
+                "gate-agent from the system Python or a venv made with --system-site-packages "
+                f"({exc})"
+            ) from exc
+    raise ValueError(f"pin factory {name!r}: allowed: {', '.join(PIN_FACTORIES)}")

@@ -1,0 +1,322 @@
+"""``gate-agent io-test``: check the turnstile wiring line by line.
+
+Pulses each relay on request and prints every input change live, with the
+pin, its level and what it means for the profile, so a technician can
+press each button, turn the arm, open the fire loop and watch the line
+change, and click each relay and watch the turnstile react.
+
+Commands (typed, or given as a list):
+
+    pulse LINE [SECONDS]   drive an output active for SECONDS (default 0.3)
+    on LINE / off LINE     hold an output active / release it
+    all off                every output inactive
+    show                   every input and output now
+    wait SECONDS           watch the inputs for a while (scripts)
+    help, quit
+
+Outputs are the profile's turnstile lines (unlock_a, unlock_b, stop,
+fire_release) and the readers' feedback lines (entry.led, entry.beeper).
+The outputs are built inactive (agent.hw.turnstile_io.TurnstileIO) and every
+output is driven inactive when the tool ends, whatever ends it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TextIO
+
+from . import (
+    EXIT_BUSY,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    PIN_FACTORIES,
+    busy_message,
+    is_busy_error,
+    make_pin_factory,
+)
+
+DEFAULT_PULSE_S = 0.3
+MIN_PULSE_S = 0.1  # the turnstile's control inputs need at least 100 ms
+MAX_PULSE_S = 10.0  # longer: use on/off, deliberately
+HELP = """commands:
+  pulse LINE [SECONDS]  drive an output active for SECONDS (default 0.3, 0.1 to 10)
+  on LINE | off LINE    hold an output active | release it
+  all off               every output inactive
+  show                  every input and output now
+  wait SECONDS          watch the inputs for a while
+  help | quit"""
+
+
+class CommandError(ValueError):
+    """A command that cannot be run; the message says the right form."""
+
+
+class _Bench:
+    """The tool's state: the TurnstileIO, its outputs by name, a locked printer."""
+
+    def __init__(self, tio: Any, out: TextIO) -> None:
+        from agent.hw.profiles import INPUT_MEANING
+
+        self.tio = tio
+        self.out = out
+        self.meaning = INPUT_MEANING
+        self.profile = tio.profile
+        self._print_lock = threading.Lock()
+        self._stop = threading.Event()
+        self.outputs: dict[str, Any] = dict(tio.outputs)
+        self.specs = dict(self.profile.output_pins())
+        for reader, lines in tio.feedback_lines.items():
+            for line, dev in lines.items():
+                self.outputs[f"{reader}.{line}"] = dev
+        self._callbacks: list[Callable[[], None]] = []  # gpiozero holds callbacks weakly
+
+    def say(self, text: str) -> None:
+        with self._print_lock:
+            print(text, file=self.out, flush=True)
+
+    # -- inputs ---------------------------------------------------------------------------
+
+    def watch_inputs(self) -> None:
+        for name, dev in self.tio.inputs.items():
+            cb = self._make_watch(name)
+            self._callbacks.append(cb)
+            dev.when_activated = cb
+            dev.when_deactivated = cb
+
+    def _make_watch(self, name: str) -> Callable[[], None]:
+        def changed() -> None:
+            self.say("input  " + self.input_line(name))
+
+        return changed
+
+    def input_line(self, name: str) -> str:
+        spec = self.profile.inputs[name]
+        dev = self.tio.inputs[name]
+        level = "high" if dev.pin.state else "low"
+        asserted = self.tio.asserted(name)
+        meaning = self.meaning.get(name, name)
+        state = "ASSERTED" if asserted else "rest    "
+        text = meaning if asserted else f"not: {meaning}"
+        return f"{name:<11} GPIO{spec.pin:<2} {level:<4} {state} {text}"
+
+    # -- outputs --------------------------------------------------------------------------
+
+    def output_line(self, name: str) -> str:
+        spec = self.specs[name]
+        dev = self.outputs[name]
+        level = "high" if dev.pin.state else "low"
+        state = "ACTIVE  " if dev.value else "inactive"
+        note = f"  {spec.note}" if spec.note else ""
+        return f"{name:<13} GPIO{spec.pin:<2} {level:<4} {state}{note}"
+
+    def output(self, name: str) -> Any:
+        dev = self.outputs.get(name)
+        if dev is None:
+            raise CommandError(
+                f"no output {name!r} on profile {self.profile.name}; "
+                f"outputs: {', '.join(self.outputs)}"
+            )
+        return dev
+
+    def all_off(self) -> None:
+        for dev in self.outputs.values():
+            try:
+                dev.off()
+            except Exception as exc:  # noqa: BLE001 - one failing line must not keep the others on
+                self.say(f"could not switch {dev!r} off: {exc}")
+
+    def show(self) -> None:
+        self.say("inputs:")
+        for name in self.tio.inputs:
+            self.say("  " + self.input_line(name))
+        self.say("outputs:")
+        for name in self.outputs:
+            self.say("  " + self.output_line(name))
+
+    # -- commands -------------------------------------------------------------------------
+
+    def run(self, line: str) -> bool:
+        """Run one command; False for quit. Raises CommandError for a bad command."""
+        words = line.split("#", 1)[0].split()
+        if not words:
+            return True
+        cmd, args = words[0].lower(), words[1:]
+        if cmd in ("quit", "exit", "q"):
+            return False
+        if cmd in ("help", "?"):
+            self.say(HELP)
+        elif cmd == "show":
+            self.show()
+        elif cmd == "all" and [a.lower() for a in args] == ["off"]:
+            self.all_off()
+            self.say("all outputs inactive")
+        elif cmd == "pulse":
+            if not 1 <= len(args) <= 2:
+                raise CommandError("pulse LINE [SECONDS], e.g. pulse unlock_a 0.3")
+            self.pulse(args[0], _seconds(args[1]) if len(args) == 2 else DEFAULT_PULSE_S)
+        elif cmd in ("on", "off"):
+            if len(args) != 1:
+                raise CommandError(f"{cmd} LINE, e.g. {cmd} stop")
+            dev = self.output(args[0])
+            dev.on() if cmd == "on" else dev.off()
+            self.say("output " + self.output_line(args[0]))
+        elif cmd == "wait":
+            if len(args) != 1:
+                raise CommandError("wait SECONDS, e.g. wait 5")
+            self._stop.wait(_seconds(args[0]))
+        else:
+            raise CommandError(f"unknown command {line.strip()!r}; type help")
+        return True
+
+    def pulse(self, name: str, seconds: float) -> None:
+        if not MIN_PULSE_S <= seconds <= MAX_PULSE_S:
+            raise CommandError(
+                f"pulse length {seconds} s: give {MIN_PULSE_S} to {MAX_PULSE_S} s "
+                "(the turnstile needs at least 0.1 s; hold longer with on/off)"
+            )
+        dev = self.output(name)
+        try:
+            dev.on()
+            self.say(f"output {self.output_line(name)}   (pulse {seconds:g} s)")
+            self._stop.wait(seconds)
+        finally:
+            dev.off()
+        self.say("output " + self.output_line(name))
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise CommandError(f"{text!r} is not a number of seconds") from None
+    if value < 0:
+        raise CommandError(f"{text!r}: seconds cannot be negative")
+    return value
+
+
+def _interactive(stream: TextIO, out: TextIO) -> Iterator[str]:
+    prompt = hasattr(stream, "isatty") and stream.isatty()
+    while True:
+        if prompt:
+            out.write("io-test> ")
+            out.flush()
+        line = stream.readline()
+        if not line:
+            return
+        yield line
+
+
+def run_iotest(
+    profile: Any,
+    *,
+    factory: Any,
+    commands: Iterable[str] | None = None,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+    input_stream: TextIO | None = None,
+) -> int:
+    """Run io-test commands against a board profile (a Profile, or a name/path).
+
+    commands: the commands to run; None reads them from input_stream
+    (default stdin) until end of input or "quit". Returns an exit code
+    (agent.tools EXIT_*): 1 when a given command failed.
+    """
+    from agent.hw.profiles import load_profile
+    from agent.hw.turnstile_io import TurnstileIO
+
+    out = out or sys.stdout  # looked up per call, so a redirected stdout is honoured
+    err = err or sys.stderr
+    try:
+        if isinstance(profile, str):
+            profile = load_profile(profile)
+    except ValueError as exc:  # ProfileError, ProfileNotFound
+        print(f"gate-agent io-test: {exc}", file=err)
+        return EXIT_USAGE
+    try:
+        tio = TurnstileIO(profile, factory=factory, submit=lambda event: None)
+    except Exception as exc:  # noqa: BLE001 - any GPIO library error is shown to the technician
+        if is_busy_error(exc):
+            print(
+                f"gate-agent io-test: {busy_message(f'a pin of profile {profile.name}', exc)}",
+                file=err,
+            )
+            return EXIT_BUSY
+        print(
+            f"gate-agent io-test: cannot claim the pins of profile {profile.name}: {exc}", file=err
+        )
+        return EXIT_USAGE
+    bench = _Bench(tio, out)
+    failed = 0
+    scripted = commands is not None
+    try:
+        bench.say(f"io-test on profile {profile.name}: {profile.description}")
+        bench.say("every output is inactive; input changes are printed as they happen. Type help.")
+        bench.show()
+        bench.watch_inputs()
+        lines = commands if scripted else _interactive(input_stream or sys.stdin, out)
+        for line in lines:
+            try:
+                if not bench.run(line):
+                    break
+            except CommandError as exc:
+                failed += 1
+                bench.say(f"error: {exc}")
+    except KeyboardInterrupt:
+        bench.say("interrupted")
+    finally:
+        # Every output inactive, whatever ended the run; close() does it again and releases the pins.
+        bench.all_off()
+        tio.close()
+    if failed and scripted:
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+# --- command line -------------------------------------------------------------------------
+
+
+def _cmd_iotest(args: argparse.Namespace) -> int:
+    try:
+        factory = make_pin_factory(args.pin_factory)
+    except Exception as exc:  # noqa: BLE001 - lgpio missing, no /dev/gpiochip, no permission
+        if is_busy_error(exc):
+            print(f"gate-agent io-test: {busy_message('the GPIO chip', exc)}", file=sys.stderr)
+            return EXIT_BUSY
+        print(f"gate-agent io-test: cannot use the GPIO pins: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return run_iotest(args.profile, factory=factory, commands=args.commands)
+
+
+def add_iotest_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``io-test`` subcommand (func: args -> exit code) to an argparse subparsers object."""
+    p = subparsers.add_parser(
+        "io-test",
+        help="pulse relays and watch inputs live, to check the wiring",
+        description="Pulse each relay on request and print every input change live.\n"
+        "Stop the service first (sudo systemctl stop gate-agent).\n\n" + HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--profile", required=True, help="hardware profile name or .toml path, e.g. pi4-relay4"
+    )
+    p.add_argument(
+        "-c",
+        "--command",
+        dest="commands",
+        action="append",
+        metavar="COMMAND",
+        help="run this command instead of reading commands interactively (repeatable), "
+        'e.g. -c "pulse unlock_a 0.3" -c show',
+    )
+    p.add_argument(
+        "--pin-factory",
+        choices=PIN_FACTORIES,
+        default="lgpio",
+        help="GPIO library (default lgpio; mock for a dry run)",
+    )
+    p.set_defaults(func=_cmd_iotest)
+    return p
