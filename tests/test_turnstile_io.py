@@ -425,3 +425,18 @@ def test_close_stops_a_running_feedback_blink(factory):
     assert done.wait(5), "close() waited for a 30 s blink"
     led = profile.readers["entry"].led
     assert output_states(factory, led)[-1] != led.active_high
+
+
+def test_a_burst_of_feedback_never_builds_a_backlog_and_close_leaves_no_blink_behind(factory, monkeypatch):
+    failures = []
+    monkeypatch.setattr(threading, "excepthook", failures.append)
+    profile = load_profile("pi4-relay4")
+    io = TurnstileIO(profile, factory=factory, submit=Collect(), feedback_patterns=FAST)
+    for i in range(2000):
+        io.feedback("entry" if i % 2 else "exit", ("granted", "denied", "error")[i % 3])
+    io.close()
+    assert io.counters["feedback"] == 2000
+    assert failures == []  # no blink ran on a closed line
+    for reader in ("entry", "exit"):
+        for out in (profile.readers[reader].led, profile.readers[reader].beeper):
+            assert output_states(factory, out)[-1] != out.active_high

@@ -11,7 +11,6 @@ Input callbacks (run on gpiozero's threads) only call ``submit(event)``.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -96,7 +95,8 @@ class TurnstileIO:
         self.feedback_patterns = dict(FEEDBACK_PATTERNS if feedback_patterns is None else feedback_patterns)
         self.factory = factory
         self._submit = submit
-        self.counters: dict[str, int] = {"events": 0, "unwired_outputs": 0, "feedback": 0}
+        self.counters: dict[str, int] = {"events": 0, "unwired_outputs": 0, "feedback": 0,
+                                         "feedback_superseded": 0}
         self.input_edges: dict[str, int] = {name: 0 for name in profile.inputs}
         self.outputs: dict[str, DigitalOutputDevice] = {}
         self.feedback_lines: dict[str, dict[str, DigitalOutputDevice]] = {}
@@ -105,7 +105,12 @@ class TurnstileIO:
         self._callbacks: list[Callable[[], None]] = []
         self._started = False
         self._closed = False
-        self._feedback_q: queue.SimpleQueue[Any] = queue.SimpleQueue()  # (reader, signal), marker, None
+        # Latest signal per reader: a newer signal replaces a waiting one (as a
+        # new blink replaces a running one), so a burst never builds a backlog.
+        self._fb_cond = threading.Condition()
+        self._fb_pending: dict[str, str] = {}
+        self._fb_markers: list[threading.Event] = []
+        self._fb_stop = False
         self._feedback_thread: threading.Thread | None = None
         try:
             for line, spec in profile.outputs.items():
@@ -206,9 +211,11 @@ class TurnstileIO:
         if self._closed:
             return
         self._closed = True
+        with self._fb_cond:
+            self._fb_stop = True
+            self._fb_cond.notify()
         thread = self._feedback_thread
         if thread is not None:
-            self._feedback_q.put(None)
             thread.join(timeout=2.0)
         for dev in self._all_outputs():
             try:
@@ -258,33 +265,41 @@ class TurnstileIO:
         if self._closed or reader not in self.feedback_lines:
             return
         self.counters["feedback"] += 1
-        self._feedback_q.put((reader, signal))
+        with self._fb_cond:
+            if reader in self._fb_pending:
+                self.counters["feedback_superseded"] += 1
+            self._fb_pending[reader] = signal
+            self._fb_cond.notify()
 
     def _feedback_loop(self) -> None:
         while True:
-            item = self._feedback_q.get()
-            if item is None:
-                return
-            if isinstance(item, threading.Event):
-                item.set()  # wait_feedback's marker: every earlier signal was started
-                continue
-            reader, signal = item
-            lines = self.feedback_lines[reader]
-            for line, on_s, off_s, n in self.feedback_patterns[signal]:
-                dev = lines.get(line)
-                if dev is None:
-                    continue
-                try:
-                    dev.blink(on_time=on_s, off_time=off_s, n=n, background=True)
-                except Exception:  # a closed or failing line must not end the thread
-                    log.exception("reader %s: feedback %s on %s failed", reader, signal, line)
+            with self._fb_cond:
+                self._fb_cond.wait_for(lambda: self._fb_pending or self._fb_markers or self._fb_stop)
+                if self._fb_stop:
+                    return
+                pending, self._fb_pending = self._fb_pending, {}
+                markers, self._fb_markers = self._fb_markers, []
+            for reader, signal in pending.items():
+                lines = self.feedback_lines[reader]
+                for line, on_s, off_s, n in self.feedback_patterns[signal]:
+                    dev = lines.get(line)
+                    if dev is None:
+                        continue
+                    try:
+                        dev.blink(on_time=on_s, off_time=off_s, n=n, background=True)
+                    except Exception:  # a failing line must not end the thread
+                        log.exception("reader %s: feedback %s on %s failed", reader, signal, line)
+            for marker in markers:
+                marker.set()
 
     def wait_feedback(self, timeout: float = 5.0) -> bool:
         """Wait until every queued feedback signal has finished blinking (tests, io-test)."""
         if self._feedback_thread is None or self._closed:
             return True
         marker = threading.Event()
-        self._feedback_q.put(marker)  # type: ignore[arg-type]
+        with self._fb_cond:
+            self._fb_markers.append(marker)  # set once every signal queued before it was started
+            self._fb_cond.notify()
         if not marker.wait(timeout):
             return False
         for lines in self.feedback_lines.values():
