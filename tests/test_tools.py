@@ -392,6 +392,37 @@ def test_subcommands_parse_and_point_at_their_functions():
         parser.parse_args(["enroll", "--serial", "/dev/x", "--wiegand", "20,21"])
 
 
+def test_enroll_command_line_for_a_profile_reader_on_mock_pins(capsys):
+    parser = argparse.ArgumentParser(prog="gate-agent")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_enroll_parser(sub)
+    args = parser.parse_args(
+        [
+            "enroll",
+            "--reader",
+            "entry",
+            "--profile",
+            "pi4-relay4",
+            "--pin-factory",
+            "mock",
+            "--count",
+            "1",
+            "--timeout",
+            "0.2",
+        ]
+    )
+    assert args.func(args) == EXIT_FAILED  # nobody presented a card
+    captured = capsys.readouterr()
+    pins = load_profile("pi4-relay4").readers["entry"]
+    assert f"entry: wiegand on D0=GPIO{pins.d0} D1=GPIO{pins.d1}" in captured.out
+    assert "0 of 1" in captured.err
+    args = parser.parse_args(
+        ["enroll", "--reader", "nowhere", "--profile", "pi4-relay4", "--pin-factory", "mock"]
+    )
+    assert args.func(args) == EXIT_USAGE
+    assert "not wired" in capsys.readouterr().err
+
+
 def test_iotest_command_line_with_the_mock_factory(capsys):
     parser = argparse.ArgumentParser(prog="gate-agent")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -41,21 +41,23 @@ from . import (
     make_pin_factory,
 )
 
-READER_NAME = "enroll"  # the name the tool's reader carries in its events
+READER_NAME = "enroll"  # the name the tool's reader carries when none is given
 
 
 @dataclass(frozen=True)
 class SerialSource:
-    """A serial reader: port, "rdm6300" or "emline", baud rate, and how EM lines are read."""
+    """A serial reader: port, "rdm6300" or "emline", baud rate, how EM lines are
+    read, and the reader's name in the gate config (shown on each line)."""
 
     port: str
     protocol: str = "rdm6300"
     baudrate: int = 9600
     number: str = "auto"
+    name: str = READER_NAME
 
     @property
     def label(self) -> str:
-        return f"{self.protocol} on {self.port}"
+        return f"{self.name}: {self.protocol} on {self.port}"
 
     def open(self, submit: Callable[[Any], Any], key_width: int) -> Any:
         from agent.hw.serial_reader import SerialReader
@@ -65,7 +67,7 @@ class SerialSource:
         except DeviceBusy as exc:
             raise DeviceBusy(busy_message(f"serial port {self.port}", exc)) from exc
         reader = SerialReader(
-            READER_NAME,
+            self.name,
             self.port,
             protocol=self.protocol,
             baudrate=self.baudrate,
@@ -96,10 +98,11 @@ class WiegandSource:
     pull: str = "up"
     fixed_bits: int | None = None
     clock: Callable[[], float] = time.monotonic
+    name: str = READER_NAME
 
     @property
     def label(self) -> str:
-        return f"wiegand on D0=GPIO{self.d0} D1=GPIO{self.d1}"
+        return f"{self.name}: wiegand on D0=GPIO{self.d0} D1=GPIO{self.d1}"
 
     def open(self, submit: Callable[[Any], Any], key_width: int) -> Any:
         from agent.hw.wiegand_gpio import WiegandReader
@@ -109,7 +112,7 @@ class WiegandSource:
             kwargs["fixed_bits"] = self.fixed_bits
         try:
             return WiegandReader(
-                READER_NAME,
+                self.name,
                 self.d0,
                 self.d1,
                 factory=self.factory,
@@ -248,8 +251,9 @@ def run_enroll(
 
 
 def _source_from_args(args: argparse.Namespace) -> SerialSource | WiegandSource:
+    name = args.name or args.reader or READER_NAME
     if args.serial:
-        return SerialSource(args.serial, protocol=args.protocol, baudrate=args.baud)
+        return SerialSource(args.serial, protocol=args.protocol, baudrate=args.baud, name=name)
     factory = make_pin_factory(args.pin_factory)
     if args.wiegand:
         try:
@@ -258,7 +262,7 @@ def _source_from_args(args: argparse.Namespace) -> SerialSource | WiegandSource:
             raise ValueError(
                 f"--wiegand {args.wiegand!r}: give the two BCM pins as D0,D1, e.g. 20,21"
             ) from None
-        return WiegandSource(d0, d1, factory, fixed_bits=args.bits)
+        return WiegandSource(d0, d1, factory, fixed_bits=args.bits, name=name)
     from agent.hw.profiles import load_profile
 
     if not args.profile:
@@ -270,7 +274,7 @@ def _source_from_args(args: argparse.Namespace) -> SerialSource | WiegandSource:
             f"it wires: {', '.join(profile.readers) or 'none'}"
         )
     pins = profile.readers[args.reader]
-    return WiegandSource(pins.d0, pins.d1, factory, pull=pins.pull, fixed_bits=args.bits)
+    return WiegandSource(pins.d0, pins.d1, factory, pull=pins.pull, fixed_bits=args.bits, name=name)
 
 
 def _cmd_enroll(args: argparse.Namespace) -> int:
@@ -328,6 +332,7 @@ def add_enroll_parser(subparsers: Any) -> argparse.ArgumentParser:
         default="lgpio",
         help="GPIO library (default lgpio; mock for a dry run)",
     )
+    p.add_argument("--name", help="the reader's name to show (default: --reader, else enroll)")
     p.add_argument("--key-width", type=int, default=24, help="the site's key width (default 24)")
     p.add_argument("--count", type=int, help="stop after this many cards")
     p.add_argument("--timeout", type=float, help="stop after this many seconds")
