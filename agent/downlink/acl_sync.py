@@ -267,6 +267,14 @@ class AclSync:
             doc = parse_acl_json(payload)
             doc, envelope = self._open_envelope(doc)
             version = doc.get("version")
+            if self._duplicate(doc, envelope):
+                # MQTT QoS 1 may deliver twice; the list is in use already (docs/access-list.md).
+                log.info("access list %r received again; already applied, ignored", version)
+                return False
+            if envelope is not None and envelope["counter"] <= self._counters.last("acl", envelope["key_id"]):
+                raise _reject("/counter", f"counter {envelope['counter']} is not above the last list "
+                              f"accepted from key {envelope['key_id']!r}: a replayed list; sign it "
+                              "again with a new counter")
             acl, kind, base = self._apply(doc)
             if envelope is not None and not self._counters.advance(
                     "acl", envelope["key_id"], envelope["counter"]):
@@ -324,10 +332,18 @@ class AclSync:
         inner = doc.get("list")
         if not isinstance(inner, dict):
             raise _reject("/list", "list must be the access-list object (a snapshot or a delta)")
-        if counter <= self._counters.last("acl", doc["key_id"]):
-            raise _reject("/counter", f"counter {counter} is not above the last list accepted from "
-                          f"key {doc['key_id']!r}: a replayed list; sign it again with a new counter")
         return inner, doc
+
+    def _duplicate(self, doc: dict, envelope: dict | None) -> bool:
+        """A redelivery of the list in use: same version, and no newer signature.
+
+        A snapshot of the held version with a new counter is applied again (it
+        refreshes the list's age, e.g. the answer to a "stale" request)."""
+        if self.acl is None or doc.get("version") != self.acl.version:
+            return False
+        if doc.get("kind") == "delta" or envelope is None:
+            return True
+        return envelope["counter"] <= self._counters.last("acl", envelope["key_id"])
 
     def _apply(self, doc: dict) -> tuple[AccessList, str, str | None]:
         kind = doc.get("kind")
