@@ -10,7 +10,7 @@ VENV_FLAGS := $(shell grep -qs Raspberry /proc/device-tree/model && echo --syste
 PYTEST_FLAGS ?= -q
 # The core and simulator tests, run once more on the pure twin alone.
 PURE_TESTS := tests/test_cards.py tests/test_acl.py tests/test_fastpath.py tests/test_turnstile.py tests/test_simulator.py
-SCENARIO ?= examples/school-morning.toml
+SCENARIO ?= examples/scenarios/school-morning.toml
 
 .PHONY: all setup build run simulate test test-pure bench soak fuzz lint clean
 

@@ -1,7 +1,9 @@
 """The `gate-agent` command line.
 
 Exit codes: 0 success, 1 the thing checked is wrong (an unmet scenario
-expectation), 2 bad input (an invalid scenario, config or access list).
+expectation, a refused command), 2 bad input (an invalid scenario, config or
+access list), 3 busy (the running service holds the pins or the port) or a
+timeout waiting for a reply.
 """
 from __future__ import annotations
 
@@ -53,6 +55,19 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--pretty", action="store_true", help="one human-readable line per record")
     sim.add_argument("--check", action="store_true", help="exit 1 when the scenario's [[expect]] entries are not met")
     sim.set_defaults(func=_cmd_simulate)
+
+    # The service and the technician's and the regional side's tools.
+    from agent.config import add_check_config_parser
+    from agent.service import add_run_parser
+    from agent.tools.enroll import add_enroll_parser
+    from agent.tools.iotest import add_iotest_parser
+    from agent.tools_regional import add_regional_parsers
+
+    add_run_parser(sub)
+    add_check_config_parser(sub)
+    add_enroll_parser(sub)
+    add_iotest_parser(sub)
+    add_regional_parsers(sub)
     return p
 
 

@@ -12,7 +12,7 @@ import pytest
 from agent.simulator import ScenarioError, Simulator, check_expectations, load_scenario, scenario_from_dict
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = sorted((ROOT / "examples").glob("*.toml"))
+EXAMPLES = sorted((ROOT / "examples" / "scenarios").glob("*.toml"))
 ACL = str(ROOT / "examples" / "acl" / "school.json")
 
 
@@ -47,7 +47,7 @@ def test_example_records_follow_the_contract(path, fp):
 
 def test_same_scenario_gives_same_records_on_both_twins(fp_pair):
     pure, compiled = fp_pair
-    path = ROOT / "examples" / "school-morning.toml"
+    path = ROOT / "examples" / "scenarios" / "school-morning.toml"
     a, b = run(load_scenario(path), pure), run(load_scenario(path), compiled)
     # agent.started names the twin that ran; everything else is identical.
     assert a[0]["fastpath"] == "pure" and b[0]["fastpath"] == "compiled"
@@ -56,7 +56,7 @@ def test_same_scenario_gives_same_records_on_both_twins(fp_pair):
 
 
 def test_run_is_deterministic(fp):
-    path = ROOT / "examples" / "school-morning.toml"
+    path = ROOT / "examples" / "scenarios" / "school-morning.toml"
     assert run(load_scenario(path), fp) == run(load_scenario(path), fp)
 
 
@@ -156,7 +156,7 @@ def test_schema_errors_name_the_path():
 
 
 def test_cli_prints_json_lines_and_exits_2_on_a_bad_file(tmp_path):
-    good = ROOT / "examples" / "school-morning.toml"
+    good = ROOT / "examples" / "scenarios" / "school-morning.toml"
     res = subprocess.run([sys.executable, "-m", "agent.cli", "simulate", str(good)],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert res.returncode == 0, res.stderr
