@@ -30,7 +30,7 @@ import re
 import stat
 import sys
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
@@ -413,9 +413,9 @@ def _expand(value: Any, path: list[Any], env: Mapping[str, str], errors: list[tu
         name = m.group(1)
         if name not in env:
             errors.append((_path_text(path),
-                           f"environment variable {name} is not set; set it (systemd: Environment= or "
+                           (f"environment variable {name} is not set; set it (systemd: Environment= or "
                            "EnvironmentFile= in a drop-in) or write the value in a file and use the "
-                           "*_file key"))
+                           "*_file key")))
             return ""
         return env[name]
 
@@ -443,11 +443,11 @@ def _check_file(path: str, where: str, errors: list[tuple[str, str]], *, private
         errors.append((where, f"{path} is not a regular file"))
         return False
     if private and st.st_mode & stat.S_IROTH:
-        errors.append((where, f"{path} holds a secret but every user can read it (mode "
-                              f"{stat.S_IMODE(st.st_mode):04o}); run: chmod 0640 {path}"))
+        errors.append((where, (f"{path} holds a secret but every user can read it (mode "
+                              f"{stat.S_IMODE(st.st_mode):04o}); run: chmod 0640 {path}")))
     if not os.access(path, os.R_OK):
-        errors.append((where, f"{path} is not readable by this user; the service user gate-agent "
-                              "must be able to read it (chown root:gate-agent, chmod 0640)"))
+        errors.append((where, (f"{path} is not readable by this user; the service user gate-agent "
+                              "must be able to read it (chown root:gate-agent, chmod 0640)")))
         return False
     return True
 
@@ -486,13 +486,15 @@ def _public_key(value: str, base: Path, where: str, errors: list[tuple[str, str]
                 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
                 key = serialization.load_pem_public_key(data)
-                if not isinstance(key, Ed25519PublicKey):
-                    raise ValueError("not an Ed25519 key")
-                raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-                return base64.b64encode(raw).decode()
             except (ValueError, TypeError) as exc:
                 errors.append((where, f"{path} is not a PEM Ed25519 public key ({exc})"))
                 return None
+            if not isinstance(key, Ed25519PublicKey):
+                errors.append((where, (f"{path} holds a {type(key).__name__}; commands are signed with "
+                                      "Ed25519: give that key's public half")))
+                return None
+            raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+            return base64.b64encode(raw).decode()
         text = data.decode("ascii", errors="replace").strip()
         origin = path
     else:
@@ -502,9 +504,9 @@ def _public_key(value: str, base: Path, where: str, errors: list[tuple[str, str]
     except (binascii.Error, ValueError):
         raw = b""
     if len(raw) != 32:
-        errors.append((where, f"{origin} is not an Ed25519 public key: give base64 of its 32 raw bytes "
+        errors.append((where, (f"{origin} is not an Ed25519 public key: give base64 of its 32 raw bytes "
                               "(44 characters ending in '='), or an absolute path to a file holding "
-                              "that or a PEM public key"))
+                              "that or a PEM public key")))
         return None
     return base64.b64encode(raw).decode()
 
@@ -518,11 +520,11 @@ def load_config(path: str | os.PathLike[str] = DEFAULT_PATH, *, env: Mapping[str
     try:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(str(p), [("", f"{p} does not exist; copy examples/agent.toml there "
-                                        "(the installer puts one in /etc/gate-agent) and edit it")]) from None
+        raise ConfigError(str(p), [("", (f"{p} does not exist; copy examples/agent.toml there "
+                                        "(the installer puts one in /etc/gate-agent) and edit it"))]) from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(str(p), [("", f"{p} cannot be read ({exc}); check its owner and mode "
-                                        "(root:gate-agent 0640)")]) from None
+        raise ConfigError(str(p), [("", (f"{p} cannot be read ({exc}); check its owner and mode "
+                                        "(root:gate-agent 0640)"))]) from None
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -564,12 +566,10 @@ def parse_config(
 def _get(doc: Any, *keys: str | int, default: Any = None) -> Any:
     node: Any = doc
     for k in keys:
-        if isinstance(k, int) and isinstance(node, list) and 0 <= k < len(node):
-            node = node[k]
-        elif isinstance(node, Mapping) and k in node:
-            node = node[k]
-        else:
+        in_list = isinstance(k, int) and isinstance(node, list) and 0 <= k < len(node)
+        if not (in_list or (isinstance(node, Mapping) and k in node)):
             return default
+        node = node[k]
     return node
 
 
@@ -596,8 +596,11 @@ class _Checks:
         gate_id = _get(doc, "site", "gate", default="")
         gate_cfg = self.gate(site_id, gate_id)
         board = self.profile()
-        readers = None if self.broken("hardware.readers") or self.broken("gate.readers") \
-            else _readers(doc, board, self.base, self.errors)
+        # A reader entry with a schema problem is skipped; the others are still checked.
+        whole = {"top level", "hardware", "hardware.readers", "gate", "gate.readers"}
+        readers = None if self.bad & whole or self.broken("gate.readers") \
+            else _readers(doc, board, self.base, self.errors,
+                          skip=lambda i: self.broken(f"hardware.readers[{i}]"))
         journal = None if self.broken("journal") else _journal(doc, self.base, self.errors)
         mqtt = None if self.broken("mqtt") else _mqtt(doc, self.base, self.errors)
         commands = None if self.broken("commands") else _commands(doc, self.base, self.errors)
@@ -668,7 +671,8 @@ class _Checks:
             return None
 
 
-def _readers(doc: dict, board: Any, base: Path, errors: list[tuple[str, str]]) -> list[ReaderSettings] | None:
+def _readers(doc: dict, board: Any, base: Path, errors: list[tuple[str, str]], *,
+             skip: Callable[[int], bool] = lambda i: False) -> list[ReaderSettings] | None:
     gate_readers = _get(doc, "gate", "readers", default={})
     listed = _get(doc, "hardware", "readers")
     if listed is None:
@@ -691,14 +695,17 @@ def _readers(doc: dict, board: Any, base: Path, errors: list[tuple[str, str]]) -
     for i, e in enumerate(entries):
         where = where_of[i]
         name, rtype = e.get("name"), e.get("type")
+        if listed is not None and skip(i):
+            seen.setdefault(name, where)  # its problems are listed already
+            continue
         if name in seen:
-            errors.append((f"{where}.name", f"reader {name!r} is listed twice (also {seen[name]}); "
-                                            "give each reader once"))
+            errors.append((f"{where}.name", (f"reader {name!r} is listed twice (also {seen[name]}); "
+                                            "give each reader once")))
             continue
         seen[name] = where
         if gate_readers and name not in gate_readers:
-            errors.append((f"{where}.name", f"reader {name!r} has no direction: add it to [gate.readers] "
-                                            f"as {name} = \"in\" or \"out\" (known: {', '.join(gate_readers)})"))
+            errors.append((f"{where}.name", (f"reader {name!r} has no direction: add it to [gate.readers] "
+                                            f"as {name} = \"in\" or \"out\" (known: {', '.join(gate_readers)})")))
         kw: dict[str, Any] = {"name": name, "type": rtype}
         if rtype == "wiegand":
             d0, d1 = e.get("d0"), e.get("d1")
@@ -708,9 +715,9 @@ def _readers(doc: dict, board: Any, base: Path, errors: list[tuple[str, str]]) -
             if d0 is None:
                 pins = board.readers.get(name) if board is not None else None
                 if board is not None and pins is None:
-                    errors.append((where, f"Wiegand reader {name!r} is not wired in hardware profile "
+                    errors.append((where, (f"Wiegand reader {name!r} is not wired in hardware profile "
                                           f"{board.name} (it wires: {', '.join(board.readers) or 'none'}); "
-                                          "name the reader as the profile does, or give d0 and d1"))
+                                          "name the reader as the profile does, or give d0 and d1")))
                     continue
                 if pins is not None:
                     d0, d1 = pins.d0, pins.d1
@@ -718,8 +725,8 @@ def _readers(doc: dict, board: Any, base: Path, errors: list[tuple[str, str]]) -
                 if pin is None:
                     continue
                 if pin in used_pins:
-                    errors.append((f"{where}.{line}", f"BCM {pin} is already used by {used_pins[pin]}; "
-                                                      "every line needs its own pin"))
+                    errors.append((f"{where}.{line}", (f"BCM {pin} is already used by {used_pins[pin]}; "
+                                                      "every line needs its own pin")))
                 else:
                     used_pins[pin] = f"reader {name} {line}"
             kw.update(d0=d0, d1=d1, format=e.get("format"))
@@ -731,15 +738,15 @@ def _readers(doc: dict, board: Any, base: Path, errors: list[tuple[str, str]]) -
             if other is not None:
                 other_type, other_name, other_addr, other_baud = other
                 if rtype != "osdp" or other_type != "osdp":
-                    errors.append((f"{where}.port", f"{port} is already used by reader {other_name}; "
-                                                    "each serial reader needs its own port"))
+                    errors.append((f"{where}.port", (f"{port} is already used by reader {other_name}; "
+                                                    "each serial reader needs its own port")))
                 elif e.get("address", 0) == other_addr:
-                    errors.append((f"{where}.address", f"address {other_addr} is already used by reader "
+                    errors.append((f"{where}.address", (f"address {other_addr} is already used by reader "
                                                        f"{other_name} on {port}; give each OSDP reader its "
-                                                       "own address (as set on the reader)"))
+                                                       "own address (as set on the reader)")))
                 elif e.get("baudrate", 9600) != other_baud:
-                    errors.append((f"{where}.baudrate", f"readers on one OSDP bus ({port}) share one speed; "
-                                                        f"reader {other_name} uses {other_baud}"))
+                    errors.append((f"{where}.baudrate", (f"readers on one OSDP bus ({port}) share one speed; "
+                                                        f"reader {other_name} uses {other_baud}")))
             else:
                 ports[port] = (rtype, name, e.get("address", 0), e.get("baudrate", 9600))
             kw["port"] = port
@@ -758,21 +765,21 @@ def _readers(doc: dict, board: Any, base: Path, errors: list[tuple[str, str]]) -
                     kw["scbk_file"] = scbk_file
                     key = _read_secret(scbk_file, f"{where}.scbk_file", errors)
                     if key is not None and not _SCBK.match(key.strip()):
-                        errors.append((f"{where}.scbk_file", f"{scbk_file} must hold the Secure Channel "
-                                                             "base key as 32 hex digits on one line"))
+                        errors.append((f"{where}.scbk_file", (f"{scbk_file} must hold the Secure Channel "
+                                                             "base key as 32 hex digits on one line")))
                     elif key is not None and bytes.fromhex(key.strip()) == bytes(range(0x30, 0x40)):
-                        errors.append((f"{where}.scbk_file", f"{scbk_file} holds SCBK-D, the published "
+                        errors.append((f"{where}.scbk_file", (f"{scbk_file} holds SCBK-D, the published "
                                                              "install-mode key: it protects nothing; generate "
                                                              "a random key (openssl rand -hex 16), load it "
-                                                             "into the reader and put it here"))
+                                                             "into the reader and put it here")))
                     elif key is not None:
                         kw["scbk"] = key.strip().upper()
         out.append(ReaderSettings(**kw))
     if listed is not None:
         for name in gate_readers:
             if name not in seen:
-                errors.append((f"gate.readers.{name}", f"no reader named {name!r} in [[hardware.readers]]; "
-                                                       "add one or remove it from [gate.readers]"))
+                errors.append((f"gate.readers.{name}", (f"no reader named {name!r} in [[hardware.readers]]; "
+                                                       "add one or remove it from [gate.readers]")))
     return out
 
 
@@ -783,9 +790,9 @@ def _journal(doc: dict, base: Path, errors: list[tuple[str, str]]) -> JournalSet
     need = j["capacity_events"] * BYTES_PER_EVENT
     if j["disk_budget_mb"] * 1024 * 1024 < need:
         errors.append(("journal.disk_budget_mb",
-                       f"{j['disk_budget_mb']} MiB cannot hold capacity_events = {j['capacity_events']} "
+                       (f"{j['disk_budget_mb']} MiB cannot hold capacity_events = {j['capacity_events']} "
                        f"(about {BYTES_PER_EVENT} bytes each); raise it to at least "
-                       f"{math.ceil(need / (1024 * 1024))} or lower journal.capacity_events"))
+                       f"{math.ceil(need / (1024 * 1024))} or lower journal.capacity_events")))
     return JournalSettings(path=path, sync_interval_s=float(j["sync_interval_s"]),
                            capacity_events=j["capacity_events"], disk_budget_mb=j["disk_budget_mb"],
                            retention_days=float(j["retention_days"]))
@@ -802,8 +809,8 @@ def _mqtt(doc: dict, base: Path, errors: list[tuple[str, str]]) -> MqttSettings:
                 files[key] = t[key] = _abs(base, t[key])
                 _check_file(files[key], f"mqtt.tls.{key}", errors, private=key == "key_file")
         if ("cert_file" in t) != ("key_file" in t):
-            errors.append(("mqtt.tls", "mutual TLS needs both cert_file and key_file; set both, "
-                                       "or neither for server-only TLS"))
+            errors.append(("mqtt.tls", ("mutual TLS needs both cert_file and key_file; set both, "
+                                       "or neither for server-only TLS")))
         tls = TlsSettings(ca_file=files["ca_file"], cert_file=files.get("cert_file"),
                           key_file=files.get("key_file"), server_name=t.get("server_name"))
     password = m.get("password")

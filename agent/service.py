@@ -420,7 +420,7 @@ class Service:
         self.notifier.ready(self.status_line())
         self.ready.set()
         log.info("ready: gate %s/%s, fastpath %s, %s", cfg.site, cfg.gate_id, fastpath.IMPLEMENTATION,
-                 "watchdog every %.1f s" % wd if wd else "no systemd watchdog")
+                 f"watchdog every {wd:.1f} s" if wd else "no systemd watchdog")
 
         if cfg.mqtt.enabled:
             self._start_uplink()
@@ -668,9 +668,9 @@ class Service:
                 log.exception("stopping %s failed; going on", what)
         if self.factory is not None and type(self.factory).__name__ == "MockFactory":
             try:
-                self.factory.reset()
-            except Exception:
-                pass
+                self.factory.reset()  # simulated pins: free them for the next Service in this process
+            except Exception:  # stopping must go on
+                log.debug("mock pin factory reset failed", exc_info=True)
         log.info("stopped")
         self.notifier.close()
 

@@ -116,7 +116,7 @@ class StateFile:
         self._last_at = now_mono
         if body == self._last_saved:
             return False
-        data = ('{"format":%d,"state":%s}\n' % (FORMAT, body)).encode("utf-8")
+        data = f'{{"format":{FORMAT},"state":{body}}}\n'.encode()
         try:
             write_atomic(self.path, data)
         except OSError as exc:

@@ -1,3 +1,4 @@
+# ruff: noqa: F811 - pytest fixtures imported from tests.broker, used as arguments
 """The service end to end: the real Service on simulated hardware (gpiozero's
 MockFactory), a temp state directory, a real mosquitto and the reference
 ingest; systemd's notify socket is a datagram socket bound in tmp_path.
@@ -303,7 +304,7 @@ def test_new_board_is_ready_keeps_the_watchdog_fed_and_stops_cleanly_on_sigterm(
     # The retained status now says offline (published by the agent, not the will).
     with Observer(broker, f"gate/v1/{SITE}/{GATE}/status") as late:
         wait_until(lambda: late.all(), what="the retained status")
-        topic, payload, retained = late.all()[-1]
+        _, payload, retained = late.all()[-1]
         assert retained and json.loads(payload) == {"v": 1, "state": "offline", "boot": json.loads(payload)["boot"],
                                                     "reason": "shutdown"}
     # Journal flushed and closed: no WAL left behind, every record readable.
