@@ -467,11 +467,19 @@ def _read_secret(path: str, where: str, errors: list[tuple[str, str]]) -> str | 
     return lines[0]
 
 
+def _b64_key(text: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return b""
+
+
 def _public_key(value: str, base: Path, where: str, errors: list[tuple[str, str]]) -> str | None:
     """A trusted command key as base64 of its 32 raw bytes: from base64 text, or a file
     (absolute or ./relative path) holding base64 text or a PEM public key."""
     text = value.strip()
-    if text.startswith(("/", "./", "../", "~")):
+    # Base64 may start with "/": a value that decodes to a key is a key, not a path.
+    if len(_b64_key(text)) != 32 and text.startswith(("/", "./", "../", "~")):
         path = _abs(base, text)
         if not _check_file(path, where, errors):
             return None
@@ -499,10 +507,7 @@ def _public_key(value: str, base: Path, where: str, errors: list[tuple[str, str]
         origin = path
     else:
         origin = "the value"
-    try:
-        raw = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raw = b""
+    raw = _b64_key(text)
     if len(raw) != 32:
         errors.append((where, (f"{origin} is not an Ed25519 public key: give base64 of its 32 raw bytes "
                               "(44 characters ending in '='), or an absolute path to a file holding "

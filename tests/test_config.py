@@ -263,6 +263,14 @@ def test_trusted_keys_from_base64_or_files(tmp_path):
     assert "does not exist" in errs["commands.trusted_keys.gone"]
 
 
+def test_a_base64_key_starting_with_a_slash_is_a_key_not_a_path(tmp_path):
+    raw = b"\xff" + bytes(31)  # base64 "/wAA..."
+    b64 = base64.b64encode(raw).decode()
+    assert b64.startswith("/")
+    cfg = parse_config(base(commands={"trusted_keys": {"k1": b64}}), base_dir=tmp_path, env={})
+    assert cfg.commands.trusted_keys == {"k1": b64}
+
+
 def test_warnings_point_at_risky_but_working_settings(tmp_path):
     cfg = parse_config(base(commands={"allow_unsigned": True}), base_dir=tmp_path, env={})
     text = " ".join(cfg.warnings())
