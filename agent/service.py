@@ -74,6 +74,7 @@ __all__ = [
 STATE_FILE = "gate-state.json"
 HOUSEKEEPING_S = 1.0  # STATUS= and telemetry checks
 CLOCK_CHECK_S = 10.0  # how often the kernel's clock-sync flag is read
+ACL_AGE_CHECK_S = 60.0  # how often the list's age is checked (the downlink raises acl_stale)
 MAX_DETAIL = 1000  # alarm detail limit in the contract
 
 EXIT_OK = 0
@@ -588,12 +589,17 @@ class Service:
     def _housekeeping(self) -> None:
         interval = self.config.mqtt.telemetry_interval_s
         next_telemetry = time.monotonic() + interval if interval > 0 else None
+        next_age_check = time.monotonic()
         while not self._stopping.wait(HOUSEKEEPING_S):
             try:
                 now = time.monotonic()
                 if now - self._last_clock_check >= CLOCK_CHECK_S and self.clock_sync is not None:
                     self._last_clock_check = now
                     self.clock_sync.refresh()
+                if self.downlink is not None and now >= next_age_check:
+                    # Also offline and without telemetry: a stale list must raise its alarm.
+                    next_age_check = now + ACL_AGE_CHECK_S
+                    self.downlink.status()
                 line = self.status_line()
                 if line != self._last_status:
                     self._last_status = line
