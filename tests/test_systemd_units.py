@@ -150,3 +150,40 @@ def test_tmpfiles_gives_the_state_directory_to_the_service_user_only(stage):
         pytest.skip("tmpfiles could not chown in this sandbox (not root)")
     conf = (stage / "etc/gate-agent").stat()
     assert conf.st_mode & 0o777 == 0o750 and conf.st_uid == 0
+
+
+MDWE_PROBE = r"""
+import ctypes, mmap, sys
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.prctl(65, 1, 0, 0, 0) != 0:  # PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN (Linux 6.3+)
+    print("unsupported"); sys.exit(0)
+try:
+    mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    print("not enforced"); sys.exit(0)
+except OSError:
+    pass
+import fastpath, jsonschema_rs, paho.mqtt.client, sqlite3, ssl
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from gpiozero.pins.mock import MockFactory
+key = Ed25519PrivateKey.generate()
+key.public_key().verify(key.sign(b"x"), b"x")
+assert jsonschema_rs.validator_for({"type": "object"}).is_valid({})
+sqlite3.connect(":memory:").execute("select 1")
+print("ok", fastpath.IMPLEMENTATION)
+"""
+
+
+def test_the_agent_runs_without_writable_executable_memory(tmp_path):
+    """MemoryDenyWriteExecute=yes: the compiled fastpath, cryptography, paho,
+    jsonschema_rs and sqlite load and work with W^X enforced by the kernel
+    (PR_SET_MDWE, the same rule systemd's seccomp filter applies)."""
+    import os
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    res = subprocess.run([sys.executable, "-c", MDWE_PROBE], capture_output=True, text=True,
+                         cwd=tmp_path, env=env, timeout=60, check=False)
+    assert res.returncode == 0, res.stderr
+    if res.stdout.strip() in ("unsupported", "not enforced"):
+        pytest.skip(f"this kernel cannot enforce W^X per process (PR_SET_MDWE: {res.stdout.strip()})")
+    assert res.stdout.startswith("ok"), res.stdout
