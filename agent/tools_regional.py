@@ -215,7 +215,7 @@ def collect_status(session: Session, site: str | None = None, quiet_s: float = 0
         if n == seen:
             break
         seen = n
-        session.wait_for(lambda: len(session.messages) > seen, quiet_s)
+        session.wait_for(lambda before=seen: len(session.messages) > before, quiet_s)
     out: dict[tuple[str, str], dict] = {}
     with session._cond:
         messages = list(session.messages)

@@ -31,7 +31,7 @@ with atheris.instrument_imports():
     from agent.downlink.commands import Delivery, Refusal, check_command
     from agent.downlink.signing import SignatureError, generate_keypair, make_command, sign_command
 
-import fastpath  # noqa: E402  (not instrumented: the compiled twin is C)
+import fastpath
 
 SCHOOL = (ROOT / "examples" / "acl" / "school.json").read_bytes()
 BASE = AccessList.from_snapshot(json.loads(SCHOOL))

@@ -1,3 +1,4 @@
+# ruff: noqa: F811 - pytest fixtures imported from tests.pki, used as arguments
 """Per-device identity: the repository's mosquitto config (mutual TLS, the
 certificate's CN as username, pattern ACLs on %u) against a real mosquitto
 and a test CA made here.
@@ -30,7 +31,7 @@ def session(broker, identity, pki) -> Session:
 
 
 @pytest.fixture
-def as_(gate_broker, pki):  # noqa: F811
+def as_(gate_broker, pki):
     """``as_(identity)``: a connected Session presenting that certificate; closed at the end."""
     made: list[Session] = []
 
@@ -44,7 +45,7 @@ def as_(gate_broker, pki):  # noqa: F811
         s.close()
 
 
-def test_a_gate_publishes_on_its_own_topics(as_, pki):  # noqa: F811
+def test_a_gate_publishes_on_its_own_topics(as_, pki):
     gate_a = as_(pki.gate_a)
     for name in ("events", "status", "telemetry"):
         assert gate_a.publish(A[name], b"{}") < 0x80, name
@@ -52,18 +53,18 @@ def test_a_gate_publishes_on_its_own_topics(as_, pki):  # noqa: F811
 
 
 @pytest.mark.parametrize("name", ["events", "status", "telemetry"])
-def test_gate_a_cannot_publish_into_gate_b_topics(as_, pki, name):  # noqa: F811
+def test_gate_a_cannot_publish_into_gate_b_topics(as_, pki, name):
     gate_a = as_(pki.gate_a)
     assert gate_a.publish(B[name], b'{"forged": true}') == NOT_AUTHORISED
 
 
 @pytest.mark.parametrize("name", ["cmd", "acl", "ack"])
-def test_a_gate_cannot_publish_commands_lists_or_acks_even_to_itself(as_, pki, name):  # noqa: F811
+def test_a_gate_cannot_publish_commands_lists_or_acks_even_to_itself(as_, pki, name):
     gate_a = as_(pki.gate_a)
     assert gate_a.publish(A[name], b"{}") == NOT_AUTHORISED
 
 
-def test_gate_a_does_not_receive_gate_b_commands_or_lists(as_, pki):  # noqa: F811
+def test_gate_a_does_not_receive_gate_b_commands_or_lists(as_, pki):
     gate_a, gate_b, server = as_(pki.gate_a), as_(pki.gate_b), as_(pki.regional)
     for topic in (B["cmd"], B["acl"], "gate/v1/#"):
         gate_a.subscribe(topic)  # mosquitto may grant it; it must deliver nothing of B's
@@ -82,7 +83,7 @@ def test_gate_a_does_not_receive_gate_b_commands_or_lists(as_, pki):  # noqa: F8
     assert {(m.topic, m.payload) for m in gate_a.messages} == {(A["cmd"], b'{"to": "A"}')}
 
 
-def test_the_server_sends_commands_and_reads_replies_and_status(as_, pki):  # noqa: F811
+def test_the_server_sends_commands_and_reads_replies_and_status(as_, pki):
     gate_a, server = as_(pki.gate_a), as_(pki.regional)
     reply_topic = f"gate/v1/{SITE}/{GATE_A}/reply/r1"
     server.subscribe(reply_topic)
@@ -93,7 +94,7 @@ def test_the_server_sends_commands_and_reads_replies_and_status(as_, pki):  # no
     assert server.publish(A["events"], b"{}") == NOT_AUTHORISED
 
 
-def test_fleet_status_lists_the_retained_status_of_each_gate(as_, pki):  # noqa: F811
+def test_fleet_status_lists_the_retained_status_of_each_gate(as_, pki):
     for ident, gate in ((pki.gate_a, GATE_A), (pki.gate_b, GATE_B)):
         s = as_(ident)
         birth = {"v": 1, "state": "online", "version": "0.1.0", "fastpath": "compiled",
@@ -105,7 +106,7 @@ def test_fleet_status_lists_the_retained_status_of_each_gate(as_, pki):  # noqa:
         (SITE, GATE_A, f"v-{GATE_A}"), (SITE, GATE_B, f"v-{GATE_B}")]
 
 
-def test_the_ingest_identity_reads_events_and_writes_acks_only(as_, pki):  # noqa: F811
+def test_the_ingest_identity_reads_events_and_writes_acks_only(as_, pki):
     ingest = as_(pki.ingest)
     assert ingest.publish(A["ack"], b'{"journal": "j", "upto": 1}') < 0x80
     assert ingest.publish(A["cmd"], b"{}") == NOT_AUTHORISED
@@ -120,18 +121,18 @@ def _handshake(broker, ca_file, cert=None, key=None, max_version=ssl.TLSVersion.
     ctx.maximum_version = max_version
     if cert is not None:
         ctx.load_cert_chain(str(cert), str(key))
-    with socket.create_connection((broker.host, broker.port), timeout=5) as raw:
-        with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
-            # CONNECT: protocol "MQTT" v5, clean start, keepalive 30, no properties, empty client id.
-            tls.sendall(bytes([0x10, 13, 0, 4]) + b"MQTT" + bytes([5, 0x02, 0, 30, 0, 0, 0]))
-            return tls.recv(16)
+    with (socket.create_connection((broker.host, broker.port), timeout=5) as raw,
+          ctx.wrap_socket(raw, server_hostname="localhost") as tls):
+        # CONNECT: protocol "MQTT" v5, clean start, keepalive 30, no properties, empty client id.
+        tls.sendall(bytes([0x10, 13, 0, 4]) + b"MQTT" + bytes([5, 0x02, 0, 30, 0, 0, 0]))
+        return tls.recv(16)
 
 
-def test_a_valid_certificate_gets_a_connack(gate_broker, pki):  # noqa: F811
+def test_a_valid_certificate_gets_a_connack(gate_broker, pki):
     assert _handshake(gate_broker, pki.ca_file, pki.gate_a.cert, pki.gate_a.key)[:1] == b"\x20"
 
 
-def test_a_revoked_certificate_is_refused_at_the_tls_handshake(gate_broker, pki):  # noqa: F811
+def test_a_revoked_certificate_is_refused_at_the_tls_handshake(gate_broker, pki):
     # TLS 1.2: the broker's verdict comes inside the handshake itself.
     with pytest.raises(ssl.SSLError, match="(?i)revoked"):
         _handshake(gate_broker, pki.ca_file, pki.revoked.cert, pki.revoked.key)
@@ -145,18 +146,18 @@ def test_a_revoked_certificate_is_refused_at_the_tls_handshake(gate_broker, pki)
     assert "certificate verify failed" in gate_broker.log_text()
 
 
-def test_a_client_without_a_certificate_is_refused(gate_broker, pki):  # noqa: F811
+def test_a_client_without_a_certificate_is_refused(gate_broker, pki):
     with pytest.raises(ssl.SSLError, match="(?i)handshake failure|certificate required"):
         _handshake(gate_broker, pki.ca_file)
 
 
-def test_a_certificate_from_another_ca_is_refused(gate_broker, pki, tmp_path):  # noqa: F811
+def test_a_certificate_from_another_ca_is_refused(gate_broker, pki, tmp_path):
     rogue = TestCA(tmp_path / "rogue").issue(f"{SITE}/{GATE_B}")  # claims to be gate B
     with pytest.raises(ssl.SSLError):
         _handshake(gate_broker, pki.ca_file, rogue.cert, rogue.key)
 
 
-def test_the_gate_uplink_connects_with_its_certificate(gate_broker, pki, tmp_path):  # noqa: F811
+def test_the_gate_uplink_connects_with_its_certificate(gate_broker, pki, tmp_path):
     from agent.uplink.journal import Journal
     from agent.uplink.mqtt import Uplink
 

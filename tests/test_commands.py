@@ -1,3 +1,4 @@
+# ruff: noqa: F811 - pytest fixtures imported from tests.broker, used as arguments
 """Remote commands: every forged, replayed, expired, misaddressed, unsigned,
 invalid, retained or MQTT-expired command is refused with its reason (in the
 reply and in a command.result record); accepted ones become the right core
@@ -430,7 +431,7 @@ def test_expires_parsing_takes_offsets_and_fractions():
 # --- through a real broker --------------------------------------------------------------------
 
 
-from tests.broker import make_broker  # noqa: E402,F401  (fixture)
+from tests.broker import make_broker  # noqa: F401  (fixture)
 
 
 class _Outputs:
@@ -517,7 +518,7 @@ def test_cmd_tool_gets_the_reply_through_mosquitto(live_gate):
 def test_reply_carries_the_correlation_data_on_the_response_topic(live_gate):
     from agent.tools_regional import Session, send_command
 
-    broker, gate, _ = live_gate
+    broker, _gate, _ = live_gate
     session = Session(broker.host, broker.port)
     try:
         code, reply, note = send_command(
@@ -536,8 +537,8 @@ def test_reply_carries_the_correlation_data_on_the_response_topic(live_gate):
 def test_cmd_tool_exits_3_when_the_gate_is_not_subscribed(make_broker, tmp_path):
     broker = make_broker()
     key = write_key(tmp_path)
-    code, out, err = run_tool(["cmd", "open", "in", "--site", SITE, "--gate", "nobody", "--host",
-                               broker.host, "--port", str(broker.port), "--key", str(key),
-                               "--key-id", KEY_ID, "--timeout", "2"])
+    code, _out, err = run_tool(["cmd", "open", "in", "--site", SITE, "--gate", "nobody", "--host",
+                                broker.host, "--port", str(broker.port), "--key", str(key),
+                                "--key-id", KEY_ID, "--timeout", "2"])
     assert code == 3
     assert "offline" in err

@@ -13,7 +13,7 @@ import json
 import threading
 import time
 from contextlib import redirect_stderr, redirect_stdout
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -36,7 +36,7 @@ KEY, PUB = generate_keypair()
 OTHER_KEY, _ = generate_keypair()
 KEY_ID = "region-2026a"
 # Tuesday 2026-09-01 08:00 in Asia/Tomsk (UTC+7): juniors and staff may enter.
-SCHOOL_TIME = datetime(2026, 9, 1, 1, 0, tzinfo=timezone.utc).timestamp()
+SCHOOL_TIME = datetime(2026, 9, 1, 1, 0, tzinfo=UTC).timestamp()
 PUPIL = parse_card_string("100,60179", 24)  # p-0001, junior
 NEWCOMER_CARD = "100,1"  # in no list until the delta adds p-9001
 NEWCOMER = parse_card_string(NEWCOMER_CARD, 24)
@@ -110,7 +110,7 @@ class LiveGate:
         self.mono += 1.0
         self.rt.submit(ev.CardRead("entry", key))
         assert self.rt.wait_idle(10)
-        decision = [r for r in self.all()[n:] if r["type"].startswith("access.")][0]
+        decision = next(r for r in self.all()[n:] if r["type"].startswith("access."))
         if decision["type"] == "access.granted":
             self.mono += 1.0
             self.rt.submit(ev.PassSensor("A"))
@@ -373,8 +373,8 @@ def test_a_retained_list_is_ignored(live):
 
 # --- end to end: gate-agent acl push through mosquitto with mutual TLS ----------------------------
 
-from tests.pki import GATE_A, gate_broker, pki  # noqa: E402,F401  (fixtures)
-from tests.pki import SITE as PKI_SITE  # noqa: E402
+from tests.pki import GATE_A, gate_broker, pki  # noqa: F401  (fixtures)
+from tests.pki import SITE as PKI_SITE
 
 
 def run_tool(argv: list[str]) -> tuple[int, str, str]:
@@ -435,7 +435,7 @@ def test_a_signed_delta_pushed_with_acl_push_changes_who_the_simulated_gate_lets
             mono[0] += 1.0
             rt.submit(ev.CardRead("entry", card))
             assert rt.wait_idle(10)
-            d = [r for r in decided[n:] if r["type"].startswith("access.")][0]
+            d = next(r for r in decided[n:] if r["type"].startswith("access."))
             if d["type"] == "access.granted":
                 mono[0] += 1.0
                 rt.submit(ev.PassSensor("A"))

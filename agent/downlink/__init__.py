@@ -241,8 +241,9 @@ class Downlink:
                 while self._backlog:
                     self._submit_to_gate(self._backlog[0])
                     self._backlog.pop(0)
-            except Exception:
-                pass
+            except Exception:  # the runtime still refuses: keep them for the next call
+                log.debug("gate submit still failing; %d events wait", len(self._backlog),
+                          exc_info=True)
 
     def _command_status(self) -> dict:
         fastpath = getattr(self.fp, "IMPLEMENTATION", None) or (

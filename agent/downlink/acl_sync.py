@@ -26,7 +26,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +96,7 @@ def ensure_state_dir(state_dir: Path) -> Path:
 
 
 def _stamp(epoch_s: float) -> str:
-    return datetime.fromtimestamp(epoch_s, tz=timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return datetime.fromtimestamp(epoch_s, tz=UTC).strftime("%Y%m%dT%H%M%SZ")
 
 
 def move_aside(path: Path, epoch_s: float) -> Path:
@@ -132,15 +132,15 @@ class CounterStore:
         try:
             data = json.loads(raw)
             if not isinstance(data, dict):
-                raise ValueError("not an object")
+                raise TypeError("not an object")
             for space in ("cmd", "acl"):
                 values = data.get(space, {})
                 if not isinstance(values, dict) or not all(
                         isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
                         for k, v in values.items()):
-                    raise ValueError(f"{space!r} is not a table of key_id -> integer")
+                    raise TypeError(f"{space!r} is not a table of key_id -> integer")
                 self._data[space] = dict(values)
-        except ValueError as exc:
+        except (ValueError, TypeError) as exc:
             moved = move_aside(self.path, wall())
             log.error("replay counters in %s are damaged (%s); moved to %s, counting from zero",
                       self.path, exc, moved)
@@ -239,10 +239,10 @@ class AclSync:
         try:
             data = json.loads(raw)
             if not isinstance(data, dict) or data.get("format") != 1:
-                raise ValueError("not an access-list file of format 1")
+                raise TypeError("not an access-list file of format 1")
             applied_at = data.get("applied_at")
             if not isinstance(applied_at, (int, float)) or isinstance(applied_at, bool):
-                raise ValueError("applied_at is missing")
+                raise TypeError("applied_at is missing")
             acl = AccessList.from_snapshot(data.get("list"))
             table = self._builder(acl, self.fp)
         except (ValueError, TypeError, KeyError) as exc:  # AclRejected is a ValueError

@@ -20,7 +20,7 @@ import binascii
 import os
 import secrets
 from collections.abc import Mapping
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -176,7 +176,7 @@ def sign_command(private_key: Ed25519PrivateKey, fields: Mapping[str, Any]) -> d
 
 def rfc3339_s(epoch_s: float) -> str:
     """UTC RFC 3339 to the second: ``2026-09-01T07:46:00Z``."""
-    return datetime.fromtimestamp(int(epoch_s), tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.fromtimestamp(int(epoch_s), tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def make_command(
@@ -193,7 +193,7 @@ def make_command(
     nonce: str | None = None,
 ) -> dict:
     """The unsigned fields of a command (contract v1) that expires ``ttl_s`` after ``now``."""
-    expires = datetime.fromtimestamp(now, tz=timezone.utc) + timedelta(seconds=ttl_s)
+    expires = datetime.fromtimestamp(now, tz=UTC) + timedelta(seconds=ttl_s)
     return {
         "v": CONTRACT_VERSION,
         "request_id": request_id or f"r-{secrets.token_hex(8)}",
