@@ -4,7 +4,7 @@ local mosquitto, against plain paho publishing the same payloads.
     .venv/bin/python -m bench.bench_replay [--events N] [--window W]
 
 1. Fill a journal with N pending ``access.granted`` events (``commit`` in
-   batches, then one fsync).
+   batches, then one checkpoint, as the sync thread would).
 2. Start a local mosquitto (tests/broker.py's launcher) and a subscriber in
    its own process (QoS 0), so the broker answers 0x00 rather than 0x10.
 3. ``journal_per_s``: the Uplink in ack mode ``broker`` drains the journal
@@ -64,7 +64,7 @@ def fill(journal, n: int, boot: str) -> list[bytes]:
     for start in range(0, n, BATCH):
         done = journal.commit([record(i, boot) for i in range(start, min(n, start + BATCH))])
         payloads.extend(_json(r) for r in done if r["type"] == "access.granted")
-    journal.sync()
+    journal.checkpoint()  # as the service's sync thread would: fsync, fold the WAL in
     return payloads
 
 

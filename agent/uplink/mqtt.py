@@ -380,12 +380,14 @@ class Uplink:
             self._lost()
 
     def _select_timeout(self, now: float) -> float:
-        due = [now + 1.0, self._poll_at]  # 1 s at most: keepalive and the safety poll
-        if self._retry_at is not None:
-            due.append(self._retry_at)
-        if self._paused_until > now:
-            due.append(self._paused_until)
-        if not self._connected:
+        due = [now + 1.0]  # 1 s at most: keepalive checks
+        if self._connected:
+            due.append(self._poll_at)  # timers run only while connected
+            if self._retry_at is not None:
+                due.append(self._retry_at)
+            if self._paused_until > now:
+                due.append(self._paused_until)
+        else:
             due.append(self._connect_deadline)
         return max(0.0, min(due) - now)
 
@@ -578,18 +580,19 @@ class Uplink:
             self._drop_backoff = min(self._drop_backoff * 2, self.resend_after_s)
 
     def _refused(self, seq: int, reason_code: Any) -> None:
-        self._refusals += 1
-        delay = min(self.backoff_max_s, self.backoff_min_s * 2 ** min(self._refusals - 1, 30))
-        delay = random.uniform(delay / 2, delay)
         now = time.monotonic()
         detail = (f"broker refused event seq {seq} on {self.topics['events']}: {_rc_text(reason_code)}; "
                   "the event stays in the journal; check the broker's ACL for this gate")
         self._last_error = detail
+        self._alarm("publish_refused", True, detail)
+        if now < self._paused_until:
+            return  # the rest of a window refused in one burst: one backoff step, not twenty
+        self._refusals += 1
         if self._refusals == 1:
             log.error("uplink: %s", detail)
-        self._alarm("publish_refused", True, detail)
-        # Pause and retry everything pending (including this seq) after the backoff.
-        self._paused_until = max(self._paused_until, now + delay)
+        delay = min(self.backoff_max_s, self.backoff_min_s * 2 ** min(self._refusals - 1, 30))
+        # Pause, then send everything pending again (this seq included).
+        self._paused_until = now + random.uniform(delay / 2, delay)
         self._retry_at = self._paused_until
 
     def _on_message(self, client, userdata, message) -> None:
