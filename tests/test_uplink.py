@@ -79,6 +79,17 @@ def test_a_puback_alone_does_not_acknowledge_and_unacked_events_are_resent(
         assert all(c == copies[0] for c in copies)
 
 
+def test_events_nobody_received_are_resent_once_an_ingest_subscribes(broker, journal, uplinks,
+                                                                      ingest_at):
+    committed = journal.commit([passage(i) for i in range(8)])
+    up = uplinks(journal, broker, resend_after_s=60.0)  # only the 0x10 answers can trigger a resend
+    wait_until(lambda: up.stats()["published"] >= 8, 10, "events published to nobody")
+    assert journal.backlog() == 8
+    ingest = ingest_at(broker)
+    wait_until(lambda: journal.backlog() == 0, 15, "the resend to reach the ingest")
+    assert [e["id"] for e in ingest.events()] == [r["id"] for r in committed]
+
+
 def test_only_a_wellformed_ack_for_this_journal_acknowledges(broker, journal, uplinks):
     journal.commit([passage(i) for i in range(10)])
     with Observer(broker, T["events"]) as server:
