@@ -4,7 +4,7 @@ MockFactory), a temp state directory, a real mosquitto and the reference
 ingest; systemd's notify socket is a datagram socket bound in tmp_path.
 
 In-process tests reach the mock pins (a card through the Wiegand adapter
-opens the relay); subprocess tests run ``gate-agent run`` as systemd would
+opens the relay); subprocess tests run ``python -m agent.cli run`` as systemd would
 (READY=1, WATCHDOG=1, STATUS=, SIGTERM, exit codes). Every wait is on a
 condition; nothing asserts how long something took.
 """
@@ -262,7 +262,7 @@ def run_agent(config: Path, tmp_path: Path, *, notify: NotifySocket | None = Non
         env["WATCHDOG_USEC"] = "400000"
     env.update(env_extra or {})
     return subprocess.Popen(
-        [sys.executable, "-c", "from agent.service import main; main()", "run", "--config", str(config)],
+        [sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
