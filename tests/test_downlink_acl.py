@@ -244,18 +244,35 @@ def test_a_damaged_stored_list_is_moved_aside_and_reported(tmp_path, fp):
         "kind": "acl_corrupt", "active": False, "detail": events[-1].fields["detail"]}
 
 
-def test_a_report_made_before_the_runtime_exists_is_not_lost(tmp_path, fp):
+@pytest.mark.parametrize("refusal", ["raises", "returns False"])
+def test_a_report_made_before_the_runtime_exists_is_not_lost(tmp_path, fp, refusal):
     state = tmp_path / "state"
     state.mkdir()
     (state / "acl.json").write_text("garbage")
-    holder: list = []
+    runtime: list = []
     events: list = []
-    dl = Downlink(site=SITE, gate=GATE, fp=fp, state_dir=state, submit=lambda e: holder[0](e),
+
+    def submit(event):
+        if runtime:
+            events.append(event)
+            return True
+        if refusal == "raises":
+            raise NameError("runtime")
+        return False
+
+    dl = Downlink(site=SITE, gate=GATE, fp=fp, state_dir=state, submit=submit,
                   publish=lambda *a: None, trusted_keys={KEY_ID: PUB}, acl_async=False)
-    dl.load_persisted()  # the runtime is not built yet: submit raises
-    holder.append(events.append)
-    dl.status()  # any later call hands it over
-    assert [e.fields["kind"] for e in events] == ["acl_corrupt"]
+    dl.load_persisted()  # the runtime is not built yet
+    # An action the gate could not take is dropped, never carried out later.
+    from agent.downlink.signing import make_command, sign_command
+
+    cmd = sign_command(KEY, make_command(SITE, GATE, "open", {"direction": "in"}, key_id=KEY_ID,
+                                         counter=1, now=time.time()))
+    dl.on_message(f"gate/v1/{SITE}/{GATE}/cmd", json.dumps(cmd).encode(), None)
+    runtime.append(True)
+    dl.status()  # any later call hands the report over
+    assert [type(e).__name__ for e in events] == ["Report"]
+    assert events[0].fields["kind"] == "acl_corrupt"
 
 
 def test_a_delta_against_the_wrong_base_asks_for_a_snapshot(live):

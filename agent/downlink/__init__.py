@@ -34,6 +34,7 @@ from typing import Any
 
 from agent.contract import topics
 from agent.core.acl import AccessList
+from agent.core.events import Report, SwapTable
 
 from .acl_sync import COUNTERS_FILE, AclSync, CounterStore, ensure_state_dir
 from .commands import CommandHandler, delivery_from
@@ -131,25 +132,42 @@ class Downlink:
         self._worker_lock = threading.Lock()
 
     def _submit(self, event: Any) -> Any:
-        """submit() to the gate; an event it raises on waits and goes first next time.
+        """submit() to the gate. A record or a table it does not take (it raised or
+        returned False) waits and goes first at the next submit or status() call.
 
         load_persisted() runs before the runtime may exist, and its report of a
-        damaged file must not be lost."""
+        damaged file must not be lost. Actions (open, mode, reset) are never
+        kept: a gate must not open later than it was asked to."""
         with self._backlog_lock:
+            if self._flush_backlog():
+                try:
+                    taken = self._submit_to_gate(event)
+                except Exception:
+                    log.debug("submit of %r failed", event, exc_info=True)
+                    taken = False
+                if taken is not False:
+                    return taken
+            if isinstance(event, (Report, SwapTable)) and len(self._backlog) < 100:
+                self._backlog.append(event)
+            else:
+                log.error("the gate did not take %r (queue full or not running); dropped", event)
+            return False
+
+    def _flush_backlog(self) -> bool:
+        """Submit what waits, in order; True when nothing waits any more."""
+        while self._backlog:
             try:
-                while self._backlog:
-                    self._submit_to_gate(self._backlog[0])
-                    self._backlog.pop(0)
-                return self._submit_to_gate(event)
+                taken = self._submit_to_gate(self._backlog[0])
             except Exception:
-                if len(self._backlog) < 100:
-                    self._backlog.append(event)
-                log.debug("submit failed; %r kept for later", event, exc_info=True)
-                return None
+                log.debug("gate submit still failing; %d events wait", len(self._backlog),
+                          exc_info=True)
+                return False
+            if taken is False:
+                return False
+            self._backlog.pop(0)
+        return True
 
     def _report(self, rtype: str, fields: dict) -> None:
-        from agent.core.events import Report
-
         self._submit(Report(rtype, fields))
 
     # --- start-up ---------------------------------------------------------------
@@ -232,18 +250,9 @@ class Downlink:
     def status(self) -> dict:
         """{acl_version, acl_age_s, acl_stale}; flags a stale list (once) as a side effect."""
         if self._backlog:
-            self._submit_backlog()
+            with self._backlog_lock:
+                self._flush_backlog()
         return self.acl.status()
-
-    def _submit_backlog(self) -> None:
-        with self._backlog_lock:
-            try:
-                while self._backlog:
-                    self._submit_to_gate(self._backlog[0])
-                    self._backlog.pop(0)
-            except Exception:  # the runtime still refuses: keep them for the next call
-                log.debug("gate submit still failing; %d events wait", len(self._backlog),
-                          exc_info=True)
 
     def _command_status(self) -> dict:
         fastpath = getattr(self.fp, "IMPLEMENTATION", None) or (
