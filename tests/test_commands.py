@@ -542,3 +542,32 @@ def test_cmd_tool_exits_3_when_the_gate_is_not_subscribed(make_broker, tmp_path)
                                 "--key-id", KEY_ID, "--timeout", "2"])
     assert code == 3
     assert "offline" in err
+
+
+def test_trusted_keys_load_from_base64_pem_or_a_file(tmp_path):
+    from cryptography.hazmat.primitives import serialization
+
+    from agent.downlink.signing import KeyLoadError, load_trusted_keys
+
+    pem = KEY.public_key().public_bytes(serialization.Encoding.PEM,
+                                        serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    pub_file = tmp_path / "region.key.pub"
+    pub_file.write_text(PUB + "\n")
+    keys = load_trusted_keys({"a": PUB, "b": pem, "c": str(pub_file)})
+    for key_id in "abc":
+        assert verify(command(key_id=key_id), keys) == key_id
+    with pytest.raises(KeyLoadError, match="'bad'.*base64"):
+        load_trusted_keys({"bad": "not a key"})
+    with pytest.raises(KeyLoadError, match="32"):
+        load_trusted_keys({"short": "AAAA"})
+
+
+def test_keygen_writes_a_private_key_only_its_owner_reads(tmp_path):
+    from agent.downlink.signing import load_private_key, public_key_b64
+
+    out = tmp_path / "region.key"
+    code, printed, _ = run_tool(["keygen", str(out), "--key-id", "region-2027a"])
+    assert code == 0
+    assert out.stat().st_mode & 0o777 == 0o600
+    assert public_key_b64(load_private_key(out)) == printed.strip()
+    assert run_tool(["keygen", str(out)])[0] == 2  # never overwritten by accident

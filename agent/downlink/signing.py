@@ -91,7 +91,8 @@ def private_key_pem(key: Ed25519PrivateKey) -> bytes:
 
 
 def load_public_key(value: str | bytes | Ed25519PublicKey) -> Ed25519PublicKey:
-    """An Ed25519 public key from base64 of its 32 raw bytes or a PEM block."""
+    """An Ed25519 public key from base64 of its 32 raw bytes, a PEM block, or a
+    path (starting with ``/``, ``./`` or ``../``) to a file holding either."""
     if isinstance(value, Ed25519PublicKey):
         return value
     if isinstance(value, bytes):
@@ -99,6 +100,12 @@ def load_public_key(value: str | bytes | Ed25519PublicKey) -> Ed25519PublicKey:
     if not isinstance(value, str):
         raise KeyLoadError(f"a public key must be a string, not {type(value).__name__}")
     text = value.strip()
+    if text.startswith(("/", "./", "../")):
+        try:
+            text = Path(text).read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise KeyLoadError(f"cannot read the public key file {value}: {exc}; give the path "
+                               "of the .pub file `gate-agent keygen` wrote") from None
     if text.startswith("-----BEGIN"):
         try:
             key = serialization.load_pem_public_key(text.encode("ascii"))
