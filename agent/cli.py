@@ -40,6 +40,12 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    from agent.uplink.ingest import main as ingest_main
+
+    return ingest_main([a for a in args.ingest_args if a != "--"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gate-agent", description="School turnstile agent")
     sub = p.add_subparsers(dest="command", required=True)
@@ -55,6 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--pretty", action="store_true", help="one human-readable line per record")
     sim.add_argument("--check", action="store_true", help="exit 1 when the scenario's [[expect]] entries are not met")
     sim.set_defaults(func=_cmd_simulate)
+
+    ing = sub.add_parser(
+        "ingest",
+        help="the reference ingest for the regional side: store every gate's events, send acks",
+        description="Subscribe to every gate's events (MQTT 5 shared subscription), store each once by id, "
+        "and publish the ack for each journal. Options: --host --port --db --group --ca-file --cert-file "
+        "--key-file --username --password (see `gate-agent ingest -- --help`).",
+    )
+    ing.add_argument("ingest_args", nargs=argparse.REMAINDER, help="options of the ingest")
+    ing.set_defaults(func=_cmd_ingest)  # main() hands `ingest ...` straight to the ingest's own parser
 
     # The service and the technician's and the regional side's tools.
     from agent.config import add_check_config_parser
@@ -72,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["ingest"]:
+        from agent.uplink.ingest import main as ingest_main
+
+        return ingest_main([a for a in argv[1:] if a != "--"])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

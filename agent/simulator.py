@@ -303,8 +303,8 @@ class Simulator:
                                         have=self.acl.version if self.acl else None))
             return recs
         self.acl = new
-        self.gate.set_timezone(new.timezone)
-        return [ev.SwapTable(table=build_table(new, self.fp), kind=kind, base=doc.get("base"))]
+        return [ev.SwapTable(table=build_table(new, self.fp), kind=kind, base=doc.get("base"),
+                             timezone=new.timezone)]
 
     @property
     def gate_boot(self) -> str:

@@ -867,3 +867,19 @@ def test_a_busy_morning_never_drives_a_line_to_the_level_it_has(fp):
     run(t + 4, ev.FireReset())
     assert run.gate.mode == "free"
     assert run.gate.outputs == {"unlock_a": True, "unlock_b": True, "stop": False, "fire_release": False}
+
+
+def test_swap_table_carries_the_lists_time_zone(fp):
+    run = make(fp, timezone="UTC")
+    assert run.gate.timezone == "UTC"
+    run(1.0, ev.SwapTable(table=fp.Table(columns("v2")), kind="snapshot", timezone="Asia/Tomsk"))
+    assert run.gate.timezone == "Asia/Tomsk"
+    assert run.records[-1]["type"] == "acl.applied"
+
+
+def test_swap_table_with_an_unknown_time_zone_is_illegal_and_keeps_the_old_table(fp):
+    run = make(fp)
+    old = run.gate.table
+    run(1.0, ev.SwapTable(table=fp.Table(columns("v2")), kind="snapshot", timezone="Mars/Olympus"))
+    assert run.gate.faulted and run.gate.table is old
+    assert run.records[-1]["type"] == "turnstile.fault"

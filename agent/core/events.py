@@ -136,6 +136,7 @@ class SwapTable:
     table: Any  # fastpath.Table
     kind: str = "snapshot"  # snapshot or delta
     base: str | None = None
+    timezone: str | None = None  # the list's IANA time zone; schedules follow it from the swap on
 
 
 @dataclass(frozen=True)

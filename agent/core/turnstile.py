@@ -451,7 +451,12 @@ class Gate:
         if event.kind not in ("snapshot", "delta"):
             self._illegal(now, step, f"SwapTable kind {event.kind!r}; allowed: snapshot, delta")
             return
+        if event.timezone is not None and not valid_timezone(event.timezone):
+            self._illegal(now, step, f"SwapTable time zone {event.timezone!r} is not an IANA zone")
+            return
         self._table = table  # the old table is simply dropped; pending passages hold their own ids
+        if event.timezone is not None:
+            self.set_timezone(event.timezone)
         self._local_cache = None
         self._record(step, now, "acl.applied", version=table.version, kind=event.kind, base=event.base,
                      cards=len(table), people=table.persons)
