@@ -4,23 +4,74 @@
 Same API and answers as fastpath/_pure.py (the reference; the property tests
 compare the two). Written for the gate thread and for memory: 1,000,000 cards
 must fit well within 64 MB, so nothing per card or per person is a Python
-object. Cards are sorted uint64 keys searched by a branchless binary search
-(with person index and flags in parallel arrays); person ids are one UTF-8
-blob with offsets; schedules are one contiguous bitmap buffer.
+object. Cards are 16-byte records in an open-addressing hash table carrying
+their owner's groupset; validity windows and guest limits are per-person
+arrays read only for the people who have them; person ids are one UTF-8 blob
+with offsets; schedules are one contiguous bitmap buffer. See Table.
 """
 from cpython.long cimport PyLong_CheckExact
 from cpython.number cimport PyNumber_Index
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_DecodeUTF8
+from libc.stdint cimport SIZE_MAX
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 
 cdef extern from *:
-    # gcc and clang builtin: 1 when a - b overflows long long.
-    bint __builtin_ssubll_overflow(long long a, long long b, long long* res) nogil
+    """
+    #include <limits.h>
+    #include <stdlib.h>
+    #if defined(__unix__) || defined(__APPLE__)
+    #include <sys/mman.h>
+    #endif
+
+    /* A zeroed block for the table: on 2 MiB pages where the kernel allows it
+       (Linux THP in "madvise" mode), so random card reads miss the TLB far
+       less. Plain malloc elsewhere. Freed with free(). */
+    static void *gate_alloc_table(size_t n) {
+        void *p = NULL;
+        const size_t huge = (size_t)2 << 20;
+    #if defined(__unix__) || defined(__APPLE__)
+        if (n >= huge) {
+            n = (n + huge - 1) & ~(huge - 1);
+            if (posix_memalign(&p, huge, n) != 0) return NULL;
+    #ifdef MADV_HUGEPAGE
+            (void)madvise(p, n, MADV_HUGEPAGE);  /* advice only */
+    #endif
+        }
+    #endif
+        if (p == NULL) p = malloc(n ? n : 1);
+        return p;
+    }
+
+    static size_t gate_table_size(size_t n) {
+        const size_t huge = (size_t)2 << 20;
+    #if defined(__unix__) || defined(__APPLE__)
+        if (n >= huge) return (n + huge - 1) & ~(huge - 1);
+    #endif
+        return n;
+    }
+
+    /* 1 when a - b overflows long long, else 0 and the difference in *r. */
+    static int gate_sub_overflows(long long a, long long b, long long *r) {
+    #if defined(__GNUC__) || defined(__clang__)
+        return __builtin_ssubll_overflow(a, b, r);
+    #else
+        if ((b > 0 && a < LLONG_MIN + b) || (b < 0 && a > LLONG_MAX + b)) return 1;
+        *r = a - b;
+        return 0;
+    #endif
+    }
+    """
+    void* gate_alloc_table(size_t n) nogil
+    size_t gate_table_size(size_t n) nogil
+    bint gate_sub_overflows(long long a, long long b, long long* r) nogil
 
 from . import _pure
 from . import codes as _codes
-from .columns import TableColumns
+
+# Validity bounds of a person with none (codes.NO_START / NO_END), for C.
+cdef long long _codes_NO_START = _codes.NO_START
+cdef long long _codes_NO_END = _codes.NO_END
 
 # The numbers of fastpath/codes.py, as C constants (test_fastpath checks they agree).
 cdef enum:
@@ -115,67 +166,119 @@ cdef inline int _as_key(object key, unsigned long long* out) except -1:
     return 1
 
 
+cdef struct Card:
+    # 16 bytes. The owner's groupset is copied in, so for most people (no
+    # validity window, not a guest: SLOT_PLAIN) a decision reads this record
+    # and the hot schedule bitmaps, and nothing else of the table.
+    unsigned long long key
+    unsigned int info  # SLOT_USED | SLOT_BLOCKED | SLOT_PLAIN | (person index + 1)
+    int groupset  # the owner's; -1 (no group) stored as n_gs, the all-zero set
+
+
+cdef enum:
+    SLOT_USED = 0x80000000
+    SLOT_BLOCKED = 0x40000000
+    SLOT_PLAIN = 0x20000000  # owner has no validity window and is not a guest
+    SLOT_PERSON = 0x1FFFFFFF  # person index + 1; 0: nobody
+    MAX_PERSONS = 0x1FFFFFFE
+
+
+cdef struct Validity:
+    long long valid_from  # UTC epoch s, inclusive
+    long long valid_until  # UTC epoch s, exclusive
+
+
+cdef inline unsigned long long _mix(unsigned long long k) noexcept nogil:
+    # MurmurHash3's 64-bit finaliser: clustered keys (one facility code, one
+    # UID vendor prefix) still spread over the whole table.
+    k ^= k >> 33
+    k *= 0xff51afd7ed558ccdULL
+    k ^= k >> 33
+    k *= 0xc4ceb9fe1a85ec53ULL
+    k ^= k >> 33
+    return k
+
+
+cdef inline size_t _aligned(size_t n) noexcept nogil:
+    return (n + 63) & ~(<size_t>63)  # each array starts on its own cache line
+
+
 cdef class Table:
-    """The access list as an immutable card table in C memory."""
+    """The access list as an immutable card table in C memory.
+
+    Cards live in an open-addressing hash table with linear probing, at most
+    3/4 full: a lookup reads one cache line (two now and then), where a binary
+    search over 1,000,000 keys reads about twenty. Every array sits in one
+    allocation (the arena), on 2 MiB pages when it is large (gate_alloc_table).
+    """
 
     cdef readonly str version
     cdef readonly int key_width
     cdef Py_ssize_t n_cards, n_persons, n_gs, n_holidays
-    cdef unsigned long long* keys  # sorted ascending, unique
-    cdef int* card_person  # -1: nobody
-    cdef unsigned char* card_flags
-    cdef long long* p_from
-    cdef long long* p_until
-    cdef int* p_gs  # groupset; -1 (no group) stored as n_gs, the all-zero set
-    cdef unsigned char* p_flags
-    cdef int* p_max_uses
+    cdef void* arena  # the one allocation holding every array below
+    cdef size_t arena_size
+    cdef Card* slots  # n_slots; a key starts probing at _slot_of(key)
+    cdef unsigned long long n_slots
+    cdef Validity* validity  # per person
+    cdef int* guest_uses  # per person: -1 not a guest, else max_uses (0: unlimited)
     cdef unsigned int* id_off  # n_persons + 1 offsets into id_blob
     cdef char* id_blob  # person ids, UTF-8, back to back
     cdef unsigned char* bitmaps  # per groupset: entry, entry_holiday, exit bitmaps
     cdef unsigned char* holiday_open  # per groupset: entry_holiday has any bit set
     cdef int* holidays  # sorted date ordinals
-    cdef size_t allocated
     cdef bint built
 
     def __cinit__(self, *args, **kwargs):
-        self.keys = NULL
-        self.card_person = NULL
-        self.card_flags = NULL
-        self.p_from = NULL
-        self.p_until = NULL
-        self.p_gs = NULL
-        self.p_flags = NULL
-        self.p_max_uses = NULL
-        self.id_off = NULL
-        self.id_blob = NULL
-        self.bitmaps = NULL
-        self.holiday_open = NULL
-        self.holidays = NULL
-        self.allocated = 0
+        self.arena = NULL
+        self.arena_size = 0
         self.built = False
 
     def __dealloc__(self):
-        free(self.keys)
-        free(self.card_person)
-        free(self.card_flags)
-        free(self.p_from)
-        free(self.p_until)
-        free(self.p_gs)
-        free(self.p_flags)
-        free(self.p_max_uses)
-        free(self.id_off)
-        free(self.id_blob)
-        free(self.bitmaps)
-        free(self.holiday_open)
-        free(self.holidays)
+        free(self.arena)
 
-    cdef void* _alloc(self, size_t count, size_t size) except NULL:
-        cdef size_t n = count * size
-        cdef void* p = malloc(n if n else 1)
+    cdef _allocate(self, size_t id_bytes):
+        """Carve every array out of one arena (one free, little page rounding)."""
+        cdef unsigned long long np = self.n_persons, ng = self.n_gs, need = 0
+        cdef unsigned long long sizes[8]
+        cdef size_t total, i
+        cdef char* base
+        cdef void* p = NULL
+        # In 64-bit arithmetic: size_t is 32 bits on a 32-bit Raspberry Pi OS.
+        sizes[0] = self.n_slots * sizeof(Card)
+        sizes[1] = np * sizeof(Validity)
+        sizes[2] = np * sizeof(int)
+        sizes[3] = (np + 1) * sizeof(unsigned int)
+        sizes[4] = id_bytes
+        sizes[5] = (ng + 1) * 3 * C_BITMAP_BYTES  # + the all-zero set for "no group"
+        sizes[6] = ng + 1
+        sizes[7] = self.n_holidays * sizeof(int)
+        for i in range(8):
+            need += (sizes[i] + 63) & ~(<unsigned long long>63)
+        if need > SIZE_MAX // 2:
+            raise MemoryError(f"fastpath.Table: {need} bytes is more than this machine can address")
+        total = gate_table_size(<size_t>need)
+        p = gate_alloc_table(total)
         if p == NULL:
-            raise MemoryError(f"fastpath.Table: cannot allocate {n} bytes for the card table")
-        self.allocated += n
-        return p
+            raise MemoryError(f"fastpath.Table: cannot allocate {total} bytes for the card table")
+        memset(p, 0, total)
+        self.arena = p
+        self.arena_size = total
+        base = <char*>p
+        self.slots = <Card*>base
+        base += _aligned(sizes[0])
+        self.validity = <Validity*>base
+        base += _aligned(sizes[1])
+        self.guest_uses = <int*>base
+        base += _aligned(sizes[2])
+        self.id_off = <unsigned int*>base
+        base += _aligned(sizes[3])
+        self.id_blob = base
+        base += _aligned(sizes[4])
+        self.bitmaps = <unsigned char*>base
+        base += _aligned(sizes[5])
+        self.holiday_open = <unsigned char*>base
+        base += _aligned(sizes[6])
+        self.holidays = <int*>base
 
     def __init__(self, columns):
         if self.built:
@@ -193,6 +296,7 @@ cdef class Table:
         cdef const int[::1] p_max_uses = c["person_max_uses"]
         cdef const int[::1] holidays = c["holidays"]
         cdef Py_ssize_t nh = holidays.shape[0]
+        ids = c["person_ids"]
 
         # Per-entry checks in C, in _pure.validated()'s order and with its messages.
         for i in range(1, n):
@@ -210,6 +314,11 @@ cdef class Table:
         for i in range(np):
             if p_max_uses[i] < 0:
                 raise _pure.element_error("person_max_uses", i, p_max_uses[i], 0)
+        if n > MAX_PERSONS or np > MAX_PERSONS:
+            raise ValueError(
+                f"TableColumns hold {n} cards and {np} persons; a Table holds at most "
+                f"{MAX_PERSONS} of each"
+            )
 
         self.version = columns.version
         self.key_width = columns.key_width
@@ -217,45 +326,53 @@ cdef class Table:
         self.n_persons = np
         self.n_gs = ng
         self.n_holidays = nh
+        # At most 3/4 full, and always one free slot so every probe ends.
+        self.n_slots = <unsigned long long>(n + n // 3 + 1)
+        self._allocate(self._id_bytes(ids))
 
-        self.keys = <unsigned long long*>self._alloc(n, sizeof(unsigned long long))
-        self.card_person = <int*>self._alloc(n, sizeof(int))
-        self.card_flags = <unsigned char*>self._alloc(n, 1)
-        if n:
-            memcpy(self.keys, &keys[0], n * sizeof(unsigned long long))
-            memcpy(self.card_person, &card_person[0], n * sizeof(int))
-            memcpy(self.card_flags, &card_flags[0], n)
-
-        self.p_from = <long long*>self._alloc(np, sizeof(long long))
-        self.p_until = <long long*>self._alloc(np, sizeof(long long))
-        self.p_gs = <int*>self._alloc(np, sizeof(int))
-        self.p_flags = <unsigned char*>self._alloc(np, 1)
-        self.p_max_uses = <int*>self._alloc(np, sizeof(int))
-        if np:
-            memcpy(self.p_from, &p_from[0], np * sizeof(long long))
-            memcpy(self.p_until, &p_until[0], np * sizeof(long long))
-            memcpy(self.p_flags, &p_flags[0], np)
-            memcpy(self.p_max_uses, &p_max_uses[0], np * sizeof(int))
         for i in range(np):
-            self.p_gs[i] = p_gs[i] if p_gs[i] >= 0 else <int>ng
-
-        self.holidays = <int*>self._alloc(nh, sizeof(int))
+            self.validity[i].valid_from = p_from[i]
+            self.validity[i].valid_until = p_until[i]
+            self.guest_uses[i] = p_max_uses[i] if p_flags[i] & C_PERSON_GUEST else -1
+        self._fill_slots(keys, card_person, card_flags, p_gs)
         if nh:
             memcpy(self.holidays, &holidays[0], nh * sizeof(int))
-
         self._copy_bitmaps(c["gs_entry"], c["gs_entry_holiday"], c["gs_exit"])
-        self._copy_ids(c["person_ids"])
+        self._copy_ids(ids)
         self.built = True
+
+    cdef _fill_slots(self, const unsigned long long[::1] keys, const int[::1] card_person,
+                     const unsigned char[::1] card_flags, const int[::1] p_gs):
+        cdef Py_ssize_t n = self.n_cards, i
+        cdef int p
+        cdef unsigned long long slot
+        cdef unsigned int info
+        cdef Card* card
+        for i in range(n):
+            slot = self._slot_of(keys[i])
+            while self.slots[slot].info & SLOT_USED:
+                slot += 1
+                if slot == self.n_slots:
+                    slot = 0
+            card = &self.slots[slot]
+            p = card_person[i]
+            info = SLOT_USED | <unsigned int>(p + 1)
+            if card_flags[i] & C_CARD_BLOCKED:
+                info |= SLOT_BLOCKED
+            card.groupset = <int>self.n_gs
+            if p >= 0:
+                card.groupset = p_gs[p] if p_gs[p] >= 0 else <int>self.n_gs
+                if (self.guest_uses[p] < 0 and self.validity[p].valid_from == _codes_NO_START
+                        and self.validity[p].valid_until == _codes_NO_END):
+                    info |= SLOT_PLAIN
+            card.key = keys[i]
+            card.info = info
 
     cdef _copy_bitmaps(self, list entry, list entry_holiday, list exit_):
         cdef Py_ssize_t ng = self.n_gs, g, b
         cdef const unsigned char[::1] bm
         cdef unsigned char* dst
-        # One extra all-zero groupset at index ng for persons in no group.
-        self.bitmaps = <unsigned char*>self._alloc((ng + 1) * 3, C_BITMAP_BYTES)
-        self.holiday_open = <unsigned char*>self._alloc(ng + 1, 1)
-        memset(self.bitmaps, 0, (ng + 1) * 3 * C_BITMAP_BYTES)
-        memset(self.holiday_open, 0, ng + 1)
+        # Groupset ng stays all zero (the arena is zeroed): persons in no group.
         for g in range(ng):
             dst = self.bitmaps + g * 3 * C_BITMAP_BYTES
             bm = entry[g]
@@ -269,13 +386,12 @@ cdef class Table:
             bm = exit_[g]
             memcpy(dst + 2 * C_BITMAP_BYTES, &bm[0], C_BITMAP_BYTES)
 
-    cdef _copy_ids(self, ids):
-        cdef Py_ssize_t np = self.n_persons, i, size
+    cdef size_t _id_bytes(self, ids) except? 0:
+        # ASCII str data is read in place; a non-ASCII id gets its UTF-8 form
+        # cached on the str. No per-person bytes object is made.
+        cdef Py_ssize_t i, size
         cdef size_t total = 0
-        cdef const char* data
-        # Two passes so no per-person bytes object is ever made: ASCII str data is
-        # read in place; a non-ASCII id gets its UTF-8 form cached on the str.
-        for i in range(np):
+        for i in range(self.n_persons):
             PyUnicode_AsUTF8AndSize(ids[i], &size)
             total += <size_t>size
         if total > 0xFFFFFFFF:
@@ -283,9 +399,12 @@ cdef class Table:
                 f"TableColumns.person_ids hold {total} bytes of ids, more than 4 GiB; "
                 "use shorter pseudonymous ids"
             )
-        self.id_off = <unsigned int*>self._alloc(np + 1, sizeof(unsigned int))
-        self.id_blob = <char*>self._alloc(total, 1)
-        total = 0
+        return total
+
+    cdef _copy_ids(self, ids):
+        cdef Py_ssize_t np = self.n_persons, i, size
+        cdef size_t total = 0
+        cdef const char* data
         for i in range(np):
             data = PyUnicode_AsUTF8AndSize(ids[i], &size)
             self.id_off[i] = <unsigned int>total
@@ -295,20 +414,22 @@ cdef class Table:
 
     # ---------------------------------------------------------------- C helpers
 
-    cdef inline Py_ssize_t _find(self, unsigned long long k) noexcept nogil:
-        """Card index of key k, or -1. Branchless lower bound: the compiler
-        turns the step into a conditional move, so no mispredicted branches."""
-        cdef const unsigned long long* base = self.keys
-        cdef Py_ssize_t n = self.n_cards, half
-        if n == 0:
-            return -1
-        while n > 1:
-            half = n >> 1
-            base = base + half if base[half] <= k else base
-            n -= half
-        if base[0] == k:
-            return base - self.keys
-        return -1
+    cdef inline unsigned long long _slot_of(self, unsigned long long k) noexcept nogil:
+        # Top 32 bits of the mixed key scaled to n_slots (< 2**32): no modulo.
+        return ((_mix(k) >> 32) * self.n_slots) >> 32
+
+    cdef inline Card* _find(self, unsigned long long k) noexcept nogil:
+        """The card with key k, or NULL."""
+        cdef unsigned long long slot = self._slot_of(k)
+        cdef Card* card = self.slots + slot
+        while card.info & SLOT_USED:
+            if card.key == k:
+                return card
+            slot += 1
+            if slot == self.n_slots:
+                slot = 0
+            card = self.slots + slot
+        return NULL
 
     cdef inline bint _is_holiday(self, long long day) noexcept nogil:
         cdef Py_ssize_t lo = 0, hi = self.n_holidays, mid
@@ -344,19 +465,19 @@ cdef class Table:
     def lookup(self, key) -> int:
         """The card's person index; -1 for an unknown card or a blocked card of nobody."""
         cdef unsigned long long k
-        cdef Py_ssize_t ci
+        cdef Card* card
         if not _as_key(key, &k):
             return -1
-        ci = self._find(k)
-        return self.card_person[ci] if ci >= 0 else -1
+        card = self._find(k)
+        return <int>(card.info & SLOT_PERSON) - 1 if card != NULL else -1
 
     def is_blocked(self, key) -> bool:
         cdef unsigned long long k
-        cdef Py_ssize_t ci
+        cdef Card* card
         if not _as_key(key, &k):
             return False
-        ci = self._find(k)
-        return ci >= 0 and (self.card_flags[ci] & C_CARD_BLOCKED) != 0
+        card = self._find(k)
+        return card != NULL and (card.info & SLOT_BLOCKED) != 0
 
     def person_id(self, Py_ssize_t index) -> str:
         self._check_index(index)
@@ -364,11 +485,11 @@ cdef class Table:
 
     def is_guest(self, Py_ssize_t index) -> bool:
         self._check_index(index)
-        return (self.p_flags[index] & C_PERSON_GUEST) != 0
+        return self.guest_uses[index] >= 0
 
     def nbytes(self) -> int:
-        """Memory held: every C array plus the object itself."""
-        return self.allocated + object.__sizeof__(self)
+        """Memory held: the arena of C arrays plus the object itself."""
+        return self.arena_size + object.__sizeof__(self)
 
 
 cdef class GateState:
@@ -429,9 +550,10 @@ def decide(Table table not None, GateState state not None, key, int direction, i
            long long apb_window_s):
     """(result, person_index, warning) for one card read; same rules as _pure.decide."""
     cdef unsigned long long k
-    cdef Py_ssize_t ci = -1
-    cdef int idx = -1, gs, max_uses, pos, warning = C_WARN_NONE
-    cdef bint blocked = False, guest
+    cdef Card* card = NULL
+    cdef int idx = -1, pos, warning = C_WARN_NONE, guest_uses = -1
+    cdef bint blocked = False
+    cdef const Validity* valid
     cdef const unsigned char* bm
     cdef unsigned int byte
     cdef unsigned char mask
@@ -447,10 +569,10 @@ def decide(Table table not None, GateState state not None, key, int direction, i
         _pure.check_arguments(direction, mode, minute_of_week, apb_mode)  # raises
 
     if _as_key(key, &k):
-        ci = table._find(k)
-        if ci >= 0:
-            idx = table.card_person[ci]
-            blocked = table.card_flags[ci] & C_CARD_BLOCKED
+        card = table._find(k)
+        if card != NULL:
+            idx = <int>(card.info & SLOT_PERSON) - 1
+            blocked = (card.info & SLOT_BLOCKED) != 0
     if mode == C_FIRE:
         return (C_GRANTED, idx, C_WARN_NONE)  # recorded without a check: who evacuated
     if mode == C_LOCKDOWN:
@@ -462,24 +584,30 @@ def decide(Table table not None, GateState state not None, key, int direction, i
     if idx < 0:
         return (C_UNKNOWN_CARD, -1, C_WARN_NONE)
 
-    guest = table.p_flags[idx] & C_PERSON_GUEST
+    if card.info & SLOT_PLAIN:
+        # Valid from NO_START until NO_END, not a guest: only the very last
+        # second of int64 is past its end.
+        if epoch_s == _codes_NO_END:
+            return (C_EXPIRED, idx, C_WARN_NONE)
+    else:
+        guest_uses = table.guest_uses[idx]
+        valid = &table.validity[idx]
     # A guest can always leave: no validity, schedule or anti-passback check on exit.
-    if not (guest and direction == C_OUT):
-        if epoch_s < table.p_from[idx]:
-            return (C_NOT_YET_VALID, idx, C_WARN_NONE)
-        if epoch_s >= table.p_until[idx]:
-            return (C_EXPIRED, idx, C_WARN_NONE)
-        max_uses = table.p_max_uses[idx]
-        if guest and max_uses > 0 and state._uses.get(table._pid(idx), 0) >= max_uses:
-            return (C_EXPIRED, idx, C_WARN_NONE)
+    if not (guest_uses >= 0 and direction == C_OUT):
+        if not card.info & SLOT_PLAIN:
+            if epoch_s < valid.valid_from:
+                return (C_NOT_YET_VALID, idx, C_WARN_NONE)
+            if epoch_s >= valid.valid_until:
+                return (C_EXPIRED, idx, C_WARN_NONE)
+            if guest_uses > 0 and state._uses.get(table._pid(idx), 0) >= guest_uses:
+                return (C_EXPIRED, idx, C_WARN_NONE)
 
-        gs = table.p_gs[idx]
-        bm = table.bitmaps + gs * 3 * C_BITMAP_BYTES
+        bm = table.bitmaps + card.groupset * 3 * C_BITMAP_BYTES
         byte = <unsigned int>minute_of_week >> 3
         mask = 1 << (minute_of_week & 7)
         if direction == C_IN:
             if table.n_holidays and table._is_holiday(day):
-                if not table.holiday_open[gs]:
+                if not table.holiday_open[card.groupset]:
                     return (C_HOLIDAY, idx, C_WARN_NONE)
                 if not (bm[C_BITMAP_BYTES + byte] & mask):
                     return (C_OUTSIDE_SCHEDULE, idx, C_WARN_NONE)
@@ -500,7 +628,7 @@ def decide(Table table not None, GateState state not None, key, int direction, i
                 # epoch_s - last < apb_window_s, exactly as Python ints would say it: on
                 # int64 overflow the true difference is beyond any window, with the
                 # sign of epoch_s - last.
-                if __builtin_ssubll_overflow(epoch_s, last, &diff):
+                if gate_sub_overflows(epoch_s, last, &diff):
                     refused = epoch_s < last
                 else:
                     refused = diff < apb_window_s

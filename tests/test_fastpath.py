@@ -375,6 +375,35 @@ def test_validity_window_from_inclusive_until_exclusive(fp):
         assert decide(fp, t, state, 100, direction, epoch_s=NOW + 3600)[0] == EXPIRED
 
 
+def test_the_ends_of_time_for_a_person_without_a_window(fp):
+    t = build(fp, [ALICE])
+    state = fp.GateState()
+    assert decide(fp, t, state, 100, epoch_s=NO_START)[0] == GRANTED
+    assert decide(fp, t, state, 100, epoch_s=NO_END - 1)[0] == GRANTED
+    assert decide(fp, t, state, 100, epoch_s=NO_END)[0] == EXPIRED  # until is exclusive
+
+
+@pytest.mark.parametrize("spread", ["random 64-bit UIDs", "one facility's card numbers"])
+def test_a_large_table_finds_every_card_and_no_other(fp, spread):
+    import random
+
+    rng = random.Random(7)
+    if spread == "random 64-bit UIDs":
+        keys = list(dict.fromkeys(rng.getrandbits(64) for _ in range(20_100)))[:20_000]
+    else:  # facility 100, card numbers in a row: the clustering of a real batch of cards
+        keys = [(100 << 16) | n for n in range(20_000)]
+        rng.shuffle(keys)
+    persons = [Person(f"p{i}", [k]) for i, k in enumerate(keys[:10_000])]
+    t = build(fp, persons, blocked=keys[10_000:12_000], key_width=64)
+    assert len(t) == 12_000
+    for i, k in enumerate(keys[:10_000]):
+        assert t.lookup(k) == i and not t.is_blocked(k)
+    for k in keys[10_000:12_000]:
+        assert t.lookup(k) == -1 and t.is_blocked(k)
+    for k in keys[12_000:]:
+        assert t.lookup(k) == -1 and not t.is_blocked(k)
+
+
 def test_every_refusal_keeps_its_reason_while_busy_and_a_grant_becomes_gate_busy(fp):
     groups = {
         "all": Group(),
