@@ -290,8 +290,7 @@ def _cmd_acl_push(args: argparse.Namespace) -> int:
             print(f"  {e}", file=sys.stderr)
         return EXIT_INPUT
     try:
-        topics(args.site, args.gate[0] if args.gate else "x")
-        for g in args.gate or ():
+        for g in args.gate or ["any"]:  # site and gate names must be topic levels
             topics(args.site, g)
         key = _signing_key(args)
         session = _session(args)

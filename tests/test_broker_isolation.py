@@ -94,7 +94,7 @@ def test_the_server_sends_commands_and_reads_replies_and_status(as_, pki):
     assert server.publish(A["events"], b"{}") == NOT_AUTHORISED
 
 
-def test_fleet_status_lists_the_retained_status_of_each_gate(as_, pki):
+def test_fleet_status_lists_the_retained_status_of_each_gate(as_, pki, gate_broker):
     for ident, gate in ((pki.gate_a, GATE_A), (pki.gate_b, GATE_B)):
         s = as_(ident)
         birth = {"v": 1, "state": "online", "version": "0.1.0", "fastpath": "compiled",
@@ -104,6 +104,22 @@ def test_fleet_status_lists_the_retained_status_of_each_gate(as_, pki):
     rows = collect_status(as_(pki.regional), SITE)
     assert [(r["site"], r["gate"], r["acl_version"]) for r in rows] == [
         (SITE, GATE_A, f"v-{GATE_A}"), (SITE, GATE_B, f"v-{GATE_B}")]
+    # The same through `gate-agent fleet status`: a header and one line per gate.
+    import io
+    from contextlib import redirect_stdout
+
+    from agent.tools_regional import main
+
+    out = io.StringIO()
+    with redirect_stdout(out):
+        code = main(["fleet", "status", "--host", gate_broker.host, "--port", str(gate_broker.port),
+                     "--tls-ca", str(pki.ca_file), "--tls-cert", str(pki.regional.cert),
+                     "--tls-key", str(pki.regional.key), "--wait", "3"])
+    assert code == 0
+    header, *lines = out.getvalue().splitlines()
+    assert header.split() == ["site", "gate", "state", "version", "fastpath", "acl_version", "started_at"]
+    assert [line.split()[:3] for line in lines[:2]] == [[SITE, GATE_A, "online"], [SITE, GATE_B, "online"]]
+    assert lines[-1] == "2 gate(s), 2 online"
 
 
 def test_the_ingest_identity_reads_events_and_writes_acks_only(as_, pki):
