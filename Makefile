@@ -50,5 +50,8 @@ soak: build
 lint: $(STAMP)
 	$(VPY) -m ruff check agent fastpath tests bench
 
+include Makefile.fuzz
+fuzz-hypothesis fuzz-atheris: build
+
 clean:
 	rm -rf build fastpath/_compiled.c fastpath/*.so *.egg-info

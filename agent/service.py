@@ -531,16 +531,6 @@ class Service:
     def _on_record(self, record: dict) -> None:
         """Gate thread, after each committed record."""
         rtype = record.get("type")
-        if rtype == "acl.applied" and self.downlink is not None:
-            # A list applied online: schedules follow its time zone (the Table
-            # does not carry one). Safe here: this runs on the gate thread.
-            acl = getattr(getattr(self.downlink, "acl", None), "acl", None)
-            tz = getattr(acl, "timezone", None)
-            if tz:
-                try:
-                    self.gate.set_timezone(tz)
-                except ValueError:
-                    log.exception("access list time zone %r not usable; keeping %s", tz, self.gate.timezone)
         if rtype == "reader.error":
             self._reader_errors[str(record.get("reader"))][str(record.get("kind"))] += 1
         if rtype in ("alarm", "alarm.fire", "mode.changed", "turnstile.fault", "journal.overflow"):

@@ -442,39 +442,84 @@ class _Outputs:
         pass
 
 
+class _LiveGate:
+    """A simulated gate wired like the service: Gate + GateRuntime + Journal + Uplink + Downlink."""
+
+    def __init__(self, tmp_path, broker, fp) -> None:
+        from agent.downlink import uplink_publisher
+        from agent.runtime import GateRuntime
+        from agent.uplink.journal import Journal
+        from agent.uplink.mqtt import Uplink
+
+        self.journal = Journal(tmp_path / "journal.db")
+        self.uplink = Uplink(self.journal, site=SITE, gate=GATE, host=broker.host, port=broker.port,
+                             ack_mode="broker", backoff_min_s=0.1, backoff_max_s=0.5)
+        holder: list = []
+        self.dl = Downlink(site=SITE, gate=GATE, fp=fp, state_dir=tmp_path / "state",
+                           submit=lambda e: holder[0].submit(e), publish=uplink_publisher(self.uplink),
+                           trusted_keys={KEY_ID: PUB})
+        self.gate = Gate(GateConfig(site=SITE, gate=GATE), fp, None)
+        self.records: list[dict] = []
+        self.rt = GateRuntime(self.gate, self.journal, outputs=_Outputs(),
+                              on_record=lambda r: (self.records.append(r), self.dl.on_record(r),
+                                                   self.uplink.wake()))
+        holder.append(self.rt)
+        self.uplink.on_message = self.dl.on_message
+        self.rt.start()
+        self.uplink.start()
+        deadline = time.monotonic() + 10
+        while not self.uplink.connected:
+            assert time.monotonic() < deadline, "the gate's uplink did not connect"
+            time.sleep(0.02)
+        time.sleep(0.2)  # its SUBSCRIBE is sent right after CONNACK
+
+    def close(self) -> None:
+        self.uplink.stop()
+        self.rt.stop()
+        self.dl.close()
+        self.journal.close()
+
+
 @pytest.fixture
 def live_gate(tmp_path, make_broker, fp):
-    """A simulated gate wired like the service: Gate + GateRuntime + Journal + Uplink + Downlink."""
-    from agent.downlink import uplink_publisher
-    from agent.runtime import GateRuntime
-    from agent.uplink.journal import Journal
-    from agent.uplink.mqtt import Uplink
+    broker = make_broker()
+    live = _LiveGate(tmp_path, broker, fp)
+    yield broker, live.gate, tmp_path
+    live.close()
+
+
+def test_a_retained_command_on_the_broker_is_refused_through_the_real_uplink(tmp_path, make_broker, fp):
+    """The broker hands a retained message to a new subscriber with the retain flag
+    set: the gate must refuse it (esp-rfid's users found out why)."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
 
     broker = make_broker()
-    journal = Journal(tmp_path / "journal.db")
-    uplink = Uplink(journal, site=SITE, gate=GATE, host=broker.host, port=broker.port,
-                    ack_mode="broker", backoff_min_s=0.1, backoff_max_s=0.5)
-    holder: list = []
-    dl = Downlink(site=SITE, gate=GATE, fp=fp, state_dir=tmp_path / "state",
-                  submit=lambda e: holder[0].submit(e), publish=uplink_publisher(uplink),
-                  trusted_keys={KEY_ID: PUB})
-    gate = Gate(GateConfig(site=SITE, gate=GATE), fp, None)
-    rt = GateRuntime(gate, journal, outputs=_Outputs(),
-                     on_record=lambda r: (dl.on_record(r), uplink.wake()))
-    holder.append(rt)
-    uplink.on_message = dl.on_message
-    rt.start()
-    uplink.start()
-    deadline = time.monotonic() + 10
-    while not uplink.connected:
-        assert time.monotonic() < deadline, "the gate's uplink did not connect"
-        time.sleep(0.02)
-    time.sleep(0.2)  # its SUBSCRIBE is sent right after CONNACK
-    yield broker, gate, tmp_path
-    uplink.stop()
-    rt.stop()
-    dl.close()
-    journal.close()
+    msg = command("open", counter=int(time.time() * 1000), now=time.time())
+    props = Properties(PacketTypes.PUBLISH)
+    props.MessageExpiryInterval = 20
+    props.ResponseTopic = REPLY
+    props.CorrelationData = CORR
+    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    pub.connect(broker.host, broker.port)
+    pub.loop_start()
+    pub.publish(f"gate/v1/{SITE}/{GATE}/cmd", json.dumps(msg), qos=1, retain=True,
+                properties=props).wait_for_publish(5)
+    pub.loop_stop()
+    pub.disconnect()
+
+    live = _LiveGate(tmp_path, broker, fp)
+    try:
+        deadline = time.monotonic() + 10
+        while not [r for r in live.records if r["type"] == "command.result"]:
+            assert time.monotonic() < deadline, "no command.result for the retained command"
+            time.sleep(0.02)
+        result = next(r for r in live.records if r["type"] == "command.result")
+        assert result["result"] == "refused" and result["reason"] == "invalid"
+        assert live.gate.pending is None, "a retained open must never open the gate"
+    finally:
+        live.close()
 
 
 def run_tool(argv: list[str]) -> tuple[int, str, str]:

@@ -52,7 +52,7 @@ def test_broker_killed_and_restarted_while_events_flow_loses_nothing(
     commands: list[tuple[str, bytes]] = []
     with Observer(broker, T["events"]) as wire:
         up = uplinks(journal, broker, resend_after_s=1.0,
-                     on_message=lambda topic, payload, props: commands.append((topic, payload)))
+                     on_message=lambda topic, payload, props, retain: commands.append((topic, payload)))
         gate = Gate(journal, up, total=400)
         gate.start()
         for outage in (60, 220):  # two outages, each while the gate keeps committing

@@ -291,7 +291,8 @@ class AclSync:
         now = self._wall()
         self._persist(acl, kind, base, now)
         self.acl, self.applied_at = acl, now
-        self._submit(SwapTable(table, kind, base))
+        # The time zone travels with the table: schedules switch zone at the swap itself.
+        self._submit(SwapTable(table, kind, base, timezone=acl.timezone))
         with self._flags:
             cleared, self._stale_raised = self._stale_raised, False
         if cleared:

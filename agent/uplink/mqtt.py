@@ -158,7 +158,7 @@ class Uplink:
     ``start()`` starts the thread, ``stop()`` ends it after publishing the
     retained ``offline`` status. ``wake()`` (any thread, never blocks) says
     new records are committed. ``on_alarm(kind, active, detail)`` and
-    ``on_message(topic, payload, properties)`` are called on the uplink
+    ``on_message(topic, payload, properties, retain)`` are called on the uplink
     thread; keep them short (enqueue and return).
     """
 
@@ -183,7 +183,7 @@ class Uplink:
         connect_timeout_s: float = 10.0,
         status_fields: Callable[[], dict] | None = None,
         on_alarm: Callable[[str, bool, str], None] | None = None,
-        on_message: Callable[[str, bytes, Any], None] | None = None,
+        on_message: Callable[[str, bytes, Any, bool], None] | None = None,
         boot: str | None = None,
         started_at: float | None = None,
     ) -> None:
@@ -602,7 +602,8 @@ class Uplink:
             return
         if self.on_message is not None:
             try:
-                self.on_message(topic, message.payload, message.properties)
+                # The retain flag travels beside the properties: a retained command is never acted on.
+                self.on_message(topic, message.payload, message.properties, bool(message.retain))
             except Exception:
                 log.exception("uplink: on_message handler failed for %s", topic)
 
