@@ -1,0 +1,288 @@
+"""The technician tools speak Russian or English, by the locale.
+
+``_("text")`` returns the Russian text when the locale asks for Russian
+(the first non-empty of LC_ALL, LC_MESSAGES, LANG starts with "ru", the
+POSIX order), else the English text itself. Only the technician's tools
+(provision, doctor, monitor, journal, bundle, demo) translate: logs and
+event records stay English, so the regional server and bug reports read
+one language.
+
+The catalogue is ``agent/locale/ru/LC_MESSAGES/gate-agent.po``. A compiled
+``gate-agent.mo`` beside it is used when it is at least as new as the .po
+(``python -m agent.i18n compile`` writes it, e.g. from a make step);
+otherwise the .po is parsed directly at first use, so a checkout or an
+install without a compiled catalogue still speaks Russian. No msgfmt, no
+build step needed.
+
+Plural forms are avoided on purpose: messages put numbers after a colon
+("events: 5"), which reads right in both languages.
+
+    python -m agent.i18n compile    # write the .mo beside each .po
+    python -m agent.i18n check      # list msgids used in the tools but missing from the catalogue
+"""
+from __future__ import annotations
+
+import ast
+import gettext as _gettext
+import os
+import struct
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+__all__ = [
+    "DOMAIN",
+    "LANGUAGES",
+    "LOCALE_DIR",
+    "_",
+    "catalog",
+    "compile_mo",
+    "detect_language",
+    "gettext",
+    "language",
+    "missing_msgids",
+    "parse_po",
+    "set_language",
+    "used_msgids",
+]
+
+DOMAIN = "gate-agent"
+LOCALE_DIR = Path(__file__).resolve().parent / "locale"
+LANGUAGES = ("en", "ru")
+# The modules whose user-facing strings go through _() (checked by tests/test_i18n.py).
+TRANSLATED_MODULES = (
+    "agent/tools/provision.py",
+    "agent/tools/doctor.py",
+    "agent/tools/monitor.py",
+    "agent/tools/journaltool.py",
+    "agent/tools/bundle.py",
+    "agent/demo.py",
+)
+
+_language: str | None = None
+_catalogs: dict[str, dict[str, str]] = {}
+
+
+class PoError(ValueError):
+    """A .po file that cannot be read; the message names the line."""
+
+
+def detect_language(env: Mapping[str, str] | None = None) -> str:
+    """"ru" when the locale asks for Russian, else "en" (POSIX precedence:
+    LC_ALL, then LC_MESSAGES, then LANG; the first one set decides)."""
+    env = os.environ if env is None else env
+    for name in ("LC_ALL", "LC_MESSAGES", "LANG"):
+        value = env.get(name, "")
+        if value:
+            return "ru" if value.lower().startswith("ru") else "en"
+    return "en"
+
+
+def language() -> str:
+    """The language in use (detected from the environment at first use)."""
+    global _language
+    if _language is None:
+        _language = detect_language()
+    return _language
+
+
+def set_language(lang: str | None) -> None:
+    """Force "ru" or "en"; None: detect again from the environment at next use."""
+    global _language
+    if lang is not None and lang not in LANGUAGES:
+        raise ValueError(f"language {lang!r}: allowed {', '.join(LANGUAGES)}")
+    _language = lang
+
+
+# --------------------------------------------------------------------------- .po
+
+
+def _unquote(text: str, where: str) -> str:
+    text = text.strip()
+    if len(text) < 2 or text[0] != '"' or text[-1] != '"':
+        raise PoError(f"{where}: expected a quoted string, got {text[:40]!r}")
+    body = text[1:-1]
+    out: list[str] = []
+    i = 0
+    escapes = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "\\": "\\"}
+    while i < len(body):
+        c = body[i]
+        if c == "\\" and i + 1 < len(body):
+            out.append(escapes.get(body[i + 1], body[i + 1]))
+            i += 2
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def parse_po(text: str, source: str = "<po>") -> dict[str, str]:
+    """msgid -> msgstr of a .po file's translated, non-fuzzy entries (the header
+    entry, msgid "", is left out). Multi-line strings and C escapes are read;
+    plural entries are not used by this project and are refused."""
+    out: dict[str, str] = {}
+    entry: dict[str, list[str]] = {}
+    field: str | None = None
+    fuzzy = False
+
+    def flush() -> None:
+        nonlocal entry, field, fuzzy
+        if "msgid" in entry and "msgstr" in entry:
+            msgid, msgstr = "".join(entry["msgid"]), "".join(entry["msgstr"])
+            if msgid and msgstr and not fuzzy:
+                out[msgid] = msgstr
+        entry, field, fuzzy = {}, None, False
+
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        where = f"{source}:{n}"
+        if not line:
+            flush()
+            continue
+        if line.startswith("#"):
+            if "msgid" in entry and "msgstr" in entry:
+                flush()
+            if line.startswith("#,") and "fuzzy" in line:
+                fuzzy = True
+            continue
+        if line.startswith(("msgid_plural", "msgstr[")):
+            raise PoError(f"{where}: plural entries are not used here; rephrase with a colon")
+        if line.startswith("msgctxt"):
+            raise PoError(f"{where}: msgctxt is not used here")
+        if line.startswith("msgid "):
+            if "msgstr" in entry:
+                flush()
+            field = "msgid"
+            entry["msgid"] = [_unquote(line[6:], where)]
+        elif line.startswith("msgstr "):
+            if "msgid" not in entry:
+                raise PoError(f"{where}: msgstr without a msgid before it")
+            field = "msgstr"
+            entry["msgstr"] = [_unquote(line[7:], where)]
+        elif line.startswith('"'):
+            if field is None:
+                raise PoError(f"{where}: a string continues nothing")
+            entry[field].append(_unquote(line, where))
+        else:
+            raise PoError(f"{where}: cannot read {line[:40]!r}; fix the .po syntax")
+    flush()
+    return out
+
+
+def compile_mo(messages: Mapping[str, str]) -> bytes:
+    """A GNU .mo file (what msgfmt writes) holding ``messages``; the header
+    entry declares UTF-8 so gettext decodes it."""
+    items = dict(messages)
+    items[""] = "Content-Type: text/plain; charset=UTF-8\n"
+    keys = sorted(items)
+    ids = [k.encode("utf-8") for k in keys]
+    strs = [items[k].encode("utf-8") for k in keys]
+    n = len(keys)
+    header = 7 * 4
+    ids_table = header
+    strs_table = ids_table + n * 8
+    data_start = strs_table + n * 8
+    offsets_ids, offsets_strs = [], []
+    blob = b""
+    for b in ids:
+        offsets_ids.append((len(b), data_start + len(blob)))
+        blob += b + b"\0"
+    for b in strs:
+        offsets_strs.append((len(b), data_start + len(blob)))
+        blob += b + b"\0"
+    out = struct.pack("<7I", 0x950412DE, 0, n, ids_table, strs_table, 0, 0)
+    for length, off in offsets_ids:
+        out += struct.pack("<2I", length, off)
+    for length, off in offsets_strs:
+        out += struct.pack("<2I", length, off)
+    return out + blob
+
+
+def _paths(lang: str) -> tuple[Path, Path]:
+    folder = LOCALE_DIR / lang / "LC_MESSAGES"
+    return folder / f"{DOMAIN}.po", folder / f"{DOMAIN}.mo"
+
+
+def catalog(lang: str) -> dict[str, str]:
+    """msgid -> translation for a language ({} for English or a missing catalogue)."""
+    if lang in _catalogs:
+        return _catalogs[lang]
+    messages: dict[str, str] = {}
+    po, mo = _paths(lang)
+    try:
+        po_mtime = po.stat().st_mtime if po.exists() else None
+        if mo.exists() and (po_mtime is None or mo.stat().st_mtime >= po_mtime):
+            with mo.open("rb") as f:
+                trans = _gettext.GNUTranslations(f)
+            messages = {k: v for k, v in trans._catalog.items() if isinstance(k, str) and k}  # type: ignore[attr-defined]
+        elif po_mtime is not None:
+            messages = parse_po(po.read_text(encoding="utf-8"), str(po))
+    except (OSError, PoError, UnicodeDecodeError) as exc:
+        # A broken catalogue must never stop a tool: speak English and say why once.
+        print(f"gate-agent: translations for {lang} not loaded ({exc}); using English", file=sys.stderr)
+        messages = {}
+    _catalogs[lang] = messages
+    return messages
+
+
+def gettext(message: str) -> str:
+    """The message in the language in use (English: the message itself)."""
+    lang = language()
+    if lang == "en":
+        return message
+    return catalog(lang).get(message, message)
+
+
+_ = gettext
+
+
+# --------------------------------------------------------------------------- upkeep
+
+
+def used_msgids(paths: list[Path] | None = None) -> dict[str, list[str]]:
+    """Every literal ``_("...")`` in the translated modules: msgid -> places."""
+    root = Path(__file__).resolve().parent.parent
+    out: dict[str, list[str]] = {}
+    for p in paths or [root / m for m in TRANSLATED_MODULES]:
+        if not p.exists():
+            continue
+        tree = ast.parse(p.read_text(encoding="utf-8"), str(p))
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "_"
+                    and node.args and isinstance(node.args[0], ast.Constant)
+                    and isinstance(node.args[0].value, str)):
+                out.setdefault(node.args[0].value, []).append(f"{p.name}:{node.lineno}")
+    return out
+
+
+def missing_msgids(lang: str = "ru") -> dict[str, list[str]]:
+    """msgids used in the tools that the catalogue does not translate."""
+    po, _mo = _paths(lang)
+    have = parse_po(po.read_text(encoding="utf-8"), str(po)) if po.exists() else {}
+    return {m: where for m, where in used_msgids().items() if m not in have}
+
+
+def _po_quote(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t") + '"'
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["compile"]:
+        for lang in LANGUAGES:
+            po, mo = _paths(lang)
+            if po.exists():
+                mo.write_bytes(compile_mo(parse_po(po.read_text(encoding="utf-8"), str(po))))
+                print(f"wrote {mo}")
+        return 0
+    if args[:1] == ["check"]:
+        missing = missing_msgids("ru")
+        for msgid, where in missing.items():
+            print(f"#: {' '.join(where)}\nmsgid {_po_quote(msgid)}\nmsgstr \"\"\n")
+        return 1 if missing else 0
+    print("usage: python -m agent.i18n compile | check", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,425 @@
+"""``gate-agent journal``: read the gate's journal without disturbing the service.
+
+    gate-agent journal tail [-n N] [-f]           the last records, one line each; -f follows
+    gate-agent journal export [--since SEQ] [--pending] > file.jsonl
+    gate-agent journal stats [--json]             counts, backlog, oldest pending, size
+
+The journal database (agent/uplink/journal.py) is opened read-only
+(``mode=ro``, ``query_only``): in WAL mode a reader never blocks the
+service, and the service never waits for it, so every subcommand works
+while the agent runs. A journal whose -shm file cannot be created (a
+read-only directory) is read as immutable when no WAL is pending.
+
+"Pending" here is what the journal file says: records the service has not
+yet marked confirmed. The service applies acknowledgements when the gate is
+idle, so a record acknowledged a moment ago may still show as pending.
+
+Exit codes: 0 done, 2 the journal cannot be found or read.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sqlite3
+import sys
+import time
+import tomllib
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, tzinfo
+from pathlib import Path
+from typing import Any, TextIO
+from urllib.parse import quote
+
+from agent.i18n import _
+
+__all__ = [
+    "DEFAULT_JOURNAL",
+    "JournalReadError",
+    "add_journal_parser",
+    "export_records",
+    "format_record",
+    "journal_path",
+    "journal_stats",
+    "open_readonly",
+    "read_records",
+    "tail_records",
+]
+
+DEFAULT_CONFIG = Path("/etc/gate-agent/agent.toml")
+DEFAULT_JOURNAL = Path("/var/lib/gate-agent/journal.db")
+EXIT_OK = 0
+EXIT_UNREADABLE = 2
+FOLLOW_POLL_S = 0.5
+_HIDDEN_FIELDS = frozenset({"v", "id", "seq", "ts", "clock_synced", "boot", "mono", "type"})
+
+
+class JournalReadError(RuntimeError):
+    """The journal cannot be opened or read; the message says what to do."""
+
+
+# --------------------------------------------------------------------------- locating
+
+
+def journal_path(config: str | os.PathLike[str] | None = None, db: str | os.PathLike[str] | None = None) -> Path:
+    """The journal file: ``db`` when given, else ``journal.path`` of the config.
+
+    Only that one key is read (not the whole config checked), so the tool
+    still works when another part of the config is wrong, which is exactly
+    when a technician looks at the journal. A missing config means the
+    default path.
+    """
+    if db is not None:
+        return Path(db)
+    cfg = Path(config) if config is not None else DEFAULT_CONFIG
+    try:
+        doc = tomllib.loads(cfg.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        if config is not None:
+            raise JournalReadError(
+                _("config {path} does not exist; give the right --config, or the journal file with --db")
+                .format(path=cfg)) from None
+        return DEFAULT_JOURNAL
+    except (OSError, UnicodeDecodeError) as exc:
+        raise JournalReadError(
+            _("config {path} cannot be read ({error}); run with sudo, or give the journal file with --db")
+            .format(path=cfg, error=exc)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise JournalReadError(
+            _("config {path} is not valid TOML ({error}); give the journal file with --db")
+            .format(path=cfg, error=exc)) from None
+    text = doc.get("journal", {}).get("path") if isinstance(doc.get("journal"), dict) else None
+    if not isinstance(text, str) or not text:
+        return DEFAULT_JOURNAL
+    p = Path(text).expanduser()
+    return p if p.is_absolute() else cfg.resolve().parent / p
+
+
+def open_readonly(path: str | os.PathLike[str]) -> sqlite3.Connection:
+    """A read-only connection to a journal; JournalReadError saying what to do."""
+    p = Path(path)
+    if not p.exists():
+        try:
+            os.stat(p.parent)
+        except PermissionError:
+            raise JournalReadError(
+                _("cannot look into {dir} (permission denied): the journal belongs to the service "
+                  "user; run the command with sudo").format(dir=p.parent)) from None
+        except FileNotFoundError:
+            pass
+        raise JournalReadError(
+            _("no journal at {path}: the service creates it at its first start; check journal.path "
+              "in the config or give the file with --db").format(path=p))
+    if not os.access(p, os.R_OK):
+        raise JournalReadError(
+            _("cannot read {path} (permission denied): the journal holds personal data and belongs "
+              "to the service user; run the command with sudo").format(path=p))
+    uri = f"file:{quote(str(p.resolve()))}?mode=ro"
+    try:
+        conn = _connect(uri)
+    except sqlite3.OperationalError:
+        wal = Path(str(p) + "-wal")
+        if wal.exists() and wal.stat().st_size > 0:
+            raise JournalReadError(
+                _("cannot open {path} read-only while the service writes it: this user cannot create "
+                  "its shared-memory file; run the command with sudo").format(path=p)) from None
+        # No WAL to merge: reading the file as it stands is exact.
+        try:
+            conn = _connect(uri + "&immutable=1")
+        except sqlite3.Error as exc:
+            raise JournalReadError(_("cannot open {path}: {error}").format(path=p, error=exc)) from None
+    except sqlite3.DatabaseError as exc:
+        raise JournalReadError(
+            _("{path} is not a journal database ({error}); check journal.path").format(path=p, error=exc)
+        ) from None
+    return conn
+
+
+def _connect(uri: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(uri, uri=True, timeout=5, isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute("PRAGMA query_only=1")
+        conn.execute("SELECT value FROM meta WHERE key = 'journal_id'").fetchone()
+        conn.execute("SELECT count(*) FROM events WHERE seq < 0").fetchone()
+    except sqlite3.Error:
+        conn.close()
+        raise
+    return conn
+
+
+def _journal_id(conn: sqlite3.Connection) -> str:
+    row = conn.execute("SELECT value FROM meta WHERE key = 'journal_id'").fetchone()
+    return row[0] if row else "?"
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_records(conn: sqlite3.Connection, *, since_seq: int = 0, pending_only: bool = False,
+                 batch: int = 1000) -> Iterator[dict]:
+    """Records with seq > since_seq in seq order (as committed: with id and seq)."""
+    where = "seq > ?" + (" AND done IS NULL" if pending_only else "")
+    cursor = int(since_seq)
+    while True:
+        rows = conn.execute(f"SELECT seq, body FROM events WHERE {where} ORDER BY seq LIMIT ?",
+                            (cursor, batch)).fetchall()
+        for seq, body in rows:
+            cursor = seq
+            try:
+                yield json.loads(body)
+            except ValueError:
+                yield {"seq": seq, "type": "?", "unreadable": body[:200]}
+        if len(rows) < batch:
+            return
+
+
+def tail_records(conn: sqlite3.Connection, n: int) -> list[dict]:
+    """The last n records in seq order."""
+    if n <= 0:
+        return []
+    rows = conn.execute("SELECT body FROM events ORDER BY seq DESC LIMIT ?", (int(n),)).fetchall()
+    out = []
+    for (body,) in reversed(rows):
+        try:
+            out.append(json.loads(body))
+        except ValueError:
+            out.append({"type": "?", "unreadable": body[:200]})
+    return out
+
+
+def export_records(conn: sqlite3.Connection, out: TextIO, *, since_seq: int = 0,
+                   pending_only: bool = False) -> int:
+    """Write records as JSON Lines (the contract's event records); returns how many."""
+    n = 0
+    for rec in read_records(conn, since_seq=since_seq, pending_only=pending_only):
+        out.write(json.dumps(rec, separators=(",", ":"), ensure_ascii=False) + "\n")
+        n += 1
+    return n
+
+
+def journal_stats(conn: sqlite3.Connection, path: str | os.PathLike[str], now_wall: float) -> dict:
+    """Figures a technician asks for: id, last seq, stored, pending, oldest pending,
+    by type, time range, file size."""
+    p = Path(path)
+    size = 0
+    for f in (p, Path(str(p) + "-wal")):
+        try:
+            size += f.stat().st_size
+        except OSError:
+            pass
+    conn.execute("BEGIN")  # one snapshot for every figure
+    try:
+        state = conn.execute("SELECT last_seq, acked_upto, overflow FROM state WHERE id = 1").fetchone()
+        top = conn.execute("SELECT max(seq), min(seq), count(*), min(wall), max(wall) FROM events").fetchone()
+        pending, oldest = conn.execute(
+            "SELECT count(*), min(wall) FROM events WHERE done IS NULL").fetchone()
+        by_type = dict(conn.execute("SELECT type, count(*) FROM events GROUP BY type ORDER BY type"))
+        pending_by_type = dict(conn.execute(
+            "SELECT type, count(*) FROM events WHERE done IS NULL GROUP BY type ORDER BY type"))
+        recovered = conn.execute("SELECT value FROM meta WHERE key = 'recovered_seq'").fetchone()
+        jid = _journal_id(conn)
+    finally:
+        conn.execute("COMMIT")
+    last_seq = max(state[0] if state else 0, top[0] or 0)
+    overflow = 0
+    if state and state[2]:
+        try:
+            overflow = sum(int(v) for v in json.loads(state[2]).get("kinds", {}).values())
+        except (ValueError, AttributeError, TypeError):
+            overflow = 0
+    return {
+        "journal": jid,
+        "path": str(p),
+        "bytes": size,
+        "last_seq": last_seq,
+        "stored": top[2],
+        "first_stored_seq": top[1],
+        "pending": pending,
+        "pending_by_type": pending_by_type,
+        "oldest_pending_s": None if oldest is None else round(max(0.0, now_wall - oldest), 3),
+        "confirmed_upto": state[1] if state else 0,
+        "by_type": by_type,
+        "first_ts": None if top[3] is None else _iso(top[3]),
+        "last_ts": None if top[4] is None else _iso(top[4]),
+        "dropped_unreported": overflow,
+        # The seq of this journal's journal.recovered record: it was rebuilt from a damaged one.
+        "recovered_seq": int(recovered[0]) if recovered else None,
+    }
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, tz=UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+# --------------------------------------------------------------------------- display
+
+
+def format_record(rec: dict, tz: tzinfo | None = None, *, date: bool = True) -> str:
+    """One human line: local time, #seq, type, the type's fields (cards as
+    facility,card); "clock?" marks a record made with an unsynchronised clock."""
+    from agent.core.cards import format_key
+
+    ts = rec.get("ts") or ""
+    shown = ts
+    if ts:
+        try:
+            t = datetime.fromisoformat(ts).astimezone(tz)
+            shown = t.strftime("%Y-%m-%d %H:%M:%S" if date else "%H:%M:%S") + f".{t.microsecond // 1000:03d}"
+        except ValueError:
+            shown = ts
+    parts = []
+    for k, v in rec.items():
+        if k in _HIDDEN_FIELDS or v is None:
+            continue
+        if k == "card" and isinstance(v, int):
+            try:
+                v = format_key(v, max(24, v.bit_length()))["facility_card"]
+            except ValueError:
+                pass
+        elif isinstance(v, (dict, list)):
+            v = json.dumps(v, separators=(",", ":"), ensure_ascii=False)
+        parts.append(f"{k}={v}")
+    flag = " clock?" if rec.get("clock_synced") is False else ""
+    seq = rec.get("seq", "?")
+    return f"{shown} #{seq:<6} {rec.get('type', '?'):<17} {' '.join(parts)}{flag}".rstrip()
+
+
+def follow(path: Path, out: TextIO, *, after_seq: int, stop: Callable[[], bool] = lambda: False,
+           poll_s: float = FOLLOW_POLL_S) -> None:
+    """Print new records as they are committed until ``stop()`` (or Ctrl-C).
+    A journal rebuilt by the service (a new id) is followed from its start."""
+    conn: sqlite3.Connection | None = None
+    jid = None
+    last = after_seq
+    while not stop():
+        try:
+            if conn is None:
+                conn = open_readonly(path)
+                new_id = _journal_id(conn)
+                if jid is not None and new_id != jid:
+                    out.write(_("-- the journal was rebuilt (new id {id}); following it from the start --")
+                              .format(id=new_id) + "\n")
+                    last = 0
+                jid = new_id
+            for rec in read_records(conn, since_seq=last):
+                out.write(format_record(rec) + "\n")
+                last = rec.get("seq", last)
+            out.flush()
+        except (sqlite3.Error, JournalReadError):
+            if conn is not None:
+                conn.close()
+            conn = None  # the file was replaced or is busy: open it again next time
+        time.sleep(poll_s)
+    if conn is not None:
+        conn.close()
+
+
+def format_stats(s: dict) -> str:
+    def age(seconds: float | None) -> str:
+        if seconds is None:
+            return _("none")
+        if seconds < 120:
+            return _("{n} s").format(n=round(seconds))
+        if seconds < 7200:
+            return _("{n} min").format(n=round(seconds / 60))
+        if seconds < 172800:
+            return _("{n} h").format(n=round(seconds / 3600, 1))
+        return _("{n} days").format(n=round(seconds / 86400, 1))
+
+    lines = [
+        _("journal {id}: {path}").format(id=s["journal"], path=s["path"]),
+        _("  size: {mb} MB").format(mb=round(s["bytes"] / 1e6, 2)),
+        _("  last seq: {seq}").format(seq=s["last_seq"]),
+        _("  records kept: {n}").format(n=s["stored"]),
+        _("  waiting for the server's confirmation: {n} (oldest: {age})")
+        .format(n=s["pending"], age=age(s["oldest_pending_s"])),
+        _("  time range: {first} .. {last}").format(first=s["first_ts"] or "-", last=s["last_ts"] or "-"),
+    ]
+    if s["dropped_unreported"]:
+        lines.append(_("  refused for lack of space, not yet reported: {n}").format(n=s["dropped_unreported"]))
+    if s["recovered_seq"]:
+        lines.append(_("  rebuilt from a damaged journal (see record #{seq})").format(seq=s["recovered_seq"]))
+    if s["by_type"]:
+        lines.append(_("  by type (kept / pending):"))
+        for t, n in s["by_type"].items():
+            lines.append(f"    {t:<18} {n:>8} / {s['pending_by_type'].get(t, 0)}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _open_from_args(args: argparse.Namespace) -> tuple[Path, sqlite3.Connection]:
+    path = journal_path(args.config, args.db)
+    return path, open_readonly(path)
+
+
+def _cmd_journal(args: argparse.Namespace) -> int:
+    out = sys.stdout
+    what = getattr(args, "journal_command", None)
+    try:
+        path, conn = _open_from_args(args)
+    except JournalReadError as exc:
+        print(f"gate-agent journal: {exc}", file=sys.stderr)
+        return EXIT_UNREADABLE
+    try:
+        if what == "tail":
+            recs = tail_records(conn, args.lines)
+            for rec in recs:
+                out.write(format_record(rec) + "\n")
+            out.flush()
+            if args.follow:
+                last = recs[-1]["seq"] if recs and "seq" in recs[-1] else (
+                    conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0])
+                conn.close()
+                try:
+                    follow(path, out, after_seq=last)
+                except KeyboardInterrupt:
+                    pass
+            return EXIT_OK
+        if what == "export":
+            n = export_records(conn, out, since_seq=args.since, pending_only=args.pending)
+            out.flush()
+            print(_("gate-agent journal: exported records: {n}").format(n=n), file=sys.stderr)
+            return EXIT_OK
+        stats = journal_stats(conn, path, time.time())
+        if args.json:
+            print(json.dumps(stats, indent=2, ensure_ascii=False), file=out)
+        else:
+            print(format_stats(stats), file=out)
+        return EXIT_OK
+    except sqlite3.Error as exc:
+        print("gate-agent journal: " + _("reading {path} failed: {error}; try again, or run "
+                                         "gate-agent doctor").format(path=path, error=exc), file=sys.stderr)
+        return EXIT_UNREADABLE
+    finally:
+        try:
+            conn.close()
+        except sqlite3.Error:
+            pass
+
+
+def add_journal_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``journal tail|export|stats`` to a ``gate-agent`` subparsers object."""
+    p = subparsers.add_parser(
+        "journal",
+        help=_("read the gate's journal (tail, export as JSON Lines, statistics); safe while the service runs"),
+        description=_("Read the gate's event journal read-only: it works while the service runs. "
+                      "Exit codes: 0 done, 2 the journal cannot be found or read."),
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=None, metavar="FILE",
+                        help=_("config file whose journal.path is read (default {path})")
+                        .format(path=DEFAULT_CONFIG))
+    common.add_argument("--db", default=None, metavar="FILE", help=_("the journal file itself"))
+    sub = p.add_subparsers(dest="journal_command", required=True)
+    t = sub.add_parser("tail", parents=[common], help=_("the last records, one line each"))
+    t.add_argument("-n", "--lines", type=int, default=20, help=_("how many (default 20)"))
+    t.add_argument("-f", "--follow", action="store_true", help=_("keep printing new records (Ctrl-C stops)"))
+    e = sub.add_parser("export", parents=[common], help=_("records as JSON Lines on standard output"))
+    e.add_argument("--since", type=int, default=0, metavar="SEQ", help=_("only records after this seq"))
+    e.add_argument("--pending", action="store_true", help=_("only records not yet confirmed by the server"))
+    s = sub.add_parser("stats", parents=[common], help=_("counts, backlog, oldest pending record, size"))
+    s.add_argument("--json", action="store_true", help=_("as JSON"))
+    p.set_defaults(func=_cmd_journal)
+    return p
