@@ -40,7 +40,7 @@ N_HOLIDAYS = 30
 METHOD = (
     "Time: the same reads for both twins, site anti-passback off (the default; "
     "'apb_soft' repeats it with soft); batches of 1,000 decide() calls timed with "
-    "perf_counter_ns, gc off, the twins taking turns batch by batch; ns = median "
+    "perf_counter_ns, gc off, 3 rounds with the twins taking turns; ns = median "
     "batch / 1,000; speedup = pure_ns / compiled_ns. Memory: each twin in its own "
     "fresh process with MALLOC_MMAP_THRESHOLD_=65536: build the TableColumns, gc, "
     "malloc_trim, read RSS (/proc/self/statm), build the Table, gc, read RSS again; "
@@ -173,48 +173,41 @@ def build_state(twin, columns: TableColumns, seed: int = 3):
 # --------------------------------------------------------------------------- measurement
 
 
-def time_decisions(twins: dict, reads: list[tuple]) -> tuple[dict, dict]:
+def time_decisions(twins: dict, reads: list[tuple], rounds: int = 3) -> tuple[dict, dict]:
     """Median ns per decision of each twin, and every result.
 
-    `twins` maps a name to (module, table, state). The twins take turns batch by
-    batch (alternating who goes first), so a busy machine slows both alike. Each
-    batch's read tuples are touched first, so the timing counts the decisions
-    rather than fetching the benchmark's own data from memory.
+    `twins` maps a name to (module, table, state). Each round times every batch
+    of one twin, then of the other (who goes first alternates), so a busy
+    machine slows both alike without one twin's memory traffic cooling the
+    other's caches between batches. Each batch's read tuples are touched first,
+    so the timing counts the decisions, not fetching the benchmark's own data.
     """
     names = list(twins)
     per_batch: dict[str, list[float]] = {name: [] for name in names}
-    results: dict[str, list[tuple]] = {name: [] for name in names}
+    results: dict[str, list[tuple]] = {}
     batches = [reads[i : i + BATCH] for i in range(0, len(reads), BATCH)]
-    for name in names:  # warm-up
-        twin, table, state = twins[name]
-        for key, d, m, e, mw, day, busy, apb, w in batches[0]:
-            twin.decide(table, state, key, d, m, e, mw, day, busy, apb, w)
     gc_was = gc.isenabled()
     gc.disable()
     try:
-        for n, batch in enumerate(batches):
-            order = names if n % 2 == 0 else names[::-1]
-            for name in order:
+        for rnd in range(rounds):
+            for name in names if rnd % 2 == 0 else names[::-1]:
                 twin, table, state = twins[name]
                 decide = twin.decide
-                sum(r[0] + r[3] for r in batch if r[0] >= 0)  # touch the batch
+                for key, d, m, e, mw, day, busy, apb, w in batches[0]:  # warm-up
+                    decide(table, state, key, d, m, e, mw, day, busy, apb, w)
                 out = []
                 append = out.append
-                t0 = time.perf_counter_ns()
-                for key, d, m, e, mw, day, busy, apb, w in batch:
-                    append(decide(table, state, key, d, m, e, mw, day, busy, apb, w))
-                t1 = time.perf_counter_ns()
-                per_batch[name].append((t1 - t0) / len(batch))
-                results[name].extend(out)
+                for batch in batches:
+                    sum(r[0] + r[3] for r in batch if r[0] >= 0)  # touch the batch
+                    t0 = time.perf_counter_ns()
+                    for key, d, m, e, mw, day, busy, apb, w in batch:
+                        append(decide(table, state, key, d, m, e, mw, day, busy, apb, w))
+                    per_batch[name].append((time.perf_counter_ns() - t0) / len(batch))
+                results[name] = out
     finally:
         if gc_was:
             gc.enable()
     return {name: statistics.median(v) for name, v in per_batch.items()}, results
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _release_free_memory() -> None:

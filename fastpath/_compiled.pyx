@@ -175,12 +175,20 @@ cdef struct Card:
     int groupset  # the owner's; -1 (no group) stored as n_gs, the all-zero set
 
 
-cdef enum:
-    SLOT_USED = 0x80000000
-    SLOT_BLOCKED = 0x40000000
-    SLOT_PLAIN = 0x20000000  # owner has no validity window and is not a guest
-    SLOT_PERSON = 0x1FFFFFFF  # person index + 1; 0: nobody
-    MAX_PERSONS = 0x1FFFFFFE
+cdef extern from *:
+    # Card.info bits, as unsigned C constants (an enum would be a signed int).
+    """
+    #define GATE_SLOT_USED 0x80000000u
+    #define GATE_SLOT_BLOCKED 0x40000000u
+    #define GATE_SLOT_PLAIN 0x20000000u
+    #define GATE_SLOT_PERSON 0x1FFFFFFFu
+    """
+    const unsigned int SLOT_USED "GATE_SLOT_USED"
+    const unsigned int SLOT_BLOCKED "GATE_SLOT_BLOCKED"
+    const unsigned int SLOT_PLAIN "GATE_SLOT_PLAIN"  # no validity window, not a guest
+    const unsigned int SLOT_PERSON "GATE_SLOT_PERSON"  # person index + 1; 0: nobody
+
+cdef Py_ssize_t MAX_PERSONS = 0x1FFFFFFE  # what SLOT_PERSON can hold
 
 
 cdef struct Validity:
@@ -236,7 +244,7 @@ cdef class Table:
     def __dealloc__(self):
         free(self.arena)
 
-    cdef _allocate(self, size_t id_bytes):
+    cdef _allocate(self, unsigned long long id_bytes):
         """Carve every array out of one arena (one free, little page rounding)."""
         cdef unsigned long long np = self.n_persons, ng = self.n_gs, need = 0
         cdef unsigned long long sizes[8]
@@ -386,14 +394,14 @@ cdef class Table:
             bm = exit_[g]
             memcpy(dst + 2 * C_BITMAP_BYTES, &bm[0], C_BITMAP_BYTES)
 
-    cdef size_t _id_bytes(self, ids) except? 0:
+    cdef unsigned long long _id_bytes(self, ids) except? 0:
         # ASCII str data is read in place; a non-ASCII id gets its UTF-8 form
         # cached on the str. No per-person bytes object is made.
         cdef Py_ssize_t i, size
-        cdef size_t total = 0
+        cdef unsigned long long total = 0
         for i in range(self.n_persons):
             PyUnicode_AsUTF8AndSize(ids[i], &size)
-            total += <size_t>size
+            total += <unsigned long long>size
         if total > 0xFFFFFFFF:
             raise ValueError(
                 f"TableColumns.person_ids hold {total} bytes of ids, more than 4 GiB; "
@@ -552,8 +560,8 @@ def decide(Table table not None, GateState state not None, key, int direction, i
     cdef unsigned long long k
     cdef Card* card = NULL
     cdef int idx = -1, pos, warning = C_WARN_NONE, guest_uses = -1
-    cdef bint blocked = False
-    cdef const Validity* valid
+    cdef bint blocked = False, plain
+    cdef const Validity* valid = NULL
     cdef const unsigned char* bm
     cdef unsigned int byte
     cdef unsigned char mask
@@ -584,17 +592,17 @@ def decide(Table table not None, GateState state not None, key, int direction, i
     if idx < 0:
         return (C_UNKNOWN_CARD, -1, C_WARN_NONE)
 
-    if card.info & SLOT_PLAIN:
-        # Valid from NO_START until NO_END, not a guest: only the very last
-        # second of int64 is past its end.
-        if epoch_s == _codes_NO_END:
-            return (C_EXPIRED, idx, C_WARN_NONE)
-    else:
+    plain = (card.info & SLOT_PLAIN) != 0
+    if not plain:  # only now read the person's own records
         guest_uses = table.guest_uses[idx]
         valid = &table.validity[idx]
     # A guest can always leave: no validity, schedule or anti-passback check on exit.
     if not (guest_uses >= 0 and direction == C_OUT):
-        if not card.info & SLOT_PLAIN:
+        if plain:
+            # Valid from NO_START until NO_END: only the last second of int64 is past it.
+            if epoch_s == _codes_NO_END:
+                return (C_EXPIRED, idx, C_WARN_NONE)
+        else:
             if epoch_s < valid.valid_from:
                 return (C_NOT_YET_VALID, idx, C_WARN_NONE)
             if epoch_s >= valid.valid_until:

@@ -207,6 +207,8 @@ class Table:
     )  # fmt: skip
 
     def __init__(self, columns: TableColumns) -> None:
+        if hasattr(self, "version"):
+            raise TypeError("a fastpath Table is immutable; build a new one")
         c = validated(columns)
         self.version: str = columns.version
         self.key_width: int = columns.key_width

@@ -312,6 +312,13 @@ def test_table_does_not_change_when_columns_change_afterwards(fp):
     assert decide(fp, t, fp.GateState(), 5) == (GRANTED, 0, WARN_NONE)
 
 
+def test_a_table_cannot_be_rebuilt_in_place(fp):
+    t = fp.Table(_good_columns())
+    with pytest.raises(TypeError, match="immutable"):
+        t.__init__(TableColumns(version="other"))
+    assert t.version == "v" and t.lookup(5) == 0
+
+
 # --------------------------------------------------------------------------- modes
 
 
