@@ -27,6 +27,7 @@ witness=None, clock=time.monotonic, pass_open_s=0.25, poll_s=0.002)``
     writes ``{"t": ..., "attach": PID, "lines": {line: active}}``. The file
     outlives the agent's process: it is what the gate really did. ``t`` is
     when the simulator saw the change (at most about ``poll_s`` after it).
+    ``unlocks`` counts unlock lines seen going active.
     A line counts as active only while its pin is an output at the line's
     active level: a pin nobody has claimed yet is a relay with no drive, off.
     Attach it before the service starts to witness the start itself.
@@ -55,7 +56,7 @@ key_width=24, pulse_s=100e-6, gap_s=(1e-3, 2e-3), rng=None)``
 
 ``Crowd(readers, turnstile, *, cards, rate_per_min=30, unknown_ratio=0.05,
 blocked_cards=(), blocked_ratio=None, weights=None, directions=None,
-rng=None, patient=True)``
+rng=None, patient=True, settle_s=0.5)``
     A morning crowd: ``readers`` maps reader name -> SimulatedReader.
     ``step()`` lets one person present a card (a known one from ``cards``,
     an unknown one with ``unknown_ratio``, a blocked one with
@@ -65,8 +66,9 @@ rng=None, patient=True)``
     queue and walks through. ``run(duration_s=None, stop_event=None)``
     presents at about ``rate_per_min`` (Poisson arrivals) until the time is
     up or the event is set. ``patient``: wait (up to 10 s) until nobody is
-    walking before presenting, as people do at a one-lane turnstile; False
-    gives ``gate_busy`` refusals under load. ``counts`` and ``history`` say
+    walking before presenting, and after it up to ``settle_s`` for the
+    unlock, as people do at a one-lane turnstile; False gives ``gate_busy``
+    refusals under load. ``counts`` and ``history`` say
     what was presented.
 
 Inputs: ``drive_input(factory, profile, name, asserted)`` sets any
@@ -89,7 +91,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from agent.core.cards import CardFormatError, encode_w26, parse_card_string
 
@@ -140,7 +142,7 @@ def drive_input(factory: Any, profile: Any, name: str, asserted: bool) -> None:
         pin.drive_low()
 
 
-def drive_fire_loop(factory: Any, profile: Any, open: bool) -> None:  # noqa: A002 - the loop's state
+def drive_fire_loop(factory: Any, profile: Any, open: bool) -> None:
     """Open (``open=True``: fire alarm, free passage both ways) or close the fire loop."""
     drive_input(factory, profile, "fire_loop", open)
 
@@ -200,6 +202,7 @@ class SimulatedTurnstile:
         self.changes: list[OutputChange] = []
         self.passages: dict[str, int] = {d: 0 for d in DIRECTIONS}
         self.forced: dict[str, int] = {d: 0 for d in DIRECTIONS}
+        self.unlocks = 0  # unlock lines seen going active
         self.errors = 0
         self._lock = threading.Lock()
         self._queue: dict[str, int] = {d: 0 for d in DIRECTIONS}
@@ -239,9 +242,7 @@ class SimulatedTurnstile:
 
     def _free_locked(self, direction: str | None = None) -> bool:
         a = self._active
-        if a.get("fire_release", False) or (a.get("unlock_a", False) and a.get("unlock_b", False)):
-            return True
-        return False
+        return a.get("fire_release", False) or (a.get("unlock_a", False) and a.get("unlock_b", False))
 
     def _poll_outputs(self, now: float) -> list[OutputChange]:
         changes = []
@@ -340,9 +341,10 @@ class SimulatedTurnstile:
         except Exception:  # the service closed its pins (stopping): nobody is watching
             self.errors += 1
             log.debug("simulated turnstile: could not drive %s", PASS_INPUT[direction], exc_info=True)
-        if not opened:
-            with self._lock:
-                self.passages[direction] += 1
+        with self._lock:
+            if opened:
+                self.passages[direction] += 1  # the arm passed 60 degrees: what the service counts
+            else:
                 self._walking[direction] -= 1
 
     # -- the thread --------------------------------------------------------------------
@@ -364,6 +366,8 @@ class SimulatedTurnstile:
             free = self._free_locked()
             for ch in changes:
                 direction = UNLOCK_DIRECTION.get(ch.line)
+                if direction is not None and ch.active:
+                    self.unlocks += 1
                 if direction is not None and ch.active and not free:
                     after = self._walk_time(direction)
                     if after is not None:  # None: nobody walks, the grant times out
@@ -392,13 +396,13 @@ class SimulatedTurnstile:
         for direction in open_sensors:
             try:
                 drive_input(self.factory, self.profile, PASS_INPUT[direction], False)
-            except Exception:
-                pass
+            except Exception:  # noqa: BLE001 - the service closed its pins first: nothing to rest
+                log.debug("simulated turnstile: %s not put at rest", PASS_INPUT[direction])
         if self._witness_fd is not None:
             os.close(self._witness_fd)
             self._witness_fd = None
 
-    def __enter__(self) -> SimulatedTurnstile:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -535,6 +539,7 @@ class Crowd:
         directions: Mapping[str, str] | None = None,
         rng: random.Random | None = None,
         patient: bool = True,
+        settle_s: float = 0.5,
     ) -> None:
         if not readers:
             raise ValueError("a crowd needs at least one reader")
@@ -557,6 +562,7 @@ class Crowd:
         self.directions = dict(directions or {"entry": "in", "exit": "out"})
         self.rng = rng or random.Random()
         self.patient = patient
+        self.settle_s = float(settle_s)
         self.counts: dict[str, int] = {"known": 0, "unknown": 0, "blocked": 0, "skipped": 0}
         self.history: deque[Presentation] = deque(maxlen=1000)
         keys = set()
@@ -592,7 +598,13 @@ class Crowd:
         direction = self.directions.get(name, "in")
         if self.turnstile is not None and self.turnstile.is_free(direction):
             self.turnstile.enqueue(direction)  # the gate is open: they walk through anyway
+        unlocks = self.turnstile.unlocks if self.turnstile is not None else 0
         reader.present(card)
+        if self.patient and self.turnstile is not None:
+            # Wait for the light: an unlock (then the walk, at the next step) or a refusal.
+            deadline = time.monotonic() + self.settle_s
+            while self.turnstile.unlocks == unlocks and time.monotonic() < deadline:
+                time.sleep(0.005)
         self.counts[kind] += 1
         p = Presentation(time.monotonic(), name, card, kind)
         self.history.append(p)
