@@ -12,6 +12,7 @@ time.perf_counter_ns (garbage collector off) and the median batch / 1,000 is
 its ns per decision. Memory: see `measure_memory`. Writes key "decision" into
 bench/results.json (the method is spelled out in its "method" field).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -151,10 +152,19 @@ def build_reads(columns: TableColumns, n_reads: int, apb_mode: int, seed: int = 
         minute = rng.randrange(5) * 1440 + rng.randrange(6 * 60, 19 * 60)
         day = rng.choice(holidays) if rng.random() < 0.05 else TODAY
         mode = codes.ENTRY_ONLY if rng.random() < 0.1 else codes.NORMAL
-        reads.append((
-            key, direction, mode, NOW + rng.randrange(-3600, 3600), minute, day,
-            rng.random() < 0.03, apb_mode, 600,
-        ))  # fmt: skip
+        reads.append(
+            (
+                key,
+                direction,
+                mode,
+                NOW + rng.randrange(-3600, 3600),
+                minute,
+                day,
+                rng.random() < 0.03,
+                apb_mode,
+                600,
+            )
+        )
     return reads
 
 
@@ -210,6 +220,11 @@ def time_decisions(twins: dict, reads: list[tuple], rounds: int = 3) -> tuple[di
     return {name: statistics.median(v) for name, v in per_batch.items()}, results
 
 
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def _release_free_memory() -> None:
     """Hand freed heap memory back to the kernel, so RSS shows what is in use."""
     try:
@@ -241,16 +256,25 @@ def measure_memory(twin_name: str, n_cards: int) -> dict:
     difference counts the table's large arrays in full.
     """
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    out = subprocess.run(
-        [sys.executable, "-m", "bench.bench_decision", "--memory-child", twin_name,
-         "--cards", str(n_cards)],  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.bench_decision",
+            "--memory-child",
+            twin_name,
+            "--cards",
+            str(n_cards),
+        ],
         cwd=ROOT,
         env=env,
-        check=True,
+        check=False,  # a failure is reported with the child's stderr below
         capture_output=True,
         text=True,
-    ).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory measurement of {twin_name} failed:\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 # --------------------------------------------------------------------------- main
@@ -258,9 +282,15 @@ def measure_memory(twin_name: str, n_cards: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cards", type=int, default=1_000_000, help="cards in the table (default 1,000,000)")
-    ap.add_argument("--reads", type=int, default=200_000, help="decisions timed per twin (default 200,000)")
-    ap.add_argument("--no-write", action="store_true", help="print only; leave bench/results.json alone")
+    ap.add_argument(
+        "--cards", type=int, default=1_000_000, help="cards in the table (default 1,000,000)"
+    )
+    ap.add_argument(
+        "--reads", type=int, default=200_000, help="decisions timed per twin (default 200,000)"
+    )
+    ap.add_argument(
+        "--no-write", action="store_true", help="print only; leave bench/results.json alone"
+    )
     ap.add_argument("--memory-child", choices=["_pure", "_compiled"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.cards < 100 or args.reads < BATCH:
@@ -273,8 +303,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         compiled = importlib.import_module("fastpath._compiled")
     except ImportError as exc:
-        print(f"bench_decision: the compiled fastpath is not built ({exc}); run "
-              "`.venv/bin/python setup.py build_ext --inplace` (or `make build`)", file=sys.stderr)  # fmt: skip
+        print(
+            f"bench_decision: the compiled fastpath is not built ({exc}); run "
+            "`.venv/bin/python setup.py build_ext --inplace` (or `make build`)",
+            file=sys.stderr,
+        )
         return 2
     pure = importlib.import_module("fastpath._pure")
 
@@ -296,13 +329,19 @@ def main(argv: list[str] | None = None) -> int:
         reads = build_reads(columns, args.reads, apb)
         timings[apb], results = time_decisions(twins, reads)
         if results["compiled"] != results["pure"]:
-            print("bench_decision: the twins disagree on some reads; run "
-                  "tests/test_fastpath_props.py", file=sys.stderr)  # fmt: skip
+            print(
+                "bench_decision: the twins disagree on some reads; run "
+                "tests/test_fastpath_props.py",
+                file=sys.stderr,
+            )
             return 1
         if apb == codes.APB_OFF:
             granted = sum(1 for r in results["pure"] if r[0] == codes.GRANTED)
-        print(f"  apb {codes.APB_MODES[apb]:4s}: compiled {timings[apb]['compiled']:.0f} ns, "
-              f"pure {timings[apb]['pure']:.0f} ns per decision", flush=True)  # fmt: skip
+        print(
+            f"  apb {codes.APB_MODES[apb]:4s}: compiled {timings[apb]['compiled']:.0f} ns, "
+            f"pure {timings[apb]['pure']:.0f} ns per decision",
+            flush=True,
+        )
     del twins
     gc.collect()
 

@@ -5,6 +5,7 @@ replaces the file atomically, so benchmarks may run one after another or at
 the same time without losing each other's figures. The machine the figures
 were measured on is recorded under "machine".
 """
+
 from __future__ import annotations
 
 import fcntl

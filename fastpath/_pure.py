@@ -5,6 +5,7 @@ input; tests/test_fastpath_props.py compares the two on random tables. Rules
 follow DESIGN.md, "Decision semantics": the checks run in a fixed order and the
 first that fails names the reason.
 """
+
 from __future__ import annotations
 
 import operator
@@ -12,6 +13,7 @@ import sys
 from array import array
 from typing import Any
 
+from . import codes as _codes
 from .codes import (
     ANTIPASSBACK,
     APB_HARD,
@@ -47,7 +49,6 @@ from .codes import (
     WARN_NONE,
     WRONG_DIRECTION,
 )
-from . import codes as _codes
 from .columns import TableColumns
 
 __all__ = ["GateState", "Table", "decide"]
@@ -80,9 +81,11 @@ def _bitmaps(values: Any, name: str) -> list[bytes]:
     out = []
     for i, bm in enumerate(values):
         try:
-            bm = bytes(bm)
+            bm = bytes(memoryview(bm))  # bytes-like only: bytes(1260) would be zeros
         except TypeError:
-            raise ValueError(f"TableColumns.{name}[{i}] is {type(bm).__name__}, not bytes") from None
+            raise ValueError(
+                f"TableColumns.{name}[{i}] is {type(bm).__name__}, not bytes"
+            ) from None
         if len(bm) != BITMAP_BYTES:
             raise ValueError(
                 f"TableColumns.{name}[{i}] has {len(bm)} bytes; a weekly bitmap has "
@@ -114,7 +117,8 @@ def normalised(columns: TableColumns, copy: bool = True) -> dict[str, Any]:
     if not isinstance(columns, TableColumns):
         raise TypeError(f"Table needs a fastpath.TableColumns, got {type(columns).__name__}")
     if not isinstance(columns.version, str):
-        raise ValueError('TableColumns.version must be a str ("" for no access list)')
+        # A ValueError like every other bad column: one type for the caller to catch.
+        raise ValueError('TableColumns.version must be a str ("" for no access list)')  # noqa: TRY004
     if not isinstance(columns.key_width, int) or not 1 <= columns.key_width <= 64:
         raise ValueError(f"TableColumns.key_width is {columns.key_width!r}; it must be 1..64 bits")
 
@@ -126,7 +130,7 @@ def normalised(columns: TableColumns, copy: bool = True) -> dict[str, Any]:
     ids = columns.person_ids
     for i, pid in enumerate(ids):
         if not isinstance(pid, str):
-            raise ValueError(f"TableColumns.person_ids[{i}] is {type(pid).__name__}, not str")
+            raise ValueError(f"TableColumns.person_ids[{i}] is {type(pid).__name__}, not str")  # noqa: TRY004
         if not pid.isascii():
             try:
                 pid.encode("utf-8")  # the compiled twin stores ids as UTF-8
@@ -146,10 +150,16 @@ def normalised(columns: TableColumns, copy: bool = True) -> dict[str, Any]:
 
     c["n_cards"] = same_length(("card_keys", "card_person", "card_flags"), "cards")
     c["n_persons"] = same_length(
-        ("person_ids", "person_from", "person_until", "person_groupset", "person_flags",
-         "person_max_uses"),
+        (
+            "person_ids",
+            "person_from",
+            "person_until",
+            "person_groupset",
+            "person_flags",
+            "person_max_uses",
+        ),
         "persons",
-    )  # fmt: skip
+    )
     c["n_groupsets"] = same_length(("gs_entry", "gs_entry_holiday", "gs_exit"), "groupsets")
     return c
 
@@ -201,10 +211,23 @@ class Table:
     """The access list as an immutable card table (the reference twin: dicts)."""
 
     __slots__ = (
-        "version", "key_width", "_n_cards", "_person_of", "_blocked", "_ids", "_from",
-        "_until", "_groupset", "_guest", "_max_uses", "_entry", "_entry_holiday",
-        "_holiday_open", "_exit", "_holidays",
-    )  # fmt: skip
+        "_blocked",
+        "_entry",
+        "_entry_holiday",
+        "_exit",
+        "_from",
+        "_groupset",
+        "_guest",
+        "_holiday_open",
+        "_holidays",
+        "_ids",
+        "_max_uses",
+        "_n_cards",
+        "_person_of",
+        "_until",
+        "key_width",
+        "version",
+    )
 
     def __init__(self, columns: TableColumns) -> None:
         if hasattr(self, "version"):
@@ -214,9 +237,7 @@ class Table:
         self.key_width: int = columns.key_width
         self._n_cards = c["n_cards"]
         # key -> person index, for cards with a person; blocked keys on the side.
-        self._person_of = {
-            k: p for k, p in zip(c["card_keys"], c["card_person"]) if p >= 0
-        }
+        self._person_of = {k: p for k, p in zip(c["card_keys"], c["card_person"]) if p >= 0}
         self._blocked = frozenset(
             k for k, f in zip(c["card_keys"], c["card_flags"]) if f & CARD_BLOCKED
         )
@@ -294,15 +315,16 @@ class GateState:
     leaves the person where they were.
     """
 
-    __slots__ = ("_position", "_last_entry", "_uses")
+    __slots__ = ("_last_entry", "_position", "_uses")
 
     def __init__(self) -> None:
         self._position: dict[str, tuple[int, int]] = {}  # pid -> (POS_IN/POS_OUT, local day)
         self._last_entry: dict[str, int] = {}  # pid -> epoch s of the last entry passage
         self._uses: dict[str, int] = {}  # guest pid -> entries spent
 
-    def record_passage(self, person_id: str, direction: int, epoch_s: int, day: int,
-                       guest: bool) -> None:
+    def record_passage(
+        self, person_id: str, direction: int, epoch_s: int, day: int, guest: bool
+    ) -> None:
         """A card passage happened: move the person; an entry spends a guest use."""
         _check_direction(direction)
         if direction == IN:
@@ -375,8 +397,12 @@ def state_from_dict(d: Any) -> tuple[dict, dict, dict]:
 
     position = {}
     for pid, v in section("positions").items():
-        if (not isinstance(v, (list, tuple)) or len(v) != 2 or v[0] not in (POS_IN, POS_OUT)
-                or not all(is_int(x) for x in v)):
+        if (
+            not isinstance(v, (list, tuple))
+            or len(v) != 2
+            or v[0] not in (POS_IN, POS_OUT)
+            or not all(is_int(x) for x in v)
+        ):
             raise bad(f"positions[{pid!r}] is {v!r}; expected [{POS_IN} or {POS_OUT}, day]")
         position[pid] = (int(v[0]), int(v[1]))
     last_entry = {}
@@ -406,8 +432,10 @@ def check_arguments(direction: int, mode: int, minute_of_week: int, apb_mode: in
     if not 0 <= mode < len(MODES):
         raise ValueError(f"mode is {mode!r}; use a fastpath.codes mode (0..{len(MODES) - 1})")
     if not 0 <= minute_of_week < MINUTES_PER_WEEK:
-        raise ValueError(f"minute_of_week is {minute_of_week!r}; it must be 0..{MINUTES_PER_WEEK - 1}"
-                         " (Monday 00:00 is 0)")
+        raise ValueError(
+            f"minute_of_week is {minute_of_week!r}; it must be 0..{MINUTES_PER_WEEK - 1}"
+            " (Monday 00:00 is 0)"
+        )
     if not 0 <= apb_mode < len(APB_MODES):
         raise ValueError(f"apb_mode is {apb_mode!r}; use a fastpath.codes APB_* mode")
 

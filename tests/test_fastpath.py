@@ -4,6 +4,7 @@ Every test takes the `fp` fixture (tests/conftest.py), so each runs against
 fastpath._pure and fastpath._compiled. Tables are built by hand here (not via
 agent.core.acl) so these tests pin the fastpath alone.
 """
+
 from __future__ import annotations
 
 import json
@@ -60,6 +61,9 @@ NOW = 1_700_000_000  # UTC epoch seconds
 
 def minute(weekday: int, hh: int, mm: int = 0) -> int:
     return weekday * 1440 + hh * 60 + mm
+
+
+MONDAY_10AM = minute(MON, 10)
 
 
 def bitmap(*spans: tuple[int, int]) -> bytes:
@@ -123,8 +127,14 @@ def build(
         return bytes(out)
 
     cards: dict[int, tuple[int, int]] = {}
-    cols = dict(person_ids=[], person_from=[], person_until=[], person_groupset=[],
-                person_flags=[], person_max_uses=[])  # fmt: skip
+    cols = {
+        "person_ids": [],
+        "person_from": [],
+        "person_until": [],
+        "person_groupset": [],
+        "person_flags": [],
+        "person_max_uses": [],
+    }
     for index, p in enumerate(persons):
         names = tuple(sorted(p.groups))
         if names not in sets:
@@ -164,8 +174,21 @@ def build(
     return fp.Table(columns)
 
 
-def decide(fp, table, state, key, direction=IN, *, mode=NORMAL, epoch_s=NOW,
-           at=minute(MON, 10), day=DAY, busy=False, apb=APB_OFF, window=0):
+def decide(
+    fp,
+    table,
+    state,
+    key,
+    direction=IN,
+    *,
+    mode=NORMAL,
+    epoch_s=NOW,
+    at=MONDAY_10AM,
+    day=DAY,
+    busy=False,
+    apb=APB_OFF,
+    window=0,
+):
     """fp.decide with the defaults of an ordinary Monday morning."""
     return fp.decide(table, state, key, direction, mode, epoch_s, at, day, busy, apb, window)
 
@@ -187,8 +210,9 @@ def test_constants_agree_with_codes(fp):
 def test_compiled_twin_is_loaded_when_required():
     if os.environ.get("GATE_REQUIRE_COMPILED", "") not in ("1", "true", "yes"):
         pytest.skip("set GATE_REQUIRE_COMPILED=1 to check the selector picks the compiled twin")
-    import fastpath
     import fastpath._compiled
+
+    import fastpath
 
     assert fastpath.IMPLEMENTATION == "compiled"
     assert fastpath.Table is fastpath._compiled.Table
@@ -253,23 +277,41 @@ def test_empty_table_knows_no_card(fp):
 
 def test_plain_lists_are_accepted_as_columns(fp):
     cols = TableColumns(
-        version="v", card_keys=[5], card_person=[0], card_flags=[0], person_ids=["p"],
-        person_from=[NO_START], person_until=[NO_END], person_groupset=[0], person_flags=[0],
-        person_max_uses=[0], gs_entry=[ALWAYS], gs_entry_holiday=[NEVER], gs_exit=[ALWAYS],
-    )  # fmt: skip
+        version="v",
+        card_keys=[5],
+        card_person=[0],
+        card_flags=[0],
+        person_ids=["p"],
+        person_from=[NO_START],
+        person_until=[NO_END],
+        person_groupset=[0],
+        person_flags=[0],
+        person_max_uses=[0],
+        gs_entry=[ALWAYS],
+        gs_entry_holiday=[NEVER],
+        gs_exit=[ALWAYS],
+    )
     t = fp.Table(cols)
     assert decide(fp, t, fp.GateState(), 5) == (GRANTED, 0, WARN_NONE)
 
 
 def _good_columns(**changes) -> TableColumns:
-    base = dict(
-        version="v", card_keys=array("Q", [5, 9]), card_person=array("i", [0, -1]),
-        card_flags=array("B", [0, codes.CARD_BLOCKED]), person_ids=["p"],
-        person_from=array("q", [NO_START]), person_until=array("q", [NO_END]),
-        person_groupset=array("i", [0]), person_flags=array("B", [0]),
-        person_max_uses=array("i", [0]), gs_entry=[ALWAYS], gs_entry_holiday=[NEVER],
-        gs_exit=[ALWAYS], holidays=array("i", [1, 2]),
-    )  # fmt: skip
+    base = {
+        "version": "v",
+        "card_keys": array("Q", [5, 9]),
+        "card_person": array("i", [0, -1]),
+        "card_flags": array("B", [0, codes.CARD_BLOCKED]),
+        "person_ids": ["p"],
+        "person_from": array("q", [NO_START]),
+        "person_until": array("q", [NO_END]),
+        "person_groupset": array("i", [0]),
+        "person_flags": array("B", [0]),
+        "person_max_uses": array("i", [0]),
+        "gs_entry": [ALWAYS],
+        "gs_entry_holiday": [NEVER],
+        "gs_exit": [ALWAYS],
+        "holidays": array("i", [1, 2]),
+    }
     base.update(changes)
     return TableColumns(**base)
 
@@ -290,6 +332,7 @@ def _good_columns(**changes) -> TableColumns:
         ({"person_max_uses": array("i", [-1])}, "person_max_uses"),
         ({"gs_entry": [ALWAYS[:-1]]}, "bytes"),
         ({"person_ids": [7]}, "person_ids"),
+        ({"gs_exit": [BITMAP_BYTES]}, "gs_exit"),
         ({"card_keys": [5, -9]}, "card_keys"),
         ({"key_width": 65}, "key_width"),
     ],
@@ -427,17 +470,17 @@ def test_every_refusal_keeps_its_reason_while_busy_and_a_grant_becomes_gate_busy
     state = fp.GateState()
     state.record_passage("p-inside", IN, NOW - 60, DAY, False)
     cases = [
-        (dict(key=100, mode=LOCKDOWN), LOCKDOWN_DENIED),
-        (dict(key=100, direction=OUT, mode=ENTRY_ONLY), WRONG_DIRECTION),
-        (dict(key=999), BLOCKED),
-        (dict(key=555), UNKNOWN_CARD),
-        (dict(key=300), NOT_YET_VALID),
-        (dict(key=400), EXPIRED),
-        (dict(key=100, day=HOLIDAY_DAY), HOLIDAY),
-        (dict(key=500, at=minute(MON, 10)), OUTSIDE_SCHEDULE),
-        (dict(key=500, direction=OUT, at=minute(MON, 10)), EXIT_RESTRICTED),
-        (dict(key=600, apb=APB_HARD), ANTIPASSBACK),
-        (dict(key=100), GATE_BUSY),
+        ({"key": 100, "mode": LOCKDOWN}, LOCKDOWN_DENIED),
+        ({"key": 100, "direction": OUT, "mode": ENTRY_ONLY}, WRONG_DIRECTION),
+        ({"key": 999}, BLOCKED),
+        ({"key": 555}, UNKNOWN_CARD),
+        ({"key": 300}, NOT_YET_VALID),
+        ({"key": 400}, EXPIRED),
+        ({"key": 100, "day": HOLIDAY_DAY}, HOLIDAY),
+        ({"key": 500, "at": minute(MON, 10)}, OUTSIDE_SCHEDULE),
+        ({"key": 500, "direction": OUT, "at": minute(MON, 10)}, EXIT_RESTRICTED),
+        ({"key": 600, "apb": APB_HARD}, ANTIPASSBACK),
+        ({"key": 100}, GATE_BUSY),
     ]
     for kwargs, expected in cases:
         assert decide(fp, t, state, busy=True, **kwargs)[0] == expected, kwargs
@@ -523,9 +566,11 @@ def test_codes_out_of_range_are_refused(fp, changes, words):
 def test_any_group_of_a_person_allows(fp):
     groups = {
         "morning": Group(entry=bitmap((minute(MON, 7), minute(MON, 9))), exit=NEVER),
-        "evening": Group(entry=bitmap((minute(MON, 17), minute(MON, 19))),
-                         exit=bitmap((minute(MON, 18), minute(MON, 20)))),
-    }  # fmt: skip
+        "evening": Group(
+            entry=bitmap((minute(MON, 17), minute(MON, 19))),
+            exit=bitmap((minute(MON, 18), minute(MON, 20))),
+        ),
+    }
     both = Person("p-both", [100], groups=["morning", "evening"])
     morning = Person("p-morning", [200], groups=["morning"])
     t = build(fp, [both, morning], groups=groups)
@@ -589,7 +634,9 @@ def test_no_holidays_means_every_day_is_ordinary(fp):
 
 
 def test_guest_use_is_spent_only_by_an_entry_passage(fp):
-    guest = Person("g-1", [300], guest=True, max_uses=2, valid_from=NOW - 60, valid_until=NOW + 3600)
+    guest = Person(
+        "g-1", [300], guest=True, max_uses=2, valid_from=NOW - 60, valid_until=NOW + 3600
+    )
     t = build(fp, [guest])
     state = fp.GateState()
     # Grants alone spend nothing.
@@ -607,15 +654,26 @@ def test_guest_use_is_spent_only_by_an_entry_passage(fp):
 
 def test_guest_can_always_leave(fp):
     groups = {"visitors": Group(entry=ALWAYS, exit=NEVER)}
-    guest = Person("g-1", [300], groups=["visitors"], guest=True, max_uses=1,
-                   valid_from=NOW - 60, valid_until=NOW + 3600)  # fmt: skip
+    guest = Person(
+        "g-1",
+        [300],
+        groups=["visitors"],
+        guest=True,
+        max_uses=1,
+        valid_from=NOW - 60,
+        valid_until=NOW + 3600,
+    )
     t = build(fp, [guest], groups=groups)
     state = fp.GateState()
     state.record_passage("g-1", IN, NOW, DAY, True)
     state.record_passage("g-1", OUT, NOW + 5, DAY, True)
     # Out of uses, past the window, outside any exit schedule, already out (hard APB):
     for epoch in (NOW, NOW + 7200, NOW - 3600):
-        assert decide(fp, t, state, 300, OUT, epoch_s=epoch, apb=APB_HARD) == (GRANTED, 0, WARN_NONE)
+        assert decide(fp, t, state, 300, OUT, epoch_s=epoch, apb=APB_HARD) == (
+            GRANTED,
+            0,
+            WARN_NONE,
+        )
     assert decide(fp, t, state, 300, IN)[0] == EXPIRED
     assert decide(fp, t, state, 300, IN, epoch_s=NOW - 3600)[0] == NOT_YET_VALID
     # Leaving still waits for a busy lane.
@@ -672,13 +730,24 @@ def test_apb_timed_refuses_entries_within_the_window_only(fp):
     window = 600
     assert decide(fp, t, state, 100, apb=APB_TIMED, window=window)[0] == GRANTED
     state.record_passage("p-alice", IN, NOW, DAY, False)
-    assert decide(fp, t, state, 100, epoch_s=NOW + 1, apb=APB_TIMED, window=window)[0] == ANTIPASSBACK
-    assert decide(fp, t, state, 100, epoch_s=NOW + window - 1, apb=APB_TIMED, window=window)[0] == ANTIPASSBACK
-    assert decide(fp, t, state, 100, epoch_s=NOW + window, apb=APB_TIMED, window=window)[0] == GRANTED
+    assert (
+        decide(fp, t, state, 100, epoch_s=NOW + 1, apb=APB_TIMED, window=window)[0] == ANTIPASSBACK
+    )
+    assert (
+        decide(fp, t, state, 100, epoch_s=NOW + window - 1, apb=APB_TIMED, window=window)[0]
+        == ANTIPASSBACK
+    )
+    assert (
+        decide(fp, t, state, 100, epoch_s=NOW + window, apb=APB_TIMED, window=window)[0] == GRANTED
+    )
     # Exits are free, and an exit does not end the window.
-    assert decide(fp, t, state, 100, OUT, epoch_s=NOW + 1, apb=APB_TIMED, window=window)[0] == GRANTED
+    assert (
+        decide(fp, t, state, 100, OUT, epoch_s=NOW + 1, apb=APB_TIMED, window=window)[0] == GRANTED
+    )
     state.record_passage("p-alice", OUT, NOW + 2, DAY, False)
-    assert decide(fp, t, state, 100, epoch_s=NOW + 3, apb=APB_TIMED, window=window)[0] == ANTIPASSBACK
+    assert (
+        decide(fp, t, state, 100, epoch_s=NOW + 3, apb=APB_TIMED, window=window)[0] == ANTIPASSBACK
+    )
 
 
 def test_a_timed_out_grant_moves_nobody(fp):
@@ -702,7 +771,11 @@ def test_first_read_of_a_new_day_is_allowed(fp):
     assert state.position("p-alice", DAY) == POS_IN
     assert state.position("p-alice", DAY + 1) == POS_UNKNOWN
     assert decide(fp, t, state, 100, apb=APB_HARD, day=DAY + 1, epoch_s=NOW + 86400)[0] == GRANTED
-    assert decide(fp, t, state, 100, apb=APB_SOFT, day=DAY + 1, epoch_s=NOW + 86400) == (GRANTED, 0, WARN_NONE)
+    assert decide(fp, t, state, 100, apb=APB_SOFT, day=DAY + 1, epoch_s=NOW + 86400) == (
+        GRANTED,
+        0,
+        WARN_NONE,
+    )
 
 
 def test_state_outlives_a_table_swap(fp):

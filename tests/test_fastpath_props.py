@@ -4,6 +4,7 @@ Random small tables (keys, persons, flags, validity windows, groupsets with
 random bitmaps, holidays), random states built by record_passage sequences,
 and random reads, times, modes, busy flags and anti-passback settings.
 """
+
 from __future__ import annotations
 
 from array import array
@@ -53,8 +54,11 @@ read_keys = st.one_of(card_keys, st.sampled_from([-1, 2**64, 2**80]))
 FROMS = [NO_START, NO_START, NOW - 100, NOW, NOW + 100]
 UNTILS = [NO_END, NO_END, NOW - 50, NOW, NOW + 200]
 epochs = st.one_of(
-    st.sampled_from(sorted({b + d for b in (NOW - 100, NOW - 50, NOW, NOW + 100, NOW + 200)
-                            for d in (-1, 0, 1)})),  # fmt: skip
+    st.sampled_from(
+        sorted(
+            {b + d for b in (NOW - 100, NOW - 50, NOW, NOW + 100, NOW + 200) for d in (-1, 0, 1)}
+        )
+    ),
     st.integers(NOW - 300, NOW + 300),
 )
 days = st.integers(DAY, DAY + 2)
@@ -97,16 +101,22 @@ def columns(draw) -> TableColumns:
         person_ids=[f"p{i}-{draw(st.text(max_size=3))}" for i in range(n_persons)],
         person_from=array("q", [draw(st.sampled_from(FROMS)) for _ in range(n_persons)]),
         person_until=array("q", [draw(st.sampled_from(UNTILS)) for _ in range(n_persons)]),
-        person_groupset=array("i", [draw(st.integers(0 if n_gs else -1, n_gs - 1) | st.just(-1))
-                                    for _ in range(n_persons)]),
-        person_flags=array("B", [draw(st.sampled_from([0, codes.PERSON_GUEST]))
-                                 for _ in range(n_persons)]),
+        person_groupset=array(
+            "i",
+            [
+                draw(st.integers(0 if n_gs else -1, n_gs - 1) | st.just(-1))
+                for _ in range(n_persons)
+            ],
+        ),
+        person_flags=array(
+            "B", [draw(st.sampled_from([0, codes.PERSON_GUEST])) for _ in range(n_persons)]
+        ),
         person_max_uses=array("i", [draw(st.integers(0, 3)) for _ in range(n_persons)]),
         gs_entry=[draw(bitmaps) for _ in range(n_gs)],
         gs_entry_holiday=[draw(bitmaps) for _ in range(n_gs)],
         gs_exit=[draw(bitmaps) for _ in range(n_gs)],
         holidays=array("i", sorted(draw(st.sets(days, max_size=3)))),
-    )  # fmt: skip
+    )
 
 
 def passages(cols: TableColumns):
@@ -162,7 +172,11 @@ def test_twins_decide_alike(fp_pair, data):
     sp, sc = _state(pure, history), _state(compiled, history)
     assert sp.to_dict() == sc.to_dict()
     assert (len(tp), tp.persons, tp.version, tp.key_width) == (
-        len(tc), tc.persons, tc.version, tc.key_width)  # fmt: skip
+        len(tc),
+        tc.persons,
+        tc.version,
+        tc.key_width,
+    )
     for i in range(tp.persons):
         assert tp.person_id(i) == tc.person_id(i)
         assert tp.is_guest(i) == tc.is_guest(i)
@@ -262,8 +276,12 @@ def open_gate(draw):
         gs_entry_holiday=[bytes(BITMAP_BYTES)],
         gs_exit=[b"\xff" * BITMAP_BYTES],
     )
-    step = st.tuples(st.integers(0, n - 1), st.sampled_from([IN, OUT]), st.integers(0, 600),
-                     st.integers(DAY, DAY + 1))  # fmt: skip
+    step = st.tuples(
+        st.integers(0, n - 1),
+        st.sampled_from([IN, OUT]),
+        st.integers(0, 600),
+        st.integers(DAY, DAY + 1),
+    )
     history = [
         (f"p{i}", direction, NOW + t, day, guest[i])
         for i, direction, t, day in draw(st.lists(step, min_size=1, max_size=10))
@@ -277,11 +295,17 @@ def test_anti_passback_and_guest_uses_follow_the_rules(fp, gate, data):
     cols, history = gate
     table, state = fp.Table(cols), _state(fp, history)
     read = st.tuples(
-        st.integers(0, len(cols.person_ids) - 1), st.sampled_from([IN, OUT]),
-        st.integers(0, 1200), st.integers(DAY, DAY + 1), st.booleans(),
-        st.integers(0, len(APB_MODES) - 1), st.integers(0, 600),
-    )  # fmt: skip
-    for key, direction, t, day, busy, apb, window in data.draw(st.lists(read, min_size=5, max_size=30)):
+        st.integers(0, len(cols.person_ids) - 1),
+        st.sampled_from([IN, OUT]),
+        st.integers(0, 1200),
+        st.integers(DAY, DAY + 1),
+        st.booleans(),
+        st.integers(0, len(APB_MODES) - 1),
+        st.integers(0, 600),
+    )
+    for key, direction, t, day, busy, apb, window in data.draw(
+        st.lists(read, min_size=5, max_size=30)
+    ):
         epoch = NOW + t
         pid, guest = f"p{key}", bool(cols.person_flags[key])
         # The rules of DESIGN.md, restated for this open gate.
@@ -295,8 +319,12 @@ def test_anti_passback_and_guest_uses_follow_the_rules(fp, gate, data):
                 expected = codes.ANTIPASSBACK
             elif apb == codes.APB_SOFT and same_side:
                 warning = codes.WARN_ANTIPASSBACK
-            elif (apb == codes.APB_TIMED and direction == IN and state.last_entry(pid)
-                  and epoch - state.last_entry(pid) < window):  # fmt: skip
+            elif (
+                apb == codes.APB_TIMED
+                and direction == IN
+                and state.last_entry(pid)
+                and epoch - state.last_entry(pid) < window
+            ):
                 expected = codes.ANTIPASSBACK
         if busy and expected == GRANTED:
             expected, warning = GATE_BUSY, codes.WARN_NONE
@@ -325,7 +353,9 @@ def rough_columns(draw) -> TableColumns:
     return TableColumns(
         version="v",
         card_keys=array("Q", draw(st.lists(st.integers(0, 6), min_size=n, max_size=n))),
-        card_person=array("i", draw(st.lists(small, min_size=n, max_size=n + draw(st.integers(0, 1))))),
+        card_person=array(
+            "i", draw(st.lists(small, min_size=n, max_size=n + draw(st.integers(0, 1))))
+        ),
         card_flags=array("B", [0] * n),
         person_ids=[f"p{i}" for i in range(n_persons)],
         person_from=array("q", [NO_START] * n_persons),
@@ -337,7 +367,7 @@ def rough_columns(draw) -> TableColumns:
         gs_entry_holiday=[bytes(BITMAP_BYTES)] * n_gs,
         gs_exit=[bytes(BITMAP_BYTES)] * n_gs,
         holidays=array("i", draw(st.lists(days, max_size=3))),
-    )  # fmt: skip
+    )
 
 
 def _build(twin, cols):
@@ -359,5 +389,16 @@ def test_compiled_decide_refuses_a_table_of_the_other_twin(fp_pair):
     # Its C code reads the table's arrays directly: anything else must be refused.
     pure, compiled = fp_pair
     with pytest.raises(TypeError):
-        compiled.decide(pure.Table(TableColumns(version="")), compiled.GateState(),
-                        1, IN, 0, NOW, 0, DAY, False, 0, 0)  # fmt: skip
+        compiled.decide(
+            pure.Table(TableColumns(version="")),
+            compiled.GateState(),
+            1,
+            IN,
+            0,
+            NOW,
+            0,
+            DAY,
+            False,
+            0,
+            0,
+        )
