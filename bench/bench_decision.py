@@ -325,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     # gives the headline figures; `soft` adds the state look-ups by person id.
     timings = {}
     granted = 0
+    load = os.getloadavg()[0]
     for apb in (codes.APB_OFF, codes.APB_SOFT):
         reads = build_reads(columns, args.reads, apb)
         timings[apb], results = time_decisions(twins, reads)
@@ -364,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
         "compiled_nbytes_mb": round(memory["compiled"]["nbytes"] / mb, 1),
         "pure_nbytes_mb": round(memory["pure"]["nbytes"] / mb, 1),
         "granted_share": round(granted / args.reads, 3),
+        # Other work on the machine shows in every figure: its load when timed.
+        "load_1min": round(load, 2),
         "method": METHOD,
     }
     print(json.dumps({"decision": result}, indent=2))
