@@ -209,6 +209,7 @@ class Simulator:
         self.fp = fp or fastpath
         self.trace_io = trace_io
         self.sink = SequenceSink("sim")
+        self.boot = boot
         self.acl = scenario.acl
         self.start_epoch = scenario.start.timestamp()
         self.synced = scenario.clock_synced
@@ -295,20 +296,16 @@ class Simulator:
         except AclRejected as exc:
             now = self.now(t)
             recs = [make_record(
-                "acl.rejected", now, self.gate_boot, version=doc.get("version"), code=exc.code,
+                "acl.rejected", now, self.boot, version=doc.get("version"), code=exc.code,
                 errors=[{"path": e.path, "message": e.message} for e in exc.errors[:50]],
             )]
             if exc.code == "base_mismatch":
-                recs.append(make_record("acl.requested", now, self.gate_boot, reason="base_mismatch",
+                recs.append(make_record("acl.requested", now, self.boot, reason="base_mismatch",
                                         have=self.acl.version if self.acl else None))
             return recs
         self.acl = new
         return [ev.SwapTable(table=build_table(new, self.fp), kind=kind, base=doc.get("base"),
                              timezone=new.timezone)]
-
-    @property
-    def gate_boot(self) -> str:
-        return "sim-boot"
 
     def run(self) -> Iterator[dict]:
         yield from self._emit(self.gate.start(self.now(0.0)), 0.0)
