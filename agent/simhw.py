@@ -36,7 +36,7 @@ witness=None, clock=time.monotonic, pass_open_s=0.25, poll_s=0.002)``
     ``wait_idle(timeout)``.
 
 ``SimulatedReader(factory, profile, reader_name, *, adapter=None,
-key_width=24, pulse_s=100e-6, gap_s=(1e-3, 2e-3), rng=None)``
+key_width=24, pulse_s=100e-6, gap_s=(1e-3, 2e-3), frame_gap_s=0.05, rng=None)``
     ``present(card)`` sends a 26-bit Wiegand frame for a card string
     ("100,60179", "0006613779", "hex:...") or an integer key.
     Without ``adapter`` it drives the reader's D0/D1 mock pins for real: a
@@ -51,6 +51,8 @@ key_width=24, pulse_s=100e-6, gap_s=(1e-3, 2e-3), rng=None)``
     through ``adapter.feed_edges`` with explicit timestamps: exact timing,
     immune to a loaded machine (DESIGN.md, testing Wiegand). The demo may
     use either; tests that assert decisions use the adapter.
+    Frames are at least ``frame_gap_s`` apart (more than the decoder's
+    25 ms end-of-frame silence), however fast they are asked for.
     ``send_bits(bits)`` sends any bit string (noise, parity errors).
     ``connected``: the service is listening on both lines.
 
@@ -425,6 +427,7 @@ class SimulatedReader:
         key_width: int = 24,
         pulse_s: float = 100e-6,
         gap_s: tuple[float, float] = (1e-3, 2e-3),
+        frame_gap_s: float = 0.05,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -444,8 +447,10 @@ class SimulatedReader:
         self.gap_s = gap_s
         self.rng = rng or random.Random()
         self.clock = clock
+        self.frame_gap_s = float(frame_gap_s)
         self.frames = 0
         self._lock = threading.Lock()  # one frame at a time on the lines
+        self._last_end = float("-inf")  # when the last frame's last edge was
         pins = profile.readers.get(reader_name)
         self._lines = (None, None) if pins is None else (_pin(factory, pins.d0), _pin(factory, pins.d1))
 
@@ -478,7 +483,12 @@ class SimulatedReader:
             if self.adapter is not None:
                 self._feed(bits)
             else:
+                # A reader is silent between frames; sooner, two frames would read as one.
+                wait = self._last_end + self.frame_gap_s - self.clock()
+                if wait > 0:
+                    time.sleep(wait)
                 self._drive(bits)
+                self._last_end = self.clock()
             self.frames += 1
 
     def _gap(self) -> float:
@@ -486,9 +496,12 @@ class SimulatedReader:
         return self.rng.uniform(lo, hi)
 
     def _feed(self, bits: str) -> None:
-        # The train, timed as if it had just ended, so the silence timer completes it at once.
+        # The train, timed as if it had just ended, so the silence timer completes it at once;
+        # never before the last frame's end and the quiet between frames.
         gaps = [self._gap() for _ in bits[1:]]
-        t = self.clock() - sum(gaps) - self.pulse_s - 1e-3
+        length = sum(gaps) + self.pulse_s
+        t = max(self.clock() - length - 1e-3, self._last_end + self.frame_gap_s)
+        self._last_end = t + length
         edges = []
         for i, b in enumerate(bits):
             line = int(b)

@@ -298,7 +298,7 @@ def test_a_card_too_wide_for_w26_is_refused_with_the_fix():
 def test_the_crowd_presents_known_unknown_and_blocked_cards(rigs):
     rig = rigs(walk_s=(0.01, 0.02))
     entry = rig.reader("entry")
-    crowd = Crowd({"entry": entry}, rig.turnstile, cards=[CARD, OTHER], unknown_ratio=0.3,
+    crowd = Crowd({"entry": entry}, rig.turnstile, cards=[CARD, OTHER], unknown_ratio=0.3, settle_s=0.2,
                   blocked_cards=[BLOCKED], blocked_ratio=0.3, rng=random.Random(5))
     made = [crowd.step() for _ in range(12)]
     kinds = [p.kind for p in made]
@@ -316,7 +316,8 @@ def test_the_crowd_presents_known_unknown_and_blocked_cards(rigs):
 def test_the_crowd_runs_until_stopped_and_walks_through_a_free_gate(rigs):
     rig = rigs(walk_s=(0.01, 0.02))
     crowd = Crowd({"entry": rig.reader("entry"), "exit": rig.reader("exit")}, rig.turnstile,
-                  cards=[CARD, OTHER], rate_per_min=1200, unknown_ratio=0.0, rng=random.Random(9))
+                  cards=[CARD, OTHER], rate_per_min=1200, unknown_ratio=0.0, settle_s=0.05,
+                  rng=random.Random(9))
     drive_fire_loop(rig.factory, rig.profile, True)
     wait_until(lambda: rig.turnstile.is_free(), what="free passage")
     stop = threading.Event()
@@ -379,3 +380,16 @@ def test_the_service_on_mock_pins_lets_the_crowd_through(tmp_path):
     assert types.count("access.granted") == 4 and types.count("passage") == 4
     unlocks = [w for w in witness_lines(tmp_path / "w.jsonl") if w.get("line", "").startswith("unlock")]
     assert sum(w["active"] for w in unlocks) == 4
+
+
+@pytest.mark.parametrize("pins", [False, True])
+def test_cards_presented_back_to_back_are_two_frames_not_one(rigs, pins):
+    rig = rigs(walk_s=lambda direction: None)
+    reader = rig.reader("exit", pins=pins)
+    reader.present(BLOCKED)
+    reader.present(CARD)  # asked for at once: the reader keeps its quiet between frames
+    wait_until(lambda: len(rig.sink.of("access.denied")) + len(rig.sink.of("access.granted")) == 2,
+               what="two decisions")
+    assert not rig.sink.of("reader.error")
+    assert rig.sink.of("access.denied")[0]["reason"] == "blocked"
+    assert rig.sink.of("access.granted")[0]["person"] == "p-1"
