@@ -13,7 +13,13 @@ import sys
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from agent.simulator import ScenarioError, Simulator, check_expectations, format_pretty, load_scenario
+    from agent.simulator import (
+        ScenarioError,
+        Simulator,
+        check_expectations,
+        format_pretty,
+        load_scenario,
+    )
 
     try:
         scenario = load_scenario(args.scenario)

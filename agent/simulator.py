@@ -14,12 +14,13 @@ from __future__ import annotations
 import heapq
 import json
 import tomllib
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import fastpath
 from agent import __version__
@@ -27,7 +28,7 @@ from agent.core import events as ev
 from agent.core.acl import AccessList, AclRejected, build_table
 from agent.core.cards import CardFormatError, decode_wiegand, parse_card_string
 from agent.core.gateconfig import GateConfig, GateConfigError
-from agent.core.records import SequenceSink, make_record, rfc3339_ms
+from agent.core.records import SequenceSink, rfc3339_ms
 from agent.core.serialframes import EmLineStream, Rdm6300Stream
 from agent.core.turnstile import Gate
 
@@ -287,22 +288,19 @@ class Simulator:
             return [ev.SetMode(mode=step["mode"], by="command", request_id=f"sim-{self._n}")]
         return []
 
-    def _apply_acl(self, step: dict, t: float) -> list[dict]:
-        """An access-list change: build the new table off the decision path, then swap."""
+    def _apply_acl(self, step: dict) -> list[Any]:
+        """An access-list change, as the downlink makes it: build the new table,
+        then swap it in; a refused list is reported and the old one kept."""
         kind = "delta" if "acl_delta" in step else "snapshot"
         doc = step.get("acl_delta") or step.get("acl_snapshot")
         try:
             new = self.acl.apply_delta(doc) if kind == "delta" and self.acl else AccessList.from_snapshot(doc)
         except AclRejected as exc:
-            now = self.now(t)
-            recs = [make_record(
-                "acl.rejected", now, self.boot, version=doc.get("version"), code=exc.code,
-                errors=[{"path": e.path, "message": e.message} for e in exc.errors[:50]],
-            )]
+            out = [ev.Report("acl.rejected", exc.record_fields(doc.get("version")))]
             if exc.code == "base_mismatch":
-                recs.append(make_record("acl.requested", now, self.boot, reason="base_mismatch",
-                                        have=self.acl.version if self.acl else None))
-            return recs
+                out.append(ev.Report("acl.requested", {"reason": "base_mismatch",
+                                                       "have": self.acl.version if self.acl else None}))
+            return out
         self.acl = new
         return [ev.SwapTable(table=build_table(new, self.fp), kind=kind, base=doc.get("base"),
                              timezone=new.timezone)]
@@ -322,12 +320,8 @@ class Simulator:
             if "clock_synced" in step:
                 self.synced = step["clock_synced"]
             if "acl_delta" in step or "acl_snapshot" in step:
-                out = self._apply_acl(step, t)
-                for item in out:
-                    if isinstance(item, dict):
-                        yield from self._emit(ev.Step(records=[item]), t)
-                    else:
-                        yield from self._emit(self.gate.handle(item, self.now(t)), t)
+                for event in self._apply_acl(step):
+                    yield from self._emit(self.gate.handle(event, self.now(t)), t)
                 continue
             # A step with no stimulus of its own (a clock change) still shows the core the time.
             for event in self._events_for(step, t) or [ev.Tick()]:
@@ -364,7 +358,7 @@ def format_pretty(item: dict, tz=None) -> str:
 
     ts = item.get("ts", "")
     if ts and tz is not None:
-        ts = datetime.fromisoformat(ts.replace("Z", "+00:00")).astimezone(tz).isoformat(timespec="milliseconds")
+        ts = datetime.fromisoformat(ts).astimezone(tz).isoformat(timespec="milliseconds")
     ts = ts[11:23]
     if "trace" in item:
         if item["trace"] == "io":

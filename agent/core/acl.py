@@ -95,6 +95,15 @@ class AclRejected(ValueError):
         noun = "error" if self.total == 1 else "errors"
         super().__init__(f"access list refused ({code}), {self.total} {noun}: {shown}{tail}")
 
+    def record_fields(self, version: object) -> dict:
+        """The fields of the ``acl.rejected`` record for this refusal (the contract
+        keeps at most 50 errors, paths and messages of at most 1,000 characters)."""
+        errors = [{"path": (e.path or "/")[:1000], "message": e.message[:1000]} for e in self.errors[:50]]
+        if not errors:
+            errors = [{"path": "/", "message": str(self)[:1000]}]
+        ok_version = isinstance(version, str) and 1 <= len(version) <= 128
+        return {"version": version if ok_version else None, "code": self.code, "errors": errors}
+
 
 class _Errors:
     """Collects errors, keeping the first MAX_ERRORS and counting the rest."""

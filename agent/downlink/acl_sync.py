@@ -168,15 +168,6 @@ class CounterStore:
 # --------------------------------------------------------------------------- rejections
 
 
-def _rejected_record(version: Any, exc: AclRejected) -> dict:
-    errors = [{"path": (e.path or "/")[:_MAX_TEXT], "message": e.message[:_MAX_TEXT]}
-              for e in exc.errors[:MAX_REPORTED_ERRORS]]
-    if not errors:
-        errors = [{"path": "/", "message": str(exc)[:_MAX_TEXT]}]
-    ok_version = isinstance(version, str) and 1 <= len(version) <= 128
-    return {"version": version if ok_version else None, "code": exc.code, "errors": errors}
-
-
 def _reject(path: str, message: str) -> AclRejected:
     return AclRejected([AclError(path, message)])
 
@@ -283,7 +274,7 @@ class AclSync:
         except AclRejected as exc:
             have = self.acl.version if self.acl is not None else None
             log.warning("access list %r refused: %s", version, exc)
-            self._submit(Report("acl.rejected", _rejected_record(version, exc)))
+            self._submit(Report("acl.rejected", exc.record_fields(version)))
             if exc.code == "base_mismatch":
                 self._submit(Report("acl.requested", {"reason": "base_mismatch", "have": have}))
             return False
