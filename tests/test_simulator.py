@@ -9,7 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from agent.simulator import ScenarioError, Simulator, check_expectations, load_scenario, scenario_from_dict
+from agent.simulator import (
+    ScenarioError,
+    Simulator,
+    check_expectations,
+    load_scenario,
+    scenario_from_dict,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples" / "scenarios").glob("*.toml"))
@@ -158,7 +164,7 @@ def test_schema_errors_name_the_path():
 def test_cli_prints_json_lines_and_exits_2_on_a_bad_file(tmp_path):
     good = ROOT / "examples" / "scenarios" / "school-morning.toml"
     res = subprocess.run([sys.executable, "-m", "agent.cli", "simulate", str(good)],
-                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+                         check=False, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert res.returncode == 0, res.stderr
     lines = [json.loads(line) for line in res.stdout.splitlines()]
     assert lines and all({"id", "seq", "ts", "type", "v"} <= set(rec) for rec in lines)
@@ -166,7 +172,7 @@ def test_cli_prints_json_lines_and_exits_2_on_a_bad_file(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('start = "yesterday"\nsteps = []\n')
     res = subprocess.run([sys.executable, "-m", "agent.cli", "simulate", str(bad)],
-                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+                         check=False, capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert res.returncode == 2
     assert "bad.toml" in res.stderr and "/steps" in res.stderr
 
@@ -179,6 +185,6 @@ def test_cli_check_fails_on_an_unmet_expectation(tmp_path):
         '[[expect]]\ntype = "access.denied"\nreason = "blocked"\n'
     )
     res = subprocess.run([sys.executable, "-m", "agent.cli", "simulate", "--check", str(sc)],
-                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+                         check=False, capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert res.returncode == 1
     assert "expectation not met" in res.stderr

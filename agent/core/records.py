@@ -6,7 +6,7 @@ and the type's fields; the journal (or the simulator's sink) adds ``seq`` and
 """
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from agent import CONTRACT_VERSION
 
@@ -15,7 +15,7 @@ from .events import Now
 
 def rfc3339_ms(epoch_s: float) -> str:
     """UTC RFC 3339 with milliseconds, e.g. 2026-09-01T07:45:00.125Z."""
-    dt = datetime.fromtimestamp(epoch_s, tz=timezone.utc)
+    dt = datetime.fromtimestamp(epoch_s, tz=UTC)
     return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
 
 
