@@ -373,6 +373,13 @@ def provision(config: Path, *, site: str, gate: str, broker: str, ca: Path | Non
         raise ProvisionError(
             _("cannot use {path} ({error}); run with sudo").format(path=config, error=exc.strerror)) from None
 
+    if cert is not None and ca is None:
+        try:
+            has_ca = bool(tomllib.loads(text).get("mqtt", {}).get("tls", {}).get("ca_file"))
+        except (tomllib.TOMLDecodeError, AttributeError):
+            has_ca = False
+        if not has_ca:
+            raise ProvisionError(_("give --ca too: TLS needs the region's CA certificate to trust the broker"))
     updates: list[tuple[str, str, Any]] = [("site", "id", site), ("site", "gate", gate), ("mqtt", "host", host)]
     if port is not None:
         updates.append(("mqtt", "port", port))
