@@ -582,25 +582,25 @@ class Doctor:
                         more.append(_("a wrong clock makes valid certificates look expired or not yet valid: "
                                       "fix the clock first (see clock)"))
                     more.append(_("check mqtt.tls.ca_file (the region's CA) and mqtt.tls.server_name"))
-                    return Check(FAIL, "broker", _("{where}: TLS failed").format(where=where), tuple(more))
+                    return Check(FAIL, "broker", _("{where}: TLS failed").format(where=where), (*more, *hints))
                 except (ssl.SSLError, OSError) as exc:
                     return Check(FAIL, "broker", _("{where}: TLS failed ({error})").format(where=where, error=exc), (
                         _("the broker refused this gate's certificate, or it is not a TLS port: check "
-                          "mqtt.tls.cert_file/key_file and mqtt.port"),))
+                          "mqtt.tls.cert_file/key_file and mqtt.port"), *hints))
             client_id = f"{self.cfg.mqtt.client_id or f'gate-{self.cfg.site}-{self.cfg.gate_id}'}-doctor"
             try:
                 code = mqtt_connect(sock, client_id[:64], m.username, m.password)
             except (OSError, ConnectionError) as exc:
                 return Check(FAIL, "broker", _("{where}: no MQTT answer ({error})").format(where=where, error=exc), (
                     _("the broker closed the connection: it may refuse this certificate (revoked?) or "
-                      "this is not an MQTT port"),))
+                      "this is not an MQTT port"), *hints))
         finally:
             if sock is not None:
                 sock.close()
         if code >= 0x80:
             return Check(FAIL, "broker", _("{where}: the broker refused the connection (0x{code:02X} {why})")
                          .format(where=where, code=code, why=_CONNACK_HINTS.get(code, "")), (
-                _("ask the regional office to check this gate's certificate or account"),))
+                _("ask the regional office to check this gate's certificate or account"), *hints))
         tls_text = "TLS" if m.tls is not None else _("no TLS")
         summary = _("{where}: connected ({tls}), MQTT accepted").format(where=where, tls=tls_text) + cert_note
         if m.tls is None:
