@@ -10,7 +10,7 @@ exercise exactly the code a Pi runs.
 API (all thread-safe; every class has ``close()`` where it runs a thread):
 
 ``SimulatedTurnstile(factory, profile, *, walk_s=(0.8, 2.0), rng=None,
-witness=None, clock=time.monotonic, pass_open_s=0.25, poll_s=0.002)``
+witness=None, clock=time.monotonic, pass_open_s=0.25, poll_s=0.005)``
     Starts at once. A small thread polls the profile's turnstile outputs
     (unlock_a, unlock_b, stop, fire_release). Each time an unlock line
     *becomes* active (a pulse, or the start of a held line) one person walks:
@@ -184,7 +184,7 @@ class SimulatedTurnstile:
         witness: str | os.PathLike[str] | None = None,
         clock: Callable[[], float] = time.monotonic,
         pass_open_s: float = PASS_OPEN_S,
-        poll_s: float = 0.002,
+        poll_s: float = 0.005,
     ) -> None:
         if not callable(walk_s):
             lo, hi = walk_s
@@ -329,10 +329,24 @@ class SimulatedTurnstile:
         lo, hi = self.walk_s
         return self.rng.uniform(lo, hi)
 
-    def _walk_locked(self, direction: str, after: float, now: float) -> None:
+    def _walk_locked(self, direction: str, after: float, now: float, *, unless_free: bool = False) -> None:
+        """Schedule a walk: the sensor opens ``after`` s from now, closes pass_open_s later.
+
+        unless_free: the walker an unlock called; if the gate is free by the time
+        they reach the arm (both unlocks held, seen one poll apart), they are the
+        free flow's, not an extra passage.
+        """
         self._walking[direction] += 1
-        self._schedule(now + after, lambda: self._sensor(direction, True))
-        self._schedule(now + after + self.pass_open_s, lambda: self._sensor(direction, False))
+        self._schedule(now + after, lambda: self._arm(direction, unless_free))
+
+    def _arm(self, direction: str, unless_free: bool) -> None:
+        with self._lock:
+            if unless_free and self._free_locked():
+                self._walking[direction] -= 1
+                return
+        self._sensor(direction, True)
+        with self._lock:
+            self._schedule(self.clock() + self.pass_open_s, lambda: self._sensor(direction, False))
 
     def _schedule(self, t: float, action: Callable[[], None]) -> None:
         heapq.heappush(self._actions, (t, next(self._seq), action))
@@ -373,7 +387,7 @@ class SimulatedTurnstile:
                 if direction is not None and ch.active and not free:
                     after = self._walk_time(direction)
                     if after is not None:  # None: nobody walks, the grant times out
-                        self._walk_locked(direction, after, now)
+                        self._walk_locked(direction, after, now, unless_free=True)
             if free:
                 for direction in DIRECTIONS:
                     if self._queue[direction] and not self._walking[direction]:
