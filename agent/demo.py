@@ -364,6 +364,7 @@ class Demo:
             self.say(_("the fire loop closes; the gate stays free until the guard resets the release"))
             if self.stop_event.wait(3.0):
                 return
+            self.turnstile.wait_idle(5.0)  # the guard resets once nobody is in the arm
             press_input(self.factory, board, "fire_reset")
             self.say(_("the guard resets the fire release: back to normal"))
         except Exception:  # pins closed under us: the service is stopping

@@ -193,9 +193,7 @@ class GateView:
         backlog = "?" if s["backlog"] is None else str(s["backlog"])
         if oldest:
             backlog += _(" (oldest {s} s)").format(s=round(oldest))
-        alarms = ", ".join(s["alarms"]) or "-"
-        if s["fire"]:
-            alarms = "FIRE " + alarms
+        alarms = ", ".join((["FIRE"] if s["fire"] else []) + s["alarms"]) or "-"
         return [
             _("granted {granted}   denied {denied} ({reasons})").format(
                 granted=s["granted"], denied=s["denied"], reasons=reasons),
