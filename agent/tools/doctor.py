@@ -197,16 +197,19 @@ def mqtt_connect(sock: socket.socket, client_id: str, username: str | None = Non
     return code
 
 
-_CONNACK_HINTS = {
-    0x84: "the broker does not speak MQTT 5; update it",
-    0x85: "client id refused",
-    0x86: "bad user name or password",
-    0x87: "not authorised: the certificate or user is not allowed on this broker",
-    0x88: "server unavailable",
-    0x89: "server busy",
-    0x8A: "banned",
-    0x8C: "bad authentication method",
-}
+def _connack_hint(code: int) -> str:
+    """What an MQTT 5 CONNACK refusal means, in the technician's words."""
+    hints = {
+        0x84: _("the broker does not speak MQTT 5; update it"),
+        0x85: _("client id refused"),
+        0x86: _("bad user name or password"),
+        0x87: _("not authorised: the certificate or user is not allowed on this broker"),
+        0x88: _("server unavailable"),
+        0x89: _("server busy"),
+        0x8A: _("banned"),
+        0x8C: _("bad authentication method"),
+    }
+    return hints.get(code, "")
 
 
 # --------------------------------------------------------------------------- the checks
@@ -599,7 +602,7 @@ class Doctor:
                 sock.close()
         if code >= 0x80:
             return Check(FAIL, "broker", _("{where}: the broker refused the connection (0x{code:02X} {why})")
-                         .format(where=where, code=code, why=_CONNACK_HINTS.get(code, "")), (
+                         .format(where=where, code=code, why=_connack_hint(code)), (
                 _("ask the regional office to check this gate's certificate or account"), *hints))
         tls_text = "TLS" if m.tls is not None else _("no TLS")
         summary = _("{where}: connected ({tls}), MQTT accepted").format(where=where, tls=tls_text) + cert_note
