@@ -3,9 +3,10 @@
 The service runs unchanged on ``hardware.pin_factory = "mock"`` (or a
 ``MockFactory`` passed to ``Service(..., factory=...)``); these classes sit on
 the *other* side of the same mock pins, where the turnstile and the readers
-would be. Nothing here talks to the service: they only read its output pins
-and drive its input pins, so the demo, the crash tests and the real service
-exercise exactly the code a Pi runs.
+would be. They only read the service's output pins and drive its input
+pins (the one exception, by choice: a reader may feed its Wiegand adapter
+timed edges, see SimulatedReader), so the demo, the crash tests and the real
+service exercise exactly the code a Pi runs.
 
 API (all thread-safe; every class has ``close()`` where it runs a thread):
 
