@@ -32,7 +32,12 @@ build: $(STAMP)
 	$(VPY) setup.py -q build_ext --inplace
 	$(VPY) -c 'import fastpath; print("fastpath:", fastpath.IMPLEMENTATION)'
 
+# The live demo: the real service on simulated hardware, a local mosquitto, the live view.
 run: build
+	$(VPY) -m agent.cli demo $(DEMO_FLAGS)
+
+# One scenario in virtual time (SCENARIO=examples/scenarios/fire-drill.toml make simulate).
+simulate: build
 	$(VPY) -m agent.cli simulate $(SCENARIO) --pretty
 
 test: build

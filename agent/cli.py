@@ -80,15 +80,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     # The service and the technician's and the regional side's tools.
     from agent.config import add_check_config_parser
+    from agent.demo import add_demo_parser
     from agent.service import add_run_parser
+    from agent.tools.bundle import add_bundle_parser
+    from agent.tools.doctor import add_doctor_parser
     from agent.tools.enroll import add_enroll_parser
     from agent.tools.iotest import add_iotest_parser
+    from agent.tools.journaltool import add_journal_parser
+    from agent.tools.monitor import add_monitor_parser
+    from agent.tools.provision import add_provision_parser
     from agent.tools_regional import add_regional_parsers
 
     add_run_parser(sub)
     add_check_config_parser(sub)
+    add_demo_parser(sub)
+    add_provision_parser(sub)
+    add_doctor_parser(sub)
+    add_monitor_parser(sub)
+    add_journal_parser(sub)
     add_enroll_parser(sub)
     add_iotest_parser(sub)
+    add_bundle_parser(sub)
     add_regional_parsers(sub)
     return p
 
