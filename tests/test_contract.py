@@ -890,3 +890,24 @@ def test_validator_is_not_changed_by_callers():
     before = copy.deepcopy(msg)
     validate("event", msg)
     assert msg == before
+
+
+def test_a_manual_open_is_a_grant_with_a_source_and_no_card():
+    manual = numbered("access.granted", {"reader": None, "direction": "in", "card": None, "format": None,
+                                         "person": None, "source": "button"})
+    assert contract.validate("event", manual) == []
+    with_card = dict(manual, card=6613779)
+    assert any(e.startswith("$.card") for e in contract.validate("event", with_card))
+    with_person = dict(manual, person="p-0001")
+    assert any(e.startswith("$.person") for e in contract.validate("event", with_person))
+    unknown_source = dict(manual, source="card")
+    assert any(e.startswith("$.source") for e in contract.validate("event", unknown_source))
+
+
+def test_a_card_grant_needs_its_reader_card_and_format():
+    card = numbered("access.granted", {"reader": "entry", "direction": "in", "card": 6613779,
+                                       "format": "w26", "person": "p-0001"})
+    assert contract.validate("event", card) == []
+    for field in ("reader", "card", "format"):
+        errors = contract.validate("event", dict(card, **{field: None}))
+        assert any(e.startswith(f"$.{field}") for e in errors), (field, errors)

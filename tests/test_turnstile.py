@@ -285,10 +285,11 @@ ROWS = [
     (IDLE, lambda fp: ev.PassSensor("A"), ["passage.forced"], None),
     (PENDING, lambda fp: ev.PassSensor("A"), ["passage"], lambda g, s: g.pending is None),
     (FAULT, lambda fp: ev.PassSensor("B"), ["passage.forced"], None),
-    (IDLE, lambda fp: ev.Button("out"), [], lambda g, s: g.pending == ("out", "button")),
+    (IDLE, lambda fp: ev.Button("out"), ["access.granted"],
+     lambda g, s: g.pending == ("out", "button") and only(s, "access.granted")["source"] == "button"),
     (PENDING, lambda fp: ev.Button("out"), [], lambda g, s: g.waiting == (("out", "button"),)),
     (FAULT, lambda fp: ev.Button("in"), [], lambda g, s: g.pending is None and not g.waiting and s.commands == []),
-    (IDLE, lambda fp: ev.RemoteOpen("in", "r-1"), ["command.result"],
+    (IDLE, lambda fp: ev.RemoteOpen("in", "r-1"), ["command.result", "access.granted"],
      lambda g, s: g.pending == ("in", "remote") and only(s, "command.result")["result"] == "done"),
     (PENDING, lambda fp: ev.RemoteOpen("out", "r-1"), ["command.result"],
      lambda g, s: g.waiting == (("out", "remote"),)),
@@ -446,7 +447,10 @@ def test_button_waits_for_the_pending_passage_then_opens(fp):
     run(2.5, ev.Button("out"))  # a second press does not queue a second passage
     assert run.gate.waiting == (("out", "button"),)
     step = run(3, ev.PassSensor("A"))
-    assert types(step) == ["passage"]
+    # The waiting button's open is journalled before its unlock is driven.
+    assert types(step) == ["passage", "access.granted"]
+    manual = only(step, "access.granted")
+    assert (manual["source"], manual["direction"], manual["person"], manual["card"]) == ("button", "out", None, None)
     assert outs(step) == [("unlock_b", True)]
     assert run.gate.pending == ("out", "button")
     passage = only(run(5, ev.PassSensor("B")), "passage")
@@ -459,7 +463,8 @@ def test_a_waiting_button_starts_when_the_wait_times_out(fp):
     run(1, card(K_ALICE))
     run(2, ev.Button("out"))
     step = run.tick_deadline()
-    assert types(step) == ["passage.timeout"]
+    assert types(step) == ["passage.timeout", "access.granted"]
+    assert only(step, "access.granted")["source"] == "button"
     assert outs(step) == [("unlock_a", False), ("unlock_b", True)]
     assert run.gate.pending == ("out", "button")
 
@@ -492,8 +497,9 @@ def test_remote_open_answers_its_command_and_opens_like_a_button(fp):
     res = only(step, "command.result")
     assert (res["request_id"], res["command"], res["result"]) == ("r-9", "open", "done")
     assert outs(step) == [("unlock_b", True)]
+    assert only(step, "access.granted")["source"] == "remote"
     assert only(run(3, ev.PassSensor("B")), "passage")["source"] == "remote"
-    assert types(run(4, ev.RemoteOpen("in"))) == []  # no request id: nothing to answer
+    assert types(run(4, ev.RemoteOpen("in"))) == ["access.granted"]  # no request id: nothing to answer
     assert run.gate.pending == ("in", "remote")
 
 

@@ -302,7 +302,7 @@ class Gate:
             _, day = self._local(now)
             self._state.record_passage(p.person, direction, math.floor(now.wall), day, p.guest)
         self._close_lane()
-        self._start_waiting(now)
+        self._start_waiting(now, step)
 
     def _on_pass_unpaired(self, event: ev.PassSensor, now: ev.Now, step: ev.Step) -> None:
         direction = self._side_direction(event.side, now, step)
@@ -312,7 +312,7 @@ class Gate:
     def _on_button(self, event: ev.Button, now: ev.Now, step: ev.Step) -> None:
         direction = self._direction(event.direction, "Button", now, step)
         if direction is not None:
-            self._request_open(direction, "button", now)
+            self._request_open(direction, "button", now, step)
 
     def _on_remote_open(self, event: ev.RemoteOpen, now: ev.Now, step: ev.Step) -> None:
         direction = self._direction(event.direction, "RemoteOpen", now, step)
@@ -322,7 +322,7 @@ class Gate:
             # In fire/free the gate is already free: the open is done as asked.
             self._record(step, now, "command.result", request_id=event.request_id, command=CMD_OPEN,
                          result="done")
-        self._request_open(direction, "remote", now)
+        self._request_open(direction, "remote", now, step)
 
     def _on_remote_open_fault(self, event: ev.RemoteOpen, now: ev.Now, step: ev.Step) -> None:
         if self._direction(event.direction, "RemoteOpen", now, step) is None:
@@ -410,14 +410,14 @@ class Gate:
         if by_command:
             self._record(step, now, "command.result", request_id=event.request_id, command=CMD_SET_MODE,
                          result="done")
-        self._start_waiting(now)
+        self._start_waiting(now, step)
 
     def _on_lockdown_switch(self, event: ev.LockdownSwitch, now: ev.Now, step: ev.Step) -> None:
         before = self.mode
         self._switch = bool(event.on)  # remembered under fire, applied at its reset
         if self.mode != before:
             self._record(step, now, "mode.changed", **{"from": before, "to": self.mode, "by": "switch"})
-        self._start_waiting(now)
+        self._start_waiting(now, step)
 
     def _on_ready_line(self, event: ev.ReadyLine, now: ev.Now, step: ev.Step) -> None:
         ok = bool(event.ok)
@@ -498,23 +498,30 @@ class Gate:
             self._rest[line] = now.mono + LINE_REST_S
         self._pulses.clear()
 
-    def _request_open(self, direction: int, source: str, now: ev.Now) -> None:
+    def _request_open(self, direction: int, source: str, now: ev.Now, step: ev.Step) -> None:
         """A button or remote open: at once if the lane is free, else it waits its turn."""
         if self.mode in FREE_MODES:
             return  # the gate is already free
         if self._can_open(direction):
-            self._open(now, direction, source)
+            self._open_manual(now, direction, source, step)
         elif all(d != direction for d, _ in self._waiting):
             self._waiting.append((direction, source))
 
-    def _start_waiting(self, now: ev.Now) -> None:
+    def _open_manual(self, now: ev.Now, direction: int, source: str, step: ev.Step) -> None:
+        # Journalled before the unlock is driven, like a card grant: a crash between the
+        # open and its passage still leaves a trace that the guard (or the server) opened.
+        self._record(step, now, "access.granted", reader=None, direction=codes.DIRECTIONS[direction],
+                     card=None, format=None, person=None, source=source)
+        self._open(now, direction, source)
+
+    def _start_waiting(self, now: ev.Now, step: ev.Step) -> None:
         if self.mode in FREE_MODES or self._lane == FAULT:
             self._waiting.clear()
             return
         for i, (direction, source) in enumerate(self._waiting):
             if self._can_open(direction):
                 del self._waiting[i]
-                self._open(now, direction, source)
+                self._open_manual(now, direction, source, step)
                 return
 
     def _unpaired_pass(self, direction: int, now: ev.Now, step: ev.Step) -> None:
@@ -546,7 +553,7 @@ class Gate:
                              source=p.source, person=p.person, card=p.card,
                              waited_ms=_ms(p.deadline - p.started))
                 self._close_lane()  # a grant that times out moves nobody
-            self._start_waiting(now)
+            self._start_waiting(now, step)
 
     # --- outputs ------------------------------------------------------------------------------
 
