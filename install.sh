@@ -12,23 +12,26 @@
 # run again: an upgrade rebuilds the agent and restarts a running service;
 # the config, the journal and the state are kept.
 #
-#     ./install.sh --root DIR [--no-build]
+#     ./install.sh --root DIR [--no-build] [--no-start]
 #
 # stages the same tree into DIR without touching the host: no apt-get, no
 # user, no chown, no systemctl; what it would do is printed as "would: ...".
-# --no-build skips building the virtual environment (tests).
+# --no-build skips building the virtual environment (tests). --no-start
+# enables the service without starting or restarting it (the first-boot
+# script starts it later without waiting for the network).
 set -euo pipefail
 umask 022  # the modes below are set explicitly; new parent directories get 0755
 
 PREFIX=/opt/gate-agent
 ROOT=""
 BUILD=1
+START=1
 SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 USER_NAME=gate-agent
 
 usage() {
   sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
-  echo "Options: --root DIR (stage into DIR), --no-build (skip the venv), -h/--help"
+  echo "Options: --root DIR (stage into DIR), --no-build (skip the venv), --no-start, -h/--help"
 }
 
 while [ $# -gt 0 ]; do
@@ -37,6 +40,7 @@ while [ $# -gt 0 ]; do
             ROOT=$2; shift 2 ;;
     --root=*) ROOT=${1#--root=}; shift ;;
     --no-build) BUILD=0; shift ;;
+    --no-start) START=0; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "install.sh: unknown option $1; see ./install.sh --help" >&2; exit 2 ;;
   esac
@@ -189,6 +193,12 @@ files() {
     put "$p" "/usr/share/gate-agent/profiles/$(basename "$p")" 0644
   done
   put "$SRC/examples/agent.toml" /usr/share/gate-agent/agent.toml.example 0644
+  # The technician types `gate-agent ...`, whatever PATH the venv is on.
+  dir /usr/local/bin 0755
+  if [ "$(readlink "$ROOT/usr/local/bin/gate-agent" 2>/dev/null)" != "$PREFIX/venv/bin/gate-agent" ]; then
+    ln -sfn "$PREFIX/venv/bin/gate-agent" "$ROOT/usr/local/bin/gate-agent"
+    say "linked /usr/local/bin/gate-agent"
+  fi
   dir /usr/share/doc/gate-agent 0755
   put "$SRC/docs/configuration.md" /usr/share/doc/gate-agent/configuration.md 0644
   # The serial reader's stable name; a technician's edited copy is kept.
@@ -223,7 +233,9 @@ enable() {
   fi
   systemctl daemon-reload
   systemctl enable gate-agent.service >/dev/null
-  if systemctl is-active --quiet gate-agent.service; then
+  if [ "$START" -eq 0 ]; then
+    say "enabled; not started (--no-start)"
+  elif systemctl is-active --quiet gate-agent.service; then
     say "restarting the running agent"
     systemctl restart gate-agent.service
   elif [ "${NEW_CONFIG:-0}" -eq 1 ]; then

@@ -80,6 +80,10 @@ remove /etc/systemd/system/gate-agent.service \
        /usr/share/gate-agent \
        /usr/share/doc/gate-agent \
        /opt/gate-agent
+# The command link, only when it still points at our venv.
+if [ "$(readlink "$ROOT/usr/local/bin/gate-agent" 2>/dev/null)" = /opt/gate-agent/venv/bin/gate-agent ]; then
+  remove /usr/local/bin/gate-agent
+fi
 # The udev rule only names the reader's port; remove it only when it is still ours.
 rules=/etc/udev/rules.d/99-gate-reader.rules
 src=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/hardware/99-gate-reader.rules

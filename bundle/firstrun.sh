@@ -166,7 +166,7 @@ if [ -d "$WHEELS" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
 else
   say "no wheels in the bundle: pip fetches the dependencies from the network"
 fi
-ARGS=()
+ARGS=(--no-start)  # started below, without waiting for the network
 [ "$STAGING" -eq 1 ] && ARGS+=(--root "$ROOT")
 [ -n "$NO_BUILD" ] && ARGS+=("$NO_BUILD")
 bash "$SRC/install.sh" "${ARGS[@]}" || fail "install.sh failed (see above)"

@@ -31,7 +31,10 @@ EXPECTED = {
     "etc/gate-agent": (0o750, None),
     "etc/gate-agent/agent.toml": (0o640, "examples/agent.toml"),
     "var/lib/gate-agent": (0o700, None),
+    "usr/local/bin": (0o755, None),
 }
+# path in the staged tree -> where the symbolic link points
+LINKS = {"usr/local/bin/gate-agent": "/opt/gate-agent/venv/bin/gate-agent"}
 
 
 def run(script: Path, *args: str) -> subprocess.CompletedProcess:
@@ -72,8 +75,10 @@ def test_staged_install_puts_every_file_with_its_mode(stage):
             assert path.is_dir(), rel
     # Nothing else but the parents of those paths.
     parents = {str(Path(rel).parents[i]) for rel in EXPECTED for i in range(len(Path(rel).parents) - 1)}
+    for rel, target in LINKS.items():
+        assert os.readlink(stage / rel) == target, rel
     extra = [str(p.relative_to(stage)) for p in stage.rglob("*")
-             if str(p.relative_to(stage)) not in EXPECTED and str(p.relative_to(stage)) not in parents]
+             if str(p.relative_to(stage)) not in EXPECTED | LINKS and str(p.relative_to(stage)) not in parents]
     assert extra == []
 
 
@@ -167,6 +172,7 @@ def test_uninstall_keeps_journal_and_config_unless_purged(stage):
     for rel in ("opt/gate-agent", "etc/systemd/system/gate-agent.service", "usr/lib/sysusers.d/gate-agent.conf",
                 "usr/lib/tmpfiles.d/gate-agent.conf", "usr/share/gate-agent"):
         assert not (stage / rel).exists(), rel
+    assert not (stage / "usr/local/bin/gate-agent").is_symlink()
     assert (stage / "var/lib/gate-agent/journal.db").read_bytes() == b"events"
     assert (stage / "etc/gate-agent/agent.toml").exists()
     assert "would: systemctl disable --now gate-agent" in res.stdout
