@@ -18,6 +18,7 @@ from importlib import resources
 from typing import Any
 
 from agent import CONTRACT_VERSION  # one number for the records and the contract
+from fastpath import codes
 
 __all__ = [
     "COMMANDS",
@@ -62,24 +63,12 @@ EVENT_TYPES: tuple[str, ...] = (
     "journal.overflow",
 )
 
-# In the order the checks run (DESIGN.md, "Decision semantics"): the first
-# failing check names the reason, so the order is part of the contract.
-DENIAL_REASONS: tuple[str, ...] = (
-    "lockdown",
-    "wrong_direction",
-    "blocked",
-    "unknown_card",
-    "not_yet_valid",
-    "expired",
-    "holiday",
-    "outside_schedule",
-    "exit_restricted",
-    "antipassback",
-    "gate_busy",
-)
-
-MODES: tuple[str, ...] = ("normal", "entry_only", "free", "lockdown", "fire")
-DIRECTIONS: tuple[str, ...] = ("in", "out")
+# One vocabulary with the fastpath: its integer codes are numbered in the order
+# the checks run (DESIGN.md, "Decision semantics"), so the first failing check
+# names the reason and the order is part of the contract.
+DENIAL_REASONS: tuple[str, ...] = codes.RESULTS[1:]
+MODES: tuple[str, ...] = codes.MODES
+DIRECTIONS: tuple[str, ...] = codes.DIRECTIONS
 READER_ERROR_KINDS: tuple[str, ...] = (
     "parity",
     "length",

@@ -40,6 +40,7 @@ from fastpath.codes import (
 from fastpath.columns import TableColumns
 
 from .cards import CardFormatError, parse_card_string
+from .records import parse_rfc3339
 
 __all__ = [
     "DEFAULT_KEY_WIDTH",
@@ -305,17 +306,6 @@ def _parse_date(text: str) -> date:
     return date.fromisoformat(text)
 
 
-def _parse_datetime(text: str) -> datetime:
-    """RFC 3339 with offset (schema-checked shape); fractions past microseconds cut."""
-    s = text.upper().replace("Z", "+00:00")
-    if "." in s:  # fromisoformat takes at most 6 fraction digits
-        head, rest = s.split(".", 1)
-        digits = len(rest) - len(rest.lstrip("0123456789"))
-        s = head + "." + rest[:digits][:6].ljust(6, "0") + rest[digits:]
-    dt = datetime.fromisoformat(s)
-    if dt.tzinfo is None:
-        raise ValueError("no UTC offset")
-    return dt
 
 
 def _is_date(text: str) -> bool:
@@ -341,7 +331,7 @@ class _Epochs:
             if _is_date(text):
                 v = self._midnight(_parse_date(text))
             else:
-                v = math.floor(_parse_datetime(text).timestamp())
+                v = math.floor(parse_rfc3339(text).timestamp())
             self._start[text] = v
         return v
 
@@ -351,7 +341,7 @@ class _Epochs:
             if _is_date(text):
                 v = self._midnight(_parse_date(text) + timedelta(days=1))
             else:
-                v = math.floor(_parse_datetime(text).timestamp())
+                v = math.floor(parse_rfc3339(text).timestamp())
             self._end[text] = v
         return v
 
@@ -439,7 +429,7 @@ class _Reader:
             if as_date_ok and _is_date(value):
                 _parse_date(value)
             else:
-                _parse_datetime(value)
+                parse_rfc3339(value)
         except ValueError:
             self.errors.add(path, f"{_short(value)} is not a real calendar date or time")
             return False

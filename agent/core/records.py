@@ -19,6 +19,20 @@ def rfc3339_ms(epoch_s: float) -> str:
     return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
 
 
+def parse_rfc3339(text: str) -> datetime:
+    """An RFC 3339 date-time with its UTC offset (``Z`` or ``+07:00``) as an aware
+    datetime; fractions past microseconds are cut. ValueError without an offset."""
+    s = text.strip().upper().replace("Z", "+00:00")
+    if "." in s:  # fromisoformat takes at most 6 fraction digits
+        head, rest = s.split(".", 1)
+        digits = len(rest) - len(rest.lstrip("0123456789"))
+        s = head + "." + rest[:digits][:6].ljust(6, "0") + rest[digits:]
+    dt = datetime.fromisoformat(s)
+    if dt.tzinfo is None:
+        raise ValueError("no UTC offset")
+    return dt
+
+
 def make_record(rtype: str, now: Now, boot: str, **fields) -> dict:
     rec = {
         "v": CONTRACT_VERSION,

@@ -34,11 +34,11 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from agent.contract import CONTRACT_VERSION, validate
 from agent.core.events import FireReset, RemoteOpen, Report, SetMode
+from agent.core.records import parse_rfc3339 as parse_datetime
 
 from .acl_sync import CounterStore
 from .signing import SignatureError, verify
@@ -118,15 +118,7 @@ def delivery_from(properties: Any, retain: bool | None = None) -> Delivery:
 
 def parse_rfc3339(text: str) -> float:
     """Epoch seconds of an RFC 3339 date-time with an offset; ValueError otherwise."""
-    s = text.strip().upper().replace("Z", "+00:00")
-    if "." in s:  # fromisoformat takes at most 6 fraction digits
-        head, rest = s.split(".", 1)
-        digits = len(rest) - len(rest.lstrip("0123456789"))
-        s = head + "." + rest[:digits][:6].ljust(6, "0") + rest[digits:]
-    dt = datetime.fromisoformat(s)
-    if dt.tzinfo is None:
-        raise ValueError("no UTC offset")
-    return dt.timestamp()
+    return parse_datetime(text).timestamp()
 
 
 def _ident(msg: Any) -> tuple[str, str]:
