@@ -8,7 +8,8 @@ holds every event; and, only after that is committed, publishes
 ``{"journal", "upto"}`` to the gate's ``ack`` topic. A gate forgets an event
 only on that ack, so a crash anywhere here loses nothing: the gate resends.
 
-Run it with ``python -m agent.uplink.ingest --host H --port P --db FILE``.
+Run it with ``gate-agent ingest --host H --port P --db FILE`` or
+``--db-url postgresql://user@dbhost/gates`` (docs/ingest.md).
 """
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ import json
 import logging
 import queue
 import signal
-import sqlite3
 import threading
 import time
 from collections.abc import Sequence
@@ -30,31 +30,10 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent.contract import TOPIC_ROOT, topics
 
+from .ingest_store import MAX_SEQ, Row, Store, StoreError, open_store
 from .mqtt import TlsConfig
 
 log = logging.getLogger("agent.ingest")
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS events (
-    id TEXT PRIMARY KEY,
-    journal TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    site TEXT NOT NULL,
-    gate TEXT NOT NULL,
-    type TEXT,
-    ts TEXT,
-    body JSON NOT NULL
-);
-CREATE UNIQUE INDEX IF NOT EXISTS events_journal_seq ON events(journal, seq);
-CREATE INDEX IF NOT EXISTS events_site_gate ON events(site, gate);
-CREATE TABLE IF NOT EXISTS journals (
-    journal TEXT PRIMARY KEY,
-    site TEXT NOT NULL,
-    gate TEXT NOT NULL,
-    upto INTEGER NOT NULL DEFAULT 0
-);
-"""
-
 
 class IngestError(RuntimeError):
     """The ingest cannot run (database or broker settings)."""
@@ -74,7 +53,8 @@ class Ingest:
         host: str,
         port: int = 1883,
         *,
-        db_path: str | Path,
+        db_path: str | Path | None = None,
+        db_url: str | None = None,
         group: str = "ingest",
         client_id: str | None = None,
         tls: TlsConfig | None = None,
@@ -82,11 +62,19 @@ class Ingest:
         password: str | None = None,
     ) -> None:
         self.host, self.port = host, port
-        self.db_path = str(db_path)
+        if (db_path is None) == (db_url is None):
+            raise ValueError("give the ingest one database: db_path (SQLite file) or db_url "
+                             "(postgresql://user@host/db, sqlite:///path or a path)")
+        try:
+            self._store: Store = open_store(db_url if db_url is not None else Path(db_path))
+        except StoreError as exc:
+            raise IngestError(str(exc)) from exc
+        # The SQLite file, when that is the store (tests read it from outside).
+        self.db_path = getattr(self._store, "path", None)
+        self.db_url = self._store.url  # without any password: safe to print
         self.group = group
         self.filter = f"$share/{group}/{TOPIC_ROOT}/+/+/events"
         self.client_id = client_id or f"ingest-{group}-{int(time.time() * 1000) % 10**9}"
-        self._db = self._open_db(self.db_path)
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -110,19 +98,6 @@ class Ingest:
         # Set once the broker confirmed the subscription: events sent after it reach us.
         self.ready = threading.Event()
 
-    @staticmethod
-    def _open_db(path: str) -> sqlite3.Connection:
-        try:
-            db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.executescript(SCHEMA)
-        except sqlite3.Error as exc:
-            raise IngestError(
-                f"cannot open the ingest database {path!r} ({exc}); check the path and its permissions"
-            ) from exc
-        return db
-
     # --- lifecycle ----------------------------------------------------------
 
     def start(self) -> Ingest:
@@ -141,7 +116,7 @@ class Ingest:
             self._client.disconnect()
         finally:
             self._client.loop_stop()
-        self._db.close()
+        self._store.close()
 
     def __enter__(self) -> Self:
         return self.start()
@@ -191,113 +166,67 @@ class Ingest:
                     break
             if batch:
                 try:
-                    self._store(batch)
-                except sqlite3.Error:
+                    self._write(batch)
+                except StoreError as exc:
                     # Not acked, so the gates resend; the message says why.
-                    log.exception("ingest: database write failed; events not acknowledged, gates will resend")
+                    log.error("ingest: %s; events not acknowledged, the gates will resend them", exc)
+                except Exception:
+                    # Whatever it was, the writer must live on: a dead writer acks nothing ever again.
+                    log.exception("ingest: unexpected failure storing a batch; not acknowledged")
             if item is None:
                 return
 
-    def _parse(self, topic: str, payload: bytes) -> tuple | None:
+    def _parse(self, topic: str, payload: bytes) -> Row | None:
         parts = topic.split("/")
         if len(parts) != 5 or parts[4] != "events":
             return None
         site, gate = parts[2], parts[3]
         try:
-            rec = json.loads(payload)
+            body = payload.decode("utf-8")
+            rec = json.loads(body)
             rid, seq = rec["id"], rec["seq"]
             journal, _, seq_text = rid.rpartition(":")
-            if not journal or not isinstance(seq, int) or seq < 1 or seq_text != str(seq):
+            if not journal or not isinstance(seq, int) or not 1 <= seq <= MAX_SEQ or seq_text != str(seq):
                 raise ValueError(f"id {rid!r} does not end in ':{seq}'")
+            rtype, ts = rec.get("type"), rec.get("ts")
+            rtype = rtype if isinstance(rtype, str) else None
+            ts = ts if isinstance(ts, str) else None
+            # No SQL text column holds NUL: such a record could never be stored.
+            if any("\x00" in v for v in (rid, rtype or "", ts or "")):
+                raise ValueError("a NUL character in id, type or ts")
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             log.warning("ingest: rejected a message on %s (%s)", topic, exc)
             self.rejected += 1
             return None
-        return (rid, journal, seq, site, gate, rec.get("type"), rec.get("ts"),
-                payload.decode("utf-8"))
+        return Row(rid, journal, seq, site, gate, rtype, ts, body)
 
-    def _store(self, batch: list[tuple[str, bytes]]) -> None:
+    def _write(self, batch: list[tuple[str, bytes]]) -> None:
         rows = [r for r in (self._parse(t, p) for t, p in batch) if r is not None]
         if not rows:
             self.received += len(batch)
             return
-        acks: dict[str, tuple[str, str, int]] = {}
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")  # other ingests on this file wait; upto stays consistent
-        try:
-            before = db.total_changes
-            db.executemany(
-                "INSERT OR IGNORE INTO events(id, journal, seq, site, gate, type, ts, body) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                rows,
-            )
-            inserted = db.total_changes - before
-            for journal, site, gate in {(r[1], r[3], r[4]) for r in rows}:
-                acks[journal] = (site, gate, self._advance(journal, site, gate))
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+        done = self._store.insert(rows)  # returns once committed
         # Counted after the commit, so a caller seeing the count also sees the rows.
-        self.stored += inserted
-        self.duplicates += len(rows) - inserted
+        self.stored += done.new
+        self.duplicates += len(rows) - done.new
         self.received += len(batch)
         # Acks only after COMMIT: an ack promises the events are stored.
-        for journal, (site, gate, upto) in acks.items():
-            if upto >= 1:
+        for journal, mark in done.marks.items():
+            if mark.upto >= 1:
                 self._client.publish(
-                    topics(site, gate)["ack"], json.dumps({"journal": journal, "upto": upto}), qos=1
+                    topics(mark.site, mark.gate)["ack"],
+                    json.dumps({"journal": journal, "upto": mark.upto}), qos=1,
                 )
-
-    def _advance(self, journal: str, site: str, gate: str) -> int:
-        """Move the journal's contiguous mark over the seqs now stored."""
-        db = self._db
-        row = db.execute("SELECT upto FROM journals WHERE journal = ?", (journal,)).fetchone()
-        upto = row[0] if row else 0
-        while True:
-            seqs = [s for (s,) in db.execute(
-                "SELECT seq FROM events WHERE journal = ? AND seq > ? ORDER BY seq LIMIT 1000",
-                (journal, upto),
-            )]
-            moved = False
-            for s in seqs:
-                if s != upto + 1:
-                    break
-                upto, moved = s, True
-            if not moved or len(seqs) < 1000 or seqs[-1] != upto:
-                break
-        db.execute(
-            "INSERT INTO journals(journal, site, gate, upto) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT(journal) DO UPDATE SET upto = excluded.upto, site = excluded.site, "
-            "gate = excluded.gate",
-            (journal, site, gate, upto),
-        )
-        return upto
 
     # --- reading ----------------------------------------------------------------
 
     def events(self, site: str | None = None, gate: str | None = None) -> list[dict]:
         """Stored events (each once), ordered by journal then seq."""
-        sql, args = "SELECT body FROM events", []
-        where = []
-        if site is not None:
-            where.append("site = ?")
-            args.append(site)
-        if gate is not None:
-            where.append("gate = ?")
-            args.append(gate)
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY journal, seq"
-        # A separate connection: readers never wait for (or disturb) the writer.
-        with sqlite3.connect(self.db_path, timeout=30) as db:
-            return [json.loads(body) for (body,) in db.execute(sql, args)]
+        return self._store.events(site, gate)
 
     def upto(self, journal: str) -> int:
         """The journal's contiguous mark: every seq up to it is stored."""
-        with sqlite3.connect(self.db_path, timeout=30) as db:
-            row = db.execute("SELECT upto FROM journals WHERE journal = ?", (journal,)).fetchone()
-        return row[0] if row else 0
+        return self._store.upto(journal)
 
     def stats(self) -> dict:
         return {"received": self.received, "stored": self.stored,
@@ -311,7 +240,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--host", default="127.0.0.1", help="MQTT broker host (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=1883, help="MQTT broker port (default 1883)")
-    parser.add_argument("--db", required=True, help="SQLite database file (created if missing)")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--db", help="SQLite database file (created if missing)")
+    where.add_argument("--db-url", help="database URL: postgresql://user@host/db (PostgreSQL; "
+                       "password in ~/.pgpass or PGPASSWORD), sqlite:///path, or a path")
     parser.add_argument("--group", default="ingest", help="shared-subscription group (default ingest)")
     parser.add_argument("--client-id", default=None)
     parser.add_argument("--ca-file", default=None, help="CA file: connect with TLS")
@@ -325,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     tls = TlsConfig(args.ca_file, args.cert_file, args.key_file) if args.ca_file else None
     try:
-        ingest = Ingest(args.host, args.port, db_path=args.db, group=args.group,
+        ingest = Ingest(args.host, args.port, db_path=args.db, db_url=args.db_url, group=args.group,
                         client_id=args.client_id, tls=tls, username=args.username,
                         password=args.password)
     except (IngestError, ValueError) as exc:
@@ -335,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     ingest.start()
-    print(f"ingest: {args.host}:{args.port} -> {args.db} (group {args.group}); Ctrl-C stops")
+    print(f"ingest: {args.host}:{args.port} -> {ingest.db_url} (group {args.group}); Ctrl-C stops")
     done.wait()
     ingest.stop()
     print(f"ingest: stopped; {ingest.stats()}")
