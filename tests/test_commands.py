@@ -616,3 +616,33 @@ def test_keygen_writes_a_private_key_only_its_owner_reads(tmp_path):
     assert out.stat().st_mode & 0o777 == 0o600
     assert public_key_b64(load_private_key(out)) == printed.strip()
     assert run_tool(["keygen", str(out)])[0] == 2  # never overwritten by accident
+
+
+def test_a_poisoned_command_never_stops_the_uplink(tmp_path, make_broker, fp):
+    """A lone surrogate in a command's request id (valid JSON, not valid UTF-8) must not
+    make a record the uplink cannot send: every later event still reaches the broker."""
+    import paho.mqtt.client as mqtt
+
+    broker = make_broker()
+    live = _LiveGate(tmp_path, broker, fp)
+    try:
+        pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        pub.connect(broker.host, broker.port)
+        pub.loop_start()
+        pub.publish(f"gate/v1/{SITE}/{GATE}/cmd", b'{"request_id":"\\ud800","command":"open\\udfff"}',
+                    qos=1).wait_for_publish(5)
+        pub.loop_stop()
+        pub.disconnect()
+        deadline = time.monotonic() + 10
+        while not [r for r in live.records if r["type"] == "command.result"]:
+            assert time.monotonic() < deadline, "the poisoned command got no command.result"
+            time.sleep(0.02)
+        live.rt.submit(ev.Report("alarm", {"kind": "tamper", "active": True}))
+        while live.journal.backlog() or not [r for r in live.records if r["type"] == "alarm"]:
+            assert time.monotonic() < deadline + 10, (
+                f"the uplink stopped: backlog {live.journal.backlog()}, {live.uplink.stats()}")
+            time.sleep(0.05)
+        result = next(r for r in live.records if r["type"] == "command.result")
+        assert result["result"] == "refused"
+    finally:
+        live.close()

@@ -126,9 +126,21 @@ def _ident(msg: Any) -> tuple[str, str]:
     if not isinstance(msg, dict):
         return "", ""
     rid, cmd = msg.get("request_id"), msg.get("command")
-    rid = rid if isinstance(rid, str) and len(rid) <= 128 else ""
-    cmd = cmd if isinstance(cmd, str) and len(cmd) <= 64 else ""
+    rid = rid if _plain_text(rid, 128) else ""
+    cmd = cmd if _plain_text(cmd, 64) else ""
     return rid, cmd
+
+
+def _plain_text(value: Any, limit: int) -> bool:
+    """A string short enough for the record, printable and encodable as UTF-8
+    (JSON accepts lone surrogates; UTF-8 does not)."""
+    if not isinstance(value, str) or len(value) > limit or not value.isprintable():
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)

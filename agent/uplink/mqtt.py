@@ -140,7 +140,10 @@ def read_boot_id() -> str:
 
 
 def _json(msg: dict) -> bytes:
-    return json.dumps(msg, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    # ASCII with escapes: a record carrying text from outside (a command's request id,
+    # a bad list's field path) may hold a lone surrogate that UTF-8 cannot encode; one such
+    # record must never stop the uplink, and escaped it is still valid JSON.
+    return json.dumps(msg, separators=(",", ":"), ensure_ascii=True).encode("ascii")
 
 
 def _rc_value(reason_code: Any) -> int:
