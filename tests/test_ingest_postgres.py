@@ -1,0 +1,273 @@
+"""The reference ingest on PostgreSQL: a real server, a real mosquitto, a real journal and uplink.
+
+Each test gets a fresh database on one PostgreSQL server per module (tests/pg.py);
+the module skips, saying why, where PostgreSQL or psycopg is missing.
+"""
+# ruff: noqa: F811 - pytest fixtures imported from tests.broker and tests.pg, used as arguments
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from agent.contract import topics, validate
+from agent.uplink.ingest import Ingest, IngestError, main
+from agent.uplink.ingest_store import (
+    PostgresStore,
+    Row,
+    SqliteStore,
+    StoreError,
+    open_store,
+    redact,
+)
+from tests.broker import (  # noqa: F401 - fixtures
+    GATE,
+    SITE,
+    Observer,
+    broker,
+    journal,
+    make_broker,
+    passage,
+    uplinks,
+    wait_until,
+)
+from tests.pg import pg_url, postgres  # noqa: F401 - fixtures
+
+T = topics(SITE, GATE)
+
+
+def table(url: str, sql: str, *args) -> list[tuple]:
+    """Look at the database from outside the ingest."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute(sql, args).fetchall()
+
+
+@pytest.fixture
+def pg_ingests(broker):
+    """``pg_ingests(url, **options)``: started, subscribed ingests on PostgreSQL; stopped at the end."""
+    made: list[Ingest] = []
+
+    def make(url: str, **options) -> Ingest:
+        ing = Ingest(broker.host, broker.port, db_url=url, **options).start()
+        made.append(ing)
+        assert ing.ready.wait(10), "the ingest did not subscribe"
+        return ing
+
+    yield make
+    for ing in made:
+        ing.stop()
+
+
+def test_journalled_events_are_stored_once_by_id_in_postgres_and_leave_the_journal(
+    broker, journal, uplinks, pg_url, pg_ingests
+):
+    committed = journal.commit([passage(i) for i in range(30)])
+    ingest = pg_ingests(pg_url)
+    uplinks(journal, broker, window=5)
+    wait_until(lambda: journal.backlog() == 0, 15, "the ingest to acknowledge every event")
+
+    assert ingest.events(SITE, GATE) == committed
+    ids = [i for (i,) in table(pg_url, "SELECT id FROM events ORDER BY seq")]
+    assert ids == [r["id"] for r in committed]
+    assert table(pg_url, "SELECT journal, site, gate, upto FROM journals") == [
+        (journal.id, SITE, GATE, committed[-1]["seq"])
+    ]
+
+
+def test_resent_events_are_stored_once(broker, journal, uplinks, pg_url, pg_ingests):
+    committed = journal.commit([passage(i) for i in range(10)])
+    ingest = pg_ingests(pg_url)
+    with Observer(broker, "nobody/listens") as gate:
+        # The same records twice, as a gate resends after a lost ack.
+        for rec in committed + committed[:6]:
+            gate.publish(T["events"], json.dumps(rec))
+        wait_until(lambda: ingest.stats()["received"] == 16, 10, "every copy delivered")
+    # And the uplink sends them all once more: the journal still holds them.
+    uplinks(journal, broker)
+    wait_until(lambda: journal.backlog() == 0, 15, "the uplink's copies to be acknowledged")
+
+    assert ingest.stats()["stored"] == 10
+    assert ingest.stats()["duplicates"] >= 6
+    assert table(pg_url, "SELECT count(*), count(DISTINCT id) FROM events") == [(10, 10)]
+    assert ingest.events() == committed
+
+
+def test_an_ack_is_only_sent_once_its_events_are_committed(broker, pg_url, pg_ingests):
+    pg_ingests(pg_url)
+    stored_when_acked: list[tuple[int, set[int]]] = []
+    with Observer(broker, T["ack"]) as acks:
+        original = acks.client.on_message
+
+        def on_ack(client, userdata, msg):
+            # Another connection sees only committed rows: the ack's events must be there.
+            seqs = {s for (s,) in table(pg_url, "SELECT seq FROM events")}
+            stored_when_acked.append((json.loads(msg.payload)["upto"], seqs))
+            original(client, userdata, msg)
+
+        acks.client.on_message = on_ack
+        with Observer(broker, "nobody/listens") as gate:
+            for seq in range(1, 41):
+                rec = {**passage(seq), "id": f"jC:{seq}", "seq": seq}
+                gate.publish(T["events"], json.dumps(rec))
+            wait_until(lambda: acks.records() and acks.records()[-1]["upto"] == 40, 10, "the last ack")
+    assert all(validate("ack", a) == [] for a in acks.records())
+    for upto, stored in stored_when_acked:
+        assert set(range(1, upto + 1)) <= stored
+
+
+def test_acks_resume_from_the_stored_mark_after_an_ingest_restart(
+    broker, journal, uplinks, pg_url, pg_ingests
+):
+    first_batch = journal.commit([passage(i) for i in range(10)])
+    first = pg_ingests(pg_url)
+    up = uplinks(journal, broker, resend_after_s=0.5)
+    wait_until(lambda: journal.backlog() == 0, 15, "the first ingest to acknowledge")
+    first.stop()
+
+    # A gap at the head of the journal's rows would hide a mark rebuilt from the
+    # events table: remove seq 1 behind the ingest's back. Only the stored mark
+    # (journals.upto) lets the next ingest ack past it.
+    table(pg_url, "DELETE FROM events WHERE id = %s RETURNING id", first_batch[0]["id"])
+    second = pg_ingests(pg_url)
+    with Observer(broker, T["ack"]) as acks:
+        later = journal.commit([passage(i) for i in range(10, 15)])
+        up.wake()
+        wait_until(lambda: journal.backlog() == 0, 15, "the restarted ingest to acknowledge")
+    assert acks.records()[-1] == {"journal": journal.id, "upto": later[-1]["seq"]}
+    assert second.upto(journal.id) == later[-1]["seq"]
+    assert [e["id"] for e in second.events()] == [r["id"] for r in first_batch[1:] + later]
+
+
+def test_two_ingests_in_one_group_on_one_database_store_each_event_exactly_once(
+    broker, journal, uplinks, pg_url, pg_ingests
+):
+    a = pg_ingests(pg_url, group="region")
+    b = pg_ingests(pg_url, group="region")
+    committed = journal.commit([passage(i) for i in range(150)])
+    with Observer(broker, "nobody/listens") as gate:
+        # Also, straight on the wire, a second gate's journal interleaved with the first.
+        for seq in range(1, 101):
+            gate.publish(topics(SITE, "gate2")["events"],
+                         json.dumps({**passage(seq), "id": f"jG2:{seq}", "seq": seq}))
+        uplinks(journal, broker, window=50)
+        wait_until(lambda: journal.backlog() == 0, 20, "every event acknowledged")
+        wait_until(lambda: a.upto("jG2") == 100, 10, "the second gate's mark at 100")
+
+    assert a.received > 0 and b.received > 0, "the shared subscription did not share"
+    assert a.stats()["stored"] + b.stats()["stored"] == 250
+    assert table(pg_url, "SELECT count(*), count(DISTINCT id) FROM events") == [(250, 250)]
+    assert a.events(SITE, GATE) == committed
+    assert b.upto(journal.id) == committed[-1]["seq"]
+
+
+def row(journal: str, seq: int) -> Row:
+    rec = {**passage(seq), "id": f"{journal}:{seq}", "seq": seq}
+    return Row(rec["id"], journal, seq, SITE, GATE, rec["type"], rec["ts"], json.dumps(rec))
+
+
+def test_concurrent_writers_never_leave_the_mark_behind(pg_url):
+    """Four stores write interleaved seqs of one journal at once, one per
+    transaction: whichever commits last must see the others' rows, so the mark
+    ends at the top, neither stuck at a gap another transaction filled nor
+    moved back by a writer that looked before the others committed."""
+    writers, top = 4, 400
+    stores = [PostgresStore(pg_url) for _ in range(writers)]
+    errors: list[BaseException] = []
+    go = threading.Barrier(writers)
+
+    def write(store: PostgresStore, k: int) -> None:
+        try:
+            go.wait(10)
+            for seq in range(1 + k, top + 1, writers):
+                store.insert([row("jW", seq)])
+        except StoreError as exc:  # reported below, not lost in the thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(st, k)) for k, st in enumerate(stores)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    for st in stores:
+        st.close()
+    assert not errors, errors
+    assert table(pg_url, "SELECT upto FROM journals WHERE journal = 'jW'") == [(top,)]
+
+
+def test_a_writer_waits_for_another_writers_mark_and_counts_its_rows(pg_url):
+    """Another ingest is mid-transaction on the same journal: it inserted seq 2
+    and holds the journal's mark. Our batch (seq 1) must wait for it, then see
+    seq 2, so the mark reaches 2 rather than 1."""
+    import psycopg
+
+    store = PostgresStore(pg_url)
+    store.insert([row("jL", 5)])  # the journal's mark row exists (at 0: seq 1 is missing)
+    other = psycopg.connect(pg_url)
+    try:
+        other.execute("INSERT INTO events(id, journal, seq, site, gate, type, ts, body) "
+                      "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)", row("jL", 2))
+        other.execute("SELECT upto FROM journals WHERE journal = 'jL' FOR UPDATE")
+        result: list = []
+        writer = threading.Thread(target=lambda: result.append(store.insert([row("jL", 1)])))
+        writer.start()
+        writer.join(0.5)  # it must be waiting for the other writer, not done
+        assert writer.is_alive(), "the batch did not wait for the other writer of this journal"
+        other.execute("UPDATE journals SET upto = 0 WHERE journal = 'jL'")  # what that writer saw
+        other.commit()
+        writer.join(10)
+        assert result[0].marks["jL"].upto == 2
+        assert store.upto("jL") == 2
+    finally:
+        other.close()
+        store.close()
+
+
+def test_a_record_with_a_nul_escape_is_stored_and_read_back_unchanged(pg_url):
+    store = PostgresStore(pg_url)
+    try:
+        r = row("jN", 1)
+        rec = {**json.loads(r.body), "note": "a\u0000b"}
+        done = store.insert([r._replace(body=json.dumps(rec))])
+        assert done.new == 1 and done.marks["jN"].upto == 1
+        assert store.events() == [rec]
+    finally:
+        store.close()
+
+
+# --- choosing and opening the store (no server needed) ---------------------------------
+
+
+def test_db_url_picks_the_store(tmp_path):
+    assert isinstance(open_store(f"sqlite:///{tmp_path}/a.db"), SqliteStore)
+    assert isinstance(open_store(tmp_path / "b.db"), SqliteStore)
+    assert (tmp_path / "a.db").exists() and (tmp_path / "b.db").exists()
+    with pytest.raises(StoreError, match="PostgreSQL"):
+        open_store("mysql://u@h/db")
+
+
+def test_a_password_never_shows_in_messages():
+    assert redact("postgresql://gate:s3cret@db.example:5433/events") == \
+        "postgresql://gate:***@db.example:5433/events"
+
+
+def test_an_unreachable_postgres_is_explained(tmp_path, capsys):
+    from tests.broker import free_port
+
+    pytest.importorskip("psycopg")
+    url = f"postgresql://ingest:hunter2@127.0.0.1:{free_port()}/gates"
+    with pytest.raises(IngestError, match="cannot connect to the ingest database") as err:
+        Ingest("127.0.0.1", 1, db_url=url)
+    assert "hunter2" not in str(err.value)
+    assert main(["--port", "1", "--db-url", url]) == 2
+    out = capsys.readouterr().out
+    assert "cannot connect" in out and "hunter2" not in out
+
+
+def test_exactly_one_database_is_required(tmp_path):
+    with pytest.raises(ValueError, match="one database"):
+        Ingest("127.0.0.1", 1)
+    with pytest.raises(ValueError, match="one database"):
+        Ingest("127.0.0.1", 1, db_path=tmp_path / "a.db", db_url=f"sqlite:///{tmp_path}/b.db")
