@@ -15,6 +15,8 @@ have_cmd gcc || need+=(gcc)
 have_cmd mosquitto || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
 have_cmd openssl || need+=(openssl)
 have_cmd systemd-analyze || need+=(systemd)
+# PostgreSQL for the ingest's PostgreSQL tests (Debian keeps initdb off PATH).
+compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || have_cmd initdb || need+=(postgresql)
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
