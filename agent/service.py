@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
+import dataclasses
 import logging
 import os
 import signal
@@ -55,7 +56,7 @@ import fastpath
 from agent import __version__
 from agent.config import DEFAULT_PATH, Config, ConfigError, load_config
 from agent.core.events import Report
-from agent.core.turnstile import Gate
+from agent.core.turnstile import COMMANDABLE_MODES, Gate
 from agent.runtime import Clock, GateRuntime
 from agent.sdnotify import Notifier, watchdog_interval
 from agent.statefile import StateFile
@@ -386,8 +387,14 @@ class Service:
 
         self.statefile = StateFile(state_dir / STATE_FILE, fastpath, interval_s=cfg.service.state_save_s)
         state = self.statefile.load()
+        gate_cfg = cfg.gate
+        if self.statefile.mode in COMMANDABLE_MODES and self.statefile.mode != gate_cfg.initial_mode:
+            # A mode commanded before the restart (a remote lockdown) holds until commanded again.
+            log.warning("mode %s was commanded before this start; it holds (configured: %s)",
+                        self.statefile.mode, gate_cfg.initial_mode)
+            gate_cfg = dataclasses.replace(gate_cfg, initial_mode=self.statefile.mode)
 
-        self.gate = Gate(cfg.gate, fastpath, table, state, boot=self.boot,
+        self.gate = Gate(gate_cfg, fastpath, table, state, boot=self.boot,
                          implementation=fastpath.IMPLEMENTATION, version=__version__)
         if self.acl is not None and getattr(self.acl, "timezone", None):
             self.gate.set_timezone(self.acl.timezone)
@@ -546,7 +553,7 @@ class Service:
     def _on_idle(self, now: Any) -> list[dict]:
         committed = self.journal.maintenance(now.wall)
         if self.statefile is not None:
-            self.statefile.maybe_save(self.gate.state, now.mono)
+            self.statefile.maybe_save(self.gate.state, now.mono, self.gate.commanded_mode)
         return committed
 
     def _on_uplink_alarm(self, kind: str, active: bool, detail: str) -> None:
@@ -648,7 +655,9 @@ class Service:
         if self.io is not None:
             steps.append(("turnstile I/O", self.io.close))
         if self.statefile is not None and self.gate is not None:
-            steps.append(("gate state", lambda: self.statefile.save(self.gate.state)))
+            steps.append(("gate state", lambda: (self.statefile.close(),
+                                                 self.statefile.save(self.gate.state,
+                                                                     mode=self.gate.commanded_mode))))
         if self._housekeeper is not None:
             steps.append(("housekeeping", lambda: self._housekeeper.join(5)))
         if self.uplink is not None:

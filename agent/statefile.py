@@ -5,9 +5,14 @@ file in the same directory, fsync, rename over the old one, fsync of the
 directory), so a power cut leaves either the old state or the new one, never
 a torn file. Mode 0600: positions are personal data (DESIGN.md principle 6).
 
-``StateFile.save`` runs on the gate thread from the runtime's idle hook, at
-most every ``interval_s`` and only when the state changed, plus once at stop;
-the file is small (one entry per person seen), so the write is short. A file
+It also keeps the mode last commanded (``normal``, ``entry_only``, ``free``,
+``lockdown``), so a remote lockdown survives a restart.
+
+``StateFile.maybe_save`` runs on the gate thread from the runtime's idle hook,
+at most every ``interval_s`` and only when something changed: it only takes a
+snapshot (JSON text) and hands it to a writer thread, so the gate thread never
+waits for an fsync (DESIGN.md principle 2). ``close()`` writes the last
+snapshot and stops the writer; ``save`` writes at once (at stop). A file
 that cannot be read at start is moved aside (``.corrupt-<n>``) and the gate
 starts with no positions: an unknown position is allowed (DESIGN.md).
 """
@@ -17,6 +22,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -64,10 +70,15 @@ class StateFile:
         self.path = Path(path)
         self.fp = fp
         self.interval_s = interval_s
-        self._last_saved: str | None = None  # the JSON last written (skip unchanged saves)
+        self._last_saved: str | None = None  # the JSON last written or handed on (skip unchanged saves)
         self._last_at: float | None = None
         self.saves = 0
         self.errors = 0
+        self.mode: str | None = None  # the commanded mode found at load
+        self._cond = threading.Condition()
+        self._queued: str | None = None  # the newest snapshot waiting for the writer
+        self._writer: threading.Thread | None = None
+        self._closing = False
 
     def load(self) -> Any:
         """The saved GateState, or a new empty one (no file, or an unreadable one moved aside)."""
@@ -89,8 +100,17 @@ class StateFile:
             log.error("gate state %s is damaged (%s); moved to %s, starting with no anti-passback "
                       "positions (an unknown position is allowed)", self.path, exc, aside)
             return self.fp.GateState()
-        self._last_saved = json.dumps(doc["state"], sort_keys=True, separators=(",", ":"))
+        mode = doc.get("mode")
+        self.mode = mode if isinstance(mode, str) else None
+        self._last_saved = self._body(doc["state"], self.mode)
         return state
+
+    @staticmethod
+    def _body(state_dict: dict, mode: str | None) -> str:
+        doc = {"format": FORMAT, "state": state_dict}
+        if mode is not None:
+            doc["mode"] = mode
+        return json.dumps(doc, sort_keys=True, separators=(",", ":"))
 
     def _move_aside(self) -> Path:
         n = 1
@@ -105,20 +125,26 @@ class StateFile:
             log.exception("could not move the damaged state file aside")
         return aside
 
-    def save(self, state: Any, now_mono: float | None = None) -> bool:
-        """Write the state now if it changed; True when written. Never raises."""
+    def _snapshot(self, state: Any, mode: str | None) -> str | None:
         try:
-            body = json.dumps(state.to_dict(), sort_keys=True, separators=(",", ":"))
+            return self._body(state.to_dict(), mode)
         except Exception:
             self.errors += 1
             log.exception("gate state could not be serialised; not saved")
-            return False
+            return None
+
+    def save(self, state: Any, now_mono: float | None = None, mode: str | None = None) -> bool:
+        """Write the state (and the commanded mode) now if it changed; True when
+        written. Never raises. At stop; the gate thread uses maybe_save."""
+        body = self._snapshot(state, mode)
         self._last_at = now_mono
-        if body == self._last_saved:
+        if body is None or body == self._last_saved:
             return False
-        data = f'{{"format":{FORMAT},"state":{body}}}\n'.encode()
+        return self._write(body)
+
+    def _write(self, body: str) -> bool:
         try:
-            write_atomic(self.path, data)
+            write_atomic(self.path, (body + "\n").encode())
         except OSError as exc:
             self.errors += 1
             if self.errors in (1, 10) or self.errors % 1000 == 0:
@@ -130,8 +156,40 @@ class StateFile:
         self.saves += 1
         return True
 
-    def maybe_save(self, state: Any, now_mono: float) -> bool:
-        """save() unless the last one was less than interval_s ago."""
+    def maybe_save(self, state: Any, now_mono: float, mode: str | None = None) -> bool:
+        """On the gate thread: unless the last snapshot was less than interval_s ago,
+        take one and hand it to the writer thread. True when one was handed on."""
         if self._last_at is not None and now_mono - self._last_at < self.interval_s:
             return False
-        return self.save(state, now_mono)
+        self._last_at = now_mono
+        body = self._snapshot(state, mode)
+        if body is None or body == self._last_saved:
+            return False
+        self._last_saved = body  # what the file will hold; an unchanged state is not handed on again
+        with self._cond:
+            self._queued = body
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_loop, name="state-writer", daemon=True)
+                self._writer.start()
+            self._cond.notify()
+        return True
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._cond:
+                while self._queued is None and not self._closing:
+                    self._cond.wait()
+                body, self._queued = self._queued, None
+                if body is None:
+                    return
+            if not self._write(body):
+                with self._cond:
+                    self._last_saved = None  # try again at the next snapshot
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Write what is queued and stop the writer thread."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        if self._writer is not None:
+            self._writer.join(timeout)

@@ -217,6 +217,38 @@ def test_stop_leaves_every_output_inactive_and_keeps_the_state(tmp_path, service
     assert [r["to"] for r in records if r["type"] == "mode.changed"][-1] == "lockdown"
 
 
+def test_a_remote_lockdown_holds_across_a_restart(tmp_path, services):
+    config = write_config(tmp_path)
+    svc = services(config)
+    svc.runtime.submit(ev.SetMode("lockdown", by="command", request_id="r-1"))
+    wait_until(lambda: line_active(svc, "stop"), what="Stop driven in lockdown")
+    svc.stop()
+    again = services(config)
+    assert again.gate.mode == "lockdown"
+    wait_until(lambda: line_active(again, "stop"), what="Stop driven again after the restart")
+    again.runtime.submit(ev.SetMode("normal", by="command", request_id="r-2"))
+    wait_until(lambda: not line_active(again, "stop"), what="Stop released by the next command")
+    again.stop()
+    third = services(config)
+    assert third.gate.mode == "normal"
+
+
+def test_the_gate_thread_hands_the_state_to_a_writer_and_never_fsyncs(tmp_path, fp, monkeypatch):
+    fsyncs: list[str] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (fsyncs.append(threading.current_thread().name),
+                                                 real_fsync(fd))[1])
+    state = fp.GateState()
+    state.record_passage("p-1", 0, 1_790_000_000, 20_000, False)
+    sf = StateFile(tmp_path / "gate-state.json", fp, interval_s=5.0)
+    assert sf.maybe_save(state, 100.0, "lockdown")
+    sf.close()
+    assert fsyncs and threading.current_thread().name not in fsyncs, fsyncs
+    loaded = StateFile(tmp_path / "gate-state.json", fp)
+    assert loaded.load().to_dict() == state.to_dict()
+    assert loaded.mode == "lockdown"
+
+
 def test_the_watchdog_comes_from_the_gate_thread_and_stops_when_it_is_stuck(tmp_path, notify, services):
     notifier = Notifier({"NOTIFY_SOCKET": str(notify.path)})
     svc = services(write_config(tmp_path), notifier=notifier, env={"WATCHDOG_USEC": "200000"})

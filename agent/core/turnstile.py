@@ -140,6 +140,12 @@ class Gate:
         return self._commanded
 
     @property
+    def commanded_mode(self) -> str:
+        """The mode last commanded (or configured), under any fire or lockdown switch:
+        what the service keeps on disk so a remote lockdown survives a restart."""
+        return self._commanded
+
+    @property
     def pending(self) -> tuple[str, str] | None:
         """(direction, source) of the passage waiting for its PASS, or None."""
         p = self._pending
