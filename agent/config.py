@@ -620,6 +620,12 @@ class _Checks:
                 log_level=svc["log_level"],
             )
             svc["state_dir"] = str(service.state_dir)
+        if (gate_cfg is not None and board is not None and gate_cfg.fire_release
+                and "fire_release" not in board.outputs):
+            # Else fire and free mode would drive no line at all: the gate would not be freed.
+            self.error("gate.fire_release", f"true, but the board profile {board.name!r} has no "
+                       "fire_release output; wire a release relay and add it to the profile, or set "
+                       "gate.fire_release = false (then fire and free mode hold both unlock lines)")
         parts = (gate_cfg, readers, journal, mqtt, commands, service)
         if self.errors or self.bad or any(x is None for x in parts) or board is None:
             return None

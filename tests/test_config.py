@@ -334,3 +334,17 @@ def test_every_key_is_documented():
     missing += [f"readers[].{k}" for k in reader if f"`{k}`" not in doc]
     assert missing == []
     assert os.path.exists(Path(__file__).resolve().parent.parent / "examples" / "agent.toml")
+
+
+def test_a_fire_release_the_board_does_not_wire_is_an_error(tmp_path):
+    """Else fire and free mode would drive no line at all and the gate would stay locked."""
+    src = Path(__file__).resolve().parent.parent / "hardware" / "profiles" / "pi4-relay4.toml"
+    lines = [ln for ln in src.read_text().splitlines() if not ln.startswith("fire_release")]
+    board = tmp_path / "no-release.toml"
+    board.write_text("\n".join(lines) + "\n")
+    errs = errors_of(base(hardware={"profile": str(board)}), tmp_path)
+    assert "no fire_release output" in errs["gate.fire_release"]
+    # Said false, the core holds both unlock lines in fire and free mode instead.
+    cfg = parse_config(base(hardware={"profile": str(board)}, gate={"fire_release": False}),
+                       base_dir=tmp_path, env={})
+    assert cfg.gate.fire_release is False
