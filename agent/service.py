@@ -502,8 +502,14 @@ class Service:
                 on_message=self.downlink.on_message if self.downlink is not None else None,
                 boot=self.boot, started_at=self.started_at,
             )
-        except UplinkError as exc:
-            raise ServiceError(f"uplink: {exc}") from exc
+        except (UplinkError, OSError, ValueError) as exc:
+            # The gate works without its uplink (principle 1): decide, journal, raise the alarm.
+            self.uplink = None
+            log.error("uplink not started: %s. The gate keeps deciding and journalling; fix [mqtt] "
+                      "and restart the agent to send the backlog", exc)
+            self._submit(Report("alarm", {"kind": "uplink_config", "active": True,
+                                          "detail": f"uplink not started: {exc}"[:MAX_DETAIL]}))
+            return
         self.uplink.start()
         log.info("uplink to %s:%d started (%s)", m.host, m.port, "TLS" if m.tls else "no TLS")
 

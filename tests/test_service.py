@@ -233,6 +233,19 @@ def test_a_remote_lockdown_holds_across_a_restart(tmp_path, services):
     assert third.gate.mode == "normal"
 
 
+def test_an_unusable_broker_setting_leaves_the_gate_working_and_raises_an_alarm(tmp_path, services):
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\nnot a certificate\n-----END CERTIFICATE-----\n")
+    config = write_config(tmp_path, extra=f'[mqtt]\nhost = "127.0.0.1"\nport = 1\n[mqtt.tls]\nca_file = "{ca}"\n')
+    svc = services(config)
+    assert svc.uplink is None
+    svc.runtime.submit(ev.Button("in"))
+    wait_until(lambda: line_active(svc, "unlock_a"), what="the button opens with no uplink")
+    svc.stop()
+    alarms = [r for r in journal_records(tmp_path / "data" / "journal.db") if r["type"] == "alarm"]
+    assert any(a["kind"] == "uplink_config" and a["active"] for a in alarms), alarms
+
+
 def test_the_gate_thread_hands_the_state_to_a_writer_and_never_fsyncs(tmp_path, fp, monkeypatch):
     fsyncs: list[str] = []
     real_fsync = os.fsync
