@@ -309,12 +309,18 @@ class PostgresStore:
                 # One schema creator at a time: two ingests starting together would
                 # otherwise race on CREATE TABLE IF NOT EXISTS.
                 self._db.execute("SELECT pg_advisory_xact_lock(hashtext('gate-agent ingest schema'))")
-                self._db.execute(POSTGRES_SCHEMA)
+                # Tables a DBA made beforehand are used as they are: the user then
+                # needs no CREATE right (CREATE ... IF NOT EXISTS still checks it).
+                (have,) = self._db.execute(
+                    "SELECT to_regclass('events') IS NOT NULL AND to_regclass('journals') IS NOT NULL"
+                ).fetchone()
+                if not have:
+                    self._db.execute(POSTGRES_SCHEMA)
         except self._pg.Error as exc:
             self._db.close()
             raise StoreError(
                 f"cannot create the ingest tables in {self.url} ({exc}); the user needs "
-                "CREATE on the database (or create the tables as shown in docs/ingest.md)"
+                "CREATE on its schema (or have the tables created as shown in docs/ingest.md)"
             ) from exc
         self._read_lock = threading.Lock()
         self._reader = None
