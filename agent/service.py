@@ -38,11 +38,14 @@ standalone (``python -c "from agent.service import main; main()"``).
 from __future__ import annotations
 
 import argparse
+import atexit
 import ctypes
 import ctypes.util
 import dataclasses
 import logging
+import logging.handlers
 import os
+import queue
 import signal
 import sys
 import threading
@@ -183,15 +186,29 @@ def _stderr_is_journal(env: Mapping[str, str]) -> bool:
     return st.st_dev == dev and st.st_ino == ino
 
 
+_log_listener: logging.handlers.QueueListener | None = None
+
+
 def setup_logging(level: str = "info", env: Mapping[str, str] | None = None) -> None:
-    """Log to stderr in a form journald indexes (see module doc)."""
+    """Log to stderr in a form journald indexes (see module doc).
+
+    Through a queue: a logging call only enqueues, and one listener thread
+    writes to stderr, so the gate thread never waits on a stderr that journald
+    is slow to drain, nor on a handler lock another thread holds."""
+    global _log_listener
     env = os.environ if env is None else env
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_JournalFormatter(prefix=_stderr_is_journal(env)))
+    if _log_listener is not None:
+        _log_listener.stop()
+    log_queue: queue.SimpleQueue = queue.SimpleQueue()
+    _log_listener = logging.handlers.QueueListener(log_queue, handler)
+    _log_listener.start()
+    atexit.register(_log_listener.stop)  # flushes what is queued at exit
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
-    root.addHandler(handler)
+    root.addHandler(logging.handlers.QueueHandler(log_queue))
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
 
 
