@@ -79,6 +79,23 @@ def test_events_are_kept_apart_per_gate_and_journal(broker, ingest):
     assert [e["id"] for e in ingest.events(gate="g1")] == ["j1:1", "j3:1"]
 
 
+def test_a_gate_cannot_store_events_into_another_gates_journal(broker, ingest):
+    """Journal ids are public; gate g2 publishing `jA:2` first must not make the real
+    event a "duplicate" that is dropped yet acknowledged."""
+    with Observer(broker, topics("s1", "g1")["ack"]) as acks, Observer(broker, "nobody/listens") as pub:
+        pub.publish(topics("s1", "g1")["events"], json.dumps(event("jA", 1)))
+        wait_until(lambda: len(ingest.events()) == 1, 10, "the real gate's first event")
+        forged = event("jA", 2, detail="forged")
+        pub.publish(topics("s1", "g2")["events"], json.dumps(forged))
+        wait_until(lambda: ingest.stats()["rejected"] == 1, 10, "the forged event refused")
+        pub.publish(topics("s1", "g1")["events"], json.dumps(event("jA", 2)))
+        wait_until(lambda: acks.records() and acks.records()[-1]["upto"] == 2, 10, "ack upto 2")
+    stored = ingest.events()
+    assert [e["id"] for e in stored] == ["jA:1", "jA:2"]
+    assert "detail" not in stored[1], "the forged copy was stored"
+    assert ingest.events(site="s1", gate="g2") == []
+
+
 def test_malformed_messages_are_rejected_not_stored(broker, ingest):
     t = topics("s1", "g1")
     with Observer(broker, "nobody/listens") as pub:

@@ -208,7 +208,8 @@ class Ingest:
         done = self._store.insert(rows)  # returns once committed
         # Counted after the commit, so a caller seeing the count also sees the rows.
         self.stored += done.new
-        self.duplicates += len(rows) - done.new
+        self.rejected += done.foreign
+        self.duplicates += len(rows) - done.new - done.foreign
         self.received += len(batch)
         # Acks only after COMMIT: an ack promises the events are stored.
         for journal, mark in done.marks.items():

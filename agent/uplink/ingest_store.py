@@ -18,12 +18,15 @@ journal's mark, so no two writers compute a mark from each other's half.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 from urllib.parse import urlsplit, urlunsplit
+
+log = logging.getLogger("agent.uplink.ingest")
 
 # Seqs are SQL BIGINTs on both sides; a larger one is a malformed record.
 MAX_SEQ = 2**63 - 1
@@ -58,8 +61,9 @@ class Mark(NamedTuple):
 class Stored:
     """What one committed ``insert`` did."""
 
-    new: int = 0  # rows inserted (the rest were duplicates)
+    new: int = 0  # rows inserted (the rest were duplicates or foreign)
     marks: dict[str, Mark] = field(default_factory=dict)  # per journal touched
+    foreign: int = 0  # rows refused: their journal belongs to another gate
 
 
 class Store(Protocol):
@@ -125,6 +129,26 @@ def _where(site: str | None, gate: str | None, mark: str) -> tuple[str, list[Any
     return (" WHERE " + " AND ".join(where) if where else ""), args
 
 
+def _own_rows(rows: list[Row], owners: dict[str, tuple[str, str]]) -> tuple[list[Row], int]:
+    """The rows whose journal belongs to the gate whose topic they came on.
+
+    A journal belongs to the first gate that sent it (``owners``: what the
+    database already holds; a journal new to it is claimed by its first row
+    here). A gate's broker identity may write only its own topics, but journal
+    ids are public: without this, gate A could store ``B's-journal:n`` first and
+    the real event would be dropped as a duplicate, yet acknowledged."""
+    owners = dict(owners)
+    kept = []
+    for r in rows:
+        owner = owners.setdefault(r.journal, (r.site, r.gate))
+        if owner == (r.site, r.gate):
+            kept.append(r)
+        else:
+            log.warning("ingest: refused %s from %s/%s: journal %s belongs to %s/%s",
+                        r.id, r.site, r.gate, r.journal, *owner)
+    return kept, len(rows) - len(kept)
+
+
 def _marks_wanted(rows: list[Row]) -> list[tuple[str, str, str]]:
     # Sorted: every writer takes the journals' locks in one order, so none deadlock.
     latest: dict[str, tuple[str, str]] = {}
@@ -166,7 +190,9 @@ class SqliteStore:
         try:
             db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
             db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
+            # FULL: an ack promises the events are stored, so the commit must be on disk
+            # before it is sent (NORMAL in WAL mode may lose the last commits at a power cut).
+            db.execute("PRAGMA synchronous=FULL")
             db.executescript(SQLITE_SCHEMA)
         except sqlite3.Error as exc:
             raise StoreError(
@@ -179,13 +205,18 @@ class SqliteStore:
         try:
             db.execute("BEGIN IMMEDIATE")  # other ingests on this file wait; upto stays consistent
             try:
+                journals = sorted({r.journal for r in rows})
+                owners = {j: (s, g) for j, s, g in db.execute(
+                    f"SELECT journal, site, gate FROM journals WHERE journal IN ({','.join('?' * len(journals))})",
+                    journals)}
+                rows, foreign = _own_rows(rows, owners)
                 before = db.total_changes
                 db.executemany(
                     "INSERT OR IGNORE INTO events(id, journal, seq, site, gate, type, ts, body) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     rows,
                 )
-                done = Stored(new=db.total_changes - before)
+                done = Stored(new=db.total_changes - before, foreign=foreign)
                 for journal, site, gate in _marks_wanted(rows):
                     done.marks[journal] = Mark(site, gate, self._advance(journal, site, gate))
                 db.execute("COMMIT")
@@ -216,8 +247,7 @@ class SqliteStore:
                 break
         db.execute(
             "INSERT INTO journals(journal, site, gate, upto) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT(journal) DO UPDATE SET upto = excluded.upto, site = excluded.site, "
-            "gate = excluded.gate",
+            "ON CONFLICT(journal) DO UPDATE SET upto = excluded.upto",
             (journal, site, gate, upto),
         )
         return upto
@@ -356,7 +386,11 @@ class PostgresStore:
     def _insert(self, rows: list[Row]) -> Stored:
         db = self._db
         with db.transaction(), db.cursor() as cur:
-            done = Stored()
+            journals = sorted({r.journal for r in rows})
+            owners = {j: (s, g) for j, s, g in cur.execute(
+                "SELECT journal, site, gate FROM journals WHERE journal = ANY(%s)", (journals,)).fetchall()}
+            rows, foreign = _own_rows(rows, owners)
+            done = Stored(foreign=foreign)
             # executemany pipelines the batch (one round trip); rowcount sums the rows.
             cur.executemany(
                 "INSERT INTO events(id, journal, seq, site, gate, type, ts, body) "
@@ -379,10 +413,7 @@ class PostgresStore:
                 (end,) = cur.execute(_PG_RUN_END, {"j": journal, "upto": upto}).fetchone()
                 if end is not None:
                     upto = end
-                cur.execute(
-                    "UPDATE journals SET upto = %s, site = %s, gate = %s WHERE journal = %s",
-                    (upto, site, gate, journal),
-                )
+                cur.execute("UPDATE journals SET upto = %s WHERE journal = %s", (upto, journal))
                 done.marks[journal] = Mark(site, gate, upto)
         # Leaving the transaction block committed it: the marks may now be acked.
         return done
