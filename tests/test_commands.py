@@ -8,6 +8,7 @@ correlation data. The last tests go through a real mosquitto with the
 """
 from __future__ import annotations
 
+import base64
 import io
 import json
 import time
@@ -646,3 +647,15 @@ def test_a_poisoned_command_never_stops_the_uplink(tmp_path, make_broker, fp):
         assert result["result"] == "refused"
     finally:
         live.close()
+
+
+def test_a_base64_public_key_starting_with_a_slash_is_a_key_not_a_path():
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from agent.downlink.signing import load_public_key
+
+    raw = bytes([0xFD]) + bytes(31)  # base64 of a first byte 0xFD begins with "/"
+    text = base64.b64encode(raw).decode()
+    assert text.startswith("/")
+    key = load_public_key(text)
+    assert isinstance(key, Ed25519PublicKey)

@@ -90,6 +90,15 @@ def private_key_pem(key: Ed25519PrivateKey) -> bytes:
     )
 
 
+def _raw_key(text: str) -> bytes | None:
+    """The 32 raw bytes when ``text`` is the base64 of an Ed25519 key, else None."""
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return raw if len(raw) == 32 else None
+
+
 def load_public_key(value: str | bytes | Ed25519PublicKey) -> Ed25519PublicKey:
     """An Ed25519 public key from base64 of its 32 raw bytes, a PEM block, or a
     path (starting with ``/``, ``./`` or ``../``) to a file holding either."""
@@ -100,7 +109,8 @@ def load_public_key(value: str | bytes | Ed25519PublicKey) -> Ed25519PublicKey:
     if not isinstance(value, str):
         raise KeyLoadError(f"a public key must be a string, not {type(value).__name__}")
     text = value.strip()
-    if text.startswith(("/", "./", "../")):
+    # A base64 key may itself start with "/": it is a key when it decodes to 32 bytes.
+    if text.startswith(("/", "./", "../")) and _raw_key(text) is None:
         try:
             text = Path(text).read_text(encoding="ascii").strip()
         except (OSError, UnicodeDecodeError) as exc:
