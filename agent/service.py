@@ -333,6 +333,7 @@ class Service:
         self._stopping = threading.Event()
         self._stopped = False
         self._housekeeper: threading.Thread | None = None
+        self._acl_stale = False
         self._reader_errors: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         self._last_status = ""
         self._last_clock_check = 0.0
@@ -588,7 +589,7 @@ class Service:
     def _status_fields(self) -> dict:
         table = self.gate.table if self.gate is not None else None
         version = getattr(table, "version", None) or None
-        return {"acl_version": version}
+        return {"acl_version": version, "acl_stale": self._acl_stale}
 
     # -- housekeeping: clock, STATUS=, telemetry ------------------------------------------
 
@@ -619,7 +620,12 @@ class Service:
                 if self.downlink is not None and now >= next_age_check:
                     # Also offline and without telemetry: a stale list must raise its alarm.
                     next_age_check = now + ACL_AGE_CHECK_S
-                    self.downlink.status()
+                    stale = bool(self.downlink.status().get("acl_stale", False))
+                    if stale != self._acl_stale:
+                        # The retained status says it too: the fleet view shows a stale gate.
+                        self._acl_stale = stale
+                        if self.uplink is not None:
+                            self.uplink.refresh_status()
                 line = self.status_line()
                 if line != self._last_status:
                     self._last_status = line
@@ -650,6 +656,7 @@ class Service:
             "clock_synced": self.clock_sync() if self.clock_sync is not None else False,
             "acl_version": acl_status.get("acl_version", getattr(table, "version", None) or None),
             "acl_age_s": acl_status.get("acl_age_s"),
+            "acl_stale": bool(acl_status.get("acl_stale", False)),
             "reader_errors": errors,
             "decision_ms": {"p50": lat.get("p50_ms"), "p99": lat.get("p99_ms"), "p999": lat.get("p999_ms")},
         }

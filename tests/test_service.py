@@ -431,3 +431,18 @@ def test_journald_lines_carry_the_priority_and_stay_on_one_line():
     warn = logging.LogRecord("agent", logging.WARNING, __file__, 1, "w", None, None)
     assert fmt.format(warn).startswith("<4>")
     assert not _JournalFormatter(prefix=False).format(warn).startswith("<")
+
+
+def test_telemetry_and_status_say_whether_the_access_list_is_stale(tmp_path, services):
+    from agent.contract import validate
+
+    svc = services(write_config(tmp_path))
+    tel = svc.telemetry()
+    assert tel["acl_stale"] is False
+    assert validate("telemetry", tel) == []
+    assert svc._status_fields()["acl_stale"] is False
+    # A list past its maximum age (the downlink's verdict) shows in telemetry.
+    svc.downlink.status = lambda: {"acl_version": "v1", "acl_age_s": 9e6, "acl_stale": True}
+    tel = svc.telemetry()
+    assert tel["acl_stale"] is True and tel["acl_age_s"] == 9e6
+    assert validate("telemetry", tel) == []

@@ -87,4 +87,5 @@ def build_telemetry(
         "uptime_s": round(max(0.0, float(runtime_stats.get("uptime_s", 0.0))), 3),
         "acl_version": runtime_stats.get("acl_version"),
         "acl_age_s": runtime_stats.get("acl_age_s"),
+        "acl_stale": bool(runtime_stats.get("acl_stale", False)),
     }
