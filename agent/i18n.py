@@ -57,6 +57,7 @@ TRANSLATED_MODULES = (
     "agent/tools/journaltool.py",
     "agent/tools/bundle.py",
     "agent/demo.py",
+    "agent/tools/words.py",
 )
 
 _language: str | None = None

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from agent.i18n import _
+from agent.tools.words import age_text
 
 __all__ = [
     "Check",
@@ -122,16 +123,6 @@ class DoctorEnv:
 
 def _days(seconds: float) -> float:
     return seconds / 86400.0
-
-
-def _age_text(seconds: float) -> str:
-    if seconds < 120:
-        return _("{n} s").format(n=round(seconds))
-    if seconds < 7200:
-        return _("{n} min").format(n=round(seconds / 60))
-    if seconds < 172800:
-        return _("{n} h").format(n=round(seconds / 3600, 1))
-    return _("{n} days").format(n=round(seconds / 86400, 1))
 
 
 # --------------------------------------------------------------------------- MQTT probe
@@ -706,7 +697,7 @@ class Doctor:
         summary = _("{path}: intact; last seq {seq}; waiting for the server: {n}").format(
             path=path, seq=stats["last_seq"], n=pending)
         if oldest is not None:
-            summary += _(" (oldest {age})").format(age=_age_text(oldest))
+            summary += _(" (oldest {age})").format(age=age_text(oldest))
         if pending and oldest is not None and oldest > BACKLOG_WARN_S:
             hints = [_("events are not reaching the server: check the broker line above")]
             if self.cfg is not None and self.cfg.mqtt.ack_mode == "ingest":
@@ -758,7 +749,7 @@ class Doctor:
         age = max(0.0, self.env.wall() - applied_at)
         people = len(lst.get("people", [])) if isinstance(lst, dict) else 0
         summary = _("version {version}, people: {n}, received {age} ago").format(
-            version=version, n=people, age=_age_text(age))
+            version=version, n=people, age=age_text(age))
         max_h = self.cfg.acl.max_age_h if self.cfg is not None else None
         if max_h is not None and age > max_h * 3600:
             return Check(WARN, "acl", summary, (

@@ -32,6 +32,7 @@ from typing import Any, TextIO
 from urllib.parse import quote
 
 from agent.i18n import _
+from agent.tools.words import age_text
 
 __all__ = [
     "DEFAULT_JOURNAL",
@@ -315,24 +316,13 @@ def follow(path: Path, out: TextIO, *, after_seq: int, stop: Callable[[], bool] 
 
 
 def format_stats(s: dict) -> str:
-    def age(seconds: float | None) -> str:
-        if seconds is None:
-            return _("none")
-        if seconds < 120:
-            return _("{n} s").format(n=round(seconds))
-        if seconds < 7200:
-            return _("{n} min").format(n=round(seconds / 60))
-        if seconds < 172800:
-            return _("{n} h").format(n=round(seconds / 3600, 1))
-        return _("{n} days").format(n=round(seconds / 86400, 1))
-
     lines = [
         _("journal {id}: {path}").format(id=s["journal"], path=s["path"]),
         _("  size: {mb} MB").format(mb=round(s["bytes"] / 1e6, 2)),
         _("  last seq: {seq}").format(seq=s["last_seq"]),
         _("  records kept: {n}").format(n=s["stored"]),
         _("  waiting for the server's confirmation: {n} (oldest: {age})")
-        .format(n=s["pending"], age=age(s["oldest_pending_s"])),
+        .format(n=s["pending"], age=age_text(s["oldest_pending_s"])),
         _("  time range: {first} .. {last}").format(first=s["first_ts"] or "-", last=s["last_ts"] or "-"),
     ]
     if s["dropped_unreported"]:
