@@ -16,6 +16,8 @@ import time
 
 import pytest
 
+from tests.submitted import Events
+
 osdp = pytest.importorskip(
     "osdp", reason="libosdp is not installed (optional extra: pip install 'gate-agent[osdp]')"
 )
@@ -37,26 +39,6 @@ ADDRESS = 101
 CARD = "142,51091"  # DESIGN.md's RDM6300 example card, printed 0009357203
 CARD_KEY = parse_card_string(CARD)
 PD_CAPS = [(osdp.Capability.LEDControl, 1, 1), (osdp.Capability.AudibleControl, 1, 1)]
-
-
-class Events:
-    def __init__(self) -> None:
-        self.items: list = []
-        self._cond = threading.Condition()
-
-    def __call__(self, event) -> None:
-        with self._cond:
-            self.items.append(event)
-            self._cond.notify_all()
-
-    def wait(self, pred, timeout: float = 10.0, what: str = "") -> list:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while not pred(self.items):
-                left = deadline - time.monotonic()
-                assert left > 0, f"timed out waiting for {what or pred}; got {self.items}"
-                self._cond.wait(min(left, 0.02))
-            return list(self.items)
 
 
 def statuses(items) -> list[bool]:

@@ -10,47 +10,18 @@ condition with a timeout; nothing asserts a timing.
 from __future__ import annotations
 
 import os
-import threading
-import time
 
 import pytest
 
 from agent.core import events as ev
 from agent.core.cards import encode_rdm6300, parse_card_string
 from agent.hw.serial_reader import SerialReader
+from tests.submitted import Events
 
 # DESIGN.md: 02 "14008EC793" "CE" 03 is the card printed 0009357203, "142,51091".
 EXAMPLE_FRAME = b"\x0214008EC793CE\x03"
 EXAMPLE_KEY = parse_card_string("142,51091")
 OTHER_KEY = parse_card_string("100,60179")
-
-
-class Events:
-    """A thread-safe submit target that can wait for a condition on what arrived."""
-
-    def __init__(self) -> None:
-        self.items: list = []
-        self._cond = threading.Condition()
-
-    def __call__(self, event) -> None:
-        with self._cond:
-            self.items.append(event)
-            self._cond.notify_all()
-
-    def wait(self, pred, timeout: float = 10.0, what: str = "") -> list:
-        """Wait until pred(items) holds; re-checked on each event and every 10 ms
-        (some conditions are on the reader's counters, which change without an event)."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while not pred(self.items):
-                left = deadline - time.monotonic()
-                assert left > 0, f"timed out waiting for {what or pred}; got {self.items}"
-                self._cond.wait(min(left, 0.01))
-            return list(self.items)
-
-    def of(self, cls) -> list:
-        with self._cond:
-            return [e for e in self.items if isinstance(e, cls)]
 
 
 class Pty:

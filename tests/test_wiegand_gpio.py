@@ -9,7 +9,6 @@ pulses: only the mock-pin tests lower the glitch threshold (DESIGN.md).
 from __future__ import annotations
 
 import random
-import threading
 import time
 from array import array
 
@@ -29,27 +28,10 @@ from agent.hw.wiegand_gpio import WiegandReader, readers_from_profile
 from agent.runtime import GateRuntime
 from fastpath import codes
 from fastpath.columns import TableColumns
+from tests.submitted import Events
 
 CARD = "100,60179"
 KEY = parse_card_string(CARD)
-
-
-class Events:
-    """A thread-safe submit target with a wait for a count of events."""
-
-    def __init__(self) -> None:
-        self.items: list = []
-        self._cond = threading.Condition()
-
-    def __call__(self, event) -> None:
-        with self._cond:
-            self.items.append(event)
-            self._cond.notify_all()
-
-    def wait_for(self, n: int, timeout: float = 5.0) -> list:
-        with self._cond:
-            assert self._cond.wait_for(lambda: len(self.items) >= n, timeout), f"got {self.items}"
-            return list(self.items)
 
 
 def pulse_train(bits: str, t0: float, rng: random.Random, pulse=(20e-6, 100e-6), gap=(0.2e-3, 20e-3)):
