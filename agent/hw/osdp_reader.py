@@ -158,6 +158,11 @@ def _bits(data: bytes, length: int) -> str:
     return "".join(f"{b:08b}" for b in data)[:length]
 
 
+def _card_error(error: str, detail: str, raw: str) -> CardResult:
+    """A card read from an OSDP reader that is no card: a reader.error of this kind."""
+    return CardResult(ok=False, kind="card", format="osdp", error=error, detail=detail, raw=raw)
+
+
 def decode_osdp_card(fmt: str, data: bytes, length: int | None, key_width: int = 24) -> CardResult:
     """The key of an OSDP card read (pure; the tests and the adapter share it).
 
@@ -175,14 +180,8 @@ def decode_osdp_card(fmt: str, data: bytes, length: int | None, key_width: int =
     if fmt in ("wiegand", "raw"):
         n = int(length or 0)
         if n <= 0 or n > len(data) * 8:
-            return CardResult(
-                ok=False,
-                kind="card",
-                format="osdp",
-                error="length",
-                detail=f"card data says {n} bits but holds {len(data) * 8}",
-                raw=data.hex().upper(),
-            )
+            return _card_error("length", f"card data says {n} bits but holds {len(data) * 8}",
+                               data.hex().upper())
         bits = _bits(data, n)
         if fmt == "wiegand":
             result = decode_wiegand(bits, key_width)
@@ -198,32 +197,11 @@ def decode_osdp_card(fmt: str, data: bytes, length: int | None, key_width: int =
         elif text and all(c in "0123456789abcdefABCDEF" for c in text):
             value = int(text, 16)
         else:
-            return CardResult(
-                ok=False,
-                kind="card",
-                format="osdp",
-                error="garbage",
-                detail="ASCII card data is no number",
-                raw=text,
-            )
+            return _card_error("garbage", "ASCII card data is no number", text)
     else:
-        return CardResult(
-            ok=False,
-            kind="card",
-            format="osdp",
-            error="garbage",
-            detail=f"card data in an unknown format {fmt!r}",
-            raw=data.hex().upper(),
-        )
+        return _card_error("garbage", f"card data in an unknown format {fmt!r}", data.hex().upper())
     if value & mask == 0:
-        return CardResult(
-            ok=False,
-            kind="card",
-            format="osdp",
-            error="garbage",
-            detail="all-zero card number",
-            raw=raw,
-        )
+        return _card_error("garbage", "all-zero card number", raw)
     return CardResult(ok=True, kind="card", format="osdp", key=value & mask, raw=raw)
 
 
