@@ -1,9 +1,21 @@
 """The gate thread: one thread owns the core and drives the outputs.
 
 Adapters (gpiozero and paho callbacks, serial readers, the Wiegand timer)
-call ``GateRuntime.submit(event)`` from any thread; it only enqueues. The
-gate thread takes the next event (fire-loop events before anything else
-queued), or a ``Tick`` when the core's next deadline passes, and for each:
+call ``GateRuntime.submit(event)`` from any thread; it only enqueues. Events
+wait in three lanes, each bounded on its own, and the gate thread always
+takes from the first lane that has something:
+
+1. fire: the fire loop (never dropped);
+2. hardware: what the turnstile, the readers and the guard's inputs report
+   (cards, PASS, buttons, Ready, tamper, the reset input...);
+3. downlink: what comes from the network or the agent's own bookkeeping
+   (reports such as refused commands and uplink alarms, list swaps, remote
+   commands).
+
+So a flood on the broker can fill only its own lane: it can neither push a
+card read out of the queue nor make one wait behind it (a card waits at most
+for the one event the gate thread is handling). For each event taken, or a
+``Tick`` when the core's next deadline passes:
 
 1. ``step = gate.handle(event, clock.now())``
 2. ``sink.commit(step.records)``: journal first (principle 2)
@@ -30,7 +42,23 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from agent.core.events import Feedback, FireLoop, Now, SetOutput, Tick
+from agent.core.events import (
+    Button,
+    CardRead,
+    Feedback,
+    FireLoop,
+    FireReset,
+    Keypad,
+    LockdownSwitch,
+    Now,
+    PassSensor,
+    ReaderError,
+    ReaderStatus,
+    ReadyLine,
+    SetOutput,
+    Tamper,
+    Tick,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +66,23 @@ log = logging.getLogger(__name__)
 OUTPUT_LINES = ("unlock_a", "unlock_b", "stop", "fire_release")
 _TICK = Tick()
 CORE_RETRY_S = 0.1  # after a core error, its overdue deadline is retried this much later
+
+# Events that come from the gate's own hardware (the hardware lane).
+HARDWARE_EVENTS = (CardRead, ReaderError, ReaderStatus, Keypad, PassSensor, Button,
+                   ReadyLine, LockdownSwitch, Tamper)
+LANES = ("fire", "hardware", "downlink")
+
+
+def lane_of(event: Any) -> str:
+    """The queue lane of an event (module docstring). The reset input is
+    hardware; a reset by command is downlink traffic like any command."""
+    if isinstance(event, FireLoop):
+        return "fire"
+    if isinstance(event, HARDWARE_EVENTS):
+        return "hardware"
+    if isinstance(event, FireReset) and event.by == "input":
+        return "hardware"
+    return "downlink"
 
 
 class OutputDriver(Protocol):
@@ -132,8 +177,10 @@ class GateRuntime:
     then every ``idle_interval_s`` while idle, e.g.
     ``lambda now: journal.maintenance(now.wall)``; records it returns (already
     committed) go to on_record. It delays the next event by its duration, so
-    it must be short. max_queue: ordinary events
-    beyond this many queued are dropped and counted (fire-loop events never).
+    it must be short. max_queue: hardware events beyond this many queued are
+    dropped and counted; max_downlink_queue: the same for the downlink lane
+    (fire-loop events are never dropped). Each lane is bounded on its own, so
+    a full downlink lane never costs a card read.
     """
 
     def __init__(
@@ -149,6 +196,7 @@ class GateRuntime:
         watchdog_interval_s: float = 1.0,
         idle_interval_s: float = 1.0,
         max_queue: int = 10_000,
+        max_downlink_queue: int = 1_000,
         latency_samples: int = 4096,
     ) -> None:
         self.gate = gate
@@ -160,10 +208,10 @@ class GateRuntime:
         self._on_idle = on_idle
         self._watchdog_interval = watchdog_interval_s
         self._idle_interval = idle_interval_s
-        self._max_queue = max_queue
+        self._limits = {"fire": None, "hardware": max_queue, "downlink": max_downlink_queue}
         self._cond = threading.Condition(threading.Lock())
-        self._fire_q: deque[tuple[Any, float]] = deque()
-        self._q: deque[tuple[Any, float]] = deque()
+        # In the order the gate thread serves them (LANES).
+        self._lanes: dict[str, deque[tuple[Any, float]]] = {name: deque() for name in LANES}
         self._busy = False  # the gate thread holds an event it has not finished
         self._stopping = False
         self._started = False
@@ -181,46 +229,69 @@ class GateRuntime:
             "sink_errors": 0,
             "output_errors": 0,
             "hook_errors": 0,
-            "dropped": 0,
-            "queue_max": 0,
+            "dropped": 0,  # all lanes
+            "dropped_hardware": 0,
+            "dropped_downlink": 0,
+            "queue_max": 0,  # the hardware lane's deepest
+            "downlink_queue_max": 0,
         }
 
     # -- any thread ----------------------------------------------------------------
 
     def submit(self, event: Any) -> bool:
-        """Queue an event for the gate thread; never blocks on the core.
+        """Queue an event for the gate thread in its lane; never blocks on the core.
 
-        Returns False when it was dropped (queue full, or the runtime stopped).
-        A FireLoop goes ahead of everything already queued.
+        Returns False when it was dropped (its lane full, or the runtime
+        stopped). A FireLoop goes ahead of everything already queued.
         """
         t = time.monotonic()
+        lane = lane_of(event)
         with self._cond:
             if self._stopping:
                 self.counters["dropped"] += 1
                 return False
-            if isinstance(event, FireLoop):
-                self._fire_q.append((event, t))
-            else:
-                if len(self._q) >= self._max_queue:
-                    self.counters["dropped"] += 1
-                    if self.counters["dropped"] in (1, 10, 100) or self.counters["dropped"] % 1000 == 0:
-                        log.warning("gate queue full (%d events): dropped %d so far, latest %r; "
-                                    "an input is flooding the agent, check its wiring",
-                                    self._max_queue, self.counters["dropped"], event)
-                    return False
-                self._q.append((event, t))
-                self.counters["queue_max"] = max(self.counters["queue_max"], len(self._q))
+            q = self._lanes[lane]
+            limit = self._limits[lane]
+            if limit is not None and len(q) >= limit:
+                self._dropped(lane, event)
+                return False
+            q.append((event, t))
+            depth_key = "queue_max" if lane == "hardware" else "downlink_queue_max"
+            if lane != "fire" and len(q) > self.counters[depth_key]:
+                self.counters[depth_key] = len(q)
             self._cond.notify_all()
         return True
 
+    def _dropped(self, lane: str, event: Any) -> None:
+        # Called with the lock held; logs only at 1, 10, 100 and every 1000th.
+        self.counters["dropped"] += 1
+        key = f"dropped_{lane}"
+        self.counters[key] += 1
+        n = self.counters[key]
+        if n in (1, 10, 100) or n % 1000 == 0:
+            if lane == "hardware":
+                log.warning("gate queue full (%d hardware events): dropped %d so far, latest %r; "
+                            "an input is flooding the agent, check its wiring",
+                            self._limits[lane], n, event)
+            else:
+                log.warning("downlink lane full (%d events): dropped %d so far, latest %r; the "
+                            "broker is flooding the agent (card decisions go on)",
+                            self._limits[lane], n, event)
+
     def queue_depth(self) -> int:
         with self._cond:
-            return len(self._q) + len(self._fire_q)
+            return sum(len(q) for q in self._lanes.values())
+
+    def queue_depths(self) -> dict[str, int]:
+        """Events waiting in each lane."""
+        with self._cond:
+            return {name: len(q) for name, q in self._lanes.items()}
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until every queued event was handled; False on timeout."""
         with self._cond:
-            return self._cond.wait_for(lambda: not (self._q or self._fire_q or self._busy), timeout)
+            return self._cond.wait_for(
+                lambda: not (self._busy or any(self._lanes.values())), timeout)
 
     def latency_percentiles(self) -> dict[str, float]:
         """Decision latency (submit -> commands driven) over the last samples:
@@ -294,12 +365,10 @@ class GateRuntime:
     def _next(self) -> tuple[str, Any]:
         with self._cond:
             while True:
-                if self._fire_q:
-                    self._busy = True
-                    return "event", self._fire_q.popleft()
-                if self._q:
-                    self._busy = True
-                    return "event", self._q.popleft()
+                for q in self._lanes.values():  # fire, then hardware, then downlink
+                    if q:
+                        self._busy = True
+                        return "event", q.popleft()
                 if self._stopping:
                     return "stop", None
                 now = self.clock.monotonic()

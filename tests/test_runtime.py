@@ -383,6 +383,46 @@ def test_a_full_queue_drops_ordinary_events_but_never_a_fire_loop(fp, runtimes):
     assert records_of(sink, "alarm.fire")
 
 
+def test_a_full_downlink_lane_never_costs_a_card_read(fp, runtimes):
+    rt, sink, driver, _log = make_runtime(fp, runtimes, max_queue=5, max_downlink_queue=10)
+    # Not started: a broker flood fills the downlink lane...
+    flood = [rt.submit(ev.Report("command.result", {"request_id": f"j{i}", "command": "",
+                                                    "result": "refused", "reason": "invalid"}))
+             for i in range(1000)]
+    assert flood.count(True) == 10
+    # ...and the card read still gets in, and is the first thing decided.
+    assert rt.submit(ev.CardRead("entry", CARD, "w26")) is True
+    assert rt.counters["dropped_downlink"] == 990 and rt.counters["dropped_hardware"] == 0
+    assert rt.queue_depths() == {"fire": 0, "hardware": 1, "downlink": 10}
+    rt.start()
+    assert rt.wait_idle(5)
+    types = [r["type"] for r in sink.records]
+    first_refusal = types.index("command.result")
+    assert types.index("access.granted") < first_refusal
+    assert types.count("command.result") == 10
+    assert driver.levels["unlock_a"] is True
+
+
+def test_hardware_events_queued_behind_downlink_traffic_are_taken_first(fp, runtimes):
+    rt, sink, _driver, log = make_runtime(fp, runtimes)
+    rt.start()
+    sink.pause()
+    rt.submit(ev.ReaderStatus("entry", online=True))  # the gate thread now waits in the sink
+    assert sink.entered.wait(5)
+    for i in range(200):
+        rt.submit(ev.Report("alarm", {"kind": "publish_refused", "active": i % 2 == 0}))
+    rt.submit(ev.FireReset(by="command"))  # a command: downlink lane
+    rt.submit(ev.CardRead("entry", CARD, "w26"))
+    rt.submit(ev.FireReset(by="input"))  # the guard's reset key: hardware lane
+    mark = len(log.snapshot())
+    sink.release.set()
+    assert rt.wait_idle(10)
+    commits = [e[1] for e in log.snapshot()[mark:] if e[0] == "commit"]
+    assert commits[0] == ("reader.status",)  # the event the thread was holding
+    assert commits[1][0] == "access.granted"  # then the card, ahead of 200 queued reports
+    assert sum(1 for c in commits if c == ("alarm",)) == 200
+
+
 # --- lifecycle and hooks -----------------------------------------------------------------------
 
 
