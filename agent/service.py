@@ -60,6 +60,7 @@ from agent import __version__
 from agent.config import DEFAULT_PATH, Config, ConfigError, load_config
 from agent.core.events import Report
 from agent.core.turnstile import COMMANDABLE_MODES, Gate
+from agent.lograte import RateLimitFilter
 from agent.runtime import Clock, GateRuntime
 from agent.sdnotify import Notifier, watchdog_interval
 from agent.statefile import StateFile
@@ -187,6 +188,9 @@ def _stderr_is_journal(env: Mapping[str, str]) -> bool:
 
 
 _log_listener: logging.handlers.QueueListener | None = None
+_log_limit: RateLimitFilter | None = None
+LOG_BURST = 10  # lines of one message let through per LOG_INTERVAL_S; the rest are counted
+LOG_INTERVAL_S = 10.0
 
 
 def setup_logging(level: str = "info", env: Mapping[str, str] | None = None) -> None:
@@ -194,22 +198,39 @@ def setup_logging(level: str = "info", env: Mapping[str, str] | None = None) -> 
 
     Through a queue: a logging call only enqueues, and one listener thread
     writes to stderr, so the gate thread never waits on a stderr that journald
-    is slow to drain, nor on a handler lock another thread holds."""
-    global _log_listener
+    is slow to drain, nor on a handler lock another thread holds. Rate-limited
+    per message (agent.lograte): a flood of one message is a few lines and a
+    count, never a full disk. Calling it again replaces the previous set-up."""
+    global _log_listener, _log_limit
     env = os.environ if env is None else env
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_JournalFormatter(prefix=_stderr_is_journal(env)))
-    if _log_listener is not None:
-        _log_listener.stop()
+    first = _log_listener is None
+    _stop_logging()
     log_queue: queue.SimpleQueue = queue.SimpleQueue()
     _log_listener = logging.handlers.QueueListener(log_queue, handler)
     _log_listener.start()
-    atexit.register(_log_listener.stop)  # flushes what is queued at exit
+    if first:
+        atexit.register(_stop_logging)  # flushes what is queued at exit
+    queue_handler = logging.handlers.QueueHandler(log_queue)
+    _log_limit = RateLimitFilter(LOG_BURST, LOG_INTERVAL_S)
+    queue_handler.addFilter(_log_limit)
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
-    root.addHandler(logging.handlers.QueueHandler(log_queue))
+    root.addHandler(queue_handler)
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
+
+
+def _stop_logging() -> None:
+    """Write the suppressed counts and what is queued, then stop the writer thread (idempotent)."""
+    global _log_listener
+    listener, _log_listener = _log_listener, None
+    if listener is None:
+        return
+    if _log_limit is not None:
+        _log_limit.flush()
+    listener.stop()
 
 
 # --------------------------------------------------------------------------- hardware
