@@ -351,3 +351,26 @@ def test_certificate_not_yet_valid_by_the_board_clock_is_retried_and_journalling
     journal.commit([passage(1)])  # the gate goes on journalling
     assert journal.backlog() == 2 and not up.connected
     assert len(alarms) == 1  # retries do not repeat the alarm
+
+
+# --- what the broker may send the gate ------------------------------------------------------
+
+
+def test_the_broker_drops_a_message_bigger_than_the_gates_maximum_packet_size(
+    broker, journal, uplinks
+):
+    got: list[tuple[str, int]] = []
+    up = uplinks(journal, broker, max_packet_bytes=4096,
+                 on_message=lambda topic, payload, props, retain: got.append((topic, len(payload))))
+    wait_until(lambda: up.connected, 10, "the uplink to connect")
+    with Observer(broker, "nothing/here") as server:
+        server.publish(T["cmd"], b"x" * 100_000)  # never reaches the board
+        server.publish(T["cmd"], b"y" * 1000)  # fits: delivered, after the big one
+        wait_until(lambda: got, 10, "the small command to arrive")
+    assert got == [(T["cmd"], 1000)]
+    assert up.connected  # the broker dropped the message, not the gate
+
+
+def test_a_maximum_packet_size_outside_mqtts_range_is_refused(journal):
+    with pytest.raises(UplinkError, match="max_packet_bytes"):
+        Uplink(journal, site=SITE, gate=GATE, host="127.0.0.1", max_packet_bytes=10)

@@ -47,6 +47,7 @@ from typing import Any, Protocol, Self
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 import fastpath
@@ -59,6 +60,10 @@ log = logging.getLogger("agent.uplink")
 ACK_MODES = ("ingest", "broker")
 RC_NO_MATCHING_SUBSCRIBERS = 0x10
 RC_FIRST_FAILURE = 0x80
+
+# The MQTT 5 Maximum Packet Size the uplink may announce (the protocol's own range).
+MIN_PACKET_BYTES = 1024
+MAX_PACKET_BYTES = 268_435_455
 
 # How many pending records one journal read fetches: big enough that a
 # backlog drains without a query per message, small enough to stay cheap.
@@ -162,7 +167,10 @@ class Uplink:
     retained ``offline`` status. ``wake()`` (any thread, never blocks) says
     new records are committed. ``on_alarm(kind, active, detail)`` and
     ``on_message(topic, payload, properties, retain)`` are called on the uplink
-    thread; keep them short (enqueue and return).
+    thread; keep them short (enqueue and return). ``max_packet_bytes``: the
+    MQTT 5 Maximum Packet Size announced at connect; the broker drops any
+    message to this gate that is bigger, before it is sent (a flood of huge
+    messages never reaches the board). None: no limit announced.
     """
 
     def __init__(
@@ -189,6 +197,7 @@ class Uplink:
         on_message: Callable[[str, bytes, Any, bool], None] | None = None,
         boot: str | None = None,
         started_at: float | None = None,
+        max_packet_bytes: int | None = None,
     ) -> None:
         if ack_mode not in ACK_MODES:
             raise UplinkError(f"ack_mode {ack_mode!r} is not known; use 'ingest' (default) or 'broker' (labs)")
@@ -199,6 +208,10 @@ class Uplink:
                 f"backoff_min_s {backoff_min_s} and backoff_max_s {backoff_max_s}: "
                 "need 0 < backoff_min_s <= backoff_max_s"
             )
+        if max_packet_bytes is not None and not MIN_PACKET_BYTES <= max_packet_bytes <= MAX_PACKET_BYTES:
+            raise UplinkError(f"max_packet_bytes {max_packet_bytes!r} must be from {MIN_PACKET_BYTES} "
+                              f"to {MAX_PACKET_BYTES}")
+        self.max_packet_bytes = max_packet_bytes
         self.journal = journal
         self.site, self.gate = site, gate
         self.topics = topics(site, gate)
@@ -435,7 +448,8 @@ class Uplink:
         self._connected = False
         self._connect_deadline = time.monotonic() + self.connect_timeout_s
         try:
-            rc = client.connect(self.host, self.port, keepalive=self.keepalive, clean_start=True)
+            rc = client.connect(self.host, self.port, keepalive=self.keepalive, clean_start=True,
+                                properties=self._connect_properties())
         except ssl.SSLCertVerificationError as exc:
             self._tls_rejected(exc)
             return
@@ -444,6 +458,15 @@ class Uplink:
             return
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             self._fail(f"connect to {self.host}:{self.port} failed: {mqtt.error_string(rc)}")
+
+    def _connect_properties(self) -> Properties | None:
+        if self.max_packet_bytes is None:
+            return None
+        props = Properties(PacketTypes.CONNECT)
+        # The broker must not send this client anything bigger (MQTT 5, 3.1.2.11.4):
+        # an oversized message never reaches the board's memory.
+        props.MaximumPacketSize = self.max_packet_bytes
+        return props
 
     def _describe_connect_error(self, exc: BaseException) -> str:
         where = f"{self.host}:{self.port}"
