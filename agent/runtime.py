@@ -287,6 +287,12 @@ class GateRuntime:
         with self._cond:
             return {name: len(q) for name, q in self._lanes.items()}
 
+    def queue_stats(self) -> dict[str, dict[str, int]]:
+        """For telemetry: events waiting per lane, and dropped per bounded lane since start."""
+        return {"depth": self.queue_depths(),
+                "dropped": {"hardware": self.counters["dropped_hardware"],
+                            "downlink": self.counters["dropped_downlink"]}}
+
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until every queued event was handled; False on timeout."""
         with self._cond:

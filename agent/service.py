@@ -680,6 +680,7 @@ class Service:
             "acl_stale": bool(acl_status.get("acl_stale", False)),
             "reader_errors": errors,
             "decision_ms": {"p50": lat.get("p50_ms"), "p99": lat.get("p99_ms"), "p999": lat.get("p999_ms")},
+            "queues": self.runtime.queue_stats(),
         }
         return build_telemetry(self.journal, stats, time.time(),
                                uplink_stats=self.uplink.stats() if self.uplink is not None else None)

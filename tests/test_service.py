@@ -446,3 +446,16 @@ def test_telemetry_and_status_say_whether_the_access_list_is_stale(tmp_path, ser
     tel = svc.telemetry()
     assert tel["acl_stale"] is True and tel["acl_age_s"] == 9e6
     assert validate("telemetry", tel) == []
+
+
+def test_telemetry_shows_each_queue_lane_and_what_it_dropped(tmp_path, services):
+    from agent.contract import validate
+    from agent.core.events import Report
+
+    svc = services(write_config(tmp_path))
+    svc.runtime._limits["downlink"] = 0  # a full downlink lane: every report is refused
+    assert svc.runtime.submit(Report("alarm", {"kind": "x", "active": True})) is False
+    tel = svc.telemetry()
+    assert validate("telemetry", tel) == []
+    assert tel["queues"]["dropped"] == {"hardware": 0, "downlink": 1}
+    assert set(tel["queues"]["depth"]) == {"fire", "hardware", "downlink"}
