@@ -300,7 +300,8 @@ class GateRuntime:
                 lambda: not (self._busy or any(self._lanes.values())), timeout)
 
     def latency_percentiles(self) -> dict[str, float]:
-        """Decision latency (submit -> commands driven) over the last samples:
+        """Decision latency (submit -> commands driven) of the fire and hardware
+        lanes' events (downlink reports are not decisions) over the last samples:
         n, p50_ms, p99_ms, p999_ms, max_ms; empty values before any event."""
         values = self._latency.values()
         out: dict[str, float] = {"n": len(values)}
@@ -441,7 +442,8 @@ class GateRuntime:
             step = None
         if step is not None:
             self._dispatch(step, event)
-        if t_enq is not None:
+        if t_enq is not None and lane_of(event) != "downlink":
+            # Decision latency is the hardware's: a queued report is not a decision.
             self._latency.add(time.monotonic() - t_enq)
         try:
             self._deadline = self.gate.next_deadline()

@@ -505,3 +505,13 @@ def test_an_unsynced_clock_marks_records(fp, runtimes):
     rt.start()
     assert all(r["clock_synced"] is False for r in sink.records)
     assert any(r["type"] == "alarm" and r["kind"] == "clock_unsynced" for r in sink.records)
+
+
+def test_decision_latency_counts_decisions_not_downlink_reports(fp, runtimes):
+    rt, _sink, _driver, _log = make_runtime(fp, runtimes)
+    rt.start()
+    for i in range(50):
+        rt.submit(ev.Report("alarm", {"kind": "publish_refused", "active": i % 2 == 0}))
+    rt.submit(ev.CardRead("entry", CARD, "w26"))
+    assert rt.wait_idle(5)
+    assert rt.latency_percentiles()["n"] == 1
