@@ -412,8 +412,12 @@ class Service:
                         self.statefile.mode, gate_cfg.initial_mode)
             gate_cfg = dataclasses.replace(gate_cfg, initial_mode=self.statefile.mode)
 
+        if self.statefile.fire:
+            log.warning("fire mode was latched before this start and not reset: the gate starts free "
+                        "(fire mode) until the fire release is reset with the loop closed")
         self.gate = Gate(gate_cfg, fastpath, table, state, boot=self.boot,
-                         implementation=fastpath.IMPLEMENTATION, version=__version__)
+                         implementation=fastpath.IMPLEMENTATION, version=__version__,
+                         fire_latched=self.statefile.fire)
         if self.acl is not None and getattr(self.acl, "timezone", None):
             self.gate.set_timezone(self.acl.timezone)
 
@@ -577,7 +581,8 @@ class Service:
     def _on_idle(self, now: Any) -> list[dict]:
         committed = self.journal.maintenance(now.wall)
         if self.statefile is not None:
-            self.statefile.maybe_save(self.gate.state, now.mono, self.gate.commanded_mode)
+            self.statefile.maybe_save(self.gate.state, now.mono, self.gate.commanded_mode,
+                                      fire=self.gate.fire_latched)
         return committed
 
     def _on_uplink_alarm(self, kind: str, active: bool, detail: str) -> None:
@@ -687,7 +692,8 @@ class Service:
         if self.statefile is not None and self.gate is not None:
             steps.append(("gate state", lambda: (self.statefile.close(),
                                                  self.statefile.save(self.gate.state,
-                                                                     mode=self.gate.commanded_mode))))
+                                                                     mode=self.gate.commanded_mode,
+                                                                     fire=self.gate.fire_latched))))
         if self._housekeeper is not None:
             steps.append(("housekeeping", lambda: self._housekeeper.join(5)))
         if self.uplink is not None:
