@@ -17,14 +17,16 @@ gate never depends on the network or on anything slower than the disk:
 5. the hardware: board profile + pin factory (``mock``: gpiozero's
    MockFactory, simulated hardware with every input at rest), turnstile I/O,
    card readers;
-6. systemd is told READY=1: the journal is open and the persisted list (if
-   any) loaded; a new board with no list is ready too (the core raises
-   ``acl_missing`` and refuses cards);
+6. with simulated hardware (``mock``) the socket ``gate-agent sim`` drives
+   the mock pins through (agent/simctl.py); then systemd is told READY=1:
+   the journal is open and the persisted list (if any) loaded; a new board
+   with no list is ready too (the core raises ``acl_missing`` and refuses
+   cards);
 7. the uplink (paho; its alarms become ``alarm`` records through the gate
    thread) and a housekeeping thread for telemetry, STATUS= and the clock
    check.
 
-``stop()`` undoes it: readers first (no new events), the gate thread (every
+``stop()`` undoes it: the sim socket and the readers first (no new events), the gate thread (every
 output inactive), the pins, the state file, the uplink (publishes the
 retained ``offline`` status), the journal (flushed, synced and closed).
 
@@ -328,6 +330,7 @@ class Service:
         self.uplink: Any = None
         self.downlink: Any = None
         self.statefile: StateFile | None = None
+        self.simctl: Any = None  # the simulated hardware's socket (pin_factory = "mock" only)
         self.acl: Any = None
         self.ready = threading.Event()
         self._stopping = threading.Event()
@@ -447,6 +450,7 @@ class Service:
         for bus in self.buses:
             bus.start()
 
+        self._start_sim_socket()
         self.notifier.ready(self.status_line())
         self.ready.set()
         log.info("ready: gate %s/%s, fastpath %s, %s", cfg.site, cfg.gate_id, fastpath.IMPLEMENTATION,
@@ -510,6 +514,26 @@ class Service:
                 raise ServiceError(f"OSDP bus {port}: {exc}") from exc
             self.buses.append(bus)
 
+    def _start_sim_socket(self) -> None:
+        """Simulated hardware only: the socket `gate-agent sim` drives the mock pins through
+        (agent/simctl.py). Never on real pins; a failure leaves the gate working."""
+        cfg = self.config
+        if cfg.hardware.pin_factory != "mock":
+            return
+        from agent.simctl import SimServer, socket_path
+
+        path = socket_path(cfg.service.state_dir)
+        server = SimServer(path, factory=self.factory, profile=cfg.hardware.board, readers=self.readers,
+                           reader_settings=cfg.hardware.readers, key_width=cfg.key_width,
+                           site=cfg.site, gate=cfg.gate_id)
+        try:
+            server.start()
+        except OSError as exc:
+            log.error("simulated hardware: %s; the gate works, gate-agent sim cannot reach it", exc)
+            return
+        self.simctl = server
+        log.info("simulated hardware: gate-agent sim drives the mock pins through %s", path)
+
     def _start_uplink(self) -> None:
         from agent.uplink.mqtt import Uplink, UplinkError
 
@@ -566,6 +590,8 @@ class Service:
     def _on_record(self, record: dict) -> None:
         """Gate thread, after each committed record."""
         rtype = record.get("type")
+        if self.simctl is not None:
+            self.simctl.on_record(record)
         if rtype == "reader.error":
             self._reader_errors[str(record.get("reader"))][str(record.get("kind"))] += 1
         if rtype in ("alarm", "alarm.fire", "mode.changed", "turnstile.fault", "journal.overflow"):
@@ -680,6 +706,8 @@ class Service:
         self.notifier.stopping("stopping")
         log.info("stopping")
         steps: list[tuple[str, Callable[[], Any]]] = []
+        if self.simctl is not None:
+            steps.append(("sim socket", self.simctl.stop))  # no simulated input while stopping
         for name, reader in self.readers.items():
             # SerialReader.stop ends its thread; WiegandReader.close its timer and pins.
             steps.append((f"reader {name}", getattr(reader, "stop", None) or reader.close))
