@@ -381,6 +381,11 @@ def test_the_documented_command_line_drives_an_agent_and_a_fire_latch_survives_k
         # A refusal: exit 1, the reason in the technician's language.
         out = gate_agent("sim", "--config", str(config), "card", "roof", CARD, cwd=tmp_path, lang="ru_RU.UTF-8")
         assert out.returncode == 1 and "считывател" in out.stderr and "entry" in out.stderr, out.stderr
+        # Every other command docs/operations.md quotes.
+        for args in (("pass", "A"), ("button", "in"), ("ready", "false"), ("ready", "true"),
+                     ("tamper", "true"), ("tamper", "false"), ("ping",)):
+            out = gate_agent("sim", "--config", str(config), *args, cwd=tmp_path)
+            assert out.returncode == 0 and out.stdout.strip(), (args, out.stderr)
         for args in (("fire", "open"), ("fire", "closed")):
             out = gate_agent("sim", "--config", str(config), *args, cwd=tmp_path)
             assert out.returncode == 0, out.stderr
