@@ -467,7 +467,7 @@ class SimServer:
         try:
             try:
                 req = json.loads(line.decode("utf-8"))
-            except (UnicodeDecodeError, ValueError):
+            except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: nested too deep
                 raise _Refused("bad_json", 'a request is one JSON object per line, e.g. {"op": "ping"}') from None
             if not isinstance(req, dict):
                 raise _Refused("bad_json", 'a request is one JSON object per line, e.g. {"op": "ping"}')
