@@ -93,7 +93,7 @@ MAX_CLIENTS = 8
 IDLE_TIMEOUT_S = 30.0
 MAX_BAD_REQUESTS = 10
 RATE_PER_S = 50.0
-CONNECTIONS_PER_S = 20.0
+CONNECTIONS_PER_S = 50.0
 DECISION_WAIT_S = 2.0
 MAX_WAIT_S = 10.0
 # One reader's frames at least this far apart: the longest frame (37 bits, 2 ms apart) plus
@@ -398,6 +398,9 @@ class SimServer:
             if full:
                 self.counters["turned_away"] += 1
                 self._turn_away(conn)
+                # Back-pressure: while turning clients away, leave the rest in the kernel's backlog
+                # (a full backlog refuses them there) instead of spending the agent's CPU on them.
+                self._stopping.wait(0.02)
                 continue
             t = threading.Thread(target=self._serve, args=(conn,), name="sim-client", daemon=True)
             with self._lock:
