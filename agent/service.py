@@ -26,9 +26,10 @@ gate never depends on the network or on anything slower than the disk:
    thread) and a housekeeping thread for telemetry, STATUS= and the clock
    check.
 
-``stop()`` undoes it: the sim socket and the readers first (no new events), the gate thread (every
-output inactive), the pins, the state file, the uplink (publishes the
-retained ``offline`` status), the journal (flushed, synced and closed).
+``stop()`` undoes it: the sim socket and the readers first (no new events),
+the gate thread (every output inactive), the pins, the state file (with the
+commanded mode and the fire latch), the uplink (publishes the retained
+``offline`` status), the journal (flushed, synced and closed).
 
 Logs go to stderr one line per message; under systemd (``JOURNAL_STREAM``
 names our stderr) each line starts with a ``<N>`` syslog priority, which
