@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     from agent.config import add_check_config_parser
     from agent.demo import add_demo_parser
     from agent.service import add_run_parser
+    from agent.simctl import add_sim_parser
     from agent.tools.bundle import add_bundle_parser
     from agent.tools.doctor import add_doctor_parser
     from agent.tools.enroll import add_enroll_parser
@@ -101,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_enroll_parser(sub)
     add_iotest_parser(sub)
     add_bundle_parser(sub)
+    add_sim_parser(sub)
     add_regional_parsers(sub)
     return p
 

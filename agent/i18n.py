@@ -3,7 +3,7 @@
 ``_("text")`` returns the Russian text when the locale asks for Russian
 (the first non-empty of LC_ALL, LC_MESSAGES, LANG starts with "ru", the
 POSIX order), else the English text itself. Only the technician's tools
-(provision, doctor, monitor, journal, bundle, demo) translate: logs and
+(provision, doctor, monitor, journal, bundle, demo, sim) translate: logs and
 event records stay English, so the regional server and bug reports read
 one language.
 
@@ -58,6 +58,7 @@ TRANSLATED_MODULES = (
     "agent/tools/bundle.py",
     "agent/demo.py",
     "agent/tools/words.py",
+    "agent/simctl.py",
 )
 
 _language: str | None = None

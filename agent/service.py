@@ -17,16 +17,19 @@ gate never depends on the network or on anything slower than the disk:
 5. the hardware: board profile + pin factory (``mock``: gpiozero's
    MockFactory, simulated hardware with every input at rest), turnstile I/O,
    card readers;
-6. systemd is told READY=1: the journal is open and the persisted list (if
-   any) loaded; a new board with no list is ready too (the core raises
-   ``acl_missing`` and refuses cards);
+6. with simulated hardware (``mock``) the socket ``gate-agent sim`` drives
+   the mock pins through (agent/simctl.py); then systemd is told READY=1:
+   the journal is open and the persisted list (if any) loaded; a new board
+   with no list is ready too (the core raises ``acl_missing`` and refuses
+   cards);
 7. the uplink (paho; its alarms become ``alarm`` records through the gate
    thread) and a housekeeping thread for telemetry, STATUS= and the clock
    check.
 
-``stop()`` undoes it: readers first (no new events), the gate thread (every
-output inactive), the pins, the state file, the uplink (publishes the
-retained ``offline`` status), the journal (flushed, synced and closed).
+``stop()`` undoes it: the sim socket and the readers first (no new events),
+the gate thread (every output inactive), the pins, the state file (with the
+commanded mode and the fire latch), the uplink (publishes the retained
+``offline`` status), the journal (flushed, synced and closed).
 
 Logs go to stderr one line per message; under systemd (``JOURNAL_STREAM``
 names our stderr) each line starts with a ``<N>`` syslog priority, which
@@ -349,6 +352,7 @@ class Service:
         self.uplink: Any = None
         self.downlink: Any = None
         self.statefile: StateFile | None = None
+        self.simctl: Any = None  # the simulated hardware's socket (pin_factory = "mock" only)
         self.acl: Any = None
         self.ready = threading.Event()
         self._stopping = threading.Event()
@@ -433,8 +437,12 @@ class Service:
                         self.statefile.mode, gate_cfg.initial_mode)
             gate_cfg = dataclasses.replace(gate_cfg, initial_mode=self.statefile.mode)
 
+        if self.statefile.fire:
+            log.warning("fire mode was latched before this start and not reset: the gate starts free "
+                        "(fire mode) until the fire release is reset with the loop closed")
         self.gate = Gate(gate_cfg, fastpath, table, state, boot=self.boot,
-                         implementation=fastpath.IMPLEMENTATION, version=__version__)
+                         implementation=fastpath.IMPLEMENTATION, version=__version__,
+                         fire_latched=self.statefile.fire)
         if self.acl is not None and getattr(self.acl, "timezone", None):
             self.gate.set_timezone(self.acl.timezone)
 
@@ -464,6 +472,7 @@ class Service:
         for bus in self.buses:
             bus.start()
 
+        self._start_sim_socket()
         self.notifier.ready(self.status_line())
         self.ready.set()
         log.info("ready: gate %s/%s, fastpath %s, %s", cfg.site, cfg.gate_id, fastpath.IMPLEMENTATION,
@@ -527,6 +536,26 @@ class Service:
                 raise ServiceError(f"OSDP bus {port}: {exc}") from exc
             self.buses.append(bus)
 
+    def _start_sim_socket(self) -> None:
+        """Simulated hardware only: the socket `gate-agent sim` drives the mock pins through
+        (agent/simctl.py). Never on real pins; a failure leaves the gate working."""
+        cfg = self.config
+        if cfg.hardware.pin_factory != "mock":
+            return
+        from agent.simctl import SimServer, socket_path
+
+        path = socket_path(cfg.service.state_dir)
+        server = SimServer(path, factory=self.factory, profile=cfg.hardware.board, readers=self.readers,
+                           reader_settings=cfg.hardware.readers, key_width=cfg.key_width,
+                           site=cfg.site, gate=cfg.gate_id)
+        try:
+            server.start()
+        except OSError as exc:
+            log.error("simulated hardware: %s; the gate works, gate-agent sim cannot reach it", exc)
+            return
+        self.simctl = server
+        log.info("simulated hardware: gate-agent sim drives the mock pins through %s", path)
+
     def _start_uplink(self) -> None:
         from agent.uplink.mqtt import Uplink, UplinkError
 
@@ -583,6 +612,8 @@ class Service:
     def _on_record(self, record: dict) -> None:
         """Gate thread, after each committed record."""
         rtype = record.get("type")
+        if self.simctl is not None:
+            self.simctl.on_record(record)
         if rtype == "reader.error":
             self._reader_errors[str(record.get("reader"))][str(record.get("kind"))] += 1
         if rtype in ("alarm", "alarm.fire", "mode.changed", "turnstile.fault", "journal.overflow"):
@@ -598,7 +629,8 @@ class Service:
     def _on_idle(self, now: Any) -> list[dict]:
         committed = self.journal.maintenance(now.wall)
         if self.statefile is not None:
-            self.statefile.maybe_save(self.gate.state, now.mono, self.gate.commanded_mode)
+            self.statefile.maybe_save(self.gate.state, now.mono, self.gate.commanded_mode,
+                                      fire=self.gate.fire_latched)
         return committed
 
     def _on_uplink_alarm(self, kind: str, active: bool, detail: str) -> None:
@@ -697,6 +729,8 @@ class Service:
         self.notifier.stopping("stopping")
         log.info("stopping")
         steps: list[tuple[str, Callable[[], Any]]] = []
+        if self.simctl is not None:
+            steps.append(("sim socket", self.simctl.stop))  # no simulated input while stopping
         for name, reader in self.readers.items():
             # SerialReader.stop ends its thread; WiegandReader.close its timer and pins.
             steps.append((f"reader {name}", getattr(reader, "stop", None) or reader.close))
@@ -709,7 +743,8 @@ class Service:
         if self.statefile is not None and self.gate is not None:
             steps.append(("gate state", lambda: (self.statefile.close(),
                                                  self.statefile.save(self.gate.state,
-                                                                     mode=self.gate.commanded_mode))))
+                                                                     mode=self.gate.commanded_mode,
+                                                                     fire=self.gate.fire_latched))))
         if self._housekeeper is not None:
             steps.append(("housekeeping", lambda: self._housekeeper.join(5)))
         if self.uplink is not None:

@@ -74,6 +74,14 @@ rng=None, patient=True, settle_s=0.5)``
     refusals under load. ``counts`` and ``history`` say
     what was presented.
 
+Frames: ``wiegand_frame(key, length=None)`` the Wiegand bits carrying a key
+(26, 34, 35 or 37 bits: the length a fixed-format reader expects, else the
+shortest that holds it); ``serial_frame(key, protocol, number="auto")`` the
+bytes an RDM6300 or a line-oriented EM-Marine reader sends for it;
+``feed_serial(reader, data)`` hands bytes to the service's ``SerialReader``
+as if read from its port: a stream decoder of the reader's protocol, then
+the reader's own delivery (repeat filter, counters, submit).
+
 Inputs: ``drive_input(factory, profile, name, asserted)`` sets any
 turnstile input to its asserted / rest level; ``drive_fire_loop(factory,
 profile, open)`` opens (alarm) or closes the fire loop;
@@ -96,7 +104,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
-from agent.core.cards import CardFormatError, encode_w26, parse_card_string
+from agent.core.cards import (
+    CardFormatError,
+    encode_rdm6300,
+    encode_w26,
+    encode_w34,
+    encode_w35,
+    encode_w37,
+    parse_card_string,
+)
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +124,10 @@ __all__ = [
     "SimulatedTurnstile",
     "drive_fire_loop",
     "drive_input",
+    "feed_serial",
     "press_input",
+    "serial_frame",
+    "wiegand_frame",
 ]
 
 WATCHED_LINES = ("unlock_a", "unlock_b", "stop", "fire_release")
@@ -155,6 +174,74 @@ def press_input(factory: Any, profile: Any, name: str, hold_s: float = 0.15) -> 
     drive_input(factory, profile, name, True)
     time.sleep(hold_s)
     drive_input(factory, profile, name, False)
+
+
+# --------------------------------------------------------------------------- frames
+
+# Wiegand frame length -> (data bits, how the key splits into the encoder's two fields).
+_WIEGAND_SPLIT: dict[int, tuple[int, Callable[[int], str]]] = {
+    26: (24, lambda k: encode_w26(k >> 16, k & 0xFFFF)),
+    34: (32, lambda k: encode_w34(k >> 16, k & 0xFFFF)),
+    35: (32, lambda k: encode_w35(k >> 20, k & 0xFFFFF)),
+    37: (35, lambda k: encode_w37(k >> 19, k & 0x7FFFF)),
+}
+
+
+def wiegand_frame(key: int, length: int | None = None) -> str:
+    """The Wiegand frame whose data bits are ``key`` (the decoder gives the key back).
+
+    length: the frame a fixed-format reader sends (26, 34, 35, 37); None: the
+    shortest of 26, 34, 37 bits that holds the key.
+    """
+    if not isinstance(key, int) or key < 0:
+        raise CardFormatError(f"key {key!r} is not a non-negative integer")
+    lengths = (26, 34, 37) if length is None else (length,)
+    for n in lengths:
+        if n not in _WIEGAND_SPLIT:
+            raise ValueError(f"Wiegand frame of {n} bits: give 26, 34, 35 or 37")
+        data_bits, encode = _WIEGAND_SPLIT[n]
+        if key < 1 << data_bits:
+            return encode(key)
+    raise CardFormatError(f"key {key} does not fit the data bits of a {'/'.join(map(str, lengths))}-bit "
+                          "Wiegand frame; present a card this reader can carry")
+
+
+def serial_frame(key: int, protocol: str, number: str = "auto") -> bytes:
+    """The bytes a serial reader sends for a card whose key is ``key``.
+
+    protocol "rdm6300": 0x02, 10 hex digits, checksum, 0x03 (the key as the
+    40-bit value). "emline": one line, CR LF: the 10-digit decimal print
+    (number "auto"/"dec") or 10 hex digits (number "hex", or a key over
+    10 decimal digits with "auto").
+    """
+    if not isinstance(key, int) or not 0 <= key < 1 << 40:
+        raise CardFormatError(f"key {key!r} does not fit the 40 bits an EM-Marine reader sends")
+    if protocol == "rdm6300":
+        return encode_rdm6300(key)
+    if protocol == "emline":
+        if number == "hex" or (number == "auto" and key >= 10**10):
+            text = f"{key:010X}"
+        elif key < 10**10:
+            text = f"{key:010d}"
+        else:
+            raise CardFormatError(f"key {key} has more than 10 decimal digits; a reader with "
+                                  'number = "dec" cannot send it')
+        return text.encode("ascii") + b"\r\n"
+    raise ValueError(f"serial protocol {protocol!r}: give rdm6300 or emline")
+
+
+def feed_serial(reader: Any, data: bytes) -> None:
+    """Bytes into a ``SerialReader`` as if read from its port (see the module doc).
+
+    A stream decoder of its own, so bytes from its port thread are never
+    interleaved with these; then the reader's delivery, as for its port's frames.
+    """
+    stream = reader._new_stream()  # the reader's protocol, key width and number setting
+    results = stream.feed(bytes(data))
+    flush = getattr(stream, "flush", None)
+    if flush is not None:  # an RDM6300 frame cut short is garbage now, as when the line goes quiet
+        results += flush()
+    reader._deliver(results)
 
 
 # --------------------------------------------------------------------------- turnstile

@@ -6,7 +6,10 @@ directory), so a power cut leaves either the old state or the new one, never
 a torn file. Mode 0600: positions are personal data (DESIGN.md principle 6).
 
 It also keeps the mode last commanded (``normal``, ``entry_only``, ``free``,
-``lockdown``), so a remote lockdown survives a restart.
+``lockdown``), so a remote lockdown survives a restart, and the fire latch
+(``"fire": true`` while fire mode waits for its reset), so a restart after
+the loop closed cannot end fire mode without the reset. A change of either
+is handed on at the next ``maybe_save``, whatever the interval.
 
 ``StateFile.maybe_save`` runs on the gate thread from the runtime's idle hook,
 at most every ``interval_s`` and only when something changed: it only takes a
@@ -75,6 +78,8 @@ class StateFile:
         self.saves = 0
         self.errors = 0
         self.mode: str | None = None  # the commanded mode found at load
+        self.fire: bool = False  # the fire latch found at load
+        self._last_modes: tuple[str | None, bool] | None = None  # (mode, fire) last handed on
         self._cond = threading.Condition()
         self._queued: str | None = None  # the newest snapshot waiting for the writer
         self._writer: threading.Thread | None = None
@@ -102,14 +107,18 @@ class StateFile:
             return self.fp.GateState()
         mode = doc.get("mode")
         self.mode = mode if isinstance(mode, str) else None
-        self._last_saved = self._body(doc["state"], self.mode)
+        self.fire = doc.get("fire") is True
+        self._last_modes = (self.mode, self.fire)
+        self._last_saved = self._body(doc["state"], self.mode, self.fire)
         return state
 
     @staticmethod
-    def _body(state_dict: dict, mode: str | None) -> str:
-        doc = {"format": FORMAT, "state": state_dict}
+    def _body(state_dict: dict, mode: str | None, fire: bool = False) -> str:
+        doc: dict[str, Any] = {"format": FORMAT, "state": state_dict}
         if mode is not None:
             doc["mode"] = mode
+        if fire:
+            doc["fire"] = True  # absent when not latched: files of earlier versions read the same
         return json.dumps(doc, sort_keys=True, separators=(",", ":"))
 
     def _move_aside(self) -> Path:
@@ -125,19 +134,21 @@ class StateFile:
             log.exception("could not move the damaged state file aside")
         return aside
 
-    def _snapshot(self, state: Any, mode: str | None) -> str | None:
+    def _snapshot(self, state: Any, mode: str | None, fire: bool = False) -> str | None:
         try:
-            return self._body(state.to_dict(), mode)
+            return self._body(state.to_dict(), mode, fire)
         except Exception:
             self.errors += 1
             log.exception("gate state could not be serialised; not saved")
             return None
 
-    def save(self, state: Any, now_mono: float | None = None, mode: str | None = None) -> bool:
-        """Write the state (and the commanded mode) now if it changed; True when
-        written. Never raises. At stop; the gate thread uses maybe_save."""
-        body = self._snapshot(state, mode)
+    def save(self, state: Any, now_mono: float | None = None, mode: str | None = None,
+             fire: bool = False) -> bool:
+        """Write the state (the commanded mode, the fire latch) now if it changed;
+        True when written. Never raises. At stop; the gate thread uses maybe_save."""
+        body = self._snapshot(state, mode, fire)
         self._last_at = now_mono
+        self._last_modes = (mode, bool(fire))
         if body is None or body == self._last_saved:
             return False
         return self._write(body)
@@ -156,13 +167,18 @@ class StateFile:
         self.saves += 1
         return True
 
-    def maybe_save(self, state: Any, now_mono: float, mode: str | None = None) -> bool:
+    def maybe_save(self, state: Any, now_mono: float, mode: str | None = None, fire: bool = False) -> bool:
         """On the gate thread: unless the last snapshot was less than interval_s ago,
-        take one and hand it to the writer thread. True when one was handed on."""
-        if self._last_at is not None and now_mono - self._last_at < self.interval_s:
+        take one and hand it to the writer thread. True when one was handed on.
+        A new commanded mode or fire latch is handed on at once: a crash must not
+        lose a lockdown or end fire mode."""
+        modes = (mode, bool(fire))
+        urgent = modes != self._last_modes
+        if not urgent and self._last_at is not None and now_mono - self._last_at < self.interval_s:
             return False
         self._last_at = now_mono
-        body = self._snapshot(state, mode)
+        self._last_modes = modes
+        body = self._snapshot(state, mode, fire)
         if body is None or body == self._last_saved:
             return False
         self._last_saved = body  # what the file will hold; an unchanged state is not handed on again

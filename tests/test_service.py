@@ -233,6 +233,34 @@ def test_a_remote_lockdown_holds_across_a_restart(tmp_path, services):
     assert third.gate.mode == "normal"
 
 
+def test_a_fire_latch_survives_a_restart_and_only_the_reset_ends_it(tmp_path, services):
+    config = write_config(tmp_path)
+    svc = services(config)
+    drive_input(svc, "fire_loop", True)
+    wait_until(lambda: line_active(svc, "fire_release"), what="the release driven by the fire loop")
+    drive_input(svc, "fire_loop", False)  # the alarm is over; nobody reset the release yet
+    assert svc.runtime.wait_idle(10)
+    assert svc.gate.mode == "fire"
+    svc.stop()
+
+    again = services(config)
+    assert again.gate.mode == "fire"
+    wait_until(lambda: line_active(again, "fire_release"), what="the release driven at once after the restart")
+    assert not any(pin_history(again, "unlock_a")) and not any(pin_history(again, "unlock_b"))
+    drive_input(again, "fire_reset", True)  # the guard turns the reset key
+    drive_input(again, "fire_reset", False)
+    wait_until(lambda: not line_active(again, "fire_release"), what="the release dropped by the reset")
+    assert again.gate.mode == "normal"
+    again.stop()
+
+    records = journal_records(tmp_path / "data" / "journal.db")
+    changes = [(r["from"], r["to"], r["by"]) for r in records if r["type"] == "mode.changed"]
+    assert changes == [("normal", "fire", "fire_loop"), ("normal", "fire", "restored"),
+                       ("fire", "normal", "fire_reset")]
+    third = services(config)
+    assert third.gate.mode == "normal" and not line_active(third, "fire_release")
+
+
 def test_an_unusable_broker_setting_leaves_the_gate_working_and_raises_an_alarm(tmp_path, services):
     ca = tmp_path / "ca.pem"
     ca.write_text("-----BEGIN CERTIFICATE-----\nnot a certificate\n-----END CERTIFICATE-----\n")
@@ -415,6 +443,23 @@ def test_statefile_round_trips_both_twins_atomically_and_privately(tmp_path, fp)
     loaded = StateFile(tmp_path / "gate-state.json", fp).load()
     assert loaded.to_dict() == state.to_dict()
     assert not sf.maybe_save(state, 2.0)  # within the interval
+
+
+def test_statefile_keeps_the_fire_latch_and_saves_a_new_mode_or_latch_at_once(tmp_path, fp):
+    state = fp.GateState()
+    sf = StateFile(tmp_path / "gate-state.json", fp, interval_s=60.0)
+    assert sf.maybe_save(state, 100.0, "normal")
+    assert not sf.maybe_save(state, 101.0, "normal")  # within the interval, nothing new
+    assert sf.maybe_save(state, 102.0, "normal", fire=True)  # the latch: at once, whatever the interval
+    sf.close()
+    loaded = StateFile(tmp_path / "gate-state.json", fp)
+    loaded.load()
+    assert (loaded.mode, loaded.fire) == ("normal", True)
+    assert loaded.save(state, 103.0, "normal", fire=False)
+    again = StateFile(tmp_path / "gate-state.json", fp)
+    again.load()
+    assert (again.mode, again.fire) == ("normal", False)
+    assert "fire" not in json.loads((tmp_path / "gate-state.json").read_text())  # as earlier versions wrote
 
 
 def test_journald_lines_carry_the_priority_and_stay_on_one_line():

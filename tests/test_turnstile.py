@@ -603,6 +603,72 @@ def test_fire_loop_repeats_record_nothing_new(fp):
     assert types(again) == ["alarm.fire"]
 
 
+def restarted(fp, **cfg) -> Run:
+    """A gate started again with the fire latch kept on disk (fire_latched=True)."""
+    gate = Gate(GateConfig(**cfg), fp, fp.Table(columns()), boot="b-2", implementation="pure",
+                fire_latched=True)
+    return Run(gate)
+
+
+def test_a_fire_latch_kept_over_a_restart_starts_the_gate_free_until_the_reset(fp):
+    run = restarted(fp)
+    step = run.start()
+    assert types(step) == ["agent.started", "mode.changed"]
+    assert only(step, "agent.started")["mode"] == "normal"  # the mode under the latch
+    changed = only(step, "mode.changed")
+    assert (changed["from"], changed["to"], changed["by"]) == ("normal", "fire", "restored")
+    assert outs(step)[len(LINES):] == [("fire_release", True)]  # free at once, after all went off
+    assert run.gate.mode == "fire" and run.gate.fire_latched
+    # Fire mode as before the restart: cards recorded unchecked, commands refused.
+    assert only(run(1, card(K_UNKNOWN)), "access.granted")["check"] == "none"
+    refused = only(run(2, ev.SetMode("normal", request_id="r-1")), "command.result")
+    assert (refused["result"], refused["reason"]) == ("refused", "fire")
+    # The loop is closed (no FireLoop came): the reset ends it, as it would have before.
+    reset = run(3, ev.FireReset(by="command", request_id="r-2"))
+    assert types(reset) == ["mode.changed", "command.result"]
+    changed = only(reset, "mode.changed")
+    assert (changed["from"], changed["to"], changed["by"]) == ("fire", "normal", "fire_reset")
+    assert outs(reset) == [("fire_release", False)]
+    assert not run.gate.fire_latched
+    assert types(run(4, card(K_ALICE))) == ["access.granted"] and run.gate.pending == ("in", "card")
+
+
+def test_a_restored_fire_latch_with_the_loop_still_open_records_one_mode_change(fp):
+    run = restarted(fp)
+    run.start()
+    opened = run(0.01, ev.FireLoop(open=True))  # the input's level, reported at start
+    assert [(r["type"], r["active"]) for r in opened.records] == [("alarm.fire", True)]
+    assert outs(opened) == []
+    assert types(run(1, ev.FireReset(by="input"))) == []  # loop open: the reset does nothing
+    assert run.gate.mode == "fire"
+    run(2, ev.FireLoop(open=False))
+    assert run.gate.mode == "fire" and run.gate.fire_latched
+    run(3, ev.FireReset(by="input"))
+    assert [(r["from"], r["to"], r["by"]) for r in run.records if r["type"] == "mode.changed"] == [
+        ("normal", "fire", "restored"), ("fire", "normal", "fire_reset")]
+
+
+def test_a_restored_fire_latch_overrides_a_commanded_lockdown_and_the_reset_returns_to_it(fp):
+    run = restarted(fp, initial_mode="lockdown")
+    step = run.start()
+    assert only(step, "agent.started")["mode"] == "lockdown"
+    assert only(step, "mode.changed")["from"] == "lockdown"
+    assert run.gate.outputs == {"unlock_a": False, "unlock_b": False, "stop": False, "fire_release": True}
+    reset = run(1, ev.FireReset(by="input"))
+    assert only(reset, "mode.changed")["to"] == "lockdown"
+    assert outs(reset) == [("fire_release", False), ("stop", True)]
+
+
+def test_the_fire_latch_is_readable_from_the_loop_opening_to_its_reset(fp):
+    run = make(fp)
+    assert not run.gate.fire_latched
+    run(1, ev.FireLoop(open=True))
+    run(2, ev.FireLoop(open=False))
+    assert run.gate.fire_latched  # what the service saves: closed, not yet reset
+    run(3, ev.FireReset(by="input"))
+    assert not run.gate.fire_latched
+
+
 # --- modes ------------------------------------------------------------------------------------------
 
 

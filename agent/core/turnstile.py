@@ -13,7 +13,8 @@ Rules this module obeys (the h11 habit):
   so nothing ever pulses by accident.
 - Nothing active at start: ``start()`` drives every line inactive. Unlock lines
   are never driven at start; only a configured ``initial_mode`` that holds a
-  line (lockdown: Stop; free: the release) asserts it, after all went off.
+  line (lockdown: Stop; free: the release) or a fire latch kept from before a
+  restart (``fire_latched``: fire mode's lines) asserts it, after all went off.
 - Transitions are a table (data, ``TRANSITIONS``): (lane state, event type) ->
   handler. Lane states: IDLE, PENDING (a passage was opened and not yet
   completed or timed out), FAULT.
@@ -97,7 +98,12 @@ class Gate:
         boot: str = "",
         implementation: str = "pure",
         version: str = agent.__version__,
+        fire_latched: bool = False,
     ) -> None:
+        """fire_latched: fire mode was latched and not reset before a restart (the
+        service keeps it on disk); ``start()`` enters fire mode again at once
+        (``mode.changed`` by ``restored``), and only the reset with the loop closed
+        ends it, as before the restart."""
         self._cfg = config
         self._fp = fp
         self._table = table
@@ -115,6 +121,7 @@ class Gate:
         self._commanded = config.initial_mode
         self._switch = False  # lockdown key switch
         self._fire = False  # fire mode latched (until FireReset with the loop closed)
+        self._restore_fire = bool(fire_latched)  # applied by start(), which records it
         self._loop_open = False
         self._tamper = False
         self._ready = True
@@ -144,6 +151,12 @@ class Gate:
         """The mode last commanded (or configured), under any fire or lockdown switch:
         what the service keeps on disk so a remote lockdown survives a restart."""
         return self._commanded
+
+    @property
+    def fire_latched(self) -> bool:
+        """Fire mode is latched until its reset (the loop may have closed already):
+        what the service keeps on disk so a restart cannot end it."""
+        return self._fire
 
     @property
     def pending(self) -> tuple[str, str] | None:
@@ -215,6 +228,12 @@ class Gate:
         has_table = self._has_table()
         self._record(step, now, "agent.started", version=self._version, fastpath=self._implementation,
                      acl_version=self._table.version if has_table else None, mode=self.mode)
+        if self._restore_fire and not self._fire:
+            # Fire was latched before the restart and nobody reset it: the gate starts free.
+            # The loop's own state arrives as FireLoop (an open loop then records only alarm.fire).
+            before = self.mode
+            self._fire = True
+            self._record(step, now, "mode.changed", **{"from": before, "to": "fire", "by": "restored"})
         if not has_table:
             self._alarms.add("acl_missing")
             self._record(step, now, "alarm", kind="acl_missing", active=True,

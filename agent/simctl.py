@@ -1,0 +1,905 @@
+"""`gate-agent sim`: driving the simulated hardware of a running agent from outside.
+
+With ``hardware.pin_factory = "mock"`` the service opens a Unix socket,
+``<state_dir>/sim.sock`` (mode 0600, in the 0700 state directory), and a
+``SimServer`` answers on it from its own threads. It does only what the
+turnstile and the readers at the other end of the mock pins would do, with
+the helpers of agent/simhw.py: a card is a Wiegand pulse train through the
+reader's adapter (explicit edge timestamps) or a serial reader's bytes
+through its stream decoder; PASS, the fire loop, the buttons, Ready and
+tamper are levels on the mock input pins. It never calls the core: the gate
+decides exactly as it does for real hardware. On real pins the socket is
+never opened.
+
+Protocol: one JSON object per line each way (UTF-8, a request at most
+``MAX_REQUEST_BYTES``)::
+
+    {"op": "card", "reader": "entry", "card": "100,60179", "wait": 2}
+    {"op": "pass", "side": "A"}                 # or "B"
+    {"op": "fire", "loop": "open"}              # or "closed"
+    {"op": "fire-reset"}
+    {"op": "button", "direction": "in"}         # or "out"
+    {"op": "ready", "value": true}
+    {"op": "tamper", "value": true}
+    {"op": "ping"}
+
+The reply is ``{"ok": true, "op": ..., ...}``; a card's also has
+``"decision"``: the ``access.granted`` / ``access.denied`` /
+``reader.error`` record the gate committed for it within ``wait`` seconds
+(id, type, reason, person...), or null. A refusal is ``{"ok": false,
+"error": CODE, "message": "what is wrong and what to do", ...}``; codes:
+bad_json, too_long, unknown_op, bad_arg, unknown_reader,
+unsupported_reader, bad_card, not_wired, busy, stopping, failed.
+
+Bounded, so a client cannot stop anything: a request over
+``MAX_REQUEST_BYTES`` closes its connection; at most ``MAX_CLIENTS``
+connections at once and ``CONNECTIONS_PER_S`` new ones a second (more
+are told busy); a connection idle for
+``IDLE_TIMEOUT_S`` or with ``MAX_BAD_REQUESTS`` refused requests is closed;
+at most ``RATE_PER_S`` requests a second are carried out (more are told
+busy); frames on one reader are spaced like a real reader's. All of this
+runs on the server's threads; the gate thread only hands it committed
+decision records (``on_record``: an append under a lock).
+
+``gate-agent sim`` (``add_sim_parser``) is the client: it reads the config
+only for the state directory (and refuses unless pin_factory is mock),
+sends one request and prints the reply, in Russian with a Russian locale.
+``request(path, doc)`` is the same for scripts and tests.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import stat
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from agent.core.cards import CardFormatError, key_mask, parse_card_string
+from agent.i18n import _
+from agent.simhw import (
+    PASS_OPEN_S,
+    SimulatedReader,
+    drive_input,
+    feed_serial,
+    press_input,
+    serial_frame,
+    wiegand_frame,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "OPS",
+    "SimServer",
+    "SimServerError",
+    "add_sim_parser",
+    "request",
+    "socket_path",
+]
+
+SOCKET_NAME = "sim.sock"
+MAX_REQUEST_BYTES = 4096
+MAX_REPLY_BYTES = 65536
+MAX_CLIENTS = 8
+IDLE_TIMEOUT_S = 30.0
+MAX_BAD_REQUESTS = 10
+RATE_PER_S = 50.0
+CONNECTIONS_PER_S = 50.0
+DECISION_WAIT_S = 2.0
+MAX_WAIT_S = 10.0
+# One reader's frames at least this far apart: the longest frame (37 bits, 2 ms apart) plus
+# the silence that ends it, so a fast client never runs two frames into one.
+FRAME_SPACING_S = 0.13
+DECISION_TYPES = ("access.granted", "access.denied", "reader.error")
+OPS = ("card", "pass", "fire", "fire-reset", "button", "ready", "tamper", "ping")
+# Refusals that are the client's fault: enough of them on one connection closes it.
+_CLIENT_FAULTS = {"bad_json", "too_long", "unknown_op", "bad_arg", "unknown_reader",
+                  "unsupported_reader", "bad_card", "not_wired", "busy"}
+_SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes with its NUL
+
+
+def socket_path(state_dir: str | os.PathLike[str]) -> Path:
+    """Where the agent with simulated hardware listens: ``<state_dir>/sim.sock``."""
+    return Path(state_dir) / SOCKET_NAME
+
+
+class SimServerError(OSError):
+    """The socket cannot be opened; the message says why and what to do."""
+
+
+class _Refused(Exception):
+    """A request the server will not carry out (code, English message, details)."""
+
+    def __init__(self, code: str, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.code = code
+        self.details = details
+
+    def reply(self, op: Any = None) -> dict:
+        out: dict[str, Any] = {"ok": False, "error": self.code, "message": str(self), **self.details}
+        if isinstance(op, str) and op in OPS:
+            out["op"] = op
+        return out
+
+
+@contextmanager
+def _short_names(directory: Path) -> Iterator[Callable[[str], str]]:
+    """``name(basename)``: a path to basename in directory that fits a socket address.
+
+    The plain path when it is short enough; else ``/proc/self/fd/N/basename``
+    through a descriptor of the directory (Linux resolves it like the long
+    path), so a deep state directory still works.
+    """
+    fd: int | None = None
+
+    def name(base: str) -> str:
+        nonlocal fd
+        full = str(directory / base)
+        if len(os.fsencode(full)) <= _SUN_PATH_MAX:
+            return full
+        if fd is None:
+            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        return f"/proc/self/fd/{fd}/{base}"
+
+    try:
+        yield name
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+class _RateBudget:
+    """A token bucket: ``take()`` is False once ``rate`` a second (burst ``rate``) are used."""
+
+    def __init__(self, rate: float, clock: Callable[[], float]) -> None:
+        self.rate = float(rate)
+        self.clock = clock
+        self._tokens = float(rate)
+        self._at = clock()
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            now = self.clock()
+            self._tokens = min(self.rate, self._tokens + (now - self._at) * self.rate)
+            self._at = now
+            if self._tokens < 1.0:
+                return False
+            self._tokens -= 1.0
+            return True
+
+
+class _LogBudget:
+    """At most ``n`` log lines per ``period_s``; then one line saying how many were left out."""
+
+    def __init__(self, n: int = 20, period_s: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.n, self.period_s, self.clock = n, period_s, clock
+        self._start = clock()
+        self._used = 0
+        self._skipped = 0
+        self._lock = threading.Lock()
+
+    def log(self, level: int, msg: str, *args: Any) -> None:
+        with self._lock:
+            now = self.clock()
+            if now - self._start >= self.period_s:
+                if self._skipped:
+                    log.warning("simulated hardware: %d log lines left out in the last %.0f s (a client floods "
+                                "the sim socket)", self._skipped, self.period_s)
+                self._start, self._used, self._skipped = now, 0, 0
+            if self._used >= self.n:
+                self._skipped += 1
+                return
+            self._used += 1
+        log.log(level, msg, *args)
+
+
+# --------------------------------------------------------------------------- server
+
+
+class SimServer:
+    """The simulated hardware's socket (module doc). ``start()``, ``stop()``,
+    ``on_record(record)`` from the gate thread.
+
+    factory, profile: the mock pin factory and the board profile the service
+    uses. readers: the service's reader adapters by name (WiegandReader,
+    SerialReader). reader_settings: the config's readers (name, type,
+    format, number). key_width: the site's key width.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        factory: Any,
+        profile: Any,
+        readers: Mapping[str, Any],
+        reader_settings: Sequence[Any],
+        key_width: int = 24,
+        site: str = "",
+        gate: str = "",
+        clock: Callable[[], float] = time.monotonic,
+        max_clients: int = MAX_CLIENTS,
+        idle_timeout_s: float = IDLE_TIMEOUT_S,
+        rate_per_s: float = RATE_PER_S,
+    ) -> None:
+        self.path = Path(path)
+        self.factory = factory
+        self.profile = profile
+        self.readers = readers
+        self.key_width = key_width
+        self.site, self.gate = site, gate
+        self.clock = clock
+        self.max_clients = max_clients
+        self.idle_timeout_s = idle_timeout_s
+        self._specs = {r.name: r for r in reader_settings}
+        self._reader_locks = {name: threading.Lock() for name in self._specs}
+        self._sim_readers: dict[str, SimulatedReader] = {}
+        self._sent_at: dict[str, float] = {}
+        self._budget = _RateBudget(rate_per_s, clock)
+        self._accepts = _RateBudget(CONNECTIONS_PER_S, clock)  # a connect/close loop spawns no threads
+        self._logs = _LogBudget(clock=clock)
+        self._cond = threading.Condition()  # decision records
+        self._records: deque[tuple[int, dict]] = deque(maxlen=256)
+        self._record_n = 0
+        self._lock = threading.Lock()  # clients and threads
+        self._clients: set[socket.socket] = set()
+        self._threads: set[threading.Thread] = set()
+        self._sock: socket.socket | None = None
+        self._accepter: threading.Thread | None = None
+        self._inode: tuple[int, int] | None = None
+        self._stopping = threading.Event()
+        self.counters: dict[str, int] = {"connections": 0, "requests": 0, "refused": 0, "turned_away": 0}
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Open the socket (0600; a stale one left by a killed agent is replaced) and
+        start answering. SimServerError when it cannot; the gate works without it."""
+        directory = self.path.parent
+        tmp = f".{self.path.name}.{os.getpid()}.tmp"
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            with _short_names(directory) as name:
+                self._check_existing(name(self.path.name))
+                try:
+                    os.unlink(name(tmp))
+                except FileNotFoundError:
+                    pass
+                # Bound under a temporary name, made 0600, then renamed over the old one:
+                # nobody ever sees it with a wider mode, and a stale socket goes in one step.
+                sock.bind(name(tmp))
+                try:
+                    os.chmod(name(tmp), 0o600)
+                    sock.listen(self.max_clients)
+                    os.replace(name(tmp), name(self.path.name))
+                except BaseException:
+                    try:
+                        os.unlink(name(tmp))
+                    except OSError:
+                        pass
+                    raise
+                st = os.stat(name(self.path.name))
+        except SimServerError:
+            sock.close()
+            raise
+        except OSError as exc:
+            sock.close()
+            raise SimServerError(f"cannot open {self.path}: {exc.strerror or exc}; check the state "
+                                 "directory's owner and mode") from exc
+        self._inode = (st.st_dev, st.st_ino)
+        sock.settimeout(0.5)  # the accept loop also looks at the stop flag this often
+        self._sock = sock
+        self._accepter = threading.Thread(target=self._accept_loop, name="sim-accept", daemon=True)
+        self._accepter.start()
+
+    def _check_existing(self, name: str) -> None:
+        try:
+            st = os.lstat(name)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise SimServerError(f"{self.path} exists and is not a socket; move it away (the agent keeps "
+                                 "its simulated-hardware socket there)")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(1.0)
+        try:
+            probe.connect(name)
+        except (ConnectionRefusedError, FileNotFoundError):
+            log.info("simulated hardware: replacing the stale socket %s of an agent that did not stop", self.path)
+            return
+        except OSError as exc:
+            raise SimServerError(f"{self.path} is a socket that cannot be probed ({exc}); another agent may "
+                                 "use this state directory") from exc
+        finally:
+            probe.close()
+        raise SimServerError(f"another agent answers on {self.path}: two agents share the state directory "
+                             "(service.state_dir); stop the other one")
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Stop answering, close every connection, remove the socket (if it is still ours)."""
+        self._stopping.set()
+        with self._cond:
+            self._cond.notify_all()
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # wakes accept()
+            except OSError:
+                pass
+            sock.close()
+        if self._accepter is not None and self._accepter is not threading.current_thread():
+            self._accepter.join(timeout)
+        with self._lock:
+            clients = list(self._clients)
+            threads = list(self._threads)
+        for conn in clients:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)  # wakes its thread's recv()
+            except OSError:
+                pass
+        for t in threads:
+            if t is not threading.current_thread():
+                t.join(timeout)
+        if self._inode is not None:
+            with _short_names(self.path.parent) as name:
+                try:
+                    st = os.stat(name(self.path.name))
+                    if (st.st_dev, st.st_ino) == self._inode:  # not a newer agent's
+                        os.unlink(name(self.path.name))
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    log.warning("simulated hardware: socket %s not removed (%s)", self.path, exc)
+            self._inode = None
+
+    # -- the gate thread -------------------------------------------------------------
+
+    def on_record(self, record: dict) -> None:
+        """A committed record (gate thread): decisions are kept for the card replies."""
+        if record.get("type") not in DECISION_TYPES:
+            return
+        with self._cond:
+            self._record_n += 1
+            self._records.append((self._record_n, record))
+            self._cond.notify_all()
+
+    # -- connections -----------------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        while not self._stopping.is_set():
+            sock = self._sock
+            if sock is None:
+                return
+            try:
+                conn, _addr = sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                if self._stopping.is_set():
+                    return
+                log.exception("simulated hardware: accept failed; going on")
+                time.sleep(0.1)
+                continue
+            with self._lock:
+                full = len(self._clients) >= self.max_clients or not self._accepts.take()
+                if not full:
+                    self._clients.add(conn)
+                    self.counters["connections"] += 1
+            if full:
+                self.counters["turned_away"] += 1
+                self._turn_away(conn)
+                # Back-pressure: while turning clients away, leave the rest in the kernel's backlog
+                # (a full backlog refuses them there) instead of spending the agent's CPU on them.
+                self._stopping.wait(0.02)
+                continue
+            t = threading.Thread(target=self._serve, args=(conn,), name="sim-client", daemon=True)
+            with self._lock:
+                self._threads.add(t)
+            t.start()
+
+    def _turn_away(self, conn: socket.socket) -> None:
+        reply = _Refused("busy", f"{self.max_clients} clients are connected already, or more than "
+                         f"{CONNECTIONS_PER_S:.0f} connected in a second; try again in a moment").reply()
+        try:
+            conn.setblocking(False)
+            conn.send(_line(reply))
+        except OSError:
+            pass
+        conn.close()
+
+    def _serve(self, conn: socket.socket) -> None:
+        bad = 0
+        buf = b""
+        try:
+            conn.settimeout(self.idle_timeout_s)
+            while not self._stopping.is_set():
+                nl = buf.find(b"\n")
+                if nl < 0 and len(buf) <= MAX_REQUEST_BYTES:
+                    try:
+                        chunk = conn.recv(4096)
+                    except TimeoutError:
+                        return  # idle: the slot goes to someone else
+                    if not chunk:
+                        return
+                    buf += chunk
+                    continue
+                if nl < 0 or nl > MAX_REQUEST_BYTES:
+                    # No way to find the next request's start: answer and hang up.
+                    self.counters["refused"] += 1
+                    self._logs.log(logging.WARNING, "simulated hardware: a request over %d bytes; "
+                                   "connection closed", MAX_REQUEST_BYTES)
+                    conn.sendall(_line(_Refused(
+                        "too_long", f"a request is one JSON object on one line of at most {MAX_REQUEST_BYTES} "
+                        "bytes; connection closed").reply()))
+                    return
+                line, buf = buf[:nl], buf[nl + 1:]
+                if not line.strip():
+                    continue
+                reply = self._reply(line)
+                if not reply["ok"] and reply.get("error") in _CLIENT_FAULTS:
+                    bad += 1
+                conn.sendall(_line(reply))
+                if bad >= MAX_BAD_REQUESTS:
+                    self._logs.log(logging.WARNING, "simulated hardware: %d refused requests on one "
+                                   "connection; closed", bad)
+                    return
+        except OSError:
+            pass  # the client went away, or stop() shut the connection
+        except Exception:
+            log.exception("simulated hardware: a connection failed; the gate is not affected")
+        finally:
+            with self._lock:
+                self._clients.discard(conn)
+                self._threads.discard(threading.current_thread())
+            conn.close()
+
+    # -- requests ----------------------------------------------------------------------
+
+    def _reply(self, line: bytes) -> dict:
+        op: Any = None
+        try:
+            try:
+                req = json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: nested too deep
+                raise _Refused("bad_json", 'a request is one JSON object per line, e.g. {"op": "ping"}') from None
+            if not isinstance(req, dict):
+                raise _Refused("bad_json", 'a request is one JSON object per line, e.g. {"op": "ping"}')
+            op = req.get("op")
+            handler = _HANDLERS.get(op) if isinstance(op, str) else None
+            if handler is None:
+                raise _Refused("unknown_op", f"op {str(op)[:40]!r} is not known; ops: {', '.join(OPS)}",
+                               ops=list(OPS))
+            if self._stopping.is_set():
+                raise _Refused("stopping", "the agent is stopping")
+            if not self._budget.take():
+                raise _Refused("busy", f"over {self._budget.rate:.0f} requests a second; slow down")
+            self.counters["requests"] += 1
+            return {"ok": True, "op": op, **handler(self, req)}
+        except _Refused as exc:
+            self.counters["refused"] += 1
+            self._logs.log(logging.INFO, "simulated hardware: refused %s: %s", exc.code, exc)
+            return exc.reply(op)
+        except Exception as exc:
+            log.exception("simulated hardware: %s failed", op)
+            return _Refused("failed", f"{type(exc).__name__}: {exc}"[:300]).reply(op)
+
+    def _wired(self, name: str) -> None:
+        if name not in self.profile.inputs:
+            raise _Refused("not_wired", f"input {name} is not wired in the board profile {self.profile.name}",
+                           input=name, profile=self.profile.name, inputs=sorted(self.profile.inputs))
+
+    def _input(self, name: str, asserted: bool) -> None:
+        self._wired(name)
+        self._logs.log(logging.INFO, "simulated hardware: %s %s", name, "asserted" if asserted else "at rest")
+        drive_input(self.factory, self.profile, name, asserted)
+
+    def _press(self, name: str) -> None:
+        self._wired(name)
+        self._logs.log(logging.INFO, "simulated hardware: %s pressed", name)
+        press_input(self.factory, self.profile, name)
+
+    def _op_ping(self, req: dict) -> dict:
+        return {"site": self.site, "gate": self.gate,
+                "readers": {n: s.type for n, s in self._specs.items()},
+                "inputs": sorted(self.profile.inputs)}
+
+    def _op_pass(self, req: dict) -> dict:
+        side = _choice(req, "side", ("A", "B"))
+        name = "pass_a" if side == "A" else "pass_b"
+        self._input(name, True)  # the arm passes the sensor...
+        time.sleep(PASS_OPEN_S)
+        self._input(name, False)  # ...and leaves it
+        return {"side": side}
+
+    def _op_fire(self, req: dict) -> dict:
+        loop = _choice(req, "loop", ("open", "closed"))
+        self._input("fire_loop", loop == "open")
+        return {"loop": loop}
+
+    def _op_fire_reset(self, req: dict) -> dict:
+        self._press("fire_reset")
+        return {}
+
+    def _op_button(self, req: dict) -> dict:
+        direction = _choice(req, "direction", ("in", "out"))
+        self._press(f"button_{direction}")
+        return {"direction": direction}
+
+    def _op_ready(self, req: dict) -> dict:
+        value = _flag(req, "value")
+        self._input("ready", value)
+        return {"value": value}
+
+    def _op_tamper(self, req: dict) -> dict:
+        value = _flag(req, "value")
+        self._input("tamper", value)
+        return {"value": value}
+
+    def _op_card(self, req: dict) -> dict:
+        name = req.get("reader")
+        spec = self._specs.get(name) if isinstance(name, str) else None
+        if spec is None:
+            raise _Refused("unknown_reader", f"reader {str(name)[:40]!r} is not in the agent's config; its "
+                           f"readers: {', '.join(self._specs) or 'none'}",
+                           reader=str(name)[:40], readers=list(self._specs))
+        card = req.get("card")
+        key = self._key(card)
+        wait = req.get("wait", DECISION_WAIT_S)
+        if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= MAX_WAIT_S:
+            raise _Refused("bad_arg", f"wait {wait!r}: give seconds from 0 to {MAX_WAIT_S:.0f}", field="wait")
+        adapter = self.readers.get(name)
+        if spec.type == "osdp" or adapter is None:
+            raise _Refused("unsupported_reader", f"reader {name} is an OSDP reader: its cards come over the "
+                           "OSDP Secure Channel, which sim does not simulate; use a Wiegand or serial reader",
+                           reader=name, type=spec.type)
+        out: dict[str, Any] = {"reader": name, "card": card, "key": key}
+        with self._reader_locks[name]:  # one frame at a time per reader, like the wire
+            last = self._sent_at.get(name)
+            if last is not None and self.clock() < last + FRAME_SPACING_S:
+                time.sleep(last + FRAME_SPACING_S - self.clock())
+            with self._cond:
+                mark = self._record_n
+            repeats = None
+            try:
+                if spec.type == "wiegand":
+                    bits = wiegand_frame(key, spec.format)
+                    self._sim_reader(name).send_bits(bits)
+                    out["wiegand"] = bits
+                else:
+                    data = serial_frame(key, spec.type, spec.number)
+                    repeats = adapter.counters.get("repeats", 0)
+                    feed_serial(adapter, data)
+                    out["serial"] = data.hex()
+            except (CardFormatError, ValueError) as exc:
+                raise _Refused("bad_card", f"card {str(card)[:40]!r} at reader {name}: {exc}",
+                               card=str(card)[:40], reader=name) from None
+            self._sent_at[name] = self.clock()
+            self._logs.log(logging.INFO, "simulated hardware: card %s presented at reader %s", key, name)
+            out["decision"] = self._decision(name, key, mark, float(wait))
+        if out["decision"] is None and repeats is not None and adapter.counters.get("repeats", 0) > repeats:
+            out["repeat"] = True  # the reader's repeat filter took it for the same card still in the field
+        return out
+
+    def _key(self, card: Any) -> int:
+        mask = key_mask(self.key_width)
+        if isinstance(card, int) and not isinstance(card, bool):
+            if 0 <= card <= mask:
+                return card
+            raise _Refused("bad_card", f"card key {card} does not fit the site's key width "
+                           f"{self.key_width} (0..{mask})", card=str(card))
+        if isinstance(card, str) and len(card) <= 64:
+            try:
+                return parse_card_string(card, self.key_width)
+            except CardFormatError as exc:
+                raise _Refused("bad_card", str(exc), card=card) from None
+        raise _Refused("bad_card", 'card: give a card string ("100,60179", "0006613779", "hex:0A008EC793") '
+                       "or its integer key", card=str(card)[:40])
+
+    def _sim_reader(self, name: str) -> SimulatedReader:
+        sim = self._sim_readers.get(name)
+        if sim is None:
+            sim = self._sim_readers[name] = SimulatedReader(
+                self.factory, self.profile, name, adapter=self.readers[name], key_width=self.key_width)
+        return sim
+
+    def _decision(self, reader: str, key: int, mark: int, wait: float) -> dict | None:
+        """The decision record for this card, committed after ``mark``, within ``wait`` s."""
+        deadline = self.clock() + wait
+        with self._cond:
+            while True:
+                for n, rec in self._records:
+                    if n > mark and rec.get("reader") == reader and (
+                            rec.get("type") == "reader.error" or rec.get("card") == key):
+                        return {k: rec[k] for k in ("id", "type", "direction", "person", "reason", "check",
+                                                    "warning", "kind", "detail") if k in rec}
+                left = deadline - self.clock()
+                if left <= 0 or self._stopping.is_set():
+                    return None
+                self._cond.wait(left)
+
+
+_HANDLERS: dict[str, Callable[[SimServer, dict], dict]] = {
+    "card": SimServer._op_card,
+    "pass": SimServer._op_pass,
+    "fire": SimServer._op_fire,
+    "fire-reset": SimServer._op_fire_reset,
+    "button": SimServer._op_button,
+    "ready": SimServer._op_ready,
+    "tamper": SimServer._op_tamper,
+    "ping": SimServer._op_ping,
+}
+
+
+def _choice(req: dict, field: str, allowed: tuple[str, ...]) -> str:
+    value = req.get(field)
+    if value not in allowed:
+        raise _Refused("bad_arg", f"{field} {str(value)[:40]!r}: give {' or '.join(allowed)}", field=field,
+                       allowed=list(allowed))
+    return value
+
+
+def _flag(req: dict, field: str) -> bool:
+    value = req.get(field)
+    if not isinstance(value, bool):
+        raise _Refused("bad_arg", f"{field} {str(value)[:40]!r}: give true or false", field=field)
+    return value
+
+
+def _line(doc: dict) -> bytes:
+    return (json.dumps(doc, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+
+
+# --------------------------------------------------------------------------- client
+
+
+class SimClientError(OSError):
+    """The agent cannot be reached (not running, no answer)."""
+
+
+def request(path: str | os.PathLike[str], doc: dict, *, timeout: float = 10.0) -> dict:
+    """Send one request to the socket at ``path`` and return the reply (a dict).
+
+    SimClientError when the agent cannot be reached or does not answer in time.
+    """
+    path = Path(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        with _short_names(path.parent) as name:
+            sock.connect(name(path.name))
+        sock.sendall(_line(doc))
+        buf = b""
+        while b"\n" not in buf:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            buf += chunk
+            if len(buf) > MAX_REPLY_BYTES:
+                raise SimClientError(f"reply over {MAX_REPLY_BYTES} bytes")
+    finally:
+        sock.close()
+    line = buf.split(b"\n", 1)[0]
+    if not line:
+        raise SimClientError("the agent closed the connection without a reply")
+    try:
+        reply = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise SimClientError(f"the reply is not JSON ({exc})") from None
+    if not isinstance(reply, dict) or not isinstance(reply.get("ok"), bool):
+        raise SimClientError(f"the reply is not a sim reply: {line[:80]!r}")
+    return reply
+
+
+EXIT_OK = 0
+EXIT_REFUSED = 1
+EXIT_CONFIG = 2
+EXIT_UNREACHABLE = 3
+
+
+def _print(text: str) -> None:
+    print(text, flush=True)
+
+
+def _error(text: str) -> None:
+    print(f"gate-agent sim: {text}", file=sys.stderr, flush=True)
+
+
+def _request_doc(args: argparse.Namespace) -> dict:
+    action = args.action
+    if action == "card":
+        return {"op": "card", "reader": args.reader, "card": args.card, "wait": args.wait}
+    if action == "pass":
+        return {"op": "pass", "side": args.side.upper()}
+    if action == "fire":
+        return {"op": "fire", "loop": args.loop}
+    if action == "button":
+        return {"op": "button", "direction": args.direction}
+    if action in ("ready", "tamper"):
+        return {"op": action, "value": args.value == "true"}
+    return {"op": action}  # fire-reset, ping
+
+
+def _refusal_text(reply: dict) -> str:
+    code = reply.get("error")
+    d = {k: v for k, v in reply.items() if k not in ("ok", "error")}
+    d.setdefault("message", "")
+    for k in ("readers", "inputs"):
+        if isinstance(d.get(k), list):
+            d[k] = ", ".join(map(str, d[k])) or "-"
+    texts = {
+        "unknown_reader": _("reader {reader} is not in the agent's config; its readers: {readers}"),
+        "unsupported_reader": _("reader {reader} is an OSDP reader: gate-agent sim cannot present cards to it "
+                                "(they come over the OSDP Secure Channel); simulate with a Wiegand or serial reader"),
+        "bad_card": _("the card cannot be presented: {message}"),
+        "not_wired": _("input {input} is not wired in the board profile {profile}; it wires: {inputs}"),
+        "busy": _("the agent is busy with other sim requests; try again in a moment"),
+        "stopping": _("the agent is stopping"),
+        "failed": _("the agent could not do it: {message}; see its log"),
+    }
+    template = texts.get(code, _("the agent refused the request ({code}): {message}"))
+    try:
+        return template.format(code=code, **d)
+    except (KeyError, IndexError, ValueError):
+        return _("the agent refused the request ({code}): {message}").format(code=code, message=d["message"])
+
+
+def _done_text(args: argparse.Namespace, reply: dict) -> list[str]:
+    action = args.action
+    if action == "card":
+        lines = [_("card {card} presented at reader {reader}").format(card=args.card, reader=args.reader)]
+        dec = reply.get("decision")
+        if isinstance(dec, dict):
+            kind = dec.get("type")
+            if kind == "access.granted":
+                person = dec.get("person") or _("unknown")
+                if dec.get("check") == "none":
+                    lines.append(_("decision: access granted without a check (fire mode), person: {person} "
+                                   "(record {id})").format(person=person, id=dec.get("id")))
+                else:
+                    lines.append(_("decision: access granted, person: {person} (record {id})").format(
+                        person=person, id=dec.get("id")))
+            elif kind == "access.denied":
+                lines.append(_("decision: access denied, reason: {reason} (record {id})").format(
+                    reason=dec.get("reason"), id=dec.get("id")))
+            else:
+                lines.append(_("reader error: {kind} (record {id})").format(kind=dec.get("kind"), id=dec.get("id")))
+        elif reply.get("repeat"):
+            lines.append(_("no decision: the reader took it for the same card still in the field (repeat); "
+                           "present it again later"))
+        else:
+            lines.append(_("no decision seen within {seconds} s; see: gate-agent journal tail").format(
+                seconds=f"{args.wait:g}"))
+        return lines
+    if action == "pass":
+        return [_("passage sensor {side} opened and closed").format(side=args.side.upper())]
+    if action == "fire":
+        if args.loop == "open":
+            return [_("fire loop opened: fire alarm, the gate is freed both ways")]
+        return [_("fire loop closed: the gate stays free until the fire release is reset "
+                  "(gate-agent sim fire-reset)")]
+    if action == "fire-reset":
+        return [_("fire release reset pressed")]
+    if action == "button":
+        return [_("button {direction} pressed").format(direction=args.direction)]
+    if action == "ready":
+        return [_("Ready line: the turnstile is ready") if args.value == "true"
+                else _("Ready line: the turnstile is not ready")]
+    if action == "tamper":
+        return [_("tamper contact: opened (alarm)") if args.value == "true" else _("tamper contact: closed")]
+    readers = reply.get("readers") if isinstance(reply.get("readers"), dict) else {}
+    return [_("agent {site}/{gate} answers; readers: {readers}; inputs: {inputs}").format(
+        site=reply.get("site"), gate=reply.get("gate"),
+        readers=", ".join(f"{n} ({t})" for n, t in readers.items()) or "-",
+        inputs=", ".join(map(str, reply.get("inputs") or [])) or "-")]
+
+
+def _cmd_sim(args: argparse.Namespace) -> int:
+    from agent.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        _error(_("config {path} cannot be used: problems: {n}; check it with: gate-agent check-config {path}")
+               .format(path=exc.source, n=len(exc.errors)))
+        for where, msg in exc.errors[:12]:
+            print(f"  {where or exc.source}: {msg}", file=sys.stderr)
+        return EXIT_CONFIG
+    factory = config.hardware.pin_factory
+    if factory != "mock":
+        _error(_('{path} sets hardware.pin_factory = "{factory}": real pins, there is no simulated hardware '
+                 'to drive. gate-agent sim works only with an agent run with hardware.pin_factory = "mock"')
+               .format(path=args.config, factory=factory))
+        return EXIT_CONFIG
+    doc = _request_doc(args)
+    if doc["op"] == "card" and not 0 <= args.wait <= MAX_WAIT_S:
+        _error(_("--wait {seconds}: give seconds from 0 to {most}").format(seconds=f"{args.wait:g}",
+                                                                         most=f"{MAX_WAIT_S:g}"))
+        return EXIT_CONFIG
+    if doc["op"] == "card":
+        try:  # checked here too, so the message is the technician's language
+            parse_card_string(args.card, config.key_width)
+        except CardFormatError:
+            _error(_('card {card} is not a card string: give "facility,card" (100,60179), the printed '
+                     "number (0006613779) or hex:UID (hex:0A008EC793)").format(card=args.card))
+            return EXIT_CONFIG
+    path = socket_path(config.service.state_dir)
+    wait = doc.get("wait", 0.0)
+    try:
+        reply = request(path, doc, timeout=args.timeout + wait)
+    except (FileNotFoundError, ConnectionRefusedError):
+        _error(_("no agent with simulated hardware answers on {socket}; start one: "
+                 "gate-agent run --config {path}").format(path=args.config, socket=path))
+        return EXIT_UNREACHABLE
+    except TimeoutError:
+        _error(_("the agent did not answer within {seconds} s").format(seconds=f"{args.timeout + wait:g}"))
+        return EXIT_UNREACHABLE
+    except OSError as exc:
+        _error(_("cannot reach the agent at {socket}: {error}").format(socket=path, error=exc))
+        return EXIT_UNREACHABLE
+    if args.json:
+        _print(json.dumps(reply, ensure_ascii=False, separators=(",", ":")))
+        return EXIT_OK if reply["ok"] else EXIT_REFUSED
+    if not reply["ok"]:
+        _error(_refusal_text(reply))
+        return EXIT_REFUSED
+    for line in _done_text(args, reply):
+        _print(line)
+    return EXIT_OK
+
+
+def add_sim_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add `sim [--config FILE] [--json] ACTION ...` to a `gate-agent` subparsers object."""
+    from agent.config import DEFAULT_PATH
+
+    p = subparsers.add_parser(
+        "sim",
+        help="drive the simulated hardware of a running agent (pin_factory = \"mock\" only)",
+        description="Act on the simulated hardware of an agent running with hardware.pin_factory = "
+        "\"mock\": present a card at a reader, open a passage sensor, open or close the fire loop, "
+        "press the fire reset or a button, set the Ready line or the tamper contact. The gate decides "
+        "as it does for real hardware. Exit codes: 0 done, 1 refused by the agent, 2 the config cannot "
+        "be used for sim (real pins, or invalid), 3 no agent answers.",
+    )
+    p.add_argument("--config", default=str(DEFAULT_PATH), metavar="FILE",
+                   help=f"the agent's config file (default {DEFAULT_PATH})")
+    p.add_argument("--json", action="store_true", help="print the agent's reply as JSON")
+    p.add_argument("--timeout", type=float, default=10.0, metavar="S", help="how long to wait for the agent")
+    p.set_defaults(func=_cmd_sim)
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    def action(name: str, help_text: str) -> argparse.ArgumentParser:
+        a = actions.add_parser(name, help=help_text, description=help_text)
+        # Also accepted after the action; SUPPRESS keeps the value given before it.
+        a.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE", help="the agent's config file")
+        a.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print the reply as JSON")
+        return a
+
+    card = action("card", "present a card at a reader (Wiegand frame or serial reader bytes)")
+    card.add_argument("reader", help="the reader's name in the config (entry, exit...)")
+    card.add_argument("card", help='the card: "facility,card" (100,60179), the printed number (0006613779) '
+                      "or hex:UID")
+    card.add_argument("--wait", type=float, default=DECISION_WAIT_S, metavar="S",
+                      help=f"wait this long for the decision (0 to {MAX_WAIT_S:.0f}; default {DECISION_WAIT_S:g})")
+    side = action("pass", "the arm turns past passage sensor A (in) or B (out)")
+    side.add_argument("side", choices=("A", "B", "a", "b"), metavar="A|B")
+    fire = action("fire", "open (fire alarm) or close the fire loop")
+    fire.add_argument("loop", choices=("open", "closed"))
+    action("fire-reset", "press the fire release reset")
+    button = action("button", "press the guard's button for a passage in or out")
+    button.add_argument("direction", choices=("in", "out"))
+    ready = action("ready", "set the turnstile's Ready line")
+    ready.add_argument("value", choices=("true", "false"))
+    tamper = action("tamper", "open (true) or close (false) the tamper contact")
+    tamper.add_argument("value", choices=("true", "false"))
+    action("ping", "ask the agent which readers and inputs it simulates")
+    return p
