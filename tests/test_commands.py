@@ -898,6 +898,9 @@ def test_5000_junk_commands_through_mosquitto_make_a_bounded_number_of_records(t
             pub.publish(f"gate/v1/{SITE}/{GATE}/cmd", json.dumps({"junk": n}), qos=0, properties=props)
             if n % 1000 == 999:  # a card read in the middle of the flood
                 live.rt.submit(ev.CardRead("entry", 1000 + n))
+        _wait_stable(lambda: len(live.records))
+        results = [r for r in live.records if r["type"] == "command.result"]
+        assert len(results) < 50, f"{len(results)} command.result records from the flood"
         received = _wait_stable(lambda: live.dl.stats()["cmd"]["received"])
         live.dl.close()  # records what the open flood window counted
         assert live.rt.wait_idle(10)
@@ -905,7 +908,7 @@ def test_5000_junk_commands_through_mosquitto_make_a_bounded_number_of_records(t
         results = [r for r in live.records if r["type"] == "command.result"]
         floods = [r for r in live.records if r["type"] == "alarm" and r["kind"] == "downlink_flood"]
         assert floods and all(f["active"] for f in floods)
-        assert len(results) <= 5 * len(floods) < 50, f"{len(results)} command.result records"
+        assert len(results) <= 5 * len(floods)
         stats = live.dl.stats()
         assert received >= 1000, "the broker delivered too little of the flood to test anything"
         cmd = stats["cmd"]

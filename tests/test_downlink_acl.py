@@ -398,9 +398,16 @@ def test_a_deeply_nested_list_is_rejected_with_the_reason(live, depth):
     rej = rejected_after(g, b'{"kind": "snapshot", "version": "deep", "people": ' + b"[" * depth
                          + b"]" * depth + b"}")
     assert rej["code"] == "invalid" and "nested" in rej["errors"][0]["message"]
-    # Signed by the server's key and still too deep: refused the same way.
+    assert g.card(PUPIL)["type"] == "access.granted"  # the gate kept its list
+
+
+def test_a_signed_list_nested_deeper_than_the_validator_goes_is_rejected(live):
+    """Signed by the server's key and 300 deep (the schema validator stops at 255):
+    refused as too deep, never an exception nobody records."""
+    g = live()
+    g.push(signed(SCHOOL))
     inner = json.loads(signed(SCHOOL))
-    inner["list"]["people"] = json.loads("[" * 200 + "]" * 200)
+    inner["list"]["people"] = json.loads("[" * 300 + "]" * 300)
     from agent.downlink.signing import sign_message
 
     envelope = sign_message(KEY, {k: v for k, v in inner.items() if k != "sig"})
@@ -445,11 +452,11 @@ def test_a_junk_flood_on_the_acl_topic_makes_a_bounded_number_of_records(live):
     assert g.dl.wait_idle(30)
     g.dl.close()  # records what the open window counted
     assert g.rt.wait_idle(10)
+    rejected = g.all("acl.rejected")
+    assert 1 <= len(rejected) <= 5
     stats = g.dl.stats()
     assert stats["acl"]["received"] == 1000
     assert stats["acl"]["over_budget"] >= 1000 - 20  # a burst of 10, 2 a second
-    rejected = g.all("acl.rejected")
-    assert 1 <= len(rejected) <= 5
     [summary] = [a for a in g.all("alarm") if a["kind"] == "downlink_flood"]
     assert f"over_budget.acl={stats['acl']['over_budget']}" in summary["detail"]
     assert len(rejected) + stats["not_recorded"] == stats["acl"]["accepted"]
@@ -473,8 +480,9 @@ def test_lists_beyond_what_the_worker_can_hold_are_refused_not_queued(live):
         g.dl.on_message(ACL_TOPIC, signed({**SCHOOL, "version": f"2026-09-03.{n}"}), None)
     release.set()
     assert g.dl.wait_idle(30) and g.rt.wait_idle(10)
-    assert g.dl.stats()["acl"]["queue_full"] == 3  # one building, three waiting, three refused
+    # One building, three waiting, three refused.
     assert [r["errors"][0]["message"][:8] for r in g.all("acl.rejected")] == ["not read"] * 3
+    assert g.dl.stats()["acl"]["queue_full"] == 3
 
 
 def test_a_signed_lists_issued_at_raises_the_time_floor(live, tmp_path):
