@@ -432,6 +432,18 @@ def test_a_list_over_the_size_cap_is_refused_unread(live, monkeypatch):
     assert g.all("acl.applied") == []
 
 
+def test_the_list_size_cap_is_a_config_setting_sized_for_a_million_cards():
+    from agent.config import ConfigError, parse_config
+
+    base = {"site": {"id": SITE, "gate": GATE}, "hardware": {"pin_factory": "mock"}}
+    cfg = parse_config(base)
+    assert cfg.acl.max_list_mb == 128
+    assert cfg.acl.max_list_bytes > 76_000_000  # synthetic_acl(1_000_000): about 75 MB
+    assert parse_config({**base, "acl": {"max_list_mb": 8}}).acl.max_list_bytes == 8 << 20
+    with pytest.raises(ConfigError, match="max_list_mb"):
+        parse_config({**base, "acl": {"max_list_mb": 0}})
+
+
 def test_a_redelivered_list_is_not_parsed_again(live, monkeypatch):
     from agent.downlink import acl_sync
 
