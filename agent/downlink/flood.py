@@ -53,6 +53,8 @@ INTERVAL_S = 10.0
 VERBATIM = 5  # refusals recorded one by one per category and window
 TOPICS = ("cmd", "acl")
 FLOOD_KIND = "downlink_flood"
+_STAT_KEYS = {"cmd": ("received", "accepted", "over_budget", "oversize"),
+              "acl": ("received", "accepted", "over_budget", "oversize", "retained", "queue_full")}
 _MAX_DETAIL = 1000
 
 
@@ -280,11 +282,8 @@ class FloodGuard:
         """Counters since start: per topic (received, accepted, over_budget, oversize, and
         retained/queue_full for lists), refusals by reason, and what was only counted."""
         with self._lock:
-            out: dict[str, Any] = {t: {k: self._topic[t].get(k, 0) for k in
-                                       ("received", "accepted", "over_budget", "oversize")}
+            out: dict[str, Any] = {t: {k: self._topic[t].get(k, 0) for k in _STAT_KEYS[t]}
                                    for t in TOPICS}
-            for t in TOPICS:
-                out[t].update({k: v for k, v in self._topic[t].items() if k not in out[t]})
             out["refused"] = dict(self._refused)
             out["rejected"] = dict(self._rejected)
             for k in ("not_recorded", "replies_withheld", "flood_alarms"):
