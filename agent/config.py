@@ -167,10 +167,15 @@ class CommandsSettings:
 @dataclass(frozen=True)
 class AclSettings:
     max_age_h: float | None
+    max_list_mb: int = 128  # the largest list message read (the downlink's size cap)
 
     @property
     def max_age_s(self) -> float | None:
         return None if self.max_age_h is None else self.max_age_h * 3600.0
+
+    @property
+    def max_list_bytes(self) -> int:
+        return self.max_list_mb * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -640,7 +645,8 @@ class _Checks:
             "journal": journal,
             "mqtt": mqtt,
             "commands": commands,
-            "acl": AclSettings(max_age_h=_get(doc, "acl", "max_age_h")),
+            "acl": AclSettings(max_age_h=_get(doc, "acl", "max_age_h"),
+                               max_list_mb=_get(doc, "acl", "max_list_mb", default=128)),
             "service": service,
         }
 

@@ -348,7 +348,10 @@ def _push(session: Session, doc: dict, args: argparse.Namespace, key: Any, prog:
         if key is None:
             payload = doc
         else:
-            payload = sign_acl(key, doc, key_id=args.key_id, site=args.site, gate=g, counter=counter)
+            # issued_at: this machine's clock, which must be synchronised (the gate refuses a
+            # list from more than a minute in its future and takes it as its time floor).
+            payload = sign_acl(key, doc, key_id=args.key_id, site=args.site, gate=g, counter=counter,
+                               issued_at=time.time())
         rc = session.publish(topics(args.site, g)["acl"],
                              json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode())
         print(f"{args.site}/{g}: list {version} ({doc['kind']}) {_rc_note(rc)}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import time
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -57,12 +58,14 @@ def command(name: str = "open", args: dict | None = None, *, counter: int = 1, k
 
 
 class Harness:
-    """A Downlink with recording submit/publish and a settable clock."""
+    """A Downlink with recording submit/publish and settable clocks (wall and monotonic;
+    flood windows close when the test calls ``dl.flush_flood()``)."""
 
     def __init__(self, tmp_path: Path, fp, **kw) -> None:
         self.events: list = []
         self.published: list[tuple[str, bytes, dict]] = []
         self.wall = T0
+        self.mono = 5000.0
         self.synced = True
         self.state_dir = tmp_path / "state"
         kw.setdefault("trusted_keys", {KEY_ID: PUB})
@@ -70,6 +73,7 @@ class Harness:
                            submit=self.events.append,
                            publish=lambda t, p, props: self.published.append((t, p, props)),
                            wall=lambda: self.wall, clock_synced=lambda: self.synced,
+                           monotonic=lambda: self.mono, flood_timers=False,
                            acl_async=False, **kw)
 
     def send(self, msg, props=PROPS, retain=None, topic=f"gate/v1/{SITE}/{GATE}/cmd") -> None:
@@ -371,19 +375,103 @@ def test_refusals_are_checked_in_the_contract_order(h, msg_kw, props, reason):
     assert_refused(h, reason)
 
 
-def test_with_the_clock_unsynchronised_expiry_is_skipped_and_recorded(h):
-    h.synced = False
-    h.send(command(counter=1, now=T0 - 3600, request_id="r-old"))  # would be expired
-    assert h.core_events() == [ev.RemoteOpen("in", request_id="r-old")]
+def test_an_hour_old_command_is_expired_against_the_floor_with_the_clock_unsynchronised(h):
+    """Finding 8: no RTC, no NTP yet, the clock an hour behind: a command that expired an
+    hour before the latest signed server time must not run."""
+    h.send(command(counter=1, request_id="r-now"))  # issued at T0: the floor is T0
+    assert h.core_events() == [ev.RemoteOpen("in", request_id="r-now")]
+    h.wall, h.synced = T0 - 3600, False  # the board restarted without its clock
+    h.send(command(counter=2, now=T0 - 3620, request_id="r-old"))  # expired at T0 - 3600
+    assert h.core_events() == [ev.RemoteOpen("in", request_id="r-now")]
+    assert h.reports("command.result")[-1] == {"request_id": "r-old", "command": "open",
+                                               "result": "refused", "reason": "expired"}
+    [reply] = h.replies()
+    assert reply["reason"] == "expired" and "behind the time floor" in reply["detail"]
+    assert h.reports("alarm") == []  # nothing was accepted unchecked
+
+
+def test_a_command_fresh_after_the_floor_still_runs_unsynchronised_and_says_so(h):
+    h.send(command(counter=1, request_id="r-1"))
+    h.wall, h.synced = T0 - 3600, False
+    h.send(command(counter=2, now=T0 + 5, request_id="r-2"))  # within its life after the floor
+    assert h.core_events()[-1] == ev.RemoteOpen("in", request_id="r-2")
     [alarm] = h.reports("alarm")
-    assert alarm["kind"] == "expiry_unchecked" and alarm["active"] is True
-    assert "r-old" in alarm["detail"]
-    h.send(command(counter=1, now=T0 - 3600, request_id="r-old"))  # the counter still stops it
+    assert (alarm["kind"], alarm["active"]) == ("expiry_unchecked", True)
+    assert "r-2" in alarm["detail"] and "floor" in alarm["detail"]
+    assert h.dl.wall_floor() == pytest.approx(T0 + 5)  # its issued_at raised the floor
+    h.send(command(counter=2, now=T0 + 5, request_id="r-2"))  # the counter still stops a replay
     assert h.reports("command.result")[-1]["reason"] == "replayed"
-    h.synced = True
-    h.send(command(counter=2, request_id="r-new"))
+    h.wall, h.synced = T0 + 10, True
+    h.send(command(counter=3, now=T0 + 10, request_id="r-3"))
     assert h.reports("alarm")[-1] == {"kind": "expiry_unchecked", "active": False,
                                       "detail": h.reports("alarm")[-1]["detail"]}
+
+
+def test_the_floor_survives_a_restart(tmp_path, fp):
+    first = Harness(tmp_path, fp)
+    first.send(command(counter=1, request_id="r-1"))
+    first.dl.close()
+    stored = json.loads((first.state_dir / "counters.json").read_text())
+    assert stored["floor"] == pytest.approx(T0, abs=1)
+    second = Harness(tmp_path, fp)  # the next boot: no RTC, no NTP, an hour behind
+    second.wall, second.synced = T0 - 3600, False
+    assert second.dl.wall_floor() == pytest.approx(T0, abs=1)
+    second.send(command(counter=2, now=T0 - 1800, request_id="r-late"))  # expired T0 - 1780
+    assert_refused(second, "expired", "r-late")
+
+
+def test_the_floor_moves_on_with_the_monotonic_clock(h):
+    h.send(command(counter=1, request_id="r-1"))
+    h.mono += 600  # ten minutes later, by the monotonic clock
+    assert h.dl.wall_floor() == pytest.approx(T0 + 600)
+    h.wall, h.synced = T0 - 3600, False
+    h.send(command(counter=2, now=T0 + 60, request_id="r-2"))  # expires T0 + 80, before T0 + 600
+    assert h.reports("command.result")[-1]["reason"] == "expired"
+
+
+def test_a_command_issued_far_ahead_of_a_synchronised_clock_is_refused_and_sets_no_floor(h):
+    h.send(command(counter=1, now=T0 + 3600, request_id="r-future"))
+    assert_refused(h, "expired", "r-future")
+    assert "ahead of this gate's synchronised clock" in h.replies()[0]["detail"]
+    assert h.dl.wall_floor() == 0.0
+
+
+def test_with_the_clock_unsynchronised_the_servers_signed_time_is_believed(h):
+    h.synced = False
+    h.send(command(counter=1, now=T0 + 3600, request_id="r-ahead"))  # the gate's clock is behind
+    assert h.core_events() == [ev.RemoteOpen("in", request_id="r-ahead")]
+    assert h.dl.wall_floor() == pytest.approx(T0 + 3600)
+    # NTP now says T0: a synchronised clock an hour behind the signed time is a fault, flagged once.
+    h.synced = True
+    h.dl.status()
+    h.dl.status()
+    alarms = [a for a in h.reports("alarm") if a["kind"] == "clock_behind_floor"]
+    assert [a["active"] for a in alarms] == [True]
+    assert h.dl.stats()["time_floor"] == pytest.approx(T0 + 3600)
+
+
+def test_a_command_living_longer_than_max_age_is_expired_even_unsynchronised(h):
+    h.synced = False
+    h.send(command(ttl_s=3600, request_id="r-long"))
+    assert_refused(h, "expired", "r-long")
+    assert "3600 s" in h.replies()[0]["detail"]
+
+
+def test_a_command_without_issued_at_is_still_taken_and_leaves_the_floor(h):
+    fields = make_command(SITE, GATE, "open", {"direction": "in"}, key_id=KEY_ID, counter=1, now=T0,
+                          request_id="r-v1")
+    del fields["issued_at"]  # a server that does not send it yet
+    h.send(sign_command(KEY, fields))
+    assert h.core_events() == [ev.RemoteOpen("in", request_id="r-v1")]
+    assert h.dl.wall_floor() == 0.0
+
+
+def test_a_refused_but_signed_command_still_raises_the_floor(h):
+    h.send(command(counter=1, gate="side", request_id="r-side"))  # misaddressed, but signed at T0
+    assert h.reports("command.result")[-1]["reason"] == "misaddressed"
+    assert h.dl.wall_floor() == pytest.approx(T0)
+    h.send(command(counter=2, key=OTHER_KEY, now=T0 + 50, request_id="r-forged"))
+    assert h.dl.wall_floor() == pytest.approx(T0)  # a forgery proves nothing
 
 
 def test_the_mqtt_expiry_is_checked_even_with_the_clock_unsynchronised(h):
@@ -397,6 +485,103 @@ def test_messages_on_other_topics_are_ignored(h):
     assert h.events == [] and h.published == []
 
 
+# --- the reply subtree ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("topic", [f"gate/v1/{SITE}/{GATE}/events", f"gate/v1/{SITE}/{GATE}/status",
+                                   f"gate/v1/{SITE}/side/reply/x", f"gate/v1/{SITE}/{GATE}/replying",
+                                   "elsewhere/entirely"])
+def test_a_response_topic_outside_the_reply_subtree_gets_no_reply_and_nothing_done(h, topic):
+    h.send(command("status", request_id="r-s"), props={**PROPS, "response_topic": topic})
+    assert h.published == []
+    assert h.reports("command.result") == [{"request_id": "r-s", "command": "status",
+                                            "result": "refused", "reason": "invalid"}]
+    h.send(b'{"junk": 1}', props={**PROPS, "response_topic": topic})  # a refusal neither
+    assert h.published == []
+    assert len(h.reports("command.result")) == 2
+
+
+@pytest.mark.parametrize("topic", [f"gate/v1/{SITE}/{GATE}/reply", f"gate/v1/{SITE}/{GATE}/reply/a/b"])
+def test_a_response_topic_in_the_reply_subtree_is_answered(h, topic):
+    h.send(command("status", request_id="r-s"), props={**PROPS, "response_topic": topic})
+    [(sent_to, payload, _props)] = h.published
+    assert sent_to == topic and json.loads(payload)["result"] == "done"
+
+
+# --- floods and oversize input ------------------------------------------------------------------
+
+
+def test_a_junk_flood_makes_five_records_five_replies_and_one_summary(h):
+    for n in range(5000):  # all within one instant: the budget lets 20 through
+        h.send(json.dumps({"junk": n}).encode())
+    results = h.reports("command.result")
+    assert [r["reason"] for r in results] == ["invalid"] * 5
+    assert len(h.replies()) == 5
+    stats = h.dl.stats()
+    assert stats["cmd"] == {"received": 5000, "accepted": 20, "over_budget": 4980, "oversize": 0}
+    assert stats["refused"] == {"invalid": 20}
+    assert (stats["not_recorded"], stats["replies_withheld"]) == (15, 15)
+    assert h.reports("alarm") == []  # the window is still open
+    h.mono += 10
+    h.dl.flush_flood()
+    [summary] = h.reports("alarm")
+    assert (summary["kind"], summary["active"]) == ("downlink_flood", True)
+    counts = {name: flood_count(summary, name) for name in
+              ("over_budget.cmd", "refused.invalid", "replies_withheld", "recorded")}
+    assert counts == {"over_budget.cmd": 4980, "refused.invalid": 15, "replies_withheld": 15,
+                      "recorded": 5}
+    h.mono += 10
+    h.dl.flush_flood()
+    assert [(a["kind"], a["active"]) for a in h.reports("alarm")] == [("downlink_flood", True),
+                                                                    ("downlink_flood", False)]
+    assert len(h.reports("command.result")) == 5
+
+
+def test_a_minute_of_5000_junk_commands_a_second_stays_under_100_records(h):
+    """The issue's bound: 60 s at 5,000 messages a second, fewer than 100 records."""
+    payload = json.dumps({"junk": 1}).encode()
+    for _ in range(60 * 5000):
+        h.mono += 1 / 5000
+        h.dl.on_message(f"gate/v1/{SITE}/{GATE}/cmd", payload, PROPS)
+    h.mono += 20
+    h.dl.flush_flood()
+    records = [e for e in h.events if isinstance(e, ev.Report)]
+    assert len(records) < 100
+    stats = h.dl.stats()
+    assert stats["cmd"]["received"] == 300_000
+    assert stats["cmd"]["accepted"] == pytest.approx(20 + 60 * 10, abs=2)  # burst + rate
+    assert stats["refused"]["invalid"] == stats["cmd"]["accepted"]
+    assert len(h.published) == len(h.reports("command.result")) <= 5 * 7
+    flood = [r.fields for r in records if r.type == "alarm"]
+    assert [a["active"] for a in flood] == [True] * (len(flood) - 1) + [False]
+
+
+def test_refusals_of_signed_commands_are_still_recorded_during_a_junk_flood(h):
+    h.send(command(counter=5, request_id="r-5"))
+    for n in range(10):
+        h.send(json.dumps({"junk": n}).encode())
+    h.send(command(counter=5, request_id="r-5"))  # a replay of the server's own command
+    assert h.reports("command.result")[-1] == {"request_id": "r-5", "command": "open",
+                                               "result": "refused", "reason": "replayed"}
+    assert h.dl.stats()["not_recorded"] == 5  # the junk past the first five
+
+
+def test_a_command_over_64_kib_is_refused_unread(h):
+    msg = command(request_id="r-big")
+    payload = json.dumps(msg).encode() + b" " * (64 * 1024)  # valid JSON, signed, padded
+    h.send(payload)
+    assert_refused(h, "invalid", "")  # not read: no request id
+    assert "65536" in h.replies()[0]["detail"]
+    assert h.dl.stats()["cmd"]["oversize"] == 1
+
+
+@pytest.mark.parametrize("depth", [40, 30_000])  # 30,000: under the 64 KiB cap
+def test_a_deeply_nested_command_is_invalid_with_the_reason(h, depth):
+    h.send(b'{"args": ' + b"[" * depth + b"]" * depth + b"}")
+    assert_refused(h, "invalid")
+    assert "nested" in h.replies()[0]["detail"]
+
+
 # --- signing -----------------------------------------------------------------------------------
 
 
@@ -404,9 +589,10 @@ def test_the_contract_example_verifies_with_its_published_key():
     # docs/contract.md: the example command is signed with seed 0x00..0x1f.
     example = {"v": 1, "request_id": "r-20260901-0017", "site": "school-042", "gate": "main-1",
                "command": "open", "args": {"direction": "in"}, "nonce": "6f1c0a9e2b7d4c11",
-               "counter": 1017, "expires": "2026-09-01T07:46:00Z", "key_id": "region-2026a",
-               "sig": "8reA9bezSTfAtS0265N8VjVZitlAWP5B1rbTx3g20yH0k1wYce07D1USEwRTe4Kuq5fRhtCbcQ"
-                      "+Pw4ip4+JoCg=="}
+               "counter": 1017, "issued_at": "2026-09-01T07:45:40Z",
+               "expires": "2026-09-01T07:46:00Z", "key_id": "region-2026a",
+               "sig": "ff6FDBRdEwUfaYL0d14VynXNpQlQH8blc2eEpVVQNtU3SSmKq0ebmJHxlwj3KTeVRDm7YYxeBtXVy2O7"
+                      "RMCqBw=="}
     pub = public_key_b64(Ed25519PrivateKey.from_private_bytes(bytes(range(32))))
     assert pub == "A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg="
     assert verify(example, {"region-2026a": pub}) == "region-2026a"
@@ -446,7 +632,7 @@ class _Outputs:
 class _LiveGate:
     """A simulated gate wired like the service: Gate + GateRuntime + Journal + Uplink + Downlink."""
 
-    def __init__(self, tmp_path, broker, fp) -> None:
+    def __init__(self, tmp_path, broker, fp, **dl_kw) -> None:
         from agent.downlink import uplink_publisher
         from agent.runtime import GateRuntime
         from agent.uplink.journal import Journal
@@ -458,7 +644,7 @@ class _LiveGate:
         holder: list = []
         self.dl = Downlink(site=SITE, gate=GATE, fp=fp, state_dir=tmp_path / "state",
                            submit=lambda e: holder[0].submit(e), publish=uplink_publisher(self.uplink),
-                           trusted_keys={KEY_ID: PUB})
+                           trusted_keys={KEY_ID: PUB}, **dl_kw)
         self.gate = Gate(GateConfig(site=SITE, gate=GATE), fp, None)
         self.records: list[dict] = []
         self.rt = GateRuntime(self.gate, self.journal, outputs=_Outputs(),
@@ -659,3 +845,98 @@ def test_a_base64_public_key_starting_with_a_slash_is_a_key_not_a_path():
     assert text.startswith("/")
     key = load_public_key(text)
     assert isinstance(key, Ed25519PublicKey)
+
+
+def flood_count(alarm: dict, name: str) -> int:
+    """The count ``name=N`` in a downlink_flood alarm's detail (docs/contract.md), 0 if absent."""
+    found = re.search(rf"(?:^|\s){re.escape(name)}=(\d+)", alarm["detail"])
+    return int(found.group(1)) if found else 0
+
+
+def _wait_stable(read, *, settle_s: float = 1.0, timeout_s: float = 60.0):
+    """read() once it has stopped changing for settle_s."""
+    last, since = read(), time.monotonic()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() - since < settle_s:
+        assert time.monotonic() < deadline, f"still changing after {timeout_s} s: {last}"
+        time.sleep(0.1)
+        now = read()
+        if now != last:
+            last, since = now, time.monotonic()
+    return last
+
+
+def test_5000_junk_commands_through_mosquitto_make_a_bounded_number_of_records(tmp_path, make_broker, fp):
+    """Finding 1 through the real parts: mosquitto, the Uplink, the Downlink, the runtime and
+    the journal. 5,000 junk commands (QoS 0, each asking for a reply) give a handful of
+    records and replies and one summary; cards are still decided; the server's next signed
+    command still gets its answer."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    from agent.tools_regional import Session, send_command
+
+    broker = make_broker()
+    live = _LiveGate(tmp_path, broker, fp)
+    replies: list = []
+    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    sub.on_message = lambda c, u, m: replies.append(m.topic)
+    sub.connect(broker.host, broker.port)
+    sub.subscribe(f"gate/v1/{SITE}/{GATE}/reply/#", qos=1)
+    sub.loop_start()
+    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    pub.connect(broker.host, broker.port)
+    pub.loop_start()
+    try:
+        time.sleep(0.3)  # the subscriptions follow the CONNACKs
+        props = Properties(PacketTypes.PUBLISH)
+        props.MessageExpiryInterval = 20
+        props.ResponseTopic = REPLY
+        props.CorrelationData = CORR
+        for n in range(5000):
+            pub.publish(f"gate/v1/{SITE}/{GATE}/cmd", json.dumps({"junk": n}), qos=0, properties=props)
+            if n % 1000 == 999:  # a card read in the middle of the flood
+                live.rt.submit(ev.CardRead("entry", 1000 + n))
+        _wait_stable(lambda: len(live.records))
+        results = [r for r in live.records if r["type"] == "command.result"]
+        assert len(results) < 50, f"{len(results)} command.result records from the flood"
+        received = _wait_stable(lambda: live.dl.stats()["cmd"]["received"])
+        live.dl.close()  # records what the open flood window counted
+        assert live.rt.wait_idle(10)
+
+        results = [r for r in live.records if r["type"] == "command.result"]
+        floods = [r for r in live.records if r["type"] == "alarm" and r["kind"] == "downlink_flood"]
+        assert floods and all(f["active"] for f in floods)
+        assert len(results) <= 5 * len(floods)
+        stats = live.dl.stats()
+        assert received >= 1000, "the broker delivered too little of the flood to test anything"
+        cmd = stats["cmd"]
+        assert cmd["received"] == cmd["accepted"] + cmd["over_budget"] + cmd["oversize"] == received
+        assert stats["refused"] == {"invalid": cmd["accepted"]}
+        # The summaries count exactly what was not recorded one by one.
+        counted = sum(flood_count(f, "refused.invalid") for f in floods)
+        over = sum(flood_count(f, "over_budget.cmd") for f in floods)
+        assert counted + len(results) == cmd["accepted"]
+        assert over == cmd["over_budget"]
+        decided = [r for r in live.records if r["type"] == "access.denied"]
+        assert len(decided) == 5  # every card read decided (unknown: no list)
+        _wait_stable(lambda: len(replies), settle_s=0.5)
+        assert len(replies) == len(results)
+
+        # A second of quiet (above) refilled the command budget: the server is heard again.
+        session = Session(broker.host, broker.port)
+        try:
+            code, reply, note = send_command(
+                session, site=SITE, gate=GATE, command="status", args={}, key=KEY, key_id=KEY_ID,
+                counter=int(time.time() * 1000), ttl_s=20, timeout=10)
+        finally:
+            session.close()
+        assert code == 0, note
+        assert reply["result"] == "done"
+    finally:
+        pub.loop_stop()
+        pub.disconnect()
+        sub.loop_stop()
+        sub.disconnect()
+        live.close()

@@ -658,6 +658,32 @@ def test_command_without_a_signed_field_fails(field):
     assert errors_at("cmd", msg, f"$.{field}")
 
 
+def test_issued_at_is_an_optional_signed_rfc3339_time():
+    assert validate("cmd", signed_cmd("status", {}, issued_at="2026-09-01T07:45:40Z")) == []
+    assert validate("cmd", signed_cmd("status", {})) == []  # optional in contract v1
+    assert errors_at("cmd", signed_cmd("status", {}, issued_at="a minute ago"), "$.issued_at")
+
+
+def test_the_signed_list_envelope_has_a_schema_that_sign_acl_meets():
+    import jsonschema_rs
+
+    from agent.downlink.signing import generate_keypair, sign_acl
+
+    schema = load_schema("acl")
+    envelope_schema = {**schema, "$ref": "#/$defs/envelope"}
+    del envelope_schema["oneOf"]
+    check_envelope = jsonschema_rs.validator_for(envelope_schema, validate_formats=True)
+    key, _ = generate_keypair()
+    doc = {"kind": "snapshot", "version": "v1"}
+    envelope = sign_acl(key, doc, key_id="region-2026a", site="school-17", gate="main",
+                        counter=7, issued_at=1_788_300_000)
+    assert envelope["issued_at"] == "2026-09-01T22:00:00Z"
+    assert list(check_envelope.iter_errors(envelope)) == []
+    assert list(check_envelope.iter_errors({**envelope, "extra": 1}))
+    assert list(check_envelope.iter_errors({**envelope, "issued_at": "soon"}))
+    assert validate("acl", envelope)  # an envelope is not itself a list
+
+
 def test_signature_must_be_base64_of_64_bytes():
     msg = signed_cmd("status", {})
     msg["sig"] = base64.b64encode(b"\0" * 32).decode()

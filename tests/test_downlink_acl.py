@@ -388,6 +388,136 @@ def test_a_retained_list_is_ignored(live):
     assert g.all("acl.applied") == [] and g.all("acl.rejected") == []
 
 
+# --- hostile input: nesting, size, floods, issued_at ---------------------------------------------
+
+
+@pytest.mark.parametrize("depth", [300, 100_000])
+def test_a_deeply_nested_list_is_rejected_with_the_reason(live, depth):
+    g = live()
+    g.push(signed(SCHOOL))
+    rej = rejected_after(g, b'{"kind": "snapshot", "version": "deep", "people": ' + b"[" * depth
+                         + b"]" * depth + b"}")
+    assert rej["code"] == "invalid" and "nested" in rej["errors"][0]["message"]
+    assert g.card(PUPIL)["type"] == "access.granted"  # the gate kept its list
+
+
+def test_a_signed_list_nested_deeper_than_the_validator_goes_is_rejected(live):
+    """Signed by the server's key and 300 deep (the schema validator stops at 255):
+    refused as too deep, never an exception nobody records."""
+    g = live()
+    g.push(signed(SCHOOL))
+    inner = json.loads(signed(SCHOOL))
+    inner["list"]["people"] = json.loads("[" * 300 + "]" * 300)
+    from agent.downlink.signing import sign_message
+
+    envelope = sign_message(KEY, {k: v for k, v in inner.items() if k != "sig"})
+    rej = rejected_after(g, json.dumps(envelope).encode())
+    assert "nested" in rej["errors"][0]["message"]
+    assert g.card(PUPIL)["type"] == "access.granted"  # the gate kept its list
+
+
+def test_a_list_over_the_size_cap_is_refused_unread(live, monkeypatch):
+    from agent.downlink import acl_sync
+
+    parsed: list = []
+    real_parse = acl_sync.parse_acl_json
+    monkeypatch.setattr(acl_sync, "parse_acl_json", lambda data: parsed.append(1) or real_parse(data))
+    g = live(max_list_bytes=4096)
+    payload = signed(SCHOOL)
+    assert len(payload) > 4096
+    rej = rejected_after(g, payload)
+    assert str(len(payload)) in rej["errors"][0]["message"] and "4096" in rej["errors"][0]["message"]
+    assert parsed == []
+    assert g.dl.stats()["acl"]["oversize"] == 1
+    assert g.all("acl.applied") == []
+
+
+def test_the_list_size_cap_is_a_config_setting_sized_for_a_million_cards():
+    from agent.config import ConfigError, parse_config
+
+    base = {"site": {"id": SITE, "gate": GATE}, "hardware": {"pin_factory": "mock"}}
+    cfg = parse_config(base)
+    assert cfg.acl.max_list_mb == 128
+    assert cfg.acl.max_list_bytes > 76_000_000  # synthetic_acl(1_000_000): about 75 MB
+    assert parse_config({**base, "acl": {"max_list_mb": 8}}).acl.max_list_bytes == 8 << 20
+    with pytest.raises(ConfigError, match="max_list_mb"):
+        parse_config({**base, "acl": {"max_list_mb": 0}})
+
+
+def test_a_redelivered_list_is_not_parsed_again(live, monkeypatch):
+    from agent.downlink import acl_sync
+
+    parsed: list = []
+    real_parse = acl_sync.parse_acl_json
+    monkeypatch.setattr(acl_sync, "parse_acl_json", lambda data: parsed.append(1) or real_parse(data))
+    g = live()
+    payload = signed(SCHOOL)
+    g.push(payload)
+    g.push(payload)
+    assert len(parsed) == 1 and len(g.all("acl.applied")) == 1
+
+
+def test_a_junk_flood_on_the_acl_topic_makes_a_bounded_number_of_records(live):
+    g = live()
+    for n in range(1000):
+        g.dl.on_message(ACL_TOPIC, json.dumps({"junk": n}).encode(), None)
+    assert g.dl.wait_idle(30)
+    g.dl.close()  # records what the open window counted
+    assert g.rt.wait_idle(10)
+    rejected = g.all("acl.rejected")
+    assert 1 <= len(rejected) <= 5
+    stats = g.dl.stats()
+    assert stats["acl"]["received"] == 1000
+    assert stats["acl"]["over_budget"] >= 1000 - 20  # a burst of 10, 2 a second
+    [summary] = [a for a in g.all("alarm") if a["kind"] == "downlink_flood"]
+    assert f"over_budget.acl={stats['acl']['over_budget']}" in summary["detail"]
+    assert len(rejected) + stats["not_recorded"] == stats["acl"]["accepted"]
+
+
+def test_lists_beyond_what_the_worker_can_hold_are_refused_not_queued(live):
+    g = live()
+    g.push(signed(SCHOOL))
+    entered, release = threading.Event(), threading.Event()
+    real_builder = g.dl.acl._builder
+
+    def slow_builder(acl, fp):
+        entered.set()
+        assert release.wait(30), "test never released the build"
+        return real_builder(acl, fp)
+
+    g.dl.acl._builder = slow_builder
+    g.dl.on_message(ACL_TOPIC, signed(DELTA), None)
+    assert entered.wait(10)
+    for n in range(6):
+        g.dl.on_message(ACL_TOPIC, signed({**SCHOOL, "version": f"2026-09-03.{n}"}), None)
+    release.set()
+    assert g.dl.wait_idle(30) and g.rt.wait_idle(10)
+    # One building, three waiting, three refused.
+    assert [r["errors"][0]["message"][:8] for r in g.all("acl.rejected")] == ["not read"] * 3
+    assert g.dl.stats()["acl"]["queue_full"] == 3
+
+
+def test_a_signed_lists_issued_at_raises_the_time_floor(live, tmp_path):
+    g = live()
+    envelope = sign_acl(KEY, SCHOOL, key_id=KEY_ID, site=SITE, gate=GATE, counter=5000,
+                        issued_at=SCHOOL_TIME - 30)
+    g.push(json.dumps(envelope).encode())
+    assert [r["version"] for r in g.all("acl.applied")] == [SCHOOL["version"]]
+    assert g.dl.wall_floor() == pytest.approx(SCHOOL_TIME - 30, abs=5)
+    stored = json.loads((tmp_path / "state" / "counters.json").read_text())
+    assert stored["floor"] == pytest.approx(SCHOOL_TIME - 30, abs=5)
+
+
+def test_a_list_issued_far_ahead_of_a_synchronised_clock_is_refused(live):
+    g = live()
+    envelope = sign_acl(KEY, SCHOOL, key_id=KEY_ID, site=SITE, gate=GATE, counter=5001,
+                        issued_at=SCHOOL_TIME + 86400)
+    rej = rejected_after(g, json.dumps(envelope).encode())
+    assert rej["errors"][0]["path"] == "/issued_at"
+    assert "ahead of this gate's synchronised clock" in rej["errors"][0]["message"]
+    assert g.all("acl.applied") == [] and g.dl.wall_floor() == 0.0
+
+
 # --- end to end: gate-agent acl push through mosquitto with mutual TLS ----------------------------
 
 from tests.pki import GATE_A, gate_broker, pki  # noqa: F401  (fixtures)

@@ -44,6 +44,7 @@ from .records import parse_rfc3339
 
 __all__ = [
     "DEFAULT_KEY_WIDTH",
+    "MAX_DEPTH",
     "MAX_ERRORS",
     "WEEKDAYS",
     "AccessList",
@@ -52,6 +53,7 @@ __all__ = [
     "build_table",
     "check_document",
     "minute_of_week",
+    "nesting_exceeds",
     "parse_acl_json",
     "schedule_bitmap",
     "schema",
@@ -63,6 +65,10 @@ DEFAULT_KEY_WIDTH = 24
 MAX_ERRORS = 1000  # errors kept per refusal; a broken million-card list must not flood memory
 _SHOWN_IN_STR = 10  # errors quoted by str(AclRejected)
 _MAX_MESSAGE = 900  # the acl.rejected record allows 1000 characters per message
+# Containers inside containers: a signed list is 6 deep (envelope, list, schedules, a
+# schedule, week, a day's ranges). Deeper is an attack on the recursive parts (the JSON
+# encoder, the schema validator that stops at 255), refused before any of them runs.
+MAX_DEPTH = 32
 
 _ALL_MINUTES = (1 << MINUTES_PER_WEEK) - 1
 
@@ -233,21 +239,54 @@ def _check_schema(doc: Any, errors: _Errors) -> str | None:
         else:
             errors.add("/kind", f'"kind" must be "snapshot" or "delta", got {_short(kind)}')
         return None
-    for err in _validator(kind).iter_errors(doc):
-        path = _ptr(*err.instance_path)
-        if len(errors.items) < MAX_ERRORS:
-            errors.add_schema(path, _schema_message(err))
-        else:  # count it, skip building its message
-            errors.schema_paths.add(path)
-            errors.total += 1
+    try:
+        for err in _validator(kind).iter_errors(doc):
+            path = _ptr(*err.instance_path)
+            if len(errors.items) < MAX_ERRORS:
+                errors.add_schema(path, _schema_message(err))
+            else:  # count it, skip building its message
+                errors.schema_paths.add(path)
+                errors.total += 1
+    except (ValueError, RecursionError) as exc:
+        # jsonschema_rs stops at 255 levels ("Recursion limit reached"): a document built
+        # in code, since parse_acl_json refuses anything deeper than MAX_DEPTH.
+        deep = isinstance(exc, RecursionError) or "ecursion" in str(exc)
+        why = (f"nested too deep (a list nests 6 levels, this gate reads at most {MAX_DEPTH})"
+               if deep else "send plain JSON values")
+        errors.add("", f"cannot be checked ({str(exc)[:200]}): {why}")
+        return None
     return kind
 
 
 # --------------------------------------------------------------------------- JSON
 
 
+def nesting_exceeds(value: Any, limit: int = MAX_DEPTH) -> bool:
+    """True when JSON-made ``value`` nests dicts and lists more than ``limit`` deep.
+
+    Level by level, no recursion (a million-card list takes about 0.6 s here,
+    against 4 s to parse it)."""
+    level = [value] if isinstance(value, (dict, list)) else []
+    depth = 0
+    d, lst = dict, list
+    while level:
+        depth += 1
+        if depth > limit:
+            return True
+        deeper: list = []
+        keep = deeper.append
+        for node in level:
+            for item in node.values() if node.__class__ is d else node:
+                cls = item.__class__
+                if cls is d or cls is lst:
+                    keep(item)
+        level = deeper
+    return False
+
+
 def parse_acl_json(data: bytes | str) -> dict:
-    """The document in `data`, or AclRejected("invalid") saying where the JSON breaks."""
+    """The document in `data`, or AclRejected("invalid") saying where the JSON breaks
+    (or that it nests deeper than MAX_DEPTH)."""
     if isinstance(data, (bytes, bytearray, memoryview)):
         try:
             data = bytes(data).decode("utf-8")
@@ -259,6 +298,10 @@ def parse_acl_json(data: bytes | str) -> dict:
     def no_constant(name: str) -> Any:
         raise ValueError(f"{name} is not valid JSON")
 
+    too_deep = AclRejected(
+        [AclError("", f"nested more than {MAX_DEPTH} levels deep (a signed list nests 6): "
+                      "send the snapshot or delta of docs/access-list.md")]
+    )
     try:
         doc = json.loads(data, parse_constant=no_constant)
     except json.JSONDecodeError as exc:
@@ -267,10 +310,14 @@ def parse_acl_json(data: bytes | str) -> dict:
         ) from None
     except ValueError as exc:
         raise AclRejected([AclError("", f"not valid JSON: {exc}")]) from None
+    except RecursionError:
+        raise too_deep from None
     if not isinstance(doc, dict):
         raise AclRejected(
             [AclError("", f"an access list is a JSON object, not {type(doc).__name__}")]
         )
+    if nesting_exceeds(doc):
+        raise too_deep
     return doc
 
 

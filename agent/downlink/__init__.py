@@ -5,8 +5,11 @@ callback) and the gate thread (``submit``): it never touches the core's
 state. Access lists are checked and compiled on a worker thread of its own,
 so neither the uplink's network thread nor the gate thread waits for a large
 list; commands are checked on the caller's thread (quick: a signature check
-and one small fsync). Threads: ``on_message`` (uplink thread),
-``on_record`` (gate thread), ``status`` (any, e.g. telemetry).
+and one small fsync). Before either, ``flood.FloodGuard`` bounds what comes
+in (a per-second budget per topic, size caps) and what goes out for refused
+messages (the first few recorded, the rest counted). Threads: ``on_message``
+(uplink thread), ``on_record`` (gate thread), ``status``, ``stats`` and
+``wall_floor`` (any, e.g. telemetry and the gate's clock).
 
 Composition (the service)::
 
@@ -18,6 +21,8 @@ Composition (the service)::
     gate = Gate(cfg, fastpath, table)         # the stored list, or none yet
     runtime = GateRuntime(gate, journal, on_record=lambda r: (dl.on_record(r), uplink.wake()))
     uplink.on_message = dl.on_message         # acl and cmd topics (paho's thread)
+    clock = Clock(synced, wall=lambda: max(time.time(), dl.wall_floor()))  # see wall_floor
+    telemetry["downlink"] = dl.stats()
 
 ``publish(topic, payload, props)``: props may hold ``correlation_data``
 (bytes) and ``qos``; the service maps them to an MQTT 5 publish.
@@ -33,18 +38,20 @@ from pathlib import Path
 from typing import Any
 
 from agent.contract import topics
-from agent.core.acl import AccessList
+from agent.core.acl import AccessList, AclError, AclRejected
 from agent.core.events import Report, SwapTable
 
-from .acl_sync import COUNTERS_FILE, AclSync, CounterStore, ensure_state_dir
+from .acl_sync import COUNTERS_FILE, FLOOR_SAVE_S, AclSync, CounterStore, ensure_state_dir
 from .commands import CommandHandler, delivery_from
+from .flood import DEFAULT_MAX_LIST_BYTES, MAX_COMMAND_BYTES, FloodGuard
 from .signing import load_trusted_keys
 
 log = logging.getLogger("agent.downlink")
 
-__all__ = ["Downlink", "uplink_publisher"]
+__all__ = ["DEFAULT_MAX_LIST_BYTES", "MAX_COMMAND_BYTES", "Downlink", "uplink_publisher"]
 
 _STOP = object()
+MAX_QUEUED_LISTS = 4  # lists waiting for the worker; more is a flood (a server sends one at a time)
 
 
 def uplink_publisher(uplink: Any) -> Callable[[str, bytes, dict], None]:
@@ -75,7 +82,12 @@ class Downlink:
     for); None: no limit. acl_signed: whether lists must be signed (default:
     ``not allow_unsigned``). status_snapshot: extra fields for the ``status``
     command's reply (mode, backlog...). acl_async: False applies lists on the
-    calling thread (tests, tools).
+    calling thread (tests, tools). max_list_bytes: the largest list message
+    read (config ``acl.max_list_mb``); budgets: ``{"cmd"|"acl": (per second,
+    burst)}``; flood_interval_s, flood_verbatim: the window of aggregated
+    refusals and how many are recorded one by one in each (``flood``);
+    monotonic: the clock of budgets, windows and the moving time floor;
+    flood_timers: False leaves closing windows to ``flush_flood`` (tests).
     """
 
     def __init__(
@@ -96,6 +108,12 @@ class Downlink:
         acl_signed: bool | None = None,
         status_snapshot: Callable[[], dict] | None = None,
         acl_async: bool = True,
+        max_list_bytes: int = DEFAULT_MAX_LIST_BYTES,
+        budgets: dict[str, tuple[float, float]] | None = None,
+        flood_interval_s: float = 10.0,
+        flood_verbatim: int = 5,
+        monotonic: Callable[[], float] = time.monotonic,
+        flood_timers: bool = True,
     ) -> None:
         self.topics = topics(site, gate)  # checks site and gate are valid topic levels
         if not (isinstance(max_age_s, (int, float)) and max_age_s > 0):
@@ -113,21 +131,32 @@ class Downlink:
         if not keys and not allow_unsigned:
             log.warning("no trusted keys configured: every command and list will be refused; "
                         "add the server's public keys to the gate's config")
+        if not (isinstance(max_list_bytes, int) and max_list_bytes >= 1024):
+            raise ValueError(f"max_list_bytes {max_list_bytes!r} must be an integer of at least 1024")
         self._status_extra = status_snapshot
+        self._wall = wall
+        self._clock_synced = clock_synced
+        self.guard = FloodGuard(
+            report=self._report, max_bytes={"cmd": MAX_COMMAND_BYTES, "acl": max_list_bytes},
+            budgets=budgets, interval_s=flood_interval_s, verbatim=flood_verbatim,
+            monotonic=monotonic, timers=flood_timers)
         self.counters = CounterStore(self.state_dir / COUNTERS_FILE, wall=wall,
-                                     report=lambda t, f: self._report(t, f))
+                                     report=lambda t, f: self._report(t, f), monotonic=monotonic)
         self.acl = AclSync(
             site=site, gate=gate, fp=fp, state_dir=self.state_dir, submit=submit,
             trusted_keys=keys, counters=self.counters,
             signed=(not allow_unsigned) if acl_signed is None else acl_signed,
-            max_age_s=acl_max_age_s, wall=wall)
+            max_age_s=acl_max_age_s, wall=wall, clock_synced=clock_synced, guard=self.guard)
         self.commands = CommandHandler(
             site=site, gate=gate, submit=submit, publish=publish, trusted_keys=keys,
             counters=self.counters, allow_unsigned=allow_unsigned, max_age_s=max_age_s,
             clock_synced=clock_synced, wall=wall, status=self._command_status,
-            acl_version=lambda: self.acl.acl.version if self.acl.acl is not None else None)
+            acl_version=lambda: self.acl.acl.version if self.acl.acl is not None else None,
+            guard=self.guard)
         self._acl_async = acl_async
         self._queue: queue.Queue[Any] = queue.Queue()
+        self._queued_bytes = 0  # of the lists in _queue (the worker subtracts what it takes)
+        self._queued_lock = threading.Lock()
         self._worker: threading.Thread | None = None
         self._worker_lock = threading.Lock()
 
@@ -183,20 +212,56 @@ class Downlink:
 
         properties: paho's MQTT 5 ``Properties`` or a dict; the retain flag
         comes from ``retain`` or, failing that, a ``retain`` entry of a dict.
+        The flood guard runs first: a message over its topic's budget is
+        dropped and counted with no other work; one over its size cap is
+        refused unread.
         """
         try:
             if topic == self.topics["cmd"]:
-                self.commands.handle(payload, delivery_from(properties, retain))
+                name = "cmd"
             elif topic == self.topics["acl"]:
-                if delivery_from(properties, retain).retain:
-                    # A retained list would come back on every reconnect: take lists as sent.
-                    log.warning("retained message on %s ignored; publish lists with retain off", topic)
-                    return
-                if self._acl_async:
-                    self._ensure_worker()
-                    self._queue.put(bytes(payload))
+                name = "acl"
+            else:
+                return
+            verdict = self.guard.admit(name, len(payload))
+            if verdict == "over_budget":
+                return
+            delivery = delivery_from(properties, retain)
+            if name == "cmd":
+                if verdict == "oversize":
+                    self.commands.refuse_oversize(len(payload), self.guard.max_bytes["cmd"], delivery)
                 else:
-                    self.acl.handle(bytes(payload))
+                    self.commands.handle(payload, delivery)
+                return
+            if delivery.retain:
+                # A retained list would come back on every reconnect: take lists as sent.
+                self.guard.count("acl", "retained")
+                if self.guard.record("acl", "rejected.retained"):
+                    log.warning("retained message on %s ignored; publish lists with retain off", topic)
+                return
+            if verdict == "oversize":
+                limit = self.guard.max_bytes["acl"]
+                self.acl.rejected(AclRejected([AclError("/", (
+                    f"{len(payload)} bytes, over the {limit} bytes this gate reads (acl.max_list_mb "
+                    f"{limit / 1048576:g}); not read. Raise acl.max_list_mb if the board has the "
+                    "memory, or send fewer cards"))]))
+                return
+            if self._acl_async:
+                with self._queued_lock:
+                    full = self._queue.unfinished_tasks >= MAX_QUEUED_LISTS or (
+                        self._queued_bytes and self._queued_bytes + len(payload) > self.guard.max_bytes["acl"])
+                    if not full:
+                        self._queued_bytes += len(payload)
+                if full:
+                    self.guard.count("acl", "queue_full")
+                    self.acl.rejected(AclRejected([AclError("/", (
+                        f"not read: {self._queue.unfinished_tasks} lists already wait for this gate's "
+                        "list worker; send one list at a time and wait for acl.applied"))]))
+                    return
+                self._ensure_worker()
+                self._queue.put(bytes(payload))
+            else:
+                self.acl.handle(bytes(payload))
         except Exception:
             log.exception("downlink: message on %s could not be handled", topic)
 
@@ -216,6 +281,9 @@ class Downlink:
             except Exception:
                 log.exception("downlink: access list could not be handled")
             finally:
+                if item is not _STOP:
+                    with self._queued_lock:
+                        self._queued_bytes -= len(item)
                 self._queue.task_done()
 
     def wait_idle(self, timeout: float | None = None) -> bool:
@@ -230,11 +298,14 @@ class Downlink:
         return True
 
     def close(self, timeout: float = 5.0) -> None:
-        """Stop the worker after the lists already queued."""
+        """Stop the worker after the lists already queued; record what the flood guard
+        counted in its open window; store the time floor."""
         worker = self._worker
         if worker is not None and worker.is_alive():
             self._queue.put(_STOP)
             worker.join(timeout)
+        self.guard.close()
+        self.counters.save_floor()
 
     # --- gate thread ------------------------------------------------------------
 
@@ -248,11 +319,43 @@ class Downlink:
     # --- any thread -------------------------------------------------------------
 
     def status(self) -> dict:
-        """{acl_version, acl_age_s, acl_stale}; flags a stale list (once) as a side effect."""
+        """{acl_version, acl_age_s, acl_stale}; flags a stale list (once) as a side effect,
+        checks the clock against the time floor and stores a floor that moved on."""
         if self._backlog:
             with self._backlog_lock:
                 self._flush_backlog()
+        try:
+            synced = bool(self._clock_synced())
+        except Exception:
+            log.debug("clock sync check failed; taken as not synchronised", exc_info=True)
+            synced = False
+        self.commands.note_clock(self._wall(), synced, self.counters.floor())
+        self.counters.save_floor(FLOOR_SAVE_S)
         return self.acl.status()
+
+    def stats(self) -> dict:
+        """The flood guard's counters since start (for telemetry ``downlink``): per topic
+        ``received``, ``accepted``, ``over_budget``, ``oversize`` (lists also ``retained``,
+        ``queue_full``), ``refused`` {reason: n} for commands, ``rejected`` {code: n} for
+        lists, ``not_recorded``, ``replies_withheld``, ``flood_alarms``, ``flooded``; and
+        ``time_floor``: the time floor as epoch seconds, or None."""
+        data = self.guard.stats()
+        floor = self.counters.floor()
+        data["time_floor"] = round(floor, 3) if floor > 0 else None
+        return data
+
+    def wall_floor(self) -> float:
+        """The time floor now (epoch seconds; 0.0 before any signed ``issued_at``): the
+        time was at least this, by the server's signed word plus the monotonic time
+        since. Cheap and thread-safe: the gate's clock may take ``max(time.time(),
+        wall_floor())`` as its wall time, so no record or decision uses a time the
+        server has proven past."""
+        return self.counters.floor()
+
+    def flush_flood(self) -> None:
+        """Close the flood windows that have ended (their timer does it unless
+        ``flood_timers=False``)."""
+        self.guard.tick()
 
     def _command_status(self) -> dict:
         fastpath = getattr(self.fp, "IMPLEMENTATION", None) or (

@@ -2,15 +2,21 @@
 
 The flow for one message on ``gate/v1/{site}/{gate}/acl`` (docs/security.md):
 
-1. Parse. A signed list comes in an envelope ``{"v", "site", "gate"?,
-   "counter", "key_id", "sig", "list"}`` (``signing.sign_acl``); a bare list is
-   taken only where the config allows unsigned lists (a lab).
-2. Check the envelope: signature by a trusted key, addressed to this gate's
-   site (and gate, when it names one), counter above the last list accepted
-   from that key (an old list cannot be replayed to roll a gate back).
+0. The very message whose list is in use, again (a QoS 1 redelivery): ignored
+   unread. Size and rate were bounded before this (``flood``).
+1. Parse, at most ``MAX_DEPTH`` levels deep (``agent.core.acl``). A signed
+   list comes in an envelope ``{"v", "site", "gate"?, "counter",
+   "issued_at"?, "key_id", "sig", "list"}`` (``signing.sign_acl``); a bare
+   list is taken only where the config allows unsigned lists (a lab).
+2. Check the envelope: signature by a trusted key; its ``issued_at`` raises
+   the time floor (or, far ahead of a synchronised clock, refuses the list);
+   addressed to this gate's site (and gate, when it names one), counter above
+   the last list accepted from that key (an old list cannot be replayed to
+   roll a gate back).
 3. Validate and apply (``agent.core.acl``): a snapshot whole, a delta against
-   the version this gate holds. Any error: ``acl.rejected`` with the reasons,
-   and the gate keeps deciding on the list it had. A delta against another
+   the version this gate holds. Any error: ``acl.rejected`` with the reasons
+   (one by one while the flood guard allows, else counted), and the gate
+   keeps deciding on the list it had. A delta against another
    base also sends ``acl.requested`` (reason ``base_mismatch``): the server
    answers that event with a snapshot.
 4. Build the compiled table here, on the caller's thread (the Downlink's
@@ -21,10 +27,12 @@ The flow for one message on ``gate/v1/{site}/{gate}/acl`` (docs/security.md):
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,18 +41,44 @@ from typing import Any
 from agent.contract import CONTRACT_VERSION
 from agent.core.acl import AccessList, AclError, AclRejected, build_table, parse_acl_json
 from agent.core.events import Report, SwapTable
+from agent.core.records import parse_rfc3339
 
+from .flood import FloodGuard
 from .signing import SignatureError, verify
 
 log = logging.getLogger("agent.downlink")
 
-__all__ = ["ACL_FILE", "AclSync", "CounterStore", "write_private"]
+__all__ = ["ACL_FILE", "FUTURE_SKEW_S", "AclSync", "CounterStore", "floor_candidate", "write_private"]
 
 ACL_FILE = "acl.json"
 COUNTERS_FILE = "counters.json"
-ENVELOPE_FIELDS = frozenset({"v", "site", "gate", "counter", "key_id", "sig", "list"})
+ENVELOPE_FIELDS = frozenset({"v", "site", "gate", "counter", "issued_at", "key_id", "sig", "list"})
 MAX_REPORTED_ERRORS = 50  # the acl.rejected record holds at most 50
 _MAX_TEXT = 1000  # path and message lengths the record allows
+# A signed time this far ahead of a synchronised clock is refused: one of the two clocks is
+# wrong, and a floor in the future would make the gate refuse every command until it passed.
+FUTURE_SKEW_S = 60.0
+FLOOR_SAVE_S = 3600.0  # the moving floor is stored again once it has gained this much
+
+
+def floor_candidate(issued_at: float, now: float, synced: bool) -> float | None:
+    """The floor a verified ``issued_at`` may set, or None when it is too far in the future
+    of a synchronised clock (the message is then refused).
+
+    With the clock synchronised the floor never goes past the clock (a server a few
+    seconds ahead must not push the gate's time on); without, the server's word is the
+    best there is."""
+    if not synced:
+        return issued_at
+    if issued_at > now + FUTURE_SKEW_S:
+        return None
+    return min(issued_at, now)
+
+
+def future_detail(what: str, issued_at: float, now: float) -> str:
+    return (f"{what} was issued {issued_at - now:.0f} s ahead of this gate's synchronised clock "
+            f"(more than {FUTURE_SKEW_S:.0f} s): the server's or the gate's clock is wrong; fix it "
+            "and send it again")
 
 
 # --------------------------------------------------------------------------- files
@@ -111,20 +145,34 @@ def move_aside(path: Path, epoch_s: float) -> Path:
 
 
 class CounterStore:
-    """The last accepted counter per signing key, on disk (``counters.json``, 0600).
+    """The last accepted counter per signing key, and the time floor, on disk
+    (``counters.json``, 0600).
 
-    Two spaces: ``cmd`` (commands) and ``acl`` (signed lists). ``advance`` is
-    check-and-set under a lock and is durable before it returns, so a command
-    is acted on only after its counter is on disk: a crash cannot make a
-    replay acceptable. A damaged file is moved aside and reported; counting
-    starts again from zero (the expiry check still bounds replays then).
+    Two counter spaces: ``cmd`` (commands) and ``acl`` (signed lists).
+    ``advance`` is check-and-set under a lock and is durable before it
+    returns, so a command is acted on only after its counter is on disk: a
+    crash cannot make a replay acceptable.
+
+    The time floor is the highest ``issued_at`` of a verified message: the
+    server's clock says the time was at least that, so the gate never
+    believes a time below it (docs/contract.md, "Time floor"). In memory it
+    moves on with the monotonic clock (true time has moved on at least as
+    much since); on disk it is written with the counters, and again by
+    ``save_floor`` once it has moved on by ``FLOOR_SAVE_S``.
+
+    A damaged file is moved aside and reported; counting starts again from
+    zero and the floor from none (the expiry check still bounds replays then).
     """
 
     def __init__(self, path: Path, *, wall: Callable[[], float],
-                 report: Callable[[str, dict], None]) -> None:
+                 report: Callable[[str, dict], None],
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
+        self._mono = monotonic
         self._data: dict[str, dict[str, int]] = {"cmd": {}, "acl": {}}
+        self._floor: tuple[float, float] = (0.0, monotonic())  # (seconds, monotonic then)
+        self._saved_floor = 0.0
         try:
             raw = self.path.read_bytes()
         except FileNotFoundError:
@@ -140,29 +188,95 @@ class CounterStore:
                         for k, v in values.items()):
                     raise TypeError(f"{space!r} is not a table of key_id -> integer")
                 self._data[space] = dict(values)
+            floor = data.get("floor", 0.0)
+            if (not isinstance(floor, (int, float)) or isinstance(floor, bool)
+                    or not 0 <= floor < 1e11):
+                raise TypeError("'floor' is not a time in epoch seconds")
+            self._floor = (float(floor), monotonic())
+            self._saved_floor = float(floor)
         except (ValueError, TypeError) as exc:
+            self._data = {"cmd": {}, "acl": {}}
             moved = move_aside(self.path, wall())
             log.error("replay counters in %s are damaged (%s); moved to %s, counting from zero",
                       self.path, exc, moved)
             report("alarm", {"kind": "counters_reset", "active": True,
                              "detail": f"replay counters were damaged ({str(exc)[:200]}) and moved "
-                                       f"to {moved}; counting starts from zero, the expiry check "
-                                       "still bounds replays; check the disk"[:_MAX_TEXT]})
+                                       f"to {moved}; counting starts from zero and the time floor "
+                                       "from none, the expiry check still bounds replays; check "
+                                       "the disk"[:_MAX_TEXT]})
 
     def last(self, space: str, key_id: str) -> int:
         with self._lock:
             return self._data[space].get(key_id, 0)
 
-    def advance(self, space: str, key_id: str, counter: int) -> bool:
-        """True and stored (durably) when ``counter`` is above the last one; else False."""
+    def floor(self) -> float:
+        """The time floor now, epoch seconds: 0.0 while no verified message carried one."""
+        seconds, since = self._floor  # one tuple: readable from any thread without the lock
+        if seconds <= 0:
+            return 0.0
+        return seconds + max(0.0, self._mono() - since)
+
+    def advance(self, space: str, key_id: str, counter: int, floor: float | None = None) -> bool:
+        """True and stored (durably) when ``counter`` is above the last one; else False.
+        ``floor``: a verified ``issued_at`` stored in the same write (see ``raise_floor``)."""
         with self._lock:
             if counter <= self._data[space].get(key_id, 0):
                 return False
             new = {s: dict(v) for s, v in self._data.items()}
             new[space][key_id] = counter
-            write_private(self.path, json.dumps(new, sort_keys=True).encode("utf-8"))
+            floor_at = self._raised(floor)
+            self._write(new, floor_at)
             self._data = new
+            self._floor = floor_at
             return True
+
+    def raise_floor(self, floor: float | None) -> bool:
+        """Raise the floor to ``floor`` (epoch seconds) if that is higher; True when raised.
+
+        Kept in memory even when the disk refuses it (the server's word holds
+        until a restart); the failure is logged and the next write retries."""
+        with self._lock:
+            floor_at = self._raised(floor)
+            if floor_at is self._floor:
+                return False
+            self._floor = floor_at
+            try:
+                self._write(self._data, floor_at)
+            except OSError as exc:
+                log.error("could not store the time floor in %s (%s); it holds until a restart",
+                          self.path, exc)
+            return True
+
+    def save_floor(self, min_gain_s: float = 0.0) -> None:
+        """Store the floor if it has moved on by more than ``min_gain_s`` since last stored."""
+        with self._lock:
+            seconds, since = self._floor
+            if seconds <= 0:
+                return
+            now_floor = seconds + max(0.0, self._mono() - since)
+            if now_floor - self._saved_floor <= min_gain_s:
+                return
+            try:
+                self._write(self._data, self._floor)
+            except OSError as exc:
+                log.warning("could not store the time floor in %s (%s)", self.path, exc)
+
+    def _raised(self, floor: float | None) -> tuple[float, float]:
+        """The floor pair after raising it to ``floor`` (the same object when not higher)."""
+        if floor is None:
+            return self._floor
+        seconds, since = self._floor
+        mono = self._mono()
+        current = seconds + max(0.0, mono - since) if seconds > 0 else 0.0
+        return (float(floor), mono) if floor > current else self._floor
+
+    def _write(self, data: dict[str, dict[str, int]], floor_at: tuple[float, float]) -> None:
+        seconds, since = floor_at
+        floor = seconds + max(0.0, self._mono() - since) if seconds > 0 else 0.0
+        doc: dict[str, Any] = {s: v for s, v in data.items()}
+        doc["floor"] = round(floor, 3)
+        write_private(self.path, json.dumps(doc, sort_keys=True).encode("utf-8"))
+        self._saved_floor = floor
 
 
 # --------------------------------------------------------------------------- rejections
@@ -195,6 +309,8 @@ class AclSync:
         signed: bool = True,
         max_age_s: float | None = None,
         wall: Callable[[], float],
+        clock_synced: Callable[[], bool] = lambda: True,
+        guard: FloodGuard | None = None,
         builder: Callable[[AccessList, Any], Any] = build_table,
     ) -> None:
         self.site, self.gate = site, gate
@@ -207,7 +323,11 @@ class AclSync:
         self.signed = signed
         self.max_age_s = max_age_s
         self._wall = wall
+        self._synced = clock_synced
+        self._guard = guard
         self._builder = builder  # a seam for tests that hold a build open
+        self._applied_digest: bytes | None = None  # of the message whose list is in use
+        self._verified = False  # the message being handled had a good signature
         self.acl: AccessList | None = None
         self.applied_at: float | None = None  # wall time the held list was applied
         self._stale_raised = False
@@ -253,7 +373,14 @@ class AclSync:
 
     def handle(self, payload: bytes) -> bool:
         """One message from the acl topic; True when a new list was swapped in."""
+        digest = hashlib.sha256(payload).digest()
+        if digest == self._applied_digest:
+            # The very message in use, again (QoS 1 redelivery or a replay): no need to
+            # parse and verify 70 MB again to find that out.
+            log.info("access list message received again; already applied, ignored")
+            return False
         version: Any = None
+        self._verified = False
         try:
             doc = parse_acl_json(payload)
             doc, envelope = self._open_envelope(doc)
@@ -272,16 +399,13 @@ class AclSync:
                 raise _reject("/counter", "counter is not above the last list accepted from key "
                               f"{envelope['key_id']!r}: a replayed list; sign it again with a new counter")
         except AclRejected as exc:
-            have = self.acl.version if self.acl is not None else None
-            log.warning("access list %r refused: %s", version, exc)
-            self._submit(Report("acl.rejected", exc.record_fields(version)))
-            if exc.code == "base_mismatch":
-                self._submit(Report("acl.requested", {"reason": "base_mismatch", "have": have}))
+            self.rejected(exc, version, signed=self._verified)
             return False
         table = self._builder(acl, self.fp)  # the slow part: here, never on the gate thread
         now = self._wall()
         self._persist(acl, kind, base, now)
         self.acl, self.applied_at = acl, now
+        self._applied_digest = digest
         # The time zone travels with the table: schedules switch zone at the swap itself.
         self._submit(SwapTable(table, kind, base, timezone=acl.timezone))
         with self._flags:
@@ -295,6 +419,18 @@ class AclSync:
                                           "detail": f"access list {acl.version} applied and stored"}))
         return True
 
+    def rejected(self, exc: AclRejected, version: Any = None, *, signed: bool = False) -> None:
+        """Record a refused list (``acl.rejected``, and ``acl.requested`` for a wrong base),
+        one by one only while the flood guard allows; else it is counted."""
+        if self._guard is not None and not self._guard.record(
+                "acl.signed" if signed else "acl", f"rejected.{exc.code}"):
+            return
+        have = self.acl.version if self.acl is not None else None
+        log.warning("access list %r refused: %s", version, exc)
+        self._submit(Report("acl.rejected", exc.record_fields(version)))
+        if exc.code == "base_mismatch":
+            self._submit(Report("acl.requested", {"reason": "base_mismatch", "have": have}))
+
     def _open_envelope(self, doc: dict) -> tuple[dict, dict | None]:
         """The list inside a signed envelope (checked), or a bare list where allowed."""
         if "list" not in doc and "sig" not in doc:
@@ -306,12 +442,15 @@ class AclSync:
         extra = sorted(set(doc) - ENVELOPE_FIELDS)
         if extra:
             raise _reject("/", f"unknown envelope field(s) {', '.join(extra)[:200]}; a signed list "
-                          "has v, site, gate (optional), counter, key_id, sig and list")
+                          "has v, site, gate (optional), counter, issued_at (optional), key_id, sig "
+                          "and list")
         try:
             verify(doc, self._trusted)
         except SignatureError as exc:
             raise _reject("/sig" if exc.reason == "bad_signature" else "/",
                           f"{exc.reason}: {exc.detail}") from None
+        self._verified = True
+        self._take_issued_at(doc)
         if doc.get("v") != CONTRACT_VERSION:
             raise _reject("/v", f"envelope version {doc.get('v')!r}; this gate reads v {CONTRACT_VERSION}")
         if doc.get("site") != self.site or ("gate" in doc and doc["gate"] != self.gate):
@@ -325,6 +464,30 @@ class AclSync:
         if not isinstance(inner, dict):
             raise _reject("/list", "list must be the access-list object (a snapshot or a delta)")
         return inner, doc
+
+    def _take_issued_at(self, doc: dict) -> None:
+        """A verified envelope's ``issued_at`` raises the time floor; one far in the
+        future of a synchronised clock refuses the list."""
+        if "issued_at" not in doc:
+            return
+        text = doc["issued_at"]
+        try:
+            issued = parse_rfc3339(text).timestamp() if isinstance(text, str) else None
+        except (ValueError, OverflowError):
+            issued = None
+        if issued is None:
+            raise _reject("/issued_at", f"issued_at {str(text)[:64]!r} is not an RFC 3339 time with "
+                          "an offset, e.g. \"2026-09-01T07:45:40Z\"")
+        try:
+            synced = bool(self._synced())
+        except Exception:
+            log.debug("clock sync check failed; taken as not synchronised", exc_info=True)
+            synced = False
+        now = self._wall()
+        candidate = floor_candidate(issued, now, synced)
+        if candidate is None:
+            raise _reject("/issued_at", future_detail("the list", issued, now))
+        self._counters.raise_floor(candidate)
 
     def _duplicate(self, doc: dict, envelope: dict | None) -> bool:
         """A redelivery of the list in use: same version, and no newer signature.

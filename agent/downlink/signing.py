@@ -209,7 +209,9 @@ def make_command(
     request_id: str | None = None,
     nonce: str | None = None,
 ) -> dict:
-    """The unsigned fields of a command (contract v1) that expires ``ttl_s`` after ``now``."""
+    """The unsigned fields of a command (contract v1) issued at ``now`` (``issued_at``,
+    which raises the gate's time floor) that expires ``ttl_s`` after it. ``now`` must
+    be the sender's synchronised clock: a gate refuses a command from its future."""
     expires = datetime.fromtimestamp(now, tz=UTC) + timedelta(seconds=ttl_s)
     return {
         "v": CONTRACT_VERSION,
@@ -220,6 +222,7 @@ def make_command(
         "args": dict(args or {}),
         "nonce": nonce or secrets.token_hex(12),
         "counter": int(counter),
+        "issued_at": rfc3339_s(now),
         "expires": rfc3339_s(expires.timestamp()),
         "key_id": key_id,
     }
@@ -233,17 +236,21 @@ def sign_acl(
     site: str,
     counter: int,
     gate: str | None = None,
+    issued_at: float | None = None,
 ) -> dict:
     """An access list in its signed envelope (docs/security.md, "Signed access lists").
 
     ``{"v": 1, "site", "gate" (absent: any gate of the site), "counter",
-    "key_id", "list": {...}, "sig"}``; ``sig`` covers all of it but itself,
-    the whole list included.
+    "issued_at" (when given: epoch seconds of the signer's synchronised clock;
+    it raises the gate's time floor), "key_id", "list": {...}, "sig"}``;
+    ``sig`` covers all of it but itself, the whole list included.
     """
     env: dict[str, Any] = {"v": CONTRACT_VERSION, "site": site, "counter": int(counter),
                            "key_id": key_id, "list": dict(document)}
     if gate is not None:
         env["gate"] = gate
+    if issued_at is not None:
+        env["issued_at"] = rfc3339_s(issued_at)
     return sign_message(private_key, env)
 
 
