@@ -27,9 +27,11 @@ gate never depends on the network or on anything slower than the disk:
    check.
 
 ``stop()`` undoes it: the sim socket and the readers first (no new events),
-the gate thread (every output inactive), the pins, the state file (with the
-commanded mode and the fire latch), the uplink (publishes the retained
-``offline`` status), the journal (flushed, synced and closed).
+the uplink (publishes the retained ``offline`` status; no new downlink
+message), the downlink (its flood guard's last summary goes to the gate), the
+gate thread (what is queued, then every output inactive), the pins, the state
+file (with the commanded mode and the fire latch), the journal (flushed,
+synced and closed).
 
 Logs go to stderr one line per message; under systemd (``JOURNAL_STREAM``
 names our stderr) each line starts with a ``<N>`` syslog priority, which
@@ -84,6 +86,8 @@ HOUSEKEEPING_S = 1.0  # STATUS= and telemetry checks
 CLOCK_CHECK_S = 10.0  # how often the kernel's clock-sync flag is read
 ACL_AGE_CHECK_S = 60.0  # how often the list's age is checked (the downlink raises acl_stale)
 MAX_DETAIL = 1000  # alarm detail limit in the contract
+STOP_DRAIN_S = 2.0  # at stop, queued records (the flood guard's last summary) get this long
+PACKET_MARGIN_BYTES = 64 << 10  # MQTT header, topic and properties around the largest list
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # could not start (journal, GPIO, fastpath) or crashed
@@ -390,7 +394,9 @@ class Service:
                                "chown gate-agent:gate-agent and chmod 0700 it")
         if self.clock_sync is None:
             self.clock_sync = ClockSync()
-        clock = Clock(self.clock_sync)
+        # The wall time is never below the floor the server's signed issued_at proved
+        # (a Pi without RTC after a power cut with no NTP); see docs/contract.md "Time floor".
+        clock = Clock(self.clock_sync, wall=self._wall)
 
         # Journal first: nothing the gate does may happen before it can be recorded.
         from agent.uplink.journal import Journal, JournalError
@@ -419,6 +425,7 @@ class Service:
                 trusted_keys=dict(cfg.commands.trusted_keys),
                 allow_unsigned=cfg.commands.allow_unsigned, max_age_s=cfg.commands.max_age_s,
                 acl_max_age_s=cfg.acl.max_age_s, clock_synced=self.clock_sync,
+                max_list_bytes=cfg.acl.max_list_bytes,
                 status_snapshot=self._status_snapshot,
             )
             self.acl, table = self.downlink.load_persisted()
@@ -569,6 +576,7 @@ class Service:
                 on_alarm=self._on_uplink_alarm,
                 on_message=self.downlink.on_message if self.downlink is not None else None,
                 boot=self.boot, started_at=self.started_at,
+                max_packet_bytes=self._max_packet_bytes(),
             )
         except (UplinkError, OSError, ValueError) as exc:
             # The gate works without its uplink (principle 1): decide, journal, raise the alarm.
@@ -638,6 +646,17 @@ class Service:
         if detail:
             fields["detail"] = detail[:MAX_DETAIL]
         self._submit(Report("alarm", fields))
+
+    def _wall(self) -> float:
+        """The gate's wall time: the system clock, never below the signed time floor."""
+        dl = self.downlink
+        now = time.time()
+        return max(now, dl.wall_floor()) if dl is not None else now
+
+    def _max_packet_bytes(self) -> int:
+        """The largest message the broker may send this gate: the list cap plus a margin
+        (commands are far smaller); anything bigger is dropped by the broker."""
+        return self.config.acl.max_list_bytes + PACKET_MARGIN_BYTES
 
     def _status_fields(self) -> dict:
         table = self.gate.table if self.gate is not None else None
@@ -714,14 +733,18 @@ class Service:
             "decision_ms": {"p50": lat.get("p50_ms"), "p99": lat.get("p99_ms"), "p999": lat.get("p999_ms")},
             "queues": self.runtime.queue_stats(),
         }
+        if self.downlink is not None:
+            stats["downlink"] = self.downlink.stats()
         return build_telemetry(self.journal, stats, time.time(),
                                uplink_stats=self.uplink.stats() if self.uplink is not None else None)
 
     # -- stop -------------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Stop cleanly: readers, gate thread (outputs inactive), pins, state, uplink
-        (offline status), journal (flushed and closed). Idempotent; never raises."""
+        """Stop cleanly: sim socket and readers (no new input), uplink (offline
+        status; no new downlink message), downlink (its last flood summary), gate
+        thread (what is queued, then every output inactive), pins, state, journal
+        (flushed and closed). Idempotent; never raises."""
         if self._stopped:
             return
         self._stopped = True
@@ -736,8 +759,16 @@ class Service:
             steps.append((f"reader {name}", getattr(reader, "stop", None) or reader.close))
         for bus in self.buses:
             steps.append((f"OSDP bus {bus.port_name}", bus.stop))
+        if self._housekeeper is not None:
+            steps.append(("housekeeping", lambda: self._housekeeper.join(5)))
+        if self.uplink is not None:
+            steps.append(("uplink", self.uplink.stop))  # no new downlink messages from here on
+        if self.downlink is not None:
+            # Before the gate thread stops: the flood guard's last summary is journalled.
+            steps.append(("downlink", self.downlink.close))
         if self.runtime is not None:
-            steps.append(("gate thread", self.runtime.stop))
+            steps.append(("gate thread", lambda: (self.runtime.wait_idle(STOP_DRAIN_S),
+                                                  self.runtime.stop())))
         if self.io is not None:
             steps.append(("turnstile I/O", self.io.close))
         if self.statefile is not None and self.gate is not None:
@@ -745,12 +776,6 @@ class Service:
                                                  self.statefile.save(self.gate.state,
                                                                      mode=self.gate.commanded_mode,
                                                                      fire=self.gate.fire_latched))))
-        if self._housekeeper is not None:
-            steps.append(("housekeeping", lambda: self._housekeeper.join(5)))
-        if self.uplink is not None:
-            steps.append(("uplink", self.uplink.stop))
-        if self.downlink is not None:
-            steps.append(("downlink", self.downlink.close))  # no new messages once the uplink stopped
         if self.journal is not None:
             steps.append(("journal", self.journal.close))
         for what, step in steps:

@@ -504,3 +504,30 @@ def test_telemetry_shows_each_queue_lane_and_what_it_dropped(tmp_path, services)
     assert validate("telemetry", tel) == []
     assert tel["queues"]["dropped"] == {"hardware": 0, "downlink": 1}
     assert set(tel["queues"]["depth"]) == {"fire", "hardware", "downlink"}
+
+
+def test_telemetry_carries_the_downlink_guard_and_the_gate_clock_respects_the_time_floor(
+        tmp_path, services):
+    from agent.contract import validate
+
+    svc = services(write_config(tmp_path))
+    tel = svc.telemetry()
+    assert validate("telemetry", tel) == []
+    assert tel["downlink"]["cmd"]["received"] == 0 and tel["downlink"]["time_floor"] is None
+    # A floor an hour ahead of this machine's clock (a Pi after a power cut, no NTP):
+    ahead = time.time() + 3600
+    svc.downlink.wall_floor = lambda: ahead
+    assert svc.runtime.clock.now().wall >= ahead
+    assert svc._max_packet_bytes() > svc.config.acl.max_list_bytes
+
+
+def test_a_clean_stop_journals_the_flood_guards_last_summary(tmp_path, services):
+    svc = services(write_config(tmp_path))
+    cmd = svc.downlink.topics["cmd"]
+    for i in range(500):  # junk on the cmd topic, all within one window
+        svc.downlink.on_message(cmd, json.dumps({"junk": i}).encode(), {"message_expiry_interval": 30})
+    svc.stop()
+    records = journal_records(tmp_path / "data" / "journal.db")
+    floods = [r for r in records if r["type"] == "alarm" and r["kind"] == "downlink_flood"]
+    assert floods and floods[0]["active"] is True
+    assert sum(1 for r in records if r["type"] == "command.result") <= 10

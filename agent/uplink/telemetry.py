@@ -62,7 +62,8 @@ def build_telemetry(
       ``decision_samples_ms`` (latencies of the last interval) or
       ``decision_ms`` (already computed {p50, p99, p999}),
       ``drain_per_s`` (used when no uplink_stats are given),
-      ``queues`` ({depth: {lane: n}, dropped: {lane: n}}, GateRuntime.queue_stats()).
+      ``queues`` ({depth: {lane: n}, dropped: {lane: n}}, GateRuntime.queue_stats()),
+      ``downlink`` (Downlink.stats(): the flood guard's counters and the time floor).
     uplink_stats: ``Uplink.stats()``, for ``drain_per_s``.
     """
     oldest = journal.oldest_pending_age_s(now_wall)
@@ -89,5 +90,5 @@ def build_telemetry(
         "acl_version": runtime_stats.get("acl_version"),
         "acl_age_s": runtime_stats.get("acl_age_s"),
         "acl_stale": bool(runtime_stats.get("acl_stale", False)),
-        **({"queues": runtime_stats["queues"]} if runtime_stats.get("queues") else {}),
+        **{k: runtime_stats[k] for k in ("queues", "downlink") if runtime_stats.get(k)},
     }
