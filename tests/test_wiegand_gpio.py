@@ -611,3 +611,20 @@ def test_readers_from_profile_open_each_wired_reader_on_its_pins(factory):
 def test_readers_from_profile_names_a_reader_the_board_does_not_wire(factory):
     with pytest.raises(ValueError, match="lobby.*pi4-relay4"):
         readers_from_profile(load_profile("pi4-relay4"), factory=factory, submit=Events(), names=["lobby"])
+
+
+def test_the_service_gives_its_wiegand_readers_the_configured_lag_bound(tmp_path):
+    from agent.config import load_config
+    from agent.service import ClockSync, Service
+
+    (tmp_path / "agent.toml").write_text(
+        '[site]\nid = "s1"\ngate = "g1"\n[hardware]\npin_factory = "mock"\nwiegand_max_lag_s = 0.3\n'
+        '[journal]\npath = "data/journal.db"\n[service]\nstate_dir = "state"\n')
+    (tmp_path / "state").mkdir(mode=0o700)
+    svc = Service(load_config(tmp_path / "agent.toml"), factory=MockFactory(), clock_sync=ClockSync(lambda: True),
+                  env={})
+    svc.start()
+    try:
+        assert {name: r.max_lag_s for name, r in svc.readers.items()} == {"entry": 0.3, "exit": 0.3}
+    finally:
+        svc.stop()

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 # the GIL held by other threads and a loaded CPU (bench/bench_latency.py
 # measures the lag with a busy loop on every core; docs/readers.md).
 # Config: hardware.wiegand_max_lag_s.
-DEFAULT_MAX_LAG_S = 0.1
+DEFAULT_MAX_LAG_S = 0.2
 # An edge stamp this far ahead of the clock is not on the clock: its ticks
 # are another clock's (the kernel's realtime stamps before Linux 5.7).
 _FUTURE_S = 0.5
