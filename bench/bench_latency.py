@@ -114,6 +114,19 @@ class WirePin(MockPin):
 SPIN = "import os, sys\nos.sched_setaffinity(0, {int(sys.argv[1])})\nwhile True:\n    pass\n"
 
 
+def spin_threads(n: int, stop: threading.Event) -> list[threading.Thread]:
+    """n threads in this process spinning in Python, each taking the GIL in turn as a flood of
+    messages parsed on the MQTT thread would."""
+    def spin() -> None:
+        while not stop.is_set():
+            pass
+
+    threads = [threading.Thread(target=spin, name=f"busy-{i}", daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    return threads
+
+
 def spin_every_core() -> list[subprocess.Popen]:
     """One busy process pinned to each core this process may run on."""
     return [subprocess.Popen([sys.executable, "-c", SPIN, str(cpu)]) for cpu in sorted(os.sched_getaffinity(0))]
@@ -290,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--load-reads", type=int, default=300,
                     help="reads through the mock pins with a busy loop on every core, half of them "
                          "ending by silence (default 300; 0: skip)")
+    ap.add_argument("--busy-threads", type=int, default=1,
+                    help="threads spinning in the bench process during the loaded run, contending for "
+                         "the GIL (default 1)")
     ap.add_argument("--silence-ms", type=float, default=25.0, help="frame-end silence (default 25)")
     ap.add_argument("--max-lag-ms", type=float, default=DEFAULT_MAX_LAG_S * 1000,
                     help=f"the readers' edge callback lag bound (default {DEFAULT_MAX_LAG_S * 1000:g}, "
@@ -315,12 +331,17 @@ def main(argv: list[str] | None = None) -> int:
     spinners = []
     if args.load_reads:
         spinners = spin_every_core()
+        stop = threading.Event()
+        busy = spin_threads(args.busy_threads, stop)
         try:
             time.sleep(0.5)  # let them take the cores
             loaded.append(run(args.load_reads - args.load_reads // 2, fixed=True, seed=args.seed + 2,
                               pins=True, **common))
             loaded.append(run(args.load_reads // 2, fixed=False, seed=args.seed + 3, pins=True, **common))
         finally:
+            stop.set()
+            for t in busy:
+                t.join()
             for p in spinners:
                 p.kill()
                 p.wait()
@@ -346,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         lf, lt = loaded
         result["load"] = {
             "spinners": len(spinners),
+            "busy_threads": args.busy_threads,
             "reads": args.load_reads,
             "cut_frames": len(lf.cut) + len(lt.cut),
             "fixed_p50_ms": percentiles_ms(lf.latencies).get("p50_ms"),
@@ -356,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
             **{f"lag_{k}": v for k, v in percentiles_ms(lf.lags + lt.lags).items()},
         }
         ld = result["load"]
-        line += (f"; under load ({ld['spinners']} busy cores, mock pins) {args.load_reads} reads in "
+        line += (f"; under load ({ld['spinners']} busy cores, {args.busy_threads} busy threads, mock pins) "
+                 f"{args.load_reads} reads in "
                  f"{t3 - t2:.1f} s: {ld['cut_frames']} cut, fixed p50 {ld['fixed_p50_ms']} ms / p99 "
                  f"{ld['fixed_p99_ms']} ms, silence-ended p50 {ld['timeout_mode_p50_ms']} ms, "
                  f"callback lag p99 {ld.get('lag_p99_ms')} ms, p99.9 {ld.get('lag_p999_ms')} ms, "

@@ -198,8 +198,9 @@ class WiegandReader:
                 self._wake.notify()
         if late and (late <= 3 or late % 100 == 0):
             log.warning("reader %s: an edge came %.0f ms after it happened, later than "
-                        "hardware.wiegand_max_lag_s (%g s): a frame may have been cut (%d such edges); "
-                        "if this repeats, raise the setting", self.name, lag * 1000, self.max_lag_s, late)
+                        "hardware.wiegand_max_lag_s (%g s), so a frame may have been cut "
+                        "(late edges so far: %d); if this repeats, raise the setting",
+                        self.name, lag * 1000, self.max_lag_s, late)
         if results:
             self._deliver(results)
 
