@@ -94,7 +94,8 @@ class WiegandReader:
         self._wake = threading.Condition(self._lock)
         self._timer_until: float | None = None  # what the timer thread sleeps towards
         self._closed = False
-        self.adapter_counters: dict[str, int] = {"edges": 0, "cards": 0, "keypad": 0, "errors": 0}
+        self.adapter_counters: dict[str, int] = {"edges": 0, "cards": 0, "keypad": 0, "errors": 0,
+                                                 "bad_stamps": 0}
         self._lag_max = 0.0  # the longest an edge's callback came after the edge (s)
         self._factory = factory
         self._pins: list[Any] = []
@@ -141,7 +142,10 @@ class WiegandReader:
 
     def _make_edge_callback(self, line: int) -> Callable[[Any, Any], None]:
         def on_edge(ticks: Any, state: Any) -> None:
-            self._edge(ticks, line, 1 if state else 0, ticks=True)
+            try:
+                self._edge(ticks, line, 1 if state else 0, ticks=True)
+            except Exception:  # never into lgpio's one notification thread: every pin's callbacks would stop
+                log.exception("reader %s: edge (%r, %r) failed", self.name, ticks, state)
 
         return on_edge
 
@@ -150,8 +154,10 @@ class WiegandReader:
         if self._ticks_on_clock:
             try:
                 t = float(ticks)
-            except (TypeError, ValueError):
-                t = math.inf
+            except (TypeError, ValueError, OverflowError):
+                t = math.inf  # opaque ticks: another clock's
+            if math.isnan(t):
+                return t  # a broken stamp, dropped by _edge
             if t <= self._clock() + _FUTURE_S:
                 return t
             # Ahead of the clock: these ticks are another clock's.
@@ -180,6 +186,12 @@ class WiegandReader:
         late = 0
         with self._lock:
             t = self._edge_time(stamp) if ticks else stamp
+            if not math.isfinite(t):
+                # No time, no place in a frame (and a NaN deadline would spin the timer).
+                self.adapter_counters["bad_stamps"] += 1
+                if self.adapter_counters["bad_stamps"] <= 3:
+                    log.warning("reader %s: an edge with no usable timestamp (%r) was dropped", self.name, stamp)
+                return
             lag = self._clock() - t
             self._lag_max = max(self._lag_max, lag)
             self.adapter_counters["edges"] += 1
@@ -253,8 +265,9 @@ class WiegandReader:
     @property
     def counters(self) -> dict[str, int]:
         """Frames, parity/length errors, glitches, stuck lines, late edges, edges,
-        cards, keypad, errors, and lag_max_us: the longest an edge's callback
-        came after the edge (with stamps on the clock)."""
+        cards, keypad, errors, bad_stamps (edges dropped for a timestamp that is
+        no number), and lag_max_us: the longest an edge's callback came after
+        the edge (with stamps on the clock)."""
         with self._lock:
             return {**self.decoder.counters, **self.adapter_counters,
                     "lag_max_us": round(self._lag_max * 1e6)}
