@@ -104,6 +104,7 @@ class HardwareSettings:
     profile: str
     pin_factory: str
     readers: tuple[ReaderSettings, ...]
+    wiegand_max_lag_s: float = 0.2  # agent.hw.wiegand_gpio: how late an edge callback may come
     # The loaded agent.hw.profiles.Profile (None only when it failed to load).
     board: Any = field(default=None, repr=False, compare=False)
 
@@ -641,7 +642,8 @@ class _Checks:
             "key_width": doc["site"]["key_width"],
             "gate": gate_cfg,
             "hardware": HardwareSettings(profile=hw["profile"], pin_factory=hw["pin_factory"],
-                                         readers=tuple(readers or ()), board=board),
+                                         readers=tuple(readers or ()), board=board,
+                                         wiegand_max_lag_s=float(hw["wiegand_max_lag_s"])),
             "journal": journal,
             "mqtt": mqtt,
             "commands": commands,

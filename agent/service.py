@@ -522,7 +522,8 @@ class Service:
                     kwargs["fixed_bits"] = r.format
                 pull = hw.board.readers[r.name].pull if r.name in hw.board.readers else "up"
                 self.readers[r.name] = WiegandReader(r.name, r.d0, r.d1, factory=self.factory,
-                                                     submit=self._submit, decoder_kwargs=kwargs, pull=pull)
+                                                     submit=self._submit, decoder_kwargs=kwargs, pull=pull,
+                                                     max_lag_s=hw.wiegand_max_lag_s)
             elif r.type in ("rdm6300", "emline"):
                 from agent.hw.serial_reader import SerialReader
 

@@ -336,6 +336,16 @@ def test_every_key_is_documented():
     assert os.path.exists(Path(__file__).resolve().parent.parent / "examples" / "agent.toml")
 
 
+def test_the_wiegand_lag_bound_defaults_to_the_readers_own_and_has_limits(tmp_path):
+    from agent.hw.wiegand_gpio import DEFAULT_MAX_LAG_S
+
+    assert parse_config(base(), base_dir=tmp_path, env={}).hardware.wiegand_max_lag_s == DEFAULT_MAX_LAG_S
+    cfg = parse_config(base(hardware={"wiegand_max_lag_s": 0.3}), base_dir=tmp_path, env={})
+    assert cfg.hardware.wiegand_max_lag_s == 0.3
+    for bad in (0, 5, "fast"):
+        assert "hardware.wiegand_max_lag_s" in errors_of(base(hardware={"wiegand_max_lag_s": bad}), tmp_path)
+
+
 def test_a_fire_release_the_board_does_not_wire_is_an_error(tmp_path):
     """Else fire and free mode would drive no line at all and the gate would stay locked."""
     src = Path(__file__).resolve().parent.parent / "hardware" / "profiles" / "pi4-relay4.toml"

@@ -298,7 +298,7 @@ def test_a_card_too_wide_for_w26_is_refused_with_the_fix():
 def test_the_crowd_presents_known_unknown_and_blocked_cards(rigs):
     rig = rigs(walk_s=(0.01, 0.02))
     entry = rig.reader("entry")
-    crowd = Crowd({"entry": entry}, rig.turnstile, cards=[CARD, OTHER], unknown_ratio=0.3, settle_s=0.2,
+    crowd = Crowd({"entry": entry}, rig.turnstile, cards=[CARD, OTHER], unknown_ratio=0.3,
                   blocked_cards=[BLOCKED], blocked_ratio=0.3, rng=random.Random(5))
     made = [crowd.step() for _ in range(12)]
     kinds = [p.kind for p in made]

@@ -282,6 +282,65 @@ def test_repeated_level_reports_change_nothing():
     assert [r.key for r in out] == [decode_wiegand(W26).key]
 
 
+def test_an_edge_stamped_inside_a_silence_already_decided_is_counted_late():
+    dec = WiegandDecoder()
+    first = train(W26[:13])
+    feed_all(dec, first)
+    last = first[-1][0]
+    cut = dec.poll(last + dec.silence_s)  # the caller promised every edge before this was fed
+    assert [r.error for r in cut] == ["length"]
+    # ...but the rest of the frame comes afterwards, stamped before the silence ended.
+    rest = train(W26[13:], t0=last + 2e-3)
+    feed_all(dec, rest)
+    assert dec.counters["late_edges"] == sum(1 for t, _l, _v in rest if t < last + dec.silence_s) > 0
+    # An edge after the decided silence is a new frame's, not late.
+    feed_all(dec, train("1", t0=rest[-1][0] + 1.0))
+    assert dec.counters["late_edges"] == sum(1 for t, _l, _v in rest if t < last + dec.silence_s)
+
+
+def test_an_edge_after_a_decided_silence_is_never_late():
+    dec = WiegandDecoder()
+    first = train(W26)
+    feed_all(dec, first)
+    last = first[-1][0]
+    assert len(dec.poll(last + 0.3)) == 1  # polled well past the silence
+    # The next frame began 30 ms after the last edge, before the poll's time: on time all the same.
+    out = feed_all(dec, train(W26, t0=last + 0.030)) + finish(dec)
+    assert [r.key for r in out] == [decode_wiegand(W26).key]
+    assert dec.counters["late_edges"] == 0
+
+
+def test_a_stuck_line_decided_makes_its_own_rise_late():
+    dec = WiegandDecoder(stuck_s=0.005)
+    dec.feed(1.0, 0, 0)
+    assert [r.error for r in dec.poll(1.006)] == ["glitch"]
+    dec.feed(1.0001, 0, 1)  # the 100 us pulse's rise, fed after the line was called stuck
+    assert dec.counters["late_edges"] == 1
+
+
+def test_an_edge_stamped_before_the_last_one_never_moves_the_frame_end_back():
+    dec = WiegandDecoder()
+    edges = train(W26)
+    feed_all(dec, edges)
+    t_end = edges[-1][0]
+    # A pulse on the other line fed after the last edge, stamped before it (read out of order).
+    other = 1 - edges[-1][1]
+    dec.feed(t_end - 400e-6, other, 0)
+    dec.feed(t_end - 300e-6, other, 1)
+    assert dec.deadline() == pytest.approx(t_end + dec.silence_s, abs=1e-9)
+
+
+def test_idle_is_between_frames_with_both_lines_high():
+    dec = WiegandDecoder()
+    assert dec.idle
+    dec.feed(1.0, 0, 0)
+    assert not dec.idle  # a pulse in progress
+    dec.feed(1.0001, 0, 1)
+    assert not dec.idle  # a bit pending
+    dec.poll(2.0)
+    assert dec.idle
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [{"fixed_bits": 80}, {"fixed_bits": 0}, {"max_bits": 0}, {"key_width": 8}, {"silence_s": 0}],

@@ -10,6 +10,14 @@ Line model (DESIGN.md, field facts): both lines idle high; a bit is a low
 pulse of 20 to 100 us on D0 (bit 0) or D1 (bit 1), bits 0.2 to 20 ms apart.
 A frame ends after silence, or, when the reader's format is fixed, at its
 last bit.
+
+Time is the edges' own: a frame ends by silence when ``poll(t)`` is called
+with ``t`` at least ``silence_s`` after its last edge, or when the next edge
+comes with such a stamp. ``poll(t)`` promises that every edge stamped before
+``t`` has been fed; the adapter calls it with the time up to which no edge
+can still be on its way (see agent/hw/wiegand_gpio.py). An edge fed later
+with an older stamp than a silence or stuck line already decided on is
+counted in ``late_edges``: that promise was broken, the frame may be cut.
 """
 
 from __future__ import annotations
@@ -29,6 +37,10 @@ class WiegandDecoder:
     max_bits: longer frames are dropped with error "length". stuck_s: a line
     held low this long is reported once as error "glitch", detail "stuck
     line". key_width: the site's key width (see cards).
+
+    Counters: frames, parity_errors, length_errors, glitches, stuck, and
+    late_edges (edges stamped before a silence or a stuck line was decided
+    on by ``poll``: they came too late to be part of the frame they belong to).
     """
 
     def __init__(
@@ -67,6 +79,7 @@ class WiegandDecoder:
             "length_errors": 0,
             "glitches": 0,
             "stuck": 0,
+            "late_edges": 0,
         }
         self._bits: list[str] = []
         self._overflow = 0  # bits beyond max_bits in the current frame
@@ -74,6 +87,9 @@ class WiegandDecoder:
         self._fall: list[float | None] = [None, None]  # when each line went low; None: high
         self._spoiled = [False, False]  # the line's current pulse overlapped the other line
         self._stuck = [False, False]  # reported stuck; cleared when the line rises
+        # poll() decided that nothing happened on the lines before this time
+        # (a frame's silence, a line held low): an edge stamped earlier is late.
+        self._quiet_until = float("-inf")
 
     # -- public ----------------------------------------------------------------
 
@@ -86,6 +102,8 @@ class WiegandDecoder:
         """
         if line not in (0, 1):
             raise ValueError(f"line must be 0 (D0) or 1 (D1), got {line!r}")
+        if t < self._quiet_until:
+            self.counters["late_edges"] += 1
         out = self.poll(t)
         if level:
             self._rise(t, line, out)
@@ -94,13 +112,17 @@ class WiegandDecoder:
         return out
 
     def poll(self, t: float) -> list[CardResult]:
-        """Complete what is due at time t: a stuck line, a frame after silence."""
+        """Complete what is due at time t: a stuck line, a frame after silence.
+
+        The caller promises that every edge stamped before t has been fed.
+        """
         out: list[CardResult] = []
         for line in (0, 1):
             fell = self._fall[line]
             if fell is not None and not self._stuck[line] and t >= fell + self.stuck_s:
                 self._stuck[line] = True
                 self.counters["stuck"] += 1
+                self._quiet_until = max(self._quiet_until, fell + self.stuck_s)
                 # The frame in progress is broken: report what arrived, then the line.
                 self._complete(out)
                 out.append(
@@ -120,6 +142,7 @@ class WiegandDecoder:
             and self._last_edge is not None
             and t >= self._last_edge + self.silence_s
         ):
+            self._quiet_until = max(self._quiet_until, self._last_edge + self.silence_s)
             self._complete(out)
         return out
 
@@ -139,13 +162,18 @@ class WiegandDecoder:
         """Bits received in the frame in progress."""
         return len(self._bits) + self._overflow
 
+    @property
+    def idle(self) -> bool:
+        """Between frames: no bit pending and both lines high."""
+        return not self._pending() and self._fall == [None, None]
+
     # -- edges -------------------------------------------------------------------
 
     def _fall_edge(self, t: float, line: int) -> None:
         if self._fall[line] is not None:
             return  # already low: a repeated edge report changes nothing
         self._fall[line] = t
-        self._last_edge = t
+        self._touch(t)
         other = 1 - line
         if self._fall[other] is not None:
             # Both lines low at once is no bit: spoil both pulses.
@@ -157,7 +185,7 @@ class WiegandDecoder:
         if fell is None:
             return  # already high: nothing to end
         self._fall[line] = None
-        self._last_edge = t
+        self._touch(t)
         spoiled, self._spoiled[line] = self._spoiled[line], False
         if self._stuck[line]:
             self._stuck[line] = False  # reported already; the long pulse is no bit
@@ -173,6 +201,12 @@ class WiegandDecoder:
             self._overflow += 1
         if self.fixed_bits is not None and len(self._bits) == self.fixed_bits:
             self._complete(out)
+
+    def _touch(self, t: float) -> None:
+        # An edge stamped a little before the one fed last (the two lines read in
+        # the other order) must not move the frame's end back.
+        last = self._last_edge
+        self._last_edge = t if last is None or t > last else last
 
     # -- frames ------------------------------------------------------------------
 
