@@ -1,0 +1,292 @@
+"""`make chaos`: the field's faults, one bounded run against the real parts.
+
+    python -m bench.chaos [--quick] [--only NAME[,NAME...]] [--seed N]
+
+Each fault runs the real pieces (the agent in its own process on simulated
+hardware, driven through its `gate-agent sim` socket; a real mosquitto, with
+the shipped broker files where the fault is about the broker; the reference
+ingest; SQLite) and prints one line of figures. What must hold is zero:
+undecided reads, lost events, accepted forgeries. Exit status 1 when any
+fault's verdict is not met. The figures go to bench/chaos.json and, by hand,
+into docs/reliability.md.
+
+--quick shortens the long runs (the flood, the kill loop) for development.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from agent.contract import topics  # noqa: E402
+from tests.agentproc import CARDS, AgentProcess  # noqa: E402
+from tests.broker import Mosquitto, Observer  # noqa: E402
+
+RESULTS = ROOT / "bench" / "chaos.json"
+W26_READERS = """
+[[hardware.readers]]
+name = "entry"
+type = "wiegand"
+format = 26
+
+[[hardware.readers]]
+name = "exit"
+type = "wiegand"
+format = 26
+"""
+
+
+class Verdict(Exception):
+    """A fault's promise was broken: the message says which figure."""
+
+
+def _ingest(broker: Mosquitto, db: Path) -> Any:
+    from agent.uplink.ingest import Ingest
+
+    ing = Ingest(broker.host, broker.port, db_path=db).start()
+    if not ing.ready.wait(15):
+        raise RuntimeError("the ingest did not subscribe")
+    return ing
+
+
+def _wait(pred: Callable[[], bool], timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+class CardLoop:
+    """Presents cards (and walks each granted pupil through) until stopped; keeps
+    every sim reply, so each decision the gate reported can be looked for later."""
+
+    def __init__(self, agent: AgentProcess, pause_s: float = 0.1) -> None:
+        self.agent = agent
+        self.pause_s = pause_s
+        self.replies: list[dict] = []
+        self.errors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> CardLoop:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        i = 0
+        while not self._stop.is_set():
+            try:
+                reply = self.agent.card(CARDS[i % len(CARDS)], wait=5)
+                self.replies.append(reply)
+                if (reply.get("decision") or {}).get("type") == "access.granted":
+                    self.agent.sim({"op": "pass", "side": "A"})
+            except Exception:
+                self.errors += 1  # the agent was killed under us: the next one answers
+                time.sleep(0.05)
+            i += 1
+            self._stop.wait(self.pause_s)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(15)
+
+    def decided(self) -> list[dict]:
+        return [r["decision"] for r in self.replies if r.get("ok") and r.get("decision")]
+
+    def undecided(self) -> int:
+        return sum(1 for r in self.replies if r.get("ok") and not r.get("decision"))
+
+
+def _lost(decisions: list[dict], stored: list[dict]) -> int:
+    ids = {e["id"] for e in stored}
+    return sum(1 for d in decisions if d["id"] not in ids)
+
+
+# --------------------------------------------------------------------------- faults
+
+
+def fault_flood(work: Path, quick: bool, rng: random.Random) -> dict:
+    """5,000 junk messages a second on the gate's cmd topic while cards are read."""
+    import subprocess
+
+    seconds = 15.0 if quick else 60.0
+    broker = Mosquitto(work / "mq").start()
+    ingest = _ingest(broker, work / "ingest.db")
+    agent = AgentProcess(work / "agent", broker=broker, telemetry_s=1, extra_toml=W26_READERS)
+    try:
+        agent.start()
+        t = topics(agent.site, agent.gate)
+        with Observer(broker, t["telemetry"], qos=0) as tel:
+            _wait(lambda: tel.records(), 10)
+            rss0 = agent.rss_mb()
+            flood = subprocess.Popen(
+                [sys.executable, "-m", "tests.flooder", broker.host, str(broker.port), t["cmd"],
+                 os.environ.get("CHAOS_FLOOD_RATE", "5000"), str(seconds)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+            mark = len(tel.records())
+            loop = CardLoop(agent).start()
+            rss_max = rss0
+            while flood.poll() is None:
+                rss_max = max(rss_max, agent.rss_mb())
+                time.sleep(0.5)
+            loop.stop()
+            sent = json.loads(flood.stdout.read())["sent"]
+            time.sleep(1.5)  # the last telemetry sample of the flood
+            samples = tel.records()[mark:]
+        p99 = max((s["decision_ms"]["p99"] for s in samples if s["decision_ms"]["p99"] is not None),
+                  default=None)
+        dropped_hw = max((s.get("queues", {}).get("dropped", {}).get("hardware", 0) for s in samples),
+                         default=0)
+        agent.stop()
+        records = agent.records()
+        flood_records = sum(1 for r in records if r["type"] == "command.result" or
+                            (r["type"] == "alarm" and r.get("kind") == "downlink_flood"))
+        decided = loop.decided()
+        _wait(lambda: _lost(decided, ingest.events()) == 0, 20)
+        out = {"seconds": seconds, "junk_sent": sent, "reads": len(loop.replies),
+               "undecided": loop.undecided() + loop.errors, "decision_p99_ms": p99,
+               "dropped_hardware": dropped_hw, "rss_growth_mb": round(rss_max - rss0, 1),
+               "journal_records_from_flood": flood_records,
+               "lost": _lost(decided, ingest.events())}
+        if out["undecided"] or out["lost"] or flood_records >= 100 or out["rss_growth_mb"] >= 50:
+            raise Verdict(out)
+        if p99 is None or p99 >= 10:
+            raise Verdict({**out, "why": "card decision p99 not under 10 ms"})
+        return out
+    finally:
+        agent.kill()
+        ingest.stop()
+        broker.kill()
+
+
+def fault_kill9(work: Path, quick: bool, rng: random.Random) -> dict:
+    """SIGKILL the agent at random moments while cards are read; restart it each time."""
+    kills = 8 if quick else 30
+    broker = Mosquitto(work / "mq").start()
+    ingest = _ingest(broker, work / "ingest.db")
+    agent = AgentProcess(work / "agent", broker=broker, extra_toml=W26_READERS)
+    decided: list[dict] = []
+    undecided = 0
+    try:
+        for _ in range(kills):
+            agent.start()
+            loop = CardLoop(agent, pause_s=0.05).start()
+            time.sleep(rng.uniform(0.3, 1.5))
+            agent.kill()
+            loop.stop()
+            decided += loop.decided()
+            undecided += loop.undecided()
+        agent.start()
+        _wait(lambda: _lost(decided, ingest.events()) == 0, 60)
+        agent.stop()
+        stored = ingest.events(agent.site, agent.gate)
+        seqs = sorted(e["seq"] for e in stored if e["id"].startswith(stored[0]["id"].split(":")[0]))
+        gaps = (seqs[-1] - len(seqs)) if seqs else 0
+        out = {"kills": kills, "decisions": len(decided), "undecided": undecided,
+               "lost": _lost(decided, stored), "seq_gaps": gaps}
+        if out["lost"] or gaps:
+            raise Verdict(out)
+        return out
+    finally:
+        agent.kill()
+        ingest.stop()
+        broker.kill()
+
+
+def fault_broker(work: Path, quick: bool, rng: random.Random) -> dict:
+    """Kill the broker (SIGKILL, no persistence) and bring it back, under load."""
+    outages = 3 if quick else 6
+    broker = Mosquitto(work / "mq").start()
+    ingest = _ingest(broker, work / "ingest.db")
+    agent = AgentProcess(work / "agent", broker=broker, extra_toml=W26_READERS)
+    try:
+        agent.start()
+        loop = CardLoop(agent).start()
+        for _ in range(outages):
+            time.sleep(rng.uniform(0.5, 2.0))
+            broker.kill()
+            time.sleep(rng.uniform(0.5, 3.0))
+            broker.start()
+        time.sleep(1)
+        loop.stop()
+        decided = loop.decided()
+        _wait(lambda: _lost(decided, ingest.events()) == 0, 60)
+        out = {"outages": outages, "decisions": len(decided),
+               "undecided": loop.undecided() + loop.errors, "lost": _lost(decided, ingest.events())}
+        if out["lost"] or out["undecided"]:
+            raise Verdict(out)
+        return out
+    finally:
+        agent.kill()
+        ingest.stop()
+        broker.kill()
+
+
+FAULTS: dict[str, Callable[[Path, bool, random.Random], dict]] = {
+    "flood": fault_flood,
+    "kill9": fault_kill9,
+    "broker": fault_broker,
+}
+
+
+def _line(name: str, ok: bool, figures: dict, took: float) -> str:
+    text = ", ".join(f"{k} {v}" for k, v in figures.items())
+    return f"chaos: {name:<12} {'ok  ' if ok else 'FAIL'} {text} ({took:.0f} s)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.chaos", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="short runs (development)")
+    p.add_argument("--only", default="", help="comma-separated fault names: " + ", ".join(FAULTS))
+    p.add_argument("--seed", type=int, default=None)
+    args = p.parse_args(argv)
+    names = [n for n in args.only.split(",") if n] or list(FAULTS)
+    unknown = [n for n in names if n not in FAULTS]
+    if unknown:
+        p.error(f"unknown fault(s) {', '.join(unknown)}; known: {', '.join(FAULTS)}")
+    seed = args.seed if args.seed is not None else random.randrange(1 << 30)
+    print(f"chaos: seed {seed}{' (quick)' if args.quick else ''}; faults: {', '.join(names)}", flush=True)
+    results: dict[str, Any] = {}
+    failed = []
+    t_all = time.monotonic()
+    for name in names:
+        rng = random.Random(f"{seed}:{name}")
+        t0 = time.monotonic()
+        with tempfile.TemporaryDirectory(prefix=f"chaos-{name}-") as tmp:
+            try:
+                figures, ok = FAULTS[name](Path(tmp), args.quick, rng), True
+            except Verdict as v:
+                figures, ok = (v.args[0] if isinstance(v.args[0], dict) else {"why": str(v)}), False
+            except Exception as exc:  # a broken rig is a failure too, with its reason
+                figures, ok = {"error": f"{type(exc).__name__}: {exc}"[:300]}, False
+        took = time.monotonic() - t0
+        print(_line(name, ok, figures, took), flush=True)
+        results[name] = {"ok": ok, "seconds": round(took, 1), **figures}
+        if not ok:
+            failed.append(name)
+    doc = {"seed": seed, "quick": args.quick, "machine": f"{platform.machine()}, {os.cpu_count()} CPU",
+           "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           "total_s": round(time.monotonic() - t_all, 1), "faults": results}
+    if not args.only:
+        RESULTS.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"chaos: {len(names) - len(failed)} of {len(names)} held"
+          + (f"; FAILED: {', '.join(failed)}" if failed else ""), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
