@@ -132,7 +132,10 @@ static bool covers(const char *rule, const char *filter)
 		const char *re = level_end(rule), *fe = level_end(filter);
 
 		if(level_is(rule, re, '#')) return !(first && filter[0] == '$');
-		if(level_is(filter, fe, '#')) return false; /* reaches deeper than this rule */
+		if(level_is(filter, fe, '#')){
+			/* Reaches deeper than this rule, but for "#" itself under "+/#" (every topic). */
+			return first && level_is(rule, re, '+') && !strcmp(re, "/#");
+		}
 		if(level_is(rule, re, '+')){
 			if(first && filter[0] == '$') return false;
 		}else if(re - rule != fe - filter || memcmp(rule, filter, (size_t)(re - rule))){
@@ -167,21 +170,6 @@ static bool intersects(const char *a, const char *b)
 		if(!*be) return !strcmp(ae + 1, "#");
 		a = ae + 1;
 		b = be + 1;
-	}
-}
-
-/* mosquitto_sub_topic_check, restated: '+' and '#' fill a level, '#' only the last. */
-static bool valid_filter(const char *s)
-{
-	if(!*s) return false;
-	for(;;){
-		const char *e = level_end(s);
-		for(const char *p = s; p < e; p++){
-			if((*p == '+' || *p == '#') && e - s != 1) return false;
-		}
-		if(level_is(s, e, '#') && *e) return false;
-		if(!*e) return true;
-		s = e + 1;
 	}
 }
 
@@ -504,7 +492,8 @@ static bool parse_line(struct ruleset *rs, struct owner **current, char *line, c
 				"readwrite or deny", path, lineno, LOG_TEXT_MAX, access_s);
 		return false;
 	}
-	if(!valid_filter(topic)){
+	/* The broker's own check, as for its acl_file: whole-level wildcards, 65,535 bytes, 200 levels. */
+	if(mosquitto_sub_topic_check(topic) != MOSQ_ERR_SUCCESS){
 		mosquitto_log_printf(MOSQ_LOG_ERR, "gate_acl: %s:%d: \"%.*s\" is not a valid topic filter",
 				path, lineno, LOG_TEXT_MAX, topic);
 		return false;
@@ -577,21 +566,24 @@ static struct ruleset *read_rules(const char *path)
 
 static void log_refusal(struct plugin *pl, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
+/* Say how many refusals a second's budget left out, once that second is over. */
+static void log_dropped(struct plugin *pl, time_t now)
+{
+	if(now == pl->log_second) return;
+	if(pl->log_dropped){
+		mosquitto_log_printf(MOSQ_LOG_NOTICE, "gate_acl: %lu more refusals not logged", pl->log_dropped);
+	}
+	pl->log_second = now;
+	pl->log_count = 0;
+	pl->log_dropped = 0;
+}
+
 static void log_refusal(struct plugin *pl, const char *fmt, ...)
 {
 	char text[3 * LOG_TEXT_MAX];
-	time_t now = time(NULL);
 	va_list ap;
 
-	if(now != pl->log_second){
-		if(pl->log_dropped){
-			mosquitto_log_printf(MOSQ_LOG_NOTICE, "gate_acl: %lu more refusals not logged",
-					pl->log_dropped);
-		}
-		pl->log_second = now;
-		pl->log_count = 0;
-		pl->log_dropped = 0;
-	}
+	log_dropped(pl, time(NULL));
 	if(++pl->log_count > LOG_PER_SECOND){
 		pl->log_dropped++;
 		return;
@@ -693,6 +685,16 @@ static int on_basic_auth(int event, void *event_data, void *userdata)
 	return rc == MOSQ_ERR_SUCCESS ? MOSQ_ERR_SUCCESS : MOSQ_ERR_AUTH;
 }
 
+static int on_tick(int event, void *event_data, void *userdata)
+{
+	struct plugin *pl = userdata;
+
+	(void)event;
+	(void)event_data; /* its clock is the broker's monotonic one: ours is time() */
+	if(pl->log_dropped) log_dropped(pl, time(NULL));
+	return MOSQ_ERR_SUCCESS;
+}
+
 static int on_reload(int event, void *event_data, void *userdata)
 {
 	struct plugin *pl = userdata;
@@ -746,7 +748,8 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata,
 	*userdata = pl; /* from here on, mosquitto_plugin_cleanup frees it */
 	if(mosquitto_callback_register(identifier, MOSQ_EVT_ACL_CHECK, on_acl_check, NULL, pl)
 			|| mosquitto_callback_register(identifier, MOSQ_EVT_BASIC_AUTH, on_basic_auth, NULL, pl)
-			|| mosquitto_callback_register(identifier, MOSQ_EVT_RELOAD, on_reload, NULL, pl)){
+			|| mosquitto_callback_register(identifier, MOSQ_EVT_RELOAD, on_reload, NULL, pl)
+			|| mosquitto_callback_register(identifier, MOSQ_EVT_TICK, on_tick, NULL, pl)){
 		return MOSQ_ERR_UNKNOWN;
 	}
 	mosquitto_log_printf(MOSQ_LOG_INFO, "gate_acl: subscription rules from %s", path);
@@ -763,6 +766,7 @@ int mosquitto_plugin_cleanup(void *userdata, struct mosquitto_opt *options, int 
 	mosquitto_callback_unregister(pl->id, MOSQ_EVT_ACL_CHECK, on_acl_check, NULL);
 	mosquitto_callback_unregister(pl->id, MOSQ_EVT_BASIC_AUTH, on_basic_auth, NULL);
 	mosquitto_callback_unregister(pl->id, MOSQ_EVT_RELOAD, on_reload, NULL);
+	mosquitto_callback_unregister(pl->id, MOSQ_EVT_TICK, on_tick, NULL);
 	free_ruleset(pl->rules);
 	mosquitto_free(pl->path);
 	mosquitto_free(pl);

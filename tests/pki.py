@@ -106,13 +106,17 @@ class TestCA:
         self.revoked: list[int] = []
         self.write_crl()
 
-    def issue(self, cn: str, *, server: bool = False) -> Identity:
+    def issue(self, cn: str, *, server: bool = False, common_names: list[str] | None = None) -> Identity:
+        """A certificate for CN ``cn``; ``common_names`` gives the subject's CNs instead (none, two)."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = _now()
         serial = x509.random_serial_number()
+        names = [cn] if common_names is None else common_names
+        subject = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Test Region")]
+        subject += [x509.NameAttribute(NameOID.COMMON_NAME, n) for n in names]
         builder = (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+            .subject_name(x509.Name(subject))
             .issuer_name(self.cert.subject)
             .public_key(key.public_key())
             .serial_number(serial)

@@ -475,6 +475,10 @@ def test_the_services_listener_admits_only_service_identities(gate_broker, pki):
         assert connect(pki.ca.issue("regional-unknown"), "tools-2").connack == NOT_AUTHORISED
         assert connect(pki.regional, f"{SITE}/{GATE_A}").connack == NOT_AUTHORISED
         assert connect(pki.regional, "a+b").connack == NOT_AUTHORISED
+        # A certificate without a CN, or with two (which one would count?), is no identity.
+        assert connect(pki.ca.issue("no-cn", common_names=[]), "tools-4").connack == NOT_AUTHORISED
+        two = pki.ca.issue("two", common_names=["school-17/main", "regional-server"])
+        assert connect(two, "tools-5").connack == NOT_AUTHORISED
         # The username a client sends counts for nothing: the certificate says who it is.
         server = connect(pki.regional, "tools-3", username="regional-ingest")
         assert server.connack == 0
