@@ -5,7 +5,8 @@ the plugin mosquitto/gate_acl.c).
 ``TestCA`` issues a server certificate for 127.0.0.1/localhost, client
 certificates (CN = MQTT username), and a CRL. ``GateBroker`` copies the
 repository's broker config with only the machine-specific lines rewritten
-(listener ports, file paths, log, persistence, run-as user), so the tests
+(listener ports, file paths) and what Debian's mosquitto.conf would add
+(log file, persistence, here off) plus the run-as user, so the tests
 exercise the shipped config, ACL and plugin, not a look-alike. Its ``port``
 is the gates' listener (8883 as shipped), ``services_port`` the regional
 services' one (8884), ``ports`` every listener.
@@ -24,7 +25,9 @@ import getpass
 import ipaddress
 import os
 import re
+import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,10 +213,12 @@ def build_plugin() -> Path:
     return BROKER_PLUGIN
 
 
-def render_broker_conf(pki: Pki, workdir: Path, ports: dict[int, int], plugin: Path) -> str:
+def render_broker_conf(pki: Pki, workdir: Path, ports: dict[int, int], plugin: Path, *,
+                       standalone: bool = True) -> str:
     """mosquitto/gate-broker.conf with this machine's paths and ports; every other line as shipped.
 
-    ports maps each shipped listener port to the port it gets here.
+    ports maps each shipped listener port to the port it gets here. standalone: add what
+    Debian's mosquitto.conf would (the log file, persistence), for a broker run on this file alone.
     """
     replace = {
         "cafile": f"cafile {pki.ca.cert_path}",
@@ -223,9 +228,6 @@ def render_broker_conf(pki: Pki, workdir: Path, ports: dict[int, int], plugin: P
         "acl_file": f"acl_file {workdir / 'acl.conf'}",
         "plugin": f"plugin {plugin}",
         "plugin_opt_acl_file": f"plugin_opt_acl_file {workdir / 'acl.conf'}",
-        "persistence": "persistence false",
-        "persistence_location": f"persistence_location {workdir}/",
-        "log_dest": f"log_dest file {workdir / 'mosquitto.log'}",
     }
     seen: set[str] = set()
     listeners: list[int] = []
@@ -245,8 +247,11 @@ def render_broker_conf(pki: Pki, workdir: Path, ports: dict[int, int], plugin: P
     missing = set(replace) - seen
     assert not missing, f"mosquitto/gate-broker.conf lacks {sorted(missing)}"
     assert sorted(listeners) == sorted(ports), f"listeners {listeners}, expected {sorted(ports)}"
-    # Run as root, mosquitto would switch to user "mosquitto", which cannot read the test files.
-    out.append(f"user {getpass.getuser()}")
+    # What Debian's mosquitto.conf, which includes the shipped file, would set; and run as
+    # root, mosquitto would switch to user "mosquitto", which cannot read the test files.
+    if standalone:
+        out = [f"log_dest file {workdir / 'mosquitto.log'}", "persistence false",
+               f"persistence_location {workdir}/", *out, f"user {getpass.getuser()}"]
     out.append("log_type information")
     return "\n".join(out) + "\n"
 
@@ -268,7 +273,18 @@ class GateBroker(Mosquitto):
         self.conf_path.write_text(render_broker_conf(pki, self.workdir, self.ports, plugin))
 
     def start(self, timeout: float = 10.0) -> GateBroker:
-        super().start(timeout)
+        super().start(timeout)  # waits for the gates' listener only
+        deadline = time.monotonic() + timeout
+        for port in self.ports.values():  # mosquitto opens them one after the other
+            while True:
+                try:
+                    socket.create_connection((self.host, port), timeout=0.5).close()
+                    break
+                except OSError:
+                    if not self.running or time.monotonic() > deadline:
+                        raise RuntimeError(f"mosquitto did not open its listener {port}: "
+                                           f"{self._log_tail()}") from None
+                    time.sleep(0.02)
         return self
 
     def log_text(self) -> str:

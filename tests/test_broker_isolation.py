@@ -614,3 +614,37 @@ def test_every_shipped_listener_binds_sessions_to_certificates():
     # The services' identities are the "user" blocks; none may look like a gate.
     users = re.findall(r"^user (.+)$", BROKER_ACL.read_text(), re.MULTILINE)
     assert users and all("/" not in u for u in users)
+
+
+def test_the_shipped_file_runs_included_by_debian_s_mosquitto_conf(pki, tmp_path):
+    """As installed (docs/security.md): /etc/mosquitto/conf.d/gate-broker.conf under Debian's
+    mosquitto.conf, which sets persistence and the log file itself."""
+    import getpass
+    import subprocess
+
+    from tests.broker import free_port, mosquitto_path
+    from tests.pki import broker_plugin, render_broker_conf
+
+    plugin = broker_plugin()
+    (tmp_path / "conf.d").mkdir()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "acl.conf").write_text(BROKER_ACL.read_text())
+    ports = {8883: free_port(), 8884: free_port()}
+    (tmp_path / "conf.d" / "gate-broker.conf").write_text(
+        render_broker_conf(pki, tmp_path, ports, plugin, standalone=False))
+    log = tmp_path / "mosquitto.log"
+    main = tmp_path / "mosquitto.conf"
+    main.write_text(f"pid_file {tmp_path}/mosquitto.pid\npersistence true\n"
+                    f"persistence_location {tmp_path}/data/\nlog_dest file {log}\n"
+                    f"include_dir {tmp_path}/conf.d\nuser {getpass.getuser()}\n")
+    proc = subprocess.Popen([mosquitto_path(), "-c", str(main)], stderr=subprocess.PIPE)
+    try:
+        wait_until(lambda: proc.poll() is not None or "running" in (log.read_text() if log.exists() else ""),
+                   10, "mosquitto to start")
+        assert proc.poll() is None, log.read_text()
+        for port in ports.values():
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        proc.stderr.close()
