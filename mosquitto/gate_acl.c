@@ -39,8 +39,9 @@
  * A deny rule refuses any subscription whose filter reaches a denied topic.
  *
  * SIGHUP re-reads the file. A file that does not parse at start stops the
- * broker; at a reload it leaves an empty rule set (nothing granted, logged),
- * since mosquitto's own reading of the same file failed too.
+ * broker; at a reload it leaves an empty rule set (no subscription granted,
+ * no service admitted, logged): better refuse than grant on rules that
+ * mosquitto's own reading of the file may not share.
  *
  * Build: make broker-plugin (needs mosquitto-dev and libssl-dev).
  */

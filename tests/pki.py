@@ -259,11 +259,13 @@ def render_broker_conf(pki: Pki, workdir: Path, ports: dict[int, int], plugin: P
 class GateBroker(Mosquitto):
     """mosquitto with the repository's mutual-TLS config, ACL and plugin (see render_broker_conf).
 
-    acl: the ACL file's text (default: mosquitto/acl.conf as shipped).
+    acl: the ACL file's text (default: mosquitto/acl.conf as shipped). plugin: the built
+    gate_acl.so (default: built now, see broker_plugin).
     """
 
-    def __init__(self, workdir: Path, pki: Pki, *, plugin: Path, port: int | None = None,
-                 acl: str | None = None) -> None:
+    def __init__(self, workdir: Path, pki: Pki, *, port: int | None = None, acl: str | None = None,
+                 plugin: Path | None = None) -> None:
+        plugin = plugin or broker_plugin()
         super().__init__(workdir, port=port)
         self.pki = pki
         self.services_port = free_port()
@@ -313,7 +315,7 @@ def broker_plugin() -> Path:
 
 @pytest.fixture
 def gate_broker(pki: Pki, tmp_path: Path) -> Iterator[GateBroker]:
-    b = GateBroker(tmp_path / "gate-broker", pki, plugin=broker_plugin()).start()
+    b = GateBroker(tmp_path / "gate-broker", pki).start()
     yield b
     b.stop()
 

@@ -548,7 +548,7 @@ def test_a_site_rule_added_at_a_reload_lets_a_gate_read_its_own_site_events(gate
 
 
 def test_rules_that_do_not_load_grant_nothing(gate_broker, pki, as_, tmp_path):
-    from tests.pki import GateBroker, broker_plugin
+    from tests.pki import GateBroker
 
     gate_a = as_(pki.gate_a)
     assert gate_a.subscribe(A["cmd"]) < 0x80
@@ -570,7 +570,7 @@ def test_rules_that_do_not_load_grant_nothing(gate_broker, pki, as_, tmp_path):
     for text, why in ((bad, "%s is for read rules only"), ("user\n", '"user" without a name'),
                       ("topic read gate/#/x\n", "not a valid topic filter"),
                       ("topic sometimes gate/x\n", "is not read, write")):
-        broken = GateBroker(tmp_path / f"broken{len(why)}", pki, plugin=broker_plugin(), acl=text)
+        broken = GateBroker(tmp_path / f"broken{len(why)}", pki, acl=text)
         with pytest.raises(RuntimeError):
             broken.start(timeout=5)
         assert why in broken.log_text()
