@@ -31,7 +31,7 @@ import stat
 import sys
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -65,6 +65,13 @@ REDACTED = "<redacted>"
 # Keys whose values are secret: never quoted in an error, replaced in redacted().
 SECRET_KEYS = frozenset({"mqtt.password"})
 _ENV_REF = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# A warning (Config.warnings); doctor and provision show it translated (agent/locale).
+PASSWORD_IN_FILE = (
+    "mqtt.password is written in the config file in clear text: whoever reads the file or a copy "
+    "of it can connect as this gate; prefer a client certificate ([mqtt.tls] cert_file and "
+    "key_file, no password), else move the password to mqtt.password_file (chown "
+    "root:gate-agent, chmod 0640) or write password = \"${ENV_NAME}\" and set ENV_NAME in the "
+    "service's environment")
 _SCBK = re.compile(r"^[0-9A-Fa-f]{32}$")
 
 
@@ -150,6 +157,8 @@ class MqttSettings:
     username: str | None
     password: str | None = field(default=None, repr=False)
     password_file: str | None = None
+    # Some of mqtt.password is written in the config file itself, not taken from ${ENV}.
+    password_in_file: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -238,6 +247,8 @@ class Config:
             out.append("commands.trusted_keys is empty: every remote command will be refused")
         if self.hardware.pin_factory == "mock":
             out.append("hardware.pin_factory = \"mock\": simulated hardware, no relay is driven")
+        if self.mqtt.password_in_file:
+            out.append(PASSWORD_IN_FILE)
         return out
 
 
@@ -558,6 +569,7 @@ def parse_config(
     errors: list[tuple[str, str]] = []
     base = Path(base_dir) if base_dir is not None else Path.cwd()
     env = os.environ if env is None else env
+    password_in_file = _written_out(_get(doc, "mqtt", "password"))
     doc = _expand(dict(doc), [], env, errors)
     root = schema()
     _fill_defaults(root, doc, root)
@@ -571,7 +583,16 @@ def parse_config(
     errors.sort(key=lambda x: x[0])  # by key path, so a section's problems sit together
     if errors or config is None:
         raise ConfigError(source, errors)
+    if password_in_file and config["mqtt"].password is not None:
+        config["mqtt"] = replace(config["mqtt"], password_in_file=True)
     return Config(source=source, document=doc, **config)
+
+
+def _written_out(value: Any) -> bool:
+    """A string with text of its own besides ${NAME} references (a secret written in the file)."""
+    if not isinstance(value, str):
+        return False
+    return _ENV_REF.sub(lambda m: "" if m.group(1) else "${", value) != ""
 
 
 def _get(doc: Any, *keys: str | int, default: Any = None) -> Any:

@@ -13,6 +13,10 @@ inc=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["include"])' 2>/de
 [ -n "$inc" ] && [ -f "$inc/Python.h" ] || need+=(python3-dev)
 have_cmd gcc || need+=(gcc)
 have_cmd mosquitto || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
+# Headers of the regional broker's plugin (mosquitto/gate_acl.c).
+[ -f /usr/include/mosquitto_broker.h ] || need+=(mosquitto-dev)
+[ -f /usr/include/mosquitto.h ] || need+=(libmosquitto-dev)
+[ -f /usr/include/openssl/x509.h ] || need+=(libssl-dev)
 have_cmd openssl || need+=(openssl)
 have_cmd systemd-analyze || need+=(systemd)
 # PostgreSQL for the ingest's PostgreSQL tests (Debian keeps initdb off PATH).

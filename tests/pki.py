@@ -1,11 +1,19 @@
 """A test CA made with ``cryptography``, and mosquitto running the repository's
-mutual-TLS configuration (mosquitto/gate-broker.conf + mosquitto/acl.conf).
+mutual-TLS configuration (mosquitto/gate-broker.conf + mosquitto/acl.conf +
+the plugin mosquitto/gate_acl.c).
 
 ``TestCA`` issues a server certificate for 127.0.0.1/localhost, client
 certificates (CN = MQTT username), and a CRL. ``GateBroker`` copies the
 repository's broker config with only the machine-specific lines rewritten
-(listener port, file paths, log, persistence, run-as user), so the tests
-exercise the shipped config and ACL, not a look-alike.
+(listener ports, file paths) and what Debian's mosquitto.conf would add
+(log file, persistence, here off) plus the run-as user, so the tests
+exercise the shipped config, ACL and plugin, not a look-alike. Its ``port``
+is the gates' listener (8883 as shipped), ``services_port`` the regional
+services' one (8884), ``ports`` every listener.
+
+The plugin is built with ``make broker-plugin``; where it cannot be built
+the broker tests skip, saying why, or fail under GATE_REQUIRE_COMPILED=1
+(CI), so that a broken build never passes unnoticed.
 
 Fixtures: ``pki`` (a CA with gate A, gate B, the server, the ingest and a
 revoked gate certificate) and ``gate_broker`` (mosquitto with that CA).
@@ -15,7 +23,11 @@ from __future__ import annotations
 import datetime as dt
 import getpass
 import ipaddress
+import os
 import re
+import socket
+import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +38,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tests.broker import Mosquitto, mosquitto_path
+from tests.broker import Mosquitto, free_port, mosquitto_path
 
 ROOT = Path(__file__).resolve().parent.parent
 BROKER_CONF = ROOT / "mosquitto" / "gate-broker.conf"
 BROKER_ACL = ROOT / "mosquitto" / "acl.conf"
+BROKER_PLUGIN = ROOT / "mosquitto" / "gate_acl.so"
+GATES_PORT, SERVICES_PORT = 8883, 8884  # the shipped listeners
 
 SITE = "school-17"
 GATE_A, GATE_B = "main", "side"
@@ -95,13 +109,17 @@ class TestCA:
         self.revoked: list[int] = []
         self.write_crl()
 
-    def issue(self, cn: str, *, server: bool = False) -> Identity:
+    def issue(self, cn: str, *, server: bool = False, common_names: list[str] | None = None) -> Identity:
+        """A certificate for CN ``cn``; ``common_names`` gives the subject's CNs instead (none, two)."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = _now()
         serial = x509.random_serial_number()
+        names = [cn] if common_names is None else common_names
+        subject = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Test Region")]
+        subject += [x509.NameAttribute(NameOID.COMMON_NAME, n) for n in names]
         builder = (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+            .subject_name(x509.Name(subject))
             .issuer_name(self.cert.subject)
             .public_key(key.public_key())
             .serial_number(serial)
@@ -175,47 +193,100 @@ def make_pki(folder: Path) -> Pki:
     return pki
 
 
-def render_broker_conf(pki: Pki, workdir: Path, port: int) -> str:
-    """mosquitto/gate-broker.conf with this machine's paths and port; every other line as shipped."""
+def build_plugin() -> Path:
+    """mosquitto/gate_acl.so, (re)built by the Makefile; skips or fails (CI) where it cannot be."""
+    try:
+        done = subprocess.run(["make", "--no-print-directory", "broker-plugin"], check=False, cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+        ok, why = done.returncode == 0, (done.stdout + done.stderr).strip()
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        ok, why = False, str(exc)
+    source = BROKER_PLUGIN.with_name("gate_acl.c")
+    # A failed build may leave an older plugin behind: never test that one.
+    if not ok or not BROKER_PLUGIN.exists() or BROKER_PLUGIN.stat().st_mtime < source.stat().st_mtime:
+        message = (f"the broker plugin {BROKER_PLUGIN.name} was not built ({why}); install "
+                   "mosquitto-dev, libmosquitto-dev and libssl-dev (scripts/setup-system.sh) "
+                   "and run `make broker-plugin`")
+        if os.environ.get("GATE_REQUIRE_COMPILED", "") in ("1", "true", "yes"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return BROKER_PLUGIN
+
+
+def render_broker_conf(pki: Pki, workdir: Path, ports: dict[int, int], plugin: Path, *,
+                       standalone: bool = True) -> str:
+    """mosquitto/gate-broker.conf with this machine's paths and ports; every other line as shipped.
+
+    ports maps each shipped listener port to the port it gets here. standalone: add what
+    Debian's mosquitto.conf would (the log file, persistence), for a broker run on this file alone.
+    """
     replace = {
-        "listener": f"listener {port} 127.0.0.1",
         "cafile": f"cafile {pki.ca.cert_path}",
         "certfile": f"certfile {pki.server_cert.cert}",
         "keyfile": f"keyfile {pki.server_cert.key}",
         "crlfile": f"crlfile {pki.ca.crl_path}",
         "acl_file": f"acl_file {workdir / 'acl.conf'}",
-        "persistence": "persistence false",
-        "persistence_location": f"persistence_location {workdir}/",
-        "log_dest": f"log_dest file {workdir / 'mosquitto.log'}",
+        "plugin": f"plugin {plugin}",
+        "plugin_opt_acl_file": f"plugin_opt_acl_file {workdir / 'acl.conf'}",
     }
     seen: set[str] = set()
+    listeners: list[int] = []
     out = []
     for line in BROKER_CONF.read_text().splitlines():
         word = line.split(" ", 1)[0] if line and not line.startswith("#") else ""
-        if word in replace:
+        if word == "listener":
+            shipped = int(line.split()[1])
+            assert shipped in ports, f"mosquitto/gate-broker.conf has a listener {shipped} the tests do not know"
+            listeners.append(shipped)
+            out.append(f"listener {ports[shipped]} 127.0.0.1")
+        elif word in replace:
             seen.add(word)
             out.append(replace[word])
         else:
             out.append(line)
     missing = set(replace) - seen
     assert not missing, f"mosquitto/gate-broker.conf lacks {sorted(missing)}"
-    # Run as root, mosquitto would switch to user "mosquitto", which cannot read the test files.
-    out.append(f"user {getpass.getuser()}")
+    assert sorted(listeners) == sorted(ports), f"listeners {listeners}, expected {sorted(ports)}"
+    # What Debian's mosquitto.conf, which includes the shipped file, would set; and run as
+    # root, mosquitto would switch to user "mosquitto", which cannot read the test files.
+    if standalone:
+        out = [f"log_dest file {workdir / 'mosquitto.log'}", "persistence false",
+               f"persistence_location {workdir}/", *out, f"user {getpass.getuser()}"]
     out.append("log_type information")
     return "\n".join(out) + "\n"
 
 
 class GateBroker(Mosquitto):
-    """mosquitto with the repository's mutual-TLS config and ACL (see render_broker_conf)."""
+    """mosquitto with the repository's mutual-TLS config, ACL and plugin (see render_broker_conf).
 
-    def __init__(self, workdir: Path, pki: Pki, *, port: int | None = None) -> None:
+    acl: the ACL file's text (default: mosquitto/acl.conf as shipped). plugin: the built
+    gate_acl.so (default: built now, see broker_plugin).
+    """
+
+    def __init__(self, workdir: Path, pki: Pki, *, port: int | None = None, acl: str | None = None,
+                 plugin: Path | None = None) -> None:
+        plugin = plugin or broker_plugin()
         super().__init__(workdir, port=port)
         self.pki = pki
-        (self.workdir / "acl.conf").write_text(BROKER_ACL.read_text())
-        self.conf_path.write_text(render_broker_conf(pki, self.workdir, self.port))
+        self.services_port = free_port()
+        self.ports = {GATES_PORT: self.port, SERVICES_PORT: self.services_port}
+        self.acl_file = self.workdir / "acl.conf"
+        self.acl_file.write_text(BROKER_ACL.read_text() if acl is None else acl)
+        self.conf_path.write_text(render_broker_conf(pki, self.workdir, self.ports, plugin))
 
     def start(self, timeout: float = 10.0) -> GateBroker:
-        super().start(timeout)
+        super().start(timeout)  # waits for the gates' listener only
+        deadline = time.monotonic() + timeout
+        for port in self.ports.values():  # mosquitto opens them one after the other
+            while True:
+                try:
+                    socket.create_connection((self.host, port), timeout=0.5).close()
+                    break
+                except OSError:
+                    if not self.running or time.monotonic() > deadline:
+                        raise RuntimeError(f"mosquitto did not open its listener {port}: "
+                                           f"{self._log_tail()}") from None
+                    time.sleep(0.02)
         return self
 
     def log_text(self) -> str:
@@ -230,10 +301,20 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("pki"))
 
 
-@pytest.fixture
-def gate_broker(pki: Pki, tmp_path: Path) -> Iterator[GateBroker]:
+_built: list[Path] = []  # make runs once per session
+
+
+def broker_plugin() -> Path:
+    """The built plugin; skips the test where mosquitto or the plugin is missing (fails in CI)."""
     if mosquitto_path() is None:
         pytest.skip("mosquitto is not installed (apt-get install mosquitto); broker tests skipped")
+    if not _built:
+        _built.append(build_plugin())
+    return _built[0]
+
+
+@pytest.fixture
+def gate_broker(pki: Pki, tmp_path: Path) -> Iterator[GateBroker]:
     b = GateBroker(tmp_path / "gate-broker", pki).start()
     yield b
     b.stop()

@@ -277,6 +277,64 @@ def test_warnings_point_at_risky_but_working_settings(tmp_path):
     assert "runs offline" in text and "lab only" in text and "simulated hardware" in text
 
 
+def test_a_password_written_in_the_file_is_a_warning_saying_what_to_do(tmp_path):
+    def warned(password: str, env: dict | None = None) -> bool:
+        doc = base(mqtt={"host": "b", "username": "u", "password": password})
+        cfg = parse_config(doc, base_dir=tmp_path, env=env or {"P": SECRET, "Q": "x"})
+        return any("mqtt.password" in w for w in cfg.warnings())
+
+    assert warned(SECRET)
+    assert warned("pre-${P}")  # part of it in the file
+    assert warned("$${P}")  # "$${" is a literal "${": the file holds the text
+    assert not warned("${P}") and not warned("${P}${Q}")
+    # The other ways give no warning.
+    secret_file(tmp_path, "mqtt-password", SECRET)
+    cfg = parse_config(base(mqtt={"host": "b", "username": "u", "password_file": "mqtt-password"}),
+                       base_dir=tmp_path, env={})
+    assert not any("mqtt.password" in w for w in cfg.warnings())
+    # The warning says what to do, and never quotes the password.
+    cfg = parse_config(base(mqtt={"host": "b", "username": "u", "password": SECRET}), base_dir=tmp_path, env={})
+    text = " ".join(cfg.warnings())
+    assert "clear text" in text and "client certificate" in text and "mqtt.password_file" in text
+    assert "${ENV_NAME}" in text and SECRET not in text
+
+
+def test_the_password_warning_has_a_russian_translation():
+    from agent import i18n
+    from agent.config import PASSWORD_IN_FILE
+
+    i18n.set_language("ru")
+    try:
+        russian = i18n._(PASSWORD_IN_FILE)
+    finally:
+        i18n.set_language(None)
+    assert russian != PASSWORD_IN_FILE and "открытым текстом" in russian
+    for kept in ("mqtt.password_file", "chmod 0640", "${ENV_NAME}", "[mqtt.tls]"):
+        assert kept in russian
+
+
+def test_doctor_shows_the_password_warning_in_the_technician_s_language(tmp_path):
+    from agent import i18n
+    from agent.tools.doctor import Doctor, DoctorEnv
+
+    (tmp_path / "state").mkdir(mode=0o700)
+    path = tmp_path / "agent.toml"
+    path.write_text(f'[site]\nid = "s"\ngate = "g"\n[hardware]\npin_factory = "mock"\n'
+                    f'[service]\nstate_dir = "{tmp_path / "state"}"\n'
+                    f'[journal]\npath = "{tmp_path / "state" / "journal.db"}"\n'
+                    f'[mqtt]\nusername = "u"\npassword = "{SECRET}"\n')
+    env = DoctorEnv(gpio_chips=list, service_active=lambda: None, clock_synced=lambda: True,
+                    implementation=lambda: "compiled")
+    for lang, text in (("en", "clear text"), ("ru", "открытым текстом")):
+        i18n.set_language(lang)
+        try:
+            config = next(c for c in Doctor(path, env=env).run() if c.name == "config")
+        finally:
+            i18n.set_language(None)
+        assert any(text in h for h in config.hints), (lang, config.hints)
+        assert not any(SECRET in h for h in config.hints)
+
+
 # --- check-config ------------------------------------------------------------------------------
 
 
@@ -298,8 +356,19 @@ def test_check_config_prints_ok_and_a_redacted_summary(tmp_path, capsys, monkeyp
     assert code == 0, err
     assert out.startswith(f"OK: {path}")
     assert SECRET not in out
+    assert "warning: mqtt.password" not in out  # it comes from the environment
     summary = json.loads(out[out.index("{"):])
     assert summary["mqtt"]["host"] == "b" and summary["gate"]["wait_s"] == 5.0
+
+
+def test_check_config_warns_of_a_password_in_clear_text(tmp_path, capsys):
+    path = tmp_path / "agent.toml"
+    path.write_text('[site]\nid = "s"\ngate = "g"\n[hardware]\npin_factory = "mock"\n'
+                    f'[mqtt]\nhost = "b"\nusername = "u"\npassword = "{SECRET}"\n')
+    code, out, err = run_check(path, capsys)
+    assert code == 0, err  # it works: a warning, not an error
+    assert "warning: mqtt.password is written in the config file in clear text" in out
+    assert SECRET not in out
 
 
 def test_check_config_lists_every_problem_and_exits_2(tmp_path, capsys):

@@ -255,7 +255,7 @@ class Doctor:
                          tuple(hints))
         c = self.cfg
         return Check(OK, "config", _("{path}: valid (site {site}, gate {gate})").format(
-            path=self.config_path, site=c.site, gate=c.gate_id), tuple(c.warnings()))
+            path=self.config_path, site=c.site, gate=c.gate_id), tuple(_(w) for w in c.warnings()))
 
     def _raw(self, *keys: str, default: Any = None) -> Any:
         node: Any = self.raw

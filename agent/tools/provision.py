@@ -413,7 +413,7 @@ def provision(config: Path, *, site: str, gate: str, broker: str, ca: Path | Non
     problems: list[tuple[str, str]] = []
     try:
         cfg = load_config(config)
-        warnings.extend(cfg.warnings())
+        warnings.extend(_(w) for w in cfg.warnings())  # in the catalogue where translated
     except ConfigError as exc:
         problems = exc.errors
     return Result(config, written, problems, warnings, info)
