@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sqlite3
 import stat
 import time
@@ -273,6 +274,13 @@ def test_forged_records_for_seqs_a_gate_has_not_reached_never_cost_it_a_real_one
     assert len(alarms) == 14
     for seq, line in zip(range(6, 20), sorted(alarms, key=lambda m: int(m.split("seq ")[1].split(")")[0]))):
         assert f"journal {journal.id}, seq {seq}" in line and f"gate {SITE}/{GATE}" in line
+    # The queries docs/ingest.md shows run on SQLite too.
+    text = (Path(__file__).resolve().parent.parent / "docs" / "ingest.md").read_text()
+    queries = re.sub(r"--[^\n]*", "", re.findall(r"```sql\n(.*?)```", text, re.DOTALL)[2])
+    with sqlite3.connect(db) as conn:
+        results = [conn.execute(q).fetchall() for q in queries.split(";") if q.strip()]
+    assert sorted(r[3] for r in results[0]) == sorted(r["id"] for r in later)
+    assert sorted(r[0] for r in results[1]) == sorted(r["id"] for r in later)
     # And the operator's listing: exit 1 while the quarantine holds anything.
     capsys.readouterr()
     assert main(["--db", str(db), "--conflicts"]) == 1

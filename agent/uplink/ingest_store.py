@@ -795,7 +795,8 @@ class PostgresStore:
         except self._pg.Error as exc:
             self._db.close()
             raise StoreError(
-                f"cannot create the ingest tables {', '.join(missing)} in {self.url} ({str(exc).strip()}); "
+                f"cannot create the ingest tables {', '.join(missing)} in {self.url} "
+                f"({str(exc).strip().splitlines()[0]}); "
                 "the user needs CREATE on its schema (or have the tables created as shown in docs/ingest.md)"
             ) from exc
         self._read_lock = threading.Lock()
