@@ -44,7 +44,6 @@ from .ingest_store import (
     Store,
     Stored,
     StoreError,
-    digest,
     open_store,
 )
 from .mqtt import TlsConfig
@@ -59,6 +58,10 @@ RECONNECT_MAX_S = 2.0
 HOUSEKEEPING_S = 60.0  # how often old held records are dropped
 LOG_BUDGET = 20  # conflict and refusal lines per LOG_WINDOW_S; the rest are counted
 LOG_WINDOW_S = 60.0
+
+
+def _not_json(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
 
 
 class _Budget:
@@ -142,6 +145,8 @@ class Ingest:
         self.ahead = 0  # refused, beyond the hold bound; not acked, so the gate resends
         self.expired = 0  # held records dropped after hold_hours
         self.rejected = 0
+        # The writer thread and a caller of expire_held() share one store connection.
+        self._store_lock = threading.Lock()
         self._log_budget = _Budget()
         self._refused_budget = _Budget()
         self._housekeeping_at = time.monotonic()
@@ -257,7 +262,9 @@ class Ingest:
         site, gate = parts[2], parts[3]
         try:
             body = payload.decode("utf-8")
-            rec = json.loads(body)
+            # NaN and Infinity are not JSON: PostgreSQL refuses them, which would fail the
+            # batch (other gates' events too) every time the record came back.
+            rec = json.loads(body, parse_constant=_not_json)
             rid, seq = rec["id"], rec["seq"]
             journal, _, seq_text = rid.rpartition(":")
             if not journal or not isinstance(seq, int) or not 1 <= seq <= MAX_SEQ or seq_text != str(seq):
@@ -271,9 +278,6 @@ class Ingest:
                 if "\x00" in v:
                     raise ValueError("a NUL character in id, type or ts")
                 v.encode("utf-8")
-            # NaN and Infinity are not JSON: PostgreSQL refuses them, which would fail the
-            # batch (other gates' events too) every time the record comes back.
-            sha = digest(body)
         except UnicodeEncodeError:
             log.warning("ingest: rejected a message on %s (a lone surrogate escape in id, type or ts)", topic)
             self.rejected += 1
@@ -282,14 +286,15 @@ class Ingest:
             log.warning("ingest: rejected a message on %s (%s)", topic, str(exc)[:200])
             self.rejected += 1
             return None
-        return Row(rid, journal, seq, site, gate, rtype, ts, body, sha)
+        return Row(rid, journal, seq, site, gate, rtype, ts, body)
 
     def _write(self, batch: list[tuple[str, bytes]]) -> None:
         rows = [r for r in (self._parse(t, p) for t, p in batch) if r is not None]
         if not rows:
             self.received += len(batch)
             return
-        done = self._store.insert(rows)  # returns once committed
+        with self._store_lock:
+            done = self._store.insert(rows)  # returns once committed
         # Counted after the commit, so a caller seeing the count also sees the rows.
         self.stored += done.new
         self.held += done.held
@@ -333,7 +338,8 @@ class Ingest:
         has it sends it again. Returns how many were dropped."""
         before = rfc3339_ms((time.time() if now is None else now) - self.hold_hours * 3600)
         try:
-            gone = self._store.expire_held(before)
+            with self._store_lock:
+                gone = self._store.expire_held(before)
         except StoreError as exc:
             log.error("ingest: %s; tried again in %.0f s", exc, HOUSEKEEPING_S)
             return 0
@@ -379,7 +385,7 @@ def _differences(first: dict | None, record: dict) -> str:
     keys = sorted(set(first) | set(record))
     diffs = [f"{k}: {json.dumps(first.get(k, '(absent)'))} -> {json.dumps(record.get(k, '(absent)'))}"
              for k in keys if first.get(k, ...) != record.get(k, ...)]
-    return "; ".join(diffs) if diffs else "same content, other spelling"
+    return "differs (first -> this): " + "; ".join(diffs) if diffs else "same content, other spelling"
 
 
 def list_conflicts(store: Store, site: str | None, gate: str | None, as_json: bool) -> int:
@@ -430,6 +436,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.conflicts:
+        if args.db is not None and not Path(args.db).is_file():
+            print(f"error: no ingest database at {args.db}; give the --db the ingest writes to")
+            return 2
         try:
             store = open_store(args.db_url if args.db_url is not None else Path(args.db))
             try:

@@ -80,7 +80,7 @@ class Row(NamedTuple):
     type: str | None
     ts: str | None
     body: str  # the record's JSON text as the gate sent it
-    digest: str = ""  # sha256 of canonical(body); computed by the store when empty
+    digest: str = ""  # sha256 of canonical(body); the store computes it when it needs it
 
     def columns(self) -> tuple:
         return (self.id, self.journal, self.seq, self.site, self.gate, self.type, self.ts, self.body)
@@ -243,6 +243,25 @@ def _digest_of_stored(body: str) -> str:
         return "text:" + hashlib.sha256(body.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+class _Digests:
+    """Digests computed only when two versions must be compared: a new record or
+    a resend with the very same text (the usual case) never needs one."""
+
+    def __init__(self) -> None:
+        self._rows: dict[int, str] = {}
+
+    def of(self, r: Row) -> str:
+        if r.digest:
+            return r.digest
+        key = id(r)
+        if key not in self._rows:
+            self._rows[key] = _digest_of_stored(r.body)
+        return self._rows[key]
+
+    def same(self, stored_body: str, r: Row) -> bool:
+        return stored_body == r.body or _digest_of_stored(stored_body) == self.of(r)
+
+
 # --- opening ----------------------------------------------------------------------------
 
 
@@ -326,31 +345,58 @@ class _Tx:
         return max(self.cur.execute(self._sql(sql), args).rowcount, 0)
 
     def many(self, sql: str, rows: list[tuple]) -> None:
-        if rows:
+        if rows:  # psycopg pipelines these: one round trip for the lot
             self.cur.executemany(self._sql(sql), rows)
 
     def lock_journal(self, journal: str, site: str, gate: str) -> tuple[str, str, int]:
         """The journal's owner and mark, locked for this transaction (claimed if new)."""
         if self.pg:
-            self.x("INSERT INTO journals(journal, site, gate) VALUES (?, ?, ?) "
-                   "ON CONFLICT (journal) DO NOTHING", (journal, site, gate))
-            # The row lock makes another ingest's commit for this journal visible
-            # before we look: READ COMMITTED takes a fresh snapshot per statement.
-            row = self.q("SELECT site, gate, upto FROM journals WHERE journal = ? FOR UPDATE", (journal,))
-            return row[0]
+            # One round trip: insert or lock the existing row, and read it. The row lock
+            # makes another ingest's commit for this journal visible before we look:
+            # READ COMMITTED takes a fresh snapshot per statement.
+            return self.q("INSERT INTO journals(journal, site, gate) VALUES (?, ?, ?) "
+                          "ON CONFLICT (journal) DO UPDATE SET journal = excluded.journal "
+                          "RETURNING site, gate, upto", (journal, site, gate))[0]
         row = self.q("SELECT site, gate, upto FROM journals WHERE journal = ?", (journal,))
         if row:
             return row[0]
         self.x("INSERT INTO journals(journal, site, gate, upto) VALUES (?, ?, ?, 0)", (journal, site, gate))
         return site, gate, 0
 
-    def bodies(self, table: str, ids: list[str]) -> dict[str, str]:
-        found: dict[str, str] = {}
-        cast = "::text" if self.pg else ""
-        for part in _chunks(ids):
-            marks = ",".join("?" * len(part))
-            found.update(self.q(f"SELECT id, body{cast} FROM {table} WHERE id IN ({marks})", part))
-        return found
+    def lookup(self, journal: str, ids: list[str], high: list[str], upto: int
+               ) -> tuple[dict[str, tuple[str, str]], list[tuple[int, str]]]:
+        """The versions stored under ``ids`` (events) and ``high`` (held), as id ->
+        (table, body text); and the first page of seqs stored past ``upto``."""
+        first: dict[str, tuple[str, str]] = {}
+        if self.pg:
+            # One round trip: on a busy server the count of statements is what costs.
+            rows = self.q(
+                "SELECT 'held', id, body::text FROM held WHERE id = ANY(?) "
+                "UNION ALL SELECT 'events', id, body::text FROM events WHERE id = ANY(?) "
+                "UNION ALL SELECT 'held+', NULL, seq::text FROM (SELECT seq FROM held "
+                "WHERE journal = ? AND seq > ? ORDER BY seq LIMIT ?) h "
+                "UNION ALL SELECT 'events+', NULL, seq::text FROM (SELECT seq FROM events "
+                "WHERE journal = ? AND seq > ? ORDER BY seq LIMIT ?) e",
+                (high, ids, journal, upto, _PAGE, journal, upto, _PAGE))
+            page = [(int(text), where[:-1]) for where, _, text in rows if where.endswith("+")]
+            for where, rid, body in rows:
+                if not where.endswith("+") and first.get(rid, ("",))[0] != "events":
+                    first[rid] = (where, body)  # events wins: it is where a version counts
+            return first, page
+        for table, wanted in (("held", high), ("events", ids)):
+            for part in _chunks(wanted):
+                marks = ",".join("?" * len(part))
+                for rid, body in self.q(f"SELECT id, body FROM {table} WHERE id IN ({marks})", part):
+                    first[rid] = (table, body)
+        return first, self.probe(journal, upto)
+
+    def probe(self, journal: str, after: int) -> list[tuple[int, str]]:
+        """A page of the journal's seqs stored past ``after``: held, or in events (an older ingest)."""
+        return self.q(
+            "SELECT seq, 'held' FROM (SELECT seq FROM held WHERE journal = ? AND seq > ? "
+            "ORDER BY seq LIMIT ?) h UNION ALL "
+            "SELECT seq, 'events' FROM (SELECT seq FROM events WHERE journal = ? AND seq > ? "
+            "ORDER BY seq LIMIT ?) e", (journal, after, _PAGE, journal, after, _PAGE))
 
     def quarantined(self, ids: list[str]) -> set[tuple[str, str]]:
         found: set[tuple[str, str]] = set()
@@ -361,33 +407,29 @@ class _Tx:
 
 
 class _Ahead:
-    """The seqs of one journal stored past a point (held, or in events by an older
+    """The seqs of one journal stored past its mark (held, or in events by an older
     ingest), read in pages as a run walks forward over them."""
 
-    _PROBE = (
-        "SELECT seq, 'held' FROM (SELECT seq FROM held WHERE journal = ? AND seq > ? "
-        "ORDER BY seq LIMIT ?) h UNION ALL "
-        "SELECT seq, 'events' FROM (SELECT seq FROM events WHERE journal = ? AND seq > ? "
-        "ORDER BY seq LIMIT ?) e"
-    )
-
-    def __init__(self, tx: _Tx, journal: str) -> None:
+    def __init__(self, tx: _Tx, journal: str, first_page: list[tuple[int, str]]) -> None:
         self.tx, self.journal = tx, journal
         self.buf: deque[tuple[int, str]] = deque()
         self.known_to = -1  # every stored seq up to here is in buf (or was consumed)
+        self._load(first_page)
+
+    def _load(self, rows: list[tuple[int, str]]) -> None:
+        held = [s for s, w in rows if w == "held"]
+        ev = [s for s, w in rows if w == "events"]
+        # Complete only up to the end of a full page: beyond it the other table may hide rows.
+        ends = [max(page) for page in (held, ev) if len(page) >= _PAGE]
+        self.known_to = min(ends) if ends else MAX_SEQ
+        self.buf = deque(sorted((s, w) for s, w in rows if s <= self.known_to))
 
     def at(self, seq: int) -> str | None:
         """Where seq is stored ("held" or "events"), or None. Call with growing seqs."""
         while self.buf and self.buf[0][0] < seq:
             self.buf.popleft()
         if not self.buf and seq > self.known_to:
-            rows = self.tx.q(self._PROBE, (self.journal, seq - 1, _PAGE, self.journal, seq - 1, _PAGE))
-            held = [s for s, w in rows if w == "held"]
-            ev = [s for s, w in rows if w == "events"]
-            # Complete only up to the end of a full page: beyond it the other table may hide rows.
-            ends = [page[-1] for page in (held, ev) if len(page) >= _PAGE]
-            self.known_to = min(ends) if ends else MAX_SEQ
-            self.buf = deque(sorted((s, w) for s, w in rows if s <= self.known_to))
+            self._load(self.tx.probe(self.journal, seq - 1))
         if self.buf and self.buf[0][0] == seq:
             return self.buf[0][1]
         return None
@@ -397,12 +439,20 @@ _EVENT_COLS = "id, journal, seq, site, gate, type, ts, body"
 
 
 def _place(tx: _Tx, rows: list[Row], received: str, hold_max: int) -> Stored:
-    """Place a batch: events, held, quarantine; move the marks. Inside the caller's transaction."""
+    """Place a batch: events, held, quarantine; move the marks. Inside the caller's transaction.
+
+    Per journal (under its lock) the rows are classified and the run walked; the
+    writes go out at the end, one pipelined statement per table for the whole batch.
+    """
     done = Stored()
     groups: dict[str, list[Row]] = {}
     for r in rows:
         groups.setdefault(r.journal, []).append(r)
     held_per_gate: dict[tuple[str, str], int] = {}
+    to_events: list[tuple] = []
+    to_held: list[tuple] = []
+    to_quarantine: list[tuple] = []
+    marks_moved: list[tuple[int, str]] = []
     # Sorted: every writer takes the journals' locks in one order, so none deadlock.
     for journal in sorted(groups):
         arrived = groups[journal]
@@ -421,18 +471,10 @@ def _place(tx: _Tx, rows: list[Row], received: str, hold_max: int) -> Stored:
             continue
         mine.sort(key=lambda r: r.seq)  # stable: copies of one id keep their arrival order
 
-        # The version stored first for each id, and where it is.
-        first: dict[str, tuple[str, str]] = {}
-        low = [r.id for r in mine if r.seq <= upto]
-        high = [r.id for r in mine if r.seq > upto]
-        for rid, body in tx.bodies("events", low).items():
-            first[rid] = ("events", _digest_of_stored(body))
-        if high:
-            for rid, body in tx.bodies("held", high).items():
-                first[rid] = ("held", _digest_of_stored(body))
-            for rid, body in tx.bodies("events", high).items():  # left by an older ingest
-                first[rid] = ("events", _digest_of_stored(body))
-
+        # The version stored first for each id (its text), and where it is. A version in
+        # events past the mark was left there by an older ingest.
+        first, page = tx.lookup(journal, [r.id for r in mine], [r.id for r in mine if r.seq > upto], upto)
+        digests = _Digests()
         cand: dict[int, Row] = {}  # new ids past the mark: to events, held or refused
         stored_seq: set[int] = set()  # seqs of this batch's rows whose own content is stored
         dup_of_held: list[int] = []  # duplicates of a held version: stored only if it moves
@@ -445,9 +487,9 @@ def _place(tx: _Tx, rows: list[Row], received: str, hold_max: int) -> Stored:
                     done.duplicates += 1
                     stored_seq.add(r.seq)
                 else:
-                    first[r.id] = ("batch", r.digest)
+                    first[r.id] = ("batch", r.body)
                     cand[r.seq] = r
-            elif known[1] == r.digest:
+            elif digests.same(known[1], r):
                 done.duplicates += 1
                 if known[0] == "held":
                     dup_of_held.append(r.seq)
@@ -457,22 +499,19 @@ def _place(tx: _Tx, rows: list[Row], received: str, hold_max: int) -> Stored:
                 suspects.append((r, known[0]))
         if suspects:
             have = tx.quarantined([r.id for r, _ in suspects])
-            new_versions = []
             for r, where in suspects:
                 stored_seq.add(r.seq)
-                if (r.id, r.digest) in have:
+                sha = digests.of(r)
+                if (r.id, sha) in have:
                     done.duplicates += 1  # a resend of a version already quarantined
                     continue
-                have.add((r.id, r.digest))
-                new_versions.append((*r.columns(), r.digest, received))
+                have.add((r.id, sha))
+                to_quarantine.append((*r.columns(), sha, received))
                 done.conflicts.append(Conflict(r.id, journal, r.seq, site, gate, where))
-            tx.many(f"INSERT INTO quarantine({_EVENT_COLS}, digest, received) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING", new_versions)
 
         # Walk the contiguous run from the mark over this batch's new rows and the
         # rows already held; what it passes goes into events.
-        ahead = _Ahead(tx, journal)
-        to_events: list[tuple] = []
+        ahead = _Ahead(tx, journal, page)
         cur, moved_held = upto, False
         while True:
             s = cur + 1
@@ -480,14 +519,13 @@ def _place(tx: _Tx, rows: list[Row], received: str, hold_max: int) -> Stored:
             if r is not None:
                 to_events.append(r.columns())
                 stored_seq.add(s)
+                done.new += 1
             else:
                 where = ahead.at(s)
                 if where is None:
                     break
                 moved_held = moved_held or where == "held"
             cur = s
-        tx.many(f"INSERT INTO events({_EVENT_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", to_events)
-        done.new += len(to_events)
         if moved_held:
             done.new += tx.x(f"INSERT INTO events({_EVENT_COLS}) SELECT {_EVENT_COLS} FROM held "
                              "WHERE journal = ? AND seq > ? AND seq <= ?", (journal, upto, cur))
@@ -499,24 +537,29 @@ def _place(tx: _Tx, rows: list[Row], received: str, hold_max: int) -> Stored:
             key = (site, gate)
             if key not in held_per_gate:
                 held_per_gate[key] = tx.q("SELECT count(*) FROM held WHERE site = ? AND gate = ?", key)[0][0]
-            keep, refused = [], []
+            refused = []
             for s in sorted(cand):
                 if s - cur <= hold_max and held_per_gate[key] < hold_max:
-                    keep.append((*cand[s].columns(), received))
+                    to_held.append((*cand[s].columns(), received))
                     held_per_gate[key] += 1
+                    done.held += 1
                 else:
                     refused.append(s)
-            tx.many(f"INSERT INTO held({_EVENT_COLS}, received) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", keep)
-            done.held += len(keep)
             if refused:
                 done.refused[journal] = Refused(site, gate, len(refused), refused[0], refused[-1], cur)
 
         if cur != upto:
-            tx.x("UPDATE journals SET upto = ? WHERE journal = ?", (cur, journal))
+            marks_moved.append((cur, journal))
         # The ack covers no seq beyond this batch's own stored records: a record only
         # held, or stored earlier by someone else, never lets the gate forget one of its own.
-        top = max(stored_seq, default=0)
-        done.marks[journal] = Mark(site, gate, cur, min(cur, top))
+        done.marks[journal] = Mark(site, gate, cur, min(cur, max(stored_seq, default=0)))
+
+    # Every journal of the batch is locked by now: no other writer touches these ids.
+    tx.many(f"INSERT INTO events({_EVENT_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", to_events)
+    tx.many(f"INSERT INTO held({_EVENT_COLS}, received) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", to_held)
+    tx.many(f"INSERT INTO quarantine({_EVENT_COLS}, digest, received) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING", to_quarantine)
+    tx.many("UPDATE journals SET upto = ? WHERE journal = ?", marks_moved)
     return done
 
 
@@ -605,7 +648,6 @@ class SqliteStore:
         self._db = db
 
     def insert(self, rows: list[Row]) -> Stored:
-        rows = [r if r.digest else r._replace(digest=digest(r.body)) for r in rows]
         db = self._db
         try:
             db.execute("BEGIN IMMEDIATE")  # other ingests on this file wait; upto stays consistent
@@ -673,7 +715,7 @@ SELECT q.id, q.journal, q.seq, q.site, q.gate, q.received, q.body{cast},
        coalesce(e.body{cast}, h.body{cast}), CASE WHEN e.id IS NOT NULL THEN 'events'
        WHEN h.id IS NOT NULL THEN 'held' END
 FROM quarantine q LEFT JOIN events e ON e.id = q.id LEFT JOIN held h ON h.id = q.id{where}
-ORDER BY q.received, q.id, q.digest
+ORDER BY q.received, q.journal, q.seq, q.digest
 """
 
 
@@ -828,7 +870,6 @@ class PostgresStore:
         raise AssertionError("unreachable")
 
     def insert(self, rows: list[Row]) -> Stored:
-        rows = [r if r.digest else r._replace(digest=digest(r.body)) for r in rows]
         received = rfc3339_ms(time.time())
 
         def work() -> Stored:
