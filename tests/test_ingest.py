@@ -478,3 +478,13 @@ def test_the_database_and_its_wal_are_readable_by_the_service_user_only(broker, 
             assert mode == 0o600, f"private.db{suffix} is {mode:o}"
     finally:
         ing.stop()
+
+
+def test_an_existing_database_readable_by_others_is_flagged(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="agent.uplink.ingest")
+    db = tmp_path / "old.db"
+    sqlite3.connect(db).close()
+    db.chmod(0o644)
+    Ingest("127.0.0.1", 1, db_path=db).stop()  # never started: opens the database only
+    assert stat.S_IMODE(db.stat().st_mode) == 0o644  # left as the operator set it
+    assert any("readable by other users (mode 644)" in r.getMessage() for r in caplog.records)

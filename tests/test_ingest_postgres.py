@@ -428,3 +428,44 @@ def test_held_records_are_bounded_per_journal_and_gate_and_expire_in_postgres(pg
         assert store.held_count() == 0 and store.upto("jB") == 1
     finally:
         store.close()
+
+
+def test_writers_racing_different_versions_of_one_id_keep_each_once(pg_url):
+    """Four stores write their own version of the same 60 ids at once (in batches
+    of 10): each id ends with exactly one version in events and the other three in
+    quarantine, none lost, none twice, whatever the interleaving."""
+    writers, top = 4, 60
+    stores = [PostgresStore(pg_url) for _ in range(writers)]
+    errors: list[BaseException] = []
+    go = threading.Barrier(writers)
+
+    def version(k: int, seq: int) -> Row:
+        rec = {**passage(seq), "id": f"jR:{seq}", "seq": seq, "after_ms": 10_000 * (k + 1) + seq}
+        return Row(rec["id"], "jR", seq, SITE, GATE, rec["type"], rec["ts"], json.dumps(rec))
+
+    def write(store: PostgresStore, k: int) -> None:
+        try:
+            go.wait(10)
+            seqs = list(range(1, top + 1))
+            if k % 2:
+                seqs.reverse()  # half of them from the far end: held first, then moved
+            for i in range(0, top, 10):
+                store.insert([version(k, s) for s in seqs[i:i + 10]])
+        except StoreError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(st, k)) for k, st in enumerate(stores)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for st in stores:
+        st.close()
+    assert not errors, errors
+    assert table(pg_url, "SELECT upto FROM journals WHERE journal = 'jR'") == [(top,)]
+    assert table(pg_url, "SELECT count(*), count(DISTINCT id) FROM events") == [(top, top)]
+    assert table(pg_url, "SELECT count(*) FROM held") == [(0,)]
+    assert table(pg_url, "SELECT count(*), count(DISTINCT id) FROM quarantine") == [(top * 3, top)]
+    every = {json.loads(b)["after_ms"] for (b,) in table(
+        pg_url, "SELECT body::text FROM events UNION ALL SELECT body::text FROM quarantine")}
+    assert every == {10_000 * (k + 1) + s for k in range(writers) for s in range(1, top + 1)}

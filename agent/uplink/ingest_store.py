@@ -617,13 +617,23 @@ CREATE INDEX IF NOT EXISTS quarantine_site_gate ON quarantine(site, gate);
 
 def _create_private(path: str) -> None:
     """Create the database file readable by the service user only (it holds card
-    numbers and person ids). SQLite gives its -wal and -shm the main file's mode."""
-    if path == ":memory:" or os.path.exists(path):
+    numbers and person ids). SQLite gives its -wal and -shm the main file's mode.
+    An existing file keeps its mode (a DBA may have chosen it); a warning says so."""
+    if path == ":memory:":
         return
     try:
-        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        mode = os.stat(path).st_mode & 0o777
+    except FileNotFoundError:
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        except OSError:
+            pass  # sqlite3.connect reports the problem in its own words
+        return
     except OSError:
-        pass  # sqlite3.connect reports the problem in its own words
+        return
+    if mode & 0o077:
+        log.warning("ingest: the database %s is readable by other users (mode %o); it holds card "
+                    "numbers and person ids: `chmod 600` it and its -wal and -shm", path, mode)
 
 
 class SqliteStore:
