@@ -488,3 +488,13 @@ def test_an_existing_database_readable_by_others_is_flagged(tmp_path, caplog):
     Ingest("127.0.0.1", 1, db_path=db).stop()  # never started: opens the database only
     assert stat.S_IMODE(db.stat().st_mode) == 0o644  # left as the operator set it
     assert any("readable by other users (mode 644)" in r.getMessage() for r in caplog.records)
+
+
+def test_main_explains_a_hold_bound_it_cannot_use(tmp_path: Path, capsys):
+    db = tmp_path / "never.db"
+    assert main(["--port", "1", "--db", str(db), "--hold", "0"]) == 2
+    assert main(["--port", "1", "--db", str(db), "--hold-hours", "inf"]) == 2
+    out = capsys.readouterr().out
+    assert "hold_max (--hold) 0 must be a whole number" in out
+    assert "hold_hours (--hold-hours) inf must be a number of hours" in out
+    assert not db.exists()

@@ -56,6 +56,7 @@ log = logging.getLogger("agent.ingest")
 RECONNECT_MIN_S = 0.5
 RECONNECT_MAX_S = 2.0
 HOUSEKEEPING_S = 60.0  # how often old held records are dropped
+MAX_HOLD_HOURS = 24 * 366  # a held record waits at most a year, whatever --hold-hours says
 LOG_BUDGET = 20  # conflict and refusal lines per LOG_WINDOW_S; the rest are counted
 LOG_WINDOW_S = 60.0
 
@@ -119,9 +120,10 @@ class Ingest:
         if (db_path is None) == (db_url is None):
             raise ValueError("give the ingest one database: db_path (SQLite file) or db_url "
                              "(postgresql://user@host/db, sqlite:///path or a path)")
-        if not (isinstance(hold_hours, int | float) and hold_hours > 0):
-            raise ValueError(f"hold_hours {hold_hours!r} must be a positive number of hours "
-                             f"(default {HOLD_HOURS:g})")
+        if isinstance(hold_hours, bool) or not (isinstance(hold_hours, int | float)
+                                                 and 0 < hold_hours <= MAX_HOLD_HOURS):
+            raise ValueError(f"hold_hours (--hold-hours) {hold_hours!r} must be a number of hours above 0 and at "
+                             f"most {MAX_HOLD_HOURS} (default {HOLD_HOURS:g})")
         self.hold_hours = float(hold_hours)
         try:
             where = db_url if db_url is not None else Path(db_path)
@@ -251,7 +253,10 @@ class Ingest:
                     log.exception("ingest: unexpected failure storing a batch; not acknowledged")
             if time.monotonic() >= self._housekeeping_at:
                 self._housekeeping_at = time.monotonic() + HOUSEKEEPING_S
-                self.expire_held()
+                try:
+                    self.expire_held()
+                except Exception:
+                    log.exception("ingest: unexpected failure dropping old held records; tried again later")
             if item is None:
                 return
 

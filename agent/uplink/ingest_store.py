@@ -305,7 +305,7 @@ def open_store(db_url: str | Path, *, hold_max: int = HOLD_MAX) -> Store:
 
 def _check_hold_max(hold_max: int) -> int:
     if isinstance(hold_max, bool) or not isinstance(hold_max, int) or hold_max < 1:
-        raise ValueError(f"hold_max {hold_max!r} must be a whole number of records >= 1 "
+        raise ValueError(f"hold_max (--hold) {hold_max!r} must be a whole number of records >= 1 "
                          f"(default {HOLD_MAX})")
     return hold_max
 
