@@ -498,3 +498,16 @@ def test_main_explains_a_hold_bound_it_cannot_use(tmp_path: Path, capsys):
     assert "hold_max (--hold) 0 must be a whole number" in out
     assert "hold_hours (--hold-hours) inf must be a number of hours" in out
     assert not db.exists()
+
+
+def test_ingests_made_at_once_have_client_ids_of_their_own(tmp_path, monkeypatch):
+    # Started in the same millisecond (two hosts, or a test making two at once): the
+    # same id would make each take the other's connection over, one getting no events.
+    frozen = time.time()
+    monkeypatch.setattr("agent.uplink.ingest.time.time", lambda: frozen)
+    made = [Ingest("127.0.0.1", 1, db_path=tmp_path / "ids.db") for _ in range(20)]
+    try:
+        assert len({ing.client_id for ing in made}) == 20
+    finally:
+        for ing in made:
+            ing.stop()

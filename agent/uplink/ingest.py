@@ -22,6 +22,7 @@ import argparse
 import json
 import logging
 import queue
+import secrets
 import signal
 import threading
 import time
@@ -135,7 +136,9 @@ class Ingest:
         self.db_url = self._store.url  # without any password: safe to print
         self.group = group
         self.filter = f"$share/{group}/{TOPIC_ROOT}/+/+/events"
-        self.client_id = client_id or f"ingest-{group}-{int(time.time() * 1000) % 10**9}"
+        # Random: two ingests started in the same millisecond had the same id and took
+        # each other's connection over, one getting no share of the events.
+        self.client_id = client_id or f"ingest-{group}-{secrets.token_hex(6)}"
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._stopping = threading.Event()
