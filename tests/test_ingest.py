@@ -511,3 +511,18 @@ def test_ingests_made_at_once_have_client_ids_of_their_own(tmp_path, monkeypatch
     finally:
         for ing in made:
             ing.stop()
+
+
+def test_a_flood_of_conflicting_versions_is_all_kept_and_logged_within_a_budget(broker, ingest_db, caplog):
+    caplog.set_level(logging.WARNING, logger="agent.ingest")
+    ingest = ingest_db()
+    t = topics("s1", "g1")
+    with Observer(broker, "nobody/listens") as forger:
+        forger.publish(t["events"], json.dumps(event("jF", 1)))
+        for n in range(60):
+            forger.publish(t["events"], json.dumps(event("jF", 1, detail=f"forged {n}")))
+        forger.publish(t["events"], json.dumps(event("jF", 2)))
+        wait_until(lambda: ingest.upto("jF") == 2, 10, "the flood through")
+    assert ingest.stats()["conflicts"] == 60 and len(ingest.conflicts()) == 60
+    lines = [r for r in caplog.records if "CONFLICT" in r.getMessage()]
+    assert len(lines) == 20  # the rest counted, said on the first line after the minute
