@@ -7,7 +7,11 @@ the module skips, saying why, where PostgreSQL or psycopg is missing.
 from __future__ import annotations
 
 import json
+import logging
+import re
 import threading
+import time
+from pathlib import Path
 
 import pytest
 
@@ -42,7 +46,8 @@ def table(url: str, sql: str, *args) -> list[tuple]:
     import psycopg
 
     with psycopg.connect(url, autocommit=True) as conn:
-        return conn.execute(sql, args).fetchall()
+        cur = conn.execute(sql, args)
+        return cur.fetchall() if cur.description is not None else []
 
 
 @pytest.fixture
@@ -152,7 +157,9 @@ def test_two_ingests_in_one_group_on_one_database_store_each_event_exactly_once(
         for seq in range(1, 101):
             gate.publish(topics(SITE, "gate2")["events"],
                          json.dumps({**passage(seq), "id": f"jG2:{seq}", "seq": seq}))
-        uplinks(journal, broker, window=50)
+        # resend_after_s: a record one ingest held and the other moved into events is
+        # acked with the gate's next record or its resend.
+        uplinks(journal, broker, window=50, resend_after_s=0.5)
         wait_until(lambda: journal.backlog() == 0, 20, "every event acknowledged")
         wait_until(lambda: a.upto("jG2") == 100, 10, "the second gate's mark at 100")
 
@@ -207,9 +214,11 @@ def test_a_writer_waits_for_another_writers_mark_and_counts_its_rows(pg_url):
     store.insert([row("jL", 5)])  # the journal's mark row exists (at 0: seq 1 is missing)
     other = psycopg.connect(pg_url)
     try:
-        other.execute("INSERT INTO events(id, journal, seq, site, gate, type, ts, body) "
-                      "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)", row("jL", 2))
+        # What another writer does with seq 2 while 1 is missing: hold it, under the lock.
         other.execute("SELECT upto FROM journals WHERE journal = 'jL' FOR UPDATE")
+        other.execute("INSERT INTO held(id, journal, seq, site, gate, type, ts, body, received) "
+                      "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, '2026-09-01T07:00:00.000Z')",
+                      row("jL", 2).columns())
         result: list = []
         writer = threading.Thread(target=lambda: result.append(store.insert([row("jL", 1)])))
         writer.start()
@@ -271,3 +280,192 @@ def test_exactly_one_database_is_required(tmp_path):
         Ingest("127.0.0.1", 1)
     with pytest.raises(ValueError, match="one database"):
         Ingest("127.0.0.1", 1, db_path=tmp_path / "a.db", db_url=f"sqlite:///{tmp_path}/b.db")
+
+
+# --- forged records, conflicts, held records (issue 9, finding 3) ---------------------------
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "ingest.md"
+
+
+def doc_sql() -> list[list[str]]:
+    """The statements of each ```sql block of docs/ingest.md: layout, grants, queries."""
+    blocks = re.findall(r"```sql\n(.*?)```", DOC.read_text(), re.DOTALL)
+    blocks = [re.sub(r"--[^\n]*", "", b) for b in blocks]  # comments may hold a ';'
+    return [[st.strip() for st in b.split(";") if st.strip()] for b in blocks]
+
+
+def forged(journal_id: str, seq: int) -> dict:
+    return {**passage(500 + seq), "id": f"{journal_id}:{seq}", "seq": seq}
+
+
+def versions(url: str, rid: str) -> list[dict]:
+    """Every version of an id the ingest keeps (events, held, quarantine), read from outside."""
+    out = []
+    for name in ("events", "held", "quarantine"):
+        if table(url, "SELECT to_regclass(%s) IS NOT NULL", name) == [(True,)]:
+            out += [json.loads(b) for (b,) in table(url, f"SELECT body::text FROM {name} WHERE id = %s", rid)]
+    return out
+
+
+def test_forged_records_never_cost_a_gate_a_real_one_in_postgres(
+    broker, journal, uplinks, pg_url, pg_ingests, caplog
+):
+    caplog.set_level(logging.ERROR, logger="agent.ingest")
+    ingest = pg_ingests(pg_url)
+    first = journal.commit([passage(i) for i in range(3)])
+    up = uplinks(journal, broker, resend_after_s=1.0)
+    wait_until(lambda: journal.backlog() == 0, 15, "the first three acknowledged")
+    up.stop()  # the gate is offline; its certificate is used elsewhere
+
+    # Seqs 4-9 continue the mark; 12 is ahead of a gap (held).
+    fakes = [forged(journal.id, seq) for seq in (4, 5, 6, 7, 8, 9, 12)]
+    before = ingest.stats()["received"]
+    with Observer(broker, T["ack"]) as acks, Observer(broker, "nobody/listens") as forger:
+        for rec in fakes:
+            forger.publish(T["events"], json.dumps(rec))
+        wait_until(lambda: ingest.stats()["received"] == before + 7, 10, "the forged records")
+        wait_until(lambda: any(a["upto"] == 9 for a in acks.records()), 10, "the forged records' ack")
+
+    later = journal.commit([passage(i) for i in range(3, 13)])  # seqs 4..13
+    uplinks(journal, broker, resend_after_s=1.0)
+    wait_until(lambda: journal.backlog() == 0, 20, "every real record acknowledged")
+
+    for rec in first + later:
+        assert rec in versions(pg_url, rec["id"]), f"real record {rec['id']} lost"
+    conflicts = sorted(ingest.conflicts(SITE, GATE), key=lambda c: c["seq"])
+    assert [c["seq"] for c in conflicts] == [4, 5, 6, 7, 8, 9, 12]
+    assert [c["record"] for c in conflicts] == [r for r in later if r["seq"] in (4, 5, 6, 7, 8, 9, 12)]
+    assert [c["first"] for c in conflicts] == fakes
+    assert ingest.stats()["conflicts"] == 7 and ingest.held_count() == 0
+    assert len([r for r in caplog.records if "CONFLICT" in r.getMessage()]) == 7
+
+
+def create_ingest_role(pg_url: str) -> str:
+    """A login role `ingest` with CONNECT only; returns its URL to this database."""
+    if not table(pg_url, "SELECT 1 FROM pg_roles WHERE rolname = 'ingest'"):
+        table(pg_url, "CREATE ROLE ingest LOGIN")
+    dbname = pg_url.rsplit("/", 1)[1]
+    table(pg_url, f'GRANT CONNECT ON DATABASE "{dbname}" TO ingest')
+    return pg_url.replace("postgres@", "ingest@", 1)
+
+
+def test_tables_made_beforehand_from_the_docs_need_only_the_documented_rights(
+    broker, pg_url, pg_ingests
+):
+    layout, grants, queries = doc_sql()
+    for statement in layout:
+        table(pg_url, statement)
+    role_url = create_ingest_role(pg_url)
+    for statement in grants:
+        table(pg_url, statement)
+    assert table(pg_url, "SELECT has_schema_privilege('ingest', 'public', 'CREATE')") == [(False,)]
+
+    ingest = pg_ingests(role_url)
+    t = topics("s9", "g9")
+    with Observer(broker, t["ack"]) as acks, Observer(broker, "nobody/listens") as pub:
+        for rec in (forged("jD", 3), forged("jD", 6), forged("jD", 40)):
+            pub.publish(t["events"], json.dumps(rec))
+        for seq in (1, 2, 3, 4, 5, 6):
+            pub.publish(t["events"], json.dumps({**passage(seq), "id": f"jD:{seq}", "seq": seq}))
+        wait_until(lambda: ingest.stats()["received"] == 9, 10, "nine messages")
+        wait_until(lambda: acks.records() and acks.records()[-1]["upto"] == 6, 10, "ack upto 6")
+    assert ingest.stats()["conflicts"] == 2 and ingest.held_count() == 1
+    assert ingest.expire_held(now=time.time() + 48 * 3600) == 1  # DELETE on held is enough
+    # Every query the page shows runs with those rights.
+    results = [table(role_url, q) for q in queries]
+    assert sorted(r[3] for r in results[0]) == ["jD:3", "jD:6"]
+    assert sorted(r[0] for r in results[1]) == ["jD:3", "jD:6"]
+    assert results[2] == []
+
+
+def test_an_older_layout_without_the_create_right_is_explained(pg_url):
+    # What an ingest from before quarantine and held used.
+    table(pg_url, "CREATE TABLE events (id TEXT PRIMARY KEY, journal TEXT NOT NULL, seq BIGINT NOT NULL, "
+          "site TEXT NOT NULL, gate TEXT NOT NULL, type TEXT, ts TEXT, body JSON NOT NULL, UNIQUE (journal, seq))")
+    table(pg_url, "CREATE TABLE journals (journal TEXT PRIMARY KEY, site TEXT NOT NULL, gate TEXT NOT NULL, "
+          "upto BIGINT NOT NULL DEFAULT 0)")
+    role_url = create_ingest_role(pg_url)
+    table(pg_url, "GRANT SELECT, INSERT, UPDATE ON events, journals TO ingest")
+    with pytest.raises(IngestError, match=r"tables held, quarantine .* CREATE .*docs/ingest.md"):
+        Ingest("127.0.0.1", 1, db_url=role_url)
+
+
+def test_a_record_postgres_cannot_hold_does_not_stall_other_gates(broker, pg_url, pg_ingests):
+    """NaN is not JSON: PostgreSQL's json type refuses it, and the whole batch with it."""
+    import psycopg
+
+    ingest = pg_ingests(pg_url)
+    other_gate = topics(SITE, "gate2")
+    blocker = psycopg.connect(pg_url)
+    with Observer(broker, other_gate["ack"]) as acks, Observer(broker, "nobody/listens") as pub:
+        try:
+            blocker.execute("LOCK TABLE events, journals IN ACCESS EXCLUSIVE MODE")
+            pub.publish(T["events"], json.dumps({**passage(1), "id": "jN1:1", "seq": 1}))
+            wait_until(ingest._queue.empty, 10, "the writer to take the first message")
+            pub.publish(T["events"], '{"id": "jN1:2", "seq": 2, "x": NaN}')
+            pub.publish(other_gate["events"], json.dumps({**passage(1), "id": "jN2:1", "seq": 1}))
+        finally:
+            blocker.rollback()  # the rest now goes in one batch
+            blocker.close()
+        wait_until(lambda: acks.records(), 10, "the other gate's record acknowledged")
+    assert ingest.stats()["rejected"] == 1
+    assert [e["id"] for e in ingest.events()] == ["jN1:1", "jN2:1"]
+
+
+def test_held_records_are_bounded_per_journal_and_gate_and_expire_in_postgres(pg_url):
+    store = PostgresStore(pg_url, hold_max=3)
+    try:
+        assert store.insert([row("jB", 1)]).marks["jB"] == (SITE, GATE, 1, 1)
+        done = store.insert([row("jB", s) for s in (3, 4, 5, 9)])
+        assert done.held == 2 and done.refused["jB"][2:5] == (2, 5, 9)  # 5 and 9: more than 3 ahead
+        assert done.marks["jB"].ack == 0  # nothing of this batch is stored: no ack
+        done = store.insert([row("jC", 3), row("jC", 4)])  # the gate's third held record, then full
+        assert done.held == 1 and done.refused["jC"].count == 1
+        assert store.held_count(SITE, GATE) == 3
+        gone = store.expire_held("9999-12-31T00:00:00.000Z")
+        assert sorted((e.journal, e.count, e.first_seq, e.last_seq) for e in gone) == \
+            [("jB", 2, 3, 4), ("jC", 1, 3, 3)]
+        assert store.held_count() == 0 and store.upto("jB") == 1
+    finally:
+        store.close()
+
+
+def test_writers_racing_different_versions_of_one_id_keep_each_once(pg_url):
+    """Four stores write their own version of the same 60 ids at once (in batches
+    of 10): each id ends with exactly one version in events and the other three in
+    quarantine, none lost, none twice, whatever the interleaving."""
+    writers, top = 4, 60
+    stores = [PostgresStore(pg_url) for _ in range(writers)]
+    errors: list[BaseException] = []
+    go = threading.Barrier(writers)
+
+    def version(k: int, seq: int) -> Row:
+        rec = {**passage(seq), "id": f"jR:{seq}", "seq": seq, "after_ms": 10_000 * (k + 1) + seq}
+        return Row(rec["id"], "jR", seq, SITE, GATE, rec["type"], rec["ts"], json.dumps(rec))
+
+    def write(store: PostgresStore, k: int) -> None:
+        try:
+            go.wait(10)
+            seqs = list(range(1, top + 1))
+            if k % 2:
+                seqs.reverse()  # half of them from the far end: held first, then moved
+            for i in range(0, top, 10):
+                store.insert([version(k, s) for s in seqs[i:i + 10]])
+        except StoreError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(st, k)) for k, st in enumerate(stores)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for st in stores:
+        st.close()
+    assert not errors, errors
+    assert table(pg_url, "SELECT upto FROM journals WHERE journal = 'jR'") == [(top,)]
+    assert table(pg_url, "SELECT count(*), count(DISTINCT id) FROM events") == [(top, top)]
+    assert table(pg_url, "SELECT count(*) FROM held") == [(0,)]
+    assert table(pg_url, "SELECT count(*), count(DISTINCT id) FROM quarantine") == [(top * 3, top)]
+    every = {json.loads(b)["after_ms"] for (b,) in table(
+        pg_url, "SELECT body::text FROM events UNION ALL SELECT body::text FROM quarantine")}
+    assert every == {10_000 * (k + 1) + s for k in range(writers) for s in range(1, top + 1)}

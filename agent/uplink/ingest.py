@@ -2,11 +2,16 @@
 
 Subscribes to the events of every gate with an MQTT 5 shared subscription
 (``$share/{group}/gate/v1/+/+/events``), so several ingests can run side by
-side on one database; stores each event once by ``id`` (SQLite,
-``INSERT OR IGNORE``); keeps, per journal, the highest seq up to which it
-holds every event; and, only after that is committed, publishes
-``{"journal", "upto"}`` to the gate's ``ack`` topic. A gate forgets an event
-only on that ack, so a crash anywhere here loses nothing: the gate resends.
+side on one database; stores each event once by ``id``; keeps, per journal,
+the highest seq up to which it holds every event; and, only after that is
+committed, publishes ``{"journal", "upto"}`` to the gate's ``ack`` topic. A
+gate forgets an event only on that ack, so a crash anywhere here loses
+nothing: the gate resends.
+
+An id already stored with other content is a conflict (a forged record, or a
+gate cloned from an old SD card): both versions are kept, the later one in
+``quarantine``, and an ERROR names the journal, seq and gate. Records ahead
+of a gap wait in ``held``, unacked and bounded (ingest_store.py).
 
 Run it with ``gate-agent ingest --host H --port P --db FILE`` or
 ``--db-url postgresql://user@dbhost/gates`` (docs/ingest.md).
@@ -17,6 +22,7 @@ import argparse
 import json
 import logging
 import queue
+import secrets
 import signal
 import threading
 import time
@@ -29,11 +35,59 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent.contract import TOPIC_ROOT, topics
+from agent.core.records import rfc3339_ms
 
-from .ingest_store import MAX_SEQ, Row, Store, StoreError, open_store
+from .ingest_store import (
+    HOLD_HOURS,
+    HOLD_MAX,
+    MAX_SEQ,
+    Row,
+    Store,
+    Stored,
+    StoreError,
+    open_store,
+)
 from .mqtt import TlsConfig
 
 log = logging.getLogger("agent.ingest")
+
+# After a broker restart the ingest is back within about RECONNECT_MAX_S: while
+# it is away the broker answers the gates' events with 0x10 (nobody subscribed)
+# and they back off. One client retrying every 2 s costs the broker nothing.
+RECONNECT_MIN_S = 0.5
+RECONNECT_MAX_S = 2.0
+HOUSEKEEPING_S = 60.0  # how often old held records are dropped
+MAX_HOLD_HOURS = 24 * 366  # a held record waits at most a year, whatever --hold-hours says
+LOG_BUDGET = 20  # conflict and refusal lines per LOG_WINDOW_S; the rest are counted
+LOG_WINDOW_S = 60.0
+
+
+def _not_json(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+class _Budget:
+    """At most ``n`` log lines per window; says how many it held back."""
+
+    def __init__(self, n: int = LOG_BUDGET, window_s: float = LOG_WINDOW_S) -> None:
+        self.n, self.window_s = n, window_s
+        self._start = time.monotonic()
+        self._used = 0
+        self.suppressed = 0
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        if now - self._start >= self.window_s:
+            if self.suppressed:
+                log.error("ingest: %d more conflict or refusal lines in the last %.0f s not shown; "
+                          "stats() and `gate-agent ingest --conflicts` have them all",
+                          self.suppressed, now - self._start)
+            self._start, self._used, self.suppressed = now, 0, 0
+        if self._used < self.n:
+            self._used += 1
+            return True
+        self.suppressed += 1
+        return False
 
 class IngestError(RuntimeError):
     """The ingest cannot run (database or broker settings)."""
@@ -60,13 +114,21 @@ class Ingest:
         tls: TlsConfig | None = None,
         username: str | None = None,
         password: str | None = None,
+        hold_max: int = HOLD_MAX,
+        hold_hours: float = HOLD_HOURS,
     ) -> None:
         self.host, self.port = host, port
         if (db_path is None) == (db_url is None):
             raise ValueError("give the ingest one database: db_path (SQLite file) or db_url "
                              "(postgresql://user@host/db, sqlite:///path or a path)")
+        if isinstance(hold_hours, bool) or not (isinstance(hold_hours, int | float)
+                                                 and 0 < hold_hours <= MAX_HOLD_HOURS):
+            raise ValueError(f"hold_hours (--hold-hours) {hold_hours!r} must be a number of hours above 0 and at "
+                             f"most {MAX_HOLD_HOURS} (default {HOLD_HOURS:g})")
+        self.hold_hours = float(hold_hours)
         try:
-            self._store: Store = open_store(db_url if db_url is not None else Path(db_path))
+            where = db_url if db_url is not None else Path(db_path)
+            self._store: Store = open_store(where, hold_max=hold_max)
         except StoreError as exc:
             raise IngestError(str(exc)) from exc
         # The SQLite file, when that is the store (tests read it from outside).
@@ -74,18 +136,29 @@ class Ingest:
         self.db_url = self._store.url  # without any password: safe to print
         self.group = group
         self.filter = f"$share/{group}/{TOPIC_ROOT}/+/+/events"
-        self.client_id = client_id or f"ingest-{group}-{int(time.time() * 1000) % 10**9}"
+        # Random: two ingests started in the same millisecond had the same id and took
+        # each other's connection over, one getting no share of the events.
+        self.client_id = client_id or f"ingest-{group}-{secrets.token_hex(6)}"
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._stopping = threading.Event()
         self.received = 0
-        self.stored = 0
+        self.stored = 0  # entered events (directly, or from held once the gap filled)
+        self.held = 0  # put in held, ahead of a gap
         self.duplicates = 0
+        self.quarantined = 0  # conflicts: versions of an id stored first with other content
+        self.ahead = 0  # refused, beyond the hold bound; not acked, so the gate resends
+        self.expired = 0  # held records dropped after hold_hours
         self.rejected = 0
+        # The writer thread and a caller of expire_held() share one store connection.
+        self._store_lock = threading.Lock()
+        self._log_budget = _Budget()
+        self._refused_budget = _Budget()
+        self._housekeeping_at = time.monotonic()
 
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5)
         client.max_inflight_messages_set(0)
-        client.reconnect_delay_set(1, 30)
+        client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
         if username is not None:
             client.username_pw_set(username, password)
         if tls is not None:
@@ -97,6 +170,7 @@ class Ingest:
         self._client = client
         # Set once the broker confirmed the subscription: events sent after it reach us.
         self.ready = threading.Event()
+        self._refusal_logged_at: float | None = None
 
     # --- lifecycle ----------------------------------------------------------
 
@@ -128,8 +202,12 @@ class Ingest:
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
-            log.error("ingest: broker %s:%s refused the connection: %s", self.host, self.port, reason_code)
+            # Retried every RECONNECT_MAX_S: say it once a minute, not 30 times.
+            if self._refusal_logged_at is None or time.monotonic() - self._refusal_logged_at >= 60:
+                self._refusal_logged_at = time.monotonic()
+                log.error("ingest: broker %s:%s refused the connection: %s", self.host, self.port, reason_code)
             return
+        self._refusal_logged_at = None
         client.subscribe(self.filter, options=SubscribeOptions(qos=1))
         log.info("ingest: connected to %s:%s, subscribing to %s", self.host, self.port, self.filter)
 
@@ -153,9 +231,12 @@ class Ingest:
 
     def _write_loop(self) -> None:
         while True:
-            item = self._queue.get()
+            try:
+                item = self._queue.get(timeout=HOUSEKEEPING_S / 4)
+            except queue.Empty:
+                item = False
             batch = []
-            while item is not None:
+            while item:
                 batch.append(item)
                 if len(batch) >= 2000:
                     break
@@ -173,6 +254,12 @@ class Ingest:
                 except Exception:
                     # Whatever it was, the writer must live on: a dead writer acks nothing ever again.
                     log.exception("ingest: unexpected failure storing a batch; not acknowledged")
+            if time.monotonic() >= self._housekeeping_at:
+                self._housekeeping_at = time.monotonic() + HOUSEKEEPING_S
+                try:
+                    self.expire_held()
+                except Exception:
+                    log.exception("ingest: unexpected failure dropping old held records; tried again later")
             if item is None:
                 return
 
@@ -183,7 +270,9 @@ class Ingest:
         site, gate = parts[2], parts[3]
         try:
             body = payload.decode("utf-8")
-            rec = json.loads(body)
+            # NaN and Infinity are not JSON: PostgreSQL refuses them, which would fail the
+            # batch (other gates' events too) every time the record came back.
+            rec = json.loads(body, parse_constant=_not_json)
             rid, seq = rec["id"], rec["seq"]
             journal, _, seq_text = rid.rpartition(":")
             if not journal or not isinstance(seq, int) or not 1 <= seq <= MAX_SEQ or seq_text != str(seq):
@@ -191,11 +280,18 @@ class Ingest:
             rtype, ts = rec.get("type"), rec.get("ts")
             rtype = rtype if isinstance(rtype, str) else None
             ts = ts if isinstance(ts, str) else None
-            # No SQL text column holds NUL: such a record could never be stored.
-            if any("\x00" in v for v in (rid, rtype or "", ts or "")):
-                raise ValueError("a NUL character in id, type or ts")
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            log.warning("ingest: rejected a message on %s (%s)", topic, exc)
+            for v in (rid, rtype or "", ts or ""):
+                # No SQL text column holds NUL, nor a lone surrogate (a \ud800 escape):
+                # such a record could never be stored and would fail its whole batch.
+                if "\x00" in v:
+                    raise ValueError("a NUL character in id, type or ts")
+                v.encode("utf-8")
+        except UnicodeEncodeError:
+            log.warning("ingest: rejected a message on %s (a lone surrogate escape in id, type or ts)", topic)
+            self.rejected += 1
+            return None
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+            log.warning("ingest: rejected a message on %s (%s)", topic, str(exc)[:200])
             self.rejected += 1
             return None
         return Row(rid, journal, seq, site, gate, rtype, ts, body)
@@ -205,33 +301,114 @@ class Ingest:
         if not rows:
             self.received += len(batch)
             return
-        done = self._store.insert(rows)  # returns once committed
+        with self._store_lock:
+            done = self._store.insert(rows)  # returns once committed
         # Counted after the commit, so a caller seeing the count also sees the rows.
         self.stored += done.new
+        self.held += done.held
+        self.duplicates += done.duplicates
+        self.quarantined += len(done.conflicts)
+        self.ahead += done.ahead
         self.rejected += done.foreign
-        self.duplicates += len(rows) - done.new - done.foreign
         self.received += len(batch)
+        self._report(done)
         # Acks only after COMMIT: an ack promises the events are stored.
         for journal, mark in done.marks.items():
-            if mark.upto >= 1:
+            if mark.ack >= 1:
                 self._client.publish(
                     topics(mark.site, mark.gate)["ack"],
-                    json.dumps({"journal": journal, "upto": mark.upto}), qos=1,
+                    json.dumps({"journal": journal, "upto": mark.ack}), qos=1,
                 )
+
+    def _report(self, done: Stored) -> None:
+        for c in done.conflicts:
+            if self._log_budget.take():
+                log.error(
+                    "ingest: CONFLICT: event %s (journal %s, seq %d) from gate %s/%s differs from the "
+                    "version stored first (in %s); both kept, this one in quarantine. A forged record "
+                    "or a gate cloned from an old SD card: see docs/ingest.md, \"A stolen certificate\"",
+                    c.id, c.journal, c.seq, c.site, c.gate, "this batch" if c.first_in == "batch" else c.first_in)
+        for journal, r in done.refused.items():
+            if self._refused_budget.take():
+                log.warning(
+                    "ingest: refused %d record(s) of journal %s from gate %s/%s (seqs %d..%d): more than "
+                    "%d past its mark %d, or the gate already has that many held; not acknowledged, "
+                    "the gate sends them again once the gap before them fills",
+                    r.count, journal, r.site, r.gate, r.first_seq, r.last_seq, self._store_hold_max(), r.mark)
+
+    def _store_hold_max(self) -> int:
+        return getattr(self._store, "hold_max", HOLD_MAX)
+
+    def expire_held(self, now: float | None = None) -> int:
+        """Drop held records older than ``hold_hours`` (the writer does it every minute).
+
+        Safe at any time: a held record was never acked, so a gate that really
+        has it sends it again. Returns how many were dropped."""
+        before = rfc3339_ms((time.time() if now is None else now) - self.hold_hours * 3600)
+        try:
+            with self._store_lock:
+                gone = self._store.expire_held(before)
+        except StoreError as exc:
+            log.error("ingest: %s; tried again in %.0f s", exc, HOUSEKEEPING_S)
+            return 0
+        for e in gone:
+            log.warning(
+                "ingest: dropped %d held record(s) of journal %s from gate %s/%s (seqs %d..%d): the gap "
+                "before them did not fill in %g h. Never acknowledged: a gate that has them sends them "
+                "again; records far ahead of a gate's journal are likely forged",
+                e.count, e.journal, e.site, e.gate, e.first_seq, e.last_seq, self.hold_hours)
+        n = sum(e.count for e in gone)
+        self.expired += n
+        return n
 
     # --- reading ----------------------------------------------------------------
 
     def events(self, site: str | None = None, gate: str | None = None) -> list[dict]:
-        """Stored events (each once), ordered by journal then seq."""
+        """Stored events (each once), ordered by journal then seq: every journal's
+        contiguous prefix (records ahead of a gap wait in held)."""
         return self._store.events(site, gate)
 
     def upto(self, journal: str) -> int:
         """The journal's contiguous mark: every seq up to it is stored."""
         return self._store.upto(journal)
 
+    def conflicts(self, site: str | None = None, gate: str | None = None) -> list[dict]:
+        """Quarantined versions, oldest first: each with its ``record``, the ``first``
+        version stored under its id and where that is (``first_in``: events or held)."""
+        return self._store.conflicts(site, gate)
+
+    def held_count(self, site: str | None = None, gate: str | None = None) -> int:
+        """Records now waiting in held (ahead of a gap)."""
+        return self._store.held_count(site, gate)
+
     def stats(self) -> dict:
-        return {"received": self.received, "stored": self.stored,
-                "duplicates": self.duplicates, "rejected": self.rejected}
+        return {"received": self.received, "stored": self.stored, "held": self.held,
+                "duplicates": self.duplicates, "conflicts": self.quarantined, "ahead": self.ahead,
+                "expired": self.expired, "rejected": self.rejected}
+
+
+def _differences(first: dict | None, record: dict) -> str:
+    if first is None:
+        return "the first version is no longer held (dropped after waiting for its gap)"
+    keys = sorted(set(first) | set(record))
+    diffs = [f"{k}: {json.dumps(first.get(k, '(absent)'))} -> {json.dumps(record.get(k, '(absent)'))}"
+             for k in keys if first.get(k, ...) != record.get(k, ...)]
+    return "differs (first -> this): " + "; ".join(diffs) if diffs else "same content, other spelling"
+
+
+def list_conflicts(store: Store, site: str | None, gate: str | None, as_json: bool) -> int:
+    """Print the quarantine; exit 1 when it holds anything (for a monitoring check)."""
+    rows = store.conflicts(site, gate)
+    for c in rows:
+        if as_json:
+            print(json.dumps(c, ensure_ascii=False))
+        else:
+            print(f"{c['received']}  {c['site']}/{c['gate']}  {c['id']}  "
+                  f"first in {c['first_in'] or '-'}  {_differences(c['first'], c['record'])}")
+    if not as_json:
+        print(f"{len(rows)} conflicting version(s) in quarantine"
+              + ("; see docs/ingest.md, \"A stolen certificate\"" if rows else ""))
+    return 1 if rows else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -252,15 +429,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--key-file", default=None)
     parser.add_argument("--username", default=None)
     parser.add_argument("--password", default=None)
+    parser.add_argument("--hold", type=int, default=HOLD_MAX, metavar="N",
+                        help=f"records ahead of a gap: at most N held per gate, none more than N past "
+                        f"its journal's mark (default {HOLD_MAX})")
+    parser.add_argument("--hold-hours", type=float, default=HOLD_HOURS, metavar="H",
+                        help=f"drop a held record after H hours; the gate resends it (default {HOLD_HOURS:g})")
+    parser.add_argument("--conflicts", action="store_true",
+                        help="list the quarantined versions (conflicts) and exit: 0 none, 1 some")
+    parser.add_argument("--site", default=None, help="with --conflicts: only this site")
+    parser.add_argument("--gate", default=None, help="with --conflicts: only this gate")
+    parser.add_argument("--json", action="store_true", help="with --conflicts: one JSON object a line")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.conflicts:
+        if args.db is not None and not Path(args.db).is_file():
+            print(f"error: no ingest database at {args.db}; give the --db the ingest writes to")
+            return 2
+        try:
+            store = open_store(args.db_url if args.db_url is not None else Path(args.db))
+            try:
+                return list_conflicts(store, args.site, args.gate, args.json)
+            finally:
+                store.close()
+        except StoreError as exc:
+            print(f"error: {exc}")
+            return 2
     tls = TlsConfig(args.ca_file, args.cert_file, args.key_file) if args.ca_file else None
     try:
         ingest = Ingest(args.host, args.port, db_path=args.db, db_url=args.db_url, group=args.group,
                         client_id=args.client_id, tls=tls, username=args.username,
-                        password=args.password)
+                        password=args.password, hold_max=args.hold, hold_hours=args.hold_hours)
     except (IngestError, ValueError) as exc:
         print(f"error: {exc}")
         return 2
