@@ -57,6 +57,10 @@ log = logging.getLogger("agent.ingest")
 RECONNECT_MIN_S = 0.5
 RECONNECT_MAX_S = 2.0
 HOUSEKEEPING_S = 60.0  # how often old held records are dropped
+# Records that waited in ``held`` and joined the unbroken prefix when a gap filled are
+# acknowledged this long after, unless a later batch already did: time for a real
+# version still on its way to arrive and be kept in quarantine (docs/ingest.md).
+SETTLE_S = 2.0
 MAX_HOLD_HOURS = 24 * 366  # a held record waits at most a year, whatever --hold-hours says
 LOG_BUDGET = 20  # conflict and refusal lines per LOG_WINDOW_S; the rest are counted
 LOG_WINDOW_S = 60.0
@@ -155,6 +159,8 @@ class Ingest:
         self._log_budget = _Budget()
         self._refused_budget = _Budget()
         self._housekeeping_at = time.monotonic()
+        self._settling: dict[str, tuple[str, str, int, float]] = {}  # journal -> (site, gate, upto, due)
+        self._acked: dict[str, int] = {}  # journal -> highest ack sent by this ingest
 
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5)
         client.max_inflight_messages_set(0)
@@ -231,8 +237,11 @@ class Ingest:
 
     def _write_loop(self) -> None:
         while True:
+            wait = HOUSEKEEPING_S / 4
+            if self._settling:
+                wait = min(wait, max(0.0, min(d for *_r, d in self._settling.values()) - time.monotonic()))
             try:
-                item = self._queue.get(timeout=HOUSEKEEPING_S / 4)
+                item = self._queue.get(timeout=wait)
             except queue.Empty:
                 item = False
             batch = []
@@ -254,6 +263,8 @@ class Ingest:
                 except Exception:
                     # Whatever it was, the writer must live on: a dead writer acks nothing ever again.
                     log.exception("ingest: unexpected failure storing a batch; not acknowledged")
+            if self._settling:
+                self._ack_settled()
             if time.monotonic() >= self._housekeeping_at:
                 self._housekeeping_at = time.monotonic() + HOUSEKEEPING_S
                 try:
@@ -315,10 +326,28 @@ class Ingest:
         # Acks only after COMMIT: an ack promises the events are stored.
         for journal, mark in done.marks.items():
             if mark.ack >= 1:
-                self._client.publish(
-                    topics(mark.site, mark.gate)["ack"],
-                    json.dumps({"journal": journal, "upto": mark.ack}), qos=1,
-                )
+                self._ack(journal, mark.site, mark.gate, mark.ack)
+            if mark.upto > max(mark.ack, self._acked.get(journal, 0)):
+                # Held records joined the prefix: acknowledged once they have settled.
+                due = time.monotonic() + SETTLE_S
+                self._settling[journal] = (mark.site, mark.gate, mark.upto, due)
+
+    def _ack(self, journal: str, site: str, gate: str, upto: int) -> None:
+        self._client.publish(topics(site, gate)["ack"], json.dumps({"journal": journal, "upto": upto}),
+                             qos=1)
+        if upto > self._acked.get(journal, 0):
+            self._acked[journal] = upto
+        if len(self._acked) > 100_000:
+            self._acked.clear()  # a cache only: an ack sent again is harmless
+
+    def _ack_settled(self) -> None:
+        now = time.monotonic()
+        for journal, (site, gate, upto, due) in list(self._settling.items()):
+            if due > now:
+                continue
+            del self._settling[journal]
+            if upto > self._acked.get(journal, 0):
+                self._ack(journal, site, gate, upto)
 
     def _report(self, done: Stored) -> None:
         for c in done.conflicts:
