@@ -75,6 +75,7 @@ damaged and no database: a journal existed and nothing says how much it held:
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import logging
@@ -157,6 +158,38 @@ _STATE = (
     "UPDATE state SET last_seq = ?, pending = ?, acked_upto = ?, cap_alarm = ?, overflow = ? "
     "WHERE id = 1"
 )
+
+
+READ_ONLY = "read-only filesystem"  # Journal.stats()["blocked"] when the disk refuses writes
+_PROBE_NAME = ".gate-agent-probe"
+
+
+def _readonly_dir(directory: Path) -> bool:
+    """Whether the filesystem holding ``directory`` refuses writes (an SD card the
+    kernel remounted read-only after errors). The mount flag first; then a probe
+    file, since some kernels mark such a filesystem only inside (ext4's
+    emergency read-only state is not in statvfs)."""
+    try:
+        if os.statvfs(directory).f_flag & os.ST_RDONLY:
+            return True
+    except OSError:
+        return False
+    probe = directory / f"{_PROBE_NAME}-{os.getpid()}"
+    try:
+        fd = os.open(probe, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+    except OSError as exc:
+        return exc.errno == errno.EROFS
+    try:
+        os.write(fd, b"x")
+    except OSError as exc:
+        return exc.errno == errno.EROFS
+    finally:
+        os.close(fd)
+        try:
+            os.unlink(probe)
+        except OSError:
+            pass
+    return False
 
 
 class JournalError(RuntimeError):
@@ -670,6 +703,8 @@ class Journal:
         self._previous: str | None = None  # the journal this one replaced (meta previous_journal)
         self._marks_written: tuple | None = None
         self._marks_failing = False
+        self._absorb_marks: dict[str, int] = {}  # meta rows written with the next rows (absorb)
+        self._offered = 0  # highest seq pending() returned (ack_one accepts no higher)
         self._closed = False
         # Gate-thread state (other threads only read these ints).
         self._last_seq = 0  # last seq handed out
@@ -700,6 +735,7 @@ class Journal:
         self._synced_seq = 0
         self._syncs = 0
         self._sync_errors = 0
+        self._sync_failing = False
         self._last_sync_s = 0.0
         self._max_sync_s = 0.0
         self._last_sync_at = 0.0
@@ -1112,26 +1148,34 @@ class Journal:
     def _store(self, items: list[tuple[dict, tuple, bool]]) -> list[dict]:
         """Write the buffer and the new items, in seq order; buffer them on failure."""
         if not items and not self._buffer:
-            if self._state_dirty:  # drop counts alone: keep them across a restart
-                self._state_dirty = (
-                    self._txn(
-                        lambda conn: conn.execute(
-                            _STATE,
-                            self._state_args(self._last_seq, self._db_pending, self._applied_wm),
-                        )
+            if self._state_dirty or self._absorb_marks:  # drop counts, absorb marks alone
+                marks = dict(self._absorb_marks)
+
+                def state(conn: sqlite3.Connection) -> None:
+                    conn.execute(
+                        _STATE, self._state_args(self._last_seq, self._db_pending, self._applied_wm)
                     )
-                    is not None
-                )
+                    for key, upto in marks.items():
+                        conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, str(upto)))
+
+                self._state_dirty = self._txn(state) is not None
+                if not self._state_dirty:
+                    self._marks_stored(marks)
             return []
         rows = [it[1] for it in self._buffer] + [it[1] for it in items]
         pending = self._db_pending + len(rows)
 
+        marks = dict(self._absorb_marks)
+
         def write(conn: sqlite3.Connection) -> None:
             conn.executemany(_INSERT, rows)
             conn.execute(_STATE, self._state_args(self._last_seq, pending, self._applied_wm))
+            for key, upto in marks.items():  # with the copies themselves (see absorb)
+                conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, str(upto)))
 
         exc = self._txn(write)
         if exc is None:
+            self._marks_stored(marks)
             self._state_dirty = False
             self._db_pending = pending
             self._committed_seq = self._last_seq  # nothing numbered is left unwritten
@@ -1142,31 +1186,54 @@ class Journal:
                 self._buffer.clear()
             self._blocked = None
         else:
-            reason = "disk full" if _is_full(exc) else f"write failed: {exc}"
+            if _is_full(exc):
+                reason = "disk full"
+            elif _readonly_dir(self.path.parent):
+                reason = READ_ONLY
+            else:
+                reason = f"write failed: {exc}"
             if self._blocked is None:
                 log.error("journal %s: %s; records wait in memory", self.path, reason)
             self._blocked = reason
             self._buffer.extend(items)
         return [it[0] for it in items]
 
-    def _alarm(self, active: bool, detail: str) -> dict:
+    def _marks_stored(self, marks: dict[str, int]) -> None:
+        for key, upto in marks.items():
+            if self._absorb_marks.get(key) == upto:
+                del self._absorb_marks[key]
+
+    def _alarm(self, active: bool, detail: str, kind: str = "journal_capacity") -> dict:
         return make_record(
             "alarm",
             self._clock(),
             self._boot,
-            kind="journal_capacity",
+            kind=kind,
             active=active,
             detail=detail,
         )
 
+    def _blocked_kind(self, reason: str) -> str:
+        return "journal_readonly" if reason == READ_ONLY else "journal_capacity"
+
     def _after_write(self) -> list[dict]:
         """The journal's own records for the state it is now in."""
         own: list[dict] = []
-        if self._blocked is not None and self._blocked_alarm is None:
+        if self._blocked is not None and self._blocked_alarm != self._blocked:
+            if self._blocked_alarm is not None:  # another cause now: clear the old alarm
+                kind = self._blocked_kind(self._blocked_alarm)
+                own.append(self._alarm(False, self._blocked_alarm, kind))
             self._blocked_alarm = self._blocked
-            own.append(self._alarm(True, self._blocked))
+            detail = self._blocked
+            if self._blocked == READ_ONLY:
+                detail = (
+                    f"{self.path.parent} is read-only (the SD card is failing): records wait in "
+                    "memory; replace the card"
+                )
+            own.append(self._alarm(True, detail, self._blocked_kind(self._blocked)))
         elif self._blocked is None and self._blocked_alarm is not None:
-            own.append(self._alarm(False, self._blocked_alarm))
+            kind = self._blocked_kind(self._blocked_alarm)
+            own.append(self._alarm(False, f"{self._blocked_alarm}: writable again", kind))
             self._blocked_alarm = None
         stored = self._stored()
         if not self._cap_alarm and stored > self._alarm_on:
@@ -1346,6 +1413,8 @@ class Journal:
                 # move the watermark there, so one-by-one acks compact into it.
                 top = out[0]["seq"] - 1 if out else cursor
                 self._u_wm = max(self._u_wm, top)
+            if out:
+                self._offered = max(self._offered, out[-1]["seq"])
         return out
 
     def _make_durable(self) -> None:
@@ -1360,7 +1429,10 @@ class Journal:
                 time.sleep(wait)
                 if self._committed_seq <= self._synced_seq:
                     return
-        self.sync()
+        try:
+            self.sync()
+        except OSError as exc:  # a card gone read-only: offer what is already durable
+            self._sync_failed(exc)
 
     def ack_upto(self, journal_id: str, seq: int) -> bool:
         """Ingest acknowledgement: every record of journal_id with seq <= seq is
@@ -1374,10 +1446,12 @@ class Journal:
         return True
 
     def ack_one(self, seq: int) -> bool:
-        """Broker-mode acknowledgement of one record. False for a seq never offered."""
+        """Broker-mode acknowledgement of one record. False for a seq never
+        offered (by ``pending`` in this run): a late PUBACK for a record of the
+        journal used before a switch cannot acknowledge one of this journal."""
         seq = int(seq)
         with self._ulock:
-            if seq < 1 or seq > self._synced_seq:
+            if seq < 1 or seq > max(self._offered, self._u_wm):
                 return False
             if seq <= self._u_wm or seq in self._u_singles:
                 return True
@@ -1562,8 +1636,24 @@ class Journal:
             try:
                 self.checkpoint()
             except (OSError, sqlite3.Error) as exc:
-                self._sync_errors += 1
-                log.warning("journal %s: sync failed (%s); retrying", self.path, exc)
+                self._sync_failed(exc)
+            else:
+                if self._sync_failing:
+                    log.warning("journal %s: sync works again", self.path)
+                    self._sync_failing = False
+
+    def _sync_failed(self, exc: BaseException) -> None:
+        # Logged once per outage (and every 1000th time): a read-only card fails every second.
+        self._sync_errors += 1
+        if not self._sync_failing or self._sync_errors % 1000 == 0:
+            log.warning(
+                "journal %s: sync failed (%s); retrying every %.1f s (%d failures)",
+                self.path,
+                exc,
+                self._sync_interval,
+                self._sync_errors,
+            )
+        self._sync_failing = True
 
     def stop(self) -> None:
         """Stop the sync thread (idempotent)."""
@@ -1593,7 +1683,10 @@ class Journal:
                 len(self._buffer),
                 self._blocked,
             )
-        self.sync()
+        try:
+            self.sync()
+        except OSError as exc:
+            self._sync_failed(exc)
         self._closed = True
         with self._ulock:
             if self._uconn is not None:
@@ -1608,6 +1701,81 @@ class Journal:
         except sqlite3.Error:
             pass
         self._db.close()
+
+    # --- switching journals (agent.uplink.failover) ---------------------------
+
+    @property
+    def readonly(self) -> bool:
+        """Writes fail because the filesystem is read-only."""
+        return self._blocked == READ_ONLY
+
+    def take_buffer(self) -> list[dict]:
+        """Gate thread: hand over the records waiting in memory (numbered, never
+        written, so never offered) and forget their seqs, which this journal
+        will give out again: nobody saw them."""
+        recs = [it[0] for it in self._buffer]
+        self._buffer.clear()
+        self._last_seq = self._committed_seq
+        return recs
+
+    def absorb(self, source_id: str, records: list[dict], upto: int) -> list[dict]:
+        """Gate thread: copy records of another journal (a fallback) into this
+        one, numbered here, each with ``salvaged_from`` its old id. ``upto``
+        (the highest source seq copied) is written in the same transaction
+        as the copies (meta ``absorbed:<id>``), so a crash never copies one
+        twice. Returns the copies and the journal's own records, as commit."""
+        self._check_open()
+        self._absorb_marks[f"absorbed:{source_id}"] = int(upto)
+        items: list[tuple[dict, tuple, bool]] = []
+        for rec in records:
+            orig = rec.get("id")
+            d = {k: v for k, v in rec.items() if k not in ("id", "seq")}
+            if isinstance(orig, str):
+                d["salvaged_from"] = orig
+            if self._admit(d, len(items)):
+                items.append(self._prepare(d, own=False))
+        out = self._store(items)
+        out.extend(self._after_write())
+        return out
+
+    def absorbed_upto(self, source_id: str) -> int:
+        """The highest seq of journal source_id already copied in (gate thread)."""
+        row = self._db.execute(
+            "SELECT value FROM meta WHERE key = ?", (f"absorbed:{source_id}",)
+        ).fetchone()
+        pending = self._absorb_marks.get(f"absorbed:{source_id}")
+        return max(int(row[0]) if row else 0, pending or 0)
+
+    def unacknowledged(self, after_seq: int, limit: int) -> list[dict]:
+        """Gate thread: written records not acknowledged, seq > after_seq, in
+        order (what a journal being folded into another still has to give)."""
+        start = max(int(after_seq), self._u_wm, self._applied_wm)
+        rows = self._db.execute(
+            "SELECT seq, body FROM events INDEXED BY ev_pending WHERE done IS NULL AND seq > ? "
+            "ORDER BY seq LIMIT ?",
+            (start, limit),
+        ).fetchall()
+        singles = self._u_singles
+        return [json.loads(body) for seq, body in rows if seq not in singles]
+
+    def abandon(self) -> None:
+        """Let go of a journal whose disk refuses writes, writing nothing (not on
+        the gate thread: closing may touch the failing disk). Take its buffer
+        first (take_buffer)."""
+        self._stop.set()
+        self._closed = True
+        with self._ulock:
+            if self._uconn is not None:
+                self._uconn.close()
+                self._uconn = None
+        with self._ckpt_lock:
+            if self._ckpt_conn is not None:
+                self._ckpt_conn.close()
+                self._ckpt_conn = None
+        try:
+            self._db.close()
+        except sqlite3.Error:
+            pass
 
     def _check_open(self) -> None:
         if self._closed:
