@@ -360,22 +360,31 @@ class Service:
         except OSError as exc:
             raise ServiceError(f"state directory {state_dir} cannot be created ({exc.strerror}); create it "
                                "(owner gate-agent, mode 0700) or fix service.state_dir") from exc
+        from agent.uplink.failover import DEFAULT_RUNTIME_DIR, FailoverJournal
+        from agent.uplink.journal import JournalError, readonly_dir
+
         if not os.access(state_dir, os.W_OK | os.X_OK):
-            raise ServiceError(f"state directory {state_dir} is not writable by this user; "
-                               "chown gate-agent:gate-agent and chmod 0700 it")
+            if not readonly_dir(state_dir):
+                raise ServiceError(f"state directory {state_dir} is not writable by this user; "
+                                   "chown gate-agent:gate-agent and chmod 0700 it")
+            # An SD card the kernel remounted read-only after errors: the gate still decides.
+            log.error("state directory %s is on a read-only filesystem: the SD card is failing; the "
+                      "gate keeps working (journal in the runtime directory, state not saved): "
+                      "replace the card (see gate-agent doctor)", state_dir)
         if self.clock_sync is None:
             self.clock_sync = ClockSync()
         clock = Clock(self.clock_sync)
 
         # Journal first: nothing the gate does may happen before it can be recorded.
-        from agent.uplink.journal import Journal, JournalError
-
         jc = cfg.journal
+        runtime_dir = (self.env.get("RUNTIME_DIRECTORY") or "").split(":")[0]
         try:
-            self.journal = Journal(jc.path, sync_interval_s=jc.sync_interval_s,
-                                   capacity_events=jc.capacity_events,
-                                   disk_budget_bytes=jc.disk_budget_bytes,
-                                   retention_days=jc.retention_days, clock=clock.now, boot=self.boot)
+            self.journal = FailoverJournal(jc.path, fallback_dir=Path(runtime_dir) if runtime_dir
+                                           else DEFAULT_RUNTIME_DIR,
+                                           sync_interval_s=jc.sync_interval_s,
+                                           capacity_events=jc.capacity_events,
+                                           disk_budget_bytes=jc.disk_budget_bytes,
+                                           retention_days=jc.retention_days, clock=clock.now, boot=self.boot)
         except (JournalError, OSError) as exc:
             raise ServiceError(f"the journal {jc.path} cannot be opened: {exc}") from exc
         self.journal.start_sync_thread()

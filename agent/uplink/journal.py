@@ -101,8 +101,10 @@ __all__ = [
     "BYTES_PER_EVENT_ESTIMATE",
     "DEFAULT_DISK_BUDGET",
     "LOW_VALUE_TYPES",
+    "READ_ONLY",
     "Journal",
     "JournalError",
+    "readonly_dir",
 ]
 
 log = logging.getLogger(__name__)
@@ -164,7 +166,7 @@ READ_ONLY = "read-only filesystem"  # Journal.stats()["blocked"] when the disk r
 _PROBE_NAME = ".gate-agent-probe"
 
 
-def _readonly_dir(directory: Path) -> bool:
+def readonly_dir(directory: Path) -> bool:
     """Whether the filesystem holding ``directory`` refuses writes (an SD card the
     kernel remounted read-only after errors). The mount flag first; then a probe
     file, since some kernels mark such a filesystem only inside (ext4's
@@ -1188,7 +1190,7 @@ class Journal:
         else:
             if _is_full(exc):
                 reason = "disk full"
-            elif _readonly_dir(self.path.parent):
+            elif readonly_dir(self.path.parent):
                 reason = READ_ONLY
             else:
                 reason = f"write failed: {exc}"
@@ -1708,6 +1710,37 @@ class Journal:
     def readonly(self) -> bool:
         """Writes fail because the filesystem is read-only."""
         return self._blocked == READ_ONLY
+
+    @property
+    def blocked(self) -> str | None:
+        """Why writes fail ("disk full", READ_ONLY, ...), or None."""
+        return self._blocked
+
+    def offered_seq(self) -> int:
+        """The highest seq pending() returned in this run."""
+        return self._offered
+
+    def acked_seq(self) -> int:
+        """Every seq up to this is acknowledged."""
+        return max(self._u_wm, self._applied_wm)
+
+    def committed_seq(self) -> int:
+        return self._committed_seq
+
+    def synced_seq(self) -> int:
+        return self._synced_seq
+
+    def files(self) -> list[Path]:
+        """The journal's files: the database, its WAL and shared memory, the marks."""
+        return [*_db_files(self.path), self._marks_path]
+
+    def meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Gate thread: a meta value, kept if already set."""
+        self._db.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (key, value))
 
     def take_buffer(self) -> list[dict]:
         """Gate thread: hand over the records waiting in memory (numbered, never
