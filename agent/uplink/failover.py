@@ -93,21 +93,22 @@ def _existing(path: Path) -> Path:
 class FailoverJournal:
     """The journal at ``path``, or while its filesystem is read-only a
     fallback journal in ``fallback_dir`` (None: no fallback, records wait in
-    memory). The other keyword arguments are ``Journal``'s."""
+    memory). ``retry_s``: how often the card is tried again (default
+    ``RETRY_S``). The other keyword arguments are ``Journal``'s."""
 
     def __init__(
         self,
         path: str | os.PathLike[str],
         *,
         fallback_dir: str | os.PathLike[str] | None,
-        retry_s: float = RETRY_S,
+        retry_s: float | None = None,
         clock: Callable[[], Now] | None = None,
         boot: str | None = None,
         **options: Any,
     ) -> None:
         self.real_path = Path(path)
         self.fallback_dir = Path(fallback_dir) if fallback_dir is not None else None
-        self._retry_s = float(retry_s)
+        self._retry_s = float(RETRY_S if retry_s is None else retry_s)
         self._clock = clock or _system_clock
         self._boot = boot
         self._options: dict[str, Any] = dict(options, clock=self._clock, boot=boot)
