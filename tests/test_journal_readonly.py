@@ -308,3 +308,16 @@ def test_acks_for_an_old_journal_never_wedge_the_uplink_across_a_switch(tmp_path
         assert stored[rec["id"]] == rec
     assert not [e for e in stored.values() if "salvaged_from" in e], (
         "the ingest acknowledged the fallback before the switch back: nothing copied twice")
+
+
+def test_the_unit_keeps_the_fallback_across_restarts_of_the_agent():
+    """systemd removes a RuntimeDirectory= when the service stops, and Restart=always
+    stops it first: without RuntimeDirectoryPreserve the fallback's records would go
+    with every crash."""
+    settings = {}
+    for line in (ROOT / "systemd" / "gate-agent.service").read_text().splitlines():
+        if "=" in line and not line.lstrip().startswith("#"):
+            key, value = line.split("=", 1)
+            settings[key.strip()] = value.strip()
+    assert settings["RuntimeDirectory"] == "gate-agent"
+    assert settings.get("RuntimeDirectoryPreserve") == "yes"
