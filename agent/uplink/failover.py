@@ -69,7 +69,7 @@ from agent.uplink.journal import (
     readonly_dir,
 )
 
-__all__ = ["DEFAULT_RUNTIME_DIR", "FailoverJournal"]
+__all__ = ["DEFAULT_RUNTIME_DIR", "FailoverJournal", "fallback_path"]
 
 log = logging.getLogger("agent.uplink.journal")
 
@@ -132,8 +132,7 @@ class FailoverJournal:
         """Where the fallback journal of this journal lives (one per journal path)."""
         if self.fallback_dir is None:
             return None
-        tag = hashlib.sha1(str(self.real_path.absolute()).encode()).hexdigest()[:10]
-        return self.fallback_dir / f"journal-fallback-{tag}.db"
+        return fallback_path(self.real_path, self.fallback_dir)
 
     def _open(self) -> Journal:
         try:
@@ -482,6 +481,13 @@ class FailoverJournal:
     def __repr__(self) -> str:
         where = "fallback" if self._on_fallback else "real"
         return f"FailoverJournal({str(self.real_path)!r}, {where}: {self._active!r})"
+
+
+def fallback_path(journal_path: str | os.PathLike[str], runtime_dir: str | os.PathLike[str]) -> Path:
+    """The fallback journal of the journal at journal_path (named after it, so
+    two journals never share one)."""
+    tag = hashlib.sha1(str(Path(journal_path).absolute()).encode()).hexdigest()[:10]
+    return Path(runtime_dir) / f"journal-fallback-{tag}.db"
 
 
 def _readonly_alarm(rec: dict) -> bool:
