@@ -384,7 +384,8 @@ class Service:
                                            sync_interval_s=jc.sync_interval_s,
                                            capacity_events=jc.capacity_events,
                                            disk_budget_bytes=jc.disk_budget_bytes,
-                                           retention_days=jc.retention_days, clock=clock.now, boot=self.boot)
+                                           retention_days=jc.retention_days, clock=clock.now, boot=self.boot,
+                                           progress=self._salvaging)
         except (JournalError, OSError) as exc:
             raise ServiceError(f"the journal {jc.path} cannot be opened: {exc}") from exc
         self.journal.start_sync_thread()
@@ -461,6 +462,11 @@ class Service:
             self._start_uplink()
         self._housekeeper = threading.Thread(target=self._housekeeping, name="housekeeping", daemon=True)
         self._housekeeper.start()
+
+    def _salvaging(self) -> None:
+        # A damaged journal of a million records takes minutes to salvage on a Pi:
+        # more than systemd's start timeout, which would kill and restart the salvage.
+        self.notifier.notify("EXTEND_TIMEOUT_USEC=60000000", "STATUS=salvaging the damaged journal")
 
     def _check_fastpath(self) -> None:
         impl = fastpath.IMPLEMENTATION

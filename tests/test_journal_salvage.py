@@ -466,3 +466,19 @@ def test_a_rebuild_whose_marks_were_not_yet_rewritten_is_not_rebuilt_again(live)
     assert j.pending(0, 100)[-1] == rec
     j.close()
     assert json.loads(marks.read_text())["previous"] == jid
+
+
+def test_a_long_salvage_keeps_saying_it_is_alive(big, tmp_path, monkeypatch):
+    """systemd kills a start that takes longer than its timeout: a salvage of a
+    large journal on a Pi takes minutes, so it reports progress (the service
+    sends EXTEND_TIMEOUT_USEC for it)."""
+    src, _old_id, _records = big
+    path = copy_journal(src, tmp_path / "j")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 90 // 100])
+    monkeypatch.setattr(journal_mod, "PROGRESS_S", 0.0)
+    calls: list[float] = []
+    j = open_journal(path, progress=lambda: calls.append(1.0))
+    assert j.recovered_record is not None
+    assert len(calls) >= 3, "progress reported while reading and while copying"
+    j.close()

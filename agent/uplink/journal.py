@@ -128,6 +128,7 @@ PURGE_BATCH = 2000  # rows deleted per maintenance call: bounds the gate's pause
 ACK_BATCH = 2000  # rows marked acknowledged per call, for the same reason
 PENDING_SYNC_GAP_S = 0.1  # pending() adds at most one fsync per this while the sync thread runs
 SALVAGE_CHUNK = 4096
+PROGRESS_S = 5.0  # a long salvage says it is alive this often (systemd's start timeout)
 MIN_DISK_BUDGET = 64 << 10
 
 _SQLITE_CORRUPT = 11
@@ -511,7 +512,24 @@ class _Found:
         self.conn.execute("DROP TABLE temp.salvage_scan")
 
 
-def _scan_pages(found: _Found, path: Path, wal: Path) -> tuple[list, list]:
+class _Ticker:
+    """Calls ``progress`` (the service: "still starting" to systemd) at most
+    every PROGRESS_S while a long salvage runs."""
+
+    def __init__(self, progress: Callable[[], None] | None) -> None:
+        self._progress = progress
+        self._last = time.monotonic()
+
+    def __call__(self) -> None:
+        if self._progress is not None and time.monotonic() - self._last >= PROGRESS_S:
+            self._last = time.monotonic()
+            try:
+                self._progress()
+            except Exception:  # a report must never stop the salvage
+                log.debug("progress report failed", exc_info=True)
+
+
+def _scan_pages(found: _Found, path: Path, wal: Path, tick: Callable[[], None]) -> tuple[list, list]:
     """Every event row, journal id and state row the pages of path (and its
     WAL) still hold, into the scratch table; returns (ids, states) with a
     flag for copies found on free pages."""
@@ -538,6 +556,7 @@ def _scan_pages(found: _Found, path: Path, wal: Path) -> tuple[list, list]:
                 if len(batch) >= SALVAGE_CHUNK:
                     found.conn.executemany("INSERT INTO salvage_scan VALUES (?, ?, ?, ?, ?)", batch)
                     batch = []
+                    tick()
             elif len(v) == 2 and v[0] == "journal_id" and isinstance(v[1], str):
                 if _ID_PATTERN.match(v[1]):
                     ids.append((cell.free, v[1]))
@@ -555,7 +574,8 @@ def _scan_pages(found: _Found, path: Path, wal: Path) -> tuple[list, list]:
 
 
 def _salvage_into(
-    conn: sqlite3.Connection, path: Path, wal: Path, marks: _Marks | None
+    conn: sqlite3.Connection, path: Path, wal: Path, marks: _Marks | None,
+    tick: Callable[[], None] = lambda: None,
 ) -> _Found:
     """Read what the old files hold (pages first, SQLite's reader if that
     fails) and count what is lost.
@@ -573,7 +593,7 @@ def _salvage_into(
         states: list = []
     else:
         try:
-            ids, states = _scan_pages(found, path, wal)
+            ids, states = _scan_pages(found, path, wal, tick)
             found.method = "pages"
         except Exception:  # a bug in the page reader must not cost the records SQLite can read
             log.exception("journal %s: reading the pages failed; using SQLite's reader", path)
@@ -666,6 +686,7 @@ class Journal:
         memory_buffer: int = 10_000,
         clock: Callable[[], Now] | None = None,
         boot: str | None = None,
+        progress: Callable[[], None] | None = None,
     ) -> None:
         if not sync_interval_s > 0:
             raise ValueError(
@@ -699,6 +720,7 @@ class Journal:
         self._buf_low_cap = max(1, int(memory_buffer * LOW_VALUE_SHARE))
         self._clock = clock or _system_clock
         self._boot = boot or _boot_id()
+        self._progress = progress
 
         self.id = ""
         self.recovered_record: dict | None = None
@@ -969,7 +991,8 @@ class Journal:
             jid = _new_journal_id()
             _new_db(new, jid)
             new.execute("BEGIN")  # one transaction: a crash leaves no half salvage
-            found = _salvage_into(new, self.path, self._wal_path, marks)
+            tick = _Ticker(self._progress)
+            found = _salvage_into(new, self.path, self._wal_path, marks, tick)
             seq = 0
             rows: list[tuple] = []
             for rec in found.pending():
@@ -983,6 +1006,7 @@ class Journal:
                 if len(rows) >= SALVAGE_CHUNK:
                     new.executemany(_INSERT, rows)
                     rows = []
+                    tick()
             new.executemany(_INSERT, rows)
             found.drop()
             salvaged = seq
