@@ -321,3 +321,29 @@ def test_the_unit_keeps_the_fallback_across_restarts_of_the_agent():
             settings[key.strip()] = value.strip()
     assert settings["RuntimeDirectory"] == "gate-agent"
     assert settings.get("RuntimeDirectoryPreserve") == "yes"
+
+
+def test_a_crash_while_folding_the_fallback_in_copies_no_record_twice_and_loses_none(tmp_path,
+                                                                                 monkeypatch):
+    monkeypatch.setattr(failover, "FOLD_BATCH", 3)
+    monkeypatch.setattr(failover, "FOLD_GRACE_S", 0.0)
+    state, run = tmp_path / "state", tmp_path / "run"
+    path = state / "journal.db"
+    Journal(path, clock=clock, boot=BOOT).close()
+    with read_only(state) as set_ro:
+        f = failover_journal(path, run)
+        during = f.commit([granted(i) for i in range(10)])
+        fb_id = f.id
+        f.start_sync_thread()
+        set_ro(False)
+        idle_until(f, lambda: not f.on_fallback, "back on the card")
+        f.maintenance(BASE)  # one batch of 3 copied, in one transaction with its mark
+        f.stop()
+        f = None  # the process dies here: no close, no more folding
+        g = failover_journal(path, run)  # the next start finds the fallback and folds the rest in
+        try:
+            assert not g.on_fallback and not g.fallback_path().exists()
+            copies = [r["salvaged_from"] for r in g.pending(0, 100) if "salvaged_from" in r]
+            assert copies == [f"{fb_id}:1", *(r["id"] for r in during)], "each once, in order"
+        finally:
+            g.close()

@@ -132,6 +132,8 @@ PROGRESS_S = 5.0  # a long salvage says it is alive this often (systemd's start 
 MIN_DISK_BUDGET = 64 << 10
 
 _SQLITE_CORRUPT = 11
+# What SQLite answers when the filesystem refuses a write (EROFS): then the directory is probed.
+_MAYBE_READ_ONLY = frozenset({8, 10, 14})  # SQLITE_READONLY, SQLITE_IOERR, SQLITE_CANTOPEN
 _SQLITE_FULL = 13
 _SQLITE_NOTADB = 26
 
@@ -1214,7 +1216,7 @@ class Journal:
         else:
             if _is_full(exc):
                 reason = "disk full"
-            elif readonly_dir(self.path.parent):
+            elif _code(exc) in _MAYBE_READ_ONLY and readonly_dir(self.path.parent):
                 reason = READ_ONLY
             else:
                 reason = f"write failed: {exc}"
