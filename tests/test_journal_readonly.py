@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -154,11 +155,11 @@ def test_the_card_turning_read_only_under_the_journal_moves_waiting_records_to_t
             assert [r["seq"] for r in pending] == list(range(1, len(pending) + 1))
             assert set(map(json.dumps, during + more)) <= set(map(json.dumps, pending))
             # What was written before the card failed is still on it, readable.
-            db = f"file:{card / 'journal.db'}?mode=ro"
-            import sqlite3
-
-            with sqlite3.connect(db, uri=True) as conn:
+            conn = sqlite3.connect(f"file:{card / 'journal.db'}?mode=ro", uri=True)
+            try:
                 on_card = [json.loads(b) for (b,) in conn.execute("SELECT body FROM events ORDER BY seq")]
+            finally:
+                conn.close()
             assert on_card[: len(first)] == first
         finally:
             f.close()
@@ -323,27 +324,58 @@ def test_the_unit_keeps_the_fallback_across_restarts_of_the_agent():
     assert settings.get("RuntimeDirectoryPreserve") == "yes"
 
 
-def test_a_crash_while_folding_the_fallback_in_copies_no_record_twice_and_loses_none(tmp_path,
-                                                                                 monkeypatch):
-    monkeypatch.setattr(failover, "FOLD_BATCH", 3)
-    monkeypatch.setattr(failover, "FOLD_GRACE_S", 0.0)
+FOLDING_CHILD = textwrap.dedent(
+    """
+    import sys, time
+    sys.path.insert(0, {root!r})
+    from pathlib import Path
+    from agent.core.events import Now
+    from agent.core.records import make_record
+    from agent.uplink import failover
+    from agent.uplink.failover import FailoverJournal
+
+    failover.FOLD_BATCH, failover.FOLD_GRACE_S = 3, 0.0
+    clock = lambda: Now(mono=1.0, wall=1_788_000_000.0, synced=True)
+    f = FailoverJournal(Path({path!r}), fallback_dir=Path({run!r}), clock=clock, boot="b", retry_s=0.1)
+    out = f.commit([make_record("access.granted", Now(mono=float(i), wall=1_788_000_000.0 + i), "b",
+                                reader="entry", direction="in", card=i, format="w26", person="p")
+                    for i in range(10)])
+    print(f.id, *[r["id"] for r in out if r["type"] == "access.granted"], flush=True)
+    f.start_sync_thread()
+    sys.stdin.readline()  # the card takes writes again
+    while f.on_fallback:
+        f.maintenance(1_788_000_000.0)
+        time.sleep(0.02)
+    f.maintenance(1_788_000_000.0)  # a batch folded in, then killed
+    print("folding", f.stats()["folding"], flush=True)
+    time.sleep(60)
+    """
+)
+
+
+def test_kill_9_while_folding_the_fallback_in_copies_no_record_twice_and_loses_none(tmp_path):
     state, run = tmp_path / "state", tmp_path / "run"
     path = state / "journal.db"
     Journal(path, clock=clock, boot=BOOT).close()
     with read_only(state) as set_ro:
-        f = failover_journal(path, run)
-        during = f.commit([granted(i) for i in range(10)])
-        fb_id = f.id
-        f.start_sync_thread()
-        set_ro(False)
-        idle_until(f, lambda: not f.on_fallback, "back on the card")
-        f.maintenance(BASE)  # one batch of 3 copied, in one transaction with its mark
-        f.stop()
-        f = None  # the process dies here: no close, no more folding
+        code = FOLDING_CHILD.format(root=str(ROOT), path=str(path), run=str(run))
+        proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            fb_id, *ids = proc.stdout.readline().split()
+            assert ids, proc.stderr.read()
+            set_ro(False)
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            left = proc.stdout.readline().split()
+            assert left and left[0] == "folding" and int(left[1]) > 0, "killed before the fold ended"
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.communicate()
         g = failover_journal(path, run)  # the next start finds the fallback and folds the rest in
         try:
             assert not g.on_fallback and not g.fallback_path().exists()
             copies = [r["salvaged_from"] for r in g.pending(0, 100) if "salvaged_from" in r]
-            assert copies == [f"{fb_id}:1", *(r["id"] for r in during)], "each once, in order"
+            assert copies == [f"{fb_id}:1", *ids], "each once, in order"
         finally:
             g.close()

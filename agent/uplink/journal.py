@@ -792,13 +792,18 @@ class Journal:
                 ) from exc
         if not self.path.exists():
             _create_private(self.path)
+        conn = None
         try:
             conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA busy_timeout=2000")
             _setup_writer(conn, self.path)
             _new_db(conn, _new_journal_id())
             conn.execute("PRAGMA busy_timeout=0")  # from now on a lock never makes the gate wait
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, JournalError) as exc:
+            if conn is not None:
+                conn.close()  # not left holding the file (a read-only card must unmount)
+            if isinstance(exc, JournalError):
+                raise
             raise JournalError(
                 f"cannot open the journal {self.path}: {exc}; check that the service user can "
                 f"write {self.path.parent} and that no other gate-agent uses this journal"
