@@ -1252,8 +1252,11 @@ class Journal:
     def _after_write(self) -> list[dict]:
         """The journal's own records for the state it is now in."""
         own: list[dict] = []
-        if self._blocked is not None and self._blocked_alarm != self._blocked:
-            if self._blocked_alarm is not None:  # another cause now: clear the old alarm
+        if self._blocked is not None and (
+            self._blocked_alarm is None
+            or self._blocked_kind(self._blocked_alarm) != self._blocked_kind(self._blocked)
+        ):
+            if self._blocked_alarm is not None:  # the other alarm now: clear the old one
                 kind = self._blocked_kind(self._blocked_alarm)
                 own.append(self._alarm(False, self._blocked_alarm, kind))
             self._blocked_alarm = self._blocked
