@@ -390,9 +390,17 @@ class Service:
         except OSError as exc:
             raise ServiceError(f"state directory {state_dir} cannot be created ({exc.strerror}); create it "
                                "(owner gate-agent, mode 0700) or fix service.state_dir") from exc
+        from agent.uplink.failover import DEFAULT_RUNTIME_DIR, FailoverJournal
+        from agent.uplink.journal import JournalError, readonly_dir
+
         if not os.access(state_dir, os.W_OK | os.X_OK):
-            raise ServiceError(f"state directory {state_dir} is not writable by this user; "
-                               "chown gate-agent:gate-agent and chmod 0700 it")
+            if not readonly_dir(state_dir):
+                raise ServiceError(f"state directory {state_dir} is not writable by this user; "
+                                   "chown gate-agent:gate-agent and chmod 0700 it")
+            # An SD card the kernel remounted read-only after errors: the gate still decides.
+            log.error("state directory %s is on a read-only filesystem: the SD card is failing; the "
+                      "gate keeps working (journal in the runtime directory, state not saved): "
+                      "replace the card (see gate-agent doctor)", state_dir)
         if self.clock_sync is None:
             self.clock_sync = ClockSync()
         # The wall time is never below the floor the server's signed issued_at proved
@@ -400,14 +408,16 @@ class Service:
         clock = Clock(self.clock_sync, wall=self._wall)
 
         # Journal first: nothing the gate does may happen before it can be recorded.
-        from agent.uplink.journal import Journal, JournalError
-
         jc = cfg.journal
+        runtime_dir = (self.env.get("RUNTIME_DIRECTORY") or "").split(":")[0]
         try:
-            self.journal = Journal(jc.path, sync_interval_s=jc.sync_interval_s,
-                                   capacity_events=jc.capacity_events,
-                                   disk_budget_bytes=jc.disk_budget_bytes,
-                                   retention_days=jc.retention_days, clock=clock.now, boot=self.boot)
+            self.journal = FailoverJournal(jc.path, fallback_dir=Path(runtime_dir) if runtime_dir
+                                           else DEFAULT_RUNTIME_DIR,
+                                           sync_interval_s=jc.sync_interval_s,
+                                           capacity_events=jc.capacity_events,
+                                           disk_budget_bytes=jc.disk_budget_bytes,
+                                           retention_days=jc.retention_days, clock=clock.now, boot=self.boot,
+                                           progress=self._salvaging)
         except (JournalError, OSError) as exc:
             raise ServiceError(f"the journal {jc.path} cannot be opened: {exc}") from exc
         self.journal.start_sync_thread()
@@ -490,6 +500,11 @@ class Service:
             self._start_uplink()
         self._housekeeper = threading.Thread(target=self._housekeeping, name="housekeeping", daemon=True)
         self._housekeeper.start()
+
+    def _salvaging(self) -> None:
+        # A damaged journal of a million records takes minutes to salvage on a Pi:
+        # more than systemd's start timeout, which would kill and restart the salvage.
+        self.notifier.notify("EXTEND_TIMEOUT_USEC=60000000", "STATUS=salvaging the damaged journal")
 
     def _check_fastpath(self) -> None:
         impl = fastpath.IMPLEMENTATION

@@ -336,3 +336,43 @@ def test_the_checklist_in_russian(tmp_path, capsys):
     run_doctor(write_config(tmp_path), env=quiet_env(gpio_chips=list))
     out = capsys.readouterr().out
     assert "последовательные считыватели не настроены" in out
+
+
+def test_a_read_only_card_is_a_fail_saying_what_is_wrong_and_what_to_do(tmp_path):
+    from agent.uplink.failover import FailoverJournal
+    from tests.readonly import read_only
+
+    cfg = write_config(tmp_path)
+    state, run = tmp_path / "state", tmp_path / "run"
+    fill_journal(state / "journal.db", 3)
+    with read_only(state):
+        fj = FailoverJournal(state / "journal.db", fallback_dir=run, boot="b")  # as the service does
+        try:
+            fj.commit([make_record("access.granted", Now(1.0, time.time(), True), "b", reader="entry",
+                                   direction="in", card=1, format="w26", person="p-1")])
+            checks = Doctor(cfg, env=quiet_env(runtime_dir=run)).run()
+        finally:
+            fj.close()
+    c = by_name(checks)
+    disk = c["disk"]
+    assert disk.status == FAIL and "read-only" in disk.summary and "SD card" in disk.summary
+    hints = " ".join(disk.hints)
+    assert "dmesg" in hints and f"findmnt -no OPTIONS -T {state}" in hints and "replace the SD card" in hints
+    fallback = c["fallback"]
+    assert fallback.status == WARN and "waiting for the server: 2" in fallback.summary  # the alarm and the card
+    assert "power cut" in " ".join(fallback.hints)
+    # The commands the hints quote run here.
+    got = subprocess.run(["findmnt", "-no", "OPTIONS", "-T", str(tmp_path)], capture_output=True, text=True,
+                         check=False)
+    assert got.returncode == 0 and got.stdout.strip()
+
+
+def test_the_read_only_card_in_russian(tmp_path, capsys):
+    from tests.readonly import read_only
+
+    cfg = write_config(tmp_path)
+    set_language("ru")
+    with read_only(tmp_path / "state"):
+        run_doctor(cfg, env=quiet_env(runtime_dir=tmp_path / "run"))
+    out = capsys.readouterr().out
+    assert "SD-карта выходит из строя" in out and "dmesg" in out

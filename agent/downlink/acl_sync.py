@@ -144,6 +144,16 @@ def move_aside(path: Path, epoch_s: float) -> Path:
     return target
 
 
+def _move_aside_or_keep(path: Path, epoch_s: float) -> Path | str:
+    """move_aside, or on a filesystem that refuses it (an SD card remounted
+    read-only) leave the file where it is: the start must go on."""
+    try:
+        return move_aside(path, epoch_s)
+    except OSError as exc:
+        log.error("could not move %s aside (%s); it stays where it is", path, exc.strerror or exc)
+        return f"nowhere ({path} could not be moved: {exc.strerror or exc})"
+
+
 class CounterStore:
     """The last accepted counter per signing key, and the time floor, on disk
     (``counters.json``, 0600).
@@ -196,7 +206,7 @@ class CounterStore:
             self._saved_floor = float(floor)
         except (ValueError, TypeError) as exc:
             self._data = {"cmd": {}, "acl": {}}
-            moved = move_aside(self.path, wall())
+            moved = _move_aside_or_keep(self.path, wall())
             log.error("replay counters in %s are damaged (%s); moved to %s, counting from zero",
                       self.path, exc, moved)
             report("alarm", {"kind": "counters_reset", "active": True,
@@ -357,7 +367,7 @@ class AclSync:
             acl = AccessList.from_snapshot(data.get("list"))
             table = self._builder(acl, self.fp)
         except (ValueError, TypeError, KeyError) as exc:  # AclRejected is a ValueError
-            moved = move_aside(self.path, self._wall())
+            moved = _move_aside_or_keep(self.path, self._wall())
             detail = (f"the stored access list {self.path} was damaged ({str(exc)[:300]}); moved "
                       f"to {moved}; the gate asks the server for a snapshot")
             log.error("%s", detail)

@@ -14,8 +14,11 @@ The checks, in the order a technician fixes things:
     broker     name resolves, TCP, TLS with the configured certificates, the
                broker accepts an MQTT connection; days the certificate has left
     clock      synchronised (the kernel's flag, as timedatectl shows it)
-    disk       free space where the journal lives
-    journal    integrity (quick_check, read-only) and the backlog to the server
+    disk       free space where the journal lives; a filesystem the kernel
+               remounted read-only (a failing SD card) is a FAIL
+    journal    integrity (quick_check, read-only) and the backlog to the server;
+               the fallback journal in the runtime directory while the card
+               is read-only
     fastpath   the compiled twin is loaded
     acl        an access list is on the board and how old it is
 
@@ -63,6 +66,7 @@ EXIT_FAILED = 1
 SERVICE = "gate-agent"
 DEFAULT_CONFIG = Path("/etc/gate-agent/agent.toml")
 DEFAULT_STATE_DIR = Path("/var/lib/gate-agent")
+DEFAULT_RUNTIME_DIR = Path("/run/gate-agent")  # agent.uplink.failover.DEFAULT_RUNTIME_DIR
 NET_TIMEOUT_S = 5.0
 CERT_WARN_DAYS = 30
 DISK_FAIL_BYTES = 50 * 1024 * 1024  # below this the journal soon stops keeping records
@@ -119,6 +123,7 @@ class DoctorEnv:
     wall: Callable[[], float] = time.time
     pin_factory: Callable[[str], Any] | None = None  # name -> gpiozero factory (default: the service's)
     implementation: Callable[[], str] = field(default=lambda: __import__("fastpath").IMPLEMENTATION)
+    runtime_dir: Path = DEFAULT_RUNTIME_DIR  # where the service keeps its fallback journal
 
 
 def _days(seconds: float) -> float:
@@ -662,6 +667,22 @@ class Doctor:
                 pass
         summary = _("{path}: free {free} MB of {total} MB").format(
             path=probe, free=int(free_mb), total=int(usage.total / 1024 / 1024))
+        from agent.uplink.journal import readonly_dir
+
+        if readonly_dir(probe):
+            return Check(FAIL, "disk", _("{path} is read-only: the SD card is failing (the kernel remounted "
+                                         "it after errors)").format(path=probe), (
+                _("the gate still decides; its records go to a temporary journal in {run} and still reach "
+                  "the server, but a reboot or a power cut loses those the server has not confirmed")
+                .format(run=self.env.runtime_dir),
+                _("see the errors: sudo dmesg | grep -i -e mmc -e ext4 -e 'I/O error'"),
+                _("see the mount: findmnt -no OPTIONS -T {path} (ro: read-only)").format(path=probe),
+                _("replace the SD card: first save the records still waiting on it (journal line below; they "
+                  "are sent by themselves if the card recovers): sudo gate-agent journal export --pending > "
+                  "/run/pending.jsonl and copy that file off the board for the regional office; wait until the "
+                  "fallback line shows nothing waiting for the server; then switch off and put in a new card "
+                  "with a fresh image and this gate's config"),
+            ))
         if usage.free < DISK_FAIL_BYTES:
             return Check(FAIL, "disk", summary, (
                 _("the journal cannot keep records much longer: free space (old logs: sudo journalctl "
@@ -672,13 +693,52 @@ class Doctor:
                   "free space or lower the budget").format(mb=budget // 1024 // 1024),))
         return Check(OK, "disk", summary)
 
-    def check_journal(self) -> Check:
-        from agent.tools.journaltool import JournalReadError, journal_stats, open_readonly
+    def check_journal(self) -> list[Check]:
+        checks = [self._check_journal_file(self._journal_path())]
+        fallback = self._check_fallback()
+        if fallback is not None:
+            checks.append(fallback)
+        return checks
 
-        path = self._journal_path()
+    def _check_fallback(self) -> Check | None:
+        """The journal the service writes while the card is read-only, if any."""
+        from agent.tools.journaltool import JournalReadError, journal_stats, open_readonly
+        from agent.uplink.failover import fallback_path
+
+        path = fallback_path(self._journal_path(), self.env.runtime_dir)
+        try:
+            if not path.exists():
+                return None
+        except PermissionError:
+            return None
         try:
             conn = open_readonly(path)
         except JournalReadError as exc:
+            return Check(WARN, "fallback", str(exc))
+        try:
+            stats = journal_stats(conn, path, self.env.wall())
+        except Exception as exc:  # noqa: BLE001 - sqlite3 errors
+            return Check(WARN, "fallback", _("{path} cannot be read: {error}").format(path=path, error=exc))
+        finally:
+            conn.close()
+        return Check(WARN, "fallback", _("{path}: records go here while the card is read-only; waiting for "
+                                         "the server: {n}").format(path=path, n=stats["pending"]), (
+            _("kept across restarts of the agent, lost on a reboot or a power cut: do not switch the gate "
+              "off while records wait for the server"),
+            _("when the card takes writes again the agent copies them back into {path} by itself")
+            .format(path=self._journal_path()),
+        ))
+
+    def _check_journal_file(self, path: Path) -> Check:
+        from agent.tools.journaltool import JournalReadError, journal_stats, open_readonly
+        from agent.uplink.journal import readonly_dir
+
+        try:
+            conn = open_readonly(path)
+        except JournalReadError as exc:
+            if Path(path).parent.exists() and readonly_dir(Path(path).parent):
+                return Check(FAIL, "journal", _("{path} is on the read-only card (see disk): {error}").format(
+                    path=path, error=exc))
             status = WARN if not Path(path).exists() or "permission" in str(exc).lower() else FAIL
             return Check(status, "journal", str(exc))
         try:

@@ -44,24 +44,50 @@ not offered to the uplink until written, so if the process dies first their
 seqs are reused safely. While the disk is full, acknowledged records are
 deleted at once instead of kept for the retention period.
 
-Corruption at open: ``integrity_check`` (``quick_check`` on large files). The
-pending records still readable are copied into a new journal (new id, seqs from
-1, ``salvaged_from`` keeps the old id) built beside the damaged file; then the
-damaged file is renamed ``<name>.corrupt-<UTC stamp>`` (never deleted), the new
-one takes its place, and it holds a ``journal.recovered`` record.
+The marks: the journal's id and high-water marks (last durable seq, the
+acknowledgement watermark) are also kept outside the database, in
+``<name>.marks`` beside it (``journal.marks`` for ``journal.db``: not matched
+by ``journal.db*``). The sync thread rewrites them after each fsync (a
+temporary file renamed over the old one; the gate thread never writes them),
+so they never claim more than the database durably holds.
+
+At open the journal checks, in this order: a database file missing or empty
+(with marks or a WAL left: ``missing``/``emptied``); SQLite's
+``integrity_check`` (``quick_check`` on large files: ``damaged``); its tables,
+id and state row (``incomplete``); and against the marks: another journal's
+file (``replaced``), a file that ends before the last durable seq
+(``rolled_back``), rows gone between the watermark and that seq
+(``rows_missing``). Any of these: the pending records still readable are
+copied into a new journal (new id, seqs from 1, ``salvaged_from`` keeps the old
+id) built beside the old file; the old files are renamed
+``<name>.corrupt-<UTC stamp>`` (never deleted), the new one takes its place,
+and it holds a ``journal.recovered`` record (cause, salvaged, lost, old id).
+Records are read from the file's pages (``agent.uplink.sqlite_pages``: SQLite's
+own ``.recover`` needs a library Debian does not ship), SQLite's reader if that
+fails.
+
+Marks missing beside a sound database (an agent older than them, or removed
+by hand): the database is trusted and the marks written anew. Marks damaged
+likewise, logged. Marks missing *and* no database: a first start. Marks
+damaged and no database: a journal existed and nothing says how much it held:
+``journal.recovered`` with ``lost`` null.
 """
 
 from __future__ import annotations
 
+import errno
+import itertools
 import json
 import logging
 import os
+import re
 import secrets
 import sqlite3
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Self
@@ -69,13 +95,16 @@ from urllib.parse import quote
 
 from agent.core.events import Now
 from agent.core.records import make_record
+from agent.uplink.sqlite_pages import PageReader
 
 __all__ = [
     "BYTES_PER_EVENT_ESTIMATE",
     "DEFAULT_DISK_BUDGET",
     "LOW_VALUE_TYPES",
+    "READ_ONLY",
     "Journal",
     "JournalError",
+    "readonly_dir",
 ]
 
 log = logging.getLogger(__name__)
@@ -99,9 +128,12 @@ PURGE_BATCH = 2000  # rows deleted per maintenance call: bounds the gate's pause
 ACK_BATCH = 2000  # rows marked acknowledged per call, for the same reason
 PENDING_SYNC_GAP_S = 0.1  # pending() adds at most one fsync per this while the sync thread runs
 SALVAGE_CHUNK = 4096
+PROGRESS_S = 5.0  # a long salvage says it is alive this often (systemd's start timeout)
 MIN_DISK_BUDGET = 64 << 10
 
 _SQLITE_CORRUPT = 11
+# What SQLite answers when the filesystem refuses a write (EROFS): then the directory is probed.
+_MAYBE_READ_ONLY = frozenset({8, 10, 14})  # SQLITE_READONLY, SQLITE_IOERR, SQLITE_CANTOPEN
 _SQLITE_FULL = 13
 _SQLITE_NOTADB = 26
 
@@ -131,6 +163,38 @@ _STATE = (
     "UPDATE state SET last_seq = ?, pending = ?, acked_upto = ?, cap_alarm = ?, overflow = ? "
     "WHERE id = 1"
 )
+
+
+READ_ONLY = "read-only filesystem"  # Journal.stats()["blocked"] when the disk refuses writes
+_PROBE_NAME = ".gate-agent-probe"
+
+
+def readonly_dir(directory: Path) -> bool:
+    """Whether the filesystem holding ``directory`` refuses writes (an SD card the
+    kernel remounted read-only after errors). The mount flag first; then a probe
+    file, since some kernels mark such a filesystem only inside (ext4's
+    emergency read-only state is not in statvfs)."""
+    try:
+        if os.statvfs(directory).f_flag & os.ST_RDONLY:
+            return True
+    except OSError:
+        return False
+    probe = directory / f"{_PROBE_NAME}-{os.getpid()}"
+    try:
+        fd = os.open(probe, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+    except OSError as exc:
+        return exc.errno == errno.EROFS
+    try:
+        os.write(fd, b"x")
+    except OSError as exc:
+        return exc.errno == errno.EROFS
+    finally:
+        os.close(fd)
+        try:
+            os.unlink(probe)
+        except OSError:
+            pass
+    return False
 
 
 class JournalError(RuntimeError):
@@ -245,6 +309,7 @@ def _new_db(conn: sqlite3.Connection, journal_id: str) -> None:
     conn.execute("BEGIN")
     conn.execute("INSERT OR IGNORE INTO meta VALUES ('journal_id', ?)", (journal_id,))
     conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema', '1')")
+    conn.execute("INSERT OR IGNORE INTO meta VALUES ('holes', '0')")
     conn.execute("INSERT OR IGNORE INTO state VALUES (1, 0, 0, 0, 0, '')")
     conn.execute("COMMIT")
 
@@ -363,6 +428,241 @@ class _Salvage:
             self.conn.close()
 
 
+_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+MARKS_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class _Marks:
+    """What the journal last made durable, as kept outside the database."""
+
+    journal: str
+    last_seq: int  # every seq up to this was fsynced
+    acked_upto: int  # the acknowledgement watermark written to the table
+    previous: str | None = None  # the journal this one replaced, if any
+
+
+def _marks_path(path: Path) -> Path:
+    # Not "journal.db.marks": a glob for the database's files (journal.db*) must
+    # not take the witness of what they held with them.
+    return path.with_suffix(".marks") if path.suffix else _side(path, ".marks")
+
+
+def _read_marks(path: Path) -> tuple[_Marks | None, str]:
+    """The marks and a note for the log ("" when there is nothing to say)."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None, ""
+    except OSError as exc:
+        return None, f"marks damaged: {path} cannot be read ({exc.strerror})"
+    try:
+        doc = json.loads(raw)
+        if not isinstance(doc, dict) or doc.get("format") != MARKS_FORMAT:
+            raise ValueError("not a marks file of format 1")
+        jid, last, acked = doc["journal"], doc["last_seq"], doc["acked_upto"]
+        prev = doc.get("previous")
+        if not (isinstance(jid, str) and _ID_PATTERN.match(jid)):
+            raise ValueError("bad journal id")
+        for v in (last, acked):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError("bad seq")
+        if prev is not None and not (isinstance(prev, str) and _ID_PATTERN.match(prev)):
+            raise ValueError("bad previous journal id")
+        return _Marks(jid, last, min(acked, last), prev), ""
+    except (ValueError, KeyError, TypeError) as exc:
+        return None, f"marks damaged: {path} ({exc}); the database alone says what it holds"
+
+
+class _Found:
+    """What a salvage read from a damaged journal: its pending records (in a
+    scratch table of the new journal's connection, in seq order), the old
+    journal's id, how many records are lost and how they were read."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.old_id: str | None = None
+        self.lost: int | None = None
+        self.method = "none"
+        self._prefix: str | None = None
+        self._wm = 0
+        conn.execute(
+            "CREATE TEMP TABLE salvage_scan (seq INTEGER NOT NULL, free INTEGER NOT NULL, "
+            "done REAL, prefix TEXT NOT NULL, body TEXT NOT NULL)"
+        )
+
+    def pending(self) -> Iterator[dict]:
+        """The file's own records not acknowledged: one copy per seq (one from a
+        page in use when there is one), none of a seq any copy says is done."""
+        if self._prefix is None:
+            return
+        cursor = self.conn.execute(
+            "SELECT s.body FROM salvage_scan s WHERE s.prefix = :p AND s.seq > :wm "
+            "AND NOT EXISTS (SELECT 1 FROM salvage_scan t WHERE t.prefix = :p "
+            "  AND t.seq = s.seq AND t.done IS NOT NULL) "
+            "AND s.rowid = (SELECT u.rowid FROM salvage_scan u WHERE u.prefix = :p "
+            "  AND u.seq = s.seq ORDER BY u.free, u.rowid LIMIT 1) "
+            "ORDER BY s.seq",
+            {"p": self._prefix, "wm": self._wm},
+        )
+        for (body,) in cursor:
+            rec = _Salvage._parse(body)
+            if rec is not None:
+                yield rec
+
+    def drop(self) -> None:
+        self.conn.execute("DROP TABLE temp.salvage_scan")
+
+
+class _Ticker:
+    """Calls ``progress`` (the service: "still starting" to systemd) at most
+    every PROGRESS_S while a long salvage runs."""
+
+    def __init__(self, progress: Callable[[], None] | None) -> None:
+        self._progress = progress
+        self._last = time.monotonic()
+
+    def __call__(self) -> None:
+        if self._progress is not None and time.monotonic() - self._last >= PROGRESS_S:
+            self._last = time.monotonic()
+            try:
+                self._progress()
+            except Exception:  # a report must never stop the salvage
+                log.debug("progress report failed", exc_info=True)
+
+
+def _scan_pages(found: _Found, path: Path, wal: Path, tick: Callable[[], None]) -> tuple[list, list]:
+    """Every event row, journal id and state row the pages of path (and its
+    WAL) still hold, into the scratch table; returns (ids, states) with a
+    flag for copies found on free pages."""
+    ids: list[tuple[bool, str]] = []
+    states: list[tuple[bool, int, int]] = []
+    batch: list[tuple] = []
+    with PageReader(path if path.exists() else None, wal if wal.exists() else None) as reader:
+        for cell in itertools.chain(reader.cells(), reader.old_cells()):
+            v = cell.values
+            if len(v) == 5 and v[0] is None and isinstance(v[4], str):
+                rec = _Salvage._parse(v[4])
+                rid = rec.get("id") if rec is not None else None
+                done = v[3]
+                if (
+                    rec is None
+                    or rec.get("seq") != cell.rowid
+                    or not isinstance(rid, str)
+                    or not rid.endswith(f":{cell.rowid}")
+                    or v[1] != _type_of(rec)
+                    or not (done is None or isinstance(done, (int, float)))
+                ):
+                    continue  # not one of our event rows, or a damaged one
+                batch.append((cell.rowid, int(cell.free), done, rid.rsplit(":", 1)[0], v[4]))
+                if len(batch) >= SALVAGE_CHUNK:
+                    found.conn.executemany("INSERT INTO salvage_scan VALUES (?, ?, ?, ?, ?)", batch)
+                    batch = []
+                    tick()
+            elif len(v) == 2 and v[0] == "journal_id" and isinstance(v[1], str):
+                if _ID_PATTERN.match(v[1]):
+                    ids.append((cell.free, v[1]))
+            elif (
+                len(v) == 6
+                and cell.rowid == 1
+                and v[0] is None
+                and all(isinstance(x, int) and x >= 0 for x in v[1:5])
+                and isinstance(v[5], str)
+            ):
+                states.append((cell.free, v[1], v[3]))
+    found.conn.executemany("INSERT INTO salvage_scan VALUES (?, ?, ?, ?, ?)", batch)
+    found.conn.execute("CREATE INDEX temp.salvage_seq ON salvage_scan(prefix, seq)")
+    return ids, states
+
+
+def _salvage_into(
+    conn: sqlite3.Connection, path: Path, wal: Path, marks: _Marks | None,
+    tick: Callable[[], None] = lambda: None,
+) -> _Found:
+    """Read what the old files hold (pages first, SQLite's reader if that
+    fails) and count what is lost.
+
+    ``lost`` is, for the journal that was in use, the number of seqs above the
+    acknowledged watermark and up to the highest seq known (the marks, the
+    state row, the rows themselves) of which no copy could be read: an upper
+    bound of the records lost (a seq acknowledged one by one and purged counts
+    too), so never below the known gap. None when nothing tells how many
+    records there were.
+    """
+    found = _Found(conn)
+    if not path.exists() and not wal.exists():
+        ids: list = []
+        states: list = []
+    else:
+        try:
+            ids, states = _scan_pages(found, path, wal, tick)
+            found.method = "pages"
+        except Exception:  # a bug in the page reader must not cost the records SQLite can read
+            log.exception("journal %s: reading the pages failed; using SQLite's reader", path)
+            conn.execute("DELETE FROM salvage_scan")
+            return _salvage_with_sqlite(found, path, marks)
+    ids.sort(key=lambda t: t[0])  # a copy on a page in use first
+    states.sort(key=lambda t: (t[0], -t[1]))
+    file_id = ids[0][1] if ids else None
+    if file_id is None:
+        row = conn.execute(
+            "SELECT prefix FROM salvage_scan GROUP BY prefix ORDER BY count(*) DESC LIMIT 1"
+        ).fetchone()
+        file_id = row[0] if row else None
+    state_last, state_wm = (states[0][1], states[0][2]) if states else (0, 0)
+
+    def gap(prefix: str, hi: int, wm: int) -> int | None:
+        top = conn.execute(
+            "SELECT max(seq) FROM salvage_scan WHERE prefix = ?", (prefix,)
+        ).fetchone()[0]
+        hi = max(hi, top or 0)
+        if hi == 0 and wm == 0 and not states:
+            return None  # nothing says how many there were
+        read = conn.execute(
+            "SELECT count(DISTINCT seq) FROM salvage_scan WHERE prefix = ? AND seq > ? AND seq <= ?",
+            (prefix, wm, hi),
+        ).fetchone()[0]
+        return max(0, hi - wm - read)
+
+    lost: int | None = None
+    if file_id is not None:
+        wm = state_wm
+        hi = state_last
+        if marks is not None and marks.journal == file_id:
+            wm, hi = max(wm, marks.acked_upto), max(hi, marks.last_seq)
+        found._prefix, found._wm = file_id, wm
+        lost = gap(file_id, hi, wm)
+    if marks is not None and marks.journal != file_id:
+        # The journal in use is not (or no longer) in this file: its unacknowledged records are gone.
+        lost = (lost or 0) + marks.last_seq - marks.acked_upto
+        found.old_id = marks.journal
+    else:
+        found.old_id = file_id
+    found.lost = lost
+    return found
+
+
+def _salvage_with_sqlite(found: _Found, path: Path, marks: _Marks | None) -> _Found:
+    """The fallback: what SQLite itself can still read (see _Salvage)."""
+    salvage = _Salvage(path)
+    try:
+        for batch in salvage.batches():
+            found.conn.executemany(
+                "INSERT INTO salvage_scan VALUES (?, 0, NULL, '', ?)",
+                [(r.get("seq", 0), json.dumps(r, separators=(",", ":"))) for r in batch],
+            )
+    finally:
+        salvage.close()
+    found.method = "reader"
+    found._prefix, found._wm = "", 0
+    found.old_id = salvage.old_id or (marks.journal if marks is not None else None)
+    found.lost = salvage.lost
+    if marks is not None and salvage.old_id not in (None, marks.journal):
+        found.lost = (found.lost or 0) + marks.last_seq - marks.acked_upto
+        found.old_id = marks.journal
+    return found
+
+
 class Journal:
     """The SQLite journal of one gate.
 
@@ -388,6 +688,7 @@ class Journal:
         memory_buffer: int = 10_000,
         clock: Callable[[], Now] | None = None,
         boot: str | None = None,
+        progress: Callable[[], None] | None = None,
     ) -> None:
         if not sync_interval_s > 0:
             raise ValueError(
@@ -408,6 +709,7 @@ class Journal:
             )
         self.path = Path(path)
         self._tmp_path = _side(self.path, ".salvage")
+        self._marks_path = _marks_path(self.path)
         self._wal_path = _side(self.path, "-wal")
         self._sync_interval = float(sync_interval_s)
         self._capacity = int(capacity_events)
@@ -420,9 +722,15 @@ class Journal:
         self._buf_low_cap = max(1, int(memory_buffer * LOW_VALUE_SHARE))
         self._clock = clock or _system_clock
         self._boot = boot or _boot_id()
+        self._progress = progress
 
         self.id = ""
         self.recovered_record: dict | None = None
+        self._previous: str | None = None  # the journal this one replaced (meta previous_journal)
+        self._marks_written: tuple | None = None
+        self._marks_failing = False
+        self._absorb_marks: dict[str, int] = {}  # meta rows written with the next rows (absorb)
+        self._offered = 0  # highest seq pending() returned (ack_one accepts no higher)
         self._closed = False
         # Gate-thread state (other threads only read these ints).
         self._last_seq = 0  # last seq handed out
@@ -453,6 +761,7 @@ class Journal:
         self._synced_seq = 0
         self._syncs = 0
         self._sync_errors = 0
+        self._sync_failing = False
         self._last_sync_s = 0.0
         self._max_sync_s = 0.0
         self._last_sync_at = 0.0
@@ -467,10 +776,14 @@ class Journal:
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         adopted = self._settle_salvage()
-        problem = self._check_integrity()
-        if problem is not None:
+        marks, marks_note = _read_marks(self._marks_path)
+        if marks_note:
+            log.warning("journal %s: %s", self.path, marks_note)
+        finding = self._diagnose(marks, marks_note)
+        if finding is not None:
+            cause, problem = finding
             try:
-                self._rebuild(problem)
+                self._rebuild(cause, problem, marks)
             except (sqlite3.Error, OSError) as exc:
                 raise JournalError(
                     f"the journal {self.path} is damaged ({problem}) and could not be rebuilt: "
@@ -479,13 +792,18 @@ class Journal:
                 ) from exc
         if not self.path.exists():
             _create_private(self.path)
+        conn = None
         try:
             conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA busy_timeout=2000")
             _setup_writer(conn, self.path)
             _new_db(conn, _new_journal_id())
             conn.execute("PRAGMA busy_timeout=0")  # from now on a lock never makes the gate wait
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, JournalError) as exc:
+            if conn is not None:
+                conn.close()  # not left holding the file (a read-only card must unmount)
+            if isinstance(exc, JournalError):
+                raise
             raise JournalError(
                 f"cannot open the journal {self.path}: {exc}; check that the service user can "
                 f"write {self.path.parent} and that no other gate-agent uses this journal"
@@ -494,6 +812,8 @@ class Journal:
         self._page_size = conn.execute("PRAGMA page_size").fetchone()[0]
         self.set_disk_budget(self._budget)
         self.id = conn.execute("SELECT value FROM meta WHERE key = 'journal_id'").fetchone()[0]
+        row = conn.execute("SELECT value FROM meta WHERE key = 'previous_journal'").fetchone()
+        self._previous = row[0] if row else None
         last, pending, acked, cap_alarm, overflow = conn.execute(
             "SELECT last_seq, pending, acked_upto, cap_alarm, overflow FROM state WHERE id = 1"
         ).fetchone()
@@ -548,14 +868,90 @@ class Journal:
         body = self._db.execute("SELECT body FROM events WHERE seq = ?", (int(row[0]),)).fetchone()
         return json.loads(body[0]) if body else None
 
-    def _check_integrity(self) -> str | None:
-        """None when the file is sound (or absent), else what is wrong with it."""
+    def _diagnose(self, marks: _Marks | None, marks_note: str) -> tuple[str, str] | None:
+        """(cause, what is wrong) when the journal on disk is not the one the
+        marks describe or not sound; None when it is (or when there is none
+        and nothing says there was one: a first start)."""
         p = self.path
-        if not p.exists():
+        size = p.stat().st_size if p.exists() else None
+        wal_size = self._wal_path.stat().st_size if self._wal_path.exists() else 0
+        if not size:
+            cause = "missing" if size is None else "emptied"
+            what = "missing" if size is None else "empty"
+            if wal_size:
+                return cause, f"the database file is {what} but its write-ahead log was left"
+            if marks is not None:
+                return cause, (
+                    f"the database file is {what}, but journal {marks.journal} had records up to "
+                    f"seq {marks.last_seq} ({marks.last_seq - marks.acked_upto} not acknowledged)"
+                )
+            if marks_note.startswith("marks damaged"):
+                return cause, f"the database file is {what} and its marks file is unreadable"
+            return None  # a first start
+        problem = self._check_integrity()
+        if problem is not None:
+            return "damaged", problem
+        return self._check_shape(marks)
+
+    def _check_shape(self, marks: _Marks | None) -> tuple[str, str] | None:
+        """The schema, the journal id and the marks against a file SQLite calls sound."""
+        conn = sqlite3.connect(
+            f"file:{quote(str(self.path))}?mode=ro", uri=True, isolation_level=None
+        )
+        try:
+            conn.execute("PRAGMA busy_timeout=5000")
+            tables = {
+                r[0] for r in conn.execute("SELECT name FROM sqlite_schema WHERE type = 'table'")
+            }
+            if not tables and marks is None:
+                return None  # created, never written: a first start
+            missing = sorted({"meta", "state", "events"} - tables)
+            if missing:
+                return "incomplete", f"table(s) {', '.join(missing)} missing"
+            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+            jid = meta.get("journal_id")
+            if not isinstance(jid, str) or not jid:
+                return "incomplete", "its journal id is missing"
+            state = conn.execute(
+                "SELECT last_seq, acked_upto FROM state WHERE id = 1"
+            ).fetchone()
+            if state is None:
+                return "incomplete", "its state row is missing"
+            if marks is None or marks.journal == meta.get("previous_journal"):
+                return None  # nothing to compare, or a rebuild whose marks were not yet written
+            if marks.journal != jid:
+                return "replaced", (
+                    f"the file holds journal {jid}, but journal {marks.journal} was in use "
+                    f"(records up to seq {marks.last_seq})"
+                )
+            top = conn.execute("SELECT max(seq) FROM events").fetchone()[0] or 0
+            last = max(int(state[0]), int(top))
+            if last < marks.last_seq:
+                return "rolled_back", (
+                    f"it ends at seq {last}, but seq {marks.last_seq} had been made durable"
+                )
+            wm = max(int(state[1]), marks.acked_upto)
+            if marks.last_seq > wm:
+                have = conn.execute(
+                    "SELECT count(*) FROM events WHERE seq > ? AND seq <= ?", (wm, marks.last_seq)
+                ).fetchone()[0]
+                try:  # records acknowledged out of order and deleted on a full disk
+                    holes = int(meta.get("holes", 0))
+                except ValueError:
+                    holes = 0
+                gone = marks.last_seq - wm - have - holes
+                if gone > 0:
+                    return "rows_missing", (
+                        f"{gone} record(s) between seq {wm + 1} and {marks.last_seq} are missing"
+                    )
             return None
+        finally:
+            conn.close()
+
+    def _check_integrity(self) -> str | None:
+        """None when the file is sound, else what is wrong with it."""
+        p = self.path
         size = p.stat().st_size
-        if size == 0 and not self._wal_path.exists():
-            return None
         check = "integrity_check" if size <= FULL_CHECK_MAX_BYTES else "quick_check"
         try:
             conn = sqlite3.connect(str(p), isolation_level=None)
@@ -575,61 +971,74 @@ class Journal:
             return None
         return "; ".join(str(r[0]) for r in rows[:5]) or "integrity check failed"
 
-    def _rebuild(self, problem: str) -> None:
-        """Salvage a damaged journal into a new one, then swap the files."""
+    def _rebuild(self, cause: str, problem: str, marks: _Marks | None) -> None:
+        """Salvage what the journal on disk still holds into a new journal, move
+        the old files aside (never deleted) and put the new one in place."""
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         dest = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
         n = 1
         while any(p.exists() for p in _db_files(dest)):
             dest = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{n}")
             n += 1
+        present = [p for p in _db_files(self.path) if p.exists()]
         log.error(
-            "journal %s is damaged (%s); salvaging it, then moving it to %s",
+            "journal %s: %s (%s); salvaging it into a new journal%s",
             self.path,
+            cause,
             problem,
-            dest,
+            f", then moving it to {dest}" if present else "",
         )
         tmp = self._tmp_path
         for p in _db_files(tmp):
             p.unlink(missing_ok=True)
         _create_private(tmp)
-        salvage = _Salvage(self.path)
         new = sqlite3.connect(str(tmp), isolation_level=None)
         try:
             _setup_writer(new, tmp)
             jid = _new_journal_id()
             _new_db(new, jid)
-            seq = 0
             new.execute("BEGIN")  # one transaction: a crash leaves no half salvage
-            for batch in salvage.batches():
-                rows = []
-                for rec in batch:
-                    seq += 1
-                    orig = rec.get("id")
-                    rec = {k: v for k, v in rec.items() if k not in ("id", "seq")}
-                    d = {"id": f"{jid}:{seq}", "seq": seq, **rec}
-                    if isinstance(orig, str):
-                        d["salvaged_from"] = orig
-                    rows.append(self._row(d))
-                new.executemany(_INSERT, rows)
+            tick = _Ticker(self._progress)
+            found = _salvage_into(new, self.path, self._wal_path, marks, tick)
+            seq = 0
+            rows: list[tuple] = []
+            for rec in found.pending():
+                seq += 1
+                orig = rec.get("id")
+                rec = {k: v for k, v in rec.items() if k not in ("id", "seq")}
+                d = {"id": f"{jid}:{seq}", "seq": seq, **rec}
+                if isinstance(orig, str):
+                    d["salvaged_from"] = orig
+                rows.append(self._row(d))
+                if len(rows) >= SALVAGE_CHUNK:
+                    new.executemany(_INSERT, rows)
+                    rows = []
+                    tick()
+            new.executemany(_INSERT, rows)
+            found.drop()
             salvaged = seq
             rec = make_record(
                 "journal.recovered",
                 self._clock(),
                 self._boot,
-                moved_to=str(dest),
+                moved_to=str(dest) if present else None,
                 salvaged=salvaged,
-                lost=salvage.lost,
-                old_journal=salvage.old_id,
+                lost=found.lost,
+                old_journal=found.old_id,
+                cause=cause,
+                method=found.method,
             )
             seq += 1
             d = {"id": f"{jid}:{seq}", "seq": seq, **rec}
             new.execute(_INSERT, self._row(d))
             new.execute(_STATE, (seq, seq, 0, 0, ""))
             new.execute("INSERT OR REPLACE INTO meta VALUES ('recovered_seq', ?)", (str(seq),))
+            if found.old_id is not None:
+                new.execute(
+                    "INSERT OR REPLACE INTO meta VALUES ('previous_journal', ?)", (found.old_id,)
+                )
             new.execute("COMMIT")
         finally:
-            salvage.close()
             new.close()  # last connection: checkpoints and removes its WAL
         # The damaged WAL moves first: a WAL left behind must never meet the new file.
         for suffix in ("-wal", "-shm", ""):
@@ -640,12 +1049,14 @@ class Journal:
         _fsync_dir(self.path.parent)
         self.recovered_record = d
         log.error(
-            "journal %s rebuilt as %s: %d record(s) salvaged, lost %s, damaged file kept at %s",
+            "journal %s rebuilt as %s (%s, read by %s): %d record(s) salvaged, lost %s%s",
             self.path,
             jid,
+            cause,
+            found.method,
             salvaged,
-            salvage.lost,
-            dest,
+            found.lost,
+            f", old files kept at {dest}" if present else "",
         )
 
     # --- the gate thread ------------------------------------------------------
@@ -770,26 +1181,34 @@ class Journal:
     def _store(self, items: list[tuple[dict, tuple, bool]]) -> list[dict]:
         """Write the buffer and the new items, in seq order; buffer them on failure."""
         if not items and not self._buffer:
-            if self._state_dirty:  # drop counts alone: keep them across a restart
-                self._state_dirty = (
-                    self._txn(
-                        lambda conn: conn.execute(
-                            _STATE,
-                            self._state_args(self._last_seq, self._db_pending, self._applied_wm),
-                        )
+            if self._state_dirty or self._absorb_marks:  # drop counts, absorb marks alone
+                marks = dict(self._absorb_marks)
+
+                def state(conn: sqlite3.Connection) -> None:
+                    conn.execute(
+                        _STATE, self._state_args(self._last_seq, self._db_pending, self._applied_wm)
                     )
-                    is not None
-                )
+                    for key, upto in marks.items():
+                        conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, str(upto)))
+
+                self._state_dirty = self._txn(state) is not None
+                if not self._state_dirty:
+                    self._marks_stored(marks)
             return []
         rows = [it[1] for it in self._buffer] + [it[1] for it in items]
         pending = self._db_pending + len(rows)
 
+        marks = dict(self._absorb_marks)
+
         def write(conn: sqlite3.Connection) -> None:
             conn.executemany(_INSERT, rows)
             conn.execute(_STATE, self._state_args(self._last_seq, pending, self._applied_wm))
+            for key, upto in marks.items():  # with the copies themselves (see absorb)
+                conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, str(upto)))
 
         exc = self._txn(write)
         if exc is None:
+            self._marks_stored(marks)
             self._state_dirty = False
             self._db_pending = pending
             self._committed_seq = self._last_seq  # nothing numbered is left unwritten
@@ -800,31 +1219,57 @@ class Journal:
                 self._buffer.clear()
             self._blocked = None
         else:
-            reason = "disk full" if _is_full(exc) else f"write failed: {exc}"
+            if _is_full(exc):
+                reason = "disk full"
+            elif _code(exc) in _MAYBE_READ_ONLY and readonly_dir(self.path.parent):
+                reason = READ_ONLY
+            else:
+                reason = f"write failed: {exc}"
             if self._blocked is None:
                 log.error("journal %s: %s; records wait in memory", self.path, reason)
             self._blocked = reason
             self._buffer.extend(items)
         return [it[0] for it in items]
 
-    def _alarm(self, active: bool, detail: str) -> dict:
+    def _marks_stored(self, marks: dict[str, int]) -> None:
+        for key, upto in marks.items():
+            if self._absorb_marks.get(key) == upto:
+                del self._absorb_marks[key]
+
+    def _alarm(self, active: bool, detail: str, kind: str = "journal_capacity") -> dict:
         return make_record(
             "alarm",
             self._clock(),
             self._boot,
-            kind="journal_capacity",
+            kind=kind,
             active=active,
             detail=detail,
         )
 
+    def _blocked_kind(self, reason: str) -> str:
+        return "journal_readonly" if reason == READ_ONLY else "journal_capacity"
+
     def _after_write(self) -> list[dict]:
         """The journal's own records for the state it is now in."""
         own: list[dict] = []
-        if self._blocked is not None and self._blocked_alarm is None:
+        if self._blocked is not None and (
+            self._blocked_alarm is None
+            or self._blocked_kind(self._blocked_alarm) != self._blocked_kind(self._blocked)
+        ):
+            if self._blocked_alarm is not None:  # the other alarm now: clear the old one
+                kind = self._blocked_kind(self._blocked_alarm)
+                own.append(self._alarm(False, self._blocked_alarm, kind))
             self._blocked_alarm = self._blocked
-            own.append(self._alarm(True, self._blocked))
+            detail = self._blocked
+            if self._blocked == READ_ONLY:
+                detail = (
+                    f"{self.path.parent} is read-only (the SD card is failing): records wait in "
+                    "memory; replace the card"
+                )
+            own.append(self._alarm(True, detail, self._blocked_kind(self._blocked)))
         elif self._blocked is None and self._blocked_alarm is not None:
-            own.append(self._alarm(False, self._blocked_alarm))
+            kind = self._blocked_kind(self._blocked_alarm)
+            own.append(self._alarm(False, f"{self._blocked_alarm}: writable again", kind))
             self._blocked_alarm = None
         stored = self._stored()
         if not self._cap_alarm and stored > self._alarm_on:
@@ -897,9 +1342,15 @@ class Journal:
                     (upto,),
                 ).rowcount
             if singles:
-                n += conn.executemany(
+                holes = conn.executemany(
                     "DELETE FROM events WHERE seq = ? AND done IS NULL", [(s,) for s in singles]
                 ).rowcount
+                n += holes
+                # Rows gone above the watermark by the journal's own hand (see _check_shape).
+                conn.execute(
+                    "UPDATE meta SET value = CAST(value AS INTEGER) + ? WHERE key = 'holes'",
+                    (holes,),
+                )
             counted[0] = n
             conn.execute(
                 _STATE, self._state_args(self._committed_seq, self._db_pending - n, new_wm)
@@ -922,15 +1373,19 @@ class Journal:
 
     def _refresh_oldest_done(self) -> None:
         self._oldest_done = self._db.execute(
-            "SELECT min(done) FROM events INDEXED BY ev_done WHERE done IS NOT NULL"
+            "SELECT min(done) FROM events INDEXED BY ev_done WHERE done IS NOT NULL AND seq <= ?",
+            (self._applied_wm,),
         ).fetchone()[0]
 
     def _purge(self, cutoff: float) -> None:
         exc = self._txn(
             lambda conn: conn.execute(
+                # Only under the watermark: a record acknowledged out of order stays until the
+                # records before it are acknowledged too, so a row missing above the
+                # watermark is never the journal's own doing (see _check_shape).
                 "DELETE FROM events WHERE seq IN (SELECT seq FROM events INDEXED BY ev_done "
-                "WHERE done IS NOT NULL AND done < ? LIMIT ?)",
-                (cutoff, PURGE_BATCH),
+                "WHERE done IS NOT NULL AND done < ? AND seq <= ? LIMIT ?)",
+                (cutoff, self._applied_wm, PURGE_BATCH),
             )
         )
         if exc is not None:
@@ -994,6 +1449,8 @@ class Journal:
                 # move the watermark there, so one-by-one acks compact into it.
                 top = out[0]["seq"] - 1 if out else cursor
                 self._u_wm = max(self._u_wm, top)
+            if out:
+                self._offered = max(self._offered, out[-1]["seq"])
         return out
 
     def _make_durable(self) -> None:
@@ -1008,7 +1465,10 @@ class Journal:
                 time.sleep(wait)
                 if self._committed_seq <= self._synced_seq:
                     return
-        self.sync()
+        try:
+            self.sync()
+        except OSError as exc:  # a card gone read-only: offer what is already durable
+            self._sync_failed(exc)
 
     def ack_upto(self, journal_id: str, seq: int) -> bool:
         """Ingest acknowledgement: every record of journal_id with seq <= seq is
@@ -1022,10 +1482,12 @@ class Journal:
         return True
 
     def ack_one(self, seq: int) -> bool:
-        """Broker-mode acknowledgement of one record. False for a seq never offered."""
+        """Broker-mode acknowledgement of one record. False for a seq never
+        offered (by ``pending`` in this run): a late PUBACK for a record of the
+        journal used before a switch cannot acknowledge one of this journal."""
         seq = int(seq)
         with self._ulock:
-            if seq < 1 or seq > self._synced_seq:
+            if seq < 1 or seq > max(self._offered, self._u_wm):
                 return False
             if seq <= self._u_wm or seq in self._u_singles:
                 return True
@@ -1139,7 +1601,47 @@ class Journal:
             self._max_sync_s = max(self._max_sync_s, took)
             self._synced_seq = max(self._synced_seq, target)
             self._last_sync_at = time.monotonic()
+            self._write_marks()
             return self._synced_seq
+
+    def _write_marks(self) -> None:
+        """Keep the id and high-water marks beside the database (under _sync_lock).
+
+        After the fsync, so the marks never claim more than the database holds
+        durably; they may claim less (a power cut can keep the previous file),
+        which is safe: they are only compared as a lower bound. Hence no fsync
+        of their own: a temporary file renamed over the old one, so a reader
+        sees one whole version or the other."""
+        now = (self.id, self._synced_seq, self._applied_wm, self._previous)
+        if now == self._marks_written or not self.id:
+            return
+        doc = {
+            "format": MARKS_FORMAT,
+            "journal": self.id,
+            "last_seq": self._synced_seq,
+            "acked_upto": min(self._applied_wm, self._synced_seq),
+            "previous": self._previous,
+        }
+        tmp = self._marks_path.with_name(f".{self._marks_path.name}.tmp")
+        try:
+            fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(doc, separators=(",", ":")) + "\n")
+            os.replace(tmp, self._marks_path)
+        except OSError as exc:
+            if not self._marks_failing:
+                log.warning(
+                    "journal %s: cannot write its marks %s (%s); retrying after each sync",
+                    self.path,
+                    self._marks_path,
+                    exc.strerror or exc,
+                )
+                self._marks_failing = True
+            return
+        if self._marks_failing:
+            log.warning("journal %s: marks written again", self.path)
+            self._marks_failing = False
+        self._marks_written = now
 
     def start_sync_thread(self) -> None:
         """Sync and checkpoint the WAL every sync_interval_s, off the gate thread."""
@@ -1170,8 +1672,24 @@ class Journal:
             try:
                 self.checkpoint()
             except (OSError, sqlite3.Error) as exc:
-                self._sync_errors += 1
-                log.warning("journal %s: sync failed (%s); retrying", self.path, exc)
+                self._sync_failed(exc)
+            else:
+                if self._sync_failing:
+                    log.warning("journal %s: sync works again", self.path)
+                    self._sync_failing = False
+
+    def _sync_failed(self, exc: BaseException) -> None:
+        # Logged once per outage (and every 1000th time): a read-only card fails every second.
+        self._sync_errors += 1
+        if not self._sync_failing or self._sync_errors % 1000 == 0:
+            log.warning(
+                "journal %s: sync failed (%s); retrying every %.1f s (%d failures)",
+                self.path,
+                exc,
+                self._sync_interval,
+                self._sync_errors,
+            )
+        self._sync_failing = True
 
     def stop(self) -> None:
         """Stop the sync thread (idempotent)."""
@@ -1201,7 +1719,10 @@ class Journal:
                 len(self._buffer),
                 self._blocked,
             )
-        self.sync()
+        try:
+            self.sync()
+        except OSError as exc:
+            self._sync_failed(exc)
         self._closed = True
         with self._ulock:
             if self._uconn is not None:
@@ -1216,6 +1737,112 @@ class Journal:
         except sqlite3.Error:
             pass
         self._db.close()
+
+    # --- switching journals (agent.uplink.failover) ---------------------------
+
+    @property
+    def readonly(self) -> bool:
+        """Writes fail because the filesystem is read-only."""
+        return self._blocked == READ_ONLY
+
+    @property
+    def blocked(self) -> str | None:
+        """Why writes fail ("disk full", READ_ONLY, ...), or None."""
+        return self._blocked
+
+    def offered_seq(self) -> int:
+        """The highest seq pending() returned in this run."""
+        return self._offered
+
+    def acked_seq(self) -> int:
+        """Every seq up to this is acknowledged."""
+        return max(self._u_wm, self._applied_wm)
+
+    def committed_seq(self) -> int:
+        return self._committed_seq
+
+    def synced_seq(self) -> int:
+        return self._synced_seq
+
+    def files(self) -> list[Path]:
+        """The journal's files: the database, its WAL and shared memory, the marks."""
+        return [*_db_files(self.path), self._marks_path]
+
+    def meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Gate thread: a meta value, kept if already set."""
+        self._db.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (key, value))
+
+    def take_buffer(self) -> list[dict]:
+        """Gate thread: hand over the records waiting in memory (numbered, never
+        written, so never offered) and forget their seqs, which this journal
+        will give out again: nobody saw them."""
+        recs = [it[0] for it in self._buffer]
+        self._buffer.clear()
+        self._last_seq = self._committed_seq
+        return recs
+
+    def absorb(self, source_id: str, records: list[dict], upto: int) -> list[dict]:
+        """Gate thread: copy records of another journal (a fallback) into this
+        one, numbered here, each with ``salvaged_from`` its old id. ``upto``
+        (the highest source seq copied) is written in the same transaction
+        as the copies (meta ``absorbed:<id>``), so a crash never copies one
+        twice. Returns the copies and the journal's own records, as commit."""
+        self._check_open()
+        self._absorb_marks[f"absorbed:{source_id}"] = int(upto)
+        items: list[tuple[dict, tuple, bool]] = []
+        for rec in records:
+            orig = rec.get("id")
+            d = {k: v for k, v in rec.items() if k not in ("id", "seq")}
+            if isinstance(orig, str):
+                d["salvaged_from"] = orig
+            if self._admit(d, len(items)):
+                items.append(self._prepare(d, own=False))
+        out = self._store(items)
+        out.extend(self._after_write())
+        return out
+
+    def absorbed_upto(self, source_id: str) -> int:
+        """The highest seq of journal source_id already copied in (gate thread)."""
+        row = self._db.execute(
+            "SELECT value FROM meta WHERE key = ?", (f"absorbed:{source_id}",)
+        ).fetchone()
+        pending = self._absorb_marks.get(f"absorbed:{source_id}")
+        return max(int(row[0]) if row else 0, pending or 0)
+
+    def unacknowledged(self, after_seq: int, limit: int) -> list[dict]:
+        """Gate thread: written records not acknowledged, seq > after_seq, in
+        order (what a journal being folded into another still has to give)."""
+        start = max(int(after_seq), self._u_wm, self._applied_wm)
+        rows = self._db.execute(
+            "SELECT seq, body FROM events INDEXED BY ev_pending WHERE done IS NULL AND seq > ? "
+            "ORDER BY seq LIMIT ?",
+            (start, limit),
+        ).fetchall()
+        singles = self._u_singles
+        return [json.loads(body) for seq, body in rows if seq not in singles]
+
+    def abandon(self) -> None:
+        """Let go of a journal whose disk refuses writes, writing nothing (not on
+        the gate thread: closing may touch the failing disk). Take its buffer
+        first (take_buffer)."""
+        self._stop.set()
+        self._closed = True
+        with self._ulock:
+            if self._uconn is not None:
+                self._uconn.close()
+                self._uconn = None
+        with self._ckpt_lock:
+            if self._ckpt_conn is not None:
+                self._ckpt_conn.close()
+                self._ckpt_conn = None
+        try:
+            self._db.close()
+        except sqlite3.Error:
+            pass
 
     def _check_open(self) -> None:
         if self._closed:

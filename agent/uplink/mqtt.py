@@ -258,6 +258,7 @@ class Uplink:
         self._refusals = 0
         self._drop_backoff = backoff_min_s
         self._acked_upto = 0
+        self._journal_id = journal.id  # the journal whose seqs the state below counts
         self._min_seq_sent: int | None = None
         self._last_ack_progress = 0.0
         self._resend_check_at = 0.0
@@ -367,6 +368,8 @@ class Uplink:
             return
         client = self._client
         if self._connected:
+            if self.journal.id != self._journal_id:
+                self._journal_changed()
             self._flush_outbox()
             self._timers(now)
             if now >= self._paused_until:
@@ -538,6 +541,21 @@ class Uplink:
         self._inflight_seqs.clear()
         self._rewind()
 
+    def _journal_changed(self) -> None:
+        """The journal switched (a fallback on a read-only card, or back): its
+        seqs are another journal's. PUBACKs still due for the old one acknowledge
+        nothing, and the new one is sent from its start."""
+        old, self._journal_id = self._journal_id, self.journal.id
+        log.warning("uplink: the journal is now %s (was %s); sending it from its start",
+                    self._journal_id, old)
+        self._inflight = dict.fromkeys(self._inflight)
+        self._inflight_seqs.clear()
+        self._rewind()
+        self._acked_upto = 0
+        self._min_seq_sent = None
+        self._last_ack_progress = time.monotonic()
+        self._status_due = True  # the birth names the journal
+
     def _rewind(self) -> None:
         """Publish again from the oldest pending record (in-flight ones excepted)."""
         self._buffer.clear()
@@ -590,7 +608,8 @@ class Uplink:
             self._refusals = 0
             self._alarm("publish_refused", False, "the broker accepts events again")
         if self.ack_mode == "broker":
-            self.journal.ack_one(seq)
+            if self.journal.id == self._journal_id:  # else a record of the journal before a switch
+                self.journal.ack_one(seq)
             self._count_acked(1)
             if rc == RC_NO_MATCHING_SUBSCRIBERS:
                 self._alarm("broker_dropped", True,
@@ -644,8 +663,11 @@ class Uplink:
             return
         if self.ack_mode != "ingest":
             return
-        if journal_id != self.journal.id:
-            log.info("uplink: ack for another journal %s ignored (ours is %s)", journal_id, self.journal.id)
+        if journal_id != self._journal_id:
+            # The journal before a switch may still take it (a fallback being folded in);
+            # any other id changes nothing, and nothing here waits for it.
+            if not self.journal.ack_upto(journal_id, upto):
+                log.info("uplink: ack for another journal %s ignored (ours is %s)", journal_id, self._journal_id)
             return
         self.journal.ack_upto(journal_id, upto)
         if upto > self._acked_upto:
@@ -695,6 +717,10 @@ class Uplink:
                 batch = self.journal.pending(after_seq=self._cursor, limit=FETCH_BATCH)
                 if len(batch) < FETCH_BATCH:
                     self._maybe_more = False  # until wake(), a rewind or the safety poll
+                mine = f"{self._journal_id}:"
+                if batch and not str(batch[0].get("id", "")).startswith(mine):
+                    self._maybe_more = True  # switched since _step looked: the next step resets
+                    return None
                 if not batch:
                     return None
                 self._buffer.extend(batch)
