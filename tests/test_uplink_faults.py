@@ -115,3 +115,38 @@ def test_broker_refusing_events_keeps_them_and_raises_publish_refused(make_broke
     wait_until(lambda: journal.backlog() == 0, 20, "the events after the ACL fix")
     assert [e["id"] for e in ingest.events()] == [r["id"] for r in committed]
     assert [a[:2] for a in alarms] == [("publish_refused", True), ("publish_refused", False)]
+
+
+def test_a_forged_ack_never_makes_the_gate_forget_records_it_has_not_sent(make_broker, journal,
+                                                                         uplinks, ingest_at):
+    # The broker refuses the gate's events for now, so nothing is sent; meanwhile someone
+    # with the right to publish acks (a forger who got records stored under this journal's
+    # id) acknowledges every record the gate has made, and some it has not.
+    broker = make_broker(acl=ACL_REFUSING_EVENTS)
+    alarms: list[tuple[str, bool, str]] = []
+    committed = journal.commit([passage(i) for i in range(5)])
+    up = uplinks(journal, broker, on_alarm=lambda *a: alarms.append(a), backoff_min_s=0.2)
+    wait_until(lambda: any(a[0] == "publish_refused" for a in alarms), 10, "the refusal")
+    journal.sync()
+    with Observer(broker, "nothing/here", username="ingest") as forger:
+        def forge() -> bool:  # again and again: the refused gate reconnects now and then
+            forger.publish(T["ack"], f'{{"journal": "{journal.id}", "upto": 5}}')
+            forger.publish(T["ack"], f'{{"journal": "{journal.id}", "upto": 40}}')
+            return any(a[0] == "ack_ahead" for a in alarms)
+
+        wait_until(lambda: forge() or journal.backlog() < len(committed), 15,
+                   "the gate to take a forged ack")
+        for _ in range(10):
+            forge()
+    assert journal.backlog() == len(committed), "a forged ack made the gate forget unsent records"
+    kind, active, detail = next(a for a in alarms if a[0] == "ack_ahead")
+    assert active and "40" in detail and "made only 5" in detail
+
+    # The ACL is fixed: the real records go out and are stored, then acknowledged.
+    broker.acl_path.write_text(ACL_REFUSING_EVENTS.replace(
+        f"topic read {T['cmd']}", f"topic read {T['cmd']}\ntopic write {T['events']}"))
+    broker.reload()
+    ingest = ingest_at(broker, username="ingest")
+    wait_until(lambda: journal.backlog() == 0, 20, "the records, sent and acknowledged")
+    assert [e["id"] for e in ingest.events()] == [r["id"] for r in committed]
+    assert up.stats()["acked"] == len(committed)

@@ -1741,6 +1741,11 @@ class Journal:
     # --- switching journals (agent.uplink.failover) ---------------------------
 
     @property
+    def last_seq(self) -> int:
+        """The highest seq this journal has handed out (any thread: one int)."""
+        return self._last_seq
+
+    @property
     def readonly(self) -> bool:
         """Writes fail because the filesystem is read-only."""
         return self._blocked == READ_ONLY

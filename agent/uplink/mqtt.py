@@ -65,6 +65,9 @@ RC_FIRST_FAILURE = 0x80
 MIN_PACKET_BYTES = 1024
 MAX_PACKET_BYTES = 268_435_455
 
+# ack_ahead clears after this long without another ack beyond the gate's records.
+ACK_AHEAD_QUIET_S = 600.0
+
 # How many pending records one journal read fetches: big enough that a
 # backlog drains without a query per message, small enough to stay cheap.
 FETCH_BATCH = 512
@@ -78,6 +81,7 @@ class JournalForUplink(Protocol):
     """The journal methods the uplink uses, all from its own thread."""
 
     id: str
+    last_seq: int  # the highest seq the journal has handed out
 
     def pending(self, after_seq: int = 0, limit: int = 100) -> list[dict]: ...
     def ack_upto(self, journal_id: str, seq: int) -> bool: ...
@@ -258,6 +262,8 @@ class Uplink:
         self._refusals = 0
         self._drop_backoff = backoff_min_s
         self._acked_upto = 0
+        self._sent_upto = 0  # highest seq of this journal the broker accepted from this run
+        self._ack_ahead_at: float | None = None  # when an ack last named a seq never made
         self._journal_id = journal.id  # the journal whose seqs the state below counts
         self._min_seq_sent: int | None = None
         self._last_ack_progress = 0.0
@@ -552,6 +558,7 @@ class Uplink:
         self._inflight_seqs.clear()
         self._rewind()
         self._acked_upto = 0
+        self._sent_upto = 0
         self._min_seq_sent = None
         self._last_ack_progress = time.monotonic()
         self._status_due = True  # the birth names the journal
@@ -604,6 +611,8 @@ class Uplink:
         if rc >= RC_FIRST_FAILURE:
             self._refused(seq, reason_code)
             return
+        if seq > self._sent_upto:
+            self._sent_upto = seq
         if self._refusals:
             self._refusals = 0
             self._alarm("publish_refused", False, "the broker accepts events again")
@@ -669,6 +678,7 @@ class Uplink:
             if not self.journal.ack_upto(journal_id, upto):
                 log.info("uplink: ack for another journal %s ignored (ours is %s)", journal_id, self._journal_id)
             return
+        upto = self._clamp_ack(upto)
         self.journal.ack_upto(journal_id, upto)
         if upto > self._acked_upto:
             # Count only what this run sent (the first ack's baseline is unknown otherwise).
@@ -678,6 +688,27 @@ class Uplink:
             self._acked_upto = upto
             self._last_ack_progress = time.monotonic()
             self._drop_backoff = self.backoff_min_s
+
+    def _clamp_ack(self, upto: int) -> int:
+        """An ack never reaches past what this run has sent and the broker accepted.
+
+        The ack topic is the ingest's word, but a forger holding this gate's
+        certificate can publish records under its journal id with seqs it has
+        not reached; the ingest stores and acks them, and an ack taken at its
+        word would make the gate forget its own records of those seqs before
+        ever sending them. Records sent before a restart are sent again at
+        connect anyway, so their ack is only postponed. An ack naming a seq the
+        journal never made is proof of such records: alarm ``ack_ahead``."""
+        made = getattr(self.journal, "last_seq", None)
+        if isinstance(made, int) and upto > made:
+            detail = (f"an ack for journal {self._journal_id} up to seq {upto}, but this gate has "
+                      f"made only {made}: records under its journal id came from elsewhere (a "
+                      "stolen certificate or a cloned SD card); see the ingest's quarantine")
+            if self._ack_ahead_at is None:
+                log.error("uplink: %s", detail)
+            self._ack_ahead_at = time.monotonic()
+            self._alarm("ack_ahead", True, detail)
+        return min(upto, self._sent_upto)
 
     # --- publishing -----------------------------------------------------------
 
@@ -746,6 +777,10 @@ class Uplink:
         if self._retry_at is not None and now >= self._retry_at:
             self._retry_at = None
             self._rewind()
+        if self._ack_ahead_at is not None and now - self._ack_ahead_at >= ACK_AHEAD_QUIET_S:
+            self._ack_ahead_at = None
+            self._alarm("ack_ahead", False, f"no ack beyond this gate's records for "
+                                            f"{ACK_AHEAD_QUIET_S:.0f} s")
         if self.ack_mode == "ingest" and now >= self._resend_check_at:
             self._resend_check_at = now + self.resend_after_s
             if now - self._last_ack_progress >= self.resend_after_s:
