@@ -139,7 +139,7 @@ def test_a_forged_ack_never_makes_the_gate_forget_records_it_has_not_sent(make_b
         for _ in range(10):
             forge()
     assert journal.backlog() == len(committed), "a forged ack made the gate forget unsent records"
-    kind, active, detail = next(a for a in alarms if a[0] == "ack_ahead")
+    _kind, active, detail = next(a for a in alarms if a[0] == "ack_ahead")
     assert active and "40" in detail and "made only 5" in detail
 
     # The ACL is fixed: the real records go out and are stored, then acknowledged.

@@ -611,8 +611,7 @@ class Uplink:
         if rc >= RC_FIRST_FAILURE:
             self._refused(seq, reason_code)
             return
-        if seq > self._sent_upto:
-            self._sent_upto = seq
+        self._sent_upto = max(self._sent_upto, seq)
         if self._refusals:
             self._refusals = 0
             self._alarm("publish_refused", False, "the broker accepts events again")
