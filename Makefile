@@ -12,7 +12,7 @@ PYTEST_FLAGS ?= -q
 PURE_TESTS := tests/test_cards.py tests/test_acl.py tests/test_fastpath.py tests/test_turnstile.py tests/test_simulator.py
 SCENARIO ?= examples/scenarios/school-morning.toml
 
-.PHONY: all setup build broker-plugin run simulate test test-pure bench soak fuzz lint clean
+.PHONY: all setup build broker-plugin run simulate test test-pure bench soak chaos fuzz lint clean
 
 all: build
 
@@ -64,6 +64,11 @@ test-pure: $(STAMP)
 
 bench: build
 	$(VPY) -m bench.run
+
+# The field's faults against the real parts, one bounded run (docs/reliability.md):
+# one line of figures per fault; CHAOS_FLAGS=--quick for short runs, --only flood,kill9.
+chaos: build
+	$(VPY) -m bench.chaos $(CHAOS_FLAGS)
 
 soak: build
 	$(VPY) -m pytest $(PYTEST_FLAGS) -m soak -o addopts=""

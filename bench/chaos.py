@@ -233,11 +233,19 @@ def fault_broker(work: Path, quick: bool, rng: random.Random) -> dict:
         broker.kill()
 
 
-FAULTS: dict[str, Callable[[Path, bool, random.Random], dict]] = {
+Fault = Callable[[Path, bool, random.Random], dict]
+FAULTS: dict[str, Fault] = {
     "flood": fault_flood,
     "kill9": fault_kill9,
     "broker": fault_broker,
 }
+# More faults live in modules of their own, each with a FAULTS dict of the same shape.
+for _module in ("bench.chaos_broker", "bench.chaos_journal"):
+    try:
+        FAULTS.update(__import__(_module, fromlist=["FAULTS"]).FAULTS)
+    except ModuleNotFoundError as _exc:
+        if _exc.name != _module:
+            raise
 
 
 def _line(name: str, ok: bool, figures: dict, took: float) -> str:
