@@ -21,97 +21,17 @@ import platform
 import random
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from agent.contract import topics
-from agent.simctl import SimClientError
-from tests.agentproc import CARDS, ROOT, AgentProcess
+from bench.chaos_rig import W26_READERS, CardLoop, Verdict, lost, start_ingest, wait_for
+from tests.agentproc import ROOT, AgentProcess
 from tests.broker import Mosquitto, Observer
 
 RESULTS = ROOT / "bench" / "chaos.json"
-W26_READERS = """
-[[hardware.readers]]
-name = "entry"
-type = "wiegand"
-format = 26
-
-[[hardware.readers]]
-name = "exit"
-type = "wiegand"
-format = 26
-"""
-
-
-class Verdict(Exception):
-    """A fault's promise was broken: the message says which figure."""
-
-
-def _ingest(broker: Mosquitto, db: Path) -> Any:
-    from agent.uplink.ingest import Ingest
-
-    ing = Ingest(broker.host, broker.port, db_path=db).start()
-    if not ing.ready.wait(15):
-        raise RuntimeError("the ingest did not subscribe")
-    return ing
-
-
-def _wait(pred: Callable[[], bool], timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.05)
-    return True
-
-
-class CardLoop:
-    """Presents cards (and walks each granted pupil through) until stopped; keeps
-    every sim reply, so each decision the gate reported can be looked for later."""
-
-    def __init__(self, agent: AgentProcess, pause_s: float = 0.1) -> None:
-        self.agent = agent
-        self.pause_s = pause_s
-        self.replies: list[dict] = []
-        self.errors = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def start(self) -> CardLoop:
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        i = 0
-        while not self._stop.is_set():
-            try:
-                reply = self.agent.card(CARDS[i % len(CARDS)], wait=5)
-                self.replies.append(reply)
-                if (reply.get("decision") or {}).get("type") == "access.granted":
-                    self.agent.sim({"op": "pass", "side": "A"})
-            except (SimClientError, OSError):
-                self.errors += 1  # the agent was killed under us: the next one answers
-                time.sleep(0.05)
-            i += 1
-            self._stop.wait(self.pause_s)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(15)
-
-    def decided(self) -> list[dict]:
-        return [r["decision"] for r in self.replies if r.get("ok") and r.get("decision")]
-
-    def undecided(self) -> int:
-        return sum(1 for r in self.replies if r.get("ok") and not r.get("decision"))
-
-
-def _lost(decisions: list[dict], stored: list[dict]) -> int:
-    ids = {e["id"] for e in stored}
-    return sum(1 for d in decisions if d["id"] not in ids)
 
 
 # --------------------------------------------------------------------------- faults
@@ -123,13 +43,13 @@ def fault_flood(work: Path, quick: bool, rng: random.Random) -> dict:
 
     seconds = 15.0 if quick else 60.0
     broker = Mosquitto(work / "mq").start()
-    ingest = _ingest(broker, work / "ingest.db")
+    ingest = start_ingest(broker, work / "ingest.db")
     agent = AgentProcess(work / "agent", broker=broker, telemetry_s=1, extra_toml=W26_READERS)
     try:
         agent.start()
         t = topics(agent.site, agent.gate)
         with Observer(broker, t["telemetry"], qos=0) as tel:
-            _wait(lambda: tel.records(), 10)
+            wait_for(lambda: tel.records(), 10)
             rss0 = agent.rss_mb()
             flood = subprocess.Popen(
                 [sys.executable, "-m", "tests.flooder", broker.host, str(broker.port), t["cmd"],
@@ -153,12 +73,12 @@ def fault_flood(work: Path, quick: bool, rng: random.Random) -> dict:
         flood_records = sum(1 for r in records if r["type"] == "command.result" or
                             (r["type"] == "alarm" and r.get("kind") == "downlink_flood"))
         decided = loop.decided()
-        _wait(lambda: _lost(decided, ingest.events()) == 0, 20)
+        wait_for(lambda: lost(decided, ingest.events()) == 0, 20)
         out = {"seconds": seconds, "junk_sent": sent, "reads": len(loop.replies),
                "undecided": loop.undecided() + loop.errors, "decision_p99_ms": p99,
                "dropped_hardware": dropped_hw, "rss_growth_mb": round(rss_max - rss0, 1),
                "journal_records_from_flood": flood_records,
-               "lost": _lost(decided, ingest.events())}
+               "lost": lost(decided, ingest.events())}
         if out["undecided"] or out["lost"] or flood_records >= 100 or out["rss_growth_mb"] >= 50:
             raise Verdict(out)
         if p99 is None or p99 >= 10:
@@ -174,7 +94,7 @@ def fault_kill9(work: Path, quick: bool, rng: random.Random) -> dict:
     """SIGKILL the agent at random moments while cards are read; restart it each time."""
     kills = 8 if quick else 30
     broker = Mosquitto(work / "mq").start()
-    ingest = _ingest(broker, work / "ingest.db")
+    ingest = start_ingest(broker, work / "ingest.db")
     agent = AgentProcess(work / "agent", broker=broker, extra_toml=W26_READERS)
     decided: list[dict] = []
     undecided = 0
@@ -188,13 +108,13 @@ def fault_kill9(work: Path, quick: bool, rng: random.Random) -> dict:
             decided += loop.decided()
             undecided += loop.undecided()
         agent.start()
-        _wait(lambda: _lost(decided, ingest.events()) == 0, 60)
+        wait_for(lambda: lost(decided, ingest.events()) == 0, 60)
         agent.stop()
         stored = ingest.events(agent.site, agent.gate)
         seqs = sorted(e["seq"] for e in stored if e["id"].startswith(stored[0]["id"].split(":")[0]))
         gaps = (seqs[-1] - len(seqs)) if seqs else 0
         out = {"kills": kills, "decisions": len(decided), "undecided": undecided,
-               "lost": _lost(decided, stored), "seq_gaps": gaps}
+               "lost": lost(decided, stored), "seq_gaps": gaps}
         if out["lost"] or gaps:
             raise Verdict(out)
         return out
@@ -208,7 +128,7 @@ def fault_broker(work: Path, quick: bool, rng: random.Random) -> dict:
     """Kill the broker (SIGKILL, no persistence) and bring it back, under load."""
     outages = 3 if quick else 6
     broker = Mosquitto(work / "mq").start()
-    ingest = _ingest(broker, work / "ingest.db")
+    ingest = start_ingest(broker, work / "ingest.db")
     agent = AgentProcess(work / "agent", broker=broker, extra_toml=W26_READERS)
     try:
         agent.start()
@@ -221,9 +141,9 @@ def fault_broker(work: Path, quick: bool, rng: random.Random) -> dict:
         time.sleep(1)
         loop.stop()
         decided = loop.decided()
-        _wait(lambda: _lost(decided, ingest.events()) == 0, 60)
+        wait_for(lambda: lost(decided, ingest.events()) == 0, 60)
         out = {"outages": outages, "decisions": len(decided),
-               "undecided": loop.undecided() + loop.errors, "lost": _lost(decided, ingest.events())}
+               "undecided": loop.undecided() + loop.errors, "lost": lost(decided, ingest.events())}
         if out["lost"] or out["undecided"]:
             raise Verdict(out)
         return out
