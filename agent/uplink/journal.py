@@ -1724,14 +1724,7 @@ class Journal:
         except OSError as exc:
             self._sync_failed(exc)
         self._closed = True
-        with self._ulock:
-            if self._uconn is not None:
-                self._uconn.close()
-                self._uconn = None
-        with self._ckpt_lock:
-            if self._ckpt_conn is not None:
-                self._ckpt_conn.close()
-                self._ckpt_conn = None
+        self._close_readers()
         try:
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         except sqlite3.Error:
@@ -1830,12 +1823,8 @@ class Journal:
         singles = self._u_singles
         return [json.loads(body) for seq, body in rows if seq not in singles]
 
-    def abandon(self) -> None:
-        """Let go of a journal whose disk refuses writes, writing nothing (not on
-        the gate thread: closing may touch the failing disk). Take its buffer
-        first (take_buffer)."""
-        self._stop.set()
-        self._closed = True
+    def _close_readers(self) -> None:
+        """Close the uplink's and the checkpointer's connections (close, abandon)."""
         with self._ulock:
             if self._uconn is not None:
                 self._uconn.close()
@@ -1844,6 +1833,14 @@ class Journal:
             if self._ckpt_conn is not None:
                 self._ckpt_conn.close()
                 self._ckpt_conn = None
+
+    def abandon(self) -> None:
+        """Let go of a journal whose disk refuses writes, writing nothing (not on
+        the gate thread: closing may touch the failing disk). Take its buffer
+        first (take_buffer)."""
+        self._stop.set()
+        self._closed = True
+        self._close_readers()
         try:
             self._db.close()
         except sqlite3.Error:
