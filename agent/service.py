@@ -65,7 +65,7 @@ from agent import __version__
 from agent.config import DEFAULT_PATH, Config, ConfigError, load_config
 from agent.core.events import Report
 from agent.core.turnstile import COMMANDABLE_MODES, Gate
-from agent.lograte import RateLimitFilter
+from agent.ratelimit import RateLimitFilter
 from agent.runtime import Clock, GateRuntime
 from agent.sdnotify import Notifier, watchdog_interval
 from agent.statefile import StateFile
@@ -207,7 +207,7 @@ def setup_logging(level: str = "info", env: Mapping[str, str] | None = None) -> 
     Through a queue: a logging call only enqueues, and one listener thread
     writes to stderr, so the gate thread never waits on a stderr that journald
     is slow to drain, nor on a handler lock another thread holds. Rate-limited
-    per message (agent.lograte): a flood of one message is a few lines and a
+    per message (agent.ratelimit): a flood of one message is a few lines and a
     count, never a full disk. Calling it again replaces the previous set-up."""
     global _log_listener, _log_limit
     env = os.environ if env is None else env

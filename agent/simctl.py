@@ -65,6 +65,7 @@ from typing import Any
 
 from agent.core.cards import CardFormatError, key_mask, parse_card_string
 from agent.i18n import _
+from agent.ratelimit import TokenBucket
 from agent.simhw import (
     PASS_OPEN_S,
     SimulatedReader,
@@ -158,49 +159,17 @@ def _short_names(directory: Path) -> Iterator[Callable[[str], str]]:
 
 
 class _RateBudget:
-    """A token bucket: ``take()`` is False once ``rate`` a second (burst ``rate``) are used."""
+    """A token bucket (``rate`` a second, burst ``rate``) shared by the server's threads."""
 
     def __init__(self, rate: float, clock: Callable[[], float]) -> None:
         self.rate = float(rate)
         self.clock = clock
-        self._tokens = float(rate)
-        self._at = clock()
+        self._bucket = TokenBucket(rate, rate, clock())
         self._lock = threading.Lock()
 
     def take(self) -> bool:
         with self._lock:
-            now = self.clock()
-            self._tokens = min(self.rate, self._tokens + (now - self._at) * self.rate)
-            self._at = now
-            if self._tokens < 1.0:
-                return False
-            self._tokens -= 1.0
-            return True
-
-
-class _LogBudget:
-    """At most ``n`` log lines per ``period_s``; then one line saying how many were left out."""
-
-    def __init__(self, n: int = 20, period_s: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
-        self.n, self.period_s, self.clock = n, period_s, clock
-        self._start = clock()
-        self._used = 0
-        self._skipped = 0
-        self._lock = threading.Lock()
-
-    def log(self, level: int, msg: str, *args: Any) -> None:
-        with self._lock:
-            now = self.clock()
-            if now - self._start >= self.period_s:
-                if self._skipped:
-                    log.warning("simulated hardware: %d log lines left out in the last %.0f s (a client floods "
-                                "the sim socket)", self._skipped, self.period_s)
-                self._start, self._used, self._skipped = now, 0, 0
-            if self._used >= self.n:
-                self._skipped += 1
-                return
-            self._used += 1
-        log.log(level, msg, *args)
+            return self._bucket.take(self.clock())
 
 
 # --------------------------------------------------------------------------- server
@@ -247,7 +216,6 @@ class SimServer:
         self._sent_at: dict[str, float] = {}
         self._budget = _RateBudget(rate_per_s, clock)
         self._accepts = _RateBudget(CONNECTIONS_PER_S, clock)  # a connect/close loop spawns no threads
-        self._logs = _LogBudget(clock=clock)
         self._cond = threading.Condition()  # decision records
         self._records: deque[tuple[int, dict]] = deque(maxlen=256)
         self._record_n = 0
@@ -436,7 +404,7 @@ class SimServer:
                 if nl < 0 or nl > MAX_REQUEST_BYTES:
                     # No way to find the next request's start: answer and hang up.
                     self.counters["refused"] += 1
-                    self._logs.log(logging.WARNING, "simulated hardware: a request over %d bytes; "
+                    log.warning("simulated hardware: a request over %d bytes; "
                                    "connection closed", MAX_REQUEST_BYTES)
                     conn.sendall(_line(_Refused(
                         "too_long", f"a request is one JSON object on one line of at most {MAX_REQUEST_BYTES} "
@@ -450,7 +418,7 @@ class SimServer:
                     bad += 1
                 conn.sendall(_line(reply))
                 if bad >= MAX_BAD_REQUESTS:
-                    self._logs.log(logging.WARNING, "simulated hardware: %d refused requests on one "
+                    log.warning("simulated hardware: %d refused requests on one "
                                    "connection; closed", bad)
                     return
         except OSError:
@@ -487,7 +455,7 @@ class SimServer:
             return {"ok": True, "op": op, **handler(self, req)}
         except _Refused as exc:
             self.counters["refused"] += 1
-            self._logs.log(logging.INFO, "simulated hardware: refused %s: %s", exc.code, exc)
+            log.info("simulated hardware: refused %s: %s", exc.code, exc)
             return exc.reply(op)
         except Exception as exc:
             log.exception("simulated hardware: %s failed", op)
@@ -500,12 +468,12 @@ class SimServer:
 
     def _input(self, name: str, asserted: bool) -> None:
         self._wired(name)
-        self._logs.log(logging.INFO, "simulated hardware: %s %s", name, "asserted" if asserted else "at rest")
+        log.info("simulated hardware: %s %s", name, "asserted" if asserted else "at rest")
         drive_input(self.factory, self.profile, name, asserted)
 
     def _press(self, name: str) -> None:
         self._wired(name)
-        self._logs.log(logging.INFO, "simulated hardware: %s pressed", name)
+        log.info("simulated hardware: %s pressed", name)
         press_input(self.factory, self.profile, name)
 
     def _op_ping(self, req: dict) -> dict:
@@ -584,7 +552,7 @@ class SimServer:
                 raise _Refused("bad_card", f"card {str(card)[:40]!r} at reader {name}: {exc}",
                                card=str(card)[:40], reader=name) from None
             self._sent_at[name] = self.clock()
-            self._logs.log(logging.INFO, "simulated hardware: card %s presented at reader %s", key, name)
+            log.info("simulated hardware: card %s presented at reader %s", key, name)
             out["decision"] = self._decision(name, key, mark, float(wait))
         if out["decision"] is None and repeats is not None and adapter.counters.get("repeats", 0) > repeats:
             out["repeat"] = True  # the reader's repeat filter took it for the same card still in the field

@@ -17,7 +17,8 @@ import pytest
 from agent.contract import topics, validate
 from agent.core.events import Now
 from agent.core.records import make_record
-from agent.uplink.ingest import Ingest, main
+from agent.ratelimit import RateLimitFilter
+from agent.uplink.ingest import LOG_BUDGET, LOG_WINDOW_S, Ingest, main
 from tests.broker import (  # noqa: F401 - fixtures
     GATE,
     SITE,
@@ -515,6 +516,8 @@ def test_ingests_made_at_once_have_client_ids_of_their_own(tmp_path, monkeypatch
 
 def test_a_flood_of_conflicting_versions_is_all_kept_and_logged_within_a_budget(broker, ingest_db, caplog):
     caplog.set_level(logging.WARNING, logger="agent.ingest")
+    # What `gate-agent ingest` puts on its log handler (agent.uplink.ingest.main).
+    caplog.handler.addFilter(RateLimitFilter(LOG_BUDGET, LOG_WINDOW_S))
     ingest = ingest_db()
     t = topics("s1", "g1")
     with Observer(broker, "nobody/listens") as forger:

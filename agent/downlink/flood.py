@@ -32,6 +32,8 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from agent.ratelimit import TokenBucket
+
 log = logging.getLogger("agent.downlink")
 
 __all__ = [
@@ -39,7 +41,6 @@ __all__ = [
     "DEFAULT_MAX_LIST_BYTES",
     "MAX_COMMAND_BYTES",
     "FloodGuard",
-    "TokenBucket",
 ]
 
 MAX_COMMAND_BYTES = 64 * 1024  # a signed command is under 1 KiB; 64 KiB leaves room, and no more
@@ -56,27 +57,6 @@ FLOOD_KIND = "downlink_flood"
 _STAT_KEYS = {"cmd": ("received", "accepted", "over_budget", "oversize"),
               "acl": ("received", "accepted", "over_budget", "oversize", "retained", "queue_full")}
 _MAX_DETAIL = 1000
-
-
-class TokenBucket:
-    """``rate`` tokens a second, at most ``burst`` saved up; not thread-safe by itself."""
-
-    def __init__(self, rate: float, burst: float, now: float) -> None:
-        if not (rate > 0 and burst >= 1):
-            raise ValueError(f"a budget needs rate > 0 and burst >= 1, not {rate!r}/{burst!r}")
-        self.rate, self.burst = float(rate), float(burst)
-        self._tokens = self.burst
-        self._at = now
-
-    def take(self, now: float) -> bool:
-        """One token if there is one (True); else False and nothing changes."""
-        if now > self._at:
-            self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
-            self._at = now
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
-            return True
-        return False
 
 
 class FloodGuard:

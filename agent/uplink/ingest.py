@@ -36,6 +36,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent.contract import TOPIC_ROOT, topics
 from agent.core.records import rfc3339_ms
+from agent.ratelimit import RateLimitFilter
 
 from .ingest_store import (
     HOLD_HOURS,
@@ -62,36 +63,13 @@ HOUSEKEEPING_S = 60.0  # how often old held records are dropped
 # version still on its way to arrive and be kept in quarantine (docs/ingest.md).
 SETTLE_S = 2.0
 MAX_HOLD_HOURS = 24 * 366  # a held record waits at most a year, whatever --hold-hours says
-LOG_BUDGET = 20  # conflict and refusal lines per LOG_WINDOW_S; the rest are counted
+LOG_BUDGET = 20  # lines of one message (a conflict, a refusal) per LOG_WINDOW_S; the rest counted
 LOG_WINDOW_S = 60.0
 
 
 def _not_json(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
-
-class _Budget:
-    """At most ``n`` log lines per window; says how many it held back."""
-
-    def __init__(self, n: int = LOG_BUDGET, window_s: float = LOG_WINDOW_S) -> None:
-        self.n, self.window_s = n, window_s
-        self._start = time.monotonic()
-        self._used = 0
-        self.suppressed = 0
-
-    def take(self) -> bool:
-        now = time.monotonic()
-        if now - self._start >= self.window_s:
-            if self.suppressed:
-                log.error("ingest: %d more conflict or refusal lines in the last %.0f s not shown; "
-                          "stats() and `gate-agent ingest --conflicts` have them all",
-                          self.suppressed, now - self._start)
-            self._start, self._used, self.suppressed = now, 0, 0
-        if self._used < self.n:
-            self._used += 1
-            return True
-        self.suppressed += 1
-        return False
 
 class IngestError(RuntimeError):
     """The ingest cannot run (database or broker settings)."""
@@ -156,8 +134,6 @@ class Ingest:
         self.rejected = 0
         # The writer thread and a caller of expire_held() share one store connection.
         self._store_lock = threading.Lock()
-        self._log_budget = _Budget()
-        self._refused_budget = _Budget()
         self._housekeeping_at = time.monotonic()
         self._settling: dict[str, tuple[str, str, int, float]] = {}  # journal -> (site, gate, upto, due)
         self._acked: dict[str, int] = {}  # journal -> highest ack sent by this ingest
@@ -351,15 +327,13 @@ class Ingest:
 
     def _report(self, done: Stored) -> None:
         for c in done.conflicts:
-            if self._log_budget.take():
-                log.error(
+            log.error(
                     "ingest: CONFLICT: event %s (journal %s, seq %d) from gate %s/%s differs from the "
                     "version stored first (in %s); both kept, this one in quarantine. A forged record "
                     "or a gate cloned from an old SD card: see docs/ingest.md, \"A stolen certificate\"",
                     c.id, c.journal, c.seq, c.site, c.gate, "this batch" if c.first_in == "batch" else c.first_in)
         for journal, r in done.refused.items():
-            if self._refused_budget.take():
-                log.warning(
+            log.warning(
                     "ingest: refused %d record(s) of journal %s from gate %s/%s (seqs %d..%d): more than "
                     "%d past its mark %d, or the gate already has that many held; not acknowledged, "
                     "the gate sends them again once the gap before them fills",
@@ -470,8 +444,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="with --conflicts: one JSON object a line")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    # A forger's flood of conflicts: 20 lines of each message a minute, then a count.
+    handler.addFilter(RateLimitFilter(LOG_BUDGET, LOG_WINDOW_S))
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, handlers=[handler])
     if args.conflicts:
         if args.db is not None and not Path(args.db).is_file():
             print(f"error: no ingest database at {args.db}; give the --db the ingest writes to")

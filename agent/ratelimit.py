@@ -1,4 +1,9 @@
-"""Rate-limited logging: a flood of one message becomes a few lines and a count.
+"""Rate limits: a token bucket, and rate-limited logging.
+
+``TokenBucket``: ``rate`` tokens a second, at most ``burst`` saved up (the
+downlink's per-second budgets, the sim socket's request budget).
+
+``RateLimitFilter``: a flood of one log message becomes a few lines and a count.
 
 A broker flooding the agent with junk, a reader spewing noise or a failing
 disk can each make the same log line thousands of times a second; written
@@ -22,9 +27,31 @@ import threading
 import time
 from collections.abc import Callable
 
-__all__ = ["RateLimitFilter"]
+__all__ = ["RateLimitFilter", "TokenBucket"]
 
 MAX_KEYS = 4096  # distinct messages tracked; beyond it the oldest windows are forgotten
+
+
+class TokenBucket:
+    """``rate`` tokens a second, at most ``burst`` saved up; not thread-safe by itself."""
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        if not (rate > 0 and burst >= 1):
+            raise ValueError(f"a budget needs rate > 0 and burst >= 1, not {rate!r}/{burst!r}")
+        self.rate, self.burst = float(rate), float(burst)
+        self._tokens = self.burst
+        self._at = now
+
+    def take(self, now: float) -> bool:
+        """One token if there is one (True); else False and nothing changes."""
+        if now > self._at:
+            self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+            self._at = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
 
 
 class _Window:

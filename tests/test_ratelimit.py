@@ -1,11 +1,11 @@
-"""Rate-limited logging (agent.lograte) and the service's logging set-up."""
+"""Rate-limited logging (agent.ratelimit) and the service's logging set-up."""
 from __future__ import annotations
 
 import logging
 import subprocess
 import sys
 
-from agent.lograte import RateLimitFilter
+from agent.ratelimit import RateLimitFilter
 from tests.conftest import ROOT
 
 
