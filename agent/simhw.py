@@ -104,6 +104,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
+from gpiozero.pins.mock import MockPin
+from gpiozero.pins.pi import PiPin
+
 from agent.core.cards import (
     CardFormatError,
     encode_rdm6300,
@@ -138,6 +141,27 @@ PASS_OPEN_S = 0.25  # the sensors open for about 250 ms as the arm passes 60 deg
 
 
 # --------------------------------------------------------------------------- inputs
+
+
+class WirePin(MockPin):
+    """A mock pin whose change reaches ``when_changed`` with the time given to ``drive_at``, the
+    way lgpio hands over the kernel's stamp of an edge however late its thread calls back.
+    Use with ``MockFactory(pin_class=WirePin)``."""
+
+    _stamp: float | None = None
+
+    def drive_at(self, t: float, level: int) -> None:
+        self._stamp = t
+        try:
+            if level:
+                self.drive_high()
+            else:
+                self.drive_low()
+        finally:
+            self._stamp = None
+
+    def _call_when_changed(self) -> None:
+        PiPin._call_when_changed(self, self._last_change if self._stamp is None else self._stamp, self._state)
 
 
 def _pin(factory: Any, number: int) -> Any:

@@ -50,8 +50,7 @@ from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gpiozero.pins.mock import MockFactory, MockPin
-from gpiozero.pins.pi import PiPin
+from gpiozero.pins.mock import MockFactory
 
 import fastpath
 from agent.core import events as ev
@@ -63,6 +62,7 @@ from agent.hw.profiles import load_profile
 from agent.hw.turnstile_io import TurnstileIO
 from agent.hw.wiegand_gpio import DEFAULT_MAX_LAG_S, WiegandReader
 from agent.runtime import Clock, GateRuntime, percentiles_ms
+from agent.simhw import WirePin
 from fastpath import codes
 from fastpath.columns import TableColumns
 
@@ -89,26 +89,6 @@ class StampingDriver:
 
     def feedback(self, reader: str, signal: str) -> None:
         self.inner.feedback(reader, signal)
-
-
-class WirePin(MockPin):
-    """A mock pin whose change reaches ``when_changed`` with the time given to ``drive_at``, the
-    way lgpio hands over the kernel's stamp of an edge however late its thread calls back."""
-
-    _stamp: float | None = None
-
-    def drive_at(self, t: float, level: int) -> None:
-        self._stamp = t
-        try:
-            if level:
-                self.drive_high()
-            else:
-                self.drive_low()
-        finally:
-            self._stamp = None
-
-    def _call_when_changed(self) -> None:
-        PiPin._call_when_changed(self, self._last_change if self._stamp is None else self._stamp, self._state)
 
 
 SPIN = "import os, sys\nos.sched_setaffinity(0, {int(sys.argv[1])})\nwhile True:\n    pass\n"

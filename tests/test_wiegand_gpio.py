@@ -17,8 +17,7 @@ from array import array
 import pytest
 from gpiozero import DigitalInputDevice
 from gpiozero.exc import GPIOPinInUse
-from gpiozero.pins.mock import MockFactory, MockPin
-from gpiozero.pins.pi import PiPin
+from gpiozero.pins.mock import MockFactory
 
 from agent.core import events as ev
 from agent.core.cards import (
@@ -36,6 +35,7 @@ from agent.hw.profiles import load_profile
 from agent.hw.turnstile_io import TurnstileIO
 from agent.hw.wiegand_gpio import WiegandReader, readers_from_profile
 from agent.runtime import GateRuntime
+from agent.simhw import WirePin
 from fastpath import codes
 from fastpath.columns import TableColumns
 from tests.submitted import Events
@@ -353,26 +353,6 @@ def test_an_edge_later_than_the_lag_bound_cuts_the_frame_into_reader_errors_and_
 
 
 # Real threads and the real mock pins: a pin that carries the wire's time.
-
-
-class WirePin(MockPin):
-    """A mock pin whose change reaches ``when_changed`` with the time given to ``drive_at``, the
-    way lgpio hands over the kernel's stamp of the edge however late its thread calls back."""
-
-    _stamp: float | None = None
-
-    def drive_at(self, t: float, level: int) -> None:
-        self._stamp = t
-        try:
-            if level:
-                self.drive_high()
-            else:
-                self.drive_low()
-        finally:
-            self._stamp = None
-
-    def _call_when_changed(self) -> None:
-        PiPin._call_when_changed(self, self._last_change if self._stamp is None else self._stamp, self._state)
 
 
 @pytest.fixture
