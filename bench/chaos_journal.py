@@ -85,7 +85,12 @@ class Agent(AgentProcess):
                 text = text.replace(was, now)
             self.config.write_text(text)
             self.state, self.journal_path = state, card / "data" / "journal.db"
-            os.sync()  # on the card before it can fail, as a card's files are in the field
+            for f in [*state.iterdir(), state, card]:  # on the card before it fails, as in the field
+                fd = os.open(f, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
 
     def start(self, timeout: float = 60.0, *, socket: bool = True) -> Agent:
         """Start; wait for the sim socket (``socket=False``: for the log's ``ready``
@@ -399,7 +404,7 @@ def fault_silent_loss(work: Path, quick: bool, rng: random.Random) -> dict:
             case.start()
             _decided, missed = present(case, 1, start=n)
             reads, undecided = reads + 1, undecided + missed
-            rec, _salvaged = recovered(case)
+            rec, salvaged = recovered(case)
         finally:
             case.stop()
             case.kill()
@@ -416,6 +421,11 @@ def fault_silent_loss(work: Path, quick: bool, rng: random.Random) -> dict:
             broken.append(f"{name}: salvaged {rec['salvaged']} + lost {rec['lost']} < pending {len(bodies)}")
         if rec["old_journal"] != jid:
             broken.append(f"{name}: old_journal {rec['old_journal']}, not {jid}")
+        ours = [r for r in salvaged if r["salvaged_from"].startswith(f"{jid}:")]
+        wrong = sum(1 for r in ours if _strip(r) != _strip(json.loads(
+            bodies.get(int(r["salvaged_from"].rsplit(":", 1)[1]), b"{}"))))
+        if wrong:
+            broken.append(f"{name}: {wrong} of {len(ours)} salvaged records differ from the originals")
     out.update(detected=detected, reads=reads, undecided=undecided, each="; ".join(figures))
     if undecided:
         broken.append(f"{undecided} of {reads} cards undecided")
@@ -472,8 +482,9 @@ def fault_readonly(work: Path, quick: bool, rng: random.Random) -> dict:
     """The journal on a card that is read-only when the agent starts (a bind
     mount, made writable again while it runs), then the whole card (journal
     and state) turning read-only under the running agent (ext4, errors=remount-ro,
-    after an error), the agent restarted on it, and the card repaired: every
-    card decided, every decision at the ingest, the agent never exits, the
+    after an error), the agent killed (-9) and started again on it, stopped,
+    and the card repaired (fsck) before the next start: every card decided,
+    every decision at the ingest, the agent never exits by itself, the
     fallback journal folded back each time."""
     from agent.uplink.failover import FOLD_GRACE_S, fallback_path
     from tests.readonly import failing_card, read_only
@@ -591,7 +602,8 @@ def fault_readonly(work: Path, quick: bool, rng: random.Random) -> dict:
                     if not wait_for(fb.exists, 10):
                         why.append("the card failed under the agent and no fallback was opened")
                     delivered("after the card failed under the agent")
-                    stop(b)
+                    alive(b)
+                    b.kill()  # it crashes (kill -9): systemd starts it again, on the failed card
                     start(b, socket=False)  # the read-only state directory cannot take a new socket
                     time.sleep(spell / 2)
                     stop(b)
