@@ -464,12 +464,6 @@ def _repair(card: Path) -> None:
             raise RuntimeError(f"{' '.join(argv)}: {got.returncode} {got.stderr.strip()[:200]}")
 
 
-def _missing(decisions: list[dict], events: list[dict]) -> int:
-    """chaos_rig.lost, where a record folded back from the fallback journal before the
-    ingest acknowledged it may also arrive as its copy (``salvaged_from`` its id)."""
-    return lost(decisions, events + [{"id": e["salvaged_from"]} for e in events if "salvaged_from" in e])
-
-
 def _alarms(ingest, since: float = 0.0) -> list[bool]:
     """The journal_readonly alarms at the ingest made after ``since`` (time.monotonic), in
     order, each once (one folded back from the fallback may be there as itself and a copy)."""
@@ -542,8 +536,8 @@ def fault_readonly(work: Path, quick: bool, rng: random.Random) -> dict:
         """Every decision so far at the ingest (the agent does not wait for its uplink when
         stopped: wait before stopping it); with ``cleared_since``, the alarm cleared too."""
         decided = [d for loop in loops for d in loop.decided()]
-        if not wait_for(lambda: _missing(decided, ingest.events()) == 0, 30):
-            why.append(f"{_missing(decided, ingest.events())} decisions not at the ingest {what}")
+        if not wait_for(lambda: lost(decided, ingest.events()) == 0, 30):
+            why.append(f"{lost(decided, ingest.events())} decisions not at the ingest {what}")
         if cleared_since is not None and not wait_for(
                 lambda: _alarms(ingest, cleared_since)[-1:] == [False], 30):
             why.append(f"journal_readonly alarms {_alarms(ingest, cleared_since)} {what}, not cleared")
@@ -627,7 +621,7 @@ def fault_readonly(work: Path, quick: bool, rng: random.Random) -> dict:
     stored_ids = {e["id"] for e in stored_events}
     out = {"reads": sum(len(loop.replies) for loop in loops),
            "undecided": sum(loop.undecided() + loop.errors for loop in loops),
-           "lost": _missing(decided, stored_events), "restarts": restarts,
+           "lost": lost(decided, stored_events), "restarts": restarts,
            "stop_codes": stop_codes, "alarms": len(_alarms(ingest)),
            "folded_back": len(fold_s), "fold_s": [round(s, 1) for s in fold_s],
            # Records the ingest got twice: as themselves and as a copy folded back (by design

@@ -92,8 +92,10 @@ class CardLoop:
 
 
 def lost(decisions: list[dict], stored: list[dict]) -> int:
-    """How many of the gate's decisions (sim replies' records) are not among ``stored``."""
-    ids = {e["id"] for e in stored}
+    """How many of the gate's decisions (sim replies' records) are not among ``stored``.
+    A record folded back from the fallback journal (a read-only card) may arrive as its
+    copy, which names it in ``salvaged_from``: that counts as delivered."""
+    ids = {e["id"] for e in stored} | {e["salvaged_from"] for e in stored if "salvaged_from" in e}
     return sum(1 for d in decisions if d["id"] not in ids)
 
 
