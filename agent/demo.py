@@ -305,6 +305,9 @@ class Demo:
         self.say(_("signed access list {version} handed to the gate (people: {n})").format(
             version=acl["version"], n=len(acl.get("people", []))))
         self._start_people(acl, board)
+        self.say(_("present a card yourself: gate-agent sim --config {config} card entry {card}").format(
+            config=self.work / "agent.toml", card=next(iter(c for p in acl.get("people", [])
+                                                            for c in p.get("cards", [])), "100,60179")))
 
     def _logging_to_file(self, path: Path) -> None:
         # The service logs as it does under systemd; here into a file, so the screen stays the view.

@@ -88,6 +88,13 @@ def test_ctrl_c_stops_the_demo_cleanly():
         lines = _read_until(proc, lambda ls: any(" passage " in f" {line} " for line in ls), timeout=40)
         work = next(re.search(r"working in (\S+)", line).group(1) for line in lines if "working in" in line)
         assert Path(work).is_dir()
+        # The command the demo prints presents a card through the running agent's sim socket.
+        hint = next(line for line in lines if "gate-agent sim --config" in line)
+        argv = hint.split("gate-agent ", 1)[1].split()
+        sim = subprocess.run([sys.executable, "-m", "agent.cli", *argv], cwd=ROOT, env=demo_env(pure=False),
+                             capture_output=True, text=True, timeout=60, check=False)
+        assert sim.returncode == 0, sim.stdout + sim.stderr
+        assert "access" in sim.stdout  # the decision the gate made for the card
         broker_pid = None
         for line in lines:
             m = re.search(r"mosquitto pid (\d+)", line)
