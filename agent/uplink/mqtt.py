@@ -781,8 +781,11 @@ class Uplink:
             self._alarm("ack_ahead", False, f"no ack beyond this gate's records for "
                                             f"{ACK_AHEAD_QUIET_S:.0f} s")
         if self.ack_mode == "ingest" and now >= self._resend_check_at:
-            self._resend_check_at = now + self.resend_after_s
-            if now - self._last_ack_progress >= self.resend_after_s:
+            due = self._last_ack_progress + self.resend_after_s
+            # Checked again when the ack progress seen now runs out, not a whole period later:
+            # an event stalled just after a check waits resend_after_s, never twice that.
+            self._resend_check_at = due if now < due else now + self.resend_after_s
+            if now >= due:
                 oldest = self.journal.pending(after_seq=0, limit=1)
                 if oldest and oldest[0]["seq"] <= self._cursor and oldest[0]["seq"] not in self._inflight_seqs:
                     log.info("uplink: no ingest ack for %.0f s; resending from seq %d",
