@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import random
@@ -183,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in FAULTS]
     if unknown:
         p.error(f"unknown fault(s) {', '.join(unknown)}; known: {', '.join(FAULTS)}")
+    # The in-process ingest's warnings (a broker killed on purpose) are not figures.
+    logging.basicConfig(level=logging.ERROR, format="chaos: log: %(name)s: %(message)s")
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
     print(f"chaos: seed {seed}{' (quick)' if args.quick else ''}; faults: {', '.join(names)}", flush=True)
     results: dict[str, Any] = {}
