@@ -39,6 +39,12 @@ def acl_snapshot(site: str = SITE) -> dict:
             "people": people, "blocked": BLOCKED}
 
 
+def journal_records(path: Path) -> list[dict]:
+    """Every record in a journal database, in seq order (read-only: the agent may run)."""
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10) as db:
+        return [json.loads(b) for (b,) in db.execute("SELECT body FROM events ORDER BY seq")]
+
+
 class AgentProcess:
     """One `gate-agent run` process on simulated hardware (module doc)."""
 
@@ -131,8 +137,7 @@ class AgentProcess:
 
     def records(self) -> list[dict]:
         """Every record in the journal (read-only; the agent may be running)."""
-        with sqlite3.connect(f"file:{self.journal_path}?mode=ro", uri=True, timeout=10) as db:
-            return [json.loads(b) for (b,) in db.execute("SELECT body FROM events ORDER BY seq")]
+        return journal_records(self.journal_path)
 
     def log_tail(self, n: int = 30) -> str:
         try:

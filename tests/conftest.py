@@ -48,3 +48,25 @@ def fp_pair():
     if PURE_ONLY:
         pytest.skip("GATE_PUREPYTHON=1: only the pure twin exists")
     return load_twin("pure"), load_twin("compiled")
+
+
+@pytest.fixture
+def services():
+    """``services(config_path, **kw)``: an in-process agent.service.Service started from
+    that config (clock synchronised, no systemd); every one is stopped at the end."""
+    from agent.config import load_config
+    from agent.service import ClockSync, Service
+
+    made: list = []
+
+    def start(config_path, **kw):
+        kw.setdefault("clock_sync", ClockSync(lambda: True))
+        kw.setdefault("env", {})
+        svc = Service(load_config(config_path), **kw)
+        made.append(svc)
+        svc.start()
+        return svc
+
+    yield start
+    for svc in made:
+        svc.stop()

@@ -15,7 +15,6 @@ import os
 import random
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -24,13 +23,13 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import load_config
 from agent.core import events as ev
 from agent.core.cards import encode_w26
 from agent.downlink.signing import generate_keypair, sign_acl
 from agent.sdnotify import Notifier, watchdog_interval
-from agent.service import ClockSync, Service, _JournalFormatter
+from agent.service import Service, _JournalFormatter
 from agent.statefile import StateFile
+from tests.agentproc import journal_records
 from tests.broker import Observer, broker, ingest_at, make_broker, wait_until  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,27 +115,6 @@ def notify(tmp_path: Path):
     s.close()
 
 
-@pytest.fixture
-def services():
-    """Start in-process services; every one is stopped at the end."""
-    made: list[Service] = []
-
-    def start(config_path: Path, **kw) -> Service:
-        kw.setdefault("clock_sync", ClockSync(lambda: True))
-        kw.setdefault("env", {})
-        svc = Service(load_config(config_path), **kw)
-        made.append(svc)
-        svc.start()
-        return svc
-
-    yield start
-    for svc in made:
-        svc.stop()
-
-
-def journal_records(path: Path) -> list[dict]:
-    with sqlite3.connect(path) as db:
-        return [json.loads(b) for (b,) in db.execute("SELECT body FROM events ORDER BY seq")]
 
 
 def w26_edges(bits: str, t0: float, rng: random.Random) -> list[tuple[float, int, int]]:

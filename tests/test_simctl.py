@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -21,12 +20,12 @@ from pathlib import Path
 import pytest
 
 from agent.cli import main as cli_main
-from agent.config import ReaderSettings, load_config
+from agent.config import ReaderSettings
 from agent.core.acl import AccessList
 from agent.core.events import Button
 from agent.downlink.acl_sync import ACL_FILE
 from agent.hw.profiles import load_profile
-from agent.service import ClockSync, Service
+from agent.service import Service
 from agent.simctl import (
     MAX_BAD_REQUESTS,
     MAX_REQUEST_BYTES,
@@ -35,6 +34,7 @@ from agent.simctl import (
     request,
     socket_path,
 )
+from tests.agentproc import journal_records
 from tests.broker import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,26 +70,6 @@ def make_agent(base: Path, *, pin_factory: str = "mock", extra: str = "") -> Pat
     return config
 
 
-@pytest.fixture
-def services():
-    made: list[Service] = []
-
-    def start(config: Path, **kw) -> Service:
-        kw.setdefault("clock_sync", ClockSync(lambda: True))
-        kw.setdefault("env", {})
-        svc = Service(load_config(config), **kw)
-        made.append(svc)
-        svc.start()
-        return svc
-
-    yield start
-    for svc in made:
-        svc.stop()
-
-
-def records(journal: Path) -> list[dict]:
-    with sqlite3.connect(journal) as db:
-        return [json.loads(b) for (b,) in db.execute("SELECT body FROM events ORDER BY seq")]
 
 
 def line_active(svc: Service, line: str) -> bool:
@@ -157,7 +137,7 @@ def test_a_sim_card_is_decided_and_a_grant_pulses_the_unlock_relay(tmp_path, ser
     assert refused["decision"]["reason"] in ("unknown_card", "gate_busy")
     assert pulses(svc, "unlock_b") == 0
     # The record the reply names is the one in the journal: the card took the reader's path.
-    by_id = {r["id"]: r for r in records(tmp_path / "data" / "journal.db")}
+    by_id = {r["id"]: r for r in journal_records(tmp_path / "data" / "journal.db")}
     assert by_id[decision["id"]]["format"] == "w26" and by_id[decision["id"]]["card"] == reply["key"]
 
 
@@ -166,12 +146,12 @@ def test_sim_pass_after_a_grant_is_the_granted_persons_passage(tmp_path, service
     assert sim(svc, op="card", reader="entry", card=CARD)["decision"]["type"] == "access.granted"
     assert sim(svc, op="pass", side="A") == {"ok": True, "op": "pass", "side": "A"}
     assert svc.runtime.wait_idle(10)
-    passages = [r for r in records(tmp_path / "data" / "journal.db") if r["type"] == "passage"]
+    passages = [r for r in journal_records(tmp_path / "data" / "journal.db") if r["type"] == "passage"]
     assert [(p["direction"], p["source"], p["person"]) for p in passages] == [("in", "card", "p-1")]
     # With no grant, the same sensor is a forced passage: the sensor really went through the gate.
     sim(svc, op="pass", side="B")
     assert svc.runtime.wait_idle(10)
-    assert [r["direction"] for r in records(tmp_path / "data" / "journal.db")
+    assert [r["direction"] for r in journal_records(tmp_path / "data" / "journal.db")
             if r["type"] == "passage.forced"] == ["out"]
 
 
@@ -188,7 +168,7 @@ def test_sim_fire_frees_the_gate_and_closed_plus_reset_returns_it(tmp_path, serv
     assert sim(svc, op="fire-reset") == {"ok": True, "op": "fire-reset"}
     wait_until(lambda: not line_active(svc, "fire_release"), what="the release dropped by the reset")
     assert svc.gate.mode == "normal"
-    changes = [(r["to"], r["by"]) for r in records(tmp_path / "data" / "journal.db")
+    changes = [(r["to"], r["by"]) for r in journal_records(tmp_path / "data" / "journal.db")
                if r["type"] == "mode.changed"]
     assert changes == [("fire", "fire_loop"), ("normal", "fire_reset")]
 
@@ -202,7 +182,7 @@ def test_sim_buttons_ready_and_tamper_reach_the_gate_as_inputs(tmp_path, service
     sim(svc, op="tamper", value=False)
     sim(svc, op="ready", value=True)
     assert svc.runtime.wait_idle(10)
-    got = [(r["type"], r.get("kind"), r.get("active")) for r in records(tmp_path / "data" / "journal.db")
+    got = [(r["type"], r.get("kind"), r.get("active")) for r in journal_records(tmp_path / "data" / "journal.db")
            if r["type"] in ("turnstile.fault", "turnstile.ready") or r.get("kind") == "tamper"]
     assert got == [("turnstile.fault", "ready_lost", None), ("alarm", "tamper", True),
                    ("alarm", "tamper", False), ("turnstile.ready", "ready_restored", None)]
@@ -427,7 +407,7 @@ def test_the_documented_command_line_drives_an_agent_and_a_fire_latch_survives_k
         assert json.loads(out.stdout)["decision"]["check"] == "none"  # still fire mode: free, unchecked
         out = gate_agent("sim", "--config", str(config), "fire-reset", cwd=tmp_path)
         assert out.returncode == 0, out.stderr
-        wait_until(lambda: [r["by"] for r in records(journal) if r["type"] == "mode.changed"][-1:]
+        wait_until(lambda: [r["by"] for r in journal_records(journal) if r["type"] == "mode.changed"][-1:]
                    == ["fire_reset"], what="the reset recorded")
         agent.send_signal(signal.SIGTERM)
         assert agent.wait(20) == 0
@@ -436,7 +416,7 @@ def test_the_documented_command_line_drives_an_agent_and_a_fire_latch_survives_k
             agent.kill()
             agent.wait()
     assert not (tmp_path / "state" / "sim.sock").exists()
-    changes = [(r["from"], r["to"], r["by"]) for r in records(journal) if r["type"] == "mode.changed"]
+    changes = [(r["from"], r["to"], r["by"]) for r in journal_records(journal) if r["type"] == "mode.changed"]
     assert changes == [("normal", "fire", "fire_loop"), ("normal", "fire", "restored"),
                        ("fire", "normal", "fire_reset")]
 
