@@ -11,6 +11,8 @@ fault's verdict is not met. The figures go to bench/chaos.json and, by hand,
 into docs/reliability.md.
 
 --quick shortens the long runs (the flood, the kill loop) for development.
+CHAOS_FLOOD_RATE (default 5000) sets the flood's messages a second, e.g. 0
+for the same run without a flood.
 """
 from __future__ import annotations
 
@@ -28,9 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from agent.contract import topics
-from bench.chaos_rig import W26_READERS, CardLoop, Verdict, lost, start_ingest, wait_for
-from tests.agentproc import ROOT, AgentProcess
-from tests.broker import Mosquitto, Observer
+from bench.chaos_rig import CardLoop, Verdict, lost, plain_rig, wait_for
+from tests.agentproc import ROOT
+from tests.broker import Observer
 
 RESULTS = ROOT / "bench" / "chaos.json"
 
@@ -43,10 +45,7 @@ def fault_flood(work: Path, quick: bool, rng: random.Random) -> dict:
     import subprocess
 
     seconds = 15.0 if quick else 60.0
-    broker = Mosquitto(work / "mq").start()
-    ingest = start_ingest(broker, work / "ingest.db")
-    agent = AgentProcess(work / "agent", broker=broker, telemetry_s=1, extra_toml=W26_READERS)
-    try:
+    with plain_rig(work, telemetry_s=1) as (broker, ingest, agent):
         agent.start()
         t = topics(agent.site, agent.gate)
         with Observer(broker, t["telemetry"], qos=0) as tel:
@@ -85,21 +84,14 @@ def fault_flood(work: Path, quick: bool, rng: random.Random) -> dict:
         if p99 is None or p99 >= 10:
             raise Verdict({**out, "why": "card decision p99 not under 10 ms"})
         return out
-    finally:
-        agent.kill()
-        ingest.stop()
-        broker.kill()
 
 
 def fault_kill9(work: Path, quick: bool, rng: random.Random) -> dict:
     """SIGKILL the agent at random moments while cards are read; restart it each time."""
     kills = 8 if quick else 30
-    broker = Mosquitto(work / "mq").start()
-    ingest = start_ingest(broker, work / "ingest.db")
-    agent = AgentProcess(work / "agent", broker=broker, extra_toml=W26_READERS)
     decided: list[dict] = []
     undecided = 0
-    try:
+    with plain_rig(work) as (_broker, ingest, agent):
         for _ in range(kills):
             agent.start()
             loop = CardLoop(agent, pause_s=0.05).start()
@@ -119,19 +111,12 @@ def fault_kill9(work: Path, quick: bool, rng: random.Random) -> dict:
         if out["lost"] or gaps:
             raise Verdict(out)
         return out
-    finally:
-        agent.kill()
-        ingest.stop()
-        broker.kill()
 
 
 def fault_broker(work: Path, quick: bool, rng: random.Random) -> dict:
     """Kill the broker (SIGKILL, no persistence) and bring it back, under load."""
     outages = 3 if quick else 6
-    broker = Mosquitto(work / "mq").start()
-    ingest = start_ingest(broker, work / "ingest.db")
-    agent = AgentProcess(work / "agent", broker=broker, extra_toml=W26_READERS)
-    try:
+    with plain_rig(work) as (broker, ingest, agent):
         agent.start()
         loop = CardLoop(agent).start()
         for _ in range(outages):
@@ -148,10 +133,6 @@ def fault_broker(work: Path, quick: bool, rng: random.Random) -> dict:
         if out["lost"] or out["undecided"]:
             raise Verdict(out)
         return out
-    finally:
-        agent.kill()
-        ingest.stop()
-        broker.kill()
 
 
 Fault = Callable[[Path, bool, random.Random], dict]

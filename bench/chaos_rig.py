@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -99,3 +100,22 @@ def lost(decisions: list[dict], stored: list[dict]) -> int:
     return sum(1 for d in decisions if d["id"] not in ids)
 
 
+
+
+@contextmanager
+def plain_rig(work: Path, **agent_options: Any) -> Iterator[tuple[Mosquitto, Any, AgentProcess]]:
+    """A plain mosquitto, the reference ingest on it and an agent (not started yet) with
+    fixed-format W26 readers; every one of them stopped at the end, whatever happened."""
+    broker = Mosquitto(work / "mq").start()
+    try:
+        ingest = start_ingest(broker, work / "ingest.db")
+        try:
+            agent = AgentProcess(work / "agent", broker=broker, extra_toml=W26_READERS, **agent_options)
+            try:
+                yield broker, ingest, agent
+            finally:
+                agent.kill()
+        finally:
+            ingest.stop()
+    finally:
+        broker.kill()
