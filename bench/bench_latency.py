@@ -47,6 +47,8 @@ import tempfile
 import threading
 import time
 from array import array
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,6 +112,25 @@ def spin_threads(n: int, stop: threading.Event) -> list[threading.Thread]:
 def spin_every_core() -> list[subprocess.Popen]:
     """One busy process pinned to each core this process may run on."""
     return [subprocess.Popen([sys.executable, "-c", SPIN, str(cpu)]) for cpu in sorted(os.sched_getaffinity(0))]
+
+
+@contextmanager
+def busy_machine(busy_threads: int) -> Iterator[int]:
+    """A busy process on every core and ``busy_threads`` threads spinning in this process
+    (the GIL pressure of a message flood), for the ``with`` block; yields the cores busied."""
+    spinners = spin_every_core()
+    stop = threading.Event()
+    busy = spin_threads(busy_threads, stop)
+    try:
+        time.sleep(0.5)  # let them take the cores
+        yield len(spinners)
+    finally:
+        stop.set()
+        for t in busy:
+            t.join()
+        for p in spinners:
+            p.kill()
+            p.wait()
 
 
 @dataclass
@@ -308,23 +329,12 @@ def main(argv: list[str] | None = None) -> int:
     timeout = run(args.timeout_reads, fixed=False, seed=args.seed + 1, **common)
     t2 = time.monotonic()
     loaded: list[RunResult] = []
-    spinners = []
+    spinners = 0
     if args.load_reads:
-        spinners = spin_every_core()
-        stop = threading.Event()
-        busy = spin_threads(args.busy_threads, stop)
-        try:
-            time.sleep(0.5)  # let them take the cores
+        with busy_machine(args.busy_threads) as spinners:
             loaded.append(run(args.load_reads - args.load_reads // 2, fixed=True, seed=args.seed + 2,
                               pins=True, **common))
             loaded.append(run(args.load_reads // 2, fixed=False, seed=args.seed + 3, pins=True, **common))
-        finally:
-            stop.set()
-            for t in busy:
-                t.join()
-            for p in spinners:
-                p.kill()
-                p.wait()
     t3 = time.monotonic()
     runs = [fixed, timeout, *loaded]
     result = {
@@ -346,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     if loaded:
         lf, lt = loaded
         result["load"] = {
-            "spinners": len(spinners),
+            "spinners": spinners,
             "busy_threads": args.busy_threads,
             "reads": args.load_reads,
             "cut_frames": len(lf.cut) + len(lt.cut),

@@ -22,7 +22,6 @@ import shutil
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -708,21 +707,10 @@ def fault_wiegand(work: Path, quick: bool, rng: random.Random) -> dict:
     frames = 10 if quick else 40
     common = {"silence_s": 0.025, "max_lag_s": DEFAULT_MAX_LAG_S, "cards": 20_000, "sink": "journal"}
     seed = rng.randrange(1 << 30)
-    spinners = bench_latency.spin_every_core()
-    stop = threading.Event()
-    busy = bench_latency.spin_threads(1, stop)
-    try:
-        time.sleep(0.5)  # let them take the cores
+    with bench_latency.busy_machine(1) as cores_busy:
         runs = [bench_latency.run(reads - reads // 2, fixed=True, seed=seed, pins=True, **common),
                 bench_latency.run(reads // 2, fixed=False, seed=seed + 1, pins=True, **common)]
         late = _late_frames(frames, rng, DEFAULT_MAX_LAG_S)
-    finally:
-        stop.set()
-        for t in busy:
-            t.join()
-        for p in spinners:
-            p.kill()
-            p.wait()
     # A frame may be cut only by an edge called back later than the bound: a run's cuts are
     # excused when its readers saw such an edge and this side saw the machine that slow
     # (an edge driven more than half the bound late). Otherwise a cut is the reader's fault.
@@ -736,7 +724,7 @@ def fault_wiegand(work: Path, quick: bool, rng: random.Random) -> dict:
     cut = sum(len(r.cut) for r in runs if r not in beyond) + (0 if late_beyond else late["cut"])
     cut_beyond = sum(len(r.cut) for r in beyond) + (late["cut"] if late_beyond else 0)
     lags = [x for r in runs for x in r.lags]
-    out = {"cores_busy": len(spinners), "reads": reads, "decided": sum(len(r.latencies) for r in runs),
+    out = {"cores_busy": cores_busy, "reads": reads, "decided": sum(len(r.latencies) for r in runs),
            "cut_frames": cut, "cut_beyond_lag_bound": cut_beyond,
            "relay_p99_ms": _p(runs[0].latencies, 0.99), "silence_relay_p99_ms": _p(runs[1].latencies, 0.99),
            "lag_p99_ms": _p(lags, 0.99), "lag_max_ms": round(max(r.lag_max_s for r in runs) * 1000, 1),
