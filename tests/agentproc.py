@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.core.acl import AccessList
-from agent.downlink.acl_sync import ACL_FILE
+from agent.downlink.acl_sync import ACL_FILE, store_list
 from agent.simctl import SimClientError, request, socket_path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,9 +59,7 @@ class AgentProcess:
         self.config = self.workdir / "agent.toml"
         self.proc: subprocess.Popen | None = None
         self.state.mkdir(mode=0o700, exist_ok=True)
-        stored = {"format": 1, "applied_at": time.time(), "kind": "snapshot", "base": None,
-                  "list": AccessList.from_snapshot(acl_snapshot(site)).to_snapshot()}
-        (self.state / ACL_FILE).write_text(json.dumps(stored))
+        store_list(self.state / ACL_FILE, AccessList.from_snapshot(acl_snapshot(site)), applied_at=time.time())
         lines = ["[site]", f'id = "{site}"', f'gate = "{gate}"',
                  "[gate]", "pulse_s = 0.1", "wait_s = 1.0",
                  "[hardware]", 'pin_factory = "mock"',

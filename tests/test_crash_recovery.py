@@ -45,7 +45,7 @@ from pathlib import Path
 import pytest
 
 from agent.core.acl import AccessList
-from agent.downlink.acl_sync import ACL_FILE
+from agent.downlink.acl_sync import ACL_FILE, store_list
 from tests.broker import Observer, broker, ingest_at, make_broker, wait_until  # noqa: F401
 from tests.crash_agent import BLOCKED, CARDS
 
@@ -73,9 +73,7 @@ def prepare(tmp_path: Path, broker) -> Path:
     """Config (mock pins, short pulses, the broker) and the access list kept on disk."""
     state = tmp_path / "state"
     state.mkdir(mode=0o700)
-    stored = {"format": 1, "applied_at": time.time(), "kind": "snapshot", "base": None,
-              "list": AccessList.from_snapshot(acl_snapshot()).to_snapshot()}
-    (state / ACL_FILE).write_text(json.dumps(stored))
+    store_list(state / ACL_FILE, AccessList.from_snapshot(acl_snapshot()), applied_at=time.time())
     config = tmp_path / "agent.toml"
     config.write_text("\n".join([
         "[site]", f'id = "{SITE}"', f'gate = "{GATE}"',

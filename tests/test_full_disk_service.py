@@ -34,7 +34,7 @@ from gpiozero.pins.mock import MockFactory
 from agent.config import load_config
 from agent.core import events as ev
 from agent.core.acl import AccessList
-from agent.downlink.acl_sync import ACL_FILE
+from agent.downlink.acl_sync import ACL_FILE, store_list
 from agent.service import ClockSync, Service
 from agent.simhw import SimulatedReader, SimulatedTurnstile
 from agent.uplink.journal import DEFAULT_DISK_BUDGET
@@ -100,9 +100,7 @@ def setup_service(tmp_path: Path, broker) -> tuple[Service, MockFactory]:
            "schedules": {"always": {"week": ALWAYS}},
            "groups": {"pupils": {"entry": "always", "exit": "always"}},
            "people": [{"id": "p-1", "cards": [CARD], "groups": ["pupils"]}]}
-    stored = {"format": 1, "applied_at": time.time(), "kind": "snapshot", "base": None,
-              "list": AccessList.from_snapshot(acl).to_snapshot()}
-    (state / ACL_FILE).write_text(json.dumps(stored))
+    store_list(state / ACL_FILE, AccessList.from_snapshot(acl), applied_at=time.time())
     (tmp_path / "agent.toml").write_text("\n".join([
         "[site]", f'id = "{SITE}"', f'gate = "{GATE}"',
         "[gate]", "pulse_s = 0.1", "wait_s = 2.0",

@@ -17,7 +17,6 @@ made reaches the ingest once.
 """
 from __future__ import annotations
 
-import json
 import random
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from gpiozero.pins.mock import MockFactory
 
 from agent.config import load_config
 from agent.core.acl import AccessList
-from agent.downlink.acl_sync import ACL_FILE, COUNTERS_FILE
+from agent.downlink.acl_sync import ACL_FILE, COUNTERS_FILE, store_list
 from agent.service import STATE_FILE, ClockSync, Service
 from agent.simhw import SimulatedReader, SimulatedTurnstile
 from agent.uplink import failover
@@ -46,9 +45,7 @@ def prepare(tmp_path: Path, broker) -> tuple[Path, Path]:
            "schedules": {"always": {"week": ALWAYS}},
            "groups": {"pupils": {"entry": "always", "exit": "always"}},
            "people": [{"id": "p-1", "cards": [CARD], "groups": ["pupils"]}]}
-    stored = {"format": 1, "applied_at": time.time(), "kind": "snapshot", "base": None,
-              "list": AccessList.from_snapshot(acl).to_snapshot()}
-    (state / ACL_FILE).write_text(json.dumps(stored))
+    store_list(state / ACL_FILE, AccessList.from_snapshot(acl), applied_at=time.time())
     (state / COUNTERS_FILE).write_text("{damaged")  # cannot be moved aside on a read-only card
     (tmp_path / "agent.toml").write_text("\n".join([
         "[site]", f'id = "{SITE}"', f'gate = "{GATE}"',

@@ -23,7 +23,7 @@ from agent.cli import main as cli_main
 from agent.config import ReaderSettings
 from agent.core.acl import AccessList
 from agent.core.events import Button
-from agent.downlink.acl_sync import ACL_FILE
+from agent.downlink.acl_sync import ACL_FILE, store_list
 from agent.hw.profiles import load_profile
 from agent.service import Service
 from agent.simctl import (
@@ -63,10 +63,7 @@ def make_agent(base: Path, *, pin_factory: str = "mock", extra: str = "") -> Pat
         '[service]\nstate_dir = "state"\n' + extra)
     state = base / "state"
     state.mkdir(mode=0o700, exist_ok=True)
-    stored = {"format": 1, "applied_at": time.time(), "kind": "snapshot", "base": None,
-              "list": AccessList.from_snapshot(acl_doc()).to_snapshot()}
-    (state / ACL_FILE).write_text(json.dumps(stored))
-    os.chmod(state / ACL_FILE, 0o600)
+    store_list(state / ACL_FILE, AccessList.from_snapshot(acl_doc()), applied_at=time.time())
     return config
 
 

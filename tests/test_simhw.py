@@ -345,7 +345,7 @@ def test_a_crowd_skips_readers_nobody_listens_to():
 
 def test_the_service_on_mock_pins_lets_the_crowd_through(tmp_path):
     from agent.config import load_config
-    from agent.downlink.acl_sync import ACL_FILE
+    from agent.downlink.acl_sync import ACL_FILE, store_list
     from agent.service import ClockSync, Service
 
     (tmp_path / "agent.toml").write_text(
@@ -354,9 +354,7 @@ def test_the_service_on_mock_pins_lets_the_crowd_through(tmp_path):
         '[service]\nstate_dir = "state"\n')
     state = tmp_path / "state"
     state.mkdir(mode=0o700)
-    stored = {"format": 1, "applied_at": time.time(), "kind": "snapshot", "base": None,
-              "list": AccessList.from_snapshot(acl_doc()).to_snapshot()}
-    (state / ACL_FILE).write_text(json.dumps(stored))
+    store_list(state / ACL_FILE, AccessList.from_snapshot(acl_doc()), applied_at=time.time())
     config = load_config(tmp_path / "agent.toml")
     factory = MockFactory()
     board = config.hardware.board

@@ -299,6 +299,14 @@ def _reject(path: str, message: str) -> AclRejected:
 # --------------------------------------------------------------------------- sync
 
 
+
+def store_list(path: Path, acl: AccessList, *, applied_at: float, kind: str = "snapshot",
+               base: str | None = None) -> None:
+    """Keep an applied list on disk (``acl.json`` in the state directory, 0600, atomic):
+    what ``load_persisted`` reads at the next start. OSError when it cannot be written."""
+    data = {"format": 1, "applied_at": applied_at, "kind": kind, "base": base, "list": acl.to_snapshot()}
+    write_private(path, json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+
 class AclSync:
     """One gate's access list: what it holds, what it applies next, what it kept on disk.
 
@@ -522,11 +530,9 @@ class AclSync:
         return AccessList.from_snapshot(doc), "snapshot", None
 
     def _persist(self, acl: AccessList, kind: str, base: str | None, now: float) -> None:
-        data = {"format": 1, "applied_at": now, "kind": kind, "base": base, "list": acl.to_snapshot()}
         ensure_state_dir(self.state_dir)
         try:
-            write_private(self.path, json.dumps(data, separators=(",", ":"),
-                                                ensure_ascii=False).encode("utf-8"))
+            store_list(self.path, acl, applied_at=now, kind=kind, base=base)
         except OSError as exc:
             # The gate still gets the list (principle 1); only the next start lacks it.
             log.error("could not store access list %s in %s (%s); it is applied but a restart "
