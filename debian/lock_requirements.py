@@ -65,8 +65,8 @@ def lock(top_level: list[str], out: Path, header: str) -> None:
     lines = [header]
     for (name, version), hashes in sorted(files.items()):
         lines.append(f"{name}=={version} \\")
-        lines += [f"    --hash=sha256:{h} \\" for h in sorted(hashes)[:-1]]
-        lines.append(f"    --hash=sha256:{sorted(hashes)[-1]}")
+        lines += [f"    --hash=sha256:{h}" for h in sorted(hashes)]
+        lines[-len(hashes):-1] = [line + " \\" for line in lines[-len(hashes):-1]]
     out.write_text("\n".join(lines) + "\n")
     print(f"{out.relative_to(TOP)}: {len(files)} packages")
 

@@ -86,7 +86,8 @@ add_changelog_entry() {
   local dir=$1 version=$2 log=$1/debian/changelog
   local who date
   who=$(dpkg-parsechangelog -l "$log" -S Maintainer)
-  date=$(dpkg-parsechangelog -l "$log" -S Date)
+  # One second after the entry below it: newer, and the same on every build.
+  date=$(LC_ALL=C date -u -R -d "@$(( $(dpkg-parsechangelog -l "$log" -S Timestamp) + 1 ))")
   { printf 'gate-agent (%s) bookworm; urgency=medium\n\n  * Build of revision %s (debian/make-deb.sh --revision).\n\n -- %s  %s\n\n' \
       "$version" "${version#*-}" "$who" "$date"; cat "$log"; } > "$log.new"
   mv "$log.new" "$log"
