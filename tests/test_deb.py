@@ -576,8 +576,11 @@ def test_lintian_passes_with_every_override_explained(debs):
     for block in overrides[1:]:
         lines = block.strip().splitlines()
         assert lines[0].startswith("#"), f"an override without its reason: {lines}"
-    unused = sh("lintian", "--show-overrides", "-L", ">=info", str(debs["1~test1"]))
-    assert "unused-override" not in unused.stdout, unused.stdout
+    res = sh("lintian", "-L", ">=info", str(debs["1~test1"]))
+    unused = [line for line in res.stdout.splitlines() if "unused-override" in line
+              # Only while debian/changelog has one entry; the test builds add a second.
+              and "initial-upload-closes-no-bugs" not in line]
+    assert unused == [], unused
 
 
 @deb
