@@ -45,25 +45,30 @@ case "$REVISION" in
 esac
 
 # --- the packages the build needs, only those missing --------------------------------------
-build_packages() {
+BUILD_PACKAGES=(debhelper dpkg-dev python3.11-venv python3.11-dev gcc fakeroot)
+
+install_missing() {
   local need=() p
-  for p in debhelper dpkg-dev python3.11-venv python3.11-dev gcc fakeroot; do
+  for p in "$@"; do
     dpkg-query -W -f '${Status}' "$p" 2>/dev/null | grep -q "ok installed" || need+=("$p")
   done
-  if [ "$LINTIAN" -eq 1 ]; then
-    dpkg-query -W -f '${Status}' lintian 2>/dev/null | grep -q "ok installed" || need+=(lintian)
-  fi
   [ ${#need[@]} -eq 0 ] && return
   local sudo=""
   [ "$(id -u)" -eq 0 ] || sudo=sudo
-  say "installing build packages: ${need[*]}"
+  say "installing packages: ${need[*]}"
   DEBIAN_FRONTEND=noninteractive $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}"
 }
 
+run_lintian() {
+  install_missing lintian
+  say "lintian $(basename "$1")"
+  lintian --fail-on error,warning --info "$1" || die "lintian found problems (above)"
+}
+
 # --- the versions --------------------------------------------------------------------------
 upstream_version() {
-  /usr/bin/python3 -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb"))["project"]["version"])' \
+  /usr/bin/python3.11 -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb"))["project"]["version"])' \
     "$SRC/pyproject.toml"
 }
 
@@ -110,7 +115,7 @@ native_build() {
   if ! grep -qs '^VERSION_CODENAME=bookworm' /etc/os-release; then
     die "the package is built on Debian 12 / Raspberry Pi OS bookworm (its python3.11 is the board's); this is $(. /etc/os-release; echo "$PRETTY_NAME")"
   fi
-  build_packages
+  install_missing "${BUILD_PACKAGES[@]}"
   local upstream changelog version
   upstream=$(upstream_version)
   changelog=$(dpkg-parsechangelog -l "$SRC/debian/changelog" -S Version)
@@ -135,17 +140,34 @@ native_build() {
   mkdir -p "$OUT"
   cp "$deb" "$OUT/"
   say "built $OUT/$(basename "$deb") ($(du -k "$deb" | cut -f1) KiB)"
-  if [ "$LINTIAN" -eq 1 ]; then
-    say "lintian $(basename "$deb")"
-    lintian --fail-on error,warning --info "$OUT/$(basename "$deb")" || die "lintian found problems (above)"
-  fi
+  [ "$LINTIAN" -eq 0 ] || run_lintian "$OUT/$(basename "$deb")"
 }
 
 # --- another architecture: the same script inside an emulated Debian 12 root ---------------------
+# scripts/debian-root.sh (issue 10 part 1) makes and caches the root (debootstrap,
+# qemu-user-static) with the build packages in it, and runs a command inside with
+# its mounts always taken down. The tree is exported here, bound in as /src; the
+# wheels and the build directory of that architecture live in .cache/deb/ARCH
+# (/cache inside); the .deb comes out in dist/ (/out); lintian runs here.
 root_build() {
   local tool=$SRC/scripts/debian-root.sh
   [ -x "$tool" ] || die "make deb ARCH=$ARCH builds inside an emulated Debian 12 $ARCH root made by scripts/debian-root.sh (issue 10 part 1), which this checkout does not have yet"
-  die "make deb ARCH=$ARCH: scripts/debian-root.sh is here but not wired in yet (docs/packaging.md, 'Other architectures')"
+  local root src=$CACHE/src-$ARCH cache=$CACHE/$ARCH upstream version
+  upstream=$(upstream_version)
+  root=$("$tool" ensure "$ARCH" "${BUILD_PACKAGES[@]}") || die "no Debian 12 $ARCH root (see above)"
+  say "building for $ARCH inside $root (emulated: expect several minutes)"
+  export_tree "$src"
+  mkdir -p "$cache" "$OUT"
+  local args=(--arch "$ARCH" --no-lintian)
+  [ -z "$REVISION" ] || args+=(--revision "$REVISION")
+  "$tool" run "$root" --bind "$src:/src" --bind "$cache:/cache" --bind "$OUT:/out" \
+    --env GATE_DEB_CACHE=/cache --env GATE_DEB_OUT=/out -- /src/debian/make-deb.sh "${args[@]}" ||
+    die "the build inside the $ARCH root failed (see above)"
+  version=$(dpkg-parsechangelog -l "$cache/build-$ARCH/gate-agent-$upstream/debian/changelog" -S Version)
+  local deb=$OUT/gate-agent_${version}_$ARCH.deb
+  [ -f "$deb" ] || die "the build inside the $ARCH root made no $deb"
+  say "built $deb ($(du -k "$deb" | cut -f1) KiB)"
+  [ "$LINTIAN" -eq 0 ] || run_lintian "$deb"
 }
 
 if [ "$ARCH" = "$HOST_ARCH" ]; then
