@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Pin the Python packages the Debian package bundles, with their hashes.
 
-    python3 debian/lock_requirements.py        # rewrites debian/requirements*.txt
+    .venv/bin/python debian/lock_requirements.py        # rewrites debian/requirements*.txt
 
 Resolves pyproject.toml's dependencies (and the osdp extra) and its build
 requirements to exact versions, downloads every wheel a Debian 12 board can use

@@ -124,7 +124,7 @@ def test_the_lock_pins_every_dependency_of_pyproject_with_hashes():
     for locked, spec in wanted:
         req = Requirement(spec)
         name = canonicalize_name(req.name)
-        assert name in locked, f"{name} is not pinned: run python3 debian/lock_requirements.py"
+        assert name in locked, f"{name} is not pinned: run .venv/bin/python debian/lock_requirements.py"
         version, hashes = locked[name]
         assert req.specifier.contains(version, prereleases=True), f"{name}=={version} is not {req.specifier}"
     for locked in (runtime, build):
