@@ -45,7 +45,7 @@ case "$REVISION" in
 esac
 
 # --- the packages the build needs, only those missing --------------------------------------
-BUILD_PACKAGES=(debhelper dpkg-dev python3.11-venv python3.11-dev gcc fakeroot)
+BUILD_PACKAGES=(build-essential debhelper dpkg-dev python3.11-venv python3.11-dev fakeroot)
 
 install_missing() {
   local need=() p
