@@ -406,3 +406,30 @@ def test_keys_are_written_as_json_strings_a_toml_reader_takes(tmp_path, region):
                                   {"region.2026": region[1]})
     assert tomllib.loads(out)["commands"]["trusted_keys"] == {"region.2026": region[1]}
     assert f'#"odd key" = {json.dumps("x")}' in out
+
+
+def test_a_provisioned_board_takes_a_list_signed_with_the_key_it_was_given(tmp_path, capsys):
+    """The key keygen wrote, given to provision, is the one the board verifies the region's lists with;
+    a board made with --no-trusted-keys refuses the same list (what docs/operations.md's steps gave
+    before provision took keys)."""
+    from agent.downlink.signing import (
+        SignatureError,
+        load_private_key,
+        load_trusted_keys,
+        sign_acl,
+        verify,
+    )
+
+    pub = keygen(tmp_path, "region-2026")
+    doc = {"kind": "snapshot", "version": "v1", "site": SITE, "timezone": "UTC", "schedules": {}, "groups": {},
+           "people": [], "blocked": []}
+    signed = sign_acl(load_private_key(tmp_path / "region-2026.key"), doc, key_id="region-2026", site=SITE,
+                      gate=GATE, counter=1)
+    keyed, bare = tmp_path / "keyed" / "agent.toml", tmp_path / "bare" / "agent.toml"
+    for cfg, extra in ((keyed, ["--trusted-keys-file", str(pub)]), (bare, ["--no-trusted-keys"])):
+        code, _out, err = _run(["--site", SITE, "--gate", GATE, "--broker", "b", *extra, "--config", str(cfg)],
+                               capsys)
+        assert code == 0, err
+    assert verify(signed, load_trusted_keys(load_config(keyed).commands.trusted_keys)) == "region-2026"
+    with pytest.raises(SignatureError, match="not one of the keys"):
+        verify(signed, load_trusted_keys(load_config(bare).commands.trusted_keys))
