@@ -156,16 +156,18 @@ boot_config() {
   fi
   tmp="$cfg.gate-agent.new"
   # Everything but an older block of ours (a changed profile), then the block at the end, under
-  # [all]: whatever section filter ends the file, the lines apply to every board.
+  # [all]: whatever section filter ends the file, the lines apply to every board. Written beside
+  # it and renamed only when whole (a full or failing card leaves the original as it was).
   if { awk -v b="$BEGIN_PREFIX" -v e="$END_MARK" '
          { line = $0; sub(/\r$/, "", line) }
          index(line, b) == 1 { inblk = 1; next }
          inblk { if (index(line, e) == 1) inblk = 0; next }
-         { print }' "$cfg" | sed -e :a -e '/^\n*$/{$d;N;ba' -e '}'
-       printf '\n%s\n' "$want"; } > "$tmp" && sync && mv -f "$tmp" "$cfg"; then
+         { print }' "$cfg" | sed -e :a -e '/^\n*$/{$d;N;ba' -e '}' &&
+       printf '\n%s\n' "$want"; } > "$tmp" 2>/dev/null &&
+     [ "$(tail -n 1 "$tmp")" = "$END_MARK" ] && sync && mv -f "$tmp" "$cfg"; then
     sync
     BOOT_CHANGED=1
-    say "config.txt (${cfg#$ROOT}): added the board profile's boot lines:" \
+    say "config.txt (${cfg#$ROOT}): wrote the board profile's boot lines:" \
         "$(grep -v '^[[:space:]]*\(#.*\)\{0,1\}$' "$lines" | tr '\n' ' ')"
   else
     rm -f "$tmp"

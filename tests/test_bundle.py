@@ -15,6 +15,8 @@ import stat
 import subprocess
 import tarfile
 import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -494,4 +496,74 @@ def test_no_config_txt_anywhere_installs_all_the_same_and_says_what_to_add(made,
     res = firstrun(part, tmp_path / "stage")
     assert res.returncode == 0
     assert "WARNING: config.txt not found" in res.stdout and "gpio=4-7=op,dh" in res.stdout
+    assert (tmp_path / "stage" / "etc" / "gate-agent" / "agent.toml").is_file()
+
+
+@contextmanager
+def small_partition(mountpoint: Path, size_mb: int = 4) -> Iterator[Path]:
+    """A small ext4 filesystem on a loop device at ``mountpoint`` (root and mount needed, else skip)."""
+    import os
+
+    if os.geteuid() != 0 or shutil.which("mkfs.ext4") is None:
+        pytest.skip("a small partition needs root, mount and mkfs.ext4")
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    image = mountpoint.with_name(mountpoint.name + ".img")
+    with open(image, "wb") as f:
+        f.truncate(size_mb << 20)
+    assert subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], capture_output=True, check=False).returncode == 0
+    got = subprocess.run(["mount", "-o", "loop", str(image), str(mountpoint)], capture_output=True, text=True,
+                         check=False)
+    if got.returncode:
+        pytest.skip(f"cannot mount a loop device here: {got.stderr.strip()}")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", str(mountpoint)], capture_output=True, check=False)
+        image.unlink(missing_ok=True)
+
+
+def fill(path: Path) -> None:
+    """Write until the filesystem has not one byte left."""
+    import os
+
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        for size in (65536, 1024, 1):
+            try:
+                while True:
+                    os.write(fd, b"\0" * size)
+            except OSError:
+                continue
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def test_a_full_boot_partition_keeps_its_config_txt_whole(made, tmp_path):
+    part = tmp_path / "elsewhere"
+    shutil.copytree(made, part)
+    with small_partition(tmp_path / "card") as card:
+        (card / "config.txt").write_text(CONFIG_TXT * 20)
+        (card / "config.txt.gate-agent.bak").write_text(CONFIG_TXT)  # an earlier run's
+        fill(card / "filler")
+        res = firstrun(part, tmp_path / "stage", "--boot", str(card))
+        assert res.returncode == 0, res.stdout  # the agent is installed all the same
+        assert "WARNING: cannot write" in res.stdout
+        assert (card / "config.txt").read_text() == CONFIG_TXT * 20
+        assert not (card / "config.txt.gate-agent.new").exists()
+
+
+def test_a_read_only_boot_partition_is_said_and_the_install_goes_on(made, tmp_path):
+    from tests.readonly import read_only
+
+    part = tmp_path / "elsewhere"
+    shutil.copytree(made, part)
+    card = tmp_path / "card"
+    card.mkdir()
+    (card / "config.txt").write_text(CONFIG_TXT)
+    with read_only(card):
+        res = firstrun(part, tmp_path / "stage", "--boot", str(card))
+        assert res.returncode == 0, res.stdout
+        assert "WARNING" in res.stdout and "not changed" in res.stdout
+        assert (card / "config.txt").read_text() == CONFIG_TXT
     assert (tmp_path / "stage" / "etc" / "gate-agent" / "agent.toml").is_file()
