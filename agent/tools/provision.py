@@ -491,7 +491,10 @@ def read_trusted_keys_file(path: Path) -> dict[str, str]:
                     what=what, path=path, n=n, line=line[:60]))
             entries.append((name, value, f"{path} line {n}"))
     if not entries:
-        raise ProvisionError(_("{what} {path} holds no key").format(what=what, path=path))
+        # A commented line stays a comment (a key taken out of service is commented out), even the
+        # one keygen prints after "# ": say so rather than guess.
+        raise ProvisionError(_("{what} {path} holds no key (a line starting with # is a comment: copy the line "
+                               "gate-agent keygen printed without its '# ')").format(what=what, path=path))
     keys: dict[str, str] = {}
     for name, value, where in entries:
         _check_key_name(name, where)
