@@ -480,3 +480,33 @@ def test_the_boot_check_speaks_russian(tmp_path):
     cfg = _config_with_profile(tmp_path, "pi4-relay4")
     c = by_name(Doctor(cfg, env=boot_env(firmware(tmp_path, "dtparam=audio=on\n"))).run())["boot"]
     assert c.status == FAIL and "реле" in c.summary and "перезагрузите" in " ".join(c.hints)
+
+
+def test_doctor_never_takes_over_the_running_agents_broker_session(tmp_path, pki, gate_broker):
+    # The running agent holds gate A's session (the client id is the certificate's identity).
+    from agent.uplink.journal import Journal
+    from agent.uplink.mqtt import Uplink
+
+    journal = Journal(tmp_path / "journal.db")
+    up = Uplink(journal, site=SITE, gate=GATE_A, host=gate_broker.host, port=gate_broker.port,
+                tls=pki.gate_a.tls(pki.ca_file), backoff_min_s=0.1, backoff_max_s=0.5).start()
+    try:
+        deadline = time.monotonic() + 10
+        while not up.connected:
+            assert time.monotonic() < deadline, "the agent's uplink did not connect"
+            time.sleep(0.02)
+        cfg = _broker_config(tmp_path, pki, gate_broker.port, pki.gate_a)
+        env = quiet_env(service_active=lambda: True,
+                        service_status=lambda: "mode normal; backlog 0; broker connected; acl v-1")
+        c = by_name(Doctor(cfg, env=env).run())["broker"]
+        time.sleep(0.5)  # a takeover would have dropped the agent's session by now
+        assert up.connected and up.stats()["reconnects"] == 0, "doctor took the agent's session"
+        assert c.status in (OK, WARN) and "TLS accepted" in c.summary and "connected" in c.summary
+        # An agent that lost its broker is a FAIL saying where to look.
+        env = quiet_env(service_active=lambda: True,
+                        service_status=lambda: "mode normal; backlog 40; broker disconnected; acl v-1")
+        c = by_name(Doctor(cfg, env=env).run())["broker"]
+        assert c.status == FAIL and "journalctl" in " ".join(c.hints)
+    finally:
+        up.stop()
+        journal.close()

@@ -104,6 +104,19 @@ def _service_active_default() -> bool | None:
     return res.returncode == 0
 
 
+def _service_status_default() -> str | None:
+    """The running agent's systemd STATUS= text ("mode normal; backlog 0; broker connected;
+    acl ..."), or None where systemd cannot tell."""
+    if shutil.which("systemctl") is None:
+        return None
+    try:
+        res = subprocess.run(["systemctl", "show", "--property=StatusText", "--value", SERVICE],
+                             timeout=5, check=False, capture_output=True, text=True)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return res.stdout.strip() or None if res.returncode == 0 else None
+
+
 def _boot_time_default() -> float | None:
     """When this system started (wall clock), from /proc/stat; None where unknown."""
     try:
@@ -138,6 +151,7 @@ class DoctorEnv:
 
     gpio_chips: Callable[[], list[str]] = lambda: sorted(glob.glob("/dev/gpiochip*"))
     service_active: Callable[[], bool | None] = _service_active_default
+    service_status: Callable[[], str | None] = _service_status_default  # the agent's STATUS= text
     clock_synced: Callable[[], bool | None] = _clock_synced_default
     wall: Callable[[], float] = time.time
     pin_factory: Callable[[str], Any] | None = None  # name -> gpiozero factory (default: the service's)
@@ -677,6 +691,11 @@ class Doctor:
                     return Check(FAIL, "broker", _("{where}: TLS failed ({error})").format(where=where, error=exc), (
                         _("the broker refused this gate's certificate, or it is not a TLS port: check "
                           "mqtt.tls.cert_file/key_file and mqtt.port"), *hints))
+            if self.service_running and m.tls is not None and m.tls.cert_file:
+                # The broker binds the client id to the certificate (docs/security.md): an MQTT
+                # CONNECT with this gate's certificate would take over the running agent's own
+                # session. The TLS handshake above proved the certificate; the agent says the rest.
+                return self._broker_from_service(where, status, cert_note, hints)
             client_id = f"{self.cfg.mqtt.client_id or f'gate-{self.cfg.site}-{self.cfg.gate_id}'}-doctor"
             try:
                 code = mqtt_connect(sock, client_id[:64], m.username, m.password)
@@ -697,6 +716,19 @@ class Doctor:
             status = WARN if status == OK else status
             hints.append(_("without TLS events and commands cross the network in clear: set [mqtt.tls]"))
         return Check(status, "broker", summary, tuple(hints))
+
+    def _broker_from_service(self, where: str, status: str, cert_note: str, hints: list[str]) -> Check:
+        text = self.env.service_status() or ""
+        state = next((part.split(None, 1)[1] for part in text.split(";")
+                      if part.strip().startswith("broker ")), "").strip()
+        words = {"connected": _("connected"), "disconnected": _("disconnected"), "starting": _("starting")}
+        summary = _("{where}: TLS accepted; the running agent reports the broker {state} (not connecting "
+                    "a second time with its certificate)").format(
+            where=where, state=words.get(state, state or "?")) + cert_note
+        if state.startswith("connected"):
+            return Check(status, "broker", summary, tuple(hints))
+        return Check(FAIL, "broker", summary, (
+            _("the agent does not hold its broker session: journalctl -u gate-agent -n 50 says why"), *hints))
 
     def _cert_days(self, cert_file: str) -> tuple[str, str, list[str]]:
         from cryptography import x509
