@@ -648,6 +648,8 @@ class Service:
             log.debug("record %s", record)
         if self.uplink is not None:
             self.uplink.wake()
+            if rtype == "acl.applied":
+                self.uplink.refresh_status()  # the retained status names the list now in use
         if self.downlink is not None:
             self.downlink.on_record(record)
 

@@ -1,7 +1,11 @@
 """``gate-agent bundle`` and its first-boot installer: a bundle made offline
 (--no-download) is checked file by file, then its firstrun.sh installs into a
 staging root from a fake boot partition: the secrets land with their modes in
-/etc/gate-agent and are gone from the boot partition."""
+/etc/gate-agent and are gone from the boot partition; the region's trusted
+keys are in the config; the board profile's boot line is in config.txt once,
+under [all], with a backup, and the doctor finds it there. A certificate
+made out to another gate, or a gate that would trust no key, makes no
+bundle."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +15,8 @@ import stat
 import subprocess
 import tarfile
 import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -20,11 +26,27 @@ from agent.downlink.signing import generate_keypair
 from agent.i18n import set_language
 from agent.tools import bundle as bundle_mod
 from agent.tools.bundle import add_bundle_parser
+from agent.tools.doctor import FAIL, OK, Doctor, DoctorEnv
 from tests.pki import TestCA
 
 ROOT = Path(__file__).resolve().parent.parent
 SITE, GATE = "school-17", "main-1"
 BOOT_LINE = "console=serial0,115200 console=tty1 root=PARTUUID=1234-02 rootfstype=ext4 fsck.repair=yes rootwait"
+# Raspberry Pi OS bookworm's config.txt, shortened; it ends under a [cm5] filter, as shipped.
+CONFIG_TXT = """# For more options and information see
+# http://rptl.io/configtxt
+dtparam=audio=on
+camera_auto_detect=1
+dtoverlay=vc4-kms-v3d
+arm_64bit=1
+
+[cm4]
+otg_mode=1
+
+[cm5]
+dtoverlay=dwc2,dr_mode=host
+"""
+BEGIN = "# >>> gate-agent:"
 
 
 @pytest.fixture(autouse=True)
@@ -53,8 +75,8 @@ def run_bundle(inputs: dict, out: Path, *extra: str, capsys=None) -> int:
     args = parser.parse_args([
         "bundle", "--site", SITE, "--gate", GATE, "--config", str(inputs["template"]),
         "--ca", str(inputs["ca"]), "--cert", str(inputs["cert"]), "--key", str(inputs["key"]),
-        "--trusted-keys", f"region-2026={inputs['pub']}", "--broker", "mqtt.region.example:8883",
-        "--out", str(out), "--no-download", *extra])
+        *(() if "--no-trusted-keys" in extra else ("--trusted-key", f"region-2026={inputs['pub']}")),
+        "--broker", "mqtt.region.example:8883", "--out", str(out), "--no-download", *extra])
     return args.func(args)
 
 
@@ -71,12 +93,29 @@ def boot(made, tmp_path):
     part = tmp_path / "bootfs"
     shutil.copytree(made, part)
     (part / "cmdline.txt").write_text(BOOT_LINE + (made / "gate-agent" / "cmdline.txt.append").read_text())
+    (part / "config.txt").write_text(CONFIG_TXT)
     return part
 
 
-def firstrun(part: Path, stage: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(part / "gate-agent" / "firstrun.sh"), "--root", str(stage), "--no-build"],
-                          capture_output=True, text=True, timeout=120, check=False)
+def firstrun(part: Path, stage: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run(["bash", str(part / "gate-agent" / "firstrun.sh"), "--root", str(stage), "--no-build",
+                           *extra], capture_output=True, text=True, timeout=120, check=False,
+                          env={**os.environ, **(env or {})})
+
+
+def copy_again(made: Path, part: Path) -> None:
+    """What a technician does after a failed first start: the bundle copied onto the card again."""
+    shutil.rmtree(part / "gate-agent")
+    shutil.copytree(made / "gate-agent", part / "gate-agent")
+
+
+def boot_check(config: Path, *boot_dirs: Path):
+    doctor = Doctor(config, env=DoctorEnv(gpio_chips=list, service_active=lambda: None, boot_dirs=boot_dirs,
+                                          boot_time=lambda: None))
+    doctor.check_config()
+    return doctor.check_boot()
 
 
 def mode(p: Path) -> int:
@@ -92,6 +131,7 @@ def test_the_bundle_holds_exactly_what_the_card_needs(made):
         "user-data",
         "gate-agent/README.txt",
         "gate-agent/firstrun.sh",
+        "gate-agent/boot-config.txt",
         "gate-agent/cmdline.txt.append",
         "gate-agent/user-data.snippet",
         "gate-agent/MANIFEST.sha256",
@@ -101,7 +141,6 @@ def test_the_bundle_holds_exactly_what_the_card_needs(made):
         "gate-agent/gate/ca.pem",
         "gate-agent/gate/gate.pem",
         "gate-agent/gate/gate.key",
-        "gate-agent/gate/keys/region-2026.pub",
     ])
 
 
@@ -110,7 +149,6 @@ def test_the_gate_files_are_the_given_ones_and_the_key_is_private(made, inputs):
     assert (gate / "gate.key").read_bytes() == inputs["key"].read_bytes() and mode(gate / "gate.key") == 0o600
     assert (gate / "gate.pem").read_bytes() == inputs["cert"].read_bytes()
     assert (gate / "ca.pem").read_bytes() == inputs["ca"].read_bytes()
-    assert (gate / "keys" / "region-2026.pub").read_text().strip() == inputs["pub_b64"]
     assert mode(gate) == 0o700 and mode(made) == 0o700
 
 
@@ -121,7 +159,8 @@ def test_the_config_carries_the_identity_and_loads_as_it_will_on_the_board(made,
     assert (doc["mqtt"]["host"], doc["mqtt"]["port"]) == ("mqtt.region.example", 8883)
     # Relative paths: the same file works here and in /etc/gate-agent.
     assert doc["mqtt"]["tls"] == {"ca_file": "ca.pem", "cert_file": "gate.pem", "key_file": "gate.key"}
-    assert doc["commands"]["trusted_keys"] == {"region-2026": "./keys/region-2026.pub"}
+    # The key itself, checked, in the config: no file to copy or lose.
+    assert doc["commands"]["trusted_keys"] == {"region-2026": inputs["pub_b64"]}
     cfg = load_config(path)
     assert cfg.commands.trusted_keys == {"region-2026": inputs["pub_b64"]}
     # The rest of the region's template is kept, comments included.
@@ -179,7 +218,7 @@ def test_wheels_that_could_not_be_fetched_are_listed(inputs, tmp_path, monkeypat
     add_bundle_parser(parser.add_subparsers())
     args = parser.parse_args([
         "bundle", "--site", SITE, "--gate", GATE, "--config", str(inputs["template"]), "--ca", str(inputs["ca"]),
-        "--cert", str(inputs["cert"]), "--key", str(inputs["key"]), "--trusted-keys", str(inputs["pub"]),
+        "--cert", str(inputs["cert"]), "--key", str(inputs["key"]), "--trusted-keys-file", str(inputs["pub"]),
         "--out", str(tmp_path / "b")])
     assert args.func(args) == 1
     missing = (tmp_path / "b" / "gate-agent" / "wheels" / "MISSING.txt").read_text()
@@ -193,7 +232,7 @@ def test_bad_input_makes_no_bundle(inputs, tmp_path, capsys):
     other = inputs["ca_obj"].issue("school-17/other")
     cases = [
         ({"template": broken}, "gate.apb"),
-        ({"pub": tmp_path / "none.pub"}, "does not exist"),
+        ({"pub": tmp_path / "none.pub"}, "nor a file"),
         ({"key": other.key}, "does not belong"),
     ]
     for change, words in cases:
@@ -217,13 +256,13 @@ def test_first_boot_installs_the_gate_files_with_their_modes_and_erases_the_secr
     assert mode(etc / "agent.toml") == 0o640
     assert (etc / "gate.key").read_bytes() == inputs["key"].read_bytes() and mode(etc / "gate.key") == 0o600
     assert mode(etc / "gate.pem") == 0o644 and mode(etc / "ca.pem") == 0o644
-    assert mode(etc / "keys" / "region-2026.pub") == 0o644
     # Owners, which a staging run cannot set, are what it would set.
     assert "would: chown gate-agent:gate-agent /etc/gate-agent/gate.key" in res.stdout
     assert "would: chown root:gate-agent /etc/gate-agent/agent.toml" in res.stdout
     # The installed config is the one the service will load.
     cfg = load_config(etc / "agent.toml")
     assert (cfg.site, cfg.gate_id) == (SITE, GATE) and cfg.mqtt.tls.key_file == str(etc / "gate.key")
+    assert cfg.commands.trusted_keys == {"region-2026": inputs["pub_b64"]}
     # No secret is left on the boot partition: not the folder, not the key's bytes, not its checksum.
     assert not (boot / "gate-agent" / "gate").exists()
     key = inputs["key"].read_bytes()
@@ -265,3 +304,266 @@ def test_messages_in_russian(inputs, tmp_path, capsys):
     set_language("ru")
     assert run_bundle({**inputs, "pub": tmp_path / "none.pub"}, tmp_path / "out") == 2
     assert "комплект не создан" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- trusted keys, certificate
+
+
+def test_a_gate_that_would_trust_no_key_makes_no_bundle_unless_told(inputs, tmp_path, capsys):
+    out = tmp_path / "out"
+    parser = argparse.ArgumentParser()
+    add_bundle_parser(parser.add_subparsers())
+    base = ["bundle", "--site", SITE, "--gate", GATE, "--config", str(inputs["template"]), "--ca", str(inputs["ca"]),
+            "--cert", str(inputs["cert"]), "--key", str(inputs["key"]), "--out", str(out), "--no-download"]
+    args = parser.parse_args(base)
+    assert args.func(args) == 2
+    err = capsys.readouterr().err
+    assert "refuse every access list" in err and "--trusted-key" in err and "--no-trusted-keys" in err
+    assert "no bundle was made" in err and not out.exists()
+    assert run_bundle(inputs, out, "--no-trusted-keys") == 0
+    assert "every access list and command will be refused" in capsys.readouterr().out
+    assert load_config(out / "gate-agent" / "gate" / "agent.toml").commands.trusted_keys == {}
+
+
+def test_the_templates_own_keys_serve_when_none_are_given_and_given_ones_replace_them(inputs, tmp_path, capsys):
+    _k, old = generate_keypair()
+    template = tmp_path / "region.toml"
+    template.write_text(inputs["template"].read_text() + f'\n[commands.trusted_keys]\nregion-2025 = "{old}"\n')
+    parser = argparse.ArgumentParser()
+    add_bundle_parser(parser.add_subparsers())
+    base = ["bundle", "--site", SITE, "--gate", GATE, "--config", str(template), "--ca", str(inputs["ca"]),
+            "--cert", str(inputs["cert"]), "--key", str(inputs["key"]), "--no-download"]
+    args = parser.parse_args([*base, "--out", str(tmp_path / "a")])
+    assert args.func(args) == 0
+    assert load_config(tmp_path / "a" / "gate-agent" / "gate" / "agent.toml").commands.trusted_keys == {
+        "region-2025": old}
+    args = parser.parse_args([*base, "--out", str(tmp_path / "b"), "--trusted-key", f"region-2026={inputs['pub_b64']}"])
+    assert args.func(args) == 0
+    assert load_config(tmp_path / "b" / "gate-agent" / "gate" / "agent.toml").commands.trusted_keys == {
+        "region-2026": inputs["pub_b64"]}
+    assert "region-2026" in capsys.readouterr().out
+
+
+def test_a_bad_key_is_named_and_makes_no_bundle(inputs, tmp_path, capsys):
+    private = tmp_path / "region.key"
+    from agent.downlink.signing import private_key_pem
+
+    private.write_bytes(private_key_pem(generate_keypair()[0]))
+    for pub, words in ((private, "PRIVATE key"), (f"{'A' * 43}=", "small order")):
+        out = tmp_path / "out"
+        assert run_bundle({**inputs, "pub": pub}, out) == 2
+        err = capsys.readouterr().err
+        assert "region-2026" in err and words in err and "no bundle was made" in err, err
+        assert not out.exists()
+
+
+def test_the_first_form_of_the_keys_option_still_works(inputs, tmp_path):
+    parser = argparse.ArgumentParser()
+    add_bundle_parser(parser.add_subparsers())
+    args = parser.parse_args([
+        "bundle", "--site", SITE, "--gate", GATE, "--config", str(inputs["template"]), "--ca", str(inputs["ca"]),
+        "--cert", str(inputs["cert"]), "--key", str(inputs["key"]), "--no-download", "--out", str(tmp_path / "b"),
+        "--trusted-keys", f"region-2026={inputs['pub']}", str(inputs["pub"])])
+    assert args.func(args) == 0
+    keys = load_config(tmp_path / "b" / "gate-agent" / "gate" / "agent.toml").commands.trusted_keys
+    assert keys == {"region-2026": inputs["pub_b64"]}  # the bare file is named after itself: region-2026
+
+
+@pytest.mark.parametrize("cn", ["school-17/side", "school-17", None])
+def test_a_certificate_made_out_to_another_gate_makes_no_bundle(inputs, tmp_path, capsys, cn):
+    ca = inputs["ca_obj"]
+    other = ca.issue(cn) if cn is not None else ca.issue("no-cn", common_names=[])
+    out = tmp_path / "out"
+    assert run_bundle({**inputs, "cert": other.cert, "key": other.key}, out) == 2
+    err = capsys.readouterr().err
+    assert f"{SITE}/{GATE}" in err and "no bundle was made" in err, err
+    assert (cn in err) if cn else ("no CN" in err)
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------- config.txt at first boot
+
+
+def test_first_boot_puts_the_profiles_boot_line_in_config_txt_once_with_a_backup(made, boot, tmp_path):
+    stage = tmp_path / "stage"
+    assert (made / "gate-agent" / "boot-config.txt").read_text().splitlines()[1:] == ["gpio=4-7=op,dh"]
+    res = firstrun(boot, stage)
+    assert res.returncode == 0, res.stdout + res.stderr
+    text = (boot / "config.txt").read_text()
+    # The original first, untouched, then our block under [all]: the shipped file ends under [cm5],
+    # which would otherwise keep the line from every Pi 4.
+    assert text.startswith(CONFIG_TXT)
+    block = text[len(CONFIG_TXT):].strip().splitlines()
+    assert block[0].startswith(BEGIN) and block[1] == "[all]" and "gpio=4-7=op,dh" in block
+    assert block[-1] == "# <<< gate-agent <<<"
+    assert (boot / "config.txt.gate-agent.bak").read_text() == CONFIG_TXT
+    # bookworm: systemd.run reboots the board when firstrun succeeds, so the line applies then.
+    assert "config.txt changed" in res.stdout and "restarts by itself" in res.stdout
+    # The doctor, on the installed config, finds the line; on the original file, it would not.
+    config = stage / "etc" / "gate-agent" / "agent.toml"
+    assert boot_check(config, boot).status == OK
+    original = tmp_path / "original"
+    original.mkdir()
+    (original / "config.txt").write_text(CONFIG_TXT)
+    assert boot_check(config, original).status == FAIL
+
+    # Run again (the bundle copied again after a failed start): nothing added twice, the backup stays.
+    copy_again(made, boot)
+    again = firstrun(boot, stage)
+    assert again.returncode == 0, again.stdout
+    assert (boot / "config.txt").read_text() == text
+    assert (boot / "config.txt").read_text().count("gpio=4-7=op,dh") == 1
+    assert "unchanged, no reboot needed" in again.stdout and "config.txt changed" not in again.stdout
+    assert (boot / "config.txt.gate-agent.bak").read_text() == CONFIG_TXT
+
+
+def test_a_board_moved_to_another_profile_gets_its_block_replaced_not_a_second_one(made, boot, inputs, tmp_path):
+    stage = tmp_path / "stage"
+    assert firstrun(boot, stage).returncode == 0
+    template = tmp_path / "opto.toml"
+    template.write_text(inputs["template"].read_text().replace('#profile = "pi4-relay4"', 'profile = "pi-opto"'))
+    opto = tmp_path / "opto"
+    assert run_bundle({**inputs, "template": template}, opto) == 0
+    copy_again(opto, boot)
+    (boot / "config.txt").write_text((boot / "config.txt").read_text() + "# the technician's own line\nhdmi_blanking=1\n")
+    res = firstrun(boot, stage)
+    assert res.returncode == 0, res.stdout
+    text = (boot / "config.txt").read_text()
+    assert text.count(BEGIN) == 1 and "gpio=4-7=op,dh" not in text and "gpio=17,22,23,27=op,dl" in text
+    assert "hdmi_blanking=1" in text and text.startswith(CONFIG_TXT)
+    assert (boot / "config.txt.gate-agent.bak").read_text() == CONFIG_TXT  # still the first original
+    # Not started by systemd.run this time (its entry is gone): a reboot applies it, not needed now.
+    assert "a reboot applies it" in res.stdout and "No reboot is needed now" in res.stdout
+    assert boot_check(stage / "etc" / "gate-agent" / "agent.toml", boot).status == OK
+
+
+def test_a_config_txt_with_windows_line_ends_keeps_them(boot, tmp_path):
+    crlf = CONFIG_TXT.replace("\n", "\r\n").encode()
+    (boot / "config.txt").write_bytes(crlf)
+    assert firstrun(boot, tmp_path / "stage").returncode == 0
+    data = (boot / "config.txt").read_bytes()
+    assert data.startswith(crlf) and data.count(b"gpio=4-7=op,dh") == 1
+
+
+def test_a_marker_without_its_pair_is_left_alone_and_said(boot, tmp_path):
+    broken = CONFIG_TXT + "# >>> gate-agent: relays off (someone cut the rest)\n[all]\ndtparam=spi=on\n"
+    (boot / "config.txt").write_text(broken)
+    res = firstrun(boot, tmp_path / "stage")
+    assert res.returncode == 0  # the agent is installed all the same; the doctor keeps saying it
+    assert (boot / "config.txt").read_text() == broken
+    assert "WARNING" in res.stdout and "gpio=4-7=op,dh" in res.stdout
+
+
+@pytest.mark.parametrize("layout", ["bookworm", "older", "told"])
+def test_config_txt_is_found_where_the_release_keeps_it(made, tmp_path, layout):
+    """The bundle copied somewhere without config.txt beside it: the staged root's /boot/firmware
+    (bookworm and later; /boot/config.txt is then a stub saying so), /boot (older), or --boot."""
+    part = tmp_path / "elsewhere"
+    shutil.copytree(made, part)
+    stage = tmp_path / "stage"
+    firmware, old = stage / "boot" / "firmware", stage / "boot"
+    firmware.mkdir(parents=True)
+    stub = "DO NOT EDIT THIS FILE\n\nThe file you are looking for has moved to /boot/firmware/config.txt\n"
+    extra: tuple[str, ...] = ()
+    env = None
+    if layout == "bookworm":
+        (firmware / "config.txt").write_text(CONFIG_TXT)
+        (old / "config.txt").write_text(stub)
+        want = firmware / "config.txt"
+    elif layout == "older":
+        (old / "config.txt").write_text(CONFIG_TXT)
+        want = old / "config.txt"
+    else:
+        told = tmp_path / "card"
+        told.mkdir()
+        (told / "config.txt").write_text(CONFIG_TXT)
+        (firmware / "config.txt").write_text(CONFIG_TXT)
+        env = {"GATE_AGENT_BOOT": str(told)}
+        want = told / "config.txt"
+    res = firstrun(part, stage, *extra, env=env)
+    assert res.returncode == 0, res.stdout
+    assert want.read_text().count("gpio=4-7=op,dh") == 1, res.stdout
+    for other in (firmware / "config.txt", old / "config.txt"):
+        if other != want and other.exists():
+            assert "gpio=" not in other.read_text()
+    config = stage / "etc" / "gate-agent" / "agent.toml"
+    assert boot_check(config, firmware, old).status == (OK if layout != "told" else FAIL)
+
+
+def test_no_config_txt_anywhere_installs_all_the_same_and_says_what_to_add(made, tmp_path):
+    part = tmp_path / "elsewhere"
+    shutil.copytree(made, part)
+    res = firstrun(part, tmp_path / "stage")
+    assert res.returncode == 0
+    assert "WARNING: config.txt not found" in res.stdout and "gpio=4-7=op,dh" in res.stdout
+    assert (tmp_path / "stage" / "etc" / "gate-agent" / "agent.toml").is_file()
+
+
+@contextmanager
+def small_partition(mountpoint: Path, size_mb: int = 4) -> Iterator[Path]:
+    """A small ext4 filesystem on a loop device at ``mountpoint`` (root and mount needed, else skip)."""
+    import os
+
+    if os.geteuid() != 0 or shutil.which("mkfs.ext4") is None:
+        pytest.skip("a small partition needs root, mount and mkfs.ext4")
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    image = mountpoint.with_name(mountpoint.name + ".img")
+    with open(image, "wb") as f:
+        f.truncate(size_mb << 20)
+    assert subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], capture_output=True, check=False).returncode == 0
+    got = subprocess.run(["mount", "-o", "loop", str(image), str(mountpoint)], capture_output=True, text=True,
+                         check=False)
+    if got.returncode:
+        pytest.skip(f"cannot mount a loop device here: {got.stderr.strip()}")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", str(mountpoint)], capture_output=True, check=False)
+        image.unlink(missing_ok=True)
+
+
+def fill(path: Path) -> None:
+    """Write until the filesystem has not one byte left."""
+    import os
+
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        for size in (65536, 1024, 1):
+            try:
+                while True:
+                    os.write(fd, b"\0" * size)
+            except OSError:
+                continue
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def test_a_full_boot_partition_keeps_its_config_txt_whole(made, tmp_path):
+    part = tmp_path / "elsewhere"
+    shutil.copytree(made, part)
+    with small_partition(tmp_path / "card") as card:
+        (card / "config.txt").write_text(CONFIG_TXT * 20)
+        (card / "config.txt.gate-agent.bak").write_text(CONFIG_TXT)  # an earlier run's
+        fill(card / "filler")
+        res = firstrun(part, tmp_path / "stage", "--boot", str(card))
+        assert res.returncode == 0, res.stdout  # the agent is installed all the same
+        assert "WARNING: cannot write" in res.stdout
+        assert (card / "config.txt").read_text() == CONFIG_TXT * 20
+        assert not (card / "config.txt.gate-agent.new").exists()
+
+
+def test_a_read_only_boot_partition_is_said_and_the_install_goes_on(made, tmp_path):
+    from tests.readonly import read_only
+
+    part = tmp_path / "elsewhere"
+    shutil.copytree(made, part)
+    card = tmp_path / "card"
+    card.mkdir()
+    (card / "config.txt").write_text(CONFIG_TXT)
+    with read_only(card):
+        res = firstrun(part, tmp_path / "stage", "--boot", str(card))
+        assert res.returncode == 0, res.stdout
+        assert "WARNING" in res.stdout and "not changed" in res.stdout
+        assert (card / "config.txt").read_text() == CONFIG_TXT
+    assert (tmp_path / "stage" / "etc" / "gate-agent" / "agent.toml").is_file()

@@ -509,3 +509,41 @@ def test_a_clean_stop_journals_the_flood_guards_last_summary(tmp_path, services)
     floods = [r for r in records if r["type"] == "alarm" and r["kind"] == "downlink_flood"]
     assert floods and floods[0]["active"] is True
     assert sum(1 for r in records if r["type"] == "command.result") <= 10
+
+
+def test_the_retained_status_carries_the_list_version_pushed_with_acl_push(tmp_path, services, broker):
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from agent.downlink.signing import generate_keypair, private_key_pem
+    from agent.tools_regional import main as regional
+
+    key, pub = generate_keypair()
+    svc = services(write_config(tmp_path, broker=broker, keys={"region-1": pub}))
+    status_topic = f"gate/v1/{SITE}/{GATE}/status"
+    wait_until(lambda: svc.uplink.connected, what="the uplink")
+    with Observer(broker, status_topic) as first:
+        wait_until(lambda: first.records(status_topic), what="the birth status")
+        assert first.records(status_topic)[-1]["acl_version"] is None  # a new board: no list yet
+    (tmp_path / "region.key").write_bytes(private_key_pem(key))
+    acl = {"kind": "snapshot", "version": "2026-12-05.1", "site": SITE, "timezone": "UTC",
+           "schedules": {"always": {"week": {d: ["00:00-24:00"] for d in
+                                             ("mon", "tue", "wed", "thu", "fri", "sat", "sun")}}},
+           "groups": {"pupils": {"entry": "always", "exit": "always"}},
+           "people": [{"id": "p-1", "cards": ["100,60179"], "groups": ["pupils"]}]}
+    (tmp_path / "school.json").write_text(json.dumps(acl))
+    out = io.StringIO()
+    with redirect_stdout(out), redirect_stderr(out):
+        code = regional(["acl", "push", str(tmp_path / "school.json"), "--site", SITE, "--gate", GATE,
+                         "--host", broker.host, "--port", str(broker.port),
+                         "--key", str(tmp_path / "region.key"), "--key-id", "region-1", "--wait", "20"])
+    assert code == 0, out.getvalue()
+
+    def retained_version():
+        with Observer(broker, status_topic) as late:  # a new subscriber sees only the retained one
+            wait_until(lambda: late.all(), what="the retained status")
+            _topic, payload, retained = late.all()[-1]
+        assert retained
+        return json.loads(payload)["acl_version"]
+
+    wait_until(lambda: retained_version() == "2026-12-05.1", 10, "the retained status to name the list")

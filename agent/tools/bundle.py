@@ -2,7 +2,7 @@
 
     gate-agent bundle --site school-17 --gate main-1 --config region.toml \\
         --ca ca.pem --cert school-17_main-1.pem --key school-17_main-1.key \\
-        --trusted-keys region-2026=region-2026.pub [--broker mqtt.region.example:8883] \\
+        --trusted-key region-2026=region-2026.key.pub [--broker mqtt.region.example:8883] \\
         --out DIR [--no-download] [--python-version 3.11 --python-version 3.13]
 
 Run on the regional side (from a checkout of this repository), once per
@@ -11,17 +11,25 @@ gate. DIR gets what goes onto the card's boot partition, as it is::
     DIR/user-data                   cloud-init (Raspberry Pi OS from October 2025): runs the installer
     DIR/gate-agent/README.txt       the technician's steps
     DIR/gate-agent/firstrun.sh      the first-boot installer (bundle/firstrun.sh)
+    DIR/gate-agent/boot-config.txt  the board profile's config.txt lines (relays off from power-on)
     DIR/gate-agent/cmdline.txt.append   for Raspberry Pi OS bookworm: the first-boot entry
     DIR/gate-agent/user-data.snippet    the runcmd lines, to add to an Imager-written user-data
     DIR/gate-agent/MANIFEST.sha256  checksums, verified on the board before anything is installed
     DIR/gate-agent/src/gate-agent-VERSION.tar.gz   the agent's source (git archive of HEAD)
     DIR/gate-agent/wheels/          its dependencies for aarch64 (MISSING.txt: what could not be fetched)
-    DIR/gate-agent/gate/            agent.toml, ca.pem, gate.pem, gate.key (0600), keys/*.pub
+    DIR/gate-agent/gate/            agent.toml, ca.pem, gate.pem, gate.key (0600)
 
 The config is the region's template with this gate's site, id, broker,
-certificates and trusted keys written in (relative paths: the same file is
-checked here and used in /etc/gate-agent). It is checked with agent.config
-before anything is written, so a bundle that would not start is never made.
+certificates (relative paths: the same file is checked here and used in
+/etc/gate-agent) and trusted keys written in. The keys (``--trusted-key
+NAME=KEY``, ``--trusted-keys-file FILE``: see provision.gather_trusted_keys)
+go into ``[commands.trusted_keys]`` as base64, each checked to be a real
+Ed25519 public key; the gate trusts exactly those (without any, the
+template's own). A gate that would trust no key refuses every list and
+command, so such a bundle is refused unless ``--no-trusted-keys``. The
+certificate must be made out to this gate (CN ``{site}/{gate}``: the broker
+knows a gate by it). The config is checked with agent.config before
+anything is written, so a bundle that would not start is never made.
 The fastpath is compiled on the board by install.sh where gcc is present;
 otherwise the pure twin runs and the service says so.
 
@@ -44,6 +52,8 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,7 +61,17 @@ from typing import Any
 from agent import __version__
 from agent.i18n import _
 
-from .provision import ProvisionError, check_certificates, parse_broker, set_toml_values
+from .provision import (
+    ProvisionError,
+    add_trusted_key_options,
+    check_certificates,
+    config_trusts_something,
+    gather_trusted_keys,
+    no_keys_message,
+    parse_broker,
+    replace_toml_table,
+    set_toml_values,
+)
 
 __all__ = [
     "BINARY_PACKAGES",
@@ -71,6 +91,7 @@ BINARY_PACKAGES = ("cryptography", "jsonschema-rs")
 PLATFORMS = ("manylinux2014_aarch64", "manylinux_2_17_aarch64", "manylinux_2_28_aarch64")
 PYTHON_VERSIONS = ("3.11", "3.13")
 BOOT_DIR = "/boot/firmware"  # where the boot partition is mounted on bookworm and later
+BOOT_CONFIG_FILE = "boot-config.txt"  # in the bundle's gate-agent/: the profile's config.txt lines
 EXIT_OK = 0
 EXIT_PARTIAL = 1
 EXIT_USAGE = 2
@@ -91,26 +112,37 @@ class BundleResult:
     downloaded: bool = False
     source_note: str = ""
     warnings: list[str] = field(default_factory=list)
+    trusted_keys: list[str] = field(default_factory=list)  # the names the gate trusts
+    boot_lines: list[str] = field(default_factory=list)  # the profile's config.txt lines
 
 
 # --------------------------------------------------------------------------- pieces
 
 
-def _trusted_key_args(values: list[str]) -> dict[str, Path]:
-    """ID=FILE or FILE (the id is the file's name without .pub/.pem)."""
-    out: dict[str, Path] = {}
-    for v in values:
-        key_id, sep, path = v.partition("=")
-        if not sep:
-            path, key_id = v, Path(v).name.removesuffix(".pub").removesuffix(".pem")
-        if not key_id or any(c in key_id for c in " ./=\"'"):
-            raise BundleError(_("trusted key id {id!r} is not usable: give ID=FILE with letters, digits, '-' "
-                                "or '_' in the id").format(id=key_id))
-        p = Path(path)
-        if not p.is_file():
-            raise BundleError(_("trusted key file {path} does not exist").format(path=p))
-        out[key_id] = p
-    return out
+def _boot_lines(board: Any) -> list[str]:
+    """The profile's config.txt lines, checked to be plain lines: firstrun.sh puts them, as
+    they are, in a block of its own under [all] on the boot partition."""
+    lines = list(getattr(board, "boot_config", ()) or ())
+    for line in lines:
+        if not line.strip() or any(ord(c) < 32 or ord(c) == 127 for c in line) or line.lstrip().startswith(("[", "#")):
+            raise BundleError(_("the board profile {name}'s boot_config line {line!r} is not one config.txt "
+                                "setting (no section, comment or control character); fix the profile")
+                              .format(name=board.name, line=line))
+    return lines
+
+
+def _boot_config_text(profile: str, lines: list[str]) -> str:
+    """gate-agent/boot-config.txt: what firstrun.sh puts into config.txt (after its [all])."""
+    head = (f"# profile {profile}: keep every relay off from power-on (hardware/config.txt.snippet)\n"
+            if lines else f"# profile {profile} has no boot lines: config.txt is left as it is\n")
+    return head + "".join(line.strip() + "\n" for line in lines)
+
+
+def _legacy_trusted_keys(values: list[str]) -> tuple[list[str], list[str]]:
+    """The old --trusted-keys ID=FILE|FILE ...: as --trusted-key and --trusted-keys-file."""
+    keys = [v for v in values if "=" in v]
+    files = [v for v in values if "=" not in v]
+    return keys, files
 
 
 def _source_archive(repo: Path, dest: Path) -> str:
@@ -204,6 +236,11 @@ def _readme(site: str, gate: str, result: BundleResult) -> str:
         "installs them when the network is up); otherwise the slower pure-Python twin runs and says so.\n"
         "The card holds this gate's private key until the first start: keep it safe until then.\n"
     ).format(site=site, gate=gate, wheels=wheels, source=result.source_note)
+    if result.boot_lines:
+        steps += _(
+            "At the first start the installer also writes the board profile's line into config.txt ({lines}):\n"
+            "the relays stay off from power-on. The original is kept as config.txt.gate-agent.bak; the firmware\n"
+            "reads the line from the next start on.\n").format(lines="; ".join(result.boot_lines))
     return steps
 
 
@@ -211,10 +248,17 @@ def _readme(site: str, gate: str, result: BundleResult) -> str:
 
 
 def make_bundle(*, site: str, gate: str, config: Path, out: Path, ca: Path, cert: Path, key: Path,
-                trusted_keys: list[str], broker: str | None = None, download: bool = True,
+                trusted_keys: Mapping[str, str] | None = None, no_trusted_keys: bool = False,
+                broker: str | None = None, download: bool = True,
                 python_versions: tuple[str, ...] = PYTHON_VERSIONS, repo: Path = REPO,
                 hostname: str | None = None) -> BundleResult:
-    """Make the bundle in ``out``; BundleError for bad input (then ``out`` is not touched)."""
+    """Make the bundle in ``out``; BundleError for bad input (then ``out`` is not touched).
+
+    trusted_keys: name -> base64 (checked: provision.gather_trusted_keys); the gate trusts
+    exactly these. None or empty: the template's own keys; a gate that would trust none is
+    refused unless no_trusted_keys."""
+    if trusted_keys and no_trusted_keys:
+        raise BundleError(_("give the trusted keys or --no-trusted-keys, not both"))
     from agent.contract import ContractError, topics
 
     try:
@@ -230,17 +274,19 @@ def make_bundle(*, site: str, gate: str, config: Path, out: Path, ca: Path, cert
     except OSError as exc:
         raise BundleError(_("config template {path} cannot be read ({error})").format(
             path=config, error=exc.strerror)) from None
-    keys = _trusted_key_args(trusted_keys)
-    if not keys:
-        raise BundleError(_("give at least one --trusted-keys: without one the gate refuses every command and "
-                            "signed access list"))
     if not (TEMPLATES / "firstrun.sh").is_file():
         raise BundleError(_("bundle/firstrun.sh is missing: run gate-agent bundle from the source tree"))
 
+    # The broker knows a gate by its certificate's CN, "{site}/{gate}" (docs/security.md): a card made
+    # with another gate's certificate would connect, then be refused every topic of its own.
+    if info is None or info.subject_cn != f"{site}/{gate}":
+        cn = info.subject_cn if info is not None else None
+        raise BundleError(
+            _("--cert {path} is made out to {cn}, but this gate is {ident}: the broker would refuse this gate's "
+              "topics. Give this gate's certificate (CN {ident}), or check --site and --gate")
+            .format(path=cert, cn=repr(cn) if cn else _("no CN"), ident=f"{site}/{gate}"))
+
     result = BundleResult(out=out)
-    if info is not None and info.subject_cn not in (None, f"{site}/{gate}"):
-        result.warnings.append(_("the certificate is made out to {cn!r}, but this gate is {ident!r}: the broker "
-                                 "will refuse this gate's topics").format(cn=info.subject_cn, ident=f"{site}/{gate}"))
 
     updates: list[tuple[str, str, Any]] = [("site", "id", site), ("site", "gate", gate),
                                            ("mqtt.tls", "ca_file", "ca.pem"),
@@ -250,11 +296,15 @@ def make_bundle(*, site: str, gate: str, config: Path, out: Path, ca: Path, cert
         updates.insert(2, ("mqtt", "host", host_port[0]))
         if host_port[1] is not None:
             updates.insert(3, ("mqtt", "port", host_port[1]))
-    updates += [("commands.trusted_keys", key_id, f"./keys/{key_id}.pub") for key_id in keys]
     try:
+        if trusted_keys:
+            template = replace_toml_table(template, "commands.trusted_keys", dict(trusted_keys))
+        elif not config_trusts_something(template) and not no_trusted_keys:
+            raise BundleError(no_keys_message())
         text = set_toml_values(template, updates)
     except ProvisionError as exc:
         raise BundleError(str(exc)) from None
+    result.trusted_keys = list(tomllib.loads(text).get("commands", {}).get("trusted_keys", {}))
 
     # Built in a temporary folder beside out and checked whole before it takes out's place.
     out = Path(out)
@@ -269,13 +319,11 @@ def make_bundle(*, site: str, gate: str, config: Path, out: Path, ca: Path, cert
         _write(gate_dir / "ca.pem", ca.read_bytes())
         _write(gate_dir / "gate.pem", cert.read_bytes())
         _write(gate_dir / "gate.key", key.read_bytes(), 0o600)
-        for key_id, path in keys.items():
-            _write(gate_dir / "keys" / f"{key_id}.pub", path.read_bytes())
 
         from agent.config import ConfigError, load_config
 
         try:
-            load_config(gate_dir / "agent.toml")
+            cfg = load_config(gate_dir / "agent.toml")
         except ConfigError as exc:
             lines = "\n".join(f"  - {w}: {m}" if w else f"  - {m}" for w, m in exc.errors)
             raise BundleError(_("the gate's config would not start; fix the template {path} (or the options):\n"
@@ -294,6 +342,9 @@ def make_bundle(*, site: str, gate: str, config: Path, out: Path, ca: Path, cert
             _write(wheels / "MISSING.txt", _("made with --no-download: every dependency comes from the network "
                                              "during the install") + "\n")
 
+        board = cfg.hardware.board
+        result.boot_lines = _boot_lines(board)
+        _write(ga / BOOT_CONFIG_FILE, _boot_config_text(board.name, result.boot_lines))
         shutil.copyfile(TEMPLATES / "firstrun.sh", ga / "firstrun.sh")
         os.chmod(ga / "firstrun.sh", 0o755)
         name = hostname or f"gate-{site}-{gate}"[:63]
@@ -328,13 +379,20 @@ def make_bundle(*, site: str, gate: str, config: Path, out: Path, ca: Path, cert
 
 def _cmd_bundle(args: argparse.Namespace) -> int:
     prog = "gate-agent bundle"
+    legacy_keys, legacy_files = _legacy_trusted_keys(args.trusted_keys or [])
     try:
+        keys = gather_trusted_keys([*(args.trusted_key or []), *legacy_keys],
+                                   [*(args.trusted_keys_file or []), *legacy_files])
         res = make_bundle(site=args.site, gate=args.gate, config=Path(args.config), out=Path(args.out),
                           ca=Path(args.ca), cert=Path(args.cert), key=Path(args.key),
-                          trusted_keys=list(args.trusted_keys), broker=args.broker,
+                          trusted_keys=keys, no_trusted_keys=args.no_trusted_keys, broker=args.broker,
                           download=not args.no_download,
                           python_versions=tuple(args.python_version or PYTHON_VERSIONS),
                           hostname=args.hostname)
+    except ProvisionError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        print(_("{prog}: no bundle was made").format(prog=prog), file=sys.stderr)
+        return EXIT_USAGE
     except BundleError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         print(_("{prog}: no bundle was made").format(prog=prog), file=sys.stderr)
@@ -342,6 +400,15 @@ def _cmd_bundle(args: argparse.Namespace) -> int:
     print(_("bundle for {site}/{gate} in {out}: files: {n}").format(site=args.site, gate=args.gate, out=res.out,
                                                                    n=len(res.files)))
     print(res.source_note)
+    if res.trusted_keys:
+        print(_("trusted keys (access lists and commands signed with them are taken): {names}").format(
+            names=", ".join(res.trusted_keys)))
+    else:
+        print(_("warning: {text}").format(text=_("no trusted key (--no-trusted-keys): every access list and "
+                                                 "command will be refused until keys are added")))
+    if res.boot_lines:
+        print(_("first boot adds to config.txt (relays off from power-on): {lines}").format(
+            lines="; ".join(res.boot_lines)))
     for w in res.warnings:
         print(_("warning: {text}").format(text=w))
     print(_("it holds this gate's private key: keep it safe, delete it once the card is written"))
@@ -372,8 +439,9 @@ def add_bundle_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--ca", required=True, metavar="FILE", help=_("the region's CA certificate (PEM)"))
     p.add_argument("--cert", required=True, metavar="FILE", help=_("this gate's certificate (PEM)"))
     p.add_argument("--key", required=True, metavar="FILE", help=_("this gate's private key (PEM)"))
-    p.add_argument("--trusted-keys", nargs="+", required=True, metavar="ID=FILE",
-                   help=_("the public keys that sign commands and access lists"))
+    add_trusted_key_options(p)
+    # The first form of this option (ID=FILE or FILE, several after one flag): still taken.
+    p.add_argument("--trusted-keys", nargs="+", metavar="ID=FILE", help=argparse.SUPPRESS)
     p.add_argument("--broker", metavar="HOST[:PORT]", help=_("the broker, when the template does not name it"))
     p.add_argument("--out", required=True, metavar="DIR", help=_("where to make the bundle (replaced if present)"))
     p.add_argument("--no-download", action="store_true", help=_("no wheels: the board fetches them during the install"))
