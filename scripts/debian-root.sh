@@ -261,8 +261,9 @@ build_root() {  # build_root ARCH FINAL_DIR PKG...
   [ -e "$tmp" ] && remove_root "$tmp"
   say "building a Debian $SUITE $arch root with: ${*:-(base only)}"
   mkdir -p "$tmp"
+  touch "$tmp/debian-root.partial"  # lets remove_root delete a build that was cut short
   # On failure or Ctrl-C: nothing mounted is left behind, and the half-made root goes.
-  trap "teardown '$tmp' || true; rm -rf --one-file-system '$tmp'" EXIT
+  trap "teardown '$tmp' && rm -rf --one-file-system '$tmp'" EXIT
   debootstrap --arch="$arch" --variant=minbase --include=ca-certificates \
     "$SUITE" "$tmp" "$MIRROR" >&2 ||
     die "debootstrap failed (see $tmp/debootstrap/debootstrap.log)"
@@ -279,6 +280,7 @@ build_root() {  # build_root ARCH FINAL_DIR PKG...
   teardown "$tmp"
   printf 'arch %s\nsuite %s\nrecipe %s\npackages %s\nbuilt %s\n' "$arch" "$SUITE" "$RECIPE" "$*" \
     "$(date -u +%FT%TZ)" >"$tmp/etc/debian-root.info"
+  rm "$tmp/debian-root.partial"
   trap - EXIT
   mv "$tmp" "$final"
   say "built $final in $((SECONDS - start)) s"
@@ -287,6 +289,9 @@ build_root() {  # build_root ARCH FINAL_DIR PKG...
 remove_root() {  # delete a root, never following a mount into the host
   local dir=$1
   [ -d "$dir" ] || return 0
+  # Only what this script made: a finished root, or one debootstrap left half-made.
+  [ -f "$dir/etc/debian-root.info" ] || [ -f "$dir/debian-root.partial" ] || [ -z "$(ls -A "$dir")" ] ||
+    die "not removing $dir: not a root made by scripts/debian-root.sh"
   teardown "$dir" || die "not removing $dir: mounts remain"
   rm -rf --one-file-system "$dir"
 }

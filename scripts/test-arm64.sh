@@ -45,7 +45,7 @@ EOF
   stamp "simulate --check (every scenario)" $((SECONDS - t))
   t=$SECONDS
   # shellcheck disable=SC2086 # PYTEST_FLAGS is a list of flags
-  .venv/bin/python -m pytest ${PYTEST_FLAGS:--q} -p no:cacheprovider --durations=15
+  .venv/bin/python -m pytest ${PYTEST_FLAGS:--q} -p no:cacheprovider -rs --durations=15
   stamp "pytest, whole suite" $((SECONDS - t))
   t=$SECONDS
   make --no-print-directory test-pure PYTEST_FLAGS="${PYTEST_FLAGS:--q} -p no:cacheprovider"
