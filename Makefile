@@ -12,7 +12,7 @@ PYTEST_FLAGS ?= -q
 PURE_TESTS := tests/test_cards.py tests/test_acl.py tests/test_fastpath.py tests/test_turnstile.py tests/test_simulator.py
 SCENARIO ?= examples/scenarios/school-morning.toml
 
-.PHONY: all setup build broker-plugin run simulate test test-pure bench soak chaos fuzz lint clean deb test-deb
+.PHONY: all setup build broker-plugin run simulate test test-pure test-arm64 bench soak chaos fuzz lint clean deb test-deb
 
 all: build
 
@@ -61,6 +61,12 @@ test: build
 # Proves the package works where no compiler exists.
 test-pure: $(STAMP)
 	GATE_PUREPYTHON=1 GATE_REQUIRE_COMPILED= $(VPY) -m pytest $(PYTEST_FLAGS) $(wildcard $(PURE_TESTS))
+
+# The suite on Debian 12 arm64, the boards' system, in a cached debootstrap root (under
+# qemu-user-static on x86_64): the fastpath compiled for aarch64, every scenario's --check, the
+# whole suite with GATE_REQUIRE_COMPILED=1, then the pure twin's subset (scripts/test-arm64.sh).
+test-arm64:
+	scripts/test-arm64.sh
 
 bench: build
 	$(VPY) -m bench.run
