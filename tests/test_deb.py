@@ -6,8 +6,11 @@ pyproject.toml, the venv relocation, the maintainer scripts' syntax, install.sh
 refusing a board the package owns.
 
 The tests marked `deb` (`make test-deb`; minutes, root, network to Debian and
-PyPI) build two revisions of the package and try them in fresh Debian 12 roots
-made with debootstrap and cached in .cache/deb: `apt-get install ./…deb`
+PyPI) build two revisions of the package for each architecture in
+GATE_DEB_ARCHES (default "amd64 arm64"; arm64's is built inside an emulated
+root) and try them in fresh Debian 12 roots of that architecture, copies of
+the pristine root scripts/debian-root.sh caches (arm64 under qemu-user-static;
+there a stand-in python3-lgpio, as Debian 12 has none): `apt-get install ./…deb`
 resolves from Debian; the installed agent runs as its user; the unit passes
 `systemd-analyze verify --root`; an upgrade keeps the journal, the state and the
 edited config; `apt-get remove` keeps them and `purge` deletes them; a board
@@ -220,28 +223,40 @@ def sh(*cmd: str, timeout: float = 900, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, check=False, **kw)
 
 
-def pristine_root() -> Path:
-    """A Debian 12 amd64 minbase root as a tarball, made once (debootstrap)."""
-    tar = CACHE / "root-amd64.tar"
-    if tar.exists():
-        return tar
-    if shutil.which("debootstrap") is None:
-        res = sh("apt-get", "install", "-y", "-qq", "--no-install-recommends", "debootstrap",
-                 env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-        assert res.returncode == 0, res.stderr
-    work = CACHE / "root-amd64.new"
-    shutil.rmtree(work, ignore_errors=True)
-    res = sh("debootstrap", "--variant=minbase", "bookworm", str(work), "http://deb.debian.org/debian")
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    (work / "etc/apt/sources.list").write_text(
-        "deb http://deb.debian.org/debian bookworm main\n"
-        "deb http://deb.debian.org/debian bookworm-updates main\n"
-        "deb http://deb.debian.org/debian-security bookworm-security main\n")
-    res = sh("tar", "-C", str(work), "-cf", f"{tar}.new", ".")
+ARCHES = os.environ.get("GATE_DEB_ARCHES", "amd64 arm64").split()
+HOST_ARCH = subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True,
+                           check=False).stdout.strip() or "amd64"
+ROOT_TOOL = ROOT / "scripts" / "debian-root.sh"
+
+
+def pristine_root(arch: str) -> Path:
+    """A Debian 12 minbase root of ARCH, made once and cached by
+    scripts/debian-root.sh (arm64 runs under qemu-user-static)."""
+    res = sh(str(ROOT_TOOL), "ensure", arch, timeout=1800)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return Path(res.stdout.strip().splitlines()[-1])
+
+
+LGPIO_STAND_IN = """Package: python3-lgpio
+Version: 0.0~stand-in
+Architecture: {arch}
+Maintainer: gate-agent tests <tests@invalid>
+Description: stand-in for Raspberry Pi OS's python3-lgpio (tests only)
+ Debian 12 has no python3-lgpio; Raspberry Pi OS's archive has it. The
+ package's arm64 install test runs in a plain Debian root, so this empty
+ package satisfies the dependency there. The agent runs on mock pins.
+"""
+
+
+def lgpio_stand_in(arch: str, where: Path) -> Path:
+    """An empty python3-lgpio .deb for ARCH (dpkg-deb, nothing else)."""
+    tree = where / f"lgpio-{arch}"
+    (tree / "DEBIAN").mkdir(parents=True, exist_ok=True)
+    (tree / "DEBIAN" / "control").write_text(LGPIO_STAND_IN.format(arch=arch))
+    out = where / f"python3-lgpio_0.0~stand-in_{arch}.deb"
+    res = sh("dpkg-deb", "--root-owner-group", "--build", str(tree), str(out))
     assert res.returncode == 0, res.stderr
-    os.replace(f"{tar}.new", tar)
-    shutil.rmtree(work)
-    return tar
+    return out
 
 
 STUB = """#!/bin/sh
@@ -307,38 +322,57 @@ class DebianRoot:
         return out[0], out[1], out[2]
 
 
+@pytest.fixture(scope="module", params=ARCHES)
+def arch(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def roots(tmp_path_factory):
+def roots(arch, tmp_path_factory):
+    """Fresh roots of ARCH: copies of the cached pristine one, set up as a board
+    is (recommends installed, the archive's lists fetched; on arm64 the
+    python3-lgpio stand-in installed, as Raspberry Pi OS's archive provides it)."""
     need_root_tools()
     CACHE.mkdir(parents=True, exist_ok=True)
-    tar = pristine_root()
+    pristine = pristine_root(arch)
     made: list[DebianRoot] = []
 
     def make() -> DebianRoot:
-        path = tmp_path_factory.mktemp("debian-root")
-        res = sh("tar", "-C", str(path), "-xf", str(tar))
+        path = tmp_path_factory.mktemp(f"debian-root-{arch}")
+        res = sh("cp", "-a", "--reflink=auto", f"{pristine}/.", str(path))
         assert res.returncode == 0, res.stderr
+        # debian-root.sh's build setting; a board installs recommends.
+        (path / "etc/apt/apt.conf.d/90debian-root").unlink(missing_ok=True)
+        (path / "etc/resolv.conf").unlink(missing_ok=True)
         shutil.copy("/etc/resolv.conf", path / "etc/resolv.conf")
         assert sh("mount", "-t", "proc", "proc", str(path / "proc")).returncode == 0
         root = DebianRoot(path)
         made.append(root)
         root.ok("apt-get", "update", "-qq")
+        if arch != "amd64":
+            stand_in = lgpio_stand_in(arch, path.parent)
+            shutil.copy(stand_in, root / "tmp")
+            root.ok("dpkg", "-i", f"/tmp/{stand_in.name}")
         return root
 
     yield make
     for root in made:
         sh("umount", "-l", str(root / "proc"))
-        shutil.rmtree(root.path, ignore_errors=True)
+        sh("rm", "-rf", "--one-file-system", str(root.path))
 
 
 @pytest.fixture(scope="module")
-def debs(tmp_path_factory):
-    """Two revisions of the package: 1~test1 from this checkout, 1~test2 from a
-    copy whose example config gained a line (as a release that changes it)."""
+def debs(arch, tmp_path_factory):
+    """Two revisions of the package for ARCH (arm64's built inside the emulated
+    root): 1~test1 from this checkout, 1~test2 from a copy whose example config
+    gained a line (as a release that changes it)."""
     need_root_tools()
-    out = tmp_path_factory.mktemp("debs")
-    env = {**os.environ, "GATE_DEB_CACHE": str(CACHE), "GATE_DEB_OUT": str(out)}
-    res = sh(str(DEBIAN / "make-deb.sh"), "--revision", "1~test1", "--no-lintian", env=env, timeout=1800)
+    out = tmp_path_factory.mktemp(f"debs-{arch}")
+    # The copy's make-deb.sh uses this checkout's cached roots, not a new cache of its own.
+    env = {**os.environ, "GATE_DEB_CACHE": str(CACHE), "GATE_DEB_OUT": str(out),
+           "DEBIAN_ROOT_CACHE": str(ROOT / ".cache" / "roots")}
+    build = [str(DEBIAN / "make-deb.sh"), "--arch", arch, "--revision", "1~test1", "--no-lintian"]
+    res = sh(*build, env=env, timeout=3600)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     tree = tmp_path_factory.mktemp("tree")
     files = sh("git", "ls-files", "-z", "--cached", "--others", "--exclude-standard", cwd=ROOT).stdout
@@ -349,10 +383,11 @@ def debs(tmp_path_factory):
             shutil.copy2(src, dst, follow_symlinks=False)
     with open(tree / "examples/agent.toml", "a") as f:
         f.write("\n# A line the next release added to the example.\n")
-    res = sh(str(tree / "debian/make-deb.sh"), "--revision", "1~test2", "--no-lintian", env=env, timeout=1800)
+    build[0] = str(tree / "debian/make-deb.sh")
+    build[4] = "1~test2"
+    res = sh(*build, env=env, timeout=3600)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     upstream = changelog_version().rpartition("-")[0]
-    arch = sh("dpkg", "--print-architecture").stdout.strip()
     found = {rev: out / f"gate-agent_{upstream}-{rev}_{arch}.deb" for rev in ("1~test1", "1~test2")}
     for path in found.values():
         assert path.exists(), sorted(out.iterdir())
