@@ -65,6 +65,7 @@ test-pure: $(STAMP)
 # The suite on Debian 12 arm64, the boards' system, in a cached debootstrap root (under
 # qemu-user-static on x86_64): the fastpath compiled for aarch64, every scenario's --check, the
 # whole suite with GATE_REQUIRE_COMPILED=1, then the pure twin's subset (scripts/test-arm64.sh).
+# ARM64_TESTS=core: the twins, the core, the simulator and the service only (what .ci/run runs).
 test-arm64:
 	scripts/test-arm64.sh
 

@@ -15,7 +15,18 @@
 # then the pure twin's subset (make test-pure). GATE_EMULATED=1 is set when
 # the root runs under qemu. Figures: .cache/work/arm64/timings.txt; the whole
 # log: .cache/work/arm64/test-arm64.log. PYTEST_FLAGS passes through.
+#
+# ARM64_TESTS=core (what .ci/run runs, to stay inside its time) runs, instead
+# of the whole suite, the tests in CORE_TESTS below: both fastpath twins with
+# the Hypothesis differential tests, the core (cards, lists, state machine,
+# Wiegand and serial decoders, purity), the simulator, and the real service
+# (`gate-agent run` on mock pins against mosquitto: ready, a card through to
+# the ingest, a clean stop with every output inactive).
 set -euo pipefail
+
+CORE_TESTS=(tests/test_fastpath.py tests/test_fastpath_props.py tests/test_cards.py tests/test_acl.py
+            tests/test_turnstile.py tests/test_wiegand.py tests/test_serialframes.py
+            tests/test_core_purity.py tests/test_simulator.py tests/test_service.py)
 
 # The system packages the suite needs on the board's Debian (scripts/setup-system.sh's list).
 PACKAGES=(gcc make libc6-dev python3-dev python3-venv mosquitto mosquitto-dev libmosquitto-dev
@@ -44,9 +55,16 @@ EOF
   done
   stamp "simulate --check (every scenario)" $((SECONDS - t))
   t=$SECONDS
+  local selection=() what="whole suite"
+  case "${ARM64_TESTS:-all}" in
+    all) ;;
+    core) selection=("${CORE_TESTS[@]}"); what="core tests" ;;
+    *) echo "test-arm64: ARM64_TESTS is 'all' (the default) or 'core'" >&2; return 2 ;;
+  esac
   # shellcheck disable=SC2086 # PYTEST_FLAGS is a list of flags
-  .venv/bin/python -m pytest ${PYTEST_FLAGS:--q} -p no:cacheprovider -rs --durations=15
-  stamp "pytest, whole suite" $((SECONDS - t))
+  .venv/bin/python -m pytest ${PYTEST_FLAGS:--q} -p no:cacheprovider -rs --durations=15 \
+    ${selection[@]+"${selection[@]}"}
+  stamp "pytest, $what" $((SECONDS - t))
   t=$SECONDS
   make --no-print-directory test-pure PYTEST_FLAGS="${PYTEST_FLAGS:--q} -p no:cacheprovider"
   stamp "make test-pure" $((SECONDS - t))
@@ -85,7 +103,8 @@ emulated=()
 status=0
 scripts/debian-root.sh run "$ROOT" --bind "$WORK:/build" --cwd /build/gate-agent \
   --env GATE_REQUIRE_COMPILED=1 ${emulated[@]+"${emulated[@]}"} \
-  --env "PYTEST_FLAGS=${PYTEST_FLAGS:--q}" -- scripts/test-arm64.sh --inside || status=$?
+  --env "PYTEST_FLAGS=${PYTEST_FLAGS:--q}" --env "ARM64_TESTS=${ARM64_TESTS:-all}" \
+  -- scripts/test-arm64.sh --inside || status=$?
 stamp "make test-arm64, end to end" $((SECONDS - start))
 echo "test-arm64: figures in $TIMINGS, log in $WORK/test-arm64.log"
 exit "$status"

@@ -209,7 +209,10 @@ def test_install_sh_refuses_a_board_where_the_package_is_installed(tmp_path):
 
 # --------------------------------------------------------------------------- the package in a root
 
-deb = pytest.mark.deb
+def deb(test):
+    """Marker `deb`, and time for the builds: an emulated arm64 build of two
+    revisions takes many minutes, counted against the first test that needs it."""
+    return pytest.mark.timeout(5400)(pytest.mark.deb(test))
 
 
 def need_root_tools() -> None:
