@@ -12,7 +12,7 @@ PYTEST_FLAGS ?= -q
 PURE_TESTS := tests/test_cards.py tests/test_acl.py tests/test_fastpath.py tests/test_turnstile.py tests/test_simulator.py
 SCENARIO ?= examples/scenarios/school-morning.toml
 
-.PHONY: all setup build broker-plugin run simulate test test-pure bench soak chaos fuzz lint clean
+.PHONY: all setup build broker-plugin run simulate test test-pure test-arm64 bench soak chaos fuzz lint clean deb test-deb
 
 all: build
 
@@ -62,6 +62,13 @@ test: build
 test-pure: $(STAMP)
 	GATE_PUREPYTHON=1 GATE_REQUIRE_COMPILED= $(VPY) -m pytest $(PYTEST_FLAGS) $(wildcard $(PURE_TESTS))
 
+# The suite on Debian 12 arm64, the boards' system, in a cached debootstrap root (under
+# qemu-user-static on x86_64): the fastpath compiled for aarch64, every scenario's --check, the
+# whole suite with GATE_REQUIRE_COMPILED=1, then the pure twin's subset (scripts/test-arm64.sh).
+# ARM64_TESTS=core: the twins, the core, the simulator and the service only (what .ci/run runs).
+test-arm64:
+	scripts/test-arm64.sh
+
 bench: build
 	$(VPY) -m bench.run
 
@@ -75,6 +82,17 @@ soak: build
 
 lint: $(STAMP)
 	$(VPY) -m ruff check agent fastpath tests bench
+
+# The Debian package, dist/gate-agent_<version>_<arch>.deb (docs/packaging.md): ARCH=arm64
+# builds it inside an emulated Debian 12 arm64 root; DEB_FLAGS=--revision 2, --no-lintian.
+ARCH ?= $(shell dpkg --print-architecture)
+deb:
+	debian/make-deb.sh --arch $(ARCH) $(DEB_FLAGS)
+
+# The package in a fresh Debian 12 root (debootstrap, cached in .cache/deb): install, the unit,
+# upgrade, remove, purge. Builds its own two revisions; takes minutes.
+test-deb: $(STAMP)
+	$(VPY) -m pytest $(PYTEST_FLAGS) -m deb -o addopts="" tests/test_deb.py
 
 include Makefile.fuzz
 fuzz-hypothesis fuzz-atheris: build

@@ -68,6 +68,16 @@ is_pi() { grep -qs "Raspberry Pi" /proc/device-tree/model; }
 systemd_running() { [ -d /run/systemd/system ]; }
 have() { command -v "$1" >/dev/null 2>&1; }
 
+# Where the Debian package is installed, apt upgrades the agent: this script
+# and dpkg would fight over /opt/gate-agent/venv and the unit (docs/packaging.md).
+if [ -d "$ROOT/var/lib/dpkg" ] && have dpkg-query; then
+  pkg_state=$(dpkg-query --admindir="$ROOT/var/lib/dpkg" -W -f '${db:Status-Status}' gate-agent 2>/dev/null || true)
+  case "$pkg_state" in
+    ""|not-installed|config-files) ;;
+    *) die "the gate-agent Debian package is installed here ($pkg_state): upgrade it with apt (docs/packaging.md); install.sh is for source installs" ;;
+  esac
+fi
+
 # Run a command on the host, or only say it when staging.
 host() {
   if [ "$STAGING" -eq 1 ]; then would "$*"; else "$@"; fi
