@@ -38,11 +38,15 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         else:
             print(json.dumps(item, separators=(",", ":"), ensure_ascii=False), file=out)
     if args.check:
-        failures = check_expectations(sim.records, scenario.expect)
+        failures = check_expectations(sim.records, scenario.expect, scenario.expect_lines)
         for f in failures:
             print(f"gate-agent simulate: expectation not met: {f}", file=sys.stderr)
         if failures:
             return 1
+        from agent.i18n import _ as _t
+
+        print("gate-agent simulate: " + _t("expectations met: {n}").format(n=len(scenario.expect)),
+              file=sys.stderr)
     return 0
 
 
