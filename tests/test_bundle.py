@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import shutil
 import stat
 import subprocess
@@ -567,3 +568,42 @@ def test_a_read_only_boot_partition_is_said_and_the_install_goes_on(made, tmp_pa
         assert "WARNING" in res.stdout and "not changed" in res.stdout
         assert (card / "config.txt").read_text() == CONFIG_TXT
     assert (tmp_path / "stage" / "etc" / "gate-agent" / "agent.toml").is_file()
+
+
+def _tiny_clone(tmp_path: Path) -> Path:
+    """A git clone (of a small repository with the installer in it)."""
+    origin = tmp_path / "origin"
+    origin.mkdir()
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@x", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@x", "HOME": str(tmp_path), "PATH": os.environ["PATH"]}
+    (origin / "install.sh").write_text("echo committed\n")
+    for cmd in (["init", "-q"], ["add", "install.sh"], ["commit", "-qm", "x"]):
+        subprocess.run(["git", "-C", str(origin), *cmd], check=True, env=env, capture_output=True)
+    subprocess.run(["git", "clone", "-q", str(origin), str(tmp_path / "clone")], check=True, env=env,
+                   capture_output=True)
+    return tmp_path / "clone"
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is needed")
+def test_a_clone_owned_by_another_user_is_archived_from_git_not_called_not_a_checkout(tmp_path, monkeypatch):
+    clone = _tiny_clone(tmp_path)
+    (clone / "install.sh").write_text("echo uncommitted\n")
+    # What git does for a checkout owned by someone else (a clone used with sudo): it refuses it.
+    monkeypatch.setenv("GIT_TEST_ASSUME_DIFFERENT_OWNER", "1")
+    monkeypatch.setenv("HOME", str(tmp_path))  # no safe.directory of the machine's own
+    dest = tmp_path / "src.tar.gz"
+    note = bundle_mod._source_archive(clone, dest)
+    assert "git commit" in note and "not a git checkout" not in note, note
+    assert "uncommitted changes" in note
+    with tarfile.open(dest) as tar:
+        member = tar.extractfile(f"gate-agent-{bundle_mod.__version__}/install.sh")
+        assert member is not None and member.read() == b"echo committed\n"
+
+
+def test_without_git_the_note_says_so_rather_than_not_a_checkout(tmp_path, monkeypatch):
+    clone = tmp_path / "clone"
+    (clone / ".git").mkdir(parents=True)
+    (clone / "install.sh").write_text("echo x\n")
+    monkeypatch.setattr(bundle_mod.shutil, "which", lambda name: None)
+    note = bundle_mod._source_archive(clone, tmp_path / "src.tar.gz")
+    assert "git is not installed" in note and "not a git checkout" not in note, note

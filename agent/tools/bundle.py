@@ -145,21 +145,32 @@ def _legacy_trusted_keys(values: list[str]) -> tuple[list[str], list[str]]:
     return keys, files
 
 
+def _git(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    # safe.directory: git refuses a checkout owned by another user ("dubious ownership"), e.g.
+    # a technician's clone used with sudo, or a copied one. The agent's own code is already
+    # running from this checkout, so reading it with git trusts nothing new.
+    return subprocess.run(["git", "-c", f"safe.directory={repo}", "-C", str(repo), *args],
+                          capture_output=True, text=True, check=False)
+
+
 def _source_archive(repo: Path, dest: Path) -> str:
     """The agent's source as a .tar.gz with one top folder; returns a note on what it holds."""
     prefix = f"gate-agent-{__version__}/"
-    if (repo / ".git").exists() and shutil.which("git"):
-        res = subprocess.run(["git", "-C", str(repo), "archive", "--format=tar.gz", f"--prefix={prefix}",
-                              "-o", str(dest), "HEAD"], capture_output=True, text=True, check=False)
-        if res.returncode == 0:
-            head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
-                                  capture_output=True, text=True, check=False).stdout.strip()
-            dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                                   capture_output=True, text=True, check=False).stdout.strip()
-            note = _("source: git commit {commit}").format(commit=head)
-            if dirty:
-                note += _(" (uncommitted changes in the checkout are NOT in the bundle)")
-            return note
+    why = _("not a git checkout")
+    if (repo / ".git").exists():  # a directory in a clone, a file in a worktree
+        if not shutil.which("git"):
+            why = _("git is not installed, so the checkout's commit cannot be read")
+        else:
+            res = _git(repo, "archive", "--format=tar.gz", f"--prefix={prefix}", "-o", str(dest), "HEAD")
+            if res.returncode == 0:
+                head = _git(repo, "rev-parse", "--short", "HEAD").stdout.strip()
+                dirty = _git(repo, "status", "--porcelain", "--untracked-files=no").stdout.strip()
+                note = _("source: git commit {commit}").format(commit=head)
+                if dirty:
+                    note += _(" (uncommitted changes in the checkout are NOT in the bundle)")
+                return note
+            error = next((line.strip() for line in res.stderr.splitlines() if line.strip()), "?")
+            why = _("git could not read the checkout: {error}").format(error=error)
     with tarfile.open(dest, "w:gz") as tar:
         for rel in SOURCE_PATHS:
             p = repo / rel
@@ -167,7 +178,7 @@ def _source_archive(repo: Path, dest: Path) -> str:
                 tar.add(p, arcname=prefix + rel,
                         filter=lambda ti: None if "__pycache__" in ti.name or ti.name.endswith((".so", ".pyc"))
                         else ti)
-    return _("source: the files of {dir} (not a git checkout)").format(dir=repo)
+    return _("source: the files of {dir} as they are ({why})").format(dir=repo, why=why)
 
 
 def download_wheels(dest: Path, python_versions: tuple[str, ...] = PYTHON_VERSIONS) -> list[str]:
