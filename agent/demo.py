@@ -302,7 +302,8 @@ class Demo:
         else:
             from agent.tools.monitor import JournalSource
 
-            self.source = JournalSource(self.view, config.journal.path, history=0, status_text=self.service.status_line)
+            self.source = JournalSource(self.view, config.journal.path, history=0, status_text=self.service.status_line,
+                                        service_state=lambda: None)  # the demo's service runs in this process
             self.source.load()
             self.source.start()
 

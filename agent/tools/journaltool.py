@@ -345,7 +345,10 @@ def format_record(rec: dict, tz: tzinfo | None = None, *, date: bool = True) -> 
         except ValueError:
             shown = ts
     parts = []
-    for k, v in rec.items():
+    # The reason first: what a denial, a rejection or a fault is about must survive a narrow
+    # screen (the live view at 80 columns) ahead of the reader and card details.
+    first = [k for k in ("reason", "kind") if k in rec]
+    for k, v in [(k, rec[k]) for k in first] + [(k, v) for k, v in rec.items() if k not in first]:
         if k in _HIDDEN_FIELDS or v is None:
             continue
         if k == "card" and isinstance(v, int):
