@@ -283,14 +283,17 @@ def put_on_card(bundle: Path, card: Path, hostname: str) -> list[str]:
         shutil.copytree(bundle / "gate-agent", tmp)
         shutil.rmtree(card / "gate-agent", ignore_errors=True)
         os.replace(tmp, card / "gate-agent")
+        new = ours if merged is None else merged
         if merged is None:
-            _write(target, ours)
             notes.append(_("the card had no user-data: gate-agent's is written"))
         elif merged != existing:
             backup = card / "user-data.gate-agent.bak"
             if not backup.exists():
                 _write(backup, existing)
-            _write(target, merged)
+        if merged is None or merged != existing:
+            # Whole or not at all: a card pulled out mid-write keeps the old user-data.
+            _write(card / ".user-data.new", new)
+            os.replace(card / ".user-data.new", target)
     except OSError as exc:
         raise BundleError(_("cannot write to the card {path} ({error}): is it mounted writable and not full?")
                           .format(path=card, error=exc.strerror or exc)) from None

@@ -236,14 +236,17 @@ def parse_when(text: str, *, end: bool = False) -> float:
                    if s in ("today", "yesterday") else datetime.strptime(s, "%Y-%m-%d").date())
         except ValueError:
             raise ValueError(bad) from None
-        if end:
-            day += timedelta(days=1)
-        return datetime(day.year, day.month, day.day).astimezone().timestamp()  # local midnight
+        try:
+            if end:
+                day += timedelta(days=1)
+            return datetime(day.year, day.month, day.day).astimezone().timestamp()  # local midnight
+        except (OverflowError, ValueError, OSError):  # year 1 or 9999: beyond what the clock can say
+            raise ValueError(bad) from None
     try:
         t = datetime.fromisoformat(s.replace(" ", "T", 1))
-    except ValueError:
+        return (t if t.tzinfo else t.astimezone()).timestamp()
+    except (OverflowError, ValueError, OSError):
         raise ValueError(bad) from None
-    return (t if t.tzinfo else t.astimezone()).timestamp()
 
 
 def card_keys(text: str) -> frozenset[int]:
@@ -441,7 +444,10 @@ def _export_bounds(args: argparse.Namespace) -> dict[str, Any]:
         if text is None:
             continue
         if text.strip().isdigit():  # a sequence number: after it (--since), up to it (--until)
-            out["since_seq" if name == "since" else "until_seq"] = int(text)
+            seq = int(text)
+            if seq >= 2**63:
+                raise ValueError(_("--{name} {text}: a record number is far smaller").format(name=name, text=text))
+            out["since_seq" if name == "since" else "until_seq"] = seq
         else:
             out["since_wall" if name == "since" else "until_wall"] = parse_when(text, end=end)
     if args.card is not None:
@@ -457,6 +463,13 @@ def _export_bounds(args: argparse.Namespace) -> dict[str, Any]:
 def _cmd_journal(args: argparse.Namespace) -> int:
     out = sys.stdout
     what = getattr(args, "journal_command", None)
+    bounds: dict[str, Any] = {}
+    if what == "export":
+        try:
+            bounds = _export_bounds(args)  # before the journal is opened: a typo is said at once
+        except ValueError as exc:
+            print(f"gate-agent journal export: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     try:
         path, conn = _open_from_args(args)
     except JournalReadError as exc:
@@ -478,11 +491,6 @@ def _cmd_journal(args: argparse.Namespace) -> int:
                     pass
             return EXIT_OK
         if what == "export":
-            try:
-                bounds = _export_bounds(args)
-            except ValueError as exc:
-                print(f"gate-agent journal export: {exc}", file=sys.stderr)
-                return EXIT_USAGE
             n = export_records(conn, out, pending_only=args.pending, **bounds)
             out.flush()
             print(_("gate-agent journal: exported records: {n}").format(n=n), file=sys.stderr)
