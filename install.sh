@@ -30,7 +30,8 @@ SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 USER_NAME=gate-agent
 
 usage() {
-  sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
+  # The header comment, whole: from line 2 to the first line that is not a comment.
+  awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$0"
   echo "Options: --root DIR (stage into DIR), --no-build (skip the venv), --no-start, -h/--help"
 }
 

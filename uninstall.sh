@@ -26,7 +26,10 @@ while [ $# -gt 0 ]; do
     --root=*) ROOT=${1#--root=}; shift ;;
     --purge) PURGE=1; shift ;;
     --yes|-y) YES=1; shift ;;
-    -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help)  # the header comment, whole: from line 2 to the first line that is not a comment
+      awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$0"
+      echo "Options: --root DIR (a staged install), --purge, --yes/-y (no question), -h/--help"
+      exit 0 ;;
     *) echo "uninstall.sh: unknown option $1; see ./uninstall.sh --help" >&2; exit 2 ;;
   esac
 done

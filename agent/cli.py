@@ -38,11 +38,15 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         else:
             print(json.dumps(item, separators=(",", ":"), ensure_ascii=False), file=out)
     if args.check:
-        failures = check_expectations(sim.records, scenario.expect)
+        failures = check_expectations(sim.records, scenario.expect, scenario.expect_lines)
         for f in failures:
             print(f"gate-agent simulate: expectation not met: {f}", file=sys.stderr)
         if failures:
             return 1
+        from agent.i18n import _ as _t
+
+        print("gate-agent simulate: " + _t("expectations met: {n}").format(n=len(scenario.expect)),
+              file=sys.stderr)
     return 0
 
 
@@ -54,6 +58,11 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gate-agent", description="School turnstile agent")
+    from agent import __version__
+    from agent.i18n import _ as _t
+
+    p.add_argument("--version", action="version", version=f"gate-agent {__version__}",
+                   help=_t("print the version of gate-agent and exit"))
     sub = p.add_subparsers(dest="command", required=True)
 
     sim = sub.add_parser(
@@ -108,6 +117,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # `gate-agent ... | head`: the reader went away. Stop quietly, the way a C tool killed by
+    # SIGPIPE does (exit 128+13), instead of a BrokenPipeError traceback; stdout is pointed
+    # at /dev/null so the interpreter's last flush at exit cannot raise it again.
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()
+    except BrokenPipeError:
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["ingest"]:
         from agent.uplink.ingest import main as ingest_main

@@ -12,7 +12,10 @@ What runs, all in one process and one temporary directory:
 * a signed access list (examples/acl/school.json, its schedules opened all
   day so the demo works at any hour), signed with a throwaway key the
   gate's config trusts, handed to the downlink as if it came from the
-  server: ``acl.applied``;
+  server: ``acl.applied``. The key is kept in the working directory
+  (``demo-signing.key``, id ``demo``, with the list as ``demo-acl.json``)
+  and the demo prints the ``gate-agent acl push`` and ``gate-agent cmd``
+  lines that use it, so the regional tools can be tried against the demo;
 * simulated hardware (agent/simhw.py) on the other side of the mock pins: a
   turnstile that turns when unlocked, two Wiegand readers, a crowd at about
   30 people a minute with unknown and blocked cards, and a fire drill
@@ -257,6 +260,13 @@ class Demo:
                 self.say(_("broker: mosquitto pid {pid} on 127.0.0.1:{port}").format(pid=pid, port=self.broker.port))
 
         key, public = generate_keypair()  # throwaway: only this demo's gate trusts it
+        # Kept (0600) so acl push and cmd can be tried against this gate; gone with the directory.
+        from agent.downlink.signing import private_key_pem
+
+        key_path = self.work / "demo-signing.key"
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(private_key_pem(key))
         port = self.broker.port if self.broker else None
         (self.work / "agent.toml").write_text(_config_text(self.work, port, public), encoding="utf-8")
         try:
@@ -292,7 +302,8 @@ class Demo:
         else:
             from agent.tools.monitor import JournalSource
 
-            self.source = JournalSource(self.view, config.journal.path, history=0, status_text=self.service.status_line)
+            self.source = JournalSource(self.view, config.journal.path, history=0, status_text=self.service.status_line,
+                                        service_state=lambda: None)  # the demo's service runs in this process
             self.source.load()
             self.source.start()
 
@@ -304,7 +315,15 @@ class Demo:
         self.service.downlink.on_message(topics(SITE, GATE)["acl"], json.dumps(envelope).encode())
         self.say(_("signed access list {version} handed to the gate (people: {n})").format(
             version=acl["version"], n=len(acl.get("people", []))))
+        acl_path = self.work / "demo-acl.json"
+        acl_path.write_text(json.dumps(acl, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         self._start_people(acl, board)
+        self.say(_("signing key: {path} (id {id}); only this demo's gate trusts it").format(
+            path=key_path, id=KEY_ID))
+        if self.broker is not None:
+            conn = f"--site {SITE} --gate {GATE} --port {self.broker.port} --key {key_path} --key-id {KEY_ID}"
+            self.say(_("try: gate-agent acl push {acl} {conn}").format(acl=acl_path, conn=conn))
+            self.say(_("try: gate-agent cmd open in {conn}").format(conn=conn))
         self.say(_("present a card yourself: gate-agent sim --config {config} card entry {card}").format(
             config=self.work / "agent.toml", card=next(iter(c for p in acl.get("people", [])
                                                             for c in p.get("cards", [])), "100,60179")))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import shutil
 import stat
 import subprocess
@@ -128,7 +129,7 @@ def mode(p: Path) -> int:
 def test_the_bundle_holds_exactly_what_the_card_needs(made):
     files = sorted(p.relative_to(made).as_posix() for p in made.rglob("*") if p.is_file())
     assert files == sorted([
-        "user-data",
+        "gate-agent/user-data",  # not at the top: a copy of the whole folder never replaces Imager's
         "gate-agent/README.txt",
         "gate-agent/firstrun.sh",
         "gate-agent/boot-config.txt",
@@ -193,7 +194,7 @@ def test_the_first_boot_hooks_point_at_the_installer(made):
     ga = made / "gate-agent"
     assert (ga / "firstrun.sh").read_bytes() == (ROOT / "bundle" / "firstrun.sh").read_bytes()
     assert mode(ga / "firstrun.sh") & 0o111
-    user_data = (made / "user-data").read_text()
+    user_data = (ga / "user-data").read_text()
     assert user_data.startswith("#cloud-config\n")
     assert "/boot/firmware/gate-agent/firstrun.sh" in user_data and f"gate-{SITE}-{GATE}" in user_data
     assert "/boot/firmware/gate-agent/firstrun.sh" in (ga / "user-data.snippet").read_text()
@@ -567,3 +568,161 @@ def test_a_read_only_boot_partition_is_said_and_the_install_goes_on(made, tmp_pa
         assert "WARNING" in res.stdout and "not changed" in res.stdout
         assert (card / "config.txt").read_text() == CONFIG_TXT
     assert (tmp_path / "stage" / "etc" / "gate-agent" / "agent.toml").is_file()
+
+
+def _tiny_clone(tmp_path: Path) -> Path:
+    """A git clone (of a small repository with the installer in it)."""
+    origin = tmp_path / "origin"
+    origin.mkdir()
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@x", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@x", "HOME": str(tmp_path), "PATH": os.environ["PATH"]}
+    (origin / "install.sh").write_text("echo committed\n")
+    for cmd in (["init", "-q"], ["add", "install.sh"], ["commit", "-qm", "x"]):
+        subprocess.run(["git", "-C", str(origin), *cmd], check=True, env=env, capture_output=True)
+    subprocess.run(["git", "clone", "-q", str(origin), str(tmp_path / "clone")], check=True, env=env,
+                   capture_output=True)
+    return tmp_path / "clone"
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is needed")
+def test_a_clone_owned_by_another_user_is_archived_from_git_not_called_not_a_checkout(tmp_path, monkeypatch):
+    clone = _tiny_clone(tmp_path)
+    (clone / "install.sh").write_text("echo uncommitted\n")
+    # What git does for a checkout owned by someone else (a clone used with sudo): it refuses it.
+    monkeypatch.setenv("GIT_TEST_ASSUME_DIFFERENT_OWNER", "1")
+    monkeypatch.setenv("HOME", str(tmp_path))  # no safe.directory of the machine's own
+    dest = tmp_path / "src.tar.gz"
+    note = bundle_mod._source_archive(clone, dest)
+    assert "git commit" in note and "not a git checkout" not in note, note
+    assert "uncommitted changes" in note
+    with tarfile.open(dest) as tar:
+        member = tar.extractfile(f"gate-agent-{bundle_mod.__version__}/install.sh")
+        assert member is not None and member.read() == b"echo committed\n"
+
+
+def test_without_git_the_note_says_so_rather_than_not_a_checkout(tmp_path, monkeypatch):
+    clone = tmp_path / "clone"
+    (clone / ".git").mkdir(parents=True)
+    (clone / "install.sh").write_text("echo x\n")
+    monkeypatch.setattr(bundle_mod.shutil, "which", lambda name: None)
+    note = bundle_mod._source_archive(clone, tmp_path / "src.tar.gz")
+    assert "git is not installed" in note and "not a git checkout" not in note, note
+
+
+# --------------------------------------------------------------------------- the card's user-data
+
+IMAGER_USER_DATA = """#cloud-config
+manage_resolv_conf: false
+hostname: kpp-1
+manage_etc_hosts: true
+packages:
+- avahi-daemon
+timezone: 'Asia/Novosibirsk'
+users:
+- name: tech
+  groups: users,adm,dialout,gpio,sudo
+  shell: /bin/bash
+  lock_passwd: false
+  passwd: $5$abc$def
+ssh_pwauth: true
+enable_ssh: true
+runcmd:
+- [ sh, -c, "echo regdomain" ]
+- echo two
+
+# a comment Imager does not write, kept
+rpi:
+  interfaces:
+    serial: true
+"""
+
+
+def _card(tmp_path: Path, user_data: str | None) -> Path:
+    card = tmp_path / "bootfs"
+    card.mkdir(parents=True)
+    (card / "config.txt").write_text(CONFIG_TXT)
+    (card / "cmdline.txt").write_text(BOOT_LINE + "\n")
+    if user_data is not None:
+        (card / "user-data").write_text(user_data)
+    return card
+
+
+FIRSTRUN_ENTRY = ["bash", "/boot/firmware/gate-agent/firstrun.sh"]
+
+
+def _yaml_load(text: str):
+    """Parse as cloud-init does on the board: with PyYAML (this venv's, else the system's)."""
+    try:
+        import yaml
+    except ImportError:
+        import json
+
+        system = shutil.which("python3", path="/usr/bin:/bin")
+        probe = system and subprocess.run([system, "-c", "import yaml"], capture_output=True, check=False)
+        if not probe or probe.returncode != 0:
+            pytest.skip("PyYAML is needed to read user-data as cloud-init does")
+        res = subprocess.run([system, "-c", "import json, sys, yaml; print(json.dumps(yaml.safe_load(sys.stdin)))"],
+                             input=text, capture_output=True, text=True, check=True)
+        return json.loads(res.stdout)
+    return yaml.safe_load(text)
+
+
+def test_card_merges_the_installer_into_imagers_user_data_keeping_user_ssh_and_its_runcmd(inputs, tmp_path,
+                                                                                         capsys):
+    card = _card(tmp_path, IMAGER_USER_DATA)
+    assert run_bundle(inputs, tmp_path / "out", "--card", str(card)) == 0
+    out = capsys.readouterr().out
+    merged = _yaml_load((card / "user-data").read_text())
+    before = _yaml_load(IMAGER_USER_DATA)
+    assert merged["runcmd"] == [*before["runcmd"], FIRSTRUN_ENTRY]
+    assert {k: v for k, v in merged.items() if k != "runcmd"} == {k: v for k, v in before.items() if k != "runcmd"}
+    assert (card / "user-data").read_text().count("runcmd:") == 1
+    assert (card / "user-data.gate-agent.bak").read_text() == IMAGER_USER_DATA
+    assert (card / "gate-agent" / "firstrun.sh").is_file() and (card / "gate-agent" / "MANIFEST.sha256").is_file()
+    assert "kept" in out
+    # Again (the bundle copied once more): the line is not added a second time.
+    assert run_bundle(inputs, tmp_path / "out", "--card", str(card)) == 0
+    assert _yaml_load((card / "user-data").read_text())["runcmd"].count(FIRSTRUN_ENTRY) == 1
+
+
+def test_card_without_runcmd_or_without_user_data(inputs, tmp_path):
+    card = _card(tmp_path, "#cloud-config\r\nusers:\r\n- name: tech\r\n")
+    assert run_bundle(inputs, tmp_path / "out", "--card", str(card)) == 0
+    text = (card / "user-data").read_bytes().decode()
+    assert "\r\n" in text and "\n" not in text.replace("\r\n", "")  # its line ends kept
+    doc = _yaml_load(text)
+    assert doc["users"] == [{"name": "tech"}] and doc["runcmd"] == [FIRSTRUN_ENTRY]
+    assert doc["hostname"] == f"gate-{SITE}-{GATE}"
+    bare = _card(tmp_path / "2", None)
+    assert run_bundle(inputs, tmp_path / "out2", "--card", str(bare)) == 0
+    assert (bare / "user-data").read_text() == (tmp_path / "out2" / "gate-agent" / "user-data").read_text()
+
+
+@pytest.mark.parametrize("user_data,why", [
+    ("hostname: x\nruncmd:\n- echo\n", "#cloud-config"),
+    ("#cloud-config\nruncmd: [[echo, hi]]\n", "one line"),
+    ("#cloud-config\nruncmd:\n- a\nruncmd:\n- b\n", "twice"),
+])
+def test_a_user_data_that_cannot_be_merged_safely_is_refused_and_the_card_untouched(inputs, tmp_path, capsys,
+                                                                                    user_data, why):
+    card = _card(tmp_path, user_data)
+    before = {p.name: p.read_bytes() for p in card.iterdir()}
+    assert run_bundle(inputs, tmp_path / "out", "--card", str(card)) == 2
+    err = capsys.readouterr().err
+    assert why in err and "nothing was written to the card" in err
+    assert {p.name: p.read_bytes() for p in card.iterdir()} == before
+
+
+def test_out_on_a_boot_partition_is_refused_not_wiped(inputs, tmp_path, capsys):
+    card = _card(tmp_path, IMAGER_USER_DATA)
+    assert run_bundle(inputs, card) == 2
+    assert "--card" in capsys.readouterr().err
+    assert (card / "user-data").read_text() == IMAGER_USER_DATA and (card / "config.txt").is_file()
+
+
+def test_without_card_the_user_data_warning_is_the_last_thing_said(inputs, tmp_path, capsys):
+    assert run_bundle(inputs, tmp_path / "out") == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and "user-data" in err[-1] and "--card" in err[-1] and "NOT replace" in err[-1]
+    readme = (tmp_path / "out" / "gate-agent" / "README.txt").read_text()
+    assert readme.startswith("IMPORTANT: user-data")

@@ -937,3 +937,83 @@ def test_a_card_grant_needs_its_reader_card_and_format():
     for field in ("reader", "card", "format"):
         errors = contract.validate("event", dict(card, **{field: None}))
         assert any(e.startswith(f"$.{field}") for e in errors), (field, errors)
+
+
+def _alarm_kinds_in_code() -> dict[str, str]:
+    """Every alarm kind the agent's code can emit -> where, found in the source: a "kind" in a
+    dict handed with "alarm" (Report("alarm", {...}), return "alarm", {...}), kind= in a call
+    with "alarm" (make_record("alarm", ..., kind=...)), the first argument of an _alarm(...)
+    call, the kind default of a def _alarm, and strings returned by an alarm-kind function."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "agent"
+    found: dict[str, str] = {}
+    for path in sorted(root.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        consts = {t.id: n.value.value for n in tree.body if isinstance(n, ast.Assign)
+                  and isinstance(n.value, ast.Constant) and isinstance(n.value.value, str)
+                  for t in n.targets if isinstance(t, ast.Name)}
+
+        def value(node: ast.AST, consts: dict[str, str] = consts) -> str | None:
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                return node.value
+            if isinstance(node, ast.Name):
+                return consts.get(node.id)
+            return None
+
+        def add(node: ast.AST, v: str | None, path: Path = path) -> None:
+            if v:
+                found.setdefault(v, f"{path.relative_to(root.parent)}:{node.lineno}")
+
+        def is_alarm(node: ast.AST) -> bool:
+            return isinstance(node, ast.Constant) and node.value == "alarm"
+
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Call, ast.Tuple)):
+                items = node.args if isinstance(node, ast.Call) else node.elts
+                if any(is_alarm(a) for a in items):
+                    for a in items:
+                        if isinstance(a, ast.Dict):
+                            for k, v in zip(a.keys, a.values, strict=True):
+                                if k is not None and value(k) == "kind":
+                                    add(v, value(v))
+                    if isinstance(node, ast.Call):
+                        for kw in node.keywords:
+                            if kw.arg == "kind":
+                                add(kw.value, value(kw.value))
+            if isinstance(node, ast.Call) and node.args:
+                name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+                if name.endswith("_alarm") and not name.endswith("uplink_alarm"):
+                    add(node.args[0], value(node.args[0]))
+            if isinstance(node, ast.FunctionDef) and node.name.endswith("_alarm"):
+                args = node.args.args[len(node.args.args) - len(node.args.defaults):]
+                for a, d in zip(args, node.args.defaults, strict=True):
+                    if a.arg == "kind":
+                        add(d, value(d))
+            if isinstance(node, ast.FunctionDef) and node.name.endswith("_kind") and "alarm" in (
+                    ast.get_docstring(node) or "") + node.name + ast.unparse(node):
+                for r in ast.walk(node):
+                    if isinstance(r, ast.Return) and r.value is not None:
+                        for c in ast.walk(r.value):
+                            add(c, value(c) if isinstance(c, ast.Constant) else None)
+    return found
+
+
+def test_every_alarm_kind_the_agent_raises_is_listed_in_the_contract():
+    kinds = _alarm_kinds_in_code()
+    # The scan itself finds the kinds of every way the code raises one.
+    assert {"tamper", "broker_dropped", "tls_rejected", "expiry_unchecked", "journal_capacity",
+            "journal_readonly", "downlink_flood", "uplink_config", "acl_missing"} <= set(kinds), kinds
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "contract.md").read_text(encoding="utf-8")
+    section = doc.split("### alarm\n", 1)[1].split("\n### ", 1)[0]
+    listed = set(re.findall(r"^\| `([a-z_]+)` \|", section, re.MULTILINE))
+    missing = {k: where for k, where in kinds.items() if k not in listed}
+    assert not missing, f"alarm kinds raised in the code but not listed in docs/contract.md: {missing}"
+
+
+def test_the_readme_names_every_docs_page():
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    unnamed = [p.relative_to(root).as_posix() for p in sorted((root / "docs").glob("*.md"))
+               if p.relative_to(root).as_posix() not in readme]
+    assert not unnamed, f"docs pages the README does not name: {unnamed}"

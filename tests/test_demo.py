@@ -95,6 +95,23 @@ def test_ctrl_c_stops_the_demo_cleanly():
                              capture_output=True, text=True, timeout=60, check=False)
         assert sim.returncode == 0, sim.stdout + sim.stderr
         assert "access" in sim.stdout  # the decision the gate made for the card
+        if mosquitto_path() is not None:
+            # The demo keeps its signing key and prints the regional tools' lines that use it:
+            # a list pushed and a command sent are taken by the demo's gate.
+            key = Path(work) / "demo-signing.key"
+            assert key.is_file() and key.stat().st_mode & 0o077 == 0
+            tries = {}
+            for line in lines:
+                if "try: gate-agent " in line:
+                    argv = line.split("try: gate-agent ", 1)[1].split()
+                    tries[argv[0]] = argv
+            assert set(tries) == {"acl", "cmd"}, lines
+            push = subprocess.run([sys.executable, "-m", "agent.cli", *tries["acl"], "--wait", "20"], cwd=ROOT,
+                                  env=demo_env(pure=False), capture_output=True, text=True, timeout=60, check=False)
+            assert push.returncode == 0 and "applied" in push.stdout, push.stdout + push.stderr
+            cmd = subprocess.run([sys.executable, "-m", "agent.cli", *tries["cmd"]], cwd=ROOT,
+                                 env=demo_env(pure=False), capture_output=True, text=True, timeout=60, check=False)
+            assert cmd.returncode == 0 and '"result": "done"' in cmd.stdout, cmd.stdout + cmd.stderr
         broker_pid = None
         for line in lines:
             m = re.search(r"mosquitto pid (\d+)", line)

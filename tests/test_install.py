@@ -200,6 +200,22 @@ def test_bad_options_say_what_is_allowed():
     assert res.returncode == 2 and "needs a directory" in res.stderr
 
 
+@pytest.mark.parametrize("script", [INSTALL, UNINSTALL], ids=["install", "uninstall"])
+def test_help_prints_the_whole_header_and_no_code(script):
+    # The header is the comment block after the #! line, up to the first line of code.
+    header = []
+    for line in script.read_text().splitlines()[1:]:
+        if not line.startswith("#"):
+            break
+        header.append(line[2:] if line.startswith("# ") else line[1:])
+    res = run(script, "--help")
+    assert res.returncode == 0, res.stderr
+    assert header and res.stdout.startswith("\n".join(header) + "\n"), res.stdout
+    assert "set -euo pipefail" not in res.stdout
+    for option in ("--root", "-h/--help"):
+        assert option in res.stdout
+
+
 @pytest.mark.soak
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is needed to build the compiled fastpath")
 def test_a_full_staged_build_gives_a_venv_with_the_compiled_fastpath(stage, tmp_path):

@@ -7,6 +7,7 @@ import io
 import json
 import threading
 import time
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -205,3 +206,56 @@ def test_the_reader_sees_a_journal_rebuilt_by_the_service(tmp_path):
         j.commit(_records(1))
         new_id = j.id
     assert journal_stats(open_readonly(path), Path(path), time.time())["journal"] == new_id != old_id
+
+
+@pytest.fixture
+def novosibirsk(monkeypatch):
+    """The board's local zone, UTC+7 (no daylight saving), for the time of the test."""
+    monkeypatch.setenv("TZ", "Asia/Novosibirsk")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def _at(wall: float, card: int, person: str | None, mono: float) -> dict:
+    return make_record("access.granted", Now(mono, wall, True), BOOT, reader="entry", direction="in",
+                       card=card, format="w26", person=person)
+
+
+def test_tail_and_stats_show_their_times_in_the_same_local_zone_with_the_zone(journal, capsys, novosibirsk):
+    # 2026-09-01 01:30:00 UTC is 08:30 at UTC+7.
+    wall = datetime(2026, 9, 1, 1, 30, tzinfo=UTC).timestamp()
+    journal.commit([_at(wall, 6613779, "p-1", 1.0), _at(wall + 3600, 6613779, "p-1", 2.0)])
+    _code, tail, _err = _cli(["journal", "tail", "--db", str(journal.path)], capsys)
+    _code, stats, _err = _cli(["journal", "stats", "--db", str(journal.path)], capsys)
+    assert "2026-09-01 08:30:00.000 +07:00" in tail and "2026-09-01 09:30:00.000 +07:00" in tail
+    assert "2026-09-01 08:30:00 +07:00 .. 2026-09-01 09:30:00 +07:00" in stats, stats
+
+
+def test_export_filters_by_local_date_time_card_and_person(journal, capsys, novosibirsk):
+    day1 = datetime(2026, 9, 1, 8, 0, tzinfo=timezone(timedelta(hours=7))).timestamp()
+    day2 = day1 + 86400
+    # 23:30 local on the 1st (16:30 UTC): still the 1st for a local-date filter.
+    late = day1 + 15.5 * 3600
+    recs = [_at(day1, 6613779, "p-1", 1.0), _at(late, 0x0A0001, "p-2", 2.0),
+            _at(day2, 6613779, "p-1", 3.0), _at(day2 + 60, 0x0A0001, "p-2", 4.0)]
+    journal.commit(recs)
+
+    def seqs(*argv: str) -> list[int]:
+        code, out, err = _cli(["journal", "export", "--db", str(journal.path), *argv], capsys)
+        assert code == 0, err
+        return [json.loads(line)["seq"] for line in out.splitlines()]
+
+    assert seqs("--since", "2026-09-01", "--until", "2026-09-01") == [1, 2]  # the local day, to its end
+    assert seqs("--since", "2026-09-02") == [3, 4]
+    assert seqs("--since", "2026-09-02T08:00:30") == [4]                   # local time
+    assert seqs("--until", "2026-09-01T01:00:01+00:00") == [1]             # with an offset
+    assert seqs("--card", "100,60179") == [1, 3]
+    assert seqs("--card", "0006613779") == [1, 3]                          # the printed number
+    assert seqs("--person", "p-2", "--since", "2026-09-02") == [4]
+    assert seqs("--since", "1", "--until", "3") == [2, 3]                  # sequence numbers still work
+    code, out, err = _cli(["journal", "export", "--db", str(journal.path), "--since", "1 sept"], capsys)
+    assert code == 2 and out == "" and "YYYY-MM-DD" in err
+    code, out, err = _cli(["journal", "export", "--db", str(journal.path), "--card", "100;60179"], capsys)
+    assert code == 2 and out == "" and "100;60179" in err

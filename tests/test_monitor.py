@@ -6,9 +6,11 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import re
 import threading
 import time
 from collections import Counter
+from datetime import datetime
 
 import pytest
 
@@ -195,5 +197,79 @@ def test_the_broker_source_shows_the_gate_as_the_regional_server_sees_it(broker)
         assert view.gate_state == "offline" and view.broker == "connected"
         s = view.summary()
         assert {k: s[k] for k in expected(recs)} == expected(recs)
+    finally:
+        source.stop()
+
+
+def _denials(n: int, t0: float, *, synced: bool = True) -> list[dict]:
+    reasons = ["outside_schedule", "exit_restricted", "unknown_card", "blocked"]
+    return numbered([make_record("access.denied", Now(i, t0 + i, synced), BOOT, reader="entry", direction="in",
+                                 card=6613779, format="w26", person="p-0042", reason=reasons[i % 4])
+                     for i in range(n)])
+
+
+def test_at_80_columns_nothing_is_cut_but_event_details_and_the_screen_fits():
+    view = GateView("school-17", "main-1", lines=12)
+    recs = _denials(30, time.time() - 60)
+    for r in recs:
+        view.add_record(r)
+    for i in range(8):
+        view.note(f"broker: mosquitto pid {i} on 127.0.0.1:4{i}345")
+    frame = view.render(width=80, height=24)
+    assert len(frame) <= 23 and all(len(line) <= 80 for line in frame)
+    text = "\n".join(frame)
+    # Every denial reason on screen whole, in the counters and on each event line.
+    words = " ".join(" ".join(frame).split())
+    for reason, n in Counter(r["reason"] for r in recs).items():
+        assert f"{reason} {n}" in words, text
+    events = [line for line in frame if "access.denied" in line]
+    assert events and all(re.search(r"reason=[a-z_]+( |…|$)", line) for line in events), text
+    assert all(re.search(r"reason=(outside_schedule|exit_restricted|unknown_card|blocked)\b", line)
+               for line in events), text
+    # More than 3 notes kept: the first (the broker's port) is still there.
+    assert "127.0.0.1:40345" in text and "127.0.0.1:47345" in text
+
+
+def test_the_counters_say_their_period_and_clock_is_explained():
+    view = GateView("s", "g")
+    start = time.time() - 3600
+    for r in _denials(3, start, synced=False):
+        view.add_record(r)
+    frame = "\n".join(view.render(width=10_000))
+    since = datetime.fromtimestamp(start).strftime("%H:%M:%S")
+    assert f"counters: since {since}, events counted: 3" in frame
+    assert "clock?" in frame and "not synchronised" in frame
+
+
+def test_a_stopped_service_is_in_no_mode():
+    view = GateView("s", "g")
+    view.add_record({"seq": 1, "type": "agent.started", "mode": "normal", "ts": "2026-09-01T01:00:00.000Z"})
+    view.set_service_state("active")
+    assert "mode normal" in view.render(width=10_000)[0]
+    view.set_service_state("inactive")
+    frame = view.render(width=10_000)
+    assert "mode normal" not in frame[0] and "mode ?" in frame[0]
+    assert any("not running" in line and "inactive" in line for line in frame)
+    view.set_service_state("active")
+    view.add_record({"seq": 2, "type": "agent.started", "mode": "normal", "ts": "2026-09-01T01:01:00.000Z"})
+    assert "mode normal" in view.render(width=10_000)[0]
+    # Over MQTT: the agent's own offline status on an orderly stop.
+    remote = GateView("s", "g")
+    remote.add_record({"seq": 1, "type": "agent.started", "mode": "normal", "ts": "2026-09-01T01:00:00.000Z"})
+    remote.set_status({"v": 1, "state": "offline", "boot": "b", "reason": "shutdown"})
+    frame = remote.render(width=10_000)
+    assert "mode ?" in frame[0] and any("stopped" in line for line in frame)
+
+
+def test_the_journal_source_reads_the_services_state(tmp_path):
+    path = tmp_path / "journal.db"
+    with Journal(path, boot=BOOT) as journal:
+        journal.commit(morning()[:1])
+    view = GateView("s", "g")
+    source = JournalSource(view, path, status_text=lambda: None, service_state=lambda: "failed")
+    source.load()
+    try:
+        assert view.summary()["mode"] == "?"
+        assert any("failed" in line for line in view.render(width=10_000))
     finally:
         source.stop()

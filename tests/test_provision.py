@@ -433,3 +433,19 @@ def test_a_provisioned_board_takes_a_list_signed_with_the_key_it_was_given(tmp_p
     assert verify(signed, load_trusted_keys(load_config(keyed).commands.trusted_keys)) == "region-2026"
     with pytest.raises(SignatureError, match="not one of the keys"):
         verify(signed, load_trusted_keys(load_config(bare).commands.trusted_keys))
+
+
+def test_a_config_given_by_a_relative_path_names_its_files_so_they_resolve_from_its_folder(
+        tmp_path, ca, ident, region, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _out, err = _run(["--site", SITE, "--gate", GATE, "--broker", "mqtt.region.example:8883",
+                           "--ca", str(ca.cert_path), "--cert", str(ident.cert), "--key", str(ident.key),
+                           "--trusted-key", f"region-2026={region[1]}", "--config", "prov/agent.toml"], capsys)
+    assert code == 0, err
+    # Loaded from elsewhere, the files still resolve to the ones provision copied.
+    monkeypatch.chdir("/")
+    loaded = load_config(tmp_path / "prov" / "agent.toml")
+    tls = loaded.mqtt.tls
+    assert Path(tls.ca_file).resolve() == (tmp_path / "prov" / "ca.pem").resolve()
+    assert Path(tls.cert_file).read_bytes() == ident.cert.read_bytes()
+    assert Path(tls.key_file).read_bytes() == ident.key.read_bytes()

@@ -147,9 +147,9 @@ def test_invalid_scenario_lists_every_problem_with_where():
         )
     msg = str(info.value)
     assert "bad.toml" in msg
-    assert "/steps/0/card" in msg
-    assert "/steps/1/reader" in msg
-    assert "/steps/2/at" in msg
+    assert "step 1, card" in msg
+    assert "step 2, reader" in msg
+    assert "step 3, at" in msg
     assert "/gate/colour" in msg
     assert "pulse_s" in msg
 
@@ -158,7 +158,7 @@ def test_schema_errors_name_the_path():
     with pytest.raises(ScenarioError) as info:
         scenario_from_dict({"start": "2026-09-01T07:30:00+07:00", "steps": [{"at": "8 o'clock", "pass": "C"}]})
     msg = str(info.value)
-    assert "/steps/0/at" in msg and "/steps/0/pass" in msg
+    assert "step 1, at" in msg and "step 1, pass" in msg
 
 
 def test_cli_prints_json_lines_and_exits_2_on_a_bad_file(tmp_path):
@@ -187,4 +187,40 @@ def test_cli_check_fails_on_an_unmet_expectation(tmp_path):
     res = subprocess.run([sys.executable, "-m", "agent.cli", "simulate", "--check", str(sc)],
                          check=False, capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert res.returncode == 1
-    assert "expectation not met" in res.stderr
+    assert "expectation not met: expect 1 (line 7):" in res.stderr
+
+
+def test_cli_check_says_so_when_every_expectation_is_met(tmp_path):
+    sc = tmp_path / "x.toml"
+    sc.write_text(
+        f'start = "2026-09-01T07:30:00+07:00"\nacl = "{ACL}"\n'
+        '[[steps]]\nat = "08:00"\ncard = "100,60179"\nreader = "entry"\n'
+        '[[expect]]\ntype = "agent.started"\n'
+        '[[expect]]\ntype = "agent.started"\ncount = 1\n'
+    )
+    res = subprocess.run([sys.executable, "-m", "agent.cli", "simulate", "--check", str(sc)],
+                         check=False, capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert "expectations met: 2" in res.stderr
+
+
+def test_a_schema_error_does_not_hide_the_others_and_each_step_is_named_by_number_and_line(tmp_path):
+    sc = tmp_path / "bad.toml"
+    sc.write_text(
+        f'start = "2026-09-01T07:30:00+07:00"\nacl = "{ACL}"\n'   # 1-2
+        '[gate]\nreaders = { entry = "in" }\ncolour = "red"\n'  # 3-5
+        '\n[[steps]]\nat = "08:00"\ncard = "100;60179"\nreader = "entry"\n'  # 6-10: card on 9
+        '\n[[steps]]  # a comment\nat = "8 o\'clock"\npass = "C"\n'  # 11-14: header on 12
+        '\n[[steps]]\nat = "08:01"\nreader = "side-door"\ncard = "100,60179"\n'  # 15-19: reader on 18
+    )
+    with pytest.raises(ScenarioError) as info:
+        load_scenario(sc)
+    problems = info.value.problems
+    text = "\n".join(problems)
+    # The schema's errors (step 2) and the meaning's (steps 1 and 3, the gate) together.
+    assert any(p.startswith("step 2 (line 13), at:") for p in problems), text
+    assert any(p.startswith("step 2 (line 14), pass:") for p in problems), text
+    assert any(p.startswith("step 1 (line 9), card:") for p in problems), text
+    assert any(p.startswith("step 3 (line 18), reader:") for p in problems), text
+    assert any("/gate/colour" in p for p in problems), text
+    assert "/steps/" not in text

@@ -3,21 +3,30 @@
     gate-agent bundle --site school-17 --gate main-1 --config region.toml \\
         --ca ca.pem --cert school-17_main-1.pem --key school-17_main-1.key \\
         --trusted-key region-2026=region-2026.key.pub [--broker mqtt.region.example:8883] \\
-        --out DIR [--no-download] [--python-version 3.11 --python-version 3.13]
+        --out DIR [--card BOOTFS] [--no-download] [--python-version 3.11 --python-version 3.13]
 
 Run on the regional side (from a checkout of this repository), once per
-gate. DIR gets what goes onto the card's boot partition, as it is::
+gate. DIR gets what goes onto the card's boot partition::
 
-    DIR/user-data                   cloud-init (Raspberry Pi OS from October 2025): runs the installer
     DIR/gate-agent/README.txt       the technician's steps
+    DIR/gate-agent/user-data        cloud-init (Raspberry Pi OS from October 2025): runs the installer;
+                                    for a card without a user-data of its own
     DIR/gate-agent/firstrun.sh      the first-boot installer (bundle/firstrun.sh)
     DIR/gate-agent/boot-config.txt  the board profile's config.txt lines (relays off from power-on)
     DIR/gate-agent/cmdline.txt.append   for Raspberry Pi OS bookworm: the first-boot entry
-    DIR/gate-agent/user-data.snippet    the runcmd lines, to add to an Imager-written user-data
+    DIR/gate-agent/user-data.snippet    the runcmd line, to add to an Imager-written user-data
     DIR/gate-agent/MANIFEST.sha256  checksums, verified on the board before anything is installed
     DIR/gate-agent/src/gate-agent-VERSION.tar.gz   the agent's source (git archive of HEAD)
     DIR/gate-agent/wheels/          its dependencies for aarch64 (MISSING.txt: what could not be fetched)
     DIR/gate-agent/gate/            agent.toml, ca.pem, gate.pem, gate.key (0600)
+
+``--card BOOTFS`` (the card's mounted boot partition) also puts the bundle
+on the card: gate-agent/ beside config.txt, and the first-boot line merged
+into the user-data Raspberry Pi Imager wrote (user, Wi-Fi, SSH are kept; the
+original is kept as user-data.gate-agent.bak), or ours when there is none.
+A user-data it cannot merge safely is refused with what to do, and nothing
+is written to the card. user-data is not at the top of DIR, so copying the
+whole of DIR by hand never replaces Imager's.
 
 The config is the region's template with this gate's site, id, broker,
 certificates (relative paths: the same file is checked here and used in
@@ -114,6 +123,8 @@ class BundleResult:
     warnings: list[str] = field(default_factory=list)
     trusted_keys: list[str] = field(default_factory=list)  # the names the gate trusts
     boot_lines: list[str] = field(default_factory=list)  # the profile's config.txt lines
+    hostname: str = ""
+    card_notes: list[str] = field(default_factory=list)  # what --card did on the card
 
 
 # --------------------------------------------------------------------------- pieces
@@ -145,21 +156,32 @@ def _legacy_trusted_keys(values: list[str]) -> tuple[list[str], list[str]]:
     return keys, files
 
 
+def _git(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    # safe.directory: git refuses a checkout owned by another user ("dubious ownership"), e.g.
+    # a technician's clone used with sudo, or a copied one. The agent's own code is already
+    # running from this checkout, so reading it with git trusts nothing new.
+    return subprocess.run(["git", "-c", f"safe.directory={repo}", "-C", str(repo), *args],
+                          capture_output=True, text=True, check=False)
+
+
 def _source_archive(repo: Path, dest: Path) -> str:
     """The agent's source as a .tar.gz with one top folder; returns a note on what it holds."""
     prefix = f"gate-agent-{__version__}/"
-    if (repo / ".git").exists() and shutil.which("git"):
-        res = subprocess.run(["git", "-C", str(repo), "archive", "--format=tar.gz", f"--prefix={prefix}",
-                              "-o", str(dest), "HEAD"], capture_output=True, text=True, check=False)
-        if res.returncode == 0:
-            head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
-                                  capture_output=True, text=True, check=False).stdout.strip()
-            dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                                   capture_output=True, text=True, check=False).stdout.strip()
-            note = _("source: git commit {commit}").format(commit=head)
-            if dirty:
-                note += _(" (uncommitted changes in the checkout are NOT in the bundle)")
-            return note
+    why = _("not a git checkout")
+    if (repo / ".git").exists():  # a directory in a clone, a file in a worktree
+        if not shutil.which("git"):
+            why = _("git is not installed, so the checkout's commit cannot be read")
+        else:
+            res = _git(repo, "archive", "--format=tar.gz", f"--prefix={prefix}", "-o", str(dest), "HEAD")
+            if res.returncode == 0:
+                head = _git(repo, "rev-parse", "--short", "HEAD").stdout.strip()
+                dirty = _git(repo, "status", "--porcelain", "--untracked-files=no").stdout.strip()
+                note = _("source: git commit {commit}").format(commit=head)
+                if dirty:
+                    note += _(" (uncommitted changes in the checkout are NOT in the bundle)")
+                return note
+            error = next((line.strip() for line in res.stderr.splitlines() if line.strip()), "?")
+            why = _("git could not read the checkout: {error}").format(error=error)
     with tarfile.open(dest, "w:gz") as tar:
         for rel in SOURCE_PATHS:
             p = repo / rel
@@ -167,7 +189,115 @@ def _source_archive(repo: Path, dest: Path) -> str:
                 tar.add(p, arcname=prefix + rel,
                         filter=lambda ti: None if "__pycache__" in ti.name or ti.name.endswith((".so", ".pyc"))
                         else ti)
-    return _("source: the files of {dir} (not a git checkout)").format(dir=repo)
+    return _("source: the files of {dir} as they are ({why})").format(dir=repo, why=why)
+
+
+FIRSTRUN_ITEM = f"[bash, {BOOT_DIR}/gate-agent/firstrun.sh]"
+
+
+def _top_key(line: str, key: str) -> bool:
+    return line.startswith(f"{key}:") and (line[len(key) + 1:len(key) + 2] in ("", " ", "\t", "\r"))
+
+
+def merge_user_data(existing: str, hostname: str) -> tuple[str, list[str]]:
+    """A card's user-data (Raspberry Pi Imager's: user, Wi-Fi, SSH) with gate-agent's
+    first-boot line added to its runcmd; returns (text, notes). Everything else is kept as
+    written (a text edit, not a YAML rewrite). BundleError when it cannot be merged safely."""
+    notes: list[str] = []
+    if "gate-agent/firstrun.sh" in existing:
+        return existing, [_("the card's user-data already starts gate-agent's installer: left as it is")]
+    nl = "\r\n" if "\r\n" in existing else "\n"
+    lines = existing.splitlines()
+    first = next((ln.strip() for ln in lines if ln.strip()), "")
+    if first != "#cloud-config":
+        raise BundleError(_("the card's user-data does not start with #cloud-config, so it cannot be merged "
+                            "safely; add the line of gate-agent/user-data.snippet to it by hand, or remove it "
+                            "if it is not needed"))
+    runcmd = [i for i, ln in enumerate(lines) if _top_key(ln, "runcmd")]
+    if len(runcmd) > 1:
+        raise BundleError(_("the card's user-data has runcmd twice; keep one, then run again"))
+    item = f"- {FIRSTRUN_ITEM}"
+    if runcmd:
+        at = runcmd[0]
+        rest = lines[at].split(":", 1)[1].strip()
+        if rest and not rest.startswith("#"):
+            raise BundleError(_("the card's user-data writes runcmd on one line ({line!r}); add the line of "
+                                "gate-agent/user-data.snippet to it by hand").format(line=lines[at].strip()))
+        end = at + 1  # the block: indented lines, list items, blank lines and comments below the key
+        last = at
+        indent = "  "
+        seen_item = False
+        while end < len(lines):
+            ln = lines[end]
+            if ln.strip() and not (ln[0] in " \t-" or ln.lstrip().startswith("#")):
+                break
+            if ln.strip() and not ln.lstrip().startswith("#"):
+                last = end
+                if not seen_item and ln.lstrip().startswith("-"):
+                    indent = ln[:len(ln) - len(ln.lstrip())]
+                    seen_item = True
+            end += 1
+        lines.insert(last + 1, indent + item)
+    else:
+        while lines and not lines[-1].strip():
+            lines.pop()
+        lines += ["runcmd:", "  " + item]
+    if not any(_top_key(ln, "hostname") for ln in lines):
+        lines.insert(lines.index(next(ln for ln in lines if ln.strip() == "#cloud-config")) + 1,
+                     f"hostname: {hostname}")
+    else:
+        notes.append(_("the card's user-data names the board's host name itself: kept"))
+    notes.insert(0, _("the card's user-data (Raspberry Pi Imager's: user, Wi-Fi, SSH) is kept; gate-agent's "
+                      "first-boot line is added to its runcmd"))
+    return nl.join(lines) + nl, notes
+
+
+def _looks_like_boot_partition(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in ("config.txt", "cmdline.txt"))
+
+
+def put_on_card(bundle: Path, card: Path, hostname: str) -> list[str]:
+    """Put a made bundle onto a card's mounted boot partition: gate-agent/ beside config.txt,
+    the first-boot line merged into the card's user-data (see merge_user_data). Returns
+    notes; BundleError (nothing written) when the folder is no boot partition or its
+    user-data cannot be merged."""
+    card = Path(card)
+    if not card.is_dir() or not _looks_like_boot_partition(card):
+        raise BundleError(_("--card {path} is not a card's boot partition (no config.txt or cmdline.txt in it): "
+                            "give the folder where the card's bootfs is mounted, e.g. /media/$USER/bootfs")
+                          .format(path=card))
+    ours = (bundle / "gate-agent" / "user-data").read_text(encoding="utf-8")
+    target = card / "user-data"
+    notes: list[str] = []
+    merged = None
+    if target.exists():
+        try:
+            existing = target.read_bytes().decode("utf-8")  # as written: its line ends kept
+        except (OSError, UnicodeDecodeError) as exc:
+            raise BundleError(_("the card's user-data cannot be read ({error}); nothing was written to the card")
+                              .format(error=exc)) from None
+        merged, notes = merge_user_data(existing, hostname)
+    try:
+        tmp = card / ".gate-agent.new"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(bundle / "gate-agent", tmp)
+        shutil.rmtree(card / "gate-agent", ignore_errors=True)
+        os.replace(tmp, card / "gate-agent")
+        new = ours if merged is None else merged
+        if merged is None:
+            notes.append(_("the card had no user-data: gate-agent's is written"))
+        elif merged != existing:
+            backup = card / "user-data.gate-agent.bak"
+            if not backup.exists():
+                _write(backup, existing)
+        if merged is None or merged != existing:
+            # Whole or not at all: a card pulled out mid-write keeps the old user-data.
+            _write(card / ".user-data.new", new)
+            os.replace(card / ".user-data.new", target)
+    except OSError as exc:
+        raise BundleError(_("cannot write to the card {path} ({error}): is it mounted writable and not full?")
+                          .format(path=card, error=exc.strerror or exc)) from None
+    return notes
 
 
 def download_wheels(dest: Path, python_versions: tuple[str, ...] = PYTHON_VERSIONS) -> list[str]:
@@ -205,6 +335,14 @@ def _write(path: Path, data: str | bytes, mode: int = 0o644) -> None:
     os.chmod(path, mode)
 
 
+def _user_data_warning() -> str:
+    return _("IMPORTANT: user-data. Raspberry Pi OS from October 2025 starts the installer from the card's "
+             "user-data. If Raspberry Pi Imager set a user, Wi-Fi or SSH, the card already has a user-data: do "
+             "NOT replace it. Best: gate-agent bundle ... --card BOOTFS merges it. By hand: add the line of "
+             "gate-agent/user-data.snippet inside its runcmd:. A card without user-data: copy gate-agent/user-data "
+             "next to config.txt.")
+
+
 def _readme(site: str, gate: str, result: BundleResult) -> str:
     if result.downloaded and not result.missing_wheels:
         wheels = _("wheels/ holds every dependency: no network is needed to install.")
@@ -218,11 +356,11 @@ def _readme(site: str, gate: str, result: BundleResult) -> str:
         "gate-agent bundle for gate {site}/{gate}\n"
         "\n"
         "1. Write Raspberry Pi OS Lite (64-bit) to the card (Raspberry Pi Imager).\n"
-        "2. Open the card's boot partition (\"bootfs\") on the laptop and copy EVERYTHING from this bundle's\n"
-        "   folder onto it: the folder gate-agent/ and the file user-data (next to config.txt).\n"
-        "   - Raspberry Pi OS from October 2025 (trixie): user-data starts the installer. If Imager already\n"
-        "     wrote a user-data (user, Wi-Fi, SSH), keep it and add the lines of gate-agent/user-data.snippet\n"
-        "     at its end instead of replacing it.\n"
+        "2. Open the card's boot partition (\"bootfs\") on the laptop and copy the folder gate-agent/ onto it\n"
+        "   (next to config.txt); or make the bundle with --card BOOTFS, which does this and step 2a.\n"
+        "   a) Raspberry Pi OS from October 2025 (trixie): user-data starts the installer. If the card has a\n"
+        "     user-data (Imager writes one for a user, Wi-Fi, SSH), do not replace it: add the line of\n"
+        "     gate-agent/user-data.snippet inside its runcmd: list. Else copy gate-agent/user-data next to config.txt.\n"
         "   - Raspberry Pi OS bookworm: open cmdline.txt and add the text of gate-agent/cmdline.txt.append\n"
         "     at the end of its only line (same line, one space before).\n"
         "3. Put the card into the gate's Raspberry Pi, connect the network if there is one, power on.\n"
@@ -236,6 +374,8 @@ def _readme(site: str, gate: str, result: BundleResult) -> str:
         "installs them when the network is up); otherwise the slower pure-Python twin runs and says so.\n"
         "The card holds this gate's private key until the first start: keep it safe until then.\n"
     ).format(site=site, gate=gate, wheels=wheels, source=result.source_note)
+    # First, where it cannot be missed: the one step that can lose the technician's own settings.
+    steps = _user_data_warning() + "\n\n" + steps
     if result.boot_lines:
         steps += _(
             "At the first start the installer also writes the board profile's line into config.txt ({lines}):\n"
@@ -274,6 +414,10 @@ def make_bundle(*, site: str, gate: str, config: Path, out: Path, ca: Path, cert
     except OSError as exc:
         raise BundleError(_("config template {path} cannot be read ({error})").format(
             path=config, error=exc.strerror)) from None
+    if Path(out).is_dir() and _looks_like_boot_partition(Path(out)):
+        raise BundleError(_("--out {path} is a card's boot partition: it would be replaced whole. Give an empty "
+                            "folder for --out, and --card {path} to put the bundle on the card")
+                          .format(path=out))
     if not (TEMPLATES / "firstrun.sh").is_file():
         raise BundleError(_("bundle/firstrun.sh is missing: run gate-agent bundle from the source tree"))
 
@@ -350,8 +494,14 @@ def make_bundle(*, site: str, gate: str, config: Path, out: Path, ca: Path, cert
         name = hostname or f"gate-{site}-{gate}"[:63]
         user_data = ((TEMPLATES / "user-data.template").read_text(encoding="utf-8")
                      .replace("{{SITE}}", site).replace("{{GATE}}", gate).replace("{{HOSTNAME}}", name))
-        _write(stage / "user-data", user_data)
-        _write(ga / "user-data.snippet", f"runcmd:\n  - [bash, {BOOT_DIR}/gate-agent/firstrun.sh]\n")
+        # Not at the top of the bundle: copying the bundle onto a card must never replace the
+        # user-data Imager wrote (user, Wi-Fi, SSH). --card merges; README says the rest.
+        _write(ga / "user-data", user_data)
+        _write(ga / "user-data.snippet", _(
+            "# Add the line below to the card's user-data, inside its runcmd: list (a second runcmd:\n"
+            "# would replace Imager's). With no runcmd: in the file, add both lines at its end.\n")
+            + f"runcmd:\n  - {FIRSTRUN_ITEM}\n")
+        result.hostname = name
         _write(ga / "cmdline.txt.append",
                f" systemd.run={BOOT_DIR}/gate-agent/firstrun.sh systemd.run_success_action=reboot "
                "systemd.unit=kernel-command-line.target\n")
@@ -397,6 +547,26 @@ def _cmd_bundle(args: argparse.Namespace) -> int:
         print(f"{prog}: {exc}", file=sys.stderr)
         print(_("{prog}: no bundle was made").format(prog=prog), file=sys.stderr)
         return EXIT_USAGE
+    if args.card:
+        try:
+            res.card_notes = put_on_card(res.out, Path(args.card), res.hostname)
+        except BundleError as exc:
+            print(f"{prog}: {exc}", file=sys.stderr)
+            print(_("{prog}: the bundle is in {out}, but nothing was written to the card").format(
+                prog=prog, out=res.out), file=sys.stderr)
+            return EXIT_USAGE
+    code = _report(args, res)
+    if args.card:
+        print(_("on the card {card}:").format(card=args.card))
+        for note in res.card_notes:
+            print(f"  - {note}")
+    else:
+        # Last, on its own, where it is read: the step that can lose Imager's settings.
+        print(_("warning: {text}").format(text=_user_data_warning()), file=sys.stderr)
+    return code
+
+
+def _report(args: argparse.Namespace, res: BundleResult) -> int:
     print(_("bundle for {site}/{gate} in {out}: files: {n}").format(site=args.site, gate=args.gate, out=res.out,
                                                                    n=len(res.files)))
     print(res.source_note)
@@ -444,6 +614,9 @@ def add_bundle_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--trusted-keys", nargs="+", metavar="ID=FILE", help=argparse.SUPPRESS)
     p.add_argument("--broker", metavar="HOST[:PORT]", help=_("the broker, when the template does not name it"))
     p.add_argument("--out", required=True, metavar="DIR", help=_("where to make the bundle (replaced if present)"))
+    p.add_argument("--card", metavar="BOOTFS",
+                   help=_("also put the bundle on this card's mounted boot partition, merging the user-data "
+                          "Raspberry Pi Imager wrote"))
     p.add_argument("--no-download", action="store_true", help=_("no wheels: the board fetches them during the install"))
     p.add_argument("--python-version", action="append", metavar="X.Y",
                    help=_("the board's Python for the wheels (default 3.11 and 3.13; repeat for more)"))

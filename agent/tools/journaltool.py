@@ -1,7 +1,8 @@
 """``gate-agent journal``: read the gate's journal without disturbing the service.
 
     gate-agent journal tail [-n N] [-f]           the last records, one line each; -f follows
-    gate-agent journal export [--since SEQ] [--pending] > file.jsonl
+    gate-agent journal export [--since SEQ|DATE] [--until SEQ|DATE] [--card C] [--person P]
+                              [--pending] > file.jsonl
     gate-agent journal stats [--json]             counts, backlog, oldest pending, size
 
 The journal database (agent/uplink/journal.py) is opened read-only
@@ -14,6 +15,10 @@ read-only directory) is read as immutable when no WAL is pending.
 yet marked confirmed. The service applies acknowledgements when the gate is
 idle, so a record acknowledged a moment ago may still show as pending.
 
+Times are shown in the board's local time zone, with the zone (``+07:00``),
+by every subcommand; a DATE given to export is local too unless it carries
+an offset (``2026-09-01``, ``2026-09-01T08:00``, ``2026-09-01T08:00+07:00``).
+
 Exit codes: 0 done, 2 the journal cannot be found or read.
 """
 from __future__ import annotations
@@ -21,12 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sqlite3
 import sys
 import time
 import tomllib
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, tzinfo
+from datetime import UTC, datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import quote
@@ -51,6 +57,7 @@ DEFAULT_CONFIG = Path("/etc/gate-agent/agent.toml")
 DEFAULT_JOURNAL = Path("/var/lib/gate-agent/journal.db")
 EXIT_OK = 0
 EXIT_UNREADABLE = 2
+EXIT_USAGE = 2  # a bad --since/--until/--card: argparse's own code for bad options
 FOLLOW_POLL_S = 0.5
 _HIDDEN_FIELDS = frozenset({"v", "id", "seq", "ts", "clock_synced", "boot", "mono", "type"})
 
@@ -157,13 +164,20 @@ def _journal_id(conn: sqlite3.Connection) -> str:
 
 
 def read_records(conn: sqlite3.Connection, *, since_seq: int = 0, pending_only: bool = False,
-                 batch: int = 1000) -> Iterator[dict]:
-    """Records with seq > since_seq in seq order (as committed: with id and seq)."""
+                 batch: int = 1000, until_seq: int | None = None, since_wall: float | None = None,
+                 until_wall: float | None = None) -> Iterator[dict]:
+    """Records with since_seq < seq (<= until_seq) in seq order (as committed: with id and
+    seq); since_wall/until_wall (epoch seconds): only records stamped in [since, until)."""
     where = "seq > ?" + (" AND done IS NULL" if pending_only else "")
+    extra: list[float] = []
+    for cond, value in (("seq <= ?", until_seq), ("wall >= ?", since_wall), ("wall < ?", until_wall)):
+        if value is not None:
+            where += f" AND {cond}"
+            extra.append(value)
     cursor = int(since_seq)
     while True:
         rows = conn.execute(f"SELECT seq, body FROM events WHERE {where} ORDER BY seq LIMIT ?",
-                            (cursor, batch)).fetchall()
+                            (cursor, *extra, batch)).fetchall()
         for seq, body in rows:
             cursor = seq
             try:
@@ -189,13 +203,78 @@ def tail_records(conn: sqlite3.Connection, n: int) -> list[dict]:
 
 
 def export_records(conn: sqlite3.Connection, out: TextIO, *, since_seq: int = 0,
-                   pending_only: bool = False) -> int:
-    """Write records as JSON Lines (the contract's event records); returns how many."""
+                   pending_only: bool = False, until_seq: int | None = None,
+                   since_wall: float | None = None, until_wall: float | None = None,
+                   cards: frozenset[int] | None = None, person: str | None = None) -> int:
+    """Write records as JSON Lines (the contract's event records); returns how many.
+    cards: keep records whose card is one of these keys (card_keys); person: whose person is."""
     n = 0
-    for rec in read_records(conn, since_seq=since_seq, pending_only=pending_only):
+    for rec in read_records(conn, since_seq=since_seq, pending_only=pending_only, until_seq=until_seq,
+                            since_wall=since_wall, until_wall=until_wall):
+        if cards is not None and rec.get("card") not in cards:
+            continue
+        if person is not None and rec.get("person") != person:
+            continue
         out.write(json.dumps(rec, separators=(",", ":"), ensure_ascii=False) + "\n")
         n += 1
     return n
+
+
+_DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+def parse_when(text: str, *, end: bool = False) -> float:
+    """Epoch seconds for a date a technician types: ``2026-09-01`` (that local day's start,
+    or with end its end), ``today``, ``yesterday``, or an ISO date-time (local unless it
+    carries an offset). ValueError saying the accepted forms."""
+    s = text.strip()
+    bad = _("{text!r} is not a date: give YYYY-MM-DD, today, yesterday, or a date and time "
+            "such as 2026-09-01T08:00").format(text=text)
+    if s in ("today", "yesterday") or _DAY.match(s):
+        try:
+            day = (datetime.now().date() - timedelta(days=1 if s == "yesterday" else 0)
+                   if s in ("today", "yesterday") else datetime.strptime(s, "%Y-%m-%d").date())
+        except ValueError:
+            raise ValueError(bad) from None
+        try:
+            if end:
+                day += timedelta(days=1)
+            return datetime(day.year, day.month, day.day).astimezone().timestamp()  # local midnight
+        except (OverflowError, ValueError, OSError):  # year 1 or 9999: beyond what the clock can say
+            raise ValueError(bad) from None
+    try:
+        t = datetime.fromisoformat(s.replace(" ", "T", 1))
+        return (t if t.tzinfo else t.astimezone()).timestamp()
+    except (OverflowError, ValueError, OSError):
+        raise ValueError(bad) from None
+
+
+def card_keys(text: str) -> frozenset[int]:
+    """The keys a card string may be stored under (the journal records the key at the
+    access list's key width, which the tool does not know): every width's reading."""
+    from agent.core.cards import MAX_KEY_WIDTH, MIN_KEY_WIDTH, CardFormatError, parse_card_string
+
+    keys = set()
+    error = None
+    for width in range(MIN_KEY_WIDTH, MAX_KEY_WIDTH + 1):
+        try:
+            keys.add(parse_card_string(text, width))
+        except (CardFormatError, ValueError) as exc:
+            error = exc
+    if not keys:
+        raise ValueError(str(error))
+    return frozenset(keys)
+
+
+def local_time_text(t: datetime, *, ms: bool = False, date: bool = True) -> str:
+    """A time as the board's clock shows it, with the zone: ``2026-09-01 08:00:00 +07:00``."""
+    t = t.astimezone()
+    off = t.strftime("%z")
+    zone = f"{off[:3]}:{off[3:]}" if len(off) == 5 else off
+    shown = t.strftime("%Y-%m-%d %H:%M:%S" if date else "%H:%M:%S")
+    if ms:
+        shown += f".{t.microsecond // 1000:03d}"
+    return f"{shown} {zone}" if date else shown
 
 
 def journal_stats(conn: sqlite3.Connection, path: str | os.PathLike[str], now_wall: float) -> dict:
@@ -264,12 +343,15 @@ def format_record(rec: dict, tz: tzinfo | None = None, *, date: bool = True) -> 
     shown = ts
     if ts:
         try:
-            t = datetime.fromisoformat(ts).astimezone(tz)
-            shown = t.strftime("%Y-%m-%d %H:%M:%S" if date else "%H:%M:%S") + f".{t.microsecond // 1000:03d}"
+            # With the date (tail), the zone too, as journal stats shows its times.
+            shown = local_time_text(datetime.fromisoformat(ts).astimezone(tz), ms=True, date=date)
         except ValueError:
             shown = ts
     parts = []
-    for k, v in rec.items():
+    # The reason first: what a denial, a rejection or a fault is about must survive a narrow
+    # screen (the live view at 80 columns) ahead of the reader and card details.
+    first = [k for k in ("reason", "kind") if k in rec]
+    for k, v in [(k, rec[k]) for k in first] + [(k, v) for k, v in rec.items() if k not in first]:
         if k in _HIDDEN_FIELDS or v is None:
             continue
         if k == "card" and isinstance(v, int):
@@ -315,6 +397,15 @@ def follow(path: Path, out: TextIO, *, after_seq: int, stop: Callable[[], bool] 
         conn.close()
 
 
+def _local_ts(ts: str | None) -> str:
+    if not ts:
+        return "-"
+    try:
+        return local_time_text(datetime.fromisoformat(ts))
+    except ValueError:
+        return ts
+
+
 def format_stats(s: dict) -> str:
     lines = [
         _("journal {id}: {path}").format(id=s["journal"], path=s["path"]),
@@ -323,7 +414,7 @@ def format_stats(s: dict) -> str:
         _("  records kept: {n}").format(n=s["stored"]),
         _("  waiting for the server's confirmation: {n} (oldest: {age})")
         .format(n=s["pending"], age=age_text(s["oldest_pending_s"])),
-        _("  time range: {first} .. {last}").format(first=s["first_ts"] or "-", last=s["last_ts"] or "-"),
+        _("  time range: {first} .. {last}").format(first=_local_ts(s["first_ts"]), last=_local_ts(s["last_ts"])),
     ]
     if s["dropped_unreported"]:
         lines.append(_("  refused for lack of space, not yet reported: {n}").format(n=s["dropped_unreported"]))
@@ -344,9 +435,41 @@ def _open_from_args(args: argparse.Namespace) -> tuple[Path, sqlite3.Connection]
     return path, open_readonly(path)
 
 
+def _export_bounds(args: argparse.Namespace) -> dict[str, Any]:
+    """export's --since/--until (a seq or a date), --card and --person as export_records'
+    arguments; ValueError saying what is wrong."""
+    out: dict[str, Any] = {}
+    for name, end in (("since", False), ("until", True)):
+        text = getattr(args, name)
+        if text is None:
+            continue
+        if text.strip().isdigit():  # a sequence number: after it (--since), up to it (--until)
+            seq = int(text)
+            if seq >= 2**63:
+                raise ValueError(_("--{name} {text}: a record number is far smaller").format(name=name, text=text))
+            out["since_seq" if name == "since" else "until_seq"] = seq
+        else:
+            out["since_wall" if name == "since" else "until_wall"] = parse_when(text, end=end)
+    if args.card is not None:
+        try:
+            out["cards"] = card_keys(args.card)
+        except ValueError as exc:
+            raise ValueError(_("the card {card!r} cannot be read: {error}").format(card=args.card, error=exc)) from None
+    if args.person is not None:
+        out["person"] = args.person
+    return out
+
+
 def _cmd_journal(args: argparse.Namespace) -> int:
     out = sys.stdout
     what = getattr(args, "journal_command", None)
+    bounds: dict[str, Any] = {}
+    if what == "export":
+        try:
+            bounds = _export_bounds(args)  # before the journal is opened: a typo is said at once
+        except ValueError as exc:
+            print(f"gate-agent journal export: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     try:
         path, conn = _open_from_args(args)
     except JournalReadError as exc:
@@ -368,7 +491,7 @@ def _cmd_journal(args: argparse.Namespace) -> int:
                     pass
             return EXIT_OK
         if what == "export":
-            n = export_records(conn, out, since_seq=args.since, pending_only=args.pending)
+            n = export_records(conn, out, pending_only=args.pending, **bounds)
             out.flush()
             print(_("gate-agent journal: exported records: {n}").format(n=n), file=sys.stderr)
             return EXIT_OK
@@ -407,7 +530,15 @@ def add_journal_parser(subparsers: Any) -> argparse.ArgumentParser:
     t.add_argument("-n", "--lines", type=int, default=20, help=_("how many (default 20)"))
     t.add_argument("-f", "--follow", action="store_true", help=_("keep printing new records (Ctrl-C stops)"))
     e = sub.add_parser("export", parents=[common], help=_("records as JSON Lines on standard output"))
-    e.add_argument("--since", type=int, default=0, metavar="SEQ", help=_("only records after this seq"))
+    e.add_argument("--since", default=None, metavar="SEQ|DATE",
+                   help=_("only records after this seq, or from this date or time (local: 2026-09-01, "
+                          "2026-09-01T08:00, today, yesterday; or with an offset)"))
+    e.add_argument("--until", default=None, metavar="SEQ|DATE",
+                   help=_("only records up to this seq, or before the end of this date (a time: before it)"))
+    e.add_argument("--card", default=None, metavar="CARD",
+                   help=_("only this card's records (100,60179, the printed number 0006613779, or hex:UID)"))
+    e.add_argument("--person", default=None, metavar="ID",
+                   help=_("only this person's records (the person id of the access list)"))
     e.add_argument("--pending", action="store_true", help=_("only records not yet confirmed by the server"))
     s = sub.add_parser("stats", parents=[common], help=_("counts, backlog, oldest pending record, size"))
     s.add_argument("--json", action="store_true", help=_("as JSON"))

@@ -7,7 +7,10 @@
 
 Shows the mode, the broker state, the access list, counters (granted,
 denied by reason, passages by direction, forced, timeouts, reader errors,
-faults, active alarms), the backlog to the server and the last events.
+faults, active alarms) with the period they cover, the backlog to the
+server and the last events (a denial's reason first; "clock?" explained
+when shown). A service that is not running (systemd, on the board) or an
+agent that announced its stop (over MQTT) shows mode "?" and says so.
 
 Sources. On the board the journal is read read-only, as ``gate-agent
 journal`` does (the service is never disturbed); the broker state and the
@@ -33,6 +36,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from collections import Counter, deque
@@ -43,7 +47,13 @@ from typing import Any, TextIO
 
 from agent.i18n import _
 
-from .journaltool import JournalReadError, format_record, journal_path, open_readonly
+from .journaltool import (
+    JournalReadError,
+    format_record,
+    journal_path,
+    local_time_text,
+    open_readonly,
+)
 
 __all__ = [
     "GateView",
@@ -83,8 +93,13 @@ class GateView:
         self.oldest_pending_s: float | None = None
         self.status_line: str | None = None  # the service's systemd STATUS=
         self.last_seq = 0
-        self.notes: deque[str] = deque(maxlen=3)  # messages for the person watching (the demo's)
+        # Messages for the person watching (the demo's): enough that its first ones (the broker's
+        # port, the commands to try) stay on screen.
+        self.notes: deque[str] = deque(maxlen=12)
         self.since = time.time()
+        self.counted_from: float | None = None  # the earliest record counted (epoch s): the counters' period
+        self.service_state: str | None = None  # systemd's word for the service (on the board), if known
+        self.offline_reason: str | None = None  # the retained offline status' reason (over MQTT)
         self._lock = threading.Lock()
         self._new: list[dict] = []  # records not yet printed (plain mode)
 
@@ -102,6 +117,12 @@ class GateView:
     def _count(self, rec: dict) -> None:
         t = rec.get("type", "?")
         self.counts[t] += 1
+        try:
+            wall = datetime.fromisoformat(str(rec.get("ts"))).timestamp()
+        except ValueError:
+            wall = None
+        if wall is not None and (self.counted_from is None or wall < self.counted_from):
+            self.counted_from = wall
         if t == "access.denied":
             self.denied[str(rec.get("reason"))] += 1
         elif t == "passage":
@@ -128,6 +149,9 @@ class GateView:
     def set_status(self, doc: dict) -> None:
         with self._lock:
             self.gate_state = str(doc.get("state"))
+            self.offline_reason = str(doc.get("reason")) if doc.get("state") == "offline" else None
+            if self.offline_reason == "shutdown":
+                self.mode = "?"  # an orderly stop: the agent decides nothing until it starts again
             if doc.get("state") == "online" and doc.get("acl_version"):
                 self.acl_version = doc.get("acl_version")
 
@@ -150,6 +174,17 @@ class GateView:
     def set_status_line(self, text: str | None) -> None:
         with self._lock:
             self.status_line = text
+
+    def set_service_state(self, state: str | None) -> None:
+        """systemd's state of the service (active, inactive, failed, ...), None when unknown.
+        A stopped service is in no mode: the mode shows "?" until its agent.started."""
+        with self._lock:
+            self.service_state = state
+            if self.service_stopped():
+                self.mode = "?"
+
+    def service_stopped(self) -> bool:
+        return self.service_state not in (None, "active", "activating", "reloading")
 
     def note(self, text: str) -> None:
         stamp = datetime.now().strftime("%H:%M:%S")
@@ -205,9 +240,15 @@ class GateView:
             _("backlog to the server: {backlog}").format(backlog=backlog),
         ]
 
-    def render(self, *, now: float | None = None, width: int | None = None) -> list[str]:
+    def render(self, *, now: float | None = None, width: int | None = None,
+               height: int | None = None) -> list[str]:
+        """The frame: lines no wider than width (longer ones wrapped, never cut, so a denial's
+        reason stays readable at 80 columns); with height (a live terminal: its rows when
+        width is not given) the oldest events give way so the rest fits."""
         now = time.time() if now is None else now
-        width = width or shutil.get_terminal_size((100, 30)).columns
+        if width is None:
+            size = shutil.get_terminal_size((100, 30))
+            width, height = size.columns, height or size.lines
         with self._lock:
             gate_state = self.gate_state
             head = _("gate {site}/{gate}   mode {mode}   broker {broker}   access list {acl}").format(
@@ -220,11 +261,65 @@ class GateView:
         lines = [f"{head}   {clock}"]
         if status:
             lines.append(_("service: {status}").format(status=status))
+        lines.extend(self._state_lines())
         lines.extend(f"* {n}" for n in notes)
+        lines.append(self.period_line(now))
         lines.extend(self.counter_lines())
         lines.append(_("--- last events ---"))
-        lines.extend(format_record(r, date=False) for r in recent[-self.lines:])
-        return [line[:width] for line in lines]
+        shown = [format_record(r, date=False) for r in recent[-self.lines:]]
+        legend = []
+        if any(r.get("clock_synced") is False for r in recent[-self.lines:]):
+            legend.append(_("clock?: made while the gate's clock was not synchronised: its time may be wrong"))
+        return _fit(lines, shown, legend, width, height)
+
+    def _state_lines(self) -> list[str]:
+        with self._lock:
+            state, reason = self.service_state, self.offline_reason
+            stopped = self.service_stopped()
+        if stopped:
+            return [_("! the service is not running (systemd: {state}): the gate decides nothing; "
+                      "sudo systemctl start gate-agent").format(state=state)]
+        if reason == "shutdown":
+            return [_("! the agent has stopped (an orderly shutdown): the gate decides nothing until it starts")]
+        if reason is not None:
+            return [_("! the gate is offline (its connection was lost): it still decides and keeps its "
+                      "events; they come when it reconnects; the mode shown is the last one seen")]
+        return []
+
+    def period_line(self, now: float | None = None) -> str:
+        """What the counters cover: from the earliest record counted (or the view's start)."""
+        now = time.time() if now is None else now
+        with self._lock:
+            start = self.since if self.counted_from is None else min(self.since, self.counted_from)
+            n = sum(self.counts.values())
+        begin = datetime.fromtimestamp(start).astimezone()
+        today = datetime.fromtimestamp(now).astimezone().date() == begin.date()
+        shown = local_time_text(begin, date=not today) if not today else begin.strftime("%H:%M:%S")
+        return _("counters: since {since}, events counted: {n}").format(since=shown, n=n)
+
+
+def _wrap(line: str, width: int) -> list[str]:
+    if len(line) <= width or width < 20:
+        return [line[:width]] if width < 20 else [line]
+    return textwrap.wrap(line, width=width, subsequent_indent="    ", break_long_words=True,
+                         break_on_hyphens=False) or [""]
+
+
+def _fit(lines: list[str], events: list[str], legend: list[str], width: int, height: int | None) -> list[str]:
+    head = [part for line in lines for part in _wrap(line, width)]
+    tail = [part for line in legend for part in _wrap(line, width)]
+    # An event keeps one row: its reason comes first (format_record), so only the reader and
+    # card details at its end may give way, marked with "…".
+    wrapped = [[e if len(e) <= width else e[:max(0, width - 1)] + "…"] for e in events]
+    if height is not None:
+        room = max(0, height - 1 - len(head) - len(tail))  # one row for the cursor's line
+        kept: list[list[str]] = []
+        for e in reversed(wrapped):  # the newest events first
+            if sum(len(k) for k in kept) + len(e) > room:
+                break
+            kept.append(e)
+        wrapped = list(reversed(kept))
+    return head + [part for e in wrapped for part in e] + tail
 
 
 # --------------------------------------------------------------------------- sources
@@ -296,6 +391,18 @@ class MqttSource:
             self.view.set_telemetry(doc)
 
 
+def service_active_state() -> str | None:
+    """systemd's word for the service (active, inactive, failed, ...); None without systemd."""
+    if shutil.which("systemctl") is None or not Path("/run/systemd/system").is_dir():
+        return None
+    try:
+        res = subprocess.run(["systemctl", "is-active", "gate-agent"], capture_output=True, text=True,
+                             timeout=3, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return res.stdout.strip() or None
+
+
 def service_status_text() -> str | None:
     """The running service's systemd STATUS= line (mode, backlog, broker, acl), if any."""
     if shutil.which("systemctl") is None or not Path("/run/systemd/system").is_dir():
@@ -312,8 +419,10 @@ class JournalSource:
     """The local journal, read-only, polled for new records (the board's view)."""
 
     def __init__(self, view: GateView, path: str | Path, *, poll_s: float = 0.5, history: int | None = None,
-                 status_text: Callable[[], str | None] = service_status_text) -> None:
+                 status_text: Callable[[], str | None] = service_status_text,
+                 service_state: Callable[[], str | None] = service_active_state) -> None:
         self.view = view
+        self._service_state = service_state
         self.path = Path(path)
         self.poll_s = poll_s
         self.history = history  # records read at start (None: today's, for the counters)
@@ -353,6 +462,7 @@ class JournalSource:
         pending, oldest = self._conn.execute("SELECT count(*), min(wall) FROM events WHERE done IS NULL").fetchone()
         self.view.set_backlog(pending, None if oldest is None else max(0.0, time.time() - oldest))
         self.view.set_status_line(self._status_text())
+        self.view.set_service_state(self._service_state())
 
     def start(self) -> JournalSource:
         self._thread = threading.Thread(target=self._loop, name="monitor-journal", daemon=True)
@@ -403,7 +513,7 @@ def run_view(view: GateView, out: TextIO, *, stop: threading.Event, live: bool,
             out.writelines(format_record(rec, date=False) + "\n" for rec in view.take_new())
             if time.monotonic() >= next_summary:
                 next_summary = time.monotonic() + plain_summary_s
-                out.write("== " + " | ".join(view.counter_lines()) + "\n")
+                out.write("== " + " | ".join([view.period_line(), *view.counter_lines()]) + "\n")
         out.flush()
         wait = redraw_s
         if end is not None:
@@ -447,7 +557,8 @@ def _cmd_monitor(args: argparse.Namespace) -> int:
             path = journal_path(args.config, args.db)
             site, gate = _site_gate(args.config)
             view = GateView(args.site or site, args.gate or gate, lines=args.lines)
-            source = JournalSource(view, path)
+            # A journal file given by --db may come from another board: this machine's service says nothing of it.
+            source = JournalSource(view, path, **({"service_state": lambda: None} if args.db else {}))
             source.load()
         except JournalReadError as exc:
             print(f"{prog}: {exc}", file=sys.stderr)

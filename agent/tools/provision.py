@@ -700,7 +700,11 @@ def provision(config: Path, *, site: str, gate: str, broker: str, ca: Path | Non
     files = {"ca": ca, "cert": cert, "key": key}
     targets = {what: folder / _CERT_NAMES[what] for what, src in files.items() if src is not None}
     for what, target in targets.items():
-        updates.append(("mqtt.tls", f"{what}_file", str(target)))
+        # The service reads paths in a config relative to that config's folder: a config given
+        # by a relative path (prov/agent.toml) must name its files by bare name, not "prov/ca.pem"
+        # (which would mean prov/prov/ca.pem). An absolute config keeps absolute paths.
+        written_as = str(target) if folder.is_absolute() else _CERT_NAMES[what]
+        updates.append(("mqtt.tls", f"{what}_file", written_as))
     before = _trusted_names(text)
     if trusted_keys:
         text = replace_toml_table(text, "commands.trusted_keys", dict(trusted_keys))
