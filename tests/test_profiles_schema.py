@@ -206,3 +206,19 @@ def test_the_worked_example_in_the_docs_is_a_valid_profile(tmp_path):
     shown = shown[len("```text\n"): shown.index("```", 8)]
     for e in exc.value.errors:
         assert f"  - {e}" in shown, e
+
+
+def test_the_worked_example_config_passes_check_config(tmp_path, capsys):
+    """The page's profile and its config snippet together: check-config says OK."""
+    page = (ROOT / "hardware" / "profiles.md").read_text()
+    start = page.index("```toml\n# school17-gate.toml")
+    (tmp_path / "school17-gate.toml").write_text(page[start + 8: page.index("```", start + 7)])
+    snippet_start = page.index("```toml\n[gate]")
+    snippet = page[snippet_start + 8: page.index("```", snippet_start + 7)]
+    snippet = snippet.replace('profile = "school17-gate"', 'profile = "school17-gate.toml"\npin_factory = "mock"')
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text('[site]\nid = "school17"\ngate = "main-1"\n' + snippet)
+    rc = main(["check-config", str(cfg)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert '"wait_s": 8.0' in captured.out
