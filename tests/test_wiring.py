@@ -3,6 +3,9 @@ pin, follows the profile when it changes, is the same bytes every run, and
 reads the profile from the config by default."""
 from __future__ import annotations
 
+import inspect
+import io
+import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -183,3 +186,76 @@ def test_russian_headings_and_every_message_translated(capsys):
     out = capsys.readouterr().out
     assert "Схема подключения" in out
     assert "Unlock A" in out  # terminal names stay as printed on the controller board
+
+
+# --- the wiring pages and the sign-off sheets ---------------------------------------------------
+
+SHEETS = [ROOT / "hardware" / "commissioning-en.md", ROOT / "hardware" / "commissioning-ru.md"]
+PAGES = [ROOT / "hardware" / "perco.md", ROOT / "hardware" / "profiles.md", *SHEETS]
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to '-'."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_every_relative_link_and_anchor_resolves(page):
+    for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+        if target.startswith(("http://", "https://")):
+            continue
+        path, _, anchor = target.partition("#")
+        dest = (page.parent / path).resolve() if path else page
+        assert dest.exists(), f"{page.name}: {target}"
+        if anchor:
+            headings = [_anchor(h) for h in re.findall(r"^#+ (.+)$", dest.read_text(), re.MULTILINE)]
+            assert anchor in headings, f"{page.name}: {target} (headings: {headings})"
+
+
+def test_the_sheets_list_every_doctor_check():
+    from agent.tools.doctor import Doctor
+
+    names = re.findall(r"self\.check_(\w+)", inspect.getsource(Doctor.run))
+    assert "boot" in names and len(names) >= 10
+    for sheet in SHEETS:
+        row = next(ln for ln in sheet.read_text().splitlines() if ln.startswith("| config |"))
+        assert [c.strip() for c in row.strip("|").split("|")] == names, sheet.name
+
+
+@pytest.mark.parametrize("sheet", SHEETS, ids=lambda p: p.name)
+def test_every_io_test_command_on_the_sheets_runs(sheet):
+    """Each `command` the sheet asks for at the io-test prompt is one io-test accepts,
+    run against the shipped relay profile on mock pins."""
+    from gpiozero.pins.mock import MockFactory
+
+    from agent.tools.iotest import run_iotest
+
+    text = sheet.read_text()
+    section = text[text.index("## 6."): text.index("## 7.")]
+    commands = []
+    for cell in re.findall(r"`([^`]+)`", section):
+        if cell.split()[0] in ("pulse", "on", "off", "show", "wait", "all"):
+            commands.append(cell)
+    assert len(commands) >= 10
+    for extra in ("exit.led", "exit.beeper"):  # "and the same for exit"
+        commands.append(f"pulse {extra} 0.1")
+    out = io.StringIO()
+    assert run_iotest("pi4-relay4", factory=MockFactory(), commands=commands, out=out, err=out) == 0, out.getvalue()
+
+
+def test_the_two_sheets_have_the_same_steps():
+    """The Russian sheet is the English one translated: the same sections, checkboxes, commands."""
+    en, ru = (s.read_text() for s in SHEETS)
+    assert en.count("☐") == ru.count("☐")
+    assert len(re.findall(r"^## ", en, re.MULTILINE)) == len(re.findall(r"^## ", ru, re.MULTILINE))
+    code = [set(re.findall(r"`([^`]+)`", t)) for t in (en, ru)]
+    assert code[0] == code[1]
+
+
+def test_the_perco_page_names_every_turnstile_terminal_the_diagram_uses():
+    from agent.tools.wiring import TERMINALS
+
+    text = (ROOT / "hardware" / "perco.md").read_text()
+    for signal, terminal in TERMINALS.items():
+        assert f"`{signal}`" in text and f"**{terminal}**" in text, signal
+    assert "relay_mode" in text and "confirm on site" in text
