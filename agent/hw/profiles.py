@@ -217,7 +217,7 @@ def _output(d: Any, where: str, errors: list[str]) -> OutputPin:
     _unknown(d, ("pin", "active", "note"), where, errors)
     if "pin" not in d or "active" not in d:
         errors.append(f"{where}: needs pin and active, e.g. {{ pin = 4, active = \"low\" }}")
-    return OutputPin(pin=_pin(d.get("pin"), where, errors),
+    return OutputPin(pin=_pin(d["pin"], where, errors) if "pin" in d else -1,
                      active_high=_level(d.get("active", "high"), where, errors),
                      note=str(d.get("note", "")))
 
@@ -236,7 +236,7 @@ def _input(d: Any, where: str, errors: list[str]) -> InputPin:
                                or not 0 <= bounce <= 1000):
         errors.append(f"{where}: bounce_ms = {bounce!r}; allowed: milliseconds from 0 to 1000")
         bounce = None
-    return InputPin(pin=_pin(d.get("pin"), where, errors), pull=pull,
+    return InputPin(pin=_pin(d["pin"], where, errors) if "pin" in d else -1, pull=pull,
                     active_high=_level(d.get("active", "high"), where, errors),
                     bounce_s=(bounce / 1000.0) if bounce else None, note=str(d.get("note", "")))
 
