@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     from agent.tools.journaltool import add_journal_parser
     from agent.tools.monitor import add_monitor_parser
     from agent.tools.provision import add_provision_parser
+    from agent.tools.wiring import add_wiring_parser
     from agent.tools_regional import add_regional_parsers
 
     add_run_parser(sub)
@@ -111,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_enroll_parser(sub)
     add_iotest_parser(sub)
     add_bundle_parser(sub)
+    add_wiring_parser(sub)
     add_sim_parser(sub)
     add_regional_parsers(sub)
     return p

@@ -5,9 +5,12 @@ fire_release; inputs pass_a, pass_b, ready, fire_loop, fire_reset, lockdown,
 button_in, button_out, tamper) and each Wiegand reader's D0/D1 and optional
 LED/beeper lines, with the electrical level at which each line is active.
 
-``load_profile`` checks the whole profile and reports every problem at once:
-unknown names, bad pins, a pin used twice, and an output that would be active
-at power-on. At power-on, before any software runs, BCM GPIO 0 to 8 are pulled
+The format is documented in hardware/profiles.md and fixed by the JSON Schema
+agent/schemas/profile.schema.json (copy in docs/schemas/). ``load_profile``
+checks the whole profile and reports every problem at once: the schema's
+(unknown names, bad pins, missing lines), said in plain words, then what a
+schema cannot say: a pin used twice, and an output that would be active at
+power-on. At power-on, before any software runs, BCM GPIO 0 to 8 are pulled
 up and 9 to 27 pulled down (DESIGN.md): an active-low relay on a pulled-down
 pin energises at once and pulses the turnstile on every reboot. So an
 active-low output must sit on a pulled-up pin, an active-high output on a
@@ -16,11 +19,14 @@ pulled-down pin, unless the profile's boot lines (``gpio=N=op,dh`` /
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -42,6 +48,7 @@ INPUT_MEANING = {
 INPUT_LINES = tuple(INPUT_MEANING)
 REQUIRED_INPUTS = ("pass_a", "pass_b")
 PULLS = ("up", "down", "none")
+READER_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # as gate.readers names them (config.schema.json)
 LEVELS = ("high", "low")
 BCM_PINS = range(28)
 # The HAT ID EEPROM lines: a HAT's EEPROM (or its absence) must not be disturbed.
@@ -210,7 +217,7 @@ def _output(d: Any, where: str, errors: list[str]) -> OutputPin:
     _unknown(d, ("pin", "active", "note"), where, errors)
     if "pin" not in d or "active" not in d:
         errors.append(f"{where}: needs pin and active, e.g. {{ pin = 4, active = \"low\" }}")
-    return OutputPin(pin=_pin(d.get("pin"), where, errors),
+    return OutputPin(pin=_pin(d["pin"], where, errors) if "pin" in d else -1,
                      active_high=_level(d.get("active", "high"), where, errors),
                      note=str(d.get("note", "")))
 
@@ -229,7 +236,7 @@ def _input(d: Any, where: str, errors: list[str]) -> InputPin:
                                or not 0 <= bounce <= 1000):
         errors.append(f"{where}: bounce_ms = {bounce!r}; allowed: milliseconds from 0 to 1000")
         bounce = None
-    return InputPin(pin=_pin(d.get("pin"), where, errors), pull=pull,
+    return InputPin(pin=_pin(d["pin"], where, errors) if "pin" in d else -1, pull=pull,
                     active_high=_level(d.get("active", "high"), where, errors),
                     bounce_s=(bounce / 1000.0) if bounce else None, note=str(d.get("note", "")))
 
@@ -244,13 +251,85 @@ def _reader(d: Any, where: str, errors: list[str]) -> WiegandPins:
         errors.append(f"{where}: pull = {pull!r}; allowed: \"up\", \"down\", \"none\"")
         pull = "up"
     return WiegandPins(
-        d0=_pin(d.get("d0"), f"{where}.d0", errors),
-        d1=_pin(d.get("d1"), f"{where}.d1", errors),
+        d0=_pin(d["d0"], f"{where}.d0", errors) if "d0" in d else -1,
+        d1=_pin(d["d1"], f"{where}.d1", errors) if "d1" in d else -1,
         pull=pull,
         led=_output(d["led"], f"{where}.led", errors) if "led" in d else None,
         beeper=_output(d["beeper"], f"{where}.beeper", errors) if "beeper" in d else None,
         note=str(d.get("note", "")),
     )
+
+
+# --- the schema ------------------------------------------------------------------
+
+
+def profile_schema() -> dict:
+    """The JSON Schema of a profile document (agent/schemas/profile.schema.json), a fresh copy."""
+    return json.loads(_schema_text())
+
+
+@cache
+def _schema_text() -> str:
+    return (resources.files("agent") / "schemas" / "profile.schema.json").read_text(encoding="utf-8")
+
+
+@cache
+def _validator() -> Any:
+    import jsonschema_rs  # only when a profile is read: keeps `import agent.hw.profiles` light
+
+    return jsonschema_rs.Draft202012Validator(json.loads(_schema_text()))
+
+
+_TYPE_WORDS = {"string": "text in quotes", "integer": "a whole number", "number": "a number",
+               "object": "a table", "array": "a list [...]", "boolean": "true or false"}
+
+
+def _dotted(parts: Any) -> str:
+    return ".".join(str(p) for p in parts) or "top level"
+
+
+def schema_problems(doc: Any) -> list[tuple[str, str]]:
+    """(where, problem) for each way ``doc`` breaks profile.schema.json, in plain words.
+
+    ``where`` is the dotted key path ("outputs.unlock_a.pin"), the place in
+    the TOML file the technician has to look.
+    """
+    import jsonschema_rs
+
+    # TOML can hold dates and times JSON cannot; as text they fail the schema with a clear message.
+    plain = json.loads(json.dumps(doc, default=str))
+    out: list[tuple[str, str]] = []
+    for err in _validator().iter_errors(plain):
+        where = list(err.instance_path)
+        kind = err.kind
+        if isinstance(kind, jsonschema_rs.ValidationErrorKind.Required):
+            out.append((_dotted([*where, kind.property]), "missing; this line is required"))
+        elif isinstance(kind, jsonschema_rs.ValidationErrorKind.AdditionalProperties):
+            out += [(_dotted([*where, k]), "unknown key; see hardware/profiles.md for the allowed ones")
+                    for k in kind.unexpected]
+        elif isinstance(kind, jsonschema_rs.ValidationErrorKind.Enum):
+            allowed = " or ".join(json.dumps(o) for o in kind.options)
+            out.append((_dotted(where), f"{json.dumps(err.instance)} is not allowed; use {allowed}"))
+        elif isinstance(kind, jsonschema_rs.ValidationErrorKind.Type):
+            wanted = " or ".join(_TYPE_WORDS.get(str(t).lower(), str(t)) for t in kind.types)
+            out.append((_dotted(where), f"{json.dumps(err.instance)} has the wrong type; give {wanted}"))
+        else:
+            out.append((_dotted(where), err.message))
+    return out
+
+
+def _location(message: str) -> str:
+    """The key path a parser message is about ("outputs.stop: ..." -> "outputs.stop")."""
+    where, _, rest = message.partition(": ")
+    m = re.match(r"unknown key '([^']*)'", rest)
+    if m:
+        return m.group(1) if where == "top level" else f"{where}.{m.group(1)}"
+    return where
+
+
+def _covered(path: str, locations: list[str]) -> bool:
+    return any(loc == path or loc.startswith(path + ".") or path.startswith(loc + ".")
+               for loc in locations)
 
 
 def parse_profile(doc: Mapping[str, Any], source: str) -> Profile:
@@ -282,7 +361,13 @@ def parse_profile(doc: Mapping[str, Any], source: str) -> Profile:
             errors.append(f"inputs.{k}: unknown input; allowed: {', '.join(INPUT_LINES)}")
             continue
         inputs[k] = _input(v, f"inputs.{k}", errors)
-    readers = {k: _reader(v, f"readers.{k}", errors) for k, v in readers_doc.items()}
+    readers = {}
+    for k, v in readers_doc.items():
+        if not isinstance(k, str) or not READER_NAME.fullmatch(k):
+            errors.append(f"readers: reader name {k!r}; use 1 to 64 letters, digits, '_', '.' or '-', "
+                          "the name gate.readers gives it (e.g. entry, exit)")
+            continue
+        readers[k] = _reader(v, f"readers.{k}", errors)
     boot = doc.get("boot_config", [])
     if not isinstance(boot, list) or not all(isinstance(x, str) for x in boot):
         errors.append(f"boot_config: {boot!r}; give a list of config.txt lines")
@@ -296,6 +381,13 @@ def parse_profile(doc: Mapping[str, Any], source: str) -> Profile:
         readers=MappingProxyType(readers),
         boot_config=tuple(boot),
     )
+    # The schema is the letter of the format; the checks above say the same in
+    # plainer words. Anything the schema refuses that they did not report (a
+    # drift between the two) is still reported, so no problem goes unsaid.
+    said = [_location(e) for e in errors]
+    if any(e.startswith("readers: reader name") for e in errors):
+        said.append("readers")  # a bad name garbles the schema's paths below it; the name comes first
+    errors += [f"{where}: {what}" for where, what in schema_problems(doc) if not _covered(where, said)]
     errors += check_profile(profile)
     if errors:
         raise ProfileError(source, errors)
