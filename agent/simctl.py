@@ -75,6 +75,7 @@ from agent.simhw import (
     serial_frame,
     wiegand_frame,
 )
+from agent.tools.words import config_message
 
 log = logging.getLogger(__name__)
 
@@ -780,7 +781,7 @@ def _cmd_sim(args: argparse.Namespace) -> int:
         _error(_("config {path} cannot be used: problems: {n}; check it with: gate-agent check-config {path}")
                .format(path=exc.source, n=len(exc.errors)))
         for where, msg in exc.errors[:12]:
-            print(f"  {where or exc.source}: {msg}", file=sys.stderr)
+            print(f"  {where or exc.source}: {config_message(msg)}", file=sys.stderr)
         return EXIT_CONFIG
     factory = config.hardware.pin_factory
     if factory != "mock":

@@ -1,6 +1,10 @@
 """Small pieces of text the technician's tools share, translated."""
 from __future__ import annotations
 
+import re
+from pathlib import Path
+from typing import Any
+
 from agent.i18n import _
 
 
@@ -100,3 +104,193 @@ def alarm_text(kind: object) -> str:
 def reader_error_text(kind: object) -> str:
     """A reader error kind: «ошибка чётности (parity)» / "parity"."""
     return _term(READER_ERROR_TERMS, kind)
+
+
+# --------------------------------------------------------------------------- config messages
+#
+# agent/config.py (with the gate rules of agent/core/gateconfig.py and the
+# board profiles of agent/hw/profiles.py) writes its problems in English:
+# the service logs them and the log stays English. The people-facing tools
+# (check-config, doctor, provision, bundle) show them in the user's language
+# through config_message(): every message those modules can produce is found
+# in their source (the f-strings handed to errors.append, self.error, bad,
+# ConfigError ...), each becomes a msgid whose placeholders are the f-string's
+# fields ("{path} does not exist; create it or fix the path"), and a message
+# is translated by matching it against those templates. The source stays the
+# one place a message is written; tests/test_i18n_tools.py fails when one has
+# no translation.
+
+_CONFIG_SOURCES = ("config.py", "core/gateconfig.py", "hw/profiles.py")
+_MESSAGE_CALLS = {"append", "error", "bad", "with_hint", "ConfigError", "GateConfigError", "ProfileError"}
+
+
+def _template_parts(node: Any) -> list[tuple[str, str]] | None:
+    """[("lit", text) | ("field", "{expr}")] of a string or f-string node."""
+    import ast
+
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return [("lit", node.value)]
+    if not isinstance(node, ast.JoinedStr):
+        return None
+    parts: list[tuple[str, str]] = []
+    for v in node.values:
+        if isinstance(v, ast.Constant):
+            parts.append(("lit", str(v.value)))
+        elif isinstance(v, ast.FormattedValue):
+            conv = {-1: "", 115: "!s", 114: "!r", 97: "!a"}[v.conversion]
+            spec = ""
+            if v.format_spec is not None:
+                spec = ":" + "".join(str(x.value) for x in v.format_spec.values if isinstance(x, ast.Constant))
+            parts.append(("field", "{" + ast.unparse(v.value) + conv + spec + "}"))
+    return parts
+
+
+def _is_message(parts: list[tuple[str, str]]) -> bool:
+    """Words a person reads, not a key path such as "gate.readers.{name}"."""
+    text = "".join(t for k, t in parts if k == "lit")
+    return " " in text.strip() and len(re.findall(r"[A-Za-z]{2,}", text)) >= 2
+
+
+def _source_templates() -> list[list[tuple[str, str]]]:
+    import ast
+
+    root = Path(__file__).resolve().parent.parent
+    found: list[list[tuple[str, str]]] = []
+    for rel in _CONFIG_SOURCES:
+        try:
+            tree = ast.parse((root / rel).read_text(encoding="utf-8"))
+        except (OSError, SyntaxError):
+            continue  # an install without sources: the messages stay English
+        consts = {t.id: n.value for n in tree.body if isinstance(n, ast.Assign)
+                  for t in n.targets if isinstance(t, ast.Name) and t.id.isupper()}
+        candidates: list[Any] = []
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call):
+                f = node.func
+                name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
+                if name in _MESSAGE_CALLS:
+                    candidates.extend(node.args)
+            elif isinstance(node, ast.FunctionDef) and node.name in ("_schema_error", "warnings"):
+                candidates.extend(n.value for n in ast.walk(node) if isinstance(n, ast.Return) and n.value)
+        while candidates:
+            c = candidates.pop()
+            if isinstance(c, (ast.Tuple, ast.List)):
+                candidates.extend(c.elts)
+            elif isinstance(c, ast.BinOp):
+                candidates.extend((c.left, c.right))
+            elif isinstance(c, ast.Name) and c.id in consts:
+                candidates.append(consts[c.id])
+            else:
+                parts = _template_parts(c)
+                if parts and _is_message(parts) and parts not in found:
+                    found.append(parts)
+    return found
+
+
+_templates: list[tuple[str, re.Pattern[str], list[str]]] | None = None
+# Fields that may be empty or sit right beside another field: what each can hold.
+_FIELD_PATTERNS = {
+    "{'s' if len(extra) > 1 else ''}": "(s?)",
+    "{for_what}": "((?:; allowed here: .*)?)",
+    "{': ' + desc if desc else ''}": "((?:: .*)?)",
+}
+
+
+def _schema_texts() -> tuple[list[str], list[str]]:
+    """(descriptions, hints) of the config schema: config.py puts them into its messages."""
+    import json
+
+    path = Path(__file__).resolve().parent.parent / "schemas" / "config.schema.json"
+    descriptions: list[str] = []
+    hints: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k == "description" and isinstance(v, str) and v not in descriptions:
+                    descriptions.append(v)
+                elif k == "x-hint" and isinstance(v, str) and v not in hints:
+                    hints.append(v)
+                else:
+                    walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    try:
+        walk(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        pass
+    return descriptions, hints
+
+
+def config_msgids() -> list[str]:
+    """Every config message template, and the schema's descriptions and hints, as msgids."""
+    descriptions, hints = _schema_texts()
+    return ["".join(t for _k, t in parts) for parts in _source_templates()] + descriptions + hints
+
+
+def _compiled_templates() -> list[tuple[str, re.Pattern[str], list[str]]]:
+    global _templates
+    if _templates is None:
+        out = []
+        for parts in _source_templates():
+            fields = [t for k, t in parts if k == "field"]
+            pattern = "".join(re.escape(t) if k == "lit" else _FIELD_PATTERNS.get(t, "(.+?)") for k, t in parts)
+            literal = sum(len(t) for k, t in parts if k == "lit")
+            out.append((literal, "".join(t for _k, t in parts), re.compile(pattern, re.DOTALL), fields))
+        # The most specific first: "{msg} ({hint})" must not take a message a longer template fits.
+        out.sort(key=lambda x: -x[0])
+        _templates = [(msgid, rx, fields) for _lit, msgid, rx, fields in out]
+    return _templates
+
+
+def config_message(message: str, _depth: int = 0) -> str:
+    """A message of agent/config.py in the user's language (English: as it is)."""
+    from agent.i18n import catalog, language
+
+    if language() == "en" or _depth > 3:
+        return message
+    whole = catalog(language()).get(message)
+    if whole is not None:
+        return whole
+    for hint in sorted(_schema_texts()[1], key=len, reverse=True):  # with_hint(): "msg (hint)"
+        if message.endswith(f" ({hint})") and len(message) > len(hint) + 3:
+            return f"{config_message(message[:-len(hint) - 3], _depth + 1)} ({_(hint)})"
+    for msgid, rx, fields in _compiled_templates():
+        m = rx.fullmatch(message)
+        if m is None:
+            continue
+        ru = _(msgid)
+        if ru == msgid:
+            return message
+        for field, value in zip(fields, m.groups()):
+            # A field only for English grammar ({'s' if ...}) may be left out of the Russian.
+            ru = ru.replace(field, _config_part(value, _depth + 1), 1)
+        return ru
+    return message
+
+
+# Pieces config.py builds apart and puts into a message ("; allowed here: a, b").
+_PREFIXES = ("; allowed here: ", ": ")
+
+
+def _config_part(value: str, depth: int) -> str:
+    """A field's text: a message or known phrase translated, else as it is (a path, a value)."""
+    for prefix in _PREFIXES:
+        if value.startswith(prefix) and len(value) > len(prefix):
+            return _(prefix) + config_message(value[len(prefix):], depth)
+    return config_message(value, depth)
+
+
+def config_error_text(exc: Any) -> str:
+    """A ConfigError for a person: every problem, in the user's language
+    (English: the error's own text, as the service logs it)."""
+    from agent.i18n import language
+
+    if language() == "en":
+        return str(exc)
+    lines = [f"  - {path}: {config_message(msg)}" if path else f"  - {config_message(msg)}"
+             for path, msg in exc.errors]
+    head = _("config {source}: problems: {n}; fix these:").format(source=exc.source, n=len(exc.errors))
+    return "\n".join([head, *lines])
