@@ -80,6 +80,11 @@ TRANSLATED_MODULES = (
     "agent/demo.py",
     "agent/tools/words.py",
     "agent/simctl.py",
+    "agent/tools/__init__.py",
+    "agent/tools/enroll.py",
+    "agent/tools/iotest.py",
+    "agent/config.py",
+    "agent/tools_regional.py",
 )
 
 _language: str | None = None

@@ -121,7 +121,8 @@ def reader_error_text(kind: object) -> str:
 # no translation.
 
 _CONFIG_SOURCES = ("config.py", "core/gateconfig.py", "hw/profiles.py")
-_MESSAGE_CALLS = {"append", "error", "bad", "with_hint", "ConfigError", "GateConfigError", "ProfileError"}
+_MESSAGE_CALLS = {"append", "error", "bad", "with_hint", "ConfigError", "GateConfigError", "ProfileError",
+                  "ProfileNotFound"}
 
 
 def _template_parts(node: Any) -> list[tuple[str, str]] | None:
@@ -294,3 +295,21 @@ def config_error_text(exc: Any) -> str:
              for path, msg in exc.errors]
     head = _("config {source}: problems: {n}; fix these:").format(source=exc.source, n=len(exc.errors))
     return "\n".join([head, *lines])
+
+
+def error_text(exc: BaseException) -> str:
+    """An error for a person: a config's or a board profile's problems in the
+    user's language (see config_message); any other error as it is."""
+    from agent.i18n import language
+
+    if language() == "en" or not isinstance(getattr(exc, "errors", None), list):
+        return str(exc)
+    from agent.config import ConfigError
+    from agent.hw.profiles import ProfileError
+
+    if isinstance(exc, ConfigError):
+        return config_error_text(exc)
+    if isinstance(exc, ProfileError):
+        head = _("hardware profile {source}: problems: {n}; fix these:").format(source=exc.source, n=len(exc.errors))
+        return "\n".join([head, *(f"  - {config_message(e)}" for e in exc.errors)])
+    return str(exc)
