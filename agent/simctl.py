@@ -75,7 +75,7 @@ from agent.simhw import (
     serial_frame,
     wiegand_frame,
 )
-from agent.tools.words import config_message
+from agent.tools.words import config_message, reader_error_text, reason_text
 
 log = logging.getLogger(__name__)
 
@@ -739,9 +739,9 @@ def _done_text(args: argparse.Namespace, reply: dict) -> list[str]:
                         person=person, id=dec.get("id")))
             elif kind == "access.denied":
                 lines.append(_("decision: access denied, reason: {reason} (record {id})").format(
-                    reason=dec.get("reason"), id=dec.get("id")))
+                    reason=reason_text(dec.get("reason")), id=dec.get("id")))
             else:
-                lines.append(_("reader error: {kind} (record {id})").format(kind=dec.get("kind"), id=dec.get("id")))
+                lines.append(_("reader error: {kind} (record {id})").format(kind=reader_error_text(dec.get("kind")), id=dec.get("id")))
         elif reply.get("repeat"):
             lines.append(_("no decision: the reader took it for the same card still in the field (repeat); "
                            "present it again later"))
