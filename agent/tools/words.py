@@ -63,7 +63,6 @@ ALARM_TERMS = {
     "ack_ahead": "server confirmation ahead",
     "broker_dropped": "broker dropped the connection",
     "tls_rejected": "TLS rejected",
-    "ready_lost": "turnstile not ready",
     "counters_reset": "counters reset",
     "uplink_config": "uplink settings",
 }
