@@ -177,9 +177,9 @@ def test_gate_agent_help_and_its_usage_errors_are_russian(tmp_path):
 
 def test_language_wins_over_an_english_locale_as_gnu_gettext_does(tmp_path):
     code, out = _run(["--help"], tmp_path, LANG="en_US.UTF-8", LANGUAGE="ru:en")
-    assert "Агент школьного турникета" in out
+    assert code == 0 and "Агент школьного турникета" in out
     code, out = _run(["--help"], tmp_path, LANG="C", LANGUAGE="ru")  # plain C ignores LANGUAGE
-    assert "School turnstile agent" in out and not CYRILLIC.search(out)
+    assert code == 0 and "School turnstile agent" in out and not CYRILLIC.search(out)
 
 
 # --------------------------------------------------------------------------- the tools at work
@@ -226,6 +226,13 @@ def test_provision_bundle_and_sim_errors_are_russian(board):
                       "--broker", "mqtt.example:8883", "--ca", str(d / "missing-ca.pem"), "--no-trusted-keys"], d)
     assert code == 2
     _assert_russian("provision (missing CA)", out)
+    # The config is written but names a CA that is not there: config.py's problem, shown in Russian.
+    (d / "prov.toml").write_text('[mqtt.tls]\nca_file = "missing-ca.pem"\n')
+    code, out = _run(["provision", "--config", str(d / "prov.toml"), "--site", "school-17", "--gate", "main-1",
+                      "--broker", "mqtt.example:8883", "--no-trusted-keys"], d)
+    assert code == 1
+    _assert_russian("provision (config with a problem)", out)
+    assert "missing-ca.pem не существует; создайте файл или исправьте путь" in out
     code, out = _run(["bundle", "--site", "school-17", "--gate", "main-1", "--config", str(d / "missing.toml"),
                       "--out", str(d / "bundle")], d)
     assert code == 2
