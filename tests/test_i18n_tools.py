@@ -108,6 +108,8 @@ def board(tmp_path: Path) -> dict[str, Path]:
                                "reason": "unknown_card"}),
             ("passage.forced", {"direction": "out"}),
             ("alarm", {"kind": "acl_stale", "active": True, "detail": "age 30 h"}),
+            ("alarm", {"kind": "acl_missing", "active": True,
+                       "detail": "no access list yet: every card is refused as unknown_card"}),
             ("mode.changed", {"from": "normal", "to": "entry_only", "by": "cmd"})]
     with Journal(journal, boot=BOOT) as j:
         j.commit([make_record(kind, Now(i + 1.0, now + i, True), BOOT, **fields)
@@ -218,6 +220,7 @@ def test_journal_and_monitor_show_russian_terms_with_the_contract_values(board):
     assert "заблокированная карта (blocked) 1" in out and "неизвестная карта (unknown_card) 1" in out
     assert "несанкционированных проходов 1" in out
     assert "список доступа устарел (acl_stale)" in out
+    assert "detail=списка доступа ещё нет" in out  # a record's detail, shown in Russian
 
 
 def test_provision_bundle_and_sim_errors_are_russian(board):
@@ -282,6 +285,11 @@ def test_every_config_message_and_contract_term_has_a_russian_translation():
         ru = set(re.findall(r"\{[^}]*\}", catalog[msgid]))
         # Only a field for English grammar ({'s' if ...}) may be left out.
         assert ru <= fields and all("'s'" in f for f in fields - ru), msgid
+    details = words.detail_msgids()
+    assert "no access list yet: every card is refused as unknown_card" in details
+    for msgid in details:
+        assert msgid in catalog, f"translate the record detail in gate-agent.po: {msgid!r}"
+        assert set(re.findall(r"\{[^}]*\}", catalog[msgid])) == set(re.findall(r"\{[^}]*\}", msgid)), msgid
     for table in (words.MODE_TERMS, words.REASON_TERMS, words.ALARM_TERMS, words.READER_ERROR_TERMS):
         for term in table.values():
             assert CYRILLIC.search(catalog.get(term, "")), f"translate the term {term!r}"

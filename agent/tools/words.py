@@ -188,6 +188,7 @@ def _source_templates() -> list[list[tuple[str, str]]]:
 
 
 _templates: list[tuple[str, re.Pattern[str], list[str]]] | None = None
+_detail_templates: list[tuple[str, re.Pattern[str], list[str]]] | None = None
 # Fields that may be empty or sit right beside another field: what each can hold.
 _FIELD_PATTERNS = {
     "{'s' if len(extra) > 1 else ''}": "(s?)",
@@ -230,19 +231,39 @@ def config_msgids() -> list[str]:
     return ["".join(t for _k, t in parts) for parts in _source_templates()] + descriptions + hints
 
 
+def _compile(templates: list[list[tuple[str, str]]]) -> list[tuple[str, re.Pattern[str], list[str]]]:
+    out = []
+    for parts in templates:
+        fields = [t for k, t in parts if k == "field"]
+        pattern = "".join(re.escape(t) if k == "lit" else _FIELD_PATTERNS.get(t, "(.+?)") for k, t in parts)
+        literal = sum(len(t) for k, t in parts if k == "lit")
+        out.append((literal, "".join(t for _k, t in parts), re.compile(pattern, re.DOTALL), fields))
+    # The most specific first: "{msg} ({hint})" must not take a message a longer template fits.
+    out.sort(key=lambda x: -x[0])
+    return [(msgid, rx, fields) for _lit, msgid, rx, fields in out]
+
+
 def _compiled_templates() -> list[tuple[str, re.Pattern[str], list[str]]]:
     global _templates
     if _templates is None:
-        out = []
-        for parts in _source_templates():
-            fields = [t for k, t in parts if k == "field"]
-            pattern = "".join(re.escape(t) if k == "lit" else _FIELD_PATTERNS.get(t, "(.+?)") for k, t in parts)
-            literal = sum(len(t) for k, t in parts if k == "lit")
-            out.append((literal, "".join(t for _k, t in parts), re.compile(pattern, re.DOTALL), fields))
-        # The most specific first: "{msg} ({hint})" must not take a message a longer template fits.
-        out.sort(key=lambda x: -x[0])
-        _templates = [(msgid, rx, fields) for _lit, msgid, rx, fields in out]
+        _templates = _compile(_source_templates())
     return _templates
+
+
+def _match(message: str, templates: list[tuple[str, re.Pattern[str], list[str]]], depth: int) -> str:
+    """The message translated by the first template it fits; else as it is."""
+    for msgid, rx, fields in templates:
+        m = rx.fullmatch(message)
+        if m is None:
+            continue
+        ru = _(msgid)
+        if ru == msgid:
+            return message
+        for field, value in zip(fields, m.groups()):
+            # A field only for English grammar ({'s' if ...}) may be left out of the Russian.
+            ru = ru.replace(field, _config_part(value, depth + 1), 1)
+        return ru
+    return message
 
 
 def config_message(message: str, _depth: int = 0) -> str:
@@ -257,18 +278,7 @@ def config_message(message: str, _depth: int = 0) -> str:
     for hint in sorted(_schema_texts()[1], key=len, reverse=True):  # with_hint(): "msg (hint)"
         if message.endswith(f" ({hint})") and len(message) > len(hint) + 3:
             return f"{config_message(message[:-len(hint) - 3], _depth + 1)} ({_(hint)})"
-    for msgid, rx, fields in _compiled_templates():
-        m = rx.fullmatch(message)
-        if m is None:
-            continue
-        ru = _(msgid)
-        if ru == msgid:
-            return message
-        for field, value in zip(fields, m.groups()):
-            # A field only for English grammar ({'s' if ...}) may be left out of the Russian.
-            ru = ru.replace(field, _config_part(value, _depth + 1), 1)
-        return ru
-    return message
+    return _match(message, _compiled_templates(), _depth)
 
 
 # Pieces config.py builds apart and puts into a message ("; allowed here: a, b").
@@ -312,3 +322,57 @@ def error_text(exc: BaseException) -> str:
         head = _("hardware profile {source}: problems: {n}; fix these:").format(source=exc.source, n=len(exc.errors))
         return "\n".join([head, *(f"  - {config_message(e)}" for e in exc.errors)])
     return str(exc)
+
+
+# --------------------------------------------------------------------------- record details
+#
+# An event record's "detail" (alarm, reader.error, acl.applied ...) is English
+# in the journal and on the wire: the contract's data. Where a tool shows a
+# record to a person (monitor, journal tail), detail_text() puts the detail
+# into the user's language by the same template matching, the templates being
+# the texts the agent passes as detail= / "detail": in its source.
+
+
+def _detail_source_templates() -> list[list[tuple[str, str]]]:
+    import ast
+
+    root = Path(__file__).resolve().parent.parent
+    found: list[list[tuple[str, str]]] = []
+    for path in sorted(root.rglob("*.py")):
+        if "tools" in path.relative_to(root).parts[:1]:
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (OSError, SyntaxError, UnicodeDecodeError):
+            continue
+        for node in ast.walk(tree):
+            values: list[Any] = []
+            if isinstance(node, ast.keyword) and node.arg == "detail":
+                values.append(node.value)
+            elif isinstance(node, ast.Dict):
+                values.extend(v for k, v in zip(node.keys, node.values)
+                              if isinstance(k, ast.Constant) and k.value == "detail")
+            for v in values:
+                for c in ((v.body, v.orelse) if isinstance(v, ast.IfExp) else (v,)):
+                    parts = _template_parts(c)
+                    if parts and _is_message(parts) and parts not in found:
+                        found.append(parts)
+    return found
+
+
+def detail_msgids() -> list[str]:
+    """Every record detail the agent writes, as its msgid."""
+    return ["".join(t for _k, t in parts) for parts in _detail_source_templates()]
+
+
+def detail_text(detail: str) -> str:
+    """A record's detail in the user's language (English, or a detail no
+    template fits: as it is)."""
+    from agent.i18n import language
+
+    global _detail_templates
+    if language() == "en":
+        return detail
+    if _detail_templates is None:
+        _detail_templates = _compile(_detail_source_templates())
+    return _match(detail, _detail_templates, 0)
