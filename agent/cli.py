@@ -57,6 +57,9 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from agent.i18n import install_argparse, translate_parser
+
+    install_argparse()  # argparse's own words ("usage:", "options") in the user's language
     p = argparse.ArgumentParser(prog="gate-agent", description="School turnstile agent")
     from agent import __version__
     from agent.i18n import _ as _t
@@ -115,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_wiring_parser(sub)
     add_sim_parser(sub)
     add_regional_parsers(sub)
-    return p
+    return translate_parser(p)  # every help text, through the catalogue (agent/i18n.py)
 
 
 def main(argv: list[str] | None = None) -> int:

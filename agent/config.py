@@ -887,15 +887,19 @@ def _commands(doc: dict, base: Path, errors: list[tuple[str, str]]) -> CommandsS
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
+    # A tool for people: its words in the user's language (the service's log stays English).
+    from agent.i18n import _
+    from agent.tools.words import config_error_text, config_message
+
     try:
         cfg = load_config(args.file)
     except ConfigError as exc:
-        print(f"gate-agent check-config: {exc}", file=sys.stderr)
+        print(f"gate-agent check-config: {config_error_text(exc)}", file=sys.stderr)
         return 2
     out = sys.stdout
-    print(f"OK: {cfg.source}", file=out)
+    print(_("OK: {source}").format(source=cfg.source), file=out)
     for w in cfg.warnings():
-        print(f"warning: {w}", file=out)
+        print(_("warning: {w}").format(w=config_message(w)), file=out)
     print(json.dumps(cfg.redacted(), indent=2, ensure_ascii=False, sort_keys=False), file=out)
     return 0
 

@@ -1,11 +1,28 @@
 """The technician tools speak Russian or English, by the locale.
 
-``_("text")`` returns the Russian text when the locale asks for Russian
-(the first non-empty of LC_ALL, LC_MESSAGES, LANG starts with "ru", the
-POSIX order), else the English text itself. Only the technician's tools
-(provision, doctor, monitor, journal, bundle, demo, sim) translate: logs and
-event records stay English, so the regional server and bug reports read
-one language.
+``_("text")`` returns the Russian text when the locale asks for Russian,
+else the English text itself. The language is chosen as GNU gettext does:
+
+1. the locale for messages is the first non-empty of LC_ALL, LC_MESSAGES,
+   LANG (the POSIX order; none set means "C");
+2. when that locale is not "C" or "POSIX", LANGUAGE (a colon-separated
+   priority list, e.g. ``ru:en``) is read first: its first entry in a
+   language we have ("ru..." or "en...") decides; entries for languages we
+   do not have are skipped, as gettext skips a missing catalogue;
+3. else the locale itself: "ru..." is Russian, anything else English.
+
+Plain "C"/"POSIX" ignores LANGUAGE, as GNU gettext does (that locale is
+ASCII: Cyrillic would come out as question marks). "C.UTF-8" is not plain
+"C": it can show Cyrillic, so LANGUAGE=ru works there (a container's or a
+minimal image's usual locale).
+
+Only the people-facing tools translate (every --help, check-config,
+provision, doctor, monitor, journal, bundle, enroll, io-test, demo, sim and
+the regional tools): logs and event records stay English, so the regional
+server and bug reports read one language. ``install_argparse()`` makes
+argparse's own words ("usage:", "the following arguments are required")
+come from this catalogue too, and ``translate_parser()`` translates the
+help texts of a built parser (see their docstrings for why).
 
 The catalogue is ``agent/locale/ru/LC_MESSAGES/gate-agent.po``. A compiled
 ``gate-agent.mo`` beside it is used when it is at least as new as the .po
@@ -29,6 +46,7 @@ import struct
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "DOMAIN",
@@ -39,10 +57,13 @@ __all__ = [
     "compile_mo",
     "detect_language",
     "gettext",
+    "install_argparse",
     "language",
     "missing_msgids",
     "parse_po",
+    "parser_msgids",
     "set_language",
+    "translate_parser",
     "used_msgids",
 ]
 
@@ -59,6 +80,11 @@ TRANSLATED_MODULES = (
     "agent/demo.py",
     "agent/tools/words.py",
     "agent/simctl.py",
+    "agent/tools/__init__.py",
+    "agent/tools/enroll.py",
+    "agent/tools/iotest.py",
+    "agent/config.py",
+    "agent/tools_regional.py",
 )
 
 _language: str | None = None
@@ -69,15 +95,28 @@ class PoError(ValueError):
     """A .po file that cannot be read; the message names the line."""
 
 
+def _lang_of(value: str) -> str | None:
+    """"ru" or "en" for a locale or LANGUAGE entry naming one of ours, else None."""
+    value = value.strip().lower()
+    if value.startswith("ru"):
+        return "ru"
+    if value.startswith("en"):
+        return "en"
+    return None
+
+
 def detect_language(env: Mapping[str, str] | None = None) -> str:
-    """"ru" when the locale asks for Russian, else "en" (POSIX precedence:
-    LC_ALL, then LC_MESSAGES, then LANG; the first one set decides)."""
+    """"ru" when the environment asks for Russian, else "en", in GNU gettext's
+    order (the module docstring): LANGUAGE first unless the locale (LC_ALL,
+    then LC_MESSAGES, then LANG; the first one set) is "C" or "POSIX"."""
     env = os.environ if env is None else env
-    for name in ("LC_ALL", "LC_MESSAGES", "LANG"):
-        value = env.get(name, "")
-        if value:
-            return "ru" if value.lower().startswith("ru") else "en"
-    return "en"
+    locale = next((env.get(n, "") for n in ("LC_ALL", "LC_MESSAGES", "LANG") if env.get(n, "")), "C")
+    if locale not in ("C", "POSIX"):
+        for entry in env.get("LANGUAGE", "").split(":"):
+            lang = _lang_of(entry)
+            if lang is not None:
+                return lang
+    return _lang_of(locale) or "en"
 
 
 def language() -> str:
@@ -236,6 +275,86 @@ def gettext(message: str) -> str:
 
 
 _ = gettext
+
+
+def ngettext(singular: str, plural: str, n: int) -> str:
+    """For argparse's few plural messages: the catalogue holds each English form
+    as its own msgid, translated with a number-after-colon wording that reads
+    right for any n (this project uses no plural forms, see above)."""
+    return gettext(singular if n == 1 else plural)
+
+
+# --------------------------------------------------------------------------- argparse
+
+
+def install_argparse() -> None:
+    """Make argparse speak through this catalogue.
+
+    Python ships no translation of argparse, and argparse looks its words up
+    through ``gettext.gettext`` in the process-wide default domain, so binding
+    a gettext domain would need a compiled .mo and would change every other
+    library's lookups too. argparse instead resolves the module globals ``_``
+    and ``ngettext`` at each call, so pointing those two names at our own
+    lookup translates "usage:", "options:", "the following arguments are
+    required: %s" ... from the msgids in our .po (the "argparse" block), with
+    our language rules (LANGUAGE, .po without a build). Call it before the
+    parsers are built: "options" and "show this help message and exit" are
+    looked up when a parser is made. Idempotent."""
+    import argparse
+
+    argparse._ = gettext  # type: ignore[attr-defined]
+    argparse.ngettext = ngettext  # type: ignore[attr-defined]
+
+
+def _parser_texts(parser: Any, seen: set[int] | None = None):
+    """(object, attribute, text) for every description, epilog, group title and
+    help text of a parser and its subparsers, each parser once."""
+    import argparse
+
+    seen = set() if seen is None else seen
+    if id(parser) in seen:
+        return
+    seen.add(id(parser))
+    for attr in ("description", "epilog"):
+        yield parser, attr, getattr(parser, attr, None)
+    for group in parser._action_groups:
+        yield group, "title", group.title
+        yield group, "description", group.description
+    for action in parser._actions:
+        if action.help is not argparse.SUPPRESS:
+            yield action, "help", action.help
+        if isinstance(action, argparse._SubParsersAction):
+            for choice in action._choices_actions:
+                yield choice, "help", choice.help
+            for sub in action.choices.values():
+                yield from _parser_texts(sub, seen)
+
+
+def translate_parser(parser: Any) -> Any:
+    """Translate, in place, every help text of a built parser and its subparsers.
+
+    The help strings are written in English where each tool defines its
+    options (a module stays readable and merges stay easy); this walks the
+    finished tree once, so a new option is translated as soon as the .po has
+    its msgid (tests/test_i18n_tools.py fails on one that has none). A text
+    already translated is not a msgid and stays as it is. Returns the parser."""
+    if language() == "en":
+        return parser
+    for obj, attr, text in list(_parser_texts(parser)):
+        if isinstance(text, str) and text:
+            setattr(obj, attr, gettext(text))
+    return parser
+
+
+def parser_msgids(parser: Any) -> list[str]:
+    """Every help text of a built parser (for the catalogue check)."""
+    import argparse
+
+    out = []
+    for _obj, _attr, text in _parser_texts(parser):
+        if isinstance(text, str) and text and text is not argparse.SUPPRESS and text not in out:
+            out.append(text)
+    return out
 
 
 # --------------------------------------------------------------------------- upkeep

@@ -75,6 +75,7 @@ from agent.simhw import (
     serial_frame,
     wiegand_frame,
 )
+from agent.tools.words import config_message, reader_error_text, reason_text
 
 log = logging.getLogger(__name__)
 
@@ -738,9 +739,9 @@ def _done_text(args: argparse.Namespace, reply: dict) -> list[str]:
                         person=person, id=dec.get("id")))
             elif kind == "access.denied":
                 lines.append(_("decision: access denied, reason: {reason} (record {id})").format(
-                    reason=dec.get("reason"), id=dec.get("id")))
+                    reason=reason_text(dec.get("reason")), id=dec.get("id")))
             else:
-                lines.append(_("reader error: {kind} (record {id})").format(kind=dec.get("kind"), id=dec.get("id")))
+                lines.append(_("reader error: {kind} (record {id})").format(kind=reader_error_text(dec.get("kind")), id=dec.get("id")))
         elif reply.get("repeat"):
             lines.append(_("no decision: the reader took it for the same card still in the field (repeat); "
                            "present it again later"))
@@ -780,7 +781,7 @@ def _cmd_sim(args: argparse.Namespace) -> int:
         _error(_("config {path} cannot be used: problems: {n}; check it with: gate-agent check-config {path}")
                .format(path=exc.source, n=len(exc.errors)))
         for where, msg in exc.errors[:12]:
-            print(f"  {where or exc.source}: {msg}", file=sys.stderr)
+            print(f"  {where or exc.source}: {config_message(msg)}", file=sys.stderr)
         return EXIT_CONFIG
     factory = config.hardware.pin_factory
     if factory != "mock":

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.contract import COMMANDS, TOPIC_ROOT, ContractError, topics
+from agent.i18n import _
 
 EXIT_OK, EXIT_REFUSED, EXIT_INPUT, EXIT_TIMEOUT = 0, 1, 2, 3
 COMMAND_ARG = {"open": "direction", "set_mode": "mode"}  # the one argument each takes
@@ -80,17 +81,19 @@ class Session:
         try:
             self.client.connect(host, port, keepalive=30)
         except (OSError, ValueError) as exc:
-            raise ToolError(f"cannot connect to {host}:{port}: {exc}; check --host/--port and "
-                            "the TLS options (--tls-ca, --tls-cert, --tls-key)") from None
+            raise ToolError(_("cannot connect to {host}:{port}: {exc}; check --host/--port and "
+                              "the TLS options (--tls-ca, --tls-cert, --tls-key)").format(
+                host=host, port=port, exc=exc)) from None
         self.client.loop_start()
         with self._cond:
             self._cond.wait_for(lambda: self._connected is not None, timeout)
         rc = self._connected
         if rc is None or getattr(rc, "is_failure", False):
             self.close()
-            why = "no answer" if rc is None else f"refused ({rc})"
-            raise ToolError(f"broker {host}:{port}: {why}; check the address, the certificate "
-                            "and the broker's ACL for this identity")
+            why = _("no answer") if rc is None else _("refused ({rc})").format(rc=rc)
+            raise ToolError(_("broker {host}:{port}: {why}; check the address, the certificate "
+                              "and the broker's ACL for this identity").format(
+                host=host, port=port, why=why))
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         with self._cond:
@@ -118,10 +121,12 @@ class Session:
         """Subscribe (QoS 1) and wait for the SUBACK; its reason code (>= 0x80: refused)."""
         rc, mid = self.client.subscribe(topic, qos=1)
         if rc != self._mqtt.MQTT_ERR_SUCCESS:
-            raise ToolError(f"subscribe to {topic} failed: {self._mqtt.error_string(rc)}")
+            raise ToolError(_("subscribe to {topic} failed: {error}").format(
+                topic=topic, error=self._mqtt.error_string(rc)))
         with self._cond:
             if not self._cond.wait_for(lambda: mid in self._subacks, timeout):
-                raise ToolError(f"no SUBACK for {topic} within {timeout} s")
+                raise ToolError(_("no SUBACK for {topic} within {timeout} s").format(
+                    topic=topic, timeout=timeout))
             return int(self._subacks[mid][0])
 
     def publish(self, topic: str, payload: bytes, *, properties: Any = None,
@@ -129,10 +134,12 @@ class Session:
         """Publish QoS 1, not retained; the PUBACK reason code (0x10: nobody subscribed)."""
         info = self.client.publish(topic, payload, qos=1, retain=False, properties=properties)
         if info.rc != self._mqtt.MQTT_ERR_SUCCESS:
-            raise ToolError(f"publish to {topic} failed: {self._mqtt.error_string(info.rc)}")
+            raise ToolError(_("publish to {topic} failed: {error}").format(
+                topic=topic, error=self._mqtt.error_string(info.rc)))
         with self._cond:
             if not self._cond.wait_for(lambda: info.mid in self._pubacks, timeout):
-                raise ToolError(f"no PUBACK for {topic} within {timeout} s")
+                raise ToolError(_("no PUBACK for {topic} within {timeout} s").format(
+                    topic=topic, timeout=timeout))
             return self._pubacks[info.mid]
 
     def wait_for(self, pred: Callable[[], bool], timeout: float) -> bool:
@@ -152,7 +159,8 @@ def _session(args: argparse.Namespace) -> Session:
         from agent.uplink.mqtt import TlsConfig, UplinkError
 
         if not args.tls_ca:
-            raise ToolError("--tls-cert/--tls-key need --tls-ca (the CA of the broker's certificate)")
+            raise ToolError(_("--tls-cert/--tls-key need --tls-ca (the CA of the broker's "
+                              "certificate)"))
         tls = TlsConfig(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
         try:
             tls.context()
@@ -177,8 +185,8 @@ def _signing_key(args: argparse.Namespace) -> Any:
     if args.unsigned:
         return None
     if not args.key or not args.key_id:
-        raise ToolError("--key PRIVATE_KEY and --key-id ID are needed to sign (gates refuse "
-                        "unsigned messages; --unsigned only for a lab gate that allows them)")
+        raise ToolError(_("--key PRIVATE_KEY and --key-id ID are needed to sign (gates refuse "
+                          "unsigned messages; --unsigned only for a lab gate that allows them)"))
     from agent.downlink.signing import KeyLoadError, load_private_key
 
     try:
@@ -189,10 +197,14 @@ def _signing_key(args: argparse.Namespace) -> Any:
 
 def _rc_note(rc: int) -> str:
     if rc == 0x10:
-        return "no subscriber: the gate is offline (not subscribed); the broker dropped the message"
+        return _("no subscriber: the gate is offline (not subscribed); the broker dropped the "
+                 "message")
     if rc >= 0x80:
-        return f"refused by the broker (0x{rc:02X}{', not authorised' if rc == 0x87 else ''}); check its ACL"
-    return f"accepted by the broker (0x{rc:02X})"
+        if rc == 0x87:
+            return _("refused by the broker (0x{rc:02X}, not authorised); check its ACL").format(
+                rc=rc)
+        return _("refused by the broker (0x{rc:02X}); check its ACL").format(rc=rc)
+    return _("accepted by the broker (0x{rc:02X})").format(rc=rc)
 
 
 # --------------------------------------------------------------------------- fleet status
@@ -204,8 +216,8 @@ def collect_status(session: Session, site: str | None = None, quiet_s: float = 0
     pattern = f"{TOPIC_ROOT}/{site or '+'}/+/status"
     rc = session.subscribe(pattern)
     if rc >= 0x80:
-        raise ToolError(f"the broker refused a subscription to {pattern} (0x{rc:02X}); this "
-                        "identity may not read gate status")
+        raise ToolError(_("the broker refused a subscription to {pattern} (0x{rc:02X}); this "
+                          "identity may not read gate status").format(pattern=pattern, rc=rc))
     # Retained messages follow the SUBACK at once; stop after a quiet spell.
     deadline = time.monotonic() + max_s
     seen = -1
@@ -260,7 +272,7 @@ def _cmd_fleet_status(args: argparse.Namespace) -> int:
     else:
         print(format_table(rows))
         online = sum(1 for r in rows if r.get("state") == "online")
-        print(f"{len(rows)} gate(s), {online} online")
+        print(_("{n} gate(s), {online} online").format(n=len(rows), online=online))
     return EXIT_OK
 
 
@@ -274,18 +286,20 @@ def _cmd_acl_push(args: argparse.Namespace) -> int:
     try:
         doc = json.loads(Path(args.file).read_text(encoding="utf-8"))
     except OSError as exc:
-        _err(prog, f"cannot read {args.file}: {exc.strerror}")
+        _err(prog, _("cannot read {file}: {strerror}").format(
+            file=args.file, strerror=_(exc.strerror or "")))
         return EXIT_INPUT
     except ValueError as exc:
-        _err(prog, f"{args.file} is not JSON: {exc}")
+        _err(prog, _("{file} is not JSON: {exc}").format(file=args.file, exc=exc))
         return EXIT_INPUT
     if not isinstance(doc, dict) or doc.get("kind") not in ("snapshot", "delta"):
-        _err(prog, f"{args.file} is not an access list (\"kind\" must be \"snapshot\" or \"delta\"); "
-                   "see docs/access-list.md")
+        _err(prog, _('{file} is not an access list ("kind" must be "snapshot" or "delta"); see '
+                     'docs/access-list.md').format(file=args.file))
         return EXIT_INPUT
     errors = check_document(doc)
     if errors:
-        _err(prog, f"{args.file} has {len(errors)} error(s); nothing was sent:")
+        _err(prog, _("{file} has {n} error(s); nothing was sent:").format(
+            file=args.file, n=len(errors)))
         for e in errors[:20]:
             print(f"  {e}", file=sys.stderr)
         return EXIT_INPUT
@@ -313,8 +327,8 @@ def _push(session: Session, doc: dict, args: argparse.Namespace, key: Any, prog:
     if not gates:
         gates = [r["gate"] for r in collect_status(session, args.site, max_s=3.0)]
         if not gates:
-            raise ToolError(f"no gate of site {args.site!r} has a retained status on this broker; "
-                            "name them with --gate")
+            raise ToolError(_("no gate of site {site!r} has a retained status on this broker; "
+                              "name them with --gate").format(site=args.site))
     version = doc.get("version")
     outcome: dict[str, str] = {}
     lock = threading.Lock()
@@ -354,7 +368,8 @@ def _push(session: Session, doc: dict, args: argparse.Namespace, key: Any, prog:
                                issued_at=time.time())
         rc = session.publish(topics(args.site, g)["acl"],
                              json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode())
-        print(f"{args.site}/{g}: list {version} ({doc['kind']}) {_rc_note(rc)}")
+        print(_("{site}/{gate}: list {version} ({kind}) {note}").format(
+            site=args.site, gate=g, version=version, kind=doc["kind"], note=_rc_note(rc)))
         if rc == 0x10 or rc >= 0x80:
             worst = max(worst, EXIT_REFUSED)
             with lock:
@@ -365,7 +380,8 @@ def _push(session: Session, doc: dict, args: argparse.Namespace, key: Any, prog:
             with lock:
                 result = outcome.get(g)
             if result is None:
-                print(f"{args.site}/{g}: no acl.applied for {version} within {args.wait:g} s")
+                print(_("{site}/{g}: no acl.applied for {version} within {wait:g} s").format(
+                    site=args.site, g=g, version=version, wait=args.wait))
                 worst = max(worst, EXIT_TIMEOUT)
             elif result != "not delivered":
                 print(f"{args.site}/{g}: {result}")
@@ -395,8 +411,8 @@ def send_command(session: Session, *, site: str, gate: str, command: str, args: 
     correlation = secrets.token_bytes(16)
     rc = session.subscribe(reply_topic)
     if rc >= 0x80:
-        raise ToolError(f"the broker refused a subscription to {reply_topic} (0x{rc:02X}); "
-                        "check its ACL for this identity")
+        raise ToolError(_("the broker refused a subscription to {reply_topic} (0x{rc:02X}); check "
+                          "its ACL for this identity").format(reply_topic=reply_topic, rc=rc))
     got: list[dict] = []
 
     def is_reply(m: Any) -> bool:
@@ -428,11 +444,12 @@ def _cmd_cmd(args: argparse.Namespace) -> int:
     prog = "cmd"
     wanted = COMMAND_ARG.get(args.command)
     if wanted and args.arg is None:
-        _err(prog, f"{args.command} needs its {wanted}, e.g. `gate-agent cmd ... "
-                   f"{'open in' if args.command == 'open' else 'set_mode lockdown'}`")
+        _err(prog, _("{command} needs its {wanted}, e.g. `gate-agent cmd ... {example}`").format(
+            command=args.command, wanted=wanted, example="open in" if args.command == "open" else "set_mode lockdown"))
         return EXIT_INPUT
     if not wanted and args.arg is not None:
-        _err(prog, f"{args.command} takes no argument (got {args.arg!r})")
+        _err(prog, _("{command} takes no argument (got {arg!r})").format(
+            command=args.command, arg=args.arg))
         return EXIT_INPUT
     cmd_args = {wanted: args.arg} if wanted else {}
     try:
@@ -471,10 +488,11 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
     try:
         fd = os.open(out, flags, 0o600)
     except FileExistsError:
-        _err("keygen", f"{out} exists; not overwritten (use --force to replace it)")
+        _err("keygen", _("{out} exists; not overwritten (use --force to replace it)").format(
+            out=out))
         return EXIT_INPUT
     except OSError as exc:
-        _err("keygen", f"cannot write {out}: {exc.strerror}")
+        _err("keygen", _("cannot write {out}: {strerror}").format(out=out, strerror=_(exc.strerror or "")))
         return EXIT_INPUT
     with os.fdopen(fd, "wb") as f:
         f.write(private_key_pem(key))
@@ -483,9 +501,11 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
     pub_path.write_text(pub + "\n", encoding="ascii")
     key_id = args.key_id or "region-key"
     print(pub)
-    print(f"# private key: {out} (mode 0600, keep it on the regional side only)", file=sys.stderr)
-    print(f"# public key also in {pub_path}; add it to each gate's config as a trusted key:",
+    print("# " + _("private key: {out} (mode 0600, keep it on the regional side only)").format(
+        out=out),
           file=sys.stderr)
+    print("# " + _("public key also in {path}; add it to each gate's config as a trusted key:")
+          .format(path=pub_path), file=sys.stderr)
     print(f'#   "{key_id}" = "{pub}"', file=sys.stderr)
     return EXIT_OK
 

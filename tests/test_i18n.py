@@ -39,6 +39,22 @@ def test_the_language_follows_the_posix_locale_order(env, lang):
     assert i18n.detect_language(env) == lang
 
 
+@pytest.mark.parametrize(("env", "lang"), [
+    ({"LANGUAGE": "ru", "LANG": "en_US.UTF-8"}, "ru"),  # LANGUAGE first, as GNU gettext reads it
+    ({"LANGUAGE": "de:ru:en", "LANG": "en_GB.UTF-8"}, "ru"),  # a language we lack is skipped
+    ({"LANGUAGE": "en", "LANG": "ru_RU.UTF-8"}, "en"),
+    ({"LANGUAGE": "ru_RU:en", "LC_ALL": "de_DE.UTF-8"}, "ru"),
+    ({"LANGUAGE": "de", "LANG": "ru_RU.UTF-8"}, "ru"),  # nothing usable in LANGUAGE: the locale decides
+    ({"LANGUAGE": "ru", "LANG": "C.UTF-8"}, "ru"),  # C.UTF-8 can show Cyrillic
+    ({"LANGUAGE": "ru", "LANG": "C"}, "en"),  # plain C and POSIX ignore LANGUAGE, as GNU gettext does
+    ({"LANGUAGE": "ru", "LC_ALL": "POSIX", "LANG": "ru_RU.UTF-8"}, "en"),
+    ({"LANGUAGE": "ru"}, "en"),  # no locale at all is C
+    ({"LANGUAGE": "", "LANG": "ru_RU.UTF-8"}, "ru"),
+])
+def test_language_is_read_first_unless_the_locale_is_c(env, lang):
+    assert i18n.detect_language(env) == lang
+
+
 def test_a_po_file_is_read_with_multiline_strings_escapes_and_without_fuzzy_entries():
     text = (
         'msgid ""\nmsgstr "Content-Type: text/plain; charset=UTF-8\\n"\n\n'

@@ -16,6 +16,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from agent.i18n import _
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -63,10 +65,8 @@ def is_busy_error(exc: BaseException) -> bool:
 
 def busy_message(what: str, exc: BaseException) -> str:
     """The plain message for a busy pin or port."""
-    return (
-        f"{what} is busy ({exc}): the {SERVICE} service (or another program) is using it. "
-        f"To use this tool, {STOP_SERVICE_HINT}."
-    )
+    return _("{what} is busy ({error}): the {service} service (or another program) is using it. "
+             "To use this tool, {hint}.").format(what=what, error=exc, service=SERVICE, hint=_(STOP_SERVICE_HINT))
 
 
 def serial_lock_holder(port: str) -> int | None:
@@ -95,7 +95,7 @@ def check_serial_port(port: str) -> None:
 
     pid = serial_lock_holder(port)
     if pid is not None:
-        raise DeviceBusy(f"{port} is locked by process {pid}")
+        raise DeviceBusy(_("{port} is locked by process {pid}").format(port=port, pid=pid))
     try:
         ser = serial.Serial(port, 9600, timeout=0, exclusive=True)
     except (serial.SerialException, OSError) as exc:
@@ -104,15 +104,16 @@ def check_serial_port(port: str) -> None:
             raise DeviceBusy(str(exc)) from exc
         if code == errno.ENOENT or not os.path.exists(port):
             raise ValueError(
-                f"no serial port {port}: check the reader's cable and the udev rule "
-                "(hardware/99-gate-reader.rules); list the ports with: ls -l /dev/serial/by-id/ /dev/gate-reader"
+                _("no serial port {port}: check the reader's cable and the udev rule "
+                  "(hardware/99-gate-reader.rules); list the ports with: ls -l /dev/serial/by-id/ /dev/gate-reader")
+                .format(port=port)
             ) from exc
         if code == errno.EACCES:
             raise ValueError(
-                f"no permission to open {port}: add yourself to the dialout group "
-                "(sudo usermod -aG dialout $USER, then log in again) or run with sudo"
+                _("no permission to open {port}: add yourself to the dialout group "
+                  "(sudo usermod -aG dialout $USER, then log in again) or run with sudo").format(port=port)
             ) from exc
-        raise ValueError(f"cannot open {port}: {exc}") from exc
+        raise ValueError(_("cannot open {port}: {error}").format(port=port, error=exc)) from exc
     ser.close()
 
 
@@ -129,8 +130,8 @@ def make_pin_factory(name: str = "lgpio") -> Any:
             return LGPIOFactory()
         except ImportError as exc:
             raise ValueError(
-                "the lgpio pin library is missing: on the Pi, sudo apt install python3-lgpio, and run "
-                "gate-agent from the system Python or a venv made with --system-site-packages "
-                f"({exc})"
+                _("the lgpio pin library is missing: on the Pi, sudo apt install python3-lgpio, and run "
+                  "gate-agent from the system Python or a venv made with --system-site-packages "
+                  "({error})").format(error=exc)
             ) from exc
-    raise ValueError(f"pin factory {name!r}: allowed: {', '.join(PIN_FACTORIES)}")
+    raise ValueError(_("pin factory {name!r}: allowed: {allowed}").format(name=name, allowed=", ".join(PIN_FACTORIES)))

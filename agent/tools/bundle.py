@@ -69,6 +69,7 @@ from typing import Any
 
 from agent import __version__
 from agent.i18n import _
+from agent.tools.words import config_message
 
 from .provision import (
     ProvisionError,
@@ -469,7 +470,7 @@ def make_bundle(*, site: str, gate: str, config: Path, out: Path, ca: Path, cert
         try:
             cfg = load_config(gate_dir / "agent.toml")
         except ConfigError as exc:
-            lines = "\n".join(f"  - {w}: {m}" if w else f"  - {m}" for w, m in exc.errors)
+            lines = "\n".join(f"  - {w}: {config_message(m)}" if w else f"  - {config_message(m)}" for w, m in exc.errors)
             raise BundleError(_("the gate's config would not start; fix the template {path} (or the options):\n"
                                 "{lines}").format(path=config, lines=lines)) from None
 

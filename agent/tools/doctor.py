@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from agent.i18n import _
-from agent.tools.words import age_text
+from agent.tools.words import age_text, config_message
 
 __all__ = [
     "Check",
@@ -287,7 +287,7 @@ class Doctor:
         try:
             self.cfg = load_config(self.config_path)
         except ConfigError as exc:
-            hints = [f"{where}: {msg}" if where else msg for where, msg in exc.errors[:12]]
+            hints = [f"{where}: {config_message(msg)}" if where else config_message(msg) for where, msg in exc.errors[:12]]
             if len(exc.errors) > 12:
                 hints.append(_("... and {n} more").format(n=len(exc.errors) - 12))
             hints.append(_("fix them, then check again: gate-agent check-config {path}").format(path=self.config_path))
@@ -295,7 +295,7 @@ class Doctor:
                          tuple(hints))
         c = self.cfg
         return Check(OK, "config", _("{path}: valid (site {site}, gate {gate})").format(
-            path=self.config_path, site=c.site, gate=c.gate_id), tuple(_(w) for w in c.warnings()))
+            path=self.config_path, site=c.site, gate=c.gate_id), tuple(config_message(w) for w in c.warnings()))
 
     def _raw(self, *keys: str, default: Any = None) -> Any:
         node: Any = self.raw

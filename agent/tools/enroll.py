@@ -27,6 +27,8 @@ from typing import Any, TextIO
 
 from agent.core.cards import check_key_width, format_key
 from agent.core.events import CardRead, Keypad, ReaderError, ReaderStatus
+from agent.i18n import _
+from agent.tools.words import error_text, reader_error_text
 
 from . import (
     EXIT_BUSY,
@@ -57,7 +59,7 @@ class SerialSource:
 
     @property
     def label(self) -> str:
-        return f"{self.name}: {self.protocol} on {self.port}"
+        return _("{name}: {protocol} on {port}").format(name=self.name, protocol=self.protocol, port=self.port)
 
     def open(self, submit: Callable[[Any], Any], key_width: int) -> Any:
         from agent.hw.serial_reader import SerialReader
@@ -65,7 +67,7 @@ class SerialSource:
         try:
             check_serial_port(self.port)
         except DeviceBusy as exc:
-            raise DeviceBusy(busy_message(f"serial port {self.port}", exc)) from exc
+            raise DeviceBusy(busy_message(_("serial port {port}").format(port=self.port), exc)) from exc
         reader = SerialReader(
             self.name,
             self.port,
@@ -102,7 +104,7 @@ class WiegandSource:
 
     @property
     def label(self) -> str:
-        return f"{self.name}: wiegand on D0=GPIO{self.d0} D1=GPIO{self.d1}"
+        return _("{name}: wiegand on D0=GPIO{d0} D1=GPIO{d1}").format(name=self.name, d0=self.d0, d1=self.d1)
 
     def open(self, submit: Callable[[Any], Any], key_width: int) -> Any:
         from agent.hw.wiegand_gpio import WiegandReader
@@ -149,10 +151,10 @@ def _describe(event: Any, label: str, key_width: int, as_json: bool, n: int) -> 
         forms = card_forms(event, key_width)
         if as_json:
             return json.dumps({"type": "card", "reader": label, **forms})
-        return (
-            f"card {n}: facility,card {forms['facility_card']}   print {forms['em_print'] or '-'}   "
-            f"{forms['hex']}   key {forms['key']}   ({event.format} via {label}; raw {event.raw})"
-        )
+        return _("card {n}: facility,card {facility_card}   print {em_print}   {hex}   key {key}   "
+                 "({format} via {label}; raw {raw})").format(
+            n=n, facility_card=forms["facility_card"], em_print=forms["em_print"] or "-", hex=forms["hex"],
+            key=forms["key"], format=event.format, label=label, raw=event.raw)
     if isinstance(event, ReaderError):
         if as_json:
             return json.dumps(
@@ -164,17 +166,18 @@ def _describe(event: Any, label: str, key_width: int, as_json: bool, n: int) -> 
                     "raw": event.raw,
                 }
             )
-        return f"bad read ({event.kind}): {event.detail}; raw {event.raw}; present the card again"
+        return _("bad read ({kind}): {detail}; raw {raw}; present the card again").format(
+            kind=reader_error_text(event.kind), detail=event.detail, raw=event.raw)
     if isinstance(event, Keypad):
         if as_json:
             return json.dumps({"type": "keypad", "reader": label, "keys": event.keys})
-        return f"keypad: {event.keys}"
+        return _("keypad: {keys}").format(keys=event.keys)
     if isinstance(event, ReaderStatus):
         if as_json:
             return json.dumps({"type": "status", "reader": label, "online": event.online})
         if event.online:
-            return f"reader ready: {label}"
-        return f"reader offline: {label}; check its cable and power (waiting for it to come back)"
+            return _("reader ready: {label}").format(label=label)
+        return _("reader offline: {label}; check its cable and power (waiting for it to come back)").format(label=label)
     return None
 
 
@@ -199,23 +202,24 @@ def run_enroll(
     try:
         check_key_width(key_width)
     except (TypeError, ValueError) as exc:
-        print(f"gate-agent enroll: {exc}", file=err)
+        print(f"gate-agent enroll: {error_text(exc)}", file=err)
         return EXIT_USAGE
     events: queue.SimpleQueue[Any] = queue.SimpleQueue()
     try:
         reader = source.open(events.put, key_width)
     except DeviceBusy as exc:
-        print(f"gate-agent enroll: {exc}", file=err)
+        print(f"gate-agent enroll: {error_text(exc)}", file=err)
         return EXIT_BUSY
     except (ValueError, OSError) as exc:
-        print(f"gate-agent enroll: {exc}", file=err)
+        print(f"gate-agent enroll: {error_text(exc)}", file=err)
         return EXIT_USAGE
     cards = 0
     try:
         if not json_output:
             print(
-                f"Reading cards from {source.label} (key width {key_width}). Present each card; "
-                "any form shown can go into the access list. Ctrl+C to stop.",
+                _("Reading cards from {label} (key width {key_width}). Present each card; "
+                  "any form shown can go into the access list. Ctrl+C to stop.").format(
+                    label=source.label, key_width=key_width),
                 file=out,
                 flush=True,
             )
@@ -241,7 +245,8 @@ def run_enroll(
         source.close(reader)
     if count is not None and cards < count:
         print(
-            f"gate-agent enroll: {cards} of {count} card(s) read before the time ran out", file=err
+            "gate-agent enroll: " + _("cards read before the time ran out: {cards} of {count}").format(
+                cards=cards, count=count), file=err
         )
         return EXIT_FAILED
     return EXIT_OK
@@ -260,18 +265,18 @@ def _source_from_args(args: argparse.Namespace) -> SerialSource | WiegandSource:
             d0, d1 = (int(x) for x in args.wiegand.split(","))
         except ValueError:
             raise ValueError(
-                f"--wiegand {args.wiegand!r}: give the two BCM pins as D0,D1, e.g. 20,21"
+                _("--wiegand {value!r}: give the two BCM pins as D0,D1, e.g. 20,21").format(value=args.wiegand)
             ) from None
         return WiegandSource(d0, d1, factory, fixed_bits=args.bits, name=name)
     from agent.hw.profiles import load_profile
 
     if not args.profile:
-        raise ValueError("--reader needs --profile (the board's hardware profile, e.g. pi4-relay4)")
+        raise ValueError(_("--reader needs --profile (the board's hardware profile, e.g. pi4-relay4)"))
     profile = load_profile(args.profile)
     if args.reader not in profile.readers:
         raise ValueError(
-            f"reader {args.reader!r} is not wired in profile {profile.name}; "
-            f"it wires: {', '.join(profile.readers) or 'none'}"
+            _("reader {reader!r} is not wired in profile {profile}; it wires: {readers}").format(
+                reader=args.reader, profile=profile.name, readers=", ".join(profile.readers) or "-")
         )
     pins = profile.readers[args.reader]
     return WiegandSource(pins.d0, pins.d1, factory, pull=pins.pull, fixed_bits=args.bits, name=name)
@@ -281,13 +286,13 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
     try:
         source = _source_from_args(args)
     except ValueError as exc:
-        print(f"gate-agent enroll: {exc}", file=sys.stderr)
+        print(f"gate-agent enroll: {error_text(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as exc:  # noqa: BLE001 - lgpio raises its own plain errors: no chip, no permission, busy
         if is_busy_error(exc):
-            print(f"gate-agent enroll: {busy_message('the GPIO chip', exc)}", file=sys.stderr)
+            print(f"gate-agent enroll: {busy_message(_('the GPIO chip'), exc)}", file=sys.stderr)
             return EXIT_BUSY
-        print(f"gate-agent enroll: cannot use the GPIO pins: {exc}", file=sys.stderr)
+        print("gate-agent enroll: " + _("cannot use the GPIO pins: {error}").format(error=exc), file=sys.stderr)
         return EXIT_USAGE
     return run_enroll(
         source,

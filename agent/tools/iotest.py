@@ -28,6 +28,9 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TextIO
 
+from agent.i18n import _
+from agent.tools.words import error_text
+
 from . import (
     EXIT_BUSY,
     EXIT_FAILED,
@@ -89,7 +92,7 @@ class _Bench:
 
     def _make_watch(self, name: str) -> Callable[[], None]:
         def changed() -> None:
-            self.say("input  " + self.input_line(name))
+            self.say(_("input  {line}").format(line=self.input_line(name)))
 
         return changed
 
@@ -98,9 +101,9 @@ class _Bench:
         dev = self.tio.inputs[name]
         level = "high" if dev.pin.state else "low"
         asserted = self.tio.asserted(name)
-        meaning = self.meaning.get(name, name)
+        meaning = _(self.meaning.get(name, name))  # profiles.INPUT_MEANING, in the catalogue
         state = "ASSERTED" if asserted else "rest    "
-        text = meaning if asserted else f"not: {meaning}"
+        text = meaning if asserted else _("not: {meaning}").format(meaning=meaning)
         return f"{name:<11} GPIO{spec.pin:<2} {level:<4} {state} {text}"
 
     # -- outputs --------------------------------------------------------------------------
@@ -110,15 +113,15 @@ class _Bench:
         dev = self.outputs[name]
         level = "high" if dev.pin.state else "low"
         state = "ACTIVE  " if dev.value else "inactive"
-        note = f"  {spec.note}" if spec.note else ""
+        note = f"  {_(spec.note)}" if spec.note else ""  # a shipped profile's note is in the catalogue
         return f"{name:<13} GPIO{spec.pin:<2} {level:<4} {state}{note}"
 
     def output(self, name: str) -> Any:
         dev = self.outputs.get(name)
         if dev is None:
             raise CommandError(
-                f"no output {name!r} on profile {self.profile.name}; "
-                f"outputs: {', '.join(self.outputs)}"
+                _("no output {name!r} on profile {profile}; outputs: {outputs}").format(
+                    name=name, profile=self.profile.name, outputs=", ".join(self.outputs))
             )
         return dev
 
@@ -127,13 +130,13 @@ class _Bench:
             try:
                 dev.off()
             except Exception as exc:  # noqa: BLE001 - one failing line must not keep the others on
-                self.say(f"could not switch {dev!r} off: {exc}")
+                self.say(_("could not switch {dev!r} off: {error}").format(dev=dev, error=exc))
 
     def show(self) -> None:
-        self.say("inputs:")
+        self.say(_("inputs:"))
         for name in self.tio.inputs:
             self.say("  " + self.input_line(name))
-        self.say("outputs:")
+        self.say(_("outputs:"))
         for name in self.outputs:
             self.say("  " + self.output_line(name))
 
@@ -148,53 +151,54 @@ class _Bench:
         if cmd in ("quit", "exit", "q"):
             return False
         if cmd in ("help", "?"):
-            self.say(HELP)
+            self.say(_(HELP))
         elif cmd == "show":
             self.show()
         elif cmd == "all" and [a.lower() for a in args] == ["off"]:
             self.all_off()
-            self.say("all outputs inactive")
+            self.say(_("all outputs inactive"))
         elif cmd == "pulse":
             if not 1 <= len(args) <= 2:
-                raise CommandError("pulse LINE [SECONDS], e.g. pulse unlock_a 0.3")
+                raise CommandError(_("pulse LINE [SECONDS], e.g. pulse unlock_a 0.3"))
             self.pulse(args[0], _seconds(args[1]) if len(args) == 2 else DEFAULT_PULSE_S)
         elif cmd in ("on", "off"):
             if len(args) != 1:
-                raise CommandError(f"{cmd} LINE, e.g. {cmd} stop")
+                raise CommandError(_("{cmd} LINE, e.g. {cmd} stop").format(cmd=cmd))
             dev = self.output(args[0])
             dev.on() if cmd == "on" else dev.off()
-            self.say("output " + self.output_line(args[0]))
+            self.say(_("output {line}").format(line=self.output_line(args[0])))
         elif cmd == "wait":
             if len(args) != 1:
-                raise CommandError("wait SECONDS, e.g. wait 5")
+                raise CommandError(_("wait SECONDS, e.g. wait 5"))
             self._stop.wait(_seconds(args[0]))
         else:
-            raise CommandError(f"unknown command {line.strip()!r}; type help")
+            raise CommandError(_("unknown command {command!r}; type help").format(command=line.strip()))
         return True
 
     def pulse(self, name: str, seconds: float) -> None:
         if not MIN_PULSE_S <= seconds <= MAX_PULSE_S:
             raise CommandError(
-                f"pulse length {seconds} s: give {MIN_PULSE_S} to {MAX_PULSE_S} s "
-                "(the turnstile needs at least 0.1 s; hold longer with on/off)"
+                _("pulse length {seconds} s: give {min} to {max} s "
+                  "(the turnstile needs at least 0.1 s; hold longer with on/off)").format(
+                    seconds=seconds, min=MIN_PULSE_S, max=MAX_PULSE_S)
             )
         dev = self.output(name)
         try:
             dev.on()
-            self.say(f"output {self.output_line(name)}   (pulse {seconds:g} s)")
+            self.say(_("output {line}   (pulse {seconds} s)").format(line=self.output_line(name), seconds=f"{seconds:g}"))
             self._stop.wait(seconds)
         finally:
             dev.off()
-        self.say("output " + self.output_line(name))
+        self.say(_("output {line}").format(line=self.output_line(name)))
 
 
 def _seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise CommandError(f"{text!r} is not a number of seconds") from None
+        raise CommandError(_("{text!r} is not a number of seconds").format(text=text)) from None
     if value < 0:
-        raise CommandError(f"{text!r}: seconds cannot be negative")
+        raise CommandError(_("{text!r}: seconds cannot be negative").format(text=text))
     return value
 
 
@@ -234,27 +238,28 @@ def run_iotest(
         if isinstance(profile, str):
             profile = load_profile(profile)
     except ValueError as exc:  # ProfileError, ProfileNotFound
-        print(f"gate-agent io-test: {exc}", file=err)
+        print(f"gate-agent io-test: {error_text(exc)}", file=err)
         return EXIT_USAGE
     try:
         tio = TurnstileIO(profile, factory=factory, submit=lambda event: None)
     except Exception as exc:  # noqa: BLE001 - any GPIO library error is shown to the technician
         if is_busy_error(exc):
             print(
-                f"gate-agent io-test: {busy_message(f'a pin of profile {profile.name}', exc)}",
+                "gate-agent io-test: " + busy_message(_("a pin of profile {profile}").format(profile=profile.name), exc),
                 file=err,
             )
             return EXIT_BUSY
         print(
-            f"gate-agent io-test: cannot claim the pins of profile {profile.name}: {exc}", file=err
+            "gate-agent io-test: " + _("cannot claim the pins of profile {profile}: {error}").format(
+                profile=profile.name, error=exc), file=err
         )
         return EXIT_USAGE
     bench = _Bench(tio, out)
     failed = 0
     scripted = commands is not None
     try:
-        bench.say(f"io-test on profile {profile.name}: {profile.description}")
-        bench.say("every output is inactive; input changes are printed as they happen. Type help.")
+        bench.say(_("io-test on profile {profile}: {description}").format(profile=profile.name, description=_(profile.description)))
+        bench.say(_("every output is inactive; input changes are printed as they happen. Type help."))
         bench.show()
         bench.watch_inputs()
         lines = commands if scripted else _interactive(input_stream or sys.stdin, out)
@@ -264,9 +269,9 @@ def run_iotest(
                     break
             except CommandError as exc:
                 failed += 1
-                bench.say(f"error: {exc}")
+                bench.say(_("error: {error}").format(error=exc))
     except KeyboardInterrupt:
-        bench.say("interrupted")
+        bench.say(_("interrupted"))
     finally:
         # Every output inactive, whatever ended the run; close() does it again and releases the pins.
         bench.all_off()
@@ -284,9 +289,9 @@ def _cmd_iotest(args: argparse.Namespace) -> int:
         factory = make_pin_factory(args.pin_factory)
     except Exception as exc:  # noqa: BLE001 - lgpio missing, no /dev/gpiochip, no permission
         if is_busy_error(exc):
-            print(f"gate-agent io-test: {busy_message('the GPIO chip', exc)}", file=sys.stderr)
+            print(f"gate-agent io-test: {busy_message(_('the GPIO chip'), exc)}", file=sys.stderr)
             return EXIT_BUSY
-        print(f"gate-agent io-test: cannot use the GPIO pins: {exc}", file=sys.stderr)
+        print("gate-agent io-test: " + _("cannot use the GPIO pins: {error}").format(error=exc), file=sys.stderr)
         return EXIT_USAGE
     return run_iotest(args.profile, factory=factory, commands=args.commands)
 

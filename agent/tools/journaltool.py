@@ -38,7 +38,7 @@ from typing import Any, TextIO
 from urllib.parse import quote
 
 from agent.i18n import _
-from agent.tools.words import age_text
+from agent.tools.words import age_text, detail_text
 
 __all__ = [
     "DEFAULT_JOURNAL",
@@ -359,6 +359,8 @@ def format_record(rec: dict, tz: tzinfo | None = None, *, date: bool = True) -> 
                 v = format_key(v, max(24, v.bit_length()))["facility_card"]
             except ValueError:
                 pass
+        elif k == "detail" and isinstance(v, str):
+            v = detail_text(v)  # the agent's English detail, in the user's language
         elif isinstance(v, (dict, list)):
             v = json.dumps(v, separators=(",", ":"), ensure_ascii=False)
         parts.append(f"{k}={v}")

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from agent.i18n import _
+from agent.tools.words import alarm_text, mode_text, reader_error_text, reason_text
 
 from .journaltool import (
     JournalReadError,
@@ -220,15 +221,15 @@ class GateView:
 
     def counter_lines(self) -> list[str]:
         s = self.summary()
-        reasons = ", ".join(f"{k} {v}" for k, v in sorted(s["denied_by_reason"].items())) or "-"
+        reasons = ", ".join(f"{reason_text(k)} {v}" for k, v in sorted(s["denied_by_reason"].items())) or "-"
         dirs = s["passages_by_direction"]
         with self._lock:
-            kinds = ", ".join(f"{k} {v}" for k, v in sorted(self.reader_errors.items())) or "-"
+            kinds = ", ".join(f"{reader_error_text(k)} {v}" for k, v in sorted(self.reader_errors.items())) or "-"
             oldest = self.oldest_pending_s
         backlog = "?" if s["backlog"] is None else str(s["backlog"])
         if oldest:
             backlog += _(" (oldest {s} s)").format(s=round(oldest))
-        alarms = ", ".join((["FIRE"] if s["fire"] else []) + s["alarms"]) or "-"
+        alarms = ", ".join(([_("FIRE")] if s["fire"] else []) + [alarm_text(a) for a in s["alarms"]]) or "-"
         return [
             _("granted {granted}   denied {denied} ({reasons})").format(
                 granted=s["granted"], denied=s["denied"], reasons=reasons),
@@ -252,7 +253,7 @@ class GateView:
         with self._lock:
             gate_state = self.gate_state
             head = _("gate {site}/{gate}   mode {mode}   broker {broker}   access list {acl}").format(
-                site=self.site, gate=self.gate, mode=self.mode.upper() if self.fire else self.mode,
+                site=self.site, gate=self.gate, mode=mode_text(self.mode).upper() if self.fire else mode_text(self.mode),
                 broker=self.broker + (f" ({gate_state})" if gate_state else ""), acl=self.acl_version or "-")
             status = self.status_line
             recent = list(self.recent)

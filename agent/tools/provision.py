@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.i18n import _
+from agent.tools.words import config_message
 
 __all__ = [
     "CONFIG_MODE",
@@ -737,9 +738,9 @@ def provision(config: Path, *, site: str, gate: str, broker: str, ca: Path | Non
     problems: list[tuple[str, str]] = []
     try:
         cfg = load_config(config)
-        warnings.extend(_(w) for w in cfg.warnings())  # in the catalogue where translated
+        warnings.extend(config_message(w) for w in cfg.warnings())  # in the user's language
     except ConfigError as exc:
-        problems = exc.errors
+        problems = [(where, config_message(msg)) for where, msg in exc.errors]
     return Result(config, written, problems, warnings, info, after, [k for k in before if k not in after])
 
 

@@ -1,6 +1,10 @@
 """Small pieces of text the technician's tools share, translated."""
 from __future__ import annotations
 
+import re
+from pathlib import Path
+from typing import Any
+
 from agent.i18n import _
 
 
@@ -15,3 +19,360 @@ def age_text(seconds: float | None) -> str:
     if seconds < 172800:
         return _("{n} h").format(n=round(seconds / 3600, 1))
     return _("{n} days").format(n=round(seconds / 86400, 1))
+
+
+# The contract's identifiers (docs/contract.md) as a Russian technician reads
+# them, in the terms of access-control manuals (docs/glossary.md). In Russian
+# the identifier is kept beside the term, «обычный (normal)», so what the
+# screen says can be found in the journal, the contract and a bug report; in
+# English the identifier is the word itself and is shown alone.
+MODE_TERMS = {
+    "normal": "normal mode",
+    "entry_only": "entry only",
+    "free": "free passage",
+    "lockdown": "lockdown",
+    "fire": "fire alarm",
+}
+REASON_TERMS = {
+    "lockdown": "gate locked down",
+    "wrong_direction": "wrong direction",
+    "blocked": "blocked card",
+    "unknown_card": "unknown card",
+    "not_yet_valid": "card not yet valid",
+    "expired": "card expired",
+    "holiday": "holiday",
+    "outside_schedule": "outside the schedule",
+    "exit_restricted": "exit restricted",
+    "antipassback": "anti-passback",
+    "gate_busy": "turnstile busy",
+}
+ALARM_TERMS = {
+    "fire": "fire alarm",
+    "tamper": "tamper",
+    "journal_capacity": "journal nearly full",
+    "journal_readonly": "SD card read-only",
+    "publish_refused": "broker refuses events",
+    "clock_unsynced": "clock not synchronised",
+    "clock_behind_floor": "clock behind the time floor",
+    "expiry_unchecked": "expiry dates not checked",
+    "acl_missing": "no access list",
+    "acl_stale": "access list out of date",
+    "acl_corrupt": "access list damaged",
+    "acl_store_failed": "access list not saved",
+    "downlink_flood": "command flood",
+    "ack_ahead": "server confirmation ahead",
+    "broker_dropped": "broker dropped the connection",
+    "tls_rejected": "TLS rejected",
+    "counters_reset": "counters reset",
+    "uplink_config": "uplink settings",
+}
+READER_ERROR_TERMS = {
+    "parity": "parity error",
+    "length": "wrong frame length",
+    "checksum": "checksum error",
+    "glitch": "line noise",
+    "garbage": "unreadable data",
+    "disconnected": "reader disconnected",
+}
+
+
+def _term(table: dict[str, str], value: object) -> str:
+    """The Russian term with the identifier beside it; English: the identifier."""
+    ident = str(value)
+    if ident not in table:
+        return ident
+    word = _(table[ident])
+    return ident if word == table[ident] else f"{word} ({ident})"
+
+
+def mode_text(mode: object) -> str:
+    """A gate mode as the screen shows it: «обычный (normal)» / "normal"."""
+    return _term(MODE_TERMS, mode)
+
+
+def reason_text(reason: object) -> str:
+    """A denial reason: «заблокированная карта (blocked)» / "blocked"."""
+    return _term(REASON_TERMS, reason)
+
+
+def alarm_text(kind: object) -> str:
+    """An alarm kind: «нет списка доступа (acl_missing)» / "acl_missing"; unknown kinds as they are."""
+    return _term(ALARM_TERMS, kind)
+
+
+def reader_error_text(kind: object) -> str:
+    """A reader error kind: «ошибка чётности (parity)» / "parity"."""
+    return _term(READER_ERROR_TERMS, kind)
+
+
+# --------------------------------------------------------------------------- config messages
+#
+# agent/config.py (with the gate rules of agent/core/gateconfig.py and the
+# board profiles of agent/hw/profiles.py) writes its problems in English:
+# the service logs them and the log stays English. The people-facing tools
+# (check-config, doctor, provision, bundle) show them in the user's language
+# through config_message(): every message those modules can produce is found
+# in their source (the f-strings handed to errors.append, self.error, bad,
+# ConfigError ...), each becomes a msgid whose placeholders are the f-string's
+# fields ("{path} does not exist; create it or fix the path"), and a message
+# is translated by matching it against those templates. The source stays the
+# one place a message is written; tests/test_i18n_tools.py fails when one has
+# no translation.
+
+_CONFIG_SOURCES = ("config.py", "core/gateconfig.py", "hw/profiles.py")
+_MESSAGE_CALLS = {"append", "error", "bad", "with_hint", "ConfigError", "GateConfigError", "ProfileError",
+                  "ProfileNotFound"}
+
+
+def _template_parts(node: Any) -> list[tuple[str, str]] | None:
+    """[("lit", text) | ("field", "{expr}")] of a string or f-string node."""
+    import ast
+
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return [("lit", node.value)]
+    if not isinstance(node, ast.JoinedStr):
+        return None
+    parts: list[tuple[str, str]] = []
+    for v in node.values:
+        if isinstance(v, ast.Constant):
+            parts.append(("lit", str(v.value)))
+        elif isinstance(v, ast.FormattedValue):
+            conv = {-1: "", 115: "!s", 114: "!r", 97: "!a"}[v.conversion]
+            spec = ""
+            if v.format_spec is not None:
+                spec = ":" + "".join(str(x.value) for x in v.format_spec.values if isinstance(x, ast.Constant))
+            parts.append(("field", "{" + ast.unparse(v.value) + conv + spec + "}"))
+    return parts
+
+
+def _is_message(parts: list[tuple[str, str]]) -> bool:
+    """Words a person reads, not a key path such as "gate.readers.{name}"."""
+    text = "".join(t for k, t in parts if k == "lit")
+    return " " in text.strip() and len(re.findall(r"[A-Za-z]{2,}", text)) >= 2
+
+
+def _source_templates() -> list[list[tuple[str, str]]]:
+    import ast
+
+    root = Path(__file__).resolve().parent.parent
+    found: list[list[tuple[str, str]]] = []
+    for rel in _CONFIG_SOURCES:
+        try:
+            tree = ast.parse((root / rel).read_text(encoding="utf-8"))
+        except (OSError, SyntaxError):
+            continue  # an install without sources: the messages stay English
+        consts = {t.id: n.value for n in tree.body if isinstance(n, ast.Assign)
+                  for t in n.targets if isinstance(t, ast.Name) and t.id.isupper()}
+        candidates: list[Any] = []
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call):
+                f = node.func
+                name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
+                if name in _MESSAGE_CALLS:
+                    candidates.extend(node.args)
+            elif isinstance(node, ast.FunctionDef) and node.name in ("_schema_error", "warnings"):
+                candidates.extend(n.value for n in ast.walk(node) if isinstance(n, ast.Return) and n.value)
+        while candidates:
+            c = candidates.pop()
+            if isinstance(c, (ast.Tuple, ast.List)):
+                candidates.extend(c.elts)
+            elif isinstance(c, ast.BinOp):
+                candidates.extend((c.left, c.right))
+            elif isinstance(c, ast.Name) and c.id in consts:
+                candidates.append(consts[c.id])
+            else:
+                parts = _template_parts(c)
+                if parts and _is_message(parts) and parts not in found:
+                    found.append(parts)
+    return found
+
+
+_templates: list[tuple[str, re.Pattern[str], list[str]]] | None = None
+_detail_templates: list[tuple[str, re.Pattern[str], list[str]]] | None = None
+# Fields that may be empty or sit right beside another field: what each can hold.
+_FIELD_PATTERNS = {
+    "{'s' if len(extra) > 1 else ''}": "(s?)",
+    "{for_what}": "((?:; allowed here: .*)?)",
+    "{': ' + desc if desc else ''}": "((?:: .*)?)",
+}
+
+
+def _schema_texts() -> tuple[list[str], list[str]]:
+    """(descriptions, hints) of the config schema: config.py puts them into its messages."""
+    import json
+
+    path = Path(__file__).resolve().parent.parent / "schemas" / "config.schema.json"
+    descriptions: list[str] = []
+    hints: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k == "description" and isinstance(v, str) and v not in descriptions:
+                    descriptions.append(v)
+                elif k == "x-hint" and isinstance(v, str) and v not in hints:
+                    hints.append(v)
+                else:
+                    walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    try:
+        walk(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        pass
+    return descriptions, hints
+
+
+def config_msgids() -> list[str]:
+    """Every config message template, and the schema's descriptions and hints, as msgids."""
+    descriptions, hints = _schema_texts()
+    return ["".join(t for _k, t in parts) for parts in _source_templates()] + descriptions + hints
+
+
+def _compile(templates: list[list[tuple[str, str]]]) -> list[tuple[str, re.Pattern[str], list[str]]]:
+    out = []
+    for parts in templates:
+        fields = [t for k, t in parts if k == "field"]
+        pattern = "".join(re.escape(t) if k == "lit" else _FIELD_PATTERNS.get(t, "(.+?)") for k, t in parts)
+        literal = sum(len(t) for k, t in parts if k == "lit")
+        out.append((literal, "".join(t for _k, t in parts), re.compile(pattern, re.DOTALL), fields))
+    # The most specific first: "{msg} ({hint})" must not take a message a longer template fits.
+    out.sort(key=lambda x: -x[0])
+    return [(msgid, rx, fields) for _lit, msgid, rx, fields in out]
+
+
+def _compiled_templates() -> list[tuple[str, re.Pattern[str], list[str]]]:
+    global _templates
+    if _templates is None:
+        _templates = _compile(_source_templates())
+    return _templates
+
+
+def _match(message: str, templates: list[tuple[str, re.Pattern[str], list[str]]], depth: int) -> str:
+    """The message translated by the first template it fits; else as it is."""
+    for msgid, rx, fields in templates:
+        m = rx.fullmatch(message)
+        if m is None:
+            continue
+        ru = _(msgid)
+        if ru == msgid:
+            return message
+        for field, value in zip(fields, m.groups()):
+            # A field only for English grammar ({'s' if ...}) may be left out of the Russian.
+            ru = ru.replace(field, _config_part(value, depth + 1), 1)
+        return ru
+    return message
+
+
+def config_message(message: str, _depth: int = 0) -> str:
+    """A message of agent/config.py in the user's language (English: as it is)."""
+    from agent.i18n import catalog, language
+
+    if language() == "en" or _depth > 3:
+        return message
+    whole = catalog(language()).get(message)
+    if whole is not None:
+        return whole
+    for hint in sorted(_schema_texts()[1], key=len, reverse=True):  # with_hint(): "msg (hint)"
+        if message.endswith(f" ({hint})") and len(message) > len(hint) + 3:
+            return f"{config_message(message[:-len(hint) - 3], _depth + 1)} ({_(hint)})"
+    return _match(message, _compiled_templates(), _depth)
+
+
+# Pieces config.py builds apart and puts into a message ("; allowed here: a, b").
+_PREFIXES = ("; allowed here: ", ": ")
+
+
+def _config_part(value: str, depth: int) -> str:
+    """A field's text: a message or known phrase translated, else as it is (a path, a value)."""
+    for prefix in _PREFIXES:
+        if value.startswith(prefix) and len(value) > len(prefix):
+            return _(prefix) + config_message(value[len(prefix):], depth)
+    return config_message(value, depth)
+
+
+def config_error_text(exc: Any) -> str:
+    """A ConfigError for a person: every problem, in the user's language
+    (English: the error's own text, as the service logs it)."""
+    from agent.i18n import language
+
+    if language() == "en":
+        return str(exc)
+    lines = [f"  - {path}: {config_message(msg)}" if path else f"  - {config_message(msg)}"
+             for path, msg in exc.errors]
+    head = _("config {source}: problems: {n}; fix these:").format(source=exc.source, n=len(exc.errors))
+    return "\n".join([head, *lines])
+
+
+def error_text(exc: BaseException) -> str:
+    """An error for a person: a config's or a board profile's problems in the
+    user's language (see config_message); any other error as it is."""
+    from agent.i18n import language
+
+    if language() == "en" or not isinstance(getattr(exc, "errors", None), list):
+        return str(exc)
+    from agent.config import ConfigError
+    from agent.hw.profiles import ProfileError
+
+    if isinstance(exc, ConfigError):
+        return config_error_text(exc)
+    if isinstance(exc, ProfileError):
+        head = _("hardware profile {source}: problems: {n}; fix these:").format(source=exc.source, n=len(exc.errors))
+        return "\n".join([head, *(f"  - {config_message(e)}" for e in exc.errors)])
+    return str(exc)
+
+
+# --------------------------------------------------------------------------- record details
+#
+# An event record's "detail" (alarm, reader.error, acl.applied ...) is English
+# in the journal and on the wire: the contract's data. Where a tool shows a
+# record to a person (monitor, journal tail), detail_text() puts the detail
+# into the user's language by the same template matching, the templates being
+# the texts the agent passes as detail= / "detail": in its source.
+
+
+def _detail_source_templates() -> list[list[tuple[str, str]]]:
+    import ast
+
+    root = Path(__file__).resolve().parent.parent
+    found: list[list[tuple[str, str]]] = []
+    for path in sorted(root.rglob("*.py")):
+        if "tools" in path.relative_to(root).parts[:1]:
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (OSError, SyntaxError, UnicodeDecodeError):
+            continue
+        for node in ast.walk(tree):
+            values: list[Any] = []
+            if isinstance(node, ast.keyword) and node.arg == "detail":
+                values.append(node.value)
+            elif isinstance(node, ast.Dict):
+                values.extend(v for k, v in zip(node.keys, node.values)
+                              if isinstance(k, ast.Constant) and k.value == "detail")
+            for v in values:
+                for c in ((v.body, v.orelse) if isinstance(v, ast.IfExp) else (v,)):
+                    parts = _template_parts(c)
+                    if parts and _is_message(parts) and parts not in found:
+                        found.append(parts)
+    return found
+
+
+def detail_msgids() -> list[str]:
+    """Every record detail the agent writes, as its msgid."""
+    return ["".join(t for _k, t in parts) for parts in _detail_source_templates()]
+
+
+def detail_text(detail: str) -> str:
+    """A record's detail in the user's language (English, or a detail no
+    template fits: as it is)."""
+    from agent.i18n import language
+
+    global _detail_templates
+    if language() == "en":
+        return detail
+    if _detail_templates is None:
+        _detail_templates = _compile(_detail_source_templates())
+    return _match(detail, _detail_templates, 0)
