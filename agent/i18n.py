@@ -85,6 +85,7 @@ TRANSLATED_MODULES = (
     "agent/tools/iotest.py",
     "agent/config.py",
     "agent/tools_regional.py",
+    "agent/tools/wiring.py",
 )
 
 _language: str | None = None

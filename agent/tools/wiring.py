@@ -134,7 +134,7 @@ def _columns() -> list[str]:
 
 def _row(ln: Line) -> list[str]:
     kind = "->" if ln.kind == "out" else "<-"  # the Pi drives it / the Pi reads it; no words to translate
-    return [str(ln.phys), f"GPIO{ln.bcm}", ln.signal, kind, ln.active or "-", ln.pull or "-", ln.far_end, ln.note]
+    return [str(ln.phys), f"GPIO{ln.bcm}", ln.signal, kind, ln.active or "-", ln.pull or "-", ln.far_end, _(ln.note) if ln.note else ""]
 
 
 def render_text(profile: Profile, relay_mode: str | None = None) -> str:
