@@ -28,6 +28,8 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TextIO
 
+from agent.i18n import _
+
 from . import (
     EXIT_BUSY,
     EXIT_FAILED,
@@ -280,15 +282,30 @@ def run_iotest(
 
 
 def _cmd_iotest(args: argparse.Namespace) -> int:
+    from agent.tools.board import BoardConfigError, factory_name, read_board
+
+    profile, factory_choice = args.profile, args.pin_factory
+    if profile is None or factory_choice is None:
+        # The board's own config gives what was not given: its profile and its pin factory.
+        try:
+            board = read_board(args.config)
+        except BoardConfigError as exc:
+            if profile is None:
+                print(f"gate-agent io-test: {exc}", file=sys.stderr)
+                return EXIT_USAGE
+            board = None  # --profile given: the config is not needed
+        if board is not None:
+            profile = profile or board.profile
+            factory_choice = factory_choice or factory_name(board.pin_factory)
     try:
-        factory = make_pin_factory(args.pin_factory)
+        factory = make_pin_factory(factory_choice or "lgpio")
     except Exception as exc:  # noqa: BLE001 - lgpio missing, no /dev/gpiochip, no permission
         if is_busy_error(exc):
             print(f"gate-agent io-test: {busy_message('the GPIO chip', exc)}", file=sys.stderr)
             return EXIT_BUSY
         print(f"gate-agent io-test: cannot use the GPIO pins: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    return run_iotest(args.profile, factory=factory, commands=args.commands)
+    return run_iotest(profile, factory=factory, commands=args.commands)
 
 
 def add_iotest_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -300,8 +317,18 @@ def add_iotest_parser(subparsers: Any) -> argparse.ArgumentParser:
         "Stop the service first (sudo systemctl stop gate-agent).\n\n" + HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    from agent.tools.board import DEFAULT_PATH
+
     p.add_argument(
-        "--profile", required=True, help="hardware profile name or .toml path, e.g. pi4-relay4"
+        "--config",
+        default=str(DEFAULT_PATH),
+        metavar="FILE",
+        help=_("the board's config: its hardware profile and pin factory are used (default {path})").format(
+            path=DEFAULT_PATH),
+    )
+    p.add_argument(
+        "--profile",
+        help=_("hardware profile name or .toml path, e.g. pi4-relay4 (default: the config's hardware.profile)"),
     )
     p.add_argument(
         "-c",
@@ -315,8 +342,9 @@ def add_iotest_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--pin-factory",
         choices=PIN_FACTORIES,
-        default="lgpio",
-        help="GPIO library (default lgpio; mock for a dry run)",
+        default=None,
+        help=_("GPIO library: lgpio, or mock for a dry run (default: the config's hardware.pin_factory, "
+               "else lgpio)"),
     )
     p.set_defaults(func=_cmd_iotest)
     return p
