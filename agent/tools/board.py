@@ -129,3 +129,13 @@ def read_board(path: str | os.PathLike[str] = DEFAULT_PATH) -> Board:
 def factory_name(configured: str | None) -> str:
     """The agent.tools pin factory for a config's hardware.pin_factory ("auto" is lgpio on a Pi)."""
     return "mock" if configured == "mock" else "lgpio"
+
+
+def board_or_none(path: str | os.PathLike[str]) -> Board | None:
+    """The board's config when it can be used, else None: for a tool given its hardware
+    explicitly (--profile, --serial, --wiegand), which still takes the config's pin factory
+    and key width when there is one."""
+    try:
+        return read_board(path)
+    except BoardConfigError:
+        return None

@@ -366,14 +366,16 @@ def _board_sources(board: Any, args: argparse.Namespace) -> list[Source]:
 
 def _source_from_args(args: argparse.Namespace) -> tuple[list[Source], int]:
     """The sources to read and the key width: the explicit options, else the board's config."""
-    from agent.tools.board import read_board
+    from agent.tools.board import board_or_none, factory_name, read_board
 
     name = args.name or args.reader or READER_NAME
     if args.serial or args.wiegand or (args.reader and args.profile):
-        key_width = args.key_width or 24
+        # The hardware is given; the config, when there is one, still gives the key width and pins.
+        board = board_or_none(args.config)
+        key_width = args.key_width or (board.key_width if board else 24)
         if args.serial:
             return [SerialSource(args.serial, protocol=args.protocol, baudrate=args.baud, name=name)], key_width
-        factory = make_pin_factory(args.pin_factory or "lgpio")
+        factory = make_pin_factory(args.pin_factory or factory_name(board.pin_factory if board else None))
         if args.wiegand:
             try:
                 d0, d1 = (int(x) for x in args.wiegand.split(","))

@@ -282,21 +282,21 @@ def run_iotest(
 
 
 def _cmd_iotest(args: argparse.Namespace) -> int:
-    from agent.tools.board import BoardConfigError, factory_name, read_board
+    from agent.tools.board import BoardConfigError, board_or_none, factory_name, read_board
 
     profile, factory_choice = args.profile, args.pin_factory
-    if profile is None or factory_choice is None:
+    if profile is None:
         # The board's own config gives what was not given: its profile and its pin factory.
         try:
             board = read_board(args.config)
         except BoardConfigError as exc:
-            if profile is None:
-                print(f"gate-agent io-test: {exc}", file=sys.stderr)
-                return EXIT_USAGE
-            board = None  # --profile given: the config is not needed
-        if board is not None:
-            profile = profile or board.profile
-            factory_choice = factory_choice or factory_name(board.pin_factory)
+            print(f"gate-agent io-test: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    else:
+        board = board_or_none(args.config) if factory_choice is None else None  # not needed
+    if board is not None:
+        profile = profile or board.profile
+        factory_choice = factory_choice or factory_name(board.pin_factory)
     try:
         factory = make_pin_factory(factory_choice or "lgpio")
     except Exception as exc:  # noqa: BLE001 - lgpio missing, no /dev/gpiochip, no permission
