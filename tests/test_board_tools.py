@@ -249,3 +249,14 @@ def test_doctor_wait_card_hears_an_osdp_reader(osdp_board):
     checks = doctor.check_readers()
     assert [(c.status, c.name) for c in checks] == [(OK, "reader entry")], checks
     assert "142,51091" in checks[0].summary
+
+
+def test_the_config_messages_are_in_russian_under_a_russian_locale(tmp_path):
+    missing = tmp_path / "agent.toml"
+    for tool in ("io-test", "enroll"):
+        res = subprocess.run([sys.executable, "-m", "agent.cli", tool, "--config", str(missing)],
+                             check=False, capture_output=True, text=True, timeout=60, cwd=ROOT,
+                             env={**os.environ, "LANG": "ru_RU.UTF-8", "LC_ALL": "", "LC_MESSAGES": "", "LANGUAGE": ""})
+        assert res.returncode == EXIT_USAGE
+        assert f"файла {missing} нет" in res.stderr and "укажите файл конфигурации" in res.stderr, res.stderr
+        assert "does not exist" not in res.stderr
