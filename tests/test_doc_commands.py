@@ -31,6 +31,7 @@ import os
 import re
 import shlex
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -41,7 +42,7 @@ from pathlib import Path
 import pytest
 
 from agent.downlink.signing import generate_keypair
-from tests.agentproc import AgentProcess
+from tests.agentproc import AgentProcess, journal_records
 from tests.pki import TestCA
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -181,9 +182,11 @@ class Board:
     bench: AgentProcess | None = None
     notes: list[str] = field(default_factory=list)
 
-    def present_cards(self) -> None:
-        for fd in self.readers.values():
-            os.write(fd, FRAME)
+    def present_cards(self, only: str | None = None) -> None:
+        """A card at each reader (or at the one named): bytes nobody reads would wait in the pty."""
+        for name, fd in self.readers.items():
+            if only is None or name == only:
+                os.write(fd, FRAME)
 
     # -- the service, as systemd runs it -------------------------------------------------
 
@@ -198,11 +201,18 @@ class Board:
             log.close()
             journal = self.root / "var/lib/gate-agent/journal.db"
             deadline = time.monotonic() + WAIT_S
-            # Up when its journal exists; an unprovisioned board's agent refuses to start, as on a Pi.
-            while not journal.exists() and self.service.poll() is None and time.monotonic() < deadline:
+            # Up when it has journalled its start; an unprovisioned board's agent refuses to start,
+            # as on a Pi.
+            while self.service.poll() is None and time.monotonic() < deadline and not self._started(journal):
                 time.sleep(0.1)
             if self.service.poll() is not None:
                 self.notes.append(f"the service exited with {self.service.returncode} (as systemd would show)")
+
+    def _started(self, journal: Path) -> bool:
+        try:
+            return any(r.get("type") == "agent.started" for r in journal_records(journal))
+        except (OSError, sqlite3.Error):
+            return False  # not there yet, or being created
 
     def stop_service(self) -> None:
         if self.service is not None and self.service.poll() is None:
@@ -270,7 +280,8 @@ class Expect:
 
     codes: tuple[int, ...] = (0,)
     shows: tuple[str, ...] = ()
-    interact: str | None = None  # "cards": present a card at each reader when `when` shows
+    interact: str | None = None  # "cards": present a card at each reader (or `reader`) when `when` shows
+    reader: str | None = None
     when: str | None = None
     then_ctrl_c: str | None = None  # Ctrl-C once this shows (a command that runs until stopped)
 
@@ -283,7 +294,7 @@ def expect_for(command: str) -> Expect:
     if sub[:1] == ["enroll"]:
         reader = words[words.index("--reader") + 1] if "--reader" in words else None
         needle = f"via {reader}:" if reader else "card 2:"
-        return Expect(interact="cards", when="Ctrl+C to stop", then_ctrl_c=needle,
+        return Expect(interact="cards", reader=reader, when="Ctrl+C to stop", then_ctrl_c=needle,
                       shows=("facility,card 142,51091", "print 0009357203"))
     if sub[:1] == ["doctor"]:
         # Exit 1 is doctor's answer "something FAILs": a test machine has no broker
@@ -327,7 +338,7 @@ def run_line(board: Board, line: DocLine) -> str | None:
     try:
         if exp.interact == "cards" and out.wait_for(exp.when):
             time.sleep(0.5)  # the readers open their ports just before saying so
-            board.present_cards()
+            board.present_cards(exp.reader)
         if exp.then_ctrl_c is not None:
             if not out.wait_for(exp.then_ctrl_c):
                 return f"never showed {exp.then_ctrl_c!r}: {out.text[-1500:]}"
