@@ -56,7 +56,8 @@ NOT_RUN = {
     "gate-agent bundle": "downloads the aarch64 wheels from PyPI (no registry downloads in tests); "
     "tests/test_bundle.py runs the same options with --no-download",
     "gate-agent monitor --broker": "the regional view needs the region's broker mqtt.region.example:8884 "
-    "and a regional certificate; tests/test_monitor.py runs it against a real mosquitto",
+    "(a name this machine cannot resolve) and a regional certificate; tests/test_monitor.py runs its "
+    "broker source against a real mosquitto",
     "gate-agent demo": "starts its own mosquitto, ingest and agent and runs until Ctrl-C; "
     "tests/test_demo.py runs it",
 }
