@@ -279,6 +279,9 @@ def run_enroll(
         close_all()
         print(f"gate-agent enroll: {exc}", file=err)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # Ctrl-C while the readers open: stop, as at any other time
+        close_all()
+        return EXIT_OK
     except BaseException:
         close_all()
         raise
