@@ -260,3 +260,27 @@ def test_the_config_messages_are_in_russian_under_a_russian_locale(tmp_path):
         assert res.returncode == EXIT_USAGE
         assert f"файла {missing} нет" in res.stderr and "укажите файл конфигурации" in res.stderr, res.stderr
         assert "does not exist" not in res.stderr
+
+
+def test_explicit_hardware_still_takes_the_configs_pin_factory_and_key_width(tmp_path, capsys):
+    # --reader with --profile names the pins; the config (mock pins, 32-bit keys) gives the rest,
+    # so this runs on a machine without GPIO, as the config says it should.
+    cfg = write_config(tmp_path, '[hardware]\nprofile = "pi4-relay4"\npin_factory = "mock"\n\n'
+                       '[site]\nkey_width = 32\n', site=False)
+    code, out, err = run_cli(["enroll", "--config", str(cfg), "--reader", "entry", "--profile", "pi4-relay4",
+                              "--count", "1", "--timeout", "0.2"], capsys)
+    assert code == 1 and "0 of 1" in err, err  # ran, and nobody presented a card
+    assert "entry: wiegand on D0=GPIO20 D1=GPIO21 (key width 32)" in out
+
+
+def test_the_doc_runner_never_points_a_board_tool_at_this_machines_etc():
+    from tests.test_doc_commands import touches_the_real_board, with_config
+
+    staged = Path("/tmp/x/etc/gate-agent/agent.toml")
+    for line in ("gate-agent doctor", "gate-agent provision --site s --gate g --broker b:1",
+                 "gate-agent journal export --pending > p.jsonl", "gate-agent check-config /etc/gate-agent/agent.toml"):
+        assert not touches_the_real_board(with_config(line, staged)), line
+        assert str(staged) in with_config(line, staged)
+    assert touches_the_real_board("gate-agent doctor")
+    assert touches_the_real_board("gate-agent check-config /etc/gate-agent/agent.toml")
+    assert not touches_the_real_board(with_config("gate-agent monitor --broker h:1 --site s --gate g", staged))

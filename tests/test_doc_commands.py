@@ -125,6 +125,8 @@ def touches_the_real_board(shell: str) -> bool:
     """A board tool that would read or write this machine's /etc/gate-agent (never run those)."""
     words = shlex.split(shell)
     tool = words[1] if len(words) > 1 else ""
+    if tool == "check-config":  # the file is its argument; without one, the board's
+        return BOARD_CONFIG in words or not [w for w in words[2:] if not w.startswith("-")]
     return BOARD_CONFIG in words or (tool in BOARD_TOOLS and "--config" not in words and "--db" not in words
                                      and not (tool == "monitor" and "--broker" in words))
 
