@@ -284,3 +284,14 @@ def test_the_doc_runner_never_points_a_board_tool_at_this_machines_etc():
     assert touches_the_real_board("gate-agent doctor")
     assert touches_the_real_board("gate-agent check-config /etc/gate-agent/agent.toml")
     assert not touches_the_real_board(with_config("gate-agent monitor --broker h:1 --site s --gate g", staged))
+
+
+def test_iotest_dry_run_on_mock_pins_starts_with_the_inputs_at_rest(tmp_path, capsys):
+    # As the service's simulated hardware: no fire alarm, no open arm, the turnstile ready.
+    cfg = write_config(tmp_path, '[hardware]\nprofile = "pi4-relay4"\npin_factory = "mock"\n', site=False)
+    code, out, err = run_cli(["io-test", "--config", str(cfg), "-c", "show"], capsys)
+    assert code == EXIT_OK, err
+    inputs = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ") and "GPIO" in line}
+    assert "ASSERTED" in inputs["ready"]
+    for name in ("pass_a", "pass_b", "fire_loop", "tamper", "button_in"):
+        assert " rest " in inputs[name], inputs[name]

@@ -220,8 +220,13 @@ def run_iotest(
     out: TextIO | None = None,
     err: TextIO | None = None,
     input_stream: TextIO | None = None,
+    rest_mock: bool = False,
 ) -> int:
     """Run io-test commands against a board profile (a Profile, or a name/path).
+
+    rest_mock: on gpiozero's mock pins, start with every input at rest as the
+    service's simulated hardware does (turnstile ready, fire loop closed), so a
+    dry run does not show a fire alarm and an open arm that no wire made.
 
     commands: the commands to run; None reads them from input_stream
     (default stdin) until end of input or "quit". Returns an exit code
@@ -251,6 +256,10 @@ def run_iotest(
             f"gate-agent io-test: cannot claim the pins of profile {profile.name}: {exc}", file=err
         )
         return EXIT_USAGE
+    if rest_mock and type(factory).__name__ == "MockFactory":
+        from agent.service import rest_mock_inputs
+
+        rest_mock_inputs(factory, profile)
     bench = _Bench(tio, out)
     failed = 0
     scripted = commands is not None
@@ -305,7 +314,7 @@ def _cmd_iotest(args: argparse.Namespace) -> int:
             return EXIT_BUSY
         print(f"gate-agent io-test: cannot use the GPIO pins: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    return run_iotest(profile, factory=factory, commands=args.commands)
+    return run_iotest(profile, factory=factory, commands=args.commands, rest_mock=True)
 
 
 def add_iotest_parser(subparsers: Any) -> argparse.ArgumentParser:
