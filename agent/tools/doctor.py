@@ -533,6 +533,19 @@ class Doctor:
                                       key_width=self.cfg.key_width, number=r.number)
                     sr.start()
                     built.append(sr)
+            # OSDP readers sharing a port are one bus, opened as the service opens it (Secure Channel).
+            buses: dict[str, list[Any]] = {}
+            for r in readers:
+                if r.type == "osdp":
+                    buses.setdefault(r.port, []).append(r)
+            for port, on_bus in buses.items():
+                from agent.hw.osdp_reader import OsdpBus, OsdpReaderSpec
+
+                bus = OsdpBus(port, [OsdpReaderSpec(r.name, r.address, r.scbk) for r in on_bus], submit=submit,
+                              baudrate=on_bus[0].baudrate, key_width=self.cfg.key_width)
+                bus.start()
+                built.append(bus)
+                testable.extend(on_bus)
             if self.out is not None:
                 print(_("present a card at each reader now ({names}); waiting up to {s} s...").format(
                     names=", ".join(r.name for r in testable), s=self.wait_card_s), file=self.out, flush=True)
@@ -551,10 +564,6 @@ class Doctor:
                 except Exception:  # noqa: BLE001, S110
                     pass
         for r in readers:
-            if r.type == "osdp":
-                out.append(Check(SKIP, f"reader {r.name}", _("OSDP: watch reader.status with the service "
-                                                             "running (gate-agent monitor)")))
-                continue
             with lock:
                 events = list(seen[r.name])
             cards = [e for e in events if isinstance(e, CardRead)]
@@ -572,6 +581,8 @@ class Doctor:
             else:
                 hint = (_("check the reader's 12 V supply, D0/D1 through the level shifter, the common ground")
                         if r.type == "wiegand" else
+                        _("check the RS-485 pair (A/B), the reader's address and baud rate, and that its "
+                          "Secure Channel key is the one in scbk_file") if r.type == "osdp" else
                         _("check the cable and the port; hold the card flat against the reader"))
                 out.append(Check(FAIL, f"reader {r.name}", _("nothing received in {s} s").format(s=self.wait_card_s),
                                  (hint,)))

@@ -222,8 +222,13 @@ def run_iotest(
     out: TextIO | None = None,
     err: TextIO | None = None,
     input_stream: TextIO | None = None,
+    rest_mock: bool = False,
 ) -> int:
     """Run io-test commands against a board profile (a Profile, or a name/path).
+
+    rest_mock: on gpiozero's mock pins, start with every input at rest as the
+    service's simulated hardware does (turnstile ready, fire loop closed), so a
+    dry run does not show a fire alarm and an open arm that no wire made.
 
     commands: the commands to run; None reads them from input_stream
     (default stdin) until end of input or "quit". Returns an exit code
@@ -254,6 +259,10 @@ def run_iotest(
                 profile=profile.name, error=exc), file=err
         )
         return EXIT_USAGE
+    if rest_mock and type(factory).__name__ == "MockFactory":
+        from agent.service import rest_mock_inputs
+
+        rest_mock_inputs(factory, profile)
     bench = _Bench(tio, out)
     failed = 0
     scripted = commands is not None
@@ -285,15 +294,30 @@ def run_iotest(
 
 
 def _cmd_iotest(args: argparse.Namespace) -> int:
+    from agent.tools.board import BoardConfigError, board_or_none, factory_name, read_board
+
+    profile, factory_choice = args.profile, args.pin_factory
+    if profile is None:
+        # The board's own config gives what was not given: its profile and its pin factory.
+        try:
+            board = read_board(args.config)
+        except BoardConfigError as exc:
+            print(f"gate-agent io-test: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    else:
+        board = board_or_none(args.config) if factory_choice is None else None  # not needed
+    if board is not None:
+        profile = profile or board.profile
+        factory_choice = factory_choice or factory_name(board.pin_factory)
     try:
-        factory = make_pin_factory(args.pin_factory)
+        factory = make_pin_factory(factory_choice or "lgpio")
     except Exception as exc:  # noqa: BLE001 - lgpio missing, no /dev/gpiochip, no permission
         if is_busy_error(exc):
             print(f"gate-agent io-test: {busy_message(_('the GPIO chip'), exc)}", file=sys.stderr)
             return EXIT_BUSY
         print("gate-agent io-test: " + _("cannot use the GPIO pins: {error}").format(error=exc), file=sys.stderr)
         return EXIT_USAGE
-    return run_iotest(args.profile, factory=factory, commands=args.commands)
+    return run_iotest(profile, factory=factory, commands=args.commands, rest_mock=True)
 
 
 def add_iotest_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -305,8 +329,18 @@ def add_iotest_parser(subparsers: Any) -> argparse.ArgumentParser:
         "Stop the service first (sudo systemctl stop gate-agent).\n\n" + HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    from agent.tools.board import DEFAULT_PATH
+
     p.add_argument(
-        "--profile", required=True, help="hardware profile name or .toml path, e.g. pi4-relay4"
+        "--config",
+        default=str(DEFAULT_PATH),
+        metavar="FILE",
+        help=_("the board's config: its hardware profile and pin factory are used (default {path})").format(
+            path=DEFAULT_PATH),
+    )
+    p.add_argument(
+        "--profile",
+        help=_("hardware profile name or .toml path, e.g. pi4-relay4 (default: the config's hardware.profile)"),
     )
     p.add_argument(
         "-c",
@@ -320,8 +354,9 @@ def add_iotest_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--pin-factory",
         choices=PIN_FACTORIES,
-        default="lgpio",
-        help="GPIO library (default lgpio; mock for a dry run)",
+        default=None,
+        help=_("GPIO library: lgpio, or mock for a dry run (default: the config's hardware.pin_factory, "
+               "else lgpio)"),
     )
     p.set_defaults(func=_cmd_iotest)
     return p

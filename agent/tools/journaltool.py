@@ -484,10 +484,10 @@ def _cmd_journal(args: argparse.Namespace) -> int:
                 out.write(format_record(rec) + "\n")
             out.flush()
             if args.follow:
-                last = recs[-1]["seq"] if recs and "seq" in recs[-1] else (
-                    conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0])
-                conn.close()
-                try:
+                try:  # Ctrl-C ends it, even while it is still starting to follow
+                    last = recs[-1]["seq"] if recs and "seq" in recs[-1] else (
+                        conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0])
+                    conn.close()
                     follow(path, out, after_seq=last)
                 except KeyboardInterrupt:
                     pass
