@@ -86,6 +86,7 @@ TRANSLATED_MODULES = (
     "agent/config.py",
     "agent/tools_regional.py",
     "agent/tools/wiring.py",
+    "agent/tools/board.py",
 )
 
 _language: str | None = None
