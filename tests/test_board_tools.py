@@ -1,3 +1,4 @@
+# ruff: noqa: F811 - the pty fixture imported from tests.test_tools, used as an argument
 """The bench tools read the board's own config (issue 11, "tools read the board").
 
 ``gate-agent io-test``, ``gate-agent enroll`` and ``gate-agent doctor
@@ -21,6 +22,7 @@ import pytest
 from agent.cli import main
 from agent.i18n import set_language
 from agent.tools import EXIT_OK, EXIT_USAGE
+from tests.test_tools import pty  # noqa: F401 - the (master fd, slave path) pair fixture
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_FRAME = b"\x0214008EC793CE\x03"  # DESIGN.md: "142,51091", printed "0009357203"
@@ -35,12 +37,6 @@ def _english():
     set_language(None)
 
 
-@pytest.fixture
-def pty():
-    master, slave = os.openpty()
-    yield master, os.ttyname(slave)
-    os.close(master)
-    os.close(slave)
 
 
 def write_config(tmp_path: Path, body: str, *, site: bool = True) -> Path:
@@ -165,28 +161,7 @@ def osdp_board(pty, tmp_path):
     at the other end with the key in scbk_file; present() makes the PD send a W26 card."""
     osdp_mod = pytest.importorskip("osdp", reason="libosdp is not installed (pip install 'gate-agent[osdp]')")
 
-    class MasterChannel(osdp_mod.Channel):
-        """The reader's end of the pty: the master fd, non-blocking."""
-
-        def __init__(self, fd: int) -> None:
-            super().__init__()
-            self.fd = fd
-            os.set_blocking(fd, False)
-
-        def read(self, max_bytes: int) -> bytes:
-            try:
-                return os.read(self.fd, max_bytes)
-            except OSError:
-                return b""
-
-        def write(self, buf: bytes) -> int:
-            try:
-                return os.write(self.fd, buf)
-            except OSError:
-                return 0
-
-        def flush(self) -> None:
-            pass
+    from tests.test_osdp_reader import MasterChannel  # the PD's end of the pty (osdp is there)
 
     master, port = pty
     key = tmp_path / "entry.scbk"
