@@ -311,3 +311,98 @@ def test_a_config_message_is_translated_by_its_template_and_english_stays_as_it_
     assert words.config_message("something nobody wrote") == "something nobody wrote"
     i18n.set_language("en")
     assert words.config_message(msg) == msg
+
+
+# --------------------------------------------------------------------------- ingest, simulate (h-ru2)
+
+
+def test_ingest_help_and_its_usage_errors_are_russian(tmp_path):
+    code, out = _run(["ingest", "--", "--help"], tmp_path)
+    assert code == 0
+    _assert_russian("gate-agent ingest -- --help", out)
+    assert out.startswith("использование: gate-agent ingest") and "по умолчанию 500000" in out
+    code, out = _run(["ingest", "--port", "x"], tmp_path)
+    assert code == 2
+    _assert_russian("gate-agent ingest (a usage error)", out)
+    assert "нужен один из аргументов: --db --db-url" in out or "недопустимое значение" in out
+
+
+def test_every_ingest_help_text_has_a_russian_translation():
+    from agent.uplink.ingest import build_parser
+
+    i18n.set_language("en")
+    try:
+        parser = build_parser()
+    finally:
+        i18n.set_language(None)
+    catalog = i18n.parse_po(PO.read_text(encoding="utf-8"))
+    assert [m for m in i18n.parser_msgids(parser) if m not in catalog] == []
+
+
+BROKEN_SCENARIO = '''name = "broken"
+start = "2026-09-01T08:40:00"
+
+[gate]
+colour = "red"
+wait_s = 99
+
+[[steps]]
+at = "08:47:20"
+card = "100,60179"
+reader = "sideways"
+
+[[steps]]
+at = "08:00:00"
+serial = "x"
+
+[[steps]]
+at = "09:00:00"
+acl_delta = "missing.json"
+'''
+
+UNMET_SCENARIO = '''name = "unmet"
+start = "2026-09-01T08:40:00+07:00"
+
+[[steps]]
+at = "08:47:20"
+card = "100,60179"
+
+[[expect]]
+type = "passage"
+count = 3
+
+[[expect]]
+type = "access.denied"
+min = 2
+'''
+
+
+def test_simulate_errors_and_expectations_are_russian(tmp_path):
+    (tmp_path / "bad.toml").write_text(BROKEN_SCENARIO)
+    code, out = _run(["simulate", "--check", str(tmp_path / "bad.toml")], tmp_path)
+    assert code == 2
+    _assert_russian("simulate (a broken scenario)", out)
+    assert "шаг 1 (строка 11), reader: у турникета нет считывателя 'sideways'" in out
+    assert "шаг 3 (строка 19), acl_delta: файл списка доступа" in out
+    assert "/gate: параметры турникета: ошибок: 1" in out and "wait_s: 99; допустимо: секунды" in out
+    (tmp_path / "unmet.toml").write_text(UNMET_SCENARIO)
+    code, out = _run(["simulate", "--check", str(tmp_path / "unmet.toml")], tmp_path)
+    assert code == 1
+    said = "\n".join(line for line in out.splitlines() if not line.startswith("{"))  # the records are JSON
+    _assert_russian("simulate --check (unmet)", said)
+    assert "ожидание не выполнено: ожидание 1 (строка 8)" in out and "ожидалось ровно 3" in out
+    code, out = _run(["simulate", "--check", str(ROOT / "examples" / "scenarios" / "late-pupil.toml")], tmp_path)
+    assert code == 0 and "ожидания выполнены: 4" in out
+
+
+def test_every_scenario_message_has_a_russian_translation(russian):
+    catalog = i18n.parse_po(PO.read_text(encoding="utf-8"))
+    ids = words.scenario_msgids()
+    assert "{where}: access-list file {path} not found" in ids and len(ids) > 15
+    for msgid in ids:
+        assert msgid in catalog, f"translate the scenario message in gate-agent.po: {msgid!r}"
+        assert set(re.findall(r"\{[^}]*\}", catalog[msgid])) == set(re.findall(r"\{[^}]*\}", msgid)), msgid
+    assert words.scenario_message("step 2 (line 7), at: 08:00 is before the previous step; steps run in time order") \
+        == "шаг 2 (строка 7), at: 08:00 раньше предыдущего шага; шаги идут по порядку времени"
+    i18n.set_language("en")
+    assert words.scenario_message("step 2, card: x") == "step 2, card: x"

@@ -121,7 +121,7 @@ def reader_error_text(kind: object) -> str:
 
 _CONFIG_SOURCES = ("config.py", "core/gateconfig.py", "hw/profiles.py")
 _MESSAGE_CALLS = {"append", "error", "bad", "with_hint", "ConfigError", "GateConfigError", "ProfileError",
-                  "ProfileNotFound"}
+                  "ProfileNotFound", "ScenarioError"}
 
 
 def _template_parts(node: Any) -> list[tuple[str, str]] | None:
@@ -151,12 +151,12 @@ def _is_message(parts: list[tuple[str, str]]) -> bool:
     return " " in text.strip() and len(re.findall(r"[A-Za-z]{2,}", text)) >= 2
 
 
-def _source_templates() -> list[list[tuple[str, str]]]:
+def _source_templates(sources: tuple[str, ...] = _CONFIG_SOURCES) -> list[list[tuple[str, str]]]:
     import ast
 
     root = Path(__file__).resolve().parent.parent
     found: list[list[tuple[str, str]]] = []
-    for rel in _CONFIG_SOURCES:
+    for rel in sources:
         try:
             tree = ast.parse((root / rel).read_text(encoding="utf-8"))
         except (OSError, SyntaxError):
@@ -275,10 +275,14 @@ def config_message(message: str, _depth: int = 0) -> str:
     whole = catalog(language()).get(message)
     if whole is not None:
         return whole
-    for hint in sorted(_schema_texts()[1], key=len, reverse=True):  # with_hint(): "msg (hint)"
+    # A template that holds the hint itself (gateconfig's wait_s) first, then with_hint(): "msg (hint)".
+    matched = _match(message, _compiled_templates(), _depth)
+    if matched != message:
+        return matched
+    for hint in sorted(_schema_texts()[1], key=len, reverse=True):
         if message.endswith(f" ({hint})") and len(message) > len(hint) + 3:
             return f"{config_message(message[:-len(hint) - 3], _depth + 1)} ({_(hint)})"
-    return _match(message, _compiled_templates(), _depth)
+    return message
 
 
 # Pieces config.py builds apart and puts into a message ("; allowed here: a, b").
@@ -376,3 +380,85 @@ def detail_text(detail: str) -> str:
     if _detail_templates is None:
         _detail_templates = _compile(_detail_source_templates())
     return _match(detail, _detail_templates, 0)
+
+
+# --------------------------------------------------------------------------- scenario messages
+#
+# agent/simulator.py writes a broken scenario's problems and an unmet
+# expectation in English (the simulator is a library and CI reads it); the
+# `gate-agent simulate` command shows them in the user's language by the same
+# template matching as config_message, the templates being the simulator's
+# own f-strings. Each problem starts with where it is, "step 3 (line 14), at"
+# or "/gate"; that place is translated apart.
+
+_SCENARIO_SOURCES = ("simulator.py",)
+_scenario_templates: list[tuple[str, re.Pattern[str], list[str]]] | None = None
+_PLACE = re.compile(r"(step|expect) (\d+)(?: \(line (\d+)\))?(?:, (\S+))?")
+
+
+# The scenario schema's problems come from jsonschema_rs, in its words; the usual ones
+# (a scenario file's usual mistakes) as templates.
+SCHEMA_MESSAGES = (
+    "{value} does not match {pattern}",
+    "{value} is not one of {allowed}",
+    "{value} is greater than the maximum of {limit}",
+    "{value} is less than the minimum of {limit}",
+    "{value} is not of type {kind}",
+    "{key} is a required property",
+    "Additional properties are not allowed ({keys} was unexpected)",
+    "Additional properties are not allowed ({keys} were unexpected)",
+)
+
+
+def _scenario_source_templates() -> list[list[tuple[str, str]]]:
+    schema = [[("field" if t.startswith("{") else "lit", t) for t in re.split(r"(\{[a-z]+\})", m) if t]
+              for m in SCHEMA_MESSAGES]
+    return _source_templates(_SCENARIO_SOURCES) + schema
+
+
+def scenario_msgids() -> list[str]:
+    """Every message template of the simulator (and the schema's usual ones), as its msgid."""
+    return ["".join(t for _k, t in parts) for parts in _scenario_source_templates()]
+
+
+def _place_text(place: str) -> str:
+    """ "step 3 (line 14), card" -> «шаг 3 (строка 14), card»; a key path stays as it is."""
+    m = _PLACE.fullmatch(place)
+    if m is None:
+        return place
+    kind, n, line, key = m.groups()
+    text = (_("step {n}") if kind == "step" else _("expectation {n}")).format(n=n)
+    if line:
+        text += " " + _("(line {line})").format(line=line)
+    return text + (f", {key}" if key else "")
+
+
+def scenario_message(message: str) -> str:
+    """A problem of a scenario, or an unmet expectation, in the user's language
+    (English, or a message no template fits: as it is)."""
+    from agent.i18n import language
+
+    global _scenario_templates
+    if language() == "en":
+        return message
+    if _scenario_templates is None:
+        _scenario_templates = _compile(_scenario_source_templates())
+    head, *more = message.split("\n")
+    place, sep, rest = head.partition(": ")
+    if not (sep and (_PLACE.fullmatch(place) or place.startswith("/"))):
+        place, rest = "", head
+    ru = _match(head, _scenario_templates, 0)
+    if ru == head and place:  # "{where}: {exc}": the message after the place is translated on its own
+        ru = f"{place}: {_match(rest, _scenario_templates, 0)}"
+    if place and ru.startswith(place + ": "):
+        ru = _place_text(place) + ru[len(place):]
+    gate = _GATE_HEAD.fullmatch(ru[len(_place_text(place)) + 2:] if place else ru)
+    if gate is not None:  # "/gate: " + a GateConfigError: its head, then "  - name: message" lines
+        ru = ru[:len(ru) - len(gate.group(0))] + _("gate settings: problems: {n}; fix these:").format(n=gate.group(1))
+    for line in more:
+        name, sep, msg = line.partition(": ")
+        ru += "\n  " + (f"{name}: {config_message(msg)}" if sep else line)  # under its problem
+    return ru
+
+
+_GATE_HEAD = re.compile(r"invalid gate config \((\d+) problem\(s\)\); fix these settings:")
