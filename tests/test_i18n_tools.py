@@ -406,3 +406,29 @@ def test_every_scenario_message_has_a_russian_translation(russian):
         == "шаг 2 (строка 7), at: 08:00 раньше предыдущего шага; шаги идут по порядку времени"
     i18n.set_language("en")
     assert words.scenario_message("step 2, card: x") == "step 2, card: x"
+
+
+def test_io_test_state_words_are_russian_with_the_identifier_beside(board):
+    d = board["dir"]
+    script = ["-c", "show", "-c", "on stop", "-c", "pulse unlock_a 0.1", "-c", "all off"]
+    code, out = _run(["io-test", "--profile", "pi4-relay4", "--pin-factory", "mock", *script], d)
+    assert code == 0, out
+    _assert_russian("io-test (states)", out)
+    # Too short for a 3-word run: each state word must not stand alone, only beside its term.
+    for word in words.IO_STATE_TERMS:
+        alone = re.findall(rf"(?<![(\w]){word}(?![)\w])", out)
+        assert alone == [], f"io-test: {word!r} shown without its Russian term:\n{out}"
+    assert "сработал (ASSERTED)" in out and "покой (rest)" in out
+    assert "включён (ACTIVE)" in out and "выключен (inactive)" in out and "низкий (low)" in out
+    code, out = _run(["io-test", "--profile", "pi4-relay4", "--pin-factory", "mock", *script], d, LANG="C")
+    assert code == 0 and not CYRILLIC.search(out)
+    assert re.search(r"ready +GPIO22 low  ASSERTED the turnstile reports ready", out), out
+    assert re.search(r"stop +GPIO6  low  ACTIVE  ", out), out  # the English columns as before
+
+
+def test_the_russian_sign_off_sheet_quotes_io_test_as_it_prints(russian):
+    text = (ROOT / "hardware" / "commissioning-ru.md").read_text(encoding="utf-8")
+    quoted = re.findall(r"«([^«»]+) \(`?([A-Za-z]+)`?\)»", text)
+    assert {ident for _term, ident in quoted} >= {"ASSERTED", "rest", "ACTIVE", "inactive", "high", "low"}
+    for term, ident in quoted:
+        assert words.io_state_text(ident) == f"{term} ({ident})", (term, ident)

@@ -76,6 +76,19 @@ READER_ERROR_TERMS = {
 }
 
 
+# io-test's words for a line's state and level. English shows the identifier
+# alone, as the commissioning sheet (hardware/commissioning-en.md) quotes it;
+# Russian shows the term with the identifier beside it, «сработал (ASSERTED)».
+IO_STATE_TERMS = {
+    "ASSERTED": "input asserted",
+    "rest": "input at rest",
+    "ACTIVE": "output active",
+    "inactive": "output inactive",
+    "high": "level high",
+    "low": "level low",
+}
+
+
 def _term(table: dict[str, str], value: object) -> str:
     """The Russian term with the identifier beside it; English: the identifier."""
     ident = str(value)
@@ -98,6 +111,11 @@ def reason_text(reason: object) -> str:
 def alarm_text(kind: object) -> str:
     """An alarm kind: «нет списка доступа (acl_missing)» / "acl_missing"; unknown kinds as they are."""
     return _term(ALARM_TERMS, kind)
+
+
+def io_state_text(word: str) -> str:
+    """An io-test state or level: «сработал (ASSERTED)», «низкий (low)» / "ASSERTED", "low"."""
+    return _term(IO_STATE_TERMS, word)
 
 
 def reader_error_text(kind: object) -> str:
