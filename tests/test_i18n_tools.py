@@ -432,3 +432,39 @@ def test_the_russian_sign_off_sheet_quotes_io_test_as_it_prints(russian):
     assert {ident for _term, ident in quoted} >= {"ASSERTED", "rest", "ACTIVE", "inactive", "high", "low"}
     for term, ident in quoted:
         assert words.io_state_text(ident) == f"{term} ({ident})", (term, ident)
+
+
+def test_details_assembled_before_they_are_passed_are_shown_in_russian(tmp_path):
+    """The flood summary and the journal's backlog alarm build their detail in a
+    variable (or a helper's parameter) first: the real producers make them here."""
+    from agent.downlink.flood import FloodGuard
+
+    clock = [100.0]
+    reports: list[tuple[str, dict]] = []
+    guard = FloodGuard(report=lambda rtype, fields: reports.append((rtype, fields)), interval_s=10,
+                       verbatim=1, monotonic=lambda: clock[0], timers=False)
+    for _ in range(5):
+        guard.record("cmd", "refused.invalid")
+    clock[0] += 11
+    guard.tick()  # the flood window closes: the active summary
+    clock[0] += 11
+    guard.tick()  # a quiet window: the clearing summary
+    assert [f["active"] for _t, f in reports] == [True, False]
+    db = tmp_path / "journal.db"
+    now = time.time()
+    with Journal(db, boot=BOOT, capacity_events=20) as j:
+        j.commit([make_record(rtype, Now(1.0 + i, now + i, True), BOOT, **fields)
+                  for i, (rtype, fields) in enumerate(reports)])
+        for i in range(20):  # past the backlog mark: the journal's own journal_capacity alarm
+            j.commit([make_record("passage", Now(10.0 + i, now + 10 + i, True), BOOT, direction="in")])
+    code, out = _run(["journal", "tail", "--db", str(db), "-n", "100"], tmp_path)
+    assert code == 0, out
+    _assert_russian("journal tail (flood, backlog)", out)
+    assert "detail=поток команд за 10 с" in out and "detail=поток команд прекратился" in out
+    assert "detail=очередь к серверу: " in out
+    code, out = _run(["monitor", "--db", str(db), "--once"], tmp_path, COLUMNS="400")
+    assert code == 0, out
+    _assert_russian("monitor --once (flood, backlog)", out)
+    assert "очередь к серверу: " in out or "поток команд" in out
+    code, out = _run(["journal", "tail", "--db", str(db), "-n", "100"], tmp_path, LANG="C")
+    assert code == 0 and "detail=downlink flood, 10 s" in out and "detail=backlog " in out  # English stays

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -268,8 +269,10 @@ def _compiled_templates() -> list[tuple[str, re.Pattern[str], list[str]]]:
     return _templates
 
 
-def _match(message: str, templates: list[tuple[str, re.Pattern[str], list[str]]], depth: int) -> str:
-    """The message translated by the first template it fits; else as it is."""
+def _match(message: str, templates: list[tuple[str, re.Pattern[str], list[str]]], depth: int,
+           part: Callable[[str, int], str] | None = None) -> str:
+    """The message translated by the first template it fits; else as it is. part: how a
+    field's text is translated (default: as a config message or phrase)."""
     for msgid, rx, fields in templates:
         m = rx.fullmatch(message)
         if m is None:
@@ -279,7 +282,7 @@ def _match(message: str, templates: list[tuple[str, re.Pattern[str], list[str]]]
             return message
         for field, value in zip(fields, m.groups()):
             # A field only for English grammar ({'s' if ...}) may be left out of the Russian.
-            ru = ru.replace(field, _config_part(value, depth + 1), 1)
+            ru = ru.replace(field, (part or _config_part)(value, depth + 1), 1)
         return ru
     return message
 
@@ -355,6 +358,50 @@ def error_text(exc: BaseException) -> str:
 # the texts the agent passes as detail= / "detail": in its source.
 
 
+def _detail_values(node: Any, func: Any, funcs: dict[str, list[Any]], consts: dict[str, Any],
+                   parents: dict[int, Any], depth: int = 0) -> list[Any]:
+    """The string nodes a detail value can come from. A detail is often assembled
+    before it is passed (``text = f"downlink flood, ..."; ... "detail": text[:N]``,
+    ``self._alarm(True, f"backlog {stored} of {cap}")`` into ``detail=detail``), so
+    a name is followed to what its function assigns to it and, for a parameter, to
+    what the module's calls of that function pass; a slice to what it slices; a
+    ``TABLE.get(x)`` to the values of a module-level dict."""
+    import ast
+
+    if depth > 4:
+        return []
+    if isinstance(node, ast.IfExp):
+        return [*_detail_values(node.body, func, funcs, consts, parents, depth + 1),
+                *_detail_values(node.orelse, func, funcs, consts, parents, depth + 1)]
+    if isinstance(node, ast.Subscript):
+        return _detail_values(node.value, func, funcs, consts, parents, depth + 1)
+    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get"
+            and isinstance(node.func.value, ast.Name) and isinstance(consts.get(node.func.value.id), ast.Dict)):
+        return [v for v in consts[node.func.value.id].values if v is not None]
+    if not isinstance(node, ast.Name) or func is None:
+        return [node]
+    out: list[Any] = []
+    for n in ast.walk(func):
+        if isinstance(n, ast.Assign) and any(isinstance(t, ast.Name) and t.id == node.id for t in n.targets):
+            out.extend(_detail_values(n.value, func, funcs, consts, parents, depth + 1))
+    params = [a.arg for a in func.args.args]
+    if node.id in params:
+        index = params.index(node.id) - (1 if params[:1] == ["self"] else 0)
+        for call_func in funcs.get(func.name, []):
+            for call in ast.walk(call_func):
+                if not isinstance(call, ast.Call):
+                    continue
+                f = call.func
+                if (f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else "") != func.name:
+                    continue
+                args = [k.value for k in call.keywords if k.arg == node.id]
+                if 0 <= index < len(call.args):
+                    args.append(call.args[index])
+                for a in args:
+                    out.extend(_detail_values(a, call_func, funcs, consts, parents, depth + 1))
+    return out
+
+
 def _detail_source_templates() -> list[list[tuple[str, str]]]:
     import ast
 
@@ -367,6 +414,23 @@ def _detail_source_templates() -> list[list[tuple[str, str]]]:
             tree = ast.parse(path.read_text(encoding="utf-8"))
         except (OSError, SyntaxError, UnicodeDecodeError):
             continue
+        consts = {t.id: n.value for n in ast.walk(tree) if isinstance(n, ast.Assign)
+                  for t in n.targets if isinstance(t, ast.Name)}
+        functions = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+        # The function each node is in (the innermost), and every function of the module by the
+        # name it calls (a parameter's values are what the callers pass).
+        parents: dict[int, Any] = {}
+        for fn in functions:
+            for n in ast.walk(fn):
+                parents[id(n)] = fn  # inner functions come later in the walk and win
+        callers: dict[str, list[Any]] = {}
+        for fn in functions:
+            for n in ast.walk(fn):
+                if isinstance(n, ast.Call):
+                    f = n.func
+                    name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
+                    if name and fn not in callers.setdefault(name, []):
+                        callers[name].append(fn)
         for node in ast.walk(tree):
             values: list[Any] = []
             if isinstance(node, ast.keyword) and node.arg == "detail":
@@ -375,7 +439,7 @@ def _detail_source_templates() -> list[list[tuple[str, str]]]:
                 values.extend(v for k, v in zip(node.keys, node.values)
                               if isinstance(k, ast.Constant) and k.value == "detail")
             for v in values:
-                for c in ((v.body, v.orelse) if isinstance(v, ast.IfExp) else (v,)):
+                for c in _detail_values(v, parents.get(id(v)), callers, consts, parents):
                     parts = _template_parts(c)
                     if parts and _is_message(parts) and parts not in found:
                         found.append(parts)
@@ -397,7 +461,16 @@ def detail_text(detail: str) -> str:
         return detail
     if _detail_templates is None:
         _detail_templates = _compile(_detail_source_templates())
-    return _match(detail, _detail_templates, 0)
+    return _detail(detail, 0)
+
+
+def _detail(text: str, depth: int) -> str:
+    """A detail, or a field of one (a detail inside a detail: "{earlier alarm}: writable again")."""
+    assert _detail_templates is not None
+    if depth > 3:
+        return text
+    ru = _match(text, _detail_templates, depth, _detail)
+    return ru if ru != text else _config_part(text, depth)
 
 
 # --------------------------------------------------------------------------- scenario messages
