@@ -18,6 +18,7 @@ from agent.core.events import Now
 from agent.core.records import make_record
 from agent.tools import words
 from agent.uplink.journal import Journal
+from tests.test_board_tools import osdp_board, pty  # noqa: F401 (fixtures: an OSDP reader on a pty)
 
 ROOT = Path(__file__).resolve().parent.parent
 PO = ROOT / "agent" / "locale" / "ru" / "LC_MESSAGES" / "gate-agent.po"
@@ -468,3 +469,27 @@ def test_details_assembled_before_they_are_passed_are_shown_in_russian(tmp_path)
     assert "очередь к серверу: " in out or "поток команд" in out
     code, out = _run(["journal", "tail", "--db", str(db), "-n", "100"], tmp_path, LANG="C")
     assert code == 0 and "detail=downlink flood, 10 s" in out and "detail=backlog " in out  # English stays
+
+
+def test_enroll_labels_an_osdp_reader_in_russian(monkeypatch, capsys, request):
+    """enroll on a board whose reader is OSDP (libosdp's own reader on a pty, the fixture
+    of tests/test_board_tools.py), under LANG=ru_RU.UTF-8."""
+    from tests.test_board_tools import ADDRESS
+
+    cfg, present = request.getfixturevalue("osdp_board")
+    for name in ("LC_ALL", "LC_MESSAGES", "LANGUAGE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("LANG", "ru_RU.UTF-8")
+    i18n.set_language(None)
+    try:
+        from agent.cli import main
+
+        present()
+        code = main(["enroll", "--config", str(cfg), "--count", "1", "--timeout", "30"])
+    finally:
+        i18n.set_language(None)
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert code == 0, text
+    _assert_russian("enroll (OSDP)", text)
+    assert f"entry: OSDP, адрес {ADDRESS} на " in text and "142,51091" in text
