@@ -493,3 +493,31 @@ def test_enroll_labels_an_osdp_reader_in_russian(monkeypatch, capsys, request):
     assert code == 0, text
     _assert_russian("enroll (OSDP)", text)
     assert f"entry: OSDP, адрес {ADDRESS} на " in text and "142,51091" in text
+
+
+def test_enroll_shows_a_bad_read_in_russian(tmp_path):
+    """A text (emline) reader on a pty sends a line that is no card number, then a card:
+    the bad read's detail, assembled by the decoder, is shown in Russian."""
+    master, slave = os.openpty()
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "enroll", "--serial", os.ttyname(slave),
+                                 "--protocol", "emline", "--count", "1", "--timeout", "30"],
+                                cwd=tmp_path, env=_ru_env(PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.monotonic() + 30
+            while proc.poll() is None and time.monotonic() < deadline:
+                os.write(master, b"12AB\r\n0009357203\r\n")  # until the reader has the port open
+                time.sleep(0.5)
+            out, _err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert proc.returncode == 0, out
+    _assert_russian("enroll (a bad read)", out)
+    assert "строка не в формате 10 десятичных цифр или 8/10 шестнадцатеричных" in out, out
+    assert "142,51091" in out
