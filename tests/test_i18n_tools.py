@@ -326,6 +326,9 @@ def test_ingest_help_and_its_usage_errors_are_russian(tmp_path):
     assert code == 2
     _assert_russian("gate-agent ingest (a usage error)", out)
     assert "нужен один из аргументов: --db --db-url" in out or "недопустимое значение" in out
+    code, out = _run(["ingest", "--conflicts", "--db", str(tmp_path / "none.db")], tmp_path)
+    assert code == 2
+    _assert_russian("gate-agent ingest --conflicts (no database)", out)
 
 
 def test_every_ingest_help_text_has_a_russian_translation():

@@ -460,7 +460,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, handlers=[handler])
     if args.conflicts:
         if args.db is not None and not Path(args.db).is_file():
-            print(f"error: no ingest database at {args.db}; give the --db the ingest writes to")
+            from agent.i18n import _
+
+            print(_("error: no ingest database at {path}; give the --db the ingest writes to").format(path=args.db))
             return 2
         try:
             store = open_store(args.db_url if args.db_url is not None else Path(args.db))
