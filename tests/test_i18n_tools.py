@@ -364,6 +364,22 @@ at = "09:00:00"
 acl_delta = "missing.json"
 '''
 
+SCHEMA_BROKEN_SCENARIO = '''name = 5
+start = "2026-09-01T08:40:00+07:00"
+colour = 1
+
+[[steps]]
+card = "100,60179"
+
+[[steps]]
+at = "08:00"
+walk = -1
+rush = { cards = [], every = 0 }
+
+[[expect]]
+count = "x"
+'''
+
 UNMET_SCENARIO = '''name = "unmet"
 start = "2026-09-01T08:40:00+07:00"
 
@@ -389,6 +405,12 @@ def test_simulate_errors_and_expectations_are_russian(tmp_path):
     assert "шаг 1 (строка 11), reader: у турникета нет считывателя 'sideways'" in out
     assert "шаг 3 (строка 19), acl_delta: файл списка доступа" in out
     assert "/gate: параметры турникета: ошибок: 1" in out and "wait_s: 99; допустимо: секунды" in out
+    (tmp_path / "bad2.toml").write_text(SCHEMA_BROKEN_SCENARIO)
+    code, out = _run(["simulate", str(tmp_path / "bad2.toml")], tmp_path)
+    assert code == 2
+    _assert_russian("simulate (the schema's problems)", out)
+    assert "шаг 1 (строка 5): не задан обязательный параметр \"at\"" in out
+    assert "ожидание 1 (строка 14), count: \"x\": неверный тип" in out and "/: неизвестный параметр: 'colour'" in out
     (tmp_path / "unmet.toml").write_text(UNMET_SCENARIO)
     code, out = _run(["simulate", "--check", str(tmp_path / "unmet.toml")], tmp_path)
     assert code == 1

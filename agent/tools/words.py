@@ -498,6 +498,16 @@ SCHEMA_MESSAGES = (
     "{key} is a required property",
     "Additional properties are not allowed ({keys} was unexpected)",
     "Additional properties are not allowed ({keys} were unexpected)",
+    "{value} is less than or equal to the minimum of {limit}",
+    "{value} is greater than or equal to the maximum of {limit}",
+    "{value} has less than {n} item",
+    "{value} has less than {n} items",
+    "{value} has more than {n} item",
+    "{value} has more than {n} items",
+    "{value} has less than {n} properties",
+    "{value} is shorter than {n} characters",
+    "{value} is not valid under any of the schemas listed in the 'anyOf' keyword",
+    "{value} was expected",
 )
 
 
@@ -539,7 +549,9 @@ def scenario_message(message: str) -> str:
     if not (sep and (_PLACE.fullmatch(place) or place.startswith("/"))):
         place, rest = "", head
     ru = _match(head, _scenario_templates, 0)
-    if ru == head and place:  # "{where}: {exc}": the message after the place is translated on its own
+    if place and (ru == head or not ru.startswith(place + ": ")):
+        # No template of the whole fits with the place as its first field ("{where}: {exc}",
+        # a schema message): the message after the place is translated on its own.
         ru = f"{place}: {_match(rest, _scenario_templates, 0)}"
     if place and ru.startswith(place + ": "):
         ru = _place_text(place) + ru[len(place):]
