@@ -546,3 +546,14 @@ def test_enroll_shows_a_bad_read_in_russian(tmp_path):
     _assert_russian("enroll (a bad read)", out)
     assert "строка не в формате 10 десятичных цифр или 8/10 шестнадцатеричных" in out, out
     assert "142,51091" in out
+
+
+def test_details_kept_in_variables_attributes_and_parameters_are_found(russian):
+    ids = words.detail_msgids()
+    for msgid in ("backlog {stored} of {self._capacity}",  # a helper's parameter (Journal._alarm)
+                  "downlink quiet again; last {span:.0f} s: {parts or 'nothing refused'}",  # a variable, sliced
+                  "write failed: {exc}", "read-only filesystem"):  # kept in self._blocked, a module constant
+        assert msgid in ids, msgid
+    # A detail inside a detail: the journal clears its alarm with the reason it raised it for.
+    assert words.detail_text("read-only filesystem: writable again") == \
+        "файловая система только для чтения: запись снова возможна"

@@ -378,6 +378,10 @@ def _detail_values(node: Any, func: Any, funcs: dict[str, list[Any]], consts: di
     if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get"
             and isinstance(node.func.value, ast.Name) and isinstance(consts.get(node.func.value.id), ast.Dict)):
         return [v for v in consts[node.func.value.id].values if v is not None]
+    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self":
+        # An attribute the detail was kept in (``self._blocked = reason``): what the module assigns to it.
+        return [v for value in consts.get(f"self.{node.attr}", [])
+                for v in _detail_values(value, parents.get(id(value)), funcs, consts, parents, depth + 1)]
     if not isinstance(node, ast.Name) or func is None:
         return [node]
     out: list[Any] = []
@@ -399,6 +403,8 @@ def _detail_values(node: Any, func: Any, funcs: dict[str, list[Any]], consts: di
                     args.append(call.args[index])
                 for a in args:
                     out.extend(_detail_values(a, call_func, funcs, consts, parents, depth + 1))
+    if not out and isinstance(consts.get(node.id), ast.Constant):  # a module's constant (READ_ONLY)
+        out.append(consts[node.id])
     return out
 
 
@@ -414,8 +420,13 @@ def _detail_source_templates() -> list[list[tuple[str, str]]]:
             tree = ast.parse(path.read_text(encoding="utf-8"))
         except (OSError, SyntaxError, UnicodeDecodeError):
             continue
-        consts = {t.id: n.value for n in ast.walk(tree) if isinstance(n, ast.Assign)
-                  for t in n.targets if isinstance(t, ast.Name)}
+        consts: dict[str, Any] = {t.id: n.value for n in ast.walk(tree) if isinstance(n, ast.Assign)
+                                  for t in n.targets if isinstance(t, ast.Name)}
+        for n in ast.walk(tree):
+            if isinstance(n, ast.Assign):
+                for t in n.targets:
+                    if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self":
+                        consts.setdefault(f"self.{t.attr}", []).append(n.value)
         functions = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
         # The function each node is in (the innermost), and every function of the module by the
         # name it calls (a parameter's values are what the callers pass).
