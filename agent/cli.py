@@ -13,6 +13,8 @@ import sys
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
+    from agent.i18n import _ as _t
+    from agent.i18n import language
     from agent.simulator import (
         ScenarioError,
         Simulator,
@@ -20,11 +22,16 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         format_pretty,
         load_scenario,
     )
+    from agent.tools.words import scenario_message
 
     try:
         scenario = load_scenario(args.scenario)
     except ScenarioError as exc:
-        print(f"gate-agent simulate: {exc}", file=sys.stderr)
+        # The simulator's messages are English (a library, read by CI); here, for a person, in their language.
+        text = str(exc) if language() == "en" else "\n".join(
+            [_t("scenario {source}: problems: {n}; fix these:").format(source=exc.source, n=len(exc.problems)),
+             *(f"  - {scenario_message(p)}" for p in exc.problems)])
+        print(f"gate-agent simulate: {text}", file=sys.stderr)
         return 2
     sim = Simulator(scenario, trace_io=args.trace_io)
     out = sys.stdout
@@ -40,11 +47,10 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     if args.check:
         failures = check_expectations(sim.records, scenario.expect, scenario.expect_lines)
         for f in failures:
-            print(f"gate-agent simulate: expectation not met: {f}", file=sys.stderr)
+            print("gate-agent simulate: " + _t("expectation not met: {problem}").format(problem=scenario_message(f)),
+                  file=sys.stderr)
         if failures:
             return 1
-        from agent.i18n import _ as _t
-
         print("gate-agent simulate: " + _t("expectations met: {n}").format(n=len(scenario.expect)),
               file=sys.stderr)
     return 0

@@ -18,6 +18,7 @@ from agent.core.events import Now
 from agent.core.records import make_record
 from agent.tools import words
 from agent.uplink.journal import Journal
+from tests.test_board_tools import osdp_board, pty  # noqa: F401 (fixtures: an OSDP reader on a pty)
 
 ROOT = Path(__file__).resolve().parent.parent
 PO = ROOT / "agent" / "locale" / "ru" / "LC_MESSAGES" / "gate-agent.po"
@@ -311,3 +312,248 @@ def test_a_config_message_is_translated_by_its_template_and_english_stays_as_it_
     assert words.config_message("something nobody wrote") == "something nobody wrote"
     i18n.set_language("en")
     assert words.config_message(msg) == msg
+
+
+# --------------------------------------------------------------------------- ingest, simulate (h-ru2)
+
+
+def test_ingest_help_and_its_usage_errors_are_russian(tmp_path):
+    code, out = _run(["ingest", "--", "--help"], tmp_path)
+    assert code == 0
+    _assert_russian("gate-agent ingest -- --help", out)
+    assert out.startswith("использование: gate-agent ingest") and "по умолчанию 500000" in out
+    code, out = _run(["ingest", "--port", "x"], tmp_path)
+    assert code == 2
+    _assert_russian("gate-agent ingest (a usage error)", out)
+    assert "нужен один из аргументов: --db --db-url" in out or "недопустимое значение" in out
+    code, out = _run(["ingest", "--conflicts", "--db", str(tmp_path / "none.db")], tmp_path)
+    assert code == 2
+    _assert_russian("gate-agent ingest --conflicts (no database)", out)
+
+
+def test_every_ingest_help_text_has_a_russian_translation():
+    from agent.uplink.ingest import build_parser
+
+    i18n.set_language("en")
+    try:
+        parser = build_parser()
+    finally:
+        i18n.set_language(None)
+    catalog = i18n.parse_po(PO.read_text(encoding="utf-8"))
+    assert [m for m in i18n.parser_msgids(parser) if m not in catalog] == []
+
+
+BROKEN_SCENARIO = '''name = "broken"
+start = "2026-09-01T08:40:00"
+
+[gate]
+colour = "red"
+wait_s = 99
+
+[[steps]]
+at = "08:47:20"
+card = "100,60179"
+reader = "sideways"
+
+[[steps]]
+at = "08:00:00"
+serial = "x"
+
+[[steps]]
+at = "09:00:00"
+acl_delta = "missing.json"
+'''
+
+SCHEMA_BROKEN_SCENARIO = '''name = 5
+start = "2026-09-01T08:40:00+07:00"
+colour = 1
+
+[[steps]]
+card = "100,60179"
+
+[[steps]]
+at = "08:00"
+walk = -1
+rush = { cards = [], every = 0 }
+
+[[expect]]
+count = "x"
+'''
+
+UNMET_SCENARIO = '''name = "unmet"
+start = "2026-09-01T08:40:00+07:00"
+
+[[steps]]
+at = "08:47:20"
+card = "100,60179"
+
+[[expect]]
+type = "passage"
+count = 3
+
+[[expect]]
+type = "access.denied"
+min = 2
+'''
+
+
+def test_simulate_errors_and_expectations_are_russian(tmp_path):
+    (tmp_path / "bad.toml").write_text(BROKEN_SCENARIO)
+    code, out = _run(["simulate", "--check", str(tmp_path / "bad.toml")], tmp_path)
+    assert code == 2
+    _assert_russian("simulate (a broken scenario)", out)
+    assert "шаг 1 (строка 11), reader: у турникета нет считывателя 'sideways'" in out
+    assert "шаг 3 (строка 19), acl_delta: файл списка доступа" in out
+    assert "/gate: параметры турникета: ошибок: 1" in out and "wait_s: 99; допустимо: секунды" in out
+    (tmp_path / "bad2.toml").write_text(SCHEMA_BROKEN_SCENARIO)
+    code, out = _run(["simulate", str(tmp_path / "bad2.toml")], tmp_path)
+    assert code == 2
+    _assert_russian("simulate (the schema's problems)", out)
+    assert "шаг 1 (строка 5): не задан обязательный параметр \"at\"" in out
+    assert "ожидание 1 (строка 14), count: \"x\": неверный тип" in out and "/: неизвестный параметр: 'colour'" in out
+    (tmp_path / "unmet.toml").write_text(UNMET_SCENARIO)
+    code, out = _run(["simulate", "--check", str(tmp_path / "unmet.toml")], tmp_path)
+    assert code == 1
+    said = "\n".join(line for line in out.splitlines() if not line.startswith("{"))  # the records are JSON
+    _assert_russian("simulate --check (unmet)", said)
+    assert "ожидание не выполнено: ожидание 1 (строка 8)" in out and "ожидалось ровно 3" in out
+    code, out = _run(["simulate", "--check", str(ROOT / "examples" / "scenarios" / "late-pupil.toml")], tmp_path)
+    assert code == 0 and "ожидания выполнены: 4" in out
+
+
+def test_every_scenario_message_has_a_russian_translation(russian):
+    catalog = i18n.parse_po(PO.read_text(encoding="utf-8"))
+    ids = words.scenario_msgids()
+    assert "{where}: access-list file {path} not found" in ids and len(ids) > 15
+    for msgid in ids:
+        assert msgid in catalog, f"translate the scenario message in gate-agent.po: {msgid!r}"
+        assert set(re.findall(r"\{[^}]*\}", catalog[msgid])) == set(re.findall(r"\{[^}]*\}", msgid)), msgid
+    assert words.scenario_message("step 2 (line 7), at: 08:00 is before the previous step; steps run in time order") \
+        == "шаг 2 (строка 7), at: 08:00 раньше предыдущего шага; шаги идут по порядку времени"
+    i18n.set_language("en")
+    assert words.scenario_message("step 2, card: x") == "step 2, card: x"
+
+
+def test_io_test_state_words_are_russian_with_the_identifier_beside(board):
+    d = board["dir"]
+    script = ["-c", "show", "-c", "on stop", "-c", "pulse unlock_a 0.1", "-c", "all off"]
+    code, out = _run(["io-test", "--profile", "pi4-relay4", "--pin-factory", "mock", *script], d)
+    assert code == 0, out
+    _assert_russian("io-test (states)", out)
+    # Too short for a 3-word run: each state word must not stand alone, only beside its term.
+    for word in words.IO_STATE_TERMS:
+        alone = re.findall(rf"(?<![(\w]){word}(?![)\w])", out)
+        assert alone == [], f"io-test: {word!r} shown without its Russian term:\n{out}"
+    assert "сработал (ASSERTED)" in out and "покой (rest)" in out
+    assert "включён (ACTIVE)" in out and "выключен (inactive)" in out and "низкий (low)" in out
+    code, out = _run(["io-test", "--profile", "pi4-relay4", "--pin-factory", "mock", *script], d, LANG="C")
+    assert code == 0 and not CYRILLIC.search(out)
+    assert re.search(r"ready +GPIO22 low  ASSERTED the turnstile reports ready", out), out
+    assert re.search(r"stop +GPIO6  low  ACTIVE  ", out), out  # the English columns as before
+
+
+def test_the_russian_sign_off_sheet_quotes_io_test_as_it_prints(russian):
+    text = (ROOT / "hardware" / "commissioning-ru.md").read_text(encoding="utf-8")
+    quoted = re.findall(r"«([^«»]+) \(`?([A-Za-z]+)`?\)»", text)
+    assert {ident for _term, ident in quoted} >= {"ASSERTED", "rest", "ACTIVE", "inactive", "high", "low"}
+    for term, ident in quoted:
+        assert words.io_state_text(ident) == f"{term} ({ident})", (term, ident)
+
+
+def test_details_assembled_before_they_are_passed_are_shown_in_russian(tmp_path):
+    """The flood summary and the journal's backlog alarm build their detail in a
+    variable (or a helper's parameter) first: the real producers make them here."""
+    from agent.downlink.flood import FloodGuard
+
+    clock = [100.0]
+    reports: list[tuple[str, dict]] = []
+    guard = FloodGuard(report=lambda rtype, fields: reports.append((rtype, fields)), interval_s=10,
+                       verbatim=1, monotonic=lambda: clock[0], timers=False)
+    for _ in range(5):
+        guard.record("cmd", "refused.invalid")
+    clock[0] += 11
+    guard.tick()  # the flood window closes: the active summary
+    clock[0] += 11
+    guard.tick()  # a quiet window: the clearing summary
+    assert [f["active"] for _t, f in reports] == [True, False]
+    db = tmp_path / "journal.db"
+    now = time.time()
+    with Journal(db, boot=BOOT, capacity_events=20) as j:
+        j.commit([make_record(rtype, Now(1.0 + i, now + i, True), BOOT, **fields)
+                  for i, (rtype, fields) in enumerate(reports)])
+        for i in range(20):  # past the backlog mark: the journal's own journal_capacity alarm
+            j.commit([make_record("passage", Now(10.0 + i, now + 10 + i, True), BOOT, direction="in")])
+    code, out = _run(["journal", "tail", "--db", str(db), "-n", "100"], tmp_path)
+    assert code == 0, out
+    _assert_russian("journal tail (flood, backlog)", out)
+    assert "detail=поток команд за 10 с" in out and "detail=поток команд прекратился" in out
+    assert "detail=очередь к серверу: " in out
+    code, out = _run(["monitor", "--db", str(db), "--once"], tmp_path, COLUMNS="400")
+    assert code == 0, out
+    _assert_russian("monitor --once (flood, backlog)", out)
+    assert "очередь к серверу: " in out or "поток команд" in out
+    code, out = _run(["journal", "tail", "--db", str(db), "-n", "100"], tmp_path, LANG="C")
+    assert code == 0 and "detail=downlink flood, 10 s" in out and "detail=backlog " in out  # English stays
+
+
+def test_enroll_labels_an_osdp_reader_in_russian(monkeypatch, capsys, request):
+    """enroll on a board whose reader is OSDP (libosdp's own reader on a pty, the fixture
+    of tests/test_board_tools.py), under LANG=ru_RU.UTF-8."""
+    from tests.test_board_tools import ADDRESS
+
+    cfg, present = request.getfixturevalue("osdp_board")
+    for name in ("LC_ALL", "LC_MESSAGES", "LANGUAGE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("LANG", "ru_RU.UTF-8")
+    i18n.set_language(None)
+    try:
+        from agent.cli import main
+
+        present()
+        code = main(["enroll", "--config", str(cfg), "--count", "1", "--timeout", "30"])
+    finally:
+        i18n.set_language(None)
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert code == 0, text
+    _assert_russian("enroll (OSDP)", text)
+    assert f"entry: OSDP, адрес {ADDRESS} на " in text and "142,51091" in text
+
+
+def test_enroll_shows_a_bad_read_in_russian(tmp_path):
+    """A text (emline) reader on a pty sends a line that is no card number, then a card:
+    the bad read's detail, assembled by the decoder, is shown in Russian."""
+    master, slave = os.openpty()
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "enroll", "--serial", os.ttyname(slave),
+                                 "--protocol", "emline", "--count", "1", "--timeout", "30"],
+                                cwd=tmp_path, env=_ru_env(PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.monotonic() + 30
+            while proc.poll() is None and time.monotonic() < deadline:
+                os.write(master, b"12AB\r\n0009357203\r\n")  # until the reader has the port open
+                time.sleep(0.5)
+            out, _err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert proc.returncode == 0, out
+    _assert_russian("enroll (a bad read)", out)
+    assert "строка не в формате 10 десятичных цифр или 8/10 шестнадцатеричных" in out, out
+    assert "142,51091" in out
+
+
+def test_details_kept_in_variables_attributes_and_parameters_are_found(russian):
+    ids = words.detail_msgids()
+    for msgid in ("backlog {stored} of {self._capacity}",  # a helper's parameter (Journal._alarm)
+                  "downlink quiet again; last {span:.0f} s: {parts or 'nothing refused'}",  # a variable, sliced
+                  "write failed: {exc}", "read-only filesystem"):  # kept in self._blocked, a module constant
+        assert msgid in ids, msgid
+    # A detail inside a detail: the journal clears its alarm with the reason it raised it for.
+    assert words.detail_text("read-only filesystem: writable again") == \
+        "файловая система только для чтения: запись снова возможна"

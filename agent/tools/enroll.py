@@ -28,7 +28,7 @@ from typing import Any, TextIO
 from agent.core.cards import check_key_width, format_key
 from agent.core.events import CardRead, Keypad, ReaderError, ReaderStatus
 from agent.i18n import _
-from agent.tools.words import error_text, reader_error_text
+from agent.tools.words import detail_text, error_text, reader_error_text
 
 from . import (
     EXIT_BUSY,
@@ -151,7 +151,8 @@ class OsdpSource:
 
     @property
     def labels(self) -> dict[str, str]:
-        return {name: f"{name}: osdp address {address} on {self.port}" for name, address, _k in self.readers}
+        return {name: _("{name}: osdp address {address} on {port}").format(name=name, address=address, port=self.port)
+                for name, address, _k in self.readers}
 
     def open(self, submit: Callable[[Any], Any], key_width: int) -> Any:
         from agent.hw.osdp_reader import OsdpBus, OsdpReaderSpec
@@ -220,7 +221,7 @@ def _describe(event: Any, label: str, key_width: int, as_json: bool, n: int) -> 
                 }
             )
         return _("bad read ({kind}): {detail}; raw {raw}; present the card again").format(
-            kind=reader_error_text(event.kind), detail=event.detail, raw=event.raw)
+            kind=reader_error_text(event.kind), detail=detail_text(event.detail), raw=event.raw)
     if isinstance(event, Keypad):
         if as_json:
             return json.dumps({"type": "keypad", "reader": label, "keys": event.keys})

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TextIO
 
 from agent.i18n import _
-from agent.tools.words import error_text
+from agent.tools.words import error_text, io_state_text
 
 from . import (
     EXIT_BUSY,
@@ -99,20 +99,20 @@ class _Bench:
     def input_line(self, name: str) -> str:
         spec = self.profile.inputs[name]
         dev = self.tio.inputs[name]
-        level = "high" if dev.pin.state else "low"
+        level = _word("high" if dev.pin.state else "low", ("high", "low"))
         asserted = self.tio.asserted(name)
         meaning = _(self.meaning.get(name, name))  # profiles.INPUT_MEANING, in the catalogue
-        state = "ASSERTED" if asserted else "rest    "
+        state = _word("ASSERTED" if asserted else "rest", ("ASSERTED", "rest"))
         text = meaning if asserted else _("not: {meaning}").format(meaning=meaning)
-        return f"{name:<11} GPIO{spec.pin:<2} {level:<4} {state} {text}"
+        return f"{name:<11} GPIO{spec.pin:<2} {level} {state} {text}"
 
     # -- outputs --------------------------------------------------------------------------
 
     def output_line(self, name: str) -> str:
         spec = self.specs[name]
         dev = self.outputs[name]
-        level = "high" if dev.pin.state else "low"
-        state = "ACTIVE  " if dev.value else "inactive"
+        level = _word("high" if dev.pin.state else "low", ("high", "low"))
+        state = _word("ACTIVE" if dev.value else "inactive", ("ACTIVE", "inactive"))
         note = f"  {_(spec.note)}" if spec.note else ""  # a shipped profile's note is in the catalogue
         return f"{name:<13} GPIO{spec.pin:<2} {level:<4} {state}{note}"
 
@@ -190,6 +190,12 @@ class _Bench:
         finally:
             dev.off()
         self.say(_("output {line}").format(line=self.output_line(name)))
+
+
+def _word(word: str, column: tuple[str, ...]) -> str:
+    """A state or level word in the user's language (words.io_state_text), padded to
+    the widest word of its column so the lines stay aligned."""
+    return io_state_text(word).ljust(max(len(io_state_text(w)) for w in column))
 
 
 def _seconds(text: str) -> float:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,19 @@ READER_ERROR_TERMS = {
 }
 
 
+# io-test's words for a line's state and level. English shows the identifier
+# alone, as the commissioning sheet (hardware/commissioning-en.md) quotes it;
+# Russian shows the term with the identifier beside it, «сработал (ASSERTED)».
+IO_STATE_TERMS = {
+    "ASSERTED": "input asserted",
+    "rest": "input at rest",
+    "ACTIVE": "output active",
+    "inactive": "output inactive",
+    "high": "level high",
+    "low": "level low",
+}
+
+
 def _term(table: dict[str, str], value: object) -> str:
     """The Russian term with the identifier beside it; English: the identifier."""
     ident = str(value)
@@ -100,6 +114,11 @@ def alarm_text(kind: object) -> str:
     return _term(ALARM_TERMS, kind)
 
 
+def io_state_text(word: str) -> str:
+    """An io-test state or level: «сработал (ASSERTED)», «низкий (low)» / "ASSERTED", "low"."""
+    return _term(IO_STATE_TERMS, word)
+
+
 def reader_error_text(kind: object) -> str:
     """A reader error kind: «ошибка чётности (parity)» / "parity"."""
     return _term(READER_ERROR_TERMS, kind)
@@ -121,7 +140,7 @@ def reader_error_text(kind: object) -> str:
 
 _CONFIG_SOURCES = ("config.py", "core/gateconfig.py", "hw/profiles.py")
 _MESSAGE_CALLS = {"append", "error", "bad", "with_hint", "ConfigError", "GateConfigError", "ProfileError",
-                  "ProfileNotFound"}
+                  "ProfileNotFound", "ScenarioError"}
 
 
 def _template_parts(node: Any) -> list[tuple[str, str]] | None:
@@ -151,12 +170,12 @@ def _is_message(parts: list[tuple[str, str]]) -> bool:
     return " " in text.strip() and len(re.findall(r"[A-Za-z]{2,}", text)) >= 2
 
 
-def _source_templates() -> list[list[tuple[str, str]]]:
+def _source_templates(sources: tuple[str, ...] = _CONFIG_SOURCES) -> list[list[tuple[str, str]]]:
     import ast
 
     root = Path(__file__).resolve().parent.parent
     found: list[list[tuple[str, str]]] = []
-    for rel in _CONFIG_SOURCES:
+    for rel in sources:
         try:
             tree = ast.parse((root / rel).read_text(encoding="utf-8"))
         except (OSError, SyntaxError):
@@ -250,8 +269,10 @@ def _compiled_templates() -> list[tuple[str, re.Pattern[str], list[str]]]:
     return _templates
 
 
-def _match(message: str, templates: list[tuple[str, re.Pattern[str], list[str]]], depth: int) -> str:
-    """The message translated by the first template it fits; else as it is."""
+def _match(message: str, templates: list[tuple[str, re.Pattern[str], list[str]]], depth: int,
+           part: Callable[[str, int], str] | None = None) -> str:
+    """The message translated by the first template it fits; else as it is. part: how a
+    field's text is translated (default: as a config message or phrase)."""
     for msgid, rx, fields in templates:
         m = rx.fullmatch(message)
         if m is None:
@@ -261,7 +282,7 @@ def _match(message: str, templates: list[tuple[str, re.Pattern[str], list[str]]]
             return message
         for field, value in zip(fields, m.groups()):
             # A field only for English grammar ({'s' if ...}) may be left out of the Russian.
-            ru = ru.replace(field, _config_part(value, depth + 1), 1)
+            ru = ru.replace(field, (part or _config_part)(value, depth + 1), 1)
         return ru
     return message
 
@@ -275,10 +296,14 @@ def config_message(message: str, _depth: int = 0) -> str:
     whole = catalog(language()).get(message)
     if whole is not None:
         return whole
-    for hint in sorted(_schema_texts()[1], key=len, reverse=True):  # with_hint(): "msg (hint)"
+    # A template that holds the hint itself (gateconfig's wait_s) first, then with_hint(): "msg (hint)".
+    matched = _match(message, _compiled_templates(), _depth)
+    if matched != message:
+        return matched
+    for hint in sorted(_schema_texts()[1], key=len, reverse=True):
         if message.endswith(f" ({hint})") and len(message) > len(hint) + 3:
             return f"{config_message(message[:-len(hint) - 3], _depth + 1)} ({_(hint)})"
-    return _match(message, _compiled_templates(), _depth)
+    return message
 
 
 # Pieces config.py builds apart and puts into a message ("; allowed here: a, b").
@@ -333,6 +358,56 @@ def error_text(exc: BaseException) -> str:
 # the texts the agent passes as detail= / "detail": in its source.
 
 
+def _detail_values(node: Any, func: Any, funcs: dict[str, list[Any]], consts: dict[str, Any],
+                   parents: dict[int, Any], depth: int = 0) -> list[Any]:
+    """The string nodes a detail value can come from. A detail is often assembled
+    before it is passed (``text = f"downlink flood, ..."; ... "detail": text[:N]``,
+    ``self._alarm(True, f"backlog {stored} of {cap}")`` into ``detail=detail``), so
+    a name is followed to what its function assigns to it and, for a parameter, to
+    what the module's calls of that function pass; a slice to what it slices; a
+    ``TABLE.get(x)`` to the values of a module-level dict."""
+    import ast
+
+    if depth > 4:
+        return []
+    if isinstance(node, ast.IfExp):
+        return [*_detail_values(node.body, func, funcs, consts, parents, depth + 1),
+                *_detail_values(node.orelse, func, funcs, consts, parents, depth + 1)]
+    if isinstance(node, ast.Subscript):
+        return _detail_values(node.value, func, funcs, consts, parents, depth + 1)
+    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get"
+            and isinstance(node.func.value, ast.Name) and isinstance(consts.get(node.func.value.id), ast.Dict)):
+        return [v for v in consts[node.func.value.id].values if v is not None]
+    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self":
+        # An attribute the detail was kept in (``self._blocked = reason``): what the module assigns to it.
+        return [v for value in consts.get(f"self.{node.attr}", [])
+                for v in _detail_values(value, parents.get(id(value)), funcs, consts, parents, depth + 1)]
+    if not isinstance(node, ast.Name) or func is None:
+        return [node]
+    out: list[Any] = []
+    for n in ast.walk(func):
+        if isinstance(n, ast.Assign) and any(isinstance(t, ast.Name) and t.id == node.id for t in n.targets):
+            out.extend(_detail_values(n.value, func, funcs, consts, parents, depth + 1))
+    params = [a.arg for a in func.args.args]
+    if node.id in params:
+        index = params.index(node.id) - (1 if params[:1] == ["self"] else 0)
+        for call_func in funcs.get(func.name, []):
+            for call in ast.walk(call_func):
+                if not isinstance(call, ast.Call):
+                    continue
+                f = call.func
+                if (f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else "") != func.name:
+                    continue
+                args = [k.value for k in call.keywords if k.arg == node.id]
+                if 0 <= index < len(call.args):
+                    args.append(call.args[index])
+                for a in args:
+                    out.extend(_detail_values(a, call_func, funcs, consts, parents, depth + 1))
+    if not out and isinstance(consts.get(node.id), ast.Constant):  # a module's constant (READ_ONLY)
+        out.append(consts[node.id])
+    return out
+
+
 def _detail_source_templates() -> list[list[tuple[str, str]]]:
     import ast
 
@@ -345,6 +420,28 @@ def _detail_source_templates() -> list[list[tuple[str, str]]]:
             tree = ast.parse(path.read_text(encoding="utf-8"))
         except (OSError, SyntaxError, UnicodeDecodeError):
             continue
+        consts: dict[str, Any] = {t.id: n.value for n in ast.walk(tree) if isinstance(n, ast.Assign)
+                                  for t in n.targets if isinstance(t, ast.Name)}
+        for n in ast.walk(tree):
+            if isinstance(n, ast.Assign):
+                for t in n.targets:
+                    if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self":
+                        consts.setdefault(f"self.{t.attr}", []).append(n.value)
+        functions = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+        # The function each node is in (the innermost), and every function of the module by the
+        # name it calls (a parameter's values are what the callers pass).
+        parents: dict[int, Any] = {}
+        for fn in functions:
+            for n in ast.walk(fn):
+                parents[id(n)] = fn  # inner functions come later in the walk and win
+        callers: dict[str, list[Any]] = {}
+        for fn in functions:
+            for n in ast.walk(fn):
+                if isinstance(n, ast.Call):
+                    f = n.func
+                    name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
+                    if name and fn not in callers.setdefault(name, []):
+                        callers[name].append(fn)
         for node in ast.walk(tree):
             values: list[Any] = []
             if isinstance(node, ast.keyword) and node.arg == "detail":
@@ -353,7 +450,7 @@ def _detail_source_templates() -> list[list[tuple[str, str]]]:
                 values.extend(v for k, v in zip(node.keys, node.values)
                               if isinstance(k, ast.Constant) and k.value == "detail")
             for v in values:
-                for c in ((v.body, v.orelse) if isinstance(v, ast.IfExp) else (v,)):
+                for c in _detail_values(v, parents.get(id(v)), callers, consts, parents):
                     parts = _template_parts(c)
                     if parts and _is_message(parts) and parts not in found:
                         found.append(parts)
@@ -375,4 +472,107 @@ def detail_text(detail: str) -> str:
         return detail
     if _detail_templates is None:
         _detail_templates = _compile(_detail_source_templates())
-    return _match(detail, _detail_templates, 0)
+    return _detail(detail, 0)
+
+
+def _detail(text: str, depth: int) -> str:
+    """A detail, or a field of one (a detail inside a detail: "{earlier alarm}: writable again")."""
+    assert _detail_templates is not None
+    if depth > 3:
+        return text
+    ru = _match(text, _detail_templates, depth, _detail)
+    return ru if ru != text else _config_part(text, depth)
+
+
+# --------------------------------------------------------------------------- scenario messages
+#
+# agent/simulator.py writes a broken scenario's problems and an unmet
+# expectation in English (the simulator is a library and CI reads it); the
+# `gate-agent simulate` command shows them in the user's language by the same
+# template matching as config_message, the templates being the simulator's
+# own f-strings. Each problem starts with where it is, "step 3 (line 14), at"
+# or "/gate"; that place is translated apart.
+
+_SCENARIO_SOURCES = ("simulator.py",)
+_scenario_templates: list[tuple[str, re.Pattern[str], list[str]]] | None = None
+_PLACE = re.compile(r"(step|expect) (\d+)(?: \(line (\d+)\))?(?:, (\S+))?")
+
+
+# The scenario schema's problems come from jsonschema_rs, in its words; the usual ones
+# (a scenario file's usual mistakes) as templates.
+SCHEMA_MESSAGES = (
+    "{value} does not match {pattern}",
+    "{value} is not one of {allowed}",
+    "{value} is greater than the maximum of {limit}",
+    "{value} is less than the minimum of {limit}",
+    "{value} is not of type {kind}",
+    "{key} is a required property",
+    "Additional properties are not allowed ({keys} was unexpected)",
+    "Additional properties are not allowed ({keys} were unexpected)",
+    "{value} is less than or equal to the minimum of {limit}",
+    "{value} is greater than or equal to the maximum of {limit}",
+    "{value} has less than {n} item",
+    "{value} has less than {n} items",
+    "{value} has more than {n} item",
+    "{value} has more than {n} items",
+    "{value} has less than {n} properties",
+    "{value} is shorter than {n} characters",
+    "{value} is not valid under any of the schemas listed in the 'anyOf' keyword",
+    "{value} was expected",
+)
+
+
+def _scenario_source_templates() -> list[list[tuple[str, str]]]:
+    schema = [[("field" if t.startswith("{") else "lit", t) for t in re.split(r"(\{[a-z]+\})", m) if t]
+              for m in SCHEMA_MESSAGES]
+    return _source_templates(_SCENARIO_SOURCES) + schema
+
+
+def scenario_msgids() -> list[str]:
+    """Every message template of the simulator (and the schema's usual ones), as its msgid."""
+    return ["".join(t for _k, t in parts) for parts in _scenario_source_templates()]
+
+
+def _place_text(place: str) -> str:
+    """ "step 3 (line 14), card" -> «шаг 3 (строка 14), card»; a key path stays as it is."""
+    m = _PLACE.fullmatch(place)
+    if m is None:
+        return place
+    kind, n, line, key = m.groups()
+    text = (_("step {n}") if kind == "step" else _("expectation {n}")).format(n=n)
+    if line:
+        text += " " + _("(line {line})").format(line=line)
+    return text + (f", {key}" if key else "")
+
+
+def scenario_message(message: str) -> str:
+    """A problem of a scenario, or an unmet expectation, in the user's language
+    (English, or a message no template fits: as it is)."""
+    from agent.i18n import language
+
+    global _scenario_templates
+    if language() == "en":
+        return message
+    if _scenario_templates is None:
+        _scenario_templates = _compile(_scenario_source_templates())
+    head, *more = message.split("\n")
+    place, sep, rest = head.partition(": ")
+    if not (sep and (_PLACE.fullmatch(place) or place.startswith("/"))):
+        place, rest = "", head
+    ru = _match(head, _scenario_templates, 0)
+    if place and (ru == head or not ru.startswith(place + ": ")):
+        # No template of the whole fits with the place as its first field ("{where}: {exc}",
+        # a schema message): the message after the place is translated on its own.
+        ru = f"{place}: {_match(rest, _scenario_templates, 0)}"
+    if place and ru.startswith(place + ": "):
+        ru = _place_text(place) + ru[len(place):]
+    gate = _GATE_HEAD.fullmatch(ru[len(_place_text(place)) + 2:] if place else ru)
+    if gate is not None:  # "/gate: " + a GateConfigError: its head, then "  - name: message" lines
+        ru = ru[:len(ru) - len(gate.group(0))] + _("gate settings: problems: {n}; fix these:").format(n=gate.group(1))
+    for line in more:
+        name, sep, msg = line.partition(": ")
+        ru += "\n  " + (f"{name}: {config_message(msg)}" if sep else line)  # under its problem
+    return ru
+
+
+_GATE_HEAD = re.compile(r"invalid gate config \((\d+) problem\(s\)\); fix these settings:")

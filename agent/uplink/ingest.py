@@ -414,7 +414,12 @@ def list_conflicts(store: Store, site: str | None, gate: str | None, as_json: bo
     return 1 if rows else 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The ingest's command line, its --help and usage errors in the user's
+    language (agent/i18n.py); what the ingest logs while it runs stays English."""
+    from agent.i18n import install_argparse, translate_parser
+
+    install_argparse()  # before the parser is built: "options", "show this help" are looked up then
     parser = argparse.ArgumentParser(
         prog="gate-agent ingest",
         description="Reference ingest: store every gate's events once and acknowledge them.",
@@ -433,17 +438,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--username", default=None)
     parser.add_argument("--password", default=None)
     parser.add_argument("--hold", type=int, default=HOLD_MAX, metavar="N",
-                        help=f"records ahead of a gap: at most N held per gate, none more than N past "
-                        f"its journal's mark (default {HOLD_MAX})")
+                        help="records ahead of a gap: at most N held per gate, none more than N past "
+                        "its journal's mark (default %(default)s)")
     parser.add_argument("--hold-hours", type=float, default=HOLD_HOURS, metavar="H",
-                        help=f"drop a held record after H hours; the gate resends it (default {HOLD_HOURS:g})")
+                        help="drop a held record after H hours; the gate resends it (default %(default)g)")
     parser.add_argument("--conflicts", action="store_true",
                         help="list the quarantined versions (conflicts) and exit: 0 none, 1 some")
     parser.add_argument("--site", default=None, help="with --conflicts: only this site")
     parser.add_argument("--gate", default=None, help="with --conflicts: only this gate")
     parser.add_argument("--json", action="store_true", help="with --conflicts: one JSON object a line")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    args = parser.parse_args(argv)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log the informational lines too (connected, subscribed)")
+    return translate_parser(parser)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     # A forger's flood of conflicts: 20 lines of each message a minute, then a count.
@@ -451,7 +460,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, handlers=[handler])
     if args.conflicts:
         if args.db is not None and not Path(args.db).is_file():
-            print(f"error: no ingest database at {args.db}; give the --db the ingest writes to")
+            from agent.i18n import _
+
+            print(_("error: no ingest database at {path}; give the --db the ingest writes to").format(path=args.db))
             return 2
         try:
             store = open_store(args.db_url if args.db_url is not None else Path(args.db))
