@@ -87,6 +87,7 @@ TRANSLATED_MODULES = (
     "agent/tools_regional.py",
     "agent/tools/wiring.py",
     "agent/tools/board.py",
+    "agent/uplink/ingest.py",
 )
 
 _language: str | None = None
