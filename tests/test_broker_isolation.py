@@ -640,7 +640,7 @@ def test_the_shipped_file_runs_included_by_debian_s_mosquitto_conf(pki, tmp_path
     proc = subprocess.Popen([mosquitto_path(), "-c", str(main)], stderr=subprocess.PIPE)
     try:
         wait_until(lambda: proc.poll() is not None or "running" in (log.read_text() if log.exists() else ""),
-                   10, "mosquitto to start")
+                   60, "mosquitto to start")  # a loaded or emulated machine is slow to start it
         assert proc.poll() is None, log.read_text()
         for port in ports.values():
             socket.create_connection(("127.0.0.1", port), timeout=5).close()
