@@ -667,7 +667,7 @@ def test_simulate_card_and_date_errors_are_russian(tmp_path):
     assert code == 2, out
     _assert_russian("simulate (bad cards and dates)", out)
     assert "шаг 1 (строка 6), card: карта '100,99999': номер карты 99999 больше 65535" in out
-    assert "шаг 2 (строка 10), card: карта '300,1': код объекта 300 больше 255" in out
+    assert "шаг 2 (строка 10), card: карта '300,1': серия 300 больше 255" in out
     assert "шаг 3 (строка 14), rush/cards/1: 'zz' не является номером карты; допустимые записи:" in out
     assert "шаг 4 (строка 17), at: у одного из времён (start или at) нет смещения от UTC" in out
     assert "шаг 5 (строка 21), at: месяц должен быть от 1 до 12" in out
