@@ -22,7 +22,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         format_pretty,
         load_scenario,
     )
-    from agent.tools.words import scenario_message
+    from agent.tools.words import pretty_words, scenario_message
 
     try:
         scenario = load_scenario(args.scenario)
@@ -41,7 +41,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         print(f"# {scenario.name} — {scenario.source} (fastpath: {fastpath.IMPLEMENTATION})", file=out)
     for item in sim.run():
         if args.pretty:
-            print(format_pretty(item, scenario.start.tzinfo), file=out)
+            print(format_pretty(item, scenario.start.tzinfo, pretty_words()), file=out)
         else:
             print(json.dumps(item, separators=(",", ":"), ensure_ascii=False), file=out)
     if args.check:

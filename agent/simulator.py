@@ -14,7 +14,7 @@ from __future__ import annotations
 import heapq
 import json
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from functools import lru_cache
@@ -427,10 +427,15 @@ def check_expectations(records: list[dict], expect: list[dict],
     return failures
 
 
-def format_pretty(item: dict, tz=None) -> str:
+def format_pretty(item: dict, tz=None, words: Mapping[str, str] | None = None) -> str:
     """One human line for `make run`: local time, record number, type, fields;
-    cards shown as facility,card."""
+    cards shown as facility,card. words: the io trace lines' words ("ON", "off",
+    "feedback" and the feedback signals) in the user's language, as
+    agent.tools.words.pretty_words() gives them; none: English."""
     from agent.core.cards import format_key
+
+    def say(word: str) -> str:
+        return words.get(word, word) if words else word
 
     ts = item.get("ts", "")
     if ts and tz is not None:
@@ -438,8 +443,8 @@ def format_pretty(item: dict, tz=None) -> str:
     ts = ts[11:23]
     if "trace" in item:
         if item["trace"] == "io":
-            return f"{ts}       io {item['line']:<12} {'ON' if item['active'] else 'off'}"
-        return f"{ts}       io {item['reader']} feedback {item['signal']}"
+            return f"{ts}       io {item['line']:<12} {say('ON') if item['active'] else say('off')}"
+        return f"{ts}       io {item['reader']} {say('feedback')} {say(item['signal'])}"
     skip = {"v", "id", "seq", "ts", "clock_synced", "boot", "mono", "type"}
     parts = []
     for k, v in item.items():

@@ -557,3 +557,130 @@ def test_details_kept_in_variables_attributes_and_parameters_are_found(russian):
     # A detail inside a detail: the journal clears its alarm with the reason it raised it for.
     assert words.detail_text("read-only filesystem: writable again") == \
         "файловая система только для чтения: запись снова возможна"
+
+
+# --------------------------------------------------------------------------- ingest's terminal, simulate's cards, dates, --pretty (h-ru3)
+
+
+def _conflicting_store(path: Path) -> None:
+    """A store whose quarantine holds one version: an id first stored with other content."""
+    import json
+
+    from agent.uplink.ingest_store import Row, open_store
+
+    store = open_store(path)
+    try:
+        for person in ("p-0001", "p-9999"):
+            body = json.dumps({"id": "j1:1", "seq": 1, "type": "passage", "person": person})
+            store.insert([Row("j1:1", "j1", 1, "school-17", "main-1", "passage", "2026-09-01T08:47:20+07:00", body)])
+    finally:
+        store.close()
+
+
+def test_ingest_conflicts_listing_and_database_errors_are_russian(tmp_path):
+    db = tmp_path / "ingest.db"
+    _conflicting_store(db)
+    code, out = _run(["ingest", "--conflicts", "--db", str(db)], tmp_path)
+    assert code == 1, out
+    _assert_russian("gate-agent ingest --conflicts", out)
+    assert "конфликтующих версий в карантине: 1" in out and "j1:1" in out and '"p-0001" -> "p-9999"' in out
+    # The JSON listing is data: as stored, whatever the language.
+    code, out = _run(["ingest", "--conflicts", "--json", "--db", str(db)], tmp_path)
+    assert code == 1 and '"person": "p-9999"' in out and not CYRILLIC.search(out)
+    for args, said in ((["--db-url", "sqlite://"], "не удалось разобрать адрес базы данных"),
+                       (["--db-url", "ftp://host/db"], "у адреса базы данных 'ftp://host/db' схема 'ftp'"),
+                       (["--db-url", str(tmp_path)], "не удалось открыть базу данных сервера сбора событий")):
+        code, out = _run(["ingest", "--conflicts", *args], tmp_path)
+        assert code == 2, out
+        # SQLite's own words ("(unable to open database file)") stay as the library gives them.
+        _assert_russian(f"gate-agent ingest --conflicts {args}", re.sub(r"\([a-z ]+\)", "", out))
+        assert out.startswith("ошибка: " + said), out
+    code, out = _run(["ingest", "--db", str(db), "--hold-hours", "0"], tmp_path)
+    assert code == 2 and "hold_hours (--hold-hours) 0.0: нужно число часов больше 0" in out, out
+    _assert_russian("gate-agent ingest --hold-hours 0", out)
+
+
+def test_ingest_start_and_stop_lines_are_russian_and_its_log_stays_english(tmp_path):
+    import signal
+
+    # No broker on this port: the ingest starts, says so, keeps trying to connect (logged, English).
+    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "ingest", "--port", "1", "--db", str(tmp_path / "i.db")],
+                            cwd=tmp_path, env=_ru_env(PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stdout.readline()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    said = first + out
+    assert proc.returncode == 0, said + err
+    _assert_russian("gate-agent ingest (start, stop)", said)
+    assert said.startswith("сервер сбора событий: 127.0.0.1:1 -> ") and "Ctrl-C — остановить" in said
+    assert "сервер сбора событий: остановлен;" in said
+    assert not CYRILLIC.search(err), err  # the service log: English
+
+
+def test_every_ingest_error_message_has_a_russian_translation(russian):
+    catalog = i18n.parse_po(PO.read_text(encoding="utf-8"))
+    ids = words.ingest_msgids()
+    assert any(m.startswith("cannot connect to the ingest database") for m in ids) and len(ids) > 10
+    for msgid in ids:
+        assert msgid in catalog, f"translate the ingest's message in gate-agent.po: {msgid!r}"
+        assert set(re.findall(r"\{[^}]*\}", catalog[msgid])) == set(re.findall(r"\{[^}]*\}", msgid)), msgid
+    i18n.set_language("en")
+    assert words.ingest_message("writing to 'x.db' failed: disk I/O error") == "writing to 'x.db' failed: disk I/O error"
+
+
+BROKEN_CARDS_SCENARIO = '''name = "карты"
+start = "2026-09-01T08:40:00+07:00"
+
+[[steps]]
+at = "08:47:20"
+card = "100,99999"
+
+[[steps]]
+at = "08:48:00"
+card = "300,1"
+
+[[steps]]
+at = "08:49:00"
+rush = { cards = ["100,60179", "zz"], every = 2 }
+
+[[steps]]
+at = "2026-09-01T09:00:00"
+card = "100,60179"
+
+[[steps]]
+at = "2026-13-01T09:00:00+07:00"
+card = "100,60179"
+
+[[steps]]
+at = "2026-09-01T09:0x:00+07:00"
+card = "100,60179"
+'''
+
+
+def test_simulate_card_and_date_errors_are_russian(tmp_path):
+    (tmp_path / "cards.toml").write_text(BROKEN_CARDS_SCENARIO)
+    code, out = _run(["simulate", str(tmp_path / "cards.toml")], tmp_path)
+    assert code == 2, out
+    _assert_russian("simulate (bad cards and dates)", out)
+    assert "шаг 1 (строка 6), card: карта '100,99999': номер карты 99999 больше 65535" in out
+    assert "шаг 2 (строка 10), card: карта '300,1': серия 300 больше 255" in out
+    assert "шаг 3 (строка 14), rush/cards/1: 'zz' не является номером карты; допустимые записи:" in out
+    assert "шаг 4 (строка 17), at: у одного из времён (start или at) нет смещения от UTC" in out
+    assert "шаг 5 (строка 21), at: месяц должен быть от 1 до 12" in out
+    assert "шаг 6 (строка 25), at: '2026-09-01T09:0x:00+07:00': неверная дата-время" in out
+
+
+def test_simulate_pretty_lines_are_russian_and_json_lines_stay_as_they_are(tmp_path):
+    late = str(ROOT / "examples" / "scenarios" / "late-pupil.toml")
+    code, out = _run(["simulate", "--pretty", "--trace-io", late], tmp_path)
+    assert code == 0, out
+    lines = out.splitlines()[1:]  # the first names the scenario, in its author's words
+    _assert_russian("simulate --pretty --trace-io", "\n".join(lines))
+    assert any(line.endswith("io unlock_a     вкл") for line in lines), out
+    assert any(line.endswith("io entry индикация считывателя доступ разрешён (granted)") for line in lines), out
+    code, out = _run(["simulate", "--trace-io", late], tmp_path)
+    assert code == 0 and not CYRILLIC.search(out) and '"active":true' in out

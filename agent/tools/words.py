@@ -170,7 +170,8 @@ def _is_message(parts: list[tuple[str, str]]) -> bool:
     return " " in text.strip() and len(re.findall(r"[A-Za-z]{2,}", text)) >= 2
 
 
-def _source_templates(sources: tuple[str, ...] = _CONFIG_SOURCES) -> list[list[tuple[str, str]]]:
+def _source_templates(sources: tuple[str, ...] = _CONFIG_SOURCES,
+                      calls: frozenset[str] | set[str] = _MESSAGE_CALLS) -> list[list[tuple[str, str]]]:
     import ast
 
     root = Path(__file__).resolve().parent.parent
@@ -187,7 +188,7 @@ def _source_templates(sources: tuple[str, ...] = _CONFIG_SOURCES) -> list[list[t
             if isinstance(node, ast.Call):
                 f = node.func
                 name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
-                if name in _MESSAGE_CALLS:
+                if name in calls:
                     candidates.extend(node.args)
             elif isinstance(node, ast.FunctionDef) and node.name in ("_schema_error", "warnings"):
                 candidates.extend(n.value for n in ast.walk(node) if isinstance(n, ast.Return) and n.value)
@@ -493,7 +494,7 @@ def _detail(text: str, depth: int) -> str:
 # own f-strings. Each problem starts with where it is, "step 3 (line 14), at"
 # or "/gate"; that place is translated apart.
 
-_SCENARIO_SOURCES = ("simulator.py",)
+_SCENARIO_SOURCES = ("simulator.py", "core/cards.py")  # a step's card: parse_card_string's CardFormatError
 _scenario_templates: list[tuple[str, re.Pattern[str], list[str]]] | None = None
 _PLACE = re.compile(r"(step|expect) (\d+)(?: \(line (\d+)\))?(?:, (\S+))?")
 
@@ -520,17 +521,31 @@ SCHEMA_MESSAGES = (
     "{value} is not valid under any of the schemas listed in the 'anyOf' keyword",
     "{value} was expected",
 )
+# A step's `at` that passes the schema's pattern but not Python's date parsing
+# (datetime.fromisoformat): its usual words, and the card forms cards.py names.
+PARSE_MESSAGES = (
+    "can't subtract offset-naive and offset-aware datetimes",
+    "Invalid isoformat string: {value}",
+    "month must be in 1..12",
+    "day is out of range for month",
+    "hour must be in 0..23",
+    "minute must be in 0..59",
+    "second must be in 0..59",
+    "year {value} is out of range",
+)
 
 
 def _scenario_source_templates() -> list[list[tuple[str, str]]]:
     schema = [[("field" if t.startswith("{") else "lit", t) for t in re.split(r"(\{[a-z]+\})", m) if t]
-              for m in SCHEMA_MESSAGES]
-    return _source_templates(_SCENARIO_SOURCES) + schema
+              for m in SCHEMA_MESSAGES + PARSE_MESSAGES]
+    return _source_templates(_SCENARIO_SOURCES, _MESSAGE_CALLS | {"CardFormatError"}) + schema
 
 
 def scenario_msgids() -> list[str]:
     """Every message template of the simulator (and the schema's usual ones), as its msgid."""
-    return ["".join(t for _k, t in parts) for parts in _scenario_source_templates()]
+    from agent.core.cards import ACCEPTED_FORMS
+
+    return ["".join(t for _k, t in parts) for parts in _scenario_source_templates()] + [ACCEPTED_FORMS]
 
 
 def _place_text(place: str) -> str:
@@ -576,3 +591,50 @@ def scenario_message(message: str) -> str:
 
 
 _GATE_HEAD = re.compile(r"invalid gate config \((\d+) problem\(s\)\); fix these settings:")
+
+
+# --------------------------------------------------------------------------- ingest, simulate --pretty
+#
+# The ingest's database and connection errors (agent/uplink/ingest_store.py
+# StoreError, the Ingest's ValueError) are English: the service logs them.
+# `gate-agent ingest` prints them to the person at the terminal in their
+# language by the same template matching; the database's or the OS's own
+# words inside a message ({exc}) stay as given.
+
+_INGEST_SOURCES = ("uplink/ingest_store.py", "uplink/ingest.py")
+_INGEST_CALLS = frozenset({"StoreError", "IngestError", "ValueError"})
+_ingest_templates: list[tuple[str, re.Pattern[str], list[str]]] | None = None
+
+
+def ingest_msgids() -> list[str]:
+    """Every message template of the ingest's store and its checks, as its msgid."""
+    return ["".join(t for _k, t in parts) for parts in _source_templates(_INGEST_SOURCES, _INGEST_CALLS)]
+
+
+def ingest_message(message: str) -> str:
+    """An ingest database or connection error in the user's language (English,
+    or a message no template fits: as it is)."""
+    from agent.i18n import language
+
+    global _ingest_templates
+    if language() == "en":
+        return message
+    if _ingest_templates is None:
+        _ingest_templates = _compile(_source_templates(_INGEST_SOURCES, _INGEST_CALLS))
+    return _match(message, _ingest_templates, 0, lambda value, _depth: _(value))
+
+
+# `gate-agent simulate --pretty`: the words of its trace lines (the identifiers,
+# record types and key=value fields stay as the contract writes them).
+FEEDBACK_TERMS = {
+    "granted": "access granted",
+    "denied": "access denied",
+    "error": "read error",
+}
+
+
+def pretty_words() -> dict[str, str]:
+    """The words simulator.format_pretty puts in its io trace lines, translated."""
+    words = {"ON": _("ON"), "off": _("off"), "feedback": _("reader signal")}
+    words.update({k: _term(FEEDBACK_TERMS, k) for k in FEEDBACK_TERMS})
+    return words

@@ -391,26 +391,31 @@ class Ingest:
 
 
 def _differences(first: dict | None, record: dict) -> str:
+    from agent.i18n import _
+
     if first is None:
-        return "the first version is no longer held (dropped after waiting for its gap)"
+        return _("the first version is no longer held (dropped after waiting for its gap)")
     keys = sorted(set(first) | set(record))
     diffs = [f"{k}: {json.dumps(first.get(k, '(absent)'))} -> {json.dumps(record.get(k, '(absent)'))}"
              for k in keys if first.get(k, ...) != record.get(k, ...)]
-    return "differs (first -> this): " + "; ".join(diffs) if diffs else "same content, other spelling"
+    return _("differs (first -> this): ") + "; ".join(diffs) if diffs else _("same content, other spelling")
 
 
 def list_conflicts(store: Store, site: str | None, gate: str | None, as_json: bool) -> int:
-    """Print the quarantine; exit 1 when it holds anything (for a monitoring check)."""
+    """Print the quarantine; exit 1 when it holds anything (for a monitoring check).
+    The listing is for a person, in their language; --json is data and stays as stored."""
+    from agent.i18n import _
+
     rows = store.conflicts(site, gate)
     for c in rows:
         if as_json:
             print(json.dumps(c, ensure_ascii=False))
         else:
             print(f"{c['received']}  {c['site']}/{c['gate']}  {c['id']}  "
-                  f"first in {c['first_in'] or '-'}  {_differences(c['first'], c['record'])}")
+                  f"{_('first in')} {c['first_in'] or '-'}  {_differences(c['first'], c['record'])}")
     if not as_json:
-        print(f"{len(rows)} conflicting version(s) in quarantine"
-              + ("; see docs/ingest.md, \"A stolen certificate\"" if rows else ""))
+        print(_("{n} conflicting version(s) in quarantine").format(n=len(rows))
+              + (_("; see docs/ingest.md, \"A stolen certificate\"") if rows else ""))
     return 1 if rows else 0
 
 
@@ -451,6 +456,15 @@ def build_parser() -> argparse.ArgumentParser:
     return translate_parser(parser)
 
 
+def _error(exc: BaseException) -> str:
+    """A database or connection error for the person at the terminal, in their language
+    (the database's or the OS's own words inside it stay as given)."""
+    from agent.i18n import _
+    from agent.tools.words import ingest_message
+
+    return _("error: {error}").format(error=ingest_message(str(exc)))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = logging.StreamHandler()
@@ -471,7 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             finally:
                 store.close()
         except StoreError as exc:
-            print(f"error: {exc}")
+            print(_error(exc))
             return 2
     tls = TlsConfig(args.ca_file, args.cert_file, args.key_file) if args.ca_file else None
     try:
@@ -479,16 +493,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                         client_id=args.client_id, tls=tls, username=args.username,
                         password=args.password, hold_max=args.hold, hold_hours=args.hold_hours)
     except (IngestError, ValueError) as exc:
-        print(f"error: {exc}")
+        print(_error(exc))
         return 2
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     ingest.start()
-    print(f"ingest: {args.host}:{args.port} -> {ingest.db_url} (group {args.group}); Ctrl-C stops")
+    from agent.i18n import _
+
+    # What the person at the terminal reads is in their language; the log lines stay English.
+    print(_("ingest: {host}:{port} -> {db} (group {group}); Ctrl-C stops").format(
+        host=args.host, port=args.port, db=ingest.db_url, group=args.group), flush=True)
     done.wait()
     ingest.stop()
-    print(f"ingest: stopped; {ingest.stats()}")
+    print(_("ingest: stopped; {stats}").format(stats=ingest.stats()))
     return 0
 
 
