@@ -147,3 +147,16 @@ def test_a_tool_speaks_russian_under_a_russian_locale_and_english_otherwise(tmp_
     assert "no serial readers configured" in en and not CYRILLIC.search(en)
     # The status words stay the same in both languages: a script may grep for FAIL.
     assert [line.split()[0] for line in ru.splitlines()[:5]] == [line.split()[0] for line in en.splitlines()[:5]]
+
+
+def test_the_catalogue_names_each_msgid_once():
+    """Blocks appended by parallel work must not say one msgid twice (msgfmt refuses such a
+    catalogue, and which translation wins would depend on the parser)."""
+    text = (Path(i18n.LOCALE_DIR) / "ru" / "LC_MESSAGES" / "gate-agent.po").read_text(encoding="utf-8")
+    ids = []
+    for block in re.split(r"\n\s*\n", text):
+        m = re.search(r'^msgid ((?:"(?:[^"\\]|\\.)*"\s*)+)', block, flags=re.MULTILINE)
+        if m:
+            ids.append("".join(re.findall(r'"((?:[^"\\]|\\.)*)"', m.group(1))))
+    dups = sorted({m for m in ids if ids.count(m) > 1 and m})
+    assert dups == [], dups
