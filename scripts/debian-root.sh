@@ -255,6 +255,27 @@ EOF
   printf '[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n' >"$dir/etc/pip.conf"
 }
 
+BG_PID=""
+bg() {  # run a step in the background, in its own process group, and wait for it
+  set -m  # job control: the step and every process it starts get their own group
+  "$@" &
+  BG_PID=$!
+  set +m
+  wait "$BG_PID"
+}
+
+stop_bg() {  # the step still running when the build is cut short: its whole group
+  local i
+  [ -n "$BG_PID" ] || return 0
+  kill -TERM -- "-$BG_PID" 2>/dev/null || return 0
+  for i in $(seq 50); do
+    kill -0 -- "-$BG_PID" 2>/dev/null || return 0
+    sleep 0.1
+  done
+  kill -KILL -- "-$BG_PID" 2>/dev/null || true  # debootstrap finishes what it was doing on TERM
+  sleep 0.2
+}
+
 build_root() {  # build_root ARCH FINAL_DIR PKG...
   local arch=$1 final=$2; shift 2
   local tmp="$final.tmp" start=$SECONDS
@@ -263,25 +284,29 @@ build_root() {  # build_root ARCH FINAL_DIR PKG...
   mkdir -p "$tmp"
   touch "$tmp/debian-root.partial"  # lets remove_root delete a build that was cut short
   # On failure or Ctrl-C: nothing mounted is left behind, and the half-made root goes.
-  trap "teardown '$tmp' && rm -rf --one-file-system '$tmp'" EXIT
-  debootstrap --arch="$arch" --variant=minbase --include=ca-certificates \
+  trap "stop_bg; teardown '$tmp' && rm -rf --one-file-system '$tmp'" EXIT
+  # A TERM or INT to this script alone (not its children) is acted on at once:
+  # each long step runs in the background, and the EXIT trap stops it.
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+  bg debootstrap --arch="$arch" --variant=minbase --include=ca-certificates \
     "$SUITE" "$tmp" "$MIRROR" >&2 ||
     die "debootstrap failed (see $tmp/debootstrap/debootstrap.log)"
   configure_root "$tmp" "$@"
   setup_mounts "$tmp"
-  in_root "$tmp" update-ca-certificates >&2
-  in_root "$tmp" apt-get update -qq >&2
-  in_root "$tmp" apt-get -y -q -o Dpkg::Use-Pty=0 dist-upgrade >&2
+  bg in_root "$tmp" update-ca-certificates >&2
+  bg in_root "$tmp" apt-get update -qq >&2
+  bg in_root "$tmp" apt-get -y -q -o Dpkg::Use-Pty=0 dist-upgrade >&2
   if [ $# -gt 0 ]; then
-    in_root "$tmp" apt-get install -y -q -o Dpkg::Use-Pty=0 "$@" >&2
+    bg in_root "$tmp" apt-get install -y -q -o Dpkg::Use-Pty=0 "$@" >&2
   fi
-  in_root "$tmp" apt-get clean
+  bg in_root "$tmp" apt-get clean
   in_root "$tmp" dpkg-query -W -f '${Package} ${Version}\n' >"$tmp/etc/debian-root.packages"
   teardown "$tmp"
   printf 'arch %s\nsuite %s\nrecipe %s\npackages %s\nbuilt %s\n' "$arch" "$SUITE" "$RECIPE" "$*" \
     "$(date -u +%FT%TZ)" >"$tmp/etc/debian-root.info"
   rm "$tmp/debian-root.partial"
-  trap - EXIT
+  trap - EXIT INT TERM
   mv "$tmp" "$final"
   say "built $final in $((SECONDS - start)) s"
 }
