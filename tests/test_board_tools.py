@@ -22,10 +22,12 @@ import pytest
 from agent.cli import main
 from agent.i18n import set_language
 from agent.tools import EXIT_OK, EXIT_USAGE
-from tests.test_tools import pty  # noqa: F401 - the (master fd, slave path) pair fixture
+from tests.test_tools import (
+    EXAMPLE_FRAME,  # an RDM6300 frame of card 142,51091 (docs/readers.md)
+    pty,  # noqa: F401 - the (master fd, slave path) pair fixture
+)
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE_FRAME = b"\x0214008EC793CE\x03"  # DESIGN.md: "142,51091", printed "0009357203"
 KEY_HEX = "8b1f3c00d2a94e57a0b6c1d2e3f40516"
 ADDRESS = 101
 

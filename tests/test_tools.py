@@ -23,7 +23,7 @@ from agent.tools import EXIT_BUSY, EXIT_FAILED, EXIT_OK, EXIT_USAGE, is_busy_err
 from agent.tools.enroll import SerialSource, WiegandSource, add_enroll_parser, run_enroll
 from agent.tools.iotest import add_iotest_parser, run_iotest
 
-EXAMPLE_FRAME = b"\x0214008EC793CE\x03"  # DESIGN.md: "142,51091", printed "0009357203"
+EXAMPLE_FRAME = b"\x0214008EC793CE\x03"  # docs/readers.md: "142,51091", printed "0009357203"
 STOP_HINT = "sudo systemctl stop gate-agent"
 
 

@@ -80,6 +80,7 @@ from .provision import (
     no_keys_message,
     parse_broker,
     replace_toml_table,
+    report_trusted_keys,
     set_toml_values,
 )
 
@@ -571,12 +572,7 @@ def _report(args: argparse.Namespace, res: BundleResult) -> int:
     print(_("bundle for {site}/{gate} in {out}: files: {n}").format(site=args.site, gate=args.gate, out=res.out,
                                                                    n=len(res.files)))
     print(res.source_note)
-    if res.trusted_keys:
-        print(_("trusted keys (access lists and commands signed with them are taken): {names}").format(
-            names=", ".join(res.trusted_keys)))
-    else:
-        print(_("warning: {text}").format(text=_("no trusted key (--no-trusted-keys): every access list and "
-                                                 "command will be refused until keys are added")))
+    report_trusted_keys(res.trusted_keys)
     if res.boot_lines:
         print(_("first boot adds to config.txt (relays off from power-on): {lines}").format(
             lines="; ".join(res.boot_lines)))

@@ -64,6 +64,7 @@ __all__ = [
     "provision",
     "read_trusted_keys_file",
     "replace_toml_table",
+    "report_trusted_keys",
     "service_ids",
     "set_toml_values",
     "trusted_key_arg",
@@ -565,6 +566,16 @@ def config_trusts_something(text: str) -> bool:
     return bool(keys) or commands.get("allow_unsigned") is True
 
 
+def report_trusted_keys(names: list[str] | tuple[str, ...]) -> None:
+    """What provision and bundle print about the keys the board will trust (or a warning)."""
+    if names:
+        print(_("trusted keys (access lists and commands signed with them are taken): {names}").format(
+            names=", ".join(names)))
+    else:
+        print(_("warning: {text}").format(text=_("no trusted key (--no-trusted-keys): every access list and "
+                                                 "command will be refused until keys are added")))
+
+
 def no_keys_message() -> str:
     """Why a board without a trusted key is refused, and the two ways on."""
     return _("no trusted key: this board would refuse every access list and command, so every card too. Give "
@@ -772,12 +783,7 @@ def _cmd_provision(args: argparse.Namespace) -> int:
     if res.cert is not None:
         print(_("certificate: {cn}, valid until {date}").format(
             cn=res.cert.subject_cn or "?", date=res.cert.not_after.date().isoformat()))
-    if res.trusted_keys:
-        print(_("trusted keys (access lists and commands signed with them are taken): {names}").format(
-            names=", ".join(res.trusted_keys)))
-    else:
-        print(_("warning: {text}").format(text=_("no trusted key (--no-trusted-keys): every access list and "
-                                                 "command will be refused until keys are added")))
+    report_trusted_keys(res.trusted_keys)
     if res.removed_keys:
         print(_("no longer trusted (commented out in the config): {names}").format(names=", ".join(res.removed_keys)))
     for w in res.warnings:
