@@ -1,8 +1,10 @@
 """Every command line the technician's docs quote runs as written, on a staged board.
 
-Each ``gate-agent ...`` line (``sudo`` dropped) in a fenced code block of
-hardware/wiring.md and docs/operations.md is run, in the order the page
-gives them, in a shell, against a board staged in a temporary directory:
+Each ``gate-agent ...`` line (``sudo`` and a console's ``$`` dropped) in a
+fenced code block of the technician's pages (DOCS: wiring, operations,
+readers, the PERCo page, profiles, configuration, scenarios) is run, in the
+order the page gives them, in a shell, against a board staged in a
+temporary directory:
 
 - ``/etc/gate-agent/agent.toml`` is the installer's example config
   (examples/agent.toml) with what a test machine needs changed: the pins
@@ -14,6 +16,11 @@ gives them, in a shell, against a board staged in a temporary directory:
 - The technician's working directory holds what the page's commands name
   (the gate's certificate, key and CA, the region's public key), made by
   tests/pki.py, and for ``sim`` the bench agent's ``agent.toml``.
+- The board's ``/dev/gate-reader`` (the udev link) is the entry reader's
+  pty; ``examples/`` is the checkout's. Pages that start from a configured
+  board (PROVISIONED) are first provisioned with docs/operations.md's own
+  ``provision`` line; docs/configuration.md's file with three mistakes is
+  staged as ``agent.toml`` in the technician's directory.
 - The lines naming no config get ``--config <staged agent.toml>``: the
   pages say every board tool takes ``--config FILE`` (checked below).
 - ``sudo systemctl start|restart|stop gate-agent`` start and stop the agent
@@ -24,9 +31,16 @@ wait for (cards on the ptys, a first screen) and then Ctrl-C, as a
 technician ends them. A command runs when it exits with its documented code,
 prints no traceback, and shows what the page says it shows. The few lines
 that need what a test machine has not are in ``NOT_RUN`` with the reason.
+
+Every other ``gate-agent`` line of every page (inline ``code`` too, and the
+regional and packaging pages) is checked without running: the tool exists,
+it has each option the line names, and a full line parses as written.
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import os
 import re
 import shlex
@@ -46,9 +60,11 @@ from tests.agentproc import AgentProcess, journal_records
 from tests.pki import TestCA
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = ("hardware/wiring.md", "docs/operations.md")
+DOCS = ("hardware/wiring.md", "docs/operations.md", "docs/readers.md", "hardware/perco.md",
+        "hardware/profiles.md", "docs/configuration.md", "docs/scenarios.md")
 BOARD_CONFIG = "/etc/gate-agent/agent.toml"
 FRAME = b"\x0214008EC793CE\x03"  # an RDM6300 frame: card 142,51091, printed 0009357203
+EMLINE = b"0009357203\r\n"  # the same card from a text (emline) reader: its 10-digit print
 WAIT_S = 60.0  # generous: the machine may be busy; nothing asserts speed
 
 # Lines that cannot run on a test machine, by their start: the reason, and where they are tested.
@@ -61,8 +77,10 @@ NOT_RUN = {
     "gate-agent demo": "starts its own mosquitto, ingest and agent and runs until Ctrl-C; "
     "tests/test_demo.py runs it",
 }
+# Pages that start from a provisioned board (the others provision it with their own lines or need not).
+PROVISIONED = ("docs/configuration.md", "hardware/profiles.md")
 # The board tools that read /etc/gate-agent/agent.toml unless given --config FILE.
-BOARD_TOOLS = ("io-test", "enroll", "doctor", "provision", "monitor", "journal", "check-config")
+BOARD_TOOLS = ("io-test", "enroll", "doctor", "provision", "monitor", "journal", "check-config", "wiring")
 
 
 @dataclass
@@ -79,17 +97,20 @@ class DocLine:
         return f"{self.doc}:{self.lineno}: {self.text}"
 
 
-def doc_lines(doc: str) -> list[DocLine]:
+def doc_lines(doc: str, root: Path = ROOT) -> list[DocLine]:
     """Every gate-agent line (and the service's systemctl lines) in the page's fenced blocks."""
     out: list[DocLine] = []
     fenced = False
     pending: DocLine | None = None
-    for n, raw in enumerate((ROOT / doc).read_text(encoding="utf-8").splitlines(), 1):
+    for n, raw in enumerate((root / doc).read_text(encoding="utf-8").splitlines(), 1):
         line = raw.strip()
         if line.startswith("```"):
             fenced = not fenced
             continue
         if not fenced:
+            continue
+        line = re.sub(r"^\$\s+", "", line)  # a console block's prompt
+        if re.match(r"gate-agent [\w-]+:", line):  # a tool's message quoted as output, not a command
             continue
         if pending is not None:  # a continued line
             pending.text += " " + line.rstrip("\\").strip()
@@ -119,6 +140,11 @@ def with_config(command: str, config: Path) -> str:
         return _rejoin(words)
     cut = words.index(">") if ">" in words else len(words)
     return _rejoin([*words[:cut], "--config", str(config), *words[cut:]])
+
+
+def staged_shell(board: Board, shell: str) -> str:
+    """The board's udev link /dev/gate-reader (hardware/99-gate-reader.rules) is the entry reader's pty."""
+    return shell.replace("/dev/gate-reader", board.ports["entry"])
 
 
 def touches_the_real_board(shell: str) -> bool:
@@ -180,16 +206,17 @@ class Board:
     config: Path
     home: Path
     readers: dict[str, int]  # reader name -> pty master fd
+    ports: dict[str, str]  # reader name -> the pty the reader opens
     env: dict[str, str]
     service: subprocess.Popen | None = None
     bench: AgentProcess | None = None
     notes: list[str] = field(default_factory=list)
 
-    def present_cards(self, only: str | None = None) -> None:
+    def present_cards(self, only: str | None = None, frame: bytes = FRAME) -> None:
         """A card at each reader (or at the one named): bytes nobody reads would wait in the pty."""
         for name, fd in self.readers.items():
             if only is None or name == only:
-                os.write(fd, FRAME)
+                os.write(fd, frame)
 
     # -- the service, as systemd runs it -------------------------------------------------
 
@@ -236,12 +263,14 @@ def board(tmp_path):
     state = root / "var/lib/gate-agent"
     state.mkdir(parents=True, mode=0o700)
     masters: dict[str, int] = {}
+    ports: dict[str, str] = {}
     slaves: list[int] = []
     reader_blocks = []
     for name in ("entry", "exit"):
         master, slave = os.openpty()
         masters[name] = master
         slaves.append(slave)
+        ports[name] = os.ttyname(slave)
         reader_blocks.append(f'\n[[hardware.readers]]\nname = "{name}"\ntype = "rdm6300"\n'
                              f'port = "{os.ttyname(slave)}"\n')
     text = (ROOT / "examples/agent.toml").read_text(encoding="utf-8")
@@ -256,17 +285,19 @@ def board(tmp_path):
 
     home = tmp_path / "home"
     home.mkdir()
+    (home / "examples").symlink_to(ROOT / "examples")  # docs/scenarios.md runs from a checkout
     ca = TestCA(tmp_path / "ca")
     ident = ca.issue("school-17/main-1")
     for src, dst in ((ca.cert_path, "ca.pem"), (ident.cert, "gate.pem"), (ident.key, "gate.key")):
         (home / dst).write_bytes(Path(src).read_bytes())
+    (home / "gate.key").chmod(0o600)  # as the region hands it over: a secret
     (home / "region-2026.key.pub").write_text(generate_keypair()[1] + "\n")
     bindir = Path(sys.executable).parent
     env = {k: v for k, v in os.environ.items()
            if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "JOURNAL_STREAM")}
     env.update(PATH=f"{bindir}{os.pathsep}{env.get('PATH', '')}", PYTHONPATH=str(ROOT),
                LC_ALL="C.UTF-8", LANG="C.UTF-8", LANGUAGE="", COLUMNS="100")
-    b = Board(root, config, home, masters, env)
+    b = Board(root, config, home, masters, ports, env)
     try:
         yield b
     finally:
@@ -285,6 +316,7 @@ class Expect:
     shows: tuple[str, ...] = ()
     interact: str | None = None  # "cards": present a card at each reader (or `reader`) when `when` shows
     reader: str | None = None
+    frame: bytes = FRAME  # what the reader sends for the card
     when: str | None = None
     then_ctrl_c: str | None = None  # Ctrl-C once this shows (a command that runs until stopped)
 
@@ -294,10 +326,18 @@ def expect_for(command: str) -> Expect:
     sub = words[1:3]
     if sub[:1] == ["io-test"]:
         return Expect(shows=("io-test on profile pi4-relay4", "unlock_a"))
+    if sub[:1] == ["enroll"] and ("--wiegand" in words or "--profile" in words):
+        # A Wiegand reader on mock pins: this process cannot pulse another's mock pins, so the
+        # line runs when it listens on the pins it names and ends cleanly on Ctrl-C (the cards
+        # themselves: tests/test_enroll.py, in-process).
+        return Expect(then_ctrl_c="Ctrl+C to stop", shows=("wiegand on D0=GPIO20 D1=GPIO21",))
     if sub[:1] == ["enroll"]:
         reader = words[words.index("--reader") + 1] if "--reader" in words else None
         needle = f"via {reader}:" if reader else "card 2:"
-        return Expect(interact="cards", reader=reader, when="Ctrl+C to stop", then_ctrl_c=needle,
+        if "--serial" in words:
+            reader, needle = "entry", "card 1:"  # /dev/gate-reader is the entry reader's pty (staged_shell)
+        frame = EMLINE if "emline" in words else FRAME
+        return Expect(interact="cards", reader=reader, frame=frame, when="Ctrl+C to stop", then_ctrl_c=needle,
                       shows=("facility,card 142,51091", "print 0009357203"))
     if sub[:1] == ["doctor"]:
         # Exit 1 is doctor's answer "something FAILs": a test machine has no broker
@@ -316,6 +356,11 @@ def expect_for(command: str) -> Expect:
         return Expect(shows=("agent.started",))
     if sub == ["journal", "stats"]:
         return Expect(shows=("agent.started",))
+    if sub == ["check-config", "agent.toml"]:
+        # docs/configuration.md's example of a file with three mistakes (staged as the page shows it)
+        return Expect(codes=(2,), shows=("3 problem(s)", "gate.apb", "gate.pulse_s", "mqtt.tls.ca_file"))
+    if sub[:1] == ["check-config"]:
+        return Expect(shows=("OK: ",))
     if sub[:1] == ["sim"]:
         return Expect(codes=(0,))  # 1 would be a refusal: every line the page shows is accepted
     return Expect()
@@ -331,7 +376,7 @@ def run_line(board: Board, line: DocLine) -> str | None:
     if command.split()[1] == "sim" and board.bench is None:
         # The page: `sim` drives an agent run on simulated hardware with `gate-agent run --config agent.toml`.
         board.bench = AgentProcess(board.home).start(timeout=WAIT_S)
-    shell = with_config(command, board.config)
+    shell = staged_shell(board, with_config(command, board.config))
     if touches_the_real_board(shell):  # the test runs as root on a shared machine: never its /etc
         return f"not run: {shell!r} would use this machine's {BOARD_CONFIG}"
     exp = expect_for(command)
@@ -341,7 +386,7 @@ def run_line(board: Board, line: DocLine) -> str | None:
     try:
         if exp.interact == "cards" and out.wait_for(exp.when):
             time.sleep(0.5)  # the readers open their ports just before saying so
-            board.present_cards(exp.reader)
+            board.present_cards(exp.reader, exp.frame)
         if exp.then_ctrl_c is not None:
             if not out.wait_for(exp.then_ctrl_c):
                 return f"never showed {exp.then_ctrl_c!r}: {out.text[-1500:]}"
@@ -353,6 +398,9 @@ def run_line(board: Board, line: DocLine) -> str | None:
         proc.wait(10)
         return f"still running after {WAIT_S * 2:.0f} s: {out.text[-1500:]}"
     finally:
+        if proc.poll() is None:  # it never showed what it waits for: leave nothing running
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
         out.join()
     if "Traceback" in out.text:
         return f"a traceback:\n{out.text[-3000:]}"
@@ -373,6 +421,13 @@ def test_every_command_line_of_the_page_runs_on_a_staged_board(doc, board):
     if injected:
         # The test may add --config only because the page itself says the tools take it.
         assert "--config FILE" in text, f"{doc} runs tools on the board's config but never says --config FILE"
+    if doc in PROVISIONED:  # the page shows a board already provisioned: as docs/operations.md does it
+        line = next(x for x in doc_lines("docs/operations.md") if x.command.startswith("gate-agent provision"))
+        assert run_line(board, line) is None, f"provisioning as {line} failed"
+    if doc == "docs/configuration.md":  # the page's file with three mistakes, in the technician's directory
+        (board.home / "agent.toml").write_text(
+            '[site]\nid = "school-17"\ngate = "main-1"\n\n[gate]\napb = "sometimes"\npulse_s = 0.05\n\n'
+            '[mqtt.tls]\nca_file = "/etc/gate-agent/ca.pem"\ncert_file = "gate.pem"\nkey_file = "gate.key"\n')
     failures = []
     for line in lines:
         if any(line.command.startswith(prefix) for prefix in NOT_RUN):
@@ -395,3 +450,93 @@ def test_the_extraction_finds_continued_lines_and_drops_sudo():
     provision = [c for c in lines if c.startswith("gate-agent provision")]
     assert provision and all("--trusted-key" in c for c in provision)  # its second line was joined
     assert "gate-agent doctor" in {c.split("#")[0].strip() for c in lines}
+
+
+# -- every other gate-agent line of every page: a real tool, real options ---------------------
+
+ALL_PAGES = sorted({*map(str, ROOT.glob("docs/*.md")), *map(str, ROOT.glob("hardware/*.md")), str(ROOT / "README.md")})
+PLACEHOLDER = re.compile(r"^(\.\.\.|…|\[.*|.*\]|[A-Z][A-Z0-9_]*(=[A-Z][A-Z0-9_]*)?)$")  # FILE, NAME=KEY, [--gate G ...]
+
+
+def quoted_commands(page: str, root: Path = ROOT) -> list[tuple[str, str]]:
+    """(where, command) for each gate-agent line of the page: inline `code` spans and fenced lines."""
+    text = Path(page).read_text(encoding="utf-8")
+    rel = str(Path(page).relative_to(root))
+    found = [(f"{rel}: `{m.group(1)}`", m.group(1)) for m in re.finditer(r"`((?:sudo )?gate-agent [^`]*)`", text)]
+    found += [(str(x), x.command) for x in doc_lines(rel, root) if x.command.startswith("gate-agent ")]
+    return found
+
+
+def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    from agent.cli import build_parser
+    from agent.uplink.ingest import build_parser as ingest_parser
+
+    return build_parser(), ingest_parser()
+
+
+def _tool(parser: argparse.ArgumentParser, words: list[str]) -> tuple[argparse.ArgumentParser, int]:
+    """The (sub)parser the words name, and how many words name it."""
+    used = 0
+    while used < len(words):
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs or words[used] not in subs[0].choices:
+            break
+        parser = subs[0].choices[words[used]]
+        used += 1
+    return parser, used
+
+
+def quoted_command_problems(pages: list[str], root: Path = ROOT) -> tuple[int, list[str]]:
+    """(how many commands were checked, what is wrong with them)."""
+    main_parser, ingest = _parsers()
+    problems = []
+    seen = 0
+    for page in pages:
+        for where, command in quoted_commands(page, root):
+            words = shlex.split(re.sub(r"^sudo\s+", "", command), comments=True)[1:]
+            if ">" in words:
+                words = words[:words.index(">")]
+            if words[:1] == ["ingest"]:
+                parser, used = ingest, 1
+            else:
+                parser, used = _tool(main_parser, words)
+                if used == 0:
+                    problems.append(f"{where}: no such tool {words[:1]}")
+                    continue
+            seen += 1
+            args = [w for w in words[used:] if w != "--"]
+            known = {s for a in parser._actions for s in a.option_strings}
+            unknown = [w.split("=")[0] for w in args if w.startswith("-") and w.split("=")[0] not in known]
+            if unknown:
+                problems.append(f"{where}: {' '.join(words[:used])} has no option {unknown}")
+                continue
+            if not args or any(PLACEHOLDER.match(w) for w in args):
+                continue  # the tool's name in a sentence, or a synopsis: its options are checked above
+            err = io.StringIO()
+            try:
+                with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                    parser.parse_args(args)
+            except SystemExit as exc:
+                problems.append(f"{where}: does not parse (exit {exc.code}): {err.getvalue().strip()[-300:]}")
+    return seen, problems
+
+
+def test_every_quoted_command_names_a_real_tool_and_real_options():
+    """Inline commands and the fenced lines of the other pages (regional, packaging) are not run on
+    a staged board, but each must name a tool that exists and only options that tool has; a full
+    line (no placeholder such as FILE, NAME=KEY, ... or [--gate G]) must parse as written."""
+    seen, problems = quoted_command_problems(ALL_PAGES)
+    assert seen > 60, f"only {seen} quoted commands found: the extraction broke"
+    assert not problems, "\n".join(problems)
+
+
+def test_the_quoted_command_check_catches_a_wrong_option_a_wrong_tool_and_a_missing_argument(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("Run `gate-agent io-test --profle pi4-relay4`, `gate-agent iotest`, "
+                    "`gate-agent ingest --conflicts` and `gate-agent wiring --text`.\n")
+    seen, problems = quoted_command_problems([str(page)], tmp_path)
+    assert seen == 3
+    assert len(problems) == 3, problems
+    assert "no option ['--profle']" in problems[0]
+    assert "no such tool ['iotest']" in problems[1]
+    assert "does not parse" in problems[2] and "--db" in problems[2]
