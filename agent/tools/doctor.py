@@ -1008,11 +1008,24 @@ def _boot_fix(lines: tuple[str, ...], path: Path) -> str:
 # --------------------------------------------------------------------------- output, CLI
 
 
+def check_label(name: str) -> str:
+    """A check's name for people: "reader entry" -> "считыватель entry" (the reader's or port's name kept)."""
+    head, sep, rest = name.partition(" ")
+    words = {
+        "config": _("config"), "service": _("service"), "gpio": _("gpio"), "boot": _("boot"),
+        "readers": _("readers"), "reader": _("reader"), "serial": _("serial"), "clock": _("clock"),
+        "broker": _("broker"), "disk": _("disk"), "journal": _("journal"), "fastpath": _("fastpath"),
+        "acl": _("acl"), "fallback": _("fallback"),
+    }
+    return words.get(head, head) + sep + rest
+
+
 def format_checks(checks: list[Check]) -> str:
-    width = max((len(c.name) for c in checks), default=8)
+    labels = [check_label(c.name) for c in checks]
+    width = max((len(x) for x in labels), default=8)
     lines = []
-    for c in checks:
-        lines.append(f"{c.status:<4}  {c.name:<{width}}  {c.summary}")
+    for c, label in zip(checks, labels, strict=True):
+        lines.append(f"{c.status:<4}  {label:<{width}}  {c.summary}")
         for h in c.hints:
             lines.append(f"{'':<4}  {'':<{width}}  -> {h}")
     counts = {s: sum(1 for c in checks if c.status == s) for s in (OK, WARN, FAIL)}
