@@ -44,8 +44,6 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import ctypes
-import ctypes.util
 import dataclasses
 import logging
 import logging.handlers
@@ -65,6 +63,8 @@ from agent import __version__
 from agent.config import DEFAULT_PATH, Config, ConfigError, load_config
 from agent.core.events import Report
 from agent.core.turnstile import COMMANDABLE_MODES, Gate
+from agent.host import boot_id, kernel_clock_synced
+from agent.hw.pins import rest_mock_inputs
 from agent.ratelimit import RateLimitFilter
 from agent.runtime import Clock, GateRuntime
 from agent.sdnotify import Notifier, watchdog_interval
@@ -100,38 +100,6 @@ class ServiceError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- clock
-
-
-class _Timex(ctypes.Structure):
-    # The leading fields of struct timex (sys/timex.h); the kernel writes more, hence _rest.
-    _fields_ = [
-        ("modes", ctypes.c_uint),
-        ("offset", ctypes.c_long),
-        ("freq", ctypes.c_long),
-        ("maxerror", ctypes.c_long),
-        ("esterror", ctypes.c_long),
-        ("status", ctypes.c_int),
-        ("_rest", ctypes.c_byte * 512),
-    ]
-
-
-_TIME_ERROR = 5
-_STA_UNSYNC = 0x0040
-
-
-def kernel_clock_synced() -> bool | None:
-    """Whether the kernel considers the clock NTP-synchronised (what
-    ``timedatectl``'s NTPSynchronized reads: adjtimex, read-only), None when
-    it cannot be asked."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        tx = _Timex()
-        state = libc.adjtimex(ctypes.byref(tx))
-    except (OSError, AttributeError):
-        return None
-    if state < 0:
-        return None
-    return state != _TIME_ERROR and not (tx.status & _STA_UNSYNC)
 
 
 class ClockSync:
@@ -246,33 +214,18 @@ def _stop_logging() -> None:
 
 def make_pin_factory(kind: str) -> Any:
     """The gpiozero pin factory for hardware.pin_factory; ServiceError with the fix when none."""
-    if kind == "mock":
-        from gpiozero.pins.mock import MockFactory
+    from agent.hw.pins import PinFactoryError
+    from agent.hw.pins import make_pin_factory as _make
 
-        return MockFactory()
     try:
-        from gpiozero.pins.lgpio import LGPIOFactory
-
-        return LGPIOFactory()
-    except Exception as exc:  # ImportError (no lgpio), OSError / PinFactoryFallback (no chip)
+        return _make(kind)
+    except PinFactoryError as exc:
         raise ServiceError(
-            f"no GPIO: the lgpio pin factory could not start ({type(exc).__name__}: {exc}). On a "
+            f"no GPIO: the lgpio pin factory could not start ({type(exc.cause).__name__}: {exc.cause}). On a "
             "Raspberry Pi install python3-lgpio (the venv needs --system-site-packages) and check "
             "that the service user is in group gpio; on another machine set "
             'hardware.pin_factory = "mock" for simulated hardware'
-        ) from exc
-
-
-def rest_mock_inputs(factory: Any, profile: Any) -> None:
-    """Put every simulated input at rest: turnstile ready, contacts quiet, fire loop closed."""
-    for name, spec in profile.inputs.items():
-        asserted = name == "ready"  # the only input asserted at rest
-        pin = factory.pin(f"GPIO{spec.pin}")
-        high = spec.active_high if asserted else not spec.active_high
-        if high:
-            pin.drive_high()
-        else:
-            pin.drive_low()
+        ) from exc.cause
 
 
 # --------------------------------------------------------------------------- downlink
@@ -383,7 +336,7 @@ class Service:
         self._check_fastpath()
         for warning in cfg.warnings():
             log.warning("config: %s", warning)
-        self.boot = _boot_id()
+        self.boot = boot_id()
         state_dir = cfg.service.state_dir
         try:
             state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -817,13 +770,6 @@ class Service:
     def request_stop(self) -> None:
         """Ask the main loop to stop (signal handlers: only sets a flag)."""
         self._stopping.set()
-
-
-def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 # --------------------------------------------------------------------------- CLI

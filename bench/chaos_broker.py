@@ -549,7 +549,7 @@ def fault_clock(work: Path, quick: bool, rng: random.Random) -> dict:
     time), which the agent's own clock would take as valid, are all refused ``expired``;
     a fresh one runs; records made after the floor moved carry real time."""
     from agent.downlink.signing import generate_keypair
-    from agent.service import kernel_clock_synced
+    from agent.host import kernel_clock_synced
 
     lib = _clockshift(work)
     # Where this machine's clock is NTP-synchronised the agent would trust its skewed clock;

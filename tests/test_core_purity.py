@@ -48,3 +48,35 @@ def test_core_module_reads_no_clock(path):
             assert (owner_name, node.func.attr) not in FORBIDDEN_CALLS, (
                 f"{path.name}:{node.lineno} calls {owner_name}.{node.func.attr}: the caller gives the core its time"
             )
+
+
+# Dependencies go one way: the technician's tools use the adapters and the config, never the
+# service that wires them (a tool must run, and say what is wrong, where the service cannot start).
+AGENT = CORE.parent
+ONE_WAY = [
+    (sorted((AGENT / "tools").glob("*.py")), "agent.service"),
+]
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            out += [(node.lineno, node.module)] + [(node.lineno, f"{node.module}.{a.name}") for a in node.names]
+    return out
+
+
+@pytest.mark.parametrize(("paths", "forbidden"), ONE_WAY, ids=[f for _, f in ONE_WAY])
+def test_dependencies_go_one_way(paths, forbidden):
+    assert paths, "no module found: the layout changed"
+    bad = [f"{p.relative_to(AGENT.parent)}:{line} imports {name}" for p in paths for line, name in _imports(p)
+           if name == forbidden or name.startswith(forbidden + ".")]
+    assert not bad, f"these must not import {forbidden}:\n" + "\n".join(bad)
+
+
+def test_the_one_way_check_sees_a_function_level_import(tmp_path):
+    mod = tmp_path / "tool.py"
+    mod.write_text("def f():\n    from agent.service import make_pin_factory\n    return make_pin_factory\n")
+    assert (2, "agent.service") in _imports(mod)

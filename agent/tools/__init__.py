@@ -118,20 +118,21 @@ def check_serial_port(port: str) -> None:
 
 
 def make_pin_factory(name: str = "lgpio") -> Any:
-    """A gpiozero pin factory by name: "lgpio" on a Pi 4 or 5, "mock" for a dry run."""
-    if name == "mock":
-        from gpiozero.pins.mock import MockFactory
+    """A gpiozero pin factory by name: "lgpio" on a Pi 4 or 5, "mock" for a dry run (agent.hw.pins)."""
+    from agent.hw.pins import PinFactoryError
+    from agent.hw.pins import make_pin_factory as _make
 
-        return MockFactory()
-    if name == "lgpio":
-        try:
-            from gpiozero.pins.lgpio import LGPIOFactory
-
-            return LGPIOFactory()
-        except ImportError as exc:
-            raise ValueError(
+    if name not in PIN_FACTORIES:
+        raise ValueError(_("pin factory {name!r}: allowed: {allowed}").format(name=name, allowed=", ".join(PIN_FACTORIES)))
+    try:
+        return _make(name)
+    except PinFactoryError as exc:
+        if isinstance(exc.cause, ImportError):
+            raise ValueError(  # noqa: TRY004 - the tools' one error type for a pin factory they cannot use
                 _("the lgpio pin library is missing: on the Pi, sudo apt install python3-lgpio, and run "
                   "gate-agent from the system Python or a venv made with --system-site-packages "
-                  "({error})").format(error=exc)
-            ) from exc
-    raise ValueError(_("pin factory {name!r}: allowed: {allowed}").format(name=name, allowed=", ".join(PIN_FACTORIES)))
+                  "({error})").format(error=exc.cause)
+            ) from exc.cause
+        raise exc.cause from None  # no GPIO chip, or busy: the caller tells these apart (is_busy_error)
+
+

@@ -129,7 +129,7 @@ def _boot_time_default() -> float | None:
 
 
 def _clock_synced_default() -> bool | None:
-    from agent.service import kernel_clock_synced
+    from agent.host import kernel_clock_synced
 
     synced = kernel_clock_synced()
     if synced is not None:
@@ -355,7 +355,7 @@ class Doctor:
     def _factory(self, name: str) -> Any:
         if self.env.pin_factory is not None:
             return self.env.pin_factory(name)
-        from agent.service import make_pin_factory
+        from agent.hw.pins import make_pin_factory
 
         return make_pin_factory(name)
 
@@ -365,7 +365,7 @@ class Doctor:
         hw = self.cfg.hardware
         try:
             factory = self._factory(hw.pin_factory)
-        except Exception as exc:  # noqa: BLE001 - ServiceError, ImportError, lgpio errors
+        except Exception as exc:  # noqa: BLE001 - PinFactoryError (no lgpio, no chip), lgpio errors
             return Check(FAIL, "gpio", _("the pin library cannot start: {error}").format(error=exc), (
                 _("on the Pi: sudo apt install python3-lgpio; the agent's venv needs --system-site-packages "
                   "(install.sh does it)"),))

@@ -266,7 +266,7 @@ def run_iotest(
         )
         return EXIT_USAGE
     if rest_mock and type(factory).__name__ == "MockFactory":
-        from agent.service import rest_mock_inputs
+        from agent.hw.pins import rest_mock_inputs
 
         rest_mock_inputs(factory, profile)
     bench = _Bench(tio, out)
