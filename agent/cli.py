@@ -1,9 +1,11 @@
 """The `gate-agent` command line.
 
-Exit codes: 0 success, 1 the thing checked is wrong (an unmet scenario
-expectation, a refused command), 2 bad input (an invalid scenario, config or
-access list), 3 busy (the running service holds the pins or the port) or a
-timeout waiting for a reply.
+Exit codes, the same for every tool (agent.exits.Exit, where each is
+explained): 0 OK; 1 FAILED, the tool ran and the answer is "no" (doctor
+found a FAIL, an unmet scenario expectation, a refused command); 2 USAGE,
+bad input and nothing done (an option, an invalid scenario, config or access
+list); 3 UNAVAILABLE, the running service holds the pins or the port, or a
+reply did not come in time.
 """
 from __future__ import annotations
 

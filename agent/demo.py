@@ -56,6 +56,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
+from agent.exits import Exit
 from agent.i18n import _
 
 __all__ = ["Demo", "DemoError", "add_demo_parser", "demo_access_list", "main"]
@@ -67,8 +68,8 @@ ACL_SOURCES = (ROOT / "examples" / "acl" / "school.json", Path("/usr/share/gate-
 MOSQUITTO_CANDIDATES = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
 FIRE_OPEN_S = 8.0  # the drill: loop open this long, then closed, then the release reset
 DRAIN_S = 5.0  # at the end: how long the ingest gets to confirm what is still in flight
-EXIT_OK = 0
-EXIT_FAILED = 1
+EXIT_OK = Exit.OK
+EXIT_FAILED = Exit.FAILED
 
 log = logging.getLogger("agent.demo")
 

@@ -63,6 +63,7 @@ from agent import __version__
 from agent.config import DEFAULT_PATH, Config, ConfigError, load_config
 from agent.core.events import Report
 from agent.core.turnstile import COMMANDABLE_MODES, Gate
+from agent.exits import Exit
 from agent.host import boot_id, kernel_clock_synced
 from agent.hw.pins import rest_mock_inputs
 from agent.ratelimit import RateLimitFilter
@@ -90,9 +91,9 @@ GIL_SWITCH_S = 0.001  # sys.setswitchinterval for the service process (see run()
 STOP_DRAIN_S = 2.0  # at stop, queued records (the flood guard's last summary) get this long
 PACKET_MARGIN_BYTES = 64 << 10  # MQTT header, topic and properties around the largest list
 
-EXIT_OK = 0
-EXIT_FAILED = 1  # could not start (journal, GPIO, fastpath) or crashed
-EXIT_CONFIG = 2  # the config cannot be used
+EXIT_OK = Exit.OK
+EXIT_FAILED = Exit.FAILED  # could not start (journal, GPIO, fastpath) or crashed
+EXIT_CONFIG = Exit.USAGE  # the config cannot be used
 
 
 class ServiceError(RuntimeError):

@@ -64,6 +64,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.core.cards import CardFormatError, key_mask, parse_card_string
+from agent.exits import Exit
 from agent.i18n import _
 from agent.ratelimit import TokenBucket
 from agent.simhw import (
@@ -669,10 +670,10 @@ def request(path: str | os.PathLike[str], doc: dict, *, timeout: float = 10.0) -
     return reply
 
 
-EXIT_OK = 0
-EXIT_REFUSED = 1
-EXIT_CONFIG = 2
-EXIT_UNREACHABLE = 3
+EXIT_OK = Exit.OK
+EXIT_REFUSED = Exit.FAILED
+EXIT_CONFIG = Exit.USAGE
+EXIT_UNREACHABLE = Exit.UNAVAILABLE
 
 
 def _print(text: str) -> None:

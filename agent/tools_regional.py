@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from agent.contract import COMMANDS, TOPIC_ROOT, ContractError, topics
+from agent.exits import Exit
 from agent.i18n import _
 
-EXIT_OK, EXIT_REFUSED, EXIT_INPUT, EXIT_TIMEOUT = 0, 1, 2, 3
+EXIT_OK, EXIT_REFUSED, EXIT_INPUT, EXIT_TIMEOUT = Exit.OK, Exit.FAILED, Exit.USAGE, Exit.UNAVAILABLE
 COMMAND_ARG = {"open": "direction", "set_mode": "mode"}  # the one argument each takes
 STATUS_COLUMNS = ("site", "gate", "state", "version", "fastpath", "acl_version", "started_at")
 

@@ -80,3 +80,23 @@ def test_the_one_way_check_sees_a_function_level_import(tmp_path):
     mod = tmp_path / "tool.py"
     mod.write_text("def f():\n    from agent.service import make_pin_factory\n    return make_pin_factory\n")
     assert (2, "agent.service") in _imports(mod)
+
+
+def test_every_exit_code_constant_is_one_of_the_shared_codes():
+    """One set of exit codes (agent.exits.Exit): a module's EXIT_* name is an alias of one, never
+    a bare number that could drift from what cli.py and the docs say."""
+    import importlib
+
+    from agent.exits import Exit
+
+    found = 0
+    for path in sorted(AGENT.rglob("*.py")):
+        text = path.read_text()
+        if "EXIT_" not in text:
+            continue
+        module = importlib.import_module(".".join(path.relative_to(AGENT.parent).with_suffix("").parts))
+        for name in dir(module):
+            if name.startswith("EXIT_"):
+                found += 1
+                assert isinstance(getattr(module, name), Exit), f"{module.__name__}.{name} is not an agent.exits.Exit"
+    assert found >= 20

@@ -16,12 +16,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+from agent.exits import Exit
 from agent.i18n import _
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_BUSY = 3
+EXIT_OK = Exit.OK
+EXIT_FAILED = Exit.FAILED
+EXIT_USAGE = Exit.USAGE
+EXIT_BUSY = Exit.UNAVAILABLE
 
 SERVICE = "gate-agent"
 STOP_SERVICE_HINT = (

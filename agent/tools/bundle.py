@@ -68,6 +68,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__
+from agent.exits import Exit
 from agent.i18n import _
 from agent.tools.words import config_message
 
@@ -103,9 +104,9 @@ PLATFORMS = ("manylinux2014_aarch64", "manylinux_2_17_aarch64", "manylinux_2_28_
 PYTHON_VERSIONS = ("3.11", "3.13")
 BOOT_DIR = "/boot/firmware"  # where the boot partition is mounted on bookworm and later
 BOOT_CONFIG_FILE = "boot-config.txt"  # in the bundle's gate-agent/: the profile's config.txt lines
-EXIT_OK = 0
-EXIT_PARTIAL = 1
-EXIT_USAGE = 2
+EXIT_OK = Exit.OK
+EXIT_PARTIAL = Exit.FAILED
+EXIT_USAGE = Exit.USAGE
 # The tree a source archive holds when this is not a git checkout.
 SOURCE_PATHS = ("agent", "fastpath", "systemd", "hardware", "examples", "docs", "bundle", "mosquitto",
                 "install.sh", "uninstall.sh", "setup.py", "pyproject.toml", "README.md", "Makefile")

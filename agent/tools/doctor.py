@@ -52,6 +52,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+from agent.exits import Exit
 from agent.i18n import _
 from agent.tools.words import age_text, config_message
 
@@ -65,8 +66,8 @@ __all__ = [
 ]
 
 OK, WARN, FAIL, SKIP = "OK", "WARN", "FAIL", "--"
-EXIT_OK = 0
-EXIT_FAILED = 1
+EXIT_OK = Exit.OK
+EXIT_FAILED = Exit.FAILED
 SERVICE = "gate-agent"
 DEFAULT_CONFIG = Path("/etc/gate-agent/agent.toml")
 DEFAULT_STATE_DIR = Path("/var/lib/gate-agent")

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import quote
 
+from agent.exits import Exit
 from agent.i18n import _
 from agent.tools.words import age_text, detail_text
 
@@ -55,9 +56,9 @@ __all__ = [
 
 DEFAULT_CONFIG = Path("/etc/gate-agent/agent.toml")
 DEFAULT_JOURNAL = Path("/var/lib/gate-agent/journal.db")
-EXIT_OK = 0
-EXIT_UNREADABLE = 2
-EXIT_USAGE = 2  # a bad --since/--until/--card: argparse's own code for bad options
+EXIT_OK = Exit.OK
+EXIT_UNREADABLE = Exit.USAGE
+EXIT_USAGE = Exit.USAGE  # a bad --since/--until/--card: argparse's own code for bad options
 FOLLOW_POLL_S = 0.5
 _HIDDEN_FIELDS = frozenset({"v", "id", "seq", "ts", "clock_synced", "boot", "mono", "type"})
 

@@ -45,6 +45,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+from agent.exits import Exit
 from agent.i18n import _
 from agent.tools.words import alarm_text, mode_text, reader_error_text, reason_text
 
@@ -64,8 +65,8 @@ __all__ = [
     "run_view",
 ]
 
-EXIT_OK = 0
-EXIT_UNREADABLE = 2
+EXIT_OK = Exit.OK
+EXIT_UNREADABLE = Exit.USAGE
 REDRAW_S = 1.0
 PLAIN_SUMMARY_S = 10.0
 CLEAR = "\x1b[H\x1b[2J"

@@ -43,6 +43,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from agent.exits import Exit
 from agent.i18n import _
 from agent.tools.words import config_message
 
@@ -74,9 +75,9 @@ SERVICE_USER = "gate-agent"
 CONFIG_MODE = 0o640
 KEY_MODE = 0o600
 PUBLIC_MODE = 0o644
-EXIT_OK = 0
-EXIT_INVALID = 1
-EXIT_USAGE = 2
+EXIT_OK = Exit.OK
+EXIT_INVALID = Exit.FAILED
+EXIT_USAGE = Exit.USAGE
 DEFAULT_CONFIG = Path("/etc/gate-agent/agent.toml")
 EXAMPLE_CANDIDATES = (
     Path(__file__).resolve().parents[2] / "examples" / "agent.toml",  # a source checkout
