@@ -40,6 +40,7 @@ from typing import Any
 import jsonschema_rs
 
 from agent.core.gateconfig import GateConfig, GateConfigError
+from agent.core.problems import ProblemsError
 
 __all__ = [
     "DEFAULT_PATH",
@@ -75,14 +76,14 @@ PASSWORD_IN_FILE = (
 _SCBK = re.compile(r"^[0-9A-Fa-f]{32}$")
 
 
-class ConfigError(ValueError):
+class ConfigError(ProblemsError):
     """The config cannot be used. ``errors``: every problem as (key path, message)."""
 
     def __init__(self, source: str, errors: list[tuple[str, str]]) -> None:
         self.source = source
         self.errors = errors
-        lines = "\n".join(f"  - {path}: {msg}" if path else f"  - {msg}" for path, msg in errors)
-        super().__init__(f"config {source}: {len(errors)} problem(s); fix these:\n{lines}")
+        super().__init__(f"config {source}: {len(errors)} problem(s); fix these:",
+                         [f"{path}: {msg}" if path else msg for path, msg in errors])
 
 
 # --------------------------------------------------------------------------- settings

@@ -28,6 +28,7 @@ from agent.core import events as ev
 from agent.core.acl import AccessList, AclRejected, build_table
 from agent.core.cards import CardFormatError, decode_wiegand, parse_card_string
 from agent.core.gateconfig import GateConfig, GateConfigError
+from agent.core.problems import ProblemsError
 from agent.core.records import SequenceSink, rfc3339_ms
 from agent.core.serialframes import EmLineStream, Rdm6300Stream
 from agent.core.turnstile import Gate
@@ -35,14 +36,12 @@ from agent.core.turnstile import Gate
 MONO_START = 1000.0  # virtual monotonic seconds at the scenario's start
 
 
-class ScenarioError(ValueError):
+class ScenarioError(ProblemsError):
     """A scenario that cannot run; the message lists every problem with where it is."""
 
     def __init__(self, source: str, problems: list[str]):
         self.source = source
-        self.problems = problems
-        lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"{source}: invalid scenario ({len(problems)} problem(s)):\n{lines}")
+        super().__init__(f"{source}: invalid scenario ({len(problems)} problem(s)):", problems)
 
 
 @lru_cache(maxsize=1)

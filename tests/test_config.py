@@ -427,3 +427,25 @@ def test_a_fire_release_the_board_does_not_wire_is_an_error(tmp_path):
     cfg = parse_config(base(hardware={"profile": str(board)}, gate={"fire_release": False}),
                        base_dir=tmp_path, env={})
     assert cfg.gate.fire_release is False
+
+
+def test_every_input_error_is_one_problems_error_with_its_problems_listed(tmp_path):
+    """Config, gate settings, profile and scenario errors share one form (agent.core.problems)."""
+    from agent.core.gateconfig import GateConfig, GateConfigError
+    from agent.core.problems import ProblemsError
+    from agent.hw.profiles import ProfileError
+    from agent.simulator import ScenarioError, load_scenario
+
+    bad = tmp_path / "agent.toml"
+    bad.write_text('[site]\nid = "s"\ngate = "g"\n[gate]\napb = "sometimes"\npulse_s = 0.05\n')
+    errors = []
+    for build in (lambda: load_config(bad), lambda: GateConfig(pulse_s=-1), lambda: load_scenario(tmp_path / "none.toml")):
+        with pytest.raises(ProblemsError) as exc:
+            build()
+        errors.append(exc.value)
+    assert isinstance(errors[0], ConfigError) and isinstance(errors[1], GateConfigError)
+    assert isinstance(errors[2], ScenarioError) and issubclass(ProfileError, ProblemsError)
+    for e in errors:
+        assert e.problems, e
+        assert str(e).splitlines()[1:] == [f"  - {p}" for p in e.problems]
+    assert any("gate.apb" in p for p in errors[0].problems) and any("gate.pulse_s" in p for p in errors[0].problems)

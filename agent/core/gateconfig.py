@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from agent.core.problems import ProblemsError
 from fastpath import codes
 
 RELAY_MODES = ("pulse", "potential")
@@ -24,13 +25,13 @@ MAX_WAIT_S = 60.0  # the turnstile itself faults a passage stalled over 30 s
 _TOPIC_LEVEL = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
-class GateConfigError(ValueError):
+class GateConfigError(ProblemsError):
     """One or more bad gate settings; ``errors`` is a list of (field, message)."""
 
     def __init__(self, errors: list[tuple[str, str]]):
         self.errors = errors
-        lines = "\n".join(f"  - {name}: {msg}" for name, msg in errors)
-        super().__init__(f"invalid gate config ({len(errors)} problem(s)); fix these settings:\n{lines}")
+        super().__init__(f"invalid gate config ({len(errors)} problem(s)); fix these settings:",
+                         [f"{name}: {msg}" for name, msg in errors])
 
 
 def _default_readers() -> Mapping[str, str]:

@@ -31,6 +31,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from agent.core.problems import ProblemsError
+
 OUTPUT_LINES = ("unlock_a", "unlock_b", "stop", "fire_release")
 REQUIRED_OUTPUTS = ("unlock_a", "unlock_b", "stop")
 # What "asserted" means for each input (the level given as `active`):
@@ -65,14 +67,13 @@ def power_on_pull(pin: int) -> str:
     return "up" if pin <= 8 else "down"
 
 
-class ProfileError(ValueError):
+class ProfileError(ProblemsError):
     """A profile that cannot be used; ``errors`` lists each problem with where it is."""
 
     def __init__(self, source: str, errors: list[str]):
         self.source = source
         self.errors = errors
-        lines = "\n".join(f"  - {e}" for e in errors)
-        super().__init__(f"hardware profile {source}: {len(errors)} problem(s); fix these:\n{lines}")
+        super().__init__(f"hardware profile {source}: {len(errors)} problem(s); fix these:", errors)
 
 
 class ProfileNotFound(ProfileError, FileNotFoundError):
