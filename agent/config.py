@@ -138,8 +138,8 @@ class TlsSettings:
     server_name: str | None = None
 
     def to_uplink(self) -> Any:
-        """agent.uplink.mqtt.TlsConfig (imported here: paho stays out of check-config)."""
-        from agent.uplink.mqtt import TlsConfig
+        """agent.mqttclient.TlsConfig (no paho: it is imported only when a client is made)."""
+        from agent.mqttclient import TlsConfig
 
         return TlsConfig(self.ca_file, self.cert_file, self.key_file, self.server_name)
 

@@ -634,7 +634,7 @@ class Service:
     def _status_fields(self) -> dict:
         table = self.gate.table if self.gate is not None else None
         version = getattr(table, "version", None) or None
-        return {"acl_version": version, "acl_stale": self._acl_stale}
+        return {"fastpath": fastpath.IMPLEMENTATION, "acl_version": version, "acl_stale": self._acl_stale}
 
     # -- housekeeping: clock, STATUS=, telemetry ------------------------------------------
 

@@ -58,16 +58,13 @@ class Session:
     def __init__(self, host: str, port: int, *, tls: Any = None, username: str | None = None,
                  password: str | None = None, timeout: float = 10.0) -> None:
         import paho.mqtt.client as mqtt
-        from paho.mqtt.enums import CallbackAPIVersion
+
+        from agent.mqttclient import new_client
 
         self._mqtt = mqtt
         self.host, self.port = host, port
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5,
-                                  client_id=f"gate-tools-{secrets.token_hex(6)}")
-        if tls is not None:
-            self.client.tls_set_context(tls.context())
-        if username is not None:
-            self.client.username_pw_set(username, password)
+        self.client = new_client(f"gate-tools-{secrets.token_hex(6)}", tls=tls, username=username,
+                                 password=password)
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._connected: Any = None  # reason code once CONNACK came
@@ -157,7 +154,8 @@ class Session:
 def _session(args: argparse.Namespace) -> Session:
     tls = None
     if args.tls_ca or args.tls_cert or args.tls_key:
-        from agent.uplink.mqtt import TlsConfig, UplinkError
+        from agent.mqttclient import BrokerSettingError as UplinkError
+        from agent.mqttclient import TlsConfig
 
         if not args.tls_ca:
             raise ToolError(_("--tls-cert/--tls-key need --tls-ca (the CA of the broker's "

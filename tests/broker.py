@@ -307,6 +307,7 @@ def journal(tmp_path: Path):
 def uplinks() -> Iterator[Callable]:
     """``uplinks(journal, broker, **options)``: a started Uplink for SITE/GATE with
     short backoffs; every one is stopped at the end of the test."""
+    import fastpath
     from agent.uplink.mqtt import Uplink
 
     made: list = []
@@ -314,6 +315,8 @@ def uplinks() -> Iterator[Callable]:
     def make(journal, broker, **options):
         options.setdefault("backoff_min_s", 0.1)
         options.setdefault("backoff_max_s", 1.0)
+        # What the agent tells its uplink about itself (the service's status fields).
+        options.setdefault("status_fields", lambda: {"fastpath": fastpath.IMPLEMENTATION})
         up = Uplink(journal, site=SITE, gate=GATE, host=broker.host, port=broker.port,
                     boot=BOOT, **options)
         made.append(up)

@@ -72,7 +72,7 @@ class Identity:
 
     def tls(self, ca: Path):
         """An uplink TlsConfig presenting this identity."""
-        from agent.uplink.mqtt import TlsConfig
+        from agent.mqttclient import TlsConfig
 
         return TlsConfig(str(ca), str(self.cert), str(self.key))
 

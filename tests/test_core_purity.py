@@ -55,6 +55,11 @@ def test_core_module_reads_no_clock(path):
 AGENT = CORE.parent
 ONE_WAY = [
     (sorted((AGENT / "tools").glob("*.py")), "agent.service"),
+    # check-config and every tool read the config: it must not pull in the uplink (nor paho).
+    ([AGENT / "config.py"], "agent.uplink"),
+    ([AGENT / "config.py"], "paho"),
+    # The uplink carries records; what the agent runs on is the service's to tell it.
+    (sorted((AGENT / "uplink").glob("*.py")), "fastpath"),
 ]
 
 
@@ -68,7 +73,8 @@ def _imports(path: Path) -> list[tuple[int, str]]:
     return out
 
 
-@pytest.mark.parametrize(("paths", "forbidden"), ONE_WAY, ids=[f for _, f in ONE_WAY])
+@pytest.mark.parametrize(("paths", "forbidden"), ONE_WAY,
+                         ids=[f"{p[0].parent.name}/{p[0].name}-{f}" for p, f in ONE_WAY])
 def test_dependencies_go_one_way(paths, forbidden):
     assert paths, "no module found: the layout changed"
     bad = [f"{p.relative_to(AGENT.parent)}:{line} imports {name}" for p in paths for line, name in _imports(p)

@@ -19,7 +19,7 @@ import pytest
 from agent.core.events import Now
 from agent.core.records import make_record
 from agent.i18n import set_language
-from agent.tools.doctor import FAIL, OK, SKIP, WARN, Doctor, DoctorEnv, mqtt_connect, run_doctor
+from agent.tools.doctor import FAIL, OK, SKIP, WARN, Doctor, DoctorEnv, run_doctor
 from agent.uplink.journal import Journal
 from tests.broker import broker, make_broker  # noqa: F401
 from tests.pki import GATE_A, SITE, gate_broker, pki  # noqa: F401
@@ -258,10 +258,9 @@ def test_an_unreachable_broker_is_a_fail_naming_host_and_port(tmp_path):
 
 
 def test_the_mqtt_probe_gets_a_connack_from_a_real_broker(broker):
-    import socket
+    from agent.mqttclient import probe_connect
 
-    with socket.create_connection((broker.host, broker.port), timeout=5) as s:
-        assert mqtt_connect(s, "doctor-probe") == 0
+    assert probe_connect(broker.host, broker.port, "doctor-probe") == 0
 
 
 def test_no_broker_configured_is_a_warning(tmp_path):
@@ -510,3 +509,30 @@ def test_doctor_never_takes_over_the_running_agents_broker_session(tmp_path, pki
     finally:
         up.stop()
         journal.close()
+
+
+def test_a_broker_refusing_the_gates_account_is_a_fail_with_the_reason(tmp_path):
+    """The MQTT stage of the broker check: the network and the port answer, but the broker's
+    CONNACK refuses the account, and doctor says so with what to do."""
+    import subprocess
+
+    from tests.broker import Mosquitto
+
+    passwords = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwords), "gate", "right"], check=True)
+    passwords.chmod(0o644)  # mosquitto, switched to this user, must read it
+    broker = Mosquitto(tmp_path / "mq", extra_conf=f"password_file {passwords}").start()
+    try:
+        secret = tmp_path / "mqtt.pass"
+        secret.write_text("wrong\n")
+        secret.chmod(0o600)
+        extra = (f'[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\nusername = "gate"\n'
+                 f'password_file = "{secret}"\n')
+        c = by_name(Doctor(write_config(tmp_path / "cfg", extra=extra), env=quiet_env()).run())["broker"]
+        assert c.status == FAIL and "0x87" in c.summary and "not authorised" in c.summary  # mosquitto 2: bad password
+        assert any("regional office" in h for h in c.hints)
+        secret.write_text("right\n")
+        c = by_name(Doctor(write_config(tmp_path / "cfg", extra=extra), env=quiet_env()).run())["broker"]
+        assert "MQTT accepted" in c.summary
+    finally:
+        broker.stop()

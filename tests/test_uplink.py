@@ -158,7 +158,7 @@ def cut_connection(up: Uplink) -> None:
 
 
 def test_status_online_retained_offline_will_on_loss_and_offline_on_stop(broker, journal, uplinks):
-    fields = {"acl_version": "2026-09-01.3"}
+    fields = {"fastpath": "compiled", "acl_version": "2026-09-01.3"}  # the agent says what it runs
     up = uplinks(journal, broker, status_fields=lambda: dict(fields))
     wait_until(lambda: up.connected, 10, "connect")
     with Observer(broker, T["status"]) as late:  # subscribes after the birth: sees it retained

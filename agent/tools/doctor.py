@@ -40,7 +40,6 @@ import os
 import shutil
 import socket
 import ssl
-import struct
 import subprocess
 import sys
 import threading
@@ -54,6 +53,7 @@ from typing import Any, TextIO
 
 from agent.exits import Exit
 from agent.i18n import _
+from agent.mqttclient import probe_connect
 from agent.tools.words import age_text, config_message
 
 __all__ = [
@@ -61,7 +61,6 @@ __all__ = [
     "Doctor",
     "DoctorEnv",
     "add_doctor_parser",
-    "mqtt_connect",
     "run_doctor",
 ]
 
@@ -166,67 +165,7 @@ def _days(seconds: float) -> float:
     return seconds / 86400.0
 
 
-# --------------------------------------------------------------------------- MQTT probe
-
-
-def _mqtt_string(text: str) -> bytes:
-    raw = text.encode("utf-8")
-    return struct.pack("!H", len(raw)) + raw
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise ConnectionError("the broker closed the connection")
-        data += chunk
-    return data
-
-
-def mqtt_connect(sock: socket.socket, client_id: str, username: str | None = None,
-                 password: str | None = None) -> int:
-    """Send an MQTT 5 CONNECT on an open socket and return the CONNACK reason
-    code (0 success, 0x80 and above refused); then DISCONNECT. A probe of a
-    few bytes: no client library, no thread, no session left behind."""
-    flags = 0x02  # clean start
-    payload = _mqtt_string(client_id)
-    if username is not None:
-        flags |= 0x80
-        payload += _mqtt_string(username)
-    if password is not None:
-        flags |= 0x40
-        payload += _mqtt_string(password)
-    variable = _mqtt_string("MQTT") + bytes([5, flags]) + struct.pack("!H", 30) + b"\x00"
-    body = variable + payload
-    sock.sendall(b"\x10" + _varint(len(body)) + body)
-    head = _recv_exact(sock, 1)
-    if head[0] >> 4 != 2:
-        raise ConnectionError(f"the broker answered packet type {head[0] >> 4}, not CONNACK")
-    length, shift = 0, 0
-    while True:
-        b = _recv_exact(sock, 1)[0]
-        length |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            break
-    rest = _recv_exact(sock, length)
-    code = rest[1] if len(rest) > 1 else 0
-    if code < 0x80:
-        try:
-            sock.sendall(b"\xe0\x00")  # DISCONNECT, normal
-        except OSError:
-            pass
-    return code
+# --------------------------------------------------------------------------- MQTT answers
 
 
 def _connack_hint(code: int) -> str:
@@ -677,6 +616,7 @@ class Doctor:
             return Check(FAIL, "broker", _("{where}: the name does not resolve ({error})").format(where=where, error=exc),
                          (_("check mqtt.host and the board's DNS (cat /etc/resolv.conf)"),))
         sock = None
+        ctx = None
         try:
             family, kind, proto, _canon, addr = infos[0]
             sock = socket.socket(family, kind, proto)
@@ -709,9 +649,12 @@ class Doctor:
                 # session. The TLS handshake above proved the certificate; the agent says the rest.
                 return self._broker_from_service(where, status, cert_note, hints)
             client_id = f"{self.cfg.mqtt.client_id or f'gate-{self.cfg.site}-{self.cfg.gate_id}'}-doctor"
+            sock.close()  # the network and TLS answered; now MQTT itself, with the project's one client
+            sock = None
             try:
-                code = mqtt_connect(sock, client_id[:64], m.username, m.password)
-            except (OSError, ConnectionError) as exc:
+                code = probe_connect(m.host, m.port, client_id[:64], tls=ctx, username=m.username,
+                                     password=m.password, timeout=NET_TIMEOUT_S)
+            except (OSError, ConnectionError, TimeoutError, ssl.SSLError) as exc:
                 return Check(FAIL, "broker", _("{where}: no MQTT answer ({error})").format(where=where, error=exc), (
                     _("the broker closed the connection: it may refuse this certificate (revoked?) or "
                       "this is not an MQTT port"), *hints))

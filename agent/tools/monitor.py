@@ -332,21 +332,15 @@ class MqttSource:
 
     def __init__(self, view: GateView, host: str, port: int, *, site: str, gate: str, tls: Any = None,
                  username: str | None = None, password: str | None = None) -> None:
-        import paho.mqtt.client as mqtt
-        from paho.mqtt.enums import CallbackAPIVersion
-
         from agent.contract import topics
+        from agent.mqttclient import new_client
 
         self.view = view
         self.topics = topics(site, gate)
         self.ready = threading.Event()
         self.error: str | None = None
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"monitor-{site}-{gate}-{time.time_ns() % 10**9}",
-                             protocol=mqtt.MQTTv5)
-        if username is not None:
-            client.username_pw_set(username, password)
-        if tls is not None:
-            client.tls_set_context(tls.context())
+        client = new_client(f"monitor-{site}-{gate}-{time.time_ns() % 10**9}", tls=tls, username=username,
+                            password=password)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -541,7 +535,7 @@ def _cmd_monitor(args: argparse.Namespace) -> int:
             return EXIT_UNREADABLE
         tls = None
         if args.ca:
-            from agent.uplink.mqtt import TlsConfig
+            from agent.mqttclient import TlsConfig
 
             tls = TlsConfig(args.ca, args.cert, args.key)
         port = port or (8883 if tls else 1883)

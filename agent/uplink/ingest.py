@@ -30,12 +30,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Self
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent.contract import TOPIC_ROOT, topics
 from agent.core.records import rfc3339_ms
+from agent.mqttclient import TlsConfig, new_client
 from agent.ratelimit import RateLimitFilter
 
 from .ingest_store import (
@@ -48,7 +47,6 @@ from .ingest_store import (
     StoreError,
     open_store,
 )
-from .mqtt import TlsConfig
 
 log = logging.getLogger("agent.ingest")
 
@@ -138,13 +136,9 @@ class Ingest:
         self._settling: dict[str, tuple[str, str, int, float]] = {}  # journal -> (site, gate, upto, due)
         self._acked: dict[str, int] = {}  # journal -> highest ack sent by this ingest
 
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5)
+        client = new_client(self.client_id, tls=tls, username=username, password=password)
         client.max_inflight_messages_set(0)
         client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
-        if username is not None:
-            client.username_pw_set(username, password)
-        if tls is not None:
-            client.tls_set_context(tls.context())
         client.on_connect = self._on_connect
         client.on_message = self._on_message
         client.on_disconnect = self._on_disconnect

@@ -41,19 +41,18 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol, Self
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-import fastpath
 from agent import CONTRACT_VERSION, __version__
 from agent.contract import topics
 from agent.core.records import rfc3339_ms
+from agent.host import boot_id
+from agent.mqttclient import BrokerSettingError, TlsConfig, new_client
 
 log = logging.getLogger("agent.uplink")
 
@@ -73,8 +72,8 @@ ACK_AHEAD_QUIET_S = 600.0
 FETCH_BATCH = 512
 
 
-class UplinkError(ValueError):
-    """A bad uplink setting (ack mode, window, TLS files)."""
+# A bad uplink setting (ack mode, window, TLS files): one error for every broker setting.
+UplinkError = BrokerSettingError
 
 
 class JournalForUplink(Protocol):
@@ -88,64 +87,7 @@ class JournalForUplink(Protocol):
     def ack_one(self, seq: int) -> Any: ...
 
 
-@dataclass(frozen=True)
-class TlsConfig:
-    """TLS to the broker: the CA that signed its certificate, and for mutual
-    TLS the board's own certificate and key. ``server_name`` is the name
-    checked in the broker's certificate when it differs from the host
-    (connecting by IP address, say)."""
-
-    ca_file: str
-    cert_file: str | None = None
-    key_file: str | None = None
-    server_name: str | None = None
-
-    def context(self) -> ssl.SSLContext:
-        """A client SSLContext; raises UplinkError naming a missing or bad file."""
-        for what, path in (("ca_file", self.ca_file), ("cert_file", self.cert_file),
-                           ("key_file", self.key_file)):
-            if path is not None and not Path(path).is_file():
-                raise UplinkError(
-                    f"TLS {what} {path!r} does not exist or is not a file; "
-                    "fix the path in the uplink's tls settings"
-                )
-        if (self.cert_file is None) != (self.key_file is None):
-            raise UplinkError(
-                "TLS client certificate needs both cert_file and key_file (mutual TLS); "
-                "set both, or neither for server-only TLS"
-            )
-        ctx: ssl.SSLContext = _NamedContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.server_name = self.server_name  # type: ignore[attr-defined]
-        try:
-            ctx.load_verify_locations(cafile=self.ca_file)
-            if self.cert_file is not None:
-                ctx.load_cert_chain(self.cert_file, self.key_file)
-        except (ssl.SSLError, OSError) as exc:
-            raise UplinkError(
-                f"TLS files could not be loaded ({exc}); ca_file must hold PEM CA certificates, "
-                "cert_file/key_file a PEM certificate and its matching private key"
-            ) from exc
-        return ctx
-
-
-class _NamedContext(ssl.SSLContext):
-    """Checks the broker's certificate against ``server_name`` when set
-    (paho always passes the host it connects to)."""
-
-    server_name: str | None = None
-
-    def wrap_socket(self, sock, *args, server_hostname=None, **kwargs):  # type: ignore[override]
-        return super().wrap_socket(
-            sock, *args, server_hostname=self.server_name or server_hostname, **kwargs
-        )
-
-
-def read_boot_id() -> str:
-    """The kernel's boot id (the same ``boot`` the event records carry)."""
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or "unknown"
-    except OSError:
-        return "unknown"
+read_boot_id = boot_id  # the kernel's boot id (the same ``boot`` the event records carry)
 
 
 def _json(msg: dict) -> bytes:
@@ -432,17 +374,10 @@ class Uplink:
     # --- connecting ---------------------------------------------------------
 
     def _new_client(self) -> mqtt.Client:
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=self.client_id,
-            protocol=mqtt.MQTTv5,
-        )
+        client = new_client(self.client_id, tls=self._ssl_context, username=self.username,
+                            password=self.password)
         client.max_inflight_messages_set(0)  # our own window; paho must not queue
         client.connect_timeout = self.connect_timeout_s
-        if self.username is not None:
-            client.username_pw_set(self.username, self.password)
-        if self._ssl_context is not None:
-            client.tls_set_context(self._ssl_context)
         will = {"v": CONTRACT_VERSION, "state": "offline", "boot": self.boot, "reason": "will"}
         client.will_set(self.topics["status"], _json(will), qos=1, retain=True)
         client.on_connect = self._on_connect
@@ -799,7 +734,6 @@ class Uplink:
             "v": CONTRACT_VERSION,
             "state": "online",
             "version": __version__,
-            "fastpath": fastpath.IMPLEMENTATION,
             "acl_version": None,
             "started_at": rfc3339_ms(self.started_at),
             "boot": self.boot,
