@@ -73,7 +73,8 @@ FOOTPRINT_METHOD = (
     "persisted in the state directory before start (bench_scale.stage_list). ready_s: from "
     "spawning the process to its sd_notify READY=1 on a NOTIFY_SOCKET bound by the bench; "
     "rss_mb: VmRSS 0.5 s after READY; start_peak_rss_mb: VmHWM then. goal: issue 12; meets: "
-    "figure <= goal. pi4_estimate: ready_s x pi4_factor (a Pi 4 runs CPython about 3-4x slower "
+    "figure <= goal. load_1min: the machine's load average when the run began. "
+    "pi4_estimate: ready_s x pi4_factor (a Pi 4 runs CPython about 3-4x slower "
     "than this machine, issue 12; an estimate, no Pi measured)."
 )
 SWAP_METHOD = (
@@ -90,7 +91,8 @@ SWAP_METHOD = (
     "gate_stall_max_ms, the longest the gate thread could not run since the previous message, a "
     "lower bound within 5 ms), the largest over the messages covering each swap up to 1.5 s after "
     "it applied; the figure is the larger of the snapshot's and the delta's. "
-    "baseline_gate_stall_ms: the same over the seconds before, no swap. pi4_estimate: time "
+    "baseline_gate_stall_ms: the same over the seconds before, no swap. load_1min: the machine's "
+    "load average when the run began (the machine is shared). pi4_estimate: time "
     "figures x pi4_factor (an estimate)."
 )
 
@@ -479,7 +481,9 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.workdir or tmp.name)
     lists: dict[int, tuple[Path, list[str]]] = {}
     try:
-        footprint: dict[str, Any] = {"method": FOOTPRINT_METHOD, "pi4_factor": args.pi4_factor}
+        # The machine is shared: its load when each part began says how far to trust the times.
+        footprint: dict[str, Any] = {"method": FOOTPRINT_METHOD, "pi4_factor": args.pi4_factor,
+                                     "load_1min": round(os.getloadavg()[0], 2)}
         for n in sizes:
             t = time.monotonic()
             row = judged(footprint_one(work, n, lists), GOALS.get(n), args.pi4_factor)
@@ -490,9 +494,10 @@ def main(argv: list[str] | None = None) -> int:
         write_result("footprint", footprint, args.out)
         if swap_cards:
             t = time.monotonic()
+            load = round(os.getloadavg()[0], 2)
             row = judged(swap_run(work / "swap", swap_cards, args.delta_cards, lists), SWAP_GOALS,
                          args.pi4_factor)
-            row = {"method": SWAP_METHOD, "pi4_factor": args.pi4_factor, **row}
+            row = {"method": SWAP_METHOD, "pi4_factor": args.pi4_factor, "load_1min": load, **row}
             print(f"swap: {swap_cards} cards ({row['message_mb']} MB signed): applied in {row['apply_s']} s, "
                   f"peak RSS {row['peak_rss_mb']} MB (before {row['rss_before_mb']}, after "
                   f"{row['rss_after_mb']}); {args.delta_cards}-card delta in {row['delta_apply_s']} s; "
