@@ -30,6 +30,13 @@ letting the right people through with a broken disk (principle 1, "the gate
 never waits for the disk"); the records that could not be committed are
 logged in full at ERROR level, so the system journal keeps them, and the
 ``sink_errors`` counter tells telemetry.
+
+Stall probe (``StallProbe``, ``GateRuntime.gate_stall``): the gate thread
+notes the monotonic time each time it has control (before each event, and
+on waking from its wait, which never lasts longer than ``STALL_TICK_S``) and
+keeps the longest stretch it was away beyond the wait it chose, which is how
+long a card arriving at the worst moment would have found the gate thread
+unable to take it. See ``StallProbe`` for what that includes and what not.
 """
 from __future__ import annotations
 
@@ -66,6 +73,10 @@ log = logging.getLogger(__name__)
 OUTPUT_LINES = ("unlock_a", "unlock_b", "stop", "fire_release")
 _TICK = Tick()
 CORE_RETRY_S = 0.1  # after a core error, its overdue deadline is retried this much later
+# The gate thread waits at most this long at a time, so the stall probe sees a stall that
+# happens while it is idle (another thread holding the GIL) to within this much. Its cost:
+# 200 empty wakes a second, about 0.5-0.75 % of one x86 core (measured), a few % of a Pi's.
+STALL_TICK_S = 0.005
 
 # Events that come from the gate's own hardware (the hardware lane).
 HARDWARE_EVENTS = (CardRead, ReaderError, ReaderStatus, Keypad, PassSensor, Button,
@@ -164,6 +175,73 @@ def percentiles_ms(values: list[float], qs: tuple[float, ...] = (0.5, 0.99, 0.99
     return out
 
 
+class StallProbe:
+    """The longest the gate thread could not run (the "gate stall"), in seconds.
+
+    The gate thread calls ``ran(now)`` each time it has control between two
+    pieces of work (before taking an event or a tick, before it waits) and
+    ``woke(now, due)`` when its wait ends, ``due`` being when it asked to
+    wake (its timeout, at most ``STALL_TICK_S``, or the enqueue time of the
+    first event that came meanwhile, whichever is earlier). A stall is the
+    time between two such moments minus the wait the gate thread chose
+    itself. So it counts: another thread holding the GIL (a long C call such
+    as a table build or a big ``json.loads``, which a gate thread woken by a
+    card cannot interrupt), the process not being scheduled or paused, and
+    one piece of the gate thread's own work taking long (an event with its
+    journal commit and outputs, the idle hook). It does not count: the time
+    a card spends before ``submit`` (a reader thread held up by the same
+    GIL, though the stall itself is seen here), waiting in a lane behind
+    other events (the decision latency shows that), nor stalls shorter than
+    the probe can tell apart: one that starts while the gate thread waits is
+    seen short by up to the tick (the part before its planned wake is
+    idle), so the figure is a lower bound within ``STALL_TICK_S``.
+
+    Cost: one ``time.monotonic()`` and a compare per event. The gate thread
+    never waits for a lock here: the interval's maximum is handed to the
+    reader under a lock the gate thread only tries (when it is busy, the
+    value is kept and handed over at the next moment).
+    """
+
+    def __init__(self) -> None:
+        self._last = time.monotonic()
+        self.max_s = 0.0  # since start: written by the gate thread only
+        self._interval_s = 0.0  # since the last take(), under _lock
+        self._stash = 0.0  # noted while take() held _lock
+        self._lock = threading.Lock()
+
+    def start(self, now: float) -> None:
+        self._last = now
+
+    def ran(self, now: float) -> None:
+        """The gate thread has control at ``now`` (it was busy since the last moment)."""
+        gap = now - self._last
+        self._last = now
+        if gap > self._interval_s or self._stash:
+            self._note(gap)
+
+    def woke(self, now: float, due: float) -> None:
+        """The gate thread's wait ended at ``now``; it asked to run again by ``due``."""
+        gap = now - due if now > due else 0.0
+        self._last = now
+        if gap > self._interval_s or self._stash:
+            self._note(gap)
+
+    def _note(self, gap: float) -> None:
+        self.max_s = max(self.max_s, gap)
+        if self._lock.acquire(blocking=False):
+            self._interval_s = max(self._interval_s, gap, self._stash)
+            self._stash = 0.0
+            self._lock.release()
+        elif gap > self._stash:
+            self._stash = gap
+
+    def take(self) -> float:
+        """The longest stall since the previous call (any thread; one reader)."""
+        with self._lock:
+            value, self._interval_s = self._interval_s, 0.0
+        return value
+
+
 class GateRuntime:
     """One gate thread around a core ``Gate``.
 
@@ -180,7 +258,8 @@ class GateRuntime:
     it must be short. max_queue: hardware events beyond this many queued are
     dropped and counted; max_downlink_queue: the same for the downlink lane
     (fire-loop events are never dropped). Each lane is bounded on its own, so
-    a full downlink lane never costs a card read.
+    a full downlink lane never costs a card read. stall_tick_s: the longest the
+    gate thread waits at a time, the stall probe's resolution while idle.
     """
 
     def __init__(
@@ -198,6 +277,7 @@ class GateRuntime:
         max_queue: int = 10_000,
         max_downlink_queue: int = 1_000,
         latency_samples: int = 4096,
+        stall_tick_s: float = STALL_TICK_S,
     ) -> None:
         self.gate = gate
         self.sink = sink
@@ -221,6 +301,8 @@ class GateRuntime:
         self._next_idle = 0.0
         self._next_pet = 0.0
         self._latency = _Ring(latency_samples)
+        self._stall = StallProbe()
+        self._stall_tick = stall_tick_s
         self.counters: dict[str, int] = {
             "events": 0,
             "ticks": 0,
@@ -310,6 +392,13 @@ class GateRuntime:
             out["max_ms"] = round(max(values) * 1000, 3)
         return out
 
+    def gate_stall(self) -> dict[str, float]:
+        """The stall probe (``StallProbe``), in milliseconds: ``interval_ms``, the longest
+        the gate thread could not run since the previous call (one caller: telemetry), and
+        ``max_ms``, since the gate thread started."""
+        return {"interval_ms": round(self._stall.take() * 1000, 3),
+                "max_ms": round(self._stall.max_s * 1000, 3)}
+
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -353,7 +442,9 @@ class GateRuntime:
     # -- gate thread ----------------------------------------------------------------
 
     def _run(self) -> None:
+        self._stall.start(time.monotonic())
         while True:
+            self._stall.ran(time.monotonic())
             self._pet()
             kind, item = self._next()
             if kind == "stop":
@@ -387,12 +478,21 @@ class GateRuntime:
                     return "idle", None
                 if self._watchdog is not None and now >= self._next_pet:
                     return "pet", None
-                waits = [dl - now] if dl is not None else []
+                waits = [dl - now, self._stall_tick] if dl is not None else [self._stall_tick]
                 if self._on_idle is not None:
                     waits.append(self._next_idle - now)
                 if self._watchdog is not None:
                     waits.append(self._next_pet - now)
-                self._cond.wait(max(0.0, min(waits)) if waits else None)
+                timeout = max(0.0, min(waits))
+                t0 = time.monotonic()
+                self._stall.ran(t0)
+                self._cond.wait(timeout)
+                t1 = time.monotonic()
+                due = t0 + timeout
+                for q in self._lanes.values():
+                    if q and q[0][1] < due:  # a card came before the timeout: run from then on
+                        due = max(t0, q[0][1])
+                self._stall.woke(t1, due)
 
     def _pet(self) -> None:
         if self._watchdog is None:

@@ -705,6 +705,7 @@ class Service:
             "reader_errors": errors,
             "decision_ms": {"p50": lat.get("p50_ms"), "p99": lat.get("p99_ms"), "p999": lat.get("p999_ms")},
             "queues": self.runtime.queue_stats(),
+            "gate_stall": self.runtime.gate_stall(),
         }
         if self.downlink is not None:
             stats["downlink"] = self.downlink.stats()

@@ -20,10 +20,12 @@ BENCHES = [
     ("latency", "bench.bench_latency", []),
     ("journal", "bench.bench_journal", []),
     ("replay", "bench.bench_replay", []),
+    ("scale", "bench.bench_scale", []),
 ]
 QUICK_ARGS = {
     "bench.bench_decision": ["--cards", "100000", "--reads", "50000"],
     "bench.bench_replay": ["--events", "100000"],
+    "bench.bench_scale": ["--quick"],
 }
 
 

@@ -2,7 +2,7 @@
 
 ``build_telemetry`` gathers them from the journal (backlog, oldest pending
 age), the uplink (drain rate) and the runtime (reader errors, decision
-latencies, clock, access list), into the message of
+latencies, the gate-stall probe, clock, access list), into the message of
 ``agent/schemas/telemetry.schema.json``. ``Uplink.publish_telemetry`` sends
 it (QoS 0, not retained: a lost sample is not resent).
 """
@@ -63,7 +63,9 @@ def build_telemetry(
       ``decision_ms`` (already computed {p50, p99, p999}),
       ``drain_per_s`` (used when no uplink_stats are given),
       ``queues`` ({depth: {lane: n}, dropped: {lane: n}}, GateRuntime.queue_stats()),
-      ``downlink`` (Downlink.stats(): the flood guard's counters and the time floor).
+      ``downlink`` (Downlink.stats(): the flood guard's counters and the time floor),
+      ``gate_stall`` (GateRuntime.gate_stall(): {interval_ms, max_ms}, the longest the
+      gate thread could not run since the previous message and since start).
     uplink_stats: ``Uplink.stats()``, for ``drain_per_s``.
     """
     oldest = journal.oldest_pending_age_s(now_wall)
@@ -91,4 +93,14 @@ def build_telemetry(
         "acl_age_s": runtime_stats.get("acl_age_s"),
         "acl_stale": bool(runtime_stats.get("acl_stale", False)),
         **{k: runtime_stats[k] for k in ("queues", "downlink") if runtime_stats.get(k)},
+        **_stall_fields(runtime_stats.get("gate_stall")),
     }
+
+
+def _stall_fields(stall: dict[str, Any] | None) -> dict[str, float]:
+    """``gate_stall_max_ms`` (since the previous message) and ``gate_stall_since_start_ms``,
+    when the runtime gave them (agent.runtime.StallProbe says what they measure)."""
+    if not stall:
+        return {}
+    return {"gate_stall_max_ms": round(max(0.0, float(stall.get("interval_ms", 0.0))), 3),
+            "gate_stall_since_start_ms": round(max(0.0, float(stall.get("max_ms", 0.0))), 3)}
