@@ -74,9 +74,11 @@ OUTPUT_LINES = ("unlock_a", "unlock_b", "stop", "fire_release")
 _TICK = Tick()
 CORE_RETRY_S = 0.1  # after a core error, its overdue deadline is retried this much later
 # The gate thread waits at most this long at a time, so the stall probe sees a stall that
-# happens while it is idle (another thread holding the GIL) to within this much. Its cost:
-# 200 empty wakes a second, about 0.5-0.75 % of one x86 core (measured), a few % of a Pi's.
-STALL_TICK_S = 0.005
+# happens while it is idle (another thread holding the GIL) to within this much; while cards
+# come, a stall is measured from each card's arrival whatever the tick. Its cost: 50 empty
+# wakes a second; at 5 ms (200 a second) they took 0.5-0.75 % of one x86 core, some 2-3 % of
+# a Pi 4's, for a finer idle figure nobody needs on a board.
+STALL_TICK_S = 0.02
 
 # Events that come from the gate's own hardware (the hardware lane).
 HARDWARE_EVENTS = (CardRead, ReaderError, ReaderStatus, Keypad, PassSensor, Button,
