@@ -64,7 +64,7 @@ EVENT_TYPES: tuple[str, ...] = (
 )
 
 # One vocabulary with the fastpath: its integer codes are numbered in the order
-# the checks run (DESIGN.md, "Decision semantics"), so the first failing check
+# the checks run (docs/design.md#the-order-of-checks), so the first failing check
 # names the reason and the order is part of the contract.
 DENIAL_REASONS: tuple[str, ...] = codes.RESULTS[1:]
 MODES: tuple[str, ...] = codes.MODES

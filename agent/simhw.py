@@ -50,7 +50,7 @@ key_width=24, pulse_s=100e-6, gap_s=(1e-3, 2e-3), frame_gap_s=0.05, rng=None)``
     5 ms stuck-line limit). With ``adapter`` (the service's
     ``WiegandReader``, ``service.readers[name]``) the same pulse train goes
     through ``adapter.feed_edges`` with explicit timestamps: exact timing,
-    immune to a loaded machine (DESIGN.md, testing Wiegand). The demo may
+    immune to a loaded machine (docs/design.md#testing-wiegand-on-mock-pins). The demo may
     use either; tests that assert decisions use the adapter.
     Frames are at least ``frame_gap_s`` apart (more than the decoder's
     25 ms end-of-frame silence), however fast they are asked for.

@@ -3,7 +3,7 @@
 A small JSON file in the state directory, written atomically (a temporary
 file in the same directory, fsync, rename over the old one, fsync of the
 directory), so a power cut leaves either the old state or the new one, never
-a torn file. Mode 0600: positions are personal data (DESIGN.md principle 6).
+a torn file. Mode 0600: positions are personal data (docs/design.md, principle 6).
 
 It also keeps the mode last commanded (``normal``, ``entry_only``, ``free``,
 ``lockdown``), so a remote lockdown survives a restart, and the fire latch
@@ -14,10 +14,10 @@ is handed on at the next ``maybe_save``, whatever the interval.
 ``StateFile.maybe_save`` runs on the gate thread from the runtime's idle hook,
 at most every ``interval_s`` and only when something changed: it only takes a
 snapshot (JSON text) and hands it to a writer thread, so the gate thread never
-waits for an fsync (DESIGN.md principle 2). ``close()`` writes the last
+waits for an fsync (docs/design.md, principle 1). ``close()`` writes the last
 snapshot and stops the writer; ``save`` writes at once (at stop). A file
 that cannot be read at start is moved aside (``.corrupt-<n>``) and the gate
-starts with no positions: an unknown position is allowed (DESIGN.md).
+starts with no positions: an unknown position is allowed (docs/design.md#anti-passback).
 """
 from __future__ import annotations
 

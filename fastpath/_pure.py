@@ -2,7 +2,7 @@
 
 The compiled twin (fastpath/_compiled.pyx) must give the same answer for every
 input; tests/test_fastpath_props.py compares the two on random tables. Rules
-follow DESIGN.md, "Decision semantics": the checks run in a fixed order and the
+follow docs/design.md#decision-rules: the checks run in a fixed order and the
 first that fails names the reason.
 """
 
@@ -453,7 +453,7 @@ def decide(
     apb_mode: int,
     apb_window_s: int,
 ) -> tuple[int, int, int]:
-    """(result, person_index, warning) for one card read; checks in DESIGN.md order.
+    """(result, person_index, warning) for one card read; checks in the order of docs/design.md#the-order-of-checks.
 
     Pure: reads `state`, never changes it (only a passage does, via
     state.record_passage). `epoch_s` is UTC seconds, `minute_of_week` and `day`

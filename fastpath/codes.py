@@ -25,7 +25,7 @@ APB_TIMED = 3
 APB_MODES = ("off", "soft", "hard", "timed")
 
 # Decision results: 0 is a grant, the rest are denial reasons, numbered in the
-# order the checks run (DESIGN.md, "Decision semantics").
+# order the checks run (docs/design.md#the-order-of-checks).
 GRANTED = 0
 LOCKDOWN_DENIED = 1
 WRONG_DIRECTION = 2

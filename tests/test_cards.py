@@ -26,7 +26,7 @@ from agent.core.events import CardRead, Keypad, ReaderError
 
 pytestmark = pytest.mark.core
 
-# DESIGN.md's RDM6300 example, byte for byte.
+# The RDM6300 example of docs/design.md#em-marine-cards-and-the-rdm6300, byte for byte.
 DESIGN_FRAME = b"\x02" + b"14008EC793" + b"CE" + b"\x03"
 
 

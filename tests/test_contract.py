@@ -2,7 +2,7 @@
 
 Examples are built the way the agent builds them (make_record, then the
 sequence numbering of the journal), so a drift between the record builder and
-the schema shows up here. Expected names come from DESIGN.md's contract.
+the schema shows up here. Expected names come from docs/contract.md.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ GATE_CRASH_CYCLES cycles (default 50; the ``soak`` marker runs
 GATE_SOAK_CYCLES, default 1,000: ``make soak``). Then it runs once more with
 no load until the ingest holds everything, and stops cleanly.
 
-What must hold (DESIGN.md principle 2, docs/reliability.md):
+What must hold (docs/design.md, principle 2; docs/reliability.md):
 
 * every unlock the turnstile saw (the witness file, fsync'd by the simulated
   turnstile line by line, outlives each killed process) pairs with its own

@@ -204,7 +204,7 @@ def test_wait_card_reads_a_card_from_a_serial_reader(tmp_path):
         os.close(master)
         os.close(slave)
     entry = checks["reader entry"]
-    assert entry.status == OK and "142,51091" in entry.summary  # DESIGN.md's RDM6300 example
+    assert entry.status == OK and "142,51091" in entry.summary  # the RDM6300 example of docs/design.md#em-marine-cards-and-the-rdm6300
     assert checks[f"serial {port}"].status == OK
 
 

@@ -308,7 +308,7 @@ def test_anti_passback_and_guest_uses_follow_the_rules(fp, gate, data):
     ):
         epoch = NOW + t
         pid, guest = f"p{key}", bool(cols.person_flags[key])
-        # The rules of DESIGN.md, restated for this open gate.
+        # The rules of docs/design.md#decision-rules, restated for this open gate.
         expected, warning = GRANTED, codes.WARN_NONE
         if not (guest and direction == OUT):
             max_uses = cols.person_max_uses[key]

@@ -9,7 +9,7 @@ max_page_count`` (``Journal.set_disk_budget``: SQLite then answers
 SQLITE_FULL exactly as on a full filesystem), set from the gate thread, which
 owns the journal's writer connection.
 
-What must hold (DESIGN.md principles 1 and 2; docs/reliability.md):
+What must hold (docs/design.md, principles 1 and 2; docs/reliability.md):
 while the disk is full, granted cards still open the relay and the person's
 passage is still decided; ``alarm`` ``journal_capacity`` is raised at once
 (logged, and stored with the rest once it can be); every record journalled

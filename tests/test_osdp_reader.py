@@ -36,7 +36,7 @@ from agent.hw.osdp_reader import (
 KEY = bytes.fromhex("8b1f3c00d2a94e57a0b6c1d2e3f40516")
 OTHER_KEY = bytes.fromhex("00112233445566778899aabbccddeeff")
 ADDRESS = 101
-CARD = "142,51091"  # DESIGN.md's RDM6300 example card, printed 0009357203
+CARD = "142,51091"  # the RDM6300 example card of docs/design.md#em-marine-cards-and-the-rdm6300, printed 0009357203
 CARD_KEY = parse_card_string(CARD)
 PD_CAPS = [(osdp.Capability.LEDControl, 1, 1), (osdp.Capability.AudibleControl, 1, 1)]
 

@@ -18,7 +18,7 @@ from agent.core.cards import encode_rdm6300, parse_card_string
 from agent.hw.serial_reader import SerialReader
 from tests.submitted import Events
 
-# DESIGN.md: 02 "14008EC793" "CE" 03 is the card printed 0009357203, "142,51091".
+# docs/design.md#em-marine-cards-and-the-rdm6300: 02 "14008EC793" "CE" 03 is the card printed 0009357203, "142,51091".
 EXAMPLE_FRAME = b"\x0214008EC793CE\x03"
 EXAMPLE_KEY = parse_card_string("142,51091")
 OTHER_KEY = parse_card_string("100,60179")

@@ -118,7 +118,7 @@ def notify(tmp_path: Path):
 
 
 def w26_edges(bits: str, t0: float, rng: random.Random) -> list[tuple[float, int, int]]:
-    """A frame as (t, line, level) edges: 50 us low pulses, 2 ms apart (DESIGN.md field facts)."""
+    """A frame as (t, line, level) edges: 50 us low pulses, 2 ms apart (docs/design.md#wiegand)."""
     edges, t = [], t0
     for b in bits:
         edges += [(t, int(b), 0), (t + 50e-6 + rng.uniform(0, 20e-6), int(b), 1)]
@@ -160,7 +160,7 @@ def test_card_on_the_wiegand_lines_opens_the_relay_and_the_events_reach_the_inge
         obs.publish(f"gate/v1/{SITE}/{GATE}/acl", json.dumps(envelope))
         wait_until(lambda: getattr(svc.gate.table, "version", "") == "t.1", what="the list applied")
 
-        # A card on the entry reader's D0/D1 lines (explicit edge times, see DESIGN.md).
+        # A card on the entry reader's D0/D1 lines (explicit edge times, see docs/design.md#testing-wiegand-on-mock-pins).
         assert not any(pin_history(svc, "unlock_a"))  # never pulsed at start
         svc.readers["entry"].feed_edges(w26_edges(encode_w26(*CARD), time.monotonic(), random.Random(1)))
         wait_until(lambda: any(pin_history(svc, "unlock_a")), what="unlock A driven")

@@ -74,7 +74,7 @@ def test_systemd_analyze_verify_accepts_the_staged_unit(stage, tmp_path):
 
 
 def test_verify_fails_when_the_program_is_missing(stage, tmp_path):
-    """The check above really looks at ExecStart (DESIGN.md: verify needs it)."""
+    """The check above really looks at ExecStart (docs/design.md#systemd-units-checked-offline: verify needs it)."""
     tool = need("systemd-analyze")
     unit = staged_unit(stage, tmp_path)
     (stage / EXEC.lstrip("/")).unlink()

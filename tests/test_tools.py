@@ -1,7 +1,7 @@
 """Bench tools: enroll (pty serial reader, mock Wiegand pins) and io-test (mock pins).
 
 Wiegand edges are fed through the adapter's feed_edges with explicit
-timestamps (gpiozero's mock pins alone make 1 to 4 us pulses, DESIGN.md).
+timestamps (gpiozero's mock pins alone make 1 to 4 us pulses, docs/design.md#testing-wiegand-on-mock-pins).
 Output histories come from the mock pins' recorded states.
 """
 

@@ -41,7 +41,7 @@ CARD = 6613779  # "0006613779" = 100,60179
 
 
 def power_on_level(pin: int) -> bool:
-    """DESIGN.md: BCM 0-8 are pulled up at power-on, 9-27 pulled down."""
+    """docs/design.md#raspberry-pi: BCM 0-8 are pulled up at power-on, 9-27 pulled down."""
     return pin <= 8
 
 

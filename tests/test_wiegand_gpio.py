@@ -4,7 +4,7 @@ through gpiozero's mock pins.
 Realistic pulse trains (20 to 100 us pulses, 0.2 to 20 ms gaps) are fed with
 explicit timestamps (feed_edges). The mock pins stamp edges with the real
 monotonic clock and call back at once, so back-to-back drives make 1 to 4 us
-pulses: only the mock-pin tests lower the glitch threshold (DESIGN.md).
+pulses: only the mock-pin tests lower the glitch threshold (docs/design.md#testing-wiegand-on-mock-pins).
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ turns the edges into frames and ``cards.decode_wiegand`` results. No clock is
 read here: time only comes in as arguments, so tests drive pulse trains in
 virtual time.
 
-Line model (DESIGN.md, field facts): both lines idle high; a bit is a low
+Line model (docs/design.md#wiegand): both lines idle high; a bit is a low
 pulse of 20 to 100 us on D0 (bit 0) or D1 (bit 1), bits 0.2 to 20 ms apart.
 A frame ends after silence, or, when the reader's format is fixed, at its
 last bit.

@@ -11,7 +11,7 @@ checks the whole profile and reports every problem at once: the schema's
 (unknown names, bad pins, missing lines), said in plain words, then what a
 schema cannot say: a pin used twice, and an output that would be active at
 power-on. At power-on, before any software runs, BCM GPIO 0 to 8 are pulled
-up and 9 to 27 pulled down (DESIGN.md): an active-low relay on a pulled-down
+up and 9 to 27 pulled down (docs/design.md#raspberry-pi): an active-low relay on a pulled-down
 pin energises at once and pulses the turnstile on every reboot. So an
 active-low output must sit on a pulled-up pin, an active-high output on a
 pulled-down pin, unless the profile's boot lines (``gpio=N=op,dh`` /

@@ -23,7 +23,7 @@ errors (length, most often), and the log a warning to raise
 
 Results become core events (CardRead, Keypad, ReaderError) through
 ``submit``. ``feed_edges`` takes explicit (t, line, level) edges for tests
-and benchmarks (gpiozero's mock pins make 1 to 4 us pulses, see DESIGN.md).
+and benchmarks (gpiozero's mock pins make 1 to 4 us pulses, see docs/design.md#testing-wiegand-on-mock-pins).
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The journal: every record the gate makes, numbered and kept on disk until
-the regional side confirmed it (DESIGN.md principle 2; docs/contract.md,
+the regional side confirmed it (docs/design.md, principle 2; docs/contract.md,
 "Delivery").
 
 How the gate thread is kept from waiting:

@@ -6,7 +6,7 @@ API (``loop_read``/``loop_write``/``loop_misc``). Nothing else touches paho or
 the journal's uplink methods, so the gate thread never waits for the network:
 it commits records and calls ``wake()``, which only writes one byte.
 
-Delivery (DESIGN.md, "Contract"):
+Delivery (docs/contract.md, "Delivery: journal, acknowledgement, resends"):
 
 - Events go out in seq order, one record per message, QoS 1, with at most
   ``window`` unacknowledged publishes on the wire (also capped by the
