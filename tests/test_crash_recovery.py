@@ -54,7 +54,7 @@ SITE, GATE = "school9", "gate3"
 ALWAYS = {d: ["00:00-24:00"] for d in ("mon", "tue", "wed", "thu", "fri", "sat", "sun")}
 CYCLES = int(os.environ.get("GATE_CRASH_CYCLES", "50"))
 SOAK_CYCLES = int(os.environ.get("GATE_SOAK_CYCLES", "1000"))
-KILL_AFTER_READY_S = (0.2, 1.5)  # the brief's random moments, counted from READY=1
+KILL_AFTER_READY_S = (0.2, 1.5)  # random moments, counted from READY=1
 KILL_WHILE_STARTING_S = (0.05, 1.0)  # every STARTING_EVERY-th cycle: from the spawn, maybe before READY
 STARTING_EVERY = 5
 EPS_S = 0.002  # records carry mono rounded to the millisecond

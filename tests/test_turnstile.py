@@ -555,6 +555,21 @@ def test_fire_drill_frees_both_ways_at_once_whatever_is_pending(fp):
     assert types(run(8, card(K_ALICE))) == ["access.granted"]
 
 
+def test_a_blocked_card_read_in_fire_names_nobody_even_when_it_is_still_listed_on_someone(fp):
+    """The evacuation record is who went out; a lost (blocked) card carried out says nothing of
+    its holder, so it is recorded with no person, as a blocked card of nobody is."""
+    cols = columns()
+    flags = array("B", cols.card_flags)
+    flags[1] = codes.CARD_BLOCKED  # Bob's card is blocked (lost) but still listed on him
+    run = make(fp, table=TableColumns(**{**cols.__dict__, "card_flags": flags}))
+    assert only(run(1, card(K_BOB)), "access.denied")["reason"] == "blocked"
+    run(1.5, ev.FireLoop(open=True))
+    for key in (K_BOB, K_BLOCKED):
+        granted = only(run(2, card(key, "exit")), "access.granted")
+        assert granted["check"] == "none" and granted["person"] is None
+    assert only(run(2, card(K_ALICE, "exit")), "access.granted")["person"] == ALICE
+
+
 def test_fire_overrides_lockdown_and_the_reset_returns_to_it(fp):
     run = make(fp)
     run(1, ev.LockdownSwitch(on=True))

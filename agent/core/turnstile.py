@@ -283,8 +283,9 @@ class Gate:
         dname = codes.DIRECTIONS[direction]
         table = self._table if self._table is not None else self._empty_table
         if self.mode == "fire":
-            # Recorded with no check: the list of who evacuated.
-            idx = table.lookup(key)
+            # Recorded with no check: the list of who evacuated. A blocked card names nobody: a
+            # lost card carried out says nothing about its holder (docs/design.md#fire).
+            idx = -1 if table.is_blocked(key) else table.lookup(key)
             self._record(step, now, "access.granted", reader=event.reader, direction=dname, card=key,
                          format=event.format, person=table.person_id(idx) if idx >= 0 else None,
                          check="none")
