@@ -130,6 +130,16 @@ PENDING_SYNC_GAP_S = 0.1  # pending() adds at most one fsync per this while the 
 SALVAGE_CHUNK = 4096
 PROGRESS_S = 5.0  # a long salvage says it is alive this often (systemd's start timeout)
 MIN_DISK_BUDGET = 64 << 10
+# The WAL (see the module docstring, "The WAL stays small").
+WAL_LIMIT_MAX = 64 << 20  # the default WAL limit: an eighth of the disk budget, at most this
+WAL_LIMIT_MIN = 256 << 10  # and at least this (a few dozen commits)
+WAL_RESET_SHARE = 4  # the sync thread has the WAL start over past limit / this
+WAL_CHECK_S = 0.01  # how often the sync thread looks at the WAL's size
+WAL_STAT_EVERY = 16  # the gate looks at it every this many write transactions (one stat)
+WAL_TXN_PAGES = 8  # the gate stops short of the limit by this many WAL frames
+RESET_READER_WAIT_MS = 20  # a restarting checkpoint waits at most this for the uplink's reads
+RESET_RETRY_S = 0.25  # after a reader kept the WAL from starting over, the next try waits this
+GATE_WAIT_S = 1.0  # the gate waits at most this for a restarting checkpoint, then buffers
 
 _SQLITE_CORRUPT = 11
 # What SQLite answers when the filesystem refuses a write (EROFS): then the directory is probed.
@@ -166,6 +176,8 @@ _STATE = (
 
 
 READ_ONLY = "read-only filesystem"  # Journal.stats()["blocked"] when the disk refuses writes
+# Journal.stats()["blocked"] while the WAL is at its limit (a reader holds an old snapshot).
+WAL_FULL = "WAL full"
 _PROBE_NAME = ".gate-agent-probe"
 
 
@@ -199,6 +211,10 @@ def readonly_dir(directory: Path) -> bool:
 
 class JournalError(RuntimeError):
     """The journal cannot be opened or used; the message says what to do."""
+
+
+class _WalBusy(sqlite3.OperationalError):
+    """The gate waited GATE_WAIT_S for a checkpoint restarting the WAL."""
 
 
 def _system_clock() -> Now:
@@ -292,7 +308,7 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _setup_writer(conn: sqlite3.Connection, path: Path) -> None:
+def _setup_writer(conn: sqlite3.Connection, path: Path, wal_keep: int = WAL_LIMIT_MAX) -> None:
     mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
     if str(mode).lower() != "wal":
         raise JournalError(
@@ -301,7 +317,8 @@ def _setup_writer(conn: sqlite3.Connection, path: Path) -> None:
         )
     conn.execute("PRAGMA synchronous=NORMAL")  # no fsync at commit in WAL mode
     conn.execute("PRAGMA wal_autocheckpoint=0")  # checkpoints (fsync) only off the gate thread
-    conn.execute("PRAGMA journal_size_limit=67108864")
+    # A WAL that SQLite restarts itself (after an idle moment) is cut back to this.
+    conn.execute(f"PRAGMA journal_size_limit={int(wal_keep)}")
 
 
 def _new_db(conn: sqlite3.Connection, journal_id: str) -> None:
@@ -686,6 +703,7 @@ class Journal:
         disk_budget_bytes: int = DEFAULT_DISK_BUDGET,
         retention_days: float = 30,
         memory_buffer: int = 10_000,
+        wal_limit_bytes: int | None = None,
         clock: Callable[[], Now] | None = None,
         boot: str | None = None,
         progress: Callable[[], None] | None = None,
@@ -707,6 +725,13 @@ class Journal:
                 f"(about {BYTES_PER_EVENT_ESTIMATE} bytes each): raise the budget to at least "
                 f"{max(need, MIN_DISK_BUDGET)} or lower capacity_events"
             )
+        if wal_limit_bytes is None:
+            wal_limit_bytes = max(WAL_LIMIT_MIN, min(WAL_LIMIT_MAX, disk_budget_bytes // 8))
+        if not WAL_LIMIT_MIN <= wal_limit_bytes <= max(WAL_LIMIT_MIN, disk_budget_bytes // 2):
+            raise ValueError(
+                f"wal_limit_bytes={wal_limit_bytes}: give at least {WAL_LIMIT_MIN} and at most "
+                f"half the disk budget ({disk_budget_bytes // 2})"
+            )
         self.path = Path(path)
         self._tmp_path = _side(self.path, ".salvage")
         self._marks_path = _marks_path(self.path)
@@ -717,6 +742,8 @@ class Journal:
         self._alarm_on = capacity_events * ALARM_ON_SHARE
         self._alarm_off = capacity_events * ALARM_OFF_SHARE
         self._budget = int(disk_budget_bytes)
+        self._wal_limit = int(wal_limit_bytes)
+        self._wal_reset_at = max(WAL_LIMIT_MIN // 2, self._wal_limit // WAL_RESET_SHARE)
         self._retention_s = float(retention_days) * 86400.0
         self._memory_buffer = int(memory_buffer)
         self._buf_low_cap = max(1, int(memory_buffer * LOW_VALUE_SHARE))
@@ -757,6 +784,23 @@ class Journal:
         # Sync.
         self._sync_lock = threading.Lock()
         self._ckpt_lock = threading.Lock()
+        # Held by the gate around each write transaction and by the sync thread
+        # while a checkpoint has the WAL start over (the only time the gate waits).
+        self._wal_lock = threading.Lock()
+        self._wal_txns = 0  # gate: write transactions since it last looked at the WAL's size
+        self._wal_full = False  # gate: the WAL reached its limit; records wait in memory
+        self._wal_near = False  # gate: the WAL is past half its limit (stat every transaction)
+        self._wal_seen_max = 0  # the largest WAL size seen (sync thread and gate)
+        self._wal_resets = 0  # checkpoints that had the WAL start over
+        self._wal_pinned = 0  # restarts a reader's snapshot (or a foreign writer) prevented
+        self._wal_pinned_logged = False
+        self._wal_busy_waits = 0  # gate: commits that found the WAL lock held past GATE_WAIT_S
+        self._reset_not_before = 0.0
+        self._wal_wanted = False  # gate: waiting at the WAL's limit for the sync thread
+        self._wal_pinned_now = False  # the last restart failed: a reader's snapshot
+        self._wal_kick = threading.Event()  # set after each restart the sync thread tries
+        self._wal_left = -1  # the WAL file's size when a RESTART left it (cut at the next commit)
+        self._max_reset_s = 0.0  # the longest a restarting checkpoint held the gate off
         self._ckpt_conn: sqlite3.Connection | None = None
         self._synced_seq = 0
         self._syncs = 0
@@ -796,7 +840,7 @@ class Journal:
         try:
             conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA busy_timeout=2000")
-            _setup_writer(conn, self.path)
+            _setup_writer(conn, self.path, self._wal_reset_at)
             _new_db(conn, _new_journal_id())
             conn.execute("PRAGMA busy_timeout=0")  # from now on a lock never makes the gate wait
         except (sqlite3.Error, JournalError) as exc:
@@ -1101,23 +1145,68 @@ class Journal:
     def set_disk_budget(self, disk_budget_bytes: int) -> int:
         """Change the disk budget (gate thread); returns the budget in force.
 
-        SQLite will not shrink below the current file, so a budget smaller
-        than the file stops growth where it is.
+        The budget covers the database file and its WAL: the database may use
+        the budget less the WAL's limit (``wal_limit_bytes``). SQLite will not
+        shrink below the current file, so a budget smaller than the file stops
+        growth where it is.
         """
         self._budget = int(disk_budget_bytes)
-        pages = max(1, self._budget // self._page_size)
+        pages = max(1, (self._budget - self._wal_limit) // self._page_size)
         got = self._db.execute(f"PRAGMA max_page_count={pages}").fetchone()[0]
         if got > pages:
             log.warning(
-                "journal %s is %d bytes, over its disk budget of %d bytes; it will not grow",
+                "journal %s is %d bytes, over its disk budget of %d bytes (less %d for the WAL); "
+                "it will not grow",
                 self.path,
                 got * self._page_size,
                 self._budget,
+                self._wal_limit,
             )
         return got * self._page_size
 
     def _stored(self) -> int:
         return self._db_pending + len(self._buffer)
+
+    def _wal_size(self) -> int:
+        try:
+            return self._wal_path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def _wal_wait(self) -> bool:
+        """Gate thread, the WAL at its limit: wait (at most GATE_WAIT_S) for the
+        sync thread to empty it, unless it just found a reader's snapshot in
+        the way or the gate already holds records in memory for that. True
+        when the gate may write again."""
+        if self._wal_full or self._thread is None:
+            return False
+        deadline = time.monotonic() + GATE_WAIT_S
+        self._wal_wanted = True
+        try:
+            while self._wal_at_limit():
+                left = deadline - time.monotonic()
+                if left <= 0 or self._wal_pinned_now:
+                    return False
+                self._wal_kick.clear()
+                if self._wal_at_limit():
+                    self._wal_kick.wait(min(left, 10 * WAL_CHECK_S))
+            return True
+        finally:
+            self._wal_wanted = False
+
+    def _wal_at_limit(self) -> bool:
+        """Gate thread: whether the WAL reached its limit. One stat every
+        WAL_STAT_EVERY write transactions, every time once the WAL is past 3/4 of
+        its limit (the sync thread has it start over at a quarter, unless
+        a reader's snapshot prevents it)."""
+        if not self._wal_near and self._wal_txns < WAL_STAT_EVERY:
+            return False
+        self._wal_txns = 0
+        size = self._wal_size()
+        self._wal_seen_max = max(self._wal_seen_max, size)
+        self._wal_near = size >= self._wal_limit * 3 // 4
+        # Room for one more transaction of the usual size (a few pages).
+        return size + WAL_TXN_PAGES * (self._page_size + 24) >= self._wal_limit
 
     def _acks_waiting(self) -> bool:
         return self._u_wm > self._applied_wm or bool(self._acks)
@@ -1163,8 +1252,22 @@ class Journal:
         return (last_seq, pending, acked_upto, int(self._cap_alarm), overflow)
 
     def _txn(self, body: Callable[[sqlite3.Connection], None]) -> BaseException | None:
-        """Run body in one write transaction; the sqlite error, or None."""
+        """Run body in one write transaction; the sqlite error, or None.
+
+        Under ``_wal_lock``: the sync thread holds it only while a checkpoint
+        has the WAL start over (a few milliseconds: the tail of the WAL and two
+        fsyncs); past GATE_WAIT_S the gate gives up (``_WalBusy``)."""
+        if not self._wal_lock.acquire(timeout=GATE_WAIT_S):
+            self._wal_busy_waits += 1
+            return _WalBusy("a checkpoint is restarting the WAL")
+        try:
+            return self._txn_locked(body)
+        finally:
+            self._wal_lock.release()
+
+    def _txn_locked(self, body: Callable[[sqlite3.Connection], None]) -> BaseException | None:
         conn = self._db
+        self._wal_txns += 1
         try:
             conn.execute("BEGIN")
             try:
@@ -1195,6 +1298,21 @@ class Journal:
                 if not self._state_dirty:
                     self._marks_stored(marks)
             return []
+        if self._wal_at_limit() and not self._wal_wait():
+            if not self._wal_full:
+                log.error(
+                    "journal %s: its WAL reached its limit of %d bytes and has not started over "
+                    "(a reader holds an old snapshot, or the disk is slow); records wait in memory",
+                    self.path,
+                    self._wal_limit,
+                )
+            self._wal_full = True
+            self._blocked = WAL_FULL
+            self._buffer.extend(items)
+            return [it[0] for it in items]
+        if self._wal_full:
+            log.warning("journal %s: its WAL started over; writing again", self.path)
+            self._wal_full = False
         rows = [it[1] for it in self._buffer] + [it[1] for it in items]
         pending = self._db_pending + len(rows)
 
@@ -1218,6 +1336,10 @@ class Journal:
                 )
                 self._buffer.clear()
             self._blocked = None
+        elif isinstance(exc, _WalBusy):
+            # Not a fault: a restarting checkpoint took longer than GATE_WAIT_S (a slow
+            # fsync); the records are written with the next commit or maintenance.
+            self._buffer.extend(items)
         else:
             if _is_full(exc):
                 reason = "disk full"
@@ -1261,7 +1383,13 @@ class Journal:
                 own.append(self._alarm(False, self._blocked_alarm, kind))
             self._blocked_alarm = self._blocked
             detail = self._blocked
-            if self._blocked == READ_ONLY:
+            if self._blocked == WAL_FULL:
+                detail = (
+                    f"the journal's WAL reached its limit ({self._wal_limit} bytes) and has not "
+                    f"started over: a reader holds an old snapshot of {self.path} (close it) or "
+                    "the disk is slow; records wait in memory"
+                )
+            elif self._blocked == READ_ONLY:
                 detail = (
                     f"{self.path.parent} is read-only (the SD card is failing): records wait in "
                     "memory; replace the card"
@@ -1577,6 +1705,13 @@ class Journal:
             "dropped_total": self._dropped_total,
             "db_bytes": db_bytes,
             "disk_budget_bytes": self._budget,
+            "wal_bytes": self._wal_size(),
+            "wal_limit_bytes": self._wal_limit,
+            "wal_max_bytes": self._wal_seen_max,
+            "wal_resets": self._wal_resets,
+            "wal_pinned": self._wal_pinned,
+            "wal_busy_waits": self._wal_busy_waits,
+            "max_wal_reset_s": self._max_reset_s,
             "sync_interval_s": self._sync_interval,
             "syncs": self._syncs,
             "sync_errors": self._sync_errors,
@@ -1644,7 +1779,8 @@ class Journal:
         self._marks_written = now
 
     def start_sync_thread(self) -> None:
-        """Sync and checkpoint the WAL every sync_interval_s, off the gate thread."""
+        """Sync and checkpoint the WAL every sync_interval_s, and empty it when it
+        passes a quarter of its limit, off the gate thread."""
         self._check_open()
         if self._thread is not None and self._thread.is_alive():
             return
@@ -1652,25 +1788,101 @@ class Journal:
         self._thread = threading.Thread(target=self._sync_loop, name="journal-sync", daemon=True)
         self._thread.start()
 
-    def checkpoint(self) -> None:
+    def _checkpoint_conn(self) -> sqlite3.Connection:
+        # Called with _ckpt_lock held.
+        if self._ckpt_conn is None:
+            conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+            conn.execute(f"PRAGMA busy_timeout={RESET_READER_WAIT_MS}")
+            conn.execute(f"PRAGMA journal_size_limit={self._wal_reset_at}")
+            self._ckpt_conn = conn
+        return self._ckpt_conn
+
+    def checkpoint(self) -> bool:
         """Sync, then fold the WAL into the database file (never on the gate
-        thread). PASSIVE: it never waits for the gate or the uplink; under
-        sustained writes the WAL can only restart once the writer pauses.
-        The sync thread calls it; call it after a bulk fill without one."""
+        thread), and have it start over if it passed a quarter of its limit.
+        Returns whether it did. The sync thread calls it every
+        sync_interval_s; call it after a bulk fill without one."""
         self.sync()
+        return self._fold(self._wal_size() > self._wal_reset_at)
+
+    def _wal_due(self) -> bool:
+        """Sync thread: the WAL passed a quarter of its limit (and is not the
+        file a restart left, which the gate's next commit cuts back)."""
+        size = self._wal_size()
+        self._wal_seen_max = max(self._wal_seen_max, size)
+        if time.monotonic() < self._reset_not_before:
+            return False
+        # While the gate waits at a full WAL, the file's size says nothing: TRUNCATE it.
+        return (
+            self._wal_full
+            or self._wal_wanted
+            or (size > self._wal_reset_at and size != self._wal_left)
+        )
+
+    def _fold(self, restart: bool) -> bool:
+        """PASSIVE first: it never waits for the gate or the uplink, but under
+        sustained writes the gate appends while it copies, so the WAL would
+        never start over by itself. Then, if ``restart``, RESTART under
+        ``_wal_lock``: the gate is held off while the tail written meanwhile
+        is copied and fsynced, and its next commit writes the WAL from the
+        start (TRUNCATE instead while the gate waits for a full WAL: that
+        empties the file at once). It waits at most RESET_READER_WAIT_MS for
+        the uplink's reads (each is one short statement); a reader that holds
+        a snapshot longer keeps the WAL from starting over, so the next try
+        waits RESET_RETRY_S, and at its limit the gate stops writing (records
+        wait in memory: ``WAL_FULL``)."""
         with self._ckpt_lock:
-            if self._ckpt_conn is None:
-                conn = sqlite3.connect(
-                    str(self.path), isolation_level=None, check_same_thread=False
-                )
-                conn.execute("PRAGMA busy_timeout=1000")
-                self._ckpt_conn = conn
-            self._ckpt_conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            conn = self._checkpoint_conn()
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            if not restart:
+                return False
+            mode = "TRUNCATE" if self._wal_full or self._wal_wanted else "RESTART"
+            with self._wal_lock:
+                t0 = time.monotonic()
+                target = self._committed_seq  # all of it is in the WAL being folded in
+                busy = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()[0]
+                held = time.monotonic() - t0
+                self._wal_left = self._wal_size()
+            self._max_reset_s = max(self._max_reset_s, held)
+            self._wal_pinned_now = bool(busy)
+            self._wal_kick.set()
+            if busy:
+                self._wal_pinned += 1
+                self._wal_left = -1
+                self._reset_not_before = time.monotonic() + RESET_RETRY_S
+                if not self._wal_pinned_logged:
+                    log.warning(
+                        "journal %s: a reader holds an old snapshot, the WAL (%d bytes) cannot "
+                        "start over; retrying every %.2f s",
+                        self.path,
+                        self._wal_size(),
+                        RESET_RETRY_S,
+                    )
+                    self._wal_pinned_logged = True
+                return False
+        self._wal_resets += 1
+        if self._wal_pinned_logged:
+            log.warning("journal %s: the WAL starts over again", self.path)
+            self._wal_pinned_logged = False
+        # The checkpoint fsynced the database after folding in every frame: durable.
+        with self._sync_lock:
+            if target > self._synced_seq:
+                self._synced_seq = target
+                self._write_marks()
+        return True
 
     def _sync_loop(self) -> None:
-        while not self._stop.wait(self._sync_interval):
+        due = time.monotonic() + self._sync_interval
+        while not self._stop.wait(min(WAL_CHECK_S, self._sync_interval)):
             try:
-                self.checkpoint()
+                if time.monotonic() >= due:
+                    due = time.monotonic() + self._sync_interval
+                    self.sync()
+                    self._fold(self._wal_due())
+                elif self._wal_due():
+                    self._fold(True)  # its own fsyncs make what it folds in durable
+                else:
+                    continue
             except (OSError, sqlite3.Error) as exc:
                 self._sync_failed(exc)
             else:
@@ -1772,7 +1984,8 @@ class Journal:
 
     def set_meta(self, key: str, value: str) -> None:
         """Gate thread: a meta value, kept if already set."""
-        self._db.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (key, value))
+        with self._wal_lock:
+            self._db.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (key, value))
 
     def take_buffer(self) -> list[dict]:
         """Gate thread: hand over the records waiting in memory (numbered, never
