@@ -6,7 +6,8 @@ How the gate thread is kept from waiting:
 
 * One writer. Only the gate thread writes the events database (``commit``,
   ``maintenance``, ``close``). The uplink reads it on its own connection; in
-  WAL mode readers never block the writer.
+  WAL mode readers never block the writer. The one wait: while the sync
+  thread has the WAL start over (below, "The WAL stays small").
 * Acknowledgements stay in memory until the gate thread applies them.
   ``ack_upto`` raises a watermark (one int) and ``ack_one`` appends to a
   ``deque`` (atomic append/popleft: no lock is shared with the gate thread);
@@ -20,13 +21,42 @@ How the gate thread is kept from waiting:
   commit to the WAL without fsync, which survives kill -9. Automatic
   checkpoints are off (a checkpoint fsyncs); a background thread fsyncs the
   WAL and checkpoints every ``sync_interval_s``, so a power cut loses at most
-  that window.
+  that window (plus one fsync).
 * A seq never names two different records on the server: ``pending`` offers
   only records already fsynced (it syncs first, on the uplink's thread, when
   needed; at most one extra fsync per 0.1 s while the sync thread runs, since
   an fsync slows the gate's WAL writes in the kernel). After a power cut the
   journal numbers on from the last durable seq, and nobody saw the records
   that were lost.
+
+The WAL stays small. Every commit appends its pages (about 13 KB for one
+record) to the WAL, and a checkpoint can fold the WAL into the database but
+only the next write can make it start over, and only if nothing was appended
+since the checkpoint began: under sustained commits (the gate writing
+back to back) a PASSIVE checkpoint never catches up, and the WAL grew by
+every commit (over 1 GB in a 5 s benchmark). So the sync thread looks at the
+WAL's size every WAL_CHECK_S and, once it passes a quarter of
+``wal_limit_bytes`` (default: an eighth of the disk budget, at most 64 MiB),
+folds it in with a PASSIVE checkpoint (the gate keeps writing), then runs a
+RESTART checkpoint under ``_wal_lock``, a lock the gate takes around each of
+its write transactions: the gate waits only while the tail written
+meanwhile is copied and fsynced (milliseconds; ``stats()["max_wal_reset_s"]``),
+never gets SQLITE_BUSY, and its next commit writes the WAL from the start
+(``journal_size_limit`` cuts the file back to a quarter of the limit). That
+checkpoint fsynced the database after folding everything in, so it also
+advances the durable seq. Should the WAL still reach its limit, the gate
+waits (at most GATE_WAIT_S) for the sync thread to empty it. The uplink's
+reads are single statements (or a short transaction in ``backlog``), so
+they delay a restart by at most RESET_READER_WAIT_MS. A reader that holds a
+read transaction open (a technician's ``sqlite3`` shell, a stuck tool)
+pins the WAL: nothing after its snapshot can be folded in. Then the WAL
+stops at its limit, not past it: the gate numbers records and keeps them in
+memory (``WAL_FULL``, the same path and ``journal_capacity`` alarm as a full
+disk; like those, they die with the process), the sync thread tries again
+every RESET_RETRY_S, and once the reader lets go the WAL is emptied and the
+records written. Likewise, without an alarm, if a restart holds the gate off
+longer than GATE_WAIT_S (an fsync that slow means a failing card). Without
+the sync thread (tools, tests) nothing bounds the WAL: call ``checkpoint``.
 
 Capacity and a full disk never make ``commit`` raise and never leave a gap in
 the seqs (the contract promises none): a record that cannot be kept is refused
@@ -37,9 +67,11 @@ last 10 %; those are kept up to the hard cap ``capacity_events``. The
 journal's own records (alarms, overflow, recovered) are always kept.
 
 A full disk (``SQLITE_FULL``; ``disk_budget_bytes`` is enforced with
-``PRAGMA max_page_count``, so an exhausted budget looks the same) or any other
-write failure: records are numbered and wait, in order, in a bounded memory
-buffer, written on the next ``commit`` or ``maintenance``. Buffered records are
+``PRAGMA max_page_count``, so an exhausted budget looks the same; the budget
+covers the database and its WAL: the database gets the budget less
+``wal_limit_bytes``) or any other write failure: records are numbered and
+wait, in order, in a bounded memory buffer, written on the next ``commit``
+or ``maintenance``. Buffered records are
 not offered to the uplink until written, so if the process dies first their
 seqs are reused safely. While the disk is full, acknowledged records are
 deleted at once instead of kept for the retention period.
@@ -1151,7 +1183,9 @@ class Journal:
         growth where it is.
         """
         self._budget = int(disk_budget_bytes)
-        pages = max(1, (self._budget - self._wal_limit) // self._page_size)
+        # At least half: under 512 KiB the WAL's floor (WAL_LIMIT_MIN) comes on top.
+        db_bytes = max(self._budget - self._wal_limit, self._budget // 2)
+        pages = max(1, db_bytes // self._page_size)
         got = self._db.execute(f"PRAGMA max_page_count={pages}").fetchone()[0]
         if got > pages:
             log.warning(
@@ -1178,7 +1212,7 @@ class Journal:
         sync thread to empty it, unless it just found a reader's snapshot in
         the way or the gate already holds records in memory for that. True
         when the gate may write again."""
-        if self._wal_full or self._thread is None:
+        if self._wal_full:
             return False
         deadline = time.monotonic() + GATE_WAIT_S
         self._wal_wanted = True
@@ -1199,8 +1233,8 @@ class Journal:
         WAL_STAT_EVERY write transactions, every time once the WAL is past 3/4 of
         its limit (the sync thread has it start over at a quarter, unless
         a reader's snapshot prevents it)."""
-        if not self._wal_near and self._wal_txns < WAL_STAT_EVERY:
-            return False
+        if self._thread is None or (not self._wal_near and self._wal_txns < WAL_STAT_EVERY):
+            return False  # without the sync thread nothing could empty it: see checkpoint
         self._wal_txns = 0
         size = self._wal_size()
         self._wal_seen_max = max(self._wal_seen_max, size)
