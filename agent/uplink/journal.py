@@ -1919,6 +1919,8 @@ class Journal:
                     continue
             except (OSError, sqlite3.Error) as exc:
                 self._sync_failed(exc)
+                self._wal_pinned_now = True  # a gate waiting at the WAL's limit need not wait
+                self._wal_kick.set()
             else:
                 if self._sync_failing:
                     log.warning("journal %s: sync works again", self.path)
