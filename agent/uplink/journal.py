@@ -35,14 +35,14 @@ only the next write can make it start over, and only if nothing was appended
 since the checkpoint began: under sustained commits (the gate writing
 back to back) a PASSIVE checkpoint never catches up, and the WAL grew by
 every commit (over 1 GB in a 5 s benchmark). So the sync thread looks at the
-WAL's size every WAL_CHECK_S and, once it passes a quarter of
+WAL's size every WAL_CHECK_S and, once it passes half of
 ``wal_limit_bytes`` (default: an eighth of the disk budget, at most 64 MiB),
 folds it in with a PASSIVE checkpoint (the gate keeps writing), then runs a
 RESTART checkpoint under ``_wal_lock``, a lock the gate takes around each of
 its write transactions: the gate waits only while the tail written
 meanwhile is copied and fsynced (milliseconds; ``stats()["max_wal_reset_s"]``),
 never gets SQLITE_BUSY, and its next commit writes the WAL from the start
-(``journal_size_limit`` cuts the file back to a quarter of the limit). That
+(``journal_size_limit`` cuts the file back to half the limit). That
 checkpoint fsynced the database after folding everything in, so it also
 advances the durable seq. Should the WAL still reach its limit, the gate
 waits (at most GATE_WAIT_S) for the sync thread to empty it. The uplink's
@@ -165,7 +165,7 @@ MIN_DISK_BUDGET = 64 << 10
 # The WAL (see the module docstring, "The WAL stays small").
 WAL_LIMIT_MAX = 64 << 20  # the default WAL limit: an eighth of the disk budget, at most this
 WAL_LIMIT_MIN = 256 << 10  # and at least this (a few dozen commits)
-WAL_RESET_SHARE = 4  # the sync thread has the WAL start over past limit / this
+WAL_RESET_SHARE = 2  # the sync thread has the WAL start over past limit / this
 WAL_CHECK_S = 0.01  # how often the sync thread looks at the WAL's size
 WAL_STAT_EVERY = 16  # the gate looks at it every this many write transactions (one stat)
 WAL_TXN_PAGES = 8  # the gate stops short of the limit by this many WAL frames
@@ -1231,7 +1231,7 @@ class Journal:
     def _wal_at_limit(self) -> bool:
         """Gate thread: whether the WAL reached its limit. One stat every
         WAL_STAT_EVERY write transactions, every time once the WAL is past 3/4 of
-        its limit (the sync thread has it start over at a quarter, unless
+        its limit (the sync thread has it start over at half, unless
         a reader's snapshot prevents it)."""
         if self._thread is None or (not self._wal_near and self._wal_txns < WAL_STAT_EVERY):
             return False  # without the sync thread nothing could empty it: see checkpoint
@@ -1814,7 +1814,7 @@ class Journal:
 
     def start_sync_thread(self) -> None:
         """Sync and checkpoint the WAL every sync_interval_s, and empty it when it
-        passes a quarter of its limit, off the gate thread."""
+        passes half its limit, off the gate thread."""
         self._check_open()
         if self._thread is not None and self._thread.is_alive():
             return
@@ -1833,14 +1833,14 @@ class Journal:
 
     def checkpoint(self) -> bool:
         """Sync, then fold the WAL into the database file (never on the gate
-        thread), and have it start over if it passed a quarter of its limit.
+        thread), and have it start over if it passed half its limit.
         Returns whether it did. The sync thread calls it every
         sync_interval_s; call it after a bulk fill without one."""
         self.sync()
         return self._fold(self._wal_size() > self._wal_reset_at)
 
     def _wal_due(self) -> bool:
-        """Sync thread: the WAL passed a quarter of its limit (and is not the
+        """Sync thread: the WAL passed half its limit (and is not the
         file a restart left, which the gate's next commit cuts back)."""
         size = self._wal_size()
         self._wal_seen_max = max(self._wal_seen_max, size)
