@@ -149,19 +149,24 @@ def test_a_reader_holding_a_snapshot_stops_the_wal_at_its_limit_and_loses_nothin
     limit = 1 * MB
     j = open_journal(path, wal_limit_bytes=limit, sync_interval_s=0.05)
     j.start_sync_thread()
-    j.commit([granted(0)])
+    out: list[dict] = j.commit([granted(i) for i in range(300)])
+    offered = j.pending(0, 300)  # the uplink has them; it acknowledges them below
     reader = sqlite3.connect(path, isolation_level=None)
     reader.execute("BEGIN")
     reader.execute("SELECT count(*) FROM events").fetchone()  # holds a read snapshot
-    out: list[dict] = []
     biggest = 0
-    i = 1
+    i = 300
     try:
-        # Far more than the limit's worth: about 80 commits fill 1 MB.
-        while i < 1500:
+        # Far more than the limit's worth (about 80 commits fill 1 MB), with the
+        # server's acknowledgements arriving and the gate's idle maintenance.
+        while i < 1800:
             out.extend(j.commit([granted(i)]))
             biggest = max(biggest, wal_size(path))
             i += 1
+            if i % 50 == 0:
+                j.ack_upto(j.id, offered[-1]["seq"])
+                out.extend(j.maintenance(BASE))
+                biggest = max(biggest, wal_size(path))
         stats = j.stats()
         assert stats["blocked"] == WAL_FULL, stats
         assert stats["buffered"] > 0
@@ -171,7 +176,7 @@ def test_a_reader_holding_a_snapshot_stops_the_wal_at_its_limit_and_loses_nothin
         assert "snapshot" in alarms[0]["detail"], alarms[0]["detail"]
         # Nothing waiting in memory is offered to the uplink (it may die with the process).
         offered = j.pending(0, 10_000)
-        assert max(r["seq"] for r in offered) < max(r["seq"] for r in out)
+        assert offered and max(r["seq"] for r in offered) < max(r["seq"] for r in out)
     finally:
         reader.execute("COMMIT")
         reader.close()

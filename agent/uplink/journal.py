@@ -821,7 +821,7 @@ class Journal:
         self._wal_lock = threading.Lock()
         self._wal_txns = 0  # gate: write transactions since it last looked at the WAL's size
         self._wal_full = False  # gate: the WAL reached its limit; records wait in memory
-        self._wal_near = False  # gate: the WAL is past half its limit (stat every transaction)
+        self._wal_stat_every = 0  # gate: transactions until it looks at the WAL's size again
         self._wal_seen_max = 0  # the largest WAL size seen (sync thread and gate)
         self._wal_resets = 0  # checkpoints that had the WAL start over
         self._wal_pinned = 0  # restarts a reader's snapshot (or a foreign writer) prevented
@@ -1229,18 +1229,29 @@ class Journal:
             self._wal_wanted = False
 
     def _wal_at_limit(self) -> bool:
-        """Gate thread: whether the WAL reached its limit. One stat every
-        WAL_STAT_EVERY write transactions, every time once the WAL is past 3/4 of
-        its limit (the sync thread has it start over at half, unless
-        a reader's snapshot prevents it)."""
-        if self._thread is None or (not self._wal_near and self._wal_txns < WAL_STAT_EVERY):
+        """Gate thread: whether the WAL reached its limit (less room for one
+        transaction of WAL_TXN_PAGES pages). One stat every WAL_STAT_EVERY
+        write transactions, more often as the room left shrinks, every time
+        at the end (the sync thread has it start over at half, unless a
+        reader's snapshot prevents it)."""
+        if self._thread is None or self._wal_txns < self._wal_stat_every:
             return False  # without the sync thread nothing could empty it: see checkpoint
         self._wal_txns = 0
         size = self._wal_size()
         self._wal_seen_max = max(self._wal_seen_max, size)
-        self._wal_near = size >= self._wal_limit * 3 // 4
-        # Room for one more transaction of the usual size (a few pages).
-        return size + WAL_TXN_PAGES * (self._page_size + 24) >= self._wal_limit
+        txn = WAL_TXN_PAGES * (self._page_size + 24)
+        room = self._wal_limit - size - txn
+        self._wal_stat_every = max(0, min(WAL_STAT_EVERY, room // txn - 1))
+        return room <= 0
+
+    def _wal_small(self) -> bool:
+        """Gate thread: the WAL is below the point where it starts over, so a
+        big transaction (acknowledgements, a purge: up to thousands of rows)
+        cannot take it to its limit. Those wait otherwise (in memory; a
+        crash only re-sends acknowledged records)."""
+        if self._thread is None:
+            return True
+        return not self._wal_full and self._wal_size() <= self._wal_reset_at
 
     def _acks_waiting(self) -> bool:
         return self._u_wm > self._applied_wm or bool(self._acks)
@@ -1457,7 +1468,10 @@ class Journal:
 
     def _apply_acks(self, now_wall: float) -> int:
         """Write the uplink's acknowledgements into the events table, at most
-        ACK_BATCH rows a call so the gate thread never pauses long."""
+        ACK_BATCH rows a call so the gate thread never pauses long. Not while
+        the WAL is past half its limit: they wait in memory rather than grow it."""
+        if not self._wal_small():
+            return 0
         upto = min(self._u_wm, self._committed_seq)
         if upto > self._applied_wm:
             row = self._db.execute(
@@ -1540,6 +1554,8 @@ class Journal:
         ).fetchone()[0]
 
     def _purge(self, cutoff: float) -> None:
+        if not self._wal_small():
+            return  # after the WAL starts over
         exc = self._txn(
             lambda conn: conn.execute(
                 # Only under the watermark: a record acknowledged out of order stays until the
