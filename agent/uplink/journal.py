@@ -1844,6 +1844,9 @@ class Journal:
             conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
             conn.execute(f"PRAGMA busy_timeout={RESET_READER_WAIT_MS}")
             conn.execute(f"PRAGMA journal_size_limit={self._wal_reset_at}")
+            # Never OFF: the checkpoint's own fsyncs (the WAL before copying, the database
+            # after) make a restart safe and are why it advances the durable seq.
+            conn.execute("PRAGMA synchronous=NORMAL")
             self._ckpt_conn = conn
         return self._ckpt_conn
 
