@@ -34,13 +34,14 @@ record) to the WAL, and a checkpoint can fold the WAL into the database but
 only the next write can make it start over, and only if nothing was appended
 since the checkpoint began: under sustained commits (the gate writing
 back to back) a PASSIVE checkpoint never catches up, and the WAL grew by
-every commit (over 1 GB in a 5 s benchmark). So the sync thread looks at the
-WAL's size every WAL_CHECK_S and, once it passes half of
-``wal_limit_bytes`` (default: an eighth of the disk budget, at most 64 MiB),
-folds it in with a PASSIVE checkpoint (the gate keeps writing), then runs a
-RESTART checkpoint under ``_wal_lock``, a lock the gate takes around each of
-its write transactions: the gate waits only while the tail written
-meanwhile is copied and fsynced (milliseconds; ``stats()["max_wal_reset_s"]``),
+every commit (over 1 GB in a 5 s benchmark). So the gate looks at the WAL's
+size every few transactions (one stat; more often near the limit) and,
+once it passes half of ``wal_limit_bytes`` (default: an eighth of the disk
+budget, at most 64 MiB), wakes the sync thread. That folds it in with a
+PASSIVE checkpoint (the gate keeps writing), then runs a RESTART checkpoint
+under ``_wal_lock``, a lock the gate takes around each of its write
+transactions: the gate waits only while the tail written meanwhile is
+copied and fsynced (milliseconds; ``stats()["max_wal_reset_s"]``),
 never gets SQLITE_BUSY, and its next commit writes the WAL from the start
 (``journal_size_limit`` cuts the file back to half the limit). That
 checkpoint fsynced the database after folding everything in, so it also
@@ -166,7 +167,7 @@ MIN_DISK_BUDGET = 64 << 10
 WAL_LIMIT_MAX = 64 << 20  # the default WAL limit: an eighth of the disk budget, at most this
 WAL_LIMIT_MIN = 256 << 10  # and at least this (a few dozen commits)
 WAL_RESET_SHARE = 2  # the sync thread has the WAL start over past limit / this
-WAL_CHECK_S = 0.01  # how often the sync thread looks at the WAL's size
+WAL_WAIT_STEP_S = 0.1  # a gate waiting at the WAL's limit wakes the sync thread again this often
 WAL_STAT_EVERY = 16  # the gate looks at it every this many write transactions (one stat)
 WAL_TXN_PAGES = 8  # the gate stops short of the limit by this many WAL frames
 RESET_READER_WAIT_MS = 20  # a restarting checkpoint waits at most this for the uplink's reads
@@ -831,6 +832,7 @@ class Journal:
         self._wal_wanted = False  # gate: waiting at the WAL's limit for the sync thread
         self._wal_pinned_now = False  # the last restart failed: a reader's snapshot
         self._wal_kick = threading.Event()  # set after each restart the sync thread tries
+        self._wal_poke = threading.Event()  # the gate wakes the sync thread: the WAL is big
         self._wal_left = -1  # the WAL file's size when a RESTART left it (cut at the next commit)
         self._max_reset_s = 0.0  # the longest a restarting checkpoint held the gate off
         self._ckpt_conn: sqlite3.Connection | None = None
@@ -1222,8 +1224,9 @@ class Journal:
                 if left <= 0 or self._wal_pinned_now:
                     return False
                 self._wal_kick.clear()
+                self._wal_poke.set()
                 if self._wal_at_limit():
-                    self._wal_kick.wait(min(left, 10 * WAL_CHECK_S))
+                    self._wal_kick.wait(min(left, WAL_WAIT_STEP_S))
             return True
         finally:
             self._wal_wanted = False
@@ -1239,6 +1242,8 @@ class Journal:
         self._wal_txns = 0
         size = self._wal_size()
         self._wal_seen_max = max(self._wal_seen_max, size)
+        if size > self._wal_reset_at:
+            self._wal_poke.set()  # the sync thread has it start over
         txn = WAL_TXN_PAGES * (self._page_size + 24)
         room = self._wal_limit - size - txn
         self._wal_stat_every = max(0, min(WAL_STAT_EVERY, room // txn - 1))
@@ -1925,8 +1930,19 @@ class Journal:
         return True
 
     def _sync_loop(self) -> None:
+        # Asleep until the next sync or until the gate finds the WAL past half its
+        # limit: no polling, so an idle gate costs one wake-up per sync_interval_s.
         due = time.monotonic() + self._sync_interval
-        while not self._stop.wait(min(WAL_CHECK_S, self._sync_interval)):
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now < self._reset_not_before:  # a reader holds the WAL: pokes wait too
+                if self._stop.wait(min(due, self._reset_not_before) - now):
+                    break
+            else:
+                self._wal_poke.wait(max(0.0, due - now))
+                self._wal_poke.clear()
+                if self._stop.is_set():
+                    break
             try:
                 if time.monotonic() >= due:
                     due = time.monotonic() + self._sync_interval
@@ -1934,8 +1950,6 @@ class Journal:
                     self._fold(self._wal_due())
                 elif self._wal_due():
                     self._fold(True)  # its own fsyncs make what it folds in durable
-                else:
-                    continue
             except (OSError, sqlite3.Error) as exc:
                 self._sync_failed(exc)
                 self._wal_pinned_now = True  # a gate waiting at the WAL's limit need not wait
@@ -1961,6 +1975,7 @@ class Journal:
     def stop(self) -> None:
         """Stop the sync thread (idempotent)."""
         self._stop.set()
+        self._wal_poke.set()
         if self._thread is not None:
             self._thread.join(timeout=max(5.0, 2 * self._sync_interval))
             self._thread = None
@@ -2107,6 +2122,7 @@ class Journal:
         the gate thread: closing may touch the failing disk). Take its buffer
         first (take_buffer)."""
         self._stop.set()
+        self._wal_poke.set()
         self._closed = True
         self._close_readers()
         try:
