@@ -297,8 +297,9 @@ def test_kill_9_while_the_wal_starts_over_loses_no_committed_record(path):
         for line in lines:
             # A line the kill cut in two (its write straddled the pipe buffer) says nothing.
             if line.strip() and line.endswith("\n") and not line.startswith("resets "):
-                seq, person = line.split()
-                seen[int(seq)] = person
+                parts = line.split()
+                assert len(parts) == 2, f"the child printed {line!r}"
+                seen[int(parts[0])] = parts[1]
         j = open_journal(path)
         assert j.recovered_record is None, j.recovered_record
         j.close()

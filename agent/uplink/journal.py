@@ -116,6 +116,7 @@ import os
 import re
 import secrets
 import sqlite3
+import struct
 import threading
 import time
 from collections import deque
@@ -833,7 +834,7 @@ class Journal:
         self._wal_pinned_now = False  # the last restart failed: a reader's snapshot
         self._wal_kick = threading.Event()  # set after each restart the sync thread tries
         self._wal_poke = threading.Event()  # the gate wakes the sync thread: the WAL is big
-        self._wal_left = -1  # the WAL file's size when a RESTART left it (cut at the next commit)
+        self._shm_fd: int | None = None  # the -shm file, read for the WAL's frame count
         self._max_reset_s = 0.0  # the longest a restarting checkpoint held the gate off
         self._ckpt_conn: sqlite3.Connection | None = None
         self._synced_seq = 0
@@ -874,7 +875,7 @@ class Journal:
         try:
             conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA busy_timeout=2000")
-            _setup_writer(conn, self.path, self._wal_reset_at)
+            _setup_writer(conn, self.path, self._wal_limit)
             _new_db(conn, _new_journal_id())
             conn.execute("PRAGMA busy_timeout=0")  # from now on a lock never makes the gate wait
         except (sqlite3.Error, JournalError) as exc:
@@ -1209,6 +1210,35 @@ class Journal:
         except FileNotFoundError:
             return 0
 
+    def _wal_frames(self) -> tuple[int, int] | None:
+        """(frames in the WAL, frames folded into the database), read from the
+        wal-index header in the -shm file (https://www.sqlite.org/walformat.html,
+        "The wal-index header": mxFrame at byte 16, nBackfill at byte 96, native
+        byte order). The WAL file itself is kept at its size when the WAL
+        starts over (no new blocks to allocate: cheaper fsyncs), so its size
+        says how big the WAL got, not how big it is. None if unreadable."""
+        fd = self._shm_fd
+        if fd is None:
+            try:
+                fd = self._shm_fd = os.open(_side(self.path, "-shm"), os.O_RDONLY)
+            except OSError:
+                return None
+        try:
+            head = os.pread(fd, 100, 0)
+        except OSError:
+            return None
+        if len(head) < 100:
+            return None
+        version, _u, _c, init, _e, _p, frames = struct.unpack_from("=IIIBBHI", head, 0)
+        if version != 3007000 or not init:
+            return None
+        return frames, struct.unpack_from("=I", head, 96)[0]
+
+    def _wal_bytes(self) -> int:
+        """How much of the WAL file is in use (its size if the header cannot be read)."""
+        got = self._wal_frames()
+        return self._wal_size() if got is None else 32 + got[0] * (self._page_size + 24)
+
     def _wal_wait(self) -> bool:
         """Gate thread, the WAL at its limit: wait (at most GATE_WAIT_S) for the
         sync thread to empty it, unless it just found a reader's snapshot in
@@ -1240,8 +1270,7 @@ class Journal:
         if self._thread is None or self._wal_txns < self._wal_stat_every:
             return False  # without the sync thread nothing could empty it: see checkpoint
         self._wal_txns = 0
-        size = self._wal_size()
-        self._wal_seen_max = max(self._wal_seen_max, size)
+        size = self._wal_bytes()
         if size > self._wal_reset_at:
             self._wal_poke.set()  # the sync thread has it start over
         txn = WAL_TXN_PAGES * (self._page_size + 24)
@@ -1256,7 +1285,7 @@ class Journal:
         crash only re-sends acknowledged records)."""
         if self._thread is None:
             return True
-        return not self._wal_full and self._wal_size() <= self._wal_reset_at
+        return not self._wal_full and self._wal_bytes() <= self._wal_reset_at
 
     def _acks_waiting(self) -> bool:
         return self._u_wm > self._applied_wm or bool(self._acks)
@@ -1848,7 +1877,7 @@ class Journal:
         if self._ckpt_conn is None:
             conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
             conn.execute(f"PRAGMA busy_timeout={RESET_READER_WAIT_MS}")
-            conn.execute(f"PRAGMA journal_size_limit={self._wal_reset_at}")
+            conn.execute(f"PRAGMA journal_size_limit={self._wal_limit}")
             # Never OFF: the checkpoint's own fsyncs (the WAL before copying, the database
             # after) make a restart safe and are why it advances the durable seq.
             conn.execute("PRAGMA synchronous=NORMAL")
@@ -1861,21 +1890,22 @@ class Journal:
         Returns whether it did. The sync thread calls it every
         sync_interval_s; call it after a bulk fill without one."""
         self.sync()
-        return self._fold(self._wal_size() > self._wal_reset_at)
+        return self._fold(self._wal_due(retry=True))
 
-    def _wal_due(self) -> bool:
-        """Sync thread: the WAL passed half its limit (and is not the
-        file a restart left, which the gate's next commit cuts back)."""
-        size = self._wal_size()
-        self._wal_seen_max = max(self._wal_seen_max, size)
-        if time.monotonic() < self._reset_not_before:
+    def _wal_due(self, retry: bool = False) -> bool:
+        """Sync thread: the WAL passed half its limit and is not yet wholly
+        folded in (then the gate's next commit has it start over), or the
+        gate waits at its limit."""
+        self._wal_seen_max = max(self._wal_seen_max, self._wal_size())
+        if not retry and time.monotonic() < self._reset_not_before:
             return False
-        # While the gate waits at a full WAL, the file's size says nothing: TRUNCATE it.
-        return (
-            self._wal_full
-            or self._wal_wanted
-            or (size > self._wal_reset_at and size != self._wal_left)
-        )
+        if self._wal_full or self._wal_wanted:
+            return True  # TRUNCATE: the gate writes nothing that would restart it
+        got = self._wal_frames()
+        if got is None:
+            return self._wal_size() > self._wal_reset_at
+        frames, folded = got
+        return 32 + frames * (self._page_size + 24) > self._wal_reset_at and folded < frames
 
     def _fold(self, restart: bool) -> bool:
         """PASSIVE first: it never waits for the gate or the uplink, but under
@@ -1900,13 +1930,12 @@ class Journal:
                 target = self._committed_seq  # all of it is in the WAL being folded in
                 busy = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()[0]
                 held = time.monotonic() - t0
-                self._wal_left = self._wal_size()
+            self._wal_seen_max = max(self._wal_seen_max, self._wal_size())
             self._max_reset_s = max(self._max_reset_s, held)
             self._wal_pinned_now = bool(busy)
             self._wal_kick.set()
             if busy:
                 self._wal_pinned += 1
-                self._wal_left = -1
                 self._reset_not_before = time.monotonic() + RESET_RETRY_S
                 if not self._wal_pinned_logged:
                     log.warning(
@@ -2116,6 +2145,9 @@ class Journal:
             if self._ckpt_conn is not None:
                 self._ckpt_conn.close()
                 self._ckpt_conn = None
+        fd, self._shm_fd = self._shm_fd, None
+        if fd is not None:
+            os.close(fd)  # a read still under way fails its version check: the file size is used
 
     def abandon(self) -> None:
         """Let go of a journal whose disk refuses writes, writing nothing (not on
