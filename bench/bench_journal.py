@@ -7,10 +7,12 @@ for a shorter run while an uplink thread drains the journal (``pending`` and
 ``ack_one``) and the gate calls ``maintenance`` every 100 commits, to show the
 uplink does not slow the gate. Writes key ``journal`` into bench/results.json:
 ``append_per_s`` (the headline figure), commit latency percentiles, sync
-figures, the WAL's largest size (``wal_max_bytes``, goal: at most 64 MB; the
-gate samples it every 100 commits, the journal's sync thread every 10 ms) and
-how often the sync thread emptied it (``wal_resets``), the journal's files at
-the end against the disk budget, and the same under uplink load.
+figures, the WAL file's largest size (``wal_max_bytes``, goal: at most 64 MB;
+sampled every 100 commits and by the journal each time it folds the WAL in),
+how often the WAL started over (``wal_resets``) and the longest that held a
+commit (``max_wal_reset_ms``), the journal's files at the end against the
+disk budget, seqs missing after close (``records_missing``, must be 0), and
+the same under uplink load.
 
 ``BENCH_QUICK=1`` (``make bench`` in quick mode) shortens the main run to 1.5 s.
 """
