@@ -42,8 +42,11 @@ PASSIVE checkpoint (the gate keeps writing), then runs a RESTART checkpoint
 under ``_wal_lock``, a lock the gate takes around each of its write
 transactions: the gate waits only while the tail written meanwhile is
 copied and fsynced (milliseconds; ``stats()["max_wal_reset_s"]``),
-never gets SQLITE_BUSY, and its next commit writes the WAL from the start
-(``journal_size_limit`` cuts the file back to half the limit). That
+never gets SQLITE_BUSY, and its next commit writes the WAL from the start,
+over the same blocks (``journal_size_limit`` is the limit: the file keeps
+the size it reached, room the budget reserves anyway, and no block is
+allocated again; how much of it is in use is read from the wal-index
+header, see ``_wal_frames``). That
 checkpoint fsynced the database after folding everything in, so it also
 advances the durable seq. Should the WAL still reach its limit, the gate
 waits (at most GATE_WAIT_S) for the sync thread to empty it. The uplink's
@@ -351,7 +354,7 @@ def _setup_writer(conn: sqlite3.Connection, path: Path, wal_keep: int = WAL_LIMI
         )
     conn.execute("PRAGMA synchronous=NORMAL")  # no fsync at commit in WAL mode
     conn.execute("PRAGMA wal_autocheckpoint=0")  # checkpoints (fsync) only off the gate thread
-    # A WAL that SQLite restarts itself (after an idle moment) is cut back to this.
+    # A WAL that starts over is cut back to this (it keeps its blocks up to it).
     conn.execute(f"PRAGMA journal_size_limit={int(wal_keep)}")
 
 
