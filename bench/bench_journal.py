@@ -7,7 +7,14 @@ for a shorter run while an uplink thread drains the journal (``pending`` and
 ``ack_one``) and the gate calls ``maintenance`` every 100 commits, to show the
 uplink does not slow the gate. Writes key ``journal`` into bench/results.json:
 ``append_per_s`` (the headline figure), commit latency percentiles, sync
-figures, and the same under uplink load.
+figures, the WAL file's largest size (``wal_max_bytes``, goal: at most 64 MB;
+sampled every 100 commits and by the journal each time it folds the WAL in),
+how often the WAL started over (``wal_resets``) and the longest that held a
+commit (``max_wal_reset_ms``), the journal's files at the end against the
+disk budget, seqs missing after close (``records_missing``, must be 0), and
+the same under uplink load.
+
+``BENCH_QUICK=1`` (``make bench`` in quick mode) shortens the main run to 1.5 s.
 """
 
 from __future__ import annotations
@@ -86,8 +93,11 @@ def run(directory: Path, seconds: float, sync_interval: float, uplink: bool) -> 
             n += 1
             if uplink and n % 100 == 0:
                 journal.maintenance(time.time())
-            if n % 1000 == 0:
-                wal_max = max(wal_max, wal.stat().st_size if wal.exists() else 0)
+            if n % 100 == 0:
+                try:
+                    wal_max = max(wal_max, wal.stat().st_size)
+                except FileNotFoundError:
+                    pass
                 if c1 >= end:
                     break
         elapsed = time.perf_counter() - t0
@@ -97,6 +107,7 @@ def run(directory: Path, seconds: float, sync_interval: float, uplink: bool) -> 
             reader.join()
         stats = journal.stats()
         journal.close()
+    missing = _missing_seqs(journal.path, stats["last_seq"])
     lat.sort()
     return {
         "append_per_s": round(n / elapsed, 1),
@@ -108,9 +119,29 @@ def run(directory: Path, seconds: float, sync_interval: float, uplink: bool) -> 
         "commit_max_ms": round(lat[-1] * 1e3, 3),
         "syncs": stats["syncs"],
         "max_sync_ms": round(stats["max_sync_s"] * 1e3, 3),
-        "wal_max_bytes": wal_max,
+        "wal_max_bytes": max(wal_max, stats["wal_max_bytes"]),
+        "wal_limit_bytes": stats["wal_limit_bytes"],
+        "wal_resets": stats["wal_resets"],
+        "wal_pinned": stats["wal_pinned"],
+        "wal_gate_gave_up": stats["wal_busy_waits"],
+        "max_wal_reset_ms": round(stats["max_wal_reset_s"] * 1e3, 3),
+        "db_bytes_end": stats["db_bytes"],
+        "disk_budget_bytes": stats["disk_budget_bytes"],
+        "records_missing": missing,
         **({"uplink_drained": drained[0]} if uplink else {}),
     }
+
+
+def _missing_seqs(path: Path, last_seq: int) -> int:
+    """Seqs 1..last_seq not in the closed journal (must be 0: nothing lost)."""
+    import sqlite3
+
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        have = conn.execute("SELECT count(*) FROM events WHERE seq <= ?", (last_seq,)).fetchone()[0]
+    finally:
+        conn.close()
+    return last_seq - have
 
 
 def _write_result(key: str, value: dict) -> None:
@@ -133,7 +164,13 @@ def _merge_json(key: str, value: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seconds", type=float, default=5.0, help="length of the main run (default 5)")
+    quick = os.environ.get("BENCH_QUICK") == "1"
+    ap.add_argument(
+        "--seconds",
+        type=float,
+        default=1.5 if quick else 5.0,
+        help="length of the main run (default 5; 1.5 with BENCH_QUICK=1)",
+    )
     ap.add_argument(
         "--sync-interval",
         type=float,
@@ -172,7 +209,12 @@ def main(argv: list[str] | None = None) -> int:
         f"journal: {main_run['append_per_s']:,.0f} appends/s one record per commit "
         f"(sync every {args.sync_interval} s); commit p50 {main_run['commit_p50_us']} us, "
         f"p99 {main_run['commit_p99_us']} us, max {main_run['commit_max_ms']} ms; "
-        f"with an uplink draining: {busy['append_per_s']:,.0f}/s, p99 {busy['commit_p99_us']} us"
+        f"with an uplink draining: {busy['append_per_s']:,.0f}/s, p99 {busy['commit_p99_us']} us, "
+        f"max {busy['commit_max_ms']} ms; WAL at most {main_run['wal_max_bytes'] / 2**20:.1f} MiB "
+        f"({busy['wal_max_bytes'] / 2**20:.1f} MiB with the uplink) against a limit of "
+        f"{main_run['wal_limit_bytes'] / 2**20:.0f} MiB, emptied {main_run['wal_resets']} and "
+        f"{busy['wal_resets']} times; records missing: {main_run['records_missing']} and "
+        f"{busy['records_missing']}"
     )
     if not args.no_write:
         _write_result("journal", result)

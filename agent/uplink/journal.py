@@ -6,7 +6,8 @@ How the gate thread is kept from waiting:
 
 * One writer. Only the gate thread writes the events database (``commit``,
   ``maintenance``, ``close``). The uplink reads it on its own connection; in
-  WAL mode readers never block the writer.
+  WAL mode readers never block the writer. The one wait: while the sync
+  thread has the WAL start over (below, "The WAL stays small").
 * Acknowledgements stay in memory until the gate thread applies them.
   ``ack_upto`` raises a watermark (one int) and ``ack_one`` appends to a
   ``deque`` (atomic append/popleft: no lock is shared with the gate thread);
@@ -20,13 +21,46 @@ How the gate thread is kept from waiting:
   commit to the WAL without fsync, which survives kill -9. Automatic
   checkpoints are off (a checkpoint fsyncs); a background thread fsyncs the
   WAL and checkpoints every ``sync_interval_s``, so a power cut loses at most
-  that window.
+  that window (plus one fsync).
 * A seq never names two different records on the server: ``pending`` offers
   only records already fsynced (it syncs first, on the uplink's thread, when
   needed; at most one extra fsync per 0.1 s while the sync thread runs, since
   an fsync slows the gate's WAL writes in the kernel). After a power cut the
   journal numbers on from the last durable seq, and nobody saw the records
   that were lost.
+
+The WAL stays small. Every commit appends its pages (about 13 KB for one
+record) to the WAL, and a checkpoint can fold the WAL into the database but
+only the next write can make it start over, and only if nothing was appended
+since the checkpoint began: under sustained commits (the gate writing
+back to back) a PASSIVE checkpoint never catches up, and the WAL grew by
+every commit (over 1 GB in a 5 s benchmark). So the gate looks at the WAL's
+size every few transactions (one stat; more often near the limit) and,
+once it passes half of ``wal_limit_bytes`` (default: an eighth of the disk
+budget, at most 64 MiB), wakes the sync thread. That folds it in with a
+PASSIVE checkpoint (the gate keeps writing), then runs a RESTART checkpoint
+under ``_wal_lock``, a lock the gate takes around each of its write
+transactions: the gate waits only while the tail written meanwhile is
+copied and fsynced (milliseconds; ``stats()["max_wal_reset_s"]``),
+never gets SQLITE_BUSY, and its next commit writes the WAL from the start,
+over the same blocks (``journal_size_limit`` is the limit: the file keeps
+the size it reached, room the budget reserves anyway, and no block is
+allocated again; how much of it is in use is read from the wal-index
+header, see ``_wal_frames``). That
+checkpoint fsynced the database after folding everything in, so it also
+advances the durable seq. Should the WAL still reach its limit, the gate
+waits (at most GATE_WAIT_S) for the sync thread to empty it. The uplink's
+reads are single statements (or a short transaction in ``backlog``), so
+they delay a restart by at most RESET_READER_WAIT_MS. A reader that holds a
+read transaction open (a technician's ``sqlite3`` shell, a stuck tool)
+pins the WAL: nothing after its snapshot can be folded in. Then the WAL
+stops at its limit, not past it: the gate numbers records and keeps them in
+memory (``WAL_FULL``, the same path and ``journal_capacity`` alarm as a full
+disk; like those, they die with the process), the sync thread tries again
+every RESET_RETRY_S, and once the reader lets go the WAL is emptied and the
+records written. Likewise, without an alarm, if a restart holds the gate off
+longer than GATE_WAIT_S (an fsync that slow means a failing card). Without
+the sync thread (tools, tests) nothing bounds the WAL: call ``checkpoint``.
 
 Capacity and a full disk never make ``commit`` raise and never leave a gap in
 the seqs (the contract promises none): a record that cannot be kept is refused
@@ -37,9 +71,11 @@ last 10 %; those are kept up to the hard cap ``capacity_events``. The
 journal's own records (alarms, overflow, recovered) are always kept.
 
 A full disk (``SQLITE_FULL``; ``disk_budget_bytes`` is enforced with
-``PRAGMA max_page_count``, so an exhausted budget looks the same) or any other
-write failure: records are numbered and wait, in order, in a bounded memory
-buffer, written on the next ``commit`` or ``maintenance``. Buffered records are
+``PRAGMA max_page_count``, so an exhausted budget looks the same; the budget
+covers the database and its WAL: the database gets the budget less
+``wal_limit_bytes``) or any other write failure: records are numbered and
+wait, in order, in a bounded memory buffer, written on the next ``commit``
+or ``maintenance``. Buffered records are
 not offered to the uplink until written, so if the process dies first their
 seqs are reused safely. While the disk is full, acknowledged records are
 deleted at once instead of kept for the retention period.
@@ -83,6 +119,7 @@ import os
 import re
 import secrets
 import sqlite3
+import struct
 import threading
 import time
 from collections import deque
@@ -130,6 +167,16 @@ PENDING_SYNC_GAP_S = 0.1  # pending() adds at most one fsync per this while the 
 SALVAGE_CHUNK = 4096
 PROGRESS_S = 5.0  # a long salvage says it is alive this often (systemd's start timeout)
 MIN_DISK_BUDGET = 64 << 10
+# The WAL (see the module docstring, "The WAL stays small").
+WAL_LIMIT_MAX = 64 << 20  # the default WAL limit: an eighth of the disk budget, at most this
+WAL_LIMIT_MIN = 256 << 10  # and at least this (a few dozen commits)
+WAL_RESET_SHARE = 2  # the sync thread has the WAL start over past limit / this
+WAL_WAIT_STEP_S = 0.1  # a gate waiting at the WAL's limit wakes the sync thread again this often
+WAL_STAT_EVERY = 16  # the gate looks at it every this many write transactions (one stat)
+WAL_TXN_PAGES = 8  # the gate stops short of the limit by this many WAL frames
+RESET_READER_WAIT_MS = 20  # a restarting checkpoint waits at most this for the uplink's reads
+RESET_RETRY_S = 0.25  # after a reader kept the WAL from starting over, the next try waits this
+GATE_WAIT_S = 1.0  # the gate waits at most this for a restarting checkpoint, then buffers
 
 _SQLITE_CORRUPT = 11
 # What SQLite answers when the filesystem refuses a write (EROFS): then the directory is probed.
@@ -166,6 +213,8 @@ _STATE = (
 
 
 READ_ONLY = "read-only filesystem"  # Journal.stats()["blocked"] when the disk refuses writes
+# Journal.stats()["blocked"] while the WAL is at its limit (a reader holds an old snapshot).
+WAL_FULL = "WAL full"
 _PROBE_NAME = ".gate-agent-probe"
 
 
@@ -199,6 +248,10 @@ def readonly_dir(directory: Path) -> bool:
 
 class JournalError(RuntimeError):
     """The journal cannot be opened or used; the message says what to do."""
+
+
+class _WalBusy(sqlite3.OperationalError):
+    """The gate waited GATE_WAIT_S for a checkpoint restarting the WAL."""
 
 
 def _system_clock() -> Now:
@@ -292,7 +345,7 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _setup_writer(conn: sqlite3.Connection, path: Path) -> None:
+def _setup_writer(conn: sqlite3.Connection, path: Path, wal_keep: int = WAL_LIMIT_MAX) -> None:
     mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
     if str(mode).lower() != "wal":
         raise JournalError(
@@ -301,7 +354,8 @@ def _setup_writer(conn: sqlite3.Connection, path: Path) -> None:
         )
     conn.execute("PRAGMA synchronous=NORMAL")  # no fsync at commit in WAL mode
     conn.execute("PRAGMA wal_autocheckpoint=0")  # checkpoints (fsync) only off the gate thread
-    conn.execute("PRAGMA journal_size_limit=67108864")
+    # A WAL that starts over is cut back to this (it keeps its blocks up to it).
+    conn.execute(f"PRAGMA journal_size_limit={int(wal_keep)}")
 
 
 def _new_db(conn: sqlite3.Connection, journal_id: str) -> None:
@@ -686,6 +740,7 @@ class Journal:
         disk_budget_bytes: int = DEFAULT_DISK_BUDGET,
         retention_days: float = 30,
         memory_buffer: int = 10_000,
+        wal_limit_bytes: int | None = None,
         clock: Callable[[], Now] | None = None,
         boot: str | None = None,
         progress: Callable[[], None] | None = None,
@@ -707,6 +762,13 @@ class Journal:
                 f"(about {BYTES_PER_EVENT_ESTIMATE} bytes each): raise the budget to at least "
                 f"{max(need, MIN_DISK_BUDGET)} or lower capacity_events"
             )
+        if wal_limit_bytes is None:
+            wal_limit_bytes = max(WAL_LIMIT_MIN, min(WAL_LIMIT_MAX, disk_budget_bytes // 8))
+        if not WAL_LIMIT_MIN <= wal_limit_bytes <= max(WAL_LIMIT_MIN, disk_budget_bytes // 2):
+            raise ValueError(
+                f"wal_limit_bytes={wal_limit_bytes}: give at least {WAL_LIMIT_MIN} and at most "
+                f"half the disk budget ({disk_budget_bytes // 2})"
+            )
         self.path = Path(path)
         self._tmp_path = _side(self.path, ".salvage")
         self._marks_path = _marks_path(self.path)
@@ -717,6 +779,8 @@ class Journal:
         self._alarm_on = capacity_events * ALARM_ON_SHARE
         self._alarm_off = capacity_events * ALARM_OFF_SHARE
         self._budget = int(disk_budget_bytes)
+        self._wal_limit = int(wal_limit_bytes)
+        self._wal_reset_at = max(WAL_LIMIT_MIN // 2, self._wal_limit // WAL_RESET_SHARE)
         self._retention_s = float(retention_days) * 86400.0
         self._memory_buffer = int(memory_buffer)
         self._buf_low_cap = max(1, int(memory_buffer * LOW_VALUE_SHARE))
@@ -757,6 +821,24 @@ class Journal:
         # Sync.
         self._sync_lock = threading.Lock()
         self._ckpt_lock = threading.Lock()
+        # Held by the gate around each write transaction and by the sync thread
+        # while a checkpoint has the WAL start over (the only time the gate waits).
+        self._wal_lock = threading.Lock()
+        self._wal_txns = 0  # gate: write transactions since it last looked at the WAL's size
+        self._wal_full = False  # gate: the WAL reached its limit; records wait in memory
+        self._wal_stat_every = 0  # gate: transactions until it looks at the WAL's size again
+        self._wal_seen_max = 0  # the largest WAL size seen (sync thread and gate)
+        self._wal_resets = 0  # checkpoints that had the WAL start over
+        self._wal_pinned = 0  # restarts a reader's snapshot (or a foreign writer) prevented
+        self._wal_pinned_logged = False
+        self._wal_busy_waits = 0  # gate: commits that found the WAL lock held past GATE_WAIT_S
+        self._reset_not_before = 0.0
+        self._wal_wanted = False  # gate: waiting at the WAL's limit for the sync thread
+        self._wal_pinned_now = False  # the last restart failed: a reader's snapshot
+        self._wal_kick = threading.Event()  # set after each restart the sync thread tries
+        self._wal_poke = threading.Event()  # the gate wakes the sync thread: the WAL is big
+        self._shm_fd: int | None = None  # the -shm file, read for the WAL's frame count
+        self._max_reset_s = 0.0  # the longest a restarting checkpoint held the gate off
         self._ckpt_conn: sqlite3.Connection | None = None
         self._synced_seq = 0
         self._syncs = 0
@@ -796,7 +878,7 @@ class Journal:
         try:
             conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA busy_timeout=2000")
-            _setup_writer(conn, self.path)
+            _setup_writer(conn, self.path, self._wal_limit)
             _new_db(conn, _new_journal_id())
             conn.execute("PRAGMA busy_timeout=0")  # from now on a lock never makes the gate wait
         except (sqlite3.Error, JournalError) as exc:
@@ -1101,23 +1183,112 @@ class Journal:
     def set_disk_budget(self, disk_budget_bytes: int) -> int:
         """Change the disk budget (gate thread); returns the budget in force.
 
-        SQLite will not shrink below the current file, so a budget smaller
-        than the file stops growth where it is.
+        The budget covers the database file and its WAL: the database may use
+        the budget less the WAL's limit (``wal_limit_bytes``). SQLite will not
+        shrink below the current file, so a budget smaller than the file stops
+        growth where it is.
         """
         self._budget = int(disk_budget_bytes)
-        pages = max(1, self._budget // self._page_size)
+        # At least half: under 512 KiB the WAL's floor (WAL_LIMIT_MIN) comes on top.
+        db_bytes = max(self._budget - self._wal_limit, self._budget // 2)
+        pages = max(1, db_bytes // self._page_size)
         got = self._db.execute(f"PRAGMA max_page_count={pages}").fetchone()[0]
         if got > pages:
             log.warning(
-                "journal %s is %d bytes, over its disk budget of %d bytes; it will not grow",
+                "journal %s is %d bytes, over its disk budget of %d bytes (less %d for the WAL); "
+                "it will not grow",
                 self.path,
                 got * self._page_size,
                 self._budget,
+                self._wal_limit,
             )
         return got * self._page_size
 
     def _stored(self) -> int:
         return self._db_pending + len(self._buffer)
+
+    def _wal_size(self) -> int:
+        try:
+            return self._wal_path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def _wal_frames(self) -> tuple[int, int] | None:
+        """(frames in the WAL, frames folded into the database), read from the
+        wal-index header in the -shm file (https://www.sqlite.org/walformat.html,
+        "The wal-index header": mxFrame at byte 16, nBackfill at byte 96, native
+        byte order). The WAL file itself is kept at its size when the WAL
+        starts over (no new blocks to allocate: cheaper fsyncs), so its size
+        says how big the WAL got, not how big it is. None if unreadable."""
+        fd = self._shm_fd
+        if fd is None:
+            try:
+                fd = self._shm_fd = os.open(_side(self.path, "-shm"), os.O_RDONLY)
+            except OSError:
+                return None
+        try:
+            head = os.pread(fd, 100, 0)
+        except OSError:
+            return None
+        if len(head) < 100:
+            return None
+        version, _u, _c, init, _e, _p, frames = struct.unpack_from("=IIIBBHI", head, 0)
+        if version != 3007000 or not init:
+            return None
+        return frames, struct.unpack_from("=I", head, 96)[0]
+
+    def _wal_bytes(self) -> int:
+        """How much of the WAL file is in use (its size if the header cannot be read)."""
+        got = self._wal_frames()
+        return self._wal_size() if got is None else 32 + got[0] * (self._page_size + 24)
+
+    def _wal_wait(self) -> bool:
+        """Gate thread, the WAL at its limit: wait (at most GATE_WAIT_S) for the
+        sync thread to empty it, unless it just found a reader's snapshot in
+        the way or the gate already holds records in memory for that. True
+        when the gate may write again."""
+        if self._wal_full:
+            return False
+        deadline = time.monotonic() + GATE_WAIT_S
+        self._wal_wanted = True
+        try:
+            while self._wal_at_limit():
+                left = deadline - time.monotonic()
+                if left <= 0 or self._wal_pinned_now:
+                    return False
+                self._wal_kick.clear()
+                self._wal_poke.set()
+                if self._wal_at_limit():
+                    self._wal_kick.wait(min(left, WAL_WAIT_STEP_S))
+            return True
+        finally:
+            self._wal_wanted = False
+
+    def _wal_at_limit(self) -> bool:
+        """Gate thread: whether the WAL reached its limit (less room for one
+        transaction of WAL_TXN_PAGES pages). One stat every WAL_STAT_EVERY
+        write transactions, more often as the room left shrinks, every time
+        at the end (the sync thread has it start over at half, unless a
+        reader's snapshot prevents it)."""
+        if self._thread is None or self._wal_txns < self._wal_stat_every:
+            return False  # without the sync thread nothing could empty it: see checkpoint
+        self._wal_txns = 0
+        size = self._wal_bytes()
+        if size > self._wal_reset_at:
+            self._wal_poke.set()  # the sync thread has it start over
+        txn = WAL_TXN_PAGES * (self._page_size + 24)
+        room = self._wal_limit - size - txn
+        self._wal_stat_every = max(0, min(WAL_STAT_EVERY, room // txn - 1))
+        return room <= 0
+
+    def _wal_small(self) -> bool:
+        """Gate thread: the WAL is below the point where it starts over, so a
+        big transaction (acknowledgements, a purge: up to thousands of rows)
+        cannot take it to its limit. Those wait otherwise (in memory; a
+        crash only re-sends acknowledged records)."""
+        if self._thread is None:
+            return True
+        return not self._wal_full and self._wal_bytes() <= self._wal_reset_at
 
     def _acks_waiting(self) -> bool:
         return self._u_wm > self._applied_wm or bool(self._acks)
@@ -1163,8 +1334,22 @@ class Journal:
         return (last_seq, pending, acked_upto, int(self._cap_alarm), overflow)
 
     def _txn(self, body: Callable[[sqlite3.Connection], None]) -> BaseException | None:
-        """Run body in one write transaction; the sqlite error, or None."""
+        """Run body in one write transaction; the sqlite error, or None.
+
+        Under ``_wal_lock``: the sync thread holds it only while a checkpoint
+        has the WAL start over (a few milliseconds: the tail of the WAL and two
+        fsyncs); past GATE_WAIT_S the gate gives up (``_WalBusy``)."""
+        if not self._wal_lock.acquire(timeout=GATE_WAIT_S):
+            self._wal_busy_waits += 1
+            return _WalBusy("a checkpoint is restarting the WAL")
+        try:
+            return self._txn_locked(body)
+        finally:
+            self._wal_lock.release()
+
+    def _txn_locked(self, body: Callable[[sqlite3.Connection], None]) -> BaseException | None:
         conn = self._db
+        self._wal_txns += 1
         try:
             conn.execute("BEGIN")
             try:
@@ -1195,6 +1380,21 @@ class Journal:
                 if not self._state_dirty:
                     self._marks_stored(marks)
             return []
+        if self._wal_at_limit() and not self._wal_wait():
+            if not self._wal_full:
+                log.error(
+                    "journal %s: its WAL reached its limit of %d bytes and has not started over "
+                    "(a reader holds an old snapshot, or the disk is slow); records wait in memory",
+                    self.path,
+                    self._wal_limit,
+                )
+            self._wal_full = True
+            self._blocked = WAL_FULL
+            self._buffer.extend(items)
+            return [it[0] for it in items]
+        if self._wal_full:
+            log.warning("journal %s: its WAL started over; writing again", self.path)
+            self._wal_full = False
         rows = [it[1] for it in self._buffer] + [it[1] for it in items]
         pending = self._db_pending + len(rows)
 
@@ -1218,6 +1418,10 @@ class Journal:
                 )
                 self._buffer.clear()
             self._blocked = None
+        elif isinstance(exc, _WalBusy):
+            # Not a fault: a restarting checkpoint took longer than GATE_WAIT_S (a slow
+            # fsync); the records are written with the next commit or maintenance.
+            self._buffer.extend(items)
         else:
             if _is_full(exc):
                 reason = "disk full"
@@ -1261,7 +1465,13 @@ class Journal:
                 own.append(self._alarm(False, self._blocked_alarm, kind))
             self._blocked_alarm = self._blocked
             detail = self._blocked
-            if self._blocked == READ_ONLY:
+            if self._blocked == WAL_FULL:
+                detail = (
+                    f"the journal's WAL reached its limit ({self._wal_limit} bytes) and has not "
+                    f"started over: a reader holds an old snapshot of {self.path} (close it) or "
+                    "the disk is slow; records wait in memory"
+                )
+            elif self._blocked == READ_ONLY:
                 detail = (
                     f"{self.path.parent} is read-only (the SD card is failing): records wait in "
                     "memory; replace the card"
@@ -1295,7 +1505,10 @@ class Journal:
 
     def _apply_acks(self, now_wall: float) -> int:
         """Write the uplink's acknowledgements into the events table, at most
-        ACK_BATCH rows a call so the gate thread never pauses long."""
+        ACK_BATCH rows a call so the gate thread never pauses long. Not while
+        the WAL is past half its limit: they wait in memory rather than grow it."""
+        if not self._wal_small():
+            return 0
         upto = min(self._u_wm, self._committed_seq)
         if upto > self._applied_wm:
             row = self._db.execute(
@@ -1378,6 +1591,8 @@ class Journal:
         ).fetchone()[0]
 
     def _purge(self, cutoff: float) -> None:
+        if not self._wal_small():
+            return  # after the WAL starts over
         exc = self._txn(
             lambda conn: conn.execute(
                 # Only under the watermark: a record acknowledged out of order stays until the
@@ -1577,6 +1792,13 @@ class Journal:
             "dropped_total": self._dropped_total,
             "db_bytes": db_bytes,
             "disk_budget_bytes": self._budget,
+            "wal_bytes": self._wal_size(),
+            "wal_limit_bytes": self._wal_limit,
+            "wal_max_bytes": self._wal_seen_max,
+            "wal_resets": self._wal_resets,
+            "wal_pinned": self._wal_pinned,
+            "wal_busy_waits": self._wal_busy_waits,
+            "max_wal_reset_s": self._max_reset_s,
             "sync_interval_s": self._sync_interval,
             "syncs": self._syncs,
             "sync_errors": self._sync_errors,
@@ -1644,7 +1866,8 @@ class Journal:
         self._marks_written = now
 
     def start_sync_thread(self) -> None:
-        """Sync and checkpoint the WAL every sync_interval_s, off the gate thread."""
+        """Sync and checkpoint the WAL every sync_interval_s, and empty it when it
+        passes half its limit, off the gate thread."""
         self._check_open()
         if self._thread is not None and self._thread.is_alive():
             return
@@ -1652,27 +1875,117 @@ class Journal:
         self._thread = threading.Thread(target=self._sync_loop, name="journal-sync", daemon=True)
         self._thread.start()
 
-    def checkpoint(self) -> None:
+    def _checkpoint_conn(self) -> sqlite3.Connection:
+        # Called with _ckpt_lock held.
+        if self._ckpt_conn is None:
+            conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+            conn.execute(f"PRAGMA busy_timeout={RESET_READER_WAIT_MS}")
+            conn.execute(f"PRAGMA journal_size_limit={self._wal_limit}")
+            # Never OFF: the checkpoint's own fsyncs (the WAL before copying, the database
+            # after) make a restart safe and are why it advances the durable seq.
+            conn.execute("PRAGMA synchronous=NORMAL")
+            self._ckpt_conn = conn
+        return self._ckpt_conn
+
+    def checkpoint(self) -> bool:
         """Sync, then fold the WAL into the database file (never on the gate
-        thread). PASSIVE: it never waits for the gate or the uplink; under
-        sustained writes the WAL can only restart once the writer pauses.
-        The sync thread calls it; call it after a bulk fill without one."""
+        thread), and have it start over if it passed half its limit.
+        Returns whether it did. The sync thread calls it every
+        sync_interval_s; call it after a bulk fill without one."""
         self.sync()
+        return self._fold(self._wal_due(retry=True))
+
+    def _wal_due(self, retry: bool = False) -> bool:
+        """Sync thread: the WAL passed half its limit and is not yet wholly
+        folded in (then the gate's next commit has it start over), or the
+        gate waits at its limit."""
+        self._wal_seen_max = max(self._wal_seen_max, self._wal_size())
+        if not retry and time.monotonic() < self._reset_not_before:
+            return False
+        if self._wal_full or self._wal_wanted:
+            return True  # TRUNCATE: the gate writes nothing that would restart it
+        got = self._wal_frames()
+        if got is None:
+            return self._wal_size() > self._wal_reset_at
+        frames, folded = got
+        return 32 + frames * (self._page_size + 24) > self._wal_reset_at and folded < frames
+
+    def _fold(self, restart: bool) -> bool:
+        """PASSIVE first: it never waits for the gate or the uplink, but under
+        sustained writes the gate appends while it copies, so the WAL would
+        never start over by itself. Then, if ``restart``, RESTART under
+        ``_wal_lock``: the gate is held off while the tail written meanwhile
+        is copied and fsynced, and its next commit writes the WAL from the
+        start (TRUNCATE instead while the gate waits for a full WAL: that
+        empties the file at once). It waits at most RESET_READER_WAIT_MS for
+        the uplink's reads (each is one short statement); a reader that holds
+        a snapshot longer keeps the WAL from starting over, so the next try
+        waits RESET_RETRY_S, and at its limit the gate stops writing (records
+        wait in memory: ``WAL_FULL``)."""
         with self._ckpt_lock:
-            if self._ckpt_conn is None:
-                conn = sqlite3.connect(
-                    str(self.path), isolation_level=None, check_same_thread=False
-                )
-                conn.execute("PRAGMA busy_timeout=1000")
-                self._ckpt_conn = conn
-            self._ckpt_conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            conn = self._checkpoint_conn()
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            if not restart:
+                return False
+            mode = "TRUNCATE" if self._wal_full or self._wal_wanted else "RESTART"
+            with self._wal_lock:
+                t0 = time.monotonic()
+                target = self._committed_seq  # all of it is in the WAL being folded in
+                busy = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()[0]
+                held = time.monotonic() - t0
+            self._wal_seen_max = max(self._wal_seen_max, self._wal_size())
+            self._max_reset_s = max(self._max_reset_s, held)
+            self._wal_pinned_now = bool(busy)
+            self._wal_kick.set()
+            if busy:
+                self._wal_pinned += 1
+                self._reset_not_before = time.monotonic() + RESET_RETRY_S
+                if not self._wal_pinned_logged:
+                    log.warning(
+                        "journal %s: a reader holds an old snapshot, the WAL (%d bytes) cannot "
+                        "start over; retrying every %.2f s",
+                        self.path,
+                        self._wal_size(),
+                        RESET_RETRY_S,
+                    )
+                    self._wal_pinned_logged = True
+                return False
+        self._wal_resets += 1
+        if self._wal_pinned_logged:
+            log.warning("journal %s: the WAL starts over again", self.path)
+            self._wal_pinned_logged = False
+        # The checkpoint fsynced the database after folding in every frame: durable.
+        with self._sync_lock:
+            if target > self._synced_seq:
+                self._synced_seq = target
+                self._write_marks()
+        return True
 
     def _sync_loop(self) -> None:
-        while not self._stop.wait(self._sync_interval):
+        # Asleep until the next sync or until the gate finds the WAL past half its
+        # limit: no polling, so an idle gate costs one wake-up per sync_interval_s.
+        due = time.monotonic() + self._sync_interval
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now < self._reset_not_before:  # a reader holds the WAL: pokes wait too
+                if self._stop.wait(min(due, self._reset_not_before) - now):
+                    break
+            else:
+                self._wal_poke.wait(max(0.0, due - now))
+                self._wal_poke.clear()
+                if self._stop.is_set():
+                    break
             try:
-                self.checkpoint()
+                if time.monotonic() >= due:
+                    due = time.monotonic() + self._sync_interval
+                    self.sync()
+                    self._fold(self._wal_due())
+                elif self._wal_due():
+                    self._fold(True)  # its own fsyncs make what it folds in durable
             except (OSError, sqlite3.Error) as exc:
                 self._sync_failed(exc)
+                self._wal_pinned_now = True  # a gate waiting at the WAL's limit need not wait
+                self._wal_kick.set()
             else:
                 if self._sync_failing:
                     log.warning("journal %s: sync works again", self.path)
@@ -1694,6 +2007,7 @@ class Journal:
     def stop(self) -> None:
         """Stop the sync thread (idempotent)."""
         self._stop.set()
+        self._wal_poke.set()
         if self._thread is not None:
             self._thread.join(timeout=max(5.0, 2 * self._sync_interval))
             self._thread = None
@@ -1772,7 +2086,8 @@ class Journal:
 
     def set_meta(self, key: str, value: str) -> None:
         """Gate thread: a meta value, kept if already set."""
-        self._db.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (key, value))
+        with self._wal_lock:
+            self._db.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (key, value))
 
     def take_buffer(self) -> list[dict]:
         """Gate thread: hand over the records waiting in memory (numbered, never
@@ -1833,12 +2148,16 @@ class Journal:
             if self._ckpt_conn is not None:
                 self._ckpt_conn.close()
                 self._ckpt_conn = None
+        fd, self._shm_fd = self._shm_fd, None
+        if fd is not None:
+            os.close(fd)  # a read still under way fails its version check: the file size is used
 
     def abandon(self) -> None:
         """Let go of a journal whose disk refuses writes, writing nothing (not on
         the gate thread: closing may touch the failing disk). Take its buffer
         first (take_buffer)."""
         self._stop.set()
+        self._wal_poke.set()
         self._closed = True
         self._close_readers()
         try:
