@@ -132,6 +132,7 @@ from urllib.parse import quote
 
 from agent.core.events import Now
 from agent.core.records import make_record
+from agent.host import boot_id
 from agent.uplink.sqlite_pages import PageReader
 
 __all__ = [
@@ -257,13 +258,6 @@ class _WalBusy(sqlite3.OperationalError):
 def _system_clock() -> Now:
     # Only when the runtime passes no clock: this one cannot know NTP state.
     return Now(mono=time.monotonic(), wall=time.time(), synced=False)
-
-
-def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 def _code(exc: BaseException) -> int | None:
@@ -785,7 +779,7 @@ class Journal:
         self._memory_buffer = int(memory_buffer)
         self._buf_low_cap = max(1, int(memory_buffer * LOW_VALUE_SHARE))
         self._clock = clock or _system_clock
-        self._boot = boot or _boot_id()
+        self._boot = boot or boot_id()
         self._progress = progress
 
         self.id = ""

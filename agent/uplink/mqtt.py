@@ -87,7 +87,7 @@ class JournalForUplink(Protocol):
     def ack_one(self, seq: int) -> Any: ...
 
 
-read_boot_id = boot_id  # the kernel's boot id (the same ``boot`` the event records carry)
+
 
 
 def _json(msg: dict) -> bytes:
@@ -175,7 +175,7 @@ class Uplink:
         self.status_fields = status_fields
         self.on_alarm = on_alarm
         self.on_message = on_message
-        self.boot = boot or read_boot_id()
+        self.boot = boot or boot_id()
         self.started_at = time.time() if started_at is None else started_at
 
         self._wake_r, self._wake_w = socket.socketpair()
