@@ -11,10 +11,11 @@ with offsets; schedules are one contiguous bitmap buffer. See Table.
 """
 from cpython.long cimport PyLong_CheckExact
 from cpython.number cimport PyNumber_Index
+from cpython.exc cimport PyErr_Clear
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_DecodeUTF8
 from libc.stdint cimport SIZE_MAX
-from libc.stdlib cimport free, malloc
-from libc.string cimport memcpy, memset
+from libc.stdlib cimport calloc, free, malloc, realloc
+from libc.string cimport memcmp, memcpy, memset
 
 cdef extern from *:
     """
@@ -336,7 +337,7 @@ cdef class Table:
         self.n_holidays = nh
         # At most 3/4 full, and always one free slot so every probe ends.
         self.n_slots = <unsigned long long>(n + n // 3 + 1)
-        self._allocate(self._id_bytes(ids))
+        self._allocate(self._ids_size(ids))
 
         for i in range(np):
             self.validity[i].valid_from = p_from[i]
@@ -394,7 +395,7 @@ cdef class Table:
             bm = exit_[g]
             memcpy(dst + 2 * C_BITMAP_BYTES, &bm[0], C_BITMAP_BYTES)
 
-    cdef unsigned long long _id_bytes(self, ids) except? 0:
+    cdef unsigned long long _ids_size(self, ids) except? 0:
         # ASCII str data is read in place; a non-ASCII id gets its UTF-8 form
         # cached on the str. No per-person bytes object is made.
         cdef Py_ssize_t i, size
@@ -499,65 +500,370 @@ cdef class Table:
         """Memory held: the arena of C arrays plus the object itself."""
         return self.arena_size + object.__sizeof__(self)
 
+    # The person id's UTF-8 bytes in place, for GateState (no str made): a
+    # pointer into the id blob and, in *n, its length. i must be in range.
+    cdef const char* _id_bytes(self, Py_ssize_t i, Py_ssize_t* n) noexcept nogil:
+        cdef unsigned int start = self.id_off[i]
+        n[0] = <Py_ssize_t>(self.id_off[i + 1] - start)
+        return self.id_blob + start
+
+
+# --------------------------------------------------------------------------- gate state
+
+cdef extern from *:
+    """
+    /* n bytes on a 64-byte boundary (a state entry per cache line); free() frees it. */
+    static void *gate_alloc_lines(size_t n) {
+    #if defined(__unix__) || defined(__APPLE__)
+        void *p = NULL;
+        return posix_memalign(&p, 64, n ? n : 1) == 0 ? p : NULL;
+    #else
+        return malloc(n ? n : 1);
+    #endif
+    }
+    #if defined(__GNUC__) || defined(__clang__)
+    #define gate_prefetch(p) __builtin_prefetch(p)
+    #else
+    #define gate_prefetch(p) ((void)(p))
+    #endif
+    """
+    void* gate_alloc_lines(size_t n) nogil
+    void gate_prefetch(const void* p) nogil
+    # No exception clause: NULL with the error set (a str with lone surrogates).
+    const char* _utf8_or_null "PyUnicode_AsUTF8AndSize"(object s, Py_ssize_t* n)
+
+
+cdef struct Entry:
+    # One person of the gate state: 64 bytes, one cache line, so a look-up
+    # that hits reads the id and every field at once.
+    unsigned long long hash  # _hash_bytes of the id (& hash_mask)
+    long long day  # local day (date ordinal) of the position
+    long long last  # UTC epoch s of the last entry passage (E_LAST)
+    long long uses  # guest entries spent (E_USES)
+    unsigned int id_len
+    unsigned char pos  # C_POS_IN / C_POS_OUT; C_POS_UNKNOWN: no position recorded
+    unsigned char flags  # E_LAST | E_USES: which of last / uses were recorded
+    unsigned short _pad
+    char id[24]  # the id's UTF-8 bytes up to ID_INLINE of them, else a char* to a copy
+
+
+cdef struct Slot:
+    unsigned int entry  # entry index + 1; 0: a free slot
+    unsigned int tag  # the entry's hash >> 32: most other ids differ here already
+
+
+cdef enum:
+    E_LAST = 1
+    E_USES = 2
+    ID_INLINE = 24
+    CHUNK_BITS = 10  # entries live in chunks of 1,024 (64 KiB): no big realloc, no move
+    CHUNK = 1024
+    FIRST_SLOTS = 64  # a power of two
+
+
+cdef inline unsigned long long _hash_bytes(const char* p, Py_ssize_t n) noexcept nogil:
+    # Eight bytes at a time (memcpy: any alignment), then _mix. Person ids come
+    # from the signed access list, not from a card reader: no seed needed.
+    cdef unsigned long long h = 0x9E3779B97F4A7C15ULL ^ (<unsigned long long>n * 0xff51afd7ed558ccdULL)
+    cdef unsigned long long w
+    cdef Py_ssize_t i = 0
+    while i + 8 <= n:
+        memcpy(&w, p + i, 8)
+        h = (h ^ w) * 0x9E3779B97F4A7C15ULL
+        h ^= h >> 29
+        i += 8
+    if i < n:
+        w = 0
+        memcpy(&w, p + i, <size_t>(n - i))
+        h = (h ^ w) * 0x9E3779B97F4A7C15ULL
+    return _mix(h)
+
+
+cdef inline const char* _entry_id(const Entry* e) noexcept nogil:
+    cdef const char* p
+    if e.id_len <= ID_INLINE:
+        return e.id
+    memcpy(&p, e.id, sizeof(char*))
+    return p
+
 
 cdef class GateState:
-    """Anti-passback positions and guest uses, keyed by person id (see _pure.GateState)."""
+    """Anti-passback positions and guest uses, keyed by person id (see _pure.GateState).
 
-    cdef dict _position  # pid -> (POS_IN/POS_OUT, local day)
-    cdef dict _last_entry  # pid -> epoch s of the last entry passage
-    cdef dict _uses  # guest pid -> entries spent
+    In C, with no Python object per person: an open-addressing hash table
+    (linear probing, at most 3/4 full, doubled when it would be fuller) of
+    slots pointing at 64-byte entries, keyed by a 64-bit hash of the id's
+    UTF-8 bytes and checked against the bytes themselves, so two ids with the
+    same hash stay two people. decide() looks a person up by the id bytes in
+    the table (Table._id_bytes) without making a str; being keyed by the id,
+    the state needs no remapping when a new table replaces the old one.
+    to_dict()/from_dict() keep the format of _pure.state_to_dict.
+    """
 
-    def __cinit__(self):
-        self._position = {}
-        self._last_entry = {}
-        self._uses = {}
+    cdef Slot* slots
+    cdef size_t n_slots  # a power of two
+    cdef size_t n_entries
+    cdef Entry** chunks  # n_chunks pointers; the first ceil(n_entries / CHUNK) are in use
+    cdef size_t n_chunks
+    cdef unsigned long long hash_mask  # all ones; tests narrow it to force collisions
+
+    def __cinit__(self, *args, **kwargs):
+        self.hash_mask = ~(<unsigned long long>0)
+        self.n_entries = 0
+        self.chunks = NULL
+        self.n_chunks = 0
+        self.slots = <Slot*>calloc(FIRST_SLOTS, sizeof(Slot))
+        if self.slots == NULL:
+            raise MemoryError("fastpath.GateState: out of memory")
+        self.n_slots = FIRST_SLOTS
+
+    def __dealloc__(self):
+        cdef size_t i
+        cdef Entry* e
+        cdef const char* p
+        for i in range(self.n_entries):
+            e = self._entry(i)
+            if e.id_len > ID_INLINE:
+                free(<void*>_entry_id(e))
+        if self.chunks != NULL:
+            for i in range((self.n_entries + CHUNK - 1) >> CHUNK_BITS):
+                free(self.chunks[i])
+        free(self.chunks)
+        free(self.slots)
+
+    # ---------------------------------------------------------------- C helpers
+
+    cdef inline Entry* _entry(self, size_t i) noexcept nogil:
+        return &self.chunks[i >> CHUNK_BITS][i & (CHUNK - 1)]
+
+    cdef inline Entry* _find(self, const char* p, Py_ssize_t n, unsigned long long h) noexcept nogil:
+        """The entry of the id p[:n] whose hash is h, or NULL."""
+        cdef size_t mask = self.n_slots - 1
+        cdef size_t i = <size_t>h & mask
+        cdef unsigned int tag = <unsigned int>(h >> 32)
+        cdef Slot* s = self.slots + i
+        cdef Entry* e
+        while s.entry:
+            if s.tag == tag:
+                e = self._entry(s.entry - 1)
+                if e.id_len == <size_t>n and memcmp(_entry_id(e), p, <size_t>n) == 0:
+                    return e
+            i = (i + 1) & mask
+            s = self.slots + i
+        return NULL
+
+    cdef inline Entry* _find_bytes(self, const char* p, Py_ssize_t n) noexcept nogil:
+        return self._find(p, n, _hash_bytes(p, n) & self.hash_mask)
+
+    cdef void _place(self, size_t i, unsigned long long h) noexcept nogil:
+        cdef size_t mask = self.n_slots - 1, j = <size_t>h & mask
+        while self.slots[j].entry:
+            j = (j + 1) & mask
+        self.slots[j].entry = <unsigned int>(i + 1)
+        self.slots[j].tag = <unsigned int>(h >> 32)
+
+    cdef int _rehash(self, size_t n_slots) except -1:
+        cdef Slot* slots
+        cdef size_t i
+        if n_slots > SIZE_MAX // (2 * sizeof(Slot)):
+            raise MemoryError("fastpath.GateState: too many persons for this machine")
+        slots = <Slot*>calloc(n_slots, sizeof(Slot))
+        if slots == NULL:
+            raise MemoryError(f"fastpath.GateState: cannot allocate {n_slots} slots")
+        free(self.slots)
+        self.slots = slots
+        self.n_slots = n_slots
+        for i in range(self.n_entries):
+            self._place(i, self._entry(i).hash)
+        return 0
+
+    cdef Entry* _add(self, const char* p, Py_ssize_t n) except NULL:
+        """The entry of the id p[:n], made (empty) when there is none."""
+        cdef unsigned long long h = _hash_bytes(p, n) & self.hash_mask
+        cdef Entry* e = self._find(p, n, h)
+        cdef size_t i = self.n_entries, c, cap
+        cdef Entry** chunks
+        cdef char* copy = NULL
+        if e != NULL:
+            return e
+        if <unsigned long long>n > 0xFFFFFFFF or i >= 0xFFFFFFFE:
+            raise MemoryError("fastpath.GateState: person id too long or too many persons")
+        if (i + 1) * 4 > self.n_slots * 3:
+            self._rehash(self.n_slots * 2)  # the old slots stay on failure
+        if (i & (CHUNK - 1)) == 0:  # the last chunk is full (or there is none)
+            c = i >> CHUNK_BITS
+            if c == self.n_chunks:
+                cap = self.n_chunks * 2 if self.n_chunks else 16
+                chunks = <Entry**>realloc(self.chunks, cap * sizeof(Entry*))
+                if chunks == NULL:
+                    raise MemoryError("fastpath.GateState: out of memory")
+                self.chunks = chunks
+                self.n_chunks = cap
+            self.chunks[c] = <Entry*>gate_alloc_lines(CHUNK * sizeof(Entry))
+            if self.chunks[c] == NULL:
+                raise MemoryError("fastpath.GateState: out of memory")
+        if n > ID_INLINE:
+            copy = <char*>malloc(<size_t>n)
+            if copy == NULL:
+                if (i & (CHUNK - 1)) == 0:  # nothing in the new chunk yet: give it back
+                    free(self.chunks[i >> CHUNK_BITS])
+                raise MemoryError("fastpath.GateState: out of memory")
+            memcpy(copy, p, <size_t>n)
+        e = self._entry(i)
+        memset(e, 0, sizeof(Entry))
+        e.hash = h
+        e.id_len = <unsigned int>n
+        if copy != NULL:
+            memcpy(e.id, &copy, sizeof(char*))
+        else:
+            memcpy(e.id, p, <size_t>n)
+        self.n_entries = i + 1
+        self._place(i, h)
+        return e
+
+    cdef Entry* _of(self, person_id, bint add) except? NULL:
+        """The entry of a person id (a str); NULL for none (add: made when missing)."""
+        cdef Py_ssize_t n
+        cdef const char* p
+        cdef bytes b
+        if not isinstance(person_id, str):
+            if add:
+                raise TypeError(
+                    f"person_id is {type(person_id).__name__}; use the person's id (a str)"
+                )
+            return NULL
+        p = _utf8_or_null(person_id, &n)
+        if p == NULL:
+            # Lone surrogates (a damaged state file) have no UTF-8 form: keep them
+            # as "surrogatepass" bytes, which no valid id of a table can equal.
+            PyErr_Clear()
+            b = (<str>person_id).encode("utf-8", "surrogatepass")
+            return self._add(b, len(b)) if add else self._find_bytes(b, len(b))
+        return self._add(p, n) if add else self._find_bytes(p, n)
+
+    cdef str _id_str(self, const Entry* e):
+        return PyUnicode_DecodeUTF8(_entry_id(e), e.id_len, "surrogatepass")
+
+    def _narrow_hash(self, unsigned long long mask) -> None:
+        """Tests only: keep only the hash bits in `mask` (0: every id collides)."""
+        cdef size_t i
+        cdef Entry* e
+        self.hash_mask = mask
+        for i in range(self.n_entries):
+            e = self._entry(i)
+            e.hash = _hash_bytes(_entry_id(e), e.id_len) & mask
+        self._rehash(self.n_slots)
+
+    # ---------------------------------------------------------------- Python API
 
     def record_passage(self, person_id, int direction, long long epoch_s, long long day,
                        bint guest) -> None:
         """A card passage happened: move the person; an entry spends a guest use."""
+        cdef Entry* e
+        if direction != C_IN and direction != C_OUT:
+            _pure._check_direction(direction)  # raises
+        e = self._of(person_id, True)
+        e.day = day
         if direction == C_IN:
-            self._position[person_id] = (C_POS_IN, day)
-            self._last_entry[person_id] = epoch_s
+            e.pos = C_POS_IN
+            e.last = epoch_s
+            e.flags |= E_LAST
             if guest:
-                self._uses[person_id] = self._uses.get(person_id, 0) + 1
-        elif direction == C_OUT:
-            self._position[person_id] = (C_POS_OUT, day)
+                if not e.flags & E_USES:
+                    e.uses = 0
+                    e.flags |= E_USES
+                if e.uses < _codes_NO_END:  # int64, as the state file holds it
+                    e.uses += 1
         else:
-            _pure._check_direction(direction)
-
-    cdef inline int _position_of(self, person_id, long long day) except -1:
-        t = self._position.get(person_id)
-        if t is None or <long long>(<tuple>t)[1] != day:
-            return C_POS_UNKNOWN
-        return (<tuple>t)[0]
+            e.pos = C_POS_OUT
 
     def position(self, person_id, long long day) -> int:
-        return self._position_of(person_id, day)
+        """POS_IN / POS_OUT if set on `day`, else POS_UNKNOWN (a new day starts unknown)."""
+        cdef Entry* e = self._of(person_id, False)
+        if e == NULL or e.day != day:
+            return C_POS_UNKNOWN
+        return e.pos
 
     def last_entry(self, person_id) -> int:
-        return self._last_entry.get(person_id, 0)
+        cdef Entry* e = self._of(person_id, False)
+        return e.last if e != NULL and e.flags & E_LAST else 0
 
     def uses(self, person_id) -> int:
-        return self._uses.get(person_id, 0)
+        cdef Entry* e = self._of(person_id, False)
+        return e.uses if e != NULL and e.flags & E_USES else 0
 
     def to_dict(self) -> dict:
-        return _pure.state_to_dict(self._position, self._last_entry, self._uses)
+        """JSON-able snapshot for the state file (the layout of _pure.state_to_dict)."""
+        cdef size_t i
+        cdef Entry* e
+        positions, last_entry, uses = {}, {}, {}
+        for i in range(self.n_entries):
+            e = self._entry(i)
+            pid = self._id_str(e)
+            if e.pos != C_POS_UNKNOWN:
+                positions[pid] = [e.pos, e.day]
+            if e.flags & E_LAST:
+                last_entry[pid] = e.last
+            if e.flags & E_USES:
+                uses[pid] = e.uses
+        return {
+            "format": _pure.STATE_FORMAT,
+            "positions": positions,
+            "last_entry": last_entry,
+            "uses": uses,
+        }
 
     @classmethod
     def from_dict(cls, d) -> GateState:
+        """The state saved by to_dict(); ValueError saying what is wrong."""
+        position, last_entry, uses = _pure.state_from_dict(d)  # checked as in the pure twin
         cdef GateState state = cls()
-        state._position, state._last_entry, state._uses = _pure.state_from_dict(d)
+        cdef Entry* e
+        for pid, (pos, day) in position.items():
+            e = state._of(pid, True)
+            e.pos = pos
+            e.day = day
+        for pid, v in last_entry.items():
+            e = state._of(pid, True)
+            e.last = v
+            e.flags |= E_LAST
+        for pid, v in uses.items():
+            e = state._of(pid, True)
+            e.uses = v
+            e.flags |= E_USES
         return state
 
     def __repr__(self) -> str:
-        return f"<GateState positions={len(self._position)} guests={len(self._uses)}>"
+        cdef size_t i, positions = 0, guests = 0
+        for i in range(self.n_entries):
+            positions += self._entry(i).pos != C_POS_UNKNOWN
+            guests += (self._entry(i).flags & E_USES) != 0
+        return f"<GateState positions={positions} guests={guests}>"
 
 
-def decide(Table table not None, GateState state not None, key, int direction, int mode,
-           long long epoch_s, int minute_of_week, long long day, bint busy, int apb_mode,
-           long long apb_window_s):
+cdef inline Entry* _person_entry(GateState state, Table table, int idx) noexcept nogil:
+    """The state entry of the table's person idx, or NULL: no str is made."""
+    cdef Py_ssize_t n
+    cdef const char* p = table._id_bytes(idx, &n)
+    return state._find_bytes(p, n)
+
+
+# --------------------------------------------------------------------------- decision
+
+
+def decide(Table table not None, GateState state not None, key, direction, mode, epoch_s,
+           minute_of_week, day, busy, apb_mode, apb_window_s):
     """(result, person_index, warning) for one card read; same rules as _pure.decide."""
     cdef unsigned long long k
+    cdef bint have_key = _as_key(key, &k)
+    if have_key:
+        # Start fetching the card's slot (in a big table, from main memory) and
+        # convert the other arguments meanwhile.
+        gate_prefetch(table.slots + table._slot_of(k))
+    cdef int c_direction = direction, c_mode = mode, c_minute = minute_of_week
+    cdef int c_apb = apb_mode
+    cdef long long c_epoch = epoch_s, c_day = day, c_window = apb_window_s
+    cdef bint c_busy = busy
     cdef Card* card = NULL
     cdef int idx = -1, pos, warning = C_WARN_NONE, guest_uses = -1
     cdef bint blocked = False, plain
@@ -567,25 +873,27 @@ def decide(Table table not None, GateState state not None, key, int direction, i
     cdef unsigned char mask
     cdef long long last, diff
     cdef bint refused
+    cdef Entry* e = NULL
+    cdef bint looked_up = False
 
     if (
-        (direction != C_IN and direction != C_OUT)
-        or mode < 0 or mode >= C_N_MODES
-        or minute_of_week < 0 or minute_of_week >= C_MINUTES_PER_WEEK
-        or apb_mode < 0 or apb_mode >= C_N_APB_MODES
+        (c_direction != C_IN and c_direction != C_OUT)
+        or c_mode < 0 or c_mode >= C_N_MODES
+        or c_minute < 0 or c_minute >= C_MINUTES_PER_WEEK
+        or c_apb < 0 or c_apb >= C_N_APB_MODES
     ):
-        _pure.check_arguments(direction, mode, minute_of_week, apb_mode)  # raises
+        _pure.check_arguments(c_direction, c_mode, c_minute, c_apb)  # raises
 
-    if _as_key(key, &k):
+    if have_key:
         card = table._find(k)
         if card != NULL:
             idx = <int>(card.info & SLOT_PERSON) - 1
             blocked = (card.info & SLOT_BLOCKED) != 0
-    if mode == C_FIRE:
+    if c_mode == C_FIRE:
         return (C_GRANTED, idx, C_WARN_NONE)  # recorded without a check: who evacuated
-    if mode == C_LOCKDOWN:
+    if c_mode == C_LOCKDOWN:
         return (C_LOCKDOWN_DENIED, idx, C_WARN_NONE)
-    if mode == C_ENTRY_ONLY and direction == C_OUT:
+    if c_mode == C_ENTRY_ONLY and c_direction == C_OUT:
         return (C_WRONG_DIRECTION, idx, C_WARN_NONE)
     if blocked:
         return (C_BLOCKED, idx, C_WARN_NONE)
@@ -597,24 +905,27 @@ def decide(Table table not None, GateState state not None, key, int direction, i
         guest_uses = table.guest_uses[idx]
         valid = &table.validity[idx]
     # A guest can always leave: no validity, schedule or anti-passback check on exit.
-    if not (guest_uses >= 0 and direction == C_OUT):
+    if not (guest_uses >= 0 and c_direction == C_OUT):
         if plain:
             # Valid from NO_START until NO_END: only the last second of int64 is past it.
-            if epoch_s == _codes_NO_END:
+            if c_epoch == _codes_NO_END:
                 return (C_EXPIRED, idx, C_WARN_NONE)
         else:
-            if epoch_s < valid.valid_from:
+            if c_epoch < valid.valid_from:
                 return (C_NOT_YET_VALID, idx, C_WARN_NONE)
-            if epoch_s >= valid.valid_until:
+            if c_epoch >= valid.valid_until:
                 return (C_EXPIRED, idx, C_WARN_NONE)
-            if guest_uses > 0 and state._uses.get(table._pid(idx), 0) >= guest_uses:
-                return (C_EXPIRED, idx, C_WARN_NONE)
+            if guest_uses > 0:
+                e = _person_entry(state, table, idx)
+                looked_up = True
+                if e != NULL and e.flags & E_USES and e.uses >= guest_uses:
+                    return (C_EXPIRED, idx, C_WARN_NONE)
 
         bm = table.bitmaps + card.groupset * 3 * C_BITMAP_BYTES
-        byte = <unsigned int>minute_of_week >> 3
-        mask = 1 << (minute_of_week & 7)
-        if direction == C_IN:
-            if table.n_holidays and table._is_holiday(day):
+        byte = <unsigned int>c_minute >> 3
+        mask = 1 << (c_minute & 7)
+        if c_direction == C_IN:
+            if table.n_holidays and table._is_holiday(c_day):
                 if not table.holiday_open[card.groupset]:
                     return (C_HOLIDAY, idx, C_WARN_NONE)
                 if not (bm[C_BITMAP_BYTES + byte] & mask):
@@ -624,25 +935,29 @@ def decide(Table table not None, GateState state not None, key, int direction, i
         elif not (bm[2 * C_BITMAP_BYTES + byte] & mask):
             return (C_EXIT_RESTRICTED, idx, C_WARN_NONE)
 
-        if apb_mode == C_APB_SOFT or apb_mode == C_APB_HARD:
-            pos = state._position_of(table._pid(idx), day)
-            if (direction == C_IN and pos == C_POS_IN) or (direction == C_OUT and pos == C_POS_OUT):
-                if apb_mode == C_APB_HARD:
+        if c_apb == C_APB_SOFT or c_apb == C_APB_HARD:
+            if not looked_up:
+                e = _person_entry(state, table, idx)
+            pos = e.pos if e != NULL and e.day == c_day else C_POS_UNKNOWN
+            if (c_direction == C_IN and pos == C_POS_IN) or (c_direction == C_OUT and pos == C_POS_OUT):
+                if c_apb == C_APB_HARD:
                     return (C_ANTIPASSBACK, idx, C_WARN_NONE)
                 warning = C_WARN_ANTIPASSBACK
-        elif apb_mode == C_APB_TIMED and direction == C_IN:
-            last = state._last_entry.get(table._pid(idx), 0)
+        elif c_apb == C_APB_TIMED and c_direction == C_IN:
+            if not looked_up:
+                e = _person_entry(state, table, idx)
+            last = e.last if e != NULL and e.flags & E_LAST else 0
             if last:
                 # epoch_s - last < apb_window_s, exactly as Python ints would say it: on
                 # int64 overflow the true difference is beyond any window, with the
                 # sign of epoch_s - last.
-                if gate_sub_overflows(epoch_s, last, &diff):
-                    refused = epoch_s < last
+                if gate_sub_overflows(c_epoch, last, &diff):
+                    refused = c_epoch < last
                 else:
-                    refused = diff < apb_window_s
+                    refused = diff < c_window
                 if refused:
                     return (C_ANTIPASSBACK, idx, C_WARN_NONE)
 
-    if busy:
+    if c_busy:
         return (C_GATE_BUSY, idx, C_WARN_NONE)
     return (C_GRANTED, idx, warning)
