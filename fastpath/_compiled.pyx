@@ -10,6 +10,7 @@ arrays read only for the people who have them; person ids are one UTF-8 blob
 with offsets; schedules are one contiguous bitmap buffer. See Table.
 """
 from cpython.long cimport PyLong_CheckExact
+from cpython.object cimport PyObject
 from cpython.number cimport PyNumber_Index
 from cpython.exc cimport PyErr_Clear
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_DecodeUTF8
@@ -606,9 +607,14 @@ cdef class GateState:
     cdef Entry** chunks  # n_chunks pointers; the first ceil(n_entries / CHUNK) are in use
     cdef size_t n_chunks
     cdef unsigned long long hash_mask  # all ones; tests narrow it to force collisions
+    # Per person index of the tables decide() saw: entry index + 1, 0: not known.
+    cdef unsigned int* pcache
+    cdef size_t pcache_n
 
     def __cinit__(self, *args, **kwargs):
         self.hash_mask = ~(<unsigned long long>0)
+        self.pcache = NULL
+        self.pcache_n = 0
         self.n_entries = 0
         self.chunks = NULL
         self.n_chunks = 0
@@ -630,14 +636,16 @@ cdef class GateState:
                 free(self.chunks[i])
         free(self.chunks)
         free(self.slots)
+        free(self.pcache)
 
     # ---------------------------------------------------------------- C helpers
 
     cdef inline Entry* _entry(self, size_t i) noexcept nogil:
         return &self.chunks[i >> CHUNK_BITS][i & (CHUNK - 1)]
 
-    cdef inline Entry* _find(self, const char* p, Py_ssize_t n, unsigned long long h) noexcept nogil:
-        """The entry of the id p[:n] whose hash is h, or NULL."""
+    cdef inline Py_ssize_t _find(self, const char* p, Py_ssize_t n,
+                                 unsigned long long h) noexcept nogil:
+        """The index of the entry of the id p[:n] whose hash is h, or -1."""
         cdef size_t mask = self.n_slots - 1
         cdef size_t i = <size_t>h & mask
         cdef unsigned int tag = <unsigned int>(h >> 32)
@@ -647,13 +655,14 @@ cdef class GateState:
             if s.tag == tag:
                 e = self._entry(s.entry - 1)
                 if e.id_len == <size_t>n and memcmp(_entry_id(e), p, <size_t>n) == 0:
-                    return e
+                    return s.entry - 1
             i = (i + 1) & mask
             s = self.slots + i
-        return NULL
+        return -1
 
     cdef inline Entry* _find_bytes(self, const char* p, Py_ssize_t n) noexcept nogil:
-        return self._find(p, n, _hash_bytes(p, n) & self.hash_mask)
+        cdef Py_ssize_t i = self._find(p, n, _hash_bytes(p, n) & self.hash_mask)
+        return self._entry(i) if i >= 0 else NULL
 
     cdef void _place(self, size_t i, unsigned long long h) noexcept nogil:
         cdef size_t mask = self.n_slots - 1, j = <size_t>h & mask
@@ -662,52 +671,58 @@ cdef class GateState:
         self.slots[j].entry = <unsigned int>(i + 1)
         self.slots[j].tag = <unsigned int>(h >> 32)
 
-    cdef int _rehash(self, size_t n_slots) except -1:
+    cdef bint _rehash(self, size_t n_slots) noexcept nogil:
+        """Every entry placed anew in n_slots slots; False (nothing changed) for no memory."""
         cdef Slot* slots
         cdef size_t i
         if n_slots > SIZE_MAX // (2 * sizeof(Slot)):
-            raise MemoryError("fastpath.GateState: too many persons for this machine")
+            return False
         slots = <Slot*>calloc(n_slots, sizeof(Slot))
         if slots == NULL:
-            raise MemoryError(f"fastpath.GateState: cannot allocate {n_slots} slots")
+            return False
         free(self.slots)
         self.slots = slots
         self.n_slots = n_slots
         for i in range(self.n_entries):
             self._place(i, self._entry(i).hash)
-        return 0
+        return True
 
-    cdef Entry* _add(self, const char* p, Py_ssize_t n) except NULL:
-        """The entry of the id p[:n], made (empty) when there is none."""
+    cdef Py_ssize_t _add_index(self, const char* p, Py_ssize_t n) noexcept nogil:
+        """The index of the entry of the id p[:n], made (empty) when there is none.
+
+        -1 when there is no memory for it, -2 when the id or the count is too
+        large for an entry; nothing changed then.
+        """
         cdef unsigned long long h = _hash_bytes(p, n) & self.hash_mask
-        cdef Entry* e = self._find(p, n, h)
+        cdef Py_ssize_t found = self._find(p, n, h)
         cdef size_t i = self.n_entries, c, cap
         cdef Entry** chunks
+        cdef Entry* e
         cdef char* copy = NULL
-        if e != NULL:
-            return e
-        if <unsigned long long>n > 0xFFFFFFFF or i >= 0xFFFFFFFE:
-            raise MemoryError("fastpath.GateState: person id too long or too many persons")
-        if (i + 1) * 4 > self.n_slots * 3:
-            self._rehash(self.n_slots * 2)  # the old slots stay on failure
+        if found >= 0:
+            return found
+        if <unsigned long long>n > 0xFFFFFFFFULL or i >= 0xFFFFFFFEUL:
+            return -2
+        if (i + 1) * 4 > self.n_slots * 3 and not self._rehash(self.n_slots * 2):
+            return -1
         if (i & (CHUNK - 1)) == 0:  # the last chunk is full (or there is none)
             c = i >> CHUNK_BITS
             if c == self.n_chunks:
                 cap = self.n_chunks * 2 if self.n_chunks else 16
                 chunks = <Entry**>realloc(self.chunks, cap * sizeof(Entry*))
                 if chunks == NULL:
-                    raise MemoryError("fastpath.GateState: out of memory")
+                    return -1
                 self.chunks = chunks
                 self.n_chunks = cap
             self.chunks[c] = <Entry*>gate_alloc_lines(CHUNK * sizeof(Entry))
             if self.chunks[c] == NULL:
-                raise MemoryError("fastpath.GateState: out of memory")
+                return -1
         if n > ID_INLINE:
             copy = <char*>malloc(<size_t>n)
             if copy == NULL:
                 if (i & (CHUNK - 1)) == 0:  # nothing in the new chunk yet: give it back
                     free(self.chunks[i >> CHUNK_BITS])
-                raise MemoryError("fastpath.GateState: out of memory")
+                return -1
             memcpy(copy, p, <size_t>n)
         e = self._entry(i)
         memset(e, 0, sizeof(Entry))
@@ -719,7 +734,58 @@ cdef class GateState:
             memcpy(e.id, p, <size_t>n)
         self.n_entries = i + 1
         self._place(i, h)
-        return e
+        return <Py_ssize_t>i
+
+    cdef Entry* _add(self, const char* p, Py_ssize_t n) except NULL:
+        cdef Py_ssize_t i = self._add_index(p, n)
+        if i == -2:
+            raise ValueError(
+                f"fastpath.GateState: a person id of {n} bytes or more than 2**32 persons; "
+                "use the short pseudonymous ids of the access list"
+            )
+        if i < 0:
+            raise MemoryError("fastpath.GateState: out of memory for another person")
+        return self._entry(i)
+
+    cdef inline void _warm(self, Table table, Py_ssize_t idx) noexcept nogil:
+        """Start loading what _person(table, idx) will read (decide's other checks run meanwhile)."""
+        cdef Py_ssize_t n
+        if idx < self.pcache_n:
+            gate_prefetch(self.pcache + idx)
+        gate_prefetch(table._id_bytes(idx, &n))
+
+    cdef Entry* _person(self, Table table, Py_ssize_t idx) noexcept nogil:
+        """The entry of the table's person idx (empty if none was recorded), no str made.
+
+        Through the per-person cache: its cell for idx names an entry, checked
+        against the id bytes (the cell may be from an older table, whose
+        person idx was somebody else); else found by hash and remembered. A
+        person with nothing recorded gets an empty entry, so a later read finds
+        it here too and record_passage() fills it in; to_dict() skips empty
+        entries, so deciding changes nothing anybody sees. NULL only when
+        there is no memory for an empty entry: then nothing was recorded.
+        """
+        cdef Py_ssize_t n, i
+        cdef const char* p = table._id_bytes(idx, &n)
+        cdef unsigned int cell = self.pcache[idx] if idx < self.pcache_n else 0
+        cdef Entry* e
+        cdef unsigned int* cache
+        if cell:
+            e = self._entry(cell - 1)
+            if e.id_len == <size_t>n and memcmp(_entry_id(e), p, <size_t>n) == 0:
+                return e
+        i = self._add_index(p, n)
+        if i < 0:
+            return self._find_bytes(p, n)  # no memory to remember it: just look
+        if idx >= self.pcache_n:
+            cache = <unsigned int*>realloc(self.pcache, table.n_persons * sizeof(unsigned int))
+            if cache == NULL:
+                return self._entry(i)
+            memset(cache + self.pcache_n, 0, (table.n_persons - self.pcache_n) * sizeof(unsigned int))
+            self.pcache = cache
+            self.pcache_n = table.n_persons
+        self.pcache[idx] = <unsigned int>(i + 1)
+        return self._entry(i)
 
     cdef Entry* _of(self, person_id, bint add) except? NULL:
         """The entry of a person id (a str); NULL for none (add: made when missing)."""
@@ -752,7 +818,8 @@ cdef class GateState:
         for i in range(self.n_entries):
             e = self._entry(i)
             e.hash = _hash_bytes(_entry_id(e), e.id_len) & mask
-        self._rehash(self.n_slots)
+        if not self._rehash(self.n_slots):
+            raise MemoryError("fastpath.GateState: out of memory")
 
     # ---------------------------------------------------------------- Python API
 
@@ -799,6 +866,8 @@ cdef class GateState:
         positions, last_entry, uses = {}, {}, {}
         for i in range(self.n_entries):
             e = self._entry(i)
+            if e.pos == C_POS_UNKNOWN and not e.flags:
+                continue  # made by decide() for a person with nothing recorded
             pid = self._id_str(e)
             if e.pos != C_POS_UNKNOWN:
                 positions[pid] = [e.pos, e.day]
@@ -841,19 +910,12 @@ cdef class GateState:
         return f"<GateState positions={positions} guests={guests}>"
 
 
-cdef inline Entry* _person_entry(GateState state, Table table, int idx) noexcept nogil:
-    """The state entry of the table's person idx, or NULL: no str is made."""
-    cdef Py_ssize_t n
-    cdef const char* p = table._id_bytes(idx, &n)
-    return state._find_bytes(p, n)
-
-
 # --------------------------------------------------------------------------- decision
 
 
-def decide(Table table not None, GateState state not None, key, direction, mode, epoch_s,
-           minute_of_week, day, busy, apb_mode, apb_window_s):
-    """(result, person_index, warning) for one card read; same rules as _pure.decide."""
+cdef object _decide(Table table, GateState state, key, direction, mode, epoch_s,
+                    minute_of_week, day, busy, apb_mode, apb_window_s):
+    """decide() itself, for both ways in (_decide_fastcall, _decide_def)."""
     cdef unsigned long long k
     cdef bint have_key = _as_key(key, &k)
     if have_key:
@@ -900,6 +962,8 @@ def decide(Table table not None, GateState state not None, key, direction, mode,
     if idx < 0:
         return (C_UNKNOWN_CARD, -1, C_WARN_NONE)
 
+    if c_apb != C_APB_OFF:
+        state._warm(table, idx)
     plain = (card.info & SLOT_PLAIN) != 0
     if not plain:  # only now read the person's own records
         guest_uses = table.guest_uses[idx]
@@ -916,7 +980,7 @@ def decide(Table table not None, GateState state not None, key, direction, mode,
             if c_epoch >= valid.valid_until:
                 return (C_EXPIRED, idx, C_WARN_NONE)
             if guest_uses > 0:
-                e = _person_entry(state, table, idx)
+                e = state._person(table, idx)
                 looked_up = True
                 if e != NULL and e.flags & E_USES and e.uses >= guest_uses:
                     return (C_EXPIRED, idx, C_WARN_NONE)
@@ -937,7 +1001,7 @@ def decide(Table table not None, GateState state not None, key, direction, mode,
 
         if c_apb == C_APB_SOFT or c_apb == C_APB_HARD:
             if not looked_up:
-                e = _person_entry(state, table, idx)
+                e = state._person(table, idx)
             pos = e.pos if e != NULL and e.day == c_day else C_POS_UNKNOWN
             if (c_direction == C_IN and pos == C_POS_IN) or (c_direction == C_OUT and pos == C_POS_OUT):
                 if c_apb == C_APB_HARD:
@@ -945,7 +1009,7 @@ def decide(Table table not None, GateState state not None, key, direction, mode,
                 warning = C_WARN_ANTIPASSBACK
         elif c_apb == C_APB_TIMED and c_direction == C_IN:
             if not looked_up:
-                e = _person_entry(state, table, idx)
+                e = state._person(table, idx)
             last = e.last if e != NULL and e.flags & E_LAST else 0
             if last:
                 # epoch_s - last < apb_window_s, exactly as Python ints would say it: on
@@ -961,3 +1025,48 @@ def decide(Table table not None, GateState state not None, key, direction, mode,
     if c_busy:
         return (C_GATE_BUSY, idx, C_WARN_NONE)
     return (C_GRANTED, idx, warning)
+
+
+def _decide_def(Table table not None, GateState state not None, key, direction, mode, epoch_s,
+                minute_of_week, day, busy, apb_mode, apb_window_s):
+    """decide() called with keywords or the wrong arguments: Cython's checks and messages."""
+    return _decide(table, state, key, direction, mode, epoch_s, minute_of_week, day, busy,
+                   apb_mode, apb_window_s)
+
+
+cdef extern from "Python.h":
+    ctypedef struct PyMethodDef:
+        const char* ml_name
+        void* ml_meth
+        int ml_flags
+        const char* ml_doc
+    int METH_FASTCALL
+    int METH_KEYWORDS
+    object PyCFunction_NewEx(PyMethodDef* ml, PyObject* self, object module)
+    object PyObject_Vectorcall(object callable, PyObject* const* args, size_t nargsf,
+                               PyObject* kwnames)
+
+
+cdef object _decide_fastcall(PyObject* self, PyObject* const* args, Py_ssize_t nargs,
+                             PyObject* kwnames):
+    # The gate calls decide() once per card with 11 positional arguments: they
+    # reach _decide as they are, with no Cython argument tuple or keyword
+    # parsing. Anything else (keywords, a wrong count or type) takes _decide_def.
+    if (kwnames != NULL or nargs != 11 or not isinstance(<object>args[0], Table)
+            or not isinstance(<object>args[1], GateState)):
+        return PyObject_Vectorcall(_decide_def, args, <size_t>nargs, kwnames)
+    return _decide(<Table>args[0], <GateState>args[1], <object>args[2], <object>args[3],
+                   <object>args[4], <object>args[5], <object>args[6], <object>args[7],
+                   <object>args[8], <object>args[9], <object>args[10])
+
+
+cdef PyMethodDef _decide_method
+_decide_method.ml_name = "decide"
+_decide_method.ml_meth = <void*>_decide_fastcall
+_decide_method.ml_flags = METH_FASTCALL | METH_KEYWORDS
+_decide_method.ml_doc = (
+    "decide(table, state, key, direction, mode, epoch_s, minute_of_week, day, busy, "
+    "apb_mode, apb_window_s)\n--\n\n"
+    "(result, person_index, warning) for one card read; same rules as _pure.decide."
+)
+decide = PyCFunction_NewEx(&_decide_method, NULL, __name__)
