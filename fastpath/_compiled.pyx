@@ -607,14 +607,9 @@ cdef class GateState:
     cdef Entry** chunks  # n_chunks pointers; the first ceil(n_entries / CHUNK) are in use
     cdef size_t n_chunks
     cdef unsigned long long hash_mask  # all ones; tests narrow it to force collisions
-    # Per person index of the tables decide() saw: entry index + 1, 0: not known.
-    cdef unsigned int* pcache
-    cdef size_t pcache_n
 
     def __cinit__(self, *args, **kwargs):
         self.hash_mask = ~(<unsigned long long>0)
-        self.pcache = NULL
-        self.pcache_n = 0
         self.n_entries = 0
         self.chunks = NULL
         self.n_chunks = 0
@@ -636,7 +631,6 @@ cdef class GateState:
                 free(self.chunks[i])
         free(self.chunks)
         free(self.slots)
-        free(self.pcache)
 
     # ---------------------------------------------------------------- C helpers
 
@@ -750,42 +744,13 @@ cdef class GateState:
     cdef inline void _warm(self, Table table, Py_ssize_t idx) noexcept nogil:
         """Start loading what _person(table, idx) will read (decide's other checks run meanwhile)."""
         cdef Py_ssize_t n
-        if idx < self.pcache_n:
-            gate_prefetch(self.pcache + idx)
         gate_prefetch(table._id_bytes(idx, &n))
 
     cdef Entry* _person(self, Table table, Py_ssize_t idx) noexcept nogil:
-        """The entry of the table's person idx (empty if none was recorded), no str made.
-
-        Through the per-person cache: its cell for idx names an entry, checked
-        against the id bytes (the cell may be from an older table, whose
-        person idx was somebody else); else found by hash and remembered. A
-        person with nothing recorded gets an empty entry, so a later read finds
-        it here too and record_passage() fills it in; to_dict() skips empty
-        entries, so deciding changes nothing anybody sees. NULL only when
-        there is no memory for an empty entry: then nothing was recorded.
-        """
-        cdef Py_ssize_t n, i
+        """The entry of the table's person idx, or NULL: no str is made."""
+        cdef Py_ssize_t n
         cdef const char* p = table._id_bytes(idx, &n)
-        cdef unsigned int cell = self.pcache[idx] if idx < self.pcache_n else 0
-        cdef Entry* e
-        cdef unsigned int* cache
-        if cell:
-            e = self._entry(cell - 1)
-            if e.id_len == <size_t>n and memcmp(_entry_id(e), p, <size_t>n) == 0:
-                return e
-        i = self._add_index(p, n)
-        if i < 0:
-            return self._find_bytes(p, n)  # no memory to remember it: just look
-        if idx >= self.pcache_n:
-            cache = <unsigned int*>realloc(self.pcache, table.n_persons * sizeof(unsigned int))
-            if cache == NULL:
-                return self._entry(i)
-            memset(cache + self.pcache_n, 0, (table.n_persons - self.pcache_n) * sizeof(unsigned int))
-            self.pcache = cache
-            self.pcache_n = table.n_persons
-        self.pcache[idx] = <unsigned int>(i + 1)
-        return self._entry(i)
+        return self._find_bytes(p, n)
 
     cdef Entry* _of(self, person_id, bint add) except? NULL:
         """The entry of a person id (a str); NULL for none (add: made when missing)."""
@@ -866,8 +831,6 @@ cdef class GateState:
         positions, last_entry, uses = {}, {}, {}
         for i in range(self.n_entries):
             e = self._entry(i)
-            if e.pos == C_POS_UNKNOWN and not e.flags:
-                continue  # made by decide() for a person with nothing recorded
             pid = self._id_str(e)
             if e.pos != C_POS_UNKNOWN:
                 positions[pid] = [e.pos, e.day]
@@ -1027,11 +990,14 @@ cdef object _decide(Table table, GateState state, key, direction, mode, epoch_s,
     return (C_GRANTED, idx, warning)
 
 
-def _decide_def(Table table not None, GateState state not None, key, direction, mode, epoch_s,
-                minute_of_week, day, busy, apb_mode, apb_window_s):
+def decide(Table table not None, GateState state not None, key, direction, mode, epoch_s,
+           minute_of_week, day, busy, apb_mode, apb_window_s):
     """decide() called with keywords or the wrong arguments: Cython's checks and messages."""
     return _decide(table, state, key, direction, mode, epoch_s, minute_of_week, day, busy,
                    apb_mode, apb_window_s)
+
+
+_decide_def = decide  # replaced as `decide` below by the METH_FASTCALL builtin
 
 
 cdef extern from "Python.h":
