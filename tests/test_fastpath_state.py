@@ -339,3 +339,44 @@ def test_hard_anti_passback_holds_across_a_swap_that_moves_the_person(fp):
     assert fp.decide(new, state, 1001, IN, *args) == (ANTIPASSBACK, new.lookup(1001), WARN_NONE)
     assert fp.decide(new, state, 1000, IN, *args)[0] == GRANTED  # p-a, at p-b's old index
     assert fp.decide(new, state, 1001, OUT, *args)[0] == GRANTED
+
+
+# --------------------------------------------------------------------------- calling decide
+
+
+def test_decide_takes_keywords_and_refuses_wrong_calls_alike(fp):
+    """The compiled decide is a METH_FASTCALL builtin; keywords and errors still work."""
+    t = fp.Table(columns(["p-1"]))
+    state = fp.GateState()
+    state.record_passage("p-1", IN, NOW, DAY, False)
+    args = (t, state, 1000, IN, NORMAL, NOW + 1, MONDAY_10AM, DAY, False, APB_SOFT, 0)
+    names = (
+        "table",
+        "state",
+        "key",
+        "direction",
+        "mode",
+        "epoch_s",
+        "minute_of_week",
+        "day",
+        "busy",
+        "apb_mode",
+        "apb_window_s",
+    )
+    want = (GRANTED, 0, WARN_ANTIPASSBACK)
+    assert fp.decide(*args) == want
+    assert fp.decide(**dict(zip(names, args))) == want
+    assert fp.decide(*args[:5], **dict(zip(names[5:], args[5:]))) == want
+    with pytest.raises(TypeError):
+        fp.decide(*args[:10])
+    with pytest.raises(TypeError):
+        fp.decide(*args, 0)
+    if fp.__name__.endswith("_compiled"):  # the pure twin does not check the types
+        with pytest.raises(TypeError):
+            fp.decide(None, *args[1:])
+        with pytest.raises(TypeError):
+            fp.decide(t, {}, *args[2:])
+    with pytest.raises(TypeError):
+        fp.decide(*args[:2], 1000.0, *args[3:])  # a float is no card key
+    with pytest.raises(ValueError, match="direction"):
+        fp.decide(*args[:3], 7, *args[4:])
