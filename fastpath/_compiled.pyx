@@ -9,10 +9,11 @@ their owner's groupset; validity windows and guest limits are per-person
 arrays read only for the people who have them; person ids are one UTF-8 blob
 with offsets; schedules are one contiguous bitmap buffer. See Table.
 """
+cimport cython
 from cpython.long cimport PyLong_CheckExact
 from cpython.object cimport PyObject
 from cpython.number cimport PyNumber_Index
-from cpython.exc cimport PyErr_Clear
+from cpython.exc cimport PyErr_Clear, PyErr_ExceptionMatches, PyErr_Occurred
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_DecodeUTF8
 from libc.stdint cimport SIZE_MAX
 from libc.stdlib cimport calloc, free, malloc, realloc
@@ -157,14 +158,23 @@ N_APB_MODES = C_N_APB_MODES
 __all__ = ["GateState", "Table", "decide"]
 
 
+cdef extern from "Python.h":
+    # No exception clause: (unsigned long long)-1 with the error set.
+    unsigned long long _as_ull "PyLong_AsUnsignedLongLong"(object v)
+
+
 cdef inline int _as_key(object key, unsigned long long* out) except -1:
     """1 and the key in *out; 0 for an int outside 0..2**64-1 (no card has it)."""
+    cdef unsigned long long k
     if not PyLong_CheckExact(key):
         key = PyNumber_Index(key)  # TypeError for a float, as in the pure twin
-    try:
-        out[0] = key
-    except OverflowError:
+    k = _as_ull(key)  # C all the way: no Python try block on every read
+    if k == <unsigned long long>-1 and PyErr_Occurred():
+        if not PyErr_ExceptionMatches(OverflowError):
+            return -1
+        PyErr_Clear()  # negative or wider than 64 bits
         return 0
+    out[0] = k
     return 1
 
 
@@ -588,6 +598,7 @@ cdef inline const char* _entry_id(const Entry* e) noexcept nogil:
     return p
 
 
+@cython.final
 cdef class GateState:
     """Anti-passback positions and guest uses, keyed by person id (see _pure.GateState).
 
