@@ -891,11 +891,13 @@ cdef object _decide(Table table, GateState state, key, direction, mode, epoch_s,
                     minute_of_week, day, busy, apb_mode, apb_window_s):
     """decide() itself, for both ways in (_decide_fastcall, _decide_def)."""
     cdef unsigned long long k
-    cdef bint have_key = _as_key(key, &k)
-    if have_key:
-        # Start fetching the card's slot (in a big table, from main memory) and
-        # convert the other arguments meanwhile.
-        gate_prefetch(table.slots + table._slot_of(k))
+    cdef bint have_key = False, key_read = PyLong_CheckExact(key)
+    if key_read:  # (any other key is read after the argument checks, as in the pure twin)
+        have_key = _as_key(key, &k)
+        if have_key:
+            # Start fetching the card's slot (in a big table, from main memory) and
+            # convert the other arguments meanwhile.
+            gate_prefetch(table.slots + table._slot_of(k))
     cdef int c_direction = direction, c_mode = mode, c_minute = minute_of_week
     cdef int c_apb = apb_mode
     cdef long long c_epoch = epoch_s, c_day = day, c_window = apb_window_s
@@ -920,6 +922,8 @@ cdef object _decide(Table table, GateState state, key, direction, mode, epoch_s,
     ):
         _pure.check_arguments(c_direction, c_mode, c_minute, c_apb)  # raises
 
+    if not key_read:
+        have_key = _as_key(key, &k)  # TypeError for a float, as in the pure twin
     if have_key:
         card = table._find(k)
         if card != NULL:

@@ -380,3 +380,16 @@ def test_decide_takes_keywords_and_refuses_wrong_calls_alike(fp):
         fp.decide(*args[:2], 1000.0, *args[3:])  # a float is no card key
     with pytest.raises(ValueError, match="direction"):
         fp.decide(*args[:3], 7, *args[4:])
+
+
+def test_bad_arguments_are_refused_in_the_same_order(fp_pair):
+    # A bad direction is named before a bad key, by both twins.
+    pure, compiled = fp_pair
+    for fp in (pure, compiled):
+        t = fp.Table(columns(["p-1"]))
+        args = (t, fp.GateState(), 1000.0, 7, NORMAL, NOW, MONDAY_10AM, DAY, False, APB_OFF, 0)
+        with pytest.raises(ValueError, match="direction"):
+            fp.decide(*args)
+        with pytest.raises(TypeError):
+            fp.decide(*args[:3], IN, *args[4:])
+        assert fp.decide(*args[:2], True, IN, *args[4:])[0] == codes.UNKNOWN_CARD  # bool is an int
