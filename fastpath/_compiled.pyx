@@ -8,6 +8,8 @@ object. Cards are 16-byte records in an open-addressing hash table carrying
 their owner's groupset; validity windows and guest limits are per-person
 arrays read only for the people who have them; person ids are one UTF-8 blob
 with offsets; schedules are one contiguous bitmap buffer. See Table.
+GateState (anti-passback, guest uses) is a C hash table keyed by the person
+id's bytes, which decide() reads in the table without making a str.
 """
 cimport cython
 from cpython.long cimport PyLong_CheckExact
@@ -563,6 +565,10 @@ cdef struct Slot:
     unsigned int tag  # the entry's hash >> 32: most other ids differ here already
 
 
+# The layout above is one cache line on 64- and 32-bit boards alike.
+assert sizeof(Entry) == 64 and sizeof(Slot) == 8
+
+
 cdef enum:
     E_LAST = 1
     E_USES = 2
@@ -644,7 +650,7 @@ cdef class GateState:
     cdef const char* guess_first
     cdef unsigned long long guess_stride
 
-    def __cinit__(self, *args, **kwargs):
+    def __cinit__(self):
         self.hash_mask = ~(<unsigned long long>0)
         self.guess_table = NULL
         self.guess_first = NULL
