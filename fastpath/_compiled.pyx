@@ -534,6 +534,15 @@ cdef extern from *:
         return malloc(n ? n : 1);
     #endif
     }
+    /* A dict with room for n items (CPython's, as Cython's own code uses it). */
+    static PyObject *gate_dict_presized(Py_ssize_t n) {
+    #if defined(PYPY_VERSION) || defined(Py_LIMITED_API)
+        (void)n;
+        return PyDict_New();
+    #else
+        return _PyDict_NewPresized(n);
+    #endif
+    }
     #if defined(__GNUC__) || defined(__clang__)
     #define gate_prefetch(p) __builtin_prefetch(p)
     #else
@@ -544,6 +553,7 @@ cdef extern from *:
     void gate_prefetch(const void* p) nogil
     # No exception clause: NULL with the error set (a str with lone surrogates).
     const char* _utf8_or_null "PyUnicode_AsUTF8AndSize"(object s, Py_ssize_t* n)
+    dict gate_dict_presized(Py_ssize_t n)
 
 
 cdef struct Entry:
@@ -893,12 +903,20 @@ cdef class GateState:
         """JSON-able snapshot for the state file (the layout of _pure.state_to_dict)."""
         cdef size_t i
         cdef Entry* e
-        positions, last_entry, uses = {}, {}, {}
+        # Sized for every entry at once: no dict grows (and rehashes) a million times.
+        cdef dict positions = gate_dict_presized(<Py_ssize_t>self.n_entries)
+        cdef dict last_entry = gate_dict_presized(<Py_ssize_t>self.n_entries)
+        cdef dict uses = {}
+        cdef long long day = 0
+        cdef object day_obj = 0
         for i in range(self.n_entries):
             e = self._entry(i)
             pid = self._id_str(e)
             if e.pos != C_POS_UNKNOWN:
-                positions[pid] = [e.pos, e.day]
+                if e.day != day:  # most positions are of a few days: one int object each
+                    day = e.day
+                    day_obj = day
+                positions[pid] = [e.pos, day_obj]
             if e.flags & E_LAST:
                 last_entry[pid] = e.last
             if e.flags & E_USES:
