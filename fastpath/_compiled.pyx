@@ -8,12 +8,17 @@ object. Cards are 16-byte records in an open-addressing hash table carrying
 their owner's groupset; validity windows and guest limits are per-person
 arrays read only for the people who have them; person ids are one UTF-8 blob
 with offsets; schedules are one contiguous bitmap buffer. See Table.
+GateState (anti-passback, guest uses) is a C hash table keyed by the person
+id's bytes, which decide() reads in the table without making a str.
 """
+cimport cython
 from cpython.long cimport PyLong_CheckExact
+from cpython.object cimport PyObject
 from cpython.number cimport PyNumber_Index
+from cpython.exc cimport PyErr_Clear, PyErr_ExceptionMatches, PyErr_Occurred
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_DecodeUTF8
 from libc.stdint cimport SIZE_MAX
-from libc.stdlib cimport free, malloc
+from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcpy, memset
 
 cdef extern from *:
@@ -155,14 +160,23 @@ N_APB_MODES = C_N_APB_MODES
 __all__ = ["GateState", "Table", "decide"]
 
 
+cdef extern from "Python.h":
+    # No exception clause: (unsigned long long)-1 with the error set.
+    unsigned long long _as_ull "PyLong_AsUnsignedLongLong"(object v)
+
+
 cdef inline int _as_key(object key, unsigned long long* out) except -1:
     """1 and the key in *out; 0 for an int outside 0..2**64-1 (no card has it)."""
+    cdef unsigned long long k
     if not PyLong_CheckExact(key):
         key = PyNumber_Index(key)  # TypeError for a float, as in the pure twin
-    try:
-        out[0] = key
-    except OverflowError:
+    k = _as_ull(key)  # C all the way: no Python try block on every read
+    if k == <unsigned long long>-1 and PyErr_Occurred():
+        if not PyErr_ExceptionMatches(OverflowError):
+            return -1
+        PyErr_Clear()  # negative or wider than 64 bits
         return 0
+    out[0] = k
     return 1
 
 
@@ -336,7 +350,7 @@ cdef class Table:
         self.n_holidays = nh
         # At most 3/4 full, and always one free slot so every probe ends.
         self.n_slots = <unsigned long long>(n + n // 3 + 1)
-        self._allocate(self._id_bytes(ids))
+        self._allocate(self._ids_size(ids))
 
         for i in range(np):
             self.validity[i].valid_from = p_from[i]
@@ -394,7 +408,7 @@ cdef class Table:
             bm = exit_[g]
             memcpy(dst + 2 * C_BITMAP_BYTES, &bm[0], C_BITMAP_BYTES)
 
-    cdef unsigned long long _id_bytes(self, ids) except? 0:
+    cdef unsigned long long _ids_size(self, ids) except? 0:
         # ASCII str data is read in place; a non-ASCII id gets its UTF-8 form
         # cached on the str. No per-person bytes object is made.
         cdef Py_ssize_t i, size
@@ -499,65 +513,467 @@ cdef class Table:
         """Memory held: the arena of C arrays plus the object itself."""
         return self.arena_size + object.__sizeof__(self)
 
+    # The person id's UTF-8 bytes in place, for GateState (no str made): a
+    # pointer into the id blob and, in *n, its length. i must be in range.
+    cdef const char* _id_bytes(self, Py_ssize_t i, Py_ssize_t* n) noexcept nogil:
+        cdef unsigned int start = self.id_off[i]
+        n[0] = <Py_ssize_t>(self.id_off[i + 1] - start)
+        return self.id_blob + start
 
+
+# --------------------------------------------------------------------------- gate state
+
+cdef extern from *:
+    """
+    /* n bytes on a 64-byte boundary (a state entry per cache line); free() frees it. */
+    static void *gate_alloc_lines(size_t n) {
+    #if defined(__unix__) || defined(__APPLE__)
+        void *p = NULL;
+        return posix_memalign(&p, 64, n ? n : 1) == 0 ? p : NULL;
+    #else
+        return malloc(n ? n : 1);
+    #endif
+    }
+    /* A dict with room for n items (CPython's, as Cython's own code uses it). */
+    static PyObject *gate_dict_presized(Py_ssize_t n) {
+    #if defined(PYPY_VERSION) || defined(Py_LIMITED_API)
+        (void)n;
+        return PyDict_New();
+    #else
+        return _PyDict_NewPresized(n);
+    #endif
+    }
+    #if defined(__GNUC__) || defined(__clang__)
+    #define gate_prefetch(p) __builtin_prefetch(p)
+    #else
+    #define gate_prefetch(p) ((void)(p))
+    #endif
+    """
+    void* gate_alloc_lines(size_t n) nogil
+    void gate_prefetch(const void* p) nogil
+    # No exception clause: NULL with the error set (a str with lone surrogates).
+    const char* _utf8_or_null "PyUnicode_AsUTF8AndSize"(object s, Py_ssize_t* n)
+    dict gate_dict_presized(Py_ssize_t n)
+
+
+cdef struct Entry:
+    # One person of the gate state: 64 bytes, one cache line, so a look-up
+    # that hits reads the id and every field at once.
+    unsigned long long hash  # _hash_bytes of the id (& hash_mask)
+    long long day  # local day (date ordinal) of the position
+    long long last  # UTC epoch s of the last entry passage (E_LAST)
+    long long uses  # guest entries spent (E_USES)
+    unsigned int id_len
+    unsigned char pos  # C_POS_IN / C_POS_OUT; C_POS_UNKNOWN: no position recorded
+    unsigned char flags  # E_LAST | E_USES: which of last / uses were recorded
+    unsigned short _pad
+    char id[24]  # the id's UTF-8 bytes up to ID_INLINE of them, else a char* to a copy
+
+
+cdef struct Slot:
+    unsigned int entry  # entry index + 1; 0: a free slot
+    unsigned int tag  # the entry's hash >> 32: most other ids differ here already
+
+
+# The layout above is one cache line on 64- and 32-bit boards alike.
+assert sizeof(Entry) == 64 and sizeof(Slot) == 8
+
+
+cdef enum:
+    E_LAST = 1
+    E_USES = 2
+    ID_INLINE = 24
+    CHUNK_BITS = 10  # entries live in chunks of 1,024 (64 KiB): no big realloc, no move
+    CHUNK = 1024
+    FIRST_SLOTS = 64  # a power of two
+
+
+cdef inline unsigned long long _hash_bytes(const char* p, Py_ssize_t n) noexcept nogil:
+    # Eight bytes at a time (memcpy: any alignment), then _mix. Person ids come
+    # from the signed access list, not from a card reader: no seed needed.
+    cdef unsigned long long h = 0x9E3779B97F4A7C15ULL ^ (<unsigned long long>n * 0xff51afd7ed558ccdULL)
+    cdef unsigned long long w
+    cdef Py_ssize_t i = 0
+    while i + 8 <= n:
+        memcpy(&w, p + i, 8)
+        h = (h ^ w) * 0x9E3779B97F4A7C15ULL
+        h ^= h >> 29
+        i += 8
+    if i < n:
+        w = 0
+        memcpy(&w, p + i, <size_t>(n - i))
+        h = (h ^ w) * 0x9E3779B97F4A7C15ULL
+    return _mix(h)
+
+
+cdef inline bint _same_bytes(const char* a, const char* b, size_t n) noexcept nogil:
+    # memcmp(a, b, n) == 0 for the short ids of a list, inline: eight bytes a step.
+    cdef unsigned long long x, y
+    while n >= 8:
+        memcpy(&x, a, 8)
+        memcpy(&y, b, 8)
+        if x != y:
+            return False
+        a += 8
+        b += 8
+        n -= 8
+    while n:
+        if a[0] != b[0]:
+            return False
+        a += 1
+        b += 1
+        n -= 1
+    return True
+
+
+cdef inline const char* _entry_id(const Entry* e) noexcept nogil:
+    cdef const char* p
+    if e.id_len <= ID_INLINE:
+        return e.id
+    memcpy(&p, e.id, sizeof(char*))
+    return p
+
+
+@cython.final
 cdef class GateState:
-    """Anti-passback positions and guest uses, keyed by person id (see _pure.GateState)."""
+    """Anti-passback positions and guest uses, keyed by person id (see _pure.GateState).
 
-    cdef dict _position  # pid -> (POS_IN/POS_OUT, local day)
-    cdef dict _last_entry  # pid -> epoch s of the last entry passage
-    cdef dict _uses  # guest pid -> entries spent
+    In C, with no Python object per person: an open-addressing hash table
+    (linear probing, at most 3/4 full, doubled when it would be fuller) of
+    slots pointing at 64-byte entries, keyed by a 64-bit hash of the id's
+    UTF-8 bytes and checked against the bytes themselves, so two ids with the
+    same hash stay two people. decide() looks a person up by the id bytes in
+    the table (Table._id_bytes) without making a str; being keyed by the id,
+    the state needs no remapping when a new table replaces the old one.
+    to_dict()/from_dict() keep the format of _pure.state_to_dict.
+    """
+
+    cdef Slot* slots
+    cdef size_t n_slots  # a power of two
+    cdef size_t n_entries
+    cdef Entry** chunks  # n_chunks pointers; the first ceil(n_entries / CHUNK) are in use
+    cdef size_t n_chunks
+    cdef unsigned long long hash_mask  # all ones; tests narrow it to force collisions
+    # _warm's guess of where a person's id bytes are: for the table last seen (only
+    # compared, never dereferenced), its first id and average id length x 2**16.
+    cdef const void* guess_table
+    cdef const char* guess_first
+    cdef unsigned long long guess_stride
 
     def __cinit__(self):
-        self._position = {}
-        self._last_entry = {}
-        self._uses = {}
+        self.hash_mask = ~(<unsigned long long>0)
+        self.guess_table = NULL
+        self.guess_first = NULL
+        self.guess_stride = 0
+        self.n_entries = 0
+        self.chunks = NULL
+        self.n_chunks = 0
+        self.slots = <Slot*>calloc(FIRST_SLOTS, sizeof(Slot))
+        if self.slots == NULL:
+            raise MemoryError("fastpath.GateState: out of memory")
+        self.n_slots = FIRST_SLOTS
+
+    def __dealloc__(self):
+        cdef size_t i
+        cdef Entry* e
+        cdef const char* p
+        for i in range(self.n_entries):
+            e = self._entry(i)
+            if e.id_len > ID_INLINE:
+                free(<void*>_entry_id(e))
+        if self.chunks != NULL:
+            for i in range((self.n_entries + CHUNK - 1) >> CHUNK_BITS):
+                free(self.chunks[i])
+        free(self.chunks)
+        free(self.slots)
+
+    # ---------------------------------------------------------------- C helpers
+
+    cdef inline Entry* _entry(self, size_t i) noexcept nogil:
+        return &self.chunks[i >> CHUNK_BITS][i & (CHUNK - 1)]
+
+    cdef inline Py_ssize_t _find(self, const char* p, Py_ssize_t n,
+                                 unsigned long long h) noexcept nogil:
+        """The index of the entry of the id p[:n] whose hash is h, or -1."""
+        cdef size_t mask = self.n_slots - 1
+        cdef size_t i = <size_t>h & mask
+        cdef unsigned int tag = <unsigned int>(h >> 32)
+        cdef Slot* s = self.slots + i
+        cdef Entry* e
+        while s.entry:
+            if s.tag == tag:
+                e = self._entry(s.entry - 1)
+                if e.id_len == <size_t>n and _same_bytes(_entry_id(e), p, <size_t>n):
+                    return s.entry - 1
+            i = (i + 1) & mask
+            s = self.slots + i
+        return -1
+
+    cdef inline Entry* _find_bytes(self, const char* p, Py_ssize_t n) noexcept nogil:
+        cdef Py_ssize_t i = self._find(p, n, _hash_bytes(p, n) & self.hash_mask)
+        return self._entry(i) if i >= 0 else NULL
+
+    cdef void _place(self, size_t i, unsigned long long h) noexcept nogil:
+        cdef size_t mask = self.n_slots - 1, j = <size_t>h & mask
+        while self.slots[j].entry:
+            j = (j + 1) & mask
+        self.slots[j].entry = <unsigned int>(i + 1)
+        self.slots[j].tag = <unsigned int>(h >> 32)
+
+    cdef bint _rehash(self, size_t n_slots) noexcept nogil:
+        """Every entry placed anew in n_slots slots; False (nothing changed) for no memory."""
+        cdef Slot* slots
+        cdef size_t i
+        if n_slots > SIZE_MAX // (2 * sizeof(Slot)):
+            return False
+        slots = <Slot*>calloc(n_slots, sizeof(Slot))
+        if slots == NULL:
+            return False
+        free(self.slots)
+        self.slots = slots
+        self.n_slots = n_slots
+        for i in range(self.n_entries):
+            self._place(i, self._entry(i).hash)
+        return True
+
+    cdef Py_ssize_t _add_index(self, const char* p, Py_ssize_t n) noexcept nogil:
+        """The index of the entry of the id p[:n], made (empty) when there is none.
+
+        -1 when there is no memory for it, -2 when the id or the count is too
+        large for an entry; nothing changed then.
+        """
+        cdef unsigned long long h = _hash_bytes(p, n) & self.hash_mask
+        cdef Py_ssize_t found = self._find(p, n, h)
+        cdef size_t i = self.n_entries, c, cap
+        cdef Entry** chunks
+        cdef Entry* e
+        cdef char* copy = NULL
+        if found >= 0:
+            return found
+        if <unsigned long long>n > 0xFFFFFFFFULL or i >= 0xFFFFFFFEUL:
+            return -2
+        if (i + 1) * 4 > self.n_slots * 3 and not self._rehash(self.n_slots * 2):
+            return -1
+        if (i & (CHUNK - 1)) == 0:  # the last chunk is full (or there is none)
+            c = i >> CHUNK_BITS
+            if c == self.n_chunks:
+                cap = self.n_chunks * 2 if self.n_chunks else 16
+                chunks = <Entry**>realloc(self.chunks, cap * sizeof(Entry*))
+                if chunks == NULL:
+                    return -1
+                self.chunks = chunks
+                self.n_chunks = cap
+            self.chunks[c] = <Entry*>gate_alloc_lines(CHUNK * sizeof(Entry))
+            if self.chunks[c] == NULL:
+                return -1
+        if n > ID_INLINE:
+            copy = <char*>malloc(<size_t>n)
+            if copy == NULL:
+                if (i & (CHUNK - 1)) == 0:  # nothing in the new chunk yet: give it back
+                    free(self.chunks[i >> CHUNK_BITS])
+                return -1
+            memcpy(copy, p, <size_t>n)
+        e = self._entry(i)
+        memset(e, 0, sizeof(Entry))
+        e.hash = h
+        e.id_len = <unsigned int>n
+        if copy != NULL:
+            memcpy(e.id, &copy, sizeof(char*))
+        else:
+            memcpy(e.id, p, <size_t>n)
+        self.n_entries = i + 1
+        self._place(i, h)
+        return <Py_ssize_t>i
+
+    cdef Entry* _add(self, const char* p, Py_ssize_t n) except NULL:
+        cdef Py_ssize_t i = self._add_index(p, n)
+        if i == -2:
+            raise ValueError(
+                f"fastpath.GateState: a person id of {n} bytes or more than 2**32 persons; "
+                "use the short pseudonymous ids of the access list"
+            )
+        if i < 0:
+            raise MemoryError("fastpath.GateState: out of memory for another person")
+        return self._entry(i)
+
+    cdef inline void _warm(self, Table table, Py_ssize_t idx) noexcept nogil:
+        """Start loading what _person(table, idx) will read (decide's other checks run meanwhile).
+
+        The id's bytes sit behind its offset, two loads one after the other,
+        each from main memory in a big table. Ids of one list mostly have one
+        length ("p-0001f3a9"), so where person idx's bytes start is guessed
+        from the average id length and fetched alongside the offset; a wrong
+        guess costs one needless fetch, never a wrong answer.
+        """
+        cdef Py_ssize_t n, n_last
+        cdef const char* first = table._id_bytes(0, &n)
+        cdef const char* last
+        cdef const char* guess
+        if <void*>table != self.guess_table or first != self.guess_first:
+            # Another table (or a new one where an old one was: then first differs,
+            # or the guess is merely worse): its average id length, 16 bits of fraction.
+            last = table._id_bytes(table.n_persons - 1, &n_last)
+            self.guess_table = <void*>table
+            self.guess_first = first
+            self.guess_stride = (<unsigned long long>(last - first + n_last) << 16) // <unsigned long long>table.n_persons
+        guess = first + <size_t>((<unsigned long long>idx * self.guess_stride) >> 16)
+        gate_prefetch(guess)
+        gate_prefetch(guess + 24)  # the id may cross into the next cache line
+        gate_prefetch(table._id_bytes(idx, &n))
+
+    cdef Entry* _person(self, Table table, Py_ssize_t idx) noexcept nogil:
+        """The entry of the table's person idx, or NULL: no str is made."""
+        cdef Py_ssize_t n
+        cdef const char* p = table._id_bytes(idx, &n)
+        return self._find_bytes(p, n)
+
+    cdef Entry* _of(self, person_id, bint add) except? NULL:
+        """The entry of a person id (a str); NULL for none (add: made when missing)."""
+        cdef Py_ssize_t n
+        cdef const char* p
+        cdef bytes b
+        if not isinstance(person_id, str):
+            if add:
+                raise TypeError(
+                    f"person_id is {type(person_id).__name__}; use the person's id (a str)"
+                )
+            return NULL
+        p = _utf8_or_null(person_id, &n)
+        if p == NULL:
+            # Lone surrogates (a damaged state file) have no UTF-8 form: keep them
+            # as "surrogatepass" bytes, which no valid id of a table can equal.
+            PyErr_Clear()
+            b = (<str>person_id).encode("utf-8", "surrogatepass")
+            return self._add(b, len(b)) if add else self._find_bytes(b, len(b))
+        return self._add(p, n) if add else self._find_bytes(p, n)
+
+    cdef str _id_str(self, const Entry* e):
+        return PyUnicode_DecodeUTF8(_entry_id(e), e.id_len, "surrogatepass")
+
+    def _narrow_hash(self, unsigned long long mask) -> None:
+        """Tests only: keep only the hash bits in `mask` (0: every id collides)."""
+        cdef size_t i
+        cdef Entry* e
+        self.hash_mask = mask
+        for i in range(self.n_entries):
+            e = self._entry(i)
+            e.hash = _hash_bytes(_entry_id(e), e.id_len) & mask
+        if not self._rehash(self.n_slots):
+            raise MemoryError("fastpath.GateState: out of memory")
+
+    # ---------------------------------------------------------------- Python API
 
     def record_passage(self, person_id, int direction, long long epoch_s, long long day,
                        bint guest) -> None:
         """A card passage happened: move the person; an entry spends a guest use."""
+        cdef Entry* e
+        if direction != C_IN and direction != C_OUT:
+            _pure._check_direction(direction)  # raises
+        e = self._of(person_id, True)
+        e.day = day
         if direction == C_IN:
-            self._position[person_id] = (C_POS_IN, day)
-            self._last_entry[person_id] = epoch_s
+            e.pos = C_POS_IN
+            e.last = epoch_s
+            e.flags |= E_LAST
             if guest:
-                self._uses[person_id] = self._uses.get(person_id, 0) + 1
-        elif direction == C_OUT:
-            self._position[person_id] = (C_POS_OUT, day)
+                if not e.flags & E_USES:
+                    e.uses = 0
+                    e.flags |= E_USES
+                if e.uses < _codes_NO_END:  # int64, as the state file holds it
+                    e.uses += 1
         else:
-            _pure._check_direction(direction)
-
-    cdef inline int _position_of(self, person_id, long long day) except -1:
-        t = self._position.get(person_id)
-        if t is None or <long long>(<tuple>t)[1] != day:
-            return C_POS_UNKNOWN
-        return (<tuple>t)[0]
+            e.pos = C_POS_OUT
 
     def position(self, person_id, long long day) -> int:
-        return self._position_of(person_id, day)
+        """POS_IN / POS_OUT if set on `day`, else POS_UNKNOWN (a new day starts unknown)."""
+        cdef Entry* e = self._of(person_id, False)
+        if e == NULL or e.day != day:
+            return C_POS_UNKNOWN
+        return e.pos
 
     def last_entry(self, person_id) -> int:
-        return self._last_entry.get(person_id, 0)
+        cdef Entry* e = self._of(person_id, False)
+        return e.last if e != NULL and e.flags & E_LAST else 0
 
     def uses(self, person_id) -> int:
-        return self._uses.get(person_id, 0)
+        cdef Entry* e = self._of(person_id, False)
+        return e.uses if e != NULL and e.flags & E_USES else 0
 
     def to_dict(self) -> dict:
-        return _pure.state_to_dict(self._position, self._last_entry, self._uses)
+        """JSON-able snapshot for the state file (the layout of _pure.state_to_dict)."""
+        cdef size_t i
+        cdef Entry* e
+        # Sized for every entry at once: no dict grows (and rehashes) a million times.
+        cdef dict positions = gate_dict_presized(<Py_ssize_t>self.n_entries)
+        cdef dict last_entry = gate_dict_presized(<Py_ssize_t>self.n_entries)
+        cdef dict uses = {}
+        cdef long long day = 0
+        cdef object day_obj = 0
+        for i in range(self.n_entries):
+            e = self._entry(i)
+            pid = self._id_str(e)
+            if e.pos != C_POS_UNKNOWN:
+                if e.day != day:  # most positions are of a few days: one int object each
+                    day = e.day
+                    day_obj = day
+                positions[pid] = [e.pos, day_obj]
+            if e.flags & E_LAST:
+                last_entry[pid] = e.last
+            if e.flags & E_USES:
+                uses[pid] = e.uses
+        return {
+            "format": _pure.STATE_FORMAT,
+            "positions": positions,
+            "last_entry": last_entry,
+            "uses": uses,
+        }
 
     @classmethod
     def from_dict(cls, d) -> GateState:
+        """The state saved by to_dict(); ValueError saying what is wrong."""
+        position, last_entry, uses = _pure.state_from_dict(d)  # checked as in the pure twin
         cdef GateState state = cls()
-        state._position, state._last_entry, state._uses = _pure.state_from_dict(d)
+        cdef Entry* e
+        for pid, (pos, day) in position.items():
+            e = state._of(pid, True)
+            e.pos = pos
+            e.day = day
+        for pid, v in last_entry.items():
+            e = state._of(pid, True)
+            e.last = v
+            e.flags |= E_LAST
+        for pid, v in uses.items():
+            e = state._of(pid, True)
+            e.uses = v
+            e.flags |= E_USES
         return state
 
     def __repr__(self) -> str:
-        return f"<GateState positions={len(self._position)} guests={len(self._uses)}>"
+        cdef size_t i, positions = 0, guests = 0
+        for i in range(self.n_entries):
+            positions += self._entry(i).pos != C_POS_UNKNOWN
+            guests += (self._entry(i).flags & E_USES) != 0
+        return f"<GateState positions={positions} guests={guests}>"
 
 
-def decide(Table table not None, GateState state not None, key, int direction, int mode,
-           long long epoch_s, int minute_of_week, long long day, bint busy, int apb_mode,
-           long long apb_window_s):
-    """(result, person_index, warning) for one card read; same rules as _pure.decide."""
+# --------------------------------------------------------------------------- decision
+
+
+cdef object _decide(Table table, GateState state, key, direction, mode, epoch_s,
+                    minute_of_week, day, busy, apb_mode, apb_window_s):
+    """decide() itself, for both ways in (_decide_fastcall, _decide_def)."""
     cdef unsigned long long k
+    cdef bint have_key = False, key_read = PyLong_CheckExact(key)
+    if key_read:  # (any other key is read after the argument checks, as in the pure twin)
+        have_key = _as_key(key, &k)
+        if have_key:
+            # Start fetching the card's slot (in a big table, from main memory) and
+            # convert the other arguments meanwhile.
+            gate_prefetch(table.slots + table._slot_of(k))
+    cdef int c_direction = direction, c_mode = mode, c_minute = minute_of_week
+    cdef int c_apb = apb_mode
+    cdef long long c_epoch = epoch_s, c_day = day, c_window = apb_window_s
+    cdef bint c_busy = busy
     cdef Card* card = NULL
     cdef int idx = -1, pos, warning = C_WARN_NONE, guest_uses = -1
     cdef bint blocked = False, plain
@@ -567,54 +983,63 @@ def decide(Table table not None, GateState state not None, key, int direction, i
     cdef unsigned char mask
     cdef long long last, diff
     cdef bint refused
+    cdef Entry* e = NULL
+    cdef bint looked_up = False
 
     if (
-        (direction != C_IN and direction != C_OUT)
-        or mode < 0 or mode >= C_N_MODES
-        or minute_of_week < 0 or minute_of_week >= C_MINUTES_PER_WEEK
-        or apb_mode < 0 or apb_mode >= C_N_APB_MODES
+        (c_direction != C_IN and c_direction != C_OUT)
+        or c_mode < 0 or c_mode >= C_N_MODES
+        or c_minute < 0 or c_minute >= C_MINUTES_PER_WEEK
+        or c_apb < 0 or c_apb >= C_N_APB_MODES
     ):
-        _pure.check_arguments(direction, mode, minute_of_week, apb_mode)  # raises
+        _pure.check_arguments(c_direction, c_mode, c_minute, c_apb)  # raises
 
-    if _as_key(key, &k):
+    if not key_read:
+        have_key = _as_key(key, &k)  # TypeError for a float, as in the pure twin
+    if have_key:
         card = table._find(k)
         if card != NULL:
             idx = <int>(card.info & SLOT_PERSON) - 1
             blocked = (card.info & SLOT_BLOCKED) != 0
-    if mode == C_FIRE:
+    if c_mode == C_FIRE:
         return (C_GRANTED, idx, C_WARN_NONE)  # recorded without a check: who evacuated
-    if mode == C_LOCKDOWN:
+    if c_mode == C_LOCKDOWN:
         return (C_LOCKDOWN_DENIED, idx, C_WARN_NONE)
-    if mode == C_ENTRY_ONLY and direction == C_OUT:
+    if c_mode == C_ENTRY_ONLY and c_direction == C_OUT:
         return (C_WRONG_DIRECTION, idx, C_WARN_NONE)
     if blocked:
         return (C_BLOCKED, idx, C_WARN_NONE)
     if idx < 0:
         return (C_UNKNOWN_CARD, -1, C_WARN_NONE)
 
+    if c_apb != C_APB_OFF:
+        state._warm(table, idx)
     plain = (card.info & SLOT_PLAIN) != 0
     if not plain:  # only now read the person's own records
         guest_uses = table.guest_uses[idx]
         valid = &table.validity[idx]
     # A guest can always leave: no validity, schedule or anti-passback check on exit.
-    if not (guest_uses >= 0 and direction == C_OUT):
+    if not (guest_uses >= 0 and c_direction == C_OUT):
         if plain:
             # Valid from NO_START until NO_END: only the last second of int64 is past it.
-            if epoch_s == _codes_NO_END:
+            if c_epoch == _codes_NO_END:
                 return (C_EXPIRED, idx, C_WARN_NONE)
         else:
-            if epoch_s < valid.valid_from:
+            if c_epoch < valid.valid_from:
                 return (C_NOT_YET_VALID, idx, C_WARN_NONE)
-            if epoch_s >= valid.valid_until:
+            if c_epoch >= valid.valid_until:
                 return (C_EXPIRED, idx, C_WARN_NONE)
-            if guest_uses > 0 and state._uses.get(table._pid(idx), 0) >= guest_uses:
-                return (C_EXPIRED, idx, C_WARN_NONE)
+            if guest_uses > 0:
+                e = state._person(table, idx)
+                looked_up = True
+                if e != NULL and e.flags & E_USES and e.uses >= guest_uses:
+                    return (C_EXPIRED, idx, C_WARN_NONE)
 
         bm = table.bitmaps + card.groupset * 3 * C_BITMAP_BYTES
-        byte = <unsigned int>minute_of_week >> 3
-        mask = 1 << (minute_of_week & 7)
-        if direction == C_IN:
-            if table.n_holidays and table._is_holiday(day):
+        byte = <unsigned int>c_minute >> 3
+        mask = 1 << (c_minute & 7)
+        if c_direction == C_IN:
+            if table.n_holidays and table._is_holiday(c_day):
                 if not table.holiday_open[card.groupset]:
                     return (C_HOLIDAY, idx, C_WARN_NONE)
                 if not (bm[C_BITMAP_BYTES + byte] & mask):
@@ -624,25 +1049,77 @@ def decide(Table table not None, GateState state not None, key, int direction, i
         elif not (bm[2 * C_BITMAP_BYTES + byte] & mask):
             return (C_EXIT_RESTRICTED, idx, C_WARN_NONE)
 
-        if apb_mode == C_APB_SOFT or apb_mode == C_APB_HARD:
-            pos = state._position_of(table._pid(idx), day)
-            if (direction == C_IN and pos == C_POS_IN) or (direction == C_OUT and pos == C_POS_OUT):
-                if apb_mode == C_APB_HARD:
+        if c_apb == C_APB_SOFT or c_apb == C_APB_HARD:
+            if not looked_up:
+                e = state._person(table, idx)
+            pos = e.pos if e != NULL and e.day == c_day else C_POS_UNKNOWN
+            if (c_direction == C_IN and pos == C_POS_IN) or (c_direction == C_OUT and pos == C_POS_OUT):
+                if c_apb == C_APB_HARD:
                     return (C_ANTIPASSBACK, idx, C_WARN_NONE)
                 warning = C_WARN_ANTIPASSBACK
-        elif apb_mode == C_APB_TIMED and direction == C_IN:
-            last = state._last_entry.get(table._pid(idx), 0)
+        elif c_apb == C_APB_TIMED and c_direction == C_IN:
+            if not looked_up:
+                e = state._person(table, idx)
+            last = e.last if e != NULL and e.flags & E_LAST else 0
             if last:
                 # epoch_s - last < apb_window_s, exactly as Python ints would say it: on
                 # int64 overflow the true difference is beyond any window, with the
                 # sign of epoch_s - last.
-                if gate_sub_overflows(epoch_s, last, &diff):
-                    refused = epoch_s < last
+                if gate_sub_overflows(c_epoch, last, &diff):
+                    refused = c_epoch < last
                 else:
-                    refused = diff < apb_window_s
+                    refused = diff < c_window
                 if refused:
                     return (C_ANTIPASSBACK, idx, C_WARN_NONE)
 
-    if busy:
+    if c_busy:
         return (C_GATE_BUSY, idx, C_WARN_NONE)
     return (C_GRANTED, idx, warning)
+
+
+def decide(Table table not None, GateState state not None, key, direction, mode, epoch_s,
+           minute_of_week, day, busy, apb_mode, apb_window_s):
+    """decide() called with keywords or the wrong arguments: Cython's checks and messages."""
+    return _decide(table, state, key, direction, mode, epoch_s, minute_of_week, day, busy,
+                   apb_mode, apb_window_s)
+
+
+_decide_def = decide  # replaced as `decide` below by the METH_FASTCALL builtin
+
+
+cdef extern from "Python.h":
+    ctypedef struct PyMethodDef:
+        const char* ml_name
+        void* ml_meth
+        int ml_flags
+        const char* ml_doc
+    int METH_FASTCALL
+    int METH_KEYWORDS
+    object PyCFunction_NewEx(PyMethodDef* ml, PyObject* self, object module)
+    object PyObject_Vectorcall(object callable, PyObject* const* args, size_t nargsf,
+                               PyObject* kwnames)
+
+
+cdef object _decide_fastcall(PyObject* self, PyObject* const* args, Py_ssize_t nargs,
+                             PyObject* kwnames):
+    # The gate calls decide() once per card with 11 positional arguments: they
+    # reach _decide as they are, with no Cython argument tuple or keyword
+    # parsing. Anything else (keywords, a wrong count or type) takes _decide_def.
+    if (kwnames != NULL or nargs != 11 or not isinstance(<object>args[0], Table)
+            or not isinstance(<object>args[1], GateState)):
+        return PyObject_Vectorcall(_decide_def, args, <size_t>nargs, kwnames)
+    return _decide(<Table>args[0], <GateState>args[1], <object>args[2], <object>args[3],
+                   <object>args[4], <object>args[5], <object>args[6], <object>args[7],
+                   <object>args[8], <object>args[9], <object>args[10])
+
+
+cdef PyMethodDef _decide_method
+_decide_method.ml_name = "decide"
+_decide_method.ml_meth = <void*>_decide_fastcall
+_decide_method.ml_flags = METH_FASTCALL | METH_KEYWORDS
+_decide_method.ml_doc = (
+    "decide(table, state, key, direction, mode, epoch_s, minute_of_week, day, busy, "
+    "apb_mode, apb_window_s)\n--\n\n"
+    "(result, person_index, warning) for one card read; same rules as _pure.decide."
+)
+decide = PyCFunction_NewEx(&_decide_method, NULL, __name__)

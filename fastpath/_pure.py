@@ -307,6 +307,11 @@ def _check_direction(direction: int) -> None:
         raise ValueError(f"direction is {direction!r}; use fastpath.codes.IN or OUT")
 
 
+def _check_person_id(person_id: Any) -> None:
+    if not isinstance(person_id, str):
+        raise TypeError(f"person_id is {type(person_id).__name__}; use the person's id (a str)")
+
+
 class GateState:
     """Anti-passback positions and guest uses, keyed by person id.
 
@@ -327,11 +332,13 @@ class GateState:
     ) -> None:
         """A card passage happened: move the person; an entry spends a guest use."""
         _check_direction(direction)
+        _check_person_id(person_id)
         if direction == IN:
             self._position[person_id] = (POS_IN, day)
             self._last_entry[person_id] = epoch_s
             if guest:
-                self._uses[person_id] = self._uses.get(person_id, 0) + 1
+                # Counted in int64, as the compiled twin and the state file hold it.
+                self._uses[person_id] = min(self._uses.get(person_id, 0) + 1, NO_END)
         else:
             self._position[person_id] = (POS_OUT, day)
 
