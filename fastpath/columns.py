@@ -22,7 +22,7 @@ ascending id order (the list keeps its people sorted by id, guests after).
 from __future__ import annotations
 
 from array import array
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(frozen=True)
@@ -51,3 +51,29 @@ class TableColumns:
     person_card_off: array = field(default_factory=lambda: array("Q"))
     person_card_keys: array = field(default_factory=lambda: array("Q"))
     blocked_keys: array = field(default_factory=lambda: array("Q"))
+
+    def sorted_form(self) -> TableColumns:
+        """The same table with ids as a list of str and cards sorted by key (the first
+        forms): for reading a table's contents in tests and tools, not for speed."""
+        if not len(self.person_id_off) and not len(self.person_card_off):
+            return self
+        ids = list(self.person_ids)
+        if len(self.person_id_off):
+            blob, off = bytes(self.person_id_blob), self.person_id_off
+            ids = [blob[off[i]:off[i + 1]].decode("utf-8") for i in range(len(off) - 1)]
+        keys, person, flags = self.card_keys, self.card_person, self.card_flags
+        if len(self.person_card_off):
+            off, pkeys = self.person_card_off, self.person_card_keys
+            owner = {pkeys[j]: p for p in range(len(off) - 1) for j in range(off[p], off[p + 1])}
+            blocked = set(self.blocked_keys)
+            for k in blocked:
+                owner.setdefault(k, -1)
+            order = sorted(owner)
+            keys = array("Q", order)
+            person = array("i", [owner[k] for k in order])
+            flags = array("B", [1 if k in blocked else 0 for k in order])  # codes.CARD_BLOCKED
+        return replace(
+            self, card_keys=keys, card_person=person, card_flags=flags, person_ids=ids,
+            person_id_blob=b"", person_id_off=array("Q"), person_card_off=array("Q"),
+            person_card_keys=array("Q"), blocked_keys=array("Q"),
+        )
