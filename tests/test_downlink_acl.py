@@ -26,6 +26,7 @@ from agent.core.gateconfig import GateConfig
 from agent.core.records import SequenceSink
 from agent.core.turnstile import Gate
 from agent.downlink import Downlink
+from agent.downlink.acl_sync import ACL_FILE
 from agent.downlink.signing import generate_keypair, private_key_pem, sign_acl
 from agent.runtime import Clock, GateRuntime
 
@@ -207,7 +208,7 @@ def test_the_applied_list_is_kept_on_disk_and_loaded_at_the_next_start(tmp_path,
     g.push(signed(SCHOOL))
     g.push(signed(DELTA))
     g.stop()
-    stored = tmp_path / "state" / "acl.json"
+    stored = tmp_path / "state" / ACL_FILE  # the binary image (acl.bin)
     assert stored.stat().st_mode & 0o777 == 0o600
     # Next start, broker unreachable: the list comes from disk before anything else.
     events: list = []

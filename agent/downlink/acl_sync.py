@@ -21,15 +21,26 @@ The flow for one message on ``gate/v1/{site}/{gate}/acl`` (docs/security.md):
    answers that event with a snapshot.
 4. Build the compiled table here, on the caller's thread (the Downlink's
    worker), never on the gate thread.
-5. Persist the applied list (``acl.json`` in the state directory, mode 0600,
-   written to a temporary file, fsynced and renamed), then submit
-   ``SwapTable``: the gate swaps tables between two events and never waits.
+5. Persist the applied list (``acl.bin`` in the state directory, mode 0600:
+   the binary image of agent/core/aclstore.py, checksummed, written to a
+   temporary file, fsynced and renamed), then submit ``SwapTable``: the gate
+   swaps tables between two events and never waits.
+
+At start the image is mapped, not parsed: its columns feed the table in
+place, and the mapped pages are then handed back to the page cache, so a
+million-card list costs its compiled table and little more (docs/access-list.md,
+"How a gate holds the list"). A list kept by an older version as ``acl.json``
+is read once and rewritten as ``acl.bin``.
+
+A snapshot may also come in the compact form (``aclwire``): a signed JSON
+envelope whose list names a zlib-compressed image by its SHA-256.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import mmap
 import os
 import threading
 import time
@@ -40,6 +51,7 @@ from typing import Any
 
 from agent.contract import CONTRACT_VERSION
 from agent.core.acl import AccessList, AclError, AclRejected, build_table, parse_acl_json
+from agent.core.aclstore import IMAGE_MAGIC, ImageError
 from agent.core.events import Report, SwapTable
 from agent.core.records import parse_rfc3339
 
@@ -50,7 +62,8 @@ log = logging.getLogger("agent.downlink")
 
 __all__ = ["ACL_FILE", "FUTURE_SKEW_S", "AclSync", "CounterStore", "floor_candidate", "write_private"]
 
-ACL_FILE = "acl.json"
+ACL_FILE = "acl.bin"  # the binary image (agent/core/aclstore.py)
+LEGACY_ACL_FILE = "acl.json"  # what versions before the image kept; read once, then replaced
 COUNTERS_FILE = "counters.json"
 ENVELOPE_FIELDS = frozenset({"v", "site", "gate", "counter", "issued_at", "key_id", "sig", "list"})
 MAX_REPORTED_ERRORS = 50  # the acl.rejected record holds at most 50
@@ -84,8 +97,9 @@ def future_detail(what: str, issued_at: float, now: float) -> str:
 # --------------------------------------------------------------------------- files
 
 
-def write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically, readable by the owner only (0600).
+def write_private(path: Path, data: bytes | list) -> None:
+    """Write ``data`` (bytes, or a list of byte chunks written one by one) to
+    ``path`` atomically, readable by the owner only (0600).
 
     Temporary file in the same directory, fsync, rename, fsync the directory:
     after a crash the file is either the old one or the new one, never torn.
@@ -95,7 +109,8 @@ def write_private(path: Path, data: bytes) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for chunk in (data if isinstance(data, list) else [data]):
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o600)  # O_CREAT's mode is masked by the umask; this is not
@@ -302,10 +317,75 @@ def _reject(path: str, message: str) -> AclRejected:
 
 def store_list(path: Path, acl: AccessList, *, applied_at: float, kind: str = "snapshot",
                base: str | None = None) -> None:
-    """Keep an applied list on disk (``acl.json`` in the state directory, 0600, atomic):
-    what ``load_persisted`` reads at the next start. OSError when it cannot be written."""
-    data = {"format": 1, "applied_at": applied_at, "kind": kind, "base": base, "list": acl.to_snapshot()}
-    write_private(path, json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+    """Keep an applied list on disk (``acl.bin`` in the state directory, 0600, atomic):
+    the binary image ``load_persisted`` maps at the next start. OSError when it
+    cannot be written."""
+    stored = {"applied_at": applied_at, "kind": kind, "base": base}
+    write_private(path, acl.to_image(stored=stored))
+
+
+def read_stored(path: Path) -> tuple[AccessList, float, Any]:
+    """(list, applied_at, keep-alive) of a stored file: the binary image, mapped
+    (the keep-alive is the mapping), or the JSON of older versions. ValueError
+    (or TypeError, KeyError) saying what is wrong with a damaged one;
+    FileNotFoundError when there is none."""
+    with open(path, "rb") as f:
+        head = f.read(len(IMAGE_MAGIC))
+        if head != IMAGE_MAGIC:
+            f.seek(0)
+            data = json.loads(f.read())
+            if not isinstance(data, dict) or data.get("format") != 1:
+                raise TypeError("not an access-list file of format 1")
+            applied_at = data.get("applied_at")
+            if not isinstance(applied_at, (int, float)) or isinstance(applied_at, bool):
+                raise TypeError("applied_at is missing")
+            return AccessList.from_snapshot(data.get("list")), float(applied_at), None
+        size = os.fstat(f.fileno()).st_size
+        mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
+    acl, stored = AccessList.from_image(mm, trusted=True)
+    applied_at = stored.get("applied_at")
+    if not isinstance(applied_at, (int, float)) or isinstance(applied_at, bool):
+        raise ImageError("applied_at is missing")
+    return acl, float(applied_at), mm
+
+
+def _release_pages(mm: Any) -> None:
+    """Hand the mapped pages back: the table holds what the gate needs, and the
+    list's columns are read again (from the page cache or the card) only by the
+    next delta. Advice only."""
+    if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            mm.madvise(mmap.MADV_DONTNEED)
+        except OSError:
+            log.debug("madvise(MADV_DONTNEED) refused", exc_info=True)
+
+
+def stored_summary(state_dir: Path) -> tuple[Path, dict]:
+    """(path, {"version", "applied_at", "people"}) of the list kept in `state_dir`,
+    read without building it (for the doctor). FileNotFoundError when none;
+    ValueError or OSError when it cannot be read."""
+    state_dir = Path(state_dir)
+    path = state_dir / ACL_FILE
+    if not path.exists() and (state_dir / LEGACY_ACL_FILE).exists():
+        path = state_dir / LEGACY_ACL_FILE
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw.startswith(IMAGE_MAGIC):
+        from agent.core import aclstore
+
+        header, cols = aclstore.decode(raw)
+        stored = header.get("stored") if isinstance(header.get("stored"), dict) else {}
+        off = cols.get("id_off")
+        return path, {"version": header.get("version"), "applied_at": stored.get("applied_at"),
+                      "people": max(0, len(off) - 1) if off is not None else 0}
+    data = json.loads(raw)
+    lst = data.get("list") if isinstance(data, dict) else None
+    return path, {
+        "version": lst.get("version") if isinstance(lst, dict) else None,
+        "applied_at": data.get("applied_at") if isinstance(data, dict) else None,
+        "people": len(lst.get("people", [])) if isinstance(lst, dict) else 0,
+    }
+
 
 class AclSync:
     """One gate's access list: what it holds, what it applies next, what it kept on disk.
@@ -357,35 +437,47 @@ class AclSync:
     def load_persisted(self) -> tuple[AccessList | None, Any]:
         """The list kept on disk and its table, or (None, None).
 
-        A damaged file is moved aside and reported (``alarm`` ``acl_corrupt``);
-        the gate then starts as a new board would (``acl_missing``, and asks
-        for a snapshot).
+        A damaged file (torn, truncated, altered: its checksum or shape does not
+        hold) is moved aside and reported (``alarm`` ``acl_corrupt``); the gate
+        then starts as a new board would (``acl_missing``, and asks for a
+        snapshot). A list kept as JSON by an older version is read and rewritten
+        as the binary image.
         """
+        path = self.path
+        if not path.exists() and (self.state_dir / LEGACY_ACL_FILE).exists():
+            path = self.state_dir / LEGACY_ACL_FILE
+        mm = None
         try:
-            raw = self.path.read_bytes()
+            acl, applied_at, mm = read_stored(path)
+            table = self._builder(acl, self.fp)
         except FileNotFoundError:
             return None, None
-        try:
-            data = json.loads(raw)
-            if not isinstance(data, dict) or data.get("format") != 1:
-                raise TypeError("not an access-list file of format 1")
-            applied_at = data.get("applied_at")
-            if not isinstance(applied_at, (int, float)) or isinstance(applied_at, bool):
-                raise TypeError("applied_at is missing")
-            acl = AccessList.from_snapshot(data.get("list"))
-            table = self._builder(acl, self.fp)
-        except (ValueError, TypeError, KeyError) as exc:  # AclRejected is a ValueError
-            moved = _move_aside_or_keep(self.path, self._wall())
-            detail = (f"the stored access list {self.path} was damaged ({str(exc)[:300]}); moved "
+        except (ValueError, TypeError, KeyError, OverflowError) as exc:  # AclRejected, ImageError
+            moved = _move_aside_or_keep(path, self._wall())
+            detail = (f"the stored access list {path} was damaged ({str(exc)[:300]}); moved "
                       f"to {moved}; the gate asks the server for a snapshot")
             log.error("%s", detail)
             self._corrupt_raised = True
             self._submit(Report("alarm", {"kind": "acl_corrupt", "active": True,
                                           "detail": detail[:_MAX_TEXT]}))
             return None, None
-        self.acl, self.applied_at = acl, float(applied_at)
-        log.info("access list %s loaded from %s", acl.version, self.path)
+        _release_pages(mm)
+        self.acl, self.applied_at = acl, applied_at
+        log.info("access list %s loaded from %s", acl.version, path)
+        if path != self.path:
+            self._upgrade(path, acl, applied_at)
         return acl, table
+
+    def _upgrade(self, old: Path, acl: AccessList, applied_at: float) -> None:
+        """Rewrite a list kept as JSON by an older version as the binary image."""
+        try:
+            store_list(self.path, acl, applied_at=applied_at)
+            old.unlink()
+        except OSError as exc:
+            log.warning("could not rewrite %s as %s (%s); it is read as JSON again at the next "
+                        "start", old, self.path, exc)
+            return
+        log.info("access list %s kept as JSON in %s rewritten as %s", acl.version, old, self.path)
 
     # --- messages ------------------------------------------------------------
 
