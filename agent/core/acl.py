@@ -1490,7 +1490,7 @@ def _checked_image_people(
                            f"{_WANTED['id']}")
         return people
     off = people.id_off
-    ids = [ids_blob[off[i]:off[i + 1]] for i in range(n)]
+    ids = list(map(ids_blob.__getitem__, map(slice, islice(off, 0, n), islice(off, 1, None))))
     if not all(map(operator.lt, ids, islice(ids, 1, None))):
         for i in range(1, n):
             if ids[i] <= ids[i - 1]:
@@ -1498,6 +1498,13 @@ def _checked_image_people(
                         if ids[i] == ids[i - 1] else f"comes after {ids[i - 1].decode()!r}: "
                         "an image lists people in ascending id order")
                 errors.add(f"/people/{i}/id", f"id {ids[i].decode()!r} {what}")
+    for j, g in enumerate(base._guests):  # guests against people: ids
+        target = g.id.encode("utf-8")
+        k = bisect_left(ids, target)
+        if k < n and ids[k] == target:
+            errors.add(f"/guests/{j}/id", f"id {g.id!r} is used twice (person {g.id!r} has it "
+                       "too); ids of people and guests must be unique")
+    del ids
     card_n = list(map(operator.sub, islice(people.card_off, 1, None), people.card_off))
     if n and min(card_n) < 1:
         for i in (i for i, c in enumerate(card_n) if c < 1):
@@ -1518,23 +1525,28 @@ def _checked_image_people(
         if n and (min(col) < low or max(col) >= high):
             shape(False, f"{name} indexes past its table")
             return people
-    # Cards: each string read again; its key must be the one sent.
+    # Cards: each string read again; its key must be the one sent. In bulk: one
+    # regular-expression pass over all strings, one loop of builtins for the keys;
+    # card by card (for the messages) only when that finds something wrong.
     texts = bytes(people.text_blob).decode("utf-8", "replace")
     to, co, keys = people.text_off, people.card_off, people.card_keys
-    parse = parse_card_string
-    card_re = _card_pattern()
-    for j in range(m):
-        t = texts[to[j]:to[j + 1]]
-        try:
-            good = card_re.fullmatch(t) is not None and parse(t, key_width) == keys[j]
-        except CardFormatError:
-            good = False
-        if not good:
-            i = bisect_right(co, j) - 1
-            errors.add(f"/people/{i}/cards/{j - co[i]}", f"{_short(t)} is not {_WANTED['card']} "
-                       f"with key {keys[j]} at key width {key_width}")
-            if len(errors.items) >= MAX_ERRORS:
-                break
+    strs = list(map(texts.__getitem__, map(slice, islice(to, 0, m), islice(to, 1, None))))
+    bulk = _bulk_card_keys(strs, key_width) if m else []
+    if bulk is None or array("Q", bulk) != keys:
+        parse = parse_card_string
+        card_re = _card_pattern()
+        for j, t in enumerate(strs):
+            try:
+                good = card_re.fullmatch(t) is not None and parse(t, key_width) == keys[j]
+            except CardFormatError:
+                good = False
+            if not good:
+                i = bisect_right(co, j) - 1
+                errors.add(f"/people/{i}/cards/{j - co[i]}", f"{_short(t)} is not "
+                           f"{_WANTED['card']} with key {keys[j]} at key width {key_width}")
+                if len(errors.items) >= MAX_ERRORS:
+                    break
+    del strs
     sk = array("Q", sorted(keys))
     if m and any(map(operator.eq, sk, islice(sk, 1, None))):
         seen: dict[int, int] = {}
@@ -1542,7 +1554,7 @@ def _checked_image_people(
             i = bisect_right(co, j) - 1
             if keys[j] in seen:
                 other = seen[keys[j]]
-                who = "this person" if other == i else repr(ids[other].decode())
+                who = "this person" if other == i else repr(people.id_at(other))
                 errors.add(f"/people/{i}/cards/{j - co[i]}",
                            f"card {texts[to[j]:to[j + 1]]!r} (key {keys[j]}) is held by {who} "
                            "too; a card belongs to one person or guest: remove one of them")
@@ -1560,13 +1572,8 @@ def _checked_image_people(
             errors.add(f"/people/{i}/valid_from",
                        f"valid_from {people.texts[people.vf[i]]!r} is not before valid_until "
                        f"{people.texts[people.vu[i]]!r}")
-    # Guests against people: ids and cards.
+    # Guests against people: cards.
     for j, g in enumerate(base._guests):
-        target = g.id.encode("utf-8")
-        k = bisect_left(ids, target)
-        if k < n and ids[k] == target:
-            errors.add(f"/guests/{j}/id", f"id {g.id!r} is used twice (person {g.id!r} has it "
-                       "too); ids of people and guests must be unique")
         k = bisect_left(sk, g.key)
         if k < m and sk[k] == g.key:
             errors.add(f"/guests/{j}/card", f"card {g.card!r} (key {g.key}) is held by a person "
@@ -1578,6 +1585,36 @@ def _checked_image_people(
 @lru_cache(maxsize=1)
 def _card_pattern() -> Any:
     return re.compile(schema()["$defs"]["card"]["pattern"])
+
+
+@lru_cache(maxsize=1)
+def _cards_pattern() -> Any:
+    """Any number of card strings, each followed by a newline (the schema's pattern)."""
+    one = schema()["$defs"]["card"]["pattern"].lstrip("^").rstrip("$")
+    return re.compile(f"(?:{one}\n)*")
+
+
+def _bulk_card_keys(strs: list[str], key_width: int) -> list[int] | None:
+    """The keys of card strings as parse_card_string gives them, or None when one
+    of them is not a card string (the caller then reads them one by one)."""
+    if _cards_pattern().fullmatch("\n".join(strs) + "\n") is None:
+        return None
+    mask = (1 << key_width) - 1
+    fac_max = (1 << (key_width - 16)) - 1
+    out: list[int] = []
+    put = out.append
+    for t in strs:
+        if t[0] == "h":
+            put(int(t[4:], 16) & mask)
+        elif "," in t:
+            f, _, c = t.partition(",")
+            fi, ci = int(f), int(c)
+            if ci > 0xFFFF or fi > fac_max:
+                return None
+            put((fi << 16) | ci)
+        else:
+            put(int(t) & mask)
+    return out
 
 
 def check_document(doc: Any, key_width: int = DEFAULT_KEY_WIDTH) -> list[AclError]:

@@ -55,6 +55,7 @@ from agent.core.aclstore import IMAGE_MAGIC, ImageError
 from agent.core.events import Report, SwapTable
 from agent.core.records import parse_rfc3339
 
+from . import aclwire
 from .flood import FloodGuard
 from .signing import SignatureError, verify
 
@@ -410,6 +411,7 @@ class AclSync:
         clock_synced: Callable[[], bool] = lambda: True,
         guard: FloodGuard | None = None,
         builder: Callable[[AccessList, Any], Any] = build_table,
+        max_image_bytes: int = aclwire.MAX_IMAGE_BYTES,
     ) -> None:
         self.site, self.gate = site, gate
         self.fp = fp
@@ -424,6 +426,7 @@ class AclSync:
         self._synced = clock_synced
         self._guard = guard
         self._builder = builder  # a seam for tests that hold a build open
+        self.max_image_bytes = max_image_bytes  # a compact list inflates to at most this
         self._applied_digest: bytes | None = None  # of the message whose list is in use
         self._verified = False  # the message being handled had a good signature
         self.acl: AccessList | None = None
@@ -492,8 +495,20 @@ class AclSync:
         version: Any = None
         self._verified = False
         try:
-            doc = parse_acl_json(payload)
+            image_body = None
+            if payload[:len(aclwire.WIRE_MAGIC)] == aclwire.WIRE_MAGIC:
+                line, image_body = aclwire.split(payload)
+                doc = parse_acl_json(line)
+            else:
+                doc = parse_acl_json(payload)
             doc, envelope = self._open_envelope(doc)
+            if image_body is not None:
+                errors = aclwire.header_errors(doc)
+                if errors:
+                    raise AclRejected(errors)
+            elif doc.get("kind") == "image":
+                raise _reject("/kind", "a compact list header without its body: send the "
+                              "compact message whole (docs/contract.md, \"Compact snapshots\")")
             version = doc.get("version")
             if self._duplicate(doc, envelope):
                 # MQTT QoS 1 may deliver twice; the list is in use already (docs/access-list.md).
@@ -503,7 +518,10 @@ class AclSync:
                 raise _reject("/counter", f"counter {envelope['counter']} is not above the last list "
                               f"accepted from key {envelope['key_id']!r}: a replayed list; sign it "
                               "again with a new counter")
-            acl, kind, base = self._apply(doc)
+            if image_body is not None:
+                acl, kind, base = self._apply_image(doc, image_body), "snapshot", None
+            else:
+                acl, kind, base = self._apply(doc)
             if envelope is not None and not self._counters.advance(
                     "acl", envelope["key_id"], envelope["counter"]):
                 raise _reject("/counter", "counter is not above the last list accepted from key "
@@ -513,7 +531,8 @@ class AclSync:
             return False
         table = self._builder(acl, self.fp)  # the slow part: here, never on the gate thread
         now = self._wall()
-        self._persist(acl, kind, base, now)
+        if self._persist(acl, kind, base, now):
+            acl = self._mapped(acl)
         self.acl, self.applied_at = acl, now
         self._applied_digest = digest
         # The time zone travels with the table: schedules switch zone at the swap itself.
@@ -621,16 +640,45 @@ class AclSync:
             return self.acl.apply_delta(doc), "delta", self.acl.version
         return AccessList.from_snapshot(doc), "snapshot", None
 
-    def _persist(self, acl: AccessList, kind: str, base: str | None, now: float) -> None:
+    def _apply_image(self, header: dict, body: memoryview) -> AccessList:
+        """The list of a compact snapshot whose signed header was checked."""
+        image = aclwire.open_body(header, body, self.max_image_bytes)
+        try:
+            acl, _ = AccessList.from_image(image, trusted=False)
+        except ImageError as exc:
+            raise _reject("/list", f"the image is not whole ({exc}); build it again") from None
+        if acl.version != header["version"]:
+            raise _reject("/list/version", f"the header says version {header['version']!r}, the "
+                          f"image holds {acl.version!r}; build it again")
+        return acl
+
+    def _mapped(self, acl: AccessList) -> AccessList:
+        """The list just stored, read back from its mapped file: the columns built
+        from the message (tens of MB for a big list) are freed, the gate holds its
+        table and a mapping the kernel can drop."""
+        try:
+            stored, _, mm = read_stored(self.path)
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            log.warning("could not map the stored list back (%s); keeping it in memory", exc)
+            return acl
+        if stored.version != acl.version:
+            return acl
+        _release_pages(mm)
+        return stored
+
+    def _persist(self, acl: AccessList, kind: str, base: str | None, now: float) -> bool:
+        """Store the list; False (and an alarm) when it cannot be written."""
         ensure_state_dir(self.state_dir)
         try:
             store_list(self.path, acl, applied_at=now, kind=kind, base=base)
+            return True
         except OSError as exc:
             # The gate still gets the list (principle 1); only the next start lacks it.
             log.error("could not store access list %s in %s (%s); it is applied but a restart "
                       "before the next list starts without it", acl.version, self.path, exc)
             self._submit(Report("alarm", {"kind": "acl_store_failed", "active": True,
                                           "detail": f"could not write {self.path}: {exc}"[:_MAX_TEXT]}))
+            return False
 
     # --- age -----------------------------------------------------------------
 
