@@ -534,8 +534,9 @@ def run_tool(argv: list[str]) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
+@pytest.mark.parametrize("form", ["json", "compact"])
 def test_a_signed_delta_pushed_with_acl_push_changes_who_the_simulated_gate_lets_in(
-        gate_broker, pki, tmp_path, fp):  # noqa: F811
+        gate_broker, pki, tmp_path, fp, form):  # noqa: F811
     from agent.downlink import uplink_publisher
     from agent.uplink.journal import Journal
     from agent.uplink.mqtt import Uplink
@@ -592,9 +593,11 @@ def test_a_signed_delta_pushed_with_acl_push_changes_who_the_simulated_gate_lets
                 rt.wait_idle(10)
             return d
 
-        code, out, err = run_tool(["acl", "push", str(snapshot), *conn(pki.regional)])
+        code, out, err = run_tool(["acl", "push", str(snapshot), "--form", form,
+                                   *conn(pki.regional)])
         assert code == 0, out + err
         assert "applied" in out
+        assert ("compact" in out) == (form == "compact")  # the snapshot as signed columns
         assert decide(PUPIL)["type"] == "access.granted"
         assert decide(NEWCOMER)["reason"] == "unknown_card"
 
