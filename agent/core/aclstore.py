@@ -305,7 +305,11 @@ class PeopleColumns:
 
     def merge(self, drop: Iterable[int], add: Iterable[tuple], start: Any, end: Any) -> PeopleColumns:
         """A new PeopleColumns: the people at positions `drop` removed, the people
-        tuples `add` put in at their place in id order (an id in both replaces)."""
+        tuples `add` put in at their place in id order (an id in both replaces).
+
+        Two passes: the first plans runs of kept people and sizes every column,
+        the second fills columns allocated once at their final size (memcpy per
+        run, offsets shifted by one big-integer addition per run)."""
         drop = sorted(set(drop))
         add = sorted(add, key=operator.itemgetter(0))
         group_lists, texts = list(self.group_lists), list(self.texts)
@@ -333,98 +337,118 @@ class PeopleColumns:
         events = [(self.insertion_point(p[0]), 0, k) for k, p in enumerate(add)]
         events += [(i, 1, 0) for i in drop]
         events.sort()
-
-        id_parts: list[Any] = []
-        text_parts: list[Any] = []
-        id_off = array("Q", [0])
-        card_off = array("Q", [0])
-        text_off = array("Q", [0])
-        out: dict[str, array] = {
-            name: array(tc) for name, tc in _COLUMNS if name in (
-                "card_keys", "groups", "vf", "vu", "p_from", "p_until")
-        }
-        lens = {"id": 0, "text": 0, "cards": 0}
-        base_io, base_co, base_to = self.id_off, self.card_off, self.text_off
-
-        def copy_run(a: int, b: int) -> None:
-            if a >= b:
-                return
-            ia, ib = base_io[a], base_io[b]
-            ca, cb = base_co[a], base_co[b]
-            ta, tb = base_to[ca], base_to[cb]
-            id_parts.append(self.id_blob[ia:ib])
-            text_parts.append(self.text_blob[ta:tb])
-            id_off.extend(_shifted(base_io[a + 1:b + 1], lens["id"] - ia))
-            card_off.extend(_shifted(base_co[a + 1:b + 1], lens["cards"] - ca))
-            text_off.extend(_shifted(base_to[ca + 1:cb + 1], lens["text"] - ta))
-            out["card_keys"].frombytes(raw(self.card_keys[ca:cb]))
-            for name in ("groups", "vf", "vu", "p_from", "p_until"):
-                out[name].frombytes(raw(getattr(self, name)[a:b]))
-            lens["id"] += ib - ia
-            lens["text"] += tb - ta
-            lens["cards"] += cb - ca
-
-        def put(p: tuple) -> None:
-            pid, cards, keys, groups, vf, vu = p
-            raw = pid.encode("utf-8")
-            id_parts.append(raw)
-            lens["id"] += len(raw)
-            id_off.append(lens["id"])
-            for c in cards:
-                rc = c.encode("utf-8")
-                text_parts.append(rc)
-                lens["text"] += len(rc)
-                text_off.append(lens["text"])
-            out["card_keys"].extend(keys)
-            lens["cards"] += len(keys)
-            card_off.append(lens["cards"])
-            out["groups"].append(gidx(groups))
-            out["vf"].append(tidx(vf))
-            out["vu"].append(tidx(vu))
-            out["p_from"].append(NO_START if vf is None else start(vf))
-            out["p_until"].append(NO_END if vu is None else end(vu))
-
+        plan: list[tuple] = []  # ("run", a, b) or ("put", id bytes, card bytes, person)
         cursor = 0
         for pos, what, k in events:
-            copy_run(cursor, pos)
+            if pos > cursor:
+                plan.append(("run", cursor, pos))
             if what == 0:
-                put(add[k])
-                cursor = pos
+                p = add[k]
+                plan.append(("put", p[0].encode("utf-8"), [c.encode("utf-8") for c in p[1]], p))
+                cursor = max(cursor, pos)
             else:
                 cursor = pos + 1
-        copy_run(cursor, self.n)
+        if cursor < self.n:
+            plan.append(("run", cursor, self.n))
+
+        io, co, to = self.id_off, self.card_off, self.text_off
+        n_out = m_out = id_len = text_len = 0
+        for step in plan:
+            if step[0] == "run":
+                a, b = step[1], step[2]
+                n_out += b - a
+                m_out += co[b] - co[a]
+                id_len += io[b] - io[a]
+                text_len += to[co[b]] - to[co[a]]
+            else:
+                n_out += 1
+                m_out += len(step[3][2])
+                id_len += len(step[1])
+                text_len += sum(map(len, step[2]))
+
+        id_blob = bytearray(id_len)
+        text_blob = bytearray(text_len)
+        id_off = array("Q", bytes(8 * (n_out + 1)))
+        card_off = array("Q", bytes(8 * (n_out + 1)))
+        text_off = array("Q", bytes(8 * (m_out + 1)))
+        card_keys = array("Q", bytes(8 * m_out))
+        per = {name: array(tc, bytes(array(tc).itemsize * n_out))
+               for name, tc in _COLUMNS if name in ("groups", "vf", "vu", "p_from", "p_until")}
+        mv = {name: memoryview(col) for name, col in per.items()}
+        mv_io, mv_co, mv_to = memoryview(id_off), memoryview(card_off), memoryview(text_off)
+        mv_keys = memoryview(card_keys)
+        src = {name: memoryview(getattr(self, name)) for name in per}
+        src_keys = memoryview(self.card_keys)
+        np_ = nc = ni = nt = 0  # filled so far: people, cards, id bytes, text bytes
+        for step in plan:
+            if step[0] == "run":
+                a, b = step[1], step[2]
+                ca, cb = co[a], co[b]
+                ia, ib, ta, tb = io[a], io[b], to[ca], to[cb]
+                k, kc = b - a, cb - ca
+                id_blob[ni:ni + ib - ia] = raw(self.id_blob[ia:ib])
+                text_blob[nt:nt + tb - ta] = raw(self.text_blob[ta:tb])
+                mv_io[np_ + 1:np_ + k + 1] = _shifted(io[a + 1:b + 1], ni - ia)
+                mv_co[np_ + 1:np_ + k + 1] = _shifted(co[a + 1:b + 1], nc - ca)
+                mv_to[nc + 1:nc + kc + 1] = _shifted(to[ca + 1:cb + 1], nt - ta)
+                mv_keys[nc:nc + kc] = src_keys[ca:cb]
+                for name, out in mv.items():
+                    out[np_:np_ + k] = src[name][a:b]
+                np_, nc, ni, nt = np_ + k, nc + kc, ni + ib - ia, nt + tb - ta
+            else:
+                _, rid, rcards, (_, _, keys, groups, vf, vu) = step
+                id_blob[ni:ni + len(rid)] = rid
+                ni += len(rid)
+                for rc in rcards:
+                    text_blob[nt:nt + len(rc)] = rc
+                    nt += len(rc)
+                    text_off[nc + 1] = nt
+                    nc += 1
+                if keys:
+                    mv_keys[nc - len(keys):nc] = array("Q", keys)
+                id_off[np_ + 1] = ni
+                card_off[np_ + 1] = nc
+                per["groups"][np_] = gidx(groups)
+                per["vf"][np_] = tidx(vf)
+                per["vu"][np_] = tidx(vu)
+                per["p_from"][np_] = NO_START if vf is None else start(vf)
+                per["p_until"][np_] = NO_END if vu is None else end(vu)
+                np_ += 1
 
         # Sorted keys: the dropped people's keys out, the added people's in.
-        gone = sorted(chain.from_iterable(
-            self.card_keys[base_co[i]:base_co[i + 1]] for i in drop))
+        gone = sorted(chain.from_iterable(self.card_keys[co[i]:co[i + 1]] for i in drop))
         new_keys = sorted(chain.from_iterable(p[2] for p in add))
         sk = self.sorted_keys
         kev = [(bisect_left(sk, key), 1, key) for key in gone]
         kev += [(bisect_left(sk, key), 0, key) for key in new_keys]
         kev.sort()
-        sorted_keys = array("Q")
-        cur = 0
+        sorted_keys = array("Q", bytes(8 * (len(sk) - len(gone) + len(new_keys))))
+        out_sk, src_sk = memoryview(sorted_keys), memoryview(sk)
+        cur = filled = 0
         for pos, what, key in kev:
             if pos > cur:
-                sorted_keys.frombytes(raw(sk[cur:pos]))
+                out_sk[filled:filled + pos - cur] = src_sk[cur:pos]
+                filled += pos - cur
+                cur = pos
             if what == 0:
-                sorted_keys.append(key)
-                cur = max(cur, pos)
+                sorted_keys[filled] = key
+                filled += 1
             else:
                 cur = pos + 1
         if cur < len(sk):
-            sorted_keys.frombytes(raw(sk[cur:]))
+            out_sk[filled:] = src_sk[cur:]
 
         return PeopleColumns(
-            id_blob=b"".join(id_parts),
+            id_blob=bytes(id_blob),
             id_off=id_off,
             card_off=card_off,
-            text_blob=b"".join(text_parts),
+            card_keys=card_keys,
+            text_blob=bytes(text_blob),
             text_off=text_off,
             sorted_keys=sorted_keys,
             group_lists=group_lists,
             texts=texts,
-            **out,
+            **per,
         )
 
     # -- image
