@@ -294,10 +294,12 @@ cdef class Table:
         if need > SIZE_MAX // 2:
             raise MemoryError(f"fastpath.Table: {need} bytes is more than this machine can address")
         total = gate_table_size(<size_t>need)
-        p = gate_alloc_table(total)
+        with nogil:  # tens of MB to zero for a big list: not while the gate thread waits
+            p = gate_alloc_table(total)
+            if p != NULL:
+                memset(p, 0, total)
         if p == NULL:
             raise MemoryError(f"fastpath.Table: cannot allocate {total} bytes for the card table")
-        memset(p, 0, total)
         self.arena = p
         self.arena_size = total
         base = <char*>p
