@@ -361,6 +361,25 @@ def _release_pages(mm: Any) -> None:
             log.debug("madvise(MADV_DONTNEED) refused", exc_info=True)
 
 
+def _trim_heap() -> None:
+    """Give the C heap's free pages back to the kernel (glibc's malloc_trim): building
+    a big table frees tens of MB of columns that glibc would otherwise keep. Advice;
+    nothing elsewhere."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim: Any = None
+
+
 def stored_summary(state_dir: Path) -> tuple[Path, dict]:
     """(path, {"version", "applied_at", "people"}) of the list kept in `state_dir`,
     read without building it (for the doctor). FileNotFoundError when none;
@@ -465,6 +484,7 @@ class AclSync:
                                           "detail": detail[:_MAX_TEXT]}))
             return None, None
         _release_pages(mm)
+        _trim_heap()
         self.acl, self.applied_at = acl, applied_at
         log.info("access list %s loaded from %s", acl.version, path)
         if path != self.path:
@@ -532,7 +552,8 @@ class AclSync:
         table = self._builder(acl, self.fp)  # the slow part: here, never on the gate thread
         now = self._wall()
         if self._persist(acl, kind, base, now):
-            acl = self._mapped(acl)
+            acl = self._mapped(acl)  # the message's columns are freed here
+            _trim_heap()
         self.acl, self.applied_at = acl, now
         self._applied_digest = digest
         # The time zone travels with the table: schedules switch zone at the swap itself.
