@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from functools import lru_cache
 from importlib import resources
-from itertools import accumulate, islice
+from itertools import accumulate
 from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -43,7 +43,7 @@ from fastpath.codes import (
 from fastpath.columns import TableColumns
 
 from . import aclstore
-from .aclstore import PeopleColumns
+from .aclstore import PeopleColumns, all_pairs, any_zip, mapped, slices
 from .cards import CardFormatError, parse_card_string
 from .records import parse_rfc3339
 
@@ -1411,7 +1411,7 @@ class AccessList:
         p_gs = _array_of("i", person_gs)
         p_gs.extend(add_groupset(g.groups or ()) for g in self._guests)
         return TableColumns(
-            person_id_blob=bytes(P.id_blob) + b"".join(gid),
+            person_id_blob=_array_of("B", P.id_blob).tobytes() + b"".join(gid),
             person_id_off=id_off,
             person_card_off=card_off,
             person_card_keys=keys,
@@ -1427,7 +1427,10 @@ class AccessList:
 def _array_of(typecode: str, values: Any) -> array:
     """A new array of `typecode` holding `values` (an array or a memoryview): one copy."""
     out = array(typecode)
-    out.frombytes(aclstore.raw(values))
+    data = aclstore.raw(values)
+    step = 1 << 20  # a MB at a time: the gate thread may take the lock in between
+    for c in range(0, len(data), step):
+        out.frombytes(data[c:c + step])
     return out
 
 
@@ -1477,11 +1480,13 @@ def _checked_image_people(
         if not aclstore.shift_check(off):
             shape(False, f"{name} goes back")
             return people
-    id_len = list(map(operator.sub, islice(people.id_off, 1, None), people.id_off))
+    id_off = people.id_off
+    short = any_zip(operator.ge, id_off[:n], id_off[1:])  # an empty id
+    long_ = any_zip(operator.gt, id_off[1:], mapped("q", (64).__add__, id_off[:n]))
     ids_blob = bytes(people.id_blob)
     bad_chars = ids_blob.translate(None, _ID_REST)
-    firsts = bytes(map(ids_blob.__getitem__, islice(people.id_off, 0, n))) if ids_blob else b""
-    if (n and (min(id_len) < 1 or max(id_len) > 64)) or bad_chars or firsts.translate(None, _ID_BYTES):
+    firsts = bytes(mapped("B", ids_blob.__getitem__, id_off[:n])) if ids_blob else b""
+    if short or long_ or bad_chars or firsts.translate(None, _ID_BYTES):
         for i in range(n):
             pid = ids_blob[people.id_off[i]:people.id_off[i + 1]]
             if not (1 <= len(pid) <= 64 and not pid.translate(None, _ID_REST)
@@ -1490,8 +1495,8 @@ def _checked_image_people(
                            f"{_WANTED['id']}")
         return people
     off = people.id_off
-    ids = list(map(ids_blob.__getitem__, map(slice, islice(off, 0, n), islice(off, 1, None))))
-    if not all(map(operator.lt, ids, islice(ids, 1, None))):
+    ids = slices(ids_blob, off, n)
+    if not all_pairs(operator.lt, ids):
         for i in range(1, n):
             if ids[i] <= ids[i - 1]:
                 what = ("is used twice; ids of people and guests must be unique"
@@ -1504,10 +1509,10 @@ def _checked_image_people(
         if k < n and ids[k] == target:
             errors.add(f"/guests/{j}/id", f"id {g.id!r} is used twice (person {g.id!r} has it "
                        "too); ids of people and guests must be unique")
-    del ids
-    card_n = list(map(operator.sub, islice(people.card_off, 1, None), people.card_off))
-    if n and min(card_n) < 1:
-        for i in (i for i, c in enumerate(card_n) if c < 1):
+    aclstore.release(ids)
+    co = people.card_off
+    if any_zip(operator.ge, co[:n], co[1:]):
+        for i in (i for i in range(n) if co[i] >= co[i + 1]):
             errors.add(f"/people/{i}/cards", "a person holds at least one card")
     # Group lists and validity strings: shared, few.
     gl_ok = []
@@ -1522,7 +1527,9 @@ def _checked_image_people(
     for name, col, low, high in (("groups", people.groups, 0, len(gl_ok)),
                                  ("vf", people.vf, -1, len(ok_texts)),
                                  ("vu", people.vu, -1, len(ok_texts))):
-        if n and (min(col) < low or max(col) >= high):
+        step = aclstore.CHUNK
+        parts = [(min(col[c:c + step]), max(col[c:c + step])) for c in range(0, n, step)]
+        if n and (min(p[0] for p in parts) < low or max(p[1] for p in parts) >= high):
             shape(False, f"{name} indexes past its table")
             return people
     # Cards: each string read again; its key must be the one sent. In bulk: one
@@ -1530,9 +1537,9 @@ def _checked_image_people(
     # card by card (for the messages) only when that finds something wrong.
     texts = bytes(people.text_blob).decode("utf-8", "replace")
     to, co, keys = people.text_off, people.card_off, people.card_keys
-    strs = list(map(texts.__getitem__, map(slice, islice(to, 0, m), islice(to, 1, None))))
+    strs = slices(texts, to, m)
     bulk = _bulk_card_keys(strs, key_width) if m else []
-    if bulk is None or array("Q", bulk) != keys:
+    if bulk is None or any_zip(operator.ne, bulk, keys):
         parse = parse_card_string
         card_re = _card_pattern()
         for j, t in enumerate(strs):
@@ -1546,9 +1553,9 @@ def _checked_image_people(
                            f"{_WANTED['card']} with key {keys[j]} at key width {key_width}")
                 if len(errors.items) >= MAX_ERRORS:
                     break
-    del strs
-    sk = array("Q", sorted(keys))
-    if m and any(map(operator.eq, sk, islice(sk, 1, None))):
+    aclstore.release(strs)
+    sk = aclstore.sorted_array(keys)
+    if m and not all_pairs(operator.ne, sk):
         seen: dict[int, int] = {}
         for j in range(m):
             i = bisect_right(co, j) - 1
@@ -1565,9 +1572,9 @@ def _checked_image_people(
     until_tab = [epochs.end(t) if ok else NO_END for t, ok in zip(people.texts, ok_texts)]
     from_tab.append(NO_START)
     until_tab.append(NO_END)
-    p_from = array("q", map(from_tab.__getitem__, people.vf))
-    p_until = array("q", map(until_tab.__getitem__, people.vu))
-    if any(map(operator.ge, p_from, p_until)):
+    p_from = mapped("q", from_tab.__getitem__, people.vf)
+    p_until = mapped("q", until_tab.__getitem__, people.vu)
+    if any_zip(operator.ge, p_from, p_until):
         for i in (i for i in range(n) if p_from[i] >= p_until[i]):
             errors.add(f"/people/{i}/valid_from",
                        f"valid_from {people.texts[people.vf[i]]!r} is not before valid_until "
@@ -1597,8 +1604,10 @@ def _cards_pattern() -> Any:
 def _bulk_card_keys(strs: list[str], key_width: int) -> list[int] | None:
     """The keys of card strings as parse_card_string gives them, or None when one
     of them is not a card string (the caller then reads them one by one)."""
-    if _cards_pattern().fullmatch("\n".join(strs) + "\n") is None:
-        return None
+    pattern = _cards_pattern()
+    for c in range(0, len(strs), aclstore.CHUNK):
+        if pattern.fullmatch("\n".join(strs[c:c + aclstore.CHUNK]) + "\n") is None:
+            return None
     mask = (1 << key_width) - 1
     fac_max = (1 << (key_width - 16)) - 1
     out: list[int] = []

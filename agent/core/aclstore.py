@@ -76,6 +76,89 @@ def raw(values: Any) -> memoryview:
     return mv if mv.format == "B" else mv.cast("B")
 
 
+# Work over a million entries runs in chunks of this many: each C-level pass over
+# a chunk takes a millisecond or two, so the interpreter lock can pass to the gate
+# thread between chunks (a list is built beside a gate that keeps deciding).
+CHUNK = 1 << 14
+
+
+def all_pairs(op: Any, seq: Any) -> bool:
+    """True when op(seq[i], seq[i + 1]) holds for every i."""
+    n = len(seq)
+    for c in range(0, max(n - 1, 0), CHUNK):
+        part = seq[c:c + CHUNK + 1]
+        if not all(map(op, part, islice(part, 1, None))):
+            return False
+    return True
+
+
+def any_zip(op: Any, a: Any, b: Any) -> bool:
+    """True when op(a[i], b[i]) holds for some i."""
+    return any(any(map(op, a[c:c + CHUNK], b[c:c + CHUNK])) for c in range(0, len(a), CHUNK))
+
+
+def mapped(typecode: str, fn: Any, seq: Any) -> array:
+    """array(typecode, map(fn, seq)), in chunks."""
+    out = array(typecode)
+    for c in range(0, len(seq), CHUNK):
+        out.extend(map(fn, seq[c:c + CHUNK]))
+    return out
+
+
+def slices(seq: Any, off: Any, n: int) -> list:
+    """[seq[off[i]:off[i + 1]] for i in range(n)], in chunks."""
+    out: list = []
+    get = seq.__getitem__
+    for c in range(0, n, CHUNK):
+        part = off[c:c + CHUNK + 1]
+        out.extend(map(get, map(slice, part, islice(part, 1, None))))
+    return out
+
+
+def _merge2(a: list, b: list) -> list:
+    """Two sorted lists merged, a chunk at a time: each step sorts one chunk of one
+    list with the part of the other that falls below its end."""
+    out: list = []
+    i = j = 0
+    la, lb = len(a), len(b)
+    while i < la and j < lb:
+        ia, jb = min(i + CHUNK, la), min(j + CHUNK, lb)
+        hi = min(a[ia - 1], b[jb - 1])
+        i2, j2 = bisect_right(a, hi, i, ia), bisect_right(b, hi, j, jb)
+        part = a[i:i2]
+        part.extend(b[j:j2])
+        part.sort()
+        out.extend(part)
+        i, j = i2, j2
+    for rest, k in ((a, i), (b, j)):
+        for c in range(k, len(rest), CHUNK):
+            out.extend(rest[c:c + CHUNK])
+    return out
+
+
+def sorted_array(seq: Any) -> array:
+    """array("Q", sorted(seq)), a chunk at a time: chunks sorted, then merged two by
+    two (no single call runs over the whole column)."""
+    runs = [sorted(seq[c:c + CHUNK]) for c in range(0, len(seq), CHUNK)]
+    while len(runs) > 1:
+        merged = [_merge2(runs[i], runs[i + 1]) for i in range(0, len(runs) - 1, 2)]
+        if len(runs) % 2:
+            merged.append(runs[-1])
+        runs = merged
+    out = array("Q")
+    for c in range(0, len(runs[0]) if runs else 0, CHUNK):
+        out.extend(runs[0][c:c + CHUNK])
+    release(runs[0] if runs else [])
+    return out
+
+
+def release(items: list) -> None:
+    """Empty a long list of objects a chunk at a time (freeing a million ints at once
+    is one long pause)."""
+    while items:
+        del items[-CHUNK:]
+
+
 def _empty(typecode: str) -> array:
     return array(typecode)
 
@@ -177,9 +260,9 @@ class PeopleColumns:
             groups=array("i", [gidx(p[3]) for p in people]),
             vf=vf,
             vu=vu,
-            p_from=array("q", map(from_tab.__getitem__, vf)),
-            p_until=array("q", map(until_tab.__getitem__, vu)),
-            sorted_keys=array("Q", sorted(card_keys)),
+            p_from=mapped("q", from_tab.__getitem__, vf),
+            p_until=mapped("q", until_tab.__getitem__, vu),
+            sorted_keys=sorted_array(card_keys),
             group_lists=group_lists,
             texts=texts,
         )
@@ -189,8 +272,8 @@ class PeopleColumns:
         from_tab = [start(t) for t in self.texts] + [NO_START]
         until_tab = [end(t) for t in self.texts] + [NO_END]
         new = self._copy()
-        new.p_from = array("q", map(from_tab.__getitem__, self.vf))
-        new.p_until = array("q", map(until_tab.__getitem__, self.vu))
+        new.p_from = mapped("q", from_tab.__getitem__, self.vf)
+        new.p_until = mapped("q", until_tab.__getitem__, self.vu)
         return new
 
     def _copy(self) -> PeopleColumns:
@@ -560,4 +643,4 @@ def people_from_image(header: dict, cols: dict[str, memoryview]) -> PeopleColumn
 
 def shift_check(values: Any) -> bool:
     """True when `values` never decreases (offsets)."""
-    return all(map(operator.le, values, islice(values, 1, None)))
+    return all_pairs(operator.le, values)

@@ -42,6 +42,7 @@ import json
 import logging
 import mmap
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -72,7 +73,8 @@ _MAX_TEXT = 1000  # path and message lengths the record allows
 # A signed time this far ahead of a synchronised clock is refused: one of the two clocks is
 # wrong, and a floor in the future would make the gate refuse every command until it passed.
 FUTURE_SKEW_S = 60.0
-FLOOR_SAVE_S = 3600.0  # the moving floor is stored again once it has gained this much
+FLOOR_SAVE_S = 3600.0
+SWITCH_INTERVAL_S = 0.001  # the interpreter's lock hand-over while a list is built  # the moving floor is stored again once it has gained this much
 
 
 def floor_candidate(issued_at: float, now: float, synced: bool) -> float | None:
@@ -505,7 +507,20 @@ class AclSync:
     # --- messages ------------------------------------------------------------
 
     def handle(self, payload: bytes) -> bool:
-        """One message from the acl topic; True when a new list was swapped in."""
+        """One message from the acl topic; True when a new list was swapped in.
+
+        While a list is checked and built, the interpreter is asked to hand its lock
+        over every millisecond (not every 5): the gate thread, deciding cards
+        meanwhile, then waits for it at most about that long between two chunks of
+        the work."""
+        before = sys.getswitchinterval()
+        sys.setswitchinterval(min(before, SWITCH_INTERVAL_S))
+        try:
+            return self._handle(payload)
+        finally:
+            sys.setswitchinterval(before)
+
+    def _handle(self, payload: bytes) -> bool:
         digest = hashlib.sha256(payload).digest()
         if digest == self._applied_digest:
             # The very message in use, again (QoS 1 redelivery or a replay): no need to
