@@ -42,6 +42,7 @@ import json
 import logging
 import mmap
 import os
+import struct
 import sys
 import threading
 import time
@@ -476,7 +477,8 @@ class AclSync:
             table = self._builder(acl, self.fp)
         except FileNotFoundError:
             return None, None
-        except (ValueError, TypeError, KeyError, OverflowError) as exc:  # AclRejected, ImageError
+        except (ValueError, TypeError, KeyError, IndexError, OverflowError, struct.error) as exc:
+            # AclRejected, ImageError, or a shape nothing foresaw: the file is damaged
             moved = _move_aside_or_keep(path, self._wall())
             detail = (f"the stored access list {path} was damaged ({str(exc)[:300]}); moved "
                       f"to {moved}; the gate asks the server for a snapshot")
@@ -681,8 +683,12 @@ class AclSync:
         image = aclwire.open_body(header, body, self.max_image_bytes)
         try:
             acl, _ = AccessList.from_image(image, trusted=False)
-        except ImageError as exc:
-            raise _reject("/list", f"the image is not whole ({exc}); build it again") from None
+        except AclRejected:
+            raise
+        except (ValueError, TypeError, IndexError, KeyError, OverflowError, struct.error) as exc:
+            # ImageError, or an image whose shape nothing above foresaw: refused, never raised on.
+            raise _reject("/list", f"the image cannot be read ({str(exc)[:200]}); build it "
+                          "again") from None
         if acl.version != header["version"]:
             raise _reject("/list/version", f"the header says version {header['version']!r}, the "
                           f"image holds {acl.version!r}; build it again")
