@@ -164,6 +164,15 @@ def test_a_json_file_of_an_older_version_is_read_once_and_rewritten(tmp_path, fp
     assert again.to_snapshot() == SCHOOL
 
 
+def test_an_image_stored_under_the_old_name_is_taken_and_renamed(tmp_path, fp):
+    state = tmp_path / "state"
+    state.mkdir()
+    store_list(state / LEGACY_ACL_FILE, AccessList.from_snapshot(SCHOOL), applied_at=5.0)
+    acl, table = sync(state, fp, []).load_persisted()
+    assert acl.version == table.version == SCHOOL["version"]
+    assert not (state / LEGACY_ACL_FILE).exists() and (state / ACL_FILE).exists()
+
+
 # --------------------------------------------------------------------------- compact wire form
 
 

@@ -492,14 +492,19 @@ class AclSync:
         self.acl, self.applied_at = acl, applied_at
         log.info("access list %s loaded from %s", acl.version, path)
         if path != self.path:
-            self._upgrade(path, acl, applied_at)
+            self._upgrade(path, acl, applied_at, already_image=mm is not None)
         return acl, table
 
-    def _upgrade(self, old: Path, acl: AccessList, applied_at: float) -> None:
-        """Rewrite a list kept as JSON by an older version as the binary image."""
+    def _upgrade(self, old: Path, acl: AccessList, applied_at: float, *,
+                 already_image: bool = False) -> None:
+        """Rewrite a list kept as JSON by an older version as the binary image (an
+        image stored under the old name is only renamed)."""
         try:
-            store_list(self.path, acl, applied_at=applied_at)
-            old.unlink()
+            if already_image:
+                os.replace(old, self.path)
+            else:
+                store_list(self.path, acl, applied_at=applied_at)
+                old.unlink()
         except OSError as exc:
             log.warning("could not rewrite %s as %s (%s); it is read as JSON again at the next "
                         "start", old, self.path, exc)
