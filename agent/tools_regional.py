@@ -278,8 +278,13 @@ def _cmd_fleet_status(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- acl push
 
 
+# A snapshot above this much JSON goes in the compact form (--form auto): 1 MiB is some
+# 15,000 cards; below it the JSON is small and readable on the wire.
+COMPACT_ABOVE_BYTES = 1 << 20
+
+
 def _cmd_acl_push(args: argparse.Namespace) -> int:
-    from agent.core.acl import check_document
+    from agent.core.acl import AccessList, AclRejected, check_document
 
     prog = "acl push"
     try:
@@ -295,7 +300,15 @@ def _cmd_acl_push(args: argparse.Namespace) -> int:
         _err(prog, _('{file} is not an access list ("kind" must be "snapshot" or "delta"); see '
                      'docs/access-list.md').format(file=args.file))
         return EXIT_INPUT
-    errors = check_document(doc)
+    acl = None
+    if doc["kind"] == "snapshot":
+        try:
+            acl = AccessList.from_snapshot(doc)
+            errors = []
+        except AclRejected as exc:
+            errors = exc.errors
+    else:
+        errors = check_document(doc)
     if errors:
         _err(prog, _("{file} has {n} error(s); nothing was sent:").format(
             file=args.file, n=len(errors)))
@@ -310,8 +323,15 @@ def _cmd_acl_push(args: argparse.Namespace) -> int:
     except (ToolError, ContractError) as exc:
         _err(prog, str(exc))
         return EXIT_INPUT
+    compact = args.form == "compact" or (
+        args.form == "auto" and acl is not None
+        and Path(args.file).stat().st_size > COMPACT_ABOVE_BYTES)
+    if compact and acl is None:
+        session.close()
+        _err(prog, _("a delta has no compact form; push it as JSON (--form json)"))
+        return EXIT_INPUT
     try:
-        return _push(session, doc, args, key, prog)
+        return _push(session, doc, args, key, prog, acl if compact else None)
     except ToolError as exc:
         _err(prog, str(exc))
         return EXIT_INPUT
@@ -319,7 +339,11 @@ def _cmd_acl_push(args: argparse.Namespace) -> int:
         session.close()
 
 
-def _push(session: Session, doc: dict, args: argparse.Namespace, key: Any, prog: str) -> int:
+def _push(session: Session, doc: dict, args: argparse.Namespace, key: Any, prog: str,
+          compact: Any = None) -> int:
+    """Publish `doc` to each gate; `compact`: its AccessList, sent in the compact
+    form (docs/contract.md, "Compact snapshots") instead of JSON."""
+    from agent.downlink import aclwire
     from agent.downlink.signing import sign_acl
 
     gates = list(args.gate or ())
@@ -358,17 +382,22 @@ def _push(session: Session, doc: dict, args: argparse.Namespace, key: Any, prog:
     counter = args.counter if args.counter is not None else default_counter()
     worst = EXIT_OK
     for g in gates:
-        if key is None:
-            payload = doc
+        # issued_at: this machine's clock, which must be synchronised (the gate refuses a
+        # list from more than a minute in its future and takes it as its time floor).
+        def sign(lst: dict, g: str = g) -> dict:
+            return sign_acl(key, lst, key_id=args.key_id, site=args.site, gate=g, counter=counter,
+                            issued_at=time.time())
+
+        if compact is not None:
+            data = aclwire.pack(compact, sign if key is not None else None)
         else:
-            # issued_at: this machine's clock, which must be synchronised (the gate refuses a
-            # list from more than a minute in its future and takes it as its time floor).
-            payload = sign_acl(key, doc, key_id=args.key_id, site=args.site, gate=g, counter=counter,
-                               issued_at=time.time())
-        rc = session.publish(topics(args.site, g)["acl"],
-                             json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode())
+            payload = doc if key is None else sign(doc)
+            data = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+        rc = session.publish(topics(args.site, g)["acl"], data)
+        kind = doc["kind"] if compact is None else _("snapshot, compact: {mb:.1f} MB").format(
+            mb=len(data) / 1e6)
         print(_("{site}/{gate}: list {version} ({kind}) {note}").format(
-            site=args.site, gate=g, version=version, kind=doc["kind"], note=_rc_note(rc)))
+            site=args.site, gate=g, version=version, kind=kind, note=_rc_note(rc)))
         if rc == 0x10 or rc >= 0x80:
             worst = max(worst, EXIT_REFUSED)
             with lock:
@@ -548,6 +577,9 @@ def add_regional_parsers(subparsers: Any) -> None:
     push.add_argument("--gate", action="append", help="a gate of the site (repeat for several)")
     push.add_argument("--wait", type=float, default=0.0,
                       help="seconds to wait for each gate's acl.applied (default: do not wait)")
+    push.add_argument("--form", choices=("auto", "json", "compact"), default="auto",
+                      help="how a snapshot travels: compact (signed header + compressed columns, "
+                      "docs/contract.md), json, or auto: compact above 1 MiB of JSON (default)")
     _signing_options(push)
     _connection_options(push)
     push.set_defaults(func=_cmd_acl_push)

@@ -19,7 +19,7 @@ from cpython.exc cimport PyErr_Clear, PyErr_ExceptionMatches, PyErr_Occurred
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_DecodeUTF8
 from libc.stdint cimport SIZE_MAX
 from libc.stdlib cimport calloc, free, malloc, realloc
-from libc.string cimport memcpy, memset
+from libc.string cimport memcmp, memcpy, memset
 
 cdef extern from *:
     """
@@ -225,6 +225,34 @@ cdef inline size_t _aligned(size_t n) noexcept nogil:
     return (n + 63) & ~(<size_t>63)  # each array starts on its own cache line
 
 
+cdef Py_ssize_t _unsorted_u64(const unsigned long long* a, Py_ssize_t n,
+                              bint strict) noexcept nogil:
+    """The first i with a[i] below (strict: not above) a[i - 1], or -1."""
+    cdef Py_ssize_t i
+    for i in range(1, n):
+        if a[i] < a[i - 1] or (strict and a[i] == a[i - 1]):
+            return i
+    return -1
+
+
+cdef Py_ssize_t _unsorted_i32(const int* a, Py_ssize_t n) noexcept nogil:
+    """The first i with a[i] not above a[i - 1], or -1."""
+    cdef Py_ssize_t i
+    for i in range(1, n):
+        if a[i] <= a[i - 1]:
+            return i
+    return -1
+
+
+cdef Py_ssize_t _out_of_range_i32(const int* a, Py_ssize_t n, int low, Py_ssize_t below) noexcept nogil:
+    """The first i with a[i] outside low..below-1, or -1."""
+    cdef Py_ssize_t i
+    for i in range(n):
+        if a[i] < low or a[i] >= below:
+            return i
+    return -1
+
+
 cdef class Table:
     """The access list as an immutable card table in C memory.
 
@@ -237,6 +265,7 @@ cdef class Table:
     cdef readonly str version
     cdef readonly int key_width
     cdef Py_ssize_t n_cards, n_persons, n_gs, n_holidays
+    cdef Py_ssize_t n_sorted  # persons 0..n_sorted-1 are in ascending id order
     cdef void* arena  # the one allocation holding every array below
     cdef size_t arena_size
     cdef Card* slots  # n_slots; a key starts probing at _slot_of(key)
@@ -279,10 +308,12 @@ cdef class Table:
         if need > SIZE_MAX // 2:
             raise MemoryError(f"fastpath.Table: {need} bytes is more than this machine can address")
         total = gate_table_size(<size_t>need)
-        p = gate_alloc_table(total)
+        with nogil:  # tens of MB to zero for a big list: not while the gate thread waits
+            p = gate_alloc_table(total)
+            if p != NULL:
+                memset(p, 0, total)
         if p == NULL:
             raise MemoryError(f"fastpath.Table: cannot allocate {total} bytes for the card table")
-        memset(p, 0, total)
         self.arena = p
         self.arena_size = total
         base = <char*>p
@@ -305,37 +336,73 @@ cdef class Table:
     def __init__(self, columns):
         if self.built:
             raise TypeError("a fastpath Table is immutable; build a new one")
-        # Typed arrays and lengths, checked by the same code as the pure twin (no copies).
+        # Typed arrays and lengths, checked by the same code as the pure twin (no copies:
+        # arrays and memoryviews, e.g. of a mapped list file, are read in place).
         c = _pure.normalised(columns, copy=False)
         cdef Py_ssize_t n = c["n_cards"], np = c["n_persons"], ng = c["n_groupsets"], i
+        cdef bint by_person = c["by_person"]
         cdef const unsigned long long[::1] keys = c["card_keys"]
         cdef const int[::1] card_person = c["card_person"]
         cdef const unsigned char[::1] card_flags = c["card_flags"]
+        cdef const unsigned long long[::1] card_off = c["person_card_off"]
+        cdef const unsigned long long[::1] pkeys = c["person_card_keys"]
+        cdef const unsigned long long[::1] blocked = c["blocked_keys"]
+        cdef const unsigned long long[::1] id_off = c["person_id_off"]
+        cdef const unsigned char[::1] id_blob = c["person_id_blob"]
         cdef const long long[::1] p_from = c["person_from"]
         cdef const long long[::1] p_until = c["person_until"]
         cdef const int[::1] p_gs = c["person_groupset"]
         cdef const unsigned char[::1] p_flags = c["person_flags"]
         cdef const int[::1] p_max_uses = c["person_max_uses"]
         cdef const int[::1] holidays = c["holidays"]
-        cdef Py_ssize_t nh = holidays.shape[0]
-        ids = c["person_ids"]
+        cdef Py_ssize_t nh = holidays.shape[0], m = pkeys.shape[0], nb = blocked.shape[0]
+        cdef Py_ssize_t bad = -1
+        cdef unsigned long long id_total
+        ids = c["person_ids"]  # a list of str, or None when the ids come as one blob
 
-        # Per-entry checks in C, in _pure.validated()'s order and with its messages.
-        for i in range(1, n):
-            if keys[i - 1] >= keys[i]:
-                raise _pure.element_error("card_keys", i, keys[i], keys[i - 1])
-        for i in range(1, nh):
-            if holidays[i - 1] >= holidays[i]:
-                raise _pure.element_error("holidays", i, holidays[i], holidays[i - 1])
-        for i in range(n):
-            if card_person[i] < -1 or card_person[i] >= np:
-                raise _pure.element_error("card_person", i, card_person[i], np)
-        for i in range(np):
-            if p_gs[i] < -1 or p_gs[i] >= ng:
-                raise _pure.element_error("person_groupset", i, p_gs[i], ng)
-        for i in range(np):
-            if p_max_uses[i] < 0:
-                raise _pure.element_error("person_max_uses", i, p_max_uses[i], 0)
+        # Per-entry checks in C without the GIL (a swap must not stall the gate thread),
+        # in _pure.validated()'s order and with its messages.
+        if by_person:
+            with nogil:
+                bad = _unsorted_u64(&card_off[0], np + 1, False)
+            if bad >= 0:
+                raise _pure.element_error("person_card_off", bad, card_off[bad], card_off[bad - 1])
+            if nb:
+                with nogil:
+                    bad = _unsorted_u64(&blocked[0], nb, True)
+                if bad >= 0:
+                    raise _pure.element_error("blocked_keys", bad, blocked[bad], blocked[bad - 1])
+        elif n:
+            with nogil:
+                bad = _unsorted_u64(&keys[0], n, True)
+            if bad >= 0:
+                raise _pure.element_error("card_keys", bad, keys[bad], keys[bad - 1])
+        if nh:
+            with nogil:
+                bad = _unsorted_i32(&holidays[0], nh)
+            if bad >= 0:
+                raise _pure.element_error("holidays", bad, holidays[bad], holidays[bad - 1])
+        if n and not by_person:
+            with nogil:
+                bad = _out_of_range_i32(&card_person[0], n, -1, np)
+            if bad >= 0:
+                raise _pure.element_error("card_person", bad, card_person[bad], np)
+        if np:
+            with nogil:
+                bad = _out_of_range_i32(&p_gs[0], np, -1, ng)
+            if bad >= 0:
+                raise _pure.element_error("person_groupset", bad, p_gs[bad], ng)
+            with nogil:
+                bad = _out_of_range_i32(&p_max_uses[0], np, 0, 0x7FFFFFFF)
+            if bad >= 0:
+                raise _pure.element_error("person_max_uses", bad, p_max_uses[bad], 0)
+        if ids is None:
+            with nogil:
+                bad = _unsorted_u64(&id_off[0], np + 1, False)
+            if bad >= 0:
+                raise _pure.element_error("person_id_off", bad, id_off[bad], id_off[bad - 1])
+        if by_person:
+            n = m + nb  # at most; blocked keys held by someone share that card's entry
         if n > MAX_PERSONS or np > MAX_PERSONS:
             raise ValueError(
                 f"TableColumns hold {n} cards and {np} persons; a Table holds at most "
@@ -350,45 +417,121 @@ cdef class Table:
         self.n_holidays = nh
         # At most 3/4 full, and always one free slot so every probe ends.
         self.n_slots = <unsigned long long>(n + n // 3 + 1)
-        self._allocate(self._ids_size(ids))
+        id_total = self._ids_total(ids) if ids is not None else id_off[np]
+        if id_total > 0xFFFFFFFF:
+            raise ValueError(
+                f"TableColumns person ids hold {id_total} bytes, more than 4 GiB; "
+                "use shorter pseudonymous ids"
+            )
+        self._allocate(id_total)
 
-        for i in range(np):
-            self.validity[i].valid_from = p_from[i]
-            self.validity[i].valid_until = p_until[i]
-            self.guest_uses[i] = p_max_uses[i] if p_flags[i] & C_PERSON_GUEST else -1
-        self._fill_slots(keys, card_person, card_flags, p_gs)
-        if nh:
-            memcpy(self.holidays, &holidays[0], nh * sizeof(int))
+        with nogil:
+            for i in range(np):
+                self.validity[i].valid_from = p_from[i]
+                self.validity[i].valid_until = p_until[i]
+                self.guest_uses[i] = p_max_uses[i] if p_flags[i] & C_PERSON_GUEST else -1
+            if by_person:
+                bad = self._fill_by_person(&card_off[0], &pkeys[0] if m else NULL,
+                                           &blocked[0] if nb else NULL, nb,
+                                           &p_gs[0] if np else NULL)
+            elif n:
+                self._fill_slots(&keys[0], &card_person[0], &card_flags[0],
+                                 &p_gs[0] if np else NULL)
+            if nh:
+                memcpy(self.holidays, &holidays[0], nh * sizeof(int))
+        if bad >= 0:
+            raise ValueError(
+                f"TableColumns.person_card_keys[{bad}] ({pkeys[bad]}) is held twice; "
+                "a card belongs to one person (build the columns with agent.core.acl)"
+            )
         self._copy_bitmaps(c["gs_entry"], c["gs_entry_holiday"], c["gs_exit"])
-        self._copy_ids(ids)
+        if ids is not None:
+            self._copy_ids(ids)
+        else:
+            with nogil:
+                self._copy_id_blob(&id_off[0], &id_blob[0] if id_total else NULL)
+        with nogil:
+            self.n_sorted = self._sorted_prefix()
         self.built = True
 
-    cdef _fill_slots(self, const unsigned long long[::1] keys, const int[::1] card_person,
-                     const unsigned char[::1] card_flags, const int[::1] p_gs):
-        cdef Py_ssize_t n = self.n_cards, i
-        cdef int p
-        cdef unsigned long long slot
-        cdef unsigned int info
+    cdef void _put(self, unsigned long long k, int p, unsigned int flags,
+                   const int* p_gs) noexcept nogil:
+        """Store card k of person p (-1: nobody) in its free slot (k is not in the table)."""
+        cdef unsigned long long slot = self._slot_of(k)
+        cdef unsigned int info = SLOT_USED | <unsigned int>(p + 1) | flags
         cdef Card* card
-        for i in range(n):
-            slot = self._slot_of(keys[i])
-            while self.slots[slot].info & SLOT_USED:
-                slot += 1
-                if slot == self.n_slots:
-                    slot = 0
-            card = &self.slots[slot]
-            p = card_person[i]
-            info = SLOT_USED | <unsigned int>(p + 1)
-            if card_flags[i] & C_CARD_BLOCKED:
-                info |= SLOT_BLOCKED
-            card.groupset = <int>self.n_gs
-            if p >= 0:
-                card.groupset = p_gs[p] if p_gs[p] >= 0 else <int>self.n_gs
-                if (self.guest_uses[p] < 0 and self.validity[p].valid_from == _codes_NO_START
-                        and self.validity[p].valid_until == _codes_NO_END):
-                    info |= SLOT_PLAIN
-            card.key = keys[i]
-            card.info = info
+        while self.slots[slot].info & SLOT_USED:
+            slot += 1
+            if slot == self.n_slots:
+                slot = 0
+        card = &self.slots[slot]
+        card.groupset = <int>self.n_gs
+        if p >= 0:
+            card.groupset = p_gs[p] if p_gs[p] >= 0 else <int>self.n_gs
+            if (self.guest_uses[p] < 0 and self.validity[p].valid_from == _codes_NO_START
+                    and self.validity[p].valid_until == _codes_NO_END):
+                info |= SLOT_PLAIN
+        card.key = k
+        card.info = info
+
+    cdef void _fill_slots(self, const unsigned long long* keys, const int* card_person,
+                          const unsigned char* card_flags, const int* p_gs) noexcept nogil:
+        # Keys are known unique (checked sorted): no lookups before each store.
+        cdef Py_ssize_t i
+        for i in range(self.n_cards):
+            self._put(keys[i], card_person[i],
+                      SLOT_BLOCKED if card_flags[i] & C_CARD_BLOCKED else 0, p_gs)
+
+    cdef Py_ssize_t _fill_by_person(self, const unsigned long long* card_off,
+                                    const unsigned long long* pkeys,
+                                    const unsigned long long* blocked, Py_ssize_t nb,
+                                    const int* p_gs) noexcept nogil:
+        """Cards listed by person, then blocked keys; the index of a key held twice, or -1.
+        Sets n_cards: a blocked key someone holds flags that card, one nobody holds is
+        an entry of its own."""
+        cdef Py_ssize_t p, j, n = 0
+        cdef Card* card
+        for p in range(self.n_persons):
+            for j in range(<Py_ssize_t>card_off[p], <Py_ssize_t>card_off[p + 1]):
+                if self._find(pkeys[j]) != NULL:
+                    return j
+                self._put(pkeys[j], <int>p, 0, p_gs)
+                n += 1
+        for j in range(nb):
+            card = self._find(blocked[j])
+            if card != NULL:
+                card.info |= SLOT_BLOCKED
+            else:
+                self._put(blocked[j], -1, SLOT_BLOCKED, p_gs)
+                n += 1
+        self.n_cards = n
+        return -1
+
+    cdef void _copy_id_blob(self, const unsigned long long* id_off,
+                            const unsigned char* blob) noexcept nogil:
+        cdef Py_ssize_t i
+        for i in range(self.n_persons + 1):
+            self.id_off[i] = <unsigned int>id_off[i]
+        if id_off[self.n_persons]:
+            memcpy(self.id_blob, blob, id_off[self.n_persons])
+
+    cdef Py_ssize_t _sorted_prefix(self) noexcept nogil:
+        """How many persons from the first are in ascending id order (person_index
+        bisects them and scans the rest: the guests after the people of a list)."""
+        cdef Py_ssize_t i
+        for i in range(1, self.n_persons):
+            if self._cmp_id(i - 1, self.id_blob + self.id_off[i],
+                            self.id_off[i + 1] - self.id_off[i]) >= 0:
+                return i
+        return self.n_persons
+
+    cdef inline int _cmp_id(self, Py_ssize_t i, const char* s, size_t n) noexcept nogil:
+        """Person i's id against s[:n], as bytes (UTF-8 order is code point order)."""
+        cdef size_t a = self.id_off[i + 1] - self.id_off[i]
+        cdef int r = memcmp(self.id_blob + self.id_off[i], s, a if a < n else n)
+        if r != 0:
+            return r
+        return (a > n) - (a < n)
 
     cdef _copy_bitmaps(self, list entry, list entry_holiday, list exit_):
         cdef Py_ssize_t ng = self.n_gs, g, b
@@ -408,7 +551,7 @@ cdef class Table:
             bm = exit_[g]
             memcpy(dst + 2 * C_BITMAP_BYTES, &bm[0], C_BITMAP_BYTES)
 
-    cdef unsigned long long _ids_size(self, ids) except? 0:
+    cdef unsigned long long _ids_total(self, ids) except? 0:
         # ASCII str data is read in place; a non-ASCII id gets its UTF-8 form
         # cached on the str. No per-person bytes object is made.
         cdef Py_ssize_t i, size
@@ -416,11 +559,6 @@ cdef class Table:
         for i in range(self.n_persons):
             PyUnicode_AsUTF8AndSize(ids[i], &size)
             total += <unsigned long long>size
-        if total > 0xFFFFFFFF:
-            raise ValueError(
-                f"TableColumns.person_ids hold {total} bytes of ids, more than 4 GiB; "
-                "use shorter pseudonymous ids"
-            )
         return total
 
     cdef _copy_ids(self, ids):
@@ -513,12 +651,35 @@ cdef class Table:
         """Memory held: the arena of C arrays plus the object itself."""
         return self.arena_size + object.__sizeof__(self)
 
-    # The person id's UTF-8 bytes in place, for GateState (no str made): a
-    # pointer into the id blob and, in *n, its length. i must be in range.
+    def person_index(self, person_id) -> int:
+        """The index of the person with this id, -1 when the table has none.
+        Bisects the persons in id order (the people of a list), then scans the rest."""
+        cdef Py_ssize_t size, lo = 0, hi, mid, i
+        cdef const char* s
+        if not isinstance(person_id, str):
+            raise TypeError(f"person_id must be a str, not {type(person_id).__name__}")
+        s = PyUnicode_AsUTF8AndSize(person_id, &size)
+        with nogil:
+            hi = self.n_sorted
+            while lo < hi:
+                mid = (lo + hi) >> 1
+                if self._cmp_id(mid, s, <size_t>size) < 0:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            if not (lo < self.n_sorted and self._cmp_id(lo, s, <size_t>size) == 0):
+                lo = -1
+                for i in range(self.n_sorted, self.n_persons):
+                    if self._cmp_id(i, s, <size_t>size) == 0:
+                        lo = i
+                        break
+        return lo
+
     cdef const char* _id_bytes(self, Py_ssize_t i, Py_ssize_t* n) noexcept nogil:
-        cdef unsigned int start = self.id_off[i]
-        n[0] = <Py_ssize_t>(self.id_off[i + 1] - start)
-        return self.id_blob + start
+        """Person i's UTF-8 id in the table (not NUL-terminated); its length in *n."""
+        n[0] = self.id_off[i + 1] - self.id_off[i]
+        return self.id_blob + self.id_off[i]
+
 
 
 # --------------------------------------------------------------------------- gate state

@@ -64,11 +64,21 @@ STATE_FORMAT = 1  # GateState.to_dict()["format"]; bump when the layout changes
 # --------------------------------------------------------------------------- columns
 
 
-def _column(values: Any, typecode: str, name: str, copy: bool) -> array:
-    """`values` as an array of `typecode`; a copy when asked (a Table must not change)."""
-    if not copy and isinstance(values, array) and values.typecode == typecode:
-        return values
+def _column(values: Any, typecode: str, name: str, copy: bool) -> Any:
+    """`values` as an array of `typecode`; a copy when asked (a Table must not change).
+    Without a copy, a C-contiguous memoryview of that format (e.g. of a mapped list
+    file) is taken as it is."""
+    if not copy:
+        if isinstance(values, array) and values.typecode == typecode:
+            return values
+        if (isinstance(values, memoryview) and values.format == typecode
+                and values.ndim == 1 and values.c_contiguous):
+            return values
     try:
+        if isinstance(values, memoryview) and values.format == typecode:
+            out = array(typecode)
+            out.frombytes(values)  # one copy, not one int object per entry
+            return out
         return array(typecode, values)
     except (TypeError, OverflowError, ValueError) as exc:
         raise ValueError(
@@ -105,14 +115,31 @@ _TYPECODES = {
     "person_flags": "B",
     "person_max_uses": "i",
     "holidays": "i",
+    "person_id_off": "Q",
+    "person_card_off": "Q",
+    "person_card_keys": "Q",
+    "blocked_keys": "Q",
 }
+
+
+def _byte_blob(value: Any, name: str) -> memoryview:
+    try:
+        mv = memoryview(value)
+    except TypeError:
+        raise ValueError(f"TableColumns.{name} is {type(value).__name__}, not bytes") from None
+    if not mv.c_contiguous:
+        raise ValueError(f"TableColumns.{name} must be contiguous bytes")
+    return mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
 
 
 def normalised(columns: TableColumns, copy: bool = True) -> dict[str, Any]:
     """The columns as typed arrays, lengths checked; ValueError naming the column.
 
     Shared by both twins. The per-entry checks (sorted keys, index ranges) are
-    element_error() below, run by each twin at its own speed.
+    element_error() below, run by each twin at its own speed. Two forms
+    (fastpath/columns.py): ids as a list of str or as one blob with offsets;
+    cards sorted by key, or listed by person with the blocked keys apart
+    (``c["by_person"]``).
     """
     if not isinstance(columns, TableColumns):
         raise TypeError(f"Table needs a fastpath.TableColumns, got {type(columns).__name__}")
@@ -128,39 +155,77 @@ def normalised(columns: TableColumns, copy: bool = True) -> dict[str, Any]:
     for name in ("gs_entry", "gs_entry_holiday", "gs_exit"):
         c[name] = _bitmaps(getattr(columns, name), name)
     ids = columns.person_ids
-    for i, pid in enumerate(ids):
-        if not isinstance(pid, str):
-            raise ValueError(f"TableColumns.person_ids[{i}] is {type(pid).__name__}, not str")  # noqa: TRY004
-        if not pid.isascii():
-            try:
-                pid.encode("utf-8")  # the compiled twin stores ids as UTF-8
-            except UnicodeEncodeError:
-                raise ValueError(f"TableColumns.person_ids[{i}] is not valid Unicode") from None
-    c["person_ids"] = ids
+    blob = _byte_blob(columns.person_id_blob, "person_id_blob")
+    id_off = c["person_id_off"]
+    if len(id_off):
+        if len(ids):
+            raise ValueError("TableColumns: give person_ids or person_id_blob with person_id_off, "
+                             "not both")
+        if id_off[0] != 0 or id_off[len(id_off) - 1] != len(blob):
+            raise ValueError(
+                f"TableColumns.person_id_off must run from 0 to len(person_id_blob) "
+                f"({len(blob)}); it runs from {id_off[0]} to {id_off[len(id_off) - 1]}"
+            )
+        step = 1 << 20  # a MB at a time: a twin is built beside a running gate thread
+        if not all(bytes(blob[c:c + step]).isascii() for c in range(0, len(blob), step)):
+            # ids are ASCII by the schema; else check each
+            for i in range(len(id_off) - 1):
+                try:
+                    bytes(blob[id_off[i]:id_off[i + 1]]).decode("utf-8")
+                except UnicodeDecodeError:
+                    raise ValueError(f"TableColumns person id {i} is not valid UTF-8") from None
+        c["person_ids"] = None
+        c["person_id_blob"] = blob
+        n_ids = len(id_off) - 1
+    else:
+        if len(blob):
+            raise ValueError("TableColumns.person_id_blob needs person_id_off")
+        for i, pid in enumerate(ids):
+            if not isinstance(pid, str):
+                raise ValueError(f"TableColumns.person_ids[{i}] is {type(pid).__name__}, not str")  # noqa: TRY004
+            if not pid.isascii():
+                try:
+                    pid.encode("utf-8")  # the compiled twin stores ids as UTF-8
+                except UnicodeEncodeError:
+                    raise ValueError(f"TableColumns.person_ids[{i}] is not valid Unicode") from None
+        c["person_ids"] = ids
+        c["person_id_blob"] = b""
+        n_ids = len(ids)
 
-    def same_length(names: tuple[str, ...], what: str) -> int:
+    def same_length(names: tuple[str, ...], what: str, extra: dict | None = None) -> int:
         lengths = {n: len(c[n]) for n in names}
+        lengths.update(extra or {})
         if len(set(lengths.values())) > 1:
             detail = ", ".join(f"{n}={v}" for n, v in lengths.items())
             raise ValueError(
                 f"TableColumns {what} columns differ in length ({detail}); "
                 f"each needs one entry per {what[:-1]}"
             )
-        return lengths[names[0]]
+        return next(iter(lengths.values()))
 
     c["n_cards"] = same_length(("card_keys", "card_person", "card_flags"), "cards")
     c["n_persons"] = same_length(
-        (
-            "person_ids",
-            "person_from",
-            "person_until",
-            "person_groupset",
-            "person_flags",
-            "person_max_uses",
-        ),
+        ("person_from", "person_until", "person_groupset", "person_flags", "person_max_uses"),
         "persons",
+        {"person_ids": n_ids},
     )
     c["n_groupsets"] = same_length(("gs_entry", "gs_entry_holiday", "gs_exit"), "groupsets")
+    card_off, pkeys = c["person_card_off"], c["person_card_keys"]
+    c["by_person"] = by_person = len(card_off) > 0
+    if by_person:
+        if c["n_cards"]:
+            raise ValueError("TableColumns: give cards sorted (card_keys, card_person, card_flags) "
+                             "or by person (person_card_off, person_card_keys), not both")
+        if len(card_off) != c["n_persons"] + 1:
+            raise ValueError(f"TableColumns.person_card_off has {len(card_off)} entries; it needs "
+                             f"one per person and one more ({c['n_persons'] + 1})")
+        if card_off[0] != 0 or card_off[len(card_off) - 1] != len(pkeys):
+            raise ValueError(
+                f"TableColumns.person_card_off must run from 0 to len(person_card_keys) "
+                f"({len(pkeys)}); it runs from {card_off[0]} to {card_off[len(card_off) - 1]}"
+            )
+    elif len(pkeys) or len(c["blocked_keys"]):
+        raise ValueError("TableColumns.person_card_keys and blocked_keys need person_card_off")
     return c
 
 
@@ -181,6 +246,15 @@ def element_error(name: str, i: int, value: int, bound: int) -> ValueError:
             f"TableColumns.person_groupset[{i}] is {value}; it must be -1 (no group) "
             f"or a groupset index below {bound}"
         )
+    if name in ("person_card_off", "person_id_off"):
+        return ValueError(
+            f"TableColumns.{name} must not decrease; entry {i} ({value}) follows {bound}"
+        )
+    if name == "blocked_keys":
+        return ValueError(
+            f"TableColumns.blocked_keys must be sorted ascending and unique; "
+            f"entry {i} ({value}) follows {bound}"
+        )
     if name == "person_max_uses":
         return ValueError(f"TableColumns.person_max_uses[{i}] is {value}; use 0 for unlimited")
     return ValueError(f"TableColumns.{name}[{i}] is {value}, which is out of range")
@@ -189,10 +263,15 @@ def element_error(name: str, i: int, value: int, bound: int) -> ValueError:
 def validated(columns: TableColumns) -> dict[str, Any]:
     """normalised() (copied) plus every per-entry check, in plain Python."""
     c = normalised(columns, copy=True)
-    for name in ("card_keys", "holidays"):
+    for name in ("card_keys", "holidays", "blocked_keys"):
         col = c[name]
         for i in range(1, len(col)):
             if col[i - 1] >= col[i]:
+                raise element_error(name, i, col[i], col[i - 1])
+    for name in ("person_card_off", "person_id_off"):
+        col = c[name]
+        for i in range(1, len(col)):
+            if col[i - 1] > col[i]:
                 raise element_error(name, i, col[i], col[i - 1])
     for name, limit in (("card_person", c["n_persons"]), ("person_groupset", c["n_groupsets"])):
         for i, v in enumerate(c[name]):
@@ -221,6 +300,7 @@ class Table:
         "_holiday_open",
         "_holidays",
         "_ids",
+        "_index",
         "_max_uses",
         "_n_cards",
         "_person_of",
@@ -235,13 +315,41 @@ class Table:
         c = validated(columns)
         self.version: str = columns.version
         self.key_width: int = columns.key_width
-        self._n_cards = c["n_cards"]
-        # key -> person index, for cards with a person; blocked keys on the side.
-        self._person_of = {k: p for k, p in zip(c["card_keys"], c["card_person"]) if p >= 0}
-        self._blocked = frozenset(
-            k for k, f in zip(c["card_keys"], c["card_flags"]) if f & CARD_BLOCKED
-        )
-        self._ids: tuple[str, ...] = tuple(c["person_ids"])  # shares the str objects
+        if c["by_person"]:
+            # key -> person index, cards listed by person; blocked keys on the side.
+            self._person_of = person_of = {}
+            off, pkeys = c["person_card_off"], c["person_card_keys"]
+            for p in range(c["n_persons"]):
+                for j in range(off[p], off[p + 1]):
+                    k = pkeys[j]
+                    if k in person_of:
+                        raise ValueError(
+                            f"TableColumns.person_card_keys[{j}] ({k}) is held twice; "
+                            "a card belongs to one person (build the columns with agent.core.acl)"
+                        )
+                    person_of[k] = p
+            self._blocked = frozenset(c["blocked_keys"])
+            self._n_cards = len(person_of) + sum(1 for k in self._blocked if k not in person_of)
+        else:
+            self._n_cards = c["n_cards"]
+            # key -> person index, for cards with a person; blocked keys on the side.
+            self._person_of = {k: p for k, p in zip(c["card_keys"], c["card_person"]) if p >= 0}
+            self._blocked = frozenset(
+                k for k, f in zip(c["card_keys"], c["card_flags"]) if f & CARD_BLOCKED
+            )
+        if c["person_ids"] is None:  # one blob with offsets
+            text, off = bytes(c["person_id_blob"]).decode("utf-8"), c["person_id_off"]
+            if text.isascii():
+                self._ids = tuple(text[off[i]:off[i + 1]] for i in range(len(off) - 1))
+            else:
+                blob = c["person_id_blob"]
+                self._ids = tuple(
+                    bytes(blob[off[i]:off[i + 1]]).decode("utf-8") for i in range(len(off) - 1)
+                )
+        else:
+            self._ids = tuple(c["person_ids"])  # shares the str objects
+        # id -> index; the first wins, as the compiled twin's search finds it.
+        self._index = dict(zip(reversed(self._ids), range(len(self._ids) - 1, -1, -1)))
         self._from = c["person_from"]
         self._until = c["person_until"]
         self._groupset = c["person_groupset"]
@@ -282,11 +390,18 @@ class Table:
             raise IndexError(f"person index {index} out of range (table has {len(self._ids)})")
         return bool(self._guest[index] & PERSON_GUEST)
 
+    def person_index(self, person_id: str) -> int:
+        """The index of the person with this id, -1 when the table has none."""
+        if not isinstance(person_id, str):
+            raise TypeError(f"person_id must be a str, not {type(person_id).__name__}")
+        return self._index.get(person_id, -1)
+
     def nbytes(self) -> int:
         """Rough memory held: containers, int keys, id strings, arrays, bitmaps."""
         size = sys.getsizeof(self._person_of) + sys.getsizeof(self._blocked)
         size += (len(self._person_of) + len(self._blocked)) * 32  # int objects, approx.
         size += sys.getsizeof(self._ids) + sum(map(sys.getsizeof, self._ids))
+        size += sys.getsizeof(self._index)
         for arr in (self._from, self._until, self._groupset, self._guest, self._max_uses):
             size += sys.getsizeof(arr)
         size += 3 * len(self._entry) * (BITMAP_BYTES + 33)

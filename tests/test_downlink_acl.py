@@ -26,6 +26,7 @@ from agent.core.gateconfig import GateConfig
 from agent.core.records import SequenceSink
 from agent.core.turnstile import Gate
 from agent.downlink import Downlink
+from agent.downlink.acl_sync import ACL_FILE
 from agent.downlink.signing import generate_keypair, private_key_pem, sign_acl
 from agent.runtime import Clock, GateRuntime
 
@@ -207,7 +208,7 @@ def test_the_applied_list_is_kept_on_disk_and_loaded_at_the_next_start(tmp_path,
     g.push(signed(SCHOOL))
     g.push(signed(DELTA))
     g.stop()
-    stored = tmp_path / "state" / "acl.json"
+    stored = tmp_path / "state" / ACL_FILE  # the binary image (acl.bin)
     assert stored.stat().st_mode & 0o777 == 0o600
     # Next start, broker unreachable: the list comes from disk before anything else.
     events: list = []
@@ -533,8 +534,9 @@ def run_tool(argv: list[str]) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
+@pytest.mark.parametrize("form", ["json", "compact"])
 def test_a_signed_delta_pushed_with_acl_push_changes_who_the_simulated_gate_lets_in(
-        gate_broker, pki, tmp_path, fp):  # noqa: F811
+        gate_broker, pki, tmp_path, fp, form):  # noqa: F811
     from agent.downlink import uplink_publisher
     from agent.uplink.journal import Journal
     from agent.uplink.mqtt import Uplink
@@ -591,9 +593,11 @@ def test_a_signed_delta_pushed_with_acl_push_changes_who_the_simulated_gate_lets
                 rt.wait_idle(10)
             return d
 
-        code, out, err = run_tool(["acl", "push", str(snapshot), *conn(pki.regional)])
+        code, out, err = run_tool(["acl", "push", str(snapshot), "--form", form,
+                                   *conn(pki.regional)])
         assert code == 0, out + err
         assert "applied" in out
+        assert ("compact" in out) == (form == "compact")  # the snapshot as signed columns
         assert decide(PUPIL)["type"] == "access.granted"
         assert decide(NEWCOMER)["reason"] == "unknown_card"
 

@@ -16,14 +16,19 @@ no clocks. Time zones come from ``zoneinfo`` (the tzdata package).
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
+import operator
+import re
 from array import array
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from functools import lru_cache
 from importlib import resources
+from itertools import accumulate
 from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -31,7 +36,6 @@ import jsonschema_rs
 
 from fastpath.codes import (
     BITMAP_BYTES,
-    CARD_BLOCKED,
     MINUTES_PER_WEEK,
     NO_END,
     NO_START,
@@ -39,6 +43,8 @@ from fastpath.codes import (
 )
 from fastpath.columns import TableColumns
 
+from . import aclstore
+from .aclstore import PeopleColumns, all_pairs, any_zip, mapped, slices
 from .cards import CardFormatError, parse_card_string
 from .records import parse_rfc3339
 
@@ -760,12 +766,24 @@ def _check_model(
 
 # --------------------------------------------------------------------------- AccessList
 
+# Snapshot fields an image header carries (everything but the people).
+_HEADER_FIELDS = (
+    "version", "site", "generated", "timezone", "key_width", "schedules", "groups",
+    "guests", "blocked", "holidays",
+)
+# An id of the schema's pattern: these bytes only, the first a letter or digit.
+_ID_BYTES = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+_ID_REST = _ID_BYTES + b"_.:-"
+
 
 class AccessList:
     """A validated access list. Immutable: ``apply_delta`` returns a new one.
 
-    Build it with ``AccessList.from_snapshot(doc)``; compile it for the hot
-    path with ``columns()`` or ``build_table(acl, fp)``.
+    Build it with ``AccessList.from_snapshot(doc)`` (JSON) or
+    ``AccessList.from_image(buf)`` (the binary image: a stored file or the
+    compact wire form); compile it for the hot path with ``columns()`` or
+    ``build_table(acl, fp)``. The people are held as columns
+    (agent.core.aclstore.PeopleColumns), never as a Python object each.
     """
 
     __slots__ = (
@@ -790,14 +808,14 @@ class AccessList:
         key_width: int,
         schedules: dict,
         groups: dict,
-        people: tuple,
+        people: PeopleColumns,
         guests: tuple,
         blocked: tuple,
         holidays: tuple,
         site: str | None = None,
         generated: str | None = None,
     ) -> None:
-        """Internal: use from_snapshot (it validates)."""
+        """Internal: use from_snapshot or from_image (they validate)."""
         for name, value in (
             ("_version", version),
             ("_site", site),
@@ -846,17 +864,22 @@ class AccessList:
     def holidays(self) -> tuple[str, ...]:
         return self._holidays
 
+    @property
+    def people(self) -> PeopleColumns:
+        """The people as columns, sorted by id (agent.core.aclstore)."""
+        return self._people
+
     def counts(self) -> dict[str, int]:
         """people, guests, cards (held by people and guests) and blocked cards."""
         return {
-            "people": len(self._people),
+            "people": self._people.n,
             "guests": len(self._guests),
-            "cards": sum(len(p[P_KEYS]) for p in self._people) + len(self._guests),
+            "cards": self._people.m + len(self._guests),
             "blocked": len(self._blocked),
         }
 
-    def to_snapshot(self) -> dict:
-        """The list as a snapshot document (fresh objects; from_snapshot reads it back)."""
+    def _header(self) -> dict:
+        """The snapshot without its people (fresh objects)."""
         doc: dict[str, Any] = {"kind": "snapshot", "version": self._version}
         if self._site is not None:
             doc["site"] = self._site
@@ -866,18 +889,35 @@ class AccessList:
         doc["key_width"] = self._key_width
         doc["schedules"] = _copy_json(self._schedules)
         doc["groups"] = _copy_json(self._groups)
-        doc["people"] = people = []
-        for pid, cards, _, groups, vf, vu in self._people:  # unpacked: a million must be quick
+        doc["people"] = []
+        doc["guests"] = [g.to_json() for g in self._guests]
+        doc["blocked"] = [card for card, _ in self._blocked]
+        doc["holidays"] = list(self._holidays)
+        return doc
+
+    def to_snapshot(self) -> dict:
+        """The list as a snapshot document (fresh objects; from_snapshot reads it back).
+        People come in id order."""
+        doc = self._header()
+        people = doc["people"]
+        for pid, cards, _, groups, vf, vu in self._people.people():
             d = {"id": pid, "cards": list(cards), "groups": list(groups)}
             if vf is not None:
                 d["valid_from"] = vf
             if vu is not None:
                 d["valid_until"] = vu
             people.append(d)
-        doc["guests"] = [g.to_json() for g in self._guests]
-        doc["blocked"] = [card for card, _ in self._blocked]
-        doc["holidays"] = list(self._holidays)
         return doc
+
+    def to_image(self, *, stored: dict | None = None, wire: bool = False) -> list[Any]:
+        """The list as a binary image (agent.core.aclstore), a list of byte chunks.
+        `stored`: what the file keeps beside the list (applied_at, kind, base);
+        `wire`: leave out the columns a receiver computes (the compact wire form)."""
+        header = self._header()
+        del header["people"], header["kind"]
+        if stored is not None:
+            header["stored"] = stored
+        return aclstore.encode(header, self._people, wire=wire)
 
     # -- building
 
@@ -965,6 +1005,9 @@ class AccessList:
             group_path=lambda name: _ptr("groups", name),
         )
         errors.raise_if_any()
+        epochs = _Epochs(tz)
+        columns = PeopleColumns.build(people, epochs.start, epochs.end)
+        del people
         return cls(
             version=doc["version"],
             site=doc.get("site"),
@@ -973,11 +1016,38 @@ class AccessList:
             key_width=key_width,
             schedules=_copy_json(schedules),
             groups=_copy_json(groups),
-            people=tuple(people),
+            people=columns,
             guests=tuple(guests),
             blocked=tuple(blocked),
             holidays=tuple(holidays),
         )
+
+    @classmethod
+    def from_image(cls, buf: Any, *, trusted: bool = False) -> tuple[AccessList, dict]:
+        """(list, what the file stored beside it) from a binary image: `buf` is any
+        bytes-like object (a mapped file is read in place, not copied).
+
+        aclstore.ImageError (a ValueError) for a torn, short or altered image. A
+        received image (``trusted=False``) is checked as a snapshot is, person by
+        person (AclRejected listing the errors, paths ``/people/<i>`` in id order);
+        a stored one (``trusted=True``, checked before it was written and guarded by
+        its checksum) only for its shape."""
+        header, cols = aclstore.decode(buf)
+        skeleton = {k: header[k] for k in _HEADER_FIELDS if k in header}
+        skeleton["kind"] = "snapshot"
+        skeleton["people"] = []
+        stored = header.get("stored") if isinstance(header.get("stored"), dict) else {}
+        base = cls.from_snapshot(skeleton)  # everything but the people, checked as JSON
+        people = aclstore.people_from_image(header, cols)
+        errors = _Errors()
+        people = _checked_image_people(people, base, errors, trusted=trusted)
+        errors.raise_if_any()
+        return base._with(people=people), stored
+
+    def _with(self, **changes: Any) -> AccessList:
+        fields = {name[1:]: getattr(self, name) for name in self.__slots__}
+        fields.update(changes)
+        return AccessList(**fields)
 
     def apply_delta(self, doc: Any) -> AccessList:
         """A new list: this one changed as the delta says. This one stays as it was.
@@ -986,6 +1056,8 @@ class AccessList:
         (ask for a snapshot); AclRejected("invalid") listing every error else.
         A delta must match its base exactly: removing what is not there or
         adding what already is (a blocked card, a holiday) is an error too.
+        Work and memory grow with the delta, not the list: untouched people are
+        copied as runs of columns.
         """
         if (
             isinstance(doc, dict)
@@ -1035,15 +1107,28 @@ class AccessList:
             if isinstance(g, dict):
                 groups[name] = _copy_json(g)
 
-        # People: removals, then upserts by id (in place; new ones at the end).
-        people = {p[P_ID]: p for p in self._people}
+        base = self._people
+        # People: removals (positions in the base columns), then upserts by id.
+        drop: set[int] = set()
+        for i, rid in enumerate(_items(doc, "remove_people")):
+            if not isinstance(rid, str):
+                continue
+            pos = base.find(rid)
+            if pos < 0:
+                errors.add(
+                    f"/remove_people/{i}",
+                    f"no person {rid!r} in the base version; the delta does "
+                    "not match it (send a snapshot)",
+                )
+            else:
+                drop.add(pos)
         guests = {g.id: g for g in self._guests}
         delta_people: dict[str, int] = {}
         delta_guests: dict[str, int] = {}
-        self._removals(doc, "remove_people", people, delta_people, "person", errors)
         self._removals(doc, "remove_guests", guests, delta_guests, "guest", errors)
+        upserts: dict[str, _Person] = {}
         for coll, field, read, origin in (
-            (people, "people", reader.person, delta_people),
+            (upserts, "people", reader.person, delta_people),
             (guests, "guests", reader.guest, delta_guests),
         ):
             removed = {x for x in _items(doc, f"remove_{field}") if isinstance(x, str)}
@@ -1066,28 +1151,84 @@ class AccessList:
                     continue
                 origin[oid] = i
                 coll[oid] = obj
+        for pid in upserts:
+            pos = base.find(pid)
+            if pos >= 0:
+                drop.add(pos)  # replaced
 
         blocked = self._blocked_after(doc, reader, errors)
         holidays = self._holidays_after(doc, reader, errors)
 
-        people_list = list(people.values())
+        new_people = list(upserts.values())
         guests_list = list(guests.values())
+        # The rules over the changed part: new people, every guest, every group.
         _check_model(
-            people=people_list,
+            people=new_people,
             guests=guests_list,
             groups=groups,
             schedules=schedules,
             tz=tz,
             errors=errors,
-            person_path=lambda i, pid: (
-                f"/people/{delta_people[pid]}" if pid in delta_people else None
-            ),
+            person_path=lambda i, pid: f"/people/{delta_people[pid]}",
             guest_path=lambda i, gid: (
                 f"/guests/{delta_guests[gid]}" if gid in delta_guests else None
             ),
             group_path=lambda name: _ptr("groups", name) if name in new_groups else None,
             base_version=self._version,
         )
+        # ... and against the people kept from the base, by bisection.
+        gone_keys = {
+            k for i in drop for k in base.card_keys[base.card_off[i]:base.card_off[i + 1]]
+        }
+
+        def kept_holder(key: Any) -> tuple[int, int] | None:
+            if type(key) is not int or key in gone_keys or not base.holds_key(key):
+                return None
+            return base.holder_of(key)
+
+        def clash(path: str, card: str, key: int, at: tuple[int, int]) -> None:
+            other = base.person(at[0])
+            other_card = other[1][at[1]]
+            same = "the same card" if other_card == card else f"the same key as {other_card!r}"
+            errors.add(
+                path,
+                f"card {card!r} (key {key}) is {same}, held by {other[0]!r}; a card "
+                "belongs to one person or guest: remove one of them",
+            )
+
+        for pid, cards, keys, *_ in new_people:
+            for j, key in enumerate(keys):
+                at = kept_holder(key)
+                if at is not None:
+                    clash(f"/people/{delta_people[pid]}/cards/{j}", cards[j], key, at)
+        for g in guests_list:
+            if g.id not in delta_guests:
+                continue  # carried over: it matched the base already
+            path = f"/guests/{delta_guests[g.id]}"
+            at = kept_holder(g.key)
+            if at is not None:
+                clash(f"{path}/card", g.card, g.key, at)
+            pos = base.find(g.id)
+            if pos >= 0 and pos not in drop:
+                errors.add(
+                    f"{path}/id",
+                    f"id {g.id!r} is used twice (person {g.id!r} has it too); ids of people and "
+                    "guests must be unique",
+                )
+
+        epochs = _Epochs(tz if tz is not None else ZoneInfo("UTC"))
+        if tz is not None and tz_name != self._timezone:
+            # Dates are local: the kept people's bounds move with the zone.
+            base = base.retimed(epochs.start, epochs.end)
+            pf, pu = base.p_from, base.p_until
+            for i in range(base.n):
+                if pf[i] >= pu[i] and i not in drop:
+                    pid, _, _, _, vf, vu = base.person(i)
+                    errors.add(
+                        "",
+                        f"person {pid!r} (carried over from base version {self._version!r}): "
+                        f"valid_from {vf!r} is not before valid_until {vu!r}",
+                    )
         errors.raise_if_any()
         return AccessList(
             version=doc["version"],
@@ -1097,7 +1238,7 @@ class AccessList:
             key_width=self._key_width,
             schedules=schedules,
             groups=groups,
-            people=tuple(people_list),
+            people=base.merge(drop, new_people, epochs.start, epochs.end),
             guests=tuple(guests_list),
             blocked=blocked,
             holidays=holidays,
@@ -1178,27 +1319,28 @@ class AccessList:
     # -- compiling
 
     def columns(self) -> TableColumns:
-        """The list compiled to fastpath columns (see fastpath/columns.py)."""
+        """The list compiled to fastpath columns (fastpath/columns.py): ids as one
+        blob, cards by person; people (in id order) first, then guests. Without
+        guests the people's columns are handed over as they are (no copy)."""
         tz = ZoneInfo(self._timezone)
         epochs = _Epochs(tz)
         bitmaps = {
             name: int.from_bytes(schedule_bitmap(s), "little")
             for name, s in self._schedules.items()
         }
-
         gs_entry: list[bytes] = []
         gs_entry_holiday: list[bytes] = []
         gs_exit: list[bytes] = []
-        gs_index: dict[tuple[str, ...], int] = {}
+        made: dict[tuple[str, ...], tuple[bytes, bytes, bytes]] = {}
 
-        def groupset(names: tuple[str, ...]) -> int:
-            """Index of the group set (interned); () is the unrestricted set of a guest."""
-            idx = gs_index.get(names)
-            if idx is not None:
-                return idx
+        def add_groupset(names: tuple[str, ...]) -> int:
+            """A groupset for this list of names (the people's lists keep their index);
+            () is the unrestricted set of a guest."""
             canon = tuple(sorted(set(names)))
-            idx = gs_index.get(canon)
-            if idx is None:
+            maps = made.get(canon)
+            if maps is not None:
+                return gs_of[canon]
+            if maps is None:
                 if not canon:
                     entry, holiday, exit_ = _ALL_MINUTES, 0, _ALL_MINUTES
                 else:
@@ -1210,81 +1352,279 @@ class AccessList:
                         if e is not None and self._schedules[e].get("holidays") is True:
                             holiday |= bitmaps[e]
                         exit_ |= _ALL_MINUTES if x is None else bitmaps[x]
-                idx = len(gs_entry)
-                gs_entry.append(entry.to_bytes(BITMAP_BYTES, "little"))
-                gs_entry_holiday.append(holiday.to_bytes(BITMAP_BYTES, "little"))
-                gs_exit.append(exit_.to_bytes(BITMAP_BYTES, "little"))
-                gs_index[canon] = idx
-            gs_index[names] = idx
-            return idx
+                maps = made[canon] = (
+                    entry.to_bytes(BITMAP_BYTES, "little"),
+                    holiday.to_bytes(BITMAP_BYTES, "little"),
+                    exit_.to_bytes(BITMAP_BYTES, "little"),
+                )
+            gs_entry.append(maps[0])
+            gs_entry_holiday.append(maps[1])
+            gs_exit.append(maps[2])
+            gs_of[canon] = len(gs_entry) - 1
+            return gs_of[canon]
 
-        n_people = len(self._people)
-        n_persons = n_people + len(self._guests)
-        person_ids: list[str] = []
-        p_from = array("q", bytes(8 * n_persons))
-        p_until = array("q", bytes(8 * n_persons))
-        p_gs = array("i", bytes(4 * n_persons))
-        p_flags = array("B", bytes(n_persons))
-        p_uses = array("i", bytes(4 * n_persons))
-        keys: list[int] = []
-        owners: list[int] = []
-        start, end = epochs.start, epochs.end
-        for i, (pid, _, pkeys, pgroups, vf, vu) in enumerate(self._people):
-            person_ids.append(pid)
-            p_from[i] = NO_START if vf is None else start(vf)
-            p_until[i] = NO_END if vu is None else end(vu)
-            p_gs[i] = groupset(pgroups)
-            if len(pkeys) == 1:
-                keys.append(pkeys[0])
-                owners.append(i)
-            else:
-                keys.extend(pkeys)
-                owners.extend([i] * len(pkeys))
-        for j, g in enumerate(self._guests):
-            i = n_people + j
-            person_ids.append(g.id)
-            p_from[i] = epochs.start(g.start)
-            p_until[i] = epochs.end(g.until)
-            p_gs[i] = groupset(g.groups or ())
-            p_flags[i] = PERSON_GUEST
-            p_uses[i] = g.uses
-            keys.append(g.key)
-            owners.append(i)
-
-        blocked_keys = {key for _, key in self._blocked}
-        if blocked_keys:
-            held = {k for k in keys if k in blocked_keys}
-            for _, key in self._blocked:
-                if key not in held:  # a lost card nobody holds now: blocked-only entry
-                    keys.append(key)
-                    owners.append(-1)
-
-        order = sorted(range(len(keys)), key=keys.__getitem__)
-        card_keys = array("Q", [keys[i] for i in order])
-        card_person = array("i", [owners[i] for i in order])
-        if blocked_keys:
-            card_flags = array("B", [CARD_BLOCKED if k in blocked_keys else 0 for k in card_keys])
-        else:
-            card_flags = array("B", bytes(len(card_keys)))
-
+        gs_of: dict[tuple[str, ...], int] = {}
+        P = self._people
+        remap = [add_groupset(names) for names in P.group_lists]
+        # One groupset per set of groups, whatever the order in a person's list; the
+        # people's column is passed as it is when no two lists name the same set.
+        person_gs = P.groups
+        if remap != list(range(len(remap))):
+            person_gs = array("i", map(remap.__getitem__, P.groups))
+        n = P.n
+        blocked_keys = array("Q", sorted({key for _, key in self._blocked}))
         holidays = array("i", sorted(_parse_date(h).toordinal() for h in self._holidays))
+        common = {
+            "version": self._version,
+            "key_width": self._key_width,
+            "gs_entry": gs_entry,
+            "gs_entry_holiday": gs_entry_holiday,
+            "gs_exit": gs_exit,
+            "holidays": holidays,
+            "blocked_keys": blocked_keys,
+        }
+        if not self._guests:
+            return TableColumns(
+                person_id_blob=P.id_blob,
+                person_id_off=P.id_off,
+                person_card_off=P.card_off,
+                person_card_keys=P.card_keys,
+                person_from=P.p_from,
+                person_until=P.p_until,
+                person_groupset=person_gs,
+                person_flags=array("B", bytes(n)),
+                person_max_uses=array("i", bytes(4 * n)),
+                **common,
+            )
+        gid = [g.id.encode("utf-8") for g in self._guests]
+        id_off = _array_of("Q", P.id_off)
+        end = id_off[-1]
+        id_off.extend(accumulate(map(len, gid), initial=end))
+        del id_off[n]  # the guests' first offset is the people's end, already there
+        card_off = _array_of("Q", P.card_off)
+        card_off.extend(range(P.m + 1, P.m + 1 + len(gid)))
+        keys = _array_of("Q", P.card_keys)
+        keys.extend(g.key for g in self._guests)
+        p_from = _array_of("q", P.p_from)
+        p_from.extend(epochs.start(g.start) for g in self._guests)
+        p_until = _array_of("q", P.p_until)
+        p_until.extend(epochs.end(g.until) for g in self._guests)
+        p_gs = _array_of("i", person_gs)
+        p_gs.extend(add_groupset(g.groups or ()) for g in self._guests)
         return TableColumns(
-            version=self._version,
-            key_width=self._key_width,
-            card_keys=card_keys,
-            card_person=card_person,
-            card_flags=card_flags,
-            person_ids=person_ids,
+            person_id_blob=_array_of("B", P.id_blob).tobytes() + b"".join(gid),
+            person_id_off=id_off,
+            person_card_off=card_off,
+            person_card_keys=keys,
             person_from=p_from,
             person_until=p_until,
             person_groupset=p_gs,
-            person_flags=p_flags,
-            person_max_uses=p_uses,
-            gs_entry=gs_entry,
-            gs_entry_holiday=gs_entry_holiday,
-            gs_exit=gs_exit,
-            holidays=holidays,
+            person_flags=array("B", bytes(n) + bytes([PERSON_GUEST]) * len(gid)),
+            person_max_uses=array("i", bytes(4 * n)) + array("i", (g.uses for g in self._guests)),
+            **common,
         )
+
+
+def _array_of(typecode: str, values: Any) -> array:
+    """A new array of `typecode` holding `values` (an array or a memoryview): one copy."""
+    out = array(typecode)
+    data = aclstore.raw(values)
+    step = 1 << 20  # a MB at a time: the gate thread may take the lock in between
+    for c in range(0, len(data), step):
+        out.frombytes(data[c:c + step])
+    return out
+
+
+def _checked_image_people(
+    people: PeopleColumns, base: AccessList, errors: _Errors, *, trusted: bool
+) -> PeopleColumns:
+    """The people of an image checked against the rest of its list (`base`), errors
+    into `errors`; the derived columns computed for a received image.
+
+    Shape (every image): column lengths and offset ends agree, so no later read runs
+    off a column. A received image also gets every rule a JSON snapshot gets, in
+    passes over whole columns (a million people check in about two seconds)."""
+    n = len(people.id_off) - 1
+    m = len(people.card_keys)
+
+    def shape(ok: bool, what: str) -> bool:
+        if not ok:
+            errors.add("/people", f"the image's people columns do not fit together: {what}; "
+                       "send the list again")
+        return ok
+
+    if not (
+        shape(n >= 0, "no id offsets")
+        and shape(len(people.card_off) == n + 1, "card offsets")
+        and shape(all(len(getattr(people, c)) == n for c in ("groups", "vf", "vu")),
+                  "per-person columns")
+        and shape(len(people.text_off) == m + 1, "card text offsets")
+        and shape(people.id_off[0] == 0 and people.id_off[n] == len(people.id_blob), "id blob")
+        and shape(people.card_off[0] == 0 and people.card_off[n] == m, "card keys")
+        and shape(people.text_off[0] == 0 and people.text_off[m] == len(people.text_blob),
+                  "card text blob")
+    ):
+        return people
+    if trusted:
+        shape(len(people.p_from) == n and len(people.p_until) == n
+              and len(people.sorted_keys) == m, "derived columns")
+        return people
+
+    key_width = base.key_width
+    tz = ZoneInfo(base.timezone)
+    epochs = _Epochs(tz)
+    reader = _Reader(key_width, errors)
+    group_names = base._groups
+    # Offsets never go back; each id 1..64 bytes; each person one card or more.
+    for name, off in (("id_off", people.id_off), ("card_off", people.card_off),
+                      ("text_off", people.text_off)):
+        if not aclstore.shift_check(off):
+            shape(False, f"{name} goes back")
+            return people
+    id_off = people.id_off
+    short = any_zip(operator.ge, id_off[:n], id_off[1:])  # an empty id
+    long_ = any_zip(operator.gt, id_off[1:], mapped("q", (64).__add__, id_off[:n]))
+    ids_blob = bytes(people.id_blob)
+    bad_chars = ids_blob.translate(None, _ID_REST)
+    firsts = bytes(mapped("B", ids_blob.__getitem__, id_off[:n])) if ids_blob else b""
+    if short or long_ or bad_chars or firsts.translate(None, _ID_BYTES):
+        for i in range(n):
+            pid = ids_blob[people.id_off[i]:people.id_off[i + 1]]
+            if not (1 <= len(pid) <= 64 and not pid.translate(None, _ID_REST)
+                    and pid[:1].translate(None, _ID_BYTES) == b""):
+                errors.add(f"/people/{i}/id", f"{_short(pid.decode('utf-8', 'replace'))} is not "
+                           f"{_WANTED['id']}")
+        return people
+    off = people.id_off
+    ids = slices(ids_blob, off, n)
+    if not all_pairs(operator.lt, ids):
+        for i in range(1, n):
+            if ids[i] <= ids[i - 1]:
+                what = ("is used twice; ids of people and guests must be unique"
+                        if ids[i] == ids[i - 1] else f"comes after {ids[i - 1].decode()!r}: "
+                        "an image lists people in ascending id order")
+                errors.add(f"/people/{i}/id", f"id {ids[i].decode()!r} {what}")
+    for j, g in enumerate(base._guests):  # guests against people: ids
+        target = g.id.encode("utf-8")
+        k = bisect_left(ids, target)
+        if k < n and ids[k] == target:
+            errors.add(f"/guests/{j}/id", f"id {g.id!r} is used twice (person {g.id!r} has it "
+                       "too); ids of people and guests must be unique")
+    aclstore.release(ids)
+    co = people.card_off
+    if any_zip(operator.ge, co[:n], co[1:]):
+        for i in (i for i in range(n) if co[i] >= co[i + 1]):
+            errors.add(f"/people/{i}/cards", "a person holds at least one card")
+    # Group lists and validity strings: shared, few.
+    gl_ok = []
+    for k, names in enumerate(people.group_lists):
+        ok = bool(names) and len(set(names)) == len(names) and all(
+            type(x) is str and x in group_names for x in names)
+        gl_ok.append(ok)
+        if not ok:
+            errors.add(f"/people/group_lists/{k}", f"{_short(list(names))} is not a list of "
+                       'distinct groups defined in "groups"')
+    ok_texts = [reader._validity(t, f"/people/texts/{k}") for k, t in enumerate(people.texts)]
+    for name, col, low, high in (("groups", people.groups, 0, len(gl_ok)),
+                                 ("vf", people.vf, -1, len(ok_texts)),
+                                 ("vu", people.vu, -1, len(ok_texts))):
+        step = aclstore.CHUNK
+        parts = [(min(col[c:c + step]), max(col[c:c + step])) for c in range(0, n, step)]
+        if n and (min(p[0] for p in parts) < low or max(p[1] for p in parts) >= high):
+            shape(False, f"{name} indexes past its table")
+            return people
+    # Cards: each string read again; its key must be the one sent. In bulk: one
+    # regular-expression pass over all strings, one loop of builtins for the keys;
+    # card by card (for the messages) only when that finds something wrong.
+    texts = bytes(people.text_blob).decode("utf-8", "replace")
+    to, co, keys = people.text_off, people.card_off, people.card_keys
+    strs = slices(texts, to, m)
+    bulk = _bulk_card_keys(strs, key_width) if m else []
+    if bulk is None or any_zip(operator.ne, bulk, keys):
+        parse = parse_card_string
+        card_re = _card_pattern()
+        for j, t in enumerate(strs):
+            try:
+                good = card_re.fullmatch(t) is not None and parse(t, key_width) == keys[j]
+            except CardFormatError:
+                good = False
+            if not good:
+                i = bisect_right(co, j) - 1
+                errors.add(f"/people/{i}/cards/{j - co[i]}", f"{_short(t)} is not "
+                           f"{_WANTED['card']} with key {keys[j]} at key width {key_width}")
+                if len(errors.items) >= MAX_ERRORS:
+                    break
+    aclstore.release(strs)
+    sk = aclstore.sorted_array(keys)
+    if m and not all_pairs(operator.ne, sk):
+        seen: dict[int, int] = {}
+        for j in range(m):
+            i = bisect_right(co, j) - 1
+            if keys[j] in seen:
+                other = seen[keys[j]]
+                who = "this person" if other == i else repr(people.id_at(other))
+                errors.add(f"/people/{i}/cards/{j - co[i]}",
+                           f"card {texts[to[j]:to[j + 1]]!r} (key {keys[j]}) is held by {who} "
+                           "too; a card belongs to one person or guest: remove one of them")
+            else:
+                seen[keys[j]] = i
+    # Validity: epochs from the strings, in the list's zone.
+    from_tab = [epochs.start(t) if ok else NO_START for t, ok in zip(people.texts, ok_texts)]
+    until_tab = [epochs.end(t) if ok else NO_END for t, ok in zip(people.texts, ok_texts)]
+    from_tab.append(NO_START)
+    until_tab.append(NO_END)
+    p_from = mapped("q", from_tab.__getitem__, people.vf)
+    p_until = mapped("q", until_tab.__getitem__, people.vu)
+    if any_zip(operator.ge, p_from, p_until):
+        for i in (i for i in range(n) if p_from[i] >= p_until[i]):
+            errors.add(f"/people/{i}/valid_from",
+                       f"valid_from {people.texts[people.vf[i]]!r} is not before valid_until "
+                       f"{people.texts[people.vu[i]]!r}")
+    # Guests against people: cards.
+    for j, g in enumerate(base._guests):
+        k = bisect_left(sk, g.key)
+        if k < m and sk[k] == g.key:
+            errors.add(f"/guests/{j}/card", f"card {g.card!r} (key {g.key}) is held by a person "
+                       "too; a card belongs to one person or guest: remove one of them")
+    people.p_from, people.p_until, people.sorted_keys = p_from, p_until, sk
+    return people
+
+
+@lru_cache(maxsize=1)
+def _card_pattern() -> Any:
+    return re.compile(schema()["$defs"]["card"]["pattern"])
+
+
+@lru_cache(maxsize=1)
+def _cards_pattern() -> Any:
+    """Any number of card strings, each followed by a newline (the schema's pattern)."""
+    one = schema()["$defs"]["card"]["pattern"].lstrip("^").rstrip("$")
+    return re.compile(f"(?:{one}\n)*")
+
+
+def _bulk_card_keys(strs: list[str], key_width: int) -> list[int] | None:
+    """The keys of card strings as parse_card_string gives them, or None when one
+    of them is not a card string (the caller then reads them one by one)."""
+    pattern = _cards_pattern()
+    for c in range(0, len(strs), aclstore.CHUNK):
+        if pattern.fullmatch("\n".join(strs[c:c + aclstore.CHUNK]) + "\n") is None:
+            return None
+    mask = (1 << key_width) - 1
+    fac_max = (1 << (key_width - 16)) - 1
+    out: list[int] = []
+    put = out.append
+    for t in strs:
+        if t[0] == "h":
+            put(int(t[4:], 16) & mask)
+        elif "," in t:
+            f, _, c = t.partition(",")
+            fi, ci = int(f), int(c)
+            if ci > 0xFFFF or fi > fac_max:
+                return None
+            put((fi << 16) | ci)
+        else:
+            put(int(t) & mask)
+    return out
 
 
 def check_document(doc: Any, key_width: int = DEFAULT_KEY_WIDTH) -> list[AclError]:
@@ -1325,75 +1665,8 @@ def build_table(acl: AccessList, fp: Any) -> Any:
 
 
 def synthetic_acl(n_cards: int, *, seed: int = 1, version: str = "synthetic.1") -> dict:
-    """A valid snapshot with n_cards cards (for benchmarks and soak tests).
-
-    One card per person, in the three card forms in turn, a few groups and
-    schedules, 0.1% blocked cards, a few guests and holidays. Keys are
-    distinct: n_cards must fit in the 24-bit key space of this list."""
-    if not 0 <= n_cards < (1 << 24) - (1 << 15):
-        raise ValueError(
-            f"n_cards {n_cards} does not fit 24-bit keys; use fewer than {(1 << 24) - (1 << 15)}"
-        )
-    # i -> (i * odd + offset) mod 2**24 is a bijection: distinct, scattered keys, no RNG needed.
-    mult, offset = 0x9E3779 | 1, (seed * 0x5BD1E9) & 0xFFFFFF
-    wanted = n_cards + n_cards // 1000 + 1
-    keys = [k for k in (((i + 1) * mult + offset) & 0xFFFFFF for i in range(wanted + 1)) if k][
-        :wanted
-    ]
-    lessons = {
-        "mon": ["12:00-19:00"],
-        "tue": ["12:00-19:00"],
-        "wed": ["12:00-19:00"],
-        "thu": ["12:00-19:00"],
-        "fri": ["12:00-19:00"],
-    }
-    day = {d: ["07:00-19:00"] for d in WEEKDAYS[:6]}
-    doc: dict[str, Any] = {
-        "kind": "snapshot",
-        "version": version,
-        "timezone": "Asia/Tomsk",
-        "key_width": 24,
-        "schedules": {
-            "school-day": {"week": day},
-            "after-lessons": {"week": lessons},
-            "staff": {"holidays": True, "week": {d: ["06:00-22:00"] for d in WEEKDAYS}},
-        },
-        "groups": {
-            "junior": {"entry": "school-day", "exit": "after-lessons"},
-            "senior": {"entry": "school-day", "exit": None},
-            "staff": {"entry": "staff", "exit": None},
-        },
-        "people": [],
-        "guests": [],
-        "blocked": [],
-        "holidays": ["2026-11-04", "2026-12-31"],
-    }
-    group_cycle = (["junior"], ["senior"], ["staff"], ["junior", "senior"])
-    people = doc["people"]
-    n_guests = min(10, n_cards // 100)
-    for i in range(n_cards - n_guests):
-        k = keys[i]
-        form = i % 3
-        card = (
-            f"{k >> 16},{k & 0xFFFF}"
-            if form == 0
-            else (f"{k:010d}" if form == 1 else f"hex:{k:06X}")
-        )
-        p: dict[str, Any] = {"id": f"p-{i:07x}", "cards": [card], "groups": group_cycle[i % 4]}
-        if i % 5 == 0:
-            p["valid_until"] = "2027-06-30"
-        people.append(p)
-    for j in range(n_guests):
-        k = keys[n_cards - n_guests + j]
-        doc["guests"].append(
-            {
-                "id": f"g-{j:04d}",
-                "card": f"{k:010d}",
-                "from": "2026-09-01T07:00:00+07:00",
-                "until": "2026-09-30T20:00:00+07:00",
-                "uses": 1,
-            }
-        )
-    for k in keys[n_cards:]:
-        doc["blocked"].append(f"{k:010d}")
-    return doc
+    """A valid snapshot with n_cards cards: moved to bench/synthetic.py. This name
+    forwards there for older imports; the core itself never uses it (nor imports
+    bench at load time)."""
+    make = importlib.import_module("bench.synthetic").synthetic_acl
+    return make(n_cards, seed=seed, version=version)

@@ -21,16 +21,29 @@ The flow for one message on ``gate/v1/{site}/{gate}/acl`` (docs/security.md):
    answers that event with a snapshot.
 4. Build the compiled table here, on the caller's thread (the Downlink's
    worker), never on the gate thread.
-5. Persist the applied list (``acl.json`` in the state directory, mode 0600,
-   written to a temporary file, fsynced and renamed), then submit
-   ``SwapTable``: the gate swaps tables between two events and never waits.
+5. Persist the applied list (``acl.bin`` in the state directory, mode 0600:
+   the binary image of agent/core/aclstore.py, checksummed, written to a
+   temporary file, fsynced and renamed), then submit ``SwapTable``: the gate
+   swaps tables between two events and never waits.
+
+At start the image is mapped, not parsed: its columns feed the table in
+place, and the mapped pages are then handed back to the page cache, so a
+million-card list costs its compiled table and little more (docs/access-list.md,
+"How a gate holds the list"). A list kept by an older version as ``acl.json``
+is read once and rewritten as ``acl.bin``.
+
+A snapshot may also come in the compact form (``aclwire``): a signed JSON
+envelope whose list names a zlib-compressed image by its SHA-256.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import mmap
 import os
+import struct
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -40,9 +53,11 @@ from typing import Any
 
 from agent.contract import CONTRACT_VERSION
 from agent.core.acl import AccessList, AclError, AclRejected, build_table, parse_acl_json
+from agent.core.aclstore import IMAGE_MAGIC, ImageError
 from agent.core.events import Report, SwapTable
 from agent.core.records import parse_rfc3339
 
+from . import aclwire
 from .flood import FloodGuard
 from .signing import SignatureError, verify
 
@@ -50,7 +65,8 @@ log = logging.getLogger("agent.downlink")
 
 __all__ = ["ACL_FILE", "FUTURE_SKEW_S", "AclSync", "CounterStore", "floor_candidate", "write_private"]
 
-ACL_FILE = "acl.json"
+ACL_FILE = "acl.bin"  # the binary image (agent/core/aclstore.py)
+LEGACY_ACL_FILE = "acl.json"  # what versions before the image kept; read once, then replaced
 COUNTERS_FILE = "counters.json"
 ENVELOPE_FIELDS = frozenset({"v", "site", "gate", "counter", "issued_at", "key_id", "sig", "list"})
 MAX_REPORTED_ERRORS = 50  # the acl.rejected record holds at most 50
@@ -58,7 +74,8 @@ _MAX_TEXT = 1000  # path and message lengths the record allows
 # A signed time this far ahead of a synchronised clock is refused: one of the two clocks is
 # wrong, and a floor in the future would make the gate refuse every command until it passed.
 FUTURE_SKEW_S = 60.0
-FLOOR_SAVE_S = 3600.0  # the moving floor is stored again once it has gained this much
+FLOOR_SAVE_S = 3600.0
+SWITCH_INTERVAL_S = 0.001  # the interpreter's lock hand-over while a list is built  # the moving floor is stored again once it has gained this much
 
 
 def floor_candidate(issued_at: float, now: float, synced: bool) -> float | None:
@@ -84,8 +101,9 @@ def future_detail(what: str, issued_at: float, now: float) -> str:
 # --------------------------------------------------------------------------- files
 
 
-def write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically, readable by the owner only (0600).
+def write_private(path: Path, data: bytes | list) -> None:
+    """Write ``data`` (bytes, or a list of byte chunks written one by one) to
+    ``path`` atomically, readable by the owner only (0600).
 
     Temporary file in the same directory, fsync, rename, fsync the directory:
     after a crash the file is either the old one or the new one, never torn.
@@ -95,7 +113,8 @@ def write_private(path: Path, data: bytes) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for chunk in (data if isinstance(data, list) else [data]):
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o600)  # O_CREAT's mode is masked by the umask; this is not
@@ -302,10 +321,94 @@ def _reject(path: str, message: str) -> AclRejected:
 
 def store_list(path: Path, acl: AccessList, *, applied_at: float, kind: str = "snapshot",
                base: str | None = None) -> None:
-    """Keep an applied list on disk (``acl.json`` in the state directory, 0600, atomic):
-    what ``load_persisted`` reads at the next start. OSError when it cannot be written."""
-    data = {"format": 1, "applied_at": applied_at, "kind": kind, "base": base, "list": acl.to_snapshot()}
-    write_private(path, json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+    """Keep an applied list on disk (``acl.bin`` in the state directory, 0600, atomic):
+    the binary image ``load_persisted`` maps at the next start. OSError when it
+    cannot be written."""
+    stored = {"applied_at": applied_at, "kind": kind, "base": base}
+    write_private(path, acl.to_image(stored=stored))
+
+
+def read_stored(path: Path) -> tuple[AccessList, float, Any]:
+    """(list, applied_at, keep-alive) of a stored file: the binary image, mapped
+    (the keep-alive is the mapping), or the JSON of older versions. ValueError
+    (or TypeError, KeyError) saying what is wrong with a damaged one;
+    FileNotFoundError when there is none."""
+    with open(path, "rb") as f:
+        head = f.read(len(IMAGE_MAGIC))
+        if head != IMAGE_MAGIC:
+            f.seek(0)
+            data = json.loads(f.read())
+            if not isinstance(data, dict) or data.get("format") != 1:
+                raise TypeError("not an access-list file of format 1")
+            applied_at = data.get("applied_at")
+            if not isinstance(applied_at, (int, float)) or isinstance(applied_at, bool):
+                raise TypeError("applied_at is missing")
+            return AccessList.from_snapshot(data.get("list")), float(applied_at), None
+        size = os.fstat(f.fileno()).st_size
+        mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
+    acl, stored = AccessList.from_image(mm, trusted=True)
+    applied_at = stored.get("applied_at")
+    if not isinstance(applied_at, (int, float)) or isinstance(applied_at, bool):
+        raise ImageError("applied_at is missing")
+    return acl, float(applied_at), mm
+
+
+def _release_pages(mm: Any) -> None:
+    """Hand the mapped pages back: the table holds what the gate needs, and the
+    list's columns are read again (from the page cache or the card) only by the
+    next delta. Advice only."""
+    if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            mm.madvise(mmap.MADV_DONTNEED)
+        except OSError:
+            log.debug("madvise(MADV_DONTNEED) refused", exc_info=True)
+
+
+def _trim_heap() -> None:
+    """Give the C heap's free pages back to the kernel (glibc's malloc_trim): building
+    a big table frees tens of MB of columns that glibc would otherwise keep. Advice;
+    nothing elsewhere."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim: Any = None
+
+
+def stored_summary(state_dir: Path) -> tuple[Path, dict]:
+    """(path, {"version", "applied_at", "people"}) of the list kept in `state_dir`,
+    read without building it (for the doctor). FileNotFoundError when none;
+    ValueError or OSError when it cannot be read."""
+    state_dir = Path(state_dir)
+    path = state_dir / ACL_FILE
+    if not path.exists() and (state_dir / LEGACY_ACL_FILE).exists():
+        path = state_dir / LEGACY_ACL_FILE
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw.startswith(IMAGE_MAGIC):
+        from agent.core import aclstore
+
+        header, cols = aclstore.decode(raw)
+        stored = header.get("stored") if isinstance(header.get("stored"), dict) else {}
+        off = cols.get("id_off")
+        return path, {"version": header.get("version"), "applied_at": stored.get("applied_at"),
+                      "people": max(0, len(off) - 1) if off is not None else 0}
+    data = json.loads(raw)
+    lst = data.get("list") if isinstance(data, dict) else None
+    return path, {
+        "version": lst.get("version") if isinstance(lst, dict) else None,
+        "applied_at": data.get("applied_at") if isinstance(data, dict) else None,
+        "people": len(lst.get("people", [])) if isinstance(lst, dict) else 0,
+    }
+
 
 class AclSync:
     """One gate's access list: what it holds, what it applies next, what it kept on disk.
@@ -330,6 +433,7 @@ class AclSync:
         clock_synced: Callable[[], bool] = lambda: True,
         guard: FloodGuard | None = None,
         builder: Callable[[AccessList, Any], Any] = build_table,
+        max_image_bytes: int = aclwire.MAX_IMAGE_BYTES,
     ) -> None:
         self.site, self.gate = site, gate
         self.fp = fp
@@ -344,6 +448,7 @@ class AclSync:
         self._synced = clock_synced
         self._guard = guard
         self._builder = builder  # a seam for tests that hold a build open
+        self.max_image_bytes = max_image_bytes  # a compact list inflates to at most this
         self._applied_digest: bytes | None = None  # of the message whose list is in use
         self._verified = False  # the message being handled had a good signature
         self.acl: AccessList | None = None
@@ -357,40 +462,72 @@ class AclSync:
     def load_persisted(self) -> tuple[AccessList | None, Any]:
         """The list kept on disk and its table, or (None, None).
 
-        A damaged file is moved aside and reported (``alarm`` ``acl_corrupt``);
-        the gate then starts as a new board would (``acl_missing``, and asks
-        for a snapshot).
+        A damaged file (torn, truncated, altered: its checksum or shape does not
+        hold) is moved aside and reported (``alarm`` ``acl_corrupt``); the gate
+        then starts as a new board would (``acl_missing``, and asks for a
+        snapshot). A list kept as JSON by an older version is read and rewritten
+        as the binary image.
         """
+        path = self.path
+        if not path.exists() and (self.state_dir / LEGACY_ACL_FILE).exists():
+            path = self.state_dir / LEGACY_ACL_FILE
+        mm = None
         try:
-            raw = self.path.read_bytes()
+            acl, applied_at, mm = read_stored(path)
+            table = self._builder(acl, self.fp)
         except FileNotFoundError:
             return None, None
-        try:
-            data = json.loads(raw)
-            if not isinstance(data, dict) or data.get("format") != 1:
-                raise TypeError("not an access-list file of format 1")
-            applied_at = data.get("applied_at")
-            if not isinstance(applied_at, (int, float)) or isinstance(applied_at, bool):
-                raise TypeError("applied_at is missing")
-            acl = AccessList.from_snapshot(data.get("list"))
-            table = self._builder(acl, self.fp)
-        except (ValueError, TypeError, KeyError) as exc:  # AclRejected is a ValueError
-            moved = _move_aside_or_keep(self.path, self._wall())
-            detail = (f"the stored access list {self.path} was damaged ({str(exc)[:300]}); moved "
+        except (ValueError, TypeError, KeyError, IndexError, OverflowError, struct.error) as exc:
+            # AclRejected, ImageError, or a shape nothing foresaw: the file is damaged
+            moved = _move_aside_or_keep(path, self._wall())
+            detail = (f"the stored access list {path} was damaged ({str(exc)[:300]}); moved "
                       f"to {moved}; the gate asks the server for a snapshot")
             log.error("%s", detail)
             self._corrupt_raised = True
             self._submit(Report("alarm", {"kind": "acl_corrupt", "active": True,
                                           "detail": detail[:_MAX_TEXT]}))
             return None, None
-        self.acl, self.applied_at = acl, float(applied_at)
-        log.info("access list %s loaded from %s", acl.version, self.path)
+        _release_pages(mm)
+        _trim_heap()
+        self.acl, self.applied_at = acl, applied_at
+        log.info("access list %s loaded from %s", acl.version, path)
+        if path != self.path:
+            self._upgrade(path, acl, applied_at, already_image=mm is not None)
         return acl, table
+
+    def _upgrade(self, old: Path, acl: AccessList, applied_at: float, *,
+                 already_image: bool = False) -> None:
+        """Rewrite a list kept as JSON by an older version as the binary image (an
+        image stored under the old name is only renamed)."""
+        try:
+            if already_image:
+                os.replace(old, self.path)
+            else:
+                store_list(self.path, acl, applied_at=applied_at)
+                old.unlink()
+        except OSError as exc:
+            log.warning("could not rewrite %s as %s (%s); it is read as JSON again at the next "
+                        "start", old, self.path, exc)
+            return
+        log.info("access list %s kept as JSON in %s rewritten as %s", acl.version, old, self.path)
 
     # --- messages ------------------------------------------------------------
 
     def handle(self, payload: bytes) -> bool:
-        """One message from the acl topic; True when a new list was swapped in."""
+        """One message from the acl topic; True when a new list was swapped in.
+
+        While a list is checked and built, the interpreter is asked to hand its lock
+        over every millisecond (not every 5): the gate thread, deciding cards
+        meanwhile, then waits for it at most about that long between two chunks of
+        the work."""
+        before = sys.getswitchinterval()
+        sys.setswitchinterval(min(before, SWITCH_INTERVAL_S))
+        try:
+            return self._handle(payload)
+        finally:
+            sys.setswitchinterval(before)
+
+    def _handle(self, payload: bytes) -> bool:
         digest = hashlib.sha256(payload).digest()
         if digest == self._applied_digest:
             # The very message in use, again (QoS 1 redelivery or a replay): no need to
@@ -400,8 +537,20 @@ class AclSync:
         version: Any = None
         self._verified = False
         try:
-            doc = parse_acl_json(payload)
+            image_body = None
+            if payload[:len(aclwire.WIRE_MAGIC)] == aclwire.WIRE_MAGIC:
+                line, image_body = aclwire.split(payload)
+                doc = parse_acl_json(line)
+            else:
+                doc = parse_acl_json(payload)
             doc, envelope = self._open_envelope(doc)
+            if image_body is not None:
+                errors = aclwire.header_errors(doc)
+                if errors:
+                    raise AclRejected(errors)
+            elif doc.get("kind") == "image":
+                raise _reject("/kind", "a compact list header without its body: send the "
+                              "compact message whole (docs/contract.md, \"Compact snapshots\")")
             version = doc.get("version")
             if self._duplicate(doc, envelope):
                 # MQTT QoS 1 may deliver twice; the list is in use already (docs/access-list.md).
@@ -411,7 +560,10 @@ class AclSync:
                 raise _reject("/counter", f"counter {envelope['counter']} is not above the last list "
                               f"accepted from key {envelope['key_id']!r}: a replayed list; sign it "
                               "again with a new counter")
-            acl, kind, base = self._apply(doc)
+            if image_body is not None:
+                acl, kind, base = self._apply_image(doc, image_body), "snapshot", None
+            else:
+                acl, kind, base = self._apply(doc)
             if envelope is not None and not self._counters.advance(
                     "acl", envelope["key_id"], envelope["counter"]):
                 raise _reject("/counter", "counter is not above the last list accepted from key "
@@ -421,7 +573,9 @@ class AclSync:
             return False
         table = self._builder(acl, self.fp)  # the slow part: here, never on the gate thread
         now = self._wall()
-        self._persist(acl, kind, base, now)
+        if self._persist(acl, kind, base, now):
+            acl = self._mapped(acl)  # the message's columns are freed here
+            _trim_heap()
         self.acl, self.applied_at = acl, now
         self._applied_digest = digest
         # The time zone travels with the table: schedules switch zone at the swap itself.
@@ -529,16 +683,49 @@ class AclSync:
             return self.acl.apply_delta(doc), "delta", self.acl.version
         return AccessList.from_snapshot(doc), "snapshot", None
 
-    def _persist(self, acl: AccessList, kind: str, base: str | None, now: float) -> None:
+    def _apply_image(self, header: dict, body: memoryview) -> AccessList:
+        """The list of a compact snapshot whose signed header was checked."""
+        image = aclwire.open_body(header, body, self.max_image_bytes)
+        try:
+            acl, _ = AccessList.from_image(image, trusted=False)
+        except AclRejected:
+            raise
+        except (ValueError, TypeError, IndexError, KeyError, OverflowError, struct.error) as exc:
+            # ImageError, or an image whose shape nothing above foresaw: refused, never raised on.
+            raise _reject("/list", f"the image cannot be read ({str(exc)[:200]}); build it "
+                          "again") from None
+        if acl.version != header["version"]:
+            raise _reject("/list/version", f"the header says version {header['version']!r}, the "
+                          f"image holds {acl.version!r}; build it again")
+        return acl
+
+    def _mapped(self, acl: AccessList) -> AccessList:
+        """The list just stored, read back from its mapped file: the columns built
+        from the message (tens of MB for a big list) are freed, the gate holds its
+        table and a mapping the kernel can drop."""
+        try:
+            stored, _, mm = read_stored(self.path)
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            log.warning("could not map the stored list back (%s); keeping it in memory", exc)
+            return acl
+        if stored.version != acl.version:
+            return acl
+        _release_pages(mm)
+        return stored
+
+    def _persist(self, acl: AccessList, kind: str, base: str | None, now: float) -> bool:
+        """Store the list; False (and an alarm) when it cannot be written."""
         ensure_state_dir(self.state_dir)
         try:
             store_list(self.path, acl, applied_at=now, kind=kind, base=base)
+            return True
         except OSError as exc:
             # The gate still gets the list (principle 1); only the next start lacks it.
             log.error("could not store access list %s in %s (%s); it is applied but a restart "
                       "before the next list starts without it", acl.version, self.path, exc)
             self._submit(Report("alarm", {"kind": "acl_store_failed", "active": True,
                                           "detail": f"could not write {self.path}: {exc}"[:_MAX_TEXT]}))
+            return False
 
     # --- age -----------------------------------------------------------------
 

@@ -857,12 +857,12 @@ class Doctor:
         ))
 
     def check_acl(self) -> Check:
-        import json
+        from agent.downlink.acl_sync import ACL_FILE, stored_summary
 
         state_dir = self.cfg.service.state_dir if self.cfg is not None else DEFAULT_STATE_DIR
-        path = Path(state_dir) / "acl.json"
+        path = Path(state_dir) / ACL_FILE
         try:
-            data = json.loads(path.read_bytes())
+            path, data = stored_summary(Path(state_dir))
         except FileNotFoundError:
             try:
                 os.stat(path.parent)
@@ -878,14 +878,12 @@ class Doctor:
         except (OSError, ValueError) as exc:
             return Check(FAIL, "acl", _("{path} is damaged ({error})").format(path=path, error=exc), (
                 _("restart the service: it moves the damaged file aside and asks the server for a new list"),))
-        lst = data.get("list") if isinstance(data, dict) else None
-        version = lst.get("version") if isinstance(lst, dict) else None
-        applied_at = data.get("applied_at") if isinstance(data, dict) else None
+        version, applied_at = data["version"], data["applied_at"]
         if not isinstance(applied_at, (int, float)):
             return Check(FAIL, "acl", _("{path} is damaged (no applied_at)").format(path=path), (
                 _("restart the service: it moves the damaged file aside and asks the server for a new list"),))
         age = max(0.0, self.env.wall() - applied_at)
-        people = len(lst.get("people", [])) if isinstance(lst, dict) else 0
+        people = data["people"]
         summary = _("version {version}, people: {n}, received {age} ago").format(
             version=version, n=people, age=age_text(age))
         max_h = self.cfg.acl.max_age_h if self.cfg is not None else None

@@ -1,0 +1,656 @@
+"""The people of an access list as columns, and the binary image of a whole list.
+
+What a gate holds of a million cards (docs/access-list.md, "How a gate holds
+the list"): no Python object per person or card, only a few flat columns,
+people sorted by id so an id is found by binary search:
+
+- ids: one ASCII blob (``id_blob``) with ``n + 1`` offsets (``id_off``);
+- cards: ``card_off`` (``n + 1`` offsets) into ``card_keys`` (the keys, in
+  each person's order) and into the card strings as sent (``text_blob`` with
+  ``text_off``: ``to_snapshot`` gives them back as they came);
+- ``groups``: an index into ``group_lists`` (each person's list of group
+  names, shared); ``vf``/``vu``: an index into ``texts`` (validity strings,
+  shared; -1: none); ``p_from``/``p_until``: the same as UTC epoch seconds;
+- ``sorted_keys``: every person's card keys sorted, so a delta checks a new
+  card against the list by bisection.
+
+A delta changes a few people: ``merge`` copies the untouched runs with slices
+(memcpy) and shifts their offsets with one big-integer addition per run (no
+Python loop over a million entries).
+
+The *image* (``encode``/``decode``) is these columns after a small JSON
+header, in one checksummed binary layout: the file kept on disk (mapped, not
+parsed, at start) and, zlib-compressed, the compact wire form of a snapshot.
+Pure: standard library only, no I/O (the caller maps or reads the bytes).
+"""
+
+from __future__ import annotations
+
+import binascii
+import json
+import operator
+import struct
+from array import array
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterable, Iterator
+from itertools import accumulate, chain, islice
+from typing import Any
+
+from fastpath.codes import NO_END, NO_START
+
+__all__ = ["IMAGE_MAGIC", "ImageError", "PeopleColumns", "decode", "encode"]
+
+IMAGE_MAGIC = b"GATEACL\x00"
+IMAGE_FORMAT = 1
+# magic, format, header length, body length, crc32 of the body (header and columns).
+_PREFIX = struct.Struct("<8sIIQI4x")
+_ALIGN = 8
+_SMALL_RUN = 48  # below this many offsets a plain loop beats the big-integer shift
+
+# Column name -> array typecode, in image order. Those marked derived are left
+# out of the wire form: the receiver computes them (it trusts none of them).
+_COLUMNS = (
+    ("id_blob", "B"),
+    ("id_off", "Q"),
+    ("card_off", "Q"),
+    ("card_keys", "Q"),
+    ("text_blob", "B"),
+    ("text_off", "Q"),
+    ("groups", "i"),
+    ("vf", "i"),
+    ("vu", "i"),
+    ("p_from", "q"),
+    ("p_until", "q"),
+    ("sorted_keys", "Q"),
+)
+DERIVED = frozenset({"p_from", "p_until", "sorted_keys"})
+
+
+class ImageError(ValueError):
+    """A list image that is not whole: bad magic, format, length or checksum."""
+
+
+def raw(values: Any) -> memoryview:
+    """The bytes of an array or memoryview (array.frombytes takes bytes only)."""
+    mv = memoryview(values)
+    return mv if mv.format == "B" else mv.cast("B")
+
+
+# Work over a million entries runs in chunks of this many: each C-level pass over
+# a chunk takes a millisecond or two, so the interpreter lock can pass to the gate
+# thread between chunks (a list is built beside a gate that keeps deciding).
+CHUNK = 1 << 14
+
+
+def all_pairs(op: Any, seq: Any) -> bool:
+    """True when op(seq[i], seq[i + 1]) holds for every i."""
+    n = len(seq)
+    for c in range(0, max(n - 1, 0), CHUNK):
+        part = seq[c:c + CHUNK + 1]
+        if not all(map(op, part, islice(part, 1, None))):
+            return False
+    return True
+
+
+def any_zip(op: Any, a: Any, b: Any) -> bool:
+    """True when op(a[i], b[i]) holds for some i."""
+    return any(any(map(op, a[c:c + CHUNK], b[c:c + CHUNK])) for c in range(0, len(a), CHUNK))
+
+
+def mapped(typecode: str, fn: Any, seq: Any) -> array:
+    """array(typecode, map(fn, seq)), in chunks."""
+    out = array(typecode)
+    for c in range(0, len(seq), CHUNK):
+        out.extend(map(fn, seq[c:c + CHUNK]))
+    return out
+
+
+def slices(seq: Any, off: Any, n: int) -> list:
+    """[seq[off[i]:off[i + 1]] for i in range(n)], in chunks."""
+    out: list = []
+    get = seq.__getitem__
+    for c in range(0, n, CHUNK):
+        part = off[c:c + CHUNK + 1]
+        out.extend(map(get, map(slice, part, islice(part, 1, None))))
+    return out
+
+
+def _merge2(a: list, b: list) -> list:
+    """Two sorted lists merged, a chunk at a time: each step sorts one chunk of one
+    list with the part of the other that falls below its end."""
+    out: list = []
+    i = j = 0
+    la, lb = len(a), len(b)
+    while i < la and j < lb:
+        ia, jb = min(i + CHUNK, la), min(j + CHUNK, lb)
+        hi = min(a[ia - 1], b[jb - 1])
+        i2, j2 = bisect_right(a, hi, i, ia), bisect_right(b, hi, j, jb)
+        part = a[i:i2]
+        part.extend(b[j:j2])
+        part.sort()
+        out.extend(part)
+        i, j = i2, j2
+    for rest, k in ((a, i), (b, j)):
+        for c in range(k, len(rest), CHUNK):
+            out.extend(rest[c:c + CHUNK])
+    return out
+
+
+def sorted_array(seq: Any) -> array:
+    """array("Q", sorted(seq)), a chunk at a time: chunks sorted, then merged two by
+    two (no single call runs over the whole column)."""
+    runs = [sorted(seq[c:c + CHUNK]) for c in range(0, len(seq), CHUNK)]
+    while len(runs) > 1:
+        merged = [_merge2(runs[i], runs[i + 1]) for i in range(0, len(runs) - 1, 2)]
+        if len(runs) % 2:
+            merged.append(runs[-1])
+        runs = merged
+    out = array("Q")
+    for c in range(0, len(runs[0]) if runs else 0, CHUNK):
+        out.extend(runs[0][c:c + CHUNK])
+    release(runs[0] if runs else [])
+    return out
+
+
+def release(items: list) -> None:
+    """Empty a long list of objects a chunk at a time (freeing a million ints at once
+    is one long pause)."""
+    while items:
+        del items[-CHUNK:]
+
+
+def _empty(typecode: str) -> array:
+    return array(typecode)
+
+
+def _shifted(seg: Any, d: int) -> array:
+    """The uint64 offsets `seg` plus d, as a new array. Offsets stay below 2**32 and
+    every value is at least -d, so one big-integer addition over the 8-byte lanes
+    never carries or borrows from one lane into the next."""
+    out = array("Q")
+    out.frombytes(raw(seg))
+    n = len(out)
+    if d == 0 or n == 0:
+        return out
+    if n < _SMALL_RUN:
+        return array("Q", [x + d for x in out])
+    big = int.from_bytes(out, "little")
+    lanes = int.from_bytes(abs(d).to_bytes(8, "little") * n, "little")
+    big = big + lanes if d > 0 else big - lanes
+    return array("Q", big.to_bytes(8 * n, "little"))
+
+
+class PeopleColumns:
+    """The people of a list, sorted by id, as columns (see the module docstring).
+
+    Immutable by convention: ``merge`` and ``retimed`` return new ones. Columns
+    are arrays, or memoryviews of a mapped file image."""
+
+    __slots__ = (
+        "card_keys",
+        "card_off",
+        "group_lists",
+        "groups",
+        "id_blob",
+        "id_off",
+        "p_from",
+        "p_until",
+        "sorted_keys",
+        "text_blob",
+        "text_off",
+        "texts",
+        "vf",
+        "vu",
+    )
+
+    def __init__(self, **cols: Any) -> None:
+        for name, typecode in _COLUMNS:
+            setattr(self, name, cols.get(name, _empty(typecode)))
+        self.group_lists: list[tuple[str, ...]] = list(cols.get("group_lists", ()))
+        self.texts: list[str] = list(cols.get("texts", ()))
+        if not len(self.id_off):
+            self.id_off = array("Q", [0])
+        if not len(self.card_off):
+            self.card_off = array("Q", [0])
+        if not len(self.text_off):
+            self.text_off = array("Q", [0])
+
+    # -- building
+
+    @classmethod
+    def build(cls, people: Iterable[tuple], start: Any, end: Any) -> PeopleColumns:
+        """From people tuples (id, cards, keys, groups, valid_from, valid_until), any
+        order; `start`/`end` turn validity strings into epoch seconds."""
+        people = sorted(people, key=operator.itemgetter(0))
+        group_index: dict[tuple, int] = {}
+        text_index: dict[str, int] = {}
+        group_lists: list[tuple[str, ...]] = []
+        texts: list[str] = []
+
+        def gidx(t: tuple) -> int:
+            i = group_index.get(t)
+            if i is None:
+                i = group_index[t] = len(group_lists)
+                group_lists.append(t)
+            return i
+
+        def tidx(s: str | None) -> int:
+            if s is None:
+                return -1
+            i = text_index.get(s)
+            if i is None:
+                i = text_index[s] = len(texts)
+                texts.append(s)
+            return i
+
+        ids = [p[0].encode("utf-8") for p in people]
+        card_texts = [c.encode("utf-8") for p in people for c in p[1]]
+        vf = array("i", [tidx(p[4]) for p in people])
+        vu = array("i", [tidx(p[5]) for p in people])
+        from_tab = [start(t) for t in texts] + [NO_START]  # index -1: none
+        until_tab = [end(t) for t in texts] + [NO_END]
+        card_keys = array("Q", chain.from_iterable(p[2] for p in people))
+        return cls(
+            id_blob=b"".join(ids),
+            id_off=array("Q", accumulate(map(len, ids), initial=0)),
+            card_off=array("Q", accumulate((len(p[2]) for p in people), initial=0)),
+            card_keys=card_keys,
+            text_blob=b"".join(card_texts),
+            text_off=array("Q", accumulate(map(len, card_texts), initial=0)),
+            groups=array("i", [gidx(p[3]) for p in people]),
+            vf=vf,
+            vu=vu,
+            p_from=mapped("q", from_tab.__getitem__, vf),
+            p_until=mapped("q", until_tab.__getitem__, vu),
+            sorted_keys=sorted_array(card_keys),
+            group_lists=group_lists,
+            texts=texts,
+        )
+
+    def retimed(self, start: Any, end: Any) -> PeopleColumns:
+        """The same people with epochs recomputed (the list's time zone changed)."""
+        from_tab = [start(t) for t in self.texts] + [NO_START]
+        until_tab = [end(t) for t in self.texts] + [NO_END]
+        new = self._copy()
+        new.p_from = mapped("q", from_tab.__getitem__, self.vf)
+        new.p_until = mapped("q", until_tab.__getitem__, self.vu)
+        return new
+
+    def _copy(self) -> PeopleColumns:
+        new = PeopleColumns.__new__(PeopleColumns)
+        for name in self.__slots__:
+            setattr(new, name, getattr(self, name))
+        return new
+
+    # -- reading
+
+    @property
+    def n(self) -> int:
+        return len(self.id_off) - 1
+
+    @property
+    def m(self) -> int:
+        return len(self.card_keys)
+
+    def id_at(self, i: int) -> str:
+        return bytes(self.id_blob[self.id_off[i]:self.id_off[i + 1]]).decode("utf-8")
+
+    def find(self, pid: str) -> int:
+        """The index of the person with id `pid`, or -1."""
+        target = pid.encode("utf-8")
+        blob, off = self.id_blob, self.id_off
+        lo, hi = 0, self.n
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if bytes(blob[off[mid]:off[mid + 1]]) < target:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo < self.n and bytes(blob[off[lo]:off[lo + 1]]) == target:
+            return lo
+        return -1
+
+    def insertion_point(self, pid: str) -> int:
+        target = pid.encode("utf-8")
+        blob, off = self.id_blob, self.id_off
+        lo, hi = 0, self.n
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if bytes(blob[off[mid]:off[mid + 1]]) < target:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    def person(self, i: int) -> tuple:
+        """Person i as a tuple (id, cards, keys, groups, valid_from, valid_until)."""
+        a, b = self.card_off[i], self.card_off[i + 1]
+        to = self.text_off
+        cards = tuple(bytes(self.text_blob[to[j]:to[j + 1]]).decode("utf-8") for j in range(a, b))
+        keys = tuple(self.card_keys[j] for j in range(a, b))
+        vf, vu = self.vf[i], self.vu[i]
+        return (
+            self.id_at(i),
+            cards,
+            keys,
+            self.group_lists[self.groups[i]],
+            None if vf < 0 else self.texts[vf],
+            None if vu < 0 else self.texts[vu],
+        )
+
+    def people(self) -> Iterator[tuple]:
+        """Every person as a tuple, in id order (each one made as it is read)."""
+        ids = bytes(self.id_blob).decode("utf-8")
+        texts = bytes(self.text_blob).decode("utf-8")
+        ascii_ids, ascii_texts = ids.isascii(), texts.isascii()
+        io, co, to = self.id_off, self.card_off, self.text_off
+        keys, groups, gl = self.card_keys, self.groups, self.group_lists
+        vfs, vus, tx = self.vf, self.vu, self.texts
+        for i in range(self.n):
+            pid = ids[io[i]:io[i + 1]] if ascii_ids else self.id_at(i)
+            a, b = co[i], co[i + 1]
+            if ascii_texts:
+                cards = tuple(texts[to[j]:to[j + 1]] for j in range(a, b))
+            else:
+                cards = tuple(
+                    bytes(self.text_blob[to[j]:to[j + 1]]).decode("utf-8") for j in range(a, b)
+                )
+            vf, vu = vfs[i], vus[i]
+            yield (
+                pid,
+                cards,
+                tuple(keys[a:b]),
+                gl[groups[i]],
+                None if vf < 0 else tx[vf],
+                None if vu < 0 else tx[vu],
+            )
+
+    def holds_key(self, key: int) -> bool:
+        sk = self.sorted_keys
+        i = bisect_left(sk, key)
+        return i < len(sk) and sk[i] == key
+
+    def holder_of(self, key: int) -> tuple[int, int]:
+        """(person index, card index within the person) of a held key; (-1, -1) if none.
+        A byte search: for error messages, not the hot path."""
+        raw = bytes(self.card_keys) if not isinstance(self.card_keys, array) else self.card_keys.tobytes()
+        pat = key.to_bytes(8, "little")
+        pos = raw.find(pat)
+        while pos >= 0 and pos % 8:
+            pos = raw.find(pat, pos + 1)
+        if pos < 0:
+            return -1, -1
+        j = pos // 8
+        i = bisect_right(self.card_off, j) - 1
+        return i, j - self.card_off[i]
+
+    # -- changing
+
+    def merge(self, drop: Iterable[int], add: Iterable[tuple], start: Any, end: Any) -> PeopleColumns:
+        """A new PeopleColumns: the people at positions `drop` removed, the people
+        tuples `add` put in at their place in id order (an id in both replaces).
+
+        Two passes: the first plans runs of kept people and sizes every column,
+        the second fills columns allocated once at their final size (memcpy per
+        run, offsets shifted by one big-integer addition per run)."""
+        drop = sorted(set(drop))
+        add = sorted(add, key=operator.itemgetter(0))
+        group_lists, texts = list(self.group_lists), list(self.texts)
+        group_index = {t: i for i, t in enumerate(group_lists)}
+        text_index = {t: i for i, t in enumerate(texts)}
+
+        def gidx(t: tuple) -> int:
+            i = group_index.get(t)
+            if i is None:
+                i = group_index[t] = len(group_lists)
+                group_lists.append(t)
+            return i
+
+        def tidx(s: str | None) -> int:
+            if s is None:
+                return -1
+            i = text_index.get(s)
+            if i is None:
+                i = text_index[s] = len(texts)
+                texts.append(s)
+            return i
+
+        # Events in base order: an added person goes before the base person at its
+        # insertion point; a dropped one is skipped.
+        events = [(self.insertion_point(p[0]), 0, k) for k, p in enumerate(add)]
+        events += [(i, 1, 0) for i in drop]
+        events.sort()
+        plan: list[tuple] = []  # ("run", a, b) or ("put", id bytes, card bytes, person)
+        cursor = 0
+        for pos, what, k in events:
+            if pos > cursor:
+                plan.append(("run", cursor, pos))
+            if what == 0:
+                p = add[k]
+                plan.append(("put", p[0].encode("utf-8"), [c.encode("utf-8") for c in p[1]], p))
+                cursor = max(cursor, pos)
+            else:
+                cursor = pos + 1
+        if cursor < self.n:
+            plan.append(("run", cursor, self.n))
+
+        io, co, to = self.id_off, self.card_off, self.text_off
+        n_out = m_out = id_len = text_len = 0
+        for step in plan:
+            if step[0] == "run":
+                a, b = step[1], step[2]
+                n_out += b - a
+                m_out += co[b] - co[a]
+                id_len += io[b] - io[a]
+                text_len += to[co[b]] - to[co[a]]
+            else:
+                n_out += 1
+                m_out += len(step[3][2])
+                id_len += len(step[1])
+                text_len += sum(map(len, step[2]))
+
+        id_blob = bytearray(id_len)
+        text_blob = bytearray(text_len)
+        id_off = array("Q", bytes(8 * (n_out + 1)))
+        card_off = array("Q", bytes(8 * (n_out + 1)))
+        text_off = array("Q", bytes(8 * (m_out + 1)))
+        card_keys = array("Q", bytes(8 * m_out))
+        per = {name: array(tc, bytes(array(tc).itemsize * n_out))
+               for name, tc in _COLUMNS if name in ("groups", "vf", "vu", "p_from", "p_until")}
+        mv = {name: memoryview(col) for name, col in per.items()}
+        mv_io, mv_co, mv_to = memoryview(id_off), memoryview(card_off), memoryview(text_off)
+        mv_keys = memoryview(card_keys)
+        src = {name: memoryview(getattr(self, name)) for name in per}
+        src_keys = memoryview(self.card_keys)
+        np_ = nc = ni = nt = 0  # filled so far: people, cards, id bytes, text bytes
+        for step in plan:
+            if step[0] == "run":
+                a, b = step[1], step[2]
+                ca, cb = co[a], co[b]
+                ia, ib, ta, tb = io[a], io[b], to[ca], to[cb]
+                k, kc = b - a, cb - ca
+                id_blob[ni:ni + ib - ia] = raw(self.id_blob[ia:ib])
+                text_blob[nt:nt + tb - ta] = raw(self.text_blob[ta:tb])
+                mv_io[np_ + 1:np_ + k + 1] = _shifted(io[a + 1:b + 1], ni - ia)
+                mv_co[np_ + 1:np_ + k + 1] = _shifted(co[a + 1:b + 1], nc - ca)
+                mv_to[nc + 1:nc + kc + 1] = _shifted(to[ca + 1:cb + 1], nt - ta)
+                mv_keys[nc:nc + kc] = src_keys[ca:cb]
+                for name, out in mv.items():
+                    out[np_:np_ + k] = src[name][a:b]
+                np_, nc, ni, nt = np_ + k, nc + kc, ni + ib - ia, nt + tb - ta
+            else:
+                _, rid, rcards, (_, _, keys, groups, vf, vu) = step
+                id_blob[ni:ni + len(rid)] = rid
+                ni += len(rid)
+                for rc in rcards:
+                    text_blob[nt:nt + len(rc)] = rc
+                    nt += len(rc)
+                    text_off[nc + 1] = nt
+                    nc += 1
+                if keys:
+                    mv_keys[nc - len(keys):nc] = array("Q", keys)
+                id_off[np_ + 1] = ni
+                card_off[np_ + 1] = nc
+                per["groups"][np_] = gidx(groups)
+                per["vf"][np_] = tidx(vf)
+                per["vu"][np_] = tidx(vu)
+                per["p_from"][np_] = NO_START if vf is None else start(vf)
+                per["p_until"][np_] = NO_END if vu is None else end(vu)
+                np_ += 1
+
+        # Sorted keys: the dropped people's keys out, the added people's in.
+        gone = sorted(chain.from_iterable(self.card_keys[co[i]:co[i + 1]] for i in drop))
+        new_keys = sorted(chain.from_iterable(p[2] for p in add))
+        sk = self.sorted_keys
+        kev = [(bisect_left(sk, key), 1, key) for key in gone]
+        kev += [(bisect_left(sk, key), 0, key) for key in new_keys]
+        kev.sort()
+        sorted_keys = array("Q", bytes(8 * (len(sk) - len(gone) + len(new_keys))))
+        out_sk, src_sk = memoryview(sorted_keys), memoryview(sk)
+        cur = filled = 0
+        for pos, what, key in kev:
+            if pos > cur:
+                out_sk[filled:filled + pos - cur] = src_sk[cur:pos]
+                filled += pos - cur
+                cur = pos
+            if what == 0:
+                sorted_keys[filled] = key
+                filled += 1
+            else:
+                cur = pos + 1
+        if cur < len(sk):
+            out_sk[filled:] = src_sk[cur:]
+
+        return PeopleColumns(
+            id_blob=bytes(id_blob),
+            id_off=id_off,
+            card_off=card_off,
+            card_keys=card_keys,
+            text_blob=bytes(text_blob),
+            text_off=text_off,
+            sorted_keys=sorted_keys,
+            group_lists=group_lists,
+            texts=texts,
+            **per,
+        )
+
+    # -- image
+
+    def columns_for_image(self, wire: bool) -> list[tuple[str, str, Any]]:
+        return [
+            (name, tc, getattr(self, name))
+            for name, tc in _COLUMNS
+            if not (wire and name in DERIVED)
+        ]
+
+
+# --------------------------------------------------------------------------- image
+
+
+def _pad(n: int) -> bytes:
+    return bytes(-n % _ALIGN)
+
+
+def crc32(data: Any, crc: int = 0) -> int:
+    """CRC-32 (zlib's) of `data`, a MB at a time: the interpreter's lock can pass
+    between two pieces (an image is checked beside a gate thread at a swap)."""
+    mv = memoryview(data).cast("B") if not isinstance(data, (bytes, bytearray)) else memoryview(data)
+    step = 1 << 20
+    for c in range(0, len(mv), step):
+        crc = binascii.crc32(mv[c:c + step], crc)
+    return crc
+
+
+def encode(header: dict, people: PeopleColumns, *, wire: bool = False) -> list[Any]:
+    """The image as a list of byte chunks (written one by one: no 60 MB join).
+
+    `header`: the list without its people (JSON); the column table and the
+    people's shared group lists and validity strings are added here."""
+    cols = people.columns_for_image(wire)
+    table = []
+    offset = 0
+    for name, tc, col in cols:
+        nbytes = len(col) * array(tc).itemsize
+        table.append([name, tc, len(col), offset])
+        offset += nbytes + (-nbytes % _ALIGN)
+    head = dict(header)
+    head["group_lists"] = [list(t) for t in people.group_lists]
+    head["texts"] = people.texts
+    head["columns"] = table
+    hb = json.dumps(head, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    hb += _pad(len(hb))
+    chunks: list[Any] = [hb]
+    for _name, tc, col in cols:
+        mv = memoryview(col).cast("B") if not isinstance(col, (bytes, bytearray)) else col
+        chunks.append(mv)
+        if len(mv) % _ALIGN:
+            chunks.append(_pad(len(mv)))
+    crc = 0
+    body_len = 0
+    for c in chunks:
+        crc = crc32(c, crc)
+        body_len += len(c)
+    prefix = _PREFIX.pack(IMAGE_MAGIC, IMAGE_FORMAT, len(hb), body_len, crc)
+    return [prefix, *chunks]
+
+
+def decode(buf: Any, *, check_crc: bool = True) -> tuple[dict, dict[str, memoryview]]:
+    """(header, columns as memoryviews into `buf`) of an image; ImageError saying
+    what is wrong with a short, torn or altered one. The columns' contents are
+    not checked here (a trusted file was checked before it was written; a
+    received image is checked by agent.core.acl)."""
+    mv = memoryview(buf).cast("B")
+    if len(mv) < _PREFIX.size:
+        raise ImageError(f"{len(mv)} bytes: too short for an access-list image")
+    magic, fmt, head_len, body_len, crc = _PREFIX.unpack_from(mv, 0)
+    if magic != IMAGE_MAGIC:
+        raise ImageError("not an access-list image (wrong magic)")
+    if fmt != IMAGE_FORMAT:
+        raise ImageError(f"image format {fmt}; this gate reads format {IMAGE_FORMAT}")
+    body = mv[_PREFIX.size:]
+    if len(body) != body_len:
+        raise ImageError(f"truncated or padded: the body has {len(body)} bytes, the header says "
+                         f"{body_len}")
+    if head_len > body_len or head_len % _ALIGN:
+        raise ImageError(f"header length {head_len} does not fit the body")
+    if check_crc and crc32(body) != crc:
+        raise ImageError("checksum mismatch: the image was altered or torn")
+    try:
+        header = json.loads(bytes(body[:head_len]).rstrip(b"\0").decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ImageError(f"header is not JSON ({exc})") from None
+    if not isinstance(header, dict) or not isinstance(header.get("columns"), list):
+        raise ImageError("header has no column table")
+    data = body[head_len:]
+    known = dict(_COLUMNS)
+    cols: dict[str, memoryview] = {}
+    for entry in header["columns"]:
+        if not (isinstance(entry, list) and len(entry) == 4):
+            raise ImageError(f"bad column entry {str(entry)[:80]}")
+        name, tc, count, offset = entry
+        if known.get(name) != tc or not isinstance(count, int) or not isinstance(offset, int):
+            raise ImageError(f"bad column entry {str(entry)[:80]}")
+        size = array(tc).itemsize
+        if count < 0 or offset < 0 or offset % _ALIGN or offset + count * size > len(data):
+            raise ImageError(f"column {name} ({count} entries at {offset}) runs past the image")
+        cols[name] = data[offset:offset + count * size].cast(tc) if tc != "B" else data[
+            offset:offset + count]
+    return header, cols
+
+
+def people_from_image(header: dict, cols: dict[str, memoryview]) -> PeopleColumns:
+    """PeopleColumns over decoded columns (missing derived ones stay empty)."""
+    gl = header.get("group_lists")
+    tx = header.get("texts")
+    if not isinstance(gl, list) or not isinstance(tx, list):
+        raise ImageError("header lacks group_lists or texts")
+    try:
+        group_lists = [tuple(x) for x in gl]
+    except TypeError:
+        raise ImageError("group_lists must be lists of group names") from None
+    return PeopleColumns(group_lists=group_lists, texts=tx, **cols)
+
+
+def shift_check(values: Any) -> bool:
+    """True when `values` never decreases (offsets)."""
+    return all_pairs(operator.le, values)
