@@ -6,7 +6,7 @@ bench/results.json (or --out):
 
 "footprint": for each list size (default 1,500 / 100,000 / 1,000,000 cards), the real
 service `python -m agent.cli run --config ...` (what `gate-agent run` runs) on mock pins,
-without a broker, with a synthetic list (agent.core.acl.synthetic_acl) persisted in its
+without a broker, with a synthetic list (bench.synthetic.synthetic_acl) persisted in its
 state directory before it starts (``stage_list``): ``ready_s`` from spawning the process to
 its sd_notify READY=1 (a NOTIFY_SOCKET this bench binds, as systemd would), ``rss_mb`` its
 VmRSS half a second after READY, ``start_peak_rss_mb`` its VmHWM then.
@@ -49,8 +49,9 @@ from pathlib import Path
 from typing import Any
 
 from agent.contract import topics
-from agent.core.acl import AccessList, synthetic_acl
+from agent.core.acl import AccessList
 from agent.downlink.acl_sync import ACL_FILE, store_list
+from bench.synthetic import synthetic_acl
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = (1_500, 100_000, 1_000_000)
@@ -69,7 +70,7 @@ KEY_ID = "bench-1"
 
 FOOTPRINT_METHOD = (
     "The real service (python -m agent.cli run --config, what gate-agent run runs) on mock pins, "
-    "no broker, one process per size; the list is agent.core.acl.synthetic_acl(n) applied and "
+    "no broker, one process per size; the list is bench.synthetic.synthetic_acl(n) applied and "
     "persisted in the state directory before start (bench_scale.stage_list). ready_s: from "
     "spawning the process to its sd_notify READY=1 on a NOTIFY_SOCKET bound by the bench; "
     "rss_mb: VmRSS 0.5 s after READY; start_peak_rss_mb: VmHWM then. goal: issue 12; meets: "
@@ -82,7 +83,7 @@ SWAP_METHOD = (
     "shipped config and ACL plugin (tests/pki.py), the reference ingest acknowledging, telemetry "
     "every 1 s, cards presented continuously through the sim socket (both readers, granted ones "
     "walk through). The regional identity publishes (QoS 1) a signed snapshot of n other cards "
-    "(sign_acl, what gate-agent acl push sends), then a delta upserting delta_cards people. "
+    "(signed as gate-agent acl push sends it: compact above 1 MiB of JSON, as its --form auto), then a delta upserting delta_cards people. "
     "apply_s / delta_apply_s: from just before the publish to the first acl.applied event or "
     "retained status with the new version seen by the regional client (includes transfer, "
     "parse, verify, build, persist, swap, and the uplink's report). peak_rss_mb: VmHWM over the "
@@ -264,12 +265,20 @@ class Regional:
         self.session.messages.clear()  # kept by Session; not needed here
 
     def publish(self, doc: dict, key: Any, counter: int) -> tuple[float, int]:
-        """Sign and publish (QoS 1) like `gate-agent acl push`; (publish time, bytes)."""
+        """Sign and publish (QoS 1) as `gate-agent acl push` does by default (--form auto: a
+        snapshot of more than COMPACT_ABOVE_BYTES of JSON goes compact); (publish time, bytes)."""
+        from agent.downlink import aclwire
         from agent.downlink.signing import sign_acl
+        from agent.tools_regional import COMPACT_ABOVE_BYTES
 
         site, gate = self.t["acl"].split("/")[2:4]
-        env = sign_acl(key, doc, key_id=KEY_ID, site=site, gate=gate, counter=counter, issued_at=time.time())
-        payload = json.dumps(env, separators=(",", ":"), ensure_ascii=False).encode()
+
+        def sign(lst: dict) -> dict:
+            return sign_acl(key, lst, key_id=KEY_ID, site=site, gate=gate, counter=counter, issued_at=time.time())
+
+        payload = json.dumps(sign(doc), separators=(",", ":"), ensure_ascii=False).encode()
+        if "base" not in doc and len(payload) > COMPACT_ABOVE_BYTES:
+            payload = aclwire.pack(AccessList.from_snapshot(doc), sign)
         t = time.monotonic()
         self.session.publish(self.t["acl"], payload, timeout=300)
         return t, len(payload)

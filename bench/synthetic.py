@@ -3,7 +3,6 @@
 ``synthetic_acl(n_cards)`` is a valid snapshot (docs/access-list.md) with
 n_cards cards: one card per person in the three card forms in turn, a few
 groups and schedules, 0.1% blocked cards, a few guests and holidays.
-``agent.core.acl.synthetic_acl`` calls this one (older imports keep working).
 """
 
 from __future__ import annotations

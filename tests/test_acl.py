@@ -24,9 +24,9 @@ from agent.core.acl import (
     parse_acl_json,
     schedule_bitmap,
     schema,
-    synthetic_acl,
 )
 from agent.core.cards import parse_card_string
+from bench.synthetic import synthetic_acl
 from fastpath import codes
 
 ROOT = Path(__file__).resolve().parent.parent

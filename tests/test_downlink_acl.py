@@ -20,7 +20,6 @@ import pytest
 
 from agent.contract import validate
 from agent.core import events as ev
-from agent.core.acl import synthetic_acl
 from agent.core.cards import parse_card_string
 from agent.core.gateconfig import GateConfig
 from agent.core.records import SequenceSink
@@ -29,6 +28,7 @@ from agent.downlink import Downlink
 from agent.downlink.acl_sync import ACL_FILE
 from agent.downlink.signing import generate_keypair, private_key_pem, sign_acl
 from agent.runtime import Clock, GateRuntime
+from bench.synthetic import synthetic_acl
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHOOL = json.loads((ROOT / "examples" / "acl" / "school.json").read_text())

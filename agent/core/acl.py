@@ -16,7 +16,6 @@ no clocks. Time zones come from ``zoneinfo`` (the tzdata package).
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import operator
@@ -63,7 +62,6 @@ __all__ = [
     "parse_acl_json",
     "schedule_bitmap",
     "schema",
-    "synthetic_acl",
 ]
 
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")  # index = datetime.weekday()
@@ -1662,11 +1660,3 @@ def build_table(acl: AccessList, fp: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- bench helper
-
-
-def synthetic_acl(n_cards: int, *, seed: int = 1, version: str = "synthetic.1") -> dict:
-    """A valid snapshot with n_cards cards: moved to bench/synthetic.py. This name
-    forwards there for older imports; the core itself never uses it (nor imports
-    bench at load time)."""
-    make = importlib.import_module("bench.synthetic").synthetic_acl
-    return make(n_cards, seed=seed, version=version)
