@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import threading
 import time
 from collections import deque
@@ -66,6 +65,7 @@ from agent.core.events import (
     Tamper,
     Tick,
 )
+from agent.core.stats import percentiles
 
 log = logging.getLogger(__name__)
 
@@ -167,13 +167,9 @@ class _Ring:
 def percentiles_ms(values: list[float], qs: tuple[float, ...] = (0.5, 0.99, 0.999)) -> dict[str, float]:
     """Nearest-rank percentiles of seconds, in milliseconds: p50_ms, p99_ms, p999_ms."""
     out: dict[str, float] = {}
-    if not values:
-        return out
-    ordered = sorted(values)
-    for q in qs:
-        idx = min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))
+    for q, value in percentiles(values, qs).items():
         name = "p" + f"{q * 100:g}".replace(".", "")
-        out[f"{name}_ms"] = round(ordered[idx] * 1000, 3)
+        out[f"{name}_ms"] = round(value * 1000, 3)
     return out
 
 

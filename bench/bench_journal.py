@@ -30,6 +30,7 @@ from pathlib import Path
 
 from agent.core.events import Now
 from agent.core.records import make_record
+from agent.core.stats import nearest_rank
 from agent.uplink.journal import Journal
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,7 +55,7 @@ def _record(i: int) -> dict:
 
 
 def _pct(sorted_s: list[float], q: float) -> float:
-    return sorted_s[min(len(sorted_s) - 1, int(q * len(sorted_s)))]
+    return nearest_rank(sorted_s, q)
 
 
 def run(directory: Path, seconds: float, sync_interval: float, uplink: bool) -> dict:

@@ -38,6 +38,7 @@ from typing import Any
 
 from agent.contract import topics
 from agent.core.records import parse_rfc3339
+from agent.core.stats import nearest_rank
 from agent.tools_regional import Session, ToolError
 from bench.chaos_rig import W26_READERS, CardLoop, Verdict, lost, start_ingest, wait_for
 from tests.agentproc import ROOT, AgentProcess
@@ -186,8 +187,7 @@ def _connects(agent: AgentProcess) -> int:
 def _pct(values: list[float], q: float) -> float | None:
     if not values:
         return None
-    s = sorted(values)
-    return round(s[min(len(s) - 1, int(q * len(s)))], 2)
+    return round(nearest_rank(sorted(values), q), 2)
 
 
 # --------------------------------------------------------------------------- share_hijack

@@ -8,13 +8,13 @@ it (QoS 0, not retained: a lost sample is not resent).
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 from agent import CONTRACT_VERSION
 from agent.core.records import rfc3339_ms
+from agent.core.stats import percentiles as nearest_rank_percentiles
 
 CPU_TEMP_PATH = Path("/sys/class/thermal/thermal_zone0/temp")
 
@@ -26,15 +26,9 @@ class JournalForTelemetry(Protocol):
 
 def percentiles(samples_ms: Sequence[float]) -> dict[str, float | None]:
     """p50, p99 and p999 (nearest rank) of decision latencies in ms; nulls when empty."""
-    if not samples_ms:
-        return {"p50": None, "p99": None, "p999": None}
-    ordered = sorted(samples_ms)
-    n = len(ordered)
-
-    def rank(p: float) -> float:
-        return round(float(ordered[max(0, math.ceil(p * n) - 1)]), 3)
-
-    return {"p50": rank(0.50), "p99": rank(0.99), "p999": rank(0.999)}
+    got = nearest_rank_percentiles(samples_ms, (0.5, 0.99, 0.999))
+    return {name: round(float(got[q]), 3) if got else None
+            for name, q in (("p50", 0.5), ("p99", 0.99), ("p999", 0.999))}
 
 
 def read_cpu_temp_c(path: Path = CPU_TEMP_PATH) -> float | None:
