@@ -73,7 +73,10 @@ LANGUAGES = ("en", "ru")
 # The modules whose user-facing strings go through _() (checked by tests/test_i18n.py).
 TRANSLATED_MODULES = (
     "agent/tools/provision.py",
-    "agent/tools/doctor.py",
+    "agent/tools/doctor/__init__.py",
+    "agent/tools/doctor/hardware.py",
+    "agent/tools/doctor/network.py",
+    "agent/tools/doctor/storage.py",
     "agent/tools/monitor.py",
     "agent/tools/journaltool.py",
     "agent/tools/bundle.py",

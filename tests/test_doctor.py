@@ -283,9 +283,9 @@ def test_the_clock(tmp_path):
 def test_a_nearly_full_disk_fails(tmp_path, monkeypatch):
     import shutil
 
-    from agent.tools import doctor
+    from agent.tools.doctor import storage
 
-    monkeypatch.setattr(doctor.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1 << 20))
+    monkeypatch.setattr(storage.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1 << 20))
     c = by_name(Doctor(write_config(tmp_path), env=quiet_env()).run())["disk"]
     assert c.status == FAIL and "journalctl --vacuum-size" in " ".join(c.hints)
 
