@@ -7,6 +7,12 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 # On a Raspberry Pi, lgpio comes from Debian (python3-lgpio): the venv must see it.
 VENV_FLAGS := $(shell grep -qs Raspberry /proc/device-tree/model && echo --system-site-packages)
+# PostgreSQL is the regional side's store: a board neither installs it nor its driver (its
+# tests skip and say so there). GATE_POSTGRES=0 leaves it out anywhere, 1 puts it in on a Pi.
+GATE_POSTGRES ?= $(shell grep -qs Raspberry /proc/device-tree/model && echo 0 || echo 1)
+export GATE_POSTGRES
+comma := ,
+EXTRAS := $(if $(filter 1,$(GATE_POSTGRES)),test$(comma)postgres,test)
 PYTEST_FLAGS ?= -q
 # The core and simulator tests, run once more on the pure twin alone.
 PURE_TESTS := tests/test_cards.py tests/test_acl.py tests/test_fastpath.py tests/test_turnstile.py tests/test_simulator.py
@@ -20,7 +26,7 @@ $(STAMP): pyproject.toml setup.py scripts/setup-system.sh
 	PYTHON=$(PYTHON) scripts/setup-system.sh
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(VPY) -m pip install -q --upgrade pip setuptools wheel "Cython>=3.0"
-	$(VPY) -m pip install -q --no-build-isolation -e '.[test]'
+	$(VPY) -m pip install -q --no-build-isolation -e '.[$(EXTRAS)]'
 	@# OSDP readers are optional: where libosdp does not install, its tests skip and say why.
 	$(VPY) -m pip install -q 'libosdp>=3.2' || echo "gate-agent: libosdp did not install; OSDP readers unavailable"
 	touch $(STAMP)

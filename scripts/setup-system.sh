@@ -19,8 +19,12 @@ have_cmd mosquitto || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
 [ -f /usr/include/openssl/x509.h ] || need+=(libssl-dev)
 have_cmd openssl || need+=(openssl)
 have_cmd systemd-analyze || need+=(systemd)
-# PostgreSQL for the ingest's PostgreSQL tests (Debian keeps initdb off PATH).
-compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || have_cmd initdb || need+=(postgresql)
+# PostgreSQL for the regional ingest's PostgreSQL tests (Debian keeps initdb off PATH); not on a
+# board (a Raspberry Pi, or GATE_POSTGRES=0): the gate never uses it.
+postgres=${GATE_POSTGRES:-$(grep -qs Raspberry /proc/device-tree/model && echo 0 || echo 1)}
+if [ "$postgres" = 1 ]; then
+  compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || have_cmd initdb || need+=(postgresql)
+fi
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

@@ -40,6 +40,8 @@ from tests.pg import pg_url, postgres  # noqa: F401 - fixtures
 
 T = topics(SITE, GATE)
 
+pytestmark = pytest.mark.postgres  # the regional side: not installed on a board
+
 
 def table(url: str, sql: str, *args) -> list[tuple]:
     """Look at the database from outside the ingest."""
