@@ -1,0 +1,59 @@
+"""Both fastpath twins provide exactly the interface of fastpath/api.py."""
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+import fastpath._pure as pure
+from fastpath import api
+
+try:
+    import fastpath._compiled as compiled
+except ImportError:  # no compiler here: the pure twin is still checked
+    compiled = None
+
+TWINS = [pytest.param(pure, id="pure"),
+         pytest.param(compiled, id="compiled", marks=pytest.mark.skipif(compiled is None, reason="not built"))]
+
+
+def public(cls: type) -> set[str]:
+    return {n for n in dir(cls) if not n.startswith("_")}
+
+
+def protocol_members(proto: type) -> set[str]:
+    return {n for n in vars(proto) if not n.startswith("_")} | set(getattr(proto, "__annotations__", {}))
+
+
+@pytest.mark.parametrize("twin", TWINS)
+@pytest.mark.parametrize(("name", "proto"), [("Table", api.TableAPI), ("GateState", api.GateStateAPI)])
+def test_each_twin_has_exactly_the_interface(twin, name, proto):
+    assert public(getattr(twin, name)) == protocol_members(proto), (
+        f"{twin.__name__}.{name} and fastpath/api.py {proto.__name__} differ: update both twins and the API")
+
+
+def _params(fn) -> list[str]:
+    return [p for p in inspect.signature(fn).parameters if p != "self"]
+
+
+@pytest.mark.parametrize("twin", TWINS)
+def test_each_twin_takes_the_same_arguments(twin):
+    assert _params(twin.decide) == _params(api.Decide.__call__)
+    for name, proto in (("Table", api.TableAPI), ("GateState", api.GateStateAPI)):
+        for member in protocol_members(proto):
+            ours = getattr(getattr(twin, name), member)
+            theirs = getattr(proto, member, None)
+            if callable(theirs) and not isinstance(inspect.getattr_static(proto, member), property):
+                try:
+                    got = _params(ours)
+                except (TypeError, ValueError):  # a builtin without a signature: nothing to compare
+                    continue
+                want = _params(theirs)  # a classmethod comes bound: no cls
+                assert got == want, f"{twin.__name__}.{name}.{member}{got} != api {want}"
+
+
+def test_the_check_sees_a_missing_method():
+    class Short:
+        def lookup(self, key): ...
+
+    assert public(Short) != protocol_members(api.TableAPI)
