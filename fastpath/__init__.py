@@ -4,7 +4,8 @@ Selection (like msgpack): the compiled twin when it imports, else the pure
 one. ``GATE_PUREPYTHON=1`` forces the pure twin; ``GATE_REQUIRE_COMPILED=1``
 makes a missing compiled twin an ImportError instead of a silent fallback.
 
-Both twins export the same names:
+Both twins export the same names (typed in fastpath/api.py, which a test
+holds both twins to):
 
 - ``Table(columns: TableColumns)``: immutable card table. ``len(table)`` is
   the number of card entries; ``table.version``; ``table.key_width``;
