@@ -22,7 +22,6 @@ from __future__ import annotations
 import base64
 import binascii
 import os
-import secrets
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -292,6 +291,8 @@ def make_command(
     """The unsigned fields of a command (contract v1) issued at ``now`` (``issued_at``,
     which raises the gate's time floor) that expires ``ttl_s`` after it. ``now`` must
     be the sender's synchronised clock: a gate refuses a command from its future."""
+    import secrets  # the sending side's: the gate's start does not import it (hashlib, OpenSSL)
+
     expires = datetime.fromtimestamp(now, tz=UTC) + timedelta(seconds=ttl_s)
     return {
         "v": CONTRACT_VERSION,

@@ -48,7 +48,6 @@ that journal from its beginning.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -486,6 +485,8 @@ class FailoverJournal:
 def fallback_path(journal_path: str | os.PathLike[str], runtime_dir: str | os.PathLike[str]) -> Path:
     """The fallback journal of the journal at journal_path (named after it, so
     two journals never share one)."""
+    import hashlib  # here, not at import: the service's start maps no OpenSSL for it
+
     tag = hashlib.sha1(str(Path(journal_path).absolute()).encode()).hexdigest()[:10]
     return Path(runtime_dir) / f"journal-fallback-{tag}.db"
 
