@@ -536,8 +536,13 @@ class Service:
         log.info("simulated hardware: gate-agent sim drives the mock pins through %s", path)
 
     def _start_uplink(self) -> None:
-        from agent.uplink.mqtt import Uplink, UplinkError
-
+        # paho is imported here, only when a broker is configured (not before READY).
+        try:
+            from agent.uplink.mqtt import Uplink, UplinkError
+        except ImportError as exc:
+            self._uplink_unavailable(f"the MQTT client does not import ({exc}): reinstall the agent "
+                                     "(sudo ./install.sh) or `pip install paho-mqtt`")
+            return
         m = self.config.mqtt
         try:
             self.uplink = Uplink(
@@ -551,15 +556,18 @@ class Service:
                 max_packet_bytes=self._max_packet_bytes(),
             )
         except (UplinkError, OSError, ValueError) as exc:
-            # The gate works without its uplink (principle 1): decide, journal, raise the alarm.
-            self.uplink = None
-            log.error("uplink not started: %s. The gate keeps deciding and journalling; fix [mqtt] "
-                      "and restart the agent to send the backlog", exc)
-            self._submit(Report("alarm", {"kind": "uplink_config", "active": True,
-                                          "detail": f"uplink not started: {exc}"[:MAX_DETAIL]}))
+            self._uplink_unavailable(str(exc))
             return
         self.uplink.start()
         log.info("uplink to %s:%d started (%s)", m.host, m.port, "TLS" if m.tls else "no TLS")
+
+    def _uplink_unavailable(self, why: str) -> None:
+        # The gate works without its uplink (principle 1): decide, journal, raise the alarm.
+        self.uplink = None
+        log.error("uplink not started: %s. The gate keeps deciding and journalling; fix [mqtt] "
+                  "and restart the agent to send the backlog", why)
+        self._submit(Report("alarm", {"kind": "uplink_config", "active": True,
+                                      "detail": f"uplink not started: {why}"[:MAX_DETAIL]}))
 
     # -- hooks ---------------------------------------------------------------------
 

@@ -179,3 +179,30 @@ except SignatureError as exc:
     reason, detail = res.stdout.strip().split(" | ", 1)
     assert reason == "bad_signature"
     assert "cryptography" in detail and "install" in detail
+
+
+def test_a_broker_configured_without_its_mqtt_client_leaves_the_gate_working_and_says_why(
+        tmp_path, services, monkeypatch):
+    from agent.core import events as ev
+    from tests.agentproc import journal_records
+
+    # paho not installed: its import, which now happens only once a broker is configured, fails.
+    for name in [m for m in sys.modules if m == "paho" or m.startswith("paho.") or m == "agent.uplink.mqtt"]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "paho", None)
+    config = tmp_path / "agent.toml"
+    config.write_text('[site]\nid = "school-17"\ngate = "main-1"\n[hardware]\npin_factory = "mock"\n'
+                      '[journal]\npath = "data/journal.db"\nsync_interval_s = 0.2\n'
+                      '[service]\nstate_dir = "state"\n[mqtt]\nhost = "127.0.0.1"\nport = 1\n')
+    svc = services(config)
+    assert svc.ready.is_set() and svc.uplink is None
+    svc.runtime.submit(ev.Button("in"))
+    spec = svc.config.hardware.board.outputs["unlock_a"]
+    deadline = time.monotonic() + 20
+    while svc.factory.pin(f"GPIO{spec.pin}").state != spec.active_high:
+        assert time.monotonic() < deadline, "the button did not open the gate without an uplink"
+        time.sleep(0.01)
+    svc.stop()
+    alarms = [r for r in journal_records(tmp_path / "data" / "journal.db") if r["type"] == "alarm"]
+    hit = [a for a in alarms if a["kind"] == "uplink_config" and a["active"]]
+    assert hit and "paho-mqtt" in hit[0]["detail"] and "MQTT client" in hit[0]["detail"], alarms
