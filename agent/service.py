@@ -556,18 +556,18 @@ class Service:
                 max_packet_bytes=self._max_packet_bytes(),
             )
         except (UplinkError, OSError, ValueError) as exc:
-            self._uplink_unavailable(str(exc))
+            self._uplink_unavailable(exc)
             return
         self.uplink.start()
         log.info("uplink to %s:%d started (%s)", m.host, m.port, "TLS" if m.tls else "no TLS")
 
-    def _uplink_unavailable(self, why: str) -> None:
+    def _uplink_unavailable(self, exc: object) -> None:
         # The gate works without its uplink (principle 1): decide, journal, raise the alarm.
         self.uplink = None
         log.error("uplink not started: %s. The gate keeps deciding and journalling; fix [mqtt] "
-                  "and restart the agent to send the backlog", why)
+                  "and restart the agent to send the backlog", exc)
         self._submit(Report("alarm", {"kind": "uplink_config", "active": True,
-                                      "detail": f"uplink not started: {why}"[:MAX_DETAIL]}))
+                                      "detail": f"uplink not started: {exc}"[:MAX_DETAIL]}))
 
     # -- hooks ---------------------------------------------------------------------
 
