@@ -36,15 +36,19 @@ DECIDING = ("agent.core", "agent.runtime", "agent.hw", "fastpath", "agent.uplink
 
 # `gate-agent run` as systemd starts it, with sys.modules written at READY and at exit.
 WRAPPER = """
-import atexit, json, sys
+import atexit, json, os, sys
 from agent import sdnotify
 out = sys.argv[1]
+def dump(path):
+    with open(path + ".tmp", "w") as f:
+        json.dump(sorted(sys.modules), f)
+    os.replace(path + ".tmp", path)
 ready = sdnotify.Notifier.ready
 def at_ready(self, *a, **k):
-    json.dump(sorted(sys.modules), open(out + ".ready", "w"))
+    dump(out + ".ready")
     return ready(self, *a, **k)
 sdnotify.Notifier.ready = at_ready
-atexit.register(lambda: json.dump(sorted(sys.modules), open(out + ".exit", "w")))
+atexit.register(lambda: dump(out + ".exit"))
 from agent.cli import main
 sys.exit(main(["run", "--config", sys.argv[2]]))
 """
@@ -67,7 +71,8 @@ def test_run_loads_no_broker_crypto_or_tools_before_ready_and_decides_with_what_
         while True:
             assert agent.proc.poll() is None, agent.log_tail()
             try:
-                if request(agent.socket, {"op": "ping"}, timeout=2).get("ok"):
+                # The sim socket answers just before READY=1: wait for both.
+                if request(agent.socket, {"op": "ping"}, timeout=2).get("ok") and Path(f"{out}.ready").exists():
                     break
             except (SimClientError, OSError):
                 pass
