@@ -64,9 +64,46 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     return ingest_main([a for a in args.ingest_args if a != "--"])
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Each tool's `add_*_parser(subparsers)`, in the order `--help` lists them, with the
+# subcommands it adds. `gate-agent run` builds only its own parser: importing every tool
+# to build its parser cost the service ~0.1 s and ~3 MB before READY (issue 12).
+TOOLS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("agent.service", "add_run_parser", ("run",)),
+    ("agent.config", "add_check_config_parser", ("check-config",)),
+    ("agent.demo", "add_demo_parser", ("demo",)),
+    ("agent.tools.provision", "add_provision_parser", ("provision",)),
+    ("agent.tools.doctor", "add_doctor_parser", ("doctor",)),
+    ("agent.tools.monitor", "add_monitor_parser", ("monitor",)),
+    ("agent.tools.journaltool", "add_journal_parser", ("journal",)),
+    ("agent.tools.enroll", "add_enroll_parser", ("enroll",)),
+    ("agent.tools.iotest", "add_iotest_parser", ("io-test",)),
+    ("agent.tools.bundle", "add_bundle_parser", ("bundle",)),
+    ("agent.tools.wiring", "add_wiring_parser", ("wiring",)),
+    ("agent.simctl", "add_sim_parser", ("sim",)),
+    ("agent.tools_regional", "add_regional_parsers", ("acl", "cmd", "fleet", "keygen")),
+)
+BUILTIN = ("simulate", "ingest")
+
+
+def _command_of(argv: list[str] | None) -> str | None:
+    """The subcommand argv names (its first word), or None: no argv, an option first
+    (`--help`, `--version`) or a word no tool adds; then every parser is built."""
+    if not argv or argv[0].startswith("-"):
+        return None
+    name = argv[0]
+    known = BUILTIN + tuple(n for _, _, names in TOOLS for n in names)
+    return name if name in known else None
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The `gate-agent` parser. With ``argv`` naming a tool's subcommand, only that
+    tool's parsers are built (it alone is imported); without, or for `--help` and
+    unknown words, every tool's, so the usage and the error list them all."""
+    import importlib
+
     from agent.i18n import install_argparse, translate_parser
 
+    only = _command_of(argv)
     install_argparse()  # argparse's own words ("usage:", "options") in the user's language
     p = argparse.ArgumentParser(prog="gate-agent", description="School turnstile agent")
     from agent import __version__
@@ -99,33 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     ing.set_defaults(func=_cmd_ingest)  # main() hands `ingest ...` straight to the ingest's own parser
 
     # The service and the technician's and the regional side's tools.
-    from agent.config import add_check_config_parser
-    from agent.demo import add_demo_parser
-    from agent.service import add_run_parser
-    from agent.simctl import add_sim_parser
-    from agent.tools.bundle import add_bundle_parser
-    from agent.tools.doctor import add_doctor_parser
-    from agent.tools.enroll import add_enroll_parser
-    from agent.tools.iotest import add_iotest_parser
-    from agent.tools.journaltool import add_journal_parser
-    from agent.tools.monitor import add_monitor_parser
-    from agent.tools.provision import add_provision_parser
-    from agent.tools.wiring import add_wiring_parser
-    from agent.tools_regional import add_regional_parsers
-
-    add_run_parser(sub)
-    add_check_config_parser(sub)
-    add_demo_parser(sub)
-    add_provision_parser(sub)
-    add_doctor_parser(sub)
-    add_monitor_parser(sub)
-    add_journal_parser(sub)
-    add_enroll_parser(sub)
-    add_iotest_parser(sub)
-    add_bundle_parser(sub)
-    add_wiring_parser(sub)
-    add_sim_parser(sub)
-    add_regional_parsers(sub)
+    for module, function, names in TOOLS:
+        if only is None or only in names:
+            getattr(importlib.import_module(module), function)(sub)
     return translate_parser(p)  # every help text, through the catalogue (agent/i18n.py)
 
 
@@ -151,7 +164,7 @@ def _main(argv: list[str] | None) -> int:
         from agent.uplink.ingest import main as ingest_main
 
         return ingest_main([a for a in argv[1:] if a != "--"])
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     return args.func(args)
 
 

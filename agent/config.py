@@ -37,8 +37,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import jsonschema_rs
-
 from agent.core.gateconfig import GateConfig, GateConfigError
 from agent.core.problems import ProblemsError
 
@@ -287,6 +285,8 @@ def schema() -> dict:
 
 @cache
 def _validator() -> Any:
+    import jsonschema_rs  # when a config is validated, not when agent.config is imported (~9 MB)
+
     return jsonschema_rs.validator_for(schema())
 
 

@@ -39,8 +39,6 @@ Plural forms are avoided on purpose: messages put numbers after a colon
 """
 from __future__ import annotations
 
-import ast
-import gettext as _gettext
 import os
 import struct
 import sys
@@ -259,6 +257,8 @@ def catalog(lang: str) -> dict[str, str]:
     try:
         po_mtime = po.stat().st_mtime if po.exists() else None
         if mo.exists() and (po_mtime is None or mo.stat().st_mtime >= po_mtime):
+            import gettext as _gettext  # only when a catalogue is read (English needs none)
+
             with mo.open("rb") as f:
                 trans = _gettext.GNUTranslations(f)
             messages = {k: v for k, v in trans._catalog.items() if isinstance(k, str) and k}  # type: ignore[attr-defined]
@@ -368,6 +368,8 @@ def parser_msgids(parser: Any) -> list[str]:
 
 def used_msgids(paths: list[Path] | None = None) -> dict[str, list[str]]:
     """Every literal ``_("...")`` in the translated modules: msgid -> places."""
+    import ast  # upkeep (tests, the catalogue's checks), never the service's start
+
     root = Path(__file__).resolve().parent.parent
     out: dict[str, list[str]] = {}
     for p in paths or [root / m for m in TRANSLATED_MODULES]:

@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import dataclasses
+import gc
 import logging
 import logging.handlers
 import os
@@ -535,8 +536,13 @@ class Service:
         log.info("simulated hardware: gate-agent sim drives the mock pins through %s", path)
 
     def _start_uplink(self) -> None:
-        from agent.uplink.mqtt import Uplink, UplinkError
-
+        # paho is imported here, only when a broker is configured (not before READY).
+        try:
+            from agent.uplink.mqtt import Uplink, UplinkError
+        except ImportError as exc:
+            self._uplink_unavailable(f"the MQTT client does not import ({exc}): reinstall the agent "
+                                     "(sudo ./install.sh) or `pip install paho-mqtt`")
+            return
         m = self.config.mqtt
         try:
             self.uplink = Uplink(
@@ -550,15 +556,18 @@ class Service:
                 max_packet_bytes=self._max_packet_bytes(),
             )
         except (UplinkError, OSError, ValueError) as exc:
-            # The gate works without its uplink (principle 1): decide, journal, raise the alarm.
-            self.uplink = None
-            log.error("uplink not started: %s. The gate keeps deciding and journalling; fix [mqtt] "
-                      "and restart the agent to send the backlog", exc)
-            self._submit(Report("alarm", {"kind": "uplink_config", "active": True,
-                                          "detail": f"uplink not started: {exc}"[:MAX_DETAIL]}))
+            self._uplink_unavailable(exc)
             return
         self.uplink.start()
         log.info("uplink to %s:%d started (%s)", m.host, m.port, "TLS" if m.tls else "no TLS")
+
+    def _uplink_unavailable(self, exc: object) -> None:
+        # The gate works without its uplink (principle 1): decide, journal, raise the alarm.
+        self.uplink = None
+        log.error("uplink not started: %s. The gate keeps deciding and journalling; fix [mqtt] "
+                  "and restart the agent to send the backlog", exc)
+        self._submit(Report("alarm", {"kind": "uplink_config", "active": True,
+                                      "detail": f"uplink not started: {exc}"[:MAX_DETAIL]}))
 
     # -- hooks ---------------------------------------------------------------------
 
@@ -806,6 +815,12 @@ def run(config_path: str | os.PathLike[str] = DEFAULT_PATH) -> int:
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
+        # Start-up makes objects that live as long as the process (the config, the gate,
+        # the list's small parts): no collection runs while they are made (~25 of them,
+        # a few ms), and after READY they are out of the collector's sight, so a full
+        # collection later walks only what is new and its pause on the gate thread stays short.
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
         try:
             service.start()
         except ServiceError as exc:
@@ -814,6 +829,10 @@ def run(config_path: str | os.PathLike[str] = DEFAULT_PATH) -> int:
         except Exception:
             log.exception("cannot start: unexpected error (a bug: please report it with this log)")
             return EXIT_FAILED
+        finally:
+            gc.freeze()
+            if gc_was_enabled:
+                gc.enable()
         while not service.wait(1.0):
             if service.runtime is not None and not service.runtime.running:
                 log.error("the gate thread has ended; exiting so systemd restarts the agent")

@@ -12,27 +12,34 @@ Keys on disk and in configs:
 - public keys: base64 of the 32 raw bytes (44 characters), or a PEM
   ``PUBLIC KEY`` block;
 - private keys: PEM PKCS#8 (``gate-agent keygen`` writes them, mode 0600).
+
+``cryptography`` is imported when a key is used, not with this module: the service
+loads its trusted keys at start as ``TrustedKey`` (the 32 raw bytes, checked) and
+maps the library (~8 MB resident) only when the first signed message comes.
 """
 from __future__ import annotations
 
 import base64
 import binascii
 import os
-import secrets
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
 
 from agent.contract import CONTRACT_VERSION, canonical_json
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
 
 __all__ = [
     "KeyLoadError",
     "SignatureError",
+    "TrustedKey",
     "generate_keypair",
     "load_private_key",
     "load_public_key",
@@ -66,28 +73,78 @@ class KeyLoadError(ValueError):
     """A key that cannot be loaded (bad base64, wrong length, not Ed25519)."""
 
 
+def _crypto() -> Any:
+    """``cryptography``'s pieces this module uses, imported on first use; a missing or
+    broken library is a KeyLoadError saying what to install (the gate keeps deciding)."""
+    try:
+        from cryptography import exceptions
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ed25519
+    except ImportError as exc:
+        raise KeyLoadError(f"the cryptography package does not import ({exc}): signatures cannot be made "
+                           "or checked; reinstall the agent (sudo ./install.sh) or "
+                           "`pip install cryptography`") from None
+    return SimpleNamespace(InvalidSignature=exceptions.InvalidSignature, serialization=serialization,
+                           Ed25519PrivateKey=ed25519.Ed25519PrivateKey,
+                           Ed25519PublicKey=ed25519.Ed25519PublicKey)
+
+
+class TrustedKey:
+    """A trusted public key as its 32 raw bytes, checked when loaded; the
+    ``cryptography`` key is built on the first ``verify`` (see the module doc)."""
+
+    __slots__ = ("_key", "raw")
+
+    def __init__(self, raw: bytes) -> None:
+        if len(raw) != 32:
+            raise KeyLoadError(f"public key is {len(raw)} bytes, an Ed25519 key has 32; "
+                               "give the 44-character base64 that `gate-agent keygen` prints")
+        self.raw = bytes(raw)
+        self._key: Any = None
+
+    def public_key(self) -> Ed25519PublicKey:
+        if self._key is None:
+            self._key = _crypto().Ed25519PublicKey.from_public_bytes(self.raw)
+        return self._key
+
+    def verify(self, signature: bytes, data: bytes) -> None:
+        """cryptography's InvalidSignature when ``signature`` is not this key's over ``data``."""
+        self.public_key().verify(signature, data)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TrustedKey) and other.raw == self.raw
+
+    def __hash__(self) -> int:
+        return hash(self.raw)
+
+    def __repr__(self) -> str:
+        return f"TrustedKey({base64.b64encode(self.raw).decode('ascii')!r})"
+
+
 # --------------------------------------------------------------------------- keys
 
 
 def generate_keypair() -> tuple[Ed25519PrivateKey, str]:
     """A new signing key and its public key as base64 (for the gate's trusted keys)."""
-    key = Ed25519PrivateKey.generate()
+    key = _crypto().Ed25519PrivateKey.generate()
     return key, public_key_b64(key.public_key())
 
 
-def public_key_b64(key: Ed25519PublicKey | Ed25519PrivateKey) -> str:
+def public_key_b64(key: Ed25519PublicKey | Ed25519PrivateKey | TrustedKey) -> str:
     """The raw public key, base64 (44 characters): the form gate configs hold."""
-    if isinstance(key, Ed25519PrivateKey):
+    if isinstance(key, TrustedKey):
+        return base64.b64encode(key.raw).decode("ascii")
+    c = _crypto()
+    if isinstance(key, c.Ed25519PrivateKey):
         key = key.public_key()
-    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    raw = key.public_bytes(c.serialization.Encoding.Raw, c.serialization.PublicFormat.Raw)
     return base64.b64encode(raw).decode("ascii")
 
 
 def private_key_pem(key: Ed25519PrivateKey) -> bytes:
     """PEM PKCS#8, unencrypted: protect the file (mode 0600) instead."""
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
+    ser = _crypto().serialization
+    return key.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.PKCS8, ser.NoEncryption())
 
 
 def _raw_key(text: str) -> bytes | None:
@@ -99,11 +156,27 @@ def _raw_key(text: str) -> bytes | None:
     return raw if len(raw) == 32 else None
 
 
-def load_public_key(value: str | bytes | Ed25519PublicKey) -> Ed25519PublicKey:
+def load_public_key(value: str | bytes | Ed25519PublicKey | TrustedKey) -> Ed25519PublicKey:
     """An Ed25519 public key from base64 of its 32 raw bytes, a PEM block, or a
     path (starting with ``/``, ``./`` or ``../``) to a file holding either."""
-    if isinstance(value, Ed25519PublicKey):
+    if isinstance(value, TrustedKey):
+        return value.public_key()
+    return _trusted_key(value).public_key() if not _is_key_object(value) else value
+
+
+def _is_key_object(value: Any) -> bool:
+    # Only a value that is neither text nor a TrustedKey can be a cryptography key:
+    # the library is imported for that check alone, never for base64 text.
+    return not isinstance(value, (str, bytes, TrustedKey)) and isinstance(value, _crypto().Ed25519PublicKey)
+
+
+def _trusted_key(value: str | bytes | Ed25519PublicKey | TrustedKey) -> TrustedKey:
+    """``value`` (as ``load_public_key`` takes it) as a TrustedKey; ``cryptography`` is
+    imported only for a PEM block or a cryptography key object."""
+    if isinstance(value, TrustedKey):
         return value
+    if _is_key_object(value):
+        return TrustedKey(_raw_public(value))
     if isinstance(value, bytes):
         value = value.decode("ascii", "replace")
     if not isinstance(value, str):
@@ -117,35 +190,40 @@ def load_public_key(value: str | bytes | Ed25519PublicKey) -> Ed25519PublicKey:
             raise KeyLoadError(f"cannot read the public key file {value}: {exc}; give the path "
                                "of the .pub file `gate-agent keygen` wrote") from None
     if text.startswith("-----BEGIN"):
+        c = _crypto()
         try:
-            key = serialization.load_pem_public_key(text.encode("ascii"))
+            key = c.serialization.load_pem_public_key(text.encode("ascii"))
         except (ValueError, TypeError) as exc:
             raise KeyLoadError(f"PEM public key does not load ({exc}); paste the whole block") from None
-        if not isinstance(key, Ed25519PublicKey):
+        if not isinstance(key, c.Ed25519PublicKey):
             raise KeyLoadError(f"the PEM key is {type(key).__name__}, not Ed25519; "
                             "make keys with `gate-agent keygen`")
-        return key
+        return TrustedKey(_raw_public(key))
     try:
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise KeyLoadError(f"public key {text[:20]!r}... is not base64; give the 44-character "
                         "base64 that `gate-agent keygen` prints, or a PEM block") from None
-    if len(raw) != 32:
-        raise KeyLoadError(f"public key is {len(raw)} bytes, an Ed25519 key has 32; "
-                        "give the 44-character base64 that `gate-agent keygen` prints")
-    return Ed25519PublicKey.from_public_bytes(raw)
+    return TrustedKey(raw)
 
 
-def load_trusted_keys(keys: Mapping[str, Any]) -> dict[str, Ed25519PublicKey]:
-    """Parse a config's ``key_id -> public key``; one bad entry raises naming its key_id."""
+def _raw_public(key: Ed25519PublicKey) -> bytes:
+    ser = _crypto().serialization
+    return key.public_bytes(ser.Encoding.Raw, ser.PublicFormat.Raw)
+
+
+def load_trusted_keys(keys: Mapping[str, Any]) -> dict[str, TrustedKey]:
+    """Parse a config's ``key_id -> public key``; one bad entry raises naming its key_id.
+    The keys are checked (base64, 32 bytes, or a PEM Ed25519 block) but ``cryptography``
+    is not imported for base64 ones: TrustedKey builds its key on the first verify."""
     if not isinstance(keys, Mapping):
         raise KeyLoadError("trusted keys must be a table key_id -> public key")
-    out: dict[str, Ed25519PublicKey] = {}
+    out: dict[str, TrustedKey] = {}
     for key_id, value in keys.items():
         if not isinstance(key_id, str) or not 1 <= len(key_id) <= 64:
             raise KeyLoadError(f"trusted key id {key_id!r} must be a string of 1 to 64 characters")
         try:
-            out[key_id] = load_public_key(value)
+            out[key_id] = _trusted_key(value)
         except KeyLoadError as exc:
             raise KeyLoadError(f"trusted key {key_id!r}: {exc}") from None
     return out
@@ -163,12 +241,13 @@ def load_private_key(source: str | os.PathLike | bytes) -> Ed25519PrivateKey:
             raise KeyLoadError(f"cannot read the private key {path}: {exc.strerror}; "
                             "make one with `gate-agent keygen FILE`") from None
         where = str(path)
+    c = _crypto()
     try:
-        key = serialization.load_pem_private_key(data, password=None)
+        key = c.serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
         raise KeyLoadError(f"{where} is not an unencrypted PEM private key ({exc}); "
                         "make one with `gate-agent keygen FILE`") from None
-    if not isinstance(key, Ed25519PrivateKey):
+    if not isinstance(key, c.Ed25519PrivateKey):
         raise KeyLoadError(f"{where} holds a {type(key).__name__}, not an Ed25519 key; "
                         "make one with `gate-agent keygen FILE`")
     return key
@@ -212,6 +291,8 @@ def make_command(
     """The unsigned fields of a command (contract v1) issued at ``now`` (``issued_at``,
     which raises the gate's time floor) that expires ``ttl_s`` after it. ``now`` must
     be the sender's synchronised clock: a gate refuses a command from its future."""
+    import secrets  # the sending side's: the gate's start does not import it (hashlib, OpenSSL)
+
     expires = datetime.fromtimestamp(now, tz=UTC) + timedelta(seconds=ttl_s)
     return {
         "v": CONTRACT_VERSION,
@@ -285,11 +366,12 @@ def verify(msg: Mapping[str, Any], trusted_keys: Mapping[str, Any]) -> str:
     try:
         key = load_public_key(trusted_keys[key_id])
         data = canonical_json(dict(msg))
+        invalid = _crypto().InvalidSignature
     except (KeyLoadError, TypeError, ValueError) as exc:
         raise SignatureError("bad_signature", f"cannot check the signature: {exc}") from None
     try:
         key.verify(raw, data)
-    except InvalidSignature:
+    except invalid:
         raise SignatureError("bad_signature", f"the signature does not match the message for "
                              f"key {key_id!r}: forged or altered in transit") from None
     return key_id

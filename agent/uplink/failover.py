@@ -48,7 +48,6 @@ that journal from its beginning.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -486,7 +485,11 @@ class FailoverJournal:
 def fallback_path(journal_path: str | os.PathLike[str], runtime_dir: str | os.PathLike[str]) -> Path:
     """The fallback journal of the journal at journal_path (named after it, so
     two journals never share one)."""
-    tag = hashlib.sha1(str(Path(journal_path).absolute()).encode()).hexdigest()[:10]
+    try:  # CPython's own SHA-1, the same digest as hashlib's without mapping OpenSSL (~3 MB) at start
+        from _sha1 import sha1
+    except ImportError:
+        from hashlib import sha1
+    tag = sha1(str(Path(journal_path).absolute()).encode()).hexdigest()[:10]
     return Path(runtime_dir) / f"journal-fallback-{tag}.db"
 
 

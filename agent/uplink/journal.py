@@ -117,7 +117,6 @@ import json
 import logging
 import os
 import re
-import secrets
 import sqlite3
 import struct
 import threading
@@ -363,7 +362,8 @@ def _new_db(conn: sqlite3.Connection, journal_id: str) -> None:
 
 
 def _new_journal_id() -> str:
-    return secrets.token_hex(5)  # 10 hex digits; fits the contract's id pattern
+    # secrets.token_hex(5) without importing secrets (hmac, hashlib: OpenSSL mapped at start).
+    return os.urandom(5).hex()  # 10 hex digits; fits the contract's id pattern
 
 
 class _Salvage:
