@@ -40,7 +40,7 @@ from fastpath.codes import (
     NO_START,
     PERSON_GUEST,
 )
-from fastpath.columns import TableColumns
+from fastpath.columns import TableChange, TableColumns
 
 from . import aclstore
 from .aclstore import PeopleColumns, all_pairs, any_zip, mapped, slices
@@ -786,6 +786,7 @@ class AccessList:
 
     __slots__ = (
         "_blocked",
+        "_change",
         "_generated",
         "_groups",
         "_guests",
@@ -812,9 +813,13 @@ class AccessList:
         holidays: tuple,
         site: str | None = None,
         generated: str | None = None,
+        change: TableChange | None = None,
     ) -> None:
-        """Internal: use from_snapshot or from_image (they validate)."""
+        """Internal: use from_snapshot or from_image (they validate). `change`: how
+        this list's table differs from its base's (set by apply_delta; build_table
+        patches the base's table with it)."""
         for name, value in (
+            ("_change", change),
             ("_version", version),
             ("_site", site),
             ("_generated", generated),
@@ -1228,6 +1233,21 @@ class AccessList:
                         f"valid_from {vf!r} is not before valid_until {vu!r}",
                     )
         errors.raise_if_any()
+        placed: list[int] = []
+        people = base.merge(drop, new_people, epochs.start, epochs.end, placed=placed)
+        change = None
+        if tz_name == self._timezone:
+            # How the table changes: the dropped people and every guest out, the
+            # placed people and every guest in (guests come after the people).
+            old_n, new_n = self._people.n, people.n
+            gone = array("Q", sorted(gone_keys))
+            gone.extend(g.key for g in self._guests)
+            change = TableChange(
+                drop=array("q", sorted(drop)) + array("q", range(old_n, old_n + len(self._guests))),
+                add=array("q", sorted(placed)) + array("q", range(new_n, new_n + len(guests_list))),
+                gone_keys=gone,
+                old_blocked=array("Q", [key for _, key in self._blocked]),
+            )
         return AccessList(
             version=doc["version"],
             site=self._site,
@@ -1236,10 +1256,11 @@ class AccessList:
             key_width=self._key_width,
             schedules=schedules,
             groups=groups,
-            people=base.merge(drop, new_people, epochs.start, epochs.end),
+            people=people,
             guests=tuple(guests_list),
             blocked=blocked,
             holidays=holidays,
+            change=(self._version, change) if change is not None else None,
         )
 
     @staticmethod
@@ -1654,8 +1675,15 @@ def check_document(doc: Any, key_width: int = DEFAULT_KEY_WIDTH) -> list[AclErro
     return errors.items
 
 
-def build_table(acl: AccessList, fp: Any) -> Any:
-    """A fastpath Table of the list; `fp` is a twin module (fastpath or fastpath._pure)."""
+def build_table(acl: AccessList, fp: Any, base: Any = None) -> Any:
+    """A fastpath Table of the list; `fp` is a twin module (fastpath or fastpath._pure).
+
+    `base`: the table in use. When `acl` came from a delta on that table's list,
+    the new table is the base's patched for the changed persons (fastpath
+    TableChange), not built from every card; the base is left as it was."""
+    change = acl._change
+    if base is not None and change is not None and change[0] == base.version:
+        return fp.Table(acl.columns(), base=base, change=change[1])
     return fp.Table(acl.columns())
 
 

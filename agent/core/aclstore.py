@@ -386,9 +386,11 @@ class PeopleColumns:
 
     # -- changing
 
-    def merge(self, drop: Iterable[int], add: Iterable[tuple], start: Any, end: Any) -> PeopleColumns:
+    def merge(self, drop: Iterable[int], add: Iterable[tuple], start: Any, end: Any, *,
+              placed: list | None = None) -> PeopleColumns:
         """A new PeopleColumns: the people at positions `drop` removed, the people
         tuples `add` put in at their place in id order (an id in both replaces).
+        `placed` (a list) gets the new position of each added person.
 
         Two passes: the first plans runs of kept people and sizes every column,
         the second fills columns allocated once at their final size (memcpy per
@@ -496,6 +498,8 @@ class PeopleColumns:
                 per["vu"][np_] = tidx(vu)
                 per["p_from"][np_] = NO_START if vf is None else start(vf)
                 per["p_until"][np_] = NO_END if vu is None else end(vu)
+                if placed is not None:
+                    placed.append(np_)
                 np_ += 1
 
         # Sorted keys: the dropped people's keys out, the added people's in.
