@@ -658,3 +658,63 @@ def people_from_image(header: dict, cols: dict[str, memoryview]) -> PeopleColumn
 def shift_check(values: Any) -> bool:
     """True when `values` never decreases (offsets)."""
     return all_pairs(operator.le, values)
+
+
+# --------------------------------------------------------------------------- delta log
+
+# The deltas applied since the image was written, kept beside it (docs/access-list.md,
+# "How a gate holds the list"): one record per delta, appended and fsynced before the
+# delta is acknowledged. A record: magic, payload length, sequence number, CRC-32 of
+# the sequence number and the payload; the payload is the delta's JSON with when it
+# was applied.
+LOG_MAGIC = b"GDLT"
+_RECORD = struct.Struct("<4sIQI4x")
+MAX_RECORD = 64 << 20  # a delta bigger than this is sent as a snapshot anyway
+
+
+def encode_record(seq: int, payload: dict) -> bytes:
+    """One log record (bytes) holding `payload` (JSON) under sequence number `seq`."""
+    body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if len(body) > MAX_RECORD:
+        raise ValueError(f"a delta of {len(body)} bytes is too big for the log")
+    crc = binascii.crc32(body, binascii.crc32(seq.to_bytes(8, "little")))
+    return _RECORD.pack(LOG_MAGIC, len(body), seq, crc) + body
+
+
+def read_records(buf: Any) -> tuple[list[tuple[int, dict]], int, str | None, str | None]:
+    """(records, good_length, torn, damage) of a log's bytes.
+
+    ``records``: (seq, payload) of every whole record before any damage;
+    ``good_length``: the bytes they take. A last record cut short or failing
+    its checksum at the end of the file is a write a crash tore (never
+    acknowledged): ``torn`` says so and it is left out. A bad record followed
+    by more bytes is damage: ``damage`` says what, and the records before it
+    are all that can be trusted."""
+    mv = memoryview(buf).cast("B")
+    out: list[tuple[int, dict]] = []
+    pos, end = 0, len(mv)
+    while pos < end:
+        if end - pos < _RECORD.size:
+            return out, pos, f"{end - pos} bytes at {pos}: a record header cut short", None
+        magic, length, seq, crc = _RECORD.unpack_from(mv, pos)
+        if magic != LOG_MAGIC or length > MAX_RECORD:
+            return out, pos, None, f"no record at byte {pos} (wrong magic or length)"
+        stop = pos + _RECORD.size + length
+        if stop > end:
+            cut = f"the record at byte {pos} is cut short ({end - pos} of {stop - pos} bytes)"
+            return out, pos, cut, None
+        body = mv[pos + _RECORD.size:stop]
+        if binascii.crc32(body, binascii.crc32(seq.to_bytes(8, "little"))) != crc:
+            what = f"the record at byte {pos} (seq {seq}) fails its checksum"
+            if stop == end:
+                return out, pos, what, None
+            return out, pos, None, what
+        try:
+            payload = json.loads(bytes(body).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            return out, pos, None, f"the record at byte {pos} (seq {seq}) is not JSON"
+        if not isinstance(payload, dict):
+            return out, pos, None, f"the record at byte {pos} (seq {seq}) is not an object"
+        out.append((seq, payload))
+        pos = stop
+    return out, pos, None, None
