@@ -1416,32 +1416,39 @@ class AccessList:
                 **common,
             )
         gid = [g.id.encode("utf-8") for g in self._guests]
-        id_off = _array_of("Q", P.id_off)
-        end = id_off[-1]
-        id_off.extend(accumulate(map(len, gid), initial=end))
-        del id_off[n]  # the guests' first offset is the people's end, already there
-        card_off = _array_of("Q", P.card_off)
-        card_off.extend(range(P.m + 1, P.m + 1 + len(gid)))
-        keys = _array_of("Q", P.card_keys)
-        keys.extend(g.key for g in self._guests)
-        p_from = _array_of("q", P.p_from)
-        p_from.extend(epochs.start(g.start) for g in self._guests)
-        p_until = _array_of("q", P.p_until)
-        p_until.extend(epochs.end(g.until) for g in self._guests)
-        p_gs = _array_of("i", person_gs)
-        p_gs.extend(add_groupset(g.groups or ()) for g in self._guests)
+        # The people's columns with the guests' entries after them: each copied once, a
+        # MB at a time, into memory the kernel zeroed (aclstore.zeros).
+        id_off = _joined("Q", P.id_off, list(accumulate(map(len, gid), initial=P.id_off[n]))[1:])
+        card_off = _joined("Q", P.card_off, range(P.m + 1, P.m + 1 + len(gid)))
+        flags = aclstore.zeros("B", n + len(gid))
+        max_uses = aclstore.zeros("i", n + len(gid))
+        for j, g in enumerate(self._guests):
+            flags[n + j] = PERSON_GUEST
+            max_uses[n + j] = g.uses
         return TableColumns(
-            person_id_blob=_array_of("B", P.id_blob).tobytes() + b"".join(gid),
+            person_id_blob=_joined("B", aclstore.raw(P.id_blob), b"".join(gid)),
             person_id_off=id_off,
             person_card_off=card_off,
-            person_card_keys=keys,
-            person_from=p_from,
-            person_until=p_until,
-            person_groupset=p_gs,
-            person_flags=array("B", bytes(n) + bytes([PERSON_GUEST]) * len(gid)),
-            person_max_uses=array("i", bytes(4 * n)) + array("i", (g.uses for g in self._guests)),
+            person_card_keys=_joined("Q", P.card_keys, [g.key for g in self._guests]),
+            person_from=_joined("q", P.p_from, [epochs.start(g.start) for g in self._guests]),
+            person_until=_joined("q", P.p_until, [epochs.end(g.until) for g in self._guests]),
+            person_groupset=_joined("i", person_gs,
+                                    [add_groupset(g.groups or ()) for g in self._guests]),
+            person_flags=flags,
+            person_max_uses=max_uses,
             **common,
         )
+
+
+def _joined(typecode: str, head: Any, tail: Any) -> Any:
+    """A new column: `head` (an array or memoryview) then the values of `tail`."""
+    tail = list(tail)
+    n = len(head)
+    out = aclstore.zeros(typecode, n + len(tail))
+    aclstore.copy_into(out if isinstance(out, memoryview) else memoryview(out), 0, head, 0, n)
+    for j, v in enumerate(tail):
+        out[n + j] = v
+    return out
 
 
 def _array_of(typecode: str, values: Any) -> array:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import binascii
 import json
+import mmap
 import operator
 import struct
 from array import array
@@ -178,6 +179,42 @@ def _shifted(seg: Any, d: int) -> array:
     lanes = int.from_bytes(abs(d).to_bytes(8, "little") * n, "little")
     big = big + lanes if d > 0 else big - lanes
     return array("Q", big.to_bytes(8 * n, "little"))
+
+
+_STEP_BYTES = 1 << 20  # a copy runs a MB at a time: the gate thread may take the lock between
+
+
+def zeros(typecode: str, n: int) -> Any:
+    """A writable column of n zeros: an array (bytes: a bytearray) when small; else a
+    memoryview of an anonymous mapping, its pages zeroed by the kernel in the one
+    mmap call (which runs without the interpreter lock) and handed back at once
+    when the column is freed. Memory, not I/O: the core stays pure."""
+    size = array(typecode).itemsize * n
+    if size < _STEP_BYTES:
+        return bytearray(size) if typecode == "B" else array(typecode, bytes(size))
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+    return memoryview(mmap.mmap(-1, size, flags=flags)).cast(typecode)
+
+
+def copy_into(dst: memoryview, d0: int, src: Any, s0: int, n: int) -> None:
+    """dst[d0:d0 + n] = src[s0:s0 + n] (same item size), a MB at a time."""
+    if n <= 0:
+        return
+    src = src if isinstance(src, memoryview) else memoryview(src)
+    step = max(1, _STEP_BYTES // dst.itemsize)
+    for c in range(0, n, step):
+        e = min(n, c + step)
+        dst[d0 + c:d0 + e] = src[s0 + c:s0 + e]
+
+
+def shift_into(dst: memoryview, d0: int, src: Any, s0: int, n: int, d: int) -> None:
+    """dst[d0:d0 + n] = offsets src[s0:s0 + n] plus d, a piece at a time."""
+    if d == 0:
+        copy_into(dst, d0, src, s0, n)
+        return
+    for c in range(0, n, CHUNK):
+        e = min(n, c + CHUNK)
+        dst[d0 + c:d0 + e] = _shifted(src[s0 + c:s0 + e], d)
 
 
 class PeopleColumns:
@@ -451,19 +488,21 @@ class PeopleColumns:
                 id_len += len(step[1])
                 text_len += sum(map(len, step[2]))
 
-        id_blob = bytearray(id_len)
-        text_blob = bytearray(text_len)
-        id_off = array("Q", bytes(8 * (n_out + 1)))
-        card_off = array("Q", bytes(8 * (n_out + 1)))
-        text_off = array("Q", bytes(8 * (m_out + 1)))
-        card_keys = array("Q", bytes(8 * m_out))
-        per = {name: array(tc, bytes(array(tc).itemsize * n_out))
+        id_blob = zeros("B", id_len)
+        text_blob = zeros("B", text_len)
+        id_off = zeros("Q", n_out + 1)
+        card_off = zeros("Q", n_out + 1)
+        text_off = zeros("Q", m_out + 1)
+        card_keys = zeros("Q", m_out)
+        per = {name: zeros(tc, n_out)
                for name, tc in _COLUMNS if name in ("groups", "vf", "vu", "p_from", "p_until")}
         mv = {name: memoryview(col) for name, col in per.items()}
         mv_io, mv_co, mv_to = memoryview(id_off), memoryview(card_off), memoryview(text_off)
         mv_keys = memoryview(card_keys)
         src = {name: memoryview(getattr(self, name)) for name in per}
         src_keys = memoryview(self.card_keys)
+        src_ids, src_texts = raw(self.id_blob), raw(self.text_blob)
+        mv_ids, mv_texts = raw(id_blob), raw(text_blob)
         np_ = nc = ni = nt = 0  # filled so far: people, cards, id bytes, text bytes
         for step in plan:
             if step[0] == "run":
@@ -471,14 +510,14 @@ class PeopleColumns:
                 ca, cb = co[a], co[b]
                 ia, ib, ta, tb = io[a], io[b], to[ca], to[cb]
                 k, kc = b - a, cb - ca
-                id_blob[ni:ni + ib - ia] = raw(self.id_blob[ia:ib])
-                text_blob[nt:nt + tb - ta] = raw(self.text_blob[ta:tb])
-                mv_io[np_ + 1:np_ + k + 1] = _shifted(io[a + 1:b + 1], ni - ia)
-                mv_co[np_ + 1:np_ + k + 1] = _shifted(co[a + 1:b + 1], nc - ca)
-                mv_to[nc + 1:nc + kc + 1] = _shifted(to[ca + 1:cb + 1], nt - ta)
-                mv_keys[nc:nc + kc] = src_keys[ca:cb]
+                copy_into(mv_ids, ni, src_ids, ia, ib - ia)
+                copy_into(mv_texts, nt, src_texts, ta, tb - ta)
+                shift_into(mv_io, np_ + 1, io, a + 1, k, ni - ia)
+                shift_into(mv_co, np_ + 1, co, a + 1, k, nc - ca)
+                shift_into(mv_to, nc + 1, to, ca + 1, kc, nt - ta)
+                copy_into(mv_keys, nc, src_keys, ca, kc)
                 for name, out in mv.items():
-                    out[np_:np_ + k] = src[name][a:b]
+                    copy_into(out, np_, src[name], a, k)
                 np_, nc, ni, nt = np_ + k, nc + kc, ni + ib - ia, nt + tb - ta
             else:
                 _, rid, rcards, (_, _, keys, groups, vf, vu) = step
@@ -509,12 +548,12 @@ class PeopleColumns:
         kev = [(bisect_left(sk, key), 1, key) for key in gone]
         kev += [(bisect_left(sk, key), 0, key) for key in new_keys]
         kev.sort()
-        sorted_keys = array("Q", bytes(8 * (len(sk) - len(gone) + len(new_keys))))
+        sorted_keys = zeros("Q", len(sk) - len(gone) + len(new_keys))
         out_sk, src_sk = memoryview(sorted_keys), memoryview(sk)
         cur = filled = 0
         for pos, what, key in kev:
             if pos > cur:
-                out_sk[filled:filled + pos - cur] = src_sk[cur:pos]
+                copy_into(out_sk, filled, src_sk, cur, pos - cur)
                 filled += pos - cur
                 cur = pos
             if what == 0:
@@ -523,14 +562,14 @@ class PeopleColumns:
             else:
                 cur = pos + 1
         if cur < len(sk):
-            out_sk[filled:] = src_sk[cur:]
+            copy_into(out_sk, filled, src_sk, cur, len(sk) - cur)
 
         return PeopleColumns(
-            id_blob=bytes(id_blob),
+            id_blob=id_blob,
             id_off=id_off,
             card_off=card_off,
             card_keys=card_keys,
-            text_blob=bytes(text_blob),
+            text_blob=text_blob,
             text_off=text_off,
             sorted_keys=sorted_keys,
             group_lists=group_lists,
