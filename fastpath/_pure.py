@@ -77,7 +77,7 @@ def _column(values: Any, typecode: str, name: str, copy: bool) -> Any:
     try:
         if isinstance(values, memoryview) and values.format == typecode:
             out = array(typecode)
-            out.frombytes(values)  # one copy, not one int object per entry
+            out.frombytes(values.cast("B") if values.format != "B" else values)  # one copy
             return out
         return array(typecode, values)
     except (TypeError, OverflowError, ValueError) as exc:

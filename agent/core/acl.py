@@ -1234,7 +1234,8 @@ class AccessList:
                     )
         errors.raise_if_any()
         placed: list[int] = []
-        people = base.merge(drop, new_people, epochs.start, epochs.end, placed=placed)
+        spare = (len(guests_list), sum(len(g.id.encode("utf-8")) for g in guests_list))
+        people = base.merge(drop, new_people, epochs.start, epochs.end, placed=placed, spare=spare)
         change = None
         if tz_name == self._timezone:
             # How the table changes: the dropped people and every guest out, the
@@ -1418,22 +1419,28 @@ class AccessList:
         gid = [g.id.encode("utf-8") for g in self._guests]
         # The people's columns with the guests' entries after them: each copied once, a
         # MB at a time, into memory the kernel zeroed (aclstore.zeros).
-        id_off = _joined("Q", P.id_off, list(accumulate(map(len, gid), initial=P.id_off[n]))[1:])
-        card_off = _joined("Q", P.card_off, range(P.m + 1, P.m + 1 + len(gid)))
+        # A list made by a delta has room for them after its own columns (merge's
+        # `spare`): written there, nothing copied.
+        def joined(name: str, tc: str, head: Any, tail: Any) -> Any:
+            tail = list(tail)
+            out = P.grown(name, head, tail)
+            return out if out is not None else _joined(tc, head, tail)
+
         flags = aclstore.zeros("B", n + len(gid))
         max_uses = aclstore.zeros("i", n + len(gid))
         for j, g in enumerate(self._guests):
             flags[n + j] = PERSON_GUEST
             max_uses[n + j] = g.uses
         return TableColumns(
-            person_id_blob=_joined("B", aclstore.raw(P.id_blob), b"".join(gid)),
-            person_id_off=id_off,
-            person_card_off=card_off,
-            person_card_keys=_joined("Q", P.card_keys, [g.key for g in self._guests]),
-            person_from=_joined("q", P.p_from, [epochs.start(g.start) for g in self._guests]),
-            person_until=_joined("q", P.p_until, [epochs.end(g.until) for g in self._guests]),
-            person_groupset=_joined("i", person_gs,
-                                    [add_groupset(g.groups or ()) for g in self._guests]),
+            person_id_blob=joined("id_blob", "B", P.id_blob, b"".join(gid)),
+            person_id_off=joined("id_off", "Q", P.id_off,
+                                 list(accumulate(map(len, gid), initial=P.id_off[n]))[1:]),
+            person_card_off=joined("card_off", "Q", P.card_off, range(P.m + 1, P.m + 1 + len(gid))),
+            person_card_keys=joined("card_keys", "Q", P.card_keys, [g.key for g in self._guests]),
+            person_from=joined("p_from", "q", P.p_from, [epochs.start(g.start) for g in self._guests]),
+            person_until=joined("p_until", "q", P.p_until, [epochs.end(g.until) for g in self._guests]),
+            person_groupset=joined("groups", "i", person_gs,
+                                   [add_groupset(g.groups or ()) for g in self._guests]),
             person_flags=flags,
             person_max_uses=max_uses,
             **common,
@@ -1445,7 +1452,8 @@ def _joined(typecode: str, head: Any, tail: Any) -> Any:
     tail = list(tail)
     n = len(head)
     out = aclstore.zeros(typecode, n + len(tail))
-    aclstore.copy_into(out if isinstance(out, memoryview) else memoryview(out), 0, head, 0, n)
+    aclstore.copy_into(out if isinstance(out, memoryview) else memoryview(out), 0,
+                       aclstore.raw(head) if typecode == "B" else head, 0, n)
     for j, v in enumerate(tail):
         out[n + j] = v
     return out

@@ -182,18 +182,25 @@ def _shifted(seg: Any, d: int) -> array:
 
 
 _STEP_BYTES = 1 << 20  # a copy runs a MB at a time: the gate thread may take the lock between
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14
 
 
 def zeros(typecode: str, n: int) -> Any:
     """A writable column of n zeros: an array (bytes: a bytearray) when small; else a
-    memoryview of an anonymous mapping, its pages zeroed by the kernel in the one
-    mmap call (which runs without the interpreter lock) and handed back at once
-    when the column is freed. Memory, not I/O: the core stays pure."""
+    memoryview of an anonymous mapping, its pages zeroed and faulted in by the
+    kernel a MB per call (the interpreter lock passes between two; a single
+    MAP_POPULATE of 8 MB holds it for milliseconds) and handed back at once when
+    the column is freed. Memory, not I/O: the core stays pure."""
     size = array(typecode).itemsize * n
     if size < _STEP_BYTES:
         return bytearray(size) if typecode == "B" else array(typecode, bytes(size))
-    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
-    return memoryview(mmap.mmap(-1, size, flags=flags)).cast(typecode)
+    m = mmap.mmap(-1, size)
+    for c in range(0, size, _STEP_BYTES):  # each MB faulted in by one call, not page by page
+        try:
+            m.madvise(_MADV_POPULATE_WRITE, c, min(_STEP_BYTES, size - c))
+        except (OSError, ValueError):
+            break  # a kernel before 5.14: pages come in as they are first written
+    return memoryview(m).cast(typecode)
 
 
 def copy_into(dst: memoryview, d0: int, src: Any, s0: int, n: int) -> None:
@@ -232,6 +239,7 @@ class PeopleColumns:
         "id_off",
         "p_from",
         "p_until",
+        "room",
         "sorted_keys",
         "text_blob",
         "text_off",
@@ -243,6 +251,9 @@ class PeopleColumns:
     def __init__(self, **cols: Any) -> None:
         for name, typecode in _COLUMNS:
             setattr(self, name, cols.get(name, _empty(typecode)))
+        # Column name -> the whole buffer a column is the start of, when merge left
+        # room after it (for the guests: AccessList.columns writes them there).
+        self.room: dict[str, Any] = cols.get("room") or {}
         self.group_lists: list[tuple[str, ...]] = list(cols.get("group_lists", ()))
         self.texts: list[str] = list(cols.get("texts", ()))
         if not len(self.id_off):
@@ -317,7 +328,19 @@ class PeopleColumns:
         new = PeopleColumns.__new__(PeopleColumns)
         for name in self.__slots__:
             setattr(new, name, getattr(self, name))
+        new.room = {}  # retimed columns are new ones
         return new
+
+    def grown(self, name: str, head: Any, tail: list) -> Any | None:
+        """Column `name` (whose values are `head`, this object's own column) with the
+        values `tail` after it, written in the room merge left; None when no room."""
+        whole = self.room.get(name)
+        n = len(head)
+        if whole is None or head is not getattr(self, name) or len(whole) < n + len(tail):
+            return None
+        for j, v in enumerate(tail):
+            whole[n + j] = v
+        return whole[:n + len(tail)]
 
     # -- reading
 
@@ -424,10 +447,11 @@ class PeopleColumns:
     # -- changing
 
     def merge(self, drop: Iterable[int], add: Iterable[tuple], start: Any, end: Any, *,
-              placed: list | None = None) -> PeopleColumns:
+              placed: list | None = None, spare: tuple[int, int] = (0, 0)) -> PeopleColumns:
         """A new PeopleColumns: the people at positions `drop` removed, the people
         tuples `add` put in at their place in id order (an id in both replaces).
-        `placed` (a list) gets the new position of each added person.
+        `placed` (a list) gets the new position of each added person; `spare`:
+        (entries, id bytes) of room left after the columns a table needs (``room``).
 
         Two passes: the first plans runs of kept people and sizes every column,
         the second fills columns allocated once at their final size (memcpy per
@@ -488,13 +512,23 @@ class PeopleColumns:
                 id_len += len(step[1])
                 text_len += sum(map(len, step[2]))
 
-        id_blob = zeros("B", id_len)
+        room: dict[str, Any] = {}
+        extra, extra_bytes = spare
+
+        def roomy(name: str, tc: str, n: int, more: int) -> Any:
+            if not more:
+                return zeros(tc, n)
+            whole = zeros(tc, n + more)
+            room[name] = whole if isinstance(whole, memoryview) else memoryview(whole)
+            return room[name][:n]
+
+        id_blob = roomy("id_blob", "B", id_len, extra_bytes)
         text_blob = zeros("B", text_len)
-        id_off = zeros("Q", n_out + 1)
-        card_off = zeros("Q", n_out + 1)
+        id_off = roomy("id_off", "Q", n_out + 1, extra)
+        card_off = roomy("card_off", "Q", n_out + 1, extra)
         text_off = zeros("Q", m_out + 1)
-        card_keys = zeros("Q", m_out)
-        per = {name: zeros(tc, n_out)
+        card_keys = roomy("card_keys", "Q", m_out, extra)
+        per = {name: roomy(name, tc, n_out, extra if name in ("groups", "p_from", "p_until") else 0)
                for name, tc in _COLUMNS if name in ("groups", "vf", "vu", "p_from", "p_until")}
         mv = {name: memoryview(col) for name, col in per.items()}
         mv_io, mv_co, mv_to = memoryview(id_off), memoryview(card_off), memoryview(text_off)
@@ -574,6 +608,7 @@ class PeopleColumns:
             sorted_keys=sorted_keys,
             group_lists=group_lists,
             texts=texts,
+            room=room,
             **per,
         )
 
