@@ -570,8 +570,8 @@ class AclSync:
                 data = f.read()
         except FileNotFoundError:
             return acl, applied_at
-        records, good, torn, damage = read_records(data)
-        applied = 0
+        records, good, torn, damaged = read_records(data)
+        applied, damage = 0, None
         for seq, rec in records:
             if seq <= self._bin_seq:
                 continue  # folded into acl.bin already
@@ -591,6 +591,7 @@ class AclSync:
             applied += 1
             self._log_records += 1
         del data
+        damage = damage or damaged
         if damage:
             moved = _move_aside_or_keep(self.log_path, self._wall())
             detail = (f"the access-list delta log {self.log_path} is damaged ({damage}); moved to "
