@@ -1519,7 +1519,9 @@ def _checked_image_people(
     short = any_zip(operator.ge, id_off[:n], id_off[1:])  # an empty id
     long_ = any_zip(operator.gt, id_off[1:], mapped("q", (64).__add__, id_off[:n]))
     ids_blob = bytes(people.id_blob)
-    bad_chars = ids_blob.translate(None, _ID_REST)
+    step = 1 << 20  # a MB per C call: the gate thread may take the lock in between
+    bad_chars = b"".join(ids_blob[c:c + step].translate(None, _ID_REST)
+                         for c in range(0, len(ids_blob), step))
     firsts = bytes(mapped("B", ids_blob.__getitem__, id_off[:n])) if ids_blob else b""
     if short or long_ or bad_chars or firsts.translate(None, _ID_BYTES):
         for i in range(n):
@@ -1570,7 +1572,7 @@ def _checked_image_people(
     # Cards: each string read again; its key must be the one sent. In bulk: one
     # regular-expression pass over all strings, one loop of builtins for the keys;
     # card by card (for the messages) only when that finds something wrong.
-    texts = bytes(people.text_blob).decode("utf-8", "replace")
+    texts = _text_of(people.text_blob)
     to, co, keys = people.text_off, people.card_off, people.card_keys
     strs = slices(texts, to, m)
     bulk = _bulk_card_keys(strs, key_width) if m else []
@@ -1589,6 +1591,7 @@ def _checked_image_people(
                 if len(errors.items) >= MAX_ERRORS:
                     break
     aclstore.release(strs)
+    aclstore.release(bulk or [])
     sk = aclstore.sorted_array(keys)
     if m and not all_pairs(operator.ne, sk):
         seen: dict[int, int] = {}
@@ -1634,6 +1637,17 @@ def _cards_pattern() -> Any:
     """Any number of card strings, each followed by a newline (the schema's pattern)."""
     one = schema()["$defs"]["card"]["pattern"].lstrip("^").rstrip("$")
     return re.compile(f"(?:{one}\n)*")
+
+
+def _text_of(blob: Any) -> str:
+    """The card strings' blob as text, decoded a MB at a time when it is ASCII (as
+    the schema's card strings are): no single 10 MB pass holding the lock."""
+    mv = aclstore.raw(blob)
+    step = 1 << 20
+    parts = [bytes(mv[c:c + step]) for c in range(0, len(mv), step)]
+    if all(p.isascii() for p in parts):
+        return "".join([p.decode("ascii") for p in parts])
+    return b"".join(parts).decode("utf-8", "replace")
 
 
 def _bulk_card_keys(strs: list[str], key_width: int) -> list[int] | None:

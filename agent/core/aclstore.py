@@ -78,9 +78,10 @@ def raw(values: Any) -> memoryview:
 
 
 # Work over a million entries runs in chunks of this many: each C-level pass over
-# a chunk takes a millisecond or two, so the interpreter lock can pass to the gate
-# thread between chunks (a list is built beside a gate that keeps deciding).
-CHUNK = 1 << 14
+# a chunk (a sort is the longest) takes about a millisecond, so the interpreter lock
+# can pass to the gate thread between chunks (a list is built beside a gate that
+# keeps deciding).
+CHUNK = 1 << 13
 
 
 def all_pairs(op: Any, seq: Any) -> bool:

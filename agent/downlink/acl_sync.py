@@ -37,6 +37,7 @@ envelope whose list names a zlib-compressed image by its SHA-256.
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -648,12 +649,18 @@ class AclSync:
         While a list is checked and built, the interpreter is asked to hand its lock
         over every millisecond (not every 5): the gate thread, deciding cards
         meanwhile, then waits for it at most about that long between two chunks of
-        the work."""
+        the work. The cyclic garbage collector waits until it is done."""
         before = sys.getswitchinterval()
         sys.setswitchinterval(min(before, SWITCH_INTERVAL_S))
+        # No cyclic garbage collection meanwhile: a collection walks every container
+        # the check made (lists of a million entries) in one go, holding the lock.
+        collecting = gc.isenabled()
+        gc.disable()
         try:
             return self._handle(payload)
         finally:
+            if collecting:
+                gc.enable()
             sys.setswitchinterval(before)
 
     def _handle(self, payload: bytes) -> bool:
