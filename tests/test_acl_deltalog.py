@@ -47,8 +47,14 @@ def test_a_delta_goes_to_the_log_and_the_stored_list_is_not_rewritten(live, tmp_
     g.push(signed(DELTA))
     assert (tmp_path / "state" / ACL_FILE).read_bytes() == stored
     assert (tmp_path / "state" / DELTA_LOG).stat().st_size > 0
+    # What the doctor reads: the stored list and the log after it.
+    assert stored_summary(tmp_path / "state")[1]["version"] == DELTA["version"]
     g.stop()
+    # A fold cut short by a stop or a crash leaves a temporary file: gone at start.
+    leftover = tmp_path / "state" / f".{ACL_FILE}.tmp-1-2"
+    leftover.write_bytes(b"half a list")
     again = live(from_disk=True)
+    assert not leftover.exists()
     assert again.dl.status()["acl_version"] == DELTA["version"]
     assert again.card(NEWCOMER)["type"] == "access.granted"
     assert again.card(PUPIL)["reason"] == "blocked"

@@ -446,8 +446,18 @@ def stored_summary(state_dir: Path) -> tuple[Path, dict]:
         header, cols = aclstore.decode(raw)
         stored = header.get("stored") if isinstance(header.get("stored"), dict) else {}
         off = cols.get("id_off")
-        return path, {"version": header.get("version"), "applied_at": stored.get("applied_at"),
-                      "people": max(0, len(off) - 1) if off is not None else 0}
+        out = {"version": header.get("version"), "applied_at": stored.get("applied_at"),
+               "people": max(0, len(off) - 1) if off is not None else 0}
+        # The deltas of the log after it (read as the start does, without applying them).
+        try:
+            records = read_records((state_dir / DELTA_LOG).read_bytes())[0]
+        except OSError:
+            records = []
+        for seq, rec in records:
+            delta = rec.get("delta")
+            if seq > _stored_seq(stored) and isinstance(delta, dict):
+                out["version"], out["applied_at"] = delta.get("version"), rec.get("applied_at")
+        return path, out
     data = json.loads(raw)
     lst = data.get("list") if isinstance(data, dict) else None
     return path, {
@@ -527,6 +537,12 @@ class AclSync:
         path = self.path
         if not path.exists() and (self.state_dir / LEGACY_ACL_FILE).exists():
             path = self.state_dir / LEGACY_ACL_FILE
+        for tmp in self.state_dir.glob(f".{ACL_FILE}.tmp-*"):
+            # A write a crash (or a stop during a fold) cut short: never renamed in.
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
         mm = None
         try:
             acl, applied_at, mm, seq = read_stored_seq(path)
