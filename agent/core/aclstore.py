@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import binascii
 import json
-import mmap
 import operator
 import struct
 from array import array
@@ -183,25 +182,31 @@ def _shifted(seg: Any, d: int) -> array:
 
 
 _STEP_BYTES = 1 << 20  # a copy runs a MB at a time: the gate thread may take the lock between
-_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14
+
+
+def _heap_buffer(size: int) -> Any:
+    return bytearray(size)
+
+
+_big_buffer: Any = _heap_buffer
+
+
+def use_buffers(make: Any) -> None:
+    """Where columns of a MB and more live: ``make(size)`` returns a writable,
+    zeroed buffer. The downlink gives anonymous mappings whose pages the kernel
+    zeroes a MB per call (agent/downlink/acl_sync.py); the core itself maps
+    nothing (no I/O here), a bytearray by default."""
+    global _big_buffer
+    _big_buffer = make
 
 
 def zeros(typecode: str, n: int) -> Any:
     """A writable column of n zeros: an array (bytes: a bytearray) when small; else a
-    memoryview of an anonymous mapping, its pages zeroed and faulted in by the
-    kernel a MB per call (the interpreter lock passes between two; a single
-    MAP_POPULATE of 8 MB holds it for milliseconds) and handed back at once when
-    the column is freed. Memory, not I/O: the core stays pure."""
+    memoryview of a buffer from ``use_buffers``."""
     size = array(typecode).itemsize * n
     if size < _STEP_BYTES:
         return bytearray(size) if typecode == "B" else array(typecode, bytes(size))
-    m = mmap.mmap(-1, size)
-    for c in range(0, size, _STEP_BYTES):  # each MB faulted in by one call, not page by page
-        try:
-            m.madvise(_MADV_POPULATE_WRITE, c, min(_STEP_BYTES, size - c))
-        except (OSError, ValueError):
-            break  # a kernel before 5.14: pages come in as they are first written
-    return memoryview(m).cast(typecode)
+    return memoryview(_big_buffer(size)).cast(typecode)
 
 
 def copy_into(dst: memoryview, d0: int, src: Any, s0: int, n: int) -> None:

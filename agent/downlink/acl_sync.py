@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.contract import CONTRACT_VERSION
+from agent.core import aclstore
 from agent.core.acl import AccessList, AclError, AclRejected, build_table, parse_acl_json
 from agent.core.aclstore import IMAGE_MAGIC, ImageError, encode_record, read_records
 from agent.core.events import Report, SwapTable
@@ -428,6 +429,25 @@ def _trim_heap() -> None:
 
 
 _malloc_trim: Any = None
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14
+_MB = 1 << 20
+
+
+def anonymous_pages(size: int) -> mmap.mmap:
+    """A zeroed, writable buffer for a big column (aclstore.use_buffers): an
+    anonymous mapping, its pages faulted in a MB per madvise call (the
+    interpreter lock passes between two; one MAP_POPULATE of 8 MB held it for
+    milliseconds), handed back to the kernel as soon as the column is freed."""
+    m = mmap.mmap(-1, size)
+    for c in range(0, size, _MB):
+        try:
+            m.madvise(_MADV_POPULATE_WRITE, c, min(_MB, size - c))
+        except (OSError, ValueError, AttributeError):
+            break  # an older kernel: pages come in as they are first written
+    return m
+
+
+aclstore.use_buffers(anonymous_pages)
 
 
 def stored_summary(state_dir: Path) -> tuple[Path, dict]:
