@@ -333,7 +333,12 @@ cdef class Table:
         base += _aligned(sizes[6])
         self.holidays = <int*>base
 
-    def __init__(self, columns):
+    def __init__(self, columns, base=None, change=None):
+        """The table of `columns`. With `base` (the table of the list these columns
+        were changed from) and `change` (a fastpath.TableChange saying how), the card
+        slots are the base's, copied without the GIL and patched for the changed
+        persons only, instead of filled from every card; the base is only read.
+        Falls back to a whole build when the base's slots have no room left."""
         if self.built:
             raise TypeError("a fastpath Table is immutable; build a new one")
         # Typed arrays and lengths, checked by the same code as the pure twin (no copies:
@@ -415,8 +420,18 @@ cdef class Table:
         self.n_persons = np
         self.n_gs = ng
         self.n_holidays = nh
-        # At most 3/4 full, and always one free slot so every probe ends.
-        self.n_slots = <unsigned long long>(n + n // 3 + 1)
+        # At most 3/4 full, and always one free slot so every probe ends; a little more
+        # (1/32) so that deltas adding cards can patch this table's slots (see below).
+        self.n_slots = <unsigned long long>(n + n // 3 + n // 32 + 1)
+        cdef Table old = None
+        if base is not None and change is not None and by_person:
+            if not isinstance(base, Table):
+                raise TypeError(f"Table base must be a compiled fastpath Table, not {type(base).__name__}")
+            old = <Table>base
+            if not old.built or n + n // 3 + 1 > <Py_ssize_t>old.n_slots:
+                old = None  # no room left at 3/4: a whole build sizes the slots anew
+            else:
+                self.n_slots = old.n_slots
         id_total = self._ids_total(ids) if ids is not None else id_off[np]
         if id_total > 0xFFFFFFFF:
             raise ValueError(
@@ -430,7 +445,9 @@ cdef class Table:
                 self.validity[i].valid_from = p_from[i]
                 self.validity[i].valid_until = p_until[i]
                 self.guest_uses[i] = p_max_uses[i] if p_flags[i] & C_PERSON_GUEST else -1
-            if by_person:
+            if old is not None:
+                bad = -2  # filled below, with the change's columns
+            elif by_person:
                 bad = self._fill_by_person(&card_off[0], &pkeys[0] if m else NULL,
                                            &blocked[0] if nb else NULL, nb,
                                            &p_gs[0] if np else NULL)
@@ -439,6 +456,9 @@ cdef class Table:
                                  &p_gs[0] if np else NULL)
             if nh:
                 memcpy(self.holidays, &holidays[0], nh * sizeof(int))
+        if bad == -2:
+            bad = self._patch_from(old, change, &card_off[0], &pkeys[0] if m else NULL,
+                                   &blocked[0] if nb else NULL, nb, &p_gs[0] if np else NULL)
         if bad >= 0:
             raise ValueError(
                 f"TableColumns.person_card_keys[{bad}] ({pkeys[bad]}) is held twice; "
@@ -453,6 +473,125 @@ cdef class Table:
         with nogil:
             self.n_sorted = self._sorted_prefix()
         self.built = True
+
+    cdef Py_ssize_t _patch_from(self, Table old, change, const unsigned long long* card_off,
+                                const unsigned long long* pkeys,
+                                const unsigned long long* blocked, Py_ssize_t nb,
+                                const int* p_gs) except -3:
+        """The base's slots copied and changed as `change` says (fastpath.TableChange);
+        the index of a card key held twice, or -1. Every step runs without the GIL."""
+        cdef const long long[::1] drop = change.drop
+        cdef const long long[::1] add = change.add
+        cdef const unsigned long long[::1] gone = change.gone_keys
+        cdef const unsigned long long[::1] old_blocked = change.old_blocked
+        cdef Py_ssize_t nd = drop.shape[0], na = add.shape[0], ngone = gone.shape[0]
+        cdef Py_ssize_t nob = old_blocked.shape[0], i, j, a, d, q, bad = -1
+        cdef Py_ssize_t old_np = old.n_persons, np = self.n_persons
+        cdef long long n_cards = old.n_cards
+        cdef int* remap = NULL
+        cdef bint identity = True
+        cdef int old_gs = <int>old.n_gs, new_gs = <int>self.n_gs
+        cdef unsigned int info
+        cdef Card* card
+        if old_np - nd != np - na:
+            raise ValueError(f"TableChange: the base has {old_np} persons and drops {nd}, the new "
+                             f"columns have {np} and add {na}; they do not match")
+        for i in range(nd):
+            if drop[i] < 0 or drop[i] >= old_np or (i and drop[i] <= drop[i - 1]):
+                raise ValueError("TableChange.drop must be ascending base person indices")
+        for i in range(na):
+            if add[i] < 0 or add[i] >= np or (i and add[i] <= add[i - 1]):
+                raise ValueError("TableChange.add must be ascending new person indices")
+        remap = <int*>malloc((old_np if old_np else 1) * sizeof(int))
+        if remap == NULL:
+            raise MemoryError("fastpath.Table: no memory for the person map of a patch")
+        try:
+            with nogil:
+                memcpy(self.slots, old.slots, self.n_slots * sizeof(Card))
+                # Old blocked flags off (a blocked key of nobody goes), the dropped
+                # persons' cards out.
+                for i in range(nob):
+                    card = self._find(old_blocked[i])
+                    if card != NULL:
+                        if card.info & SLOT_PERSON:
+                            card.info &= ~SLOT_BLOCKED
+                        else:
+                            self._delete(card - self.slots)
+                            n_cards -= 1
+                for i in range(ngone):
+                    card = self._find(gone[i])
+                    if card != NULL:
+                        self._delete(card - self.slots)
+                        n_cards -= 1
+                # Base person index -> new index: kept persons keep their order.
+                j = 0
+                a = 0
+                d = 0
+                for i in range(old_np):
+                    if d < nd and drop[d] == i:
+                        remap[i] = -1
+                        d += 1
+                        continue
+                    while a < na and add[a] == j:
+                        a += 1
+                        j += 1
+                    remap[i] = <int>j
+                    if j != i:
+                        identity = False
+                    j += 1
+                if not identity or old_gs != new_gs:
+                    for q in range(<Py_ssize_t>self.n_slots):
+                        card = self.slots + q
+                        info = card.info
+                        if not (info & SLOT_USED):
+                            continue
+                        if card.groupset == old_gs:
+                            card.groupset = new_gs  # "no group" is the set after the last
+                        if info & SLOT_PERSON and not identity:
+                            i = <Py_ssize_t>(info & SLOT_PERSON) - 1
+                            card.info = (info & ~SLOT_PERSON) | <unsigned int>(remap[i] + 1)
+                for a in range(na):
+                    i = add[a]
+                    for j in range(<Py_ssize_t>card_off[i], <Py_ssize_t>card_off[i + 1]):
+                        if self._find(pkeys[j]) != NULL:
+                            bad = j
+                            break
+                        self._put(pkeys[j], <int>i, 0, p_gs)
+                        n_cards += 1
+                    if bad >= 0:
+                        break
+                if bad < 0:
+                    for j in range(nb):
+                        card = self._find(blocked[j])
+                        if card != NULL:
+                            card.info |= SLOT_BLOCKED
+                        else:
+                            self._put(blocked[j], -1, SLOT_BLOCKED, p_gs)
+                            n_cards += 1
+        finally:
+            free(remap)
+        self.n_cards = <Py_ssize_t>n_cards
+        return bad
+
+    cdef void _delete(self, Py_ssize_t at) noexcept nogil:
+        """Empty slot `at`; the cards probing past it move back (linear probing's
+        deletion: no tombstones, every probe still ends at an empty slot)."""
+        cdef unsigned long long i = <unsigned long long>at, j = i, h
+        while True:
+            j += 1
+            if j == self.n_slots:
+                j = 0
+            if not (self.slots[j].info & SLOT_USED):
+                break
+            h = self._slot_of(self.slots[j].key)
+            # The card at j stays when its home lies cyclically in (i, j].
+            if (i < j and i < h and h <= j) or (i > j and (h > i or h <= j)):
+                continue
+            self.slots[i] = self.slots[j]
+            i = j
+        self.slots[i].key = 0
+        self.slots[i].info = 0
+        self.slots[i].groupset = 0
 
     cdef void _put(self, unsigned long long k, int p, unsigned int flags,
                    const int* p_gs) noexcept nogil:

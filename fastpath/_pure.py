@@ -77,7 +77,7 @@ def _column(values: Any, typecode: str, name: str, copy: bool) -> Any:
     try:
         if isinstance(values, memoryview) and values.format == typecode:
             out = array(typecode)
-            out.frombytes(values)  # one copy, not one int object per entry
+            out.frombytes(values.cast("B") if values.format != "B" else values)  # one copy
             return out
         return array(typecode, values)
     except (TypeError, OverflowError, ValueError) as exc:
@@ -309,13 +309,21 @@ class Table:
         "version",
     )
 
-    def __init__(self, columns: TableColumns) -> None:
+    def __init__(self, columns: TableColumns, base: Table | None = None,
+                 change: Any = None) -> None:
+        """The table of `columns`; with `base` and `change` (fastpath.TableChange)
+        the base's cards are copied and patched for the changed persons only (the
+        compiled twin's way; this twin mirrors it so the two can be compared)."""
         if hasattr(self, "version"):
             raise TypeError("a fastpath Table is immutable; build a new one")
         c = validated(columns)
         self.version: str = columns.version
         self.key_width: int = columns.key_width
-        if c["by_person"]:
+        if base is not None and change is not None and c["by_person"]:
+            if not isinstance(base, Table):
+                raise TypeError(f"Table base must be a pure fastpath Table, not {type(base).__name__}")
+            self._patch_from(base, change, c)
+        elif c["by_person"]:
             # key -> person index, cards listed by person; blocked keys on the side.
             self._person_of = person_of = {}
             off, pkeys = c["person_card_off"], c["person_card_keys"]
@@ -362,6 +370,38 @@ class Table:
         # Whether any group of the set opens on holidays; else a holiday says `holiday`.
         self._holiday_open = tuple(any(bm) for bm in self._entry_holiday)
         self._holidays = frozenset(c["holidays"])
+
+    def _patch_from(self, base: Table, change: Any, c: dict) -> None:
+        drop, add = list(change.drop), list(change.add)
+        old_np, np_ = len(base._ids), c["n_persons"]
+        if old_np - len(drop) != np_ - len(add):
+            raise ValueError(f"TableChange: the base has {old_np} persons and drops {len(drop)}, "
+                             f"the new columns have {np_} and add {len(add)}; they do not match")
+        if drop != sorted(set(drop)) or any(not 0 <= i < old_np for i in drop):
+            raise ValueError("TableChange.drop must be ascending base person indices")
+        if add != sorted(set(add)) or any(not 0 <= i < np_ for i in add):
+            raise ValueError("TableChange.add must be ascending new person indices")
+        person_of = dict(base._person_of)
+        for k in change.gone_keys:
+            person_of.pop(k, None)
+        gone, added = set(drop), set(add)
+        kept_new = (j for j in range(np_) if j not in added)
+        remap = {i: next(kept_new) for i in range(old_np) if i not in gone}
+        if any(i != j for i, j in remap.items()):
+            person_of = {k: remap[p] for k, p in person_of.items()}
+        off, pkeys = c["person_card_off"], c["person_card_keys"]
+        for p in add:
+            for j in range(off[p], off[p + 1]):
+                k = pkeys[j]
+                if k in person_of:
+                    raise ValueError(
+                        f"TableColumns.person_card_keys[{j}] ({k}) is held twice; "
+                        "a card belongs to one person (build the columns with agent.core.acl)"
+                    )
+                person_of[k] = p
+        self._person_of = person_of
+        self._blocked = frozenset(c["blocked_keys"])
+        self._n_cards = len(person_of) + sum(1 for k in self._blocked if k not in person_of)
 
     def __len__(self) -> int:
         return self._n_cards

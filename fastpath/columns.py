@@ -77,3 +77,24 @@ class TableColumns:
             person_id_blob=b"", person_id_off=array("Q"), person_card_off=array("Q"),
             person_card_keys=array("Q"), blocked_keys=array("Q"),
         )
+
+
+@dataclass(frozen=True)
+class TableChange:
+    """How the columns of a new table differ from those of a base table, for
+    ``Table(columns, base=old, change=...)`` to patch the old table's cards
+    instead of building them all (a delta changes a few persons of a million).
+
+    - ``drop``: base person indices that are gone (removed, replaced, every
+      guest), ascending;
+    - ``add``: new person indices that are new (added, replaced, every guest),
+      ascending; every other person is kept, in order, with the same cards,
+      validity and groupset index;
+    - ``gone_keys``: the card keys of the dropped persons;
+    - ``old_blocked``: the base's blocked keys (the new ones are the columns').
+    """
+
+    drop: array = field(default_factory=lambda: array("q"))
+    add: array = field(default_factory=lambda: array("q"))
+    gone_keys: array = field(default_factory=lambda: array("Q"))
+    old_blocked: array = field(default_factory=lambda: array("Q"))

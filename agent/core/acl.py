@@ -40,7 +40,7 @@ from fastpath.codes import (
     NO_START,
     PERSON_GUEST,
 )
-from fastpath.columns import TableColumns
+from fastpath.columns import TableChange, TableColumns
 
 from . import aclstore
 from .aclstore import PeopleColumns, all_pairs, any_zip, mapped, slices
@@ -786,6 +786,7 @@ class AccessList:
 
     __slots__ = (
         "_blocked",
+        "_change",
         "_generated",
         "_groups",
         "_guests",
@@ -812,9 +813,13 @@ class AccessList:
         holidays: tuple,
         site: str | None = None,
         generated: str | None = None,
+        change: TableChange | None = None,
     ) -> None:
-        """Internal: use from_snapshot or from_image (they validate)."""
+        """Internal: use from_snapshot or from_image (they validate). `change`: how
+        this list's table differs from its base's (set by apply_delta; build_table
+        patches the base's table with it)."""
         for name, value in (
+            ("_change", change),
             ("_version", version),
             ("_site", site),
             ("_generated", generated),
@@ -1228,6 +1233,22 @@ class AccessList:
                         f"valid_from {vf!r} is not before valid_until {vu!r}",
                     )
         errors.raise_if_any()
+        placed: list[int] = []
+        spare = (len(guests_list), sum(len(g.id.encode("utf-8")) for g in guests_list))
+        people = base.merge(drop, new_people, epochs.start, epochs.end, placed=placed, spare=spare)
+        change = None
+        if tz_name == self._timezone:
+            # How the table changes: the dropped people and every guest out, the
+            # placed people and every guest in (guests come after the people).
+            old_n, new_n = self._people.n, people.n
+            gone = array("Q", sorted(gone_keys))
+            gone.extend(g.key for g in self._guests)
+            change = TableChange(
+                drop=array("q", sorted(drop)) + array("q", range(old_n, old_n + len(self._guests))),
+                add=array("q", sorted(placed)) + array("q", range(new_n, new_n + len(guests_list))),
+                gone_keys=gone,
+                old_blocked=array("Q", [key for _, key in self._blocked]),
+            )
         return AccessList(
             version=doc["version"],
             site=self._site,
@@ -1236,10 +1257,11 @@ class AccessList:
             key_width=self._key_width,
             schedules=schedules,
             groups=groups,
-            people=base.merge(drop, new_people, epochs.start, epochs.end),
+            people=people,
             guests=tuple(guests_list),
             blocked=blocked,
             holidays=holidays,
+            change=(self._version, change) if change is not None else None,
         )
 
     @staticmethod
@@ -1395,32 +1417,46 @@ class AccessList:
                 **common,
             )
         gid = [g.id.encode("utf-8") for g in self._guests]
-        id_off = _array_of("Q", P.id_off)
-        end = id_off[-1]
-        id_off.extend(accumulate(map(len, gid), initial=end))
-        del id_off[n]  # the guests' first offset is the people's end, already there
-        card_off = _array_of("Q", P.card_off)
-        card_off.extend(range(P.m + 1, P.m + 1 + len(gid)))
-        keys = _array_of("Q", P.card_keys)
-        keys.extend(g.key for g in self._guests)
-        p_from = _array_of("q", P.p_from)
-        p_from.extend(epochs.start(g.start) for g in self._guests)
-        p_until = _array_of("q", P.p_until)
-        p_until.extend(epochs.end(g.until) for g in self._guests)
-        p_gs = _array_of("i", person_gs)
-        p_gs.extend(add_groupset(g.groups or ()) for g in self._guests)
+        # The people's columns with the guests' entries after them: each copied once, a
+        # MB at a time, into memory the kernel zeroed (aclstore.zeros).
+        # A list made by a delta has room for them after its own columns (merge's
+        # `spare`): written there, nothing copied.
+        def joined(name: str, tc: str, head: Any, tail: Any) -> Any:
+            tail = list(tail)
+            out = P.grown(name, head, tail)
+            return out if out is not None else _joined(tc, head, tail)
+
+        flags = aclstore.zeros("B", n + len(gid))
+        max_uses = aclstore.zeros("i", n + len(gid))
+        for j, g in enumerate(self._guests):
+            flags[n + j] = PERSON_GUEST
+            max_uses[n + j] = g.uses
         return TableColumns(
-            person_id_blob=_array_of("B", P.id_blob).tobytes() + b"".join(gid),
-            person_id_off=id_off,
-            person_card_off=card_off,
-            person_card_keys=keys,
-            person_from=p_from,
-            person_until=p_until,
-            person_groupset=p_gs,
-            person_flags=array("B", bytes(n) + bytes([PERSON_GUEST]) * len(gid)),
-            person_max_uses=array("i", bytes(4 * n)) + array("i", (g.uses for g in self._guests)),
+            person_id_blob=joined("id_blob", "B", P.id_blob, b"".join(gid)),
+            person_id_off=joined("id_off", "Q", P.id_off,
+                                 list(accumulate(map(len, gid), initial=P.id_off[n]))[1:]),
+            person_card_off=joined("card_off", "Q", P.card_off, range(P.m + 1, P.m + 1 + len(gid))),
+            person_card_keys=joined("card_keys", "Q", P.card_keys, [g.key for g in self._guests]),
+            person_from=joined("p_from", "q", P.p_from, [epochs.start(g.start) for g in self._guests]),
+            person_until=joined("p_until", "q", P.p_until, [epochs.end(g.until) for g in self._guests]),
+            person_groupset=joined("groups", "i", person_gs,
+                                   [add_groupset(g.groups or ()) for g in self._guests]),
+            person_flags=flags,
+            person_max_uses=max_uses,
             **common,
         )
+
+
+def _joined(typecode: str, head: Any, tail: Any) -> Any:
+    """A new column: `head` (an array or memoryview) then the values of `tail`."""
+    tail = list(tail)
+    n = len(head)
+    out = aclstore.zeros(typecode, n + len(tail))
+    aclstore.copy_into(out if isinstance(out, memoryview) else memoryview(out), 0,
+                       aclstore.raw(head) if typecode == "B" else head, 0, n)
+    for j, v in enumerate(tail):
+        out[n + j] = v
+    return out
 
 
 def _array_of(typecode: str, values: Any) -> array:
@@ -1483,7 +1519,9 @@ def _checked_image_people(
     short = any_zip(operator.ge, id_off[:n], id_off[1:])  # an empty id
     long_ = any_zip(operator.gt, id_off[1:], mapped("q", (64).__add__, id_off[:n]))
     ids_blob = bytes(people.id_blob)
-    bad_chars = ids_blob.translate(None, _ID_REST)
+    step = 1 << 20  # a MB per C call: the gate thread may take the lock in between
+    bad_chars = b"".join(ids_blob[c:c + step].translate(None, _ID_REST)
+                         for c in range(0, len(ids_blob), step))
     firsts = bytes(mapped("B", ids_blob.__getitem__, id_off[:n])) if ids_blob else b""
     if short or long_ or bad_chars or firsts.translate(None, _ID_BYTES):
         for i in range(n):
@@ -1534,7 +1572,7 @@ def _checked_image_people(
     # Cards: each string read again; its key must be the one sent. In bulk: one
     # regular-expression pass over all strings, one loop of builtins for the keys;
     # card by card (for the messages) only when that finds something wrong.
-    texts = bytes(people.text_blob).decode("utf-8", "replace")
+    texts = _text_of(people.text_blob)
     to, co, keys = people.text_off, people.card_off, people.card_keys
     strs = slices(texts, to, m)
     bulk = _bulk_card_keys(strs, key_width) if m else []
@@ -1553,6 +1591,7 @@ def _checked_image_people(
                 if len(errors.items) >= MAX_ERRORS:
                     break
     aclstore.release(strs)
+    aclstore.release(bulk or [])
     sk = aclstore.sorted_array(keys)
     if m and not all_pairs(operator.ne, sk):
         seen: dict[int, int] = {}
@@ -1598,6 +1637,17 @@ def _cards_pattern() -> Any:
     """Any number of card strings, each followed by a newline (the schema's pattern)."""
     one = schema()["$defs"]["card"]["pattern"].lstrip("^").rstrip("$")
     return re.compile(f"(?:{one}\n)*")
+
+
+def _text_of(blob: Any) -> str:
+    """The card strings' blob as text, decoded a MB at a time when it is ASCII (as
+    the schema's card strings are): no single 10 MB pass holding the lock."""
+    mv = aclstore.raw(blob)
+    step = 1 << 20
+    parts = [bytes(mv[c:c + step]) for c in range(0, len(mv), step)]
+    if all(p.isascii() for p in parts):
+        return "".join([p.decode("ascii") for p in parts])
+    return b"".join(parts).decode("utf-8", "replace")
 
 
 def _bulk_card_keys(strs: list[str], key_width: int) -> list[int] | None:
@@ -1654,8 +1704,15 @@ def check_document(doc: Any, key_width: int = DEFAULT_KEY_WIDTH) -> list[AclErro
     return errors.items
 
 
-def build_table(acl: AccessList, fp: Any) -> Any:
-    """A fastpath Table of the list; `fp` is a twin module (fastpath or fastpath._pure)."""
+def build_table(acl: AccessList, fp: Any, base: Any = None) -> Any:
+    """A fastpath Table of the list; `fp` is a twin module (fastpath or fastpath._pure).
+
+    `base`: the table in use. When `acl` came from a delta on that table's list,
+    the new table is the base's patched for the changed persons (fastpath
+    TableChange), not built from every card; the base is left as it was."""
+    change = acl._change
+    if base is not None and change is not None and change[0] == base.version:
+        return fp.Table(acl.columns(), base=base, change=change[1])
     return fp.Table(acl.columns())
 
 

@@ -77,9 +77,10 @@ def raw(values: Any) -> memoryview:
 
 
 # Work over a million entries runs in chunks of this many: each C-level pass over
-# a chunk takes a millisecond or two, so the interpreter lock can pass to the gate
-# thread between chunks (a list is built beside a gate that keeps deciding).
-CHUNK = 1 << 14
+# a chunk (a sort is the longest) takes about a millisecond, so the interpreter lock
+# can pass to the gate thread between chunks (a list is built beside a gate that
+# keeps deciding).
+CHUNK = 1 << 13
 
 
 def all_pairs(op: Any, seq: Any) -> bool:
@@ -180,6 +181,55 @@ def _shifted(seg: Any, d: int) -> array:
     return array("Q", big.to_bytes(8 * n, "little"))
 
 
+_STEP_BYTES = 1 << 20  # a copy runs a MB at a time: the gate thread may take the lock between
+
+
+def _heap_buffer(size: int) -> Any:
+    return bytearray(size)
+
+
+_big_buffer: Any = _heap_buffer
+
+
+def use_buffers(make: Any) -> None:
+    """Where columns of a MB and more live: ``make(size)`` returns a writable,
+    zeroed buffer. The downlink gives anonymous mappings whose pages the kernel
+    zeroes a MB per call (agent/downlink/acl_sync.py); the core itself maps
+    nothing (no I/O here), a bytearray by default."""
+    global _big_buffer
+    _big_buffer = make
+
+
+def zeros(typecode: str, n: int) -> Any:
+    """A writable column of n zeros: an array (bytes: a bytearray) when small; else a
+    memoryview of a buffer from ``use_buffers``."""
+    size = array(typecode).itemsize * n
+    if size < _STEP_BYTES:
+        return bytearray(size) if typecode == "B" else array(typecode, bytes(size))
+    return memoryview(_big_buffer(size)).cast(typecode)
+
+
+def copy_into(dst: memoryview, d0: int, src: Any, s0: int, n: int) -> None:
+    """dst[d0:d0 + n] = src[s0:s0 + n] (same item size), a MB at a time."""
+    if n <= 0:
+        return
+    src = src if isinstance(src, memoryview) else memoryview(src)
+    step = max(1, _STEP_BYTES // dst.itemsize)
+    for c in range(0, n, step):
+        e = min(n, c + step)
+        dst[d0 + c:d0 + e] = src[s0 + c:s0 + e]
+
+
+def shift_into(dst: memoryview, d0: int, src: Any, s0: int, n: int, d: int) -> None:
+    """dst[d0:d0 + n] = offsets src[s0:s0 + n] plus d, a piece at a time."""
+    if d == 0:
+        copy_into(dst, d0, src, s0, n)
+        return
+    for c in range(0, n, CHUNK):
+        e = min(n, c + CHUNK)
+        dst[d0 + c:d0 + e] = _shifted(src[s0 + c:s0 + e], d)
+
+
 class PeopleColumns:
     """The people of a list, sorted by id, as columns (see the module docstring).
 
@@ -195,6 +245,7 @@ class PeopleColumns:
         "id_off",
         "p_from",
         "p_until",
+        "room",
         "sorted_keys",
         "text_blob",
         "text_off",
@@ -206,6 +257,9 @@ class PeopleColumns:
     def __init__(self, **cols: Any) -> None:
         for name, typecode in _COLUMNS:
             setattr(self, name, cols.get(name, _empty(typecode)))
+        # Column name -> the whole buffer a column is the start of, when merge left
+        # room after it (for the guests: AccessList.columns writes them there).
+        self.room: dict[str, Any] = cols.get("room") or {}
         self.group_lists: list[tuple[str, ...]] = list(cols.get("group_lists", ()))
         self.texts: list[str] = list(cols.get("texts", ()))
         if not len(self.id_off):
@@ -280,7 +334,19 @@ class PeopleColumns:
         new = PeopleColumns.__new__(PeopleColumns)
         for name in self.__slots__:
             setattr(new, name, getattr(self, name))
+        new.room = {}  # retimed columns are new ones
         return new
+
+    def grown(self, name: str, head: Any, tail: list) -> Any | None:
+        """Column `name` (whose values are `head`, this object's own column) with the
+        values `tail` after it, written in the room merge left; None when no room."""
+        whole = self.room.get(name)
+        n = len(head)
+        if whole is None or head is not getattr(self, name) or len(whole) < n + len(tail):
+            return None
+        for j, v in enumerate(tail):
+            whole[n + j] = v
+        return whole[:n + len(tail)]
 
     # -- reading
 
@@ -386,9 +452,12 @@ class PeopleColumns:
 
     # -- changing
 
-    def merge(self, drop: Iterable[int], add: Iterable[tuple], start: Any, end: Any) -> PeopleColumns:
+    def merge(self, drop: Iterable[int], add: Iterable[tuple], start: Any, end: Any, *,
+              placed: list | None = None, spare: tuple[int, int] = (0, 0)) -> PeopleColumns:
         """A new PeopleColumns: the people at positions `drop` removed, the people
         tuples `add` put in at their place in id order (an id in both replaces).
+        `placed` (a list) gets the new position of each added person; `spare`:
+        (entries, id bytes) of room left after the columns a table needs (``room``).
 
         Two passes: the first plans runs of kept people and sizes every column,
         the second fills columns allocated once at their final size (memcpy per
@@ -449,19 +518,31 @@ class PeopleColumns:
                 id_len += len(step[1])
                 text_len += sum(map(len, step[2]))
 
-        id_blob = bytearray(id_len)
-        text_blob = bytearray(text_len)
-        id_off = array("Q", bytes(8 * (n_out + 1)))
-        card_off = array("Q", bytes(8 * (n_out + 1)))
-        text_off = array("Q", bytes(8 * (m_out + 1)))
-        card_keys = array("Q", bytes(8 * m_out))
-        per = {name: array(tc, bytes(array(tc).itemsize * n_out))
+        room: dict[str, Any] = {}
+        extra, extra_bytes = spare
+
+        def roomy(name: str, tc: str, n: int, more: int) -> Any:
+            if not more:
+                return zeros(tc, n)
+            whole = zeros(tc, n + more)
+            room[name] = whole if isinstance(whole, memoryview) else memoryview(whole)
+            return room[name][:n]
+
+        id_blob = roomy("id_blob", "B", id_len, extra_bytes)
+        text_blob = zeros("B", text_len)
+        id_off = roomy("id_off", "Q", n_out + 1, extra)
+        card_off = roomy("card_off", "Q", n_out + 1, extra)
+        text_off = zeros("Q", m_out + 1)
+        card_keys = roomy("card_keys", "Q", m_out, extra)
+        per = {name: roomy(name, tc, n_out, extra if name in ("groups", "p_from", "p_until") else 0)
                for name, tc in _COLUMNS if name in ("groups", "vf", "vu", "p_from", "p_until")}
         mv = {name: memoryview(col) for name, col in per.items()}
         mv_io, mv_co, mv_to = memoryview(id_off), memoryview(card_off), memoryview(text_off)
         mv_keys = memoryview(card_keys)
         src = {name: memoryview(getattr(self, name)) for name in per}
         src_keys = memoryview(self.card_keys)
+        src_ids, src_texts = raw(self.id_blob), raw(self.text_blob)
+        mv_ids, mv_texts = raw(id_blob), raw(text_blob)
         np_ = nc = ni = nt = 0  # filled so far: people, cards, id bytes, text bytes
         for step in plan:
             if step[0] == "run":
@@ -469,14 +550,14 @@ class PeopleColumns:
                 ca, cb = co[a], co[b]
                 ia, ib, ta, tb = io[a], io[b], to[ca], to[cb]
                 k, kc = b - a, cb - ca
-                id_blob[ni:ni + ib - ia] = raw(self.id_blob[ia:ib])
-                text_blob[nt:nt + tb - ta] = raw(self.text_blob[ta:tb])
-                mv_io[np_ + 1:np_ + k + 1] = _shifted(io[a + 1:b + 1], ni - ia)
-                mv_co[np_ + 1:np_ + k + 1] = _shifted(co[a + 1:b + 1], nc - ca)
-                mv_to[nc + 1:nc + kc + 1] = _shifted(to[ca + 1:cb + 1], nt - ta)
-                mv_keys[nc:nc + kc] = src_keys[ca:cb]
+                copy_into(mv_ids, ni, src_ids, ia, ib - ia)
+                copy_into(mv_texts, nt, src_texts, ta, tb - ta)
+                shift_into(mv_io, np_ + 1, io, a + 1, k, ni - ia)
+                shift_into(mv_co, np_ + 1, co, a + 1, k, nc - ca)
+                shift_into(mv_to, nc + 1, to, ca + 1, kc, nt - ta)
+                copy_into(mv_keys, nc, src_keys, ca, kc)
                 for name, out in mv.items():
-                    out[np_:np_ + k] = src[name][a:b]
+                    copy_into(out, np_, src[name], a, k)
                 np_, nc, ni, nt = np_ + k, nc + kc, ni + ib - ia, nt + tb - ta
             else:
                 _, rid, rcards, (_, _, keys, groups, vf, vu) = step
@@ -496,6 +577,8 @@ class PeopleColumns:
                 per["vu"][np_] = tidx(vu)
                 per["p_from"][np_] = NO_START if vf is None else start(vf)
                 per["p_until"][np_] = NO_END if vu is None else end(vu)
+                if placed is not None:
+                    placed.append(np_)
                 np_ += 1
 
         # Sorted keys: the dropped people's keys out, the added people's in.
@@ -505,12 +588,12 @@ class PeopleColumns:
         kev = [(bisect_left(sk, key), 1, key) for key in gone]
         kev += [(bisect_left(sk, key), 0, key) for key in new_keys]
         kev.sort()
-        sorted_keys = array("Q", bytes(8 * (len(sk) - len(gone) + len(new_keys))))
+        sorted_keys = zeros("Q", len(sk) - len(gone) + len(new_keys))
         out_sk, src_sk = memoryview(sorted_keys), memoryview(sk)
         cur = filled = 0
         for pos, what, key in kev:
             if pos > cur:
-                out_sk[filled:filled + pos - cur] = src_sk[cur:pos]
+                copy_into(out_sk, filled, src_sk, cur, pos - cur)
                 filled += pos - cur
                 cur = pos
             if what == 0:
@@ -519,18 +602,19 @@ class PeopleColumns:
             else:
                 cur = pos + 1
         if cur < len(sk):
-            out_sk[filled:] = src_sk[cur:]
+            copy_into(out_sk, filled, src_sk, cur, len(sk) - cur)
 
         return PeopleColumns(
-            id_blob=bytes(id_blob),
+            id_blob=id_blob,
             id_off=id_off,
             card_off=card_off,
             card_keys=card_keys,
-            text_blob=bytes(text_blob),
+            text_blob=text_blob,
             text_off=text_off,
             sorted_keys=sorted_keys,
             group_lists=group_lists,
             texts=texts,
+            room=room,
             **per,
         )
 
@@ -654,3 +738,63 @@ def people_from_image(header: dict, cols: dict[str, memoryview]) -> PeopleColumn
 def shift_check(values: Any) -> bool:
     """True when `values` never decreases (offsets)."""
     return all_pairs(operator.le, values)
+
+
+# --------------------------------------------------------------------------- delta log
+
+# The deltas applied since the image was written, kept beside it (docs/access-list.md,
+# "How a gate holds the list"): one record per delta, appended and fsynced before the
+# delta is acknowledged. A record: magic, payload length, sequence number, CRC-32 of
+# the sequence number and the payload; the payload is the delta's JSON with when it
+# was applied.
+LOG_MAGIC = b"GDLT"
+_RECORD = struct.Struct("<4sIQI4x")
+MAX_RECORD = 64 << 20  # a delta bigger than this is sent as a snapshot anyway
+
+
+def encode_record(seq: int, payload: dict) -> bytes:
+    """One log record (bytes) holding `payload` (JSON) under sequence number `seq`."""
+    body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if len(body) > MAX_RECORD:
+        raise ValueError(f"a delta of {len(body)} bytes is too big for the log")
+    crc = binascii.crc32(body, binascii.crc32(seq.to_bytes(8, "little")))
+    return _RECORD.pack(LOG_MAGIC, len(body), seq, crc) + body
+
+
+def read_records(buf: Any) -> tuple[list[tuple[int, dict]], int, str | None, str | None]:
+    """(records, good_length, torn, damage) of a log's bytes.
+
+    ``records``: (seq, payload) of every whole record before any damage;
+    ``good_length``: the bytes they take. A last record cut short or failing
+    its checksum at the end of the file is a write a crash tore (never
+    acknowledged): ``torn`` says so and it is left out. A bad record followed
+    by more bytes is damage: ``damage`` says what, and the records before it
+    are all that can be trusted."""
+    mv = memoryview(buf).cast("B")
+    out: list[tuple[int, dict]] = []
+    pos, end = 0, len(mv)
+    while pos < end:
+        if end - pos < _RECORD.size:
+            return out, pos, f"{end - pos} bytes at {pos}: a record header cut short", None
+        magic, length, seq, crc = _RECORD.unpack_from(mv, pos)
+        if magic != LOG_MAGIC or length > MAX_RECORD:
+            return out, pos, None, f"no record at byte {pos} (wrong magic or length)"
+        stop = pos + _RECORD.size + length
+        if stop > end:
+            cut = f"the record at byte {pos} is cut short ({end - pos} of {stop - pos} bytes)"
+            return out, pos, cut, None
+        body = mv[pos + _RECORD.size:stop]
+        if binascii.crc32(body, binascii.crc32(seq.to_bytes(8, "little"))) != crc:
+            what = f"the record at byte {pos} (seq {seq}) fails its checksum"
+            if stop == end:
+                return out, pos, what, None
+            return out, pos, None, what
+        try:
+            payload = json.loads(bytes(body).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            return out, pos, None, f"the record at byte {pos} (seq {seq}) is not JSON"
+        if not isinstance(payload, dict):
+            return out, pos, None, f"the record at byte {pos} (seq {seq}) is not an object"
+        out.append((seq, payload))
+        pos = stop
+    return out, pos, None, None

@@ -37,6 +37,7 @@ envelope whose list names a zlib-compressed image by its SHA-256.
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -52,8 +53,9 @@ from pathlib import Path
 from typing import Any
 
 from agent.contract import CONTRACT_VERSION
+from agent.core import aclstore
 from agent.core.acl import AccessList, AclError, AclRejected, build_table, parse_acl_json
-from agent.core.aclstore import IMAGE_MAGIC, ImageError
+from agent.core.aclstore import IMAGE_MAGIC, ImageError, encode_record, read_records
 from agent.core.events import Report, SwapTable
 from agent.core.records import parse_rfc3339
 
@@ -66,6 +68,10 @@ log = logging.getLogger("agent.downlink")
 __all__ = ["ACL_FILE", "FUTURE_SKEW_S", "AclSync", "CounterStore", "floor_candidate", "write_private"]
 
 ACL_FILE = "acl.bin"  # the binary image (agent/core/aclstore.py)
+DELTA_LOG = "acl.deltas"  # deltas applied since acl.bin was written (aclstore.encode_record)
+# The log is folded into a fresh acl.bin (off the handling thread) past either bound.
+FOLD_RECORDS = 32
+FOLD_BYTES = 8 << 20
 LEGACY_ACL_FILE = "acl.json"  # what versions before the image kept; read once, then replaced
 COUNTERS_FILE = "counters.json"
 ENVELOPE_FIELDS = frozenset({"v", "site", "gate", "counter", "issued_at", "key_id", "sig", "list"})
@@ -320,12 +326,48 @@ def _reject(path: str, message: str) -> AclRejected:
 
 
 def store_list(path: Path, acl: AccessList, *, applied_at: float, kind: str = "snapshot",
-               base: str | None = None) -> None:
+               base: str | None = None, seq: int = 0) -> None:
     """Keep an applied list on disk (``acl.bin`` in the state directory, 0600, atomic):
-    the binary image ``load_persisted`` maps at the next start. OSError when it
-    cannot be written."""
-    stored = {"applied_at": applied_at, "kind": kind, "base": base}
+    the binary image ``load_persisted`` maps at the next start. `seq`: the last
+    change it holds (records of the delta log up to it are in it). OSError when
+    it cannot be written."""
+    stored = {"applied_at": applied_at, "kind": kind, "base": base, "seq": seq}
     write_private(path, acl.to_image(stored=stored))
+
+
+def append_record(path: Path, record: bytes) -> None:
+    """Append one record to the delta log and fsync it (and the directory when the
+    log is new): on disk before the delta is acknowledged. OSError when it cannot."""
+    path = Path(path)
+    new = not path.exists()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        view = memoryview(record)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if new:
+        _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        dfd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+
+
+def _stored_seq(stored: dict) -> int:
+    seq = stored.get("seq", 0)
+    return seq if isinstance(seq, int) and not isinstance(seq, bool) and seq >= 0 else 0
 
 
 def read_stored(path: Path) -> tuple[AccessList, float, Any]:
@@ -333,6 +375,12 @@ def read_stored(path: Path) -> tuple[AccessList, float, Any]:
     (the keep-alive is the mapping), or the JSON of older versions. ValueError
     (or TypeError, KeyError) saying what is wrong with a damaged one;
     FileNotFoundError when there is none."""
+    acl, applied_at, mm, _ = read_stored_seq(path)
+    return acl, applied_at, mm
+
+
+def read_stored_seq(path: Path) -> tuple[AccessList, float, Any, int]:
+    """read_stored and the sequence number of the last change the file holds."""
     with open(path, "rb") as f:
         head = f.read(len(IMAGE_MAGIC))
         if head != IMAGE_MAGIC:
@@ -343,14 +391,14 @@ def read_stored(path: Path) -> tuple[AccessList, float, Any]:
             applied_at = data.get("applied_at")
             if not isinstance(applied_at, (int, float)) or isinstance(applied_at, bool):
                 raise TypeError("applied_at is missing")
-            return AccessList.from_snapshot(data.get("list")), float(applied_at), None
+            return AccessList.from_snapshot(data.get("list")), float(applied_at), None, 0
         size = os.fstat(f.fileno()).st_size
         mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
     acl, stored = AccessList.from_image(mm, trusted=True)
     applied_at = stored.get("applied_at")
     if not isinstance(applied_at, (int, float)) or isinstance(applied_at, bool):
         raise ImageError("applied_at is missing")
-    return acl, float(applied_at), mm
+    return acl, float(applied_at), mm, _stored_seq(stored)
 
 
 def _release_pages(mm: Any) -> None:
@@ -381,6 +429,25 @@ def _trim_heap() -> None:
 
 
 _malloc_trim: Any = None
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14
+_MB = 1 << 20
+
+
+def anonymous_pages(size: int) -> mmap.mmap:
+    """A zeroed, writable buffer for a big column (aclstore.use_buffers): an
+    anonymous mapping, its pages faulted in a MB per madvise call (the
+    interpreter lock passes between two; one MAP_POPULATE of 8 MB held it for
+    milliseconds), handed back to the kernel as soon as the column is freed."""
+    m = mmap.mmap(-1, size)
+    for c in range(0, size, _MB):
+        try:
+            m.madvise(_MADV_POPULATE_WRITE, c, min(_MB, size - c))
+        except (OSError, ValueError, AttributeError):
+            break  # an older kernel: pages come in as they are first written
+    return m
+
+
+aclstore.use_buffers(anonymous_pages)
 
 
 def stored_summary(state_dir: Path) -> tuple[Path, dict]:
@@ -399,8 +466,18 @@ def stored_summary(state_dir: Path) -> tuple[Path, dict]:
         header, cols = aclstore.decode(raw)
         stored = header.get("stored") if isinstance(header.get("stored"), dict) else {}
         off = cols.get("id_off")
-        return path, {"version": header.get("version"), "applied_at": stored.get("applied_at"),
-                      "people": max(0, len(off) - 1) if off is not None else 0}
+        out = {"version": header.get("version"), "applied_at": stored.get("applied_at"),
+               "people": max(0, len(off) - 1) if off is not None else 0}
+        # The deltas of the log after it (read as the start does, without applying them).
+        try:
+            records = read_records((state_dir / DELTA_LOG).read_bytes())[0]
+        except OSError:
+            records = []
+        for seq, rec in records:
+            delta = rec.get("delta")
+            if seq > _stored_seq(stored) and isinstance(delta, dict):
+                out["version"], out["applied_at"] = delta.get("version"), rec.get("applied_at")
+        return path, out
     data = json.loads(raw)
     lst = data.get("list") if isinstance(data, dict) else None
     return path, {
@@ -456,6 +533,15 @@ class AclSync:
         self._stale_raised = False
         self._corrupt_raised = False
         self._flags = threading.Lock()  # status() runs on another thread than handle()
+        self.log_path = self.state_dir / DELTA_LOG
+        self._table: Any = None  # the table last built (a delta's table is patched from it)
+        self._seq = 0  # the last change stored (acl.bin's, or the delta log's last record)
+        self._bin_seq = 0  # the last change acl.bin holds
+        self._log_records = 0  # records in the log after acl.bin's
+        self._log_bytes = 0
+        self._store_lock = threading.Lock()  # acl.bin and the log: handling vs folding
+        self._fold: threading.Thread | None = None
+        self._acl_lock = threading.Lock()  # self.acl: set by handle() and by a fold
 
     # --- start-up --------------------------------------------------------------
 
@@ -471,11 +557,20 @@ class AclSync:
         path = self.path
         if not path.exists() and (self.state_dir / LEGACY_ACL_FILE).exists():
             path = self.state_dir / LEGACY_ACL_FILE
+        for tmp in self.state_dir.glob(f".{ACL_FILE}.tmp-*"):
+            # A write a crash (or a stop during a fold) cut short: never renamed in.
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
         mm = None
         try:
-            acl, applied_at, mm = read_stored(path)
+            acl, applied_at, mm, seq = read_stored_seq(path)
+            self._seq = self._bin_seq = seq
+            acl, applied_at = self._replay(acl, applied_at)
             table = self._builder(acl, self.fp)
         except FileNotFoundError:
+            self._drop_orphan_log()
             return None, None
         except (ValueError, TypeError, KeyError, IndexError, OverflowError, struct.error) as exc:
             # AclRejected, ImageError, or a shape nothing foresaw: the file is damaged
@@ -486,14 +581,85 @@ class AclSync:
             self._corrupt_raised = True
             self._submit(Report("alarm", {"kind": "acl_corrupt", "active": True,
                                           "detail": detail[:_MAX_TEXT]}))
+            self._drop_orphan_log()
             return None, None
+        self._table = table
         _release_pages(mm)
         _trim_heap()
         self.acl, self.applied_at = acl, applied_at
         log.info("access list %s loaded from %s", acl.version, path)
+        if self._seq > self._bin_seq:
+            self.fold(wait=False)  # the replayed deltas' columns give way to a mapped file
         if path != self.path:
             self._upgrade(path, acl, applied_at, already_image=mm is not None)
         return acl, table
+
+    def _replay(self, acl: AccessList, applied_at: float) -> tuple[AccessList, float]:
+        """The stored list with the delta log's records after it applied in order.
+
+        A torn last record (a crash while it was written: never acknowledged) is
+        cut off and logged. A damaged record, one out of sequence or one that does
+        not apply stops the replay: the list stays as the records before it left
+        it, the log is moved aside and ``acl_corrupt`` raised (the server's next
+        delta then misses its base and the gate asks for a snapshot)."""
+        try:
+            with open(self.log_path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return acl, applied_at
+        records, good, torn, damaged = read_records(data)
+        applied, damage = 0, None
+        for seq, rec in records:
+            if seq <= self._bin_seq:
+                continue  # folded into acl.bin already
+            delta, at = rec.get("delta"), rec.get("applied_at")
+            if seq != self._seq + 1:
+                damage = f"record seq {seq} follows {self._seq}: a record is missing"
+            elif not isinstance(delta, dict) or not isinstance(at, (int, float)):
+                damage = f"record seq {seq} lacks its delta or applied_at"
+            else:
+                try:
+                    acl = acl.apply_delta(delta)
+                except AclRejected as exc:
+                    damage = f"record seq {seq} does not apply to {acl.version!r} ({str(exc)[:200]})"
+            if damage:
+                break
+            applied_at, self._seq = float(at), seq
+            applied += 1
+            self._log_records += 1
+        del data
+        damage = damage or damaged
+        if damage:
+            moved = _move_aside_or_keep(self.log_path, self._wall())
+            detail = (f"the access-list delta log {self.log_path} is damaged ({damage}); moved to "
+                      f"{moved}; the gate keeps list {acl.version} (the stored list and the "
+                      f"{applied} delta(s) before the damage) and takes a snapshot when the "
+                      "server's next delta does not match it")
+            log.error("%s", detail)
+            self._corrupt_raised = True
+            self._submit(Report("alarm", {"kind": "acl_corrupt", "active": True,
+                                          "detail": detail[:_MAX_TEXT]}))
+            self._log_records = self._log_bytes = 0
+            return acl, applied_at
+        if torn:
+            log.warning("access-list delta log %s: %s; a write a crash cut short (never "
+                        "acknowledged), left out", self.log_path, torn)
+            try:
+                os.truncate(self.log_path, good)
+            except OSError as exc:
+                log.error("could not cut the torn record off %s (%s)", self.log_path, exc)
+        self._log_bytes = good
+        if applied:
+            log.info("access list: %d delta(s) from %s applied after the stored list",
+                     applied, self.log_path)
+        return acl, applied_at
+
+    def _drop_orphan_log(self) -> None:
+        """A delta log without the list it changes is of no use: moved aside."""
+        if self.log_path.exists():
+            moved = _move_aside_or_keep(self.log_path, self._wall())
+            log.warning("access-list delta log %s has no stored list to apply to; moved to %s",
+                        self.log_path, moved)
 
     def _upgrade(self, old: Path, acl: AccessList, applied_at: float, *,
                  already_image: bool = False) -> None:
@@ -519,12 +685,18 @@ class AclSync:
         While a list is checked and built, the interpreter is asked to hand its lock
         over every millisecond (not every 5): the gate thread, deciding cards
         meanwhile, then waits for it at most about that long between two chunks of
-        the work."""
+        the work. The cyclic garbage collector waits until it is done."""
         before = sys.getswitchinterval()
         sys.setswitchinterval(min(before, SWITCH_INTERVAL_S))
+        # No cyclic garbage collection meanwhile: a collection walks every container
+        # the check made (lists of a million entries) in one go, holding the lock.
+        collecting = gc.isenabled()
+        gc.disable()
         try:
             return self._handle(payload)
         finally:
+            if collecting:
+                gc.enable()
             sys.setswitchinterval(before)
 
     def _handle(self, payload: bytes) -> bool:
@@ -571,12 +743,20 @@ class AclSync:
         except AclRejected as exc:
             self.rejected(exc, version, signed=self._verified)
             return False
-        table = self._builder(acl, self.fp)  # the slow part: here, never on the gate thread
+        # The slow part: here, never on the gate thread. A delta patches the table in use.
+        if self._builder is build_table:
+            table = build_table(acl, self.fp, base=self._table if kind == "delta" else None)
+        else:
+            table = self._builder(acl, self.fp)
         now = self._wall()
-        if self._persist(acl, kind, base, now):
+        if kind == "delta" and self._log_delta(doc, now):
+            pass  # on disk in the log; acl.bin is folded in later, off this thread
+        elif self._persist(acl, kind, base, now):
             acl = self._mapped(acl)  # the message's columns are freed here
             _trim_heap()
-        self.acl, self.applied_at = acl, now
+        with self._acl_lock:
+            self.acl, self.applied_at = acl, now
+        self._table = table
         self._applied_digest = digest
         # The time zone travels with the table: schedules switch zone at the swap itself.
         self._submit(SwapTable(table, kind, base, timezone=acl.timezone))
@@ -589,7 +769,75 @@ class AclSync:
             self._corrupt_raised = False
             self._submit(Report("alarm", {"kind": "acl_corrupt", "active": False,
                                           "detail": f"access list {acl.version} applied and stored"}))
+        if self._log_records >= FOLD_RECORDS or self._log_bytes >= FOLD_BYTES:
+            self.fold(wait=False)
         return True
+
+    # --- the delta log -------------------------------------------------------
+
+    def _log_delta(self, doc: dict, now: float) -> bool:
+        """Append an applied delta to the log, durably; False when it cannot be (the
+        whole list is then stored instead)."""
+        try:
+            record = encode_record(self._seq + 1, {"delta": doc, "applied_at": now})
+        except (ValueError, TypeError) as exc:
+            log.warning("delta not kept in the log (%s); storing the whole list", exc)
+            return False
+        with self._store_lock:
+            try:
+                ensure_state_dir(self.state_dir)
+                append_record(self.log_path, record)
+            except OSError as exc:
+                log.error("could not append to %s (%s); storing the whole list", self.log_path, exc)
+                return False
+            self._seq += 1
+            self._log_records += 1
+            self._log_bytes += len(record)
+        return True
+
+    def fold(self, *, wait: bool = True) -> None:
+        """Fold the delta log into a fresh acl.bin (written atomically), then empty the
+        log, on a thread of its own: the handling thread and the gate go on. `wait`:
+        join it (tests, shutdown)."""
+        thread = self._fold
+        if thread is None or not thread.is_alive():
+            acl, seq, applied_at = self.acl, self._seq, self.applied_at
+            if acl is None or seq <= self._bin_seq:
+                return
+            thread = threading.Thread(target=self._fold_now, args=(acl, seq, applied_at or 0.0),
+                                      name="acl-fold", daemon=True)
+            self._fold = thread
+            thread.start()
+        if wait:
+            thread.join()
+
+    def _fold_now(self, acl: AccessList, seq: int, applied_at: float) -> None:
+        with self._store_lock:
+            if seq <= self._bin_seq:
+                return
+            try:
+                store_list(self.path, acl, applied_at=applied_at, kind="delta", seq=seq)
+            except OSError as exc:
+                log.error("could not fold the delta log into %s (%s); the log keeps the deltas",
+                          self.path, exc)
+                return
+            self._bin_seq = seq
+            if self._seq == seq:
+                # Nothing appended meanwhile: every record is in acl.bin now. A crash
+                # before this leaves records that the next start skips by their seq.
+                try:
+                    os.truncate(self.log_path, 0)
+                    self._log_records = self._log_bytes = 0
+                except OSError as exc:
+                    log.warning("could not empty %s after folding (%s)", self.log_path, exc)
+        log.info("access-list delta log folded into %s (list %s)", self.path, acl.version)
+        if self.acl is acl:
+            mapped = self._mapped(acl)
+            with self._acl_lock:
+                if self.acl is acl:  # no newer list meanwhile
+                    self.acl = mapped  # the merged columns freed: the file is mapped
+            del acl, mapped
+            _trim_heap()
 
     def rejected(self, exc: AclRejected, version: Any = None, *, signed: bool = False) -> None:
         """Record a refused list (``acl.rejected``, and ``acl.requested`` for a wrong base),
@@ -717,7 +965,15 @@ class AclSync:
         """Store the list; False (and an alarm) when it cannot be written."""
         ensure_state_dir(self.state_dir)
         try:
-            store_list(self.path, acl, applied_at=now, kind=kind, base=base)
+            with self._store_lock:
+                store_list(self.path, acl, applied_at=now, kind=kind, base=base, seq=self._seq + 1)
+                self._seq = self._bin_seq = self._seq + 1
+                if self._log_bytes or self.log_path.exists():
+                    try:
+                        os.truncate(self.log_path, 0)  # every record is older than acl.bin now
+                    except OSError:
+                        pass  # skipped by their seq at the next start anyway
+                    self._log_records = self._log_bytes = 0
             return True
         except OSError as exc:
             # The gate still gets the list (principle 1); only the next start lacks it.
