@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from .columns import TableColumns
+from .columns import TableChange, TableColumns
 
 __all__ = ["Decide", "GateStateAPI", "TableAPI"]
 
@@ -22,7 +22,9 @@ class TableAPI(Protocol):
     version: str
     key_width: int
 
-    def __init__(self, columns: TableColumns) -> None: ...
+    # With base and change: the base table's cards patched (a delta), not all built again.
+    def __init__(self, columns: TableColumns, base: TableAPI | None = None,
+                 change: TableChange | None = None) -> None: ...
     def __len__(self) -> int: ...  # card entries
     def lookup(self, key: int) -> int: ...  # the card's person index; -1: unknown or blocked-only
     def is_blocked(self, key: int) -> bool: ...

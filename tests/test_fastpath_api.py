@@ -52,6 +52,15 @@ def test_each_twin_takes_the_same_arguments(twin):
                 assert got == want, f"{twin.__name__}.{name}.{member}{got} != api {want}"
 
 
+@pytest.mark.parametrize("twin", TWINS)
+def test_each_twin_builds_a_table_with_the_same_arguments(twin):
+    try:
+        got = _params(twin.Table.__init__)
+    except (TypeError, ValueError):  # a Cython type without a signature for __init__
+        pytest.skip("no introspectable signature")
+    assert got == _params(api.TableAPI.__init__)
+
+
 def test_the_check_sees_a_missing_method():
     class Short:
         def lookup(self, key): ...
