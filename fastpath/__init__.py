@@ -19,6 +19,8 @@ holds both twins to):
   position was set on another local day); ``last_entry(person_id)``;
   ``uses(person_id)``; ``to_dict()`` / ``GateState.from_dict(d)`` for
   persistence.
+- ``sort_keys(keys)``: array("Q") of the card keys sorted (the compiled twin
+  without the interpreter lock, for the checks of a big received list).
 - ``decide(table, state, key, direction, mode, epoch_s, minute_of_week, day,
   busy, apb_mode, apb_window_s) -> (result, person_index, warning)`` with the
   integer codes of ``fastpath.codes``.
@@ -37,12 +39,12 @@ if _force_pure and _require_compiled:
     raise ImportError("GATE_PUREPYTHON=1 and GATE_REQUIRE_COMPILED=1 contradict each other; unset one")
 
 if _force_pure:
-    from ._pure import GateState, Table, decide
+    from ._pure import GateState, Table, decide, sort_keys
 
     IMPLEMENTATION = "pure"
 else:
     try:
-        from ._compiled import GateState, Table, decide
+        from ._compiled import GateState, Table, decide, sort_keys
 
         IMPLEMENTATION = "compiled"
     except ImportError as exc:
@@ -51,8 +53,8 @@ else:
                 "GATE_REQUIRE_COMPILED=1 but the compiled fastpath is missing "
                 f"({exc}); build it with `make build` (needs gcc and python3-dev)"
             ) from exc
-        from ._pure import GateState, Table, decide
+        from ._pure import GateState, Table, decide, sort_keys
 
         IMPLEMENTATION = "pure"
 
-__all__ = ["IMPLEMENTATION", "GateState", "Table", "TableColumns", "codes", "decide"]
+__all__ = ["IMPLEMENTATION", "GateState", "Table", "TableColumns", "codes", "decide", "sort_keys"]

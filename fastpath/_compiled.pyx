@@ -17,8 +17,9 @@ from cpython.object cimport PyObject
 from cpython.number cimport PyNumber_Index
 from cpython.exc cimport PyErr_Clear, PyErr_ExceptionMatches, PyErr_Occurred
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_DecodeUTF8
+from cpython cimport array as carray
 from libc.stdint cimport SIZE_MAX
-from libc.stdlib cimport calloc, free, malloc, realloc
+from libc.stdlib cimport calloc, free, malloc, qsort, realloc
 from libc.string cimport memcmp, memcpy, memset
 
 cdef extern from *:
@@ -157,7 +158,7 @@ RESULTS = _codes.RESULTS
 N_MODES = C_N_MODES
 N_APB_MODES = C_N_APB_MODES
 
-__all__ = ["GateState", "Table", "decide"]
+__all__ = ["GateState", "Table", "decide", "sort_keys"]
 
 
 cdef extern from "Python.h":
@@ -1423,3 +1424,29 @@ _decide_method.ml_doc = (
     "(result, person_index, warning) for one card read; same rules as _pure.decide."
 )
 decide = PyCFunction_NewEx(&_decide_method, NULL, __name__)
+
+
+# --------------------------------------------------------------------------- sorting keys
+
+cdef carray.array _KEYS_TEMPLATE = carray.array("Q")
+
+
+cdef int _cmp_key(const void* a, const void* b) noexcept nogil:
+    cdef unsigned long long x = (<const unsigned long long*>a)[0]
+    cdef unsigned long long y = (<const unsigned long long*>b)[0]
+    return (x > y) - (x < y)
+
+
+def sort_keys(keys):
+    """array("Q") of the keys in ascending order. The copy and the sort run without the
+    interpreter lock: a million card keys checked for a new list never hold up the gate
+    thread (the pure twin sorts under the lock)."""
+    cdef const unsigned long long[::1] src = keys
+    cdef Py_ssize_t n = src.shape[0]
+    cdef carray.array out = carray.clone(_KEYS_TEMPLATE, n, zero=False)
+    cdef unsigned long long* dst = out.data.as_ulonglongs
+    if n:
+        with nogil:
+            memcpy(dst, &src[0], <size_t>n * sizeof(unsigned long long))
+            qsort(dst, <size_t>n, sizeof(unsigned long long), _cmp_key)
+    return out

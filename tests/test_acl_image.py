@@ -223,6 +223,41 @@ def test_a_compact_snapshot_bigger_than_the_cap_is_not_inflated(tmp_path, fp):
     assert rejected_fields(events)["errors"][0]["path"] == "/list/size"
 
 
+def _signed_body(acl: AccessList, body: bytes, size: int) -> bytes:
+    """A compact message whose signed header names exactly this body (a sender that lies)."""
+    import hashlib
+
+    header = {"kind": "image", "version": acl.version, "encoding": "zlib", "bytes": len(body),
+              "size": size, "sha256": hashlib.sha256(body).hexdigest()}
+    line = json.dumps(sign(header), separators=(",", ":")).encode()
+    return aclwire.WIRE_MAGIC + line + b"\n" + body
+
+
+@pytest.mark.parametrize("lie", ["junk after the stream", "stream cut short", "inflates past its size",
+                                 "inflates short of its size"])
+def test_a_signed_body_whose_zlib_stream_lies_is_refused_whole(tmp_path, fp, lie):
+    import zlib
+
+    acl = AccessList.from_snapshot(synthetic_acl(3000))
+    image = b"".join(bytes(c) for c in acl.to_image(wire=True))
+    body, size = zlib.compress(image), len(image)
+    if lie == "junk after the stream":
+        body += b"junk"
+    elif lie == "stream cut short":
+        body = body[: len(body) // 2]
+    elif lie == "inflates past its size":
+        size -= 1000
+    else:
+        size += 1000
+    events: list = []
+    s = sync(tmp_path / "state", fp, events)
+    assert not s.handle(_signed_body(acl, body, size))
+    assert rejected_fields(events)["errors"][0]["path"] in ("/list/size", "/list")
+    assert s.acl is None and not (tmp_path / "state" / ACL_FILE).exists()
+    # The honest message still goes through.
+    assert s.handle(_signed_body(acl, zlib.compress(image), len(image)))
+
+
 def _image_with(acl: AccessList, **columns) -> AccessList:
     """acl with some people columns replaced (a sender that breaks the rules)."""
     p = acl.people._copy()

@@ -66,3 +66,21 @@ def test_the_check_sees_a_missing_method():
         def lookup(self, key): ...
 
     assert public(Short) != protocol_members(api.TableAPI)
+
+
+def test_both_twins_export_the_same_names():
+    if compiled is None:
+        pytest.skip("not built")
+    assert compiled.__all__ == pure.__all__
+
+
+@pytest.mark.parametrize("twin", TWINS)
+def test_sort_keys_sorts_like_sorted(twin):
+    import random
+    from array import array
+
+    rng = random.Random(7)
+    for keys in ([], [5], [3, 3, 1], [2**64 - 1, 0, 2**63, 2**63 - 1],
+                 [rng.getrandbits(64) for _ in range(5000)], [rng.randrange(100) for _ in range(5000)]):
+        got = twin.sort_keys(array("Q", keys))
+        assert isinstance(got, array) and got.typecode == "Q" and list(got) == sorted(keys)

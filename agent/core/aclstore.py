@@ -36,6 +36,7 @@ from collections.abc import Iterable, Iterator
 from itertools import accumulate, chain, islice
 from typing import Any
 
+import fastpath
 from fastpath.codes import NO_END, NO_START
 
 __all__ = ["IMAGE_MAGIC", "ImageError", "PeopleColumns", "decode", "encode"]
@@ -138,8 +139,14 @@ def _merge2(a: list, b: list) -> list:
 
 
 def sorted_array(seq: Any) -> array:
-    """array("Q", sorted(seq)), a chunk at a time: chunks sorted, then merged two by
-    two (no single call runs over the whole column)."""
+    """array("Q", sorted(seq)). With the compiled fastpath, its sort_keys: copied and
+    sorted without the interpreter lock. Otherwise a chunk at a time: chunks sorted,
+    then merged two by two (no single call runs over the whole column)."""
+    if fastpath.IMPLEMENTATION == "compiled":
+        try:
+            return fastpath.sort_keys(seq)  # an array or a memoryview of unsigned 64-bit keys
+        except (TypeError, ValueError):  # another buffer format, or a list: copied first
+            return fastpath.sort_keys(array("Q", seq))
     runs = [sorted(seq[c:c + CHUNK]) for c in range(0, len(seq), CHUNK)]
     while len(runs) > 1:
         merged = [_merge2(runs[i], runs[i + 1]) for i in range(0, len(runs) - 1, 2)]

@@ -88,7 +88,8 @@ def split(payload: bytes) -> tuple[bytes, memoryview]:
     return payload[len(WIRE_MAGIC):end], memoryview(payload)[end + 1:]
 
 
-_PIECE = 4 << 20
+_PIECE = 1 << 20  # a memcpy into fresh pages of this size holds the lock about a millisecond
+_FEED = 256 << 10  # compressed bytes given to zlib at a time
 
 
 def open_body(header: dict, body: memoryview, max_bytes: int = MAX_IMAGE_BYTES) -> mmap.mmap:
@@ -104,26 +105,35 @@ def open_body(header: dict, body: memoryview, max_bytes: int = MAX_IMAGE_BYTES) 
     if size > max_bytes:
         raise _reject("/list/size", f"the image is {size} bytes, over this gate's cap of "
                       f"{max_bytes}; send fewer cards or raise the cap")
-    # Inflated a few MB at a time into a buffer of the declared size: never more than
-    # declared, and no single long copy while the gate thread waits for the lock.
+    # Inflated into a buffer of the declared size, never more than declared. The body is
+    # fed a slice at a time (a view, no copy) and each call makes at most _PIECE bytes: zlib
+    # copies the input it has not used into unconsumed_tail at every call, so feeding all
+    # 15 MB at once would copy the rest of the body again and again, each copy a long hold
+    # of the lock while the gate thread waits.
     d = zlib.decompressobj()
     image = mmap.mmap(-1, size)  # zero pages from the kernel, not a 60 MB memset
     filled = 0
-    data: Any = body
+    fed = 0
+    data: Any = b""
     try:
-        while True:
+        while not d.eof:
+            if not data and fed < len(body):
+                data = body[fed:fed + _FEED]
+                fed += len(data)
             piece = d.decompress(data, _PIECE)
+            if not piece and not data and fed >= len(body):
+                break  # all fed, nothing more comes out: the stream is cut short
             if filled + len(piece) > size:
                 filled += len(piece)
                 break
             image[filled:filled + len(piece)] = piece
             filled += len(piece)
             data = d.unconsumed_tail
-            if d.eof or not piece and not data:
-                break
     except zlib.error as exc:
         raise _reject("/list", f"the body is not zlib data ({exc})") from None
-    if filled != size or d.unconsumed_tail or not d.eof:
+    if fed < len(body) or data or d.unused_data:
+        filled = -1  # bytes after the end of the zlib stream
+    if filled != size or not d.eof:
         raise _reject("/list/size", f"the body does not inflate to the {size} bytes the header "
                       "says; build it again")
     return image
