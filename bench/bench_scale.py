@@ -90,7 +90,7 @@ SWAP_METHOD = (
     "snapshot swap, reset to the current RSS just before (/proc/PID/clear_refs 5); rss_before_mb "
     "and rss_after_mb (1 s after) beside it. gate_stall_max_ms: the gate-stall probe (telemetry "
     "gate_stall_max_ms, the longest the gate thread could not run since the previous message, a "
-    "lower bound within 5 ms), the largest over the messages covering each swap up to 1.5 s after "
+    "lower bound within the probe's 20 ms idle tick, exact from each card's arrival while cards come), the largest over the messages covering each swap up to 1.5 s after "
     "it applied; the figure is the larger of the snapshot's and the delta's. "
     "baseline_gate_stall_ms: the same over the seconds before, no swap. load_1min: the machine's "
     "load average when the run began (the machine is shared). pi4_estimate: time "
