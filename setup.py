@@ -1,7 +1,9 @@
 """Build the compiled fastpath twin with Cython, unless GATE_PUREPYTHON=1.
 
 The pure twin (fastpath/_pure.py) is always installed; the selector module
-(fastpath/__init__.py) picks the compiled one when it imports.
+(fastpath/__init__.py) picks the compiled one when it imports. The Cython
+directives live here and only here (none in the .pyx), so every build of the
+twin (make build, the Debian package, the arm64 root) compiles it the same way.
 """
 import os
 
