@@ -24,42 +24,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
+
+from agent.fileio import write_atomic
 
 log = logging.getLogger(__name__)
 
 __all__ = ["StateFile", "write_atomic"]
 
 FORMAT = 1
-
-
-def write_atomic(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -> None:
-    """Replace ``path`` with ``data``: temp file + fsync + rename + directory fsync."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass  # some filesystems refuse a directory fsync; the rename is still atomic
-    finally:
-        os.close(dfd)
 
 
 class StateFile:

@@ -58,6 +58,7 @@ from agent.core.acl import AccessList, AclError, AclRejected, build_table, parse
 from agent.core.aclstore import IMAGE_MAGIC, ImageError, encode_record, read_records
 from agent.core.events import Report, SwapTable
 from agent.core.records import parse_rfc3339
+from agent.fileio import write_atomic
 
 from . import aclwire
 from .flood import FloodGuard
@@ -65,7 +66,7 @@ from .signing import SignatureError, verify
 
 log = logging.getLogger("agent.downlink")
 
-__all__ = ["ACL_FILE", "FUTURE_SKEW_S", "AclSync", "CounterStore", "floor_candidate", "write_private"]
+__all__ = ["ACL_FILE", "FUTURE_SKEW_S", "AclSync", "CounterStore", "floor_candidate"]
 
 ACL_FILE = "acl.bin"  # the binary image (agent/core/aclstore.py)
 DELTA_LOG = "acl.deltas"  # deltas applied since acl.bin was written (aclstore.encode_record)
@@ -105,42 +106,6 @@ def future_detail(what: str, issued_at: float, now: float) -> str:
 
 
 # --------------------------------------------------------------------------- files
-
-
-def write_private(path: Path, data: bytes | list) -> None:
-    """Write ``data`` (bytes, or a list of byte chunks written one by one) to
-    ``path`` atomically, readable by the owner only (0600).
-
-    Temporary file in the same directory, fsync, rename, fsync the directory:
-    after a crash the file is either the old one or the new one, never torn.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for chunk in (data if isinstance(data, list) else [data]):
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)  # O_CREAT's mode is masked by the umask; this is not
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:
-        dfd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
 
 
 def ensure_state_dir(state_dir: Path) -> Path:
@@ -310,7 +275,7 @@ class CounterStore:
         floor = seconds + max(0.0, self._mono() - since) if seconds > 0 else 0.0
         doc: dict[str, Any] = {s: v for s, v in data.items()}
         doc["floor"] = round(floor, 3)
-        write_private(self.path, json.dumps(doc, sort_keys=True).encode("utf-8"))
+        write_atomic(self.path, json.dumps(doc, sort_keys=True).encode("utf-8"))
         self._saved_floor = floor
 
 
@@ -332,7 +297,7 @@ def store_list(path: Path, acl: AccessList, *, applied_at: float, kind: str = "s
     change it holds (records of the delta log up to it are in it). OSError when
     it cannot be written."""
     stored = {"applied_at": applied_at, "kind": kind, "base": base, "seq": seq}
-    write_private(path, acl.to_image(stored=stored))
+    write_atomic(path, acl.to_image(stored=stored))
 
 
 def append_record(path: Path, record: bytes) -> None:

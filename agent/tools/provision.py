@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.exits import Exit
+from agent.fileio import write_atomic
 from agent.i18n import _
 from agent.tools.words import config_message
 
@@ -618,25 +619,9 @@ def _own(path: Path, uid: int | None, gid: int | None) -> None:
     os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid)
 
 
-def _write_atomic(path: Path, data: bytes, mode: int, uid: int | None, gid: int | None) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)  # the umask does not apply to chmod
-        _own(tmp, uid, gid)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _install_file(src: Path, dest: Path, mode: int, uid: int | None, gid: int | None) -> None:
     if src.resolve() != dest.resolve():
-        _write_atomic(dest, src.read_bytes(), mode, uid, gid)
+        write_atomic(dest, src.read_bytes(), mode=mode, uid=uid, gid=gid)
     else:
         os.chmod(dest, mode)
         _own(dest, uid, gid)
@@ -737,8 +722,8 @@ def provision(config: Path, *, site: str, gate: str, broker: str, ca: Path | Non
                 _install_file(src, target, PUBLIC_MODE, None, None)
             written.append(str(target))
         if config.exists():
-            _write_atomic(config.with_name(config.name + ".bak"), config.read_bytes(), CONFIG_MODE, 0, gid)
-        _write_atomic(config, new_text.encode("utf-8"), CONFIG_MODE, 0, gid)
+            write_atomic(config.with_name(config.name + ".bak"), config.read_bytes(), mode=CONFIG_MODE, uid=0, gid=gid)
+        write_atomic(config, new_text.encode("utf-8"), mode=CONFIG_MODE, uid=0, gid=gid)
         written.append(str(config))
     except OSError as exc:
         raise ProvisionError(

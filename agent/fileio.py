@@ -1,0 +1,60 @@
+"""Writing a file so that a crash or a power cut leaves the old one or the new one.
+
+The one way the agent and its tools replace a file that matters (the state
+file, the stored access list, the counters, a provisioned config and its
+keys): a temporary file beside it (``.NAME.tmp-PID-THREAD``, so a start can
+find and remove one a crash left), written and fsynced, given its mode (and,
+when running as root, its owner) before it is renamed over the old one, then
+the directory fsynced so the rename itself survives a power cut.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+
+__all__ = ["temp_name", "write_atomic"]
+
+
+def temp_name(path: Path) -> Path:
+    """Where write_atomic writes before the rename (a glob of ``.NAME.tmp-*`` finds leftovers)."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+
+
+def write_atomic(path: str | os.PathLike[str], data: bytes | Iterable[bytes], *, mode: int = 0o600,
+                 uid: int | None = None, gid: int | None = None) -> None:
+    """Replace ``path`` with ``data`` (bytes, or chunks written one by one).
+
+    ``mode`` is set on the file before it appears (the umask does not apply);
+    ``uid``/``gid`` are applied only when running as root (an ordinary user,
+    staging a board or running the tests, keeps its own files)."""
+    path = Path(path)
+    tmp = temp_name(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in ([data] if isinstance(data, (bytes, bytearray, memoryview)) else data):
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        if os.geteuid() == 0 and (uid is not None or gid is not None):
+            os.chown(tmp, -1 if uid is None else uid, -1 if gid is None else gid)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:
+        dfd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass  # some filesystems refuse a directory fsync; the rename is still atomic
+    finally:
+        os.close(dfd)
