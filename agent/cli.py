@@ -59,7 +59,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
-    from agent.uplink.ingest import main as ingest_main
+    from agent.regional.ingest import main as ingest_main
 
     return ingest_main([a for a in args.ingest_args if a != "--"])
 
@@ -80,7 +80,7 @@ TOOLS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("agent.tools.bundle", "add_bundle_parser", ("bundle",)),
     ("agent.tools.wiring", "add_wiring_parser", ("wiring",)),
     ("agent.simctl", "add_sim_parser", ("sim",)),
-    ("agent.tools_regional", "add_regional_parsers", ("acl", "cmd", "fleet", "keygen")),
+    ("agent.regional.tools", "add_regional_parsers", ("acl", "cmd", "fleet", "keygen")),
 )
 BUILTIN = ("simulate", "ingest")
 
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["ingest"]:
-        from agent.uplink.ingest import main as ingest_main
+        from agent.regional.ingest import main as ingest_main
 
         return ingest_main([a for a in argv[1:] if a != "--"])
     args = build_parser(argv).parse_args(argv)

@@ -21,7 +21,7 @@ What runs, all in one process and one temporary directory:
   30 people a minute with unknown and blocked cards, and a fire drill
   (``--fire-after``, default 60 s: the loop opens, everyone walks out
   free, the loop closes, the guard resets the release);
-* the reference ingest (agent/uplink/ingest.py), storing every event and
+* the reference ingest (agent/regional/ingest.py), storing every event and
   acknowledging it, as the regional server does;
 * the monitor's view (agent/tools/monitor.py), fed from the broker like the
   regional server sees the gate (or from the journal when offline).
@@ -276,7 +276,7 @@ class Demo:
             raise DemoError(str(exc)) from None
 
         if self.broker is not None:
-            from agent.uplink.ingest import Ingest
+            from agent.regional.ingest import Ingest
 
             self.ingest = Ingest(self.broker.host, self.broker.port, db_path=self.work / "ingest.db")
             self.ingest.start()

@@ -85,10 +85,10 @@ TRANSLATED_MODULES = (
     "agent/tools/enroll.py",
     "agent/tools/iotest.py",
     "agent/config.py",
-    "agent/tools_regional.py",
+    "agent/regional/tools.py",
     "agent/tools/wiring.py",
     "agent/tools/board.py",
-    "agent/uplink/ingest.py",
+    "agent/regional/ingest.py",
 )
 
 _language: str | None = None

@@ -15,7 +15,7 @@ VmRSS half a second after READY, ``start_peak_rss_mb`` its VmHWM then.
 mutual TLS to a real mosquitto running the shipped broker config (tests/pki.py), the
 reference ingest acknowledging its events, telemetry every second, cards presented
 continuously through its sim socket (the path a Wiegand frame takes; granted ones walk
-through). The regional side (agent.tools_regional.Session, signing.sign_acl: what
+through). The regional side (agent.regional.tools.Session, signing.sign_acl: what
 `gate-agent acl push` does) publishes a new signed snapshot of the same size with other
 cards, then a 1,000-card delta (--delta-cards) on it. Each is timed from the publish to
 the first sign it is in use (the gate's acl.applied event or its retained status naming
@@ -229,7 +229,7 @@ class Regional:
     events, retained status and telemetry, noting when each arrived."""
 
     def __init__(self, broker: Any, pki: Any, site: str, gate: str) -> None:
-        from agent.tools_regional import Session
+        from agent.regional.tools import Session
 
         self.t = topics(site, gate)
         self.lock = threading.Lock()
@@ -269,7 +269,7 @@ class Regional:
         snapshot of more than COMPACT_ABOVE_BYTES of JSON goes compact); (publish time, bytes)."""
         from agent.downlink import aclwire
         from agent.downlink.signing import sign_acl
-        from agent.tools_regional import COMPACT_ABOVE_BYTES
+        from agent.regional.tools import COMPACT_ABOVE_BYTES
 
         site, gate = self.t["acl"].split("/")[2:4]
 

@@ -39,7 +39,7 @@ from typing import Any
 from agent.contract import topics
 from agent.core.records import parse_rfc3339
 from agent.core.stats import nearest_rank
-from agent.tools_regional import Session, ToolError
+from agent.regional.tools import Session, ToolError
 from bench.chaos_rig import W26_READERS, CardLoop, Verdict, lost, start_ingest, wait_for
 from tests.agentproc import ROOT, AgentProcess
 from tests.broker import Mosquitto, Observer

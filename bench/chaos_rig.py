@@ -33,7 +33,7 @@ class Verdict(Exception):
 
 def start_ingest(broker: Mosquitto, db: Path, **options: Any) -> Any:
     """The reference ingest on ``broker``, subscribed (options go to Ingest: tls, port...)."""
-    from agent.uplink.ingest import Ingest
+    from agent.regional.ingest import Ingest
 
     ing = Ingest(broker.host, options.pop("port", broker.port), db_path=db, **options).start()
     if not ing.ready.wait(15):

@@ -330,7 +330,7 @@ def uplinks() -> Iterator[Callable]:
 @pytest.fixture
 def ingest_at(tmp_path: Path) -> Iterator[Callable]:
     """``ingest_at(broker, **options)``: a started reference ingest, subscribed."""
-    from agent.uplink.ingest import Ingest
+    from agent.regional.ingest import Ingest
 
     made: list = []
 

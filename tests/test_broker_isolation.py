@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from agent.contract import topics
-from agent.tools_regional import Session, ToolError, collect_status
+from agent.regional.tools import Session, ToolError, collect_status
 from tests.broker import passage, wait_until
 from tests.pki import (  # noqa: F401  (fixtures)
     BROKER_ACL,
@@ -133,7 +133,7 @@ def test_fleet_status_lists_the_retained_status_of_each_gate(as_, pki, gate_brok
     import io
     from contextlib import redirect_stdout
 
-    from agent.tools_regional import main
+    from agent.regional.tools import main
 
     out = io.StringIO()
     with redirect_stdout(out):
@@ -320,7 +320,7 @@ def test_a_gate_in_the_ingest_share_cannot_stall_the_ingest(gate_broker, pki, tm
     regional server tries it too) while gate A sends 40 events: every one is stored and acked.
     Resends are pushed out of reach (resend_after_s=600), so an event handed to a rogue
     subscriber and dropped there would never be acked within the test."""
-    from agent.uplink.ingest import Ingest
+    from agent.regional.ingest import Ingest
     from agent.uplink.journal import Journal
     from agent.uplink.mqtt import Uplink
 
@@ -357,7 +357,7 @@ def test_a_gate_in_the_ingest_share_cannot_stall_the_ingest(gate_broker, pki, tm
 
 
 def test_two_ingests_with_one_certificate_run_side_by_side(gate_broker, pki, tmp_path):
-    from agent.uplink.ingest import Ingest
+    from agent.regional.ingest import Ingest
     from agent.uplink.journal import Journal
     from agent.uplink.mqtt import Uplink
 

@@ -710,7 +710,7 @@ def test_a_retained_command_on_the_broker_is_refused_through_the_real_uplink(tmp
 
 
 def run_tool(argv: list[str]) -> tuple[int, str, str]:
-    from agent.tools_regional import main
+    from agent.regional.tools import main
 
     out, err = io.StringIO(), io.StringIO()
     with redirect_stdout(out), redirect_stderr(err):
@@ -748,7 +748,7 @@ def test_cmd_tool_gets_the_reply_through_mosquitto(live_gate):
 
 
 def test_reply_carries_the_correlation_data_on_the_response_topic(live_gate):
-    from agent.tools_regional import Session, send_command
+    from agent.regional.tools import Session, send_command
 
     broker, _gate, _ = live_gate
     session = Session(broker.host, broker.port)
@@ -875,7 +875,7 @@ def test_5000_junk_commands_through_mosquitto_make_a_bounded_number_of_records(t
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
 
-    from agent.tools_regional import Session, send_command
+    from agent.regional.tools import Session, send_command
 
     broker = make_broker()
     live = _LiveGate(tmp_path, broker, fp)

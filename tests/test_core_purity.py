@@ -60,6 +60,10 @@ ONE_WAY = [
     ([AGENT / "config.py"], "paho"),
     # The uplink carries records; what the agent runs on is the service's to tell it.
     (sorted((AGENT / "uplink").glob("*.py")), "fastpath"),
+    # The gate (its service and its board's tools) runs without the regional side.
+    (sorted([*(AGENT / "core").glob("*.py"), *(AGENT / "hw").glob("*.py"), *(AGENT / "uplink").glob("*.py"),
+             *(AGENT / "downlink").glob("*.py"), *(AGENT / "tools").rglob("*.py"), AGENT / "runtime.py",
+             AGENT / "service.py", AGENT / "config.py"]), "agent.regional"),
 ]
 
 

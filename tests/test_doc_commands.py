@@ -469,7 +469,7 @@ def quoted_commands(page: str, root: Path = ROOT) -> list[tuple[str, str]]:
 
 def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     from agent.cli import build_parser
-    from agent.uplink.ingest import build_parser as ingest_parser
+    from agent.regional.ingest import build_parser as ingest_parser
 
     return build_parser(), ingest_parser()
 

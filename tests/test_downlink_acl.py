@@ -526,7 +526,7 @@ from tests.pki import SITE as PKI_SITE
 
 
 def run_tool(argv: list[str]) -> tuple[int, str, str]:
-    from agent.tools_regional import main
+    from agent.regional.tools import main
 
     out, err = io.StringIO(), io.StringIO()
     with redirect_stdout(out), redirect_stderr(err):

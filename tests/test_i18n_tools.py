@@ -142,7 +142,7 @@ def russian():
     i18n.set_language(None)
 
 
-@pytest.mark.parametrize("module", ["agent.cli", "agent.uplink.ingest"])
+@pytest.mark.parametrize("module", ["agent.cli", "agent.regional.ingest"])
 def test_every_help_text_has_a_russian_translation(module):
     """The gate-agent parser, and the ingest's own (`gate-agent ingest -- --help`)."""
     import importlib
@@ -556,7 +556,7 @@ def _conflicting_store(path: Path) -> None:
     """A store whose quarantine holds one version: an id first stored with other content."""
     import json
 
-    from agent.uplink.ingest_store import Row, open_store
+    from agent.regional.store import Row, open_store
 
     store = open_store(path)
     try:

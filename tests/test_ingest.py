@@ -18,7 +18,7 @@ from agent.contract import topics, validate
 from agent.core.events import Now
 from agent.core.records import make_record
 from agent.ratelimit import RateLimitFilter
-from agent.uplink.ingest import LOG_BUDGET, LOG_WINDOW_S, Ingest, main
+from agent.regional.ingest import LOG_BUDGET, LOG_WINDOW_S, Ingest, main
 from tests.broker import (  # noqa: F401 - fixtures
     GATE,
     SITE,
@@ -482,7 +482,7 @@ def test_the_database_and_its_wal_are_readable_by_the_service_user_only(broker, 
 
 
 def test_an_existing_database_readable_by_others_is_flagged(tmp_path, caplog):
-    caplog.set_level(logging.WARNING, logger="agent.uplink.ingest")
+    caplog.set_level(logging.WARNING, logger="agent.regional.ingest")
     db = tmp_path / "old.db"
     sqlite3.connect(db).close()
     db.chmod(0o644)
@@ -505,7 +505,7 @@ def test_ingests_made_at_once_have_client_ids_of_their_own(tmp_path, monkeypatch
     # Started in the same millisecond (two hosts, or a test making two at once): the
     # same id would make each take the other's connection over, one getting no events.
     frozen = time.time()
-    monkeypatch.setattr("agent.uplink.ingest.time.time", lambda: frozen)
+    monkeypatch.setattr("agent.regional.ingest.time.time", lambda: frozen)
     made = [Ingest("127.0.0.1", 1, db_path=tmp_path / "ids.db") for _ in range(20)]
     try:
         assert len({ing.client_id for ing in made}) == 20
@@ -515,7 +515,7 @@ def test_ingests_made_at_once_have_client_ids_of_their_own(tmp_path, monkeypatch
 
 
 def test_a_flood_of_conflicting_versions_is_all_kept_and_logged_within_a_budget(broker, ingest_db):
-    # The log handler `gate-agent ingest` runs with (agent.uplink.ingest.main): rate-limited.
+    # The log handler `gate-agent ingest` runs with (agent.regional.ingest.main): rate-limited.
     lines: list[logging.LogRecord] = []
     handler = logging.Handler(logging.WARNING)
     handler.emit = lines.append

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from agent.contract import topics, validate
-from agent.uplink.ingest import Ingest, IngestError, main
-from agent.uplink.ingest_store import (
+from agent.regional.ingest import Ingest, IngestError, main
+from agent.regional.store import (
     PostgresStore,
     Row,
     SqliteStore,

@@ -236,7 +236,7 @@ def not_a_point() -> str:
 
 def keygen(folder: Path, key_id: str) -> Path:
     """`gate-agent keygen FILE --key-id ID`, as the region runs it; returns the .pub it wrote."""
-    from agent.tools_regional import main
+    from agent.regional.tools import main
 
     assert main(["keygen", str(folder / f"{key_id}.key"), "--key-id", key_id]) == 0
     return folder / f"{key_id}.key.pub"

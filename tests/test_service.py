@@ -516,7 +516,7 @@ def test_the_retained_status_carries_the_list_version_pushed_with_acl_push(tmp_p
     from contextlib import redirect_stderr, redirect_stdout
 
     from agent.downlink.signing import generate_keypair, private_key_pem
-    from agent.tools_regional import main as regional
+    from agent.regional.tools import main as regional
 
     key, pub = generate_keypair()
     svc = services(write_config(tmp_path, broker=broker, keys={"region-1": pub}))

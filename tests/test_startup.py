@@ -28,8 +28,8 @@ PUB = "11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo="
 # Loaded by `run` before READY only when the feature is used.
 NOT_AT_START = ("paho", "cryptography", "agent.tools.doctor", "agent.tools.bundle", "agent.tools.provision",
                 "agent.tools.monitor", "agent.tools.journaltool", "agent.tools.enroll", "agent.tools.iotest",
-                "agent.tools.wiring", "agent.tools_regional", "agent.demo", "agent.simulator",
-                "agent.uplink.mqtt", "agent.uplink.ingest")
+                "agent.tools.wiring", "agent.regional.tools", "agent.demo", "agent.simulator",
+                "agent.uplink.mqtt", "agent.regional.ingest")
 # What deciding a card and the fire loop run on: loaded before READY, never after.
 DECIDING = ("agent.core", "agent.runtime", "agent.hw", "fastpath", "agent.uplink.journal",
             "agent.uplink.failover", "agent.statefile", "zoneinfo")

@@ -595,13 +595,13 @@ _GATE_HEAD = re.compile(r"invalid gate config \((\d+) problem\(s\)\); fix these 
 
 # --------------------------------------------------------------------------- ingest, simulate --pretty
 #
-# The ingest's database and connection errors (agent/uplink/ingest_store.py
+# The ingest's database and connection errors (agent/regional/store.py
 # StoreError, the Ingest's ValueError) are English: the service logs them.
 # `gate-agent ingest` prints them to the person at the terminal in their
 # language by the same template matching; the database's or the OS's own
 # words inside a message ({exc}) stay as given.
 
-_INGEST_SOURCES = ("uplink/ingest_store.py", "uplink/ingest.py")
+_INGEST_SOURCES = ("regional/store.py", "regional/ingest.py")
 _INGEST_CALLS = frozenset({"StoreError", "IngestError", "ValueError"})
 _ingest_templates: list[tuple[str, re.Pattern[str], list[str]]] | None = None
 

@@ -44,7 +44,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from agent.core.records import rfc3339_ms
 
-log = logging.getLogger("agent.uplink.ingest")
+log = logging.getLogger("agent.regional.ingest")
 
 # Seqs are SQL BIGINTs on both sides; a larger one is a malformed record.
 MAX_SEQ = 2**63 - 1

@@ -2,7 +2,7 @@
 
 ``add_regional_parsers(subparsers)`` adds the four subcommands to the
 ``gate-agent`` command line (each sets ``func``); ``main(argv)`` runs them
-alone (``python -m agent.tools_regional``).
+alone (``python -m agent.regional.tools``).
 
 Exit codes: 0 done; 1 refused (a command refused, a list rejected or
 dropped by the broker); 2 bad input or no connection; 3 no answer in time

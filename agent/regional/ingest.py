@@ -11,7 +11,7 @@ nothing: the gate resends.
 An id already stored with other content is a conflict (a forged record, or a
 gate cloned from an old SD card): both versions are kept, the later one in
 ``quarantine``, and an ERROR names the journal, seq and gate. Records ahead
-of a gap wait in ``held``, unacked and bounded (ingest_store.py).
+of a gap wait in ``held``, unacked and bounded (store.py).
 
 Run it with ``gate-agent ingest --host H --port P --db FILE`` or
 ``--db-url postgresql://user@dbhost/gates`` (docs/ingest.md).
@@ -36,8 +36,7 @@ from agent.contract import TOPIC_ROOT, topics
 from agent.core.records import rfc3339_ms
 from agent.mqttclient import TlsConfig, new_client
 from agent.ratelimit import RateLimitFilter
-
-from .ingest_store import (
+from agent.regional.store import (
     HOLD_HOURS,
     HOLD_MAX,
     MAX_SEQ,
