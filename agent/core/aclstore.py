@@ -138,6 +138,23 @@ def _merge2(a: list, b: list) -> list:
     return out
 
 
+def _interner(values: list) -> Any:
+    """index(value): the index of value in ``values``, appended the first time it is seen;
+    None is -1 (no validity string). People share their group lists and validity strings."""
+    index = {v: i for i, v in enumerate(values)}
+
+    def intern(value: Any) -> int:
+        if value is None:
+            return -1
+        i = index.get(value)
+        if i is None:
+            i = index[value] = len(values)
+            values.append(value)
+        return i
+
+    return intern
+
+
 def sorted_array(seq: Any) -> array:
     """array("Q", sorted(seq)). With the compiled fastpath, its sort_keys: copied and
     sorted without the interpreter lock. Otherwise a chunk at a time: chunks sorted,
@@ -283,26 +300,9 @@ class PeopleColumns:
         """From people tuples (id, cards, keys, groups, valid_from, valid_until), any
         order; `start`/`end` turn validity strings into epoch seconds."""
         people = sorted(people, key=operator.itemgetter(0))
-        group_index: dict[tuple, int] = {}
-        text_index: dict[str, int] = {}
         group_lists: list[tuple[str, ...]] = []
         texts: list[str] = []
-
-        def gidx(t: tuple) -> int:
-            i = group_index.get(t)
-            if i is None:
-                i = group_index[t] = len(group_lists)
-                group_lists.append(t)
-            return i
-
-        def tidx(s: str | None) -> int:
-            if s is None:
-                return -1
-            i = text_index.get(s)
-            if i is None:
-                i = text_index[s] = len(texts)
-                texts.append(s)
-            return i
+        gidx, tidx = _interner(group_lists), _interner(texts)
 
         ids = [p[0].encode("utf-8") for p in people]
         card_texts = [c.encode("utf-8") for p in people for c in p[1]]
@@ -472,24 +472,7 @@ class PeopleColumns:
         drop = sorted(set(drop))
         add = sorted(add, key=operator.itemgetter(0))
         group_lists, texts = list(self.group_lists), list(self.texts)
-        group_index = {t: i for i, t in enumerate(group_lists)}
-        text_index = {t: i for i, t in enumerate(texts)}
-
-        def gidx(t: tuple) -> int:
-            i = group_index.get(t)
-            if i is None:
-                i = group_index[t] = len(group_lists)
-                group_lists.append(t)
-            return i
-
-        def tidx(s: str | None) -> int:
-            if s is None:
-                return -1
-            i = text_index.get(s)
-            if i is None:
-                i = text_index[s] = len(texts)
-                texts.append(s)
-            return i
+        gidx, tidx = _interner(group_lists), _interner(texts)
 
         # Events in base order: an added person goes before the base person at its
         # insertion point; a dropped one is skipped.
