@@ -559,13 +559,7 @@ cdef class Table:
                     if bad >= 0:
                         break
                 if bad < 0:
-                    for j in range(nb):
-                        card = self._find(blocked[j])
-                        if card != NULL:
-                            card.info |= SLOT_BLOCKED
-                        else:
-                            self._put(blocked[j], -1, SLOT_BLOCKED, p_gs)
-                            n_cards += 1
+                    n_cards += self._mark_blocked(blocked, nb, p_gs)
         finally:
             free(remap)
         self.n_cards = <Py_ssize_t>n_cards
@@ -627,22 +621,29 @@ cdef class Table:
         Sets n_cards: a blocked key someone holds flags that card, one nobody holds is
         an entry of its own."""
         cdef Py_ssize_t p, j, n = 0
-        cdef Card* card
         for p in range(self.n_persons):
             for j in range(<Py_ssize_t>card_off[p], <Py_ssize_t>card_off[p + 1]):
                 if self._find(pkeys[j]) != NULL:
                     return j
                 self._put(pkeys[j], <int>p, 0, p_gs)
                 n += 1
+        self.n_cards = n + self._mark_blocked(blocked, nb, p_gs)
+        return -1
+
+    cdef Py_ssize_t _mark_blocked(self, const unsigned long long* blocked, Py_ssize_t nb,
+                                  const int* p_gs) noexcept nogil:
+        """Flag each blocked key's card; a key nobody holds gets an entry of its own.
+        The number of entries added."""
+        cdef Py_ssize_t j, added = 0
+        cdef Card* card
         for j in range(nb):
             card = self._find(blocked[j])
             if card != NULL:
                 card.info |= SLOT_BLOCKED
             else:
                 self._put(blocked[j], -1, SLOT_BLOCKED, p_gs)
-                n += 1
-        self.n_cards = n
-        return -1
+                added += 1
+        return added
 
     cdef void _copy_id_blob(self, const unsigned long long* id_off,
                             const unsigned char* blob) noexcept nogil:

@@ -286,6 +286,21 @@ def validated(columns: TableColumns) -> dict[str, Any]:
 # --------------------------------------------------------------------------- table
 
 
+def _map_cards(person_of: dict, c: dict, persons: Any) -> None:
+    """person_of[key] = p for each card of the given persons (cards listed by person);
+    ValueError for a key someone already holds."""
+    off, pkeys = c["person_card_off"], c["person_card_keys"]
+    for p in persons:
+        for j in range(off[p], off[p + 1]):
+            k = pkeys[j]
+            if k in person_of:
+                raise ValueError(
+                    f"TableColumns.person_card_keys[{j}] ({k}) is held twice; "
+                    "a card belongs to one person (build the columns with agent.core.acl)"
+                )
+            person_of[k] = p
+
+
 class Table:
     """The access list as an immutable card table (the reference twin: dicts)."""
 
@@ -326,16 +341,7 @@ class Table:
         elif c["by_person"]:
             # key -> person index, cards listed by person; blocked keys on the side.
             self._person_of = person_of = {}
-            off, pkeys = c["person_card_off"], c["person_card_keys"]
-            for p in range(c["n_persons"]):
-                for j in range(off[p], off[p + 1]):
-                    k = pkeys[j]
-                    if k in person_of:
-                        raise ValueError(
-                            f"TableColumns.person_card_keys[{j}] ({k}) is held twice; "
-                            "a card belongs to one person (build the columns with agent.core.acl)"
-                        )
-                    person_of[k] = p
+            _map_cards(person_of, c, range(c["n_persons"]))
             self._blocked = frozenset(c["blocked_keys"])
             self._n_cards = len(person_of) + sum(1 for k in self._blocked if k not in person_of)
         else:
@@ -389,16 +395,7 @@ class Table:
         remap = {i: next(kept_new) for i in range(old_np) if i not in gone}
         if any(i != j for i, j in remap.items()):
             person_of = {k: remap[p] for k, p in person_of.items()}
-        off, pkeys = c["person_card_off"], c["person_card_keys"]
-        for p in add:
-            for j in range(off[p], off[p + 1]):
-                k = pkeys[j]
-                if k in person_of:
-                    raise ValueError(
-                        f"TableColumns.person_card_keys[{j}] ({k}) is held twice; "
-                        "a card belongs to one person (build the columns with agent.core.acl)"
-                    )
-                person_of[k] = p
+        _map_cards(person_of, c, add)
         self._person_of = person_of
         self._blocked = frozenset(c["blocked_keys"])
         self._n_cards = len(person_of) + sum(1 for k in self._blocked if k not in person_of)

@@ -370,16 +370,9 @@ class PeopleColumns:
 
     def find(self, pid: str) -> int:
         """The index of the person with id `pid`, or -1."""
-        target = pid.encode("utf-8")
-        blob, off = self.id_blob, self.id_off
-        lo, hi = 0, self.n
-        while lo < hi:
-            mid = (lo + hi) >> 1
-            if bytes(blob[off[mid]:off[mid + 1]]) < target:
-                lo = mid + 1
-            else:
-                hi = mid
-        if lo < self.n and bytes(blob[off[lo]:off[lo + 1]]) == target:
+        lo = self.insertion_point(pid)
+        off = self.id_off
+        if lo < self.n and bytes(self.id_blob[off[lo]:off[lo + 1]]) == pid.encode("utf-8"):
             return lo
         return -1
 
