@@ -396,6 +396,8 @@ def _trim_heap() -> None:
 _malloc_trim: Any = None
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14
 _MB = 1 << 20
+_HUGE = 2 * _MB
+_MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)
 
 
 def anonymous_pages(size: int) -> mmap.mmap:
@@ -404,6 +406,11 @@ def anonymous_pages(size: int) -> mmap.mmap:
     interpreter lock passes between two; one MAP_POPULATE of 8 MB held it for
     milliseconds), handed back to the kernel as soon as the column is freed."""
     m = mmap.mmap(-1, size)
+    if size >= _HUGE and _MADV_HUGEPAGE is not None:
+        try:
+            m.madvise(_MADV_HUGEPAGE)  # advice only: 2 MiB pages, 512 times fewer faults
+        except (OSError, ValueError):
+            pass
     for c in range(0, size, _MB):
         try:
             m.madvise(_MADV_POPULATE_WRITE, c, min(_MB, size - c))
