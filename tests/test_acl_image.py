@@ -359,3 +359,25 @@ def test_a_delta_that_gives_a_kept_persons_card_to_another_is_refused_naming_bot
     # Moving the card: the old holder gives it up in the same delta.
     moved = acl.apply_delta({**delta, "remove_people": [holder["id"]]})
     assert moved.people.find("p-7777") >= 0 and moved.people.find(holder["id"]) == -1
+
+
+def test_card_strings_are_read_a_chunk_at_a_time_at_their_byte_offsets():
+    """text_slices cuts the blob at each string's byte offsets, across chunk edges,
+    and reads a non-ASCII string whole (a decode of the whole blob sliced by byte
+    offsets would shift every string after it)."""
+    from array import array
+
+    from agent.core import aclstore
+
+    strs = [f"{i},{i % 65536}" for i in range(aclstore.CHUNK * 2 + 5)]
+    strs[aclstore.CHUNK + 3] = "карта-ё"  # two-byte letters, in the second chunk
+    raw = [t.encode("utf-8") for t in strs]
+    raw[7] = b"\xff-bad"  # not UTF-8
+    blob = b"".join(raw)
+    off = array("Q", [0])
+    for r in raw:
+        off.append(off[-1] + len(r))
+    got = aclstore.text_slices(blob, off, len(strs))
+    want = list(strs)
+    want[7] = "\ufffd-bad"
+    assert got == want

@@ -43,7 +43,7 @@ from fastpath.codes import (
 from fastpath.columns import TableChange, TableColumns
 
 from . import aclstore
-from .aclstore import PeopleColumns, all_pairs, any_zip, mapped, slices
+from .aclstore import PeopleColumns, all_pairs, any_zip, mapped, slices, text_slices
 from .cards import CardFormatError, parse_card_string
 from .records import parse_rfc3339
 
@@ -1572,9 +1572,8 @@ def _checked_image_people(
     # Cards: each string read again; its key must be the one sent. In bulk: one
     # regular-expression pass over all strings, one loop of builtins for the keys;
     # card by card (for the messages) only when that finds something wrong.
-    texts = _text_of(people.text_blob)
     to, co, keys = people.text_off, people.card_off, people.card_keys
-    strs = slices(texts, to, m)
+    strs = text_slices(people.text_blob, to, m)
     bulk = _bulk_card_keys(strs, key_width) if m else []
     if bulk is None or any_zip(operator.ne, bulk, keys):
         parse = parse_card_string
@@ -1590,7 +1589,6 @@ def _checked_image_people(
                            f"{_WANTED['card']} with key {keys[j]} at key width {key_width}")
                 if len(errors.items) >= MAX_ERRORS:
                     break
-    aclstore.release(strs)
     aclstore.release(bulk or [])
     sk = aclstore.sorted_array(keys)
     if m and not all_pairs(operator.ne, sk):
@@ -1601,10 +1599,11 @@ def _checked_image_people(
                 other = seen[keys[j]]
                 who = "this person" if other == i else repr(people.id_at(other))
                 errors.add(f"/people/{i}/cards/{j - co[i]}",
-                           f"card {texts[to[j]:to[j + 1]]!r} (key {keys[j]}) is held by {who} "
+                           f"card {strs[j]!r} (key {keys[j]}) is held by {who} "
                            "too; a card belongs to one person or guest: remove one of them")
             else:
                 seen[keys[j]] = i
+    aclstore.release(strs)
     # Validity: epochs from the strings, in the list's zone.
     from_tab = [epochs.start(t) if ok else NO_START for t, ok in zip(people.texts, ok_texts)]
     until_tab = [epochs.end(t) if ok else NO_END for t, ok in zip(people.texts, ok_texts)]
@@ -1637,17 +1636,6 @@ def _cards_pattern() -> Any:
     """Any number of card strings, each followed by a newline (the schema's pattern)."""
     one = schema()["$defs"]["card"]["pattern"].lstrip("^").rstrip("$")
     return re.compile(f"(?:{one}\n)*")
-
-
-def _text_of(blob: Any) -> str:
-    """The card strings' blob as text, decoded a MB at a time when it is ASCII (as
-    the schema's card strings are): no single 10 MB pass holding the lock."""
-    mv = aclstore.raw(blob)
-    step = 1 << 20
-    parts = [bytes(mv[c:c + step]) for c in range(0, len(mv), step)]
-    if all(p.isascii() for p in parts):
-        return "".join([p.decode("ascii") for p in parts])
-    return b"".join(parts).decode("utf-8", "replace")
 
 
 def _bulk_card_keys(strs: list[str], key_width: int) -> list[int] | None:
