@@ -187,7 +187,8 @@ def test_a_large_list_swaps_in_between_decisions(live):
     g.push(signed(SCHOOL))
     big = synthetic_acl(20_000, version="big.1")
     first_big_card = parse_card_string(big["people"][0]["cards"][0], 24)
-    g.dl.on_message(ACL_TOPIC, signed(big), None)
+    # As agent.mqttclient hands a big message over: the bytearray paho read it into.
+    g.dl.on_message(ACL_TOPIC, bytearray(signed(big)), None)
     # Decide while it builds, until it is in; every decision uses one whole list or the other.
     outcomes = []
     deadline = time.monotonic() + 30

@@ -259,9 +259,11 @@ class Downlink:
                         "list worker; send one list at a time and wait for acl.applied"))]))
                     return
                 self._ensure_worker()
-                self._queue.put(bytes(payload))
+                # A big list comes from paho as the bytearray it was read into
+                # (agent.mqttclient): handed on as it is, never copied.
+                self._queue.put(payload if isinstance(payload, (bytes, bytearray)) else bytes(payload))
             else:
-                self.acl.handle(bytes(payload))
+                self.acl.handle(payload if isinstance(payload, (bytes, bytearray)) else bytes(payload))
         except Exception:
             log.exception("downlink: message on %s could not be handled", topic)
 
