@@ -381,3 +381,32 @@ def test_card_strings_are_read_a_chunk_at_a_time_at_their_byte_offsets():
     want = list(strs)
     want[7] = "\ufffd-bad"
     assert got == want
+
+
+def test_big_column_buffers_are_private_zeroed_pages():
+    """aclstore.zeros hands out the downlink's anonymous pages for a big column:
+    zeroed, writable, the size asked for, and private (a shared anonymous mapping
+    is shmem: slower to fault, never on huge pages)."""
+    import mmap
+
+    from agent.core import aclstore
+    from agent.downlink.acl_sync import anonymous_pages
+
+    m = anonymous_pages(5 * (1 << 20) + 123)
+    assert len(m) == 5 * (1 << 20) + 123
+    assert m[:] == bytes(len(m))
+    m[len(m) - 1] = 7
+    assert m[-1] == 7
+    import ctypes
+
+    start = ctypes.c_char.from_buffer(m)
+    addr = ctypes.addressof(start)
+    del start
+    with open("/proc/self/maps") as f:
+        spans = [ln.split() for ln in f]
+    [perms] = [sp[1] for sp in spans if int(sp[0].split("-")[0], 16) <= addr < int(sp[0].split("-")[1], 16)]
+    assert perms == "rw-p", perms  # private
+    m.close()
+    col = aclstore.zeros("Q", 300_000)
+    assert isinstance(col, memoryview) and isinstance(col.obj, mmap.mmap) and len(col) == 300_000
+    assert not any(col[:1000]) and not any(col[-1000:])

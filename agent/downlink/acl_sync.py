@@ -377,23 +377,35 @@ def _release_pages(mm: Any) -> None:
             log.debug("madvise(MADV_DONTNEED) refused", exc_info=True)
 
 
+def _libc() -> Any:
+    """glibc through ctypes, or None. A ctypes call hands the interpreter lock over
+    for as long as it runs: the kernel's work it asks for (zeroing pages, trimming
+    the heap) never keeps the gate thread waiting."""
+    global _libc_handle
+    if _libc_handle is None:
+        try:
+            import ctypes
+
+            lib = ctypes.CDLL("libc.so.6", use_errno=True)
+            lib.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+            lib.madvise.restype = ctypes.c_int
+            lib.malloc_trim.argtypes = (ctypes.c_size_t,)
+            _libc_handle = lib
+        except (OSError, AttributeError):
+            _libc_handle = False
+    return _libc_handle or None
+
+
 def _trim_heap() -> None:
     """Give the C heap's free pages back to the kernel (glibc's malloc_trim): building
     a big table frees tens of MB of columns that glibc would otherwise keep. Advice;
     nothing elsewhere."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            import ctypes
-
-            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
+    lib = _libc()
+    if lib is not None:
+        lib.malloc_trim(0)
 
 
-_malloc_trim: Any = None
+_libc_handle: Any = None
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14
 _MB = 1 << 20
 _HUGE = 2 * _MB
@@ -401,22 +413,40 @@ _MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)
 
 
 def anonymous_pages(size: int) -> mmap.mmap:
-    """A zeroed, writable buffer for a big column (aclstore.use_buffers): an
-    anonymous mapping, its pages faulted in a MB per madvise call (the
-    interpreter lock passes between two; one MAP_POPULATE of 8 MB held it for
-    milliseconds), handed back to the kernel as soon as the column is freed."""
-    m = mmap.mmap(-1, size)
+    """A zeroed, writable buffer for a big column (aclstore.use_buffers): a private
+    anonymous mapping (a shared one is shmem: slower faults and no huge pages), on
+    2 MiB pages where the kernel gives them, handed back as soon as the column is
+    freed. Its pages are faulted in at once by one madvise through ctypes, with
+    the interpreter lock released (a merge then copies into memory that is there:
+    faults inside its copies would hold the lock); where that cannot be done, a
+    MB per call (the lock passes between two)."""
+    m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
     if size >= _HUGE and _MADV_HUGEPAGE is not None:
         try:
-            m.madvise(_MADV_HUGEPAGE)  # advice only: 2 MiB pages, 512 times fewer faults
+            m.madvise(_MADV_HUGEPAGE)  # advice only: 512 times fewer faults
         except (OSError, ValueError):
             pass
-    for c in range(0, size, _MB):
-        try:
-            m.madvise(_MADV_POPULATE_WRITE, c, min(_MB, size - c))
-        except (OSError, ValueError, AttributeError):
-            break  # an older kernel: pages come in as they are first written
+    if size and not _populate(m, size):
+        for c in range(0, size, _MB):
+            try:
+                m.madvise(_MADV_POPULATE_WRITE, c, min(_MB, size - c))
+            except (OSError, ValueError, AttributeError):
+                break  # an older kernel: pages come in as they are first written
     return m
+
+
+def _populate(m: mmap.mmap, size: int) -> bool:
+    """MADV_POPULATE_WRITE over the whole mapping, the lock released; False when not done."""
+    lib = _libc()
+    if lib is None:
+        return False
+    import ctypes
+
+    view = ctypes.c_char.from_buffer(m)
+    try:
+        return lib.madvise(ctypes.addressof(view), size, _MADV_POPULATE_WRITE) == 0
+    finally:
+        del view  # the mapping may be closed only once nothing points into it
 
 
 aclstore.use_buffers(anonymous_pages)
@@ -672,6 +702,7 @@ class AclSync:
             sys.setswitchinterval(before)
 
     def _handle(self, payload: bytes) -> bool:
+        t0 = time.perf_counter()
         digest = hashlib.sha256(payload).digest()
         if digest == self._applied_digest:
             # The very message in use, again (QoS 1 redelivery or a replay): no need to
@@ -716,10 +747,12 @@ class AclSync:
             self.rejected(exc, version, signed=self._verified)
             return False
         # The slow part: here, never on the gate thread. A delta patches the table in use.
+        t1 = time.perf_counter()
         if self._builder is build_table:
             table = build_table(acl, self.fp, base=self._table if kind == "delta" else None)
         else:
             table = self._builder(acl, self.fp)
+        t2 = time.perf_counter()
         now = self._wall()
         if kind == "delta" and self._log_delta(doc, now):
             pass  # on disk in the log; acl.bin is folded in later, off this thread
@@ -730,6 +763,9 @@ class AclSync:
             self.acl, self.applied_at = acl, now
         self._table = table
         self._applied_digest = digest
+        log.info("access list %s (%s, %d bytes) applied: read and checked in %.0f ms, table in %.0f ms, "
+                 "stored in %.0f ms", acl.version, kind, len(payload), (t1 - t0) * 1e3,
+                 (t2 - t1) * 1e3, (time.perf_counter() - t2) * 1e3)
         # The time zone travels with the table: schedules switch zone at the swap itself.
         self._submit(SwapTable(table, kind, base, timezone=acl.timezone))
         with self._flags:
