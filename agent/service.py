@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import Any
 
 import fastpath
-from agent import __version__
+from agent import __version__, host
 from agent.config import DEFAULT_PATH, Config, ConfigError, load_config
 from agent.core.events import Report
 from agent.core.turnstile import COMMANDABLE_MODES, Gate
@@ -796,6 +796,7 @@ def run(config_path: str | os.PathLike[str] = DEFAULT_PATH) -> int:
     # broker flood, say) holds it: at most one switch interval per hand-over. 1 ms
     # instead of CPython's 5 ms keeps a card's decision well inside 10 ms.
     sys.setswitchinterval(GIL_SWITCH_S)
+    host.tune_malloc()  # a million-entry list grows without copies (agent/host.py)
     setup_logging("info")
     try:
         config = load_config(config_path)

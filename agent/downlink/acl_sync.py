@@ -52,6 +52,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from agent import host
 from agent.contract import CONTRACT_VERSION
 from agent.core import aclstore
 from agent.core.acl import AccessList, AclError, AclRejected, build_table, parse_acl_json
@@ -378,22 +379,23 @@ def _release_pages(mm: Any) -> None:
 
 
 def _libc() -> Any:
-    """glibc through ctypes, or None. A ctypes call hands the interpreter lock over
-    for as long as it runs: the kernel's work it asks for (zeroing pages, trimming
-    the heap) never keeps the gate thread waiting."""
-    global _libc_handle
-    if _libc_handle is None:
-        try:
-            import ctypes
+    """glibc (agent.host.libc) with the two calls made here typed, or None. A ctypes
+    call hands the interpreter lock over for as long as it runs: the kernel's work
+    it asks for (zeroing pages, trimming the heap) never keeps the gate thread
+    waiting."""
+    global _libc_typed
+    lib = host.libc()
+    if lib is not None and not _libc_typed:
+        import ctypes
 
-            lib = ctypes.CDLL("libc.so.6", use_errno=True)
+        try:
             lib.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
             lib.madvise.restype = ctypes.c_int
             lib.malloc_trim.argtypes = (ctypes.c_size_t,)
-            _libc_handle = lib
-        except (OSError, AttributeError):
-            _libc_handle = False
-    return _libc_handle or None
+        except AttributeError:
+            return None
+        _libc_typed = True
+    return lib if _libc_typed else None
 
 
 def _trim_heap() -> None:
@@ -405,7 +407,7 @@ def _trim_heap() -> None:
         lib.malloc_trim(0)
 
 
-_libc_handle: Any = None
+_libc_typed = False
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14
 _MB = 1 << 20
 _HUGE = 2 * _MB
