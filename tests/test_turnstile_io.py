@@ -332,6 +332,54 @@ def test_input_meaning_follows_the_stated_level_whatever_the_pull(factory, pull,
     _check_inputs(factory, parse_profile(doc, "t.toml"))
 
 
+def test_every_profile_input_has_a_device_kind_that_owns_its_line(factory):
+    from agent.hw import devices
+
+    assert set(devices.INPUT_DEVICES) == set(INPUT_LINES)
+    profile = load_profile("pi4-relay4")
+    io = TurnstileIO(profile, factory=factory, submit=Collect())
+    try:
+        for name, dev in io.inputs.items():
+            assert isinstance(dev, devices.TurnstileInput), name
+            assert dev.spec == profile.inputs[name]
+            assert dev.pin.info.name == f"GPIO{profile.inputs[name].pin}"
+        assert isinstance(io.inputs["fire_loop"], devices.FireLoopContact)
+        assert isinstance(io.inputs["pass_b"], devices.PassageSensor) and io.inputs["pass_b"].side == "B"
+        assert all(isinstance(dev, devices.Relay) for dev in io.outputs.values())
+        for reader, fb in io.readers.items():
+            assert set(fb.lines) == set(io.feedback_lines[reader])
+            assert all(isinstance(dev, devices.FeedbackLine) for dev in fb.lines.values())
+    finally:
+        io.close()
+    with pytest.raises(ValueError, match="unknown input 'door'"):
+        devices.input_device("door", profile.inputs["pass_a"], pin_factory=factory)
+
+
+def test_a_device_reports_its_own_event_without_the_composition(factory):
+    """A device alone (as io-test or a future board would use it) says its line's meaning."""
+    from agent.hw.devices import FireLoopContact, GuardButton
+    from agent.hw.profiles import InputPin
+
+    loop = FireLoopContact(InputPin(pin=23, pull="up", active_high=True), pin_factory=factory)
+    button = GuardButton(InputPin(pin=24, pull="up", active_high=False), direction="out", pin_factory=factory)
+    got = Collect()
+    try:
+        factory.pin("GPIO23").drive_low()  # at rest before watching: the loop closed, the button up
+        factory.pin("GPIO24").drive_high()
+        loop.watch(got)
+        button.watch(got)
+        assert loop.event_at_start() is None and not loop.is_asserted
+        factory.pin("GPIO23").drive_high()  # loop opens: active high whatever the pull
+        assert loop.event_at_start() == ev.FireLoop(open=True)
+        factory.pin("GPIO24").drive_low()  # pressed: active low
+        factory.pin("GPIO24").drive_high()  # released: no event
+        assert got == [ev.FireLoop(open=True), ev.Button("out")]
+        assert (loop.edges, button.edges) == (1, 2)
+    finally:
+        loop.close()
+        button.close()
+
+
 @pytest.mark.parametrize("name", PROFILES)
 def test_an_open_fire_loop_at_start_is_reported_first(factory, name):
     profile = load_profile(name)
