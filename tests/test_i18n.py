@@ -137,6 +137,27 @@ def test_a_po_with_an_error_fails_the_build_with_its_place(tmp_path, entry, said
     assert not mo.exists()  # no half-checked catalogue is left for the package
 
 
+def test_a_wheel_of_a_fresh_checkout_carries_the_compiled_catalogue(tmp_path):
+    """install.sh and the Debian package install a wheel pip builds: it must hold the .mo,
+    compiled in that build from a tree that has none (the .mo is not in git)."""
+    import zipfile
+
+    src = tmp_path / "src"
+    junk = shutil.ignore_patterns("__pycache__", "*.so", "*.c", "*.html", "*.mo")
+    shutil.copytree(ROOT / "agent", src / "agent", ignore=junk)  # the fastpath has no part in it
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    env = {**os.environ, "GATE_PUREPYTHON": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps",
+                          "--no-index", "-w", str(tmp_path / "dist"), str(src)],
+                         env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr
+    wheel = next((tmp_path / "dist").glob("gate_agent-*.whl"))
+    with zipfile.ZipFile(wheel) as z:
+        mo = z.read("agent/locale/ru/LC_MESSAGES/gate-agent.mo")
+    assert _mo_messages(mo) == i18n.po_messages(PO)
+
+
 def test_every_way_a_board_builds_the_package_can_compile_the_catalogue():
     """install.sh's pip build fetches [build-system] requires; an offline bundle must carry them."""
     import tomllib
