@@ -90,9 +90,13 @@ class BuildPyWithCatalogs(build_py):
             catalog.creation_date = datetime.fromtimestamp(int(os.environ.get("SOURCE_DATE_EPOCH", "0")), UTC)
             mo = po.with_suffix(".mo")
             tmp = mo.with_name(f".{mo.name}.{os.getpid()}.tmp")
-            with open(tmp, "wb") as out:
-                write_mo(out, catalog)
-            os.replace(tmp, mo)  # a reader never sees half a catalogue
+            try:
+                with open(tmp, "wb") as out:
+                    write_mo(out, catalog)
+                os.replace(tmp, mo)  # a reader never sees half a catalogue
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
             self.announce(f"compiled {mo}: {len(catalog)} messages", level=2)
 
 

@@ -158,7 +158,7 @@ def catalog(lang: str) -> dict[str, str]:
         # An install or a checkout that skipped the build step: speak English and say why once.
         print(f"gate-agent: no compiled {lang} catalogue ({_paths(lang)[1]}); using English. "
               "In a checkout, run make build", file=sys.stderr)
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - a truncated .mo raises struct.error, a bad one OSError
         # A broken catalogue must never stop a tool: speak English and say why once.
         print(f"gate-agent: translations for {lang} not loaded ({exc}); using English", file=sys.stderr)
     _catalogs[lang] = messages

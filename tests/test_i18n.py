@@ -180,6 +180,19 @@ def test_a_missing_catalogue_means_english_and_says_so_once(tmp_path, monkeypatc
     assert err.count("no compiled ru catalogue") == 1 and "make build" in err
 
 
+@pytest.mark.parametrize("cut", [3, 100, 0.5])
+def test_a_truncated_mo_means_english_and_never_stops_a_tool(tmp_path, monkeypatch, capsys, cut):
+    folder = tmp_path / "ru" / "LC_MESSAGES"
+    folder.mkdir(parents=True)
+    data = MO.read_bytes()
+    (folder / "gate-agent.mo").write_bytes(data[:int(len(data) * cut) if cut < 1 else cut])
+    monkeypatch.setattr(i18n, "LOCALE_DIR", tmp_path)
+    monkeypatch.setattr(i18n, "_catalogs", {})
+    i18n.set_language("ru")
+    assert i18n.gettext("no readers configured") == "no readers configured"
+    assert "translations for ru not loaded" in capsys.readouterr().err
+
+
 def test_a_catalogue_is_read_from_its_mo_with_gettext(tmp_path, monkeypatch):
     folder = tmp_path / "ru" / "LC_MESSAGES"
     folder.mkdir(parents=True)

@@ -260,6 +260,21 @@ def test_closing_releases_the_pins_for_a_rebuild(factory):
     again.close()
 
 
+def test_a_pin_taken_half_way_leaves_no_output_claimed_or_active(factory):
+    """A device that cannot claim its pin (another program holds it) must not leave the
+    relays built before it claimed, or pulse any of them."""
+    profile = load_profile("pi4-relay4")
+    seed_power_on(factory, profile)
+    holder = DigitalInputDevice(profile.inputs["tamper"].pin, pin_factory=factory)
+    try:
+        with pytest.raises(GPIOPinInUse):
+            TurnstileIO(profile, factory=factory, submit=Collect())
+    finally:
+        holder.close()
+    assert_never_active(factory, profile)
+    TurnstileIO(profile, factory=factory, submit=Collect()).close()  # every pin was released
+
+
 def test_an_output_the_board_does_not_wire_is_ignored(factory):
     doc = _doc()
     profile = parse_profile(doc, "t.toml")  # no fire_release relay
