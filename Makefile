@@ -25,7 +25,7 @@ all: build
 $(STAMP): pyproject.toml setup.py scripts/setup-system.sh
 	PYTHON=$(PYTHON) scripts/setup-system.sh
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
-	$(VPY) -m pip install -q --upgrade pip setuptools wheel "Cython>=3.0"
+	$(VPY) -m pip install -q --upgrade pip setuptools wheel "Cython>=3.0" "Babel>=2.12"
 	$(VPY) -m pip install -q --no-build-isolation -e '.[$(EXTRAS)]'
 	@# OSDP readers are optional: where libosdp does not install, its tests skip and say why.
 	$(VPY) -m pip install -q 'libosdp>=3.2' || echo "gate-agent: libosdp did not install; OSDP readers unavailable"
@@ -33,8 +33,14 @@ $(STAMP): pyproject.toml setup.py scripts/setup-system.sh
 
 setup: $(STAMP)
 
+# The message catalogues (.mo, not in git): setup.py's build_py compiles them with Babel in
+# pip's build of the package, here the editable install, run again when a .po changes.
+CATALOGS := $(patsubst %.po,%.mo,$(wildcard agent/locale/*/LC_MESSAGES/*.po))
+$(CATALOGS): %.mo: %.po | $(STAMP)
+	$(VPY) -m pip install -q --no-build-isolation --no-deps -e .
+
 # Compile fastpath/_compiled.pyx in place (skipped with GATE_PUREPYTHON=1).
-build: $(STAMP)
+build: $(STAMP) $(CATALOGS)
 	$(VPY) setup.py -q build_ext --inplace
 	@# Bytecode as installed boards have it (pip, the .deb's postinst): without it every start
 	@# compiles the agent's sources again where PYTHONDONTWRITEBYTECODE is set (~40 ms, issue 12).
@@ -107,4 +113,4 @@ include Makefile.fuzz
 fuzz-hypothesis fuzz-atheris: build
 
 clean:
-	rm -rf build fastpath/_compiled.c fastpath/*.so *.egg-info $(BROKER_PLUGIN)
+	rm -rf build fastpath/_compiled.c fastpath/*.so *.egg-info $(BROKER_PLUGIN) $(CATALOGS)

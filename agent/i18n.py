@@ -24,23 +24,21 @@ argparse's own words ("usage:", "the following arguments are required")
 come from this catalogue too, and ``translate_parser()`` translates the
 help texts of a built parser (see their docstrings for why).
 
-The catalogue is ``agent/locale/ru/LC_MESSAGES/gate-agent.po``. A compiled
-``gate-agent.mo`` beside it is used when it is at least as new as the .po
-(``python -m agent.i18n compile`` writes it, e.g. from a make step);
-otherwise the .po is parsed directly at first use, so a checkout or an
-install without a compiled catalogue still speaks Russian. No msgfmt, no
-build step needed.
+The catalogue is ``agent/locale/ru/LC_MESSAGES/gate-agent.po``. The package
+build compiles it with Babel into ``gate-agent.mo`` beside it (setup.py's
+build_py: pip, ``make build``, the Debian package; the .mo is not in git),
+and the tools read that .mo with the standard library's ``gettext``. A
+missing .mo means English, said once on stderr. Babel is needed to build
+and for the upkeep below, never to run.
 
 Plural forms are avoided on purpose: messages put numbers after a colon
 ("events: 5"), which reads right in both languages.
 
-    python -m agent.i18n compile    # write the .mo beside each .po
     python -m agent.i18n check      # list msgids used in the tools but missing from the catalogue
 """
 from __future__ import annotations
 
 import os
-import struct
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -52,14 +50,13 @@ __all__ = [
     "LOCALE_DIR",
     "_",
     "catalog",
-    "compile_mo",
     "detect_language",
     "gettext",
     "install_argparse",
     "language",
     "missing_msgids",
-    "parse_po",
     "parser_msgids",
+    "po_messages",
     "set_language",
     "translate_parser",
     "used_msgids",
@@ -93,10 +90,6 @@ TRANSLATED_MODULES = (
 
 _language: str | None = None
 _catalogs: dict[str, dict[str, str]] = {}
-
-
-class PoError(ValueError):
-    """A .po file that cannot be read; the message names the line."""
 
 
 def _lang_of(value: str) -> str | None:
@@ -139,108 +132,7 @@ def set_language(lang: str | None) -> None:
     _language = lang
 
 
-# --------------------------------------------------------------------------- .po
-
-
-def _unquote(text: str, where: str) -> str:
-    text = text.strip()
-    if len(text) < 2 or text[0] != '"' or text[-1] != '"':
-        raise PoError(f"{where}: expected a quoted string, got {text[:40]!r}")
-    body = text[1:-1]
-    out: list[str] = []
-    i = 0
-    escapes = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "\\": "\\"}
-    while i < len(body):
-        c = body[i]
-        if c == "\\" and i + 1 < len(body):
-            out.append(escapes.get(body[i + 1], body[i + 1]))
-            i += 2
-        else:
-            out.append(c)
-            i += 1
-    return "".join(out)
-
-
-def parse_po(text: str, source: str = "<po>") -> dict[str, str]:
-    """msgid -> msgstr of a .po file's translated, non-fuzzy entries (the header
-    entry, msgid "", is left out). Multi-line strings and C escapes are read;
-    plural entries are not used by this project and are refused."""
-    out: dict[str, str] = {}
-    entry: dict[str, list[str]] = {}
-    field: str | None = None
-    fuzzy = False
-
-    def flush() -> None:
-        nonlocal entry, field, fuzzy
-        if "msgid" in entry and "msgstr" in entry:
-            msgid, msgstr = "".join(entry["msgid"]), "".join(entry["msgstr"])
-            if msgid and msgstr and not fuzzy:
-                out[msgid] = msgstr
-        entry, field, fuzzy = {}, None, False
-
-    for n, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        where = f"{source}:{n}"
-        if not line:
-            flush()
-            continue
-        if line.startswith("#"):
-            if "msgid" in entry and "msgstr" in entry:
-                flush()
-            if line.startswith("#,") and "fuzzy" in line:
-                fuzzy = True
-            continue
-        if line.startswith(("msgid_plural", "msgstr[")):
-            raise PoError(f"{where}: plural entries are not used here; rephrase with a colon")
-        if line.startswith("msgctxt"):
-            raise PoError(f"{where}: msgctxt is not used here")
-        if line.startswith("msgid "):
-            if "msgstr" in entry:
-                flush()
-            field = "msgid"
-            entry["msgid"] = [_unquote(line[6:], where)]
-        elif line.startswith("msgstr "):
-            if "msgid" not in entry:
-                raise PoError(f"{where}: msgstr without a msgid before it")
-            field = "msgstr"
-            entry["msgstr"] = [_unquote(line[7:], where)]
-        elif line.startswith('"'):
-            if field is None:
-                raise PoError(f"{where}: a string continues nothing")
-            entry[field].append(_unquote(line, where))
-        else:
-            raise PoError(f"{where}: cannot read {line[:40]!r}; fix the .po syntax")
-    flush()
-    return out
-
-
-def compile_mo(messages: Mapping[str, str]) -> bytes:
-    """A GNU .mo file (what msgfmt writes) holding ``messages``; the header
-    entry declares UTF-8 so gettext decodes it."""
-    items = dict(messages)
-    items[""] = "Content-Type: text/plain; charset=UTF-8\n"
-    keys = sorted(items)
-    ids = [k.encode("utf-8") for k in keys]
-    strs = [items[k].encode("utf-8") for k in keys]
-    n = len(keys)
-    header = 7 * 4
-    ids_table = header
-    strs_table = ids_table + n * 8
-    data_start = strs_table + n * 8
-    offsets_ids, offsets_strs = [], []
-    blob = b""
-    for b in ids:
-        offsets_ids.append((len(b), data_start + len(blob)))
-        blob += b + b"\0"
-    for b in strs:
-        offsets_strs.append((len(b), data_start + len(blob)))
-        blob += b + b"\0"
-    out = struct.pack("<7I", 0x950412DE, 0, n, ids_table, strs_table, 0, 0)
-    for length, off in offsets_ids:
-        out += struct.pack("<2I", length, off)
-    for length, off in offsets_strs:
-        out += struct.pack("<2I", length, off)
-    return out + blob
+# --------------------------------------------------------------------------- catalogue
 
 
 def _paths(lang: str) -> tuple[Path, Path]:
@@ -249,25 +141,26 @@ def _paths(lang: str) -> tuple[Path, Path]:
 
 
 def catalog(lang: str) -> dict[str, str]:
-    """msgid -> translation for a language ({} for English or a missing catalogue)."""
+    """msgid -> translation for a language, from its compiled .mo ({} for
+    English or a missing catalogue)."""
     if lang in _catalogs:
         return _catalogs[lang]
-    messages: dict[str, str] = {}
-    po, mo = _paths(lang)
-    try:
-        po_mtime = po.stat().st_mtime if po.exists() else None
-        if mo.exists() and (po_mtime is None or mo.stat().st_mtime >= po_mtime):
-            import gettext as _gettext  # only when a catalogue is read (English needs none)
+    import gettext as _gettext  # only when a catalogue is read (English needs none)
 
-            with mo.open("rb") as f:
-                trans = _gettext.GNUTranslations(f)
-            messages = {k: v for k, v in trans._catalog.items() if isinstance(k, str) and k}  # type: ignore[attr-defined]
-        elif po_mtime is not None:
-            messages = parse_po(po.read_text(encoding="utf-8"), str(po))
-    except (OSError, PoError, UnicodeDecodeError) as exc:
+    messages: dict[str, str] = {}
+    try:
+        trans = _gettext.translation(DOMAIN, localedir=LOCALE_DIR, languages=[lang])
+        # The whole table, not one lookup at a time: words.py asks whether a msgid is
+        # translated at all, which gettext() cannot say when a translation equals its msgid.
+        raw = getattr(trans, "_catalog", {})
+        messages = {k: v for k, v in raw.items() if isinstance(k, str) and k}
+    except FileNotFoundError:
+        # An install or a checkout that skipped the build step: speak English and say why once.
+        print(f"gate-agent: no compiled {lang} catalogue ({_paths(lang)[1]}); using English. "
+              "In a checkout, run make build", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 - a truncated .mo raises struct.error, a bad one OSError
         # A broken catalogue must never stop a tool: speak English and say why once.
         print(f"gate-agent: translations for {lang} not loaded ({exc}); using English", file=sys.stderr)
-        messages = {}
     _catalogs[lang] = messages
     return messages
 
@@ -298,12 +191,11 @@ def install_argparse() -> None:
 
     Python ships no translation of argparse, and argparse looks its words up
     through ``gettext.gettext`` in the process-wide default domain, so binding
-    a gettext domain would need a compiled .mo and would change every other
-    library's lookups too. argparse instead resolves the module globals ``_``
+    our domain there would change every other library's lookups too. argparse instead resolves the module globals ``_``
     and ``ngettext`` at each call, so pointing those two names at our own
     lookup translates "usage:", "options:", "the following arguments are
     required: %s" ... from the msgids in our .po (the "argparse" block), with
-    our language rules (LANGUAGE, .po without a build). Call it before the
+    our language rules (LANGUAGE, C ignoring it). Call it before the
     parsers are built: "options" and "show this help message and exit" are
     looked up when a parser is made. Idempotent."""
     import argparse
@@ -384,10 +276,23 @@ def used_msgids(paths: list[Path] | None = None) -> dict[str, list[str]]:
     return out
 
 
+def po_messages(path: Path) -> dict[str, str]:
+    """msgid -> msgstr of a .po's translated, non-fuzzy entries, read with Babel
+    (upkeep and tests: the tools themselves read the compiled .mo)."""
+    try:
+        from babel.messages.pofile import read_po
+    except ImportError as exc:
+        raise RuntimeError("reading a .po needs Babel: pip install Babel (make build installs it)") from exc
+    with Path(path).open("rb") as f:
+        parsed = read_po(f, abort_invalid=True)
+    return {m.id: m.string for m in parsed
+            if isinstance(m.id, str) and m.id and isinstance(m.string, str) and m.string and not m.fuzzy}
+
+
 def missing_msgids(lang: str = "ru") -> dict[str, list[str]]:
-    """msgids used in the tools that the catalogue does not translate."""
+    """msgids used in the tools that the catalogue (the .po) does not translate."""
     po, _mo = _paths(lang)
-    have = parse_po(po.read_text(encoding="utf-8"), str(po)) if po.exists() else {}
+    have = po_messages(po) if po.exists() else {}
     return {m: where for m, where in used_msgids().items() if m not in have}
 
 
@@ -397,19 +302,13 @@ def _po_quote(text: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if args[:1] == ["compile"]:
-        for lang in LANGUAGES:
-            po, mo = _paths(lang)
-            if po.exists():
-                mo.write_bytes(compile_mo(parse_po(po.read_text(encoding="utf-8"), str(po))))
-                print(f"wrote {mo}")
-        return 0
     if args[:1] == ["check"]:
         missing = missing_msgids("ru")
         for msgid, where in missing.items():
             print(f"#: {' '.join(where)}\nmsgid {_po_quote(msgid)}\nmsgstr \"\"\n")
         return 1 if missing else 0
-    print("usage: python -m agent.i18n compile | check", file=sys.stderr)
+    print("usage: python -m agent.i18n check   (the .mo is compiled by the package build: make build)",
+          file=sys.stderr)
     return 2
 
 

@@ -5,6 +5,7 @@ import gettext
 import io
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -55,57 +56,158 @@ def test_language_is_read_first_unless_the_locale_is_c(env, lang):
     assert i18n.detect_language(env) == lang
 
 
-def test_a_po_file_is_read_with_multiline_strings_escapes_and_without_fuzzy_entries():
-    text = (
-        'msgid ""\nmsgstr "Content-Type: text/plain; charset=UTF-8\\n"\n\n'
+# --------------------------------------------------------------------------- the build step
+
+MO = PO.with_suffix(".mo")
+HEADER = 'msgid ""\nmsgstr "Content-Type: text/plain; charset=UTF-8\\n"\n\n'
+
+
+def _mo_messages(data: bytes) -> dict[str, str]:
+    trans = gettext.GNUTranslations(io.BytesIO(data))
+    return {k: v for k, v in trans._catalog.items() if isinstance(k, str) and k}
+
+
+def _build(tmp_path: Path, po_text: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """setup.py's build step (build_py) on a copy of the project holding only this .po."""
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    folder = tmp_path / "agent" / "locale" / "ru" / "LC_MESSAGES"
+    folder.mkdir(parents=True, exist_ok=True)
+    po = folder / "gate-agent.po"
+    po.write_text(po_text, encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if k != "SOURCE_DATE_EPOCH"}
+    env["GATE_PUREPYTHON"] = "1"  # the catalogue only: no Cython run
+    res = subprocess.run([sys.executable, "setup.py", "-q", "build_py"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120, check=False)
+    return res, po.with_suffix(".mo")
+
+
+def test_the_built_mo_says_what_the_po_says():
+    """The .mo the tools read (built by make build / pip) holds every translated msgid of the .po,
+    translated the same, and nothing else; GNU msgfmt, where installed, compiles the same table."""
+    assert MO.exists(), f"{MO} is missing: run make build (setup.py's build_py compiles it)"
+    built = _mo_messages(MO.read_bytes())
+    source = i18n.po_messages(PO)
+    assert len(source) > 500
+    stale = sorted(set(source.items()) ^ set(built.items()))[:5]
+    assert built == source, f"the .mo is not the .po's ({stale} ...): run make build"
+    msgfmt = shutil.which("msgfmt")
+    if msgfmt is not None:
+        res = subprocess.run([msgfmt, "-o", "-", str(PO)], capture_output=True, timeout=60, check=True)
+        assert _mo_messages(res.stdout) == built
+
+
+def test_the_catalogue_passes_gnu_msgfmt_check():
+    """What Babel reads leniently (a msgid given twice, an unclosed string) msgfmt refuses."""
+    msgfmt = shutil.which("msgfmt")
+    if msgfmt is None:
+        pytest.skip("GNU msgfmt is not installed here (apt install gettext)")
+    res = subprocess.run([msgfmt, "--check", "-o", os.devnull, str(PO)], capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert res.returncode == 0, res.stderr
+
+
+def test_the_build_compiles_multiline_strings_escapes_and_leaves_out_fuzzy_entries_reproducibly(tmp_path):
+    text = HEADER + (
         '#: x.py:1\nmsgid "one"\nmsgstr "один"\n\n'
         'msgid ""\n"two "\n"lines\\n"\nmsgstr ""\n"две "\n"строки\\n"\n\n'
         'msgid "say \\"hi\\"\\t{x}"\nmsgstr "скажи \\"привет\\"\\t{x}"\n\n'
         '#, fuzzy\nmsgid "unsure"\nmsgstr "неуверенно"\n\n'
         'msgid "untranslated"\nmsgstr ""\n'
     )
-    got = i18n.parse_po(text)
-    assert got == {"one": "один", "two lines\n": "две строки\n", 'say "hi"\t{x}': 'скажи "привет"\t{x}'}
+    res, mo = _build(tmp_path, text)
+    assert res.returncode == 0, res.stderr
+    first = mo.read_bytes()
+    assert _mo_messages(first) == {"one": "один", "two lines\n": "две строки\n",
+                                   'say "hi"\t{x}': 'скажи "привет"\t{x}'}
+    res, mo = _build(tmp_path, text)
+    assert res.returncode == 0, res.stderr
+    assert mo.read_bytes() == first  # one .po, one .mo: the package build is reproducible
 
 
-def test_a_broken_po_line_is_reported_with_its_place():
-    with pytest.raises(i18n.PoError, match=r"bad\.po:2"):
-        i18n.parse_po('msgid "a"\nnonsense here\n', "bad.po")
+@pytest.mark.parametrize(("entry", "said"), [
+    ('msgid "a"\nnonsense here\n', r"gate-agent\.po:5: .*'nonsense here'; fix the \.po syntax"),
+    ('msgid "{n} cards"\nmsgstr "{count} карт"\n', r"gate-agent\.po:4: the translation names \{count\}"),
+    ('#, python-format\nmsgid "%(n)d cards"\nmsgstr "%(n)s карт"\n', r"gate-agent\.po:5: .*placeholder"),
+])
+def test_a_po_with_an_error_fails_the_build_with_its_place(tmp_path, entry, said):
+    res, mo = _build(tmp_path, HEADER + entry)
+    assert res.returncode != 0
+    assert re.search(said, res.stderr), res.stderr
+    assert not mo.exists()  # no half-checked catalogue is left for the package
 
 
-def test_the_compiled_mo_reads_back_through_gettext_as_the_po_says():
-    messages = i18n.parse_po(PO.read_text(encoding="utf-8"))
-    trans = gettext.GNUTranslations(io.BytesIO(i18n.compile_mo(messages)))
-    for msgid, msgstr in messages.items():
-        assert trans.gettext(msgid) == msgstr
+def test_a_wheel_of_a_fresh_checkout_carries_the_compiled_catalogue(tmp_path):
+    """install.sh and the Debian package install a wheel pip builds: it must hold the .mo,
+    compiled in that build from a tree that has none (the .mo is not in git)."""
+    import zipfile
+
+    src = tmp_path / "src"
+    junk = shutil.ignore_patterns("__pycache__", "*.so", "*.c", "*.html", "*.mo")
+    shutil.copytree(ROOT / "agent", src / "agent", ignore=junk)  # the fastpath has no part in it
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    env = {**os.environ, "GATE_PUREPYTHON": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps",
+                          "--no-index", "-w", str(tmp_path / "dist"), str(src)],
+                         env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr
+    wheel = next((tmp_path / "dist").glob("gate_agent-*.whl"))
+    with zipfile.ZipFile(wheel) as z:
+        mo = z.read("agent/locale/ru/LC_MESSAGES/gate-agent.mo")
+    assert _mo_messages(mo) == i18n.po_messages(PO)
 
 
-def test_the_mo_is_used_only_when_it_is_not_older_than_the_po(tmp_path, monkeypatch):
-    folder = tmp_path / "ru" / "LC_MESSAGES"
-    folder.mkdir(parents=True)
-    po, mo = folder / "gate-agent.po", folder / "gate-agent.mo"
-    po.write_text('msgid "hello"\nmsgstr "привет из po"\n', encoding="utf-8")
-    mo.write_bytes(i18n.compile_mo({"hello": "привет из mo"}))
-    monkeypatch.setattr(i18n, "LOCALE_DIR", tmp_path)
-    monkeypatch.setattr(i18n, "_catalogs", {})
-    os.utime(po, (1_000_000, 1_000_000))
-    os.utime(mo, (2_000_000, 2_000_000))
-    assert i18n.catalog("ru")["hello"] == "привет из mo"
-    monkeypatch.setattr(i18n, "_catalogs", {})
-    os.utime(po, (3_000_000, 3_000_000))  # the .po was edited after the .mo was built
-    assert i18n.catalog("ru")["hello"] == "привет из po"
+def test_every_way_a_board_builds_the_package_can_compile_the_catalogue():
+    """install.sh's pip build fetches [build-system] requires; an offline bundle must carry them."""
+    import tomllib
+
+    from agent.tools import bundle
+
+    requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
+    names = {re.split(r"[<>=!~ \[]", r, maxsplit=1)[0].lower() for r in requires}
+    assert "babel" in names
+    assert names <= {p.lower() for p in bundle.PURE_PACKAGES + bundle.BINARY_PACKAGES}
 
 
-def test_a_missing_catalogue_means_english(tmp_path, monkeypatch):
+def test_a_missing_catalogue_means_english_and_says_so_once(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(i18n, "LOCALE_DIR", tmp_path)
     monkeypatch.setattr(i18n, "_catalogs", {})
     i18n.set_language("ru")
     assert i18n.gettext("the journal file itself") == "the journal file itself"
+    assert i18n.gettext("no readers configured") == "no readers configured"
+    err = capsys.readouterr().err
+    assert err.count("no compiled ru catalogue") == 1 and "make build" in err
+
+
+@pytest.mark.parametrize("cut", [3, 100, 0.5])
+def test_a_truncated_mo_means_english_and_never_stops_a_tool(tmp_path, monkeypatch, capsys, cut):
+    folder = tmp_path / "ru" / "LC_MESSAGES"
+    folder.mkdir(parents=True)
+    data = MO.read_bytes()
+    (folder / "gate-agent.mo").write_bytes(data[:int(len(data) * cut) if cut < 1 else cut])
+    monkeypatch.setattr(i18n, "LOCALE_DIR", tmp_path)
+    monkeypatch.setattr(i18n, "_catalogs", {})
+    i18n.set_language("ru")
+    assert i18n.gettext("no readers configured") == "no readers configured"
+    assert "translations for ru not loaded" in capsys.readouterr().err
+
+
+def test_a_catalogue_is_read_from_its_mo_with_gettext(tmp_path, monkeypatch):
+    folder = tmp_path / "ru" / "LC_MESSAGES"
+    folder.mkdir(parents=True)
+    shutil.copy(MO, folder / "gate-agent.mo")
+    (folder / "gate-agent.po").write_text('msgid "hello"\nmsgstr "привет из po"\n', encoding="utf-8")
+    monkeypatch.setattr(i18n, "LOCALE_DIR", tmp_path)
+    monkeypatch.setattr(i18n, "_catalogs", {})
+    i18n.set_language("ru")
+    assert i18n.gettext("hello") == "hello"  # the .po is the source, not what the tools read
+    assert CYRILLIC.search(i18n.gettext("no readers configured"))
 
 
 def test_every_message_of_the_tools_has_a_russian_translation_with_the_same_placeholders():
     assert i18n.missing_msgids("ru") == {}, "run: python -m agent.i18n check, and translate what it lists"
-    catalog = i18n.parse_po(PO.read_text(encoding="utf-8"))
+    catalog = i18n.po_messages(PO)
     used = i18n.used_msgids()
     assert len(used) > 100  # the tools really route their words through _()
     for msgid in used:

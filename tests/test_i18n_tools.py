@@ -152,7 +152,7 @@ def test_every_help_text_has_a_russian_translation(module):
         parser = importlib.import_module(module).build_parser()
     finally:
         i18n.set_language(None)
-    catalog = i18n.parse_po(PO.read_text(encoding="utf-8"))
+    catalog = i18n.po_messages(PO)
     missing = [m for m in i18n.parser_msgids(parser) if m not in catalog]
     assert missing == [], "translate these --help texts in gate-agent.po"
 
@@ -279,7 +279,7 @@ def test_regional_tools_errors_are_russian(board):
 
 
 def test_every_config_message_and_contract_term_has_a_russian_translation():
-    catalog = i18n.parse_po(PO.read_text(encoding="utf-8"))
+    catalog = i18n.po_messages(PO)
     ids = words.config_msgids()
     assert len(ids) > 100  # config.py's messages and the schema's texts were found
     for msgid in ids:
@@ -412,7 +412,7 @@ def test_simulate_errors_and_expectations_are_russian(tmp_path):
 
 
 def test_every_scenario_message_has_a_russian_translation(russian):
-    catalog = i18n.parse_po(PO.read_text(encoding="utf-8"))
+    catalog = i18n.po_messages(PO)
     ids = words.scenario_msgids()
     assert "{where}: access-list file {path} not found" in ids and len(ids) > 15
     for msgid in ids:
@@ -612,7 +612,7 @@ def test_ingest_start_and_stop_lines_are_russian_and_its_log_stays_english(tmp_p
 
 
 def test_every_ingest_error_message_has_a_russian_translation(russian):
-    catalog = i18n.parse_po(PO.read_text(encoding="utf-8"))
+    catalog = i18n.po_messages(PO)
     ids = words.ingest_msgids()
     assert any(m.startswith("cannot connect to the ingest database") for m in ids) and len(ids) > 10
     for msgid in ids:

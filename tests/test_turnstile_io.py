@@ -260,6 +260,21 @@ def test_closing_releases_the_pins_for_a_rebuild(factory):
     again.close()
 
 
+def test_a_pin_taken_half_way_leaves_no_output_claimed_or_active(factory):
+    """A device that cannot claim its pin (another program holds it) must not leave the
+    relays built before it claimed, or pulse any of them."""
+    profile = load_profile("pi4-relay4")
+    seed_power_on(factory, profile)
+    holder = DigitalInputDevice(profile.inputs["tamper"].pin, pin_factory=factory)
+    try:
+        with pytest.raises(GPIOPinInUse):
+            TurnstileIO(profile, factory=factory, submit=Collect())
+    finally:
+        holder.close()
+    assert_never_active(factory, profile)
+    TurnstileIO(profile, factory=factory, submit=Collect()).close()  # every pin was released
+
+
 def test_an_output_the_board_does_not_wire_is_ignored(factory):
     doc = _doc()
     profile = parse_profile(doc, "t.toml")  # no fire_release relay
@@ -330,6 +345,54 @@ def test_input_meaning_follows_the_stated_level_whatever_the_pull(factory, pull,
         for name, pin in pins.items()
     }
     _check_inputs(factory, parse_profile(doc, "t.toml"))
+
+
+def test_every_profile_input_has_a_device_kind_that_owns_its_line(factory):
+    from agent.hw import devices
+
+    assert set(devices.INPUT_DEVICES) == set(INPUT_LINES)
+    profile = load_profile("pi4-relay4")
+    io = TurnstileIO(profile, factory=factory, submit=Collect())
+    try:
+        for name, dev in io.inputs.items():
+            assert isinstance(dev, devices.TurnstileInput), name
+            assert dev.spec == profile.inputs[name]
+            assert dev.pin.info.name == f"GPIO{profile.inputs[name].pin}"
+        assert isinstance(io.inputs["fire_loop"], devices.FireLoopContact)
+        assert isinstance(io.inputs["pass_b"], devices.PassageSensor) and io.inputs["pass_b"].side == "B"
+        assert all(isinstance(dev, devices.Relay) for dev in io.outputs.values())
+        for reader, fb in io.readers.items():
+            assert set(fb.lines) == set(io.feedback_lines[reader])
+            assert all(isinstance(dev, devices.FeedbackLine) for dev in fb.lines.values())
+    finally:
+        io.close()
+    with pytest.raises(ValueError, match="unknown input 'door'"):
+        devices.input_device("door", profile.inputs["pass_a"], pin_factory=factory)
+
+
+def test_a_device_reports_its_own_event_without_the_composition(factory):
+    """A device alone (as io-test or a future board would use it) says its line's meaning."""
+    from agent.hw.devices import FireLoopContact, GuardButton
+    from agent.hw.profiles import InputPin
+
+    loop = FireLoopContact(InputPin(pin=23, pull="up", active_high=True), pin_factory=factory)
+    button = GuardButton(InputPin(pin=24, pull="up", active_high=False), direction="out", pin_factory=factory)
+    got = Collect()
+    try:
+        factory.pin("GPIO23").drive_low()  # at rest before watching: the loop closed, the button up
+        factory.pin("GPIO24").drive_high()
+        loop.watch(got)
+        button.watch(got)
+        assert loop.event_at_start() is None and not loop.is_asserted
+        factory.pin("GPIO23").drive_high()  # loop opens: active high whatever the pull
+        assert loop.event_at_start() == ev.FireLoop(open=True)
+        factory.pin("GPIO24").drive_low()  # pressed: active low
+        factory.pin("GPIO24").drive_high()  # released: no event
+        assert got == [ev.FireLoop(open=True), ev.Button("out")]
+        assert (loop.edges, button.edges) == (1, 2)
+    finally:
+        loop.close()
+        button.close()
 
 
 @pytest.mark.parametrize("name", PROFILES)

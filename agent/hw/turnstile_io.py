@@ -1,9 +1,12 @@
 """Turnstile I/O with gpiozero: relays out, contacts in, reader feedback.
 
 Built from a board profile (agent.hw.profiles) with the pin factory passed
-in. Outputs are ``DigitalOutputDevice(initial_value=False)``: inactive from
-the moment the pin is claimed, so a start or a restart never pulses a relay.
-Input callbacks (run on gpiozero's threads) only call ``submit(event)``.
+in, as a composition of the small devices of agent.hw.devices: one per
+line the profile wires (a ``Relay`` per output, a ``TurnstileInput`` of
+the line's kind per input, a ``ReaderFeedback`` per reader with LED or
+beeper lines). Outputs are claimed inactive, so a start or a restart never
+pulses a relay. Input callbacks (run on gpiozero's threads) only call
+``submit(event)``.
 
 ``TurnstileIO`` is the runtime's OutputDriver: ``set(line, active)`` and
 ``feedback(reader, signal)``.
@@ -15,59 +18,19 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from gpiozero import DigitalInputDevice, DigitalOutputDevice
-
-from agent.core.events import (
-    Button,
-    FireLoop,
-    FireReset,
-    LockdownSwitch,
-    PassSensor,
-    ReadyLine,
-    Tamper,
-)
-
-from .profiles import InputPin, OutputPin, Profile
+from .devices import FeedbackLine, FeedbackStep, ReaderFeedback, Relay, TurnstileInput, input_device
+from .profiles import Profile
 
 log = logging.getLogger(__name__)
 
 # Reader feedback as blink patterns: (line, on_s, off_s, n). gpiozero background
 # blinks, started by a small feedback thread: starting a blink starts a thread,
 # which the gate thread must not wait for.
-FEEDBACK_PATTERNS: dict[str, tuple[tuple[str, float, float, int], ...]] = {
+FEEDBACK_PATTERNS: dict[str, tuple[FeedbackStep, ...]] = {
     "granted": (("led", 1.0, 0.0, 1), ("beeper", 0.1, 0.0, 1)),
     "denied": (("beeper", 0.1, 0.1, 2),),
     "error": (("beeper", 0.04, 0.06, 3),),
 }
-
-
-def _edge_events(name: str, asserted: bool) -> Any:
-    """The core event for an input changing to asserted / not asserted, or None."""
-    if name == "pass_a":
-        return PassSensor(side="A") if asserted else None
-    if name == "pass_b":
-        return PassSensor(side="B") if asserted else None
-    if name == "ready":
-        return ReadyLine(ok=asserted)
-    if name == "fire_loop":
-        return FireLoop(open=asserted)
-    if name == "fire_reset":
-        return FireReset(by="input") if asserted else None
-    if name == "lockdown":
-        return LockdownSwitch(on=asserted)
-    if name == "button_in":
-        return Button(direction="in") if asserted else None
-    if name == "button_out":
-        return Button(direction="out") if asserted else None
-    if name == "tamper":
-        return Tamper(active=asserted)
-    raise ValueError(f"unknown input {name!r}")
-
-
-# Inputs that are states, not moments: their level at start is reported when
-# it is not the quiet one (the core assumes ready, loop closed, no lockdown,
-# no tamper).
-_STATE_AT_START = {"fire_loop": True, "ready": False, "lockdown": True, "tamper": True}
 
 
 class TurnstileIO:
@@ -76,11 +39,14 @@ class TurnstileIO:
     factory: the gpiozero pin factory (MockFactory in tests, LGPIOFactory on
     a Pi). submit: where input events go (GateRuntime.submit).
     feedback_patterns: signal -> ((line, on_s, off_s, n), ...), default
-    FEEDBACK_PATTERNS. Devices are
-    built here (outputs first, all inactive); ``start()`` attaches the input
-    callbacks and reports the fire loop (and the other state inputs) if they
-    are already away from rest; ``close()`` drives every output inactive and
-    releases the pins.
+    FEEDBACK_PATTERNS. The devices are built here (outputs first, all
+    inactive); ``start()`` attaches the input callbacks and reports the fire
+    loop (and the other state inputs) if they are already away from rest;
+    ``close()`` drives every output inactive and releases the pins.
+
+    ``outputs``: line -> Relay; ``inputs``: line -> its TurnstileInput;
+    ``feedback``: reader -> ReaderFeedback (``feedback_lines`` the same as
+    plain line dicts, for io-test).
     """
 
     def __init__(
@@ -89,7 +55,7 @@ class TurnstileIO:
         *,
         factory: Any,
         submit: Callable[[Any], Any],
-        feedback_patterns: dict[str, tuple[tuple[str, float, float, int], ...]] | None = None,
+        feedback_patterns: dict[str, tuple[FeedbackStep, ...]] | None = None,
     ) -> None:
         self.profile = profile
         self.feedback_patterns = dict(FEEDBACK_PATTERNS if feedback_patterns is None else feedback_patterns)
@@ -97,12 +63,10 @@ class TurnstileIO:
         self._submit = submit
         self.counters: dict[str, int] = {"events": 0, "unwired_outputs": 0, "feedback": 0,
                                          "feedback_superseded": 0}
-        self.input_edges: dict[str, int] = {name: 0 for name in profile.inputs}
-        self.outputs: dict[str, DigitalOutputDevice] = {}
-        self.feedback_lines: dict[str, dict[str, DigitalOutputDevice]] = {}
-        self.inputs: dict[str, DigitalInputDevice] = {}
-        # gpiozero holds pin callbacks weakly: every device (and callback) is kept here.
-        self._callbacks: list[Callable[[], None]] = []
+        # gpiozero holds pin callbacks weakly: every device is kept here, and holds its own callbacks.
+        self.outputs: dict[str, Relay] = {}
+        self.readers: dict[str, ReaderFeedback] = {}
+        self.inputs: dict[str, TurnstileInput] = {}
         self._started = False
         self._closed = False
         # Latest signal per reader: a newer signal replaces a waiting one (as a
@@ -114,52 +78,33 @@ class TurnstileIO:
         self._feedback_thread: threading.Thread | None = None
         try:
             for line, spec in profile.outputs.items():
-                self.outputs[line] = self._output(spec)
+                self.outputs[line] = Relay(spec, pin_factory=factory)
             for reader, pins in profile.readers.items():
                 lines = {}
                 if pins.led:
-                    lines["led"] = self._output(pins.led)
+                    lines["led"] = FeedbackLine(pins.led, pin_factory=factory)
                 if pins.beeper:
-                    lines["beeper"] = self._output(pins.beeper)
+                    lines["beeper"] = FeedbackLine(pins.beeper, pin_factory=factory)
                 if lines:
-                    self.feedback_lines[reader] = lines
+                    self.readers[reader] = ReaderFeedback(reader, lines)
             for name, spec in profile.inputs.items():
-                self.inputs[name] = self._input(spec)
+                self.inputs[name] = input_device(name, spec, pin_factory=factory)
         except Exception:
             self.close()
             raise
-        if self.feedback_lines:
+        if self.readers:
             self._feedback_thread = threading.Thread(target=self._feedback_loop, name="feedback", daemon=True)
             self._feedback_thread.start()
 
-    # -- construction ------------------------------------------------------------
+    @property
+    def feedback_lines(self) -> dict[str, dict[str, FeedbackLine]]:
+        """reader -> {"led"/"beeper": device}, for the lines the profile wires."""
+        return {reader: dict(fb.lines) for reader, fb in self.readers.items()}
 
-    def _output(self, spec: OutputPin) -> DigitalOutputDevice:
-        # initial_value=False: claimed straight into the inactive level (lgpio
-        # claims the line with its level in one call), so it never glitches.
-        return DigitalOutputDevice(
-            spec.pin, active_high=spec.active_high, initial_value=False, pin_factory=self.factory
-        )
-
-    def _input(self, spec: InputPin) -> DigitalInputDevice:
-        if spec.pull == "none":
-            dev = DigitalInputDevice(spec.pin, pull_up=None, active_state=spec.active_high,
-                                     bounce_time=spec.bounce_s, pin_factory=self.factory)
-        else:
-            dev = DigitalInputDevice(spec.pin, pull_up=spec.pull == "up",
-                                     bounce_time=spec.bounce_s, pin_factory=self.factory)
-        return dev
-
-    def _asserted_when_active(self, spec: InputPin) -> bool:
-        """Whether the profile's 'asserted' is gpiozero's 'active' for this input.
-
-        gpiozero ties 'active' to the pull (pull-up: active when low), while a
-        profile states the level at which the input means something.
-        """
-        if spec.pull == "none":
-            return True
-        device_active_high = spec.pull == "down"
-        return device_active_high == spec.active_high
+    @property
+    def input_edges(self) -> dict[str, int]:
+        """Edges seen per input since start (telemetry, tests)."""
+        return {name: dev.edges for name, dev in self.inputs.items()}
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -173,23 +118,10 @@ class TurnstileIO:
         if self._started:
             return
         self._started = True
-        for name, dev in self.inputs.items():
-            flag = self._asserted_when_active(self.profile.inputs[name])
-            on_active = self._make_callback(name, flag)
-            on_inactive = self._make_callback(name, not flag)
-            self._callbacks += [on_active, on_inactive]
-            dev.when_activated = on_active
-            dev.when_deactivated = on_inactive
-        for name in sorted(_STATE_AT_START, key=lambda n: n != "fire_loop"):
-            if name in self.inputs and self.asserted(name) == _STATE_AT_START[name]:
-                self._emit(_edge_events(name, _STATE_AT_START[name]))
-
-    def _make_callback(self, name: str, asserted: bool) -> Callable[[], None]:
-        def callback() -> None:
-            self.input_edges[name] += 1
-            self._emit(_edge_events(name, asserted))
-
-        return callback
+        for dev in self.inputs.values():
+            dev.watch(self._emit)
+        for dev in sorted(self.inputs.values(), key=lambda d: d.START_RANK):
+            self._emit(dev.event_at_start())
 
     def _emit(self, event: Any) -> None:
         if event is None:
@@ -199,12 +131,11 @@ class TurnstileIO:
 
     def asserted(self, name: str) -> bool:
         """The input's current meaning (see profiles.INPUT_MEANING)."""
-        dev = self.inputs[name]
-        return bool(dev.is_active) == self._asserted_when_active(self.profile.inputs[name])
+        return self.inputs[name].is_asserted
 
     def levels(self) -> dict[str, bool]:
         """Every input's current asserted state (for io-test and telemetry)."""
-        return {name: self.asserted(name) for name in self.inputs}
+        return {name: dev.is_asserted for name, dev in self.inputs.items()}
 
     def close(self) -> None:
         """Every output inactive first, then release every pin."""
@@ -217,22 +148,19 @@ class TurnstileIO:
         thread = self._feedback_thread
         if thread is not None:
             thread.join(timeout=2.0)
-        for dev in self._all_outputs():
-            try:
-                dev.off()  # also stops a running feedback blink
-            except Exception:  # a closed pin must not stop the others going inactive
-                log.exception("could not drive output %r inactive", dev)
-        for dev in [*self._all_outputs(), *self.inputs.values()]:
+        outputs = self._all_outputs()
+        for dev in outputs:
+            dev.safe_off()  # also stops a running feedback blink
+        for dev in [*outputs, *self.inputs.values()]:
             try:
                 dev.close()
             except Exception:
                 log.exception("could not close %r", dev)
-        self._callbacks.clear()
 
-    def _all_outputs(self) -> list[DigitalOutputDevice]:
-        devs = list(self.outputs.values())
-        for lines in self.feedback_lines.values():
-            devs += lines.values()
+    def _all_outputs(self) -> list[Relay | FeedbackLine]:
+        devs: list[Relay | FeedbackLine] = list(self.outputs.values())
+        for fb in self.readers.values():
+            devs += fb.lines.values()
         return devs
 
     # -- OutputDriver ------------------------------------------------------------
@@ -262,7 +190,7 @@ class TurnstileIO:
             log.warning("unknown feedback signal %r for reader %s; allowed: %s",
                         signal, reader, ", ".join(self.feedback_patterns))
             return
-        if self._closed or reader not in self.feedback_lines:
+        if self._closed or reader not in self.readers:
             return
         self.counters["feedback"] += 1
         with self._fb_cond:
@@ -280,15 +208,7 @@ class TurnstileIO:
                 pending, self._fb_pending = self._fb_pending, {}
                 markers, self._fb_markers = self._fb_markers, []
             for reader, signal in pending.items():
-                lines = self.feedback_lines[reader]
-                for line, on_s, off_s, n in self.feedback_patterns[signal]:
-                    dev = lines.get(line)
-                    if dev is None:
-                        continue
-                    try:
-                        dev.blink(on_time=on_s, off_time=off_s, n=n, background=True)
-                    except Exception:  # a failing line must not end the thread
-                        log.exception("reader %s: feedback %s on %s failed", reader, signal, line)
+                self.readers[reader].show(signal, self.feedback_patterns[signal])
             for marker in markers:
                 marker.set()
 
@@ -302,11 +222,4 @@ class TurnstileIO:
             self._fb_cond.notify()
         if not marker.wait(timeout):
             return False
-        for lines in self.feedback_lines.values():
-            for dev in lines.values():
-                thread = getattr(dev, "_blink_thread", None)  # gpiozero's running blink, if any
-                if thread is not None:
-                    thread.join(timeout)
-                    if thread.is_alive():
-                        return False
-        return True
+        return all(fb.wait_quiet(timeout) for fb in self.readers.values())

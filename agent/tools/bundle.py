@@ -97,7 +97,8 @@ __all__ = [
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATES = REPO / "bundle"
 # Pure-Python dependencies and the build requirements (pip builds the agent offline on the board).
-PURE_PACKAGES = ("paho-mqtt", "pyserial", "gpiozero", "colorzero", "tzdata", "setuptools", "wheel", "Cython")
+PURE_PACKAGES = ("paho-mqtt", "pyserial", "gpiozero", "colorzero", "tzdata", "setuptools", "wheel", "Cython",
+                 "Babel")
 # Compiled: wheels for the board's platform, where the registry has them.
 BINARY_PACKAGES = ("cryptography", "jsonschema-rs")
 PLATFORMS = ("manylinux2014_aarch64", "manylinux_2_17_aarch64", "manylinux_2_28_aarch64")
