@@ -22,7 +22,7 @@ import pytest
 from agent import contract
 from agent.core.events import Now
 from agent.core.records import make_record
-from agent.uplink import journal as journal_mod
+from agent.uplink import salvage as salvage_mod
 from agent.uplink.journal import Journal
 
 BASE = 1_788_000_000.0
@@ -239,7 +239,7 @@ def test_if_the_pages_cannot_be_decoded_sqlites_reader_is_used_and_the_record_sa
         def __init__(self, *a, **kw) -> None:
             raise RuntimeError("page reader broken")
 
-    monkeypatch.setattr(journal_mod, "PageReader", Broken)
+    monkeypatch.setattr(salvage_mod, "PageReader", Broken)
     caplog.set_level(logging.ERROR, logger="agent.uplink.journal")
     j = open_journal(path)
     rec = j.recovered_record
@@ -476,7 +476,7 @@ def test_a_long_salvage_keeps_saying_it_is_alive(big, tmp_path, monkeypatch):
     path = copy_journal(src, tmp_path / "j")
     data = path.read_bytes()
     path.write_bytes(data[: len(data) * 90 // 100])
-    monkeypatch.setattr(journal_mod, "PROGRESS_S", 0.0)
+    monkeypatch.setattr(salvage_mod, "PROGRESS_S", 0.0)
     calls: list[float] = []
     j = open_journal(path, progress=lambda: calls.append(1.0))
     assert j.recovered_record is not None
