@@ -1466,16 +1466,6 @@ def _joined(typecode: str, head: Any, tail: Any) -> Any:
     return out
 
 
-def _array_of(typecode: str, values: Any) -> array:
-    """A new array of `typecode` holding `values` (an array or a memoryview): one copy."""
-    out = array(typecode)
-    data = aclstore.raw(values)
-    step = 1 << 20  # a MB at a time: the gate thread may take the lock in between
-    for c in range(0, len(data), step):
-        out.frombytes(data[c:c + step])
-    return out
-
-
 def _checked_image_people(
     people: PeopleColumns, base: AccessList, errors: _Errors, *, trusted: bool
 ) -> PeopleColumns:

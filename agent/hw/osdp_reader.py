@@ -519,10 +519,6 @@ class OsdpBus:
     def readers(self) -> list[str]:
         return [pd.spec.name for pd in self._pds]
 
-    def handles(self, reader: str) -> bool:
-        """Whether the named reader is on this bus (for routing feedback)."""
-        return reader in self._by_name
-
     def is_online(self, reader: str) -> bool:
         with self._lock:
             return bool(self._by_name[reader].online)
