@@ -42,15 +42,17 @@ build: fastpath-built $(BYTECODE) broker-plugin
 
 # fastpath/_compiled.pyx is compiled through pip (PEP 517, setup.py's Extension) into an editable
 # install: the module lands beside its source in fastpath/, importable from the checkout and from
-# the venv. Its rule's target is that module; with GATE_PUREPYTHON=1 a stamp under build/.
+# the venv. Its rule's target is that module; a stamp under build/ with GATE_PUREPYTHON=1 or
+# while there is no python3 yet to name the module (setup-system.sh installs it).
 PURE := $(filter 1 true yes,$(GATE_PUREPYTHON))
-EXT_SUFFIX := $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
-FASTPATH := $(if $(PURE),build/fastpath-pure.stamp,fastpath/_compiled$(EXT_SUFFIX))
+EXT_SUFFIX := $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))' 2>/dev/null)
+FASTPATH := $(if $(PURE),build/fastpath-pure.stamp,$(if $(EXT_SUFFIX),fastpath/_compiled$(EXT_SUFFIX),build/fastpath.stamp))
 fastpath-built: $(FASTPATH)
 $(FASTPATH): $(STAMP) pyproject.toml setup.py $(wildcard fastpath/*.pyx fastpath/*.pxd)
 	$(VPY) -m pip install -q --no-build-isolation --no-deps -e .
 	$(VPY) -c 'import fastpath; print("fastpath:", fastpath.IMPLEMENTATION)'
-	$(if $(PURE),@mkdir -p $(@D) && touch $@,@test -e $@ || { echo "gate-agent: $@ was not built" >&2; exit 1; })
+	@case $@ in *.stamp) mkdir -p $(@D) && touch $@ ;; \
+		*) test -e $@ || { echo "gate-agent: $@ was not built" >&2; exit 1; } ;; esac
 
 # Bytecode as installed boards have it (pip, the .deb's postinst): without it every start
 # compiles the agent's sources again where PYTHONDONTWRITEBYTECODE is set (~40 ms, issue 12).
