@@ -64,11 +64,13 @@ $(BYTECODE): $(shell find agent fastpath bench -name '*.py' 2>/dev/null) | $(STA
 # mosquitto-dev, libmosquitto-dev and libssl-dev. Without them it is not built and the broker
 # tests skip, or fail under GATE_REQUIRE_COMPILED=1 (CI).
 BROKER_PLUGIN := mosquitto/gate_acl.so
-BROKER_HEADERS := $(shell $(CC) -E -x c -include mosquitto_broker.h -include openssl/x509.h /dev/null \
-	>/dev/null 2>&1 && echo yes)
+BROKER_PROBE = $(CC) -E -x c -include mosquitto_broker.h -include openssl/x509.h /dev/null >/dev/null 2>&1
+BROKER_HEADERS := $(shell $(BROKER_PROBE) && echo yes)
 broker-plugin: $(if $(BROKER_HEADERS),$(BROKER_PLUGIN))
 ifeq ($(BROKER_HEADERS),)
-	@echo "gate-agent: mosquitto-dev/libssl-dev missing; $(BROKER_PLUGIN) not built"
+	@# Asked again: on a fresh machine setup-system.sh installs the headers after make started.
+	@if $(BROKER_PROBE); then $(MAKE) --no-print-directory $(BROKER_PLUGIN); \
+	else echo "gate-agent: mosquitto-dev/libssl-dev missing; $(BROKER_PLUGIN) not built"; fi
 endif
 
 $(BROKER_PLUGIN): mosquitto/gate_acl.c
