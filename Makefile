@@ -18,7 +18,7 @@ PYTEST_FLAGS ?= -q
 PURE_TESTS := tests/test_cards.py tests/test_acl.py tests/test_fastpath.py tests/test_turnstile.py tests/test_simulator.py
 SCENARIO ?= examples/scenarios/school-morning.toml
 
-.PHONY: all setup build broker-plugin run simulate test test-pure test-arm64 bench soak chaos fuzz lint clean deb test-deb
+.PHONY: all setup build fastpath-built broker-plugin run simulate test test-pure test-arm64 bench soak chaos fuzz lint clean deb test-deb
 
 all: build
 
@@ -26,36 +26,58 @@ $(STAMP): pyproject.toml setup.py scripts/setup-system.sh
 	PYTHON=$(PYTHON) scripts/setup-system.sh
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(VPY) -m pip install -q --upgrade pip setuptools wheel "Cython>=3.0" "Babel>=2.12"
-	$(VPY) -m pip install -q --no-build-isolation -e '.[$(EXTRAS)]'
+	@# The dependencies and the editable install; the fastpath is compiled by its own rule below
+	@# (GATE_PUREPYTHON=1 here: a fresh setup compiles it once, not twice).
+	GATE_PUREPYTHON=1 $(VPY) -m pip install -q --no-build-isolation -e '.[$(EXTRAS)]'
 	@# OSDP readers are optional: where libosdp does not install, its tests skip and say why.
 	$(VPY) -m pip install -q 'libosdp>=3.2' || echo "gate-agent: libosdp did not install; OSDP readers unavailable"
 	touch $(STAMP)
 
 setup: $(STAMP)
 
+# The compiled fastpath (skipped with GATE_PUREPYTHON=1), the agent's bytecode and the broker
+# plugin, each remade only when its sources changed: `make run` twice compiles nothing.
+BYTECODE := build/bytecode.stamp
 # The message catalogues (.mo, not in git): setup.py's build_py compiles them with Babel in
 # pip's build of the package, here the editable install, run again when a .po changes.
 CATALOGS := $(patsubst %.po,%.mo,$(wildcard agent/locale/*/LC_MESSAGES/*.po))
 $(CATALOGS): %.mo: %.po | $(STAMP)
 	$(VPY) -m pip install -q --no-build-isolation --no-deps -e .
 
-# Compile fastpath/_compiled.pyx in place (skipped with GATE_PUREPYTHON=1).
-build: $(STAMP) $(CATALOGS)
-	$(VPY) setup.py -q build_ext --inplace
-	@# Bytecode as installed boards have it (pip, the .deb's postinst): without it every start
-	@# compiles the agent's sources again where PYTHONDONTWRITEBYTECODE is set (~40 ms, issue 12).
-	$(VPY) -m compileall -q agent fastpath bench >/dev/null
+build: fastpath-built $(CATALOGS) $(BYTECODE) broker-plugin
+
+# fastpath/_compiled.pyx is compiled through pip (PEP 517, setup.py's Extension) into an editable
+# install: the module lands beside its source in fastpath/, importable from the checkout and from
+# the venv. Its rule's target is that module; a stamp under build/ with GATE_PUREPYTHON=1 or
+# while there is no python3 yet to name the module (setup-system.sh installs it).
+PURE := $(filter 1 true yes,$(GATE_PUREPYTHON))
+EXT_SUFFIX := $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))' 2>/dev/null)
+FASTPATH := $(if $(PURE),build/fastpath-pure.stamp,$(if $(EXT_SUFFIX),fastpath/_compiled$(EXT_SUFFIX),build/fastpath.stamp))
+fastpath-built: $(FASTPATH)
+$(FASTPATH): $(STAMP) pyproject.toml setup.py $(wildcard fastpath/*.pyx fastpath/*.pxd)
+	$(VPY) -m pip install -q --no-build-isolation --no-deps -e .
 	$(VPY) -c 'import fastpath; print("fastpath:", fastpath.IMPLEMENTATION)'
-	@$(MAKE) --no-print-directory broker-plugin
+	@case $@ in *.stamp) mkdir -p $(@D) && touch $@ ;; \
+		*) test -e $@ || { echo "gate-agent: $@ was not built" >&2; exit 1; } ;; esac
+
+# Bytecode as installed boards have it (pip, the .deb's postinst): without it every start
+# compiles the agent's sources again where PYTHONDONTWRITEBYTECODE is set (~40 ms, issue 12).
+$(BYTECODE): $(shell find agent fastpath bench -name '*.py' 2>/dev/null) | $(STAMP)
+	$(VPY) -m compileall -q agent fastpath bench >/dev/null
+	@mkdir -p $(@D) && touch $@
 
 # The regional broker's plugin (mosquitto/gate_acl.c, docs/security.md); its headers come from
 # mosquitto-dev, libmosquitto-dev and libssl-dev. Without them it is not built and the broker
 # tests skip, or fail under GATE_REQUIRE_COMPILED=1 (CI).
 BROKER_PLUGIN := mosquitto/gate_acl.so
-broker-plugin:
-	@if printf '#include <mosquitto_broker.h>\n#include <openssl/x509.h>\n' | $(CC) -E -x c - >/dev/null 2>&1; then \
-		$(MAKE) --no-print-directory $(BROKER_PLUGIN); \
+BROKER_PROBE = $(CC) -E -x c -include mosquitto_broker.h -include openssl/x509.h /dev/null >/dev/null 2>&1
+BROKER_HEADERS := $(shell $(BROKER_PROBE) && echo yes)
+broker-plugin: $(if $(BROKER_HEADERS),$(BROKER_PLUGIN))
+ifeq ($(BROKER_HEADERS),)
+	@# Asked again: on a fresh machine setup-system.sh installs the headers after make started.
+	@if $(BROKER_PROBE); then $(MAKE) --no-print-directory $(BROKER_PLUGIN); \
 	else echo "gate-agent: mosquitto-dev/libssl-dev missing; $(BROKER_PLUGIN) not built"; fi
+endif
 
 $(BROKER_PLUGIN): mosquitto/gate_acl.c
 	$(CC) -std=c11 -O2 -Wall -Wextra -D_FORTIFY_SOURCE=2 -fstack-protector-strong -fPIC -shared \

@@ -50,7 +50,6 @@ class StateFile:
         self.interval_s = interval_s
         self._last_saved: str | None = None  # the JSON last written or handed on (skip unchanged saves)
         self._last_at: float | None = None
-        self.saves = 0
         self.errors = 0
         self.mode: str | None = None  # the commanded mode found at load
         self.fire: bool = False  # the fire latch found at load
@@ -139,7 +138,6 @@ class StateFile:
                           self.path, exc, self.errors)
             return False
         self._last_saved = body
-        self.saves += 1
         return True
 
     def maybe_save(self, state: Any, now_mono: float, mode: str | None = None, fire: bool = False) -> bool:

@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as exc:
         print(
             f"bench_decision: the compiled fastpath is not built ({exc}); run "
-            "`.venv/bin/python setup.py build_ext --inplace` (or `make build`)",
+            "`make build`",
             file=sys.stderr,
         )
         return 2

@@ -1261,7 +1261,7 @@ cdef class GateState:
 cdef object _decide(Table table, GateState state, key, direction, mode, epoch_s,
                     minute_of_week, day, busy, apb_mode, apb_window_s):
     """decide() itself, for both ways in (_decide_fastcall, _decide_def)."""
-    cdef unsigned long long k
+    cdef unsigned long long k = 0  # set by _as_key when have_key; 0 keeps gcc from warning
     cdef bint have_key = False, key_read = PyLong_CheckExact(key)
     if key_read:  # (any other key is read after the argument checks, as in the pure twin)
         have_key = _as_key(key, &k)

@@ -15,7 +15,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.contract import validate
 from agent.core.acl import (
+    MAX_REPORTED_ERRORS,
     AccessList,
     AclRejected,
     build_table,
@@ -26,6 +28,8 @@ from agent.core.acl import (
     schema,
 )
 from agent.core.cards import parse_card_string
+from agent.core.events import Now
+from agent.core.records import SequenceSink, make_record
 from bench.synthetic import synthetic_acl
 from fastpath import codes
 
@@ -390,6 +394,20 @@ def test_delta_with_the_wrong_base_is_refused_as_base_mismatch():
     assert exc.code == "base_mismatch"
     assert exc.errors[0].path == "/base"
     assert "2026-09-01.1" in exc.errors[0].message  # says which version the gate holds
+
+
+def test_the_rejected_record_carries_what_the_contract_allows():
+    """80 bad cards: the refusal counts them all, its acl.rejected record carries the
+    first MAX_REPORTED_ERRORS (the event schema's maxItems) and stays valid."""
+    doc = minimal(people=[{"id": f"p-{i}", "cards": ["card-7"], "groups": ["pupils"]} for i in range(80)])
+    exc = rejected(doc)
+    assert exc.total == 80
+    fields = exc.record_fields("t.1")
+    assert len(fields["errors"]) == MAX_REPORTED_ERRORS == 50
+    assert fields["errors"][0]["path"] == "/people/0/cards/0"
+    now = Now(mono=1.0, wall=1_788_248_700.0)
+    rec = SequenceSink().commit([make_record("acl.rejected", now, "boot-1", **fields)])[0]
+    assert validate("event", rec) == []
 
 
 def test_an_invalid_delta_is_refused_whole():

@@ -9,7 +9,6 @@ from hypothesis import strategies as st
 from agent.core.cards import (
     CardFormatError,
     CardResult,
-    WiegandResult,
     decode_em_line,
     decode_rdm6300,
     decode_wiegand,
@@ -357,8 +356,9 @@ def test_same_card_same_key_across_readers(tag40):
 
 
 def test_results_become_core_events():
-    assert WiegandResult is CardResult
-    card = decode_wiegand(encode_w26(100, 60179)).as_event("entry")
+    result = decode_wiegand(encode_w26(100, 60179))
+    assert isinstance(result, CardResult)  # what every decoder returns
+    card = result.as_event("entry")
     assert isinstance(card, CardRead) and card.reader == "entry" and card.format == "w26"
     assert card.key == parse_card_string("100,60179")
     err = decode_wiegand(flip(encode_w26(100, 60179), 3)).as_event("entry")

@@ -10,7 +10,7 @@ import pytest
 
 from agent.contract import topics, validate
 from agent.uplink.mqtt import TlsConfig, Uplink, UplinkError
-from agent.uplink.telemetry import build_telemetry, percentiles, read_cpu_temp_c
+from agent.uplink.telemetry import build_telemetry, read_cpu_temp_c
 from tests.broker import (  # noqa: F401 - fixtures
     BOOT,
     GATE,
@@ -194,12 +194,6 @@ def test_status_online_retained_offline_will_on_loss_and_offline_on_stop(broker,
 # --- telemetry ---------------------------------------------------------------------------
 
 
-def test_percentiles_use_nearest_rank():
-    samples = [float(v) for v in range(1000, 0, -1)]  # 1..1000 ms, unordered
-    assert percentiles(samples) == {"p50": 500.0, "p99": 990.0, "p999": 999.0}
-    assert percentiles([]) == {"p50": None, "p99": None, "p999": None}
-
-
 def test_cpu_temperature_read_when_readable(tmp_path: Path):
     zone = tmp_path / "temp"
     zone.write_text("47312\n")
@@ -215,7 +209,8 @@ def test_telemetry_follows_the_contract_and_is_published_unretained(broker, jour
     zone.write_text("51000")
     runtime = {
         "boot": BOOT, "uptime_s": 12.5, "clock_synced": False, "acl_version": "v7", "acl_age_s": 30.0,
-        "reader_errors": {"entry": {"parity": 2}}, "decision_samples_ms": [0.2, 0.4, 0.3],
+        "reader_errors": {"entry": {"parity": 2}},
+        "decision_ms": {"p50": 0.3, "p99": 0.4, "p999": 0.4},
     }
     tele = build_telemetry(journal, runtime, now_wall=1_790_000_100.0, cpu_temp_path=zone)
     assert validate("telemetry", tele) == []

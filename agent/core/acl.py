@@ -51,6 +51,7 @@ from .aclcheck import (
 from .aclschema import (
     MAX_DEPTH,
     MAX_ERRORS,
+    MAX_REPORTED_ERRORS,
     AclError,
     AclRejected,
     _check_schema,
@@ -75,6 +76,7 @@ __all__ = [
     "DEFAULT_KEY_WIDTH",
     "MAX_DEPTH",
     "MAX_ERRORS",
+    "MAX_REPORTED_ERRORS",
     "WEEKDAYS",
     "AccessList",
     "AclError",

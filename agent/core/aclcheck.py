@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import operator
 import re
-from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable
 from functools import lru_cache
@@ -417,16 +416,6 @@ def _joined(typecode: str, head: Any, tail: Any) -> Any:
                        aclstore.raw(head) if typecode == "B" else head, 0, n)
     for j, v in enumerate(tail):
         out[n + j] = v
-    return out
-
-
-def _array_of(typecode: str, values: Any) -> array:
-    """A new array of `typecode` holding `values` (an array or a memoryview): one copy."""
-    out = array(typecode)
-    data = aclstore.raw(values)
-    step = 1 << 20  # a MB at a time: the gate thread may take the lock in between
-    for c in range(0, len(data), step):
-        out.frombytes(data[c:c + step])
     return out
 
 

@@ -20,7 +20,11 @@ import jsonschema_rs
 
 MAX_ERRORS = 1000  # errors kept per refusal; a broken million-card list must not flood memory
 _SHOWN_IN_STR = 10  # errors quoted by str(AclRejected)
-_MAX_MESSAGE = 900  # the acl.rejected record allows 1000 characters per message
+# The acl.rejected record (agent/schemas/event.schema.json) carries at most 50 errors, each
+# path and message at most 1,000 characters; the messages are written to fit in 900.
+MAX_REPORTED_ERRORS = 50
+_RECORD_TEXT = 1000
+_MAX_MESSAGE = 900
 # Containers inside containers: a signed list is 6 deep (envelope, list, schedules, a
 # schedule, week, a day's ranges). Deeper is an attack on the recursive parts (the JSON
 # encoder, the schema validator that stops at 255), refused before any of them runs.
@@ -58,10 +62,12 @@ class AclRejected(ValueError):
 
     def record_fields(self, version: object) -> dict:
         """The fields of the ``acl.rejected`` record for this refusal (the contract
-        keeps at most 50 errors, paths and messages of at most 1,000 characters)."""
-        errors = [{"path": (e.path or "/")[:1000], "message": e.message[:1000]} for e in self.errors[:50]]
+        keeps at most MAX_REPORTED_ERRORS errors, paths and messages of at most 1,000
+        characters)."""
+        errors = [{"path": (e.path or "/")[:_RECORD_TEXT], "message": e.message[:_RECORD_TEXT]}
+                  for e in self.errors[:MAX_REPORTED_ERRORS]]
         if not errors:
-            errors = [{"path": "/", "message": str(self)[:1000]}]
+            errors = [{"path": "/", "message": str(self)[:_RECORD_TEXT]}]
         ok_version = isinstance(version, str) and 1 <= len(version) <= 128
         return {"version": version if ok_version else None, "code": self.code, "errors": errors}
 

@@ -166,10 +166,6 @@ class CardResult:
         return CardRead(reader=reader, key=self.key, format=self.format, raw=self.raw)
 
 
-# The brief's name for the shape; every decoder returns it.
-WiegandResult = CardResult
-
-
 def _error(kind: str, fmt: str, error: str, detail: str, raw: str) -> CardResult:
     return CardResult(ok=False, kind=kind, format=fmt, error=error, detail=detail, raw=raw)
 

@@ -77,13 +77,12 @@ FOLD_BYTES = 8 << 20
 LEGACY_ACL_FILE = "acl.json"  # what versions before the image kept; read once, then replaced
 COUNTERS_FILE = "counters.json"
 ENVELOPE_FIELDS = frozenset({"v", "site", "gate", "counter", "issued_at", "key_id", "sig", "list"})
-MAX_REPORTED_ERRORS = 50  # the acl.rejected record holds at most 50
 _MAX_TEXT = 1000  # path and message lengths the record allows
 # A signed time this far ahead of a synchronised clock is refused: one of the two clocks is
 # wrong, and a floor in the future would make the gate refuse every command until it passed.
 FUTURE_SKEW_S = 60.0
-FLOOR_SAVE_S = 3600.0
-SWITCH_INTERVAL_S = 0.001  # the interpreter's lock hand-over while a list is built  # the moving floor is stored again once it has gained this much
+FLOOR_SAVE_S = 3600.0  # the moving floor is stored again once it has gained this much
+SWITCH_INTERVAL_S = 0.001  # the interpreter's lock hand-over while a list is built
 
 
 def floor_candidate(issued_at: float, now: float, synced: bool) -> float | None:

@@ -53,7 +53,7 @@ from typing import Any
 from agent.contract import CONTRACT_VERSION, validate
 from agent.core.acl import MAX_DEPTH, nesting_exceeds
 from agent.core.events import FireReset, RemoteOpen, Report, SetMode
-from agent.core.records import parse_rfc3339 as parse_datetime
+from agent.core.records import parse_rfc3339
 
 from .acl_sync import FUTURE_SKEW_S, CounterStore, floor_candidate, future_detail
 from .flood import FloodGuard
@@ -61,8 +61,7 @@ from .signing import SignatureError, verify
 
 log = logging.getLogger("agent.downlink")
 
-__all__ = ["Checked", "CommandHandler", "Delivery", "Refusal", "check_command", "delivery_from",
-           "parse_rfc3339"]
+__all__ = ["Checked", "CommandHandler", "Delivery", "Refusal", "check_command", "delivery_from"]
 
 # Stand-ins for the signature fields while the schema is checked: their
 # absence is "unsigned" and their content "bad_signature", never "invalid".
@@ -137,11 +136,6 @@ def delivery_from(properties: Any, retain: bool | None = None) -> Delivery:
         expiry = None
     return Delivery(response_topic=topic, correlation_data=corr, expiry_s=expiry,
                     retain=bool(retain), known=True)
-
-
-def parse_rfc3339(text: str) -> float:
-    """Epoch seconds of an RFC 3339 date-time with an offset; ValueError otherwise."""
-    return parse_datetime(text).timestamp()
 
 
 def _ident(msg: Any) -> tuple[str, str]:
@@ -243,8 +237,8 @@ def check_command(
     if errors:
         raise refuse("invalid", "; ".join(errors)[:_MAX_DETAIL])
     try:
-        expires = parse_rfc3339(msg["expires"])
-        issued = parse_rfc3339(msg["issued_at"]) if "issued_at" in msg else None
+        expires = parse_rfc3339(msg["expires"]).timestamp()
+        issued = parse_rfc3339(msg["issued_at"]).timestamp() if "issued_at" in msg else None
     except (ValueError, OverflowError):
         raise refuse("invalid", "expires or issued_at is not an RFC 3339 time with an offset, e.g. "
                      "\"2026-09-01T07:46:00Z\"") from None

@@ -374,7 +374,6 @@ class _Pd:
         self.spec = spec
         self.key = key
         self.online: bool | None = None  # None: never seen yet
-        self.offline_since: float = 0.0
         self.retry_delay = retry_min_s
         self.next_retry: float = 0.0
 
@@ -498,7 +497,6 @@ class OsdpBus:
         self._cp = osdp.ControlPanel(infos, log_level=self._log_level, event_handler=self._on_event)
         self._started_at = self._clock()
         for pd in self._pds:
-            pd.offline_since = self._started_at
             pd.next_retry = self._started_at + pd.retry_delay
         self._cp.start()
         self._thread = threading.Thread(target=self._supervise, name="osdp-bus", daemon=True)
@@ -520,10 +518,6 @@ class OsdpBus:
     @property
     def readers(self) -> list[str]:
         return [pd.spec.name for pd in self._pds]
-
-    def handles(self, reader: str) -> bool:
-        """Whether the named reader is on this bus (for routing feedback)."""
-        return reader in self._by_name
 
     def is_online(self, reader: str) -> bool:
         with self._lock:
@@ -615,7 +609,6 @@ class OsdpBus:
                 pd.retry_delay = self._retry_min
                 self._timeout_reported.discard(pd.spec.name)
             else:
-                pd.offline_since = now
                 pd.next_retry = now + pd.retry_delay
         if online:
             log.info(

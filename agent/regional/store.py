@@ -800,7 +800,6 @@ CREATE TABLE IF NOT EXISTS quarantine (
 CREATE INDEX IF NOT EXISTS quarantine_site_gate ON quarantine(site, gate);
 """,
 }
-POSTGRES_SCHEMA = "".join(POSTGRES_TABLES.values())
 
 
 def _psycopg():

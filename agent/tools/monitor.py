@@ -70,8 +70,6 @@ EXIT_UNREADABLE = Exit.USAGE
 REDRAW_S = 1.0
 PLAIN_SUMMARY_S = 10.0
 CLEAR = "\x1b[H\x1b[2J"
-ERROR_TYPES = ("reader.error", "turnstile.fault", "passage.forced", "acl.rejected", "journal.overflow",
-               "journal.recovered")
 
 
 class GateView:

@@ -8,27 +8,19 @@ it (QoS 0, not retained: a lost sample is not resent).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 from agent import CONTRACT_VERSION
 from agent.core.records import rfc3339_ms
-from agent.core.stats import percentiles as nearest_rank_percentiles
 
 CPU_TEMP_PATH = Path("/sys/class/thermal/thermal_zone0/temp")
+_NO_DECISIONS = {"p50": None, "p99": None, "p999": None}  # decision_ms before any decision
 
 
 class JournalForTelemetry(Protocol):
     def backlog(self) -> int: ...
     def oldest_pending_age_s(self, now_wall: float) -> float | None: ...
-
-
-def percentiles(samples_ms: Sequence[float]) -> dict[str, float | None]:
-    """p50, p99 and p999 (nearest rank) of decision latencies in ms; nulls when empty."""
-    got = nearest_rank_percentiles(samples_ms, (0.5, 0.99, 0.999))
-    return {name: round(float(got[q]), 3) if got else None
-            for name, q in (("p50", 0.5), ("p99", 0.99), ("p999", 0.999))}
 
 
 def read_cpu_temp_c(path: Path = CPU_TEMP_PATH) -> float | None:
@@ -53,8 +45,8 @@ def build_telemetry(
       ``boot`` (str), ``uptime_s`` (float), ``clock_synced`` (bool),
       ``acl_version`` (str or None), ``acl_age_s`` (float or None),
       ``reader_errors`` ({reader: {kind: count}}),
-      ``decision_samples_ms`` (latencies of the last interval) or
-      ``decision_ms`` (already computed {p50, p99, p999}),
+      ``decision_ms`` ({p50, p99, p999} in ms, from GateRuntime.latency_percentiles();
+      nulls when missing),
       ``drain_per_s`` (used when no uplink_stats are given),
       ``queues`` ({depth: {lane: n}, dropped: {lane: n}}, GateRuntime.queue_stats()),
       ``downlink`` (Downlink.stats(): the flood guard's counters and the time floor),
@@ -63,10 +55,7 @@ def build_telemetry(
     uplink_stats: ``Uplink.stats()``, for ``drain_per_s``.
     """
     oldest = journal.oldest_pending_age_s(now_wall)
-    if "decision_ms" in runtime_stats:
-        decision = dict(runtime_stats["decision_ms"])
-    else:
-        decision = percentiles(runtime_stats.get("decision_samples_ms") or ())
+    decision = dict(runtime_stats.get("decision_ms") or _NO_DECISIONS)
     drain = (uplink_stats or runtime_stats).get("drain_per_s", 0.0) or 0.0
     return {
         "v": CONTRACT_VERSION,
