@@ -50,7 +50,7 @@ from typing import Any
 
 from agent.contract import topics
 from agent.core.acl import AccessList
-from agent.downlink.acl_sync import ACL_FILE, store_list
+from agent.downlink.aclfiles import ACL_FILE, store_list
 from bench.synthetic import synthetic_acl
 
 ROOT = Path(__file__).resolve().parent.parent

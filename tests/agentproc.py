@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.core.acl import AccessList
-from agent.downlink.acl_sync import ACL_FILE, store_list
+from agent.downlink.aclfiles import ACL_FILE, store_list
 from agent.simctl import SimClientError, request, socket_path
 
 ROOT = Path(__file__).resolve().parent.parent

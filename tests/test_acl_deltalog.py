@@ -14,7 +14,7 @@ import time
 from agent.contract import topics
 from agent.core.cards import parse_card_string
 from agent.downlink import acl_sync
-from agent.downlink.acl_sync import ACL_FILE, DELTA_LOG, stored_summary
+from agent.downlink.aclfiles import ACL_FILE, DELTA_LOG, stored_summary
 from agent.downlink.signing import sign_acl
 from tests.broker import broker, ingest_at, make_broker, wait_until  # noqa: F401
 from tests.test_downlink_acl import (  # noqa: F401

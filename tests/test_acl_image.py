@@ -22,10 +22,10 @@ from agent.core import events as ev
 from agent.core.acl import AccessList, AclRejected, build_table
 from agent.core.aclstore import ImageError
 from agent.downlink import aclwire
-from agent.downlink.acl_sync import (
+from agent.downlink.acl_sync import AclSync
+from agent.downlink.aclfiles import (
     ACL_FILE,
     LEGACY_ACL_FILE,
-    AclSync,
     CounterStore,
     store_list,
     stored_summary,
@@ -390,7 +390,7 @@ def test_big_column_buffers_are_private_zeroed_pages():
     import mmap
 
     from agent.core import aclstore
-    from agent.downlink.acl_sync import anonymous_pages
+    from agent.downlink.aclfiles import anonymous_pages
 
     m = anonymous_pages(5 * (1 << 20) + 123)
     assert len(m) == 5 * (1 << 20) + 123

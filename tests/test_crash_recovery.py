@@ -45,7 +45,7 @@ from pathlib import Path
 import pytest
 
 from agent.core.acl import AccessList
-from agent.downlink.acl_sync import ACL_FILE, store_list
+from agent.downlink.aclfiles import ACL_FILE, store_list
 from tests.broker import Observer, broker, ingest_at, make_broker, wait_until  # noqa: F401
 from tests.crash_agent import BLOCKED, CARDS
 

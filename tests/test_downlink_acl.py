@@ -25,7 +25,7 @@ from agent.core.gateconfig import GateConfig
 from agent.core.records import SequenceSink
 from agent.core.turnstile import Gate
 from agent.downlink import Downlink
-from agent.downlink.acl_sync import ACL_FILE
+from agent.downlink.aclfiles import ACL_FILE
 from agent.downlink.signing import generate_keypair, private_key_pem, sign_acl
 from agent.runtime import Clock, GateRuntime
 from bench.synthetic import synthetic_acl

@@ -34,7 +34,7 @@ from gpiozero.pins.mock import MockFactory
 from agent.config import load_config
 from agent.core import events as ev
 from agent.core.acl import AccessList
-from agent.downlink.acl_sync import ACL_FILE, store_list
+from agent.downlink.aclfiles import ACL_FILE, store_list
 from agent.service import ClockSync, Service
 from agent.simhw import SimulatedReader, SimulatedTurnstile
 from agent.uplink.journal import DEFAULT_DISK_BUDGET

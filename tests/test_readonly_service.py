@@ -25,7 +25,7 @@ from gpiozero.pins.mock import MockFactory
 
 from agent.config import load_config
 from agent.core.acl import AccessList
-from agent.downlink.acl_sync import ACL_FILE, COUNTERS_FILE, store_list
+from agent.downlink.aclfiles import ACL_FILE, COUNTERS_FILE, store_list
 from agent.service import STATE_FILE, ClockSync, Service
 from agent.simhw import SimulatedReader, SimulatedTurnstile
 from agent.uplink import failover

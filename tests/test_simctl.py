@@ -23,7 +23,7 @@ from agent.cli import main as cli_main
 from agent.config import ReaderSettings
 from agent.core.acl import AccessList
 from agent.core.events import Button
-from agent.downlink.acl_sync import ACL_FILE, store_list
+from agent.downlink.aclfiles import ACL_FILE, store_list
 from agent.hw.profiles import load_profile
 from agent.service import Service
 from agent.simctl import (

@@ -345,7 +345,7 @@ def test_a_crowd_skips_readers_nobody_listens_to():
 
 def test_the_service_on_mock_pins_lets_the_crowd_through(tmp_path):
     from agent.config import load_config
-    from agent.downlink.acl_sync import ACL_FILE, store_list
+    from agent.downlink.aclfiles import ACL_FILE, store_list
     from agent.service import ClockSync, Service
 
     (tmp_path / "agent.toml").write_text(

@@ -238,7 +238,7 @@ _big_buffer: Any = _heap_buffer
 def use_buffers(make: Any) -> None:
     """Where columns of a MB and more live: ``make(size)`` returns a writable,
     zeroed buffer. The downlink gives anonymous mappings whose pages the kernel
-    zeroes a MB per call (agent/downlink/acl_sync.py); the core itself maps
+    faults in with the lock released (agent/downlink/aclfiles.py); the core itself maps
     nothing (no I/O here), a bytearray by default."""
     global _big_buffer
     _big_buffer = make

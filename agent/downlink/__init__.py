@@ -41,7 +41,8 @@ from agent.contract import topics
 from agent.core.acl import AccessList, AclError, AclRejected
 from agent.core.events import Report, SwapTable
 
-from .acl_sync import COUNTERS_FILE, FLOOR_SAVE_S, AclSync, CounterStore, ensure_state_dir
+from .acl_sync import AclSync
+from .aclfiles import COUNTERS_FILE, FLOOR_SAVE_S, CounterStore, ensure_state_dir
 from .commands import CommandHandler, delivery_from
 from .flood import DEFAULT_MAX_LIST_BYTES, MAX_COMMAND_BYTES, FloodGuard
 from .signing import load_trusted_keys

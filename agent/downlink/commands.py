@@ -55,7 +55,8 @@ from agent.core.acl import MAX_DEPTH, nesting_exceeds
 from agent.core.events import FireReset, RemoteOpen, Report, SetMode
 from agent.core.records import parse_rfc3339
 
-from .acl_sync import FUTURE_SKEW_S, CounterStore, floor_candidate, future_detail
+from .acl_sync import FUTURE_SKEW_S, floor_candidate, future_detail
+from .aclfiles import CounterStore
 from .flood import FloodGuard
 from .signing import SignatureError, verify
 

@@ -156,7 +156,7 @@ class StorageChecks:
     # -- fastpath, acl -------------------------------------------------------------
 
     def check_acl(self) -> Check:
-        from agent.downlink.acl_sync import ACL_FILE, stored_summary
+        from agent.downlink.aclfiles import ACL_FILE, stored_summary
 
         state_dir = self.cfg.service.state_dir if self.cfg is not None else DEFAULT_STATE_DIR
         path = Path(state_dir) / ACL_FILE
