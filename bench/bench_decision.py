@@ -48,7 +48,10 @@ METHOD = (
     "table MB = the difference, what the Table adds on top of the columns it was "
     "built from (the columns are not counted; the pure twin shares the person-id "
     "str objects with them, so those count for neither). nbytes() is the twin's "
-    "own estimate. Goals (issue 12): speedup >= 10 and apb_soft_ratio = "
+    "own estimate. compiled_breakdown: the compiled twin's time taken apart (see "
+    "compiled_breakdown() in bench/bench_decision.py): call_ns, the call alone on a cached "
+    "slot; lookup_ns, the call and one card slot fetched from memory; small_table_ns, the "
+    "whole decision on a 1,000-card list. Goals (issue 12): speedup >= 10 and apb_soft_ratio = "
     "apb_soft.compiled_ns / compiled_ns <= 1.5 ('meets'). pi4_estimate: the ns figures x "
     "pi4_factor (a Pi 4 runs CPython about 3-4x slower than this x86 machine; an "
     "estimate, not a measurement)."
@@ -284,6 +287,29 @@ def measure_memory(twin_name: str, n_cards: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def compiled_breakdown(compiled: tuple, columns: TableColumns, n_reads: int) -> dict:
+    """Where the compiled twin's time per decision goes, three runs of the same loop:
+    ``call_ns``: every read with one key no card has (its slot stays in the L1
+    cache, decide returns unknown_card at once): the CPython call, the argument
+    conversions and the result tuple; ``lookup_ns``: the reads in lockdown
+    mode (decide returns right after the card's slot is read): the call plus
+    the slot's fetch from memory; ``small_table_ns``: the whole decision on a
+    1,000-card list (everything in cache)."""
+    twin, table, state = compiled
+    reads = build_reads(columns, n_reads, codes.APB_OFF)
+    known = set(columns.card_keys)
+    stranger = next(k for k in range(1 << 20, 1 << 24) if k not in known)
+    runs = {
+        "call_ns": ({"c": (twin, table, state)}, [(stranger, *r[1:]) for r in reads]),
+        "lookup_ns": ({"c": (twin, table, state)},
+                      [(r[0], r[1], codes.LOCKDOWN, *r[3:]) for r in reads]),
+    }
+    small = build_columns(1000)
+    runs["small_table_ns"] = ({"c": (twin, twin.Table(small), build_state(twin, small))},
+                              build_reads(small, n_reads, codes.APB_OFF))
+    return {name: round(time_decisions(tw, rs)[0]["c"], 1) for name, (tw, rs) in runs.items()}
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -350,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
             f"pure {timings[apb]['pure']:.0f} ns per decision",
             flush=True,
         )
+    breakdown = compiled_breakdown(twins["compiled"], columns, args.reads)
+    print(f"  compiled breakdown: {breakdown}", flush=True)
     del twins
     gc.collect()
 
@@ -370,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
             "speedup": round(soft["pure"] / soft["compiled"], 1),
         },
         "apb_soft_ratio": round(soft["compiled"] / off["compiled"], 2),
+        "compiled_breakdown": breakdown,
         "goals": GOALS,
         "meets": {
             "speedup": off["pure"] / off["compiled"] >= GOALS["speedup"],
