@@ -230,7 +230,7 @@ def _schema_error(err: Any, root: dict, doc: Any, secrets: Collection[tuple[str 
         prop = str(prop) if prop is not None else "?"
         desc = ""
         for cut in range(len(spath) - 1, -1, -1):  # the nearest schema that describes it
-            desc = _node(root, spath[:cut]).get("properties", {}).get(prop, {}).get("description", "")
+            desc = _node(root, [*spath[:cut], "properties", prop]).get("description", "")
             if desc:
                 break
         return [*ipath, prop], f"missing; it is required{': ' + desc if desc else ''}"
