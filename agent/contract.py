@@ -127,9 +127,11 @@ def load_schema(name: str) -> dict:
 
 
 def _validator(kind: str) -> Any:
-    load_schema(kind)  # a ContractError naming the known schemas when there is none
     # Formats are asserted (date-time): timestamps must be real dates, not just the right shape.
-    return schemas.validator(kind, formats=True)
+    try:
+        return schemas.validator(kind, formats=True)  # built once per kind
+    except schemas.SchemaNotFound as exc:
+        raise ContractError(str(exc)) from None
 
 
 def _path(parts: Any) -> str:

@@ -286,9 +286,11 @@ def _schema_error(err: Any, root: dict, doc: Any, secrets: Collection[tuple[str 
             return ipath, "must not be empty" + (f": {node['description']}" if desc else "")
         return ipath, f"needs at least {err.kind.limit} keys" + (f": {node['description']}" if desc else "")
     if kind == "MinItems":
+        if err.kind.limit <= 1:
+            return ipath, "must not be empty"
         return ipath, f"needs at least {err.kind.limit} entries"
     if kind == "MaxItems":
-        return ipath, f"holds more than {err.kind.limit} entries"
+        return ipath, f"holds more than {err.kind.limit} entries; at most {err.kind.limit} are allowed"
     if kind == "UniqueItems":
         return ipath, "lists the same entry twice; list each once"
     if secret:
