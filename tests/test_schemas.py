@@ -182,6 +182,25 @@ def test_the_access_list_keeps_its_own_words_first():
     assert "no names, photos or biometrics" in words["/people/0"]
 
 
+def test_a_forged_document_gets_a_bounded_message_on_one_line():
+    keys = {f"k{i}\nforged: line": i for i in range(5000)}
+    got = said("ack", {"v": 1, "journal": "j", "upto": 1, **keys})
+    assert list(got) == [""]
+    msg = got[""]
+    assert "\n" not in msg and msg.count('"k') == 10 and "+4990" in msg and len(msg) < 1000
+
+
+def test_a_wording_slip_falls_back_to_the_validators_own_words():
+    from types import SimpleNamespace
+
+    class Minimum:  # a kind without the limit the words need
+        pass
+
+    err = SimpleNamespace(instance_path=["gate", "pulse_s"], schema_path=["properties", "gate", "minimum"],
+                          kind=Minimum(), instance=0.05, message="0.05 is less than the minimum of 0.1")
+    assert schemas.problem(err, "config") == schemas.Problem(("gate", "pulse_s"), err.message)
+
+
 # --------------------------------------------------------------------------- one home
 
 

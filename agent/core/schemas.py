@@ -177,6 +177,7 @@ def _get(doc: Any, parts: list[Any]) -> Any:
     return node
 
 
+_NAMED = 10  # unknown keys named in one message
 _TYPE_NAMES = {"string": "a string", "integer": "a whole number", "number": "a number",
                "boolean": "true or false", "object": "a table", "array": "a list", "null": "null"}
 # What each "format" the schemas use wants, in words (asserted where the caller asks for formats).
@@ -196,7 +197,10 @@ def problem(err: Any, name: str, *, doc: Any = None, secrets: Collection[tuple[s
     unknown_hint: said after an unknown key ("see hardware/profiles.md").
     The schema's own ``x-hint`` of a field is said after a value it refuses,
     and the ``description`` of a missing key after "missing"."""
-    parts, message = _schema_error(err, _parsed(name), doc, secrets, unknown_hint)
+    try:
+        parts, message = _schema_error(err, _parsed(name), doc, secrets, unknown_hint)
+    except Exception:  # noqa: BLE001 - a wording slip must not hide the problem: say it in jsonschema_rs's words
+        return Problem(tuple(err.instance_path), err.message)
     return Problem(tuple(parts), message)
 
 
@@ -219,7 +223,9 @@ def _schema_error(err: Any, root: dict, doc: Any, secrets: Collection[tuple[str 
         # Names in quotes: values shown as they are, in any language the message is put in.
         allowed = [_show(k) for k in sorted(node.get("properties", {}))]
         unexpected = [str(k) for k in getattr(err.kind, "unexpected", [])] or ["?"]
-        extra = [_show(k) for k in unexpected]
+        # A forged message may carry thousands of keys: the first few named, the rest counted.
+        extra = [_show(k) for k in unexpected[:_NAMED]] + (
+            [f"+{len(unexpected) - _NAMED}"] if len(unexpected) > _NAMED else [])
         for_what = f"; allowed here: {', '.join(allowed)}" if allowed else ""
         hint = unknown_hint
         if len(extra) == 1:
