@@ -498,8 +498,8 @@ _scenario_templates: list[tuple[str, re.Pattern[str], list[str]]] | None = None
 _PLACE = re.compile(r"(step|expect) (\d+)(?: \(line (\d+)\))?(?:, (\S+))?")
 
 
-# The scenario schema's problems come from jsonschema_rs, in its words; the usual ones
-# (a scenario file's usual mistakes) as templates.
+# The scenario schema's problems are in agent/core/schemas.py's words (translated as
+# config messages); what it leaves in jsonschema_rs's own words, as templates.
 SCHEMA_MESSAGES = (
     "{value} does not match {pattern}",
     "{value} is not one of {allowed}",
