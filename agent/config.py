@@ -32,11 +32,10 @@ import sys
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from functools import cache
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from agent.core import schemas
 from agent.core.gateconfig import GateConfig, GateConfigError
 from agent.core.problems import ProblemsError
 
@@ -273,47 +272,24 @@ def _reader_dict(r: ReaderSettings) -> dict:
 # --------------------------------------------------------------------------- schema
 
 
-@cache
-def _schema_text() -> str:
-    return (resources.files("agent") / "schemas" / "config.schema.json").read_text(encoding="utf-8")
-
-
 def schema() -> dict:
     """The config's JSON Schema (a fresh copy)."""
-    return json.loads(_schema_text())
+    return schemas.load("config")
 
 
-@cache
 def _validator() -> Any:
-    import jsonschema_rs  # when a config is validated, not when agent.config is imported (~9 MB)
-
-    return jsonschema_rs.validator_for(schema())
+    return schemas.validator("config")
 
 
-def _path_text(parts: list[Any] | tuple[Any, ...]) -> str:
-    out = ""
-    for p in parts:
-        if isinstance(p, int):
-            out += f"[{p}]"
-        else:
-            out += f".{p}" if out else str(p)
-    return out
+_path_text = schemas.key_path
+# The same keys as paths into the document: the schema's words never quote their values.
+_SECRET_PARTS = tuple(tuple(k.split(".")) for k in SECRET_KEYS)
 
 
-def _node(path: list[Any]) -> dict:
-    """The schema node a (schema) path leads to, following $ref."""
-    root = schema()
-    node: Any = root
-    for part in path:
-        if isinstance(node, dict) and "$ref" in node and part not in node:
-            node = _resolve(root, node["$ref"])
-        try:
-            node = node[part]
-        except (KeyError, IndexError, TypeError):
-            return {}
-    if isinstance(node, dict) and "$ref" in node:
-        node = {**_resolve(root, node["$ref"]), **{k: v for k, v in node.items() if k != "$ref"}}
-    return node if isinstance(node, dict) else {}
+def _schema_error(err: Any, doc: Any) -> tuple[str, str]:
+    """One schema error as (TOML key path, message): the words of agent/core/schemas.py."""
+    p = schemas.problem(err, "config", doc=doc, secrets=_SECRET_PARTS)
+    return _path_text(p.parts) or ("top level" if p.message.startswith("unknown keys") else ""), p.message
 
 
 def _resolve(root: dict, ref: str) -> Any:
@@ -321,81 +297,6 @@ def _resolve(root: dict, ref: str) -> Any:
     for part in ref.lstrip("#/").split("/"):
         node = node[part]
     return node
-
-
-def _show(value: Any) -> str:
-    text = json.dumps(value, ensure_ascii=False) if not isinstance(value, (dict, list)) else type(value).__name__
-    return text if len(text) <= 60 else text[:57] + '..."'
-
-
-def _fmt_num(v: Any) -> str:
-    return f"{v:g}" if isinstance(v, float) else str(v)
-
-
-_TYPE_NAMES = {"string": "a string", "integer": "a whole number", "number": "a number",
-               "boolean": "true or false", "object": "a table", "array": "a list"}
-
-
-def _schema_error(err: Any, doc: Any) -> tuple[str, str]:
-    ipath = list(err.instance_path)
-    spath = list(err.schema_path)
-    where = _path_text(ipath)
-    kind = type(err.kind).__name__
-    secret = where in SECRET_KEYS
-    value = "(hidden)" if secret else _show(err.instance)
-    node = _node(spath[:-1])
-    hint = node.get("x-hint")
-
-    def with_hint(msg: str) -> str:
-        return f"{msg} ({hint})" if hint else msg
-
-    if kind == "AdditionalProperties":
-        allowed = sorted(node.get("properties", {}))
-        extra = [str(k) for k in getattr(err.kind, "unexpected", [])] or ["?"]
-        for_what = f"; allowed here: {', '.join(allowed)}" if allowed else ""
-        return (_path_text([*ipath, extra[0]]) if len(extra) == 1 else where or "top level",
-                f"unknown key{'s' if len(extra) > 1 else ''} {', '.join(extra)}{for_what}")
-    if kind == "Required":
-        prop = getattr(err.kind, "property", None)
-        prop = str(prop) if prop is not None else "?"
-        desc = ""
-        for cut in range(len(spath) - 1, -1, -1):  # the nearest schema that describes it
-            desc = _node(spath[:cut]).get("properties", {}).get(prop, {}).get("description", "")
-            if desc:
-                break
-        return _path_text([*ipath, prop]), f"missing; it is required{': ' + desc if desc else ''}"
-    if kind == "FalseSchema":
-        what = ipath[-1] if ipath else "?"
-        parent = _get(doc, *ipath[:-1], default={})
-        rtype = parent.get("type") if isinstance(parent, dict) else None
-        return where, f"{what} does not apply to a reader of type {rtype}; remove it"
-    if kind == "Minimum":
-        return where, with_hint(f"{value} is below {_fmt_num(err.kind.limit)}")
-    if kind == "ExclusiveMinimum":
-        return where, with_hint(f"{value} must be more than {_fmt_num(err.kind.limit)}")
-    if kind == "Maximum":
-        return where, with_hint(f"{value} is above {_fmt_num(err.kind.limit)}")
-    if kind == "ExclusiveMaximum":
-        return where, with_hint(f"{value} must be less than {_fmt_num(err.kind.limit)}")
-    if kind == "Enum":
-        options = ", ".join(_show(o) for o in node.get("enum", []))
-        return where, with_hint(f"{value} is not allowed; allowed: {options}")
-    if kind == "Type":
-        wanted = node.get("type")
-        wanted = [wanted] if isinstance(wanted, str) else (wanted or [])
-        names = " or ".join(_TYPE_NAMES.get(t, t) for t in wanted) or "another type"
-        return where, f"{value} is not {names}"
-    if kind in ("Pattern", "PropertyNames"):
-        if kind == "PropertyNames":
-            return where, with_hint(f"name {value} is not allowed")
-        return where, with_hint(f"{value} is not allowed")
-    if kind == "MinLength":
-        return where, "must not be empty"
-    if kind == "MinProperties":
-        return where, "must not be empty" + (f": {node['description']}" if node.get("description") else "")
-    if secret:
-        return where, "is not valid (value hidden)"
-    return where, err.message
 
 
 def _fill_defaults(node: dict, doc: Any, root: dict) -> None:

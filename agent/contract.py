@@ -3,21 +3,23 @@
 The names here are fixed by the server (docs/contract.md is the prose; the
 JSON Schemas in agent/schemas/ are the letter). Import-light on purpose: the
 standard library, and jsonschema_rs only when something is validated, so the
-simulator, the CLI and the uplink can import the topic helpers cheaply.
+simulator, the CLI and the uplink can import the topic helpers cheaply. The
+schemas, their validators and the words of a broken message come from
+agent/core/schemas.py; the locations here are JSONPath ("$.errors[3]").
 
-The vocabularies are written out rather than imported from ``fastpath.codes``
-so the contract stays readable on its own; a test checks that they agree.
+The denial reasons, modes and directions are ``fastpath.codes``'s (the
+fastpath numbers them); the other vocabularies are written out here, and a
+test checks them against the schemas.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from functools import cache
-from importlib import resources
 from typing import Any
 
 from agent import CONTRACT_VERSION  # one number for the records and the contract
+from agent.core import schemas
 from fastpath import codes
 
 __all__ = [
@@ -116,36 +118,20 @@ def topics(site: str, gate: str) -> dict[str, str]:
     }
 
 
-@cache
-def _schema_text(name: str) -> str:
-    resource = resources.files("agent").joinpath("schemas", f"{name}.schema.json")
-    try:
-        return resource.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ContractError(
-            f"no schema named {name!r} in agent/schemas; known: {', '.join(_available())}"
-        ) from None
-
-
-def _available() -> list[str]:
-    folder = resources.files("agent").joinpath("schemas")
-    suffix = ".schema.json"
-    return sorted(p.name[: -len(suffix)] for p in folder.iterdir() if p.name.endswith(suffix))
-
-
 def load_schema(name: str) -> dict:
     """The JSON Schema ``agent/schemas/{name}.schema.json`` as a fresh dict."""
-    if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9-]*", name):
-        raise ContractError(f"schema name {name!r} is not valid: use one of {', '.join(KINDS)}")
-    return json.loads(_schema_text(name))
+    try:
+        return schemas.load(name)
+    except schemas.SchemaNotFound as exc:
+        raise ContractError(str(exc)) from None
 
 
-@cache
 def _validator(kind: str) -> Any:
-    import jsonschema_rs  # only when validating: keeps `import agent.contract` light
-
     # Formats are asserted (date-time): timestamps must be real dates, not just the right shape.
-    return jsonschema_rs.Draft202012Validator(load_schema(kind), validate_formats=True)
+    try:
+        return schemas.validator(kind, formats=True)  # built once per kind
+    except schemas.SchemaNotFound as exc:
+        raise ContractError(str(exc)) from None
 
 
 def _path(parts: Any) -> str:
@@ -161,29 +147,15 @@ def _path(parts: Any) -> str:
     return out
 
 
-def _describe(err: Any) -> list[str]:
-    """One or more "path: message" lines for one jsonschema_rs error.
+# Said after a key the contract does not have: the sender's code adds a field the server does not know.
+_UNKNOWN_KEY = "not in the contract; remove it"
 
-    Missing and unexpected properties are reported at the property itself,
-    which is where the reader of the message has to look.
-    """
-    import jsonschema_rs
 
-    where = list(err.instance_path)
-    kind = err.kind
-    if isinstance(kind, jsonschema_rs.ValidationErrorKind.Required):
-        return [f"{_path([*where, kind.property])}: required property is missing"]
-    if isinstance(kind, jsonschema_rs.ValidationErrorKind.AdditionalProperties):
-        return [
-            f"{_path([*where, name])}: property not allowed here (not in the contract; remove it)"
-            for name in kind.unexpected
-        ]
-    if isinstance(kind, jsonschema_rs.ValidationErrorKind.Enum):
-        # jsonschema_rs abbreviates long lists ("or 9 other candidates"); the
-        # sender needs the whole vocabulary to fix the message.
-        allowed = ", ".join(json.dumps(o) for o in kind.options)
-        return [f"{_path(where)}: {json.dumps(err.instance)} is not allowed; use one of {allowed}"]
-    return [f"{_path(where)}: {err.message}"]
+def _describe(err: Any, kind: str) -> str:
+    """One "path: message" line for one jsonschema_rs error, in the words of
+    agent/core/schemas.py (a missing or unknown key is reported at the key itself)."""
+    p = schemas.problem(err, kind, doc=None, unknown_hint=_UNKNOWN_KEY)
+    return f"{_path(p.parts)}: {p.message}"
 
 
 def validate(kind: str, msg: Any) -> list[str]:
@@ -191,11 +163,11 @@ def validate(kind: str, msg: Any) -> list[str]:
 
     kind: "event", "status", "telemetry", "ack", "cmd", "cmd-reply" (or
     another schema in agent/schemas, such as "acl"). Each problem is one
-    "path: message" string, e.g. ``$.reason: "late" is not one of [...]``.
+    "path: message" string, e.g. ``$.reason: "late" is not allowed; allowed: "lockdown", ...``.
     """
     errors: list[str] = []
     for err in _validator(kind).iter_errors(msg):
-        errors.extend(_describe(err))
+        errors.append(_describe(err, kind))
     if kind == "event" and isinstance(msg, dict):
         # Not expressible in JSON Schema: the id must name this record's seq.
         rid, seq = msg.get("id"), msg.get("seq")

@@ -17,14 +17,13 @@ import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
-from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar
 
 import fastpath
 from agent import __version__
 from agent.core import events as ev
+from agent.core import schemas
 from agent.core.acl import AccessList, AclRejected, build_table
 from agent.core.cards import CardFormatError, decode_wiegand, parse_card_string
 from agent.core.gateconfig import GateConfig, GateConfigError
@@ -42,14 +41,6 @@ class ScenarioError(ProblemsError):
     def __init__(self, source: str, problems: list[str]):
         self.source = source
         super().__init__(f"{source}: invalid scenario ({len(problems)} problem(s)):", problems)
-
-
-@lru_cache(maxsize=1)
-def _scenario_validator():
-    import jsonschema_rs
-
-    schema = json.loads(resources.files("agent").joinpath("schemas/scenario.schema.json").read_text())
-    return jsonschema_rs.validator_for(schema)
 
 
 def _path(parts) -> str:
@@ -164,8 +155,10 @@ def scenario_from_dict(doc: dict, *, source: str = "<scenario>", base: Path = Pa
     """Check a scenario document; ScenarioError lists every problem, the schema's and the
     meaning's together. text: the TOML source, for line numbers in the messages."""
     where_is = _Where(text, doc)
-    schema_errors = list(_scenario_validator().iter_errors(doc))
-    problems = [f"{where_is(e.instance_path)}: {e.message}" for e in schema_errors]
+    schema_errors = list(schemas.validator("scenario").iter_errors(doc))
+    # The words of agent/core/schemas.py, at the step and line a person finds in the file.
+    problems = [f"{where_is(p.parts)}: {p.message}"
+                for p in (schemas.problem(e, "scenario", doc=doc) for e in schema_errors)]
     # A part the schema faults is not checked for meaning (its shape is unknown); every
     # other part is, so one schema error does not hide the rest.
     bad = {tuple(e.instance_path[:n]) for e in schema_errors for n in (1, 2)}

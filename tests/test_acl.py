@@ -282,7 +282,9 @@ def test_missing_required_fields_are_reported():
     exc = rejected({"kind": "snapshot", "people": [{"id": "p-1"}]})
     messages = " ".join(str(e) for e in exc.errors)
     assert "version" in messages and "timezone" in messages
-    assert "/people/0" in paths(exc)
+    # Each missing field at its own pointer, where the sender has to add it.
+    assert {"/version", "/timezone", "/people/0/cards", "/people/0/groups"} <= paths(exc)
+    assert all("missing; it is required" in e.message for e in exc.errors)
 
 
 def test_a_delta_is_not_a_snapshot_and_the_reverse():

@@ -97,7 +97,7 @@ def test_every_problem_is_reported_at_once_with_its_key_and_what_is_allowed(tmp_
     assert "Mars/Olympus" in errs["gate.timezone"] and "IANA" in errs["gate.timezone"]
     assert "below 1000" in errs["journal.capacity_events"]
     assert "below 1" in errs["mqtt.window"]
-    assert "unknown key colour" in errs["mqtt.colour"] and "keepalive" in errs["mqtt.colour"]
+    assert "unknown key \"colour\"" in errs["mqtt.colour"] and "\"keepalive\"" in errs["mqtt.colour"]
     assert "MQTT topic level" in errs["site.gate"]
     assert len(errs) == 7
 

@@ -399,8 +399,9 @@ def test_simulate_errors_and_expectations_are_russian(tmp_path):
     code, out = _run(["simulate", str(tmp_path / "bad2.toml")], tmp_path)
     assert code == 2
     _assert_russian("simulate (the schema's problems)", out)
-    assert "шаг 1 (строка 5): не задан обязательный параметр \"at\"" in out
-    assert "ожидание 1 (строка 14), count: \"x\": неверный тип" in out and "/: неизвестный параметр: 'colour'" in out
+    assert "шаг 1 (строка 5), at: не задан; это обязательный ключ" in out
+    assert "ожидание 1 (строка 14), count: \"x\": ожидается целое число" in out
+    assert "/colour: неизвестный ключ: \"colour\"; здесь допустимы: \"acl\"," in out
     (tmp_path / "unmet.toml").write_text(UNMET_SCENARIO)
     code, out = _run(["simulate", "--check", str(tmp_path / "unmet.toml")], tmp_path)
     assert code == 1

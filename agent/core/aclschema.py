@@ -3,20 +3,19 @@
 A document is taken whole or refused whole: ``AclRejected`` lists every
 error found (up to MAX_ERRORS), each with the JSON pointer of the bad field
 and what to do, so the server fixes them all in one go. The schema is
-agent/schemas/acl.schema.json, checked by ``jsonschema_rs``; its errors are
-put in words here. JSON deeper than MAX_DEPTH is refused before any
-recursive code sees it. Pure: no I/O beyond reading the packaged schema.
+agent/schemas/acl.schema.json, loaded, validated and its errors put in words
+by agent/core/schemas.py; the list's own words for its fields (what a card,
+a date, a name must look like) come first here. JSON deeper than MAX_DEPTH
+is refused before any recursive code sees it. Pure: no I/O beyond reading the packaged schema.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from functools import lru_cache
-from importlib import resources
 from typing import Any
 
-import jsonschema_rs
+from . import schemas
 
 MAX_ERRORS = 1000  # errors kept per refusal; a broken million-card list must not flood memory
 _SHOWN_IN_STR = 10  # errors quoted by str(AclRejected)
@@ -121,25 +120,15 @@ def _short(value: Any) -> str:
 # --------------------------------------------------------------------------- schema
 
 
-@lru_cache(maxsize=1)
-def _schema_text() -> str:
-    return (resources.files("agent") / "schemas" / "acl.schema.json").read_text(encoding="utf-8")
-
-
 def schema() -> dict:
     """The JSON Schema (draft 2020-12) of snapshots and deltas (a fresh copy)."""
-    return json.loads(_schema_text())
+    return schemas.load("acl")
 
 
-@lru_cache(maxsize=3)
 def _validator(kind: str | None) -> Any:
     """A validator for one kind, so errors point into that kind's fields
     (a oneOf failure alone would only say "matches neither")."""
-    s = schema()
-    if kind is not None:
-        del s["oneOf"]
-        s["$ref"] = f"#/$defs/{kind}"
-    return jsonschema_rs.validator_for(s)
+    return schemas.validator("acl", part=kind)
 
 
 # Messages for schema failures, by the $defs entry that failed: what is wanted.
@@ -159,10 +148,14 @@ _WANTED = {
 }
 
 
-def _schema_message(err: Any) -> str:
+def _schema_problem(err: Any) -> tuple[str, str]:
+    """(JSON pointer, message) of one schema error: the list's own words where it has
+    them (what a card, a date, a name must look like; no names or photos), else the
+    words every schema's errors are said in (agent/core/schemas.py)."""
     sp = list(err.schema_path)
     keyword = sp[-1] if sp else ""
     where = sp[1] if len(sp) >= 2 and sp[0] == "$defs" else None
+    path = _ptr(*err.instance_path)
     if keyword == "additionalProperties" and isinstance(err.instance, dict):
         allowed = _allowed_fields(sp[:-1])
         extra = err.message.split("(", 1)[-1].rstrip(")") if "(" in err.message else err.message
@@ -171,23 +164,19 @@ def _schema_message(err: Any) -> str:
             msg += (
                 " (the list holds pseudonymous ids and cards only: no names, photos or biometrics)"
             )
-        return msg
+        return path, msg
     if keyword in ("pattern", "anyOf") and where in _WANTED:
-        return f"{_short(err.instance)} is not {_WANTED[where]}"
+        return path, f"{_short(err.instance)} is not {_WANTED[where]}"
     if keyword == "anyOf" and where == "group":
-        return f"{_short(err.instance)} is not a schedule name or null"
-    if keyword == "uniqueItems":
-        return "lists the same entry twice; list each once"
+        return path, f"{_short(err.instance)} is not a schedule name or null"
     if keyword == "const" and sp[-2:] == ["kind", "const"]:
-        return f'{_short(err.instance)}: "kind" must be "snapshot" or "delta"'
-    return err.message
+        return path, f'{_short(err.instance)}: "kind" must be "snapshot" or "delta"'
+    p = schemas.problem(err, "acl")
+    return _ptr(*p.parts), p.message
 
 
 def _allowed_fields(def_path: list) -> list[str]:
-    node: Any = schema()
-    for part in def_path:
-        node = node[part]
-    return sorted(node.get("properties", {}))
+    return sorted(schemas.node("acl", def_path).get("properties", {}))
 
 
 def _check_schema(doc: Any, errors: _Errors) -> str | None:
@@ -201,11 +190,10 @@ def _check_schema(doc: Any, errors: _Errors) -> str | None:
         return None
     try:
         for err in _validator(kind).iter_errors(doc):
-            path = _ptr(*err.instance_path)
             if len(errors.items) < MAX_ERRORS:
-                errors.add_schema(path, _schema_message(err))
+                errors.add_schema(*_schema_problem(err))
             else:  # count it, skip building its message
-                errors.schema_paths.add(path)
+                errors.schema_paths.add(_ptr(*err.instance_path))
                 errors.total += 1
     except (ValueError, RecursionError) as exc:
         # jsonschema_rs stops at 255 levels ("Recursion limit reached"): a document built

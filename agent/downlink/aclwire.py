@@ -26,12 +26,9 @@ import json
 import mmap
 import zlib
 from collections.abc import Callable
-from functools import lru_cache
-from importlib import resources
 from typing import Any
 
-import jsonschema_rs
-
+from agent.core import schemas
 from agent.core.acl import AccessList, AclError, AclRejected
 
 __all__ = ["MAX_IMAGE_BYTES", "WIRE_MAGIC", "header_errors", "open_body", "pack", "split"]
@@ -46,17 +43,13 @@ def _reject(path: str, message: str) -> AclRejected:
     return AclRejected([AclError(path, message)])
 
 
-@lru_cache(maxsize=1)
-def _validator() -> Any:
-    text = (resources.files("agent") / "schemas" / "acl-image.schema.json").read_text("utf-8")
-    return jsonschema_rs.validator_for(json.loads(text))
-
-
 def header_errors(header: Any) -> list[AclError]:
-    """What is wrong with a compact list's header ([] when nothing)."""
+    """What is wrong with a compact list's header ([] when nothing), in the words of
+    agent/core/schemas.py, each at its JSON pointer under /list."""
     return [
-        AclError("/list" + "".join(f"/{p}" for p in e.instance_path), e.message)
-        for e in _validator().iter_errors(header)
+        AclError("/list" + schemas.json_pointer(p.parts), p.message)
+        for p in (schemas.problem(e, "acl-image", doc=header)
+                  for e in schemas.validator("acl-image").iter_errors(header))
     ]
 
 

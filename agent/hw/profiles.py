@@ -25,12 +25,11 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import cache
-from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from agent.core import schemas
 from agent.core.problems import ProblemsError
 
 OUTPUT_LINES = ("unlock_a", "unlock_b", "stop", "fire_release")
@@ -266,56 +265,26 @@ def _reader(d: Any, where: str, errors: list[str]) -> WiegandPins:
 
 def profile_schema() -> dict:
     """The JSON Schema of a profile document (agent/schemas/profile.schema.json), a fresh copy."""
-    return json.loads(_schema_text())
+    return schemas.load("profile")
 
 
-@cache
-def _schema_text() -> str:
-    return (resources.files("agent") / "schemas" / "profile.schema.json").read_text(encoding="utf-8")
-
-
-@cache
-def _validator() -> Any:
-    import jsonschema_rs  # only when a profile is read: keeps `import agent.hw.profiles` light
-
-    return jsonschema_rs.Draft202012Validator(json.loads(_schema_text()))
-
-
-_TYPE_WORDS = {"string": "text in quotes", "integer": "a whole number", "number": "a number",
-               "object": "a table", "array": "a list [...]", "boolean": "true or false"}
-
-
-def _dotted(parts: Any) -> str:
-    return ".".join(str(p) for p in parts) or "top level"
+# Said after an unknown key: the page that lists every line and key a profile may have.
+UNKNOWN_KEY_HINT = "see hardware/profiles.md"
 
 
 def schema_problems(doc: Any) -> list[tuple[str, str]]:
-    """(where, problem) for each way ``doc`` breaks profile.schema.json, in plain words.
+    """(where, problem) for each way ``doc`` breaks profile.schema.json, in plain words
+    (agent/core/schemas.py's, the config's).
 
-    ``where`` is the dotted key path ("outputs.unlock_a.pin"), the place in
-    the TOML file the technician has to look.
+    ``where`` is the TOML key path ("outputs.unlock_a.pin"), the place in
+    the file the technician has to look.
     """
-    import jsonschema_rs
-
     # TOML can hold dates and times JSON cannot; as text they fail the schema with a clear message.
     plain = json.loads(json.dumps(doc, default=str))
     out: list[tuple[str, str]] = []
-    for err in _validator().iter_errors(plain):
-        where = list(err.instance_path)
-        kind = err.kind
-        if isinstance(kind, jsonschema_rs.ValidationErrorKind.Required):
-            out.append((_dotted([*where, kind.property]), "missing; this line is required"))
-        elif isinstance(kind, jsonschema_rs.ValidationErrorKind.AdditionalProperties):
-            out += [(_dotted([*where, k]), "unknown key; see hardware/profiles.md for the allowed ones")
-                    for k in kind.unexpected]
-        elif isinstance(kind, jsonschema_rs.ValidationErrorKind.Enum):
-            allowed = " or ".join(json.dumps(o) for o in kind.options)
-            out.append((_dotted(where), f"{json.dumps(err.instance)} is not allowed; use {allowed}"))
-        elif isinstance(kind, jsonschema_rs.ValidationErrorKind.Type):
-            wanted = " or ".join(_TYPE_WORDS.get(str(t).lower(), str(t)) for t in kind.types)
-            out.append((_dotted(where), f"{json.dumps(err.instance)} has the wrong type; give {wanted}"))
-        else:
-            out.append((_dotted(where), err.message))
+    for err in schemas.validator("profile").iter_errors(plain):
+        p = schemas.problem(err, "profile", doc=plain, unknown_hint=UNKNOWN_KEY_HINT)
+        out.append((schemas.key_path(p.parts) or "top level", p.message))
     return out
 
 

@@ -138,7 +138,7 @@ def reader_error_text(kind: object) -> str:
 # one place a message is written; tests/test_i18n_tools.py fails when one has
 # no translation.
 
-_CONFIG_SOURCES = ("config.py", "core/gateconfig.py", "hw/profiles.py")
+_CONFIG_SOURCES = ("config.py", "core/gateconfig.py", "hw/profiles.py", "core/schemas.py")
 _MESSAGE_CALLS = {"append", "error", "bad", "with_hint", "ConfigError", "GateConfigError", "ProfileError",
                   "ProfileNotFound", "ScenarioError"}
 
@@ -219,9 +219,8 @@ _FIELD_PATTERNS = {
 
 def _schema_texts() -> tuple[list[str], list[str]]:
     """(descriptions, hints) of the config schema: config.py puts them into its messages."""
-    import json
+    from agent.core import schemas
 
-    path = Path(__file__).resolve().parent.parent / "schemas" / "config.schema.json"
     descriptions: list[str] = []
     hints: list[str] = []
 
@@ -239,7 +238,7 @@ def _schema_texts() -> tuple[list[str], list[str]]:
                 walk(v)
 
     try:
-        walk(json.loads(path.read_text(encoding="utf-8")))
+        walk(schemas.load("config"))
     except (OSError, ValueError):
         pass
     return descriptions, hints
@@ -499,8 +498,8 @@ _scenario_templates: list[tuple[str, re.Pattern[str], list[str]]] | None = None
 _PLACE = re.compile(r"(step|expect) (\d+)(?: \(line (\d+)\))?(?:, (\S+))?")
 
 
-# The scenario schema's problems come from jsonschema_rs, in its words; the usual ones
-# (a scenario file's usual mistakes) as templates.
+# The scenario schema's problems are in agent/core/schemas.py's words (translated as
+# config messages); what it leaves in jsonschema_rs's own words, as templates.
 SCHEMA_MESSAGES = (
     "{value} does not match {pattern}",
     "{value} is not one of {allowed}",
@@ -578,7 +577,9 @@ def scenario_message(message: str) -> str:
     if place and (ru == head or not ru.startswith(place + ": ")):
         # No template of the whole fits with the place as its first field ("{where}: {exc}",
         # a schema message): the message after the place is translated on its own.
-        ru = f"{place}: {_match(rest, _scenario_templates, 0)}"
+        # The schema's words are the config's (agent/core/schemas.py): translated as a config message.
+        said = _match(rest, _scenario_templates, 0)
+        ru = f"{place}: {said if said != rest else config_message(rest)}"
     if place and ru.startswith(place + ": "):
         ru = _place_text(place) + ru[len(place):]
     gate = _GATE_HEAD.fullmatch(ru[len(_place_text(place)) + 2:] if place else ru)
