@@ -50,6 +50,10 @@ trixie 3.13).
 
 Exit codes: 0 made; 1 made, but some wheels could not be fetched (listed);
 2 bad input (nothing made).
+
+Some 620 lines on purpose: one command, its steps in order (the source
+archive, the wheels, the user-data merge, the card, the README, the
+checksums), each a function used only by ``make_bundle``.
 """
 from __future__ import annotations
 
