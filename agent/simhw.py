@@ -89,9 +89,9 @@ profile, open)`` opens (alarm) or closes the fire loop;
 guard button or the fire-release reset.
 
 Some 770 lines on purpose, 90 of them this description: the other end of
-the mock pins as one API. The demo, ``gate-agent sim`` and the tests use the
-turnstile, the readers and the crowd together, and all three share the pin
-and frame helpers at the top.
+the mock pins as one API. The demo uses the turnstile, the readers and the
+crowd together (``gate-agent sim`` and the tests use parts of it), and all
+three share the pin and frame helpers at the top.
 """
 from __future__ import annotations
 

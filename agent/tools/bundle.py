@@ -52,8 +52,8 @@ Exit codes: 0 made; 1 made, but some wheels could not be fetched (listed);
 2 bad input (nothing made).
 
 Some 620 lines on purpose: one command, its steps in order (the source
-archive, the wheels, the user-data merge, the card, the README, the
-checksums), each a function used only by ``make_bundle``.
+archive, the wheels, the config, the README, the checksums, the user-data
+merge and the card), each a function of this command alone.
 """
 from __future__ import annotations
 
