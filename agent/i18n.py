@@ -68,6 +68,7 @@ LANGUAGES = ("en", "ru")
 # The modules whose user-facing strings go through _() (checked by tests/test_i18n.py).
 TRANSLATED_MODULES = (
     "agent/tools/provision.py",
+    "agent/tools/trustedkeys.py",
     "agent/tools/doctor/__init__.py",
     "agent/tools/doctor/hardware.py",
     "agent/tools/doctor/network.py",

@@ -45,6 +45,12 @@ decision records (``on_record``: an append under a lock).
 only for the state directory (and refuses unless pin_factory is mock),
 sends one request and prints the reply, in Russian with a Russian locale.
 ``request(path, doc)`` is the same for scripts and tests.
+
+Some 870 lines on purpose: one small protocol, both ends. The server and
+the client share the operations, the refusal codes and the limits above,
+and the client's wording of each refusal (``_refusal_text``) sits beside
+the code that refuses; the server is one class whose limits share its
+counters and locks.
 """
 from __future__ import annotations
 

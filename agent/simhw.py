@@ -87,6 +87,11 @@ turnstile input to its asserted / rest level; ``drive_fire_loop(factory,
 profile, open)`` opens (alarm) or closes the fire loop;
 ``press_input(factory, profile, name, hold_s=0.15)`` presses and releases a
 guard button or the fire-release reset.
+
+Some 770 lines on purpose, 90 of them this description: the other end of
+the mock pins as one API. The demo uses the turnstile, the readers and the
+crowd together (``gate-agent sim`` and the tests use parts of it), and all
+three share the pin and frame helpers at the top.
 """
 from __future__ import annotations
 

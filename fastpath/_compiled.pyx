@@ -9,6 +9,12 @@ arrays read only for the people who have them; person ids are one UTF-8 blob
 with offsets; schedules are one contiguous bitmap buffer. See Table.
 GateState (anti-passback, guest uses) is a C hash table keyed by the person
 id's bytes, which decide() reads in the table without making a str.
+
+Some 1,450 lines on purpose: one extension module. ``decide`` reads the C
+fields of ``Table`` and ``GateState`` (the card slots, validity, bitmaps,
+the state's entries) directly, which across modules would take .pxd
+declarations and a second extension to build and ship; and the file mirrors
+fastpath/_pure.py part for part.
 """
 cimport cython
 from cpython.long cimport PyLong_CheckExact

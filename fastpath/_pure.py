@@ -4,6 +4,11 @@ The compiled twin (fastpath/_compiled.pyx) must give the same answer for every
 input; tests/test_fastpath_props.py compares the two on random tables. Rules
 follow docs/design.md#decision-rules: the checks run in a fixed order and the
 first that fails names the reason.
+
+Some 680 lines on purpose: it mirrors fastpath/_compiled.pyx part for part
+(the checks of the columns, ``Table``, ``GateState``, ``decide``), so each
+twin can be read against the other; it is not split for the same reason
+the compiled twin is not.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from agent.config import load_config
 from agent.downlink.signing import generate_keypair, private_key_pem
 from agent.i18n import set_language
 from agent.tools import provision as prov
+from agent.tools import trustedkeys
 from agent.tools.provision import ProvisionError, parse_broker, set_toml_values
 from tests.pki import TestCA
 
@@ -359,7 +360,7 @@ def test_the_key_files_the_region_has_are_read(tmp_path, capsys):
         # The config holds the keys themselves: nothing to copy, nothing to lose.
         assert tomllib.loads(cfg.read_text())["commands"]["trusted_keys"] == want
     # A .pub file as the value of --trusted-key works too.
-    assert prov.trusted_key_arg(f"region-x={a}") == ("region-x", a_b64)
+    assert trustedkeys.trusted_key_arg(f"region-x={a}") == ("region-x", a_b64)
 
 
 def test_a_keys_file_with_a_bad_line_or_a_name_twice_is_named(tmp_path, region, capsys):
@@ -384,14 +385,14 @@ def test_a_keys_file_with_a_bad_line_or_a_name_twice_is_named(tmp_path, region, 
 
 
 def test_a_key_is_checked_as_a_curve_point_not_only_by_its_length(region):
-    assert prov.ed25519_point_problem(base64.b64decode(region[1])) is None
+    assert trustedkeys.ed25519_point_problem(base64.b64decode(region[1])) is None
     for _ in range(50):
-        assert prov.ed25519_point_problem(base64.b64decode(generate_keypair()[1])) is None
-    assert "not a point" in prov.ed25519_point_problem(base64.b64decode(not_a_point()))
+        assert trustedkeys.ed25519_point_problem(base64.b64decode(generate_keypair()[1])) is None
+    assert "not a point" in trustedkeys.ed25519_point_problem(base64.b64decode(not_a_point()))
     # y = p + 1 (not canonical), the identity, and a point of order 4 (y = 0).
-    assert "canonical" in prov.ed25519_point_problem((P + 1).to_bytes(32, "little"))
-    assert "small order" in prov.ed25519_point_problem((1).to_bytes(32, "little"))
-    assert "small order" in prov.ed25519_point_problem(bytes(32))
+    assert "canonical" in trustedkeys.ed25519_point_problem((P + 1).to_bytes(32, "little"))
+    assert "small order" in trustedkeys.ed25519_point_problem((1).to_bytes(32, "little"))
+    assert "small order" in trustedkeys.ed25519_point_problem(bytes(32))
 
 
 def test_no_key_message_in_russian(tmp_path, capsys):

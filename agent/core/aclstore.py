@@ -22,6 +22,13 @@ The *image* (``encode``/``decode``) is these columns after a small JSON
 header, in one checksummed binary layout: the file kept on disk (mapped, not
 parsed, at start) and, zlib-compressed, the compact wire form of a snapshot.
 Pure: standard library only, no I/O (the caller maps or reads the bytes).
+
+Some 800 lines on purpose: one format. The columns, their merge and the
+image are one layout (typecodes, offsets, padding) written and read in one
+place: the image's decoder hands its columns straight to ``PeopleColumns``,
+and a split would put the two sides of every column's layout in two files.
+The delta log's small record format (``encode_record``/``read_records``)
+sits beside it.
 """
 
 from __future__ import annotations

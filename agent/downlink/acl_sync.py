@@ -34,6 +34,12 @@ is read once and rewritten as ``acl.bin``.
 
 A snapshot may also come in the compact form (``aclwire``): a signed JSON
 envelope whose list names a zlib-compressed image by its SHA-256.
+
+Some 640 lines on purpose: one class, ``AclSync``, whose steps (the
+envelope, the counters and the time floor, the delta log and its folding,
+persisting, the swap) share the list in use, its counters and its log under
+three locks, and the order above holds only between them. The list's files
+themselves are agent/downlink/aclfiles.py.
 """
 from __future__ import annotations
 

@@ -26,6 +26,12 @@ lock there, so the callback only translates and calls ``submit``); one
 supervisor thread of ours sends feedback commands (the gate thread only
 queues them), watches who is online, retries an offline reader sooner than
 libosdp's 300 s, and reopens a serial port that went away.
+
+Some 730 lines on purpose: one protocol's adapter. The reader specs and
+their keys, the card decoding, the LED and buzzer patterns, the serial
+channel libosdp talks through and the bus with its supervisor are all OSDP;
+the service, doctor and enroll take them from this one place, and nothing
+here serves another kind of reader.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ whole of DIR by hand never replaces Imager's.
 The config is the region's template with this gate's site, id, broker,
 certificates (relative paths: the same file is checked here and used in
 /etc/gate-agent) and trusted keys written in. The keys (``--trusted-key
-NAME=KEY``, ``--trusted-keys-file FILE``: see provision.gather_trusted_keys)
+NAME=KEY``, ``--trusted-keys-file FILE``: see trustedkeys.gather_trusted_keys)
 go into ``[commands.trusted_keys]`` as base64, each checked to be a real
 Ed25519 public key; the gate trusts exactly those (without any, the
 template's own). A gate that would trust no key refuses every list and
@@ -50,6 +50,10 @@ trixie 3.13).
 
 Exit codes: 0 made; 1 made, but some wheels could not be fetched (listed);
 2 bad input (nothing made).
+
+Some 620 lines on purpose: one command, its steps in order (the source
+archive, the wheels, the config, the README, the checksums, the user-data
+merge and the card), each a function of this command alone.
 """
 from __future__ import annotations
 
@@ -74,15 +78,18 @@ from agent.tools.words import config_message
 
 from .provision import (
     ProvisionError,
-    add_trusted_key_options,
     check_certificates,
+    parse_broker,
+    replace_toml_table,
+    set_toml_values,
+)
+from .trustedkeys import (
+    TrustedKeyError,
+    add_trusted_key_options,
     config_trusts_something,
     gather_trusted_keys,
     no_keys_message,
-    parse_broker,
-    replace_toml_table,
     report_trusted_keys,
-    set_toml_values,
 )
 
 __all__ = [
@@ -398,7 +405,7 @@ def make_bundle(*, site: str, gate: str, config: Path, out: Path, ca: Path, cert
                 hostname: str | None = None) -> BundleResult:
     """Make the bundle in ``out``; BundleError for bad input (then ``out`` is not touched).
 
-    trusted_keys: name -> base64 (checked: provision.gather_trusted_keys); the gate trusts
+    trusted_keys: name -> base64 (checked: trustedkeys.gather_trusted_keys); the gate trusts
     exactly these. None or empty: the template's own keys; a gate that would trust none is
     refused unless no_trusted_keys."""
     if trusted_keys and no_trusted_keys:
@@ -543,7 +550,7 @@ def _cmd_bundle(args: argparse.Namespace) -> int:
                           download=not args.no_download,
                           python_versions=tuple(args.python_version or PYTHON_VERSIONS),
                           hostname=args.hostname)
-    except ProvisionError as exc:
+    except (ProvisionError, TrustedKeyError) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         print(_("{prog}: no bundle was made").format(prog=prog), file=sys.stderr)
         return EXIT_USAGE

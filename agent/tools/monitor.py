@@ -27,6 +27,10 @@ and tests); over MQTT it first waits ``--wait`` seconds for the retained
 status and what arrives.
 
 Exit codes: 0 done (Ctrl-C is a normal end), 2 the source cannot be read.
+
+Some 620 lines on purpose: one screen (``GateView``, which the demo shows
+too) and its two feeds (``MqttSource``, ``JournalSource``), which only call
+the view's setters; each part is small and they are only used together.
 """
 from __future__ import annotations
 

@@ -1,4 +1,16 @@
-"""Small pieces of text the technician's tools share, translated."""
+"""Small pieces of text the technician's tools share, translated.
+
+Two kinds: the contract's identifiers as terms (modes, reasons, alarms,
+reader errors, io-test's states: ``mode_text`` and the like), and English
+messages made elsewhere given back in the user's language
+(``config_message``, ``detail_text``, ``scenario_message``,
+``ingest_message``): their templates are read from the modules that write
+them, so a new message is translated as soon as the catalogue has it.
+
+Some 640 lines on purpose: the four families of messages share one matching
+machinery (templates read from source, compiled to patterns, matched part by
+part), and every tool takes its terms and its messages from this one place.
+"""
 from __future__ import annotations
 
 import re
