@@ -17,6 +17,12 @@ in the file, and never appear in logs or error messages:
 Relative paths in the file are taken relative to the file's own directory.
 
 ``add_check_config_parser(subparsers)`` adds ``gate-agent check-config``.
+
+Some 820 lines on purpose: the typed settings the rest of the agent reads
+and the checks that make them from the file are two halves of one thing,
+each key of config.schema.json with its setting and its check beside it,
+so that a key added to one half is not forgotten in the other. The schema
+itself and its words are agent.core.schemas'.
 """
 from __future__ import annotations
 
