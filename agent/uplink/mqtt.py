@@ -9,7 +9,10 @@ it commits records and calls ``wake()``, which only writes one byte.
 The delivery bookkeeping (what is in flight, what is acknowledged, resend
 timers, ack clamping, refusal backoff) is the sans-I/O ``Window`` of
 ``agent/uplink/window.py``; this module feeds it paho's callbacks, the
-journal's records and the time, and carries out what it returns.
+journal's records and the time, and carries out what it returns. The rest
+stays in one module (~650 lines, over the ~500 others keep) because the
+select loop, the connection's life and paho's callbacks share one client on
+one thread: split, each piece would reach into the others' state.
 
 Delivery (docs/contract.md, "Delivery: journal, acknowledgement, resends"):
 
@@ -45,7 +48,7 @@ import ssl
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol, Self
 
 import paho.mqtt.client as mqtt
@@ -85,6 +88,32 @@ class JournalForUplink(Protocol):
     def pending(self, after_seq: int = 0, limit: int = 100) -> list[dict]: ...
     def ack_upto(self, journal_id: str, seq: int) -> bool: ...
     def ack_one(self, seq: int) -> Any: ...
+
+
+# A downlink reply's options -> paho's MQTT 5 PUBLISH property names.
+_PROPERTY_NAMES = {
+    "correlation_data": "CorrelationData",
+    "message_expiry_interval": "MessageExpiryInterval",
+    "content_type": "ContentType",
+    "response_topic": "ResponseTopic",
+}
+
+
+def reply_options(options: Mapping[str, Any] | Properties | None) -> tuple[int, Properties | None]:
+    """(qos, paho Properties or None) from a downlink reply's options (``qos``,
+    ``correlation_data``...); paho Properties pass through with QoS 1."""
+    if options is None:
+        return 1, None
+    if not isinstance(options, Mapping):
+        return 1, options
+    qos = int(options.get("qos", 1))
+    wanted = {k: v for k, v in options.items() if k != "qos" and v is not None}
+    if not wanted:
+        return qos, None
+    out = Properties(PacketTypes.PUBLISH)
+    for key, value in wanted.items():
+        setattr(out, _PROPERTY_NAMES.get(key, key), value)
+    return qos, out
 
 
 def _json(msg: dict) -> bytes:
@@ -240,6 +269,12 @@ class Uplink:
         data = payload.encode("utf-8") if isinstance(payload, str) else payload
         self._outbox.append((topic, data, qos, retain, properties))
         self.wake()
+
+    def reply(self, topic: str, payload: bytes, options: Mapping[str, Any] | Properties | None = None) -> None:
+        """A downlink reply (a command's result): ``options`` as the downlink gives
+        them (``qos``, ``correlation_data``...), see ``reply_options``."""
+        qos, props = reply_options(options)
+        self.publish(topic, payload, qos=qos, properties=props)
 
     def refresh_status(self) -> None:
         """Publish the ``online`` status again (e.g. a new access-list version)."""
