@@ -7,7 +7,9 @@ paho. The driver calls a method for each thing that happened, with the time
 (monotonic seconds) as an argument, and gets back a list of effects to carry
 out (``AckOne``, ``AckUpto``, ``Alarm``, ``Log``, ``Error``, ``NeedOldest``);
 the same calls give the same effects. Random jitter comes from the
-``uniform`` function the driver passes (``random.uniform`` in service).
+``uniform`` function the driver passes (``random.uniform`` in the uplink;
+the default, no jitter, keeps tests exact). Some methods only change state
+(``connected``, ``sent``, ``more``...): they return nothing to do.
 
 The rules (docs/contract.md, "Delivery: journal, acknowledgement, resends"):
 
@@ -102,6 +104,12 @@ class NeedOldest:
 
 
 Effect = AckOne | AckUpto | Alarm | Log | Error | NeedOldest
+
+
+def _alarm(kind: str, active: bool, detail: str) -> Alarm:
+    # Every alarm kind is raised through a call named *_alarm: the contract test finds them
+    # all that way (each must be listed in docs/contract.md).
+    return Alarm(kind, active, detail)
 
 
 def _no_jitter(low: float, high: float) -> float:
@@ -267,16 +275,16 @@ class Window:
         self.sent_upto = max(self.sent_upto, seq)
         if self._refusals:
             self._refusals = 0
-            out.append(Alarm("publish_refused", False, "the broker accepts events again"))
+            out.append(_alarm("publish_refused", False, "the broker accepts events again"))
         if self.ack_mode == "broker":
             out.append(AckOne(seq, self.journal_id))
             self._count_acked(1, now)
             if rc == RC_NO_MATCHING_SUBSCRIBERS:
-                out.append(Alarm("broker_dropped", True,
+                out.append(_alarm("broker_dropped", True,
                                  f"the broker had no subscriber for {self.events_topic} and dropped "
                                  f"event seq {seq} (reason 0x10); ack mode 'broker' counts it as delivered"))
             else:
-                out.append(Alarm("broker_dropped", False, ""))
+                out.append(_alarm("broker_dropped", False, ""))
         elif rc == RC_NO_MATCHING_SUBSCRIBERS and self._retry_at is None:
             # Nobody (no ingest) received it: send it again later, backing off.
             self._retry_at = now + self._drop_backoff
@@ -288,7 +296,7 @@ class Window:
     def _refused(self, seq: int, now: float, reason: str) -> list[Effect]:
         detail = (f"broker refused event seq {seq} on {self.events_topic}: {reason}; "
                   "the event stays in the journal; check the broker's ACL for this gate")
-        out: list[Effect] = [Error(detail), Alarm("publish_refused", True, detail)]
+        out: list[Effect] = [Error(detail), _alarm("publish_refused", True, detail)]
         if now < self.paused_until:
             return out  # the rest of a window refused in one burst: one backoff step, not twenty
         self._refusals += 1
@@ -345,7 +353,7 @@ class Window:
             if self._ack_ahead_at is None:
                 out.append(Log(ERROR, detail))
             self._ack_ahead_at = now
-            out.append(Alarm("ack_ahead", True, detail))
+            out.append(_alarm("ack_ahead", True, detail))
         return min(upto, self.sent_upto)
 
     # --- time ---------------------------------------------------------------------
@@ -362,7 +370,7 @@ class Window:
             self.rewind()
         if self._ack_ahead_at is not None and now - self._ack_ahead_at >= ACK_AHEAD_QUIET_S:
             self._ack_ahead_at = None
-            out.append(Alarm("ack_ahead", False, f"no ack beyond this gate's records for "
+            out.append(_alarm("ack_ahead", False, f"no ack beyond this gate's records for "
                                                  f"{ACK_AHEAD_QUIET_S:.0f} s"))
         if self.ack_mode == "ingest" and now >= self._resend_check_at:
             due = self._last_ack_progress + self.resend_after_s
