@@ -489,3 +489,12 @@ def test_the_same_calls_give_the_same_effects():
 
     assert run() == run()
 
+
+
+def test_the_backoff_doubles_from_low_to_high_and_jitters_between_half_and_all():
+    from agent.uplink.window import backoff_s
+
+    full = [backoff_s(n, 0.5, 4.0, lambda lo, hi: hi) for n in range(6)]
+    assert full == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+    assert backoff_s(2, 0.5, 4.0, lambda lo, hi: lo) == 1.0
+    assert backoff_s(10_000, 0.5, 60.0, lambda lo, hi: hi) == 60.0  # no overflow on a long outage

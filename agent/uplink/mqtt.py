@@ -62,7 +62,7 @@ from agent.core.records import rfc3339_ms
 from agent.host import boot_id
 from agent.mqttclient import BrokerSettingError, TlsConfig, new_client
 from agent.uplink import window as w
-from agent.uplink.window import ACK_MODES, Window
+from agent.uplink.window import ACK_MODES, Window, backoff_s
 
 log = logging.getLogger("agent.uplink")
 
@@ -466,9 +466,7 @@ class Uplink:
         self._schedule_reconnect()
 
     def _schedule_reconnect(self) -> None:
-        # Exponential backoff with jitter (half to full delay), capped.
-        delay = min(self.backoff_max_s, self.backoff_min_s * (2 ** min(self._connect_failures, 30)))
-        delay = random.uniform(delay / 2, delay)
+        delay = backoff_s(self._connect_failures, self.backoff_min_s, self.backoff_max_s, random.uniform)
         self._connect_failures += 1
         self._next_connect_at = time.monotonic() + delay
 

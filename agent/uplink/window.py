@@ -116,6 +116,14 @@ def _no_jitter(low: float, high: float) -> float:
     return high
 
 
+def backoff_s(attempt: int, low: float, high: float, uniform: Callable[[float, float], float]) -> float:
+    """The wait before try ``attempt`` + 1 (``attempt`` from 0): ``low`` doubled per
+    attempt up to ``high``, then jittered by ``uniform`` between half and all of it,
+    so a fleet that lost its broker together does not come back in step."""
+    delay = min(high, low * 2 ** min(attempt, 30))
+    return uniform(delay / 2, delay)
+
+
 class Window:
     """The delivery bookkeeping of one uplink; every method runs on the uplink thread."""
 
@@ -302,9 +310,9 @@ class Window:
         self._refusals += 1
         if self._refusals == 1:
             out.append(Log(ERROR, detail))
-        delay = min(self.backoff_max_s, self.backoff_min_s * 2 ** min(self._refusals - 1, 30))
         # Pause, then send everything pending again (this seq included).
-        self.paused_until = now + self._uniform(delay / 2, delay)
+        self.paused_until = now + backoff_s(self._refusals - 1, self.backoff_min_s, self.backoff_max_s,
+                                            self._uniform)
         self._retry_at = self.paused_until
         return out
 
