@@ -1,19 +1,13 @@
 """What the agent asks of the machine it runs on: the boot id and whether the
 kernel's clock is synchronised. Both are read-only questions with a safe
-answer when the machine cannot be asked ("unknown", None). ``ClockSync``
-keeps the last answer of the second for the gate thread, which must not ask
-the kernel on every decision."""
+answer when the machine cannot be asked ("unknown", None)."""
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import logging
-from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["ClockSync", "boot_id", "kernel_clock_synced"]
-
-log = logging.getLogger("agent.host")
+__all__ = ["boot_id", "kernel_clock_synced"]
 
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
@@ -56,25 +50,3 @@ def kernel_clock_synced() -> bool | None:
     if state < 0:
         return None
     return state != _TIME_ERROR and not (tx.status & _STA_UNSYNC)
-
-
-class ClockSync:
-    """A cheap ``() -> bool`` for the core's clock: the cached answer of
-    ``check`` (default: the kernel's flag), refreshed by ``refresh()`` off the
-    gate thread. Unknown counts as not synchronised."""
-
-    def __init__(self, check: Callable[[], bool | None] = kernel_clock_synced) -> None:
-        self._check = check
-        self._value = False
-        self.refresh()
-
-    def refresh(self) -> bool:
-        try:
-            self._value = bool(self._check())
-        except Exception:
-            log.exception("clock sync check failed; treating the clock as unsynchronised")
-            self._value = False
-        return self._value
-
-    def __call__(self) -> bool:
-        return self._value

@@ -4,7 +4,7 @@ Wiring only: it builds each part from the config, connects them (the hooks
 between the gate thread, the journal, the uplink and the downlink), starts and
 stops their threads in order, and runs the process (signals, exit codes).
 What the parts do lives with them: the log format and queue in
-agent/logsetup.py, the clock-sync cache in agent/host.py (``ClockSync``), the
+agent/logsetup.py, the clock-sync cache in agent/runtime.py (``ClockSync``), the
 mode kept across a restart in agent/statefile.py (``StateFile.start_config``),
 a reply's MQTT options in agent/uplink/mqtt.py (``Uplink.reply``), the
 telemetry figures in agent/uplink/telemetry.py. It stays one module of ~700
@@ -72,10 +72,10 @@ from agent.config import DEFAULT_PATH, Config, ConfigError, load_config
 from agent.core.events import Report
 from agent.core.turnstile import Gate
 from agent.exits import Exit
-from agent.host import ClockSync, boot_id
+from agent.host import boot_id, kernel_clock_synced
 from agent.hw.pins import rest_mock_inputs
 from agent.logsetup import setup_logging
-from agent.runtime import Clock, GateRuntime
+from agent.runtime import Clock, ClockSync, GateRuntime
 from agent.sdnotify import Notifier, watchdog_interval
 from agent.statefile import StateFile
 from agent.uplink.telemetry import ReaderErrorTally, build_telemetry, gate_figures
@@ -226,7 +226,7 @@ class Service:
                       "gate keeps working (journal in the runtime directory, state not saved): "
                       "replace the card (see gate-agent doctor)", state_dir)
         if self.clock_sync is None:
-            self.clock_sync = ClockSync()
+            self.clock_sync = ClockSync(kernel_clock_synced)
         # The wall time is never below the floor the server's signed issued_at proved
         # (a Pi without RTC after a power cut with no NTP); see docs/contract.md "Time floor".
         clock = Clock(self.clock_sync, wall=self._wall)
