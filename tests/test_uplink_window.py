@@ -56,7 +56,9 @@ class Driver:
         sent: list[int] = []
         if self.win.paused(now):
             return sent
-        while self.win.has_room():
+        for _ in range(10_000):  # the uplink thread's loop must end: a window that spins fails here
+            if not self.win.has_room():
+                break
             rec = self.win.next_record()
             if rec is None:
                 after = self.win.fetch_after()
@@ -67,6 +69,8 @@ class Driver:
             self.win.sent(mid, rec)
             self.wire.append((mid, rec["seq"]))
             sent.append(rec["seq"])
+        else:
+            raise AssertionError(f"filling the window did not end (reads after {self.reads[-5:]})")
         return sent
 
     def mid_of(self, seq: int) -> int:
@@ -374,6 +378,22 @@ def test_a_rewind_skips_records_still_on_the_wire():
     d.puback(3)
     d.win.rewind()
     assert d.fill() == [1]
+
+
+def test_a_window_wider_than_a_journal_read_reads_past_a_batch_still_on_the_wire():
+    # window 6, reads of 4: after a rewind with 1..5 still in flight, the first read holds
+    # nothing to send; the next read must start after it, not fetch the same four again.
+    d = Driver(window(window=6), n=8)
+    d.win.connected(0.0)
+    assert d.fill() == [1, 2, 3, 4, 5, 6]
+    d.puback(6)
+    d.win.rewind()
+    assert d.fill() == [6]
+    assert d.reads[-2:] == [0, 4]
+    d.win.more()
+    d.puback(6)
+    assert d.fill() == [7]  # after what was sent, as before
+    assert d.win.cursor == 7
 
 
 def test_a_journal_switch_starts_the_new_journal_from_nothing():

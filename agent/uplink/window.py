@@ -156,6 +156,7 @@ class Window:
         self._buffer: deque[dict] = deque()
         self.cursor = 0  # highest seq handed to the client since the last rewind
         self._maybe_more = True
+        self._fed_upto: int | None = None  # the last batch's top seq while nothing of it was sent
         self._poll_at = 0.0
         self._retry_at: float | None = None  # rewind and send again at this time
         self.paused_until = 0.0
@@ -208,6 +209,7 @@ class Window:
         self._buffer.clear()
         self.cursor = 0
         self._maybe_more = True
+        self._fed_upto = None
 
     def more(self) -> None:
         """New records may be committed (a wake-up): read the journal again."""
@@ -226,6 +228,10 @@ class Window:
         """The seq a journal read starts after when the window needs records, else None."""
         if self._buffer or not self._maybe_more:
             return None
+        if self._fed_upto is not None:
+            # The whole last batch was still on the wire (a window wider than a batch,
+            # after a rewind): read past it, or the same batch would come back forever.
+            return max(self.cursor, self._fed_upto)
         return self.cursor
 
     def feed(self, batch: list[dict], limit: int) -> bool:
@@ -237,6 +243,8 @@ class Window:
             self._maybe_more = True  # switched since the driver looked: it resets next step
             return False
         self._buffer.extend(batch)
+        if batch:
+            self._fed_upto = batch[-1]["seq"]
         return bool(batch)
 
     def next_record(self) -> dict | None:
@@ -256,6 +264,7 @@ class Window:
         seq = rec["seq"]
         self.track(mid, seq)
         self.cursor = seq
+        self._fed_upto = None
         self.published += 1
         if self._min_seq_sent is None or seq < self._min_seq_sent:
             self._min_seq_sent = seq
