@@ -39,7 +39,7 @@ long a card arriving at the worst moment would have found the gate thread
 unable to take it. See ``StallProbe`` for what that includes and what not.
 
 The time it gives the core comes from ``Clock`` (``ClockSync`` caches the
-clock-sync answer off the gate thread). One module of ~600 lines, over the
+clock-sync answer off the gate thread). Some 620 lines on purpose, over the
 ~500 others keep: the lanes, the loop, the failure policy and the figures
 taken on the gate thread (latencies, stalls) share that thread's state.
 """

@@ -9,10 +9,10 @@ it commits records and calls ``wake()``, which only writes one byte.
 The delivery bookkeeping (what is in flight, what is acknowledged, resend
 timers, ack clamping, refusal backoff) is the sans-I/O ``Window`` of
 ``agent/uplink/window.py``; this module feeds it paho's callbacks, the
-journal's records and the time, and carries out what it returns. The rest
-stays in one module (~650 lines, over the ~500 others keep) because the
-select loop, the connection's life and paho's callbacks share one client on
-one thread: split, each piece would reach into the others' state.
+journal's records and the time, and carries out what it returns. Some 660
+lines on purpose, over the ~500 others keep: the select loop, the
+connection's life and paho's callbacks share one client on one thread;
+split, each piece would reach into the others' state.
 
 Delivery (docs/contract.md, "Delivery: journal, acknowledgement, resends"):
 
