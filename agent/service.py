@@ -1,5 +1,18 @@
 """The composition root: ``gate-agent run`` builds the agent from its config.
 
+Wiring only: it builds each part from the config, connects them (the hooks
+between the gate thread, the journal, the uplink and the downlink), starts and
+stops their threads in order, and runs the process (signals, exit codes).
+What the parts do lives with them: the log format and queue in
+agent/logsetup.py, the clock-sync cache in agent/runtime.py (``ClockSync``), the
+mode kept across a restart in agent/statefile.py (``StateFile.start_config``),
+a reply's MQTT options in agent/uplink/mqtt.py (``Uplink.reply``), the
+telemetry figures in agent/uplink/telemetry.py. Some 720 lines on purpose,
+over the ~500 the others keep: the start order, the stop order and the hooks
+are read together; each step below is there for a principle (docs/design.md,
+principles 1-3), and split across modules the order would no longer be
+visible in one place.
+
 ``Service(config).start()`` puts the pieces together in this order, so the
 gate never depends on the network or on anything slower than the disk:
 
@@ -33,9 +46,8 @@ gate thread (what is queued, then every output inactive), the pins, the state
 file (with the commanded mode and the fire latch), the journal (flushed,
 synced and closed).
 
-Logs go to stderr one line per message; under systemd (``JOURNAL_STREAM``
-names our stderr) each line starts with a ``<N>`` syslog priority, which
-journald stores as the entry's priority.
+Logs go to stderr one line per message, with journald's priorities under
+systemd (``setup_logging``, agent/logsetup.py).
 
 ``add_run_parser(subparsers)`` adds ``gate-agent run``; ``main(argv)`` runs it
 standalone (``python -c "from agent.service import main; main()"``).
@@ -43,18 +55,13 @@ standalone (``python -c "from agent.service import main; main()"``).
 from __future__ import annotations
 
 import argparse
-import atexit
-import dataclasses
 import gc
 import logging
-import logging.handlers
 import os
-import queue
 import signal
 import sys
 import threading
 import time
-from collections import defaultdict
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -63,14 +70,15 @@ import fastpath
 from agent import __version__, host
 from agent.config import DEFAULT_PATH, Config, ConfigError, load_config
 from agent.core.events import Report
-from agent.core.turnstile import COMMANDABLE_MODES, Gate
+from agent.core.turnstile import Gate
 from agent.exits import Exit
 from agent.host import boot_id, kernel_clock_synced
 from agent.hw.pins import rest_mock_inputs
-from agent.ratelimit import RateLimitFilter
-from agent.runtime import Clock, GateRuntime
+from agent.logsetup import setup_logging
+from agent.runtime import Clock, ClockSync, GateRuntime
 from agent.sdnotify import Notifier, watchdog_interval
 from agent.statefile import StateFile
+from agent.uplink.telemetry import ReaderErrorTally, build_telemetry, gate_figures
 
 log = logging.getLogger("agent.service")
 
@@ -99,116 +107,6 @@ EXIT_CONFIG = Exit.USAGE  # the config cannot be used
 
 class ServiceError(RuntimeError):
     """The service cannot start; the message says what is wrong and what to do."""
-
-
-# --------------------------------------------------------------------------- clock
-
-
-class ClockSync:
-    """A cheap ``() -> bool`` for the core's clock: the cached answer of
-    ``check`` (default: the kernel's flag), refreshed by ``refresh()`` off the
-    gate thread. Unknown counts as not synchronised."""
-
-    def __init__(self, check: Callable[[], bool | None] = kernel_clock_synced) -> None:
-        self._check = check
-        self._value = False
-        self.refresh()
-
-    def refresh(self) -> bool:
-        try:
-            self._value = bool(self._check())
-        except Exception:
-            log.exception("clock sync check failed; treating the clock as unsynchronised")
-            self._value = False
-        return self._value
-
-    def __call__(self) -> bool:
-        return self._value
-
-
-# --------------------------------------------------------------------------- logging
-
-
-_PRIORITY = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
-
-
-class _JournalFormatter(logging.Formatter):
-    """One line per message; with ``prefix`` a ``<N>`` syslog priority first."""
-
-    def __init__(self, prefix: bool) -> None:
-        fmt = "%(name)s: %(message)s" if prefix else "%(asctime)s %(levelname)s %(name)s: %(message)s"
-        super().__init__(fmt)
-        self.prefix = prefix
-
-    def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        # journald splits on newlines and would lose the priority of the rest:
-        # keep a traceback on the same line.
-        text = " | ".join(line for line in text.splitlines() if line.strip())
-        if self.prefix:
-            prio = next((p for level, p in _PRIORITY if record.levelno >= level), 7)
-            text = f"<{prio}>{text}"
-        return text
-
-
-def _stderr_is_journal(env: Mapping[str, str]) -> bool:
-    """JOURNAL_STREAM is "dev:inode" of the journal stream systemd connected;
-    it counts only when it is really our stderr (not inherited by a child)."""
-    value = env.get("JOURNAL_STREAM", "")
-    if not value:
-        return False
-    try:
-        dev, ino = (int(x) for x in value.split(":", 1))
-        st = os.fstat(sys.stderr.fileno())
-    except (ValueError, OSError, AttributeError):
-        return False
-    return st.st_dev == dev and st.st_ino == ino
-
-
-_log_listener: logging.handlers.QueueListener | None = None
-_log_limit: RateLimitFilter | None = None
-LOG_BURST = 10  # lines of one message let through per LOG_INTERVAL_S; the rest are counted
-LOG_INTERVAL_S = 10.0
-
-
-def setup_logging(level: str = "info", env: Mapping[str, str] | None = None) -> None:
-    """Log to stderr in a form journald indexes (see module doc).
-
-    Through a queue: a logging call only enqueues, and one listener thread
-    writes to stderr, so the gate thread never waits on a stderr that journald
-    is slow to drain, nor on a handler lock another thread holds. Rate-limited
-    per message (agent.ratelimit): a flood of one message is a few lines and a
-    count, never a full disk. Calling it again replaces the previous set-up."""
-    global _log_listener, _log_limit
-    env = os.environ if env is None else env
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JournalFormatter(prefix=_stderr_is_journal(env)))
-    first = _log_listener is None
-    _stop_logging()
-    log_queue: queue.SimpleQueue = queue.SimpleQueue()
-    _log_listener = logging.handlers.QueueListener(log_queue, handler)
-    _log_listener.start()
-    if first:
-        atexit.register(_stop_logging)  # flushes what is queued at exit
-    queue_handler = logging.handlers.QueueHandler(log_queue)
-    _log_limit = RateLimitFilter(LOG_BURST, LOG_INTERVAL_S)
-    queue_handler.addFilter(_log_limit)
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    root.addHandler(queue_handler)
-    root.setLevel(getattr(logging, level.upper(), logging.INFO))
-
-
-def _stop_logging() -> None:
-    """Write the suppressed counts and what is queued, then stop the writer thread (idempotent)."""
-    global _log_listener
-    listener, _log_listener = _log_listener, None
-    if listener is None:
-        return
-    if _log_limit is not None:
-        _log_limit.flush()
-    listener.stop()
 
 
 # --------------------------------------------------------------------------- hardware
@@ -242,35 +140,6 @@ def _load_downlink_class() -> Any:
         log.warning("access lists over MQTT and remote commands are unavailable (%s)", exc)
         return None
     return Downlink
-
-
-# The downlink's reply options -> paho's MQTT 5 PUBLISH property names.
-_PROPERTY_NAMES = {
-    "correlation_data": "CorrelationData",
-    "message_expiry_interval": "MessageExpiryInterval",
-    "content_type": "ContentType",
-    "response_topic": "ResponseTopic",
-}
-
-
-def _publish_options(props: Any) -> tuple[int, Any]:
-    """(qos, paho Properties or None) from the downlink's options dict
-    (``qos``, ``correlation_data``...); paho Properties pass through."""
-    if props is None:
-        return 1, None
-    if not isinstance(props, Mapping):
-        return 1, props
-    qos = int(props.get("qos", 1))
-    wanted = {k: v for k, v in props.items() if k != "qos" and v is not None}
-    if not wanted:
-        return qos, None
-    from paho.mqtt.packettypes import PacketTypes
-    from paho.mqtt.properties import Properties
-
-    out = Properties(PacketTypes.PUBLISH)
-    for key, value in wanted.items():
-        setattr(out, _PROPERTY_NAMES.get(key, key), value)
-    return qos, out
 
 
 # --------------------------------------------------------------------------- service
@@ -319,7 +188,7 @@ class Service:
         self._stopped = False
         self._housekeeper: threading.Thread | None = None
         self._acl_stale = False
-        self._reader_errors: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        self._reader_errors = ReaderErrorTally()
         self._last_status = ""
         self._last_clock_check = 0.0
 
@@ -357,7 +226,7 @@ class Service:
                       "gate keeps working (journal in the runtime directory, state not saved): "
                       "replace the card (see gate-agent doctor)", state_dir)
         if self.clock_sync is None:
-            self.clock_sync = ClockSync()
+            self.clock_sync = ClockSync(kernel_clock_synced)
         # The wall time is never below the floor the server's signed issued_at proved
         # (a Pi without RTC after a power cut with no NTP); see docs/contract.md "Time floor".
         clock = Clock(self.clock_sync, wall=self._wall)
@@ -403,17 +272,7 @@ class Service:
 
         self.statefile = StateFile(state_dir / STATE_FILE, fastpath, interval_s=cfg.service.state_save_s)
         state = self.statefile.load()
-        gate_cfg = cfg.gate
-        if self.statefile.mode in COMMANDABLE_MODES and self.statefile.mode != gate_cfg.initial_mode:
-            # A mode commanded before the restart (a remote lockdown) holds until commanded again.
-            log.warning("mode %s was commanded before this start; it holds (configured: %s)",
-                        self.statefile.mode, gate_cfg.initial_mode)
-            gate_cfg = dataclasses.replace(gate_cfg, initial_mode=self.statefile.mode)
-
-        if self.statefile.fire:
-            log.warning("fire mode was latched before this start and not reset: the gate starts free "
-                        "(fire mode) until the fire release is reset with the loop closed")
-        self.gate = Gate(gate_cfg, fastpath, table, state, boot=self.boot,
+        self.gate = Gate(self.statefile.start_config(cfg.gate), fastpath, table, state, boot=self.boot,
                          implementation=fastpath.IMPLEMENTATION, version=__version__,
                          fire_latched=self.statefile.fire)
         if self.acl is not None and getattr(self.acl, "timezone", None):
@@ -583,8 +442,7 @@ class Service:
         if self.uplink is None:
             log.info("no uplink: reply on %s dropped (the result is in the journal)", topic)
             return
-        qos, props = _publish_options(properties)
-        self.uplink.publish(topic, payload, qos=qos, properties=props)
+        self.uplink.reply(topic, payload, properties)
 
     def _status_snapshot(self) -> dict:
         """Extra fields for the status command's reply."""
@@ -603,7 +461,7 @@ class Service:
         if self.simctl is not None:
             self.simctl.on_record(record)
         if rtype == "reader.error":
-            self._reader_errors[str(record.get("reader"))][str(record.get("kind"))] += 1
+            self._reader_errors.count(record)
         if rtype in ("alarm", "alarm.fire", "mode.changed", "turnstile.fault", "journal.overflow"):
             log.warning("%s %s", rtype, {k: v for k, v in record.items() if k not in
                                          ("v", "boot", "mono", "clock_synced")})
@@ -692,32 +550,12 @@ class Service:
 
     def telemetry(self) -> dict:
         """One telemetry message (agent/schemas/telemetry.schema.json)."""
-        from agent.uplink.telemetry import build_telemetry
-
-        lat = self.runtime.latency_percentiles()
-        errors = {r: dict(kinds) for r, kinds in self._reader_errors.items()}
-        self._reader_errors.clear()
-        acl_status = {}
-        if self.downlink is not None:
-            try:
-                acl_status = self.downlink.status()
-            except Exception:
-                log.exception("downlink status failed")
         table = self.gate.table
-        stats = {
-            "boot": self.boot,
-            "uptime_s": time.monotonic() - self.started_mono,
-            "clock_synced": self.clock_sync() if self.clock_sync is not None else False,
-            "acl_version": acl_status.get("acl_version", getattr(table, "version", None) or None),
-            "acl_age_s": acl_status.get("acl_age_s"),
-            "acl_stale": bool(acl_status.get("acl_stale", False)),
-            "reader_errors": errors,
-            "decision_ms": {"p50": lat.get("p50_ms"), "p99": lat.get("p99_ms"), "p999": lat.get("p999_ms")},
-            "queues": self.runtime.queue_stats(),
-            "gate_stall": self.runtime.gate_stall(),
-        }
-        if self.downlink is not None:
-            stats["downlink"] = self.downlink.stats()
+        stats = gate_figures(self.runtime, self.downlink, boot=self.boot,
+                             uptime_s=time.monotonic() - self.started_mono,
+                             clock_synced=self.clock_sync() if self.clock_sync is not None else False,
+                             table_version=getattr(table, "version", None) or None,
+                             reader_errors=self._reader_errors.take())
         return build_telemetry(self.journal, stats, time.time(),
                                uplink_stats=self.uplink.stats() if self.uplink is not None else None)
 

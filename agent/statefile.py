@@ -9,7 +9,8 @@ It also keeps the mode last commanded (``normal``, ``entry_only``, ``free``,
 ``lockdown``), so a remote lockdown survives a restart, and the fire latch
 (``"fire": true`` while fire mode waits for its reset), so a restart after
 the loop closed cannot end fire mode without the reset. A change of either
-is handed on at the next ``maybe_save``, whatever the interval.
+is handed on at the next ``maybe_save``, whatever the interval; at start
+``start_config`` applies the kept mode to the gate's config.
 
 ``StateFile.maybe_save`` runs on the gate thread from the runtime's idle hook,
 at most every ``interval_s`` and only when something changed: it only takes a
@@ -21,6 +22,7 @@ starts with no positions: an unknown position is allowed (docs/design.md#anti-pa
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -28,6 +30,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from agent.core.gateconfig import GateConfig
+from agent.core.turnstile import COMMANDABLE_MODES
 from agent.fileio import write_atomic
 
 log = logging.getLogger(__name__)
@@ -85,6 +89,20 @@ class StateFile:
         self._last_modes = (self.mode, self.fire)
         self._last_saved = self._body(doc["state"], self.mode, self.fire)
         return state
+
+    def start_config(self, configured: GateConfig) -> GateConfig:
+        """The gate config to start with, after ``load``: a mode commanded before the
+        restart (a remote lockdown) holds over the configured ``initial_mode`` until
+        commanded again. Logs it, and a fire latch kept from before the restart."""
+        start = configured
+        if self.mode in COMMANDABLE_MODES and self.mode != configured.initial_mode:
+            log.warning("mode %s was commanded before this start; it holds (configured: %s)",
+                        self.mode, configured.initial_mode)
+            start = dataclasses.replace(configured, initial_mode=self.mode)
+        if self.fire:
+            log.warning("fire mode was latched before this start and not reset: the gate starts free "
+                        "(fire mode) until the fire release is reset with the loop closed")
+        return start
 
     @staticmethod
     def _body(state_dict: dict, mode: str | None, fire: bool = False) -> str:

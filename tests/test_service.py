@@ -26,8 +26,9 @@ import pytest
 from agent.core import events as ev
 from agent.core.cards import encode_w26
 from agent.downlink.signing import generate_keypair, sign_acl
+from agent.logsetup import JournalFormatter as _JournalFormatter
 from agent.sdnotify import Notifier, watchdog_interval
-from agent.service import Service, _JournalFormatter
+from agent.service import Service
 from agent.statefile import StateFile
 from tests.agentproc import journal_records
 from tests.broker import Observer, broker, ingest_at, make_broker, wait_until  # noqa: F401

@@ -369,22 +369,3 @@ def test_the_broker_drops_a_message_bigger_than_the_gates_maximum_packet_size(
 def test_a_maximum_packet_size_outside_mqtts_range_is_refused(journal):
     with pytest.raises(UplinkError, match="max_packet_bytes"):
         Uplink(journal, site=SITE, gate=GATE, host="127.0.0.1", max_packet_bytes=10)
-
-
-def test_a_stalled_event_is_resent_resend_after_s_after_the_last_ack_progress(journal):
-    # The uplink's timers in virtual time: the last ack came 1 s after a check, so the
-    # resend is due 30 s after that ack (t=31), not a whole period after the next check (t=60).
-    journal.commit([passage(i) for i in range(3)])
-    journal.sync()
-    up = Uplink(journal, site=SITE, gate=GATE, host="127.0.0.1", resend_after_s=30.0)
-    rewinds: list[float] = []
-    up._rewind = lambda: rewinds.append(now)
-    up._cursor = 3  # all three were sent
-    up._poll_at = up._paused_until = float("inf")
-    up._resend_check_at, up._last_ack_progress = 30.0, 1.0
-    for now in (30.0, 31.0 - 1e-6):
-        up._timers(now)
-    assert rewinds == []
-    now = 31.0
-    up._timers(now)
-    assert rewinds == [31.0]

@@ -25,7 +25,7 @@ Composition (the service)::
     telemetry["downlink"] = dl.stats()
 
 ``publish(topic, payload, props)``: props may hold ``correlation_data``
-(bytes) and ``qos``; the service maps them to an MQTT 5 publish.
+(bytes) and ``qos``; the uplink maps them to an MQTT 5 publish (``Uplink.reply``).
 """
 from __future__ import annotations
 
@@ -56,20 +56,9 @@ MAX_QUEUED_LISTS = 4  # lists waiting for the worker; more is a flood (a server 
 
 
 def uplink_publisher(uplink: Any) -> Callable[[str, bytes, dict], None]:
-    """``publish`` for a Downlink over ``agent.uplink.mqtt.Uplink``: props
-    ``correlation_data`` becomes the MQTT 5 CorrelationData, ``qos`` the QoS (default 1)."""
-    from paho.mqtt.packettypes import PacketTypes
-    from paho.mqtt.properties import Properties
-
-    def publish(topic: str, payload: bytes, props: dict) -> None:
-        properties = None
-        if props.get("correlation_data") is not None:
-            properties = Properties(PacketTypes.PUBLISH)
-            properties.CorrelationData = props["correlation_data"]
-        uplink.publish(topic, payload, qos=int(props.get("qos", 1)), retain=False,
-                       properties=properties)
-
-    return publish
+    """``publish`` for a Downlink over ``agent.uplink.mqtt.Uplink``: its ``reply``, which
+    makes ``correlation_data`` the MQTT 5 CorrelationData and ``qos`` the QoS (default 1)."""
+    return uplink.reply
 
 
 class Downlink:

@@ -6,6 +6,14 @@ API (``loop_read``/``loop_write``/``loop_misc``). Nothing else touches paho or
 the journal's uplink methods, so the gate thread never waits for the network:
 it commits records and calls ``wake()``, which only writes one byte.
 
+The delivery bookkeeping (what is in flight, what is acknowledged, resend
+timers, ack clamping, refusal backoff) is the sans-I/O ``Window`` of
+``agent/uplink/window.py``; this module feeds it paho's callbacks, the
+journal's records and the time, and carries out what it returns. Some 660
+lines on purpose, over the ~500 others keep: the select loop, the
+connection's life and paho's callbacks share one client on one thread;
+split, each piece would reach into the others' state.
+
 Delivery (docs/contract.md, "Delivery: journal, acknowledgement, resends"):
 
 - Events go out in seq order, one record per message, QoS 1, with at most
@@ -40,7 +48,7 @@ import ssl
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol, Self
 
 import paho.mqtt.client as mqtt
@@ -53,19 +61,14 @@ from agent.contract import topics
 from agent.core.records import rfc3339_ms
 from agent.host import boot_id
 from agent.mqttclient import BrokerSettingError, TlsConfig, new_client
+from agent.uplink import window as w
+from agent.uplink.window import ACK_MODES, Window, backoff_s
 
 log = logging.getLogger("agent.uplink")
-
-ACK_MODES = ("ingest", "broker")
-RC_NO_MATCHING_SUBSCRIBERS = 0x10
-RC_FIRST_FAILURE = 0x80
 
 # The MQTT 5 Maximum Packet Size the uplink may announce (the protocol's own range).
 MIN_PACKET_BYTES = 1024
 MAX_PACKET_BYTES = 268_435_455
-
-# ack_ahead clears after this long without another ack beyond the gate's records.
-ACK_AHEAD_QUIET_S = 600.0
 
 # How many pending records one journal read fetches: big enough that a
 # backlog drains without a query per message, small enough to stay cheap.
@@ -87,7 +90,30 @@ class JournalForUplink(Protocol):
     def ack_one(self, seq: int) -> Any: ...
 
 
+# A downlink reply's options -> paho's MQTT 5 PUBLISH property names.
+_PROPERTY_NAMES = {
+    "correlation_data": "CorrelationData",
+    "message_expiry_interval": "MessageExpiryInterval",
+    "content_type": "ContentType",
+    "response_topic": "ResponseTopic",
+}
 
+
+def reply_options(options: Mapping[str, Any] | Properties | None) -> tuple[int, Properties | None]:
+    """(qos, paho Properties or None) from a downlink reply's options (``qos``,
+    ``correlation_data``...); paho Properties pass through with QoS 1."""
+    if options is None:
+        return 1, None
+    if not isinstance(options, Mapping):
+        return 1, options
+    qos = int(options.get("qos", 1))
+    wanted = {k: v for k, v in options.items() if k != "qos" and v is not None}
+    if not wanted:
+        return qos, None
+    out = Properties(PacketTypes.PUBLISH)
+    for key, value in wanted.items():
+        setattr(out, _PROPERTY_NAMES.get(key, key), value)
+    return qos, out
 
 
 def _json(msg: dict) -> bytes:
@@ -192,32 +218,16 @@ class Uplink:
         self._connect_deadline = 0.0
         self._next_connect_at = 0.0
         self._connect_failures = 0
-        self._window_eff = window
-        self._inflight: dict[int, int | None] = {}  # mid -> event seq (None: status, replies)
-        self._inflight_seqs: set[int] = set()
-        self._buffer: deque[dict] = deque()
-        self._cursor = 0  # highest seq handed to paho since the last rewind
-        self._maybe_more = True
-        self._poll_at = 0.0
-        self._retry_at: float | None = None  # rewind and publish again at this time
-        self._paused_until = 0.0
-        self._refusals = 0
-        self._drop_backoff = backoff_min_s
-        self._acked_upto = 0
-        self._sent_upto = 0  # highest seq of this journal the broker accepted from this run
-        self._ack_ahead_at: float | None = None  # when an ack last named a seq never made
-        self._journal_id = journal.id  # the journal whose seqs the state below counts
-        self._min_seq_sent: int | None = None
-        self._last_ack_progress = 0.0
-        self._resend_check_at = 0.0
+        # The delivery bookkeeping, touched only by the uplink thread (stats() reads its counters).
+        self._window = Window(journal.id, ack_mode=ack_mode, window=window, backoff_min_s=backoff_min_s,
+                              backoff_max_s=backoff_max_s, resend_after_s=resend_after_s,
+                              events_topic=self.topics["events"], ack_topic=self.topics["ack"],
+                              uniform=random.uniform)
         self._alarms: dict[str, bool] = {}
         self._log_quiet = False  # repeated connect failures are logged once per outage
 
-        self._published = 0
-        self._acked = 0
         self._reconnects = 0
         self._last_error: str | None = None
-        self._drain_samples: deque[tuple[float, int]] = deque(maxlen=64)
 
     # --- public API (any thread) -----------------------------------------
 
@@ -260,6 +270,12 @@ class Uplink:
         self._outbox.append((topic, data, qos, retain, properties))
         self.wake()
 
+    def reply(self, topic: str, payload: bytes, options: Mapping[str, Any] | Properties | None = None) -> None:
+        """A downlink reply (a command's result): ``options`` as the downlink gives
+        them (``qos``, ``correlation_data``...), see ``reply_options``."""
+        qos, props = reply_options(options)
+        self.publish(topic, payload, qos=qos, properties=props)
+
     def refresh_status(self) -> None:
         """Publish the ``online`` status again (e.g. a new access-list version)."""
         self._status_due = True
@@ -274,14 +290,15 @@ class Uplink:
         return self._connected
 
     def stats(self) -> dict:
+        win = self._window
         return {
             "connected": self._connected,
-            "published": self._published,
-            "acked": self._acked,
-            "inflight": len(self._inflight),
+            "published": win.published,
+            "acked": win.acked,
+            "inflight": len(win.inflight),
             "reconnects": self._reconnects,
             "last_error": self._last_error,
-            "drain_per_s": self._drain_rate(),
+            "drain_per_s": win.drain_rate(time.monotonic()),
         }
 
     def __enter__(self) -> Self:
@@ -316,11 +333,11 @@ class Uplink:
             return
         client = self._client
         if self._connected:
-            if self.journal.id != self._journal_id:
-                self._journal_changed()
+            if self.journal.id != self._window.journal_id:
+                self._journal_changed(now)
             self._flush_outbox()
             self._timers(now)
-            if now >= self._paused_until:
+            if not self._window.paused(now):
                 self._fill_window()
         elif now > self._connect_deadline:
             self._fail(f"no CONNACK from {self.host}:{self.port} within {self.connect_timeout_s} s")
@@ -349,11 +366,7 @@ class Uplink:
     def _select_timeout(self, now: float) -> float:
         due = [now + 1.0]  # 1 s at most: keepalive checks
         if self._connected:
-            due.append(self._poll_at)  # timers run only while connected
-            if self._retry_at is not None:
-                due.append(self._retry_at)
-            if self._paused_until > now:
-                due.append(self._paused_until)
+            due.append(self._window.next_deadline(now))  # timers run only while connected
         else:
             due.append(self._connect_deadline)
         return max(0.0, min(due) - now)
@@ -369,7 +382,7 @@ class Uplink:
                 pass
         except (BlockingIOError, OSError):
             pass
-        self._maybe_more = True
+        self._window.more()
 
     # --- connecting ---------------------------------------------------------
 
@@ -453,16 +466,14 @@ class Uplink:
         self._schedule_reconnect()
 
     def _schedule_reconnect(self) -> None:
-        # Exponential backoff with jitter (half to full delay), capped.
-        delay = min(self.backoff_max_s, self.backoff_min_s * (2 ** min(self._connect_failures, 30)))
-        delay = random.uniform(delay / 2, delay)
+        delay = backoff_s(self._connect_failures, self.backoff_min_s, self.backoff_max_s, random.uniform)
         self._connect_failures += 1
         self._next_connect_at = time.monotonic() + delay
 
     def _drop_client(self) -> None:
         client, self._client = self._client, None
         self._connected = False
-        self._reset_flow()
+        self._window.reset()
         sock = client.socket() if client is not None else None
         if sock is not None:
             try:
@@ -477,32 +488,14 @@ class Uplink:
             self._log_quiet = False
         self._fail(self._last_error or "connection closed")
 
-    def _reset_flow(self) -> None:
-        self._inflight.clear()
-        self._inflight_seqs.clear()
-        self._rewind()
-
-    def _journal_changed(self) -> None:
-        """The journal switched (a fallback on a read-only card, or back): its
-        seqs are another journal's. PUBACKs still due for the old one acknowledge
-        nothing, and the new one is sent from its start."""
-        old, self._journal_id = self._journal_id, self.journal.id
+    def _journal_changed(self, now: float) -> None:
+        """The journal switched (a fallback on a read-only card, or back): the
+        window starts the new one from nothing, and the birth names it."""
+        old = self._window.journal_id
+        self._window.switch_journal(self.journal.id, now)
         log.warning("uplink: the journal is now %s (was %s); sending it from its start",
-                    self._journal_id, old)
-        self._inflight = dict.fromkeys(self._inflight)
-        self._inflight_seqs.clear()
-        self._rewind()
-        self._acked_upto = 0
-        self._sent_upto = 0
-        self._min_seq_sent = None
-        self._last_ack_progress = time.monotonic()
-        self._status_due = True  # the birth names the journal
-
-    def _rewind(self) -> None:
-        """Publish again from the oldest pending record (in-flight ones excepted)."""
-        self._buffer.clear()
-        self._cursor = 0
-        self._maybe_more = True
+                    self.journal.id, old)
+        self._status_due = True
 
     # --- paho callbacks (the uplink thread, inside loop_read) ----------------
 
@@ -512,21 +505,13 @@ class Uplink:
             if _rc_value(reason_code) in (0x86, 0x87):
                 self._last_error += "; check the uplink's username/password and the broker's ACL"
             return  # paho closes the socket; the loop logs once and reconnects with backoff
-        now = time.monotonic()
         self._connected = True
         self._connect_failures = 0
         self._log_quiet = False
         self._alarm("tls_rejected", False, "")
-        receive_max = getattr(properties, "ReceiveMaximum", None)
-        self._window_eff = min(self.window, receive_max) if receive_max else self.window
-        self._last_ack_progress = now
-        self._resend_check_at = now + self.resend_after_s
-        # A refusal pause outlives the connection: mosquitto 2.0 drops a client
-        # after refusing its publish, and resending at once would loop.
-        self._retry_at = None
-        self._reset_flow()
+        self._window.connected(time.monotonic(), getattr(properties, "ReceiveMaximum", None))
         log.info("uplink: connected to %s:%s as %s (window %d, ack mode %s)",
-                 self.host, self.port, self.client_id, self._window_eff, self.ack_mode)
+                 self.host, self.port, self.client_id, self._window.size, self.ack_mode)
         client.subscribe([(self.topics["ack"], 1), (self.topics["acl"], 1), (self.topics["cmd"], 1)])
         self._publish_raw(self.topics["status"], _json(self._birth()), qos=1, retain=True)
 
@@ -536,52 +521,7 @@ class Uplink:
             self._last_error = f"disconnected: {_rc_text(reason_code)}"
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
-        seq = self._inflight.pop(mid, None)
-        if seq is None:
-            if _rc_value(reason_code) >= RC_FIRST_FAILURE:
-                log.warning("uplink: broker refused a status/reply publish: %s", _rc_text(reason_code))
-            return
-        self._inflight_seqs.discard(seq)
-        rc = _rc_value(reason_code)
-        if rc >= RC_FIRST_FAILURE:
-            self._refused(seq, reason_code)
-            return
-        self._sent_upto = max(self._sent_upto, seq)
-        if self._refusals:
-            self._refusals = 0
-            self._alarm("publish_refused", False, "the broker accepts events again")
-        if self.ack_mode == "broker":
-            if self.journal.id == self._journal_id:  # else a record of the journal before a switch
-                self.journal.ack_one(seq)
-            self._count_acked(1)
-            if rc == RC_NO_MATCHING_SUBSCRIBERS:
-                self._alarm("broker_dropped", True,
-                            f"the broker had no subscriber for {self.topics['events']} and dropped "
-                            f"event seq {seq} (reason 0x10); ack mode 'broker' counts it as delivered")
-            else:
-                self._alarm("broker_dropped", False, "")
-        elif rc == RC_NO_MATCHING_SUBSCRIBERS and self._retry_at is None:
-            # Nobody (no ingest) received it: send it again later, backing off.
-            self._retry_at = time.monotonic() + self._drop_backoff
-            log.info("uplink: no subscriber took event seq %d (0x10); resending in %.1f s",
-                     seq, self._drop_backoff)
-            self._drop_backoff = min(self._drop_backoff * 2, self.resend_after_s)
-
-    def _refused(self, seq: int, reason_code: Any) -> None:
-        now = time.monotonic()
-        detail = (f"broker refused event seq {seq} on {self.topics['events']}: {_rc_text(reason_code)}; "
-                  "the event stays in the journal; check the broker's ACL for this gate")
-        self._last_error = detail
-        self._alarm("publish_refused", True, detail)
-        if now < self._paused_until:
-            return  # the rest of a window refused in one burst: one backoff step, not twenty
-        self._refusals += 1
-        if self._refusals == 1:
-            log.error("uplink: %s", detail)
-        delay = min(self.backoff_max_s, self.backoff_min_s * 2 ** min(self._refusals - 1, 30))
-        # Pause, then send everything pending again (this seq included).
-        self._paused_until = now + random.uniform(delay / 2, delay)
-        self._retry_at = self._paused_until
+        self._apply(self._window.puback(mid, _rc_value(reason_code), time.monotonic(), _rc_text(reason_code)))
 
     def _on_message(self, client, userdata, message) -> None:
         topic = message.topic
@@ -596,136 +536,79 @@ class Uplink:
                 log.exception("uplink: on_message handler failed for %s", topic)
 
     def _on_ack(self, payload: bytes) -> None:
-        try:
-            msg = json.loads(payload)
-            journal_id, upto = msg["journal"], msg["upto"]
-            if not isinstance(journal_id, str) or not isinstance(upto, int) or isinstance(upto, bool):
-                raise TypeError("journal must be a string and upto an integer")
-        except (ValueError, KeyError, TypeError) as exc:
-            log.warning("uplink: ignoring malformed ack on %s (%s): %r", self.topics["ack"], exc, payload[:200])
-            return
-        if self.ack_mode != "ingest":
-            return
-        if journal_id != self._journal_id:
-            # The journal before a switch may still take it (a fallback being folded in);
-            # any other id changes nothing, and nothing here waits for it.
-            if not self.journal.ack_upto(journal_id, upto):
-                log.info("uplink: ack for another journal %s ignored (ours is %s)", journal_id, self._journal_id)
-            return
-        upto = self._clamp_ack(upto)
-        self.journal.ack_upto(journal_id, upto)
-        if upto > self._acked_upto:
-            # Count only what this run sent (the first ack's baseline is unknown otherwise).
-            base = max(self._acked_upto, (self._min_seq_sent or upto + 1) - 1)
-            if upto > base:
-                self._count_acked(upto - base)
-            self._acked_upto = upto
-            self._last_ack_progress = time.monotonic()
-            self._drop_backoff = self.backoff_min_s
-
-    def _clamp_ack(self, upto: int) -> int:
-        """An ack never reaches past what this run has sent and the broker accepted.
-
-        The ack topic is the ingest's word, but a forger holding this gate's
-        certificate can publish records under its journal id with seqs it has
-        not reached; the ingest stores and acks them, and an ack taken at its
-        word would make the gate forget its own records of those seqs before
-        ever sending them. Records sent before a restart are sent again at
-        connect anyway, so their ack is only postponed. An ack naming a seq the
-        journal never made is proof of such records: alarm ``ack_ahead``."""
         made = getattr(self.journal, "last_seq", None)
-        if isinstance(made, int) and upto > made:
-            detail = (f"an ack for journal {self._journal_id} up to seq {upto}, but this gate has "
-                      f"made only {made}: records under its journal id came from elsewhere (a "
-                      "stolen certificate or a cloned SD card); see the ingest's quarantine")
-            if self._ack_ahead_at is None:
-                log.error("uplink: %s", detail)
-            self._ack_ahead_at = time.monotonic()
-            self._alarm("ack_ahead", True, detail)
-        return min(upto, self._sent_upto)
+        self._apply(self._window.ack_message(payload, time.monotonic(), made))
+
+    def _apply(self, effects: list[w.Effect]) -> None:
+        """Carry out what the window returned, in order."""
+        for effect in effects:
+            match effect:
+                case w.AckOne(seq, journal_id):
+                    if self.journal.id == journal_id:  # else a record of the journal before a switch
+                        self.journal.ack_one(seq)
+                case w.AckUpto(journal_id, upto, ours):
+                    if not self.journal.ack_upto(journal_id, upto) and not ours:
+                        log.info("uplink: ack for another journal %s ignored (ours is %s)",
+                                 journal_id, self._window.journal_id)
+                case w.Alarm(kind, active, detail):
+                    self._alarm(kind, active, detail)
+                case w.Log(level, message):
+                    log.log(level, "uplink: %s", message)
+                case w.Error(message):
+                    self._last_error = message
+                case w.NeedOldest():
+                    oldest = self.journal.pending(after_seq=0, limit=1)
+                    self._apply(self._window.resend_check(oldest[0]["seq"] if oldest else None))
 
     # --- publishing -----------------------------------------------------------
 
-    def _publish_raw(self, topic: str, payload: bytes, qos: int, retain: bool = False,
-                     properties: Properties | None = None, seq: int | None = None) -> bool:
+    def _publish(self, topic: str, payload: bytes, qos: int, retain: bool = False,
+                 properties: Properties | None = None) -> mqtt.MQTTMessageInfo | None:
+        """Hand one message to paho; None (and the reason in stats) if it would not take it."""
         assert self._client is not None
         info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             self._last_error = f"publish failed: {mqtt.error_string(info.rc)}"
+            return None
+        return info
+
+    def _publish_raw(self, topic: str, payload: bytes, qos: int, retain: bool = False,
+                     properties: Properties | None = None) -> bool:
+        """A status or reply message: with QoS 1 it takes a window slot until its PUBACK."""
+        info = self._publish(topic, payload, qos, retain, properties)
+        if info is None:
             return False
         if qos > 0:
-            self._inflight[info.mid] = seq
-            if seq is not None:
-                self._inflight_seqs.add(seq)
+            self._window.track(info.mid)
         return True
 
     def _fill_window(self) -> None:
-        topic = self.topics["events"]
-        while len(self._inflight) < self._window_eff:
-            rec = self._next_record()
+        topic, win = self.topics["events"], self._window
+        while win.has_room():
+            rec = win.next_record()
             if rec is None:
+                after = win.fetch_after()
+                if after is None or not win.feed(self.journal.pending(after_seq=after, limit=FETCH_BATCH),
+                                                 FETCH_BATCH):
+                    return
+                continue
+            info = self._publish(topic, _json(rec), 1)
+            if info is None:
+                win.put_back(rec)
                 return
-            seq = rec["seq"]
-            if not self._publish_raw(topic, _json(rec), 1, seq=seq):
-                self._buffer.appendleft(rec)
-                return
-            self._cursor = seq
-            self._published += 1
-            if self._min_seq_sent is None or seq < self._min_seq_sent:
-                self._min_seq_sent = seq
-
-    def _next_record(self) -> dict | None:
-        while True:
-            if not self._buffer:
-                if not self._maybe_more:
-                    return None
-                batch = self.journal.pending(after_seq=self._cursor, limit=FETCH_BATCH)
-                if len(batch) < FETCH_BATCH:
-                    self._maybe_more = False  # until wake(), a rewind or the safety poll
-                mine = f"{self._journal_id}:"
-                if batch and not str(batch[0].get("id", "")).startswith(mine):
-                    self._maybe_more = True  # switched since _step looked: the next step resets
-                    return None
-                if not batch:
-                    return None
-                self._buffer.extend(batch)
-            rec = self._buffer.popleft()
-            if rec["seq"] in self._inflight_seqs:
-                continue  # still on the wire from before a rewind
-            return rec
+            win.sent(info.mid, rec)
 
     def _flush_outbox(self) -> None:
         if self._status_due:
             self._status_due = False
             self._publish_raw(self.topics["status"], _json(self._birth()), qos=1, retain=True)
-        while self._outbox and len(self._inflight) < self._window_eff:
+        while self._outbox and self._window.has_room():
             topic, payload, qos, retain, props = self._outbox.popleft()
             if not self._publish_raw(topic, payload, qos, retain, props):
                 return
 
     def _timers(self, now: float) -> None:
-        if now >= self._poll_at:
-            # Safety net: find records even if a wake() was missed.
-            self._poll_at = now + 1.0
-            self._maybe_more = True
-        if self._retry_at is not None and now >= self._retry_at:
-            self._retry_at = None
-            self._rewind()
-        if self._ack_ahead_at is not None and now - self._ack_ahead_at >= ACK_AHEAD_QUIET_S:
-            self._ack_ahead_at = None
-            self._alarm("ack_ahead", False, f"no ack beyond this gate's records for "
-                                            f"{ACK_AHEAD_QUIET_S:.0f} s")
-        if self.ack_mode == "ingest" and now >= self._resend_check_at:
-            due = self._last_ack_progress + self.resend_after_s
-            # Checked again when the ack progress seen now runs out, not a whole period later:
-            # an event stalled just after a check waits resend_after_s, never twice that.
-            self._resend_check_at = due if now < due else now + self.resend_after_s
-            if now >= due:
-                oldest = self.journal.pending(after_seq=0, limit=1)
-                if oldest and oldest[0]["seq"] <= self._cursor and oldest[0]["seq"] not in self._inflight_seqs:
-                    log.info("uplink: no ingest ack for %.0f s; resending from seq %d",
-                             self.resend_after_s, oldest[0]["seq"])
-                    self._rewind()
+        self._apply(self._window.tick(now))
 
     # --- status, alarms, stats ---------------------------------------------------
 
@@ -756,24 +639,6 @@ class Uplink:
                 self.on_alarm(kind, active, detail)
             except Exception:
                 log.exception("uplink: on_alarm handler failed for %s", kind)
-
-    def _count_acked(self, n: int) -> None:
-        self._acked += n
-        now = time.monotonic()
-        if not self._drain_samples or now - self._drain_samples[-1][0] >= 0.25:
-            self._drain_samples.append((now, self._acked))
-
-    def _drain_rate(self) -> float:
-        samples = list(self._drain_samples)
-        if not samples:
-            return 0.0
-        now = time.monotonic()
-        recent = [s for s in samples if now - s[0] <= 10.0] or samples[-1:]
-        t0, n0 = recent[0]
-        span = now - t0
-        if span <= 0:
-            return 0.0
-        return round((self._acked - n0) / span, 3)
 
     def _shutdown(self) -> None:
         client = self._client

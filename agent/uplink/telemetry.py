@@ -4,15 +4,20 @@
 age), the uplink (drain rate) and the runtime (reader errors, decision
 latencies, the gate-stall probe, clock, access list), into the message of
 ``agent/schemas/telemetry.schema.json``. ``Uplink.publish_telemetry`` sends
-it (QoS 0, not retained: a lost sample is not resent).
+it (QoS 0, not retained: a lost sample is not resent). ``gate_figures``
+gathers the running gate's part (gate thread, downlink, access list), and
+``ReaderErrorTally`` counts the readers' errors between two messages.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Protocol
 
 from agent import CONTRACT_VERSION
 from agent.core.records import rfc3339_ms
+
+log = logging.getLogger("agent.uplink.telemetry")
 
 CPU_TEMP_PATH = Path("/sys/class/thermal/thermal_zone0/temp")
 _NO_DECISIONS = {"p50": None, "p99": None, "p999": None}  # decision_ms before any decision
@@ -87,3 +92,51 @@ def _stall_fields(stall: dict[str, Any] | None) -> dict[str, float]:
         return {}
     return {"gate_stall_max_ms": round(max(0.0, float(stall.get("interval_ms", 0.0))), 3),
             "gate_stall_since_start_ms": round(max(0.0, float(stall.get("max_ms", 0.0))), 3)}
+
+
+class ReaderErrorTally:
+    """``reader.error`` records counted per reader and kind between two telemetry messages:
+    ``count`` on the gate thread (its ``on_record``), ``take`` on the housekeeping thread."""
+
+    def __init__(self) -> None:
+        self._counts: dict[str, dict[str, int]] = {}
+
+    def count(self, record: dict) -> None:
+        kinds = self._counts.setdefault(str(record.get("reader")), {})
+        kind = str(record.get("kind"))
+        kinds[kind] = kinds.get(kind, 0) + 1
+
+    def take(self) -> dict[str, dict[str, int]]:
+        """The counts since the last take (a new tally starts)."""
+        counts, self._counts = self._counts, {}
+        return {reader: dict(kinds) for reader, kinds in counts.items()}
+
+
+def gate_figures(runtime: Any, downlink: Any, *, boot: str, uptime_s: float, clock_synced: bool,
+                 table_version: str | None, reader_errors: dict[str, dict[str, int]]) -> dict[str, Any]:
+    """The ``runtime_stats`` of ``build_telemetry`` from the running gate: ``runtime``
+    (``GateRuntime``: decision latencies, queues, the stall probe) and ``downlink``
+    (``Downlink`` or None: the list's version, age and staleness, its counters).
+    A downlink whose status fails leaves the list's fields to the table in use."""
+    lat = runtime.latency_percentiles()
+    acl_status: dict[str, Any] = {}
+    if downlink is not None:
+        try:
+            acl_status = downlink.status()
+        except Exception:
+            log.exception("downlink status failed")
+    stats: dict[str, Any] = {
+        "boot": boot,
+        "uptime_s": uptime_s,
+        "clock_synced": clock_synced,
+        "acl_version": acl_status.get("acl_version", table_version),
+        "acl_age_s": acl_status.get("acl_age_s"),
+        "acl_stale": bool(acl_status.get("acl_stale", False)),
+        "reader_errors": reader_errors,
+        "decision_ms": {"p50": lat.get("p50_ms"), "p99": lat.get("p99_ms"), "p999": lat.get("p999_ms")},
+        "queues": runtime.queue_stats(),
+        "gate_stall": runtime.gate_stall(),
+    }
+    if downlink is not None:
+        stats["downlink"] = downlink.stats()
+    return stats
