@@ -292,6 +292,7 @@ def test_a_reader_without_the_right_key_never_comes_online_and_its_cards_are_ign
         pd.teardown()
 
 
+@pytest.mark.long(10)  # libosdp calls a silent reader offline after about 8 s
 def test_offline_reader_is_reported_and_brought_back_without_a_restart():
     link = Link()
     events = Events()

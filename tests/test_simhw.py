@@ -73,7 +73,8 @@ class Rig:
     """The gate's parts on mock pins, with the simulated turnstile attached first."""
 
     def __init__(self, fp, tmp_path: Path, profile_name: str = "pi4-relay4", *, walk_s=(0.05, 0.1),
-                 relay_mode: str = "pulse", fire_release: bool = True) -> None:
+                 relay_mode: str = "pulse", fire_release: bool = True,
+                 decoder_kwargs: dict | None = None) -> None:
         self.factory = MockFactory()
         self.profile = load_profile(profile_name)
         self.witness = tmp_path / "witness.jsonl"
@@ -97,7 +98,7 @@ class Rig:
             drive_input(self.factory, self.profile, name, name == "ready")
         self.readers = {
             name: WiegandReader(name, pins.d0, pins.d1, factory=self.factory, submit=self._submit,
-                                pull=pins.pull)
+                                pull=pins.pull, decoder_kwargs=decoder_kwargs)
             for name, pins in self.profile.readers.items()
         }
         self.runtime = GateRuntime(self.gate, self.sink, outputs=self.io)
@@ -179,7 +180,11 @@ def test_the_exit_reader_opens_b_and_the_person_walks_out(rigs):
 
 
 def test_a_real_pulse_train_on_the_mock_pins_is_decoded(rigs):
-    rig = rigs()
+    # The simulated reader sleeps its 1-2 ms gaps in this thread; on a busy machine (a parallel
+    # run) a sleep can end 25 ms late, which the decoder rightly takes for the end of the frame.
+    # A real reader is never late: give the sender's gaps room (the pulses, the glitch and
+    # stuck-line limits the test is about stay as shipped).
+    rig = rigs(decoder_kwargs={"silence_s": 0.5})
     reader = rig.reader("entry", pins=True)
     assert reader.connected
     reader.present(CARD)
@@ -295,6 +300,7 @@ def test_a_card_too_wide_for_w26_is_refused_with_the_fix():
         SimulatedReader(MockFactory(), load_profile("pi4-relay4"), "side-door")
 
 
+@pytest.mark.long(6)
 def test_the_crowd_presents_known_unknown_and_blocked_cards(rigs):
     rig = rigs(walk_s=(0.01, 0.02))
     entry = rig.reader("entry")
