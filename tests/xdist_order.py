@@ -34,6 +34,7 @@ def _block_sizes(total: int, workers: int) -> list[int]:
     return sizes
 
 
+@pytest.hookimpl(trylast=True)  # after -m has deselected: the blocks are of what runs
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     workers = int(getattr(config, "workerinput", {}).get("workercount", 1))
     if workers < 2:  # (a worker does not know the --dist of the run: the blocks are worksteal's)
