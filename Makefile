@@ -16,7 +16,8 @@ EXTRAS := $(if $(filter 1,$(GATE_POSTGRES)),test$(comma)postgres,test)
 PYTEST_FLAGS ?= -q
 # `make test` runs the suite in parallel workers (pytest-xdist): most of its time is waiting on
 # brokers, agents in subprocesses and timers, not CPU, so more workers than cores pay off;
-# worksteal evens out the few long tests. PYTEST_JOBS=0 runs it in one process. Under qemu
+# worksteal and tests/xdist_order.py (the long tests first) even out the load. PYTEST_JOBS=0
+# runs it in one process. Under qemu
 # (GATE_EMULATED, scripts/test-arm64.sh) every worker's start-up is emulated too: one process.
 PYTEST_JOBS ?= $(if $(GATE_EMULATED),0,4)
 XDIST := $(if $(filter-out 0 1,$(PYTEST_JOBS)),-n $(PYTEST_JOBS) --dist worksteal)
@@ -76,9 +77,10 @@ test: build
 	$(TEST_ENV) $(VPY) -m pytest $(XDIST) $(PYTEST_FLAGS)
 	$(MAKE) --no-print-directory test-pure
 
-# Proves the package works where no compiler exists.
+# Proves the package works where no compiler exists. In one process: its 3 s of CPU-bound
+# tests gain nothing from workers that take longer to start.
 test-pure: $(STAMP)
-	GATE_PUREPYTHON=1 GATE_REQUIRE_COMPILED= $(TEST_ENV) $(VPY) -m pytest $(XDIST) $(PYTEST_FLAGS) $(wildcard $(PURE_TESTS))
+	GATE_PUREPYTHON=1 GATE_REQUIRE_COMPILED= $(TEST_ENV) $(VPY) -m pytest $(PYTEST_FLAGS) $(wildcard $(PURE_TESTS))
 
 # The suite on Debian 12 arm64, the boards' system, in a cached debootstrap root (under
 # qemu-user-static on x86_64): the fastpath compiled for aarch64, every scenario's --check, the
