@@ -17,8 +17,8 @@ PYTEST_FLAGS ?= -q
 # `make test` runs the suite in parallel workers (pytest-xdist): most of its time is waiting on
 # brokers, agents in subprocesses and timers, not CPU, so more workers than cores pay off;
 # worksteal and tests/xdist_order.py (the long tests first) even out the load. PYTEST_JOBS=0
-# runs it in one process. Under qemu
-# (GATE_EMULATED, scripts/test-arm64.sh) every worker's start-up is emulated too: one process.
+# runs it in one process; so does a run under qemu (GATE_EMULATED), where every worker's
+# start-up would be emulated too.
 PYTEST_JOBS ?= $(if $(GATE_EMULATED),0,4)
 XDIST := $(if $(filter-out 0 1,$(PYTEST_JOBS)),-n $(PYTEST_JOBS) --dist worksteal)
 # pytest caches the test modules it rewrites only where Python may write bytecode: without the
