@@ -15,11 +15,13 @@ comma := ,
 EXTRAS := $(if $(filter 1,$(GATE_POSTGRES)),test$(comma)postgres,test)
 PYTEST_FLAGS ?= -q
 # `make test` runs the suite in parallel workers (pytest-xdist): most of its time is waiting on
-# brokers, agents in subprocesses and timers, not CPU, so more workers than cores pay off;
+# brokers, agents in subprocesses and timers, not CPU, so more workers than cores pay off
+# (measured on 2 cores shared with other jobs: 6 workers 119-124 s, 4 workers 137-149 s,
+# one process ~7 min);
 # worksteal and tests/xdist_order.py (the long tests first) even out the load. PYTEST_JOBS=0
 # runs it in one process; so does a run under qemu (GATE_EMULATED), where every worker's
 # start-up would be emulated too.
-PYTEST_JOBS ?= $(if $(GATE_EMULATED),0,4)
+PYTEST_JOBS ?= $(if $(GATE_EMULATED),0,6)
 XDIST := $(if $(filter-out 0 1,$(PYTEST_JOBS)),-n $(PYTEST_JOBS) --dist worksteal)
 # pytest caches the test modules it rewrites only where Python may write bytecode: without the
 # cache every worker compiles the whole suite again (about 4 s of CPU each).
