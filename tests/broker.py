@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -35,11 +36,23 @@ def mosquitto_path() -> str | None:
     return shutil.which("mosquitto")
 
 
+_issued: set[int] = set()  # this process's ports: a broker not started yet holds none
+_issued_lock = threading.Lock()
+
+
 def free_port() -> int:
-    """A TCP port free on loopback right now (the kernel picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port free on loopback right now (the kernel picks it), never one this process
+    handed out before: the kernel may offer a closed port again, and a broker made but not
+    yet started (or killed, to start again on its port) does not hold it. Workers of a
+    parallel run are separate processes, each drawing from the kernel's random ports."""
+    with _issued_lock:
+        while True:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            if port not in _issued:
+                _issued.add(port)
+                return port
 
 
 class Mosquitto:
@@ -219,7 +232,8 @@ class Observer:
     its own when the broker comes back, so it can watch through outages."""
 
     def __init__(self, broker: Mosquitto, topic: str = "#", *, qos: int = 1,
-                 username: str | None = None) -> None:
+                 username: str | None = None, port: int | None = None,
+                 tls: ssl.SSLContext | None = None) -> None:
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
 
@@ -231,6 +245,8 @@ class Observer:
                                   client_id=f"observer-{id(self)}")
         if username is not None:
             self.client.username_pw_set(username)
+        if tls is not None:
+            self.client.tls_set_context(tls)
         self.client.reconnect_delay_set(0.1, 0.5)
 
         def on_connect(client, userdata, flags, rc, props):
@@ -246,11 +262,12 @@ class Observer:
         self.client.on_connect = on_connect
         self.client.on_subscribe = on_subscribe
         self.client.on_message = on_message
-        self.client.connect_async(broker.host, broker.port, keepalive=10)
+        port = broker.port if port is None else port
+        self.client.connect_async(broker.host, port, keepalive=10)
         self.client.loop_start()
         if not self.subscribed.wait(10):
             self.stop()
-            raise RuntimeError(f"observer could not subscribe to {topic} on {broker.host}:{broker.port}")
+            raise RuntimeError(f"observer could not subscribe to {topic} on {broker.host}:{port}")
 
     def records(self, topic: str | None = None) -> list[dict]:
         """The JSON payloads received (on ``topic`` if given), in arrival order."""
@@ -273,6 +290,24 @@ class Observer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def wait_subscribed(uplink, broker: Mosquitto, timeout: float = 10.0, *, port: int | None = None,
+                    tls: ssl.SSLContext | None = None) -> None:
+    """Wait until ``uplink`` (an agent.uplink.mqtt.Uplink) is connected AND its subscriptions
+    (ack, acl, cmd) are in place on ``broker``.
+
+    On each CONNACK the uplink sends its SUBSCRIBE and then its retained birth status on the
+    same connection; mosquitto handles one client's packets in order, so once that status
+    (naming this uplink's journal) is on the broker, the subscriptions are too. A message sent
+    to the gate before then may find nobody subscribed. ``port``/``tls``: where and how an
+    observer allowed to read the status connects (a broker with an ACL)."""
+    topic = uplink.topics["status"]
+    journal_id = uplink.journal.id
+    with Observer(broker, topic, port=port, tls=tls) as status:
+        wait_until(lambda: uplink.connected and any(
+            r.get("state") == "online" and r.get("journal") == journal_id
+            for r in status.records()), timeout, f"the uplink's birth status on {topic}")
 
 
 # --- journal, uplink and ingest fixtures shared by the uplink test modules ----------

@@ -18,6 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from tests.xdist_order import pytest_collection_modifyitems  # noqa: F401  (the long tests first)
+
 PURE_ONLY = os.environ.get("GATE_PUREPYTHON", "") in ("1", "true", "yes")
 REQUIRE_COMPILED = os.environ.get("GATE_REQUIRE_COMPILED", "") in ("1", "true", "yes")
 

@@ -21,11 +21,13 @@ revoked gate certificate) and ``gate_broker`` (mosquitto with that CA).
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import getpass
 import ipaddress
 import os
 import re
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator
@@ -195,13 +197,18 @@ def make_pki(folder: Path) -> Pki:
 
 def build_plugin() -> Path:
     """mosquitto/gate_acl.so, (re)built by the Makefile; skips or fails (CI) where it cannot be."""
-    try:
-        done = subprocess.run(["make", "--no-print-directory", "broker-plugin"], check=False, cwd=ROOT,
-                              capture_output=True, text=True, timeout=120)
-        ok, why = done.returncode == 0, (done.stdout + done.stderr).strip()
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        ok, why = False, str(exc)
     source = BROKER_PLUGIN.with_name("gate_acl.c")
+    # The workers of a parallel run (pytest-xdist) each come here: one compiles at a time, so
+    # no broker loads a plugin another worker's compiler is still writing. The lock is on the
+    # source (read-only is enough for flock), so nothing new appears in the tree.
+    with open(source, "rb") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            done = subprocess.run(["make", "--no-print-directory", "broker-plugin"], check=False,
+                                  cwd=ROOT, capture_output=True, text=True, timeout=120)
+            ok, why = done.returncode == 0, (done.stdout + done.stderr).strip()
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            ok, why = False, str(exc)
     # A failed build may leave an older plugin behind: never test that one.
     if not ok or not BROKER_PLUGIN.exists() or BROKER_PLUGIN.stat().st_mtime < source.stat().st_mtime:
         message = (f"the broker plugin {BROKER_PLUGIN.name} was not built ({why}); install "
@@ -322,15 +329,18 @@ def gate_broker(pki: Pki, tmp_path: Path) -> Iterator[GateBroker]:
 
 def mqtt_client(broker: Mosquitto, identity: Identity | None, ca: Path, *, client_id: str | None = None):
     """A paho MQTT 5 client configured for mutual TLS as ``identity`` (None: no certificate)."""
-    import ssl
-
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
     c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5,
                     client_id=client_id or f"t-{identity.name.replace('/', '-') if identity else 'anon'}")
+    c.tls_set_context(tls_context(identity, ca))
+    return c
+
+
+def tls_context(identity: Identity | None, ca: Path) -> ssl.SSLContext:
+    """A client's TLS context trusting ``ca`` and presenting ``identity`` (None: no certificate)."""
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
     if identity is not None:
         ctx.load_cert_chain(str(identity.cert), str(identity.key))
-    c.tls_set_context(ctx)
-    return c
+    return ctx

@@ -11,6 +11,8 @@ import json
 import random
 import time
 
+import pytest
+
 from agent.contract import topics
 from agent.core.cards import parse_card_string
 from agent.downlink import acl_sync
@@ -169,6 +171,7 @@ def known(agent, k: int) -> bool:
     return decision["type"] == "access.granted" or decision.get("reason") != "unknown_card"
 
 
+@pytest.mark.long(12)
 def test_kill_9_while_deltas_arrive_loses_no_acknowledged_delta(tmp_path, broker):
     from tests.agentproc import AgentProcess
     from tests.broker import Observer

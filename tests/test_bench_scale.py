@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.pki import broker_plugin
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,6 +24,7 @@ def _number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+@pytest.mark.long(8)
 def test_the_tiniest_run_writes_footprint_and_swap_beside_the_other_keys(tmp_path):
     broker_plugin()  # skips (fails in CI) where mosquitto or the plugin is missing
     out = tmp_path / "results.json"

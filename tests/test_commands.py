@@ -12,6 +12,7 @@ import base64
 import io
 import json
 import re
+import threading
 import time
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -625,7 +626,7 @@ def test_a_time_without_offset_or_malformed_is_invalid_and_names_the_field(h, fi
 # --- through a real broker --------------------------------------------------------------------
 
 
-from tests.broker import make_broker  # noqa: F401  (fixture)
+from tests.broker import make_broker, wait_subscribed, wait_until  # noqa: F401  (fixture)
 
 
 class _Outputs:
@@ -661,11 +662,7 @@ class _LiveGate:
         self.uplink.on_message = self.dl.on_message
         self.rt.start()
         self.uplink.start()
-        deadline = time.monotonic() + 10
-        while not self.uplink.connected:
-            assert time.monotonic() < deadline, "the gate's uplink did not connect"
-            time.sleep(0.02)
-        time.sleep(0.2)  # its SUBSCRIBE is sent right after CONNACK
+        wait_subscribed(self.uplink, broker)  # a command sent sooner could find nobody listening
 
     def close(self) -> None:
         self.uplink.stop()
@@ -889,6 +886,8 @@ def test_5000_junk_commands_through_mosquitto_make_a_bounded_number_of_records(t
     replies: list = []
     sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     sub.on_message = lambda c, u, m: replies.append(m.topic)
+    suback = threading.Event()
+    sub.on_subscribe = lambda *_: suback.set()
     sub.connect(broker.host, broker.port)
     sub.subscribe(f"gate/v1/{SITE}/{GATE}/reply/#", qos=1)
     sub.loop_start()
@@ -896,7 +895,10 @@ def test_5000_junk_commands_through_mosquitto_make_a_bounded_number_of_records(t
     pub.connect(broker.host, broker.port)
     pub.loop_start()
     try:
-        time.sleep(0.3)  # the subscriptions follow the CONNACKs
+        # The replies' listener is in place before the flood asks for any; QoS 0 publishes
+        # are dropped by paho until its CONNACK came.
+        assert suback.wait(10), "the replies' subscription was not acknowledged"
+        wait_until(pub.is_connected, 10, "the flooding client's CONNACK")
         props = Properties(PacketTypes.PUBLISH)
         props.MessageExpiryInterval = 20
         props.ResponseTopic = REPLY

@@ -339,6 +339,7 @@ def test_the_witness_check_catches_an_unlock_with_no_record_and_a_start_with_a_l
         check_witness([Run(100.0, 1, {**idle, "unlock_b": True})], [], 0)
 
 
+@pytest.mark.long(50)
 @pytest.mark.timeout(900)
 def test_kill_9_at_random_moments_loses_nothing_the_gate_acted_on(tmp_path, broker, ingest_at):
     figures = crash_cycles(tmp_path, broker, ingest_at, CYCLES)

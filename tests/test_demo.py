@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.broker import mosquitto_path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,6 +32,7 @@ def demo_env(pure: bool) -> dict:
     return env
 
 
+@pytest.mark.long(16)
 def test_a_bounded_demo_sends_passages_and_denials_to_the_ingest(fp):
     pure = fp.__name__.endswith("_pure")
     res = subprocess.run([sys.executable, "-c", RUN, "--duration", "15", "--plain", "--seed", "7",
@@ -81,6 +84,7 @@ def _read_until(proc: subprocess.Popen, pred, timeout: float) -> list[str]:
     raise AssertionError("the demo did not get there in time:\n" + "\n".join(lines[-30:]))
 
 
+@pytest.mark.long(6)
 def test_ctrl_c_stops_the_demo_cleanly():
     proc = subprocess.Popen([sys.executable, "-c", RUN, "--plain", "--seed", "3"], cwd=ROOT,
                             env=demo_env(pure=False), stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -522,7 +522,8 @@ def test_a_list_issued_far_ahead_of_a_synchronised_clock_is_refused(live):
 
 # --- end to end: gate-agent acl push through mosquitto with mutual TLS ----------------------------
 
-from tests.pki import GATE_A, gate_broker, pki  # noqa: F401  (fixtures)
+from tests.broker import wait_subscribed
+from tests.pki import GATE_A, gate_broker, pki, tls_context  # noqa: F401  (fixtures)
 from tests.pki import SITE as PKI_SITE
 
 
@@ -563,11 +564,10 @@ def test_a_signed_delta_pushed_with_acl_push_changes_who_the_simulated_gate_lets
     rt.start()
     uplink.start()
     try:
-        deadline = time.monotonic() + 10
-        while not uplink.connected:
-            assert time.monotonic() < deadline, "gate A did not connect with its certificate"
-            time.sleep(0.02)
-        time.sleep(0.2)  # its subscriptions follow the CONNACK
+        # Connected with its certificate, and subscribed: a list pushed sooner could find
+        # nobody listening. The regional server may read the gate's status, on its listener.
+        wait_subscribed(uplink, gate_broker, port=gate_broker.services_port,
+                        tls=tls_context(pki.regional, pki.ca_file))
 
         key = tmp_path / "region.key"
         key.write_bytes(private_key_pem(KEY))

@@ -41,6 +41,7 @@ def start_flood(broker, topic: str, rate: float, seconds: float) -> subprocess.P
          str(seconds)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
 
 
+@pytest.mark.long(9)
 def test_every_card_is_decided_while_the_broker_floods_the_gate_with_junk(broker, ingest_at, agent):
     ingest = ingest_at(broker)
     cmd = topics(agent.site, agent.gate)["cmd"]

@@ -450,6 +450,7 @@ def test_malformed_records_never_block_the_batch_they_arrive_in(broker, ingest_d
 # --- item 10: reconnecting, file modes ------------------------------------------------------
 
 
+@pytest.mark.long(10)
 def test_the_ingest_is_back_within_seconds_after_a_broker_restart(broker, ingest):
     broker.kill()
     wait_until(lambda: not ingest.ready.is_set(), 10, "the ingest to notice the broker is gone")

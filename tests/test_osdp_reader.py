@@ -31,6 +31,7 @@ from agent.hw.osdp_reader import (
     OsdpConfigError,
     OsdpReaderSpec,
     decode_osdp_card,
+    parse_scbk,
 )
 
 KEY = bytes.fromhex("8b1f3c00d2a94e57a0b6c1d2e3f40516")
@@ -291,6 +292,7 @@ def test_a_reader_without_the_right_key_never_comes_online_and_its_cards_are_ign
         pd.teardown()
 
 
+@pytest.mark.long(10)  # libosdp calls a silent reader offline after about 8 s
 def test_offline_reader_is_reported_and_brought_back_without_a_restart():
     link = Link()
     events = Events()
@@ -357,9 +359,33 @@ def test_unusable_keys_are_refused_with_what_to_do(scbk, message):
         OsdpBus(LinkEnd(Link(), 0), [OsdpReaderSpec("entry", ADDRESS, scbk)], submit=lambda e: None)
 
 
-def test_keys_in_config_may_carry_separators():
-    text = ":".join(f"{b:02x}" for b in KEY)
-    OsdpBus(LinkEnd(Link(), 0), [OsdpReaderSpec("entry", ADDRESS, text)], submit=lambda e: None)
+@pytest.mark.parametrize(
+    "text",
+    [
+        ":".join(f"{b:02x}" for b in KEY),
+        "-".join(f"{b:02X}" for b in KEY),
+        " ".join(KEY.hex()[i : i + 4] for i in range(0, 32, 4)),
+    ],
+    ids=["colons", "dashes-upper", "spaces"],
+)
+def test_keys_in_config_may_carry_separators(text):
+    """A key written with separators is the same key: the reader holding the plain KEY proves
+    it and its Secure Channel comes up (a key parsed wrong would leave it offline)."""
+    assert parse_scbk(text, "entry") == KEY
+    link = Link()
+    events = Events()
+    bus = OsdpBus(
+        LinkEnd(link, 0), [OsdpReaderSpec("entry", ADDRESS, text)], submit=events, log_level="error"
+    )
+    pd = make_pd(LinkEnd(link, 1))  # the reader holds KEY, Secure Channel enforced
+    bus.start()
+    try:
+        events.wait(lambda items: statuses(items), 20, "the reader's first status")
+        assert statuses(events.items) == [True], "the reader did not come online with the key"
+        assert bus.is_secure("entry")
+    finally:
+        bus.stop()
+        pd.teardown()
 
 
 def test_addresses_and_names_must_be_unique_and_in_range():

@@ -21,6 +21,7 @@ import random
 import time
 from pathlib import Path
 
+import pytest
 from gpiozero.pins.mock import MockFactory
 
 from agent.config import load_config
@@ -59,6 +60,7 @@ def prepare(tmp_path: Path, broker) -> tuple[Path, Path]:
     return state, tmp_path / "agent.toml"
 
 
+@pytest.mark.long(8)
 def test_the_service_starts_and_decides_on_a_read_only_card_and_moves_back_when_it_is_writable(
         tmp_path, broker, ingest_at, monkeypatch, caplog):
     monkeypatch.setattr(failover, "RETRY_S", 0.3)
@@ -127,6 +129,7 @@ def test_the_service_starts_and_decides_on_a_read_only_card_and_moves_back_when_
     assert (state / STATE_FILE).exists(), "the gate state is saved once the card takes writes"
 
 
+@pytest.mark.long(7)
 def test_a_card_failing_under_the_running_service_changes_nothing_at_the_gate(
         tmp_path, broker, ingest_at, monkeypatch):
     """The kernel turns the card read-only while the agent runs (ext4,
