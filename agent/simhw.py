@@ -103,6 +103,7 @@ import os
 import random
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -545,6 +546,30 @@ class SimulatedTurnstile:
 # --------------------------------------------------------------------------- readers
 
 
+class _LineState:
+    """One reader's lines as every SimulatedReader on them sees them."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()  # one frame at a time
+        self.last_end = float("-inf")  # when the last frame's last edge was
+
+
+_LINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LINES_LOCK = threading.Lock()
+
+
+def _line_state(owner: Any) -> _LineState:
+    """The state of the reader behind ``owner`` (the service's reader adapter, or the
+    D0 pin), made on first use; a fresh one where there is nothing to share it by."""
+    if owner is None:
+        return _LineState()
+    with _LINES_LOCK:
+        state = _LINES.get(owner)
+        if state is None:
+            state = _LINES[owner] = _LineState()
+        return state
+
+
 class SimulatedReader:
     """A 26-bit Wiegand reader at the other end of the service's D0/D1 pins (module doc)."""
 
@@ -580,10 +605,12 @@ class SimulatedReader:
         self.clock = clock
         self.frame_gap_s = float(frame_gap_s)
         self.frames = 0
-        self._lock = threading.Lock()  # one frame at a time on the lines
-        self._last_end = float("-inf")  # when the last frame's last edge was
         pins = profile.readers.get(reader_name)
         self._lines = (None, None) if pins is None else (_pin(factory, pins.d0), _pin(factory, pins.d1))
+        # One frame at a time on the lines, and the quiet between frames, shared by every
+        # SimulatedReader on the same reader (the demo's crowd and `gate-agent sim card`
+        # both present cards on it): two frames overlapping would read as one damaged one.
+        self._line = _line_state(adapter if adapter is not None else self._lines[0])
 
     @property
     def connected(self) -> bool:
@@ -610,16 +637,17 @@ class SimulatedReader:
         """Send any bit string as one frame (e.g. a damaged one)."""
         if not bits or set(bits) - {"0", "1"}:
             raise ValueError(f"bits {bits!r}: give a string of 0 and 1")
-        with self._lock:
+        line = self._line
+        with line.lock:
             if self.adapter is not None:
                 self._feed(bits)
             else:
                 # A reader is silent between frames; sooner, two frames would read as one.
-                wait = self._last_end + self.frame_gap_s - self.clock()
+                wait = line.last_end + self.frame_gap_s - self.clock()
                 if wait > 0:
                     time.sleep(wait)
                 self._drive(bits)
-                self._last_end = self.clock()
+                line.last_end = self.clock()
             self.frames += 1
 
     def _gap(self) -> float:
@@ -631,8 +659,8 @@ class SimulatedReader:
         # never before the last frame's end and the quiet between frames.
         gaps = [self._gap() for _ in bits[1:]]
         length = sum(gaps) + self.pulse_s
-        t = max(self.clock() - length - 1e-3, self._last_end + self.frame_gap_s)
-        self._last_end = t + length
+        t = max(self.clock() - length - 1e-3, self._line.last_end + self.frame_gap_s)
+        self._line.last_end = t + length
         edges = []
         for i, b in enumerate(bits):
             line = int(b)

@@ -407,3 +407,21 @@ def test_cards_presented_back_to_back_are_two_frames_not_one(rigs, pins):
     assert not rig.sink.of("reader.error")
     assert rig.sink.of("access.denied")[0]["reason"] == "blocked"
     assert rig.sink.of("access.granted")[0]["person"] == "p-1"
+
+
+@pytest.mark.parametrize("pins", [False, True])
+def test_two_simulated_readers_on_one_reader_take_turns(rigs, pins):
+    """The demo's crowd and `gate-agent sim card` each hold a SimulatedReader on the same
+    reader: frames sent from both at once must not overlap (one damaged frame)."""
+    rig = rigs(walk_s=lambda direction: None, pin_slack=pins)
+    crowd, sim = rig.reader("exit", pins=pins), rig.reader("exit", pins=pins)
+    threads = [threading.Thread(target=r.present, args=(card,)) for r, card in ((crowd, BLOCKED), (sim, CARD))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    wait_until(lambda: len(rig.sink.of("access.denied")) + len(rig.sink.of("access.granted")) == 2,
+               what="two decisions")
+    assert not rig.sink.of("reader.error")
+    assert [r["reason"] for r in rig.sink.of("access.denied")] == ["blocked"]
+    assert rig.sink.of("access.granted")[0]["person"] == "p-1"
