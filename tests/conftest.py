@@ -44,6 +44,13 @@ def fp(request):
     return load_twin(request.param)
 
 
+def board_twin():
+    """The twin a board runs: the compiled one, or the pure one where only it exists
+    (GATE_PUREPYTHON=1). For modules whose tests do not differ between the twins: they
+    override ``fp`` with it (``one_twin``), and the core's tests hold the twins together."""
+    return load_twin(TWINS[-1])
+
+
 @pytest.fixture
 def fp_pair():
     """(pure, compiled) for property tests comparing the twins."""
