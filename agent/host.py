@@ -1,7 +1,6 @@
 """What the agent asks of the machine it runs on: the boot id and whether the
 kernel's clock is synchronised (read-only questions with a safe answer when
-the machine cannot be asked: "unknown", None), the C library itself, and one
-setting of its allocator for the service process (``tune_malloc``)."""
+the machine cannot be asked: "unknown", None), and the C library itself."""
 from __future__ import annotations
 
 import ctypes
@@ -10,7 +9,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MMAP_THRESHOLD_BYTES", "boot_id", "kernel_clock_synced", "libc", "tune_malloc"]
+__all__ = ["boot_id", "kernel_clock_synced", "libc"]
 
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
@@ -65,24 +64,3 @@ def libc() -> Any:
         return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     except OSError:
         return None
-
-
-_M_MMAP_THRESHOLD = -3  # malloc.h
-MMAP_THRESHOLD_BYTES = 1 << 20
-
-
-def tune_malloc() -> bool:
-    """Every allocation of MMAP_THRESHOLD_BYTES or more gets its own mapping (glibc's
-    mallopt M_MMAP_THRESHOLD); True when set. glibc's default threshold climbs up
-    to 32 MiB as big blocks are freed; blocks under it then come from the heap,
-    where growing a list of a million entries copies it whole (milliseconds with
-    the interpreter lock held, the gate thread waiting) and freeing it keeps the
-    memory. Mapped blocks grow by mremap, without a copy, and go back to the
-    kernel when freed. For the service only: a tool keeps the default."""
-    lib = libc()
-    if lib is None:
-        return False
-    try:
-        return lib.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
-    except AttributeError:  # not glibc (musl has no mallopt)
-        return False

@@ -67,7 +67,7 @@ from pathlib import Path
 from typing import Any
 
 import fastpath
-from agent import __version__, host
+from agent import __version__
 from agent.config import DEFAULT_PATH, Config, ConfigError, load_config
 from agent.core.events import Report
 from agent.core.turnstile import Gate
@@ -634,7 +634,6 @@ def run(config_path: str | os.PathLike[str] = DEFAULT_PATH) -> int:
     # broker flood, say) holds it: at most one switch interval per hand-over. 1 ms
     # instead of CPython's 5 ms keeps a card's decision well inside 10 ms.
     sys.setswitchinterval(GIL_SWITCH_S)
-    host.tune_malloc()  # a million-entry list grows without copies (agent/host.py)
     setup_logging("info")
     try:
         config = load_config(config_path)
