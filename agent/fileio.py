@@ -23,19 +23,40 @@ def temp_name(path: Path) -> Path:
 
 
 def write_atomic(path: str | os.PathLike[str], data: bytes | Iterable[bytes], *, mode: int = 0o600,
-                 uid: int | None = None, gid: int | None = None) -> None:
+                 uid: int | None = None, gid: int | None = None, sync_every: int | None = None) -> None:
     """Replace ``path`` with ``data`` (bytes, or chunks written one by one).
 
     ``mode`` is set on the file before it appears (the umask does not apply);
     ``uid``/``gid`` are applied only when running as root (an ordinary user,
-    staging a board or running the tests, keeps its own files)."""
+    staging a board or running the tests, keeps its own files).
+
+    ``sync_every``: for a big file, have each that many bytes reach the disk
+    (fdatasync) before more is written. One fsync of tens of MB at the end
+    fills the card's queue at once, and every small write meanwhile (the
+    gate's journal, on the same card) waits behind all of it: 26 ms on this
+    machine's disk for an 87 MB list, seconds on a slow SD card. In pieces,
+    a journal write waits behind one piece at most."""
     path = Path(path)
     tmp = temp_name(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         with os.fdopen(fd, "wb") as f:
+            pending = 0
             for chunk in ([data] if isinstance(data, (bytes, bytearray, memoryview)) else data):
-                f.write(chunk)
+                if not sync_every:
+                    f.write(chunk)
+                    continue
+                view = memoryview(chunk).cast("B")
+                at = 0
+                while at < len(view):
+                    piece = view[at:at + sync_every - pending]  # up to the next whole piece
+                    f.write(piece)
+                    at += len(piece)
+                    pending += len(piece)
+                    if pending == sync_every:
+                        f.flush()
+                        os.fdatasync(f.fileno())
+                        pending = 0
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)

@@ -34,3 +34,21 @@ def test_a_write_that_fails_leaves_the_old_file_and_no_temporary(tmp_path):
         write_atomic(path, chunks())
     assert path.read_bytes() == b"the list in force"
     assert not temp_name(path).exists() and not list(tmp_path.glob(".acl.bin.tmp-*"))
+
+
+def test_a_big_file_reaches_the_disk_a_piece_at_a_time(tmp_path, monkeypatch):
+    """sync_every: fdatasync after each that many bytes, whatever the chunks' sizes, and the
+    file holds exactly what was given (pieces cut inside chunks and across them)."""
+    import os as os_mod
+
+    synced: list[int] = []
+    real = os_mod.fdatasync
+    monkeypatch.setattr(os_mod, "fdatasync", lambda fd: synced.append(os_mod.fstat(fd).st_size) or real(fd))
+    chunks = [bytes([i]) * n for i, n in enumerate((3_000_000, 5_500_000, 100, 2_000_000))]
+    target = tmp_path / "acl.bin"
+    write_atomic(target, chunks, sync_every=4 << 20)
+    assert target.read_bytes() == b"".join(chunks)
+    assert synced == [4 << 20, 8 << 20]  # 10.5 MB: two whole pieces synced, the rest by the final fsync
+    synced.clear()
+    write_atomic(target, chunks)  # without: one fsync at the end only
+    assert synced == []

@@ -52,6 +52,8 @@ ACL_FILE = "acl.bin"  # the binary image (agent/core/aclstore.py)
 DELTA_LOG = "acl.deltas"  # deltas applied since acl.bin was written (aclstore.encode_record)
 LEGACY_ACL_FILE = "acl.json"  # what versions before the image kept; read once, then replaced
 COUNTERS_FILE = "counters.json"
+# acl.bin reaches the disk this much at a time (agent/fileio.py, write_atomic's sync_every).
+STORE_SYNC_BYTES = 4 << 20
 FLOOR_SAVE_S = 3600.0  # the moving floor is stored again once it has gained this much
 _MAX_TEXT = 1000  # path and message lengths the record allows
 
@@ -240,7 +242,7 @@ def store_list(path: Path, acl: AccessList, *, applied_at: float, kind: str = "s
     change it holds (records of the delta log up to it are in it). OSError when
     it cannot be written."""
     stored = {"applied_at": applied_at, "kind": kind, "base": base, "seq": seq}
-    write_atomic(path, acl.to_image(stored=stored))
+    write_atomic(path, acl.to_image(stored=stored), sync_every=STORE_SYNC_BYTES)
 
 
 def append_record(path: Path, record: bytes) -> None:
