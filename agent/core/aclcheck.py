@@ -602,17 +602,20 @@ def _bulk_card_keys(strs: list[str], key_width: int) -> list[int] | None:
             return None
     mask = (1 << key_width) - 1
     fac_max = (1 << (key_width - 16)) - 1
-    out: list[int] = []
-    put = out.append
-    for t in strs:
-        if t[0] == "h":
-            put(int(t[4:], 16) & mask)
-        elif "," in t:
-            f, _, c = t.partition(",")
-            fi, ci = int(f), int(c)
-            if ci > 0xFFFF or fi > fac_max:
-                return None
-            put((fi << 16) | ci)
-        else:
-            put(int(t) & mask)
+    out: list = [0] * len(strs)  # at its final size (aclstore.mapped says why)
+    for c in range(0, len(strs), aclstore.CHUNK):
+        part: list[int] = []
+        put = part.append
+        for t in strs[c:c + aclstore.CHUNK]:
+            if t[0] == "h":
+                put(int(t[4:], 16) & mask)
+            elif "," in t:
+                f, _, cn = t.partition(",")
+                fi, ci = int(f), int(cn)
+                if ci > 0xFFFF or fi > fac_max:
+                    return None
+                put((fi << 16) | ci)
+            else:
+                put(int(t) & mask)
+        out[c:c + aclstore.CHUNK] = part
     return out

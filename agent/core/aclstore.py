@@ -106,21 +106,27 @@ def any_zip(op: Any, a: Any, b: Any) -> bool:
     return any(any(map(op, a[c:c + CHUNK], b[c:c + CHUNK])) for c in range(0, len(a), CHUNK))
 
 
+# The results below are made at their final size and filled a chunk at a time: grown
+# by extend, an array of a million entries (over-allocated by a sixteenth) is copied
+# whole again and again, each copy of up to 8 MB one long hold of the lock.
+
+
 def mapped(typecode: str, fn: Any, seq: Any) -> array:
     """array(typecode, map(fn, seq)), in chunks."""
-    out = array(typecode)
-    for c in range(0, len(seq), CHUNK):
-        out.extend(map(fn, seq[c:c + CHUNK]))
+    n = len(seq)
+    out = array(typecode, [0]) * n
+    for c in range(0, n, CHUNK):
+        out[c:c + CHUNK] = array(typecode, map(fn, seq[c:c + CHUNK]))
     return out
 
 
 def slices(seq: Any, off: Any, n: int) -> list:
     """[seq[off[i]:off[i + 1]] for i in range(n)], in chunks."""
-    out: list = []
+    out: list = [None] * n
     get = seq.__getitem__
     for c in range(0, n, CHUNK):
         part = off[c:c + CHUNK + 1]
-        out.extend(map(get, map(slice, part, islice(part, 1, None))))
+        out[c:c + CHUNK] = map(get, map(slice, part, islice(part, 1, None)))
     return out
 
 
@@ -130,17 +136,17 @@ def text_slices(blob: Any, off: Any, n: int) -> list[str]:
     (ten MB for a million cards) holds the interpreter lock, and byte offsets
     stay right for text that is not ASCII."""
     mv = raw(blob)
-    out: list[str] = []
+    out: list = [None] * n
     for c in range(0, n, CHUNK):
         part = off[c:c + CHUNK + 1]
         base = part[0]
         piece = bytes(mv[base:part[-1]])
         if piece.isascii():
             rel = _shifted(part, -base)
-            out.extend(map(piece.decode("ascii").__getitem__, map(slice, rel, islice(rel, 1, None))))
+            out[c:c + CHUNK] = map(piece.decode("ascii").__getitem__, map(slice, rel, islice(rel, 1, None)))
         else:
-            out.extend(piece[a - base:b - base].decode("utf-8", "replace")
-                       for a, b in zip(part, islice(part, 1, None)))
+            out[c:c + CHUNK] = [piece[a - base:b - base].decode("utf-8", "replace")
+                                for a, b in zip(part, islice(part, 1, None))]
     return out
 
 
