@@ -14,7 +14,7 @@ import threading
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["temp_name", "write_atomic"]
+__all__ = ["fsync_dir", "temp_name", "write_atomic"]
 
 
 def temp_name(path: Path) -> Path:
@@ -69,13 +69,20 @@ def write_atomic(path: str | os.PathLike[str], data: bytes | Iterable[bytes], *,
         except OSError:
             pass
         raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: str | os.PathLike[str]) -> None:
+    """fsync a directory, so a rename or a new file in it survives a power cut. Quiet
+    where it cannot be done: some filesystems refuse a directory fsync, and a rename
+    is still atomic there."""
     try:
-        dfd = os.open(path.parent, os.O_RDONLY)
+        dfd = os.open(directory, os.O_RDONLY)
     except OSError:
         return
     try:
         os.fsync(dfd)
     except OSError:
-        pass  # some filesystems refuse a directory fsync; the rename is still atomic
+        pass
     finally:
         os.close(dfd)

@@ -25,7 +25,7 @@ from agent import host
 from agent.core import aclstore
 from agent.core.acl import AccessList
 from agent.core.aclstore import IMAGE_MAGIC, ImageError, read_records
-from agent.fileio import write_atomic
+from agent.fileio import fsync_dir, write_atomic
 
 __all__ = [
     "ACL_FILE",
@@ -259,20 +259,9 @@ def append_record(path: Path, record: bytes) -> None:
     finally:
         os.close(fd)
     if new:
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        dfd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
 
 
 def _stored_seq(stored: dict) -> int:

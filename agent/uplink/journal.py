@@ -136,6 +136,7 @@ from urllib.parse import quote
 
 from agent.core.events import Now
 from agent.core.records import make_record
+from agent.fileio import fsync_dir
 from agent.host import boot_id
 
 from .salvage import (
@@ -319,17 +320,6 @@ def _chmod_private(path: Path) -> None:
             pass
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _fsync_file(path: Path) -> None:
@@ -580,7 +570,7 @@ class Journal:
         if self.recovered_record is None and adopted:
             self.recovered_record = self._load_recovered()
         _chmod_private(self.path)
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         self.sync()  # what a killed predecessor left in the WAL is durable from here on
 
     def _settle_salvage(self) -> bool:
@@ -591,7 +581,7 @@ class Journal:
         if not self.path.exists() and not _side(tmp, "-wal").exists():
             # The damaged file was moved aside; the finished salvage takes its place.
             os.replace(tmp, self.path)
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
             return True
         for p in _db_files(tmp):
             p.unlink(missing_ok=True)  # an unfinished copy: the damaged original is still there
@@ -782,7 +772,7 @@ class Journal:
             if src.exists():
                 os.replace(src, _side(dest, suffix))
         os.replace(tmp, self.path)
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         self.recovered_record = d
         log.error(
             "journal %s rebuilt as %s (%s, read by %s): %d record(s) salvaged, lost %s%s",
