@@ -54,6 +54,41 @@ cdef extern from *:
         return p;
     }
 
+    /* One spare arena: the last big table freed, kept for the next table of the same
+       size (a list's next version: a delta's patch, a snapshot of the same size). Its
+       pages are handed to the kernel with MADV_FREE, which takes them back only when
+       memory runs short; otherwise the next table is written into memory that is
+       already there instead of faulting 50 MB in (0.12 s for a million cards here).
+       Used with the GIL held (a Table's dealloc and _allocate). */
+    static void *gate_spare = NULL;
+    static size_t gate_spare_size = 0;
+    #define GATE_SPARE_MIN ((size_t)8 << 20)
+
+    static void gate_free_table(void *p, size_t n) {
+        if (p == NULL) return;
+    #if defined(__linux__) && defined(MADV_FREE)
+        if (n >= GATE_SPARE_MIN && madvise(p, n, MADV_FREE) == 0) {
+            free(gate_spare);
+            gate_spare = p;
+            gate_spare_size = n;
+            return;
+        }
+    #endif
+        free(p);
+    }
+
+    static void *gate_take_spare(size_t n) {
+        void *p = NULL;
+        if (gate_spare != NULL && gate_spare_size == n) {
+            p = gate_spare;
+            gate_spare = NULL;
+            gate_spare_size = 0;
+        }
+        return p;
+    }
+
+    static size_t gate_spare_bytes(void) { return gate_spare_size; }
+
     static size_t gate_table_size(size_t n) {
         const size_t huge = (size_t)2 << 20;
     #if defined(__unix__) || defined(__APPLE__)
@@ -74,6 +109,9 @@ cdef extern from *:
     }
     """
     void* gate_alloc_table(size_t n) nogil
+    void gate_free_table(void* p, size_t n)
+    void* gate_take_spare(size_t n)
+    size_t gate_spare_bytes()
     size_t gate_table_size(size_t n) nogil
     bint gate_sub_overflows(long long a, long long b, long long* r) nogil
 
@@ -289,7 +327,7 @@ cdef class Table:
         self.built = False
 
     def __dealloc__(self):
-        free(self.arena)
+        gate_free_table(self.arena, self.arena_size)
 
     cdef _allocate(self, unsigned long long id_bytes):
         """Carve every array out of one arena (one free, little page rounding)."""
@@ -312,8 +350,10 @@ cdef class Table:
         if need > SIZE_MAX // 2:
             raise MemoryError(f"fastpath.Table: {need} bytes is more than this machine can address")
         total = gate_table_size(<size_t>need)
+        p = gate_take_spare(total)  # the last freed table's arena, when it has this size
         with nogil:  # tens of MB to zero for a big list: not while the gate thread waits
-            p = gate_alloc_table(total)
+            if p == NULL:
+                p = gate_alloc_table(total)
             if p != NULL:
                 memset(p, 0, total)
         if p == NULL:
@@ -1259,6 +1299,11 @@ cdef class GateState:
             positions += self._entry(i).pos != C_POS_UNKNOWN
             guests += (self._entry(i).flags & E_USES) != 0
         return f"<GateState positions={positions} guests={guests}>"
+
+
+def _spare_arena_bytes() -> int:
+    """Tests only: the size of the spare arena kept from the last big table freed (0: none)."""
+    return gate_spare_bytes()
 
 
 # --------------------------------------------------------------------------- decision

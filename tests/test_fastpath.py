@@ -862,3 +862,39 @@ def test_decide_never_changes_the_state(fp):
             for apb in (APB_OFF, APB_SOFT, APB_HARD, APB_TIMED):
                 decide(fp, t, state, key, direction, apb=apb, window=60)
     assert state.to_dict() == before
+
+
+def _plain_columns(n: int, first_key: int) -> TableColumns:
+    """n people with one card each (keys first_key..first_key+n-1), one open group."""
+    return TableColumns(
+        version=f"v{first_key}", key_width=32,
+        card_keys=array("Q", range(first_key, first_key + n)), card_person=array("i", range(n)),
+        card_flags=array("B", bytes(n)), person_ids=[f"p-{i:08x}" for i in range(n)],
+        person_from=array("q", [codes.NO_START]) * n, person_until=array("q", [codes.NO_END]) * n,
+        person_groupset=array("i", bytes(4 * n)), person_flags=array("B", bytes(n)),
+        person_max_uses=array("i", bytes(4 * n)),
+        gs_entry=[b"\xff" * codes.BITMAP_BYTES], gs_entry_holiday=[bytes(codes.BITMAP_BYTES)],
+        gs_exit=[b"\xff" * codes.BITMAP_BYTES], holidays=array("i"))
+
+
+def test_a_freed_big_table_lends_its_memory_to_the_next_one_wiped(fp_pair):
+    """The compiled twin keeps the last big table's arena (MADV_FREE) for the next table
+    of the same size: the next table takes it, and nothing of the old one shows through
+    (the old list's cards are unknown to the new one; the new one's are found)."""
+    import gc
+
+    _, compiled = fp_pair
+    n = 300_000
+    gc.collect()  # no other test's table is freed in the middle of this one
+    old = compiled.Table(_plain_columns(n, 1_000_000))
+    size = old.nbytes()
+    del old
+    gc.collect()
+    spare = compiled._spare_arena_bytes()
+    assert spare >= 8 << 20 and abs(spare - size) < 2 << 20, (spare, size)  # kept for the next table
+    new = compiled.Table(_plain_columns(n, 5_000_000))
+    assert compiled._spare_arena_bytes() == 0  # taken
+    for k in range(1_000_000, 1_000_000 + n, 997):
+        assert new.lookup(k) == -1  # the old list's card: unknown
+    for j in range(0, n, 997):
+        assert new.lookup(5_000_000 + j) == j
