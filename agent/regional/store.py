@@ -641,7 +641,36 @@ def _create_private(path: str) -> None:
                     "numbers and person ids: `chmod 600` it and its -wal and -shm", path, mode)
 
 
-class SqliteStore:
+class _Reads:
+    """The read side both stores share; a store gives ``_read(sql, args)``, its
+    parameter mark and the cast that reads a JSON column as text."""
+
+    _MARK = "?"
+    _TEXT = ""
+
+    def _read(self, sql: str, args: Any = ()) -> list[tuple]:
+        raise NotImplementedError
+
+    def events(self, site: str | None = None, gate: str | None = None) -> list[dict]:
+        where, args = _where(site, gate, self._MARK)
+        # As text, parsed here: the same records from either store.
+        rows = self._read(f"SELECT body{self._TEXT} FROM events{where} ORDER BY journal, seq", args)
+        return [json.loads(body) for (body,) in rows]
+
+    def upto(self, journal: str) -> int:
+        rows = self._read(f"SELECT upto FROM journals WHERE journal = {self._MARK}", (journal,))
+        return rows[0][0] if rows else 0
+
+    def conflicts(self, site: str | None = None, gate: str | None = None) -> list[dict]:
+        where, args = _where(site, gate, self._MARK, "q.")
+        return _conflict_dicts(self._read(_CONFLICTS_SQL.format(cast=self._TEXT, where=where), args))
+
+    def held_count(self, site: str | None = None, gate: str | None = None) -> int:
+        where, args = _where(site, gate, self._MARK)
+        return self._read(f"SELECT count(*) FROM held{where}", args)[0][0]
+
+
+class SqliteStore(_Reads):
     """One SQLite file (WAL); several ingests may share it."""
 
     def __init__(self, path: str | Path, *, hold_max: int = HOLD_MAX) -> None:
@@ -703,23 +732,6 @@ class SqliteStore:
                 return db.execute(sql, args).fetchall()
         except sqlite3.Error as exc:
             raise StoreError(f"reading from {self.path!r} failed: {exc}") from exc
-
-    def events(self, site: str | None = None, gate: str | None = None) -> list[dict]:
-        where, args = _where(site, gate, "?")
-        rows = self._read(f"SELECT body FROM events{where} ORDER BY journal, seq", args)
-        return [json.loads(body) for (body,) in rows]
-
-    def upto(self, journal: str) -> int:
-        row = self._read("SELECT upto FROM journals WHERE journal = ?", (journal,))
-        return row[0][0] if row else 0
-
-    def conflicts(self, site: str | None = None, gate: str | None = None) -> list[dict]:
-        where, args = _where(site, gate, "?", "q.")
-        return _conflict_dicts(self._read(_CONFLICTS_SQL.format(cast="", where=where), args))
-
-    def held_count(self, site: str | None = None, gate: str | None = None) -> int:
-        where, args = _where(site, gate, "?")
-        return self._read(f"SELECT count(*) FROM held{where}", args)[0][0]
 
     def close(self) -> None:
         self._db.close()
@@ -818,7 +830,7 @@ def _psycopg():
     return psycopg
 
 
-class PostgresStore:
+class PostgresStore(_Reads):
     """A PostgreSQL database (psycopg 3); several ingests may share it.
 
     The writer keeps one connection and reopens it after a failure; readers
@@ -828,6 +840,9 @@ class PostgresStore:
     # Two writers can still meet in a deadlock or a serialization failure
     # (PostgreSQL picks a victim); the batch is then simply tried again.
     RETRIES = 3
+
+    _MARK = "%s"
+    _TEXT = "::text"
 
     def __init__(self, dsn: str, *, connect_timeout_s: int = 10, hold_max: int = HOLD_MAX) -> None:
         self.dsn = dsn
@@ -923,24 +938,6 @@ class PostgresStore:
                 return self._reader.execute(sql, args).fetchall()
             except pg.Error as exc:
                 raise StoreError(f"reading from {self.url} failed: {str(exc).strip()}") from exc
-
-    def events(self, site: str | None = None, gate: str | None = None) -> list[dict]:
-        where, args = _where(site, gate, "%s")
-        # body::text: parse it ourselves, the same way as the SQLite store does.
-        rows = self._read(f"SELECT body::text FROM events{where} ORDER BY journal, seq", args)
-        return [json.loads(body) for (body,) in rows]
-
-    def upto(self, journal: str) -> int:
-        rows = self._read("SELECT upto FROM journals WHERE journal = %s", (journal,))
-        return rows[0][0] if rows else 0
-
-    def conflicts(self, site: str | None = None, gate: str | None = None) -> list[dict]:
-        where, args = _where(site, gate, "%s", "q.")
-        return _conflict_dicts(self._read(_CONFLICTS_SQL.format(cast="::text", where=where), args))
-
-    def held_count(self, site: str | None = None, gate: str | None = None) -> int:
-        where, args = _where(site, gate, "%s")
-        return self._read(f"SELECT count(*) FROM held{where}", args)[0][0]
 
     def close(self) -> None:
         self._db.close()
