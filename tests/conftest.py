@@ -46,8 +46,8 @@ def fp(request):
 
 def board_twin():
     """The twin a board runs: the compiled one, or the pure one where only it exists
-    (GATE_PUREPYTHON=1). For modules whose tests do not differ between the twins: they
-    override ``fp`` with it (``one_twin``), and the core's tests hold the twins together."""
+    (GATE_PUREPYTHON=1). Modules whose tests do not differ between the twins take their
+    ``fp`` from tests/twins.py (``one_twin``); the core's tests hold the twins together."""
     return load_twin(TWINS[-1])
 
 

@@ -34,14 +34,7 @@ from agent.downlink.signing import (
     sign_command,
     verify,
 )
-from tests.conftest import board_twin
-
-
-@pytest.fixture
-def fp():
-    """One twin: nothing this module tests differs between the twins (the core's and the
-    fastpath's tests run both; tests/conftest.py, board_twin)."""
-    return board_twin()
+from tests.twins import one_twin  # noqa: F401 (the fp fixture: one twin)
 
 SITE, GATE = "school-17", "main"
 KEY, PUB = generate_keypair()

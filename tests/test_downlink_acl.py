@@ -29,14 +29,7 @@ from agent.downlink.aclfiles import ACL_FILE
 from agent.downlink.signing import generate_keypair, private_key_pem, sign_acl
 from agent.runtime import Clock, GateRuntime
 from bench.synthetic import synthetic_acl
-from tests.conftest import board_twin
-
-
-@pytest.fixture
-def fp():
-    """One twin: nothing this module tests differs between the twins (the core's and the
-    fastpath's tests run both; tests/conftest.py, board_twin)."""
-    return board_twin()
+from tests.twins import one_twin  # noqa: F401 (the fp fixture: one twin)
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHOOL = json.loads((ROOT / "examples" / "acl" / "school.json").read_text())

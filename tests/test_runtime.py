@@ -22,14 +22,7 @@ from agent.hw.turnstile_io import TurnstileIO
 from agent.runtime import Clock, GateRuntime, percentiles_ms
 from fastpath import codes
 from fastpath.columns import TableColumns
-from tests.conftest import board_twin
-
-
-@pytest.fixture
-def fp():
-    """One twin: nothing this module tests differs between the twins (the core's and the
-    fastpath's tests run both; tests/conftest.py, board_twin)."""
-    return board_twin()
+from tests.twins import one_twin  # noqa: F401 (the fp fixture: one twin)
 
 CARD = 6613779
 OTHER = 1234  # not in the table

@@ -32,14 +32,7 @@ from agent.service import Service
 from agent.statefile import StateFile
 from tests.agentproc import journal_records
 from tests.broker import Observer, broker, ingest_at, make_broker, wait_until  # noqa: F401
-from tests.conftest import board_twin
-
-
-@pytest.fixture
-def fp():
-    """One twin: nothing this module tests differs between the twins (the core's and the
-    fastpath's tests run both; tests/conftest.py, board_twin)."""
-    return board_twin()
+from tests.twins import one_twin  # noqa: F401 (the fp fixture: one twin)
 
 ROOT = Path(__file__).resolve().parent.parent
 SITE, GATE = "school7", "gate1"

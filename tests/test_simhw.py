@@ -34,14 +34,7 @@ from agent.simhw import (
     press_input,
 )
 from tests.broker import wait_until
-from tests.conftest import board_twin
-
-
-@pytest.fixture
-def fp():
-    """One twin: nothing this module tests differs between the twins (the core's and the
-    fastpath's tests run both; tests/conftest.py, board_twin)."""
-    return board_twin()
+from tests.twins import one_twin  # noqa: F401 (the fp fixture: one twin)
 
 CARD = "100,60179"
 OTHER = "100,60180"

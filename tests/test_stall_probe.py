@@ -20,16 +20,9 @@ from agent.contract import validate
 from agent.core import events as ev
 from agent.runtime import STALL_TICK_S, GateRuntime, StallProbe
 from agent.uplink.telemetry import build_telemetry
-from tests.conftest import board_twin
 from tests.test_runtime import CARD, make_runtime
 from tests.test_service import write_config
-
-
-@pytest.fixture
-def fp():
-    """One twin: nothing this module tests differs between the twins (the core's and the
-    fastpath's tests run both; tests/conftest.py, board_twin)."""
-    return board_twin()
+from tests.twins import one_twin  # noqa: F401 (the fp fixture: one twin)
 
 
 @pytest.fixture

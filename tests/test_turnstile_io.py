@@ -32,14 +32,7 @@ from agent.hw.turnstile_io import TurnstileIO
 from agent.runtime import GateRuntime
 from fastpath import codes
 from fastpath.columns import TableColumns
-from tests.conftest import board_twin
-
-
-@pytest.fixture
-def fp():
-    """One twin: nothing this module tests differs between the twins (the core's and the
-    fastpath's tests run both; tests/conftest.py, board_twin)."""
-    return board_twin()
+from tests.twins import one_twin  # noqa: F401 (the fp fixture: one twin)
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILES = ["pi4-relay4", "pi-opto"]

@@ -38,15 +38,8 @@ from agent.runtime import GateRuntime
 from agent.simhw import WirePin
 from fastpath import codes
 from fastpath.columns import TableColumns
-from tests.conftest import board_twin
 from tests.submitted import Events
-
-
-@pytest.fixture
-def fp():
-    """One twin: nothing this module tests differs between the twins (the core's and the
-    fastpath's tests run both; tests/conftest.py, board_twin)."""
-    return board_twin()
+from tests.twins import one_twin  # noqa: F401 (the fp fixture: one twin)
 
 CARD = "100,60179"
 KEY = parse_card_string(CARD)
