@@ -289,8 +289,8 @@ def _schema_error(err: Any, root: dict, doc: Any, secrets: Collection[tuple[str 
     if kind == "MinProperties":
         desc = node.get("description")
         if err.kind.limit <= 1:
-            return ipath, "must not be empty" + (f": {node['description']}" if desc else "")
-        return ipath, f"needs at least {err.kind.limit} keys" + (f": {node['description']}" if desc else "")
+            return ipath, "must not be empty" + (f": {desc}" if desc else "")
+        return ipath, f"needs at least {err.kind.limit} keys" + (f": {desc}" if desc else "")
     if kind == "MinItems":
         if err.kind.limit <= 1:
             return ipath, "must not be empty"

@@ -236,6 +236,9 @@ class Downlink:
                     f"{limit / 1048576:g}); not read. Raise acl.max_list_mb if the board has the "
                     "memory, or send fewer cards"))]))
                 return
+            # A big list comes from paho as the bytearray it was read into
+            # (agent.mqttclient): handed on as it is, never copied.
+            data = payload if isinstance(payload, (bytes, bytearray)) else bytes(payload)
             if self._acl_async:
                 with self._queued_lock:
                     full = self._queue.unfinished_tasks >= MAX_QUEUED_LISTS or (
@@ -249,11 +252,9 @@ class Downlink:
                         "list worker; send one list at a time and wait for acl.applied"))]))
                     return
                 self._ensure_worker()
-                # A big list comes from paho as the bytearray it was read into
-                # (agent.mqttclient): handed on as it is, never copied.
-                self._queue.put(payload if isinstance(payload, (bytes, bytearray)) else bytes(payload))
+                self._queue.put(data)
             else:
-                self.acl.handle(payload if isinstance(payload, (bytes, bytearray)) else bytes(payload))
+                self.acl.handle(data)
         except Exception:
             log.exception("downlink: message on %s could not be handled", topic)
 
