@@ -78,6 +78,11 @@ log = logging.getLogger(__name__)
 OUTPUT_LINES = ("unlock_a", "unlock_b", "stop", "fire_release")
 _TICK = Tick()
 CORE_RETRY_S = 0.1  # after a core error, its overdue deadline is retried this much later
+# Work beside the gate (aclstore.use_pacer) waits at most this long for one event to be
+# done before it goes on (a gate busy for longer than this is not held up by it anyway).
+PACE_MAX_WAIT_S = 0.05
+# ... and waits no more than this share of its time (per second).
+PACE_SHARE = 0.5
 # The gate thread waits at most this long at a time, so the stall probe sees a stall that
 # happens while it is idle (another thread holding the GIL) to within this much; while cards
 # come, a stall is measured from each card's arrival whatever the tick. Its cost: 50 empty
@@ -319,6 +324,8 @@ class GateRuntime:
         # In the order the gate thread serves them (LANES).
         self._lanes: dict[str, deque[tuple[Any, float]]] = {name: deque() for name in LANES}
         self._busy = False  # the gate thread holds an event it has not finished
+        self._pace_since = 0.0  # yield_to_gate: this second began then ...
+        self._pace_waited = 0.0  # ... and it waited this long in it
         self._stopping = False
         self._started = False
         self._thread: threading.Thread | None = None
@@ -400,6 +407,29 @@ class GateRuntime:
         return {"depth": self.queue_depths(),
                 "dropped": {"hardware": self.counters["dropped_hardware"],
                             "downlink": self.counters["dropped_downlink"]}}
+
+    def yield_to_gate(self, max_wait_s: float = PACE_MAX_WAIT_S) -> None:
+        """Called by another thread between two chunks of long work (a list being
+        checked or built: aclstore.use_pacer): while the gate thread has an event in
+        hand or waiting, wait (at most ``max_wait_s``) until it is done. The gate
+        thread lets the interpreter lock go several times inside one event (its
+        journal commit, its writes); with a busy thread beside it, it would wait for
+        the lock again each time. A no-op on the gate thread itself and when the
+        gate is idle (no lock taken: two attribute reads)."""
+        if not (self._busy or any(self._lanes.values())):
+            return
+        thread = self._thread
+        if thread is None or thread is threading.current_thread() or self._stopping:
+            return
+        t0 = time.monotonic()
+        if t0 - self._pace_since >= 1.0:
+            self._pace_since, self._pace_waited = t0, 0.0
+        elif self._pace_waited >= PACE_SHARE * (t0 - self._pace_since):
+            return  # a gate busy back to back (a flooding input) does not stop the work
+        with self._cond:
+            self._cond.wait_for(
+                lambda: self._stopping or not (self._busy or any(self._lanes.values())), max_wait_s)
+        self._pace_waited += time.monotonic() - t0
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until every queued event was handled; False on timeout."""

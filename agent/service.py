@@ -69,6 +69,7 @@ from typing import Any
 import fastpath
 from agent import __version__
 from agent.config import DEFAULT_PATH, Config, ConfigError, load_config
+from agent.core import aclstore
 from agent.core.events import Report
 from agent.core.turnstile import Gate
 from agent.exits import Exit
@@ -296,6 +297,8 @@ class Service:
             watchdog_interval_s=wd or 1.0,
         )
         self.runtime.start()  # agent.started (and acl_missing on a new board), every line inactive
+        # Lists checked and built beside the gate wait for its events between chunks.
+        aclstore.use_pacer(self.runtime.yield_to_gate)
         self.io.start()
         for reader in self.readers.values():
             start = getattr(reader, "start", None)
@@ -590,6 +593,8 @@ class Service:
         if self.runtime is not None:
             steps.append(("gate thread", lambda: (self.runtime.wait_idle(STOP_DRAIN_S),
                                                   self.runtime.stop())))
+            if aclstore.pacer() == self.runtime.yield_to_gate:
+                aclstore.use_pacer(None)
         if self.io is not None:
             steps.append(("turnstile I/O", self.io.close))
         if self.statefile is not None and self.gate is not None:

@@ -410,3 +410,28 @@ def test_big_column_buffers_are_private_zeroed_pages():
     col = aclstore.zeros("Q", 300_000)
     assert isinstance(col, memoryview) and isinstance(col.obj, mmap.mmap) and len(col) == 300_000
     assert not any(col[:1000]) and not any(col[-1000:])
+
+
+def test_long_passes_pause_between_chunks_for_the_gate_and_read_the_same(tmp_path, fp):
+    """A received image is checked in chunks, and the pacer the service installs
+    (GateRuntime.yield_to_gate) is called between two of them, never before the
+    first: the same list comes out, paced or not."""
+    from agent.core import aclstore
+
+    assert list(aclstore.chunks(0, 10, 4)) == [0, 4, 8]
+    calls: list[int] = []
+    aclstore.use_pacer(lambda: calls.append(1))
+    try:
+        assert list(aclstore.chunks(0, 10, 4)) == [0, 4, 8] and len(calls) == 2
+        calls.clear()
+        assert list(aclstore.chunks(0, 3, 4)) == [0] and not calls
+        acl = AccessList.from_snapshot(synthetic_acl(3 * aclstore.CHUNK, seed=5, version="p.1"))
+        line, body = aclwire.split(aclwire.pack(acl, None))
+        header = json.loads(line)
+        paced, _ = AccessList.from_image(aclwire.open_body(header, body), trusted=False)
+        assert len(calls) > 10  # every long pass over the columns paused between its chunks
+    finally:
+        aclstore.use_pacer(None)
+    assert aclstore.pacer() is None
+    unpaced, _ = AccessList.from_image(aclwire.open_body(header, body), trusted=False)
+    assert paced.to_snapshot() == unpaced.to_snapshot() == acl.to_snapshot()

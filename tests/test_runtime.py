@@ -516,3 +516,63 @@ def test_decision_latency_counts_decisions_not_downlink_reports(fp, runtimes):
     rt.submit(ev.CardRead("entry", CARD, "w26"))
     assert rt.wait_idle(5)
     assert rt.latency_percentiles()["n"] == 1
+
+
+# --- work beside the gate waits for its events (aclstore.use_pacer) -------------------------
+
+
+def test_work_beside_the_gate_waits_while_it_holds_an_event_and_goes_on_when_done(fp, runtimes):
+    rt, sink, _driver, _log = make_runtime(fp, runtimes)
+    rt.start()
+    assert rt.wait_idle(5)
+    # Idle gate: no wait at all.
+    t0 = time.monotonic()
+    rt.yield_to_gate(max_wait_s=5.0)
+    assert time.monotonic() - t0 < 1.0
+    # The gate thread holds a card read (its journal commit paused): the worker waits ...
+    sink.pause()
+    rt.submit(ev.CardRead("entry", CARD, "w26"))
+    assert sink.entered.wait(5)
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (rt.yield_to_gate(max_wait_s=10.0), done.set()))
+    worker.start()
+    assert not done.wait(0.3), "the worker went on while the gate thread held an event"
+    # ... until the gate thread is done with it.
+    sink.release.set()
+    assert done.wait(5)
+    worker.join(5)
+    assert records_of(sink, "access.granted")
+
+
+def test_a_gate_busy_back_to_back_holds_the_work_beside_it_up_to_a_share_only(fp, runtimes):
+    rt, sink, _driver, _log = make_runtime(fp, runtimes)
+    rt.start()
+    sink.pause()
+    rt.submit(ev.CardRead("entry", CARD, "w26"))
+    assert sink.entered.wait(5)
+    try:
+        # A gate that stays busy: each call waits at most max_wait_s, and once the
+        # waits fill the allowed share of the second, calls return at once.
+        t0 = time.monotonic()
+        for _ in range(40):
+            rt.yield_to_gate(max_wait_s=0.05)
+        spent = time.monotonic() - t0
+        assert spent < 40 * 0.05 * 0.9, f"{spent:.2f} s waited for a gate that never got done"
+    finally:
+        sink.release.set()
+
+
+def test_the_gate_thread_itself_never_waits_for_itself(fp, runtimes):
+    waited: list[float] = []
+    rt, _sink, _driver, _log = make_runtime(fp, runtimes)
+
+    def on_record(record):
+        t0 = time.monotonic()
+        rt.yield_to_gate(max_wait_s=5.0)  # on the gate thread, inside an event
+        waited.append(time.monotonic() - t0)
+
+    rt._on_record = on_record
+    rt.start()
+    rt.submit(ev.CardRead("entry", CARD, "w26"))
+    assert rt.wait_idle(10)
+    assert waited and max(waited) < 1.0

@@ -33,7 +33,7 @@ from .aclschema import (
     _short,
     schema,
 )
-from .aclstore import PeopleColumns, all_pairs, any_zip, mapped, slices, text_slices
+from .aclstore import PeopleColumns, all_pairs, any_zip, byte_slices, mapped, text_slices
 from .acltime import (
     WEEKDAYS,
     _Epochs,
@@ -473,21 +473,23 @@ def _checked_image_people(
     id_off = people.id_off
     short = any_zip(operator.ge, id_off[:n], id_off[1:])  # an empty id
     long_ = any_zip(operator.gt, id_off[1:], mapped("q", (64).__add__, id_off[:n]))
-    ids_blob = bytes(people.id_blob)
-    step = 1 << 20  # a MB per C call: the gate thread may take the lock in between
-    bad_chars = b"".join(ids_blob[c:c + step].translate(None, _ID_REST)
-                         for c in range(0, len(ids_blob), step))
-    firsts = bytes(mapped("B", ids_blob.__getitem__, id_off[:n])) if ids_blob else b""
+    # The id blob (ten MB for a million people) is never copied whole: one copy is
+    # one long hold of the interpreter lock. It is read a piece at a time.
+    ids_blob = aclstore.raw(people.id_blob)
+    step = 1 << 18
+    bad_chars = b"".join(bytes(ids_blob[c:c + step]).translate(None, _ID_REST)
+                         for c in aclstore.chunks(0, len(ids_blob), step))
+    firsts = bytes(mapped("B", ids_blob.__getitem__, id_off[:n])) if len(ids_blob) else b""
     if short or long_ or bad_chars or firsts.translate(None, _ID_BYTES):
         for i in range(n):
-            pid = ids_blob[people.id_off[i]:people.id_off[i + 1]]
+            pid = bytes(ids_blob[people.id_off[i]:people.id_off[i + 1]])
             if not (1 <= len(pid) <= 64 and not pid.translate(None, _ID_REST)
                     and pid[:1].translate(None, _ID_BYTES) == b""):
                 errors.add(f"/people/{i}/id", f"{_short(pid.decode('utf-8', 'replace'))} is not "
                            f"{_WANTED['id']}")
         return people
     off = people.id_off
-    ids = slices(ids_blob, off, n)
+    ids = byte_slices(ids_blob, off, n)
     if not all_pairs(operator.lt, ids):
         for i in range(1, n):
             if ids[i] <= ids[i - 1]:
@@ -520,7 +522,7 @@ def _checked_image_people(
                                  ("vf", people.vf, -1, len(ok_texts)),
                                  ("vu", people.vu, -1, len(ok_texts))):
         step = aclstore.CHUNK
-        parts = [(min(col[c:c + step]), max(col[c:c + step])) for c in range(0, n, step)]
+        parts = [(min(col[c:c + step]), max(col[c:c + step])) for c in aclstore.chunks(0, n, step)]
         if n and (min(p[0] for p in parts) < low or max(p[1] for p in parts) >= high):
             shape(False, f"{name} indexes past its table")
             return people
@@ -597,13 +599,13 @@ def _bulk_card_keys(strs: list[str], key_width: int) -> list[int] | None:
     """The keys of card strings as parse_card_string gives them, or None when one
     of them is not a card string (the caller then reads them one by one)."""
     pattern = _cards_pattern()
-    for c in range(0, len(strs), aclstore.CHUNK):
+    for c in aclstore.chunks(0, len(strs)):
         if pattern.fullmatch("\n".join(strs[c:c + aclstore.CHUNK]) + "\n") is None:
             return None
     mask = (1 << key_width) - 1
     fac_max = (1 << (key_width - 16)) - 1
     out: list = [0] * len(strs)  # at its final size (aclstore.mapped says why)
-    for c in range(0, len(strs), aclstore.CHUNK):
+    for c in aclstore.chunks(0, len(strs)):
         part: list[int] = []
         put = part.append
         for t in strs[c:c + aclstore.CHUNK]:

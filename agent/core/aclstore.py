@@ -39,7 +39,7 @@ import operator
 import struct
 from array import array
 from bisect import bisect_left, bisect_right
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from itertools import accumulate, chain, islice
 from typing import Any
 
@@ -85,16 +85,43 @@ def raw(values: Any) -> memoryview:
 
 
 # Work over a million entries runs in chunks of this many: each C-level pass over
-# a chunk (a sort is the longest) takes about a millisecond, so the interpreter lock
-# can pass to the gate thread between chunks (a list is built beside a gate that
-# keeps deciding).
-CHUNK = 1 << 13
+# a chunk takes a few tenths of a millisecond, so the interpreter lock can pass to
+# the gate thread between chunks (a list is built beside a gate that keeps deciding).
+# Every time the gate thread lets the lock go inside one event (its journal commit,
+# a write), it waits for the chunk under way to end: a short chunk keeps that short.
+CHUNK = 1 << 11
+
+_pace: Callable[[], None] | None = None
+
+
+def use_pacer(pace: Callable[[], None] | None) -> None:
+    """``pace()`` is called between two chunks of every long pass (``chunks``): the
+    service gives one that waits while the gate thread has an event in hand, so a
+    list being checked never makes a card wait more than one chunk. The core itself
+    never waits (None, the default: no pause)."""
+    global _pace
+    _pace = pace
+
+
+def pacer() -> Callable[[], None] | None:
+    """The hook ``use_pacer`` installed (None: none)."""
+    return _pace
+
+
+def chunks(start: int, stop: int, step: int = CHUNK) -> Iterator[int]:
+    """range(start, stop, step), pausing through ``use_pacer``'s hook between two steps."""
+    for c in range(start, stop, step):
+        if c != start:
+            pace = _pace
+            if pace is not None:
+                pace()
+        yield c
 
 
 def all_pairs(op: Any, seq: Any) -> bool:
     """True when op(seq[i], seq[i + 1]) holds for every i."""
     n = len(seq)
-    for c in range(0, max(n - 1, 0), CHUNK):
+    for c in chunks(0, max(n - 1, 0)):
         part = seq[c:c + CHUNK + 1]
         if not all(map(op, part, islice(part, 1, None))):
             return False
@@ -103,7 +130,7 @@ def all_pairs(op: Any, seq: Any) -> bool:
 
 def any_zip(op: Any, a: Any, b: Any) -> bool:
     """True when op(a[i], b[i]) holds for some i."""
-    return any(any(map(op, a[c:c + CHUNK], b[c:c + CHUNK])) for c in range(0, len(a), CHUNK))
+    return any(any(map(op, a[c:c + CHUNK], b[c:c + CHUNK])) for c in chunks(0, len(a)))
 
 
 # The results below are made at their final size and filled a chunk at a time: grown
@@ -115,18 +142,22 @@ def mapped(typecode: str, fn: Any, seq: Any) -> array:
     """array(typecode, map(fn, seq)), in chunks."""
     n = len(seq)
     out = array(typecode, [0]) * n
-    for c in range(0, n, CHUNK):
+    for c in chunks(0, n):
         out[c:c + CHUNK] = array(typecode, map(fn, seq[c:c + CHUNK]))
     return out
 
 
-def slices(seq: Any, off: Any, n: int) -> list:
-    """[seq[off[i]:off[i + 1]] for i in range(n)], in chunks."""
+def byte_slices(blob: Any, off: Any, n: int) -> list[bytes]:
+    """The n byte strings blob[off[i]:off[i + 1]], a chunk at a time (the blob itself
+    is never copied whole)."""
+    mv = raw(blob)
     out: list = [None] * n
-    get = seq.__getitem__
-    for c in range(0, n, CHUNK):
+    for c in chunks(0, n):
         part = off[c:c + CHUNK + 1]
-        out[c:c + CHUNK] = map(get, map(slice, part, islice(part, 1, None)))
+        base = part[0]
+        piece = bytes(mv[base:part[-1]])
+        rel = _shifted(part, -base) if base else part
+        out[c:c + CHUNK] = map(piece.__getitem__, map(slice, rel, islice(rel, 1, None)))
     return out
 
 
@@ -137,7 +168,7 @@ def text_slices(blob: Any, off: Any, n: int) -> list[str]:
     stay right for text that is not ASCII."""
     mv = raw(blob)
     out: list = [None] * n
-    for c in range(0, n, CHUNK):
+    for c in chunks(0, n):
         part = off[c:c + CHUNK + 1]
         base = part[0]
         piece = bytes(mv[base:part[-1]])
@@ -166,7 +197,7 @@ def _merge2(a: list, b: list) -> list:
         out.extend(part)
         i, j = i2, j2
     for rest, k in ((a, i), (b, j)):
-        for c in range(k, len(rest), CHUNK):
+        for c in chunks(k, len(rest)):
             out.extend(rest[c:c + CHUNK])
     return out
 
@@ -197,14 +228,14 @@ def sorted_array(seq: Any) -> array:
             return fastpath.sort_keys(seq)  # an array or a memoryview of unsigned 64-bit keys
         except (TypeError, ValueError):  # another buffer format, or a list: copied first
             return fastpath.sort_keys(array("Q", seq))
-    runs = [sorted(seq[c:c + CHUNK]) for c in range(0, len(seq), CHUNK)]
+    runs = [sorted(seq[c:c + CHUNK]) for c in chunks(0, len(seq))]
     while len(runs) > 1:
         merged = [_merge2(runs[i], runs[i + 1]) for i in range(0, len(runs) - 1, 2)]
         if len(runs) % 2:
             merged.append(runs[-1])
         runs = merged
     out = array("Q")
-    for c in range(0, len(runs[0]) if runs else 0, CHUNK):
+    for c in chunks(0, len(runs[0]) if runs else 0):
         out.extend(runs[0][c:c + CHUNK])
     release(runs[0] if runs else [])
     return out
@@ -272,7 +303,7 @@ def copy_into(dst: memoryview, d0: int, src: Any, s0: int, n: int) -> None:
         return
     src = src if isinstance(src, memoryview) else memoryview(src)
     step = max(1, _STEP_BYTES // dst.itemsize)
-    for c in range(0, n, step):
+    for c in chunks(0, n, step):
         e = min(n, c + step)
         dst[d0 + c:d0 + e] = src[s0 + c:s0 + e]
 
@@ -282,7 +313,7 @@ def shift_into(dst: memoryview, d0: int, src: Any, s0: int, n: int, d: int) -> N
     if d == 0:
         copy_into(dst, d0, src, s0, n)
         return
-    for c in range(0, n, CHUNK):
+    for c in chunks(0, n):
         e = min(n, c + CHUNK)
         dst[d0 + c:d0 + e] = _shifted(src[s0 + c:s0 + e], d)
 
@@ -656,7 +687,7 @@ def crc32(data: Any, crc: int = 0) -> int:
     between two pieces (an image is checked beside a gate thread at a swap)."""
     mv = memoryview(data).cast("B") if not isinstance(data, (bytes, bytearray)) else memoryview(data)
     step = 1 << 20
-    for c in range(0, len(mv), step):
+    for c in chunks(0, len(mv), step):
         crc = binascii.crc32(mv[c:c + step], crc)
     return crc
 

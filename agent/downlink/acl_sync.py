@@ -91,7 +91,7 @@ ENVELOPE_FIELDS = frozenset({"v", "site", "gate", "counter", "issued_at", "key_i
 # A signed time this far ahead of a synchronised clock is refused: one of the two clocks is
 # wrong, and a floor in the future would make the gate refuse every command until it passed.
 FUTURE_SKEW_S = 60.0
-SWITCH_INTERVAL_S = 0.001  # the interpreter's lock hand-over while a list is built
+SWITCH_INTERVAL_S = 0.0001  # the interpreter's lock hand-over while a list is built
 
 
 def floor_candidate(issued_at: float, now: float, synced: bool) -> float | None:
