@@ -69,3 +69,26 @@ def test_nearest_rank_of_one_value_and_of_none():
     assert nearest_rank([7.0], 0.999) == 7.0
     with pytest.raises(ValueError):
         nearest_rank([], 0.5)
+
+
+def test_a_background_thread_is_made_nicer_than_the_rest_and_alone():
+    """host.background_thread lowers the calling thread's priority only (Linux applies
+    setpriority on a thread id to that thread): the gate thread keeps its own."""
+    import os
+    import threading
+
+    from agent.host import BACKGROUND_NICE, background_thread
+
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    got: list = []
+
+    def work():
+        before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        got.append((before, background_thread()))
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join(10)
+    [(before, after)] = got
+    assert after == min(before + BACKGROUND_NICE, 19)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine

@@ -40,6 +40,7 @@ from typing import Any
 from agent.contract import topics
 from agent.core.acl import AccessList, AclError, AclRejected
 from agent.core.events import Report, SwapTable
+from agent.host import background_thread
 
 from .acl_sync import AclSync
 from .aclfiles import COUNTERS_FILE, FLOOR_SAVE_S, CounterStore, ensure_state_dir
@@ -265,6 +266,7 @@ class Downlink:
                 self._worker.start()
 
     def _work(self) -> None:
+        background_thread()  # the gate thread first where the CPUs are busy
         while True:
             item = self._queue.get()
             try:

@@ -60,6 +60,7 @@ from agent.core.acl import AccessList, AclError, AclRejected, build_table, parse
 from agent.core.aclstore import encode_record, read_records
 from agent.core.events import Report, SwapTable
 from agent.core.records import parse_rfc3339
+from agent.host import background_thread
 
 from . import aclwire
 from .aclfiles import (
@@ -452,6 +453,7 @@ class AclSync:
             thread.join()
 
     def _fold_now(self, acl: AccessList, seq: int, applied_at: float) -> None:
+        background_thread()
         with self._store_lock:
             if seq <= self._bin_seq:
                 return
