@@ -12,6 +12,7 @@ its access-list files, so the same run gives the same records every time.
 from __future__ import annotations
 
 import heapq
+import itertools
 import json
 import tomllib
 from collections.abc import Iterator, Mapping
@@ -29,10 +30,17 @@ from agent.core.cards import CardFormatError, decode_wiegand, parse_card_string
 from agent.core.gateconfig import GateConfig, GateConfigError
 from agent.core.problems import ProblemsError
 from agent.core.records import SequenceSink, rfc3339_ms
-from agent.core.serialframes import EmLineStream, Rdm6300Stream
+from agent.core.serialframes import EmLineStream, Rdm6300Stream, RepeatFilter
 from agent.core.turnstile import Gate
 
 MONO_START = 1000.0  # virtual monotonic seconds at the scenario's start
+# The serial adapter's defaults (agent/hw/serial_reader.py, agent.toml's repeat_window_s):
+# a serial step goes through the same repeat filter, so a held card is one read here too.
+REPEAT_WINDOW_S = 1.5
+SERIAL_QUIET_S = 0.1  # SerialReader's read_timeout_s: a torn RDM6300 frame is garbage after this silence
+MAX_HOLD_FRAMES = 10_000  # a step's hold: more is a typo, and would fill memory
+# Keys of an [[expect]] entry (and of a sequence's items) that are not record fields.
+EXPECT_KEYS = ("count", "min", "note", "sequence")
 
 
 class ScenarioError(ProblemsError):
@@ -108,6 +116,7 @@ class Scenario:
     clock_synced: bool = True
     state: dict | None = None
     expect_lines: list[int | None] = field(default_factory=list)  # 1-based, where the TOML has them
+    repeat_window_s: float = REPEAT_WINDOW_S  # the serial readers' repeat filter
 
 
 def _load_acl_doc(value: Any, base: Path, where: str, problems: list[str]) -> dict | None:
@@ -171,8 +180,8 @@ def scenario_from_dict(doc: dict, *, source: str = "<scenario>", base: Path = Pa
         doc["gate"] = {}
     if ("acl",) in bad:
         doc.pop("acl", None)
-    if ("expect",) in bad or not isinstance(doc.get("expect", []), list):
-        doc["expect"] = []
+    if not isinstance(doc.get("expect", []), list):
+        doc["expect"] = []  # each entry the schema faults is left out below
 
     try:
         start = datetime.fromisoformat(doc["start"])
@@ -222,7 +231,7 @@ def scenario_from_dict(doc: dict, *, source: str = "<scenario>", base: Path = Pa
             problems.append(f"{where('at')}: {step['at']} is before the previous step; steps run in time order")
         t = max(t, t_new)
         reader = step.get("reader")
-        needs_reader = any(k in step for k in ("card", "wiegand", "serial")) or "rush" in step
+        needs_reader = any(k in step for k in ("card", "wiegand", "serial", "osdp")) or "rush" in step
         if "rush" in step:
             reader = step["rush"].get("reader", reader)
         if needs_reader:
@@ -238,17 +247,66 @@ def scenario_from_dict(doc: dict, *, source: str = "<scenario>", base: Path = Pa
                 problems.append(f"{where(sub)}: {exc}")
         if "serial" in step and "protocol" not in step:
             problems.append(f"{where('protocol')}: a serial step needs protocol = \"rdm6300\" or \"emline\"")
+        if "hold" in step and "serial" not in step:
+            problems.append(f"{where('hold')}: hold is for a serial step (a card left in a serial reader's field)")
+        elif "hold" in step and step["hold"]["for"] / step["hold"]["every"] > MAX_HOLD_FRAMES:
+            problems.append(f"{where('hold')}: {step['hold']['for']} s every {step['hold']['every']} s is over "
+                            f"{MAX_HOLD_FRAMES} frames; send them less often (a larger every)")
+        if "osdp" in step:
+            fmt = step.get("osdp_format", "wiegand")
+            if fmt != "ascii" and not set(step["osdp"]) <= {"0", "1"}:
+                problems.append(f"{where('osdp')}: {step['osdp']!r} is not bits (0 and 1); "
+                                f"osdp_format = \"{fmt}\" takes the card's bits, \"ascii\" its number as text")
+        elif "osdp_format" in step:
+            problems.append(f"{where('osdp_format')}: osdp_format goes with an osdp step; add osdp = \"...\"")
         for key in ("acl_delta", "acl_snapshot"):
             if key in step:
                 loaded = _load_acl_doc(step[key], base, where(key), problems)
                 step = {**step, key: loaded}
+        # "_step": the step's number (from 1, as the messages count) on everything it becomes.
         if "rush" in step:
             r = step["rush"]
             for j, c in enumerate(r["cards"]):
-                steps.append({"t": t + j * r["every"], "card": c, "reader": reader, "walk": r.get("walk")})
+                steps.append({"t": t + j * r["every"], "card": c, "reader": reader, "walk": r.get("walk"),
+                              "_step": i + 1})
             t += (len(r["cards"]) - 1) * r["every"]
             continue
-        steps.append({**step, "t": t, "reader": reader})
+        if "hold" in step and "serial" in step:
+            # The card stays in the field: the reader sends the same bytes again every `every`
+            # seconds until `for` has passed. The next step's "+" still counts from this step's
+            # time (a pass while the card is still held is the usual case).
+            hold = step["hold"]
+            steps.append({**step, "t": t, "reader": reader, "_step": i + 1})
+            n = 1
+            while n * hold["every"] <= hold["for"] + 1e-9:
+                steps.append({"t": t + n * hold["every"], "serial": step["serial"], "protocol": step["protocol"],
+                              "reader": reader, "_step": i + 1})
+                n += 1
+            continue
+        steps.append({**step, "t": t, "reader": reader, "_step": i + 1})
+
+    n_steps = len(doc["steps"])
+    for i, exp in enumerate(doc.get("expect", [])):
+        if ("expect", i) in bad or not isinstance(exp, dict):
+            continue
+        if "sequence" in exp:
+            others = sorted(set(exp) - {"sequence", "note"})
+            if others:
+                problems.append(f"{where_is(['expect', i])}: a sequence entry holds only sequence (and note); "
+                                f"move {', '.join(others)} into its items")
+            items = [(["expect", i, "sequence", j], item) for j, item in enumerate(exp["sequence"])
+                     if isinstance(item, dict)]
+            for parts, item in items:
+                for key in sorted(set(item) & {"count", "min", "sequence"}):
+                    problems.append(f"{where_is([*parts, key])}: {key} goes on a whole [[expect]] entry; "
+                                    f"a sequence item is one record")
+        else:
+            items = [(["expect", i], exp)]
+        for parts, item in items:
+            n = item.get("step")
+            if isinstance(n, int) and n > n_steps:
+                problems.append(f"{where_is([*parts, 'step'])}: step {n} does not exist; "
+                                f"the scenario has {n_steps} step(s), counted from 1 (0: the gate's start)")
 
     if problems:
         raise ScenarioError(source, problems)
@@ -263,6 +321,7 @@ def scenario_from_dict(doc: dict, *, source: str = "<scenario>", base: Path = Pa
         expect_lines=[where_is.line("expect", i) for i in range(len(doc.get("expect", [])))],
         clock_synced=doc.get("clock_synced", True),
         state=doc.get("state"),
+        repeat_window_s=doc.get("repeat_window_s", REPEAT_WINDOW_S),
     )
 
 
@@ -290,29 +349,57 @@ class Simulator:
         if self.acl:
             self.gate.set_timezone(self.acl.timezone)
         self._streams: dict[tuple[str, str], Any] = {}
+        self._filters: dict[str, RepeatFilter] = {}  # per serial reader, as each SerialReader has one
+        self._fed: dict[tuple[str, str], float] = {}  # when each serial stream last got bytes
         self._queue: list[tuple[float, int, dict]] = []
-        self._n = 0
+        self._n = 0  # steps pushed (a remote open's or mode command's request id)
+        self._order = itertools.count()  # the queue's order among steps of one time
         self.records: list[dict] = []
+        # record_steps[i]: the number of the step that caused records[i] (0: the gate's start).
+        # Beside the records, not in them: a record holds the contract's fields only.
+        self.record_steps: list[int] = []
+        self._timer_step = 0  # the step that last set the gate's next timer: its ticks' records are its
 
     def now(self, t: float) -> ev.Now:
         return ev.Now(mono=MONO_START + t, wall=self.start_epoch + t, synced=self.synced)
 
     def _push(self, t: float, step: dict) -> None:
         self._n += 1
-        heapq.heappush(self._queue, (t, self._n, step))
+        heapq.heappush(self._queue, (t, next(self._order), step))
 
-    def _emit(self, step: ev.Step, t: float) -> Iterator[dict]:
+    def _serial_events(self, reader: str, results: list, t: float) -> list[Any]:
+        """Decoded serial results as SerialReader._deliver hands them on: errors always, a
+        card only when the repeat filter takes it as a new presentation."""
+        filt = self._filters.get(reader)
+        if filt is None:
+            filt = self._filters[reader] = RepeatFilter(self.sc.repeat_window_s)
+        return [r.as_event(reader) for r in results
+                if r.error is not None or r.key is None or filt.accept(r.key, MONO_START + t)]
+
+    def _emit(self, step: ev.Step, t: float, n: int) -> Iterator[tuple[int, dict]]:
         for rec in self.sink.commit(step.records):
             self.records.append(rec)
-            yield rec
+            self.record_steps.append(n)
+            yield n, rec
         if self.trace_io:
             for cmd in step.commands:
                 if isinstance(cmd, ev.SetOutput):
-                    yield {"trace": "io", "ts": rfc3339_ms(self.start_epoch + t), "line": cmd.line,
-                           "active": cmd.active}
+                    yield n, {"trace": "io", "ts": rfc3339_ms(self.start_epoch + t), "line": cmd.line,
+                              "active": cmd.active}
                 elif isinstance(cmd, ev.Feedback):
-                    yield {"trace": "feedback", "ts": rfc3339_ms(self.start_epoch + t),
-                           "reader": cmd.reader, "signal": cmd.signal}
+                    yield n, {"trace": "feedback", "ts": rfc3339_ms(self.start_epoch + t),
+                              "reader": cmd.reader, "signal": cmd.signal}
+
+    def _handle(self, event: Any, t: float, n: int) -> Iterator[tuple[int, dict]]:
+        """One stimulus's event through the gate; a timer it sets is the step's."""
+        before = self.gate.next_deadline()
+        yield from self._emit(self.gate.handle(event, self.now(t)), t, n)
+        if self.gate.next_deadline() != before:
+            self._timer_step = n
+
+    def _tick(self, t: float) -> Iterator[tuple[int, dict]]:
+        """The gate's own timer ran out: its records belong to the step that set it."""
+        yield from self._emit(self.gate.handle(ev.Tick(), self.now(t)), t, self._timer_step)
 
     def _events_for(self, step: dict, t: float) -> list[Any]:
         """Turn one stimulus into core events, through the real decoders."""
@@ -331,7 +418,25 @@ class Simulator:
                 cls = Rdm6300Stream if proto == "rdm6300" else EmLineStream
                 stream = self._streams[(reader, proto)] = cls(key_width=key_width)
             data = bytes.fromhex(step["serial"].replace(" ", ""))
-            return [r.as_event(reader) for r in stream.feed(data)]
+            if isinstance(stream, Rdm6300Stream):
+                # SerialReader reports a torn frame once the line has been quiet for a read's timeout.
+                self._fed[(reader, proto)] = t
+                heapq.heappush(self._queue, (t + SERIAL_QUIET_S, next(self._order),
+                                             {"_quiet": (reader, proto), "_fed": t, "_step": step.get("_step", 0)}))
+            return self._serial_events(reader, stream.feed(data), t)
+        if "osdp" in step:
+            # What agent/hw/osdp_reader.py makes of libosdp's card event (imported here only:
+            # it is the OSDP adapter's module, loaded by a scenario that has OSDP steps).
+            from agent.hw.osdp_reader import decode_osdp_card
+
+            fmt = step.get("osdp_format", "wiegand")
+            if fmt == "ascii":
+                data, length = step["osdp"].encode("ascii", "replace"), None
+            else:
+                bits = step["osdp"]
+                length = len(bits)
+                data = int(bits.ljust(-(-length // 8) * 8, "0"), 2).to_bytes(-(-length // 8), "big")
+            return [decode_osdp_card(fmt, data, length, key_width).as_event(reader)]
         if "pass" in step:
             return [ev.PassSensor(side=step["pass"])]
         if "button" in step:
@@ -370,48 +475,101 @@ class Simulator:
                              timezone=new.timezone)]
 
     def run(self) -> Iterator[dict]:
-        yield from self._emit(self.gate.start(self.now(0.0)), 0.0)
+        """The output lines: event records (and, with trace_io, io and feedback lines)."""
+        for _n, item in self.run_steps():
+            yield item
+
+    def run_steps(self) -> Iterator[tuple[int, dict]]:
+        """(step, line) pairs: each output line with the number of the step that caused it
+        (counted from 1 as the scenario's [[steps]]; 0 for the gate's start). A record the
+        gate's own timer writes (a pulse end, a passage timeout) is the step's that set it."""
+        yield from self._emit(self.gate.start(self.now(0.0)), 0.0, 0)
         for step in self.sc.steps:
             self._push(step["t"], step)
         while self._queue:
             t_next = self._queue[0][0]
             deadline = self.gate.next_deadline()
             if deadline is not None and deadline - MONO_START <= t_next:
-                t_dl = max(deadline - MONO_START, 0.0)
-                yield from self._emit(self.gate.handle(ev.Tick(), self.now(t_dl)), t_dl)
+                yield from self._tick(max(deadline - MONO_START, 0.0))
                 continue
             t, _, step = heapq.heappop(self._queue)
+            n = step.get("_step", 0)
+            if "_quiet" in step:
+                if self._fed.get(step["_quiet"]) == step["_fed"]:  # no bytes since: the line was quiet
+                    events = self._serial_events(step["_quiet"][0], self._streams[step["_quiet"]].flush(), t)
+                    for event in events:
+                        yield from self._handle(event, t, n)
+                continue
             if "clock_synced" in step:
                 self.synced = step["clock_synced"]
             if "acl_delta" in step or "acl_snapshot" in step:
                 for event in self._apply_acl(step):
-                    yield from self._emit(self.gate.handle(event, self.now(t)), t)
+                    yield from self._handle(event, t, n)
                 continue
-            # A step with no stimulus of its own (a clock change) still shows the core the time.
+            # A step with no stimulus of its own (a clock change, a repeat the filter took)
+            # still shows the core the time.
             for event in self._events_for(step, t) or [ev.Tick()]:
                 before = len(self.records)
-                yield from self._emit(self.gate.handle(event, self.now(t)), t)
+                yield from self._handle(event, t, n)
                 if step.get("walk") is not None:
                     granted = [r for r in self.records[before:] if r["type"] == "access.granted"]
                     if granted and not granted[0].get("check"):
                         side = "A" if granted[0]["direction"] == "in" else "B"
-                        self._push(t + step["walk"], {"pass": side, "t": t + step["walk"]})
+                        self._push(t + step["walk"], {"pass": side, "t": t + step["walk"], "_step": n})
         # Let pending deadlines (pulse ends, passage timeouts) run out.
         while (deadline := self.gate.next_deadline()) is not None:
-            t_dl = deadline - MONO_START
-            yield from self._emit(self.gate.handle(ev.Tick(), self.now(t_dl)), t_dl)
+            yield from self._tick(deadline - MONO_START)
+
+
+def _matches(rec: dict, step: int | None, want: dict) -> bool:
+    """A record (with the number of the step that caused it) has every wanted field;
+    "step" is that number, not a field of the record."""
+    return all((step if k == "step" else rec.get(k)) == v for k, v in want.items())
+
+
+def _want(entry: dict) -> dict:
+    return {k: v for k, v in entry.items() if k not in EXPECT_KEYS}
+
+
+def _check_sequence(where: str, records: list[dict], steps: list[int | None], items: list[dict]) -> str | None:
+    """Why the items do not match records in their order, or None. Each item takes the first
+    record after the previous item's that it matches (the earliest choice leaves the most for
+    the items after it, so no other choice could succeed where this one fails)."""
+    at = -1  # the index of the record the previous item matched
+    for k, item in enumerate(items, 1):
+        want = _want(item)
+        hit = next((i for i in range(at + 1, len(records)) if _matches(records[i], steps[i], want)), None)
+        if hit is not None:
+            at = hit
+            continue
+        earlier = [i for i in range(at + 1) if _matches(records[i], steps[i], want)]
+        if k == 1 or not earlier:
+            return f"{where}: sequence item {k} {want} matched no record"
+        prev = records[at]
+        where_steps = ", ".join(str(steps[i]) for i in earlier)
+        return (f"{where}: sequence out of order: item {k} {want} matched no record after item {k - 1}'s, "
+                f"record #{prev.get('seq')} ({prev.get('type')}) of step {steps[at]}; it matched only "
+                f"records of step(s) {where_steps}")
+    return None
 
 
 def check_expectations(records: list[dict], expect: list[dict],
-                       lines: list[int | None] | None = None) -> list[str]:
+                       lines: list[int | None] | None = None, steps: list[int] | None = None) -> list[str]:
     """Unmet `expect` entries of a scenario, as messages ("expect 2 (line 40): ...", counted
-    from 1; lines: Scenario.expect_lines)."""
+    from 1; lines: Scenario.expect_lines). steps: the number of the step that caused each
+    record (Simulator.record_steps), for entries that name a step; without it they match none."""
     failures = []
+    by_step: list[int | None] = list(steps) if steps is not None else [None] * len(records)
     for i, exp in enumerate(expect):
         line = lines[i] if lines and i < len(lines) else None
         where = f"expect {i + 1}" + (f" (line {line})" if line else "")
-        want = {k: v for k, v in exp.items() if k not in ("count", "min")}
-        n = sum(1 for r in records if all(r.get(k) == v for k, v in want.items()))
+        if "sequence" in exp:
+            failure = _check_sequence(where, records, by_step, exp["sequence"])
+            if failure:
+                failures.append(failure)
+            continue
+        want = _want(exp)
+        n = sum(1 for r, st in zip(records, by_step, strict=True) if _matches(r, st, want))
         if "count" in exp and n != exp["count"]:
             failures.append(f"{where}: {want} matched {n} record(s), expected exactly {exp['count']}")
         elif "count" not in exp and n < exp.get("min", 1):
@@ -419,11 +577,11 @@ def check_expectations(records: list[dict], expect: list[dict],
     return failures
 
 
-def format_pretty(item: dict, tz=None, words: Mapping[str, str] | None = None) -> str:
-    """One human line for `make run`: local time, record number, type, fields;
-    cards shown as facility,card. words: the io trace lines' words ("ON", "off",
+def format_pretty(item: dict, tz=None, words: Mapping[str, str] | None = None, step: int | None = None) -> str:
+    """One human line for `make run`: local time, [the step that caused it], record number,
+    type, fields; cards shown as facility,card. words: the io trace lines' words ("ON", "off",
     "feedback" and the feedback signals) in the user's language, as
-    agent.tools.words.pretty_words() gives them; none: English."""
+    agent.tools.words.pretty_words() gives them; none: English. step: from run_steps()."""
     from agent.core.cards import format_key
 
     def say(word: str) -> str:
@@ -433,6 +591,8 @@ def format_pretty(item: dict, tz=None, words: Mapping[str, str] | None = None) -
     if ts and tz is not None:
         ts = datetime.fromisoformat(ts).astimezone(tz).isoformat(timespec="milliseconds")
     ts = ts[11:23]
+    if step is not None:
+        ts += f" {f'[{step}]':<5}"  # a column of its own, the same width on every line
     if "trace" in item:
         if item["trace"] == "io":
             return f"{ts}       io {item['line']:<12} {say('ON') if item['active'] else say('off')}"
