@@ -531,25 +531,20 @@ def _want(entry: dict) -> dict:
     return {k: v for k, v in entry.items() if k not in EXPECT_KEYS}
 
 
-def _check_sequence(where: str, records: list[dict], steps: list[int | None], items: list[dict]) -> str | None:
-    """Why the items do not match records in their order, or None. Each item takes the first
-    record after the previous item's that it matches (the earliest choice leaves the most for
-    the items after it, so no other choice could succeed where this one fails)."""
-    at = -1  # the index of the record the previous item matched
+def _out_of_order(records: list[dict], steps: list[int | None],
+                  items: list[dict]) -> tuple[int, dict, int, list[int]] | None:
+    """None when the items match records in their order; else (k, want, at, earlier): item
+    k (from 1) with its fields found no record after index `at` (item k - 1's record, -1
+    for the first item), and `earlier` are the records up to `at` it matches. Each item
+    takes the first record after the previous item's that it matches (the earliest choice
+    leaves the most for the items after it, so no other choice could succeed)."""
+    at = -1
     for k, item in enumerate(items, 1):
         want = _want(item)
         hit = next((i for i in range(at + 1, len(records)) if _matches(records[i], steps[i], want)), None)
-        if hit is not None:
-            at = hit
-            continue
-        earlier = [i for i in range(at + 1) if _matches(records[i], steps[i], want)]
-        if k == 1 or not earlier:
-            return f"{where}: sequence item {k} {want} matched no record"
-        prev = records[at]
-        where_steps = ", ".join(str(steps[i]) for i in earlier)
-        return (f"{where}: sequence out of order: item {k} {want} matched no record after item {k - 1}'s, "
-                f"record #{prev.get('seq')} ({prev.get('type')}) of step {steps[at]}; it matched only "
-                f"records of step(s) {where_steps}")
+        if hit is None:
+            return k, want, at, [i for i in range(at + 1) if _matches(records[i], steps[i], want)]
+        at = hit
     return None
 
 
@@ -564,9 +559,18 @@ def check_expectations(records: list[dict], expect: list[dict],
         line = lines[i] if lines and i < len(lines) else None
         where = f"expect {i + 1}" + (f" (line {line})" if line else "")
         if "sequence" in exp:
-            failure = _check_sequence(where, records, by_step, exp["sequence"])
-            if failure:
-                failures.append(failure)
+            unmet = _out_of_order(records, by_step, exp["sequence"])
+            if unmet is None:
+                continue
+            k, want, at, earlier = unmet
+            if not earlier:
+                failures.append(f"{where}: sequence item {k} {want} matched no record")
+                continue
+            prev, prev_step = records[at], by_step[at]
+            where_steps = ", ".join(str(by_step[j]) for j in earlier)
+            failures.append(f"{where}: sequence out of order: item {k} {want} matched no record after item "
+                            f"{k - 1}'s, record #{prev.get('seq')} ({prev.get('type')}) of step {prev_step}; "
+                            f"it matched only records of step(s) {where_steps}")
             continue
         want = _want(exp)
         n = sum(1 for r, st in zip(records, by_step, strict=True) if _matches(r, st, want))
