@@ -337,3 +337,21 @@ def test_pretty_lines_show_the_step_in_a_column():
 def test_examples_check_their_order(name):
     sc = load_scenario(ROOT / "examples" / "scenarios" / name)
     assert any("sequence" in e for e in sc.expect), f"{name} has no ordered expectation"
+
+
+def test_an_out_of_order_sequence_is_told_in_russian(tmp_path):
+    sc = tmp_path / "order.toml"
+    sc.write_text(
+        f'start = "2026-09-01T07:30:00+07:00"\nacl = "{ACL}"\n'
+        '[[steps]]\nat = "08:00"\ncard = "142,51091"\nreader = "entry"\nwalk = 1.0\n'
+        '[[expect]]\nsequence = [{ type = "passage" }, { type = "access.granted" }]\n'
+        '[[expect]]\nsequence = [{ type = "passage.forced" }]\n'
+    )
+    res = subprocess.run([sys.executable, "-m", "agent.cli", "simulate", "--check", str(sc)], check=False,
+                         capture_output=True, text=True, cwd=ROOT, timeout=120,
+                         env={**os.environ, "LANGUAGE": "ru", "LANG": "ru_RU.UTF-8"})
+    assert res.returncode == 1
+    assert "ожидание 1 (строка 8): нарушен порядок sequence: под элемент 2 {'type': 'access.granted'} не подошла " \
+           "ни одна запись после записи элемента 1, #3 (passage) шага 1; подошли только записи шагов 1" in res.stderr
+    assert "ожидание 2 (строка 10): под элемент 1 последовательности (sequence) {'type': 'passage.forced'} " \
+           "не подошла ни одна запись" in res.stderr
