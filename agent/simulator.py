@@ -8,6 +8,11 @@ and, with ``trace_io``, a line for every output change.
 
 It owns the clock (virtual) and the only "I/O" is reading the scenario and
 its access-list files, so the same run gives the same records every time.
+
+Some 610 lines: a scenario's checks (schema, then meaning, each problem with
+its step and line), its run, and its expectations (counts and sequences),
+which share the scenario's notion of a step; the site's several gates are
+the point to move the expectations out.
 """
 from __future__ import annotations
 
@@ -370,9 +375,7 @@ class Simulator:
     def _serial_events(self, reader: str, results: list, t: float) -> list[Any]:
         """Decoded serial results as SerialReader._deliver hands them on: errors always, a
         card only when the repeat filter takes it as a new presentation."""
-        filt = self._filters.get(reader)
-        if filt is None:
-            filt = self._filters[reader] = RepeatFilter(self.sc.repeat_window_s)
+        filt = self._filters.setdefault(reader, RepeatFilter(self.sc.repeat_window_s))
         return [r.as_event(reader) for r in results
                 if r.error is not None or r.key is None or filt.accept(r.key, MONO_START + t)]
 
@@ -429,14 +432,11 @@ class Simulator:
             # it is the OSDP adapter's module, loaded by a scenario that has OSDP steps).
             from agent.hw.osdp_reader import decode_osdp_card
 
-            fmt = step.get("osdp_format", "wiegand")
-            if fmt == "ascii":
-                data, length = step["osdp"].encode("ascii", "replace"), None
-            else:
-                bits = step["osdp"]
-                length = len(bits)
-                data = int(bits.ljust(-(-length // 8) * 8, "0"), 2).to_bytes(-(-length // 8), "big")
-            return [decode_osdp_card(fmt, data, length, key_width).as_event(reader)]
+            fmt, text = step.get("osdp_format", "wiegand"), step["osdp"]
+            nbytes = -(-len(text) // 8)  # bits packed from the first byte's top bit, as libosdp gives them
+            data = text.encode("ascii", "replace") if fmt == "ascii" else \
+                int(text.ljust(nbytes * 8, "0"), 2).to_bytes(nbytes, "big")
+            return [decode_osdp_card(fmt, data, None if fmt == "ascii" else len(text), key_width).as_event(reader)]
         if "pass" in step:
             return [ev.PassSensor(side=step["pass"])]
         if "button" in step:
@@ -476,8 +476,7 @@ class Simulator:
 
     def run(self) -> Iterator[dict]:
         """The output lines: event records (and, with trace_io, io and feedback lines)."""
-        for _n, item in self.run_steps():
-            yield item
+        return (item for _n, item in self.run_steps())
 
     def run_steps(self) -> Iterator[tuple[int, dict]]:
         """(step, line) pairs: each output line with the number of the step that caused it
@@ -560,17 +559,15 @@ def check_expectations(records: list[dict], expect: list[dict],
         where = f"expect {i + 1}" + (f" (line {line})" if line else "")
         if "sequence" in exp:
             unmet = _out_of_order(records, by_step, exp["sequence"])
-            if unmet is None:
-                continue
-            k, want, at, earlier = unmet
-            if not earlier:
+            k, want, at, earlier = unmet or (0, {}, -1, [])
+            if unmet and not earlier:
                 failures.append(f"{where}: sequence item {k} {want} matched no record")
-                continue
-            prev, prev_step = records[at], by_step[at]
-            where_steps = ", ".join(str(by_step[j]) for j in earlier)
-            failures.append(f"{where}: sequence out of order: item {k} {want} matched no record after item "
-                            f"{k - 1}'s, record #{prev.get('seq')} ({prev.get('type')}) of step {prev_step}; "
-                            f"it matched only records of step(s) {where_steps}")
+            elif unmet:
+                prev, prev_step = records[at], by_step[at]
+                where_steps = ", ".join(str(by_step[j]) for j in earlier)
+                failures.append(f"{where}: sequence out of order: item {k} {want} matched no record after item "
+                                f"{k - 1}'s, record #{prev.get('seq')} ({prev.get('type')}) of step {prev_step}; "
+                                f"it matched only records of step(s) {where_steps}")
             continue
         want = _want(exp)
         n = sum(1 for r, st in zip(records, by_step, strict=True) if _matches(r, st, want))
