@@ -252,11 +252,14 @@ def scenario_from_dict(doc: dict, *, source: str = "<scenario>", base: Path = Pa
                 problems.append(f"{where(sub)}: {exc}")
         if "serial" in step and "protocol" not in step:
             problems.append(f"{where('protocol')}: a serial step needs protocol = \"rdm6300\" or \"emline\"")
-        if "hold" in step and "serial" not in step:
+        hold = step.get("hold")
+        if hold and "serial" not in step:
             problems.append(f"{where('hold')}: hold is for a serial step (a card left in a serial reader's field)")
-        elif "hold" in step and step["hold"]["for"] / step["hold"]["every"] > MAX_HOLD_FRAMES:
+            hold = None
+        elif hold and not hold["for"] / hold["every"] <= MAX_HOLD_FRAMES:  # `not <=`: a NaN too
             problems.append(f"{where('hold')}: {step['hold']['for']} s every {step['hold']['every']} s is over "
                             f"{MAX_HOLD_FRAMES} frames; send them less often (a larger every)")
+            hold = None  # not expanded: it would fill memory
         if "osdp" in step:
             fmt = step.get("osdp_format", "wiegand")
             if fmt != "ascii" and not set(step["osdp"]) <= {"0", "1"}:
@@ -276,11 +279,10 @@ def scenario_from_dict(doc: dict, *, source: str = "<scenario>", base: Path = Pa
                               "_step": i + 1})
             t += (len(r["cards"]) - 1) * r["every"]
             continue
-        if "hold" in step and "serial" in step:
+        if hold:
             # The card stays in the field: the reader sends the same bytes again every `every`
             # seconds until `for` has passed. The next step's "+" still counts from this step's
             # time (a pass while the card is still held is the usual case).
-            hold = step["hold"]
             steps.append({**step, "t": t, "reader": reader, "_step": i + 1})
             n = 1
             while n * hold["every"] <= hold["for"] + 1e-9:

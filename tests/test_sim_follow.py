@@ -355,3 +355,15 @@ def test_an_out_of_order_sequence_is_told_in_russian(tmp_path):
            "ни одна запись после записи элемента 1, #3 (passage) шага 1; подошли только записи шагов 1" in res.stderr
     assert "ожидание 2 (строка 10): под элемент 1 последовательности (sequence) {'type': 'passage.forced'} " \
            "не подошла ни одна запись" in res.stderr
+
+
+@pytest.mark.parametrize("hold", [{"for": 1e300, "every": 1e-300}, {"for": 2501, "every": 0.25}])
+def test_a_hold_of_too_many_frames_is_refused_not_expanded(hold):
+    # Expanded, 1e600 frames would fill memory before any message: refused first, with where.
+    with pytest.raises(ScenarioError) as info:
+        _scenario([_serial("08:00:00", hold=hold)])
+    assert [p.split(":")[0] for p in info.value.problems] == ["step 1, hold"]
+    assert "frames; send them less often (a larger every)" in info.value.problems[0]
+    with pytest.raises(ScenarioError) as info:  # TOML's inf and nan: the schema's "not a number"
+        _scenario([_serial("08:00:00", hold={"for": float("inf"), "every": 1.0})])
+    assert [p.split(":")[0] for p in info.value.problems] == ["step 1, hold/for"]
