@@ -116,7 +116,7 @@ class Scenario:
     start: datetime
     config: GateConfig
     acl: AccessList | None
-    steps: list[dict]  # each with "t" (seconds from start), in order
+    steps: list[dict]  # each with "t" (seconds from start) and "_step"; in order but for a hold's repeats
     expect: list[dict] = field(default_factory=list)
     clock_synced: bool = True
     state: dict | None = None
