@@ -45,9 +45,10 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         if args.pretty:
             print(format_pretty(item, scenario.start.tzinfo, pretty_words(), step), file=out)
         else:
-            # --steps: [step, record]; the step beside the record, which holds the contract's fields only.
-            print(json.dumps([step, item] if args.steps else item, separators=(",", ":"), ensure_ascii=False),
-                  file=out)
+            # --steps: the step beside the record, which holds the contract's fields only (an object:
+            # room for more beside it, e.g. the gate of a site scenario).
+            line = {"step": step, "record": item} if args.steps else item
+            print(json.dumps(line, separators=(",", ":"), ensure_ascii=False), file=out)
     if args.check:
         failures = check_expectations(sim.records, scenario.expect, scenario.expect_lines, sim.record_steps)
         for f in failures:
@@ -125,7 +126,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     sim.add_argument("--trace-io", action="store_true", help="add a line for every output change")
     sim.add_argument("--pretty", action="store_true", help="one human-readable line per record")
     sim.add_argument("--steps", action="store_true",
-                     help="print each line as [step, record]: the number of the step that caused it")
+                     help="print each line as {\"step\": N, \"record\": ...}: the number of the step that caused it")
     sim.add_argument("--check", action="store_true", help="exit 1 when the scenario's [[expect]] entries are not met")
     sim.set_defaults(func=_cmd_simulate)
 

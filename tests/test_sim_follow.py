@@ -315,8 +315,8 @@ def test_the_cli_prints_the_steps_and_checks_a_sequence(tmp_path):
     res = subprocess.run([*cmd, "--steps", str(sc)], check=False, capture_output=True, text=True, cwd=ROOT,
                          timeout=120, env={**os.environ, "LANGUAGE": "en"})
     assert res.returncode == 0, res.stderr
-    pairs = [json.loads(line) for line in res.stdout.splitlines()]
-    assert [(n, r["type"]) for n, r in pairs] == [(0, "agent.started"), (1, "access.granted"), (1, "passage"),
+    lines = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [(d["step"], d["record"]["type"]) for d in lines] == [(0, "agent.started"), (1, "access.granted"), (1, "passage"),
                                                   (2, "access.denied")]
     res = subprocess.run([*cmd, "--check", "--pretty", str(sc)], check=False, capture_output=True, text=True,
                          cwd=ROOT, timeout=120, env={**os.environ, "LANGUAGE": "en"})
