@@ -41,13 +41,16 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         import fastpath
 
         print(f"# {scenario.name} — {scenario.source} (fastpath: {fastpath.IMPLEMENTATION})", file=out)
-    for item in sim.run():
+    for step, item in sim.run_steps():
         if args.pretty:
-            print(format_pretty(item, scenario.start.tzinfo, pretty_words()), file=out)
+            print(format_pretty(item, scenario.start.tzinfo, pretty_words(), step), file=out)
         else:
-            print(json.dumps(item, separators=(",", ":"), ensure_ascii=False), file=out)
+            # --steps: the step beside the record, which holds the contract's fields only (an object:
+            # room for more beside it, e.g. the gate of a site scenario).
+            line = {"step": step, "record": item} if args.steps else item
+            print(json.dumps(line, separators=(",", ":"), ensure_ascii=False), file=out)
     if args.check:
-        failures = check_expectations(sim.records, scenario.expect, scenario.expect_lines)
+        failures = check_expectations(sim.records, scenario.expect, scenario.expect_lines, sim.record_steps)
         for f in failures:
             print("gate-agent simulate: " + _t("expectation not met: {problem}").format(problem=scenario_message(f)),
                   file=sys.stderr)
@@ -122,6 +125,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     sim.add_argument("scenario", help="scenario file (TOML)")
     sim.add_argument("--trace-io", action="store_true", help="add a line for every output change")
     sim.add_argument("--pretty", action="store_true", help="one human-readable line per record")
+    sim.add_argument("--steps", action="store_true",
+                     help="print each line as {\"step\": N, \"record\": ...}: the number of the step that caused it")
     sim.add_argument("--check", action="store_true", help="exit 1 when the scenario's [[expect]] entries are not met")
     sim.set_defaults(func=_cmd_simulate)
 

@@ -8,10 +8,16 @@ and, with ``trace_io``, a line for every output change.
 
 It owns the clock (virtual) and the only "I/O" is reading the scenario and
 its access-list files, so the same run gives the same records every time.
+
+Some 610 lines: a scenario's checks (schema, then meaning, each problem with
+its step and line), its run, and its expectations (counts and sequences),
+which share the scenario's notion of a step; the site's several gates are
+the point to move the expectations out.
 """
 from __future__ import annotations
 
 import heapq
+import itertools
 import json
 import tomllib
 from collections.abc import Iterator, Mapping
@@ -29,10 +35,17 @@ from agent.core.cards import CardFormatError, decode_wiegand, parse_card_string
 from agent.core.gateconfig import GateConfig, GateConfigError
 from agent.core.problems import ProblemsError
 from agent.core.records import SequenceSink, rfc3339_ms
-from agent.core.serialframes import EmLineStream, Rdm6300Stream
+from agent.core.serialframes import EmLineStream, Rdm6300Stream, RepeatFilter
 from agent.core.turnstile import Gate
 
 MONO_START = 1000.0  # virtual monotonic seconds at the scenario's start
+# The serial adapter's defaults (agent/hw/serial_reader.py, agent.toml's repeat_window_s):
+# a serial step goes through the same repeat filter, so a held card is one read here too.
+REPEAT_WINDOW_S = 1.5
+SERIAL_QUIET_S = 0.1  # SerialReader's read_timeout_s: a torn RDM6300 frame is garbage after this silence
+MAX_HOLD_FRAMES = 10_000  # a step's hold: more is a typo, and would fill memory
+# Keys of an [[expect]] entry (and of a sequence's items) that are not record fields.
+EXPECT_KEYS = ("count", "min", "note", "sequence")
 
 
 class ScenarioError(ProblemsError):
@@ -103,11 +116,12 @@ class Scenario:
     start: datetime
     config: GateConfig
     acl: AccessList | None
-    steps: list[dict]  # each with "t" (seconds from start), in order
+    steps: list[dict]  # each with "t" (seconds from start) and "_step"; in order but for a hold's repeats
     expect: list[dict] = field(default_factory=list)
     clock_synced: bool = True
     state: dict | None = None
     expect_lines: list[int | None] = field(default_factory=list)  # 1-based, where the TOML has them
+    repeat_window_s: float = REPEAT_WINDOW_S  # the serial readers' repeat filter
 
 
 def _load_acl_doc(value: Any, base: Path, where: str, problems: list[str]) -> dict | None:
@@ -171,8 +185,8 @@ def scenario_from_dict(doc: dict, *, source: str = "<scenario>", base: Path = Pa
         doc["gate"] = {}
     if ("acl",) in bad:
         doc.pop("acl", None)
-    if ("expect",) in bad or not isinstance(doc.get("expect", []), list):
-        doc["expect"] = []
+    if not isinstance(doc.get("expect", []), list):
+        doc["expect"] = []  # each entry the schema faults is left out below
 
     try:
         start = datetime.fromisoformat(doc["start"])
@@ -222,7 +236,7 @@ def scenario_from_dict(doc: dict, *, source: str = "<scenario>", base: Path = Pa
             problems.append(f"{where('at')}: {step['at']} is before the previous step; steps run in time order")
         t = max(t, t_new)
         reader = step.get("reader")
-        needs_reader = any(k in step for k in ("card", "wiegand", "serial")) or "rush" in step
+        needs_reader = any(k in step for k in ("card", "wiegand", "serial", "osdp")) or "rush" in step
         if "rush" in step:
             reader = step["rush"].get("reader", reader)
         if needs_reader:
@@ -238,17 +252,68 @@ def scenario_from_dict(doc: dict, *, source: str = "<scenario>", base: Path = Pa
                 problems.append(f"{where(sub)}: {exc}")
         if "serial" in step and "protocol" not in step:
             problems.append(f"{where('protocol')}: a serial step needs protocol = \"rdm6300\" or \"emline\"")
+        hold = step.get("hold")
+        if hold and "serial" not in step:
+            problems.append(f"{where('hold')}: hold is for a serial step (a card left in a serial reader's field)")
+            hold = None
+        elif hold and not hold["for"] / hold["every"] <= MAX_HOLD_FRAMES:  # `not <=`: a NaN too
+            problems.append(f"{where('hold')}: {step['hold']['for']} s every {step['hold']['every']} s is over "
+                            f"{MAX_HOLD_FRAMES} frames; send them less often (a larger every)")
+            hold = None  # not expanded: it would fill memory
+        if "osdp" in step:
+            fmt = step.get("osdp_format", "wiegand")
+            if fmt != "ascii" and not set(step["osdp"]) <= {"0", "1"}:
+                problems.append(f"{where('osdp')}: {step['osdp']!r} is not bits (0 and 1); "
+                                f"osdp_format = \"{fmt}\" takes the card's bits, \"ascii\" its number as text")
+        elif "osdp_format" in step:
+            problems.append(f"{where('osdp_format')}: osdp_format goes with an osdp step; add osdp = \"...\"")
         for key in ("acl_delta", "acl_snapshot"):
             if key in step:
                 loaded = _load_acl_doc(step[key], base, where(key), problems)
                 step = {**step, key: loaded}
+        # "_step": the step's number (from 1, as the messages count) on everything it becomes.
         if "rush" in step:
             r = step["rush"]
             for j, c in enumerate(r["cards"]):
-                steps.append({"t": t + j * r["every"], "card": c, "reader": reader, "walk": r.get("walk")})
+                steps.append({"t": t + j * r["every"], "card": c, "reader": reader, "walk": r.get("walk"),
+                              "_step": i + 1})
             t += (len(r["cards"]) - 1) * r["every"]
             continue
-        steps.append({**step, "t": t, "reader": reader})
+        if hold:
+            # The card stays in the field: the reader sends the same bytes again every `every`
+            # seconds until `for` has passed. The next step's "+" still counts from this step's
+            # time (a pass while the card is still held is the usual case).
+            steps.append({**step, "t": t, "reader": reader, "_step": i + 1})
+            n = 1
+            while n * hold["every"] <= hold["for"] + 1e-9:
+                steps.append({"t": t + n * hold["every"], "serial": step["serial"], "protocol": step["protocol"],
+                              "reader": reader, "_step": i + 1})
+                n += 1
+            continue
+        steps.append({**step, "t": t, "reader": reader, "_step": i + 1})
+
+    n_steps = len(doc["steps"])
+    for i, exp in enumerate(doc.get("expect", [])):
+        if ("expect", i) in bad or not isinstance(exp, dict):
+            continue
+        if "sequence" in exp:
+            others = sorted(set(exp) - {"sequence", "note"})
+            if others:
+                problems.append(f"{where_is(['expect', i])}: a sequence entry holds only sequence (and note); "
+                                f"move {', '.join(others)} into its items")
+            items = [(["expect", i, "sequence", j], item) for j, item in enumerate(exp["sequence"])
+                     if isinstance(item, dict)]
+            for parts, item in items:
+                for key in sorted(set(item) & {"count", "min", "sequence"}):
+                    problems.append(f"{where_is([*parts, key])}: {key} goes on a whole [[expect]] entry; "
+                                    f"a sequence item is one record")
+        else:
+            items = [(["expect", i], exp)]
+        for parts, item in items:
+            n = item.get("step")
+            if isinstance(n, int) and n > n_steps:
+                problems.append(f"{where_is([*parts, 'step'])}: step {n} does not exist; "
+                                f"the scenario has {n_steps} step(s), counted from 1 (0: the gate's start)")
 
     if problems:
         raise ScenarioError(source, problems)
@@ -263,6 +328,7 @@ def scenario_from_dict(doc: dict, *, source: str = "<scenario>", base: Path = Pa
         expect_lines=[where_is.line("expect", i) for i in range(len(doc.get("expect", [])))],
         clock_synced=doc.get("clock_synced", True),
         state=doc.get("state"),
+        repeat_window_s=doc.get("repeat_window_s", REPEAT_WINDOW_S),
     )
 
 
@@ -290,29 +356,55 @@ class Simulator:
         if self.acl:
             self.gate.set_timezone(self.acl.timezone)
         self._streams: dict[tuple[str, str], Any] = {}
+        self._filters: dict[str, RepeatFilter] = {}  # per serial reader, as each SerialReader has one
+        self._fed: dict[tuple[str, str], float] = {}  # when each serial stream last got bytes
         self._queue: list[tuple[float, int, dict]] = []
-        self._n = 0
+        self._n = 0  # steps pushed (a remote open's or mode command's request id)
+        self._order = itertools.count()  # the queue's order among steps of one time
         self.records: list[dict] = []
+        # record_steps[i]: the number of the step that caused records[i] (0: the gate's start).
+        # Beside the records, not in them: a record holds the contract's fields only.
+        self.record_steps: list[int] = []
+        self._timer_step = 0  # the step that last set the gate's next timer: its ticks' records are its
 
     def now(self, t: float) -> ev.Now:
         return ev.Now(mono=MONO_START + t, wall=self.start_epoch + t, synced=self.synced)
 
     def _push(self, t: float, step: dict) -> None:
         self._n += 1
-        heapq.heappush(self._queue, (t, self._n, step))
+        heapq.heappush(self._queue, (t, next(self._order), step))
 
-    def _emit(self, step: ev.Step, t: float) -> Iterator[dict]:
+    def _serial_events(self, reader: str, results: list, t: float) -> list[Any]:
+        """Decoded serial results as SerialReader._deliver hands them on: errors always, a
+        card only when the repeat filter takes it as a new presentation."""
+        filt = self._filters.setdefault(reader, RepeatFilter(self.sc.repeat_window_s))
+        return [r.as_event(reader) for r in results
+                if r.error is not None or r.key is None or filt.accept(r.key, MONO_START + t)]
+
+    def _emit(self, step: ev.Step, t: float, n: int) -> Iterator[tuple[int, dict]]:
         for rec in self.sink.commit(step.records):
             self.records.append(rec)
-            yield rec
+            self.record_steps.append(n)
+            yield n, rec
         if self.trace_io:
             for cmd in step.commands:
                 if isinstance(cmd, ev.SetOutput):
-                    yield {"trace": "io", "ts": rfc3339_ms(self.start_epoch + t), "line": cmd.line,
-                           "active": cmd.active}
+                    yield n, {"trace": "io", "ts": rfc3339_ms(self.start_epoch + t), "line": cmd.line,
+                              "active": cmd.active}
                 elif isinstance(cmd, ev.Feedback):
-                    yield {"trace": "feedback", "ts": rfc3339_ms(self.start_epoch + t),
-                           "reader": cmd.reader, "signal": cmd.signal}
+                    yield n, {"trace": "feedback", "ts": rfc3339_ms(self.start_epoch + t),
+                              "reader": cmd.reader, "signal": cmd.signal}
+
+    def _handle(self, event: Any, t: float, n: int) -> Iterator[tuple[int, dict]]:
+        """One stimulus's event through the gate; a timer it sets is the step's."""
+        before = self.gate.next_deadline()
+        yield from self._emit(self.gate.handle(event, self.now(t)), t, n)
+        if self.gate.next_deadline() != before:
+            self._timer_step = n
+
+    def _tick(self, t: float) -> Iterator[tuple[int, dict]]:
+        """The gate's own timer ran out: its records belong to the step that set it."""
+        yield from self._emit(self.gate.handle(ev.Tick(), self.now(t)), t, self._timer_step)
 
     def _events_for(self, step: dict, t: float) -> list[Any]:
         """Turn one stimulus into core events, through the real decoders."""
@@ -331,7 +423,22 @@ class Simulator:
                 cls = Rdm6300Stream if proto == "rdm6300" else EmLineStream
                 stream = self._streams[(reader, proto)] = cls(key_width=key_width)
             data = bytes.fromhex(step["serial"].replace(" ", ""))
-            return [r.as_event(reader) for r in stream.feed(data)]
+            if isinstance(stream, Rdm6300Stream):
+                # SerialReader reports a torn frame once the line has been quiet for a read's timeout.
+                self._fed[(reader, proto)] = t
+                heapq.heappush(self._queue, (t + SERIAL_QUIET_S, next(self._order),
+                                             {"_quiet": (reader, proto), "_fed": t, "_step": step.get("_step", 0)}))
+            return self._serial_events(reader, stream.feed(data), t)
+        if "osdp" in step:
+            # What agent/hw/osdp_reader.py makes of libosdp's card event (imported here only:
+            # it is the OSDP adapter's module, loaded by a scenario that has OSDP steps).
+            from agent.hw.osdp_reader import decode_osdp_card
+
+            fmt, text = step.get("osdp_format", "wiegand"), step["osdp"]
+            nbytes = -(-len(text) // 8)  # bits packed from the first byte's top bit, as libosdp gives them
+            data = text.encode("ascii", "replace") if fmt == "ascii" else \
+                int(text.ljust(nbytes * 8, "0"), 2).to_bytes(nbytes, "big")
+            return [decode_osdp_card(fmt, data, None if fmt == "ascii" else len(text), key_width).as_event(reader)]
         if "pass" in step:
             return [ev.PassSensor(side=step["pass"])]
         if "button" in step:
@@ -370,48 +477,102 @@ class Simulator:
                              timezone=new.timezone)]
 
     def run(self) -> Iterator[dict]:
-        yield from self._emit(self.gate.start(self.now(0.0)), 0.0)
+        """The output lines: event records (and, with trace_io, io and feedback lines)."""
+        return (item for _n, item in self.run_steps())
+
+    def run_steps(self) -> Iterator[tuple[int, dict]]:
+        """(step, line) pairs: each output line with the number of the step that caused it
+        (counted from 1 as the scenario's [[steps]]; 0 for the gate's start). A record the
+        gate's own timer writes (a pulse end, a passage timeout) is the step's that set it."""
+        yield from self._emit(self.gate.start(self.now(0.0)), 0.0, 0)
         for step in self.sc.steps:
             self._push(step["t"], step)
         while self._queue:
             t_next = self._queue[0][0]
             deadline = self.gate.next_deadline()
             if deadline is not None and deadline - MONO_START <= t_next:
-                t_dl = max(deadline - MONO_START, 0.0)
-                yield from self._emit(self.gate.handle(ev.Tick(), self.now(t_dl)), t_dl)
+                yield from self._tick(max(deadline - MONO_START, 0.0))
                 continue
             t, _, step = heapq.heappop(self._queue)
+            n = step.get("_step", 0)
+            if "_quiet" in step:
+                if self._fed.get(step["_quiet"]) == step["_fed"]:  # no bytes since: the line was quiet
+                    events = self._serial_events(step["_quiet"][0], self._streams[step["_quiet"]].flush(), t)
+                    for event in events:
+                        yield from self._handle(event, t, n)
+                continue
             if "clock_synced" in step:
                 self.synced = step["clock_synced"]
             if "acl_delta" in step or "acl_snapshot" in step:
                 for event in self._apply_acl(step):
-                    yield from self._emit(self.gate.handle(event, self.now(t)), t)
+                    yield from self._handle(event, t, n)
                 continue
-            # A step with no stimulus of its own (a clock change) still shows the core the time.
+            # A step with no stimulus of its own (a clock change, a repeat the filter took)
+            # still shows the core the time.
             for event in self._events_for(step, t) or [ev.Tick()]:
                 before = len(self.records)
-                yield from self._emit(self.gate.handle(event, self.now(t)), t)
+                yield from self._handle(event, t, n)
                 if step.get("walk") is not None:
                     granted = [r for r in self.records[before:] if r["type"] == "access.granted"]
                     if granted and not granted[0].get("check"):
                         side = "A" if granted[0]["direction"] == "in" else "B"
-                        self._push(t + step["walk"], {"pass": side, "t": t + step["walk"]})
+                        self._push(t + step["walk"], {"pass": side, "t": t + step["walk"], "_step": n})
         # Let pending deadlines (pulse ends, passage timeouts) run out.
         while (deadline := self.gate.next_deadline()) is not None:
-            t_dl = deadline - MONO_START
-            yield from self._emit(self.gate.handle(ev.Tick(), self.now(t_dl)), t_dl)
+            yield from self._tick(deadline - MONO_START)
+
+
+def _matches(rec: dict, step: int | None, want: dict) -> bool:
+    """A record (with the number of the step that caused it) has every wanted field;
+    "step" is that number, not a field of the record."""
+    return all((step if k == "step" else rec.get(k)) == v for k, v in want.items())
+
+
+def _want(entry: dict) -> dict:
+    return {k: v for k, v in entry.items() if k not in EXPECT_KEYS}
+
+
+def _out_of_order(records: list[dict], steps: list[int | None],
+                  items: list[dict]) -> tuple[int, dict, int, list[int]] | None:
+    """None when the items match records in their order; else (k, want, at, earlier): item
+    k (from 1) with its fields found no record after index `at` (item k - 1's record, -1
+    for the first item), and `earlier` are the records up to `at` it matches. Each item
+    takes the first record after the previous item's that it matches (the earliest choice
+    leaves the most for the items after it, so no other choice could succeed)."""
+    at = -1
+    for k, item in enumerate(items, 1):
+        want = _want(item)
+        hit = next((i for i in range(at + 1, len(records)) if _matches(records[i], steps[i], want)), None)
+        if hit is None:
+            return k, want, at, [i for i in range(at + 1) if _matches(records[i], steps[i], want)]
+        at = hit
+    return None
 
 
 def check_expectations(records: list[dict], expect: list[dict],
-                       lines: list[int | None] | None = None) -> list[str]:
+                       lines: list[int | None] | None = None, steps: list[int] | None = None) -> list[str]:
     """Unmet `expect` entries of a scenario, as messages ("expect 2 (line 40): ...", counted
-    from 1; lines: Scenario.expect_lines)."""
+    from 1; lines: Scenario.expect_lines). steps: the number of the step that caused each
+    record (Simulator.record_steps), for entries that name a step; without it they match none."""
     failures = []
+    by_step: list[int | None] = list(steps) if steps is not None else [None] * len(records)
     for i, exp in enumerate(expect):
         line = lines[i] if lines and i < len(lines) else None
         where = f"expect {i + 1}" + (f" (line {line})" if line else "")
-        want = {k: v for k, v in exp.items() if k not in ("count", "min")}
-        n = sum(1 for r in records if all(r.get(k) == v for k, v in want.items()))
+        if "sequence" in exp:
+            unmet = _out_of_order(records, by_step, exp["sequence"])
+            k, want, at, earlier = unmet or (0, {}, -1, [])
+            if unmet and not earlier:
+                failures.append(f"{where}: sequence item {k} {want} matched no record")
+            elif unmet:
+                prev, prev_step = records[at], by_step[at]
+                where_steps = ", ".join(str(by_step[j]) for j in earlier)
+                failures.append(f"{where}: sequence out of order: item {k} {want} matched no record after item "
+                                f"{k - 1}'s, record #{prev.get('seq')} ({prev.get('type')}) of step {prev_step}; "
+                                f"it matched only records of step(s) {where_steps}")
+            continue
+        want = _want(exp)
+        n = sum(1 for r, st in zip(records, by_step, strict=True) if _matches(r, st, want))
         if "count" in exp and n != exp["count"]:
             failures.append(f"{where}: {want} matched {n} record(s), expected exactly {exp['count']}")
         elif "count" not in exp and n < exp.get("min", 1):
@@ -419,11 +580,11 @@ def check_expectations(records: list[dict], expect: list[dict],
     return failures
 
 
-def format_pretty(item: dict, tz=None, words: Mapping[str, str] | None = None) -> str:
-    """One human line for `make run`: local time, record number, type, fields;
-    cards shown as facility,card. words: the io trace lines' words ("ON", "off",
+def format_pretty(item: dict, tz=None, words: Mapping[str, str] | None = None, step: int | None = None) -> str:
+    """One human line for `make run`: local time, [the step that caused it], record number,
+    type, fields; cards shown as facility,card. words: the io trace lines' words ("ON", "off",
     "feedback" and the feedback signals) in the user's language, as
-    agent.tools.words.pretty_words() gives them; none: English."""
+    agent.tools.words.pretty_words() gives them; none: English. step: from run_steps()."""
     from agent.core.cards import format_key
 
     def say(word: str) -> str:
@@ -433,6 +594,8 @@ def format_pretty(item: dict, tz=None, words: Mapping[str, str] | None = None) -
     if ts and tz is not None:
         ts = datetime.fromisoformat(ts).astimezone(tz).isoformat(timespec="milliseconds")
     ts = ts[11:23]
+    if step is not None:
+        ts += f" {f'[{step}]':<5}"  # a column of its own, the same width on every line
     if "trace" in item:
         if item["trace"] == "io":
             return f"{ts}       io {item['line']:<12} {say('ON') if item['active'] else say('off')}"
