@@ -321,6 +321,10 @@ for _state in (IDLE, PENDING, FAULT):
          lambda g, s: g.table.version == "v2"),
         (_state, lambda fp: ev.Report("alarm", {"kind": "publish_refused", "active": True, "detail": "0x87"}),
          ["alarm"], lambda g, s: only(s, "alarm")["kind"] == "publish_refused" and s.commands == []),
+        (_state, lambda fp: ev.SiblingRecord("north", {
+            "id": "n:1", "type": "access.granted", "person": ALICE, "direction": "in",
+            "ts": "2026-09-07T08:00:01.000Z"}), [],
+         lambda g, s: g.site.grants == {ALICE: "north"} and s.commands == []),
     ]
 
 

@@ -140,6 +140,15 @@ class SwapTable:
 
 
 @dataclass(frozen=True)
+class SiblingRecord:
+    """An event record of another gate of this site (its ``events`` topic), as it
+    was published; ``gate`` is that gate's name from the topic. See agent/core/site.py."""
+
+    gate: str
+    record: Any
+
+
+@dataclass(frozen=True)
 class ResetFault:
     """Explicit reset of the latched core fault."""
 

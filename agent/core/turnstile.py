@@ -49,6 +49,7 @@ from fastpath.columns import TableColumns
 from . import events as ev
 from .gateconfig import GateConfig, valid_timezone
 from .records import make_record
+from .site import SiteView
 
 IDLE = "idle"
 PENDING = "pending"
@@ -139,6 +140,7 @@ class Gate:
         self._outputs: dict[str, bool] = {line: False for line in LINES}
         self._last_mono: float | None = None
         self._alarms: set[str] = set()  # raised alarm kinds the core clears itself
+        self._site = SiteView(config.wait_s)  # what the other gates of the site said
 
     # --- read-only view -------------------------------------------------------------
 
@@ -303,6 +305,13 @@ class Gate:
             mow, day, busy, self._apb, self._cfg.apb_window_s,
         )
         person = table.person_id(idx) if idx >= 0 else None
+        if (result == codes.GRANTED and self._apb != codes.APB_OFF
+                and self._site.granted_elsewhere(person, now.mono) is not None):
+            # A grant in force at another gate of the site (docs/site.md): one card, one turnstile.
+            if self._apb == codes.APB_SOFT:
+                warning = codes.WARN_ANTIPASSBACK
+            else:
+                result = codes.ANTIPASSBACK
         if result != codes.GRANTED:
             self._record(step, now, "access.denied", reader=event.reader, direction=dname, card=key,
                          format=event.format, person=person, reason=codes.RESULTS[result])
@@ -332,6 +341,7 @@ class Gate:
             # Only card passages move people (anti-passback) and spend guest uses.
             _, day = self._local(now)
             self._state.record_passage(p.person, direction, math.floor(now.wall), day, p.guest)
+            self._site.moved(p.person, now.wall)
         self._close_lane()
         self._start_waiting(now, step)
 
@@ -494,6 +504,29 @@ class Gate:
         if table.version and "acl_missing" in self._alarms:
             self._alarms.discard("acl_missing")
             self._record(step, now, "alarm", kind="acl_missing", active=False)
+
+    def _on_sibling(self, event: ev.SiblingRecord, now: ev.Now, step: ev.Step) -> None:
+        # Network input, checked in agent/core/site.py: a bad record is counted there,
+        # never a fault of this gate. Nothing is journalled: the record is the sibling's.
+        if not isinstance(event.gate, str) or not event.gate:
+            self._site.counts["malformed"] += 1
+            return
+        move = self._site.take(event.gate, event.record, now.mono)
+        if move is None:
+            return
+        table = self._table if self._table is not None else self._empty_table
+        idx = table.person_index(move.person)
+        guest = idx >= 0 and table.is_guest(idx)
+        try:
+            self._state.record_passage(move.person, DIRECTION_CODE[move.direction],
+                                       math.floor(move.epoch), self._day_of(move.epoch), guest)
+        except (ValueError, TypeError, OverflowError, OSError):
+            self._site.counts["malformed"] += 1  # an id or a time no person or day can have
+
+    @property
+    def site(self) -> SiteView:
+        """What the other gates of the site said (grants in force, counts)."""
+        return self._site
 
     def _on_reset_fault(self, event: ev.ResetFault, now: ev.Now, step: ev.Step) -> None:
         self._lane = IDLE
@@ -666,6 +699,16 @@ class Gate:
     def _has_table(self) -> bool:
         return self._table is not None and bool(self._table.version)
 
+    def _zone(self, tz: str) -> ZoneInfo:
+        zone = self._zones.get(tz)
+        if zone is None:
+            zone = self._zones[tz] = ZoneInfo(tz)
+        return zone
+
+    def _day_of(self, epoch: float) -> int:
+        """The date ordinal of `epoch` in the schedule's zone."""
+        return datetime.fromtimestamp(epoch, self._zone(self.timezone)).date().toordinal()
+
     def _local(self, now: ev.Now) -> tuple[int, int]:
         """(minute_of_week, date ordinal) in the schedule's zone; cached per minute."""
         tz = self.timezone
@@ -673,10 +716,7 @@ class Gate:
         c = self._local_cache
         if c is not None and c[0] == minute and c[1] == tz:
             return c[2], c[3]
-        zone = self._zones.get(tz)
-        if zone is None:
-            zone = self._zones[tz] = ZoneInfo(tz)
-        local = datetime.fromtimestamp(now.wall, zone)
+        local = datetime.fromtimestamp(now.wall, self._zone(tz))
         mow = local.weekday() * 1440 + local.hour * 60 + local.minute
         day = local.date().toordinal()
         self._local_cache = (minute, tz, mow, day)
@@ -726,4 +766,5 @@ TRANSITIONS: dict[tuple[str, type], Handler] = {
     **_every_state(ev.Tamper, Gate._on_tamper),
     **_every_state(ev.SwapTable, Gate._on_swap_table),
     **_every_state(ev.Report, Gate._on_report),
+    **_every_state(ev.SiblingRecord, Gate._on_sibling),
 }

@@ -1,0 +1,162 @@
+"""Gates of a site share passages and grants (agent/core/site.py, docs/site.md):
+the core's side, on both twins. The MQTT side is in tests/test_site_gates.py."""
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from agent.core import events as ev
+from agent.core.site import SEEN_MAX, SiteView
+from fastpath import codes
+from tests.test_turnstile import ALICE, GUEST, K_ALICE, K_GUEST, WALL0, card, columns, make, only
+
+pytestmark = pytest.mark.core
+
+_n = [0]
+
+
+def rec(rtype: str, t: float, *, person: str | None = ALICE, direction: str = "in",
+        source: str | None = "card", rid: str | None = None, **extra) -> dict:
+    """A sibling's record as its events topic carries it (t: seconds after WALL0)."""
+    _n[0] += 1
+    ts = datetime.fromtimestamp(WALL0 + t, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    out = {"v": 1, "id": rid or f"sib:{_n[0]}", "seq": _n[0], "ts": ts, "clock_synced": True,
+           "boot": "b-2", "mono": 5.0 + t, "type": rtype, "direction": direction, "person": person,
+           **extra}
+    if rtype == "access.granted":
+        out.update(reader="entry", card=K_ALICE, format="w26")
+    else:
+        out.update(source=source, card=K_ALICE if source == "card" else None)
+    return out
+
+
+def sibling(r: dict, gate: str = "north") -> ev.SiblingRecord:
+    return ev.SiblingRecord(gate, r)
+
+
+def decided(step: ev.Step) -> tuple[str, dict]:
+    [r] = [r for r in step.records if r["type"] in ("access.granted", "access.denied")]
+    return r["type"], r
+
+
+def test_a_passage_at_a_sibling_moves_the_person_here(fp):
+    run = make(fp, apb="hard")
+    step = run(1, sibling(rec("passage", 1, direction="in")))
+    assert step.records == [] and step.commands == []  # the sibling's record, not this gate's
+    kind, r = decided(run(2, card(K_ALICE)))
+    assert (kind, r["reason"]) == ("access.denied", "antipassback")  # already inside
+    kind, _ = decided(run(3, card(K_ALICE, reader="exit")))
+    assert kind == "access.granted"  # and may leave
+
+
+def test_a_grant_in_force_at_a_sibling_refuses_the_same_card_here_until_it_ends(fp):
+    run = make(fp, apb="hard", wait_s=5.0)
+    run(1, sibling(rec("access.granted", 1)))
+    kind, r = decided(run(1.5, card(K_ALICE)))
+    assert (kind, r["reason"]) == ("access.denied", "antipassback")
+    assert run.gate.site.grants == {ALICE: "north"}
+    # Nobody passed at the sibling: its timeout ends the grant, and the card works here.
+    run(6, sibling(rec("passage.timeout", 6, waited_ms=5000)))
+    kind, _ = decided(run(6.5, card(K_ALICE)))
+    assert kind == "access.granted"
+
+
+def test_a_sibling_grant_whose_end_never_comes_runs_out_after_the_wait(fp):
+    run = make(fp, apb="hard", wait_s=5.0)
+    run(1, sibling(rec("access.granted", 1)))
+    assert decided(run(5.9, card(K_ALICE)))[1]["reason"] == "antipassback"  # within 5 + 1 s
+    kind, _ = decided(run(7.1, card(K_ALICE)))  # past it: the sibling went quiet mid-wait
+    assert kind == "access.granted"
+
+
+def test_soft_anti_passback_grants_with_the_warning_and_off_ignores_siblings(fp):
+    soft = make(fp, apb="soft")
+    soft(1, sibling(rec("access.granted", 1)))
+    kind, r = decided(soft(2, card(K_ALICE)))
+    assert kind == "access.granted" and r["warning"] == "antipassback"
+    off = make(fp, apb="off")
+    off(1, sibling(rec("access.granted", 1)))
+    off(1, sibling(rec("passage", 1)))
+    kind, r = decided(off(2, card(K_ALICE)))
+    assert kind == "access.granted" and "warning" not in r
+
+
+def test_timed_anti_passback_counts_an_entry_at_a_sibling(fp):
+    run = make(fp, apb="timed", apb_window_min=1)
+    run(1, sibling(rec("passage", 1)))
+    assert decided(run(30, card(K_ALICE)))[1]["reason"] == "antipassback"
+    assert decided(run(62, card(K_ALICE)))[0] == "access.granted"
+
+
+def test_a_record_delivered_twice_is_taken_once(fp):
+    """A guest's entry at a sibling spends one use, however often the broker delivers it."""
+    run = make(fp, table=columns(guest_uses=2), apb="off")
+    entry = rec("passage", 1, person=GUEST, rid="north-journal:7")
+    for t in (1, 2, 3):
+        run(t, sibling(entry))
+    assert run.gate.site.counts["duplicate"] == 2
+    assert run.gate.state.uses(GUEST) == 1
+    assert decided(run(4, card(K_GUEST)))[0] == "access.granted"  # the second of two uses
+
+
+def test_the_later_movement_wins_by_its_time(fp):
+    """The order rule: A's own exit at t=10 and a sibling's entry stamped t=5 that
+    arrives after it: the person is outside (the entry is older)."""
+    run = make(fp, apb="hard")
+    run(9, card(K_ALICE, reader="exit"))
+    run(10, ev.PassSensor("B"))  # own passage out, at t=10
+    run(11, sibling(rec("passage", 5, direction="in")))
+    assert run.gate.site.counts["stale"] == 1
+    assert decided(run(12, card(K_ALICE)))[0] == "access.granted"  # still outside: may enter
+    # A later sibling movement does apply.
+    run(13, sibling(rec("passage", 12.5, direction="out")))
+    run(14, sibling(rec("passage", 13.5, direction="in")))
+    assert decided(run(15, card(K_ALICE)))[1]["reason"] == "antipassback"
+
+
+@pytest.mark.parametrize("junk", [
+    None, "text", [], {}, {"id": 5}, {"id": "x:1"},
+    {"id": "x:2", "type": "passage", "person": ALICE, "source": "card", "direction": "up", "ts": "t"},
+    {"id": "x:3", "type": "passage", "person": ALICE, "source": "card", "direction": "in", "ts": "no"},
+    {"id": "x:4", "type": "passage", "person": "has space\n" * 20, "source": "card",
+     "direction": "in", "ts": "2026-09-07T08:00:01Z"},
+    {"id": "x:5", "type": "passage", "person": ALICE, "source": "card", "direction": "in",
+     "ts": "9999-12-31T23:59:59Z"},
+    {"id": "x:6", "type": "access.granted", "person": 17},
+])
+def test_junk_from_a_sibling_is_counted_and_never_faults_the_gate(fp, junk):
+    run = make(fp, apb="hard")
+    step = run(1, ev.SiblingRecord("north", junk))
+    assert step.records == [] and not run.gate.faulted
+    step = run(1, ev.SiblingRecord("", rec("passage", 1)))  # no gate name
+    assert step.records == [] and not run.gate.faulted
+    kind, _ = decided(run(2, card(K_ALICE)))
+    assert kind == "access.granted"
+
+
+def test_fire_mode_records_and_manual_opens_at_a_sibling_hold_nobody():
+    view = SiteView(wait_s=5)
+    assert view.take("north", rec("access.granted", 1, check="none"), 0.0) is None
+    assert view.take("north", {**rec("passage", 1, source="button"), "person": None}, 0.0) is None
+    assert view.grants == {}
+
+
+def test_the_ids_remembered_are_bounded():
+    view = SiteView(wait_s=5)
+    for i in range(SEEN_MAX + 10):
+        view.take("north", {"id": f"n:{i}", "type": "telemetry"}, 0.0)
+    assert len(view._seen) == SEEN_MAX
+    assert view.take("north", {"id": "n:0", "type": "x"}, 0.0) is None
+    assert view.counts["duplicate"] == 0  # the oldest was forgotten: taken again (and ignored)
+
+
+def test_own_grants_are_not_blocked_by_the_gates_own_records(fp):
+    """A gate never takes its own records as a sibling's (the adapter drops its own
+    topic); a grant here is decided by this gate's own rules alone."""
+    run = make(fp, apb="hard")
+    kind, _ = decided(run(1, card(K_ALICE)))
+    assert kind == "access.granted"
+    assert only(run(2, ev.PassSensor("A")), "passage")["person"] == ALICE
+    assert run.gate.site.grants == {}
+    assert codes.APB_MODES[codes.APB_HARD] == "hard"
