@@ -16,28 +16,34 @@ the site still see each other's events, and the bridge keeps the events for the 
 """
 from __future__ import annotations
 
+import getpass
 import json
-import re
 import threading
 from pathlib import Path
 
 import pytest
 
 from agent.contract import topics
-from tests.broker import wait_until
+from tests.broker import Mosquitto, wait_until
 from tests.pki import (  # noqa: F401  (fixtures)
     BROKER_ACL,
     GATE_A,
     GATE_B,
+    ROOT,
     SITE,
     GateBroker,
     Identity,
     Pki,
+    broker_plugin,
     gate_broker,
     pki,
 )
 
+SITE_CONF = ROOT / "mosquitto" / "site-broker.conf"
+BRIDGE_ACL = ROOT / "mosquitto" / "site-bridge-acl.conf"
+
 NOT_AUTHORISED = 0x87
+NO_SUBSCRIBERS = 0x10
 A, B = topics(SITE, GATE_A), topics(SITE, GATE_B)
 SITE_EVENTS = f"gate/v1/{SITE}/+/events"  # what a gate subscribes to for its siblings
 OTHER_SITE = "school-99"
@@ -241,3 +247,242 @@ def test_a_persistent_session_gets_the_sibling_events_made_while_it_was_away(gat
     gate_a.connect()
     assert not gate_a.session_present
     assert not gate_a.wait_for(lambda: gate_a.messages, 0.5)
+
+
+# --- the site broker, bridged to the regional broker --------------------------------------------
+
+
+def render_site_conf(pki: Pki, workdir: Path, port: int, regional_port: int, plugin: Path) -> str:
+    """mosquitto/site-broker.conf with this machine's paths and ports, the regional broker on
+    loopback, and the bridge retrying every second or two (as shipped: from 5 s to 60 s);
+    every other line as shipped. Plus what Debian's mosquitto.conf adds (log, persistence on)."""
+    replace = {
+        "cafile": f"cafile {pki.ca.cert_path}",
+        "certfile": f"certfile {pki.server_cert.cert}",
+        "keyfile": f"keyfile {pki.server_cert.key}",
+        "crlfile": f"crlfile {pki.ca.crl_path}",
+        "acl_file": f"acl_file {workdir / 'acl.conf'}",
+        "plugin": f"plugin {plugin}",
+        "plugin_opt_acl_file": f"plugin_opt_acl_file {workdir / 'acl.conf'}",
+        "listener": f"listener {port} 127.0.0.1",
+        "address": f"address 127.0.0.1:{regional_port}",
+        "bridge_cafile": f"bridge_cafile {pki.ca.cert_path}",
+        "bridge_certfile": f"bridge_certfile {pki.bridge.cert}",
+        "bridge_keyfile": f"bridge_keyfile {pki.bridge.key}",
+        "restart_timeout": "restart_timeout 1 2",
+    }
+    seen: list[str] = []
+    out = []
+    for line in SITE_CONF.read_text().splitlines():
+        word = line.split(" ", 1)[0] if line and not line.startswith("#") else ""
+        if word in replace:
+            seen.append(word)
+            out.append(replace[word])
+        else:
+            out.append(line)
+    assert sorted(seen) == sorted(replace), f"mosquitto/site-broker.conf: {sorted(seen)}, expected {sorted(replace)}"
+    out = [f"log_dest file {workdir / 'mosquitto.log'}", "persistence true", f"persistence_location {workdir}/",
+           *out, f"user {getpass.getuser()}", "log_type information"]
+    return "\n".join(out) + "\n"
+
+
+class SiteBroker(Mosquitto):
+    """mosquitto/site-broker.conf with mosquitto/acl.conf and the plugin, bridged to ``regional``."""
+
+    def __init__(self, workdir: Path, pki: Pki, regional: GateBroker) -> None:
+        super().__init__(workdir)
+        self.pki = pki
+        (self.workdir / "acl.conf").write_text(BROKER_ACL.read_text())
+        self.conf_path.write_text(render_site_conf(pki, self.workdir, self.port, regional.port, broker_plugin()))
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+
+def regional_acl(site: str = SITE) -> str:
+    """The shipped acl.conf with the bridge block of mosquitto/site-bridge-acl.conf appended for
+    ``site``, as docs/site-broker.md tells the regional administrator to do."""
+    return BROKER_ACL.read_text() + BRIDGE_ACL.read_text().replace("school-17", site)
+
+
+@pytest.fixture
+def regional(pki, tmp_path):
+    b = GateBroker(tmp_path / "regional", pki, acl=regional_acl(), persistence=True).start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def site_broker(pki, tmp_path, regional):
+    b = SiteBroker(tmp_path / "site", pki, regional).start()
+    yield b
+    b.stop()
+
+
+def bridged(publisher: Peer, topic: str, payload: bytes, receiver: Peer, timeout: float = 20) -> None:
+    """Publish ``payload`` until ``receiver`` has it: the first ones may go out before the bridge
+    has connected and subscribed (nobody to take them, PUBACK 0x10)."""
+    def arrived() -> bool:
+        if (topic, payload) in receiver.got(topic):
+            return True
+        publisher.publish(topic, payload)
+        return receiver.wait_for(lambda: (topic, payload) in receiver.got(topic), 0.5)
+
+    wait_until(arrived, timeout, f"{topic} across the bridge")
+
+
+def test_the_site_works_on_while_the_region_is_away_and_the_region_gets_every_event_after(
+        pki, regional, site_broker, peers):
+    """The regional broker stops (the school's link is down, or the region restarts): the gates
+    on the site broker still get each other's events; once it is back, the bridge delivers every
+    event made meanwhile, once, in order, to the ingest identity's persistent session."""
+    receiver = peers(regional, pki.ingest, port=regional.services_port, clean_start=False,
+                     session_expiry=SESSION_EXPIRY_S)
+    assert receiver.subscribe("gate/v1/+/+/events", no_local=False) < 0x80
+    gate_a, gate_b = peers(site_broker, pki.gate_a), peers(site_broker, pki.gate_b)
+    assert gate_a.subscribe(SITE_EVENTS) < 0x80
+    bridged(gate_b, B["events"], event(GATE_B, 0), receiver)
+    receiver.disconnect()
+    regional.stop()
+    made = [(B["events"], event(GATE_B, n)) for n in range(1, 31)]
+    for topic, payload in made:
+        assert gate_b.publish(topic, payload) < 0x80
+    wait_until(lambda: made[-1] in gate_a.got(), 10, "gate A to get gate B's events with the region away")
+    assert [m for m in gate_a.got() if m != (B["events"], event(GATE_B, 0))] == made
+    regional.start()
+    receiver.messages.clear()
+    receiver.connect()
+    assert receiver.session_present
+    wait_until(lambda: made[-1] in receiver.got(), 30, "the bridge to deliver the events made meanwhile")
+    assert not receiver.wait_for(lambda: len(receiver.got()) > len(made), 0.5)
+    assert receiver.got() == made
+    assert f"as {SITE}/site-broker (" in regional.log_text()  # the bridge's own identity
+
+
+def _cmd_props(response_topic: str):
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    p = Properties(PacketTypes.PUBLISH)
+    p.MessageExpiryInterval = 600
+    p.ResponseTopic = response_topic
+    p.CorrelationData = b"c-42"
+    return p
+
+
+def test_lists_commands_and_acks_from_the_region_reach_the_gate_through_the_bridge(
+        pki, regional, site_broker, peers):
+    """The regional server's list and command and the ingest's ack for gate B cross the bridge
+    to gate B alone, the command with its MQTT 5 expiry, response topic and correlation data;
+    gate B's reply goes back to the server. What the region sends while the link is down is not
+    kept for the site (mosquitto 2.0's MQTT 5 bridge asks for no session expiry): the sender
+    hears "no subscribers" (0x10), as for a gate offline today, and sends again once it is back.
+    """
+    server = peers(regional, pki.regional, port=regional.services_port)
+    ingest = peers(regional, pki.ingest, port=regional.services_port)
+    reply_topic = f"gate/v1/{SITE}/{GATE_B}/reply/r1"
+    assert server.subscribe(reply_topic, no_local=False) < 0x80
+    gate_a = peers(site_broker, pki.gate_a)
+    gate_b = peers(site_broker, pki.gate_b, clean_start=False, session_expiry=SESSION_EXPIRY_S)
+    for p, t in ((gate_a, A), (gate_b, B)):
+        for name in ("acl", "cmd", "ack"):
+            assert p.subscribe(t[name]) < 0x80
+    acl = json.dumps({"version": "v-1", "cards": []}).encode()
+    bridged(server, B["acl"], acl, gate_b)
+    server.publish(B["cmd"], b'{"cmd": "open"}', properties=_cmd_props(reply_topic))
+    ingest.publish(B["ack"], b'{"journal": "j", "upto": 7}')
+    wait_until(lambda: len(gate_b.got(B["cmd"])) == 1 and gate_b.got(B["ack"]), 10, "the command and the ack")
+    cmd = next(m for m in gate_b.messages if m.topic == B["cmd"])
+    assert cmd.properties.ResponseTopic == reply_topic and cmd.properties.CorrelationData == b"c-42"
+    assert 0 < cmd.properties.MessageExpiryInterval <= 600
+    assert gate_b.got(B["ack"]) == [(B["ack"], b'{"journal": "j", "upto": 7}')]
+    gate_b.publish(reply_topic, b'{"result": "done"}')
+    wait_until(lambda: server.got(reply_topic), 20, "gate B's reply at the regional server")
+    assert not gate_a.wait_for(lambda: gate_a.messages, 0.3), "gate A got gate B's messages"
+
+    # The link is cut: the site broker is down. The region's list finds no subscriber ...
+    gate_b.disconnect()
+    site_broker.stop()
+    acl2 = json.dumps({"version": "v-2", "cards": []}).encode()
+    assert server.publish(B["acl"], acl2) == NO_SUBSCRIBERS
+    site_broker.start()
+    gate_b.messages.clear()
+    gate_b.connect()
+    assert gate_b.session_present  # the site broker kept gate B's session (persistence)
+    # ... and sent again once the bridge is back, it arrives.
+    bridged(server, B["acl"], acl2, gate_b)
+    assert gate_b.got(B["acl"]) == [(B["acl"], acl2)]
+
+
+def test_the_bridge_identity_may_touch_its_own_site_s_topics_only(pki, regional, peers):
+    """On the regional broker (no site broker running: its session is not taken over here), the
+    bridge's certificate writes what the site's gates write and reads what is sent to them, and
+    nothing of another site; it may not forge lists, commands or acks, and the services'
+    listener refuses it."""
+    from agent.regional.tools import Session, ToolError
+
+    bridge = peers(regional, pki.bridge)
+    other = topics(OTHER_SITE, "main")
+    assert {n: bridge.publish(B[n], b"{}") < 0x80 for n in ("events", "status", "telemetry")} == dict.fromkeys(
+        ("events", "status", "telemetry"), True)
+    assert bridge.publish(f"gate/v1/{SITE}/{GATE_B}/reply/r1", b"{}") < 0x80
+    forged = [B["acl"], B["cmd"], B["ack"], other["events"], other["status"], other["ack"]]
+    assert {t: bridge.publish(t, b"{}") for t in forged} == dict.fromkeys(forged, NOT_AUTHORISED)
+    granted = [f"gate/v1/{SITE}/+/acl", f"gate/v1/{SITE}/+/cmd", f"gate/v1/{SITE}/+/ack", B["cmd"]]
+    refused = ["gate/v1/+/+/acl", f"gate/v1/{OTHER_SITE}/+/cmd", other["ack"], f"gate/v1/{SITE}/#",
+               "gate/v1/+/+/events", f"$share/ingest/gate/v1/{SITE}/+/events", "#"]
+    assert {f: bridge.subscribe(f) < 0x80 for f in granted + refused} == {
+        **dict.fromkeys(granted, True), **dict.fromkeys(refused, False)}
+    with pytest.raises(ToolError):
+        Session(regional.host, regional.services_port, tls=pki.bridge.tls(pki.ca_file), timeout=10)
+    # Another site's bridge, with its own block in the regional ACL, cannot write this site's.
+    regional.acl_file.write_text(regional_acl() + BRIDGE_ACL.read_text().replace("school-17", OTHER_SITE))
+    regional.reload()
+    other_bridge = peers(regional, pki.ca.issue(f"{OTHER_SITE}/site-broker"))
+    wait_until(lambda: other_bridge.publish(other["events"], b"{}") < 0x80, 10, "the other site's block")
+    assert other_bridge.publish(B["events"], b"{}") == NOT_AUTHORISED
+    assert other_bridge.subscribe(B["cmd"]) == NOT_AUTHORISED
+
+
+def test_a_gate_s_uplink_through_the_site_broker_gets_every_event_acknowledged_by_the_ingest(
+        pki, regional, site_broker, peers, tmp_path):
+    """The production path: gate A's real uplink (ack_mode "ingest") on the site broker, the
+    reference ingest on the regional broker. Events cross the bridge out, the ingest's acks
+    cross it in, and the journal empties; events made while the regional broker is down reach
+    gate B at once and the ingest once the region is back, each stored once."""
+    from agent.regional.ingest import Ingest
+    from agent.uplink.journal import Journal
+    from agent.uplink.mqtt import Uplink
+    from tests.broker import passage
+
+    ingest = Ingest(regional.host, regional.services_port, db_path=tmp_path / "ingest.db",
+                    tls=pki.ingest.tls(pki.ca_file), client_id="ingest-1").start()
+    journal = Journal(tmp_path / "journal.db")
+    up = None
+    try:
+        assert ingest.ready.wait(10)
+        gate_b = peers(site_broker, pki.gate_b)
+        assert gate_b.subscribe(SITE_EVENTS) < 0x80
+        committed = journal.commit([passage(i) for i in range(10)])
+        # resend_after_s short: the first events may reach the regional broker before the
+        # bridge has subscribed there for the acks, or before the ingest is back.
+        up = Uplink(journal, site=SITE, gate=GATE_A, host=site_broker.host, port=site_broker.port,
+                    tls=pki.gate_a.tls(pki.ca_file), ack_mode="ingest", resend_after_s=2,
+                    backoff_min_s=0.1, backoff_max_s=0.5).start()
+        wait_until(lambda: journal.backlog() == 0, 30, "the ingest's acks through the bridge")
+        regional.stop()
+        committed += journal.commit([passage(i) for i in range(10, 20)])
+        wait_until(lambda: {json.loads(p)["seq"] for _, p in gate_b.got(A["events"])}
+                   >= {r["seq"] for r in committed}, 10, "gate B to get gate A's events, region away")
+        assert journal.backlog() == 10  # nobody acknowledged them
+        regional.start()
+        wait_until(lambda: journal.backlog() == 0, 60, "the events made meanwhile to be stored and acked")
+        assert [e["seq"] for e in ingest.events(SITE, GATE_A)] == [r["seq"] for r in committed]
+    finally:
+        if up is not None:
+            up.stop()
+        ingest.stop()
+        journal.close()
