@@ -20,6 +20,7 @@ import getpass
 import json
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -252,10 +253,12 @@ def test_a_persistent_session_gets_the_sibling_events_made_while_it_was_away(gat
 # --- the site broker, bridged to the regional broker --------------------------------------------
 
 
-def render_site_conf(pki: Pki, workdir: Path, port: int, regional_port: int, plugin: Path) -> str:
+def render_site_conf(pki: Pki, workdir: Path, port: int, regional_port: int, plugin: Path, *,
+                     standalone: bool = True) -> str:
     """mosquitto/site-broker.conf with this machine's paths and ports, the regional broker on
     loopback, and the bridge retrying every second or two (as shipped: from 5 s to 60 s);
-    every other line as shipped. Plus what Debian's mosquitto.conf adds (log, persistence on)."""
+    every other line as shipped. standalone: plus what Debian's mosquitto.conf adds (log,
+    persistence on), for a broker run on this file alone."""
     replace = {
         "cafile": f"cafile {pki.ca.cert_path}",
         "certfile": f"certfile {pki.server_cert.cert}",
@@ -281,8 +284,10 @@ def render_site_conf(pki: Pki, workdir: Path, port: int, regional_port: int, plu
         else:
             out.append(line)
     assert sorted(seen) == sorted(replace), f"mosquitto/site-broker.conf: {sorted(seen)}, expected {sorted(replace)}"
-    out = [f"log_dest file {workdir / 'mosquitto.log'}", "persistence true", f"persistence_location {workdir}/",
-           *out, f"user {getpass.getuser()}", "log_type information"]
+    if standalone:
+        out = [f"log_dest file {workdir / 'mosquitto.log'}", "persistence true",
+               f"persistence_location {workdir}/", *out, f"user {getpass.getuser()}"]
+    out.append("log_type information")
     return "\n".join(out) + "\n"
 
 
@@ -488,3 +493,37 @@ def test_a_gate_s_uplink_through_the_site_broker_gets_every_event_acknowledged_b
             up.stop()
         ingest.stop()
         journal.close()
+
+
+def test_the_site_broker_file_runs_included_by_debian_s_mosquitto_conf(pki, regional, tmp_path, peers):
+    """As docs/site-broker.md installs it: /etc/mosquitto/conf.d/site-broker.conf under Debian's
+    mosquitto.conf (persistence, log file, include_dir); its bridge connects to the region."""
+    import subprocess
+
+    from tests.broker import free_port, mosquitto_path
+
+    (tmp_path / "conf.d").mkdir()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "acl.conf").write_text(BROKER_ACL.read_text())
+    port = free_port()
+    (tmp_path / "conf.d" / "site-broker.conf").write_text(
+        render_site_conf(pki, tmp_path, port, regional.port, broker_plugin(), standalone=False))
+    log = tmp_path / "mosquitto.log"
+    main = tmp_path / "mosquitto.conf"
+    main.write_text(f"pid_file {tmp_path}/mosquitto.pid\npersistence true\n"
+                    f"persistence_location {tmp_path}/data/\nlog_dest file {log}\n"
+                    f"include_dir {tmp_path}/conf.d\nuser {getpass.getuser()}\n")
+    receiver = peers(regional, pki.regional, port=regional.services_port)
+    assert receiver.subscribe(f"gate/v1/{SITE}/+/status", no_local=False) < 0x80
+    proc = subprocess.Popen([mosquitto_path(), "-c", str(main)], stderr=subprocess.PIPE)
+    try:
+        wait_until(lambda: proc.poll() is not None or "running" in (log.read_text() if log.exists() else ""),
+                   60, "mosquitto to start")
+        assert proc.poll() is None, log.read_text()
+        site = SimpleNamespace(host="127.0.0.1", port=port, pki=pki)  # what peers() needs
+        gate_b = peers(site, pki.gate_b)
+        bridged(gate_b, B["status"], b'{"v": 1, "state": "online"}', receiver)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        proc.stderr.close()
