@@ -527,3 +527,26 @@ def test_the_site_broker_file_runs_included_by_debian_s_mosquitto_conf(pki, regi
         proc.terminate()
         proc.wait(10)
         proc.stderr.close()
+
+
+def test_without_its_block_in_the_regional_acl_the_bridge_carries_nothing_and_the_region_logs_why(
+        pki, tmp_path, peers):
+    """docs/site-broker.md, "When something is wrong": the regional ACL lacks the school's block.
+    The bridge connects, but its subscriptions are refused (logged with its identity) and its
+    publishes too: nothing of the school reaches the region, nothing of the region the school."""
+    regional = GateBroker(tmp_path / "regional", pki).start()  # the shipped ACL alone
+    site = SiteBroker(tmp_path / "site", pki, regional).start()
+    try:
+        refusal = f'refused subscription "gate/v1/{SITE}/+/acl" for client "{SITE}/site-broker"'
+        wait_until(lambda: refusal in regional.log_text(), 20, "the bridge's refused subscription")
+        server = peers(regional, pki.regional, port=regional.services_port)
+        assert server.subscribe(f"gate/v1/{SITE}/+/status", no_local=False) < 0x80
+        gate_b = peers(site, pki.gate_b)
+        assert gate_b.subscribe(B["acl"]) < 0x80
+        assert gate_b.publish(B["status"], b'{"state": "online"}') < 0x80
+        assert server.publish(B["acl"], b'{"version": "v-1"}') == NO_SUBSCRIBERS
+        assert not server.wait_for(lambda: server.messages, 1.0)
+        assert not gate_b.messages
+    finally:
+        site.stop()
+        regional.stop()
