@@ -550,3 +550,28 @@ def test_without_its_block_in_the_regional_acl_the_bridge_carries_nothing_and_th
     finally:
         site.stop()
         regional.stop()
+
+
+def test_the_events_waiting_for_the_region_survive_a_restart_of_the_site_broker(
+        pki, regional, site_broker, peers):
+    """The bridge's local session and its queue are persistent (local_cleansession false, and
+    persistence on as Debian's mosquitto.conf sets it): an orderly restart of the site broker
+    while the region is away loses nothing."""
+    receiver = peers(regional, pki.ingest, port=regional.services_port, clean_start=False,
+                     session_expiry=SESSION_EXPIRY_S)
+    assert receiver.subscribe("gate/v1/+/+/events", no_local=False) < 0x80
+    gate_b = peers(site_broker, pki.gate_b)
+    bridged(gate_b, B["events"], event(GATE_B, 0), receiver)
+    receiver.disconnect()
+    regional.stop()
+    made = [(B["events"], event(GATE_B, n)) for n in range(1, 6)]
+    for topic, payload in made:
+        assert gate_b.publish(topic, payload) < 0x80
+    gate_b.disconnect()
+    site_broker.stop()
+    site_broker.start()
+    regional.start()
+    receiver.messages.clear()
+    receiver.connect()
+    wait_until(lambda: made[-1] in receiver.got(), 30, "the queued events after the restart")
+    assert receiver.got() == made
