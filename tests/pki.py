@@ -15,8 +15,9 @@ The plugin is built with ``make broker-plugin``; where it cannot be built
 the broker tests skip, saying why, or fail under GATE_REQUIRE_COMPILED=1
 (CI), so that a broken build never passes unnoticed.
 
-Fixtures: ``pki`` (a CA with gate A, gate B, the server, the ingest and a
-revoked gate certificate) and ``gate_broker`` (mosquitto with that CA).
+Fixtures: ``pki`` (a CA with gate A, gate B, the server, the ingest, a
+site broker's bridge and a revoked gate certificate) and ``gate_broker``
+(mosquitto with that CA).
 """
 from __future__ import annotations
 
@@ -174,6 +175,7 @@ class Pki:
     regional: Identity  # CN regional-server
     ingest: Identity  # CN regional-ingest
     revoked: Identity  # a gate certificate listed in the CRL
+    bridge: Identity  # CN {site}/site-broker: a site broker's bridge (mosquitto/site-broker.conf)
 
     @property
     def ca_file(self) -> Path:
@@ -190,6 +192,7 @@ def make_pki(folder: Path) -> Pki:
         regional=ca.issue("regional-server"),
         ingest=ca.issue("regional-ingest"),
         revoked=ca.issue(f"{SITE}/stolen"),
+        bridge=ca.issue(f"{SITE}/site-broker"),
     )
     ca.revoke(pki.revoked)
     return pki
@@ -221,11 +224,12 @@ def build_plugin() -> Path:
 
 
 def render_broker_conf(pki: Pki, workdir: Path, ports: dict[int, int], plugin: Path, *,
-                       standalone: bool = True) -> str:
+                       standalone: bool = True, persistence: bool = False) -> str:
     """mosquitto/gate-broker.conf with this machine's paths and ports; every other line as shipped.
 
     ports maps each shipped listener port to the port it gets here. standalone: add what
-    Debian's mosquitto.conf would (the log file, persistence), for a broker run on this file alone.
+    Debian's mosquitto.conf would (the log file, persistence), for a broker run on this file alone;
+    persistence: on (sessions and queues survive a restart), as Debian's file has it, or off.
     """
     replace = {
         "cafile": f"cafile {pki.ca.cert_path}",
@@ -257,7 +261,7 @@ def render_broker_conf(pki: Pki, workdir: Path, ports: dict[int, int], plugin: P
     # What Debian's mosquitto.conf, which includes the shipped file, would set; and run as
     # root, mosquitto would switch to user "mosquitto", which cannot read the test files.
     if standalone:
-        out = [f"log_dest file {workdir / 'mosquitto.log'}", "persistence false",
+        out = [f"log_dest file {workdir / 'mosquitto.log'}", f"persistence {str(persistence).lower()}",
                f"persistence_location {workdir}/", *out, f"user {getpass.getuser()}"]
     out.append("log_type information")
     return "\n".join(out) + "\n"
@@ -267,11 +271,11 @@ class GateBroker(Mosquitto):
     """mosquitto with the repository's mutual-TLS config, ACL and plugin (see render_broker_conf).
 
     acl: the ACL file's text (default: mosquitto/acl.conf as shipped). plugin: the built
-    gate_acl.so (default: built now, see broker_plugin).
+    gate_acl.so (default: built now, see broker_plugin). persistence: see render_broker_conf.
     """
 
     def __init__(self, workdir: Path, pki: Pki, *, port: int | None = None, acl: str | None = None,
-                 plugin: Path | None = None) -> None:
+                 plugin: Path | None = None, persistence: bool = False) -> None:
         plugin = plugin or broker_plugin()
         super().__init__(workdir, port=port)
         self.pki = pki
@@ -279,7 +283,8 @@ class GateBroker(Mosquitto):
         self.ports = {GATES_PORT: self.port, SERVICES_PORT: self.services_port}
         self.acl_file = self.workdir / "acl.conf"
         self.acl_file.write_text(BROKER_ACL.read_text() if acl is None else acl)
-        self.conf_path.write_text(render_broker_conf(pki, self.workdir, self.ports, plugin))
+        self.conf_path.write_text(render_broker_conf(pki, self.workdir, self.ports, plugin,
+                                                     persistence=persistence))
 
     def start(self, timeout: float = 10.0) -> GateBroker:
         super().start(timeout)  # waits for the gates' listener only

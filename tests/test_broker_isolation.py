@@ -244,21 +244,22 @@ def verdicts(s: Session, filters: list[str]) -> dict[str, str]:
     return {f: "refused" if s.subscribe(f) >= 0x80 else "granted" for f in filters}
 
 
-GATE_A_MAY = [A["ack"], A["acl"], A["cmd"]]
+# Its own site's events are its to read too (tests/test_site_broker.py).
+GATE_A_MAY = [A["ack"], A["acl"], A["cmd"], f"gate/v1/{SITE}/+/events", A["events"]]
 GATE_A_MAY_NOT = [
     INGEST_SHARE,  # the stall of issue 9
     "$share/x/gate/v1/#",
     f"$share/ingest/{A['cmd']}",  # even its own topic, shared
     "#", "+/#", "$SYS/#",
-    "gate/v1/+/+/events", "gate/v1/#", f"gate/v1/{SITE}/+/events", f"gate/v1/{SITE}/+/cmd",
+    "gate/v1/+/+/events", "gate/v1/#", f"gate/v1/{SITE}/+/cmd",
     B["cmd"], B["acl"], B["ack"],
-    A["events"], A["status"],  # its own, but it writes them; it may not read them
+    A["status"],  # its own, but it writes it; it may not read it
     f"gate/v1/{SITE}/{GATE_A}/#",  # covers its events too
     f"gate/v1/{SITE}/{GATE_A}/+",
 ]
 
 
-def test_a_gate_may_subscribe_to_its_own_ack_acl_and_cmd_and_nothing_else(as_, pki):
+def test_a_gate_may_subscribe_to_its_own_ack_acl_cmd_and_site_events_and_nothing_else(as_, pki):
     gate_a = as_(pki.gate_a)
     got = verdicts(gate_a, GATE_A_MAY + GATE_A_MAY_NOT)
     assert got == {**dict.fromkeys(GATE_A_MAY, "granted"), **dict.fromkeys(GATE_A_MAY_NOT, "refused")}
@@ -527,11 +528,17 @@ def test_the_uplink_keeps_working_with_the_identity_as_client_id_and_reconnects(
 # --- %s: a gate's own site (for the gates of a site sharing passages later) ---------------------
 
 
+SITE_RULE = "pattern read gate/v1/%s/+/events\n"
+
+
 def test_a_site_rule_added_at_a_reload_lets_a_gate_read_its_own_site_events(gate_broker, pki, as_):
     site_events = f"gate/v1/{SITE}/+/events"
+    assert SITE_RULE in BROKER_ACL.read_text()  # shipped; taken out, then put back at a reload
+    gate_broker.acl_file.write_text(BROKER_ACL.read_text().replace(SITE_RULE, ""))
+    gate_broker.reload()
     gate_a = as_(pki.gate_a)
-    assert gate_a.subscribe(site_events) == NOT_AUTHORISED
-    gate_broker.acl_file.write_text(BROKER_ACL.read_text() + "pattern read gate/v1/%s/+/events\n")
+    wait_until(lambda: gate_a.subscribe(site_events) == NOT_AUTHORISED, 10, "the rules without it")
+    gate_broker.acl_file.write_text(BROKER_ACL.read_text())
     gate_broker.reload()
     wait_until(lambda: gate_a.subscribe(site_events) < 0x80, 10, "the reloaded rules")
     other = as_(pki.ca.issue("school-99/gate"))

@@ -466,7 +466,10 @@ def test_1_apt_installs_the_package_from_debian_and_lays_out_the_board(board, de
     for rel in ("usr/share/gate-agent/profiles/pi4-relay4.toml", "usr/share/gate-agent/agent.toml.example",
                 "lib/udev/rules.d/99-gate-reader.rules", "usr/lib/sysusers.d/gate-agent.conf",
                 "usr/lib/tmpfiles.d/gate-agent.conf", "usr/share/doc/gate-agent/configuration.md",
-                "usr/share/doc/gate-agent/examples/mosquitto/gate-broker.conf", "usr/share/man/man1/gate-agent.1.gz"):
+                "usr/share/doc/gate-agent/examples/mosquitto/gate-broker.conf",
+                "usr/share/doc/gate-agent/examples/mosquitto/site-broker.conf",
+                "usr/share/doc/gate-agent/examples/mosquitto/site-bridge-acl.conf",
+                "usr/share/doc/gate-agent/examples/mosquitto/gate_acl.c", "usr/share/man/man1/gate-agent.1.gz"):
         assert (board / rel).exists(), rel
     assert not (board / "etc/mosquitto").exists()  # the broker's files are examples only
 
