@@ -163,6 +163,8 @@ class MqttSettings:
     password_file: str | None = None
     # Some of mqtt.password is written in the config file itself, not taken from ${ENV}.
     password_in_file: bool = False
+    site_events: bool = False  # read the site's other gates' events (docs/site.md)
+    session_expiry_s: int = 86400  # ... on a session the broker keeps this long
 
     @property
     def enabled(self) -> bool:
@@ -777,6 +779,7 @@ def _mqtt(doc: dict, base: Path, errors: list[tuple[str, str]]) -> MqttSettings:
         window=m["window"], keepalive=m["keepalive"], backoff_max_s=float(m["backoff_max_s"]),
         telemetry_interval_s=float(m["telemetry_interval_s"]), username=m.get("username"),
         password=password, password_file=password_file,
+        site_events=bool(m["site_events"]), session_expiry_s=int(m["session_expiry_s"]),
     )
 
 

@@ -416,6 +416,7 @@ class Service:
                 on_message=self.downlink.on_message if self.downlink is not None else None,
                 boot=self.boot, started_at=self.started_at,
                 max_packet_bytes=self._max_packet_bytes(),
+                site_events=m.site_events, session_expiry_s=m.session_expiry_s,
             )
         except (UplinkError, OSError, ValueError) as exc:
             self._uplink_unavailable(exc)

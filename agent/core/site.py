@@ -58,7 +58,9 @@ class SiteView:
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._grants: dict[str, tuple[str, float]] = {}  # person -> (gate, until, monotonic s)
         self._moved: dict[str, float] = {}  # person -> epoch s of the last movement applied
-        self.counts = {"applied": 0, "duplicate": 0, "stale": 0, "ignored": 0, "malformed": 0}
+        # Since start (telemetry's "site"): what was made of the sibling records.
+        self.counts = {"passages": 0, "grants": 0, "duplicate": 0, "stale": 0, "ignored": 0,
+                       "malformed": 0}
 
     # --- this gate's own passages ---------------------------------------------
 
@@ -95,6 +97,7 @@ class SiteView:
                 self.counts["ignored"] += 1  # fire mode's unchecked record, a manual open
             else:
                 self._grants[person] = (gate, mono + self._hold_s)
+                self.counts["grants"] += 1
             return None
         held = self._grants.get(person)
         if held is not None and held[0] == gate:
@@ -114,7 +117,7 @@ class SiteView:
             return None
         self._moved[person] = epoch
         self._prune(epoch)
-        self.counts["applied"] += 1
+        self.counts["passages"] += 1
         return Movement(person, direction, epoch)
 
     def granted_elsewhere(self, person: str | None, mono: float) -> str | None:

@@ -29,18 +29,21 @@ Composition (the service)::
 """
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent.contract import topics
+from agent.contract import TOPIC_ROOT, topics
 from agent.core.acl import AccessList, AclError, AclRejected
-from agent.core.events import Report, SwapTable
+from agent.core.events import Report, SiblingRecord, SwapTable
 from agent.host import background_thread
+from agent.ratelimit import TokenBucket
 
 from .acl_sync import AclSync
 from .aclfiles import COUNTERS_FILE, FLOOR_SAVE_S, CounterStore, ensure_state_dir
@@ -54,6 +57,11 @@ __all__ = ["DEFAULT_MAX_LIST_BYTES", "MAX_COMMAND_BYTES", "Downlink", "uplink_pu
 
 _STOP = object()
 MAX_QUEUED_LISTS = 4  # lists waiting for the worker; more is a flood (a server sends one at a time)
+# The site's other gates' events (docs/site.md): a record is under 1 KiB; four busy
+# turnstiles make a few a second; a day's backlog after an outage comes in one burst.
+MAX_SITE_EVENT_BYTES = 16 * 1024
+SITE_EVENTS_PER_S = 200.0
+SITE_EVENTS_BURST = 25_000.0
 
 
 def uplink_publisher(uplink: Any) -> Callable[[str, bytes, dict], None]:
@@ -112,6 +120,12 @@ class Downlink:
         if acl_max_age_s is not None and not (isinstance(acl_max_age_s, (int, float)) and acl_max_age_s > 0):
             raise ValueError(f"acl_max_age_s {acl_max_age_s!r} must be a positive number of seconds, or unset")
         self.site, self.gate = site, gate
+        self._site_prefix = f"{TOPIC_ROOT}/{site}/"
+        # The site's other gates' events (docs/site.md): a backlog after an outage arrives
+        # at once (the burst), a gate flooding its siblings is held to the rate.
+        self._site_bucket = TokenBucket(SITE_EVENTS_PER_S, SITE_EVENTS_BURST, monotonic())
+        self._mono = monotonic
+        self.site_counts: Counter[str] = Counter()
         self.fp = fp
         self.state_dir = ensure_state_dir(Path(state_dir))
         self._submit_to_gate = submit
@@ -213,6 +227,8 @@ class Downlink:
             elif topic == self.topics["acl"]:
                 name = "acl"
             else:
+                if topic.startswith(self._site_prefix) and topic.endswith("/events"):
+                    self._on_sibling(topic[len(self._site_prefix):-len("/events")], payload)
                 return
             verdict = self.guard.admit(name, len(payload))
             if verdict == "over_budget":
@@ -258,6 +274,33 @@ class Downlink:
                 self.acl.handle(data)
         except Exception:
             log.exception("downlink: message on %s could not be handled", topic)
+
+    def _on_sibling(self, gate: str, payload: bytes) -> None:
+        """An event record of another gate of this site, for the core (agent/core/site.py)."""
+        if not gate or "/" in gate or gate == self.gate:
+            return  # this gate's own events (no_local keeps them away), or another level
+        counts = self.site_counts
+        counts["received"] += 1
+        if not self._site_bucket.take(self._mono()):
+            counts["over_budget"] += 1
+            if counts["over_budget"] in (1, 100) or counts["over_budget"] % 10000 == 0:
+                log.warning("site events: gate %s sends more than %g a second; %d dropped so far",
+                            gate[:64], SITE_EVENTS_PER_S, counts["over_budget"])
+            return
+        if len(payload) > MAX_SITE_EVENT_BYTES:
+            counts["oversize"] += 1
+            return
+        try:
+            record = json.loads(payload)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            counts["malformed"] += 1
+            return
+        if not isinstance(record, dict):
+            counts["malformed"] += 1
+            return
+        # Not kept for later when the gate does not take it (its lane full, not running).
+        taken = self._submit_to_gate(SiblingRecord(gate, record))
+        counts["accepted" if taken is not False else "dropped"] += 1
 
     def _ensure_worker(self) -> None:
         with self._worker_lock:

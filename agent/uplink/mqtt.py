@@ -55,9 +55,10 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent import CONTRACT_VERSION, __version__
-from agent.contract import topics
+from agent.contract import TOPIC_ROOT, topics
 from agent.core.records import rfc3339_ms
 from agent.host import boot_id
 from agent.mqttclient import BrokerSettingError, TlsConfig, new_client
@@ -170,6 +171,8 @@ class Uplink:
         boot: str | None = None,
         started_at: float | None = None,
         max_packet_bytes: int | None = None,
+        site_events: bool = False,
+        session_expiry_s: int = 86400,
     ) -> None:
         if ack_mode not in ACK_MODES:
             raise UplinkError(f"ack_mode {ack_mode!r} is not known; use 'ingest' (default) or 'broker' (labs)")
@@ -184,6 +187,10 @@ class Uplink:
             raise UplinkError(f"max_packet_bytes {max_packet_bytes!r} must be from {MIN_PACKET_BYTES} "
                               f"to {MAX_PACKET_BYTES}")
         self.max_packet_bytes = max_packet_bytes
+        # The site's other gates' events (docs/site.md): one more subscription, with
+        # no_local, on a session the broker keeps while this gate is away.
+        self.site_events = bool(site_events)
+        self.session_expiry_s = int(session_expiry_s)
         self.journal = journal
         self.site, self.gate = site, gate
         self.topics = topics(site, gate)
@@ -397,6 +404,7 @@ class Uplink:
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         return client
 
     def _connect(self) -> None:
@@ -405,7 +413,8 @@ class Uplink:
         self._connected = False
         self._connect_deadline = time.monotonic() + self.connect_timeout_s
         try:
-            rc = client.connect(self.host, self.port, keepalive=self.keepalive, clean_start=True,
+            rc = client.connect(self.host, self.port, keepalive=self.keepalive,
+                                clean_start=not self.site_events,
                                 properties=self._connect_properties())
         except ssl.SSLCertVerificationError as exc:
             self._tls_rejected(exc)
@@ -417,13 +426,22 @@ class Uplink:
             self._fail(f"connect to {self.host}:{self.port} failed: {mqtt.error_string(rc)}")
 
     def _connect_properties(self) -> Properties | None:
-        if self.max_packet_bytes is None:
+        if self.max_packet_bytes is None and not self.site_events:
             return None
         props = Properties(PacketTypes.CONNECT)
-        # The broker must not send this client anything bigger (MQTT 5, 3.1.2.11.4):
-        # an oversized message never reaches the board's memory.
-        props.MaximumPacketSize = self.max_packet_bytes
+        if self.max_packet_bytes is not None:
+            # The broker must not send this client anything bigger (MQTT 5, 3.1.2.11.4):
+            # an oversized message never reaches the board's memory.
+            props.MaximumPacketSize = self.max_packet_bytes
+        if self.site_events:
+            # The siblings' events published while this gate is away wait for it.
+            props.SessionExpiryInterval = self.session_expiry_s
         return props
+
+    @property
+    def site_filter(self) -> str:
+        """The subscription to the site's gates' events (site_events)."""
+        return f"{TOPIC_ROOT}/{self.site}/+/events"
 
     def _describe_connect_error(self, exc: BaseException) -> str:
         where = f"{self.host}:{self.port}"
@@ -512,8 +530,26 @@ class Uplink:
         self._window.connected(time.monotonic(), getattr(properties, "ReceiveMaximum", None))
         log.info("uplink: connected to %s:%s as %s (window %d, ack mode %s)",
                  self.host, self.port, self.client_id, self._window.size, self.ack_mode)
-        client.subscribe([(self.topics["ack"], 1), (self.topics["acl"], 1), (self.topics["cmd"], 1)])
+        wanted: list[tuple[str, Any]] = [(self.topics["ack"], 1), (self.topics["acl"], 1),
+                                         (self.topics["cmd"], 1)]
+        if self.site_events:
+            # no_local: this gate's own events do not come back to it.
+            wanted.append((self.site_filter, SubscribeOptions(qos=1, noLocal=True)))
+        client.subscribe(wanted)
         self._publish_raw(self.topics["status"], _json(self._birth()), qos=1, retain=True)
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        refused = [c for c in reason_codes if getattr(c, "is_failure", False)]
+        if not refused:
+            return
+        if self.site_events and len(reason_codes) == 4 and reason_codes[3].is_failure \
+                and len(refused) == 1:
+            log.error("uplink: the broker refused the site's events (%s: %s): this gate works alone, "
+                      "without site-wide anti-passback; grant the site read right "
+                      "(mosquitto/acl.conf, docs/site.md)", self.site_filter, _rc_text(reason_codes[3]))
+            return
+        log.error("uplink: the broker refused %d of this gate's subscriptions (%s); check its ACL",
+                  len(refused), ", ".join(_rc_text(c) for c in refused))
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         # Before CONNACK the refusal itself is the better explanation: keep it.

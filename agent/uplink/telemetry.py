@@ -80,7 +80,7 @@ def build_telemetry(
         "acl_version": runtime_stats.get("acl_version"),
         "acl_age_s": runtime_stats.get("acl_age_s"),
         "acl_stale": bool(runtime_stats.get("acl_stale", False)),
-        **{k: runtime_stats[k] for k in ("queues", "downlink") if runtime_stats.get(k)},
+        **{k: runtime_stats[k] for k in ("queues", "downlink", "site") if runtime_stats.get(k)},
         **_stall_fields(runtime_stats.get("gate_stall")),
     }
 
@@ -139,4 +139,9 @@ def gate_figures(runtime: Any, downlink: Any, *, boot: str, uptime_s: float, clo
     }
     if downlink is not None:
         stats["downlink"] = downlink.stats()
+    # The site's other gates' events (docs/site.md): as received, then as the core took them.
+    core = getattr(getattr(runtime, "gate", None), "site", None)
+    site = {**getattr(downlink, "site_counts", {}), **(core.counts if core is not None else {})}
+    if any(site.values()):
+        stats["site"] = {k: int(v) for k, v in site.items()}
     return stats
