@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from agent.core.presence import parse_reset
 from agent.core.problems import ProblemsError
 from fastpath import codes
 
@@ -56,6 +57,7 @@ class GateConfig:
     fire_release: bool = True  # a fire-release relay is wired to the turnstile's Fire Alarm input
     timezone: str = "UTC"  # for schedules, when the access list names none
     initial_mode: str = "normal"
+    presence_reset: str = "03:00"  # local time presence starts afresh each night (docs/presence.md)
 
     def __post_init__(self) -> None:
         # Freeze the reader map so the config really is immutable.
@@ -111,6 +113,10 @@ class GateConfig:
         if self.initial_mode not in INITIAL_MODES:
             bad("initial_mode", f"{self.initial_mode!r}; allowed: {', '.join(INITIAL_MODES)} "
                                 "(fire is entered only through the fire loop)")
+        try:
+            parse_reset(self.presence_reset)
+        except ValueError as exc:
+            bad("presence_reset", str(exc))
         if errors:
             raise GateConfigError(errors)
 
