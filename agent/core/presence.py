@@ -292,7 +292,10 @@ class Presence:
                 raise ValueError("day/timezone")
             p.day = date.fromisoformat(day).toordinal()
             p.timezone = tz
-            ZoneInfo(tz)  # a bad zone raises (ValueError or its subclass)
+            try:
+                ZoneInfo(tz)
+            except (KeyError, ValueError, OSError) as exc:  # ZoneInfoNotFoundError is a KeyError
+                raise ValueError(f"time zone {tz!r}") from exc
         people = d.get("people")
         if not isinstance(people, dict) or len(people) > MAX_PEOPLE:
             raise ValueError("people is not an object of at most MAX_PEOPLE entries")
