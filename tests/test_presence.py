@@ -367,4 +367,4 @@ def test_presence_speaks_russian(tmp_path, capsys, monkeypatch):
     finally:
         i18n.set_language(None)
     out = capsys.readouterr().out
-    assert "внутри: 3" in out
+    assert "на территории: 3" in out

@@ -113,10 +113,9 @@ class GateConfig:
         if self.initial_mode not in INITIAL_MODES:
             bad("initial_mode", f"{self.initial_mode!r}; allowed: {', '.join(INITIAL_MODES)} "
                                 "(fire is entered only through the fire loop)")
-        try:
-            parse_reset(self.presence_reset)
-        except ValueError as exc:
-            bad("presence_reset", str(exc))
+        if not _valid_reset(self.presence_reset):
+            bad("presence_reset", f'{self.presence_reset!r}; allowed: the local time of the nightly '
+                                  'presence reset as "HH:MM" (24 h), e.g. "03:00"')
         if errors:
             raise GateConfigError(errors)
 
@@ -131,6 +130,14 @@ class GateConfig:
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in fields(cls))
+
+
+def _valid_reset(text: object) -> bool:
+    try:
+        parse_reset(text)
+    except ValueError:
+        return False
+    return True
 
 
 def valid_timezone(name: object) -> bool:
