@@ -368,3 +368,14 @@ def test_presence_speaks_russian(tmp_path, capsys, monkeypatch):
         i18n.set_language(None)
     out = capsys.readouterr().out
     assert "на территории: 3" in out
+
+
+
+@pytest.mark.parametrize("wall", [1e13, 253402300800.0, -1e12])
+def test_a_wall_clock_no_date_can_hold_leaves_presence_as_it_was(wall):
+    """Presence runs in the same step as a fire loop's release: it must not raise."""
+    p = Presence()
+    p.roll(WALL0, "UTC")
+    p.apply("p-1", True, WALL0, "UTC")
+    assert not p.roll(wall, "UTC") and not p.apply("p-2", True, wall, "UTC")
+    assert p.inside() == ["p-1"]

@@ -259,3 +259,31 @@ def test_rollcall_before_any_alarm_says_so(tmp_path, capsys):
     pf.save(p, WALL0)
     assert cli.main(["rollcall", "--file", str(tmp_path / "presence.json")]) == 1
     assert "no roll-call yet" in capsys.readouterr().err
+
+
+def test_kill_9_in_the_middle_of_a_drill_keeps_the_rollcall_for_the_guard(tmp_path, capsys):
+    """The real agent in its own process, driven through its sim socket, killed with SIGKILL
+    after the evacuee's exit was saved: the next start has the roll-call as it was."""
+    from tests.agentproc import AgentProcess
+
+    agent = AgentProcess(tmp_path / "board").start()
+    try:
+        for card_ in ("100,60000", "100,60001"):
+            assert agent.card(card_)["decision"]["type"] == "access.granted"
+            agent.sim({"op": "pass", "side": "A"})
+        agent.sim({"op": "fire", "loop": "open"})
+        agent.card("100,60001", reader="exit")  # p-1 evacuates
+        path = agent.state / "presence.json"
+        wait_until(lambda: path.exists() and "p-1" in json.loads(path.read_text())["rollcall"]["left"],
+                   what="p-1's exit saved")
+        agent.kill()
+        agent.start()
+        wait_until(lambda: any(r["type"] == "mode.changed" and r["by"] == "restored" for r in agent.records()),
+                   what="the restart")
+    finally:
+        agent.stop()
+    assert cli.main(["rollcall", "--file", str(path), "--csv"]) == 0
+    rows = [r.split(",")[:2] for r in capsys.readouterr().out.splitlines()[1:]]
+    assert rows == [["inside_at_alarm", "p-0"], ["inside_at_alarm", "p-1"], ["left", "p-1"],
+                    ["not_seen_leaving", "p-0"]]
+    assert [r["type"] for r in agent.records()].count("rollcall") == 1

@@ -164,9 +164,15 @@ class Presence:
         w = self._window
         if w is not None and w[0] == tz and w[1] <= wall < w[2]:
             return False  # the usual case, on every event: no time-zone arithmetic
-        day = presence_day(wall, tz, self.reset_minute)
+        try:
+            day = presence_day(wall, tz, self.reset_minute)
+            window = (tz, next_reset(day - 1, tz, self.reset_minute), next_reset(day, tz, self.reset_minute))
+        except (OverflowError, ValueError, OSError):
+            # A wall clock beyond what a date can hold (year 10000): presence waits for a sane
+            # one; the gate itself goes on (this runs in the same step as a fire loop's release).
+            return False
         self.timezone = tz
-        self._window = (tz, next_reset(day - 1, tz, self.reset_minute), next_reset(day, tz, self.reset_minute))
+        self._window = window
         if day == self.day:
             return False
         cleared = self.day is not None and bool(self.people)
@@ -181,7 +187,10 @@ class Presence:
         """Wall s at which the current presence day ends (None before the first roll)."""
         if self.day is None or self.timezone is None:
             return None
-        return next_reset(self.day, self.timezone, self.reset_minute)
+        try:
+            return next_reset(self.day, self.timezone, self.reset_minute)
+        except (OverflowError, ValueError, OSError):
+            return None
 
     # --- passages ----------------------------------------------------------------------
 
@@ -191,7 +200,10 @@ class Presence:
         what is held for a sibling's record, the same again, or over MAX_PEOPLE)."""
         if not _person_ok(person) or not _wall_ok(wall):
             return False
-        if self.day is None or presence_day(wall, tz, self.reset_minute) != self.day:
+        try:
+            if self.day is None or presence_day(wall, tz, self.reset_minute) != self.day:
+                return False
+        except (OverflowError, ValueError, OSError):
             return False
         prev = self.people.get(person)
         if prev is not None:
