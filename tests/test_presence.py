@@ -94,6 +94,23 @@ def test_a_siblings_older_record_never_undoes_a_newer_passage_and_twice_is_once(
     assert p.inside() == ["p-1"]
 
 
+def test_every_gate_that_applied_the_same_passages_holds_the_same_presence_whatever_the_order():
+    import random
+
+    t = local("2026-09-01 08:00")
+    passages = [(f"p-{i % 7}", bool(i % 3), t + i // 2, f"gate-{i % 3 + 1}") for i in range(60)]
+    held = []
+    for seed in range(5):
+        order = passages[:]
+        random.Random(seed).shuffle(order)
+        p = Presence()
+        p.roll(t, TZ)
+        for person, inside, wall, gate in order:
+            p.apply(person, inside, wall, TZ, gate=gate)
+        held.append(p.to_dict()["people"])
+    assert all(h == held[0] for h in held) and held[0]
+
+
 def test_records_move_only_named_card_passages_and_fire_reads():
     p = Presence()
     t = WALL0
@@ -280,7 +297,7 @@ def three_inside() -> Presence:
     p = Presence()
     p.roll(WALL0, "UTC")
     for i, person in enumerate(("p-0042", "p-0107", "p-0311", "p-0500")):
-        p.apply(person, True, WALL0 + i, "UTC", gate="" if i % 2 else "gate-2")
+        p.apply(person, True, WALL0 + i, "UTC", gate="gate-1" if i % 2 else "gate-2")
     p.apply("p-0500", False, WALL0 + 10, "UTC")
     return p
 

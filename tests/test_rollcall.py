@@ -133,6 +133,18 @@ def test_a_siblings_alarm_opens_this_gates_rollcall_and_its_reset_closes_it(fp):
     assert not run.gate.presence.rollcall.active
 
 
+def test_a_siblings_alarm_applied_inside_a_step_journals_the_rollcall_in_that_step(fp):
+    run = make(fp, gate="gate-1")
+    entered(run, 1, K_CAROL)
+    step = ev.Step()
+    alarm = {"type": "rollcall", "by": "fire_loop", "gate": "gate-3", "count": 1, "inside": [CAROL],
+             "ts": "2026-09-07T08:00:09.000Z"}
+    assert run.gate.apply_sibling(alarm, "gate-3", at(10), step)
+    assert [(r["type"], r["by"], r["gate"], r["inside"]) for r in step.records] == \
+        [("rollcall", "site", "gate-3", [CAROL])]
+    assert run.gate.next_deadline() is None  # nothing left to journal
+
+
 def test_a_siblings_old_alarm_delivered_late_opens_no_rollcall(fp):
     run = make(fp, gate="gate-1")
     old = {"type": "rollcall", "by": "fire_loop", "gate": "gate-2", "count": 0, "inside": [],

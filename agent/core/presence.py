@@ -15,10 +15,11 @@ Rules:
   inside, ``out`` -> outside) and, in fire mode, a card read
   (``access.granted`` with ``check: "none"``: the gate is free, the read is
   all there is). A free or button passage names nobody.
-- Order: this gate's own records arrive in the order they happened and always
-  apply; a sibling's changes a person only when it is newer (by ``ts``) than
-  what is held for them, so a late record cannot undo a later passage, and
-  the same record applied twice changes nothing.
+- Order: a passage changes a person only when it is newer than what is held
+  for them, by (``ts``, gate id): the gate's own and its siblings' alike. So
+  a late record cannot undo a later passage, the same record applied twice
+  changes nothing, and every gate of a site that has applied the same
+  passages holds the same presence, whatever order they arrived in.
 - The roll-call: ``open_rollcall`` takes who is inside at the alarm (one per
   alarm: it stays open until ``close_rollcall``); while it is open every exit
   is noted as "left", an entry takes the person back out of "left".
@@ -132,7 +133,7 @@ class RollCall:
 class _Seen:
     inside: bool
     wall: float
-    gate: str  # "" for this gate, else the sibling's id
+    gate: str  # the gate it passed
 
 
 class Presence:
@@ -195,9 +196,9 @@ class Presence:
     # --- passages ----------------------------------------------------------------------
 
     def apply(self, person: str, inside: bool, wall: float, tz: str, gate: str = "") -> bool:
-        """One passage of ``person`` (inside=True: entered) at ``wall``; gate "" is this gate's
-        own, else the sibling's id. False when it changed nothing (another day, older than
-        what is held for a sibling's record, the same again, or over MAX_PEOPLE)."""
+        """One passage of ``person`` (inside=True: entered) at ``wall`` through ``gate`` (its id).
+        False when it changed nothing: another presence day, not newer by (wall, gate) than
+        what is held for the person (the same record again), or over MAX_PEOPLE."""
         if not _person_ok(person) or not _wall_ok(wall):
             return False
         try:
@@ -205,12 +206,12 @@ class Presence:
                 return False
         except (OverflowError, ValueError, OSError):
             return False
+        if not isinstance(gate, str):
+            return False
         prev = self.people.get(person)
         if prev is not None:
-            if gate and wall <= prev.wall:
-                return False  # a sibling's older news (or the same record again)
-            if prev.inside == inside and prev.wall == wall:
-                return False
+            if (wall, gate) <= (prev.wall, prev.gate):
+                return False  # older news (or the same record again): the newest passage wins
         elif len(self.people) >= MAX_PEOPLE:
             self.dropped += 1
             return False

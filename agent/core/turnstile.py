@@ -516,16 +516,19 @@ class Gate:
         """Who is inside now and the current or last roll-call (the service saves it)."""
         return self._presence
 
-    def apply_sibling(self, record: dict, sibling: str, now: ev.Now) -> bool:
+    def apply_sibling(self, record: dict, sibling: str, now: ev.Now, step: ev.Step | None = None) -> bool:
         """A record of a sibling gate of this site (``sibling``: its gate id), for presence
-        and the roll-call: a card passage or a fire-mode read moves its person (when newer
-        than what this gate holds for them); the sibling's alarm (``alarm.fire`` active, or
-        its ``rollcall``) opens this gate's roll-call (``by: "site"``) unless one is open or
-        the alarm is older than SITE_ALARM_LATE_S; its fire reset (``mode.changed`` from
-        fire) closes the roll-call its alarm opened. The roll-call record is journalled by
-        the next ``handle`` (``next_deadline`` says now). Call it on the gate thread. True
-        when presence or the roll-call changed; a malformed record, or this gate's own
-        (the site's events include them), changes nothing."""
+        and the roll-call: a card passage or a fire-mode read moves its person (when newer,
+        by ts and gate id, than what this gate holds for them); the sibling's alarm
+        (``alarm.fire`` active, or its ``rollcall``) opens this gate's roll-call (``by:
+        "site"``) unless one is open or the alarm is older than SITE_ALARM_LATE_S; its fire
+        reset (``mode.changed`` from fire) closes the roll-call its alarm opened.
+
+        Call it on the gate thread, from a handler with that call's ``step`` (the
+        ``rollcall`` record goes into it), or outside ``handle`` without one (the record is
+        journalled by the next ``handle``: ``next_deadline`` says now). True when presence
+        or the roll-call changed; a malformed record, or this gate's own (the site's events
+        include them), changes nothing."""
         if not isinstance(record, dict) or not isinstance(sibling, str) or not sibling \
                 or sibling == self._cfg.gate:
             return False
@@ -536,9 +539,12 @@ class Gate:
         if rtype in ("alarm.fire", "rollcall"):
             opening = record.get("active") is True if rtype == "alarm.fire" else record.get("by") == "fire_loop"
             wall = record_wall(record)
-            if opening and wall is not None and abs(now.wall - wall) <= SITE_ALARM_LATE_S:
-                return self._rollcall_open(now, "site", sibling)
-            return False
+            if not (opening and wall is not None and abs(now.wall - wall) <= SITE_ALARM_LATE_S):
+                return False
+            opened = self._rollcall_open(now, "site", sibling)
+            if opened and step is not None:
+                self._rollcall_record(now, step)
+            return opened
         if rtype == "mode.changed":
             return record.get("from") == "fire" and pr.close_rollcall(now.wall, gate=sibling)
         return pr.apply_record(record, tz, gate=sibling)
@@ -557,7 +563,7 @@ class Gate:
                 elif rec["from"] == "fire":
                     pr.close_rollcall(now.wall)
             elif rtype in ("passage", "access.granted"):
-                pr.apply_record(rec, tz)
+                pr.apply_record(rec, tz, gate=self._cfg.gate)
 
     def _rollcall_open(self, now: ev.Now, by: str, gate: str) -> bool:
         fields = self._presence.open_rollcall(now.wall, by, gate)
