@@ -485,6 +485,8 @@ class Service:
             self.statefile.maybe_save(self.gate.state, now.mono, self.gate.commanded_mode,
                                       fire=self.gate.fire_latched)
         if self.presencefile is not None:
+            # The nightly reset comes on time even when nobody passes (the file says it).
+            self.gate.presence.roll(now.wall, self.gate.timezone)
             self.presencefile.maybe_save(self.gate.presence, now)
         return committed
 

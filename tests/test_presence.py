@@ -396,3 +396,28 @@ def test_a_wall_clock_no_date_can_hold_leaves_presence_as_it_was(wall):
     p.apply("p-1", True, WALL0, "UTC")
     assert not p.roll(wall, "UTC") and not p.apply("p-2", True, wall, "UTC")
     assert p.inside() == ["p-1"]
+
+
+def test_the_service_resets_presence_at_night_with_nobody_passing(tmp_path, services):
+    """The idle hook rolls presence with the gate's clock (injected here: a day later), so
+    the file a console reads says nobody is inside without waiting for the next passage."""
+    import time
+
+    from agent.core.acl import AccessList, build_table
+    from tests.broker import wait_until
+    from tests.test_service import acl_snapshot, drive_input, write_config
+
+    svc = services(write_config(tmp_path, extra="state_save_s = 0.5\n"))
+    table = build_table(AccessList.from_snapshot(acl_snapshot()), svc.gate._fp)
+    svc.runtime.submit(ev.SwapTable(table=table, kind="snapshot", timezone="UTC"))
+    wait_until(lambda: getattr(svc.gate.table, "version", "") == "t.1", what="the list applied")
+    svc.runtime.submit(ev.CardRead(reader="entry", key=100 << 16 | 60179))
+    wait_until(lambda: svc.gate.pending is not None, what="the grant")
+    drive_input(svc, "pass_a", True)
+    drive_input(svc, "pass_a", False)
+    path = tmp_path / "state" / "presence.json"
+    wait_until(lambda: path.exists() and json.loads(path.read_text())["people"].get("p-1", [0])[0] == 1,
+               what="p-1 inside, saved")
+    svc.runtime.clock._wall = lambda: time.time() + 86400  # the next day, past 03:00
+    wait_until(lambda: json.loads(path.read_text())["people"] == {}, what="presence reset in the file")
+    assert svc.gate.presence.inside() == []
