@@ -27,8 +27,11 @@ Rules this module obeys (the h11 habit):
   lost); any other illegal event is not handled.
 - Safety first: fire mode's lines (release, held unlocks) win over everything,
   FAULT included.
+- Presence (agent/core/presence.py) is fed each call's own records at its
+  end; the fire loop's ``rollcall`` record is journalled by the next call,
+  due at once (``next_deadline``), never ahead of the release.
 
-Some 720 lines on purpose: one state machine. Its handlers, deadlines and
+Some 800 lines on purpose: one state machine. Its handlers, deadlines and
 output rules read and write one lane, one mode and one set of wanted lines,
 and the rules above hold only between them; split, each part would reach
 into the others' state.
