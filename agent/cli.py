@@ -78,6 +78,7 @@ TOOLS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("agent.tools.doctor", "add_doctor_parser", ("doctor",)),
     ("agent.tools.monitor", "add_monitor_parser", ("monitor",)),
     ("agent.tools.journaltool", "add_journal_parser", ("journal",)),
+    ("agent.tools.presence", "add_presence_parsers", ("presence", "rollcall")),
     ("agent.tools.enroll", "add_enroll_parser", ("enroll",)),
     ("agent.tools.iotest", "add_iotest_parser", ("io-test",)),
     ("agent.tools.bundle", "add_bundle_parser", ("bundle",)),

@@ -63,6 +63,7 @@ EVENT_TYPES: tuple[str, ...] = (
     "agent.started",
     "journal.recovered",
     "journal.overflow",
+    "rollcall",
 )
 
 # One vocabulary with the fastpath: its integer codes are numbered in the order

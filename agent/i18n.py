@@ -87,6 +87,7 @@ TRANSLATED_MODULES = (
     "agent/tools/wiring.py",
     "agent/tools/board.py",
     "agent/regional/ingest.py",
+    "agent/tools/presence.py",
 )
 
 _language: str | None = None

@@ -76,6 +76,7 @@ from agent.exits import Exit
 from agent.host import boot_id, kernel_clock_synced
 from agent.hw.pins import rest_mock_inputs
 from agent.logsetup import setup_logging
+from agent.presencefile import PRESENCE_FILE, PresenceFile
 from agent.runtime import Clock, ClockSync, GateRuntime
 from agent.sdnotify import Notifier, watchdog_interval
 from agent.statefile import StateFile
@@ -182,6 +183,7 @@ class Service:
         self.uplink: Any = None
         self.downlink: Any = None
         self.statefile: StateFile | None = None
+        self.presencefile: PresenceFile | None = None
         self.simctl: Any = None  # the simulated hardware's socket (pin_factory = "mock" only)
         self.acl: Any = None
         self.ready = threading.Event()
@@ -273,9 +275,12 @@ class Service:
 
         self.statefile = StateFile(state_dir / STATE_FILE, fastpath, interval_s=cfg.service.state_save_s)
         state = self.statefile.load()
+        self.presencefile = PresenceFile(state_dir / PRESENCE_FILE, site=cfg.site, gate=cfg.gate_id,
+                                         interval_s=cfg.service.state_save_s)
         self.gate = Gate(self.statefile.start_config(cfg.gate), fastpath, table, state, boot=self.boot,
                          implementation=fastpath.IMPLEMENTATION, version=__version__,
-                         fire_latched=self.statefile.fire)
+                         fire_latched=self.statefile.fire,
+                         presence=self.presencefile.load(cfg.gate.presence_reset))
         if self.acl is not None and getattr(self.acl, "timezone", None):
             self.gate.set_timezone(self.acl.timezone)
 
@@ -483,6 +488,10 @@ class Service:
         if self.statefile is not None:
             self.statefile.maybe_save(self.gate.state, now.mono, self.gate.commanded_mode,
                                       fire=self.gate.fire_latched)
+        if self.presencefile is not None:
+            # The nightly reset comes on time even when nobody passes (the file says it).
+            self.gate.presence.roll(now.wall, self.gate.timezone)
+            self.presencefile.maybe_save(self.gate.presence, now)
         return committed
 
     def _on_uplink_alarm(self, kind: str, active: bool, detail: str) -> None:
@@ -603,6 +612,9 @@ class Service:
                                                  self.statefile.save(self.gate.state,
                                                                      mode=self.gate.commanded_mode,
                                                                      fire=self.gate.fire_latched))))
+        if self.presencefile is not None and self.gate is not None:
+            steps.append(("presence", lambda: (self.presencefile.close(),
+                                               self.presencefile.save(self.gate.presence, time.time()))))
         if self.journal is not None:
             steps.append(("journal", self.journal.close))
         for what, step in steps:

@@ -203,6 +203,10 @@ EXAMPLES: dict[str, list[dict]] = {
         },
     ],
     "journal.overflow": [{"dropped": 12, "kinds": {"access.granted": 5, "passage": 7}}],
+    "rollcall": [
+        {"by": "fire_loop", "gate": "gate-1", "count": 2, "inside": ["p-0042", "p-0107"]},
+        {"by": "site", "gate": "gate-2", "count": 0, "inside": []},
+    ],
 }
 
 

@@ -523,6 +523,8 @@ def test_fire_drill_frees_both_ways_at_once_whatever_is_pending(fp):
     assert (cancelled["cancelled"], cancelled["person"], cancelled["waited_ms"]) == ("fire", ALICE, 500)
     assert run.gate.outputs == {"unlock_a": False, "unlock_b": False, "stop": False, "fire_release": True}
     assert run.gate.pending is None and run.gate.waiting == ()
+    # The roll-call is journalled by the next call, due at once (after the release is driven).
+    assert run.gate.next_deadline() == 1001.5 and types(run(1.5, ev.Tick())) == ["rollcall"]
     assert run.gate.next_deadline() is None
 
     # Cards are recorded with no check (who evacuated), passages are free, buttons do nothing.
@@ -591,6 +593,7 @@ def test_lockdown_switch_under_fire_is_remembered_for_the_reset(fp):
     run = make(fp)
     run(1, ev.SetMode("entry_only", by="simulator"))
     run(2, ev.FireLoop(open=True))
+    run(2, ev.Tick())  # the roll-call
     assert types(run(3, ev.LockdownSwitch(on=True))) == []
     run(4, ev.FireLoop(open=False))
     assert only(run(5, ev.FireReset()), "mode.changed")["to"] == "lockdown"
@@ -616,6 +619,7 @@ def test_fire_loop_repeats_record_nothing_new(fp):
     run = make(fp)
     assert types(run(1, ev.FireLoop(open=False))) == []  # loop already closed
     run(2, ev.FireLoop(open=True))
+    run(2, ev.Tick())  # the roll-call
     assert types(run(3, ev.FireLoop(open=True))) == []
     run(4, ev.FireLoop(open=False))
     again = run(5, ev.FireLoop(open=True))  # opens again before the reset: no new mode change

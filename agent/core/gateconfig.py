@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from agent.core.presence import parse_reset
 from agent.core.problems import ProblemsError
 from fastpath import codes
 
@@ -56,6 +57,7 @@ class GateConfig:
     fire_release: bool = True  # a fire-release relay is wired to the turnstile's Fire Alarm input
     timezone: str = "UTC"  # for schedules, when the access list names none
     initial_mode: str = "normal"
+    presence_reset: str = "03:00"  # local time presence starts afresh each night (docs/presence.md)
 
     def __post_init__(self) -> None:
         # Freeze the reader map so the config really is immutable.
@@ -111,6 +113,9 @@ class GateConfig:
         if self.initial_mode not in INITIAL_MODES:
             bad("initial_mode", f"{self.initial_mode!r}; allowed: {', '.join(INITIAL_MODES)} "
                                 "(fire is entered only through the fire loop)")
+        if not _valid_reset(self.presence_reset):
+            bad("presence_reset", f'{self.presence_reset!r}; allowed: the local time of the nightly '
+                                  'presence reset as "HH:MM" (24 h), e.g. "03:00"')
         if errors:
             raise GateConfigError(errors)
 
@@ -125,6 +130,14 @@ class GateConfig:
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in fields(cls))
+
+
+def _valid_reset(text: object) -> bool:
+    try:
+        parse_reset(text)
+    except ValueError:
+        return False
+    return True
 
 
 def valid_timezone(name: object) -> bool:

@@ -27,8 +27,11 @@ Rules this module obeys (the h11 habit):
   lost); any other illegal event is not handled.
 - Safety first: fire mode's lines (release, held unlocks) win over everything,
   FAULT included.
+- Presence (agent/core/presence.py) is fed each call's own records at its
+  end; the fire loop's ``rollcall`` record is journalled by the next call,
+  due at once (``next_deadline``), never ahead of the release.
 
-Some 720 lines on purpose: one state machine. Its handlers, deadlines and
+Some 800 lines on purpose: one state machine. Its handlers, deadlines and
 output rules read and write one lane, one mode and one set of wanted lines,
 and the rules above hold only between them; split, each part would reach
 into the others' state.
@@ -48,6 +51,7 @@ from fastpath.columns import TableColumns
 
 from . import events as ev
 from .gateconfig import GateConfig, valid_timezone
+from .presence import SITE_ALARM_LATE_S, Presence, record_wall
 from .records import make_record
 from .site import SiteView
 
@@ -105,6 +109,7 @@ class Gate:
         implementation: str = "pure",
         version: str = agent.__version__,
         fire_latched: bool = False,
+        presence: Presence | None = None,
     ) -> None:
         """fire_latched: fire mode was latched and not reset before a restart (the
         service keeps it on disk); ``start()`` enters fire mode again at once
@@ -141,6 +146,9 @@ class Gate:
         self._last_mono: float | None = None
         self._alarms: set[str] = set()  # raised alarm kinds the core clears itself
         self._site = SiteView(config.wait_s)  # what the other gates of the site said
+        # Presence and the roll-call (see "presence" below); the service gives the one kept on disk.
+        self._presence = presence if presence is not None else Presence(config.presence_reset)
+        self._rollcall_due: tuple[float, dict[str, Any]] | None = None  # (mono, fields) to journal
 
     # --- read-only view -------------------------------------------------------------
 
@@ -224,6 +232,8 @@ class Gate:
             times += self._rest.values()
         if self._pending is not None:
             times.append(self._pending.deadline)
+        if self._rollcall_due is not None:
+            times.append(self._rollcall_due[0])  # at once: journalled by the next call
         return min(times) if times else None
 
     # --- entry points ------------------------------------------------------------------
@@ -252,6 +262,7 @@ class Gate:
             step.commands.append(ev.SetOutput(line, False))
             self._outputs[line] = False
         self._sync_outputs(step)
+        self._presence_step(now, step)
         return step
 
     def handle(self, event: Any, now: ev.Now) -> ev.Step:
@@ -261,6 +272,7 @@ class Gate:
             self._latch_fault(now, step, f"monotonic time went backwards: {now.mono} after {self._last_mono}")
         self._last_mono = now.mono
         self._clock_alarm(now, step)
+        self._rollcall_record(now, step)
         self._run_deadlines(now, step)
         self._sync_outputs(step)  # a pulse that ended must drop before a new one starts
         handler = TRANSITIONS.get((self._lane, type(event)))
@@ -269,6 +281,7 @@ class Gate:
         else:
             handler(self, event, now, step)
         self._sync_outputs(step)
+        self._presence_step(now, step)
         return step
 
     # --- handlers (named in TRANSITIONS) ----------------------------------------------------
@@ -511,6 +524,7 @@ class Gate:
         if not isinstance(event.gate, str) or not event.gate:
             self._site.counts["malformed"] += 1
             return
+        self.apply_sibling(event.record, event.gate, now, step)  # presence and the roll-call
         move = self._site.take(event.gate, event.record, now.mono)
         if move is None:
             return
@@ -531,6 +545,76 @@ class Gate:
     def _on_reset_fault(self, event: ev.ResetFault, now: ev.Now, step: ev.Step) -> None:
         self._lane = IDLE
         self._record(step, now, "turnstile.ready", kind="core_reset")
+
+    # --- presence and the fire roll-call (agent/core/presence.py, docs/presence.md) ---------
+
+    @property
+    def presence(self) -> Presence:
+        """Who is inside now and the current or last roll-call (the service saves it)."""
+        return self._presence
+
+    def apply_sibling(self, record: dict, sibling: str, now: ev.Now, step: ev.Step | None = None) -> bool:
+        """A record of a sibling gate of this site (``sibling``: its gate id), for presence
+        and the roll-call: a card passage or a fire-mode read moves its person (when newer,
+        by ts and gate id, than what this gate holds for them); the sibling's alarm
+        (``alarm.fire`` active, or its ``rollcall``) opens this gate's roll-call (``by:
+        "site"``) unless one is open or the alarm is older than SITE_ALARM_LATE_S; its fire
+        reset (``mode.changed`` from fire) closes the roll-call its alarm opened.
+
+        Call it on the gate thread, from a handler with that call's ``step`` (the
+        ``rollcall`` record goes into it), or outside ``handle`` without one (the record is
+        journalled by the next ``handle``: ``next_deadline`` says now). True when presence
+        or the roll-call changed; a malformed record, or this gate's own (the site's events
+        include them), changes nothing."""
+        if not isinstance(record, dict) or not isinstance(sibling, str) or not sibling \
+                or sibling == self._cfg.gate:
+            return False
+        tz = self.timezone
+        pr = self._presence
+        pr.roll(now.wall, tz)
+        rtype = record.get("type")
+        if rtype in ("alarm.fire", "rollcall"):
+            opening = record.get("active") is True if rtype == "alarm.fire" else record.get("by") == "fire_loop"
+            wall = record_wall(record)
+            if not (opening and wall is not None and abs(now.wall - wall) <= SITE_ALARM_LATE_S):
+                return False
+            opened = self._rollcall_open(now, "site", sibling)
+            if opened and step is not None:
+                self._rollcall_record(now, step)
+            return opened
+        if rtype == "mode.changed":
+            return record.get("from") == "fire" and pr.close_rollcall(now.wall, gate=sibling)
+        return pr.apply_record(record, tz, gate=sibling)
+
+    def _presence_step(self, now: ev.Now, step: ev.Step) -> None:
+        """This gate's own records of the step, into presence; the fire loop opening starts
+        the roll-call, the fire reset ends it."""
+        tz = self.timezone
+        pr = self._presence
+        pr.roll(now.wall, tz)
+        for rec in step.records:
+            rtype = rec["type"]
+            if rtype == "mode.changed":
+                if rec["to"] == "fire" and rec["by"] == "fire_loop":
+                    self._rollcall_open(now, "fire_loop", self._cfg.gate)
+                elif rec["from"] == "fire":
+                    pr.close_rollcall(now.wall)
+            elif rtype in ("passage", "access.granted"):
+                pr.apply_record(rec, tz, gate=self._cfg.gate)
+
+    def _rollcall_open(self, now: ev.Now, by: str, gate: str) -> bool:
+        fields = self._presence.open_rollcall(now.wall, by, gate)
+        if fields is None:
+            return False
+        # Journalled by the next call, due at once: the fire step's records (and the release
+        # they precede) are not held back by a list of hundreds of people.
+        self._rollcall_due = (now.mono, fields)
+        return True
+
+    def _rollcall_record(self, now: ev.Now, step: ev.Step) -> None:
+        if self._rollcall_due is not None:
+            fields, self._rollcall_due = self._rollcall_due[1], None
+            self._record(step, now, "rollcall", **fields)
 
     # --- lane -------------------------------------------------------------------------------
 
