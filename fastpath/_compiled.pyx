@@ -1229,6 +1229,16 @@ cdef class GateState:
         else:
             e.pos = C_POS_OUT
 
+    def forget_movements(self) -> None:
+        """Every position and last entry forgotten, guest uses kept (as _pure)."""
+        cdef size_t i
+        cdef Entry* e
+        for i in range(self.n_entries):
+            e = self._entry(i)
+            e.pos = C_POS_UNKNOWN
+            e.last = 0
+            e.flags &= ~E_LAST
+
     def position(self, person_id, long long day) -> int:
         """POS_IN / POS_OUT if set on `day`, else POS_UNKNOWN (a new day starts unknown)."""
         cdef Entry* e = self._of(person_id, False)

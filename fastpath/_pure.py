@@ -499,6 +499,12 @@ class GateState:
         else:
             self._position[person_id] = (POS_OUT, day)
 
+    def forget_movements(self) -> None:
+        """Every position and last entry forgotten, guest uses kept: after an evacuation
+        everybody is outside, most without a card read (docs/design.md#fire)."""
+        self._position.clear()
+        self._last_entry.clear()
+
     def position(self, person_id: str, day: int) -> int:
         """POS_IN / POS_OUT if set on `day`, else POS_UNKNOWN (a new day starts unknown)."""
         pos = self._position.get(person_id)

@@ -160,3 +160,21 @@ def test_own_grants_are_not_blocked_by_the_gates_own_records(fp):
     assert only(run(2, ev.PassSensor("A")), "passage")["person"] == ALICE
     assert run.gate.site.grants == {}
     assert codes.APB_MODES[codes.APB_HARD] == "hard"
+
+
+def test_after_a_fire_drill_hard_anti_passback_lets_everybody_back_in(fp):
+    """Pupils evacuated through a free turnstile mostly touch no reader: at the fire
+    reset their positions (and timed anti-passback's last entries) are forgotten, so
+    nobody is refused coming back in; a guest's spent use stays spent."""
+    run = make(fp, table=columns(guest_uses=2), apb="hard")
+    for key, t in ((K_ALICE, 1), (K_GUEST, 3)):
+        run(t, card(key))
+        run(t + 0.5, ev.PassSensor("A"))
+    assert decided(run(5, card(K_ALICE)))[1]["reason"] == "antipassback"  # inside
+    run(6, ev.FireLoop(open=True))
+    run(60, ev.FireLoop(open=False))
+    run(61, ev.FireReset(by="input"))
+    assert not run.gate.fire_latched
+    assert decided(run(62, card(K_ALICE)))[0] == "access.granted"
+    assert run.gate.state.uses(GUEST) == 1
+    assert run.gate.state.to_dict()["positions"] == {}

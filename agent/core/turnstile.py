@@ -435,6 +435,9 @@ class Gate:
             return
         if self._fire:
             self._fire = False
+            # Everybody went out, most without touching a reader: nobody is held "inside" by
+            # anti-passback when they come back in (guest uses stay spent).
+            self._state.forget_movements()
             self._record(step, now, "mode.changed", **{"from": "fire", "to": self.mode, "by": "fire_reset"})
         if by_command:
             self._record(step, now, "command.result", request_id=event.request_id, command=CMD_FIRE_RESET,
