@@ -10,6 +10,8 @@ published every half second and watched here as the regional server would."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 
@@ -63,13 +65,30 @@ def site_gate(tmp_path, broker, pki, name: str, identity) -> AgentProcess:
     return agent
 
 
+def guard_tool(g: AgentProcess, tool: str) -> str:
+    """`gate-agent presence|rollcall --csv` on the gate's file, as the guard runs it."""
+    done = subprocess.run([sys.executable, "-m", "agent.cli", tool, "--file",
+                           str(g.state / "presence.json"), "--csv"],
+                          capture_output=True, text=True, timeout=60, cwd=g.workdir)
+    return done.stdout if done.returncode == 0 else ""
+
+
+def wait_for(pred, timeout: float = 30.0) -> bool:
+    end = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.2)
+    return True
+
+
 def decision(reply: dict) -> tuple[str, str | None]:
     d = reply.get("decision") or {}
     return d.get("type"), d.get("reason")
 
 
-@pytest.mark.long(40)
-def test_three_gates_share_anti_passback_and_a_gate_that_was_down_catches_up(tmp_path, gate_broker, pki):
+@pytest.mark.long(15)
+def test_three_gates_share_anti_passback_presence_and_the_roll_call(tmp_path, gate_broker, pki):
     ident_c = pki.ca.issue(f"{SITE}/{GATE_C}")
     gates = {name: site_gate(tmp_path, gate_broker, pki, name, ident)
              for name, ident in ((GATE_A, pki.gate_a), (GATE_B, pki.gate_b), (GATE_C, ident_c))}
@@ -94,6 +113,8 @@ def test_three_gates_share_anti_passback_and_a_gate_that_was_down_catches_up(tmp
                             and w.site(GATE_C).get("passages", 0) >= 1), watcher.latest
         assert decision(b.card(pupil)) == ("access.denied", "antipassback")
         assert decision(c.card(pupil, reader="exit")) == ("access.granted", None)  # may leave at C
+        c.sim({"op": "pass", "side": "B"})  # and leaves
+        assert watcher.wait(lambda w: w.site(GATE_A).get("passages", 0) >= 1), watcher.latest
 
         # C goes down; meanwhile another pupil enters at A; C comes back and catches up
         # from the session the broker kept for it.
@@ -111,8 +132,29 @@ def test_three_gates_share_anti_passback_and_a_gate_that_was_down_catches_up(tmp
         # Nothing of the siblings was journalled as this gate's own.
         own_passages = [r for r in b.records() if r["type"] == "passage"]
         assert own_passages == []
+
+        # Presence agrees on every gate: p-1 inside, p-0 came and went.
+        def inside(g: AgentProcess) -> list[str]:
+            out = guard_tool(g, "presence")
+            return sorted(row.split(",")[0] for row in out.splitlines()[1:])
+        for g in gates.values():
+            assert wait_for(lambda g=g: inside(g) == ["p-1"]), (g.gate, guard_tool(g, "presence"))
+
+        # A fire drill at B (its loop alone: A and C stay in their modes): every gate
+        # journals the roll-call, and p-1 leaving through A counts as left everywhere.
+        b.sim({"op": "fire", "loop": "open"})
+        for g in gates.values():
+            assert wait_for(lambda g=g: any(r["type"] == "rollcall" for r in g.records())), g.gate
+            [rc] = [r for r in g.records() if r["type"] == "rollcall"]
+            assert rc["inside"] == ["p-1"] and rc["by"] == ("fire_loop" if g is b else "site"), rc
+        assert decision(a.card(other, reader="exit"))[0] == "access.granted"
+        a.sim({"op": "pass", "side": "B"})
+        for g in gates.values():
+            assert wait_for(lambda g=g: "left,p-1" in guard_tool(g, "rollcall")), \
+                (g.gate, guard_tool(g, "rollcall"))
+            rows = guard_tool(g, "rollcall").splitlines()
+            assert [r.split(",")[:2] for r in rows[1:]] == [["inside_at_alarm", "p-1"], ["left", "p-1"]]
     finally:
         watcher.close()
         for g in gates.values():
             g.stop()
-        time.sleep(0)
