@@ -69,7 +69,7 @@ def guard_tool(g: AgentProcess, tool: str) -> str:
     """`gate-agent presence|rollcall --csv` on the gate's file, as the guard runs it."""
     done = subprocess.run([sys.executable, "-m", "agent.cli", tool, "--file",
                            str(g.state / "presence.json"), "--csv"],
-                          capture_output=True, text=True, timeout=60, cwd=g.workdir)
+                          check=False, capture_output=True, text=True, timeout=60, cwd=g.workdir)
     return done.stdout if done.returncode == 0 else ""
 
 
