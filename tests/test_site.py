@@ -178,3 +178,15 @@ def test_after_a_fire_drill_hard_anti_passback_lets_everybody_back_in(fp):
     assert decided(run(62, card(K_ALICE)))[0] == "access.granted"
     assert run.gate.state.uses(GUEST) == 1
     assert run.gate.state.to_dict()["positions"] == {}
+
+
+def test_a_passage_stamped_ahead_of_this_gates_clock_is_not_applied(fp):
+    """A sibling whose clock runs a day fast must not pin a pupil 'inside' until tomorrow
+    (its passage would win over every real one by the order rule)."""
+    run = make(fp, apb="hard")
+    run(1, sibling(rec("passage", 86400, direction="in")))  # stamped a day ahead
+    assert run.gate.site.counts["future"] == 1
+    assert decided(run(2, card(K_ALICE)))[0] == "access.granted"
+    run(2.5, ev.PassSensor("A"))
+    run(3, sibling(rec("passage", 3, direction="out")))  # a real one still applies
+    assert decided(run(4, card(K_ALICE)))[0] == "access.granted"

@@ -24,7 +24,9 @@ within a second, and B's record reaches A before A's own was applied...):
 each person's last movement wins by its ``ts``, the board clocks' wall time.
 A sibling passage older than the last movement this gate knows of for that
 person (its own or another sibling's) is not applied; a tie goes to the
-record applied first. Records are taken once, by ``id`` (the broker may
+record applied first. One stamped more than ``FUTURE_S`` ahead of this
+gate's clock is not applied either (a wrong clock would otherwise win over
+every real passage after it). Records are taken once, by ``id`` (the broker may
 deliver one twice): the last ``SEEN_MAX`` ids are remembered.
 """
 from __future__ import annotations
@@ -37,6 +39,9 @@ from .records import parse_rfc3339
 __all__ = ["GRANT_SLACK_S", "SEEN_MAX", "Movement", "SiteView"]
 
 SEEN_MAX = 4096  # record ids remembered for de-duplication
+# A sibling passage stamped further ahead of this gate's clock than this is not applied: one of
+# the two clocks is wrong, and a passage "from the future" would win over every real one after it.
+FUTURE_S = 120.0
 GRANT_SLACK_S = 1.0  # a sibling's grant is held this much past this gate's own wait
 _MOVED_MAX = 200_000  # people whose last movement time is kept (a school has a few thousand)
 _MOVED_KEEP_S = 2 * 86400  # ... pruned to the last two days past that
@@ -59,8 +64,8 @@ class SiteView:
         self._grants: dict[str, tuple[str, float]] = {}  # person -> (gate, until, monotonic s)
         self._moved: dict[str, float] = {}  # person -> epoch s of the last movement applied
         # Since start (telemetry's "site"): what was made of the sibling records.
-        self.counts = {"passages": 0, "grants": 0, "duplicate": 0, "stale": 0, "ignored": 0,
-                       "malformed": 0}
+        self.counts = {"passages": 0, "grants": 0, "duplicate": 0, "stale": 0, "future": 0,
+                       "ignored": 0, "malformed": 0}
 
     # --- this gate's own passages ---------------------------------------------
 
@@ -72,10 +77,11 @@ class SiteView:
 
     # --- sibling records ------------------------------------------------------
 
-    def take(self, gate: str, record: Any, mono: float) -> Movement | None:
-        """A record of sibling `gate`, arrived at monotonic `mono`: the movement to
-        apply, or None (a grant noted or ended, a duplicate, an older passage, a type
-        of no interest). Malformed records are counted and dropped."""
+    def take(self, gate: str, record: Any, mono: float, wall: float | None = None) -> Movement | None:
+        """A record of sibling `gate`, arrived at monotonic `mono` (this gate's wall
+        clock then: `wall`): the movement to apply, or None (a grant noted or ended, a
+        duplicate, an older passage, one stamped more than FUTURE_S ahead of `wall`, a
+        type of no interest). Malformed records are counted and dropped."""
         if not isinstance(record, dict) or not isinstance(record.get("id"), str):
             self.counts["malformed"] += 1
             return None
@@ -111,6 +117,9 @@ class SiteView:
             epoch = None
         if direction not in ("in", "out") or epoch is None:
             self.counts["malformed"] += 1
+            return None
+        if wall is not None and epoch > wall + FUTURE_S:
+            self.counts["future"] += 1  # the sibling's clock (or this one) is wrong
             return None
         if epoch < self._moved.get(person, float("-inf")):
             self.counts["stale"] += 1  # this gate knows of a later movement

@@ -528,7 +528,7 @@ class Gate:
             self._site.counts["malformed"] += 1
             return
         self.apply_sibling(event.record, event.gate, now, step)  # presence and the roll-call
-        move = self._site.take(event.gate, event.record, now.mono)
+        move = self._site.take(event.gate, event.record, now.mono, now.wall)
         if move is None:
             return
         table = self._table if self._table is not None else self._empty_table
