@@ -104,10 +104,17 @@ def new_client(client_id: str, *, tls: TlsConfig | ssl.SSLContext | None = None,
 
 
 def probe_connect(host: str, port: int, client_id: str, *, tls: TlsConfig | ssl.SSLContext | None = None,
-                  username: str | None = None, password: str | None = None, timeout: float = 5.0) -> int:
-    """Connect once with a clean start, and disconnect: the CONNACK reason code (0 accepted, 0x80 and
-    above refused). OSError or ssl.SSLError when no connection is made, TimeoutError when no CONNACK
-    comes in ``timeout`` s. Doctor's check that the broker takes this gate's identity."""
+                  username: str | None = None, password: str | None = None, timeout: float = 5.0,
+                  keep_session_s: int | None = None) -> int:
+    """Connect once, and disconnect: the CONNACK reason code (0 accepted, 0x80 and above refused).
+    OSError or ssl.SSLError when no connection is made, TimeoutError when no CONNACK comes in
+    ``timeout`` s. Doctor's check that the broker takes this gate's identity.
+
+    With a clean start, unless ``keep_session_s``: then the session the broker keeps for the gate
+    (mqtt.site_events; the broker names the client after the certificate, so this is the gate's
+    own session) is resumed with the same expiry and left as it was. One queued message at most
+    comes (Receive Maximum 1) and is never acknowledged, so the broker sends it to the gate
+    again; a clean start would have thrown the session and its queue away."""
     got: list[int] = []
     done = threading.Event()
 
@@ -122,7 +129,16 @@ def probe_connect(host: str, port: int, client_id: str, *, tls: TlsConfig | ssl.
     client.on_connect = on_connect
     client.on_disconnect = on_disconnect
     client.connect_timeout = timeout
-    client.connect(host, port, keepalive=30, clean_start=True)
+    props = None
+    if keep_session_s is not None:
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        client.manual_ack_set(True)  # nothing received is acknowledged: it stays the gate's
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = int(keep_session_s)
+        props.ReceiveMaximum = 1
+    client.connect(host, port, keepalive=30, clean_start=keep_session_s is None, properties=props)
     client.loop_start()
     try:
         if not done.wait(timeout):

@@ -120,8 +120,11 @@ class NetworkChecks:
             sock.close()  # the network and TLS answered; now MQTT itself, with the project's one client
             sock = None
             try:
+                # With site events the broker keeps a session for this gate: resumed and left
+                # as it was, never started afresh (that would drop the events queued for it).
                 code = probe_connect(m.host, m.port, client_id[:64], tls=ctx, username=m.username,
-                                     password=m.password, timeout=NET_TIMEOUT_S)
+                                     password=m.password, timeout=NET_TIMEOUT_S,
+                                     keep_session_s=m.session_expiry_s if m.site_events else None)
             except (OSError, ConnectionError, TimeoutError, ssl.SSLError) as exc:
                 return Check(FAIL, "broker", _("{where}: no MQTT answer ({error})").format(where=where, error=exc), (
                     _("the broker closed the connection: it may refuse this certificate (revoked?) or "
