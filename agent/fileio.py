@@ -13,8 +13,9 @@ import os
 import threading
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
-__all__ = ["fsync_dir", "temp_name", "write_atomic"]
+__all__ = ["LatestWriter", "fsync_dir", "temp_name", "write_atomic"]
 
 
 def temp_name(path: Path) -> Path:
@@ -86,3 +87,47 @@ def fsync_dir(directory: str | os.PathLike[str]) -> None:
         pass
     finally:
         os.close(dfd)
+
+
+class LatestWriter:
+    """Writes the newest of many snapshots on a thread of its own, so the thread that
+    takes them (the gate thread) never waits for a disk: ``put(body)`` keeps only the
+    last body handed on; ``write(body)`` (the callers' own, e.g. write_atomic with their
+    error count) runs on the writer thread, and ``failed()`` is called there when it
+    returns False. ``close()`` writes what is queued and stops the thread."""
+
+    def __init__(self, write: Any, *, name: str, failed: Any = None) -> None:
+        self._write = write
+        self._failed = failed
+        self._name = name
+        self._cond = threading.Condition()
+        self._queued: Any = None  # the newest body waiting for the writer
+        self._thread: threading.Thread | None = None
+        self._closing = False
+
+    def put(self, body: Any) -> None:
+        with self._cond:
+            self._queued = body
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while self._queued is None and not self._closing:
+                    self._cond.wait()
+                body, self._queued = self._queued, None
+                if body is None:
+                    return
+            if not self._write(body) and self._failed is not None:
+                with self._cond:
+                    self._failed()
+
+    def close(self, timeout: float = 5.0) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)

@@ -18,13 +18,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 from pathlib import Path
 from typing import Any
 
 from agent.core.events import Now
 from agent.core.presence import Presence
-from agent.fileio import write_atomic
+from agent.fileio import LatestWriter, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +44,9 @@ class PresenceFile:
         self.errors = 0
         self._revision: int | None = None  # the presence revision last handed on
         self._last_at: float | None = None
-        self._cond = threading.Condition()
-        self._queued: bytes | None = None
-        self._writer: threading.Thread | None = None
-        self._closing = False
+        # A failed write tries again at the next idle call.
+        self._writer = LatestWriter(self._write, name="presence-writer",
+                                    failed=lambda: setattr(self, "_revision", None))
 
     def load(self, reset: str) -> Presence:
         """The saved presence (with the configured nightly ``reset``), or an empty one."""
@@ -103,12 +101,7 @@ class PresenceFile:
         presence.urgent = False
         if body is None:
             return False
-        with self._cond:
-            self._queued = body
-            if self._writer is None:
-                self._writer = threading.Thread(target=self._write_loop, name="presence-writer", daemon=True)
-                self._writer.start()
-            self._cond.notify()
+        self._writer.put(body)
         return True
 
     def save(self, presence: Presence, wall: float) -> bool:
@@ -127,22 +120,6 @@ class PresenceFile:
             return False
         return True
 
-    def _write_loop(self) -> None:
-        while True:
-            with self._cond:
-                while self._queued is None and not self._closing:
-                    self._cond.wait()
-                body, self._queued = self._queued, None
-                if body is None:
-                    return
-            if not self._write(body):
-                with self._cond:
-                    self._revision = None  # try again at the next idle call
-
     def close(self, timeout: float = 5.0) -> None:
         """Write what is queued and stop the writer thread."""
-        with self._cond:
-            self._closing = True
-            self._cond.notify()
-        if self._writer is not None:
-            self._writer.join(timeout)
+        self._writer.close(timeout)

@@ -26,13 +26,12 @@ import dataclasses
 import json
 import logging
 import os
-import threading
 from pathlib import Path
 from typing import Any
 
 from agent.core.gateconfig import GateConfig
 from agent.core.turnstile import COMMANDABLE_MODES
-from agent.fileio import write_atomic
+from agent.fileio import LatestWriter, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +57,9 @@ class StateFile:
         self.mode: str | None = None  # the commanded mode found at load
         self.fire: bool = False  # the fire latch found at load
         self._last_modes: tuple[str | None, bool] | None = None  # (mode, fire) last handed on
-        self._cond = threading.Condition()
-        self._queued: str | None = None  # the newest snapshot waiting for the writer
-        self._writer: threading.Thread | None = None
-        self._closing = False
+        # A failed write tries again at the next snapshot.
+        self._writer = LatestWriter(self._write, name="state-writer",
+                                    failed=lambda: setattr(self, "_last_saved", None))
 
     def load(self) -> Any:
         """The saved GateState, or a new empty one (no file, or an unreadable one moved aside)."""
@@ -173,30 +171,9 @@ class StateFile:
         if body is None or body == self._last_saved:
             return False
         self._last_saved = body  # what the file will hold; an unchanged state is not handed on again
-        with self._cond:
-            self._queued = body
-            if self._writer is None:
-                self._writer = threading.Thread(target=self._write_loop, name="state-writer", daemon=True)
-                self._writer.start()
-            self._cond.notify()
+        self._writer.put(body)
         return True
-
-    def _write_loop(self) -> None:
-        while True:
-            with self._cond:
-                while self._queued is None and not self._closing:
-                    self._cond.wait()
-                body, self._queued = self._queued, None
-                if body is None:
-                    return
-            if not self._write(body):
-                with self._cond:
-                    self._last_saved = None  # try again at the next snapshot
 
     def close(self, timeout: float = 5.0) -> None:
         """Write what is queued and stop the writer thread."""
-        with self._cond:
-            self._closing = True
-            self._cond.notify()
-        if self._writer is not None:
-            self._writer.join(timeout)
+        self._writer.close(timeout)

@@ -52,3 +52,29 @@ def test_a_big_file_reaches_the_disk_a_piece_at_a_time(tmp_path, monkeypatch):
     synced.clear()
     write_atomic(target, chunks)  # without: one fsync at the end only
     assert synced == []
+
+
+def test_the_latest_writer_writes_the_newest_body_off_the_callers_thread_and_says_when_it_failed():
+    import threading
+
+    from agent.fileio import LatestWriter
+
+    gate = threading.Event()
+    written: list[tuple[str, str]] = []
+    failures: list[int] = []
+
+    def write(body):
+        gate.wait(10)  # the disk is slow: bodies handed on meanwhile replace each other
+        written.append((body, threading.current_thread().name))
+        return body != "bad"
+
+    w = LatestWriter(write, name="test-writer", failed=lambda: failures.append(1))
+    w.put("one")
+    for body in ("two", "three", "bad"):
+        w.put(body)
+    gate.set()
+    w.close()
+    bodies = [b for b, _ in written]
+    assert bodies[-1] == "bad" and "two" not in bodies and len(bodies) <= 2
+    assert {name for _, name in written} == {"test-writer"}
+    assert failures == [1]
