@@ -1,8 +1,9 @@
 """Bench tools for technicians: ``gate-agent enroll`` and ``gate-agent io-test``.
 
-Shared here: exit codes, the pin factory by name, and telling "the running
+Shared here: exit codes, the pin factory by name, telling "the running
 service holds this pin or port" apart from other failures, so both tools
-can say plainly what to do.
+can say plainly what to do, and one key of the agent's config read leniently
+(``config_path``) for the tools that read the service's files.
 
 Exit codes: 0 done; 1 the check failed (fewer cards than asked, a command
 that failed); 2 bad input (unknown pin, port or profile); 3 busy (the
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -137,3 +139,33 @@ def make_pin_factory(name: str = "lgpio") -> Any:
         raise exc.cause from None  # no GPIO chip, or busy: the caller tells these apart (is_busy_error)
 
 
+
+
+def config_path(config: str | os.PathLike[str] | None, default_config: Path, section: str, key: str,
+                *, error: Any, instead: str) -> Path | None:
+    """The path ``[section] key`` of the agent's config (relative to the config's folder), or
+    None where the default config is missing or the key is not set. Only that one key is read
+    (not the whole config checked), so a tool still works when another part of the config is
+    wrong, which is exactly when a technician needs it. ``error(message)`` is raised when the
+    config given cannot be read; ``instead`` says what to give instead (translated, e.g.
+    "the journal file with --db")."""
+    cfg = Path(config) if config is not None else default_config
+    try:
+        doc = tomllib.loads(cfg.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        if config is not None:
+            raise error(_("config {path} does not exist; give the right --config, or {instead}")
+                        .format(path=cfg, instead=instead)) from None
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(_("config {path} cannot be read ({error}); run with sudo, or give {instead}")
+                    .format(path=cfg, error=exc, instead=instead)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise error(_("config {path} is not valid TOML ({error}); give {instead}")
+                    .format(path=cfg, error=exc, instead=instead)) from None
+    part = doc.get(section)
+    text = part.get(key) if isinstance(part, dict) else None
+    if not isinstance(text, str) or not text:
+        return None
+    p = Path(text).expanduser()
+    return p if p.is_absolute() else cfg.resolve().parent / p

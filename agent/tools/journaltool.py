@@ -30,7 +30,6 @@ import re
 import sqlite3
 import sys
 import time
-import tomllib
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta, tzinfo
 from pathlib import Path
@@ -39,6 +38,7 @@ from urllib.parse import quote
 
 from agent.exits import Exit
 from agent.i18n import _
+from agent.tools import config_path
 from agent.tools.words import age_text, detail_text
 
 __all__ = [
@@ -80,28 +80,9 @@ def journal_path(config: str | os.PathLike[str] | None = None, db: str | os.Path
     """
     if db is not None:
         return Path(db)
-    cfg = Path(config) if config is not None else DEFAULT_CONFIG
-    try:
-        doc = tomllib.loads(cfg.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        if config is not None:
-            raise JournalReadError(
-                _("config {path} does not exist; give the right --config, or the journal file with --db")
-                .format(path=cfg)) from None
-        return DEFAULT_JOURNAL
-    except (OSError, UnicodeDecodeError) as exc:
-        raise JournalReadError(
-            _("config {path} cannot be read ({error}); run with sudo, or give the journal file with --db")
-            .format(path=cfg, error=exc)) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise JournalReadError(
-            _("config {path} is not valid TOML ({error}); give the journal file with --db")
-            .format(path=cfg, error=exc)) from None
-    text = doc.get("journal", {}).get("path") if isinstance(doc.get("journal"), dict) else None
-    if not isinstance(text, str) or not text:
-        return DEFAULT_JOURNAL
-    p = Path(text).expanduser()
-    return p if p.is_absolute() else cfg.resolve().parent / p
+    found = config_path(config, DEFAULT_CONFIG, "journal", "path", error=JournalReadError,
+                        instead=_("the journal file with --db"))
+    return found if found is not None else DEFAULT_JOURNAL
 
 
 def open_readonly(path: str | os.PathLike[str]) -> sqlite3.Connection:

@@ -22,7 +22,6 @@ import os
 import stat
 import sys
 import time
-import tomllib
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
@@ -33,6 +32,7 @@ from agent.core.presence import Presence
 from agent.exits import Exit
 from agent.i18n import _
 from agent.presencefile import PRESENCE_FILE
+from agent.tools import config_path
 
 __all__ = [
     "DEFAULT_NAMES",
@@ -67,26 +67,9 @@ def presence_path(config: str | os.PathLike[str] | None = None, file: str | os.P
     another part of the config is wrong."""
     if file is not None:
         return Path(file)
-    cfg = Path(config) if config is not None else DEFAULT_CONFIG
-    try:
-        doc = tomllib.loads(cfg.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        if config is not None:
-            raise PresenceReadError(_("config {path} does not exist; give the right --config, or the "
-                                      "presence file with --file").format(path=cfg)) from None
-        return DEFAULT_STATE_DIR / PRESENCE_FILE
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PresenceReadError(_("config {path} cannot be read ({error}); run with sudo, or give the "
-                                  "presence file with --file").format(path=cfg, error=exc)) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise PresenceReadError(_("config {path} is not valid TOML ({error}); give the presence file "
-                                  "with --file").format(path=cfg, error=exc)) from None
-    svc = doc.get("service")
-    text = svc.get("state_dir") if isinstance(svc, dict) else None
-    if not isinstance(text, str) or not text:
-        return DEFAULT_STATE_DIR / PRESENCE_FILE
-    p = Path(text).expanduser()
-    return (p if p.is_absolute() else cfg.resolve().parent / p) / PRESENCE_FILE
+    found = config_path(config, DEFAULT_CONFIG, "service", "state_dir", error=PresenceReadError,
+                        instead=_("the presence file with --file"))
+    return (found if found is not None else DEFAULT_STATE_DIR) / PRESENCE_FILE
 
 
 def read_presence(path: str | os.PathLike[str], now: float | None = None) -> dict[str, Any]:
