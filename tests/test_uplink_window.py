@@ -45,7 +45,8 @@ class Driver:
         return [r for r in self.records if r["seq"] > after][:limit]
 
     def commit(self, n: int) -> None:
-        last = self.records[-1]["seq"] if self.records else 0
+        last = max((s for _, s in self.wire), default=0)
+        last = max([last, *(r["seq"] for r in self.records)])
         self.records += [{"seq": s, "id": f"{self.win.journal_id}:{s}"} for s in range(last + 1, last + n + 1)]
         self.win.more()
 
@@ -421,9 +422,10 @@ def test_a_journal_switch_starts_the_new_journal_from_nothing():
 # come; every copy reaches the site's other gates and waits in the bridge's queue (docs/site-broker.md).
 
 
-def outage(d: Driver, start: float, end: float, step: float = 1.0) -> list[float]:
+def outage(d: Driver, start: float, end: float, step: float = 1.0, answer: int | None = None) -> list[float]:
     """Run the window from ``start`` to ``end`` as the uplink thread would, the broker answering
-    every PUBACK and no ingest ack coming; the times of the resend rounds."""
+    every PUBACK; the times of the resend rounds. ``answer``: the ingest answers each batch it
+    gets, half a step later, with an ack up to this seq (None: no ingest ack comes)."""
     rounds: list[float] = []
     now = start
     while now <= end:
@@ -432,8 +434,12 @@ def outage(d: Driver, start: float, end: float, step: float = 1.0) -> list[float
                 oldest = d.records[0]["seq"] if d.records else None
                 if d.win.resend_check(oldest):
                     rounds.append(now)
-        for seq in d.fill(now):
+        sent = d.fill(now)
+        for seq in sent:
             d.puback(seq, now=now)
+        if sent and answer is not None:
+            d.win.ack_message(ack(answer), now + step / 2, made=d.win.cursor)
+            d.ack_upto(answer)
         now += step
     return rounds
 
@@ -481,18 +487,32 @@ def test_an_ack_that_moves_forward_brings_the_next_resend_back_to_resend_after_s
     assert [s for _, s in d.wire[-4:]] == [3, 4, 3, 4]
 
 
-def test_an_ack_that_moves_nothing_is_no_progress():
-    d = Driver(window(window=10, resend_after_s=30.0), n=4)
+def test_an_ingest_that_answers_every_round_but_moves_nothing_does_not_end_the_backoff():
+    # A record the ingest never takes (seq 3): it acknowledges up to 2 whatever comes.
+    d = Driver(window(window=10, resend_after_s=30.0), n=2)
     d.win.connected(0.0)
-    d.fill()
-    for seq in range(1, 5):
-        d.puback(seq)
-    d.win.ack_message(ack(2), 1.0, made=4)
-    d.ack_upto(2)
-    assert outage(d, 2.0, 100.0) == [31.0, 91.0]
-    d.win.ack_message(ack(2), 100.0, made=4)  # the ingest repeats itself
-    d.win.ack_message(ack(1), 101.0, made=4)  # or lags behind
-    assert outage(d, 101.0, 300.0) == [211.0]
+    assert outage(d, 0.0, 1.0, answer=2) == []
+    d.commit(2)
+    assert outage(d, 2.0, 500.0, answer=2) == [31.0, 91.0, 211.0, 451.0]
+    d.win.ack_message(ack(1), 500.0, made=4)  # an ack lagging behind moves nothing either
+    assert outage(d, 500.0, 1000.0, answer=2) == [931.0]
+
+
+def test_an_ingest_back_after_silence_that_moves_nothing_ends_the_backoff():
+    # The ingest was away (its session, and the events sent meanwhile, thrown away): when it
+    # answers again, below what it lost, the gate sends again soon, not at the next round (451).
+    d = Driver(window(window=10, resend_after_s=30.0), n=2)
+    d.win.connected(0.0)
+    assert outage(d, 0.0, 1.0, answer=2) == []
+    d.commit(2)
+    assert outage(d, 2.0, 250.0) == [31.0, 91.0, 211.0]  # silent
+    d.commit(1)
+    assert d.fill(250.0) == [5]
+    d.puback(5, now=250.0)
+    effects = d.win.ack_message(ack(2), 250.5, made=5)  # the ingest holds 5, and lacks 3 and 4
+    assert Log(INFO, "the ingest acknowledges again but only up to seq 2; resending within 30 s") in effects
+    assert outage(d, 251.0, 300.0, answer=5) == [281.0]
+    assert d.records == [] and d.win.acked_upto == 5
 
 
 def test_a_new_connection_sends_everything_again_and_ends_the_backoff():

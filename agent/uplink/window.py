@@ -24,9 +24,10 @@ The rules (docs/contract.md, "Delivery: journal, acknowledgement, resends"):
   ``ack_ahead``). Without ack progress for ``resend_after_s`` the window asks
   for the oldest pending seq (``NeedOldest``) and sends again from it; each
   further round that brings no ack waits twice as long as the one before
-  (jittered, up to ``RESEND_MAX_S``), and an ack that moves forward or a new
-  connection goes back to ``resend_after_s``. A 0x10 PUBACK (nobody
-  subscribed) sends again after a growing backoff.
+  (jittered, up to ``RESEND_MAX_S``), and an ack that moves forward, a new
+  connection, or any ack after a round the ingest left unanswered (it came
+  back, short of what it lost) goes back to ``resend_after_s``. A 0x10 PUBACK
+  (nobody subscribed) sends again after a growing backoff.
 - ``ack_mode="broker"``: a PUBACK below 0x80 acknowledges its record; 0x10
   raises ``broker_dropped``.
 - A PUBACK of 0x80 or more keeps the record pending, raises
@@ -178,6 +179,9 @@ class Window:
         self._resend_rounds = 0  # resend rounds since the last ack progress or connect
         self._resend_hold_until = 0.0  # no resend round before this (the backoff)
         self._resend_asked_at = 0.0  # the time of the last NeedOldest
+        self._last_round_at = 0.0  # the last resend round
+        self._prev_round_at = 0.0  # the one before it (or the ack progress before it)
+        self._last_ack_at: float | None = None  # the last ack of this journal, moving or not
 
         self.published = 0
         self.acked = 0
@@ -214,6 +218,7 @@ class Window:
         self.sent_upto = 0
         self._min_seq_sent = None
         self._last_ack_progress = now
+        self._last_ack_at = None
         self._resend_backoff_ends(now)
 
     def rewind(self) -> None:
@@ -364,7 +369,22 @@ class Window:
             self._last_ack_progress = now
             self._drop_backoff = self.backoff_min_s
             self._resend_backoff_ends(now)
+        elif self._resend_rounds and not self._heard_since_prev_round():
+            # The ingest said nothing through the last resend round and speaks again, yet
+            # moves nothing: it came back having lost what was sent while it was away (its
+            # session thrown away). Send again soon, not when the backoff ends. An ingest that
+            # answers every round and still moves nothing (a record it never takes) gets no
+            # such shortcut: it answered the round before.
+            self._resend_backoff_ends(now)
+            out.append(Log(INFO, f"the ingest acknowledges again but only up to seq {upto}; "
+                                 f"resending within {self.resend_after_s:.0f} s"))
+        self._last_ack_at = now
         return out
+
+    def _heard_since_prev_round(self) -> bool:
+        """True if an ack of this journal came after the resend round before the last one
+        (or, for the first round, after the last ack progress)."""
+        return self._last_ack_at is not None and self._last_ack_at > self._prev_round_at
 
     def _clamp_ack(self, upto: int, now: float, made: int | None, out: list[Effect]) -> int:
         """An ack never reaches past what this run has sent and the broker accepted.
@@ -421,6 +441,8 @@ class Window:
             now = self._resend_asked_at
             quiet = now - self._last_ack_progress
             self._resend_rounds += 1
+            self._prev_round_at = max(self._last_round_at, self._last_ack_progress)
+            self._last_round_at = now
             wait = self.resend_wait(self._resend_rounds)
             self._resend_hold_until = self._resend_check_at = now + wait
             return [Log(INFO, f"no ingest ack for {quiet:.0f} s; resending from seq {oldest}; "
