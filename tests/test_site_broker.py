@@ -575,3 +575,62 @@ def test_the_events_waiting_for_the_region_survive_a_restart_of_the_site_broker(
     receiver.connect()
     wait_until(lambda: made[-1] in receiver.got(), 30, "the queued events after the restart")
     assert receiver.got() == made
+
+
+def test_an_uplink_on_the_site_broker_backs_off_its_resends_while_the_region_is_away(
+        pki, regional, site_broker, peers, tmp_path):
+    """docs/site-broker.md, "While the internet link is down": the site broker still answers
+    PUBACK but no ingest ack comes back, so gate A's uplink sends its unacknowledged events
+    again, and gate B gets every copy. Each resend round that brings no ack waits twice as long
+    as the one before (agent/uplink/window.py), so an outage of E seconds after the last ack
+    costs each event at most 2 + log2(E / resend_after_s) copies at the sibling (the first
+    send and the rounds), not one per resend_after_s. Once the region is back the ingest
+    stores each event once and the journal empties."""
+    import collections
+    import math
+    import time
+
+    from agent.regional.ingest import Ingest
+    from agent.uplink.journal import Journal
+    from agent.uplink.mqtt import Uplink
+    from tests.broker import passage
+
+    resend_s, outage_s = 1.0, 8.0
+    ingest = Ingest(regional.host, regional.services_port, db_path=tmp_path / "ingest.db",
+                    tls=pki.ingest.tls(pki.ca_file), client_id="ingest-1").start()
+    journal = Journal(tmp_path / "journal.db")
+    up = None
+    try:
+        assert ingest.ready.wait(10)
+        gate_b = peers(site_broker, pki.gate_b)
+        assert gate_b.subscribe(SITE_EVENTS) < 0x80
+        committed = journal.commit([passage(i) for i in range(5)])
+        up = Uplink(journal, site=SITE, gate=GATE_A, host=site_broker.host, port=site_broker.port,
+                    tls=pki.gate_a.tls(pki.ca_file), ack_mode="ingest", resend_after_s=resend_s,
+                    backoff_min_s=0.1, backoff_max_s=0.5).start()
+        wait_until(lambda: journal.backlog() == 0, 30, "the ingest's acks through the bridge")
+        # The uplink's last ack progress comes after this mark: the ack for the record below.
+        mark = time.monotonic()
+        committed += journal.commit([passage(5)])
+        wait_until(lambda: journal.backlog() == 0, 30, "the ack for the last record before the outage")
+        regional.stop()
+        during = journal.commit([passage(i) for i in range(6, 26)])
+        ids = {r["id"] for r in during}
+        time.sleep(outage_s)
+        at_b = collections.Counter(json.loads(p)["id"] for _, p in gate_b.got(A["events"]))
+        elapsed = time.monotonic() - mark
+        copies = {i: at_b[i] for i in ids}
+        assert journal.backlog() == len(during)  # nobody acknowledged them
+        assert min(copies.values()) >= 1, "gate B did not get every event with the region away"
+        bound = 2 + math.floor(math.log2(elapsed / resend_s))
+        assert max(copies.values()) <= bound, (
+            f"gate B got up to {max(copies.values())} copies of an event in {elapsed:.1f} s "
+            f"without an ack (resend_after_s {resend_s}); backed-off resends allow {bound}")
+        regional.start()
+        wait_until(lambda: journal.backlog() == 0, 60, "the events made meanwhile to be stored and acked")
+        assert [e["seq"] for e in ingest.events(SITE, GATE_A)] == [r["seq"] for r in committed + during]
+    finally:
+        if up is not None:
+            up.stop()
+        ingest.stop()
+        journal.close()

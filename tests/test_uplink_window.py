@@ -15,6 +15,7 @@ from agent.uplink.window import (
     ACK_AHEAD_QUIET_S,
     ERROR,
     INFO,
+    RESEND_MAX_S,
     WARNING,
     AckOne,
     AckUpto,
@@ -44,7 +45,8 @@ class Driver:
         return [r for r in self.records if r["seq"] > after][:limit]
 
     def commit(self, n: int) -> None:
-        last = self.records[-1]["seq"] if self.records else 0
+        last = max((s for _, s in self.wire), default=0)
+        last = max([last, *(r["seq"] for r in self.records)])
         self.records += [{"seq": s, "id": f"{self.win.journal_id}:{s}"} for s in range(last + 1, last + n + 1)]
         self.win.more()
 
@@ -315,10 +317,12 @@ def test_a_stalled_event_is_resent_resend_after_s_after_the_last_ack_progress():
     assert d.win.tick(30.0) == []
     assert d.win.tick(31.0 - 1e-6) == []
     assert d.win.tick(31.0) == [NeedOldest()]
-    assert d.win.resend_check(2) == [Log(INFO, "no ingest ack for 30 s; resending from seq 2")]
+    assert d.win.resend_check(2) == [Log(INFO, "no ingest ack for 30 s; resending from seq 2; "
+                                              "the next resend in 60 s unless an ack comes")]
     assert d.fill(31.0) == [2, 3]
-    assert d.win.tick(31.5) == []  # the next check is a whole period later
-    assert d.win.tick(61.0) == [NeedOldest()]
+    assert d.win.tick(31.5) == []
+    assert d.win.tick(61.0) == []  # that round brought no ack: the next waits twice as long
+    assert d.win.tick(91.0) == [NeedOldest()]
 
 
 def test_no_resend_for_a_record_still_on_the_wire_or_never_sent():
@@ -411,6 +415,153 @@ def test_a_journal_switch_starts_the_new_journal_from_nothing():
     assert d.fill(1.0) == [1]
     assert d.puback(1, now=1.0)[0] == AckOne(1, "j2")
     assert d.win.sent_upto == 1
+
+
+# --- resends without an ack: the backoff ---------------------------------------------------
+# A site broker whose link to the region is down PUBACKs every publish, but no ingest ack can
+# come; every copy reaches the site's other gates and waits in the bridge's queue (docs/site-broker.md).
+
+
+def outage(d: Driver, start: float, end: float, step: float = 1.0, answer: int | None = None) -> list[float]:
+    """Run the window from ``start`` to ``end`` as the uplink thread would, the broker answering
+    every PUBACK; the times of the resend rounds. ``answer``: the ingest answers each batch it
+    gets, half a step later, with an ack up to this seq (None: no ingest ack comes)."""
+    rounds: list[float] = []
+    now = start
+    while now <= end:
+        for effect in d.win.tick(now):
+            if effect == NeedOldest():
+                oldest = d.records[0]["seq"] if d.records else None
+                if d.win.resend_check(oldest):
+                    rounds.append(now)
+        sent = d.fill(now)
+        for seq in sent:
+            d.puback(seq, now=now)
+        if sent and answer is not None:
+            d.win.ack_message(ack(answer), now + step / 2, made=d.win.cursor)
+            d.ack_upto(answer)
+        now += step
+    return rounds
+
+
+def copies(d: Driver) -> dict[int, int]:
+    """How many times each seq went on the wire."""
+    out: dict[int, int] = {}
+    for _, seq in d.wire:
+        out[seq] = out.get(seq, 0) + 1
+    return out
+
+
+def test_resend_rounds_that_bring_no_ack_come_twice_as_far_apart_up_to_15_minutes():
+    # An hour without ingest acks: 7 resend rounds, not 120 (one every 30 s, as before).
+    d = Driver(window(window=10, resend_after_s=30.0), n=8)
+    d.win.connected(0.0)
+    rounds = outage(d, 0.0, 3600.0)
+    assert rounds == [30.0, 90.0, 210.0, 450.0, 930.0, 1830.0, 2730.0]
+    assert RESEND_MAX_S == 900.0
+    # Each round sends the whole backlog again, in order, under the same ids.
+    assert copies(d) == dict.fromkeys(range(1, 9), 1 + len(rounds))
+    assert [s for _, s in d.wire] == list(range(1, 9)) * (1 + len(rounds))
+
+
+def test_records_made_during_the_backoff_go_out_at_once_and_only_resends_wait():
+    d = Driver(window(window=10, resend_after_s=30.0), n=2)
+    d.win.connected(0.0)
+    assert outage(d, 0.0, 100.0) == [30.0, 90.0]
+    d.commit(2)  # seqs 3 and 4, while the next round is held back until t=210
+    assert d.fill(101.0) == [3, 4]
+    for seq in (3, 4):
+        d.puback(seq, now=101.0)
+    assert outage(d, 102.0, 300.0) == [210.0]
+    assert d.wire[-4:] == [(d.mid_of(s), s) for s in (1, 2, 3, 4)]  # the round sends from the oldest
+
+
+def test_an_ack_that_moves_forward_brings_the_next_resend_back_to_resend_after_s():
+    d = Driver(window(window=10, resend_after_s=30.0), n=4)
+    d.win.connected(0.0)
+    assert outage(d, 0.0, 460.0) == [30.0, 90.0, 210.0, 450.0]  # the next would be at 930
+    d.win.ack_message(ack(2), 500.0, made=4)
+    d.ack_upto(2)
+    # 30 s after the ack, then doubling again from there.
+    assert outage(d, 501.0, 700.0) == [530.0, 590.0]
+    assert [s for _, s in d.wire[-4:]] == [3, 4, 3, 4]
+
+
+def test_an_ingest_that_answers_every_round_but_moves_nothing_does_not_end_the_backoff():
+    # A record the ingest never takes (seq 3): it acknowledges up to 2 whatever comes.
+    d = Driver(window(window=10, resend_after_s=30.0), n=2)
+    d.win.connected(0.0)
+    assert outage(d, 0.0, 1.0, answer=2) == []
+    d.commit(2)
+    assert outage(d, 2.0, 500.0, answer=2) == [31.0, 91.0, 211.0, 451.0]
+    d.win.ack_message(ack(1), 500.0, made=4)  # an ack lagging behind moves nothing either
+    assert outage(d, 500.0, 1000.0, answer=2) == [931.0]
+
+
+def test_an_ingest_back_after_silence_that_moves_nothing_ends_the_backoff():
+    # The ingest was away (its session, and the events sent meanwhile, thrown away): when it
+    # answers again, below what it lost, the gate sends again soon, not at the next round (451).
+    d = Driver(window(window=10, resend_after_s=30.0), n=2)
+    d.win.connected(0.0)
+    assert outage(d, 0.0, 1.0, answer=2) == []
+    d.commit(2)
+    assert outage(d, 2.0, 250.0) == [31.0, 91.0, 211.0]  # silent
+    d.commit(1)
+    assert d.fill(250.0) == [5]
+    d.puback(5, now=250.0)
+    effects = d.win.ack_message(ack(2), 250.5, made=5)  # the ingest holds 5, and lacks 3 and 4
+    assert Log(INFO, "the ingest acknowledges again but only up to seq 2; resending within 30 s") in effects
+    assert outage(d, 251.0, 300.0, answer=5) == [281.0]
+    assert d.records == [] and d.win.acked_upto == 5
+
+
+def test_a_new_connection_sends_everything_again_and_ends_the_backoff():
+    d = Driver(window(window=10, resend_after_s=30.0), n=3)
+    d.win.connected(0.0)
+    assert outage(d, 0.0, 460.0) == [30.0, 90.0, 210.0, 450.0]
+    d.win.reset()
+    d.win.connected(600.0)
+    before = len(d.wire)
+    assert outage(d, 600.0, 700.0) == [630.0, 690.0]
+    assert [s for _, s in d.wire[before:]] == [1, 2, 3] * 3  # at the connect, then each round
+
+
+def test_a_journal_switch_ends_the_backoff():
+    d = Driver(window(window=10, resend_after_s=30.0), n=2)
+    d.win.connected(0.0)
+    assert outage(d, 0.0, 460.0) == [30.0, 90.0, 210.0, 450.0]
+    d.win.switch_journal("j2", 500.0)
+    d.records = [{"seq": 1, "id": "j2:1"}]
+    assert outage(d, 500.0, 600.0) == [530.0, 590.0]
+
+
+def test_the_resend_backoff_is_jittered_never_below_resend_after_s_and_bounded_in_rounds():
+    # The worst jitter (always the low end): each wait is half the doubled one, never under
+    # resend_after_s, at most RESEND_MAX_S.
+    low = Driver(window(window=10, resend_after_s=30.0, uniform=lambda a, b: a), n=2)
+    low.win.connected(0.0)
+    rounds = outage(low, 0.0, 3600.0)
+    assert rounds == [30.0, 60.0, 120.0, 240.0, 480.0, 930.0, 1380.0, 1830.0, 2280.0, 2730.0, 3180.0]
+    assert low.win.resend_wait(1) == 30.0 and low.win.resend_wait(50) == RESEND_MAX_S / 2
+    high = window(resend_after_s=30.0)
+    assert [high.resend_wait(k) for k in range(1, 7)] == [60.0, 120.0, 240.0, 480.0, 900.0, 900.0]
+    # Whatever the jitter: T seconds without an ack cost at most 1 + log2(T / resend_after_s)
+    # rounds while the doubled wait is under the cap.
+    import math
+    import random
+
+    rng = random.Random(14)
+    for _ in range(20):
+        d = Driver(window(window=10, resend_after_s=1.0, uniform=rng.uniform), n=2)
+        d.win.connected(0.0)
+        rounds = outage(d, 0.0, 400.0, step=0.25)
+        for k, t in enumerate(rounds, 1):
+            assert k <= 1 + math.log2(t / 1.0), rounds
+
+
+def test_a_resend_backoff_longer_than_the_cap_keeps_resend_after_s():
+    win = window(resend_after_s=2000.0)
+    assert win.resend_wait(1) == 2000.0  # a configured period longer than the cap is kept
 
 
 # --- refusals -----------------------------------------------------------------------------

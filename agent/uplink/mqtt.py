@@ -22,8 +22,10 @@ Delivery (docs/contract.md, "Delivery: journal, acknowledgement, resends"):
 - ``ack_mode="ingest"`` (default): an event is done only when the server's
   ``ack`` message ``{"journal", "upto"}`` arrives (``journal.ack_upto``); a
   PUBACK only frees its window slot. Events still pending after a reconnect,
-  after ``resend_after_s`` without ack progress, or after the broker answered
-  0x10 (nobody subscribed) are sent again; duplicates keep their ``id``.
+  after ``resend_after_s`` without ack progress (each further round without
+  an ack waits twice as long, up to 15 min: ``window.RESEND_MAX_S``), or after
+  the broker answered 0x10 (nobody subscribed) are sent again; duplicates keep
+  their ``id``.
 - ``ack_mode="broker"`` (labs): a PUBACK below 0x80 acknowledges the event
   (``journal.ack_one``); 0x10 also counts but raises the ``broker_dropped``
   alarm, because the broker threw the message away.

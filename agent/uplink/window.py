@@ -22,8 +22,12 @@ The rules (docs/contract.md, "Delivery: journal, acknowledgement, resends"):
   ``{"journal", "upto"}`` ack acknowledges, clamped to what this run sent
   and the broker accepted (an ack beyond the journal's own records raises
   ``ack_ahead``). Without ack progress for ``resend_after_s`` the window asks
-  for the oldest pending seq (``NeedOldest``) and sends again from it; a
-  0x10 PUBACK (nobody subscribed) sends again after a growing backoff.
+  for the oldest pending seq (``NeedOldest``) and sends again from it; each
+  further round that brings no ack waits twice as long as the one before
+  (jittered, up to ``RESEND_MAX_S``), and an ack that moves forward, a new
+  connection, or any ack after a round the ingest left unanswered (it came
+  back, short of what it lost) goes back to ``resend_after_s``. A 0x10 PUBACK
+  (nobody subscribed) sends again after a growing backoff.
 - ``ack_mode="broker"``: a PUBACK below 0x80 acknowledges its record; 0x10
   raises ``broker_dropped``.
 - A PUBACK of 0x80 or more keeps the record pending, raises
@@ -46,6 +50,10 @@ RC_FIRST_FAILURE = 0x80
 
 # ack_ahead clears after this long without another ack beyond the gate's records.
 ACK_AHEAD_QUIET_S = 600.0
+# Resend rounds that bring no ack back wait longer each time, up to this: a site broker
+# whose link to the region is down still answers PUBACK, but no ingest ack can come,
+# and every copy reaches the site's other gates and the bridge's queue (docs/reliability.md).
+RESEND_MAX_S = 900.0
 # The safety poll: look for records this often even if a wake-up was missed.
 POLL_S = 1.0
 # How often the drain rate takes a sample, and how far back it looks.
@@ -168,6 +176,12 @@ class Window:
         self._min_seq_sent: int | None = None
         self._last_ack_progress = 0.0
         self._resend_check_at = 0.0
+        self._resend_rounds = 0  # resend rounds since the last ack progress or connect
+        self._resend_hold_until = 0.0  # no resend round before this (the backoff)
+        self._resend_asked_at = 0.0  # the time of the last NeedOldest
+        self._last_round_at = 0.0  # the last resend round
+        self._prev_round_at = 0.0  # the one before it (or the ack progress before it)
+        self._last_ack_at: float | None = None  # the last ack of this journal, moving or not
 
         self.published = 0
         self.acked = 0
@@ -180,6 +194,7 @@ class Window:
         self.size = min(self.window, receive_max) if receive_max else self.window
         self._last_ack_progress = now
         self._resend_check_at = now + self.resend_after_s
+        self._resend_backoff_ends(now)
         # A refusal pause outlives the connection: mosquitto 2.0 drops a client
         # after refusing its publish, and resending at once would loop.
         self._retry_at = None
@@ -203,6 +218,8 @@ class Window:
         self.sent_upto = 0
         self._min_seq_sent = None
         self._last_ack_progress = now
+        self._last_ack_at = None
+        self._resend_backoff_ends(now)
 
     def rewind(self) -> None:
         """Send again from the oldest pending record (in-flight ones excepted)."""
@@ -351,7 +368,23 @@ class Window:
             self.acked_upto = upto
             self._last_ack_progress = now
             self._drop_backoff = self.backoff_min_s
+            self._resend_backoff_ends(now)
+        elif self._resend_rounds and not self._heard_since_prev_round():
+            # The ingest said nothing through the last resend round and speaks again, yet
+            # moves nothing: it came back having lost what was sent while it was away (its
+            # session thrown away). Send again soon, not when the backoff ends. An ingest that
+            # answers every round and still moves nothing (a record it never takes) gets no
+            # such shortcut: it answered the round before.
+            self._resend_backoff_ends(now)
+            out.append(Log(INFO, f"the ingest acknowledges again but only up to seq {upto}; "
+                                 f"resending within {self.resend_after_s:.0f} s"))
+        self._last_ack_at = now
         return out
+
+    def _heard_since_prev_round(self) -> bool:
+        """True if an ack of this journal came after the resend round before the last one
+        (or, for the first round, after the last ack progress)."""
+        return self._last_ack_at is not None and self._last_ack_at > self._prev_round_at
 
     def _clamp_ack(self, upto: int, now: float, made: int | None, out: list[Effect]) -> int:
         """An ack never reaches past what this run has sent and the broker accepted.
@@ -390,25 +423,53 @@ class Window:
             out.append(_alarm("ack_ahead", False, f"no ack beyond this gate's records for "
                                                  f"{ACK_AHEAD_QUIET_S:.0f} s"))
         if self.ack_mode == "ingest" and now >= self._resend_check_at:
-            due = self._last_ack_progress + self.resend_after_s
+            due = max(self._last_ack_progress + self.resend_after_s, self._resend_hold_until)
             # Checked again when the ack progress seen now runs out, not a whole period later:
             # an event stalled just after a check waits resend_after_s, never twice that.
             self._resend_check_at = due if now < due else now + self.resend_after_s
             if now >= due:
+                self._resend_asked_at = now
                 out.append(NeedOldest())
         return out
 
     def resend_check(self, oldest: int | None) -> list[Effect]:
         """After ``NeedOldest``: the journal's oldest pending seq (None: nothing pending).
-        Sent, not on the wire and still not acknowledged: send again from it."""
+        Sent, not on the wire and still not acknowledged: send again from it, and hold
+        the next round back for longer than the last (``resend_wait``)."""
         if oldest is not None and oldest <= self.cursor and oldest not in self._inflight_seqs:
             self.rewind()
-            return [Log(INFO, f"no ingest ack for {self.resend_after_s:.0f} s; resending from seq {oldest}")]
+            now = self._resend_asked_at
+            quiet = now - self._last_ack_progress
+            self._resend_rounds += 1
+            self._prev_round_at = max(self._last_round_at, self._last_ack_progress)
+            self._last_round_at = now
+            wait = self.resend_wait(self._resend_rounds)
+            self._resend_hold_until = self._resend_check_at = now + wait
+            return [Log(INFO, f"no ingest ack for {quiet:.0f} s; resending from seq {oldest}; "
+                              f"the next resend in {wait:.0f} s unless an ack comes")]
         return []
+
+    def resend_wait(self, rounds: int) -> float:
+        """The wait after the ``rounds``-th resend round in a row without ack progress:
+        ``resend_after_s`` doubled per round up to ``RESEND_MAX_S``, jittered between half
+        and all of it (never under ``resend_after_s``). So an outage of T seconds after the
+        last ack costs at most 1 + log2(T / resend_after_s) rounds while the doubled wait
+        is under the cap, then one per ``RESEND_MAX_S / 2`` at most."""
+        cap = max(RESEND_MAX_S, self.resend_after_s)
+        return max(self.resend_after_s, backoff_s(rounds, self.resend_after_s, cap, self._uniform))
+
+    def _resend_backoff_ends(self, now: float) -> None:
+        """An ack moved forward, or a new connection or journal: the next resend round
+        comes ``resend_after_s`` after it again, not when the backoff would have ended."""
+        self._resend_rounds = 0
+        self._resend_hold_until = 0.0
+        self._resend_check_at = min(self._resend_check_at, now + self.resend_after_s)
 
     def next_deadline(self, now: float) -> float:
         """When ``tick`` next has something to do (or a paused window opens)."""
         due = [self._poll_at]
+        if self.ack_mode == "ingest":
+            due.append(self._resend_check_at)
         if self._retry_at is not None:
             due.append(self._retry_at)
         if self.paused_until > now:
