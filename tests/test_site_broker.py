@@ -574,7 +574,9 @@ def test_the_events_waiting_for_the_region_survive_a_restart_of_the_site_broker(
     receiver.messages.clear()
     receiver.connect()
     wait_until(lambda: made[-1] in receiver.got(), 30, "the queued events after the restart")
-    assert receiver.got() == made
+    # QoS 1 is at least once: event 0, delivered before the receiver went away, may come
+    # again if its PUBACK was still on the way (seen under load); the queued ones come in order.
+    assert [m for m in receiver.got() if m != (B["events"], event(GATE_B, 0))] == made
 
 
 def test_an_uplink_on_the_site_broker_backs_off_its_resends_while_the_region_is_away(
