@@ -40,30 +40,38 @@ class SiteGate:
     config: GateConfig
 
 
-def site_gates(entries: list[dict], base: dict, where_is: Any, problems: list[str]) -> list[SiteGate]:
+def site_gates(entries: list[dict], base: dict, where_is: Any, problems: list[str],
+               skip: set[int] = frozenset()) -> list[SiteGate]:
     """The scenario's ``[[gates]]``: each entry's settings over the scenario's ``[gate]``
-    ones (``base``), with ``gate`` = its ``name``; problems are added with where they are."""
+    ones (``base``), with ``gate`` = its ``name``; problems are added with where they are.
+    skip: entries the schema has faulted already (by index)."""
     known = {f.name for f in dataclasses.fields(GateConfig)}
+    allowed = ", ".join(["name", *sorted(known - {"gate"})])
     out: list[SiteGate] = []
     seen: set[str] = set()
     for i, entry in enumerate(entries):
+        if i in skip:
+            continue
+
+        def at(*key: str, i: int = i) -> str:
+            return where_is(["gates", i, *key])
+
         name = entry.get("name")
         if name in seen:
-            problems.append(f"{where_is(['gates', i, 'name'])}: {name!r} is declared twice; each gate once")
+            problems.append(f"{at('name')}: {name!r} is declared twice; each gate once")
             continue
         seen.add(name)
         settings = {k: v for k, v in entry.items() if k != "name"}
         for k in sorted(set(settings) - known):
-            problems.append(f"{where_is(['gates', i, k])}: unknown setting; allowed: name, "
-                            f"{', '.join(sorted(known - {'gate'}))}")
+            problems.append(f"{at(k)}: unknown setting; allowed: {allowed}")
             settings.pop(k)
         if "gate" in settings:
-            problems.append(f"{where_is(['gates', i, 'gate'])}: a gate of [[gates]] is named by `name`")
+            problems.append(f"{at('gate')}: a gate of [[gates]] is named by `name`")
             settings.pop("gate")
         try:
             out.append(SiteGate(name, GateConfig(**{**base, **settings, "gate": name})))
         except (GateConfigError, TypeError, ValueError) as exc:
-            problems.append(f"{where_is(['gates', i])}: {exc}")
+            problems.append(f"{at()}: {exc}")
     return out
 
 

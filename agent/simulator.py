@@ -212,11 +212,15 @@ def scenario_from_dict(doc: dict, *, source: str = "<scenario>", base: Path = Pa
         problems.append(f"/gate: {exc}")
 
     gates = []
-    if "gates" in doc and ("gates",) not in bad:
+    site = isinstance(doc.get("gates"), list)  # several gates, though the schema faulted some
+    if site:
         from agent.simsite import site_gates
 
-        gates = site_gates(doc["gates"], gate_fields, where_is, problems)
-    gate_names = [g.name for g in gates]
+        gates = site_gates(doc["gates"], gate_fields, where_is, problems,
+                           skip={i for i in range(len(doc["gates"])) if ("gates", i) in bad})
+    # Every gate declared, also one whose settings are wrong (said above): steps may name it.
+    gate_names = list(dict.fromkeys(e["name"] for i, e in enumerate(doc["gates"])
+                                    if ("gates", i) not in bad)) if site else []
 
     acl = None
     if "acl" in doc:
@@ -247,12 +251,13 @@ def scenario_from_dict(doc: dict, *, source: str = "<scenario>", base: Path = Pa
             problems.append(f"{where('at')}: {step['at']} is before the previous step; steps run in time order")
         t = max(t, t_new)
         reader = step.get("reader")
-        if gates:
+        if site:
             # A step with no `gate` is the first gate's.
-            step = {**step, "gate": step.get("gate", gate_names[0])}
-            if step["gate"] not in gate_names:
+            step = {**step, "gate": step.get("gate", gate_names[0] if gate_names else None)}
+            if gate_names and step["gate"] not in gate_names:
                 problems.append(f"{where('gate')}: {step['gate']!r} is not a gate of [[gates]]: {gate_names}")
-            readers = dict(next((g.config.readers for g in gates if g.name == step["gate"]), {}))
+            readers = dict(next((g.config.readers for g in gates if g.name == step["gate"]),
+                                config.readers if config else {}))
             if "link" in step and set(step) - {"at", "note", "gate", "link"}:
                 problems.append(f"{where('link')}: a link change goes on a step of its own (with at, gate, note)")
         elif "gate" in step or "link" in step:
@@ -332,11 +337,11 @@ def scenario_from_dict(doc: dict, *, source: str = "<scenario>", base: Path = Pa
                                     f"a sequence item is one record")
         else:
             items = [(["expect", i], exp)]
+        names = gate_names if site else [config.gate] if config else []
         for parts, item in items:
             g = item.get("gate")
-            if g is not None and g not in (gate_names or [config.gate if config else None]):
-                problems.append(f"{where_is([*parts, 'gate'])}: {g!r} is not a gate of the scenario; "
-                                f"gates: {gate_names or [config.gate if config else None]}")
+            if g is not None and (names or not site) and g not in names:
+                problems.append(f"{where_is([*parts, 'gate'])}: {g!r} is not a gate of the scenario; gates: {names}")
             n = item.get("step")
             if isinstance(n, int) and n > n_steps:
                 problems.append(f"{where_is([*parts, 'step'])}: step {n} does not exist; "
