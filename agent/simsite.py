@@ -88,7 +88,7 @@ class SiteSimulator(Simulator):
         self.gates: dict[str, Simulator] = {}
         for g in scenario.gates:
             one = Simulator(dataclasses.replace(scenario, config=g.config, gates=[]), fp=fp,
-                            trace_io=trace_io, boot=boot)
+                            trace_io=trace_io, boot=f"{boot}-{g.name}"[:64])  # each board its own
             one.sink = SequenceSink(g.name)  # ids "north:3": unique across the site, as the service's
             one._queue, one._order = self._queue, self._order  # one queue, one virtual time
             self.gates[g.name] = one

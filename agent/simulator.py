@@ -9,7 +9,7 @@ and, with ``trace_io``, a line for every output change.
 It owns the clock (virtual) and the only "I/O" is reading the scenario and
 its access-list files, so the same run gives the same records every time.
 
-Some 660 lines: a scenario's checks (schema, then meaning, each problem with
+Some 680 lines: a scenario's checks (schema, then meaning, each problem with
 its step and line), its run, and its expectations (counts and sequences),
 which share the scenario's notion of a step. Several gates of one site and
 the link between them are agent/simsite.py's (a scenario with ``[[gates]]``).
@@ -304,7 +304,7 @@ def scenario_from_dict(doc: dict, *, source: str = "<scenario>", base: Path = Pa
             r = step["rush"]
             for j, c in enumerate(r["cards"]):
                 steps.append({"t": t + j * r["every"], "card": c, "reader": reader, "walk": r.get("walk"),
-                              "_step": i + 1})
+                              "gate": step.get("gate"), "_step": i + 1})
             t += (len(r["cards"]) - 1) * r["every"]
             continue
         if hold:
@@ -315,7 +315,7 @@ def scenario_from_dict(doc: dict, *, source: str = "<scenario>", base: Path = Pa
             n = 1
             while n * hold["every"] <= hold["for"] + 1e-9:
                 steps.append({"t": t + n * hold["every"], "serial": step["serial"], "protocol": step["protocol"],
-                              "reader": reader, "_step": i + 1})
+                              "reader": reader, "gate": step.get("gate"), "_step": i + 1})
                 n += 1
             continue
         steps.append({**step, "t": t, "reader": reader, "_step": i + 1})

@@ -254,3 +254,18 @@ def test_site_examples_have_several_gates_and_check_order_by_gate(name):
     sc = load_scenario(EXAMPLES / name)
     assert len(sc.gates) >= 2
     assert any("sequence" in e and any("gate" in item for item in e["sequence"]) for e in sc.expect)
+
+
+def test_a_rush_a_held_card_and_a_serial_frame_happen_at_their_gate(fp):
+    frame = b"\x0214008EC793CE\x03".hex(" ")  # the RDM6300 frame of SENIOR
+    steps = [{"at": "08:00", "gate": "south", "rush": {"cards": ["100,60179", "100,60181"], "every": 3.0,
+                                                       "walk": 1.0}},
+             {"at": "08:01", "gate": "south", "serial": frame, "protocol": "rdm6300", "reader": "entry",
+              "hold": {"for": 1.2, "every": 0.25}, "walk": 1.0},
+             {"at": "08:02", "gate": "north", "serial": frame[:12], "protocol": "rdm6300", "reader": "entry"}]
+    sim, _ = _run(_site(steps), fp)
+    made = [(g, r["type"], r.get("person"), r.get("kind")) for r, g in zip(sim.records, sim.record_gates, strict=True)
+            if r["type"] in ("access.granted", "reader.error")]
+    # The held card is one grant (the repeat filter of south's reader); the torn frame is north's.
+    assert made == [("south", "access.granted", "p-0001", None), ("south", "access.granted", "p-0003", None),
+                    ("south", "access.granted", "p-0021", None), ("north", "reader.error", None, "garbage")]
