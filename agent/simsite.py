@@ -113,6 +113,7 @@ class SiteSimulator(Simulator):
             yield from self._own(name, one._emit(one.gate.start(one.now(0.0)), 0.0, 0), 0.0)
         for step in self.sc.steps:
             self._push(step["t"], step)
+            self.gates[step["gate"]]._n += 1  # its steps, as a one-gate run counts (a command's request id)
         while True:
             due = [(d - MONO_START, name) for name, one in self.gates.items()
                    if (d := one.gate.next_deadline()) is not None]
