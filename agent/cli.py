@@ -41,16 +41,19 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         import fastpath
 
         print(f"# {scenario.name} — {scenario.source} (fastpath: {fastpath.IMPLEMENTATION})", file=out)
-    for step, item in sim.run_steps():
+    site = bool(scenario.gates)  # a site scenario's lines say which gate made each record
+    for step, gate, item in sim.run_gates():
         if args.pretty:
-            print(format_pretty(item, scenario.start.tzinfo, pretty_words(), step), file=out)
+            print(format_pretty(item, scenario.start.tzinfo, pretty_words(), step, gate if site else None), file=out)
         else:
-            # --steps: the step beside the record, which holds the contract's fields only (an object:
-            # room for more beside it, e.g. the gate of a site scenario).
-            line = {"step": step, "record": item} if args.steps else item
+            # --steps: the step (and a site scenario's gate) beside the record, which holds the
+            # contract's fields only.
+            beside = {"step": step, "gate": gate} if site else {"step": step}
+            line = {**beside, "record": item} if args.steps else item
             print(json.dumps(line, separators=(",", ":"), ensure_ascii=False), file=out)
     if args.check:
-        failures = check_expectations(sim.records, scenario.expect, scenario.expect_lines, sim.record_steps)
+        failures = check_expectations(sim.records, scenario.expect, scenario.expect_lines, sim.record_steps,
+                                      sim.record_gates)
         for f in failures:
             print("gate-agent simulate: " + _t("expectation not met: {problem}").format(problem=scenario_message(f)),
                   file=sys.stderr)

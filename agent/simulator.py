@@ -9,10 +9,10 @@ and, with ``trace_io``, a line for every output change.
 It owns the clock (virtual) and the only "I/O" is reading the scenario and
 its access-list files, so the same run gives the same records every time.
 
-Some 610 lines: a scenario's checks (schema, then meaning, each problem with
+Some 680 lines: a scenario's checks (schema, then meaning, each problem with
 its step and line), its run, and its expectations (counts and sequences),
-which share the scenario's notion of a step; the site's several gates are
-the point to move the expectations out.
+which share the scenario's notion of a step. Several gates of one site and
+the link between them are agent/simsite.py's (a scenario with ``[[gates]]``).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import fastpath
 from agent import __version__
@@ -46,6 +46,7 @@ SERIAL_QUIET_S = 0.1  # SerialReader's read_timeout_s: a torn RDM6300 frame is g
 MAX_HOLD_FRAMES = 10_000  # a step's hold: more is a typo, and would fill memory
 # Keys of an [[expect]] entry (and of a sequence's items) that are not record fields.
 EXPECT_KEYS = ("count", "min", "note", "sequence")
+LINK_DELAY_S = 0.05  # a site scenario's link: a record reaches the sibling gates this much later
 
 
 class ScenarioError(ProblemsError):
@@ -122,6 +123,9 @@ class Scenario:
     state: dict | None = None
     expect_lines: list[int | None] = field(default_factory=list)  # 1-based, where the TOML has them
     repeat_window_s: float = REPEAT_WINDOW_S  # the serial readers' repeat filter
+    # A site scenario's gates (agent.simsite.SiteGate), each its own Gate; none: one gate, `config`.
+    gates: list = field(default_factory=list)
+    link_delay_s: float = LINK_DELAY_S
 
 
 def _load_acl_doc(value: Any, base: Path, where: str, problems: list[str]) -> dict | None:
@@ -207,6 +211,17 @@ def scenario_from_dict(doc: dict, *, source: str = "<scenario>", base: Path = Pa
     except (GateConfigError, TypeError, ValueError) as exc:
         problems.append(f"/gate: {exc}")
 
+    gates = []
+    site = isinstance(doc.get("gates"), list)  # several gates, though the schema faulted some
+    if site:
+        from agent.simsite import site_gates
+
+        gates = site_gates(doc["gates"], gate_fields, where_is, problems,
+                           skip={i for i in range(len(doc["gates"])) if ("gates", i) in bad})
+    # Every gate declared, also one whose settings are wrong (said above): steps may name it.
+    gate_names = list(dict.fromkeys(e["name"] for i, e in enumerate(doc["gates"])
+                                    if ("gates", i) not in bad)) if site else []
+
     acl = None
     if "acl" in doc:
         acl_doc = _load_acl_doc(doc["acl"], base, "/acl", problems)
@@ -236,6 +251,19 @@ def scenario_from_dict(doc: dict, *, source: str = "<scenario>", base: Path = Pa
             problems.append(f"{where('at')}: {step['at']} is before the previous step; steps run in time order")
         t = max(t, t_new)
         reader = step.get("reader")
+        if site:
+            # A step with no `gate` is the first gate's.
+            step = {**step, "gate": step.get("gate", gate_names[0] if gate_names else None)}
+            if gate_names and step["gate"] not in gate_names:
+                problems.append(f"{where('gate')}: {step['gate']!r} is not a gate of [[gates]]: {gate_names}")
+            readers = dict(next((g.config.readers for g in gates if g.name == step["gate"]),
+                                config.readers if config else {}))
+            if "link" in step and set(step) - {"at", "note", "gate", "link"}:
+                problems.append(f"{where('link')}: a link change goes on a step of its own (with at, gate, note)")
+        elif "gate" in step or "link" in step:
+            key = "gate" if "gate" in step else "link"
+            problems.append(f"{where(key)}: {key} is for a scenario with several gates; declare them "
+                            f"with [[gates]] (docs/scenarios.md)")
         needs_reader = any(k in step for k in ("card", "wiegand", "serial", "osdp")) or "rush" in step
         if "rush" in step:
             reader = step["rush"].get("reader", reader)
@@ -276,7 +304,7 @@ def scenario_from_dict(doc: dict, *, source: str = "<scenario>", base: Path = Pa
             r = step["rush"]
             for j, c in enumerate(r["cards"]):
                 steps.append({"t": t + j * r["every"], "card": c, "reader": reader, "walk": r.get("walk"),
-                              "_step": i + 1})
+                              "gate": step.get("gate"), "_step": i + 1})
             t += (len(r["cards"]) - 1) * r["every"]
             continue
         if hold:
@@ -287,7 +315,7 @@ def scenario_from_dict(doc: dict, *, source: str = "<scenario>", base: Path = Pa
             n = 1
             while n * hold["every"] <= hold["for"] + 1e-9:
                 steps.append({"t": t + n * hold["every"], "serial": step["serial"], "protocol": step["protocol"],
-                              "reader": reader, "_step": i + 1})
+                              "reader": reader, "gate": step.get("gate"), "_step": i + 1})
                 n += 1
             continue
         steps.append({**step, "t": t, "reader": reader, "_step": i + 1})
@@ -309,7 +337,11 @@ def scenario_from_dict(doc: dict, *, source: str = "<scenario>", base: Path = Pa
                                     f"a sequence item is one record")
         else:
             items = [(["expect", i], exp)]
+        names = gate_names if site else [config.gate] if config else []
         for parts, item in items:
+            g = item.get("gate")
+            if g is not None and (names or not site) and g not in names:
+                problems.append(f"{where_is([*parts, 'gate'])}: {g!r} is not a gate of the scenario; gates: {names}")
             n = item.get("step")
             if isinstance(n, int) and n > n_steps:
                 problems.append(f"{where_is([*parts, 'step'])}: step {n} does not exist; "
@@ -329,11 +361,21 @@ def scenario_from_dict(doc: dict, *, source: str = "<scenario>", base: Path = Pa
         clock_synced=doc.get("clock_synced", True),
         state=doc.get("state"),
         repeat_window_s=doc.get("repeat_window_s", REPEAT_WINDOW_S),
+        gates=gates,
+        link_delay_s=doc.get("link_delay_s", LINK_DELAY_S),
     )
 
 
 class Simulator:
-    """Runs a Scenario through the core; `run()` yields output lines (dicts)."""
+    """Runs a Scenario through the core; `run()` yields output lines (dicts). A scenario
+    with [[gates]] makes an agent.simsite.SiteSimulator (the same interface)."""
+
+    def __new__(cls, scenario: Scenario, **kwargs: Any) -> Self:
+        if cls is Simulator and scenario.gates:
+            from agent.simsite import SiteSimulator
+
+            return super().__new__(SiteSimulator)
+        return super().__new__(cls)
 
     def __init__(self, scenario: Scenario, *, fp=None, trace_io: bool = False, boot: str = "sim-boot"):
         self.sc = scenario
@@ -365,6 +407,7 @@ class Simulator:
         # record_steps[i]: the number of the step that caused records[i] (0: the gate's start).
         # Beside the records, not in them: a record holds the contract's fields only.
         self.record_steps: list[int] = []
+        self.record_gates: list[str] = []  # the gate that made each record (a site scenario's several)
         self._timer_step = 0  # the step that last set the gate's next timer: its ticks' records are its
 
     def now(self, t: float) -> ev.Now:
@@ -385,6 +428,7 @@ class Simulator:
         for rec in self.sink.commit(step.records):
             self.records.append(rec)
             self.record_steps.append(n)
+            self.record_gates.append(self.sc.config.gate)
             yield n, rec
         if self.trace_io:
             for cmd in step.commands:
@@ -427,7 +471,8 @@ class Simulator:
                 # SerialReader reports a torn frame once the line has been quiet for a read's timeout.
                 self._fed[(reader, proto)] = t
                 heapq.heappush(self._queue, (t + SERIAL_QUIET_S, next(self._order),
-                                             {"_quiet": (reader, proto), "_fed": t, "_step": step.get("_step", 0)}))
+                                             {"_quiet": (reader, proto), "_fed": t, "_step": step.get("_step", 0),
+                                              "gate": step.get("gate")}))
             return self._serial_events(reader, stream.feed(data), t)
         if "osdp" in step:
             # What agent/hw/osdp_reader.py makes of libosdp's card event (imported here only:
@@ -478,12 +523,21 @@ class Simulator:
 
     def run(self) -> Iterator[dict]:
         """The output lines: event records (and, with trace_io, io and feedback lines)."""
-        return (item for _n, item in self.run_steps())
+        return (item for _n, _g, item in self.run_gates())
 
     def run_steps(self) -> Iterator[tuple[int, dict]]:
         """(step, line) pairs: each output line with the number of the step that caused it
         (counted from 1 as the scenario's [[steps]]; 0 for the gate's start). A record the
         gate's own timer writes (a pulse end, a passage timeout) is the step's that set it."""
+        return ((n, item) for n, _g, item in self.run_gates())
+
+    def run_gates(self) -> Iterator[tuple[int, str, dict]]:
+        """(step, gate, line): run_steps() with the gate that made each line (this one's)."""
+        gate = self.sc.config.gate
+        for n, item in self._run():
+            yield n, gate, item
+
+    def _run(self) -> Iterator[tuple[int, dict]]:
         yield from self._emit(self.gate.start(self.now(0.0)), 0.0, 0)
         for step in self.sc.steps:
             self._push(step["t"], step)
@@ -494,45 +548,57 @@ class Simulator:
                 yield from self._tick(max(deadline - MONO_START, 0.0))
                 continue
             t, _, step = heapq.heappop(self._queue)
-            n = step.get("_step", 0)
-            if "_quiet" in step:
-                if self._fed.get(step["_quiet"]) == step["_fed"]:  # no bytes since: the line was quiet
-                    events = self._serial_events(step["_quiet"][0], self._streams[step["_quiet"]].flush(), t)
-                    for event in events:
-                        yield from self._handle(event, t, n)
-                continue
-            if "clock_synced" in step:
-                self.synced = step["clock_synced"]
-            if "acl_delta" in step or "acl_snapshot" in step:
-                for event in self._apply_acl(step):
-                    yield from self._handle(event, t, n)
-                continue
-            # A step with no stimulus of its own (a clock change, a repeat the filter took)
-            # still shows the core the time.
-            for event in self._events_for(step, t) or [ev.Tick()]:
-                before = len(self.records)
-                yield from self._handle(event, t, n)
-                if step.get("walk") is not None:
-                    granted = [r for r in self.records[before:] if r["type"] == "access.granted"]
-                    if granted and not granted[0].get("check"):
-                        side = "A" if granted[0]["direction"] == "in" else "B"
-                        self._push(t + step["walk"], {"pass": side, "t": t + step["walk"], "_step": n})
+            yield from self._dispatch(t, step)
         # Let pending deadlines (pulse ends, passage timeouts) run out.
         while (deadline := self.gate.next_deadline()) is not None:
             yield from self._tick(deadline - MONO_START)
 
+    def _dispatch(self, t: float, step: dict) -> Iterator[tuple[int, dict]]:
+        """One queued step (a scenario's, a walk's passage, a serial line's quiet) at `t`."""
+        n = step.get("_step", 0)
+        if "_quiet" in step:
+            if self._fed.get(step["_quiet"]) == step["_fed"]:  # no bytes since: the line was quiet
+                events = self._serial_events(step["_quiet"][0], self._streams[step["_quiet"]].flush(), t)
+                for event in events:
+                    yield from self._handle(event, t, n)
+            return
+        if "clock_synced" in step:
+            self.synced = step["clock_synced"]
+        if "acl_delta" in step or "acl_snapshot" in step:
+            for event in self._apply_acl(step):
+                yield from self._handle(event, t, n)
+            return
+        # A step with no stimulus of its own (a clock change, a repeat the filter took)
+        # still shows the core the time.
+        for event in self._events_for(step, t) or [ev.Tick()]:
+            before = len(self.records)
+            yield from self._handle(event, t, n)
+            if step.get("walk") is not None:
+                granted = [r for r in self.records[before:] if r["type"] == "access.granted"]
+                if granted and not granted[0].get("check"):
+                    side = "A" if granted[0]["direction"] == "in" else "B"
+                    self._push(t + step["walk"], {"pass": side, "t": t + step["walk"], "_step": n,
+                                                  "gate": step.get("gate")})
 
-def _matches(rec: dict, step: int | None, want: dict) -> bool:
-    """A record (with the number of the step that caused it) has every wanted field;
-    "step" is that number, not a field of the record."""
-    return all((step if k == "step" else rec.get(k)) == v for k, v in want.items())
+
+# Keys of an expectation that are not the record's own field: the step that caused it and
+# the gate that made it (beside the record); "alarm_gate" is a rollcall's own "gate" field.
+_BESIDE = {"step": 0, "gate": 1}
+
+
+def _matches(rec: dict, beside: tuple, want: dict) -> bool:
+    """A record, with (the number of the step that caused it, the gate that made it)
+    beside it, has every wanted field; "step" and "gate" are those, not fields of the
+    record, and "alarm_gate" is the record's own "gate" (a rollcall's: whose alarm)."""
+    return all((beside[_BESIDE[k]] if k in _BESIDE else rec.get("gate" if k == "alarm_gate" else k)) == v
+               for k, v in want.items())
 
 
 def _want(entry: dict) -> dict:
     return {k: v for k, v in entry.items() if k not in EXPECT_KEYS}
 
 
-def _out_of_order(records: list[dict], steps: list[int | None],
+def _out_of_order(records: list[dict], steps: list[tuple],
                   items: list[dict]) -> tuple[int, dict, int, list[int]] | None:
     """None when the items match records in their order; else (k, want, at, earlier): item
     k (from 1) with its fields found no record after index `at` (item k - 1's record, -1
@@ -550,17 +616,20 @@ def _out_of_order(records: list[dict], steps: list[int | None],
 
 
 def check_expectations(records: list[dict], expect: list[dict],
-                       lines: list[int | None] | None = None, steps: list[int] | None = None) -> list[str]:
+                       lines: list[int | None] | None = None, steps: list[int] | None = None,
+                       gates: list[str] | None = None) -> list[str]:
     """Unmet `expect` entries of a scenario, as messages ("expect 2 (line 40): ...", counted
     from 1; lines: Scenario.expect_lines). steps: the number of the step that caused each
-    record (Simulator.record_steps), for entries that name a step; without it they match none."""
+    record (Simulator.record_steps), for entries that name a step; without it they match none.
+    gates: the gate that made each record (Simulator.record_gates), for entries naming a gate."""
     failures = []
     by_step: list[int | None] = list(steps) if steps is not None else [None] * len(records)
+    beside = list(zip(by_step, gates if gates is not None else [None] * len(records), strict=True))
     for i, exp in enumerate(expect):
         line = lines[i] if lines and i < len(lines) else None
         where = f"expect {i + 1}" + (f" (line {line})" if line else "")
         if "sequence" in exp:
-            unmet = _out_of_order(records, by_step, exp["sequence"])
+            unmet = _out_of_order(records, beside, exp["sequence"])
             k, want, at, earlier = unmet or (0, {}, -1, [])
             if unmet and not earlier:
                 failures.append(f"{where}: sequence item {k} {want} matched no record")
@@ -572,7 +641,7 @@ def check_expectations(records: list[dict], expect: list[dict],
                                 f"it matched only records of step(s) {where_steps}")
             continue
         want = _want(exp)
-        n = sum(1 for r, st in zip(records, by_step, strict=True) if _matches(r, st, want))
+        n = sum(1 for r, b in zip(records, beside, strict=True) if _matches(r, b, want))
         if "count" in exp and n != exp["count"]:
             failures.append(f"{where}: {want} matched {n} record(s), expected exactly {exp['count']}")
         elif "count" not in exp and n < exp.get("min", 1):
@@ -580,11 +649,12 @@ def check_expectations(records: list[dict], expect: list[dict],
     return failures
 
 
-def format_pretty(item: dict, tz=None, words: Mapping[str, str] | None = None, step: int | None = None) -> str:
-    """One human line for `make run`: local time, [the step that caused it], record number,
-    type, fields; cards shown as facility,card. words: the io trace lines' words ("ON", "off",
-    "feedback" and the feedback signals) in the user's language, as
-    agent.tools.words.pretty_words() gives them; none: English. step: from run_steps()."""
+def format_pretty(item: dict, tz=None, words: Mapping[str, str] | None = None, step: int | None = None,
+                  gate: str | None = None) -> str:
+    """One human line for `make run`: local time, [the step that caused it], the gate (a site
+    scenario's), record number, type, fields; cards shown as facility,card. words: the io trace
+    lines' words ("ON", "off", "feedback" and the feedback signals) in the user's language, as
+    agent.tools.words.pretty_words() gives them; none: English. step, gate: from run_gates()."""
     from agent.core.cards import format_key
 
     def say(word: str) -> str:
@@ -596,6 +666,8 @@ def format_pretty(item: dict, tz=None, words: Mapping[str, str] | None = None, s
     ts = ts[11:23]
     if step is not None:
         ts += f" {f'[{step}]':<5}"  # a column of its own, the same width on every line
+    if gate is not None:
+        ts += f" {gate:<8}"
     if "trace" in item:
         if item["trace"] == "io":
             return f"{ts}       io {item['line']:<12} {say('ON') if item['active'] else say('off')}"

@@ -37,12 +37,17 @@ def test_example_scenario_meets_its_expectations(path, fp):
     sim = Simulator(scenario, fp=fp)
     out = list(sim.run())
     # The step numbers beside the records: entries may name the step, sequences check order.
-    failures = check_expectations(out, scenario.expect, scenario.expect_lines, sim.record_steps)
+    # A site scenario's entries may name the gate that made the record.
+    failures = check_expectations(out, scenario.expect, scenario.expect_lines, sim.record_steps,
+                                  sim.record_gates)
     assert not failures, "\n".join(failures)
-    # Records are numbered gap-free in order, ids are {journal}:{seq}.
-    seqs = [r["seq"] for r in out]
-    assert seqs == list(range(1, len(out) + 1))
-    assert all(r["id"] == f"sim:{r['seq']}" for r in out)
+    # Records are numbered gap-free in order, ids are {journal}:{seq}: one journal "sim", or
+    # each gate of a site its own, named after it.
+    journals = [g.name for g in scenario.gates] or [None]
+    for journal in journals:
+        mine = [r for r, g in zip(out, sim.record_gates, strict=True) if journal in (None, g)]
+        assert [r["seq"] for r in mine] == list(range(1, len(mine) + 1))
+        assert all(r["id"] == f"{journal or 'sim'}:{r['seq']}" for r in mine)
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)

@@ -505,7 +505,7 @@ def _detail(text: str, depth: int) -> str:
 # own f-strings. Each problem starts with where it is, "step 3 (line 14), at"
 # or "/gate"; that place is translated apart.
 
-_SCENARIO_SOURCES = ("simulator.py", "core/cards.py")  # a step's card: parse_card_string's CardFormatError
+_SCENARIO_SOURCES = ("simulator.py", "simsite.py", "core/cards.py")  # a step's card: parse_card_string's CardFormatError
 _scenario_templates: list[tuple[str, re.Pattern[str], list[str]]] | None = None
 _PLACE = re.compile(r"(step|expect) (\d+)(?: \(line (\d+)\))?(?:, (\S+))?")
 
