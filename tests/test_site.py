@@ -145,10 +145,11 @@ def test_fire_mode_records_and_manual_opens_at_a_sibling_hold_nobody():
 def test_the_ids_remembered_are_bounded():
     view = SiteView(wait_s=5)
     for i in range(SEEN_MAX + 10):
-        view.take("north", {"id": f"n:{i}", "type": "telemetry"}, 0.0)
+        assert view.admit({"id": f"n:{i}", "type": "telemetry"})
     assert len(view._seen) == SEEN_MAX
-    assert view.take("north", {"id": "n:0", "type": "x"}, 0.0) is None
-    assert view.counts["duplicate"] == 0  # the oldest was forgotten: taken again (and ignored)
+    assert not view.admit({"id": f"n:{SEEN_MAX + 9}"})  # a recent one: a repeat
+    assert view.admit({"id": "n:0", "type": "x"})  # the oldest was forgotten: let in again
+    assert view.counts["duplicate"] == 1
 
 
 def test_own_grants_are_not_blocked_by_the_gates_own_records(fp):
@@ -190,3 +191,126 @@ def test_a_passage_stamped_ahead_of_this_gates_clock_is_not_applied(fp):
     run(2.5, ev.PassSensor("A"))
     run(3, sibling(rec("passage", 3, direction="out")))  # a real one still applies
     assert decided(run(4, card(K_ALICE)))[0] == "access.granted"
+
+
+# --- found in review: the roll-call, restarts, ties, clocks -------------------------------------
+
+def _alarm(t: float, rid: str) -> dict:
+    a = rec("alarm.fire", t, active=True, rid=rid)
+    a.pop("person", None)
+    return a
+
+
+def _reset(t: float, rid: str) -> dict:
+    return {"id": rid, "type": "mode.changed", "from": "fire", "to": "normal", "by": "fire_reset",
+            "ts": rec("passage", t)["ts"]}
+
+
+def test_a_repeat_of_a_siblings_alarm_after_its_reset_opens_nothing(fp):
+    """The sibling resends its records while no ingest ack comes: the same alarm again must
+    not open a new roll-call over the finished one (nor journal another rollcall)."""
+    run = make(fp, apb="hard", gate="south")
+    run(1, card(K_ALICE))
+    run(1.5, ev.PassSensor("A"))
+    run(10, sibling(_alarm(10, "north:100")))
+    assert run.gate.presence.rollcall.active
+    run(20, sibling(rec("access.granted", 20, direction="out", check="none", rid="north:101")))
+    run(100, sibling(_reset(100, "north:102")))
+    assert not run.gate.presence.rollcall.active
+    n = len(run.records)
+    run(130, sibling(_alarm(10, "north:100")))  # the same record again
+    run(131, sibling({**_alarm(10, "north:100"), "id": "north-new-journal:5"}))  # a copy, new id
+    run(132)
+    rc = run.gate.presence.rollcall
+    assert not rc.active and ALICE in rc.left
+    assert [r for r in run.records[n:] if r["type"] == "rollcall"] == []
+
+
+def test_a_siblings_fire_reset_frees_the_positions_here_too(fp):
+    run = make(fp, apb="hard", gate="south")
+    run(1, card(K_ALICE))
+    run(1.5, ev.PassSensor("A"))
+    run(10, sibling(_alarm(10, "north:200")))
+    run(100, sibling(_reset(100, "north:201")))
+    assert decided(run(110, card(K_ALICE)))[0] == "access.granted"  # came back in after the drill
+
+
+def test_a_roll_call_a_sibling_opened_ends_at_this_gates_reset_and_yields_to_its_own_alarm(fp):
+    """The sibling may never send its reset (it lost power in the fire): this gate's reset
+    input ends the roll-call, and this gate's own next alarm gets a roll-call of its own."""
+    run = make(fp, apb="hard", gate="south")
+    run(10, sibling(_alarm(10, "north:300")))
+    assert run.gate.presence.rollcall.by == "site"
+    run(100, ev.FireReset(by="input"))
+    assert not run.gate.presence.rollcall.active
+    # Another sibling alarm left open, then this gate's own loop opens: its own roll-call.
+    run(200, sibling(_alarm(200, "north:301")))
+    assert run.gate.presence.rollcall.active and run.gate.presence.rollcall.by == "site"
+    n = len(run.records)
+    run(300, ev.FireLoop(open=True))
+    run(300.1)
+    rc = run.gate.presence.rollcall
+    assert rc.active and rc.by == "fire_loop" and rc.started == WALL0 + 300
+    assert [r["by"] for r in run.records[n:] if r["type"] == "rollcall"] == ["fire_loop"]
+
+
+def test_after_a_restart_a_resent_older_sibling_passage_does_not_undo_a_later_one_here(fp):
+    from agent.core.gateconfig import GateConfig
+    from agent.core.presence import Presence
+    from agent.core.turnstile import Gate
+    from tests.test_turnstile import Run
+
+    run = make(fp, apb="hard", gate="south")
+    a_in = rec("passage", 1, direction="in", rid="north-j:1")  # in at north
+    run(1, sibling(a_in))
+    run(100, card(K_ALICE, reader="exit"))
+    run(100.5, ev.PassSensor("B"))  # out here, later
+    # A restart: state and presence as their files keep them; the order rule's memory is gone.
+    state = fp.GateState.from_dict(run.gate.state.to_dict())
+    presence = Presence.from_dict(run.gate.presence.to_dict())
+    gate = Gate(GateConfig(apb="hard", gate="south"), fp, fp.Table(columns()), state, boot="b-2",
+                implementation="pure", presence=presence)
+    run2 = Run(gate)
+    run2.start(120)
+    run2(130, sibling(a_in))  # north's journal resends it
+    assert gate.site.counts["stale"] == 1
+    assert decided(run2(140, card(K_ALICE)))[0] == "access.granted"  # outside: may come in
+
+
+def test_a_guest_passage_resent_after_its_id_was_forgotten_spends_no_second_use(fp):
+    run = make(fp, table=columns(guest_uses=2), apb="off", gate="south")
+    entry = rec("passage", 1, person=GUEST, rid="north-journal:7")
+    run(1, sibling(entry))
+    for i in range(SEEN_MAX + 1):
+        run(2, sibling({"id": f"north-journal:{1000 + i}", "type": "turnstile.ready", "ts": entry["ts"]}))
+    run(3, sibling(entry))
+    assert run.gate.state.uses(GUEST) == 1
+    assert decided(run(4, card(K_GUEST)))[0] == "access.granted"
+
+
+def test_a_sibling_passage_from_the_future_moves_nobody_in_presence_either(fp):
+    run = make(fp, apb="hard", gate="south")
+    run(1, sibling(rec("passage", 3600, direction="in", rid="north:9")))  # an hour ahead
+    assert run.gate.presence.inside() == []
+
+
+def test_an_unsynchronised_clock_neither_outranks_siblings_nor_judges_them(fp):
+    """This gate's clock a day ahead and not synchronised: its own passage must not make
+    every later sibling passage stale; with it a day behind, a sibling's real passage
+    must not be dropped as from the future."""
+    run = make(fp, apb="hard", gate="south")
+    run.gate.handle(card(K_ALICE, reader="exit"), ev.Now(mono=1002.0, wall=WALL0 + 86400, synced=False))
+    run.gate.handle(ev.PassSensor("B"), ev.Now(mono=1002.5, wall=WALL0 + 86400, synced=False))
+    run(5, sibling(rec("passage", 4, direction="in", rid="north:20")))
+    assert run.gate.site.counts["stale"] == 0 and run.gate.site.counts["passages"] == 1
+    behind = make(fp, apb="hard", gate="south")
+    behind.gate.handle(sibling(rec("passage", 4, direction="in", rid="north:21")),
+                       ev.Now(mono=1005.0, wall=WALL0 - 86400, synced=False))
+    assert behind.gate.site.counts["future"] == 0 and behind.gate.site.counts["passages"] == 1
+
+
+def test_a_grant_from_a_backlog_holds_nobody(fp):
+    run = make(fp, apb="hard", gate="south")
+    run(3600, sibling(rec("access.granted", 1, rid="north:30")))  # an hour old when it comes
+    assert run.gate.site.grants == {}
+    assert decided(run(3601, card(K_ALICE)))[0] == "access.granted"

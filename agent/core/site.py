@@ -24,7 +24,8 @@ within a second, and B's record reaches A before A's own was applied...):
 each person's last movement wins by its ``ts``, the board clocks' wall time.
 A sibling passage older than the last movement this gate knows of for that
 person (its own or another sibling's) is not applied; a tie goes to the
-record applied first. One stamped more than ``FUTURE_S`` ahead of this
+record applied first (the same record again, once its id was forgotten, is
+never applied twice). One stamped more than ``FUTURE_S`` ahead of this
 gate's clock is not applied either (a wrong clock would otherwise win over
 every real passage after it). Records are taken once, by ``id`` (the broker may
 deliver one twice): the last ``SEEN_MAX`` ids are remembered.
@@ -77,21 +78,27 @@ class SiteView:
 
     # --- sibling records ------------------------------------------------------
 
-    def take(self, gate: str, record: Any, mono: float, wall: float | None = None) -> Movement | None:
-        """A record of sibling `gate`, arrived at monotonic `mono` (this gate's wall
-        clock then: `wall`): the movement to apply, or None (a grant noted or ended, a
-        duplicate, an older passage, one stamped more than FUTURE_S ahead of `wall`, a
-        type of no interest). Malformed records are counted and dropped."""
+    def admit(self, record: Any) -> bool:
+        """True the first time a record (by its ``id``) comes; a repeat or a record with no
+        id is counted and refused. Call it before anything else is done with the record
+        (presence, the roll-call, ``take``)."""
         if not isinstance(record, dict) or not isinstance(record.get("id"), str):
             self.counts["malformed"] += 1
-            return None
+            return False
         rid = record["id"]
         if rid in self._seen:
             self.counts["duplicate"] += 1
-            return None
+            return False
         self._seen[rid] = None
         if len(self._seen) > SEEN_MAX:
             self._seen.popitem(last=False)
+        return True
+
+    def take(self, gate: str, record: dict, mono: float, wall: float | None = None) -> Movement | None:
+        """A record of sibling `gate` that ``admit`` let in, arrived at monotonic `mono`
+        (this gate's wall clock then: `wall`, None when that clock is not synchronised):
+        the movement to apply, or None (a grant noted or ended, an older passage, a grant
+        or passage stamped too far from `wall`, a type of no interest)."""
         rtype = record.get("type")
         person = record.get("person")
         if not isinstance(person, str) or not person or rtype not in (
@@ -99,8 +106,11 @@ class SiteView:
             self.counts["ignored"] += 1
             return None
         if rtype == "access.granted":
+            stamped = _epoch(record)
             if "check" in record or "source" in record:
                 self.counts["ignored"] += 1  # fire mode's unchecked record, a manual open
+            elif wall is not None and (stamped is None or stamped < wall - self._hold_s):
+                self.counts["stale"] += 1  # a grant from a backlog: over long ago
             else:
                 self._grants[person] = (gate, mono + self._hold_s)
                 self.counts["grants"] += 1
@@ -111,18 +121,15 @@ class SiteView:
         if rtype == "passage.timeout" or record.get("source") != "card":
             return None
         direction = record.get("direction")
-        try:
-            epoch = parse_rfc3339(record["ts"]).timestamp() if isinstance(record.get("ts"), str) else None
-        except (ValueError, OverflowError):
-            epoch = None
+        epoch = _epoch(record)
         if direction not in ("in", "out") or epoch is None:
             self.counts["malformed"] += 1
             return None
         if wall is not None and epoch > wall + FUTURE_S:
             self.counts["future"] += 1  # the sibling's clock (or this one) is wrong
             return None
-        if epoch < self._moved.get(person, float("-inf")):
-            self.counts["stale"] += 1  # this gate knows of a later movement
+        if epoch <= self._moved.get(person, float("-inf")):
+            self.counts["stale"] += 1  # this gate knows of a later movement (or this one)
             return None
         self._moved[person] = epoch
         self._prune(epoch)
@@ -153,3 +160,11 @@ class SiteView:
         if len(self._grants) > SEEN_MAX:
             # Grants the broker delivered and no end followed (a sibling died mid-wait).
             self._grants = dict(list(self._grants.items())[-SEEN_MAX // 2:])
+
+
+def _epoch(record: dict) -> float | None:
+    """The record's ``ts`` as epoch seconds, or None."""
+    try:
+        return parse_rfc3339(record["ts"]).timestamp() if isinstance(record.get("ts"), str) else None
+    except (ValueError, OverflowError):
+        return None

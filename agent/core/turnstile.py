@@ -53,6 +53,7 @@ from . import events as ev
 from .gateconfig import GateConfig, valid_timezone
 from .presence import SITE_ALARM_LATE_S, Presence, record_wall
 from .records import make_record
+from .site import FUTURE_S as SIBLING_FUTURE_S
 from .site import SiteView
 
 IDLE = "idle"
@@ -354,7 +355,8 @@ class Gate:
             # Only card passages move people (anti-passback) and spend guest uses.
             _, day = self._local(now)
             self._state.record_passage(p.person, direction, math.floor(now.wall), day, p.guest)
-            self._site.moved(p.person, now.wall)
+            if now.synced:  # an unsynchronised clock's time must not outrank the siblings'
+                self._site.moved(p.person, now.wall)
         self._close_lane()
         self._start_waiting(now, step)
 
@@ -439,6 +441,10 @@ class Gate:
             # anti-passback when they come back in (guest uses stay spent).
             self._state.forget_movements()
             self._record(step, now, "mode.changed", **{"from": "fire", "to": self.mode, "by": "fire_reset"})
+        elif self._presence.close_rollcall(now.wall):
+            # The reset here ends a roll-call a sibling's alarm opened (its own reset may
+            # never come: the sibling lost power in the fire).
+            self._state.forget_movements()
         if by_command:
             self._record(step, now, "command.result", request_id=event.request_id, command=CMD_FIRE_RESET,
                          result="done")
@@ -527,9 +533,18 @@ class Gate:
         if not isinstance(event.gate, str) or not event.gate:
             self._site.counts["malformed"] += 1
             return
+        if not self._site.admit(event.record):
+            return  # a repeat (QoS 1, a resend): nothing of it is taken twice, the roll-call included
         self.apply_sibling(event.record, event.gate, now, step)  # presence and the roll-call
-        move = self._site.take(event.gate, event.record, now.mono, now.wall)
+        # Without a synchronised clock this gate cannot tell a sibling's time is ahead.
+        move = self._site.take(event.gate, event.record, now.mono, now.wall if now.synced else None)
         if move is None:
+            return
+        seen = self._presence.people.get(move.person)
+        if seen is not None and move.epoch < seen.wall:
+            # Presence (kept on disk) knows of a later movement: after a restart the order
+            # rule's own memory is empty, and a resent older passage must not undo it.
+            self._site.counts["stale"] += 1
             return
         table = self._table if self._table is not None else self._empty_table
         idx = table.person_index(move.person)
@@ -576,17 +591,25 @@ class Gate:
         pr = self._presence
         pr.roll(now.wall, tz)
         rtype = record.get("type")
+        wall = record_wall(record)
+        if wall is not None and now.synced and wall > now.wall + SIBLING_FUTURE_S:
+            return False  # stamped ahead of this gate's clock: one of the clocks is wrong
         if rtype in ("alarm.fire", "rollcall"):
             opening = record.get("active") is True if rtype == "alarm.fire" else record.get("by") == "fire_loop"
-            wall = record_wall(record)
             if not (opening and wall is not None and abs(now.wall - wall) <= SITE_ALARM_LATE_S):
                 return False
+            last = pr.rollcall
+            if last is not None and wall <= max(last.started, last.ended or last.started):
+                return False  # that alarm, or an older one, was taken already
             opened = self._rollcall_open(now, "site", sibling)
             if opened and step is not None:
                 self._rollcall_record(now, step)
             return opened
         if rtype == "mode.changed":
-            return record.get("from") == "fire" and pr.close_rollcall(now.wall, gate=sibling)
+            closed = record.get("from") == "fire" and pr.close_rollcall(now.wall, gate=sibling)
+            if closed:
+                self._state.forget_movements()  # the sibling's evacuation ended: as at this gate's
+            return closed
         return pr.apply_record(record, tz, gate=sibling)
 
     def _presence_step(self, now: ev.Now, step: ev.Step) -> None:
@@ -599,6 +622,9 @@ class Gate:
             rtype = rec["type"]
             if rtype == "mode.changed":
                 if rec["to"] == "fire" and rec["by"] == "fire_loop":
+                    rc = pr.rollcall
+                    if rc is not None and rc.active and rc.by == "site":
+                        pr.close_rollcall(now.wall)  # this gate's own alarm takes over
                     self._rollcall_open(now, "fire_loop", self._cfg.gate)
                 elif rec["from"] == "fire":
                     pr.close_rollcall(now.wall)
