@@ -2,7 +2,7 @@
 
 Adapters (gpiozero and paho callbacks, serial readers, the Wiegand timer)
 call ``GateRuntime.submit(event)`` from any thread; it only enqueues. Events
-wait in three lanes, each bounded on its own, and the gate thread always
+wait in four lanes, each bounded on its own, and the gate thread always
 takes from the first lane that has something:
 
 1. fire: the fire loop (never dropped);
@@ -10,11 +10,14 @@ takes from the first lane that has something:
    (cards, PASS, buttons, Ready, tamper, the reset input...);
 3. downlink: what comes from the network or the agent's own bookkeeping
    (reports such as refused commands and uplink alarms, list swaps, remote
-   commands).
+   commands);
+4. site: the other gates' records (docs/site.md), a whole backlog at once
+   after a reconnect.
 
 So a flood on the broker can fill only its own lane: it can neither push a
 card read out of the queue nor make one wait behind it (a card waits at most
-for the one event the gate thread is handling). For each event taken, or a
+for the one event the gate thread is handling), and the site's backlog never
+pushes out a command. For each event taken, or a
 ``Tick`` when the core's next deadline passes:
 
 1. ``step = gate.handle(event, clock.now())``
@@ -67,6 +70,7 @@ from agent.core.events import (
     ReaderStatus,
     ReadyLine,
     SetOutput,
+    SiblingRecord,
     Tamper,
     Tick,
 )
@@ -93,7 +97,10 @@ STALL_TICK_S = 0.02
 # Events that come from the gate's own hardware (the hardware lane).
 HARDWARE_EVENTS = (CardRead, ReaderError, ReaderStatus, Keypad, PassSensor, Button,
                    ReadyLine, LockdownSwitch, Tamper)
-LANES = ("fire", "hardware", "downlink")
+LANES = ("fire", "hardware", "downlink", "site")
+
+
+_DEPTH_KEYS = {"hardware": "queue_max", "downlink": "downlink_queue_max", "site": "site_queue_max"}
 
 
 def lane_of(event: Any) -> str:
@@ -105,6 +112,8 @@ def lane_of(event: Any) -> str:
         return "hardware"
     if isinstance(event, FireReset) and event.by == "input":
         return "hardware"
+    if isinstance(event, SiblingRecord):
+        return "site"  # the other gates' records: last, in a lane of their own (docs/site.md)
     return "downlink"
 
 
@@ -287,9 +296,11 @@ class GateRuntime:
     ``lambda now: journal.maintenance(now.wall)``; records it returns (already
     committed) go to on_record. It delays the next event by its duration, so
     it must be short. max_queue: hardware events beyond this many queued are
-    dropped and counted; max_downlink_queue: the same for the downlink lane
-    (fire-loop events are never dropped). Each lane is bounded on its own, so
-    a full downlink lane never costs a card read. stall_tick_s: the longest the
+    dropped and counted; max_downlink_queue: the same for the downlink lane,
+    max_site_queue for the site lane (the other gates' records; a reconnect
+    brings a whole backlog at once), fire-loop events are never dropped. Each
+    lane is bounded on its own, so a full downlink lane never costs a card read
+    and the site's backlog never costs a command. stall_tick_s: the longest the
     gate thread waits at a time, the stall probe's resolution while idle.
     """
 
@@ -307,6 +318,7 @@ class GateRuntime:
         idle_interval_s: float = 1.0,
         max_queue: int = 10_000,
         max_downlink_queue: int = 1_000,
+        max_site_queue: int = 25_000,
         latency_samples: int = 4096,
         stall_tick_s: float = STALL_TICK_S,
     ) -> None:
@@ -319,7 +331,8 @@ class GateRuntime:
         self._on_idle = on_idle
         self._watchdog_interval = watchdog_interval_s
         self._idle_interval = idle_interval_s
-        self._limits = {"fire": None, "hardware": max_queue, "downlink": max_downlink_queue}
+        self._limits = {"fire": None, "hardware": max_queue, "downlink": max_downlink_queue,
+                        "site": max_site_queue}
         self._cond = threading.Condition(threading.Lock())
         # In the order the gate thread serves them (LANES).
         self._lanes: dict[str, deque[tuple[Any, float]]] = {name: deque() for name in LANES}
@@ -347,8 +360,10 @@ class GateRuntime:
             "dropped": 0,  # all lanes
             "dropped_hardware": 0,
             "dropped_downlink": 0,
+            "dropped_site": 0,
             "queue_max": 0,  # the hardware lane's deepest
             "downlink_queue_max": 0,
+            "site_queue_max": 0,
         }
 
     # -- any thread ----------------------------------------------------------------
@@ -371,8 +386,8 @@ class GateRuntime:
                 self._dropped(lane, event)
                 return False
             q.append((event, t))
-            depth_key = "queue_max" if lane == "hardware" else "downlink_queue_max"
-            if lane != "fire" and len(q) > self.counters[depth_key]:
+            depth_key = _DEPTH_KEYS.get(lane)
+            if depth_key is not None and len(q) > self.counters[depth_key]:
                 self.counters[depth_key] = len(q)
             self._cond.notify_all()
         return True
@@ -388,6 +403,10 @@ class GateRuntime:
                 log.warning("gate queue full (%d hardware events): dropped %d so far, latest %r; "
                             "an input is flooding the agent, check its wiring",
                             self._limits[lane], n, event)
+            elif lane == "site":
+                log.warning("site lane full (%d records of the other gates): dropped %d so far; they "
+                            "come faster than this gate takes them (card decisions go on)",
+                            self._limits[lane], n)
             else:
                 log.warning("downlink lane full (%d events): dropped %d so far, latest %r; the "
                             "broker is flooding the agent (card decisions go on)",
@@ -406,7 +425,8 @@ class GateRuntime:
         """For telemetry: events waiting per lane, and dropped per bounded lane since start."""
         return {"depth": self.queue_depths(),
                 "dropped": {"hardware": self.counters["dropped_hardware"],
-                            "downlink": self.counters["dropped_downlink"]}}
+                            "downlink": self.counters["dropped_downlink"],
+                            "site": self.counters["dropped_site"]}}
 
     def yield_to_gate(self, max_wait_s: float = PACE_MAX_WAIT_S) -> None:
         """Called by another thread between two chunks of long work (a list being
@@ -519,7 +539,7 @@ class GateRuntime:
     def _next(self) -> tuple[str, Any]:
         with self._cond:
             while True:
-                for q in self._lanes.values():  # fire, then hardware, then downlink
+                for q in self._lanes.values():  # fire, hardware, downlink, then site
                     if q:
                         self._busy = True
                         return "event", q.popleft()

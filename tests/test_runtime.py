@@ -394,7 +394,7 @@ def test_a_full_downlink_lane_never_costs_a_card_read(fp, runtimes):
     # ...and the card read still gets in, and is the first thing decided.
     assert rt.submit(ev.CardRead("entry", CARD, "w26")) is True
     assert rt.counters["dropped_downlink"] == 990 and rt.counters["dropped_hardware"] == 0
-    assert rt.queue_depths() == {"fire": 0, "hardware": 1, "downlink": 10}
+    assert rt.queue_depths() == {"fire": 0, "hardware": 1, "downlink": 10, "site": 0}
     rt.start()
     assert rt.wait_idle(5)
     types = [r["type"] for r in sink.records]
@@ -576,3 +576,19 @@ def test_the_gate_thread_itself_never_waits_for_itself(fp, runtimes):
     rt.submit(ev.CardRead("entry", CARD, "w26"))
     assert rt.wait_idle(10)
     assert waited and max(waited) < 1.0
+
+
+def test_the_other_gates_backlog_never_pushes_out_a_command(fp, runtimes):
+    """A reconnect brings the site's backlog at once (docs/site.md): it waits in a lane of its
+    own, after every other, so a full downlink lane is not its doing and a command still
+    gets in and is taken before it."""
+    rt, sink, _driver, _log = make_runtime(fp, runtimes, max_downlink_queue=5, max_site_queue=50)
+    backlog = [rt.submit(ev.SiblingRecord("north", {"id": f"n:{i}", "type": "telemetry"}))
+               for i in range(60)]
+    assert backlog.count(True) == 50 and rt.counters["dropped_site"] == 10
+    assert rt.submit(ev.SetMode("lockdown", request_id="r-1")) is True
+    assert rt.queue_depths() == {"fire": 0, "hardware": 0, "downlink": 1, "site": 50}
+    assert rt.queue_stats()["dropped"] == {"hardware": 0, "downlink": 0, "site": 10}
+    rt.start()
+    assert rt.wait_idle(10)
+    assert [r["type"] for r in sink.records][:3] == ["agent.started", "mode.changed", "command.result"]
