@@ -482,8 +482,8 @@ def test_telemetry_shows_each_queue_lane_and_what_it_dropped(tmp_path, services)
     assert svc.runtime.submit(Report("alarm", {"kind": "x", "active": True})) is False
     tel = svc.telemetry()
     assert validate("telemetry", tel) == []
-    assert tel["queues"]["dropped"] == {"hardware": 0, "downlink": 1}
-    assert set(tel["queues"]["depth"]) == {"fire", "hardware", "downlink"}
+    assert tel["queues"]["dropped"] == {"hardware": 0, "downlink": 1, "site": 0}
+    assert set(tel["queues"]["depth"]) == {"fire", "hardware", "downlink", "site"}
 
 
 def test_telemetry_carries_the_downlink_guard_and_the_gate_clock_respects_the_time_floor(
