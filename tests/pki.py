@@ -223,15 +223,10 @@ def build_plugin() -> Path:
     return BROKER_PLUGIN
 
 
-def render_broker_conf(pki: Pki, workdir: Path, ports: dict[int, int], plugin: Path, *,
-                       standalone: bool = True, persistence: bool = False) -> str:
-    """mosquitto/gate-broker.conf with this machine's paths and ports; every other line as shipped.
-
-    ports maps each shipped listener port to the port it gets here. standalone: add what
-    Debian's mosquitto.conf would (the log file, persistence), for a broker run on this file alone;
-    persistence: on (sessions and queues survive a restart), as Debian's file has it, or off.
-    """
-    replace = {
+def shipped_paths(pki: Pki, workdir: Path, plugin: Path) -> dict[str, str]:
+    """The lines of a shipped broker config that name files, as this test machine has them
+    (the broker's certificate and CRL, the ACL, the plugin), by their first word."""
+    return {
         "cafile": f"cafile {pki.ca.cert_path}",
         "certfile": f"certfile {pki.server_cert.cert}",
         "keyfile": f"keyfile {pki.server_cert.key}",
@@ -240,6 +235,17 @@ def render_broker_conf(pki: Pki, workdir: Path, ports: dict[int, int], plugin: P
         "plugin": f"plugin {plugin}",
         "plugin_opt_acl_file": f"plugin_opt_acl_file {workdir / 'acl.conf'}",
     }
+
+
+def render_broker_conf(pki: Pki, workdir: Path, ports: dict[int, int], plugin: Path, *,
+                       standalone: bool = True, persistence: bool = False) -> str:
+    """mosquitto/gate-broker.conf with this machine's paths and ports; every other line as shipped.
+
+    ports maps each shipped listener port to the port it gets here. standalone: add what
+    Debian's mosquitto.conf would (the log file, persistence), for a broker run on this file alone;
+    persistence: on (sessions and queues survive a restart), as Debian's file has it, or off.
+    """
+    replace = shipped_paths(pki, workdir, plugin)
     seen: set[str] = set()
     listeners: list[int] = []
     out = []

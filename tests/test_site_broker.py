@@ -16,6 +16,7 @@ the site still see each other's events, and the bridge keeps the events for the 
 """
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import threading
@@ -38,6 +39,7 @@ from tests.pki import (  # noqa: F401  (fixtures)
     broker_plugin,
     gate_broker,
     pki,
+    shipped_paths,
 )
 
 SITE_CONF = ROOT / "mosquitto" / "site-broker.conf"
@@ -260,13 +262,7 @@ def render_site_conf(pki: Pki, workdir: Path, port: int, regional_port: int, plu
     every other line as shipped. standalone: plus what Debian's mosquitto.conf adds (log,
     persistence on), for a broker run on this file alone."""
     replace = {
-        "cafile": f"cafile {pki.ca.cert_path}",
-        "certfile": f"certfile {pki.server_cert.cert}",
-        "keyfile": f"keyfile {pki.server_cert.key}",
-        "crlfile": f"crlfile {pki.ca.crl_path}",
-        "acl_file": f"acl_file {workdir / 'acl.conf'}",
-        "plugin": f"plugin {plugin}",
-        "plugin_opt_acl_file": f"plugin_opt_acl_file {workdir / 'acl.conf'}",
+        **shipped_paths(pki, workdir, plugin),
         "listener": f"listener {port} 127.0.0.1",
         "address": f"address 127.0.0.1:{regional_port}",
         "bridge_cafile": f"bridge_cafile {pki.ca.cert_path}",
@@ -454,12 +450,11 @@ def test_the_bridge_identity_may_touch_its_own_site_s_topics_only(pki, regional,
     assert other_bridge.subscribe(B["cmd"]) == NOT_AUTHORISED
 
 
-def test_a_gate_s_uplink_through_the_site_broker_gets_every_event_acknowledged_by_the_ingest(
-        pki, regional, site_broker, peers, tmp_path):
-    """The production path: gate A's real uplink (ack_mode "ingest") on the site broker, the
-    reference ingest on the regional broker. Events cross the bridge out, the ingest's acks
-    cross it in, and the journal empties; events made while the regional broker is down reach
-    gate B at once and the ingest once the region is back, each stored once."""
+@contextlib.contextmanager
+def site_uplink(pki, regional, site_broker, peers, tmp_path, *, records: int, resend_after_s: float):
+    """Gate A's real Uplink (ack_mode ingest) on the site broker, the reference ingest on the
+    regional broker, gate B listening to the site's events; ``records`` passages journalled
+    and acknowledged through the bridge before it yields (ingest, journal, gate B, committed)."""
     from agent.regional.ingest import Ingest
     from agent.uplink.journal import Journal
     from agent.uplink.mqtt import Uplink
@@ -473,13 +468,31 @@ def test_a_gate_s_uplink_through_the_site_broker_gets_every_event_acknowledged_b
         assert ingest.ready.wait(10)
         gate_b = peers(site_broker, pki.gate_b)
         assert gate_b.subscribe(SITE_EVENTS) < 0x80
-        committed = journal.commit([passage(i) for i in range(10)])
-        # resend_after_s short: the first events may reach the regional broker before the
-        # bridge has subscribed there for the acks, or before the ingest is back.
+        committed = journal.commit([passage(i) for i in range(records)])
         up = Uplink(journal, site=SITE, gate=GATE_A, host=site_broker.host, port=site_broker.port,
-                    tls=pki.gate_a.tls(pki.ca_file), ack_mode="ingest", resend_after_s=2,
+                    tls=pki.gate_a.tls(pki.ca_file), ack_mode="ingest", resend_after_s=resend_after_s,
                     backoff_min_s=0.1, backoff_max_s=0.5).start()
         wait_until(lambda: journal.backlog() == 0, 30, "the ingest's acks through the bridge")
+        yield ingest, journal, gate_b, committed
+    finally:
+        if up is not None:
+            up.stop()
+        ingest.stop()
+        journal.close()
+
+
+def test_a_gate_s_uplink_through_the_site_broker_gets_every_event_acknowledged_by_the_ingest(
+        pki, regional, site_broker, peers, tmp_path):
+    """The production path: gate A's real uplink (ack_mode "ingest") on the site broker, the
+    reference ingest on the regional broker. Events cross the bridge out, the ingest's acks
+    cross it in, and the journal empties; events made while the regional broker is down reach
+    gate B at once and the ingest once the region is back, each stored once."""
+    from tests.broker import passage
+
+    # resend_after_s short: the first events may reach the regional broker before the
+    # bridge has subscribed there for the acks, or before the ingest is back.
+    with site_uplink(pki, regional, site_broker, peers, tmp_path, records=10,
+                     resend_after_s=2) as (ingest, journal, gate_b, committed):
         regional.stop()
         committed += journal.commit([passage(i) for i in range(10, 20)])
         wait_until(lambda: {json.loads(p)["seq"] for _, p in gate_b.got(A["events"])}
@@ -488,11 +501,6 @@ def test_a_gate_s_uplink_through_the_site_broker_gets_every_event_acknowledged_b
         regional.start()
         wait_until(lambda: journal.backlog() == 0, 60, "the events made meanwhile to be stored and acked")
         assert [e["seq"] for e in ingest.events(SITE, GATE_A)] == [r["seq"] for r in committed]
-    finally:
-        if up is not None:
-            up.stop()
-        ingest.stop()
-        journal.close()
 
 
 def test_the_site_broker_file_runs_included_by_debian_s_mosquitto_conf(pki, regional, tmp_path, peers):
@@ -592,25 +600,11 @@ def test_an_uplink_on_the_site_broker_backs_off_its_resends_while_the_region_is_
     import math
     import time
 
-    from agent.regional.ingest import Ingest
-    from agent.uplink.journal import Journal
-    from agent.uplink.mqtt import Uplink
     from tests.broker import passage
 
     resend_s, outage_s = 1.0, 8.0
-    ingest = Ingest(regional.host, regional.services_port, db_path=tmp_path / "ingest.db",
-                    tls=pki.ingest.tls(pki.ca_file), client_id="ingest-1").start()
-    journal = Journal(tmp_path / "journal.db")
-    up = None
-    try:
-        assert ingest.ready.wait(10)
-        gate_b = peers(site_broker, pki.gate_b)
-        assert gate_b.subscribe(SITE_EVENTS) < 0x80
-        committed = journal.commit([passage(i) for i in range(5)])
-        up = Uplink(journal, site=SITE, gate=GATE_A, host=site_broker.host, port=site_broker.port,
-                    tls=pki.gate_a.tls(pki.ca_file), ack_mode="ingest", resend_after_s=resend_s,
-                    backoff_min_s=0.1, backoff_max_s=0.5).start()
-        wait_until(lambda: journal.backlog() == 0, 30, "the ingest's acks through the bridge")
+    with site_uplink(pki, regional, site_broker, peers, tmp_path, records=5,
+                     resend_after_s=resend_s) as (ingest, journal, gate_b, committed):
         # The uplink's last ack progress comes after this mark: the ack for the record below.
         mark = time.monotonic()
         committed += journal.commit([passage(5)])
@@ -631,8 +625,3 @@ def test_an_uplink_on_the_site_broker_backs_off_its_resends_while_the_region_is_
         regional.start()
         wait_until(lambda: journal.backlog() == 0, 60, "the events made meanwhile to be stored and acked")
         assert [e["seq"] for e in ingest.events(SITE, GATE_A)] == [r["seq"] for r in committed + during]
-    finally:
-        if up is not None:
-            up.stop()
-        ingest.stop()
-        journal.close()
