@@ -79,3 +79,12 @@ def services():
     yield start
     for svc in made:
         svc.stop()
+
+
+@pytest.fixture
+def pty_pair():
+    """A pseudo-terminal: (master fd, slave device path), as a serial reader's port."""
+    master, slave = os.openpty()
+    yield master, os.ttyname(slave)
+    os.close(master)
+    os.close(slave)

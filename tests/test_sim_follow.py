@@ -110,22 +110,14 @@ def test_a_frame_torn_by_a_pause_is_garbage_as_the_serial_reader_reports_it(fp):
     assert _decisions(records) == [("access.granted", None)]
 
 
-@pytest.fixture
-def pty():
-    master, slave = os.openpty()
-    yield master, os.ttyname(slave)
-    os.close(master)
-    os.close(slave)
-
-
-def test_the_simulator_and_the_serial_reader_pass_the_same_reads(fp, pty):
+def test_the_simulator_and_the_serial_reader_pass_the_same_reads(fp, pty_pair):
     """The same timed frames through the real SerialReader (its clock at each frame's
     virtual time) and through the simulator: the same cards reach the gate."""
     from agent.hw.serial_reader import SerialReader
 
     timed = [(0.0, FRAME), (0.4, FRAME), (0.8, FRAME), (1.2, FRAME), (1.3, JUNIOR_FRAME), (2.0, FRAME),
              (2.9, FRAME), (4.5, FRAME), (4.6, JUNIOR_FRAME)]
-    master, path = pty
+    master, path = pty_pair
     now = [MONO_START]
     events = Events()
     reader = SerialReader("entry", path, submit=events, clock=lambda: now[0], repeat_window_s=1.5,

@@ -27,14 +27,6 @@ EXAMPLE_FRAME = b"\x0214008EC793CE\x03"  # docs/readers.md: "142,51091", printed
 STOP_HINT = "sudo systemctl stop gate-agent"
 
 
-@pytest.fixture
-def pty():
-    master, slave = os.openpty()
-    yield master, os.ttyname(slave)
-    os.close(master)
-    os.close(slave)
-
-
 def pulse_train(
     bits: str, t0: float, pulse: float = 50e-6, gap: float = 2e-3
 ) -> list[tuple[float, int, int]]:
@@ -70,8 +62,8 @@ def feed_when_ready(frame: bytes, master: int):
 # --- enroll -------------------------------------------------------------------------------
 
 
-def test_enroll_over_a_serial_rdm6300_prints_every_form_of_the_card(pty):
-    master, path = pty
+def test_enroll_over_a_serial_rdm6300_prints_every_form_of_the_card(pty_pair):
+    master, path = pty_pair
     out, err = io.StringIO(), io.StringIO()
     code = run_enroll(
         SerialSource(path),
@@ -89,8 +81,8 @@ def test_enroll_over_a_serial_rdm6300_prints_every_form_of_the_card(pty):
         assert form in line, f"{form!r} missing from {line!r}"
 
 
-def test_enroll_json_gives_one_object_per_read_with_the_forms(pty):
-    master, path = pty
+def test_enroll_json_gives_one_object_per_read_with_the_forms(pty_pair):
+    master, path = pty_pair
     out = io.StringIO()
     bad = EXAMPLE_FRAME[:11] + b"00" + EXAMPLE_FRAME[13:]  # wrong checksum: shown, not counted
     code = run_enroll(
@@ -157,8 +149,8 @@ def test_enroll_fixed_format_reader_and_json_over_wiegand():
     assert objs[0]["type"] == "card" and objs[0]["em_print"] == "0009357203"
 
 
-def test_enroll_says_to_stop_the_service_when_the_serial_port_is_held(pty):
-    _master, path = pty
+def test_enroll_says_to_stop_the_service_when_the_serial_port_is_held(pty_pair):
+    _master, path = pty_pair
     held = serial.Serial(path, 9600, timeout=0, exclusive=True)  # as the running service holds it
     try:
         err = io.StringIO()
@@ -190,8 +182,8 @@ def test_enroll_missing_port_is_bad_input_with_what_to_check(tmp_path):
     assert "no serial port" in err.getvalue()
 
 
-def test_enroll_fewer_cards_than_asked_before_the_timeout_fails(pty):
-    master, path = pty
+def test_enroll_fewer_cards_than_asked_before_the_timeout_fails(pty_pair):
+    master, path = pty_pair
     err = io.StringIO()
     code = run_enroll(
         SerialSource(path),
