@@ -1,4 +1,3 @@
-# ruff: noqa: F811 - the pty fixture imported from tests.test_tools, used as an argument
 """The bench tools read the board's own config (issue 11, "tools read the board").
 
 ``gate-agent io-test``, ``gate-agent enroll`` and ``gate-agent doctor
@@ -22,10 +21,7 @@ import pytest
 from agent.cli import main
 from agent.i18n import set_language
 from agent.tools import EXIT_OK, EXIT_USAGE
-from tests.test_tools import (
-    EXAMPLE_FRAME,  # an RDM6300 frame of card 142,51091 (docs/readers.md)
-    pty,  # noqa: F401 - the (master fd, slave path) pair fixture
-)
+from tests.test_tools import EXAMPLE_FRAME  # an RDM6300 frame of card 142,51091 (docs/readers.md)
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY_HEX = "8b1f3c00d2a94e57a0b6c1d2e3f40516"
@@ -112,8 +108,8 @@ def test_an_unusable_hardware_section_says_what_is_wrong(body, says, tmp_path, c
 # --- enroll -------------------------------------------------------------------------------
 
 
-def test_enroll_without_options_reads_the_configs_serial_reader(pty, tmp_path, capsys):
-    master, port = pty
+def test_enroll_without_options_reads_the_configs_serial_reader(pty_pair, tmp_path, capsys):
+    master, port = pty_pair
     cfg = write_config(tmp_path, '[gate]\nreaders = { exit = "out" }\n\n[hardware]\nprofile = "pi4-relay4"\n'
                        f'pin_factory = "mock"\n\n[[hardware.readers]]\nname = "exit"\ntype = "rdm6300"\n'
                        f'port = "{port}"\n', site=False)  # an unprovisioned board: no [site] yet
@@ -158,14 +154,14 @@ def test_enroll_unknown_reader_names_the_configs_readers(tmp_path, capsys):
 # --- OSDP: libosdp's own reader on a pty ------------------------------------------------------
 
 @pytest.fixture
-def osdp_board(pty, tmp_path):
+def osdp_board(pty_pair, tmp_path):
     """(config path, present): a board whose reader "entry" is OSDP on a pty, libosdp's PD
     at the other end with the key in scbk_file; present() makes the PD send a W26 card."""
     osdp_mod = pytest.importorskip("osdp", reason="libosdp is not installed (pip install 'gate-agent[osdp]')")
 
     from tests.test_osdp_reader import MasterChannel  # the PD's end of the pty (osdp is there)
 
-    master, port = pty
+    master, port = pty_pair
     key = tmp_path / "entry.scbk"
     key.write_text(KEY_HEX + "\n")
     key.chmod(0o600)

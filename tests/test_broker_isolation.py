@@ -313,7 +313,12 @@ def test_malformed_identities_and_filters_are_refused_and_the_broker_lives_on(as
     for f in long_filters:
         assert gate_a.subscribe(f) == NOT_AUTHORISED, f[:40]
     assert gate_a.subscribe(A["cmd"]) < 0x80  # still connected, still served
-    assert "disconnect" not in gate_broker.log_text()
+    # No client the broker had identified was dropped. A connection it never identified may
+    # log "<unknown> disconnected: Protocol error": the start's port probes open and close
+    # bare TCP connections on the TLS listeners (seen under load).
+    dropped = [ln for ln in gate_broker.log_text().splitlines()
+               if "disconnect" in ln and "<unknown>" not in ln]
+    assert dropped == []
 
 
 def test_a_gate_in_the_ingest_share_cannot_stall_the_ingest(gate_broker, pki, tmp_path):

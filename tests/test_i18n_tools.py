@@ -18,7 +18,7 @@ from agent.core.events import Now
 from agent.core.records import make_record
 from agent.tools import words
 from agent.uplink.journal import Journal
-from tests.test_board_tools import osdp_board, pty  # noqa: F401 (fixtures: an OSDP reader on a pty)
+from tests.test_board_tools import osdp_board  # noqa: F401 (a fixture: an OSDP reader on a pty)
 
 ROOT = Path(__file__).resolve().parent.parent
 PO = ROOT / "agent" / "locale" / "ru" / "LC_MESSAGES" / "gate-agent.po"
