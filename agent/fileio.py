@@ -9,13 +9,30 @@ the directory fsynced so the rename itself survives a power cut.
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LatestWriter", "fsync_dir", "temp_name", "write_atomic"]
+log = logging.getLogger(__name__)
+
+__all__ = ["LatestWriter", "fsync_dir", "set_aside", "temp_name", "write_atomic"]
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a file that cannot be read to ``<name>.corrupt-<n>`` (the first n free), kept
+    for a technician; the name it got, or would have got where the rename fails (logged:
+    the caller starts afresh either way)."""
+    n = 1
+    while (aside := path.with_name(f"{path.name}.corrupt-{n}")).exists():
+        n += 1
+    try:
+        os.replace(path, aside)
+    except OSError:
+        log.exception("could not move the damaged file %s aside", path)
+    return aside
 
 
 def temp_name(path: Path) -> Path:

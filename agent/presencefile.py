@@ -23,7 +23,7 @@ from typing import Any
 
 from agent.core.events import Now
 from agent.core.presence import Presence
-from agent.fileio import LatestWriter, write_atomic
+from agent.fileio import LatestWriter, set_aside, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -60,22 +60,12 @@ class PresenceFile:
         try:
             presence = Presence.from_dict(json.loads(text), reset)
         except (ValueError, KeyError, TypeError, RecursionError) as exc:
-            aside = self._move_aside()
+            aside = set_aside(self.path)
             log.error("presence %s is damaged (%s); moved to %s, starting with nobody inside",
                       self.path, str(exc)[:200], aside)
             return Presence(reset)
         self._revision = presence.revision
         return presence
-
-    def _move_aside(self) -> Path:
-        n = 1
-        while (aside := self.path.with_name(f"{self.path.name}.corrupt-{n}")).exists():
-            n += 1
-        try:
-            os.replace(self.path, aside)
-        except OSError:
-            log.exception("could not move the damaged presence file aside")
-        return aside
 
     def _snapshot(self, presence: Presence, wall: float) -> bytes | None:
         try:

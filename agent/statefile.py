@@ -31,7 +31,7 @@ from typing import Any
 
 from agent.core.gateconfig import GateConfig
 from agent.core.turnstile import COMMANDABLE_MODES
-from agent.fileio import LatestWriter, write_atomic
+from agent.fileio import LatestWriter, set_aside, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class StateFile:
                 raise ValueError(f"unknown format {doc.get('format') if isinstance(doc, dict) else doc!r}")
             state = self.fp.GateState.from_dict(doc["state"])
         except (ValueError, KeyError, TypeError) as exc:
-            aside = self._move_aside()
+            aside = set_aside(self.path)
             log.error("gate state %s is damaged (%s); moved to %s, starting with no anti-passback "
                       "positions (an unknown position is allowed)", self.path, exc, aside)
             return self.fp.GateState()
@@ -110,19 +110,6 @@ class StateFile:
         if fire:
             doc["fire"] = True  # absent when not latched: files of earlier versions read the same
         return json.dumps(doc, sort_keys=True, separators=(",", ":"))
-
-    def _move_aside(self) -> Path:
-        n = 1
-        while True:
-            aside = self.path.with_name(f"{self.path.name}.corrupt-{n}")
-            if not aside.exists():
-                break
-            n += 1
-        try:
-            os.replace(self.path, aside)
-        except OSError:
-            log.exception("could not move the damaged state file aside")
-        return aside
 
     def _snapshot(self, state: Any, mode: str | None, fire: bool = False) -> str | None:
         try:
