@@ -13,12 +13,12 @@ import json
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
 from tests.agentproc import CARDS, AgentProcess
 from tests.pki import GATE_A, GATE_B, SITE, gate_broker, mqtt_client, pki  # noqa: F401 (fixtures)
+from tests.test_runtime import wait_until
 
 GATE_C = "gate-c"
 
@@ -71,15 +71,6 @@ def guard_tool(g: AgentProcess, tool: str) -> str:
                            str(g.state / "presence.json"), "--csv"],
                           check=False, capture_output=True, text=True, timeout=60, cwd=g.workdir)
     return done.stdout if done.returncode == 0 else ""
-
-
-def wait_for(pred, timeout: float = 30.0) -> bool:
-    end = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.2)
-    return True
 
 
 def decision(reply: dict) -> tuple[str, str | None]:
@@ -138,19 +129,19 @@ def test_three_gates_share_anti_passback_presence_and_the_roll_call(tmp_path, ga
             out = guard_tool(g, "presence")
             return sorted(row.split(",")[0] for row in out.splitlines()[1:])
         for g in gates.values():
-            assert wait_for(lambda g=g: inside(g) == ["p-1"]), (g.gate, guard_tool(g, "presence"))
+            assert wait_until(lambda g=g: inside(g) == ["p-1"], 30), (g.gate, guard_tool(g, "presence"))
 
         # A fire drill at B (its loop alone: A and C stay in their modes): every gate
         # journals the roll-call, and p-1 leaving through A counts as left everywhere.
         b.sim({"op": "fire", "loop": "open"})
         for g in gates.values():
-            assert wait_for(lambda g=g: any(r["type"] == "rollcall" for r in g.records())), g.gate
+            assert wait_until(lambda g=g: any(r["type"] == "rollcall" for r in g.records()), 30), g.gate
             [rc] = [r for r in g.records() if r["type"] == "rollcall"]
             assert rc["inside"] == ["p-1"] and rc["by"] == ("fire_loop" if g is b else "site"), rc
         assert decision(a.card(other, reader="exit"))[0] == "access.granted"
         a.sim({"op": "pass", "side": "B"})
         for g in gates.values():
-            assert wait_for(lambda g=g: "left,p-1" in guard_tool(g, "rollcall")), \
+            assert wait_until(lambda g=g: "left,p-1" in guard_tool(g, "rollcall"), 30), \
                 (g.gate, guard_tool(g, "rollcall"))
             rows = guard_tool(g, "rollcall").splitlines()
             assert [r.split(",")[:2] for r in rows[1:]] == [["inside_at_alarm", "p-1"], ["left", "p-1"]]
