@@ -111,3 +111,22 @@ def test_without_a_downlink_or_when_its_status_fails_the_figures_name_the_table_
         got = _figures(_Downlink(fail=True))
     assert got["acl_version"] == "v8" and got["acl_stale"] is False
     assert "downlink status failed" in caplog.text
+
+
+def test_the_site_figures_add_what_the_downlink_and_the_core_each_counted():
+    """A record can be malformed on the way in (not JSON) or in the core (no person or time):
+    telemetry's site.malformed is both, not one hiding the other."""
+    from types import SimpleNamespace
+
+    from agent.core.site import SiteView
+
+    view = SiteView(wait_s=5)
+    view.counts.update(malformed=2, passages=3)
+    runtime = _Runtime()
+    runtime.gate = SimpleNamespace(site=view)
+    downlink = _Downlink()
+    downlink.site_counts = {"received": 9, "accepted": 6, "malformed": 3}
+    got = gate_figures(runtime, downlink, boot="b", uptime_s=5.0, clock_synced=True,
+                       table_version="v8", reader_errors={})
+    assert got["site"]["malformed"] == 5
+    assert got["site"]["received"] == 9 and got["site"]["passages"] == 3

@@ -141,7 +141,9 @@ def gate_figures(runtime: Any, downlink: Any, *, boot: str, uptime_s: float, clo
         stats["downlink"] = downlink.stats()
     # The site's other gates' events (docs/site.md): as received, then as the core took them.
     core = getattr(getattr(runtime, "gate", None), "site", None)
-    site = {**getattr(downlink, "site_counts", {}), **(core.counts if core is not None else {})}
+    site = dict(core.counts) if core is not None else {}
+    for key, n in getattr(downlink, "site_counts", {}).items():
+        site[key] = site.get(key, 0) + n  # "malformed" is counted on both sides
     if any(site.values()):
         stats["site"] = {k: int(v) for k, v in site.items()}
     return stats
