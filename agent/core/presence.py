@@ -348,7 +348,7 @@ def record_wall(rec: Any) -> float | None:
         return None
     try:
         return parse_rfc3339(ts).timestamp()
-    except ValueError:
+    except (ValueError, OverflowError):
         return None
 
 

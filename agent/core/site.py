@@ -35,7 +35,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any, NamedTuple
 
-from .records import parse_rfc3339
+from .presence import record_wall
 
 __all__ = ["GRANT_SLACK_S", "SEEN_MAX", "Movement", "SiteView"]
 
@@ -106,7 +106,7 @@ class SiteView:
             self.counts["ignored"] += 1
             return None
         if rtype == "access.granted":
-            stamped = _epoch(record)
+            stamped = record_wall(record)
             if "check" in record or "source" in record:
                 self.counts["ignored"] += 1  # fire mode's unchecked record, a manual open
             elif wall is not None and (stamped is None or stamped < wall - self._hold_s):
@@ -121,7 +121,7 @@ class SiteView:
         if rtype == "passage.timeout" or record.get("source") != "card":
             return None
         direction = record.get("direction")
-        epoch = _epoch(record)
+        epoch = record_wall(record)
         if direction not in ("in", "out") or epoch is None:
             self.counts["malformed"] += 1
             return None
@@ -160,11 +160,3 @@ class SiteView:
         if len(self._grants) > SEEN_MAX:
             # Grants the broker delivered and no end followed (a sibling died mid-wait).
             self._grants = dict(list(self._grants.items())[-SEEN_MAX // 2:])
-
-
-def _epoch(record: dict) -> float | None:
-    """The record's ``ts`` as epoch seconds, or None."""
-    try:
-        return parse_rfc3339(record["ts"]).timestamp() if isinstance(record.get("ts"), str) else None
-    except (ValueError, OverflowError):
-        return None
