@@ -25,6 +25,13 @@ postgres=${GATE_POSTGRES:-$(grep -qs Raspberry /proc/device-tree/model && echo 0
 if [ "$postgres" = 1 ]; then
   compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || have_cmd initdb || need+=(postgresql)
 fi
+# Debian's chromium and its driver for the console's browser tests (tests/test_console_browser.py);
+# not on a board (a Raspberry Pi, or GATE_BROWSER=0): the console needs no browser on the board.
+browser=${GATE_BROWSER:-$(grep -qs Raspberry /proc/device-tree/model && echo 0 || echo 1)}
+if [ "$browser" = 1 ]; then
+  have_cmd chromium || need+=(chromium)
+  have_cmd chromedriver || need+=(chromium-driver)
+fi
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
