@@ -14,7 +14,7 @@ from agent.core.gateconfig import GateConfig
 from agent.core.records import SequenceSink
 from agent.core.turnstile import LINES, Gate
 from agent.runtime import GateRuntime
-from tests.test_turnstile import MONO0, K_ALICE, at, card, columns
+from tests.test_turnstile import K_ALICE, MONO0, at, card, columns
 
 pytestmark = pytest.mark.core
 
