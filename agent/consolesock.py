@@ -39,6 +39,10 @@ appends to it under a lock (``on_record``), never waits for a client: a full
 queue drops the record and the client is told how many with ``{"gap": N}``.
 
 ``request(path, doc)`` and ``watch(path)`` are the client, for the console and tests.
+
+Some 630 lines on purpose, like agent/simctl.py: one small protocol, both ends.
+The server and the client share the operations, the codes and the limits; the
+server is one class whose limits, watchers and action records share its locks.
 """
 from __future__ import annotations
 
@@ -497,6 +501,8 @@ class ConsoleServer:
                 raise _Refused("busy", "the gate's queue is full (or the gate is stopping); try again in a moment")
             self.counters["actions"] += 1
             record = self._wait_record(mark, account, action, args)
+        if record is None and self._stopping.is_set():
+            raise _Refused("stopping", "the agent is stopping; the action may not have been carried out")
         if record is None:
             raise _Refused("busy", f"the gate did not journal the action within {self.action_wait_s:g} s; "
                            "see the agent's log (it may still be done)")

@@ -7,7 +7,7 @@ What the parts do lives with them: the log format and queue in
 agent/logsetup.py, the clock-sync cache in agent/runtime.py (``ClockSync``), the
 mode kept across a restart in agent/statefile.py (``StateFile.start_config``),
 a reply's MQTT options in agent/uplink/mqtt.py (``Uplink.reply``), the
-telemetry figures in agent/uplink/telemetry.py. Some 720 lines on purpose,
+telemetry figures in agent/uplink/telemetry.py. Some 840 lines on purpose,
 over the ~500 the others keep: the start order, the stop order and the hooks
 are read together; each step below is there for a principle (docs/design.md,
 principles 1-3), and split across modules the order would no longer be

@@ -6,6 +6,7 @@ loop go in through its ``sim.sock`` (agent.simctl), as on real hardware. What th
 gate journalled is read back from its journal. The slow watcher runs the service
 in this process, so the test can hand its gate thread thousands of records.
 """
+# ruff: noqa: F811 - pytest fixtures imported from tests.broker, used as arguments
 from __future__ import annotations
 
 import json
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from agent import contract
 from agent.consolesock import (
     ConsoleServer,
     peer_allowed,
@@ -27,6 +29,7 @@ from agent.consolesock import (
 )
 from agent.core.events import Report
 from tests.agentproc import CARDS, AgentProcess
+from tests.broker import broker, ingest_at, make_broker  # noqa: F401  (fixtures)
 from tests.twins import one_twin  # noqa: F401  (the socket does not differ between the twins)
 
 TECH = "tech.ivanova"
@@ -214,6 +217,28 @@ def test_an_enroll_note_is_journalled(agent):
     reply = console(agent, {"op": "note", "action": "enroll", "account": TECH, "detail": "started"})
     assert (reply["result"], reply["record"]["action"], reply["record"]["args"]) == (
         "done", "enroll", {"detail": "started"})
+
+
+def test_console_actions_reach_the_reference_ingest_as_contract_records(tmp_path, broker, ingest_at):
+    ingest = ingest_at(broker)
+    board = AgentProcess(tmp_path / "uplinked", broker=broker).start(timeout=60)
+    try:
+        wait_for(lambda: socket_path(board.state).exists())
+        console(board, {"op": "set_mode", "mode": "entry_only", "account": TECH})
+        console(board, {"op": "open", "direction": "in", "account": TECH})
+        wait_for(lambda: len([e for e in ingest.events(board.site, board.gate)
+                              if e["type"] == "console.action"]) == 2)
+        stored = ingest.events(board.site, board.gate)
+    finally:
+        board.stop()
+    actions = [e for e in stored if e["type"] == "console.action"]
+    assert [(a["action"], a["account"], a["result"]) for a in actions] == [("set_mode", TECH, "done"),
+                                                                           ("open", TECH, "done")]
+    assert all(contract.validate("event", e) == [] for e in stored)
+    (changed,) = [e for e in stored if e["type"] == "mode.changed" and e["by"] == "console"]
+    assert changed["account"] == TECH
+    assert [e["account"] for e in stored if e["type"] == "access.granted" and e.get("source") == "console"] == [TECH]
+    assert ingest.conflicts() == []
 
 
 # --- bad input -----------------------------------------------------------------------------------

@@ -31,10 +31,15 @@ Rules this module obeys (the h11 habit):
   end; the fire loop's ``rollcall`` record is journalled by the next call,
   due at once (``next_deadline``), never ahead of the release.
 
-Some 800 lines on purpose: one state machine. Its handlers, deadlines and
-output rules read and write one lane, one mode and one set of wanted lines,
-and the rules above hold only between them; split, each part would reach
-into the others' state.
+- The local console's actions (``SetMode`` by ``console``, ``ConsoleOpen``,
+  ``ConsolePulse``, ``ConsoleNote``) each journal one ``console.action``
+  record. Only a reader's feedback line is ever pulsed for the console, on
+  its own deadline and cut by the fire alarm; the turnstile's lines never.
+
+Some 1,000 lines on purpose: one state machine (the console's actions
+included). Its handlers, deadlines and output rules read and write one lane,
+one mode and one set of wanted lines, and the rules above hold only between
+them; split, each part would reach into the others' state.
 """
 from __future__ import annotations
 
