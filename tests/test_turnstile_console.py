@@ -92,10 +92,18 @@ def test_a_console_mode_outside_the_commandable_ones_is_refused_invalid(fp):
     assert run.gate.mode == "normal" and not run.gate.faulted
 
 
-def test_a_malformed_console_account_is_an_illegal_event_and_journals_no_action(fp):
+@pytest.mark.parametrize("event", [
+    ev.SetMode("lockdown", by="console", account="no spaces"),
+    ev.ConsoleOpen("in", ""),
+    ev.ConsolePulse("entry.led", 1.0, "x" * 65),
+    ev.ConsoleNote("delete", TECH),  # the contract knows no such action
+])
+def test_a_console_event_its_record_cannot_carry_is_an_illegal_event_and_journals_no_action(fp, event):
     run = Run(fp)
-    step = run(1, ev.SetMode("lockdown", by="console", account="no spaces"))
+    step = run(1, event)
     assert types(step) == ["turnstile.fault"] and run.gate.mode == "normal"
+    assert type(event).__name__ in step.records[0]["detail"]
+    assert step.commands == []
 
 
 # --- open ----------------------------------------------------------------------------------------
