@@ -64,6 +64,7 @@ EVENT_TYPES: tuple[str, ...] = (
     "journal.recovered",
     "journal.overflow",
     "rollcall",
+    "console.action",
 )
 
 # One vocabulary with the fastpath: its integer codes are numbered in the order

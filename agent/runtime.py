@@ -508,6 +508,8 @@ class GateRuntime:
                 log.error("gate thread did not stop within %.1f s; driving outputs inactive anyway", timeout)
         lines = list(OUTPUT_LINES)
         lines += [line for line in getattr(self.gate, "outputs", {}) if line not in lines]
+        # Reader feedback lines the console pulsed (a pulse cut short by the stop ends here).
+        lines += [line for line in getattr(self.gate, "feedback_outputs", {}) if line not in lines]
         for line in lines:
             try:
                 self.outputs.set(line, False)

@@ -7,7 +7,7 @@ What the parts do lives with them: the log format and queue in
 agent/logsetup.py, the clock-sync cache in agent/runtime.py (``ClockSync``), the
 mode kept across a restart in agent/statefile.py (``StateFile.start_config``),
 a reply's MQTT options in agent/uplink/mqtt.py (``Uplink.reply``), the
-telemetry figures in agent/uplink/telemetry.py. Some 720 lines on purpose,
+telemetry figures in agent/uplink/telemetry.py. Some 840 lines on purpose,
 over the ~500 the others keep: the start order, the stop order and the hooks
 are read together; each step below is there for a principle (docs/design.md,
 principles 1-3), and split across modules the order would no longer be
@@ -35,11 +35,15 @@ gate never depends on the network or on anything slower than the disk:
    the journal is open and the persisted list (if any) loaded; a new board
    with no list is ready too (the core raises ``acl_missing`` and refuses
    cards);
-7. the uplink (paho; its alarms become ``alarm`` records through the gate
+7. the console's local socket, ``<state_dir>/console.sock`` (agent/consolesock.py),
+   on any pin factory: the web console reads the status and watches the records
+   through it and asks for its actions, which go through the gate thread and the
+   core like any event; a socket that cannot be opened is logged, the gate works;
+8. the uplink (paho; its alarms become ``alarm`` records through the gate
    thread) and a housekeeping thread for telemetry, STATUS= and the clock
    check.
 
-``stop()`` undoes it: the sim socket and the readers first (no new events),
+``stop()`` undoes it: the console and sim sockets and the readers first (no new events),
 the uplink (publishes the retained ``offline`` status; no new downlink
 message), the downlink (its flood guard's last summary goes to the gate), the
 gate thread (what is queued, then every output inactive), the pins, the state
@@ -185,6 +189,7 @@ class Service:
         self.statefile: StateFile | None = None
         self.presencefile: PresenceFile | None = None
         self.simctl: Any = None  # the simulated hardware's socket (pin_factory = "mock" only)
+        self.consolesock: Any = None  # the console's local socket (agent/consolesock.py)
         self.acl: Any = None
         self.ready = threading.Event()
         self._stopping = threading.Event()
@@ -194,6 +199,11 @@ class Service:
         self._reader_errors = ReaderErrorTally()
         self._last_status = ""
         self._last_clock_check = 0.0
+        # What the console's status shows that only the records tell, kept from _on_record
+        # on the gate thread (a few dict writes per record): reader health, active alarms.
+        self._reader_seen: dict[str, dict[str, Any]] = {}
+        self._alarms: set[str] = set()
+        self._last_seq = 0
 
     # -- start ---------------------------------------------------------------------
 
@@ -317,6 +327,7 @@ class Service:
         self.ready.set()
         log.info("ready: gate %s/%s, fastpath %s, %s", cfg.site, cfg.gate_id, fastpath.IMPLEMENTATION,
                  f"watchdog every {wd:.1f} s" if wd else "no systemd watchdog")
+        self._start_console_socket()
 
         if cfg.mqtt.enabled:
             self._start_uplink()
@@ -402,6 +413,70 @@ class Service:
         self.simctl = server
         log.info("simulated hardware: gate-agent sim drives the mock pins through %s", path)
 
+    def _start_console_socket(self) -> None:
+        """The console's local socket (agent/consolesock.py), on any pin factory: the
+        console is for real boards. A failure is logged; the gate works without it."""
+        cfg = self.config
+        try:
+            from agent.consolesock import ConsoleServer, socket_path
+
+            path = socket_path(cfg.service.state_dir)
+            server = ConsoleServer(path, submit=self._submit, status=self.console_status,
+                                   lines=tuple(cfg.hardware.board.output_pins()))
+            server.start()
+        except OSError as exc:
+            log.error("console: %s; the gate works, the console cannot reach it", exc)
+            return
+        except Exception:  # a bug here must not stop a gate that is ready
+            log.exception("console: the local interface did not start; the gate works without it")
+            return
+        self.consolesock = server
+        log.info("console: local interface on %s", path)
+
+    def console_status(self) -> dict:
+        """The console's STATUS object (agent/consolesock.py): every key present, null
+        where unknown. Built on the console socket's threads from values the gate
+        thread writes whole (the gate's mode, the pins, the counters kept here)."""
+        from agent.core.records import rfc3339_ms
+        from agent.hw.profiles import INPUT_MEANING
+
+        cfg = self.config
+        gate, io, up = self.gate, self.io, self.uplink
+        table = gate.table if gate is not None else None
+        version = getattr(table, "version", None) or None
+        applied_at = getattr(getattr(self.downlink, "acl", None), "applied_at", None)
+        age = round(max(0.0, self._wall() - applied_at), 1) if applied_at is not None else None
+        max_age = cfg.acl.max_age_s
+        stale = bool(self._acl_stale or (max_age is not None and age is not None and age > max_age))
+        directions = dict(cfg.gate.readers)
+        readers = []
+        for r in cfg.hardware.readers:
+            seen = self._reader_seen.get(r.name, {})
+            readers.append({"name": r.name, "type": r.type, "direction": directions.get(r.name),
+                            "online": seen.get("online"), "errors": seen.get("errors", 0),
+                            "last_read": seen.get("last_read")})
+        return {
+            "site": cfg.site, "gate": cfg.gate_id, "version": __version__, "fastpath": fastpath.IMPLEMENTATION,
+            "uptime_s": round(time.monotonic() - self.started_mono, 1),
+            "mode": gate.mode if gate is not None else None,
+            "commanded_mode": gate.commanded_mode if gate is not None else None,
+            "fire": {"latched": bool(gate is not None and gate.fire_latched),
+                     "loop_open": bool(gate is not None and gate.fire_loop_open)},
+            "outputs": io.output_levels() if io is not None else {},
+            "inputs": {name: {"active": bool(active), "meaning": INPUT_MEANING.get(name, "")}
+                       for name, active in (io.levels() if io is not None else {}).items()},
+            "readers": readers,
+            "journal": {"backlog": self.journal.backlog() if self.journal is not None else 0,
+                        "last_seq": self._last_seq},
+            "acl": {"version": version, "cards": len(table) if version else None, "age_s": age, "stale": stale},
+            "clock": {"synced": bool(self.clock_sync()) if self.clock_sync is not None else False,
+                      "now": rfc3339_ms(self._wall())},
+            "uplink": {"enabled": cfg.mqtt.enabled, "connected": up.connected if up is not None else None},
+            "alarms": sorted(self._alarms),
+            "key_width": cfg.key_width,
+            "directions": directions,
+        }
+
     def _start_uplink(self) -> None:
         # paho is imported here, only when a broker is configured (not before READY).
         try:
@@ -467,6 +542,9 @@ class Service:
     def _on_record(self, record: dict) -> None:
         """Gate thread, after each committed record."""
         rtype = record.get("type")
+        self._note_for_status(rtype, record)
+        if self.consolesock is not None:
+            self.consolesock.on_record(record)  # appends to its watchers' queues; never waits
         if self.simctl is not None:
             self.simctl.on_record(record)
         if rtype == "reader.error":
@@ -482,6 +560,33 @@ class Service:
                 self.uplink.refresh_status()  # the retained status names the list now in use
         if self.downlink is not None:
             self.downlink.on_record(record)
+
+    def _note_for_status(self, rtype: Any, record: dict) -> None:
+        """Gate thread: what the console's status shows from the records."""
+        seq = record.get("seq")
+        if isinstance(seq, int) and seq > self._last_seq:
+            self._last_seq = seq
+        if rtype == "alarm":
+            kind = record.get("kind")
+            if record.get("active"):
+                self._alarms.add(kind)
+            else:
+                self._alarms.discard(kind)
+            return
+        reader = record.get("reader")
+        if not reader or rtype not in ("access.granted", "access.denied", "reader.error", "reader.status"):
+            return
+        seen = self._reader_seen.get(reader)
+        if seen is None:
+            if len(self._reader_seen) >= 64:  # only configured readers reach the core; a bound anyway
+                return
+            seen = self._reader_seen[reader] = {"online": None, "errors": 0, "last_read": None}
+        if rtype == "reader.status":
+            seen["online"] = bool(record.get("online"))
+        elif rtype == "reader.error":
+            seen["errors"] += 1
+        else:
+            seen["last_read"] = record.get("ts")
 
     def _on_idle(self, now: Any) -> list[dict]:
         committed = self.journal.maintenance(now.wall)
@@ -575,7 +680,7 @@ class Service:
     # -- stop -------------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Stop cleanly: sim socket and readers (no new input), uplink (offline
+        """Stop cleanly: console and sim sockets and readers (no new input), uplink (offline
         status; no new downlink message), downlink (its last flood summary), gate
         thread (what is queued, then every output inactive), pins, state, journal
         (flushed and closed). Idempotent; never raises."""
@@ -586,6 +691,8 @@ class Service:
         self.notifier.stopping("stopping")
         log.info("stopping")
         steps: list[tuple[str, Callable[[], Any]]] = []
+        if self.consolesock is not None:
+            steps.append(("console socket", self.consolesock.stop))  # no console action while stopping
         if self.simctl is not None:
             steps.append(("sim socket", self.simctl.stop))  # no simulated input while stopping
         for name, reader in self.readers.items():

@@ -166,6 +166,85 @@ def _short_names(directory: Path) -> Iterator[Callable[[str], str]]:
             os.close(fd)
 
 
+def listen_unix(path: Path, backlog: int, *, error: type[OSError], role: str,
+                kept: str) -> tuple[socket.socket, tuple[int, int]]:
+    """A listening Unix socket at ``path``, mode 0600, and its (st_dev, st_ino).
+
+    Bound under a temporary name, made 0600, then renamed over the old one: nobody
+    ever sees it with a wider mode, and a stale socket left by a killed agent goes in
+    one step. ``error`` (with the fix in its message) when it cannot: ``path`` is not
+    a socket, another agent answers on it, or the directory refuses. ``role`` names
+    the socket in the log ("simulated hardware"), ``kept`` in the messages.
+    """
+    directory = path.parent
+    tmp = f".{path.name}.{os.getpid()}.tmp"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with _short_names(directory) as name:
+            _check_existing(path, name(path.name), error=error, role=role, kept=kept)
+            try:
+                os.unlink(name(tmp))
+            except FileNotFoundError:
+                pass
+            sock.bind(name(tmp))
+            try:
+                os.chmod(name(tmp), 0o600)
+                sock.listen(backlog)
+                os.replace(name(tmp), name(path.name))
+            except BaseException:
+                try:
+                    os.unlink(name(tmp))
+                except OSError:
+                    pass
+                raise
+            st = os.stat(name(path.name))
+    except error:
+        sock.close()
+        raise
+    except OSError as exc:
+        sock.close()
+        raise error(f"cannot open {path}: {exc.strerror or exc}; check the state "
+                    "directory's owner and mode") from exc
+    return sock, (st.st_dev, st.st_ino)
+
+
+def _check_existing(path: Path, name: str, *, error: type[OSError], role: str, kept: str) -> None:
+    try:
+        st = os.lstat(name)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise error(f"{path} exists and is not a socket; move it away (the agent keeps "
+                    f"its {kept} there)")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(name)
+    except (ConnectionRefusedError, FileNotFoundError):
+        log.info("%s: replacing the stale socket %s of an agent that did not stop", role, path)
+        return
+    except OSError as exc:
+        raise error(f"{path} is a socket that cannot be probed ({exc}); another agent may "
+                    "use this state directory") from exc
+    finally:
+        probe.close()
+    raise error(f"another agent answers on {path}: two agents share the state directory "
+                "(service.state_dir); stop the other one")
+
+
+def remove_unix(path: Path, inode: tuple[int, int], *, role: str) -> None:
+    """Remove the socket at ``path`` if it is still the one opened (``inode``), not a newer agent's."""
+    with _short_names(path.parent) as name:
+        try:
+            st = os.stat(name(path.name))
+            if (st.st_dev, st.st_ino) == inode:
+                os.unlink(name(path.name))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("%s: socket %s not removed (%s)", role, path, exc)
+
+
 class _RateBudget:
     """A token bucket (``rate`` a second, burst ``rate``) shared by the server's threads."""
 
@@ -241,65 +320,12 @@ class SimServer:
     def start(self) -> None:
         """Open the socket (0600; a stale one left by a killed agent is replaced) and
         start answering. SimServerError when it cannot; the gate works without it."""
-        directory = self.path.parent
-        tmp = f".{self.path.name}.{os.getpid()}.tmp"
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            with _short_names(directory) as name:
-                self._check_existing(name(self.path.name))
-                try:
-                    os.unlink(name(tmp))
-                except FileNotFoundError:
-                    pass
-                # Bound under a temporary name, made 0600, then renamed over the old one:
-                # nobody ever sees it with a wider mode, and a stale socket goes in one step.
-                sock.bind(name(tmp))
-                try:
-                    os.chmod(name(tmp), 0o600)
-                    sock.listen(self.max_clients)
-                    os.replace(name(tmp), name(self.path.name))
-                except BaseException:
-                    try:
-                        os.unlink(name(tmp))
-                    except OSError:
-                        pass
-                    raise
-                st = os.stat(name(self.path.name))
-        except SimServerError:
-            sock.close()
-            raise
-        except OSError as exc:
-            sock.close()
-            raise SimServerError(f"cannot open {self.path}: {exc.strerror or exc}; check the state "
-                                 "directory's owner and mode") from exc
-        self._inode = (st.st_dev, st.st_ino)
+        sock, self._inode = listen_unix(self.path, self.max_clients, error=SimServerError,
+                                        role="simulated hardware", kept="simulated-hardware socket")
         sock.settimeout(0.5)  # the accept loop also looks at the stop flag this often
         self._sock = sock
         self._accepter = threading.Thread(target=self._accept_loop, name="sim-accept", daemon=True)
         self._accepter.start()
-
-    def _check_existing(self, name: str) -> None:
-        try:
-            st = os.lstat(name)
-        except FileNotFoundError:
-            return
-        if not stat.S_ISSOCK(st.st_mode):
-            raise SimServerError(f"{self.path} exists and is not a socket; move it away (the agent keeps "
-                                 "its simulated-hardware socket there)")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        probe.settimeout(1.0)
-        try:
-            probe.connect(name)
-        except (ConnectionRefusedError, FileNotFoundError):
-            log.info("simulated hardware: replacing the stale socket %s of an agent that did not stop", self.path)
-            return
-        except OSError as exc:
-            raise SimServerError(f"{self.path} is a socket that cannot be probed ({exc}); another agent may "
-                                 "use this state directory") from exc
-        finally:
-            probe.close()
-        raise SimServerError(f"another agent answers on {self.path}: two agents share the state directory "
-                             "(service.state_dir); stop the other one")
 
     def stop(self, timeout: float = 2.0) -> None:
         """Stop answering, close every connection, remove the socket (if it is still ours)."""
@@ -327,15 +353,7 @@ class SimServer:
             if t is not threading.current_thread():
                 t.join(timeout)
         if self._inode is not None:
-            with _short_names(self.path.parent) as name:
-                try:
-                    st = os.stat(name(self.path.name))
-                    if (st.st_dev, st.st_ino) == self._inode:  # not a newer agent's
-                        os.unlink(name(self.path.name))
-                except FileNotFoundError:
-                    pass
-                except OSError as exc:
-                    log.warning("simulated hardware: socket %s not removed (%s)", self.path, exc)
+            remove_unix(self.path, self._inode, role="simulated hardware")
             self._inode = None
 
     # -- the gate thread -------------------------------------------------------------

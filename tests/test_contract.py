@@ -207,6 +207,12 @@ EXAMPLES: dict[str, list[dict]] = {
         {"by": "fire_loop", "gate": "gate-1", "count": 2, "inside": ["p-0042", "p-0107"]},
         {"by": "site", "gate": "gate-2", "count": 0, "inside": []},
     ],
+    "console.action": [
+        {"account": "tech.ivanova", "action": "set_mode", "args": {"mode": "lockdown"}, "result": "done"},
+        {"account": "tech", "action": "pulse", "args": {"line": "unlock_a", "seconds": 0.3},
+         "result": "refused", "reason": "use_open"},
+        {"account": "guard-1", "action": "enroll", "args": {"detail": "started"}, "result": "done"},
+    ],
 }
 
 
@@ -415,6 +421,11 @@ def test_a_field_of_another_type_is_refused():
         ("alarm", {"kind": "clock unsynced"}, "$.kind"),
         ("mode.changed", {"to": "panic"}, "$.to"),
         ("mode.changed", {"by": "guard"}, "$.by"),
+        ("mode.changed", {"account": "tech"}, "$.by"),  # an account only on a console's change
+        ("console.action", {"reason": "fire"}, "$"),  # done carries no reason
+        ("console.action", {"reason": "upstairs", "result": "refused"}, "$.reason"),
+        ("console.action", {"account": "bad name"}, "$.account"),
+        ("console.action", {"args": {"pin": 4}}, "$.args.pin"),
         ("reader.error", {"kind": "noise"}, "$.kind"),
         ("turnstile.fault", {"kind": "jam"}, "$.kind"),
         ("acl.applied", {"kind": "patch"}, "$.kind"),

@@ -87,6 +87,37 @@ class RemoteOpen:
 
 
 @dataclass(frozen=True)
+class ConsoleOpen:
+    """The local console (agent/consolesock.py) asks to open once in a direction,
+    like the guard's button; ``account`` is the console account that asked."""
+
+    direction: str
+    account: str
+
+
+@dataclass(frozen=True)
+class ConsolePulse:
+    """The local console asks to pulse an output line for ``seconds``. Only a
+    reader's feedback line ("entry.led", "exit.beeper") is pulsed; ``wired`` says
+    whether the board profile wires the line (the adapter knows the board)."""
+
+    line: str
+    seconds: float
+    account: str
+    wired: bool = True
+
+
+@dataclass(frozen=True)
+class ConsoleNote:
+    """A console action the gate only journals (``enroll``: enrolment started or
+    stopped at the console); ``detail`` at most 200 characters."""
+
+    action: str
+    account: str
+    detail: str = ""
+
+
+@dataclass(frozen=True)
 class FireLoop:
     """The fire-alarm loop changed: open=True means alarm (free passage)."""
 
@@ -127,6 +158,7 @@ class SetMode:
     mode: str  # normal, entry_only, free, lockdown (never fire)
     by: str = "command"
     request_id: str = ""
+    account: str = ""  # by "console": the console account that asked
 
 
 @dataclass(frozen=True)

@@ -31,14 +31,20 @@ Rules this module obeys (the h11 habit):
   end; the fire loop's ``rollcall`` record is journalled by the next call,
   due at once (``next_deadline``), never ahead of the release.
 
-Some 800 lines on purpose: one state machine. Its handlers, deadlines and
-output rules read and write one lane, one mode and one set of wanted lines,
-and the rules above hold only between them; split, each part would reach
-into the others' state.
+- The local console's actions (``SetMode`` by ``console``, ``ConsoleOpen``,
+  ``ConsolePulse``, ``ConsoleNote``) each journal one ``console.action``
+  record. Only a reader's feedback line is ever pulsed for the console, on
+  its own deadline and cut by the fire alarm; the turnstile's lines never.
+
+Some 1,000 lines on purpose: one state machine (the console's actions
+included). Its handlers, deadlines and output rules read and write one lane,
+one mode and one set of wanted lines, and the rules above hold only between
+them; split, each part would reach into the others' state.
 """
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -67,7 +73,7 @@ SIDES = {"A": codes.IN, "B": codes.OUT}
 DIRECTION_CODE = {name: i for i, name in enumerate(codes.DIRECTIONS)}
 MODE_CODE = {name: i for i, name in enumerate(codes.MODES)}
 COMMANDABLE_MODES = ("normal", "entry_only", "free", "lockdown")  # fire: only the loop
-SET_MODE_BY = ("command", "switch", "simulator", "start")
+SET_MODE_BY = ("command", "switch", "simulator", "start", "console")
 FIRE_RESET_BY = ("input", "command")
 FREE_MODES = ("free", "fire")  # the gate is already free: buttons do nothing, PASS is "free"
 MAX_KEY = 2**64 - 1
@@ -80,6 +86,18 @@ MAX_DETAIL = 500  # the contract allows 1000 characters; an event's repr can be 
 CMD_SET_MODE = "set_mode"
 CMD_FIRE_RESET = "fire_reset"
 CMD_OPEN = "open"
+
+# The local console (agent/consolesock.py, docs/contract.md "console.action"): each action
+# is journalled as one console.action record. A reader's feedback line may be pulsed; the
+# turnstile's lines never are: an unlock is an open (journalled as one), Stop and the fire
+# release are safety lines (tested with gate-agent io-test, the service stopped).
+ACCOUNT_RE = re.compile(r"[A-Za-z0-9._@-]{1,64}")
+CONSOLE_NOTES = ("enroll",)
+CONSOLE_LINE_REFUSALS = {"unlock_a": "use_open", "unlock_b": "use_open",
+                         "stop": "safety_line", "fire_release": "safety_line"}
+FEEDBACK_LINE_KINDS = ("led", "beeper")
+PULSE_MIN_S, PULSE_MAX_S = 0.1, 10.0
+MAX_NOTE = 200
 
 
 @dataclass
@@ -140,10 +158,15 @@ class Gate:
 
         self._lane = IDLE
         self._pending: _Pending | None = None
-        self._waiting: list[tuple[int, str]] = []  # (direction, source), at most one per direction
+        # (direction, source, console account or ""), at most one per direction
+        self._waiting: list[tuple[int, str, str]] = []
         self._pulses: dict[str, float] = {}  # line -> monotonic s when its pulse ends
         self._rest: dict[str, float] = {}  # line -> monotonic s when it may pulse again
         self._outputs: dict[str, bool] = {line: False for line in LINES}
+        # Reader feedback lines the console pulses ("entry.led"): line -> monotonic end,
+        # and each such line's level as last driven (kept after the pulse: stop drives it off).
+        self._feedback_pulses: dict[str, float] = {}
+        self._feedback_levels: dict[str, bool] = {}
         self._last_mono: float | None = None
         self._alarms: set[str] = set()  # raised alarm kinds the core clears itself
         self._site = SiteView(config.wait_s)  # what the other gates of the site said
@@ -183,7 +206,17 @@ class Gate:
     @property
     def waiting(self) -> tuple[tuple[str, str], ...]:
         """Buttons/remote opens waiting for the lane, as (direction, source)."""
-        return tuple((codes.DIRECTIONS[d], s) for d, s in self._waiting)
+        return tuple((codes.DIRECTIONS[d], s) for d, s, _ in self._waiting)
+
+    @property
+    def fire_loop_open(self) -> bool:
+        """The fire loop is open now (the alarm sounds); fire mode may outlast it."""
+        return self._loop_open
+
+    @property
+    def feedback_outputs(self) -> dict[str, bool]:
+        """The reader feedback lines the console pulsed, each with its level now."""
+        return dict(self._feedback_levels)
 
     @property
     def lane(self) -> str:
@@ -228,6 +261,7 @@ class Gate:
     def next_deadline(self) -> float | None:
         """Monotonic seconds of the next timeout (pulse end, passage wait), or None."""
         times = list(self._pulses.values())
+        times += self._feedback_pulses.values()
         if self._waiting:
             # A line's rest only matters to an opener waiting for it; any later event ends it too.
             times += self._rest.values()
@@ -277,11 +311,12 @@ class Gate:
         self._run_deadlines(now, step)
         self._sync_outputs(step)  # a pulse that ended must drop before a new one starts
         handler = TRANSITIONS.get((self._lane, type(event)))
-        if handler is None:
+        if handler is None or not _journalable(event):
             self._illegal(now, step, f"unknown event {type(event).__name__}: {event!r}")
         else:
             handler(self, event, now, step)
         self._sync_outputs(step)
+        self._sync_feedback(now, step)
         self._presence_step(now, step)
         return step
 
@@ -424,6 +459,7 @@ class Gate:
         self._close_lane()
         self._waiting.clear()
         self._drop_pulses(now)  # fire's own lines take over at once
+        self._feedback_pulses.clear()  # a console pulse never outlives the alarm (dropped at the end of this call)
 
     def _on_fire_reset(self, event: ev.FireReset, now: ev.Now, step: ev.Step) -> None:
         if event.by not in FIRE_RESET_BY:
@@ -451,13 +487,17 @@ class Gate:
 
     def _on_set_mode(self, event: ev.SetMode, now: ev.Now, step: ev.Step) -> None:
         by_command = event.by == "command"
+        by_console = event.by == "console"
         if event.by not in SET_MODE_BY:
             self._illegal(now, step, f"SetMode by {event.by!r}; allowed: {', '.join(SET_MODE_BY)}")
             return
+        args = {"mode": str(event.mode)[:32]}
         if event.mode not in COMMANDABLE_MODES:
             if by_command:
                 self._record(step, now, "command.result", request_id=event.request_id,
                              command=CMD_SET_MODE, result="refused", reason="invalid")
+            elif by_console:
+                self._console_action(now, step, event.account, "set_mode", args, "invalid")
             else:
                 self._illegal(now, step, f"SetMode to {event.mode!r}; allowed: {', '.join(COMMANDABLE_MODES)}")
             return
@@ -465,15 +505,81 @@ class Gate:
             if by_command:
                 self._record(step, now, "command.result", request_id=event.request_id,
                              command=CMD_SET_MODE, result="refused", reason="fire")
+            elif by_console:
+                self._console_action(now, step, event.account, "set_mode", args, "fire")
             return
         before = self.mode
         self._commanded = event.mode
         if self.mode != before:
-            self._record(step, now, "mode.changed", **{"from": before, "to": self.mode, "by": event.by})
+            extra = {"account": event.account} if by_console else {}
+            self._record(step, now, "mode.changed", **{"from": before, "to": self.mode, "by": event.by}, **extra)
         if by_command:
             self._record(step, now, "command.result", request_id=event.request_id, command=CMD_SET_MODE,
                          result="done")
+        elif by_console:
+            self._console_action(now, step, event.account, "set_mode", args)
         self._start_waiting(now, step)
+
+    # --- the local console (agent/consolesock.py) ------------------------------------------------
+
+    def _on_console_open(self, event: ev.ConsoleOpen, now: ev.Now, step: ev.Step) -> None:
+        args = {"direction": str(event.direction)[:32]}
+        direction = DIRECTION_CODE.get(event.direction) if isinstance(event.direction, str) else None
+        if direction is None:
+            self._console_action(now, step, event.account, "open", args, "invalid")
+        elif self._lane == FAULT and self.mode != "fire":
+            self._console_action(now, step, event.account, "open", args, "fault")
+        else:
+            # In free and fire modes the gate is already free: done, nothing to drive.
+            self._request_open(direction, "console", now, step, event.account)
+            self._console_action(now, step, event.account, "open", args)
+
+    def _on_console_pulse(self, event: ev.ConsolePulse, now: ev.Now, step: ev.Step) -> None:
+        line, seconds = event.line, event.seconds
+        ok_seconds = (isinstance(seconds, (int, float)) and not isinstance(seconds, bool)
+                      and PULSE_MIN_S <= seconds <= PULSE_MAX_S)
+        args = {"line": str(line)[:80], "seconds": float(seconds) if ok_seconds else None}
+        reason = CONSOLE_LINE_REFUSALS.get(line) if isinstance(line, str) else None
+        if reason is None and not (isinstance(line, str) and event.wired and self._feedback_line(line)):
+            reason = "unknown_line"
+        if reason is None and not ok_seconds:
+            reason = "invalid"
+        if reason is None and self._fire:
+            reason = "fire"  # fire's own lines only; a pulse would be cut at once anyway
+        if reason is None:
+            end = now.mono + float(seconds)
+            # A second pulse on a line still on makes it one longer pulse (no off-on in between).
+            self._feedback_pulses[line] = max(end, self._feedback_pulses.get(line, end))
+        self._console_action(now, step, event.account, "pulse", args, reason)
+
+    def _on_console_note(self, event: ev.ConsoleNote, now: ev.Now, step: ev.Step) -> None:
+        detail = event.detail if isinstance(event.detail, str) else ""
+        self._console_action(now, step, event.account, event.action, {"detail": detail[:MAX_NOTE]})
+
+    def _console_action(self, now: ev.Now, step: ev.Step, account: str, action: str, args: dict,
+                        reason: str | None = None) -> None:
+        fields: dict[str, Any] = {"account": account, "action": action, "args": args,
+                                  "result": "done" if reason is None else "refused"}
+        if reason is not None:
+            fields["reason"] = reason
+        self._record(step, now, "console.action", **fields)
+
+    def _feedback_line(self, line: str) -> bool:
+        """``line`` names a feedback line of a reader of this gate ("entry.led")."""
+        reader, _, kind = line.rpartition(".")
+        return kind in FEEDBACK_LINE_KINDS and reader in self._cfg.readers
+
+    def _sync_feedback(self, now: ev.Now, step: ev.Step) -> None:
+        """Pulses of reader feedback lines: on while their time runs, then off; after the
+        turnstile's own lines (a lamp never delays a relay)."""
+        for line, end in list(self._feedback_pulses.items()):
+            if end <= now.mono:
+                del self._feedback_pulses[line]
+        for line in sorted(self._feedback_levels.keys() | self._feedback_pulses.keys()):
+            wanted = line in self._feedback_pulses
+            if self._feedback_levels.get(line, False) != wanted:
+                self._feedback_levels[line] = wanted
+                step.commands.append(ev.SetOutput(line, wanted))
 
     def _on_lockdown_switch(self, event: ev.LockdownSwitch, now: ev.Now, step: ev.Step) -> None:
         before = self.mode
@@ -675,30 +781,33 @@ class Gate:
             self._rest[line] = now.mono + LINE_REST_S
         self._pulses.clear()
 
-    def _request_open(self, direction: int, source: str, now: ev.Now, step: ev.Step) -> None:
-        """A button or remote open: at once if the lane is free, else it waits its turn."""
+    def _request_open(self, direction: int, source: str, now: ev.Now, step: ev.Step,
+                      account: str = "") -> None:
+        """A button, remote or console open: at once if the lane is free, else it waits its turn."""
         if self.mode in FREE_MODES:
             return  # the gate is already free
         if self._can_open(direction):
-            self._open_manual(now, direction, source, step)
-        elif all(d != direction for d, _ in self._waiting):
-            self._waiting.append((direction, source))
+            self._open_manual(now, direction, source, step, account)
+        elif all(d != direction for d, _, _ in self._waiting):
+            self._waiting.append((direction, source, account))
 
-    def _open_manual(self, now: ev.Now, direction: int, source: str, step: ev.Step) -> None:
+    def _open_manual(self, now: ev.Now, direction: int, source: str, step: ev.Step,
+                     account: str = "") -> None:
         # Journalled before the unlock is driven, like a card grant: a crash between the
         # open and its passage still leaves a trace that the guard (or the server) opened.
+        extra = {"account": account} if source == "console" and account else {}
         self._record(step, now, "access.granted", reader=None, direction=codes.DIRECTIONS[direction],
-                     card=None, format=None, person=None, source=source)
+                     card=None, format=None, person=None, source=source, **extra)
         self._open(now, direction, source)
 
     def _start_waiting(self, now: ev.Now, step: ev.Step) -> None:
         if self.mode in FREE_MODES or self._lane == FAULT:
             self._waiting.clear()
             return
-        for i, (direction, source) in enumerate(self._waiting):
+        for i, (direction, source, account) in enumerate(self._waiting):
             if self._can_open(direction):
                 del self._waiting[i]
-                self._open_manual(now, direction, source, step)
+                self._open_manual(now, direction, source, step, account)
                 return
 
     def _unpaired_pass(self, direction: int, now: ev.Now, step: ev.Step) -> None:
@@ -843,6 +952,19 @@ def _ms(seconds: float) -> int:
     return round(seconds * 1000)
 
 
+def _journalable(event: Any) -> bool:
+    """A console event must name an account its console.action record can carry (and a
+    note an action the contract knows); the socket checks both first, so one that does
+    not is a bug in the adapter: an illegal event like an unknown one."""
+    if isinstance(event, ev.SetMode) and event.by != "console":
+        return True
+    if not isinstance(event, (ev.SetMode, ev.ConsoleOpen, ev.ConsolePulse, ev.ConsoleNote)):
+        return True
+    if not (isinstance(event.account, str) and ACCOUNT_RE.fullmatch(event.account)):
+        return False
+    return not isinstance(event, ev.ConsoleNote) or event.action in CONSOLE_NOTES
+
+
 Handler = Callable[[Gate, Any, ev.Now, ev.Step], None]
 
 
@@ -874,6 +996,9 @@ TRANSITIONS: dict[tuple[str, type], Handler] = {
     **_every_state(ev.FireLoop, Gate._on_fire_loop),
     **_every_state(ev.FireReset, Gate._on_fire_reset),
     **_every_state(ev.SetMode, Gate._on_set_mode),
+    **_every_state(ev.ConsoleOpen, Gate._on_console_open),
+    **_every_state(ev.ConsolePulse, Gate._on_console_pulse),
+    **_every_state(ev.ConsoleNote, Gate._on_console_note),
     **_every_state(ev.LockdownSwitch, Gate._on_lockdown_switch),
     **_every_state(ev.ReadyLine, Gate._on_ready_line),
     **_every_state(ev.Tamper, Gate._on_tamper),

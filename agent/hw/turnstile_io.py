@@ -137,6 +137,15 @@ class TurnstileIO:
         """Every input's current asserted state (for io-test and telemetry)."""
         return {name: dev.is_asserted for name, dev in self.inputs.items()}
 
+    def output_levels(self) -> dict[str, bool]:
+        """Every output the profile wires ("unlock_a", "entry.led"...) with whether it is
+        active now (the console's status)."""
+        out = {line: bool(dev.is_active) for line, dev in self.outputs.items()}
+        for reader, fb in self.readers.items():
+            for kind, dev in fb.lines.items():
+                out[f"{reader}.{kind}"] = bool(dev.is_active)
+        return out
+
     def close(self) -> None:
         """Every output inactive first, then release every pin."""
         if self._closed:
@@ -171,7 +180,12 @@ class TurnstileIO:
         if self._closed:
             log.debug("output %s set to %s after close; ignored", line, active)
             return
-        dev = self.outputs.get(line)
+        dev: Relay | FeedbackLine | None = self.outputs.get(line)
+        if dev is None and "." in line:
+            # A reader's feedback line ("entry.led") the console pulses through the core.
+            reader, _, kind = line.rpartition(".")
+            fb = self.readers.get(reader)
+            dev = fb.lines.get(kind) if fb is not None else None
         if dev is None:
             self.counters["unwired_outputs"] += 1
             log.debug("output %s is not wired on profile %s; ignored", line, self.profile.name)
