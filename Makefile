@@ -27,7 +27,8 @@ XDIST := $(if $(filter-out 0 1,$(PYTEST_JOBS)),-n $(PYTEST_JOBS) --dist workstea
 # cache every worker compiles the whole suite again (about 4 s of CPU each).
 TEST_ENV := PYTHONDONTWRITEBYTECODE=
 # The core and simulator tests, run once more on the pure twin alone.
-PURE_TESTS := tests/test_cards.py tests/test_acl.py tests/test_fastpath.py tests/test_turnstile.py tests/test_simulator.py tests/test_site.py
+PURE_TESTS := tests/test_cards.py tests/test_acl.py tests/test_fastpath.py tests/test_turnstile.py tests/test_simulator.py tests/test_site.py \
+	tests/test_turnstile_console.py
 SCENARIO ?= examples/scenarios/school-morning.toml
 
 .PHONY: all setup build fastpath-built broker-plugin run simulate test test-pure test-arm64 bench soak chaos fuzz lint clean deb test-deb
