@@ -1,0 +1,241 @@
+"""The console in a real browser: Debian's chromium, headless, against a real agent.
+
+One agent process on mock pins (tests/agentproc.py) and one `gate-agent console
+serve` process beside it, as a board runs them (two processes, the console
+reaching the agent only through its socket and reading the journal). Each test
+drives chromium through the pages as a technician or a guard would and checks
+what the gate did in the gate's own journal. Every page is saved as a
+screenshot (tests/browser.py SCREENSHOTS).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.agentproc import AgentProcess
+from tests.browser import REQUIRE_BROWSER, browser_missing, open_browser, screenshot
+
+pytestmark = [pytest.mark.browser, pytest.mark.long(20)]
+
+_missing = browser_missing()
+if _missing:
+    if REQUIRE_BROWSER:
+        raise RuntimeError(f"GATE_REQUIRE_BROWSER=1 but {_missing}")
+    pytest.skip(_missing, allow_module_level=True)
+
+ROOT = Path(__file__).resolve().parent.parent
+TECH, TECH_PW = "tech.ivanova", "correct horse 1"
+GUARD, GUARD_PW = "guard.petrov", "correct horse 2"
+WAIT_S = 15.0  # generous: a loaded CI machine; nothing here asserts speed
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cli(*args: str, stdin: str = "", cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "LANGUAGE": "en", "LC_ALL": "C.UTF-8"}
+    return subprocess.run([sys.executable, "-m", "agent.cli", *args], input=stdin, text=True,
+                          capture_output=True, cwd=cwd, env=env, timeout=60)
+
+
+def until(what, timeout: float = WAIT_S, step: float = 0.1):
+    """what()'s first truthy value within timeout seconds, else None."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = what()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(step)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """A running agent and its console (plain HTTP on loopback), with one account of each role."""
+    work = tmp_path_factory.mktemp("console")
+    agent = AgentProcess(work).start()
+    for name, role, pw in ((TECH, "technician", TECH_PW), (GUARD, "guard", GUARD_PW)):
+        done = _cli("console", "user", "add", name, "--role", role, "--password-stdin",
+                    "--config", str(agent.config), stdin=pw + "\n", cwd=work)
+        assert done.returncode == 0, done.stderr
+    port = _free_port()
+    log = open(work / "console.log", "ab")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    console = subprocess.Popen([sys.executable, "-m", "agent.cli", "console", "serve", "--config",
+                                str(agent.config), "--bind", "127.0.0.1", "--port", str(port), "--no-tls"],
+                               cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=log)
+    base = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            with urllib.request.urlopen(base + "/login", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    try:
+        assert until(up, 30), (work / "console.log").read_text(errors="replace")[-3000:]
+        yield {"agent": agent, "base": base, "work": work}
+    finally:
+        console.terminate()
+        try:
+            console.wait(10)
+        except subprocess.TimeoutExpired:
+            console.kill()
+        log.close()
+        agent.stop()
+
+
+@pytest.fixture
+def browser(site, tmp_path):
+    driver = open_browser("en-US")
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    driver.execute_cdp_cmd("Page.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+    driver.downloads = downloads
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def login(driver, base: str, account: str, password: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver.get(base + "/login")
+    driver.find_element(By.ID, "account").send_keys(account)
+    driver.find_element(By.ID, "password").send_keys(password)
+    driver.find_element(By.ID, "login").click()
+    assert until(lambda: "/login" not in driver.current_url), driver.page_source[:2000]
+
+
+def post_from_page(driver, path: str, form: dict) -> int:
+    """POST a form from inside the page (the session's cookie goes with it, as a forged
+    form from another tab would send it); the HTTP status."""
+    return driver.execute_async_script(
+        "var done = arguments[arguments.length - 1];"
+        "fetch(arguments[0], {method: 'POST', body: new URLSearchParams(arguments[1]),"
+        " redirect: 'manual'}).then(function (r) { done(r.status); }, function () { done(-1); });",
+        path, form)
+
+
+def journal(site, **match) -> list[dict]:
+    return [r for r in site["agent"].records() if all(r.get(k) == v for k, v in match.items())]
+
+
+def test_a_technician_sees_a_card_live_pulses_a_line_and_exports_the_journal(site, browser):
+    from selenium.webdriver.common.by import By
+
+    base, agent = site["base"], site["agent"]
+    browser.get(base + "/status")
+    assert "/login" in browser.current_url  # nothing without a login
+    screenshot(browser, "login")
+    login(browser, base, TECH, TECH_PW)
+
+    browser.get(base + "/status")
+    assert until(lambda: agent.site in browser.page_source or agent.gate in browser.page_source)
+    screenshot(browser, "status")
+
+    # Live: a card read on the mock pins appears in the open page, through the SSE feed.
+    browser.get(base + "/live")
+    assert until(lambda: browser.find_element(By.ID, "link").get_attribute("class") == "good")
+    reply = agent.card("100,60003")
+    decision = reply["decision"]
+    assert decision["type"] == "access.granted" and decision["person"] == "p-3"
+    row = until(lambda: [tr for tr in browser.find_elements(By.CSS_SELECTOR, "#live tbody tr")
+                         if json.loads(tr.get_attribute("data-rec")).get("id") == decision["id"]])
+    assert row, browser.page_source[:3000]
+    assert "p-3" in row[0].text
+    screenshot(browser, "live")
+
+    # io-test: pulse the entry reader's LED; the mock pin goes active and back.
+    browser.get(base + "/tech")
+    cell = browser.find_element(By.CSS_SELECTOR, '[data-out="entry.led"]')
+    assert cell.get_attribute("class") == "off"
+    browser.find_element(By.ID, "pulse-entry.led").click()
+    assert until(lambda: journal(site, type="console.action", action="pulse", account=TECH))
+    done = journal(site, type="console.action", action="pulse", account=TECH)[0]
+    assert done["result"] == "done" and done["args"]["line"] == "entry.led"
+    screenshot(browser, "technician")
+    from agent.consolesock import request, socket_path
+
+    # The pin itself, read by the agent off the mock pin factory, is back at rest after the pulse.
+    assert until(lambda: not request(socket_path(agent.state), {"op": "status"})["status"]["outputs"]["entry.led"])
+
+    # The journal page finds the card and exports it as CSV.
+    browser.get(base + "/journal?card=100%2C60003")
+    assert "p-3" in browser.find_element(By.ID, "results").text
+    screenshot(browser, "journal")
+    browser.find_element(By.ID, "csv").click()
+    files = until(lambda: [p for p in browser.downloads.iterdir() if p.suffix == ".csv"])
+    assert files, "no CSV was downloaded"
+    text = files[0].read_text(encoding="utf-8-sig")
+    assert decision["id"] in text and "p-3" in text
+
+    for page in ("today", "presence"):
+        browser.get(f"{base}/{page}")
+        assert browser.find_elements(By.TAG_NAME, "h1")
+        screenshot(browser, page)
+
+
+def test_the_pages_switch_to_russian(site, browser):
+    from selenium.webdriver.common.by import By
+
+    login(browser, site["base"], TECH, TECH_PW)
+    browser.get(site["base"] + "/status")
+    english = browser.find_element(By.TAG_NAME, "nav").text
+    browser.find_element(By.ID, "lang-switch").click()
+    assert until(lambda: browser.find_element(By.TAG_NAME, "html").get_attribute("lang") == "ru")
+    russian = browser.find_element(By.TAG_NAME, "nav").text
+    assert russian != english and "Журнал" in russian, russian
+    screenshot(browser, "status-ru")
+    browser.get(site["base"] + "/tech")  # the language is the session's: it stays
+    assert browser.find_element(By.TAG_NAME, "html").get_attribute("lang") == "ru"
+    screenshot(browser, "technician-ru")
+
+
+def test_a_guard_cannot_reach_the_technicians_actions(site, browser):
+    from selenium.webdriver.common.by import By
+
+    login(browser, site["base"], GUARD, GUARD_PW)
+    browser.get(site["base"] + "/status")
+    assert not browser.find_elements(By.ID, "nav-tech")
+    browser.get(site["base"] + "/tech")
+    assert not browser.find_elements(By.ID, "pulse-entry.led")
+    screenshot(browser, "guard-denied")
+    browser.get(site["base"] + "/status")
+    csrf = browser.find_element(By.NAME, "csrf").get_attribute("value")  # the guard's own, valid token
+    assert post_from_page(browser, "/tech/mode", {"csrf": csrf, "mode": "lockdown"}) == 403
+    assert post_from_page(browser, "/tech/pulse", {"csrf": csrf, "line": "entry.led", "seconds": "1"}) == 403
+    time.sleep(0.5)
+    assert not journal(site, type="console.action", account=GUARD)
+    assert not journal(site, type="mode.changed", by="console", account=GUARD)
+
+
+def test_a_post_without_the_csrf_token_is_refused(site, browser):
+    from selenium.webdriver.common.by import By
+
+    login(browser, site["base"], TECH, TECH_PW)
+    browser.get(site["base"] + "/tech")
+    before = len(journal(site, type="mode.changed", by="console"))
+    assert post_from_page(browser, "/tech/mode", {"mode": "lockdown"}) == 403
+    assert post_from_page(browser, "/tech/mode", {"mode": "lockdown", "csrf": "0" * 43}) == 403
+    time.sleep(0.5)
+    assert len(journal(site, type="mode.changed", by="console")) == before
+    # The page's own form carries the token: the same change goes through, journalled with the account.
+    browser.find_element(By.ID, "mode-lockdown").click()
+    assert until(lambda: journal(site, type="mode.changed", by="console", account=TECH, to="lockdown"))
+    browser.get(site["base"] + "/tech")
+    browser.find_element(By.ID, "mode-normal").click()
+    assert until(lambda: journal(site, type="mode.changed", by="console", account=TECH, to="normal"))
