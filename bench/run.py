@@ -21,11 +21,13 @@ BENCHES = [
     ("journal", "bench.bench_journal", []),
     ("replay", "bench.bench_replay", []),
     ("scale", "bench.bench_scale", []),
+    ("console", "bench.bench_console", []),
 ]
 QUICK_ARGS = {
     "bench.bench_decision": ["--cards", "100000", "--reads", "50000"],
     "bench.bench_replay": ["--events", "100000"],
     "bench.bench_scale": ["--quick"],
+    "bench.bench_console": ["--pages", "10", "--cards", "5"],
 }
 
 

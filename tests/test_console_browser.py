@@ -45,7 +45,7 @@ def _free_port() -> int:
 
 def _cli(*args: str, stdin: str = "", cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "LANGUAGE": "en", "LC_ALL": "C.UTF-8"}
-    return subprocess.run([sys.executable, "-m", "agent.cli", *args], input=stdin, text=True,
+    return subprocess.run([sys.executable, "-m", "agent.cli", *args], check=False, input=stdin, text=True,
                           capture_output=True, cwd=cwd, env=env, timeout=60)
 
 
@@ -69,12 +69,12 @@ def site(tmp_path_factory):
                     "--config", str(agent.config), stdin=pw + "\n", cwd=work)
         assert done.returncode == 0, done.stderr
     port = _free_port()
-    log = open(work / "console.log", "ab")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    console = subprocess.Popen([sys.executable, "-m", "agent.cli", "console", "serve", "--config",
-                                str(agent.config), "--bind", "127.0.0.1", "--port", str(port), "--no-tls"],
-                               cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                               stderr=log)
+    with open(work / "console.log", "ab") as log:  # the child keeps its own descriptor
+        console = subprocess.Popen([sys.executable, "-m", "agent.cli", "console", "serve", "--config",
+                                    str(agent.config), "--bind", "127.0.0.1", "--port", str(port),
+                                    "--no-tls"], cwd=work, env=env, stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.DEVNULL, stderr=log)
     base = f"http://127.0.0.1:{port}"
 
     def up() -> bool:
@@ -93,7 +93,6 @@ def site(tmp_path_factory):
             console.wait(10)
         except subprocess.TimeoutExpired:
             console.kill()
-        log.close()
         agent.stop()
 
 
@@ -236,6 +235,9 @@ def test_a_post_without_the_csrf_token_is_refused(site, browser):
     # The page's own form carries the token: the same change goes through, journalled with the account.
     browser.find_element(By.ID, "mode-lockdown").click()
     assert until(lambda: journal(site, type="mode.changed", by="console", account=TECH, to="lockdown"))
-    browser.get(site["base"] + "/tech")
+    def shows(mode: str) -> bool:
+        browser.get(site["base"] + "/tech")
+        return browser.find_element(By.ID, "mode").text == mode
+    assert until(lambda: shows("lockdown"), step=0.3)
     browser.find_element(By.ID, "mode-normal").click()
     assert until(lambda: journal(site, type="mode.changed", by="console", account=TECH, to="normal"))
