@@ -1,6 +1,7 @@
 """``gate-agent demo``: a school morning on simulated hardware, live.
 
     gate-agent demo [--duration S] [--plain] [--rate N] [--fire-after S] [--seed N] [--keep]
+                    [--console-port N]
 
 What runs, all in one process and one temporary directory:
 
@@ -24,7 +25,11 @@ What runs, all in one process and one temporary directory:
 * the reference ingest (agent/regional/ingest.py), storing every event and
   acknowledging it, as the regional server does;
 * the monitor's view (agent/tools/monitor.py), fed from the broker like the
-  regional server sees the gate (or from the journal when offline).
+  regional server sees the gate (or from the journal when offline);
+* with ``--console-port N`` (``gate-agent demo`` sets 8080; 0: none) the web
+  console (agent/console) in its own process, as on a board, on
+  http://127.0.0.1:N with two demo accounts: ``demo``/``demo`` (technician)
+  and ``guard``/``guard`` (guard).
 
 Ctrl-C (SIGINT) or SIGTERM, or ``--duration``, ends it cleanly: the crowd
 stops, the service stops (outputs inactive, offline status, journal closed),
@@ -67,6 +72,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ACL_SOURCES = (ROOT / "examples" / "acl" / "school.json", Path("/usr/share/gate-agent/acl/school.json"))
 MOSQUITTO_CANDIDATES = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
 FIRE_OPEN_S = 8.0  # the drill: loop open this long, then closed, then the release reset
+CONSOLE_PORT = 8080  # `make run`'s console: http://127.0.0.1:8080 (docs/console.md)
 DRAIN_S = 5.0  # at the end: how long the ingest gets to confirm what is still in flight
 EXIT_OK = Exit.OK
 EXIT_FAILED = Exit.FAILED
@@ -92,6 +98,15 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 class Broker:
@@ -196,7 +211,7 @@ class Demo:
 
     def __init__(self, *, duration_s: float | None = None, plain: bool = False, rate_per_min: float = 30.0,
                  fire_after_s: float | None = 60.0, seed: int | None = None, keep: bool = False,
-                 out: TextIO | None = None) -> None:
+                 out: TextIO | None = None, console_port: int | None = None) -> None:
         self.duration_s = duration_s
         self.plain = plain
         self.rate = rate_per_min
@@ -219,6 +234,8 @@ class Demo:
         self._stopped = False
         self.pending: int | None = None
         self.stored: list[dict] = []
+        self.console_port = console_port
+        self.console: Any = None  # the web console's process (agent/console), beside the gate
 
     def say(self, text: str) -> None:
         """A line for the person watching: printed in plain mode, a note in the live view."""
@@ -325,9 +342,31 @@ class Demo:
             conn = f"--site {SITE} --gate {GATE} --port {self.broker.port} --key {key_path} --key-id {KEY_ID}"
             self.say(_("try: gate-agent acl push {acl} {conn}").format(acl=acl_path, conn=conn))
             self.say(_("try: gate-agent cmd open in {conn}").format(conn=conn))
+        self._start_console()
         self.say(_("present a card yourself: gate-agent sim --config {config} card entry {card}").format(
             config=self.work / "agent.toml", card=next(iter(c for p in acl.get("people", [])
                                                             for c in p.get("cards", [])), "100,60179")))
+
+    def _start_console(self) -> None:
+        """The web console in its own process, as on a board (docs/console.md), reaching the
+        gate through its socket; on the port asked for, or a free one when that one is taken."""
+        if not self.console_port or self.work is None:
+            return
+        from agent.console.demo import start_demo_console
+
+        port = self.console_port if _port_free(self.console_port) else _free_port()
+        with open(self.work / "console.log", "ab") as log_file:  # the child keeps its own descriptor
+            self.console = start_demo_console(self.work / "agent.toml", port, log=log_file.fileno())
+        self.say(_("console: http://127.0.0.1:{port} (technician demo / demo, guard guard / guard)").format(
+            port=port))
+
+    def _stop_console(self) -> None:
+        self.console.terminate()
+        try:
+            self.console.wait(10)
+        except subprocess.TimeoutExpired:
+            self.console.kill()
+            self.console.wait(5)
 
     def _logging_to_file(self, path: Path) -> None:
         # The service logs as it does under systemd; here into a file, so the screen stays the view.
@@ -431,6 +470,8 @@ class Demo:
                     break
                 time.sleep(0.1)
         steps: list[tuple[str, Callable[[], Any]]] = []
+        if self.console is not None:
+            steps.append(("console", self._stop_console))
         if self.turnstile is not None:
             steps.append(("turnstile", self.turnstile.close))
         if self.service is not None:
@@ -476,11 +517,11 @@ class Demo:
 
 def run_demo(*, duration_s: float | None = None, plain: bool = False, rate_per_min: float = 30.0,
              fire_after_s: float | None = 60.0, seed: int | None = None, keep: bool = False,
-             out: TextIO | None = None) -> int:
+             out: TextIO | None = None, console_port: int | None = None) -> int:
     """Run the demo until the duration passes or SIGINT/SIGTERM; the exit code."""
     out = out or sys.stdout
     demo = Demo(duration_s=duration_s, plain=plain, rate_per_min=rate_per_min, fire_after_s=fire_after_s,
-                seed=seed, keep=keep, out=out)
+                seed=seed, keep=keep, out=out, console_port=console_port)
 
     def on_signal(signum: int, frame: Any) -> None:
         demo.request_stop()
@@ -513,7 +554,8 @@ def run_demo(*, duration_s: float | None = None, plain: bool = False, rate_per_m
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(duration_s=args.duration, plain=args.plain, rate_per_min=args.rate,
-                    fire_after_s=None if args.fire_after <= 0 else args.fire_after, seed=args.seed, keep=args.keep)
+                    fire_after_s=None if args.fire_after <= 0 else args.fire_after, seed=args.seed, keep=args.keep,
+                    console_port=args.console_port or None)
 
 
 def add_demo_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -532,6 +574,8 @@ def add_demo_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help=_("start the fire drill after S seconds (default 60; 0: no drill)"))
     p.add_argument("--seed", type=int, default=None, help=_("random seed, for a repeatable crowd"))
     p.add_argument("--keep", action="store_true", help=_("keep the working directory (logs, journal, ingest)"))
+    p.add_argument("--console-port", type=int, default=CONSOLE_PORT, metavar="N",
+                   help=_("the web console's port on 127.0.0.1 (default 8080, a free one if taken; 0: no console)"))
     p.set_defaults(func=_cmd_demo)
     return p
 
