@@ -7,6 +7,7 @@ import os
 import re
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -116,6 +117,17 @@ def test_ctrl_c_stops_the_demo_cleanly():
             cmd = subprocess.run([sys.executable, "-m", "agent.cli", *tries["cmd"]], cwd=ROOT,
                                  env=demo_env(pure=False), capture_output=True, text=True, timeout=60, check=False)
             assert cmd.returncode == 0 and '"result": "done"' in cmd.stdout, cmd.stdout + cmd.stderr
+        # The web console beside it, as `make run` says: the demo technician logs in.
+        console = next(re.search(r"console: (http://127\.0\.0\.1:\d+)", line).group(1)
+                       for line in lines if "console: http://" in line)
+        import httpx
+
+        with httpx.Client(timeout=10) as web:
+            page = web.get(console + "/login")
+            token = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+            login = web.post(console + "/login", data={"csrf": token, "account": "demo", "password": "demo"})
+            assert login.status_code == 200 and "/status" in str(login.url), login.text[:500]
+            assert "main-1" in web.get(console + "/status").text  # the gate's own state, through its socket
         broker_pid = None
         for line in lines:
             m = re.search(r"mosquitto pid (\d+)", line)
@@ -131,6 +143,8 @@ def test_ctrl_c_stops_the_demo_cleanly():
     assert proc.returncode == 0, "\n".join(rest[-20:]) + err.decode(errors="replace")[-2000:]
     assert rest and rest[-1].startswith("demo: ")
     assert not Path(work).exists()  # the temporary directory is gone
+    with pytest.raises(OSError):  # the console stopped with the demo
+        socket.create_connection(("127.0.0.1", int(console.rsplit(":", 1)[1])), timeout=2).close()
     if broker_pid is not None:
         assert not Path(f"/proc/{broker_pid}").exists()  # mosquitto stopped (and reaped)
         assert SUMMARY.match(rest[-1]), rest[-1]
