@@ -123,7 +123,14 @@ def test_ctrl_c_stops_the_demo_cleanly():
         import httpx
 
         with httpx.Client(timeout=10) as web:
-            page = web.get(console + "/login")
+            deadline = time.monotonic() + 30
+            while True:  # the console's process may still be starting
+                try:
+                    page = web.get(console + "/login")
+                    break
+                except httpx.TransportError:
+                    assert time.monotonic() < deadline, "the demo's console did not answer"
+                    time.sleep(0.2)
             token = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
             login = web.post(console + "/login", data={"csrf": token, "account": "demo", "password": "demo"})
             assert login.status_code == 200 and "/status" in str(login.url), login.text[:500]
