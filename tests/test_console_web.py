@@ -1,7 +1,7 @@
 """The web console (agent/console/, docs/console.md): its security points, one test each, and its pages.
 
-The agent's side of the socket is played by a small fake server of the protocol
-(docs/console.md#the-agent-socket) in this file; the real agent's socket has its
+The agent's side of the socket is played by a small fake server of its protocol
+(one JSON object a line each way: agent/consolesock.py) in this file; the real agent's socket has its
 own tests (tests/test_consolesock.py) and the browser tests drive both together.
 """
 from __future__ import annotations
@@ -553,3 +553,120 @@ def test_every_page_text_is_in_the_catalogue_words_table():
     assert used and used <= set(PAGE_WORDS), sorted(used - set(PAGE_WORDS))
     from agent import i18n
     assert "agent/console/words.py" in i18n.TRANSLATED_MODULES
+
+
+# --------------------------------------------------------------------------- the unit and the demo hook
+
+CONSOLE_UNIT = ROOT / "systemd" / "gate-agent-console.service"
+
+
+def test_the_console_unit_runs_as_the_agent_user_after_it_hardened_and_capped(tmp_path):
+    text = CONSOLE_UNIT.read_text()
+    for line in ("User=gate-agent", "After=gate-agent.service network-online.target", "Restart=on-failure",
+                 "MemoryMax=80M", "RestartPreventExitStatus=2", "NoNewPrivileges=yes", "ProtectSystem=strict",
+                 "CapabilityBoundingSet=\n"):
+        assert line in text, line
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        pytest.skip("systemd-analyze is not installed here")
+    root = tmp_path / "root" / "etc" / "systemd" / "system"
+    root.mkdir(parents=True)
+    unit = root / CONSOLE_UNIT.name
+    unit.write_text(text.replace("ExecStart=/opt/gate-agent/venv/bin/gate-agent", "ExecStart=/bin/true"))
+    res = subprocess.run([tool, "verify", str(unit)], capture_output=True, text=True, timeout=60, check=False)
+    assert res.returncode == 0 and CONSOLE_UNIT.name not in res.stderr, res.stderr
+    res = subprocess.run([tool, "security", "--offline=yes", f"--root={tmp_path / 'root'}", CONSOLE_UNIT.name],
+                         capture_output=True, text=True, timeout=60, check=False)
+    m = re.search(r"Overall exposure level for \S+: ([0-9.]+)", res.stdout)
+    assert m and float(m.group(1)) < 3.0, res.stdout + res.stderr
+
+
+def test_the_demo_hook_starts_a_console_with_its_two_accounts(short_dir):
+    import httpx
+
+    from agent.console.demo import start_demo_console
+
+    cfg = short_dir / "agent.toml"
+    cfg.write_text(f'[service]\nstate_dir = "{short_dir / "state"}"\n')
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = start_demo_console(cfg, port)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                page = httpx.get(base + "/login", timeout=2)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.monotonic() < deadline, "the console did not start"
+                time.sleep(0.1)
+        with httpx.Client(base_url=base, timeout=10) as c:
+            for name, role in (("demo", "technician"), ("guard", "guard")):
+                page = c.get("/login")
+                token = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+                r = c.post("/login", data={"account": name, "password": name, "csrf": token, "next": ""})
+                assert r.status_code == 303, name
+                assert (c.get("/tech").status_code == 200) == (role == "technician")
+                c.post("/logout", data={"csrf": csrf_of(c)})
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+# --------------------------------------------------------------------------- attacks
+
+
+def test_a_big_body_is_refused_before_it_is_read_and_pages_escape_what_records_hold(site):
+    _journal(site / "journal.db", [(_today_at(8, 1), "passage", _passage("<script>alert(1)</script>"))])
+    with client_for(site) as c:
+        r = c.post("/login", content=b"account=" + b"a" * (1 << 20), headers={"content-type": "application/x-www-form-urlencoded"})
+        assert r.status_code == 413
+
+        def chunks():
+            for _ in range(64):
+                yield b"a" * 4096
+
+        r = c.post("/login", content=chunks(), headers={"content-type": "application/x-www-form-urlencoded"})
+        assert r.status_code == 413
+        login(c, "guard", "guard-pass")
+        text = c.get("/journal", params={"from": "today"}).text
+        assert "<script>alert" not in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+
+
+def test_password_checks_run_one_at_a_time(site, monkeypatch):
+    """A crowd of logins at once must not run a crowd of 16 MB scrypt checks at once."""
+    from agent.console import accounts as accounts_mod
+
+    running, peak = [0], [0]
+    real = accounts_mod.verify_password
+
+    def counting(password, stored):
+        running[0] += 1
+        peak[0] = max(peak[0], running[0])
+        time.sleep(0.05)
+        try:
+            return real(password, stored)
+        finally:
+            running[0] -= 1
+
+    monkeypatch.setattr(accounts_mod, "verify_password", counting)
+    import httpx
+
+    app = create_app(settings_for(site))
+
+    async def one(i: int) -> int:
+        transport = httpx.ASGITransport(app=app, client=(f"10.1.0.{i}", 1))
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+            page = await c.get("/login")
+            token = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+            r = await c.post("/login", data={"account": f"user{i}", "password": "x", "csrf": token})
+            return r.status_code
+
+    async def crowd() -> list[int]:
+        return list(await asyncio.gather(*(one(i) for i in range(6))))
+
+    assert asyncio.run(crowd()) == [401] * 6
+    assert peak[0] == 1

@@ -1,7 +1,7 @@
 """The console's side of the agent's local socket (``<state_dir>/console.sock``).
 
-The protocol (one JSON object per line each way) is the agent's: docs/console.md
-and agent/consolesock.py. Two uses here:
+The protocol (one JSON object per line each way) is the agent's (agent/consolesock.py):
+ping, status, watch, and the actions set_mode, open, pulse and note, each with the account. Two uses here:
 
 * ``AgentLink.request(op, **args)``: one connection per request (status, the
   technician's actions); a down agent is ``AgentUnavailable``, said plainly on

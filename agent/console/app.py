@@ -10,6 +10,7 @@ Policy allows only this origin's files.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -51,6 +52,7 @@ LANG_COOKIE = "gate_console_lang"
 MODES = ("normal", "entry_only", "free", "lockdown")
 MAX_STREAMS = 32
 SHOWN = 500  # journal rows on a page (the CSV has them all)
+MAX_BODY = 16 * 1024
 PULSE_DEFAULT_S = 0.3
 TECH = "technician"
 SECURITY_HEADERS = [
@@ -75,8 +77,10 @@ class ConsoleSettings:
     late_after: str = "08:30"
 
 
-class _Headers:
-    """ASGI middleware: the security headers on every response (pages, static, errors)."""
+class _Guard:
+    """ASGI middleware: the security headers on every response (pages, static, errors), and
+    no request body over MAX_BODY (every form here is a few hundred bytes; a flood of a body
+    must not grow the process towards its memory cap)."""
 
     def __init__(self, app: Any, https: bool) -> None:
         self.app = app
@@ -92,7 +96,29 @@ class _Headers:
                 message["headers"] = list(message.get("headers", [])) + self.extra
             await send(message)
 
-        await self.app(scope, receive, wrapped)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
+            await JSONResponse({"error": "request body too large"}, status_code=413)(scope, receive, wrapped)
+            return
+        seen = 0
+
+        async def counted() -> dict:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > MAX_BODY:  # chunked, with no length given: cut it off all the same
+                    raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, counted, wrapped)
+        except _TooLarge:
+            await JSONResponse({"error": "request body too large"}, status_code=413)(scope, receive, wrapped)
+
+
+class _TooLarge(Exception):
+    pass
 
 
 def _lang_of(request: Request, session: Session | None) -> str:
@@ -134,6 +160,9 @@ def create_app(settings: ConsoleSettings, *, clock: Callable[[], float] = time.m
                       trim_blocks=True, lstrip_blocks=True)
     env.globals.update(local=_local, ts_local=_ts_local)
     streams = {"n": 0}
+    # One password check at a time: each scrypt takes 16 MB and ~0.1 s of a core, and the
+    # logins of a crowd of addresses must neither pass the memory cap nor take the gate's CPU.
+    checking = asyncio.Semaphore(1)
 
     # ------------------------------------------------------------------ helpers
 
@@ -240,7 +269,8 @@ def create_app(settings: ConsoleSettings, *, clock: Callable[[], float] = time.m
             resp.headers["retry-after"] = str(int(wait) + 1)
             return resp
         accounts.reload_if_changed()
-        acc = await run_in_threadpool(accounts.check, name, password)  # scrypt: off the event loop
+        async with checking:
+            acc = await run_in_threadpool(accounts.check, name, password)  # scrypt: off the event loop
         if acc is None:
             limiter.failed(addr, name)
             log.warning("login failed: account %r from %s", name, addr)
@@ -564,7 +594,7 @@ def create_app(settings: ConsoleSettings, *, clock: Callable[[], float] = time.m
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.sessions, app.state.limiter, app.state.hub, app.state.accounts = sessions, limiter, hub, accounts
-    app.add_middleware(_Headers, https=settings.https)
+    app.add_middleware(_Guard, https=settings.https)
     return app
 
 
