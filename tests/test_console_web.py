@@ -327,6 +327,8 @@ def test_a_deleted_account_loses_its_session_and_no_next_leads_off_site(site):
                                    "next": "//evil.example/x"})
         assert r.headers["location"] == "/status"
         assert c.get("/status").status_code == 200
+        for bad in ("//evil.example/x", "https://evil.example/", "/\\evil.example"):
+            assert c.get("/lang", params={"to": "ru", "next": bad}).headers["location"] == "/status"
         accounts = Accounts(site / "console-accounts.json").load()
         accounts.remove("guard")
         assert c.get("/status").status_code == 303
@@ -456,6 +458,9 @@ def test_the_live_feed_streams_a_card_read_with_all_its_forms(site, agent):
                     data = json.loads(line[6:])
                     break
         assert data["_forms"]["facility_card"] == "100,60179" and data["_forms"]["em_print"] == "0006613779"
+        # The page went away: its subscription goes too (the shared watch stays).
+        wait_until(lambda: not app.state.hub.subscribers, "the closed page's subscription to end")
+        assert agent.watches == 1
 
 
 def _journal(path: Path, records: list[tuple[float, str, dict]]) -> None:
