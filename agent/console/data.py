@@ -19,6 +19,7 @@ from agent.tools.journaltool import read_records
 __all__ = ["CSV_COLUMNS", "chart_svg", "csv_rows", "record_epoch", "search", "today_stats"]
 
 BIN_S = 600  # the chart's bars: 10 minutes
+CHUNK = 64 * 1024  # CSV text handed on at a time
 ENVELOPE = frozenset({"v", "id", "seq", "ts", "clock_synced", "boot", "mono", "type"})
 CSV_COLUMNS = ("seq", "id", "ts", "type", "reader", "direction", "card", "format", "person", "source", "reason",
                "detail")
@@ -133,14 +134,15 @@ def csv_rows(records: Iterator[dict]) -> Iterator[str]:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\r\n")
     w.writerow(CSV_COLUMNS)
-    yield buf.getvalue()
     for rec in records:
-        buf.seek(0)
-        buf.truncate()
         rest = {k: v for k, v in rec.items() if k not in _NAMED}
         row = [rec.get(c) for c in CSV_COLUMNS[:-1]]
         w.writerow(["" if v is None else _cell(v) for v in row] + [json.dumps(rest, ensure_ascii=False) if rest else ""])
-        yield buf.getvalue()
+        if buf.tell() >= CHUNK:  # in pieces: the server hands each piece on from a thread
+            yield buf.getvalue()
+            buf.seek(0)
+            buf.truncate()
+    yield buf.getvalue()
 
 
 def _cell(v: Any) -> str:

@@ -72,6 +72,13 @@ class Sessions:
         s.last = now
         return s
 
+    def alive(self, token: str | None) -> bool:
+        """Whether a session is still valid, without counting this as activity (a live page's
+        stream asks this: a screen left open is not someone using it)."""
+        s = self._by_token.get(token or "")
+        now = self.clock()
+        return s is not None and now - s.last <= self.idle_s and now - s.created <= self.absolute_s
+
     def drop(self, token: str | None) -> None:
         self._by_token.pop(token or "", None)
 
