@@ -675,3 +675,69 @@ def test_password_checks_run_one_at_a_time(site, monkeypatch):
 
     assert asyncio.run(crowd()) == [401] * 6
     assert peak[0] == 1
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_uses_the_gates_certificate_for_https_by_default(short_dir):
+    import httpx
+
+    from tests.pki import TestCA
+
+    ca = TestCA(short_dir / "pki")
+    gate = ca.issue("main-1", server=True)
+    state = short_dir / "state"
+    state.mkdir()
+    cfg = short_dir / "agent.toml"
+    cfg.write_text(f'[service]\nstate_dir = "{state}"\n[mqtt]\nhost = "broker"\n[mqtt.tls]\n'
+                   f'ca_file = "{ca.cert_path}"\ncert_file = "{gate.cert}"\nkey_file = "{gate.key}"\n')
+    Accounts(state / "console-accounts.json").add("tech", "technician", "tech-pass", **FAST)
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "console", "serve", "--config", str(cfg),
+                             "--port", str(port)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        with httpx.Client(base_url=f"https://127.0.0.1:{port}", verify=str(ca.cert_path), timeout=5) as c:
+            while True:
+                try:
+                    page = c.get("/login")
+                    break
+                except httpx.TransportError:
+                    assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()
+                    time.sleep(0.1)
+            token = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+            r = c.post("/login", data={"account": "tech", "password": "tech-pass", "csrf": token})
+            assert r.status_code == 303 and "Secure" in r.headers["set-cookie"]
+        with pytest.raises(httpx.TransportError):  # no plain HTTP on that port
+            httpx.get(f"http://127.0.0.1:{port}/login", timeout=5)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_a_live_stream_ends_with_its_session_and_does_not_keep_it_alive(site, agent):
+    clock = Clock()
+    app = create_app(settings_for(site), clock=clock)
+    with TestClient(app, follow_redirects=False) as c:
+        login(c, "guard", "guard-pass")
+        wait_until(lambda: app.state.hub.connected, "the hub's watch")
+        events = []
+        with c.stream("GET", "/live/events") as r:
+            for line in r.iter_lines():
+                if line.startswith("event: "):
+                    events.append(line[7:])
+                if line.startswith("data: ") and events[-1] in ("link", "status"):
+                    if events.count("status") == 3:
+                        break  # 48 minutes and still streaming: wrong
+                    clock.t += 16 * 60  # the page open, nobody clicking: 16 min, then 32, then 48
+                    agent.push({"status": agent.status})
+                if events[-1:] == ["logout"]:
+                    break
+        assert events[-1] == "logout" and events.count("status") == 1  # nothing sent past 30 idle minutes
+        assert c.get("/status").status_code == 303

@@ -351,10 +351,10 @@ def create_app(settings: ConsoleSettings, *, clock: Callable[[], float] = time.m
                 for rec in list(hub.recent)[-100:]:
                     yield f"event: record\ndata: {json.dumps(enrich(rec, True), ensure_ascii=False)}\n\n"
                 while True:
-                    if not sessions.alive(request.cookies.get(COOKIE)):
-                        yield "event: logout\ndata: {}\n\n"  # the session expired: the page goes to the login
-                        return
                     item = await sub.get(15.0)
+                    if not sessions.alive(request.cookies.get(COOKIE)):
+                        yield "event: logout\ndata: {}\n\n"  # the session ended: the page goes to the login
+                        return
                     if item is None:
                         yield ": keepalive\n\n"
                         continue
