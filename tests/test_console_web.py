@@ -297,7 +297,9 @@ def test_every_technician_action_goes_to_the_agent_with_the_account(site, agent)
         c.post("/tech/pulse", data={"line": "entry.led", "seconds": "1", "csrf": token})
         r = c.post("/tech/pulse", data={"line": "unlock_a", "csrf": token})
         assert r.status_code == 303
-        assert "use_open" in c.get("/tech").text  # the refusal is shown once
+        shown = c.get("/tech").text
+        assert "use_open" in shown and "opened with Manual open" in shown  # the refusal, said once
+        assert "use_open" not in c.get("/tech").text
         c.post("/tech/mode", data={"mode": "fire", "csrf": token})  # not a mode a person sets
     acts = agent.actions()
     assert [(a["op"], a.get("mode") or a.get("direction") or a.get("line")) for a in acts] == [

@@ -40,7 +40,7 @@ from starlette.staticfiles import StaticFiles
 from agent.console.accounts import Accounts
 from agent.console.agentlink import AgentLink, AgentUnavailable, Hub
 from agent.console.security import LoginLimiter, Session, Sessions, tokens_equal
-from agent.console.words import term, translator
+from agent.console.words import ACTION_REASONS, term, translator
 
 __all__ = ["ConsoleSettings", "create_app"]
 
@@ -515,7 +515,10 @@ def create_app(settings: ConsoleSettings, *, clock: Callable[[], float] = time.m
         if not reply.get("ok"):
             return False, t("Refused by the agent: {message}").format(message=reply.get("message") or reply.get("error"))
         if reply.get("result") == "refused":
-            return False, t("Refused: {reason}").format(reason=term("reason", reply.get("reason"), session.lang))
+            reason = reply.get("reason")
+            said = (f"{t(ACTION_REASONS[reason])} ({reason})" if reason in ACTION_REASONS
+                    else term("reason", reason, session.lang))
+            return False, t("Refused: {reason}").format(reason=said)
         return True, t("Done.")
 
     def back(session: Session, ok: bool, text: str, request: Request) -> Response:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from agent.i18n import catalog
 
-__all__ = ["PAGE_WORDS", "term", "translator"]
+__all__ = ["ACTION_REASONS", "PAGE_WORDS", "term", "translator"]
 
 
 def _(text: str) -> str:
@@ -145,6 +145,15 @@ PAGE_WORDS = (
     _('guard'),
     _('technician'),
 )
+
+
+# The agent's reasons for refusing a console action (agent/consolesock.py), said for a person.
+ACTION_REASONS = {
+    "use_open": _("the turnstile's unlock lines are opened with Manual open, which is journalled as an open"),
+    "safety_line": _("a safety line (stop, fire release): test it with gate-agent io-test, service stopped"),
+    "unknown_line": _("this board has no such line"),
+    "fire": _("refused during a fire alarm: the mode returns after the fire release is reset"),
+}
 
 
 def translator(lang: str) -> Callable[[str], str]:
