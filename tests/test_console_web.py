@@ -743,3 +743,20 @@ def test_a_live_stream_ends_with_its_session_and_does_not_keep_it_alive(site, ag
                     break
         assert events[-1] == "logout" and events.count("status") == 1  # nothing sent past 30 idle minutes
         assert c.get("/status").status_code == 303
+
+
+def test_a_hung_agent_is_said_plainly_within_seconds(site):
+    import socket
+
+    hung = socket.socket(socket.AF_UNIX)
+    hung.bind(str(site / "console.sock"))
+    hung.listen(16)  # connections are taken by the kernel, never answered
+    try:
+        with client_for(site) as c:
+            login(c, "guard", "guard-pass")
+            t0 = time.monotonic()
+            r = c.get("/status")
+            assert r.status_code == 200 and 'id="agent-down"' in r.text
+            assert time.monotonic() - t0 < 30  # generous: the page itself waits 2 s
+    finally:
+        hung.close()

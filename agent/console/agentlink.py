@@ -43,20 +43,21 @@ class AgentLink:
         self.path = str(socket_path)
         self.timeout = timeout
 
-    async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def _open(self, timeout: float | None = None) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         try:
-            return await asyncio.wait_for(asyncio.open_unix_connection(self.path, limit=MAX_LINE), self.timeout)
+            return await asyncio.wait_for(asyncio.open_unix_connection(self.path, limit=MAX_LINE),
+                                          timeout or self.timeout)
         except (TimeoutError, OSError) as exc:
             raise AgentUnavailable(f"the agent does not answer on {self.path} ({exc or type(exc).__name__})") from None
 
-    async def request(self, op: str, **args: Any) -> dict[str, Any]:
+    async def request(self, op: str, *, timeout: float | None = None, **args: Any) -> dict[str, Any]:
         """Send one request, return the agent's reply (``ok`` false included: the caller
-        shows its message). AgentUnavailable when there is no answer."""
-        reader, writer = await self._open()
+        shows its message). AgentUnavailable when there is no answer within ``timeout``."""
+        reader, writer = await self._open(timeout)
         try:
             writer.write((json.dumps({"op": op, **args}, separators=(",", ":")) + "\n").encode("utf-8"))
             await writer.drain()
-            line = await asyncio.wait_for(reader.readline(), self.timeout)
+            line = await asyncio.wait_for(reader.readline(), timeout or self.timeout)
         except (TimeoutError, OSError, ValueError) as exc:
             raise AgentUnavailable(f"no reply from the agent on {self.path} ({exc or type(exc).__name__})") from None
         finally:

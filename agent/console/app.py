@@ -231,7 +231,7 @@ def create_app(settings: ConsoleSettings, *, clock: Callable[[], float] = time.m
         if st is not None:
             return st, ""
         try:
-            reply = await link.request("status")
+            reply = await link.request("status", timeout=2.0)  # a page says "not reachable" soon, not late
         except AgentUnavailable as exc:
             return None, str(exc)
         if not reply.get("ok") or not isinstance(reply.get("status"), dict):
@@ -394,15 +394,26 @@ def create_app(settings: ConsoleSettings, *, clock: Callable[[], float] = time.m
         names = _names()
         return render(request, "today.html", session, error="", stats=stats, chart=chart, names=names)
 
+    names_cache: dict[str, Any] = {"stamp": None, "names": {}}
+
     def _names() -> dict[str, str]:
-        if settings.names_path is None or not settings.names_path.exists():
+        """The school's names file, read again only when it changed (it may be megabytes)."""
+        if settings.names_path is None:
             return {}
-        from agent.tools.presence import PresenceReadError, load_names
         try:
-            return load_names(settings.names_path)
-        except PresenceReadError as exc:
-            log.warning("names file not used: %s", exc)
+            st = settings.names_path.stat()
+        except OSError:
             return {}
+        stamp = (st.st_mtime_ns, st.st_size, st.st_mode)
+        if stamp != names_cache["stamp"]:
+            from agent.tools.presence import PresenceReadError, load_names
+            try:
+                names_cache["names"] = load_names(settings.names_path)
+            except PresenceReadError as exc:
+                log.warning("names file not used: %s", exc)
+                names_cache["names"] = {}
+            names_cache["stamp"] = stamp
+        return names_cache["names"]
 
     @guard()
     async def presence_page(request: Request, session: Session) -> Response:
