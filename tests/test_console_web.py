@@ -321,7 +321,7 @@ def test_login_logout_and_failures_are_logged_in_english(site, caplog):
     assert "logout: account tech" in text
 
 
-def test_a_deleted_account_loses_its_session_and_no_next_leads_off_site(site):
+def test_a_deleted_account_or_a_new_password_ends_its_sessions_and_no_next_leads_off_site(site):
     with client_for(site) as c:
         page = c.get("/login?next=//evil.example/x")
         token = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
@@ -332,6 +332,10 @@ def test_a_deleted_account_loses_its_session_and_no_next_leads_off_site(site):
         for bad in ("//evil.example/x", "https://evil.example/", "/\\evil.example"):
             assert c.get("/lang", params={"to": "ru", "next": bad}).headers["location"] == "/status"
         accounts = Accounts(site / "console-accounts.json").load()
+        accounts.set_password("guard", "a new one", **FAST)
+        assert c.get("/status").status_code == 303  # a new password: log in again
+        assert login(c, "guard", "a new one").status_code == 303
+        assert c.get("/status").status_code == 200
         accounts.remove("guard")
         assert c.get("/status").status_code == 303
 

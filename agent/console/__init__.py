@@ -116,7 +116,7 @@ def _cmd_user(args: argparse.Namespace) -> int:
         if args.name not in accounts.accounts:
             raise AccountError(_("no account {name!r}; see gate-agent console user list").format(name=args.name))
         accounts.set_password(args.name, _password(args))
-        print(_("password of {name} changed").format(name=args.name))
+        print(_("password of {name} changed; its sessions end at their next request").format(name=args.name))
         return Exit.OK
     except (AccountError, ConsoleSetupError, ValueError) as exc:
         print(f"gate-agent console user: {exc}", file=sys.stderr)

@@ -184,7 +184,8 @@ def create_app(settings: ConsoleSettings, *, clock: Callable[[], float] = time.m
         if s is not None:
             accounts.reload_if_changed()
             acc = accounts.accounts.get(s.account)
-            if acc is None or acc.role != s.role:  # deleted or changed since the login: out
+            # Deleted, given another role or another password since the login: out.
+            if acc is None or acc.role != s.role or acc.hash != s.password_hash:
                 sessions.drop(s.token)
                 return None
         return s
@@ -276,7 +277,7 @@ def create_app(settings: ConsoleSettings, *, clock: Callable[[], float] = time.m
             log.warning("login failed: account %r from %s", name, addr)
             return _login_form(request, t("Wrong account or password."), 401, name)
         limiter.succeeded(addr, name)
-        session = sessions.create(acc.name, acc.role, _lang_of(request, None))
+        session = sessions.create(acc.name, acc.role, _lang_of(request, None), acc.hash)
         log.info("login: account %s (%s) from %s", acc.name, acc.role, addr)
         resp = RedirectResponse(_safe_next(form.get("next")) or "/status", status_code=303)  # type: ignore[arg-type]
         set_cookie(resp, COOKIE, session.token)

@@ -40,6 +40,7 @@ class Session:
     created: float
     last: float
     csrf: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    password_hash: str = ""  # the account's at the login: a changed password ends the session
     flash: list[tuple[str, str]] = field(default_factory=list)  # (kind, text) shown once
 
 
@@ -49,12 +50,12 @@ class Sessions:
         self.idle_s, self.absolute_s, self.clock = idle_s, absolute_s, clock
         self._by_token: OrderedDict[str, Session] = OrderedDict()
 
-    def create(self, account: str, role: str, lang: str) -> Session:
+    def create(self, account: str, role: str, lang: str, password_hash: str = "") -> Session:
         now = self.clock()
         self._expire(now)
         while len(self._by_token) >= MAX_SESSIONS:
             self._by_token.popitem(last=False)  # the oldest login goes first
-        s = Session(secrets.token_urlsafe(32), account, role, lang, now, now)
+        s = Session(secrets.token_urlsafe(32), account, role, lang, now, now, password_hash=password_hash)
         self._by_token[s.token] = s
         return s
 
