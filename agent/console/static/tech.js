@@ -1,14 +1,18 @@
 // Enroll: the button notes "enroll started" in the journal (POST with the CSRF token in a
-// header), then the next card read on any reader is shown in all its forms.
+// header), then the next card read on any reader is shown in all its forms, and "enroll
+// stopped" is noted.
 (function () {
   "use strict";
   var button = document.getElementById("enroll");
   var state = document.getElementById("enroll-state");
   var table = document.getElementById("enroll-forms");
   var armed = false;
+  function note(action) {
+    return fetch("/tech/enroll", {method: "POST", credentials: "same-origin", body: new URLSearchParams({action: action}),
+      headers: {"X-CSRF-Token": button.dataset.csrf, "Accept": "application/json"}});
+  }
   button.addEventListener("click", function () {
-    fetch("/tech/enroll", {method: "POST", credentials: "same-origin",
-      headers: {"X-CSRF-Token": button.dataset.csrf, "Accept": "application/json"}})
+    note("started")
       .then(function (r) { return r.json(); })
       .then(function (reply) {
         armed = true;
@@ -27,5 +31,6 @@
     });
     table.hidden = false;
     state.textContent = "";
+    note("stopped");  // the journal says when the enrolment ended, as well as when it began
   });
 })();
