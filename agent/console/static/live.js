@@ -31,7 +31,8 @@
     cell(tr, rec._time);
     cell(tr, rec.type);
     cell(tr, rec.reader);
-    cell(tr, rec.direction);
+    var table = document.getElementById("live").dataset;
+    cell(tr, rec.direction === "in" ? table.in : rec.direction === "out" ? table.out : rec.direction);
     cell(tr, rec.person);
     cell(tr, rec._forms ? rec._forms.facility_card + " / " + (rec._forms.em_print || rec._forms.hex) : rec.card);
     cell(tr, rec.reason || rec.source || rec.kind || rec.to || "");
