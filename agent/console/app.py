@@ -39,6 +39,7 @@ from starlette.staticfiles import StaticFiles
 
 from agent.console.accounts import Accounts
 from agent.console.agentlink import AgentLink, AgentUnavailable, Hub
+from agent.console.http import LANG_COOKIE, Guard, lang_of, local_time, safe_next, ts_local
 from agent.console.security import LoginLimiter, Session, Sessions, tokens_equal
 from agent.console.words import ACTION_REASONS, term, translator
 
@@ -48,22 +49,11 @@ log = logging.getLogger("agent.console")
 HERE = Path(__file__).resolve().parent
 COOKIE = "gate_console"
 PRE_COOKIE = "gate_console_login"  # the login form's own CSRF token (no session yet)
-LANG_COOKIE = "gate_console_lang"
 MODES = ("normal", "entry_only", "free", "lockdown")
 MAX_STREAMS = 32
 SHOWN = 500  # journal rows on a page (the CSV has them all)
-MAX_BODY = 16 * 1024
 PULSE_DEFAULT_S = 0.3
 TECH = "technician"
-SECURITY_HEADERS = [
-    (b"content-security-policy", (b"default-src 'self'; img-src 'self' data:; style-src 'self'; "
-                                 b"script-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'")),
-    (b"x-frame-options", b"DENY"),
-    (b"x-content-type-options", b"nosniff"),
-    (b"referrer-policy", b"no-referrer"),
-]
-
-
 @dataclass
 class ConsoleSettings:
     accounts_path: Path
@@ -77,79 +67,6 @@ class ConsoleSettings:
     late_after: str = "08:30"
 
 
-class _Guard:
-    """ASGI middleware: the security headers on every response (pages, static, errors), and
-    no request body over MAX_BODY (every form here is a few hundred bytes; a flood of a body
-    must not grow the process towards its memory cap)."""
-
-    def __init__(self, app: Any, https: bool) -> None:
-        self.app = app
-        self.extra = SECURITY_HEADERS + ([(b"strict-transport-security", b"max-age=31536000")] if https else [])
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def wrapped(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = list(message.get("headers", [])) + self.extra
-            await send(message)
-
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
-            await JSONResponse({"error": "request body too large"}, status_code=413)(scope, receive, wrapped)
-            return
-        seen = 0
-
-        async def counted() -> dict:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > MAX_BODY:  # chunked, with no length given: cut it off all the same
-                    raise _TooLarge
-            return message
-
-        try:
-            await self.app(scope, counted, wrapped)
-        except _TooLarge:
-            await JSONResponse({"error": "request body too large"}, status_code=413)(scope, receive, wrapped)
-
-
-class _TooLarge(Exception):
-    pass
-
-
-def _lang_of(request: Request, session: Session | None) -> str:
-    if session is not None:
-        return session.lang
-    chosen = request.cookies.get(LANG_COOKIE)
-    if chosen in ("en", "ru"):
-        return chosen
-    # Accept-Language: the first of ours wins ("ru-RU,ru;q=0.9,en;q=0.8").
-    for part in request.headers.get("accept-language", "").split(","):
-        tag = part.split(";")[0].strip().lower()
-        if tag.startswith("ru"):
-            return "ru"
-        if tag.startswith("en"):
-            return "en"
-    return "en"
-
-
-def _local(epoch: float | None, *, date: bool = False) -> str:
-    if epoch is None:
-        return "-"
-    return datetime.fromtimestamp(epoch).astimezone().strftime("%Y-%m-%d %H:%M:%S" if date else "%H:%M:%S")
-
-
-def _ts_local(ts: Any, *, date: bool = True) -> str:
-    from agent.console.data import record_epoch
-
-    t = record_epoch({"ts": ts})
-    return _local(t, date=date) if t is not None else str(ts or "-")
-
-
 def create_app(settings: ConsoleSettings, *, clock: Callable[[], float] = time.monotonic) -> Starlette:
     accounts = Accounts(settings.accounts_path).load()
     sessions = Sessions(idle_s=settings.idle_s, absolute_s=settings.absolute_s, clock=clock)
@@ -158,7 +75,7 @@ def create_app(settings: ConsoleSettings, *, clock: Callable[[], float] = time.m
     hub = Hub(link)
     env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]),
                       trim_blocks=True, lstrip_blocks=True)
-    env.globals.update(local=_local, ts_local=_ts_local)
+    env.globals.update(local=local_time, ts_local=ts_local)
     streams = {"n": 0}
     # One password check at a time: each scrypt takes 16 MB and ~0.1 s of a core, and the
     # logins of a crowd of addresses must neither pass the memory cap nor take the gate's CPU.
@@ -167,7 +84,7 @@ def create_app(settings: ConsoleSettings, *, clock: Callable[[], float] = time.m
     # ------------------------------------------------------------------ helpers
 
     def render(request: Request, template: str, session: Session | None, status: int = 200, **ctx: Any) -> HTMLResponse:
-        lang = _lang_of(request, session)
+        lang = lang_of(request, session)
         t = translator(lang)
         flash = list(session.flash) if session else []
         if session:
@@ -249,7 +166,7 @@ def create_app(settings: ConsoleSettings, *, clock: Callable[[], float] = time.m
     def _login_form(request: Request, error: str, status: int, name: str = "") -> Response:
         pre = secrets.token_urlsafe(24)
         resp = render(request, "login.html", None, status=status, error=error, pre=pre, name=name,
-                      next=_safe_next(request.query_params.get("next")), none_yet=not accounts.accounts)
+                      next=safe_next(request.query_params.get("next")), none_yet=not accounts.accounts)
         set_cookie(resp, PRE_COOKIE, pre, max_age=3600)
         return resp
 
@@ -257,7 +174,7 @@ def create_app(settings: ConsoleSettings, *, clock: Callable[[], float] = time.m
         form = await request.form()
         name = str(form.get("account", ""))[:64]
         password = str(form.get("password", ""))
-        t = translator(_lang_of(request, None))
+        t = translator(lang_of(request, None))
         if not tokens_equal(str(form.get("csrf", "")), request.cookies.get(PRE_COOKIE)):
             log.warning("login refused: no valid login form token from %s", client(request))
             return _login_form(request, t("The login form expired; try again."), 403, name)
@@ -277,9 +194,9 @@ def create_app(settings: ConsoleSettings, *, clock: Callable[[], float] = time.m
             log.warning("login failed: account %r from %s", name, addr)
             return _login_form(request, t("Wrong account or password."), 401, name)
         limiter.succeeded(addr, name)
-        session = sessions.create(acc.name, acc.role, _lang_of(request, None), acc.hash)
+        session = sessions.create(acc.name, acc.role, lang_of(request, None), acc.hash)
         log.info("login: account %s (%s) from %s", acc.name, acc.role, addr)
-        resp = RedirectResponse(_safe_next(form.get("next")) or "/status", status_code=303)  # type: ignore[arg-type]
+        resp = RedirectResponse(safe_next(form.get("next")) or "/status", status_code=303)  # type: ignore[arg-type]
         set_cookie(resp, COOKIE, session.token)
         resp.delete_cookie(PRE_COOKIE, path="/")
         return resp
@@ -298,7 +215,7 @@ def create_app(settings: ConsoleSettings, *, clock: Callable[[], float] = time.m
         session = session_of(request)
         if session is not None:
             session.lang = lang
-        resp = RedirectResponse(_safe_next(request.query_params.get("next")) or "/status", status_code=303)
+        resp = RedirectResponse(safe_next(request.query_params.get("next")) or "/status", status_code=303)
         set_cookie(resp, LANG_COOKIE, lang, max_age=365 * 86400)
         return resp
 
@@ -335,7 +252,7 @@ def create_app(settings: ConsoleSettings, *, clock: Callable[[], float] = time.m
 
         def enrich(rec: dict, past: bool = False) -> dict:
             out = dict(rec)
-            out["_time"] = _ts_local(rec.get("ts"), date=False)
+            out["_time"] = ts_local(rec.get("ts"), date=False)
             if past:
                 out["_past"] = True
             card = rec.get("card")
@@ -609,13 +526,5 @@ def create_app(settings: ConsoleSettings, *, clock: Callable[[], float] = time.m
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.sessions, app.state.limiter, app.state.hub, app.state.accounts = sessions, limiter, hub, accounts
-    app.add_middleware(_Guard, https=settings.https)
+    app.add_middleware(Guard, https=settings.https)
     return app
-
-
-def _safe_next(value: Any) -> str:
-    """Only a path of this site (never //host or a scheme): no open redirect after the login."""
-    v = str(value or "")
-    if v.startswith("/") and not v.startswith("//") and "\\" not in v and "\n" not in v and "\r" not in v:
-        return v
-    return ""
