@@ -86,14 +86,20 @@ def lang_of(request: Request, session: Session | None) -> str:
 
 
 def local_time(epoch: float | None, *, date: bool = False) -> str:
+    """A time as the board's clock shows it; "-" for none, the number itself for one no date holds."""
     if epoch is None:
         return "-"
-    return datetime.fromtimestamp(epoch).astimezone().strftime("%Y-%m-%d %H:%M:%S" if date else "%H:%M:%S")
+    try:
+        return datetime.fromtimestamp(epoch).astimezone().strftime("%Y-%m-%d %H:%M:%S" if date else "%H:%M:%S")
+    except (OverflowError, ValueError, OSError, TypeError):
+        return str(epoch)
 
 
 def ts_local(ts: Any, *, date: bool = True) -> str:
     from agent.console.data import record_epoch
 
+    if isinstance(ts, (int, float)) and not isinstance(ts, bool):
+        return local_time(float(ts), date=date)
     t = record_epoch({"ts": ts})
     return local_time(t, date=date) if t is not None else str(ts or "-")
 
