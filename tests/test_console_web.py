@@ -764,3 +764,17 @@ def test_a_hung_agent_is_said_plainly_within_seconds(site):
             assert time.monotonic() - t0 < 30  # generous: the page itself waits 2 s
     finally:
         hung.close()
+
+
+def test_a_status_with_nulls_or_odd_values_still_renders(site, agent):
+    odd = {k: None for k in status_doc()}
+    odd.update({"inputs": {"pass_a": None, "fire_loop": {"active": True, "meaning": "fire alarm loop"}},
+                "readers": [{"name": "entry", "type": "wiegand", "direction": "in", "online": None, "errors": 0,
+                             "last_read": 1e20}], "clock": {"synced": False, "now": "not a time"}})
+    agent.status = odd
+    with client_for(site) as c:
+        login(c, "tech", "tech-pass")
+        for path in ("/status", "/tech", "/live"):
+            r = c.get(path)
+            assert r.status_code == 200, path
+        assert "fire_loop" in c.get("/status").text

@@ -156,6 +156,27 @@ def create_app(settings: ConsoleSettings, *, clock: Callable[[], float] = time.m
             return None, str(reply.get("message") or reply)
         return reply["status"], ""
 
+    async def shaped_status() -> tuple[dict | None, str]:
+        """The status with every part the pages read in the shape they read it: an agent of
+        another version (a part missing, null, of another type) must not break a page."""
+        st, error = await status_now()
+        if st is None:
+            return None, error
+        st = dict(st)
+        for part in ("fire", "journal", "acl", "clock", "uplink", "outputs", "inputs", "directions"):
+            if not isinstance(st.get(part), dict):
+                st[part] = {}
+        for part in ("readers", "alarms"):
+            if not isinstance(st.get(part), list):
+                st[part] = []
+        st["readers"] = [r for r in st["readers"] if isinstance(r, dict)]
+        st["inputs"] = {k: v for k, v in st["inputs"].items() if isinstance(v, dict)}
+        if not isinstance(st["acl"].get("age_s"), (int, float)):
+            st["acl"]["age_s"] = None
+        if not isinstance(st.get("uptime_s"), (int, float)):
+            st["uptime_s"] = None
+        return st, ""
+
     # ------------------------------------------------------------------ login
 
     async def login_page(request: Request) -> Response:
@@ -227,7 +248,7 @@ def create_app(settings: ConsoleSettings, *, clock: Callable[[], float] = time.m
 
     @guard()
     async def status_page(request: Request, session: Session) -> Response:
-        st, error = await status_now()
+        st, error = await shaped_status()
         return render(request, "status.html", session, st=st, error=error)
 
     @guard(api=True)
@@ -237,8 +258,8 @@ def create_app(settings: ConsoleSettings, *, clock: Callable[[], float] = time.m
 
     @guard()
     async def live_page(request: Request, session: Session) -> Response:
-        st, _error = await status_now()
-        readers = sorted((st or {}).get("directions", {}) or {})
+        st, _error = await shaped_status()
+        readers = sorted((st or {}).get("directions") or {})
         return render(request, "live.html", session, readers=readers, agent_up=hub.connected)
 
     @guard(api=True)
@@ -248,7 +269,7 @@ def create_app(settings: ConsoleSettings, *, clock: Callable[[], float] = time.m
         hub.start()
         sub = hub.subscribe()
         streams["n"] += 1
-        width = {"w": int((hub.status or {}).get("key_width") or 24)}
+        width = {"w": _width(hub.status)}
 
         def enrich(rec: dict, past: bool = False) -> dict:
             out = dict(rec)
@@ -280,7 +301,7 @@ def create_app(settings: ConsoleSettings, *, clock: Callable[[], float] = time.m
                     if kind == "record":
                         value = enrich(value)
                     elif kind == "status":
-                        width["w"] = int(value.get("key_width") or 24)
+                        width["w"] = _width(value)
                         value = {"outputs": value.get("outputs"), "inputs": value.get("inputs"),
                                  "mode": value.get("mode")}
                     yield f"event: {kind}\ndata: {json.dumps(value, ensure_ascii=False)}\n\n"
@@ -429,7 +450,7 @@ def create_app(settings: ConsoleSettings, *, clock: Callable[[], float] = time.m
 
     @guard(TECH)
     async def tech_page(request: Request, session: Session) -> Response:
-        st, error = await status_now()
+        st, error = await shaped_status()
         return render(request, "tech.html", session, st=st, error=error, modes=MODES)
 
     async def act(session: Session, op: str, **args: Any) -> tuple[bool, str]:
@@ -528,3 +549,9 @@ def create_app(settings: ConsoleSettings, *, clock: Callable[[], float] = time.m
     app.state.sessions, app.state.limiter, app.state.hub, app.state.accounts = sessions, limiter, hub, accounts
     app.add_middleware(Guard, https=settings.https)
     return app
+
+
+def _width(status: Any) -> int:
+    """The key width the status gives (24..64), else 24: a card's forms depend on it."""
+    w = status.get("key_width") if isinstance(status, dict) else None
+    return w if isinstance(w, int) and 24 <= w <= 64 else 24
