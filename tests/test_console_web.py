@@ -113,9 +113,9 @@ class FakeAgent:
     def close(self) -> None:
         def stop() -> None:
             for w in self._watchers:
-                w.close()
+                w.transport.abort()  # as the kernel does for a killed process
             self.server.close()
-            self.loop.stop()
+            self.loop.call_later(0.1, self.loop.stop)  # let the closes go out first
         self.loop.call_soon_threadsafe(stop)
         self.thread.join(5)
 
@@ -778,3 +778,22 @@ def test_a_status_with_nulls_or_odd_values_still_renders(site, agent):
             r = c.get(path)
             assert r.status_code == 200, path
         assert "fire_loop" in c.get("/status").text
+
+
+def test_the_shared_watch_comes_back_after_the_agent_restarts(site, agent):
+    app = create_app(settings_for(site))
+    with TestClient(app, follow_redirects=False) as c:
+        login(c, "guard", "guard-pass")
+        hub = app.state.hub
+        wait_until(lambda: hub.connected, "the hub's watch")
+        agent.close()  # as a kill -9 leaves it: the watch ends, the socket file stays
+        wait_until(lambda: not hub.connected, "the hub to see the agent gone")
+        assert 'id="agent-down"' in c.get("/status").text
+        os.unlink(site / "console.sock")
+        again = FakeAgent(site / "console.sock")
+        try:
+            wait_until(lambda: hub.connected, "the hub's watch again", timeout=30)
+            assert again.watches == 1
+            assert 'id="agent-down"' not in c.get("/status").text
+        finally:
+            again.close()
