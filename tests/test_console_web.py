@@ -797,3 +797,20 @@ def test_the_shared_watch_comes_back_after_the_agent_restarts(site, agent):
             assert 'id="agent-down"' not in c.get("/status").text
         finally:
             again.close()
+
+
+def test_the_tools_messages_on_a_page_are_in_the_sessions_language(site):
+    from agent import i18n
+
+    i18n.set_language("en")
+    try:
+        with client_for(site) as c:
+            login(c, "guard", "guard-pass", headers={"Accept-Language": "ru"})
+            assert re.search("[А-Яа-я]", re.search(r'class="flash error"[^>]*>([^<]*)<', c.get("/today").text).group(1))
+            assert re.search("[А-Яа-я]", re.search(r'class="flash error"[^>]*>([^<]*)<',
+                                                    c.get("/journal", params={"from": "never"}).text).group(1))
+            assert re.search("[А-Яа-я]", re.search(r'class="flash error"[^>]*>([^<]*)<',
+                                                    c.get("/presence").text).group(1))
+        assert i18n.language() == "en"  # the process's own language is left as it was
+    finally:
+        i18n.set_language(None)

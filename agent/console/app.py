@@ -41,7 +41,7 @@ from agent.console.accounts import Accounts
 from agent.console.agentlink import AgentLink, AgentUnavailable, Hub
 from agent.console.http import LANG_COOKIE, Guard, lang_of, local_time, safe_next, ts_local
 from agent.console.security import LoginLimiter, Session, Sessions, tokens_equal
-from agent.console.words import ACTION_REASONS, term, translator
+from agent.console.words import ACTION_REASONS, speaking, term, translator
 
 __all__ = ["ConsoleSettings", "create_app"]
 
@@ -320,7 +320,8 @@ def create_app(settings: ConsoleSettings, *, clock: Callable[[], float] = time.m
         t = translator(session.lang)
         try:
             def read() -> dict:
-                conn = open_readonly(settings.journal_path)
+                with speaking(session.lang):
+                    conn = open_readonly(settings.journal_path)
                 try:
                     return today_stats(conn, time.time(), settings.late_after)
                 finally:
@@ -360,7 +361,8 @@ def create_app(settings: ConsoleSettings, *, clock: Callable[[], float] = time.m
 
         names = _names()
         try:
-            view = read_presence(settings.presence_path)
+            with speaking(session.lang):
+                view = read_presence(settings.presence_path)
         except PresenceReadError as exc:
             return render(request, "presence.html", session, error=str(exc), view=None, names=names)
         people = view["people"]
@@ -371,20 +373,23 @@ def create_app(settings: ConsoleSettings, *, clock: Callable[[], float] = time.m
         return render(request, "presence.html", session, error="", view=view, names=names, inside=inside,
                       rc=rc, lists=lists, people=people)
 
-    def _journal_query(request: Request, t: Callable[[str], str]) -> tuple[dict, dict, str]:
+    def _journal_query(request: Request, lang: str) -> tuple[dict, dict, str]:
         from agent.tools.journaltool import card_keys, parse_when
 
+        t = translator(lang)
         q = request.query_params
         form = {k: (q.get(k) or "").strip()[:100] for k in ("from", "to", "card", "person", "type")}
         args: dict[str, Any] = {"since_wall": None, "until_wall": None}
         try:
-            args["since_wall"] = parse_when(form["from"] or "today")
-            args["until_wall"] = parse_when(form["to"], end=True) if form["to"] else None
+            with speaking(lang):
+                args["since_wall"] = parse_when(form["from"] or "today")
+                args["until_wall"] = parse_when(form["to"], end=True) if form["to"] else None
         except ValueError as exc:
             return form, args, str(exc)
         if form["card"]:
             try:
-                args["cards"] = card_keys(form["card"])
+                with speaking(lang):
+                    args["cards"] = card_keys(form["card"])
             except ValueError as exc:
                 return form, args, t("the card {card!r} cannot be read: {error}").format(card=form["card"], error=exc)
         args["person"] = form["person"] or None
@@ -396,13 +401,13 @@ def create_app(settings: ConsoleSettings, *, clock: Callable[[], float] = time.m
         from agent.console.data import search
         from agent.tools.journaltool import JournalReadError, open_readonly
 
-        t = translator(session.lang)
-        form, args, error = _journal_query(request, t)
+        form, args, error = _journal_query(request, session.lang)
         rows: list[dict] = []
         more = False
         if not error and request.query_params:
             def read() -> tuple[list[dict], bool]:
-                conn = open_readonly(settings.journal_path)
+                with speaking(session.lang):
+                    conn = open_readonly(settings.journal_path)
                 try:
                     out = []
                     for rec in search(conn, **args):
@@ -424,12 +429,12 @@ def create_app(settings: ConsoleSettings, *, clock: Callable[[], float] = time.m
         from agent.console.data import csv_rows, search
         from agent.tools.journaltool import JournalReadError, open_readonly
 
-        t = translator(session.lang)
-        _form, args, error = _journal_query(request, t)
+        _form, args, error = _journal_query(request, session.lang)
         if error:
             return JSONResponse({"error": error}, status_code=400)
         try:
-            conn = open_readonly(settings.journal_path)
+            with speaking(session.lang):
+                conn = open_readonly(settings.journal_path)
         except JournalReadError as exc:
             return JSONResponse({"error": str(exc)}, status_code=503)
         log.info("journal export by %s: %s", session.account, request.url.query)

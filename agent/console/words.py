@@ -10,11 +10,14 @@ tests/test_console_web.py fails when a template uses a text missing here.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
+from agent import i18n
 from agent.i18n import catalog
 
-__all__ = ["ACTION_REASONS", "PAGE_WORDS", "term", "translator"]
+__all__ = ["ACTION_REASONS", "PAGE_WORDS", "speaking", "term", "translator"]
 
 
 def _(text: str) -> str:
@@ -175,3 +178,21 @@ def term(kind: str, value: object, lang: str) -> str:
         return ident
     word = catalog("ru").get(table[ident], table[ident])
     return ident if word == table[ident] else f"{word} ({ident})"
+
+
+_SPEAKING = threading.Lock()
+
+
+@contextmanager
+def speaking(lang: str) -> Iterator[None]:
+    """The tools' own messages raised inside (journaltool's, presence's: what is wrong with the
+    journal or presence.json, a date or a card that cannot be read) in the page's language.
+    agent/i18n.py has one language per process, so it is set for the call, under a lock; keep
+    what runs inside short (opening a file, parsing a field)."""
+    with _SPEAKING:
+        before = i18n.language()
+        i18n.set_language(lang if lang in i18n.LANGUAGES else "en")
+        try:
+            yield
+        finally:
+            i18n.set_language(before)
