@@ -180,6 +180,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print("gate-agent console: " + _("cannot read {cert} or {key}; check the paths and their owner")
               .format(cert=cert, key=key), file=sys.stderr)
         return Exit.USAGE
+    if not https and not args.no_tls:
+        # Said in the log, not refused: a console on plain HTTP beats none for the guard.
+        logging.getLogger("agent.console").warning(
+            "no readable TLS certificate and key (%s, %s): serving plain HTTP; passwords cross the network "
+            "unencrypted. Give --tls-cert and --tls-key, or --no-tls to say it is meant", cert, key)
     port = args.port or (8443 if https else 8080)
     from agent.console.app import ConsoleSettings, create_app
     from agent.tools.presence import DEFAULT_NAMES
