@@ -87,6 +87,7 @@ TOOLS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("agent.tools.bundle", "add_bundle_parser", ("bundle",)),
     ("agent.tools.wiring", "add_wiring_parser", ("wiring",)),
     ("agent.simctl", "add_sim_parser", ("sim",)),
+    ("agent.console", "add_console_parser", ("console",)),
     ("agent.regional.tools", "add_regional_parsers", ("acl", "cmd", "fleet", "keygen")),
 )
 BUILTIN = ("simulate", "ingest")

@@ -88,6 +88,9 @@ TRANSLATED_MODULES = (
     "agent/tools/board.py",
     "agent/regional/ingest.py",
     "agent/tools/presence.py",
+    "agent/console/__init__.py",
+    "agent/console/accounts.py",
+    "agent/console/words.py",
 )
 
 _language: str | None = None
