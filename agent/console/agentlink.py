@@ -149,6 +149,11 @@ class Hub:
         for sub in list(self.subscribers):
             sub.put(item)
 
+    def outdated(self) -> None:
+        """The gate's state changed (an action was carried out): the next page asks the agent,
+        not the last watch status, so it shows the mode just set."""
+        self.status_at = 0.0
+
     def fresh_status(self, max_age_s: float = 3.0) -> dict | None:
         if self.status is not None and self.connected and time.monotonic() - self.status_at <= max_age_s:
             return self.status

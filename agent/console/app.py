@@ -465,6 +465,7 @@ def create_app(settings: ConsoleSettings, *, clock: Callable[[], float] = time.m
         except AgentUnavailable as exc:
             log.warning("action %s by %s: agent unavailable (%s)", op, session.account, exc)
             return False, t("The agent does not answer: nothing was done. Is the gate-agent service running?")
+        hub.outdated()
         log.info("action %s %s by %s: %s", op, args, session.account,
                  reply.get("result") or reply.get("error"))
         if not reply.get("ok"):
