@@ -195,6 +195,7 @@ build() {
 files() {
   dir /opt/gate-agent 0755
   put "$SRC/systemd/gate-agent.service" /etc/systemd/system/gate-agent.service 0644
+  put "$SRC/systemd/gate-agent-console.service" /etc/systemd/system/gate-agent-console.service 0644
   put "$SRC/systemd/gate-agent.sysusers.conf" /usr/lib/sysusers.d/gate-agent.conf 0644
   put "$SRC/systemd/gate-agent.tmpfiles.conf" /usr/lib/tmpfiles.d/gate-agent.conf 0644
   local p
@@ -212,6 +213,7 @@ files() {
   fi
   dir /usr/share/doc/gate-agent 0755
   put "$SRC/docs/configuration.md" /usr/share/doc/gate-agent/configuration.md 0644
+  put "$SRC/docs/console.md" /usr/share/doc/gate-agent/console.md 0644
   # The serial reader's stable name; a technician's edited copy is kept.
   if [ ! -e "$ROOT/etc/udev/rules.d/99-gate-reader.rules" ]; then
     put "$SRC/hardware/99-gate-reader.rules" /etc/udev/rules.d/99-gate-reader.rules 0644
@@ -234,7 +236,7 @@ enable() {
   if [ "$STAGING" -eq 1 ] || ! systemd_running; then
     local why="staging into $ROOT"
     [ "$STAGING" -eq 1 ] || why="systemd is not running"
-    would "systemctl daemon-reload && systemctl enable gate-agent ($why)"
+    would "systemctl daemon-reload && systemctl enable gate-agent gate-agent-console ($why)"
     return
   fi
   systemd-tmpfiles --create /usr/lib/tmpfiles.d/gate-agent.conf
@@ -244,6 +246,13 @@ enable() {
   fi
   systemctl daemon-reload
   systemctl enable gate-agent.service >/dev/null
+  # The web console: enabled, it starts only once an account exists (its unit's condition).
+  systemctl enable gate-agent-console.service >/dev/null
+  if [ -e "$ROOT/var/lib/gate-agent/console-accounts.json" ]; then
+    systemctl try-restart gate-agent-console.service || true
+  else
+    say "web console: off until an account exists: sudo -u gate-agent gate-agent console user add NAME --role technician, then systemctl start gate-agent-console (docs/console.md)"
+  fi
   if [ "$START" -eq 0 ]; then
     say "enabled; not started (--no-start)"
   elif systemctl is-active --quiet gate-agent.service; then

@@ -71,13 +71,15 @@ if [ "$PURGE" -eq 1 ] && [ "$YES" -eq 0 ] && [ "$STAGING" -eq 0 ]; then
 fi
 
 if [ "$STAGING" -eq 1 ]; then
-  would "systemctl disable --now gate-agent"
+  would "systemctl disable --now gate-agent-console gate-agent"
 elif [ -d /run/systemd/system ]; then
   # Stopping drives every output inactive and publishes the offline status.
+  systemctl disable --now gate-agent-console.service 2>/dev/null || true
   systemctl disable --now gate-agent.service 2>/dev/null || true
 fi
 
 remove /etc/systemd/system/gate-agent.service \
+       /etc/systemd/system/gate-agent-console.service \
        /usr/lib/sysusers.d/gate-agent.conf \
        /usr/lib/tmpfiles.d/gate-agent.conf \
        /usr/share/gate-agent \

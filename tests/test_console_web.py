@@ -814,3 +814,101 @@ def test_the_tools_messages_on_a_page_are_in_the_sessions_language(site):
         assert i18n.language() == "en"  # the process's own language is left as it was
     finally:
         i18n.set_language(None)
+
+
+def _serve(cfg: Path, port: int, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "agent.cli", "console", "serve", "--config", str(cfg),
+                             "--port", str(port), *extra], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+
+
+def _served_cert(port: int, proc: subprocess.Popen) -> bytes:
+    """The DER certificate the console serves on 127.0.0.1:port, once it answers."""
+    import ssl
+
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return ssl.PEM_cert_to_DER_cert(ssl.get_server_certificate(("127.0.0.1", port), timeout=5))
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()
+            time.sleep(0.1)
+
+
+def test_a_gate_certificate_for_a_client_only_is_not_served_the_console_makes_its_own(short_dir):
+    """Browsers refuse a clientAuth-only certificate for a web page: the console would never open."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    from agent.console.tlscert import TLS_DIR
+    from tests.pki import TestCA
+
+    ca = TestCA(short_dir / "pki")
+    gate = ca.issue("main-1")  # as the region issues them: for the broker, client use only
+    state = short_dir / "state"
+    state.mkdir()
+    cfg = short_dir / "agent.toml"
+    cfg.write_text(f'[service]\nstate_dir = "{state}"\n[mqtt]\nhost = "broker"\n[mqtt.tls]\n'
+                   f'ca_file = "{ca.cert_path}"\ncert_file = "{gate.cert}"\nkey_file = "{gate.key}"\n')
+    Accounts(state / "console-accounts.json").add("tech", "technician", "tech-pass", **FAST)
+    prints = []
+    for _ in range(2):  # a restart serves the same certificate
+        port = _free_port()
+        proc = _serve(cfg, port)
+        try:
+            der = _served_cert(port, proc)
+        finally:
+            proc.terminate()
+            proc.wait(10)
+        log = proc.stderr.read().decode()
+        served = x509.load_der_x509_certificate(der)
+        gate_cert = x509.load_pem_x509_certificate(gate.cert.read_bytes())
+        assert served.fingerprint(hashes.SHA256()) != gate_cert.fingerprint(hashes.SHA256())  # not the gate's
+        assert served.subject == served.issuer  # the console's own, self-signed
+        usage = served.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        assert ExtendedKeyUsageOID.SERVER_AUTH in usage
+        fp = ":".join(f"{b:02X}" for b in served.fingerprint(hashes.SHA256()))
+        assert fp in log and "client only" in log  # the technician can compare it with the browser's
+        prints.append(fp)
+    assert prints[0] == prints[1]
+    assert (state / TLS_DIR / "key.pem").stat().st_mode & 0o077 == 0
+
+
+def test_the_consoles_own_certificate_names_the_bound_address_and_is_made_again_for_a_new_one(tmp_path):
+    import ipaddress
+
+    from cryptography import x509
+
+    from agent.console.tlscert import choose
+
+    first = choose(None, None, tmp_path, "192.168.1.20")
+    assert first.own and "names no certificate" in first.why
+    san = x509.load_pem_x509_certificate(first.cert.read_bytes()).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value
+    assert ipaddress.ip_address("192.168.1.20") in san.get_values_for_type(x509.IPAddress)
+    assert "localhost" in san.get_values_for_type(x509.DNSName)
+    same = choose(None, None, tmp_path, "192.168.1.20")
+    assert same.cert.read_bytes() == first.cert.read_bytes()
+    moved = choose(None, None, tmp_path, "10.0.0.7")  # the board got another address
+    san = x509.load_pem_x509_certificate(moved.cert.read_bytes()).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value
+    assert ipaddress.ip_address("10.0.0.7") in san.get_values_for_type(x509.IPAddress)
+
+
+def test_serve_refuses_a_client_only_certificate_given_outright(short_dir):
+    from tests.pki import TestCA
+
+    ca = TestCA(short_dir / "pki")
+    gate = ca.issue("main-1")
+    state = short_dir / "state"
+    state.mkdir()
+    cfg = short_dir / "agent.toml"
+    cfg.write_text(f'[service]\nstate_dir = "{state}"\n')
+    Accounts(state / "console-accounts.json").add("tech", "technician", "tech-pass", **FAST)
+    done = subprocess.run([sys.executable, "-m", "agent.cli", "console", "serve", "--config", str(cfg),
+                           "--port", str(_free_port()), "--tls-cert", str(gate.cert), "--tls-key", str(gate.key)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+                          env={**os.environ, "LANGUAGE": "en"})
+    assert done.returncode == 2
+    assert "client only" in done.stderr and "--tls-cert" in done.stderr

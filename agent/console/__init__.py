@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import os
 import sys
 import tomllib
 from pathlib import Path
@@ -130,10 +129,6 @@ def _cmd_user(args: argparse.Namespace) -> int:
         return Exit.USAGE
 
 
-def _readable(p: Path | None) -> bool:
-    return p is not None and os.access(p, os.R_OK)
-
-
 def _fixed_mmap_threshold() -> None:
     """Each login's scrypt takes 16 MB; glibc then raises its mmap threshold and keeps such
     blocks in the heap, so the process would stay ~20 MB larger after the first login. A fixed
@@ -171,20 +166,37 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                                          "sudo -u gate-agent gate-agent console user add NAME --role technician")
               .format(path=accounts_path), file=sys.stderr)
         return Exit.USAGE
-    cert, key = (Path(args.tls_cert), Path(args.tls_key)) if args.tls_cert else (paths["cert"], paths["key"])
     if args.tls_cert and not args.tls_key or args.tls_key and not args.tls_cert:
         print("gate-agent console: " + _("give both --tls-cert and --tls-key, or neither"), file=sys.stderr)
         return Exit.USAGE
-    https = not args.no_tls and _readable(cert) and _readable(key)
-    if args.tls_cert and not https and not args.no_tls:
-        print("gate-agent console: " + _("cannot read {cert} or {key}; check the paths and their owner")
-              .format(cert=cert, key=key), file=sys.stderr)
-        return Exit.USAGE
-    if not https and not args.no_tls:
-        # Said in the log, not refused: a console on plain HTTP beats none for the guard.
-        logging.getLogger("agent.console").warning(
-            "no readable TLS certificate and key (%s, %s): serving plain HTTP; passwords cross the network "
-            "unencrypted. Give --tls-cert and --tls-key, or --no-tls to say it is meant", cert, key)
+    from agent.console.tlscert import choose, fingerprint, server_usable
+
+    console_log = logging.getLogger("agent.console")
+    https, cert, key = not args.no_tls, None, None
+    if https and args.tls_cert:
+        cert, key = Path(args.tls_cert), Path(args.tls_key)
+        why = server_usable(cert, key)
+        if why:
+            print("gate-agent console: " + _("{cert} cannot serve the console: {why}. Give a server "
+                                             "certificate, or leave --tls-cert out: the console then makes "
+                                             "its own").format(cert=cert, why=why), file=sys.stderr)
+            return Exit.USAGE
+    elif https:
+        try:
+            chosen = choose(paths["cert"], paths["key"], paths["state_dir"], args.bind)
+        except OSError as exc:
+            # Said in the log, not refused: a console on plain HTTP beats none for the guard.
+            https = False
+            console_log.warning("no certificate for HTTPS: the gate's cannot be used and the console's own "
+                                "cannot be written (%s): serving plain HTTP; passwords cross the network "
+                                "unencrypted", exc)
+        else:
+            cert, key = chosen.cert, chosen.key
+            if chosen.own:
+                console_log.warning(
+                    "HTTPS with the console's own self-signed certificate %s (the gate's certificate: %s). "
+                    "Browsers warn about it: compare its SHA-256 fingerprint %s with the one the browser "
+                    "shows before accepting it", cert, chosen.why, fingerprint(cert))
     port = args.port or (8443 if https else 8080)
     from agent.console.app import ConsoleSettings, create_app
     from agent.tools.presence import DEFAULT_NAMES
