@@ -21,12 +21,14 @@ UNINSTALL = ROOT / "uninstall.sh"
 EXPECTED = {
     "opt/gate-agent": (0o755, None),
     "etc/systemd/system/gate-agent.service": (0o644, "systemd/gate-agent.service"),
+    "etc/systemd/system/gate-agent-console.service": (0o644, "systemd/gate-agent-console.service"),
     "usr/lib/sysusers.d/gate-agent.conf": (0o644, "systemd/gate-agent.sysusers.conf"),
     "usr/lib/tmpfiles.d/gate-agent.conf": (0o644, "systemd/gate-agent.tmpfiles.conf"),
     "usr/share/gate-agent/profiles/pi4-relay4.toml": (0o644, "hardware/profiles/pi4-relay4.toml"),
     "usr/share/gate-agent/profiles/pi-opto.toml": (0o644, "hardware/profiles/pi-opto.toml"),
     "usr/share/gate-agent/agent.toml.example": (0o644, "examples/agent.toml"),
     "usr/share/doc/gate-agent/configuration.md": (0o644, "docs/configuration.md"),
+    "usr/share/doc/gate-agent/console.md": (0o644, "docs/console.md"),
     "etc/udev/rules.d/99-gate-reader.rules": (0o644, "hardware/99-gate-reader.rules"),
     "etc/gate-agent": (0o750, None),
     "etc/gate-agent/agent.toml": (0o640, "examples/agent.toml"),
@@ -169,7 +171,8 @@ def test_uninstall_keeps_journal_and_config_unless_purged(stage):
     (stage / "var/lib/gate-agent/journal.db").write_bytes(b"events")
     res = run(UNINSTALL, "--root", str(stage))
     assert res.returncode == 0, res.stderr
-    for rel in ("opt/gate-agent", "etc/systemd/system/gate-agent.service", "usr/lib/sysusers.d/gate-agent.conf",
+    for rel in ("opt/gate-agent", "etc/systemd/system/gate-agent.service",
+                "etc/systemd/system/gate-agent-console.service", "usr/lib/sysusers.d/gate-agent.conf",
                 "usr/lib/tmpfiles.d/gate-agent.conf", "usr/share/gate-agent"):
         assert not (stage / rel).exists(), rel
     assert not (stage / "usr/local/bin/gate-agent").is_symlink()
