@@ -198,6 +198,8 @@ def test_the_pages_switch_to_russian(site, browser):
     assert until(lambda: browser.find_element(By.TAG_NAME, "html").get_attribute("lang") == "ru")
     russian = browser.find_element(By.TAG_NAME, "nav").text
     assert russian != english and "Журнал" in russian, russian
+    # The inputs' meanings too (the agent sends them in English, the catalogue has them).
+    assert "the fire-alarm loop is open" not in browser.page_source
     screenshot(browser, "status-ru")
     browser.get(site["base"] + "/tech")  # the language is the session's: it stays
     assert browser.find_element(By.TAG_NAME, "html").get_attribute("lang") == "ru"
