@@ -122,7 +122,7 @@ def test_ctrl_c_stops_the_demo_cleanly():
                        for line in lines if "console: http://" in line)
         import httpx
 
-        with httpx.Client(timeout=10) as web:
+        with httpx.Client(timeout=10, follow_redirects=True) as web:
             deadline = time.monotonic() + 30
             while True:  # the console's process may still be starting
                 try:
