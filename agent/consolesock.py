@@ -28,21 +28,24 @@ decides and journals one ``console.action`` record for it (docs/contract.md),
 which the reply carries: ``{"ok": true, "op": ..., "result": "done"|"refused",
 "reason": R, "record": {...}}``. A refusal of the request itself is ``{"ok":
 false, "error": CODE, "message": ...}`` with CODE in bad_json, too_long,
-unknown_op, bad_arg, busy, stopping.
+unknown_op, bad_arg, busy, stopping, failed.
 
 Bounded, so a client cannot stop anything: at most ``MAX_CLIENTS`` connections
 (and ``CONNECTIONS_PER_S`` new ones a second), ``ACTIONS_PER_S`` actions a
 second (more are told busy) and ``REQUESTS_PER_S`` requests, a connection idle
-for ``IDLE_TIMEOUT_S`` or with ``MAX_BAD_REQUESTS`` refusals is closed. A
+for ``IDLE_TIMEOUT_S`` or with ``MAX_BAD_REQUESTS`` refusals is closed (the
+server and these bounds are agent/linesock.py's ``LineServer``, shared with the
+simulated hardware's socket); an op that fails unexpectedly is answered
+``failed`` and logged. A
 watcher has its own queue of ``WATCH_QUEUE`` records; the gate thread only
 appends to it under a lock (``on_record``), never waits for a client: a full
 queue drops the record and the client is told how many with ``{"gap": N}``.
 
 ``request(path, doc)`` and ``watch(path)`` are the client, for the console and tests.
 
-Some 630 lines on purpose, like agent/simctl.py: one small protocol, both ends.
-The server and the client share the operations, the codes and the limits; the
-server is one class whose limits, watchers and action records share its locks.
+Some 460 lines: one small protocol, both ends. The server and the client share
+the operations, the codes and the limits; the server's watchers and action
+records share its locks.
 """
 from __future__ import annotations
 
@@ -55,13 +58,13 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from agent.core.events import ConsoleNote, ConsoleOpen, ConsolePulse, SetMode
 from agent.core.turnstile import COMMANDABLE_MODES, PULSE_MAX_S, PULSE_MIN_S
-from agent.simctl import _RateBudget, _short_names, listen_unix, remove_unix
+from agent.linesock import LineServer, RateBudget, Refused, choice, encode, short_names
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +87,8 @@ MAX_REPLY_BYTES = 1 << 20  # a status with many readers, a record with a long ro
 MAX_CLIENTS = 8
 IDLE_TIMEOUT_S = 30.0
 SEND_TIMEOUT_S = 10.0  # a watcher that reads nothing this long is closed
-MAX_BAD_REQUESTS = 10
 ACTIONS_PER_S = 5.0
 REQUESTS_PER_S = 50.0
-CONNECTIONS_PER_S = 50.0
 WATCH_QUEUE = 1000
 STATUS_EVERY_S = 1.0
 ACTION_WAIT_S = 5.0  # for the gate thread to journal an action's console.action record
@@ -97,7 +98,6 @@ OPS = ("ping", "status", "watch", "set_mode", "open", "pulse", "note")
 ACTION_OPS = ("set_mode", "open", "pulse", "note")
 NOTE_ACTIONS = ("enroll",)
 ACCOUNT_RE = re.compile(r"[A-Za-z0-9._@-]{1,64}")
-_CLIENT_FAULTS = {"bad_json", "too_long", "unknown_op", "bad_arg", "busy"}
 _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
@@ -108,21 +108,6 @@ def socket_path(state_dir: str | os.PathLike[str]) -> Path:
 
 class ConsoleServerError(OSError):
     """The socket cannot be opened; the message says why and what to do."""
-
-
-class _Refused(Exception):
-    """A request the server will not carry out (code, English message)."""
-
-    def __init__(self, code: str, message: str, **details: Any) -> None:
-        super().__init__(message)
-        self.code = code
-        self.details = details
-
-    def reply(self, op: Any = None) -> dict:
-        out: dict[str, Any] = {"ok": False, "error": self.code, "message": str(self), **self.details}
-        if isinstance(op, str) and op in OPS:
-            out["op"] = op
-        return out
 
 
 def peer_uid(conn: socket.socket) -> int:
@@ -156,7 +141,7 @@ class _Watcher:
 # --------------------------------------------------------------------------- server
 
 
-class ConsoleServer:
+class ConsoleServer(LineServer):
     """The console socket (module doc). ``start()``, ``stop()``, ``on_record(record)``
     from the gate thread.
 
@@ -166,6 +151,13 @@ class ConsoleServer:
     whether a line to pulse is wired. uid/allow_root: who may connect (default the
     agent's own user, and root).
     """
+
+    role = "console"
+    kept = "console socket"
+    thread_name = "console"
+    error = ConsoleServerError
+    ops = OPS
+    stopping_message = "the agent is stopping; try again when it runs"
 
     def __init__(
         self,
@@ -184,21 +176,17 @@ class ConsoleServer:
         status_every_s: float = STATUS_EVERY_S,
         action_wait_s: float = ACTION_WAIT_S,
     ) -> None:
-        self.path = Path(path)
+        super().__init__(path, clock=clock, max_clients=max_clients, idle_timeout_s=idle_timeout_s,
+                         rate_per_s=REQUESTS_PER_S, max_request_bytes=MAX_REQUEST_BYTES)
         self._submit = submit
         self._status = status
         self.lines = frozenset(lines)
-        self.clock = clock
         self.uid = os.geteuid() if uid is None else uid
         self.allow_root = allow_root
-        self.max_clients = max_clients
-        self.idle_timeout_s = idle_timeout_s
         self.watch_queue = watch_queue
         self.status_every_s = status_every_s
         self.action_wait_s = action_wait_s
-        self._actions = _RateBudget(actions_per_s, clock)
-        self._requests = _RateBudget(REQUESTS_PER_S, clock)
-        self._accepts = _RateBudget(CONNECTIONS_PER_S, clock)
+        self._actions = RateBudget(actions_per_s, clock)
         # Watchers and the console.action records, each behind a lock the gate thread
         # holds only to append (on_record).
         self._watch_cond = threading.Condition()
@@ -207,56 +195,12 @@ class ConsoleServer:
         self._action_records: deque[tuple[int, dict]] = deque(maxlen=64)
         self._action_n = 0
         self._action_lock = threading.Lock()  # one action at a time (its record follows it)
-        self._lock = threading.Lock()  # clients and threads
-        self._clients: set[socket.socket] = set()
-        self._threads: set[threading.Thread] = set()
-        self._sock: socket.socket | None = None
-        self._accepter: threading.Thread | None = None
-        self._inode: tuple[int, int] | None = None
-        self._stopping = threading.Event()
-        self.counters: dict[str, int] = {"connections": 0, "requests": 0, "refused": 0, "turned_away": 0,
-                                         "wrong_peer": 0, "actions": 0, "gap_records": 0}
+        self.counters.update(wrong_peer=0, actions=0, gap_records=0)
 
-    # -- lifecycle -------------------------------------------------------------------
-
-    def start(self) -> None:
-        """Open the socket and start answering; ConsoleServerError when it cannot."""
-        sock, self._inode = listen_unix(self.path, self.max_clients, error=ConsoleServerError,
-                                        role="console", kept="console socket")
-        sock.settimeout(0.5)  # the accept loop also looks at the stop flag this often
-        self._sock = sock
-        self._accepter = threading.Thread(target=self._accept_loop, name="console-accept", daemon=True)
-        self._accepter.start()
-
-    def stop(self, timeout: float = 2.0) -> None:
-        """Stop answering, close every connection, remove the socket (if it is still ours)."""
-        self._stopping.set()
+    def wake(self) -> None:
         for cond in (self._watch_cond, self._action_cond):
             with cond:
                 cond.notify_all()
-        sock, self._sock = self._sock, None
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)  # wakes accept()
-            except OSError:
-                pass
-            sock.close()
-        if self._accepter is not None and self._accepter is not threading.current_thread():
-            self._accepter.join(timeout)
-        with self._lock:
-            clients = list(self._clients)
-            threads = list(self._threads)
-        for conn in clients:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)  # wakes its thread's recv() or send()
-            except OSError:
-                pass
-        for t in threads:
-            if t is not threading.current_thread():
-                t.join(timeout)
-        if self._inode is not None:
-            remove_unix(self.path, self._inode, role="console")
-            self._inode = None
 
     # -- the gate thread -------------------------------------------------------------
 
@@ -283,98 +227,19 @@ class ConsoleServer:
 
     # -- connections -----------------------------------------------------------------
 
-    def _accept_loop(self) -> None:
-        while not self._stopping.is_set():
-            sock = self._sock
-            if sock is None:
-                return
-            try:
-                conn, _addr = sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                if self._stopping.is_set():
-                    return
-                log.exception("console: accept failed; going on")
-                time.sleep(0.1)
-                continue
-            allowed, uid = peer_allowed(conn, self.uid, allow_root=self.allow_root)
-            if not allowed:
-                self.counters["wrong_peer"] += 1
-                log.warning("console: a connection from uid %s closed (only uid %d%s may use %s)",
-                            uid, self.uid, " or root" if self.allow_root else "", self.path)
-                conn.close()
-                continue
-            with self._lock:
-                full = len(self._clients) >= self.max_clients or not self._accepts.take()
-                if not full:
-                    self._clients.add(conn)
-                    self.counters["connections"] += 1
-            if full:
-                self.counters["turned_away"] += 1
-                self._turn_away(conn)
-                self._stopping.wait(0.02)  # back-pressure: the rest wait in the kernel's backlog
-                continue
-            t = threading.Thread(target=self._serve, args=(conn,), name="console-client", daemon=True)
-            with self._lock:
-                self._threads.add(t)
-            t.start()
+    def admit(self, conn: socket.socket) -> bool:
+        allowed, uid = peer_allowed(conn, self.uid, allow_root=self.allow_root)
+        if not allowed:
+            self.counters["wrong_peer"] += 1
+            log.warning("console: a connection from uid %s closed (only uid %d%s may use %s)",
+                        uid, self.uid, " or root" if self.allow_root else "", self.path)
+        return allowed
 
-    def _turn_away(self, conn: socket.socket) -> None:
-        reply = _Refused("busy", f"{self.max_clients} clients are connected already, or more than "
-                         f"{CONNECTIONS_PER_S:.0f} connected in a second; try again in a moment").reply()
-        try:
-            conn.setblocking(False)
-            conn.send(_line(reply))
-        except OSError:
-            pass
-        conn.close()
-
-    def _serve(self, conn: socket.socket) -> None:
-        bad = 0
-        buf = b""
-        try:
-            conn.settimeout(self.idle_timeout_s)
-            while not self._stopping.is_set():
-                nl = buf.find(b"\n")
-                if nl < 0 and len(buf) <= MAX_REQUEST_BYTES:
-                    try:
-                        chunk = conn.recv(4096)
-                    except TimeoutError:
-                        return  # idle: the slot goes to someone else
-                    if not chunk:
-                        return
-                    buf += chunk
-                    continue
-                if nl < 0 or nl > MAX_REQUEST_BYTES:
-                    self.counters["refused"] += 1
-                    log.warning("console: a request over %d bytes; connection closed", MAX_REQUEST_BYTES)
-                    conn.sendall(_line(_Refused(
-                        "too_long", f"a request is one JSON object on one line of at most {MAX_REQUEST_BYTES} "
-                        "bytes; connection closed").reply()))
-                    return
-                line, buf = buf[:nl], buf[nl + 1:]
-                if not line.strip():
-                    continue
-                reply = self._reply(line)
-                if reply.get("ok") and reply.get("op") == "watch":
-                    self._watch(conn, reply)  # the connection stays a watch until it closes
-                    return
-                if not reply["ok"] and reply.get("error") in _CLIENT_FAULTS:
-                    bad += 1
-                conn.sendall(_line(reply))
-                if bad >= MAX_BAD_REQUESTS:
-                    log.warning("console: %d refused requests on one connection; closed", bad)
-                    return
-        except OSError:
-            pass  # the client went away, or stop() shut the connection
-        except Exception:
-            log.exception("console: a connection failed; the gate is not affected")
-        finally:
-            with self._lock:
-                self._clients.discard(conn)
-                self._threads.discard(threading.current_thread())
-            conn.close()
+    def takeover(self, conn: socket.socket, reply: dict) -> bool:
+        if reply.get("ok") and reply.get("op") == "watch":
+            self._watch(conn, reply)  # the connection stays a watch until it closes
+            return True
+        return False
 
     def _watch(self, conn: socket.socket, reply: dict) -> None:
         """Stream this watcher's queue and a status every second until the client goes."""
@@ -383,7 +248,7 @@ class ConsoleServer:
         with self._watch_cond:
             self._watchers[conn] = w  # before the reply: every record after it reaches the client
         try:
-            conn.sendall(_line(reply))
+            conn.sendall(encode(reply))
             next_status = self.clock()
             while not self._stopping.is_set():
                 with self._watch_cond:
@@ -398,14 +263,14 @@ class ConsoleServer:
                 for kind, value in items:
                     if kind == "gap":
                         self.counters["gap_records"] += value
-                        out += _line({"gap": value})
+                        out += encode({"gap": value})
                     else:
-                        out += _line({"record": value})
+                        out += encode({"record": value})
                 if self.clock() >= next_status:
                     next_status = self.clock() + self.status_every_s
                     status = self._safe_status()
                     if status is not None:
-                        out += _line({"status": status})
+                        out += encode({"status": status})
                 if out:
                     conn.sendall(out)
         finally:
@@ -421,38 +286,13 @@ class ConsoleServer:
 
     # -- requests ----------------------------------------------------------------------
 
-    def _reply(self, line: bytes) -> dict:
-        op: Any = None
-        try:
-            try:
-                req = json.loads(line.decode("utf-8"))
-            except (UnicodeDecodeError, ValueError, RecursionError):
-                raise _Refused("bad_json", 'a request is one JSON object per line, e.g. {"op": "ping"}') from None
-            if not isinstance(req, dict):
-                raise _Refused("bad_json", 'a request is one JSON object per line, e.g. {"op": "ping"}')
-            op = req.get("op")
-            handler = _HANDLERS.get(op) if isinstance(op, str) else None
-            if handler is None:
-                raise _Refused("unknown_op", f"op {str(op)[:40]!r} is not known; ops: {', '.join(OPS)}",
-                               ops=list(OPS))
-            if self._stopping.is_set():
-                raise _Refused("stopping", "the agent is stopping; try again when it runs")
-            if not self._requests.take():
-                raise _Refused("busy", f"over {REQUESTS_PER_S:.0f} requests a second; slow down")
-            self.counters["requests"] += 1
-            return {"ok": True, "op": op, **handler(self, req)}
-        except _Refused as exc:
-            self.counters["refused"] += 1
-            log.info("console: refused %s: %s", exc.code, exc)
-            return exc.reply(op)
-
     def _op_ping(self, req: dict) -> dict:
         return {}
 
     def _op_status(self, req: dict) -> dict:
         status = self._safe_status()
         if status is None:
-            raise _Refused("busy", "the status could not be built; see the agent's log and try again")
+            raise Refused("busy", "the status could not be built; see the agent's log and try again")
         return {"status": status}
 
     def _op_watch(self, req: dict) -> dict:
@@ -460,23 +300,23 @@ class ConsoleServer:
 
     def _op_set_mode(self, req: dict) -> dict:
         account = _account(req)
-        mode = _choice(req, "mode", COMMANDABLE_MODES)
+        mode = choice(req, "mode", COMMANDABLE_MODES)
         return self._action(SetMode(mode, by="console", account=account), account, "set_mode", {"mode": mode})
 
     def _op_open(self, req: dict) -> dict:
         account = _account(req)
-        direction = _choice(req, "direction", ("in", "out"))
+        direction = choice(req, "direction", ("in", "out"))
         return self._action(ConsoleOpen(direction, account), account, "open", {"direction": direction})
 
     def _op_pulse(self, req: dict) -> dict:
         account = _account(req)
         line = req.get("line")
         if not isinstance(line, str) or not 1 <= len(line) <= 80:
-            raise _Refused("bad_arg", 'line: give an output line\'s name, e.g. "entry.led"', field="line")
+            raise Refused("bad_arg", 'line: give an output line\'s name, e.g. "entry.led"', field="line")
         seconds = req.get("seconds", DEFAULT_PULSE_S)
         if (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
                 or not PULSE_MIN_S <= seconds <= PULSE_MAX_S):
-            raise _Refused("bad_arg", f"seconds {str(seconds)[:40]!r}: give {PULSE_MIN_S:g} to {PULSE_MAX_S:g}",
+            raise Refused("bad_arg", f"seconds {str(seconds)[:40]!r}: give {PULSE_MIN_S:g} to {PULSE_MAX_S:g}",
                            field="seconds")
         seconds = float(seconds)
         return self._action(ConsolePulse(line, seconds, account, wired=line in self.lines), account, "pulse",
@@ -484,27 +324,27 @@ class ConsoleServer:
 
     def _op_note(self, req: dict) -> dict:
         account = _account(req)
-        action = _choice(req, "action", NOTE_ACTIONS)
+        action = choice(req, "action", NOTE_ACTIONS)
         detail = req.get("detail", "")
         if not isinstance(detail, str) or len(detail) > MAX_NOTE:
-            raise _Refused("bad_arg", f"detail: give a text of at most {MAX_NOTE} characters", field="detail")
+            raise Refused("bad_arg", f"detail: give a text of at most {MAX_NOTE} characters", field="detail")
         return self._action(ConsoleNote(action, account, detail), account, action, {"detail": detail})
 
     def _action(self, event: Any, account: str, action: str, args: dict) -> dict:
         """Hand the event to the gate thread and wait for the console.action record it journals."""
         if not self._actions.take():
-            raise _Refused("busy", f"over {self._actions.rate:g} console actions a second; try again in a moment")
+            raise Refused("busy", f"over {self._actions.rate:g} console actions a second; try again in a moment")
         with self._action_lock:
             with self._action_cond:
                 mark = self._action_n
             if not self._submit(event):
-                raise _Refused("busy", "the gate's queue is full (or the gate is stopping); try again in a moment")
+                raise Refused("busy", "the gate's queue is full (or the gate is stopping); try again in a moment")
             self.counters["actions"] += 1
             record = self._wait_record(mark, account, action, args)
         if record is None and self._stopping.is_set():
-            raise _Refused("stopping", "the agent is stopping; the action may not have been carried out")
+            raise Refused("stopping", "the agent is stopping; the action may not have been carried out")
         if record is None:
-            raise _Refused("busy", f"the gate did not journal the action within {self.action_wait_s:g} s; "
+            raise Refused("busy", f"the gate did not journal the action within {self.action_wait_s:g} s; "
                            "see the agent's log (it may still be done)")
         out: dict[str, Any] = {"result": record.get("result")}
         if "reason" in record:
@@ -535,26 +375,15 @@ _HANDLERS: dict[str, Callable[[ConsoleServer, dict], dict]] = {
     "pulse": ConsoleServer._op_pulse,
     "note": ConsoleServer._op_note,
 }
+ConsoleServer.handlers = _HANDLERS
 
 
 def _account(req: dict) -> str:
     account = req.get("account")
     if not isinstance(account, str) or not ACCOUNT_RE.fullmatch(account):
-        raise _Refused("bad_arg", "account: give the console account's name, 1 to 64 of A-Z a-z 0-9 . _ @ -",
+        raise Refused("bad_arg", "account: give the console account's name, 1 to 64 of A-Z a-z 0-9 . _ @ -",
                        field="account")
     return account
-
-
-def _choice(req: dict, field: str, allowed: tuple[str, ...]) -> str:
-    value = req.get(field)
-    if value not in allowed:
-        raise _Refused("bad_arg", f"{field} {str(value)[:40]!r}: give {' or '.join(allowed)}", field=field,
-                       allowed=list(allowed))
-    return value
-
-
-def _line(doc: Mapping[str, Any]) -> bytes:
-    return (json.dumps(doc, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
 
 
 # --------------------------------------------------------------------------- client
@@ -568,7 +397,7 @@ def _connect(path: Path, timeout: float) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
-        with _short_names(path.parent) as name:
+        with short_names(path.parent) as name:
             sock.connect(name(path.name))
     except BaseException:
         sock.close()
@@ -606,7 +435,7 @@ def request(path: str | os.PathLike[str], doc: dict, timeout: float = 10.0) -> d
     """
     sock = _connect(Path(path), timeout)
     try:
-        sock.sendall(_line(doc))
+        sock.sendall(encode(doc))
         for reply in _lines(sock):
             if not isinstance(reply.get("ok"), bool):
                 raise ConsoleClientError(f"not a console reply: {str(reply)[:80]}")
@@ -623,7 +452,7 @@ def watch(path: str | os.PathLike[str], timeout: float = 10.0) -> Iterator[dict]
     every second). Close the generator to hang up."""
     sock = _connect(Path(path), timeout)
     try:
-        sock.sendall(_line({"op": "watch"}))
+        sock.sendall(encode({"op": "watch"}))
         lines = _lines(sock)
         first = next(lines, None)
         if first is None:

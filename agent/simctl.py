@@ -35,7 +35,9 @@ Bounded, so a client cannot stop anything: a request over
 ``MAX_REQUEST_BYTES`` closes its connection; at most ``MAX_CLIENTS``
 connections at once and ``CONNECTIONS_PER_S`` new ones a second (more
 are told busy); a connection idle for
-``IDLE_TIMEOUT_S`` or with ``MAX_BAD_REQUESTS`` refused requests is closed;
+``IDLE_TIMEOUT_S`` or with ``MAX_BAD_REQUESTS`` refused requests is closed
+(the server and these bounds are agent/linesock.py's ``LineServer``, which
+the console's socket is too);
 at most ``RATE_PER_S`` requests a second are carried out (more are told
 busy); frames on one reader are spaced like a real reader's. All of this
 runs on the server's threads; the gate thread only hands it committed
@@ -46,11 +48,9 @@ only for the state directory (and refuses unless pin_factory is mock),
 sends one request and prints the reply, in Russian with a Russian locale.
 ``request(path, doc)`` is the same for scripts and tests.
 
-Some 870 lines on purpose: one small protocol, both ends. The server and
-the client share the operations, the refusal codes and the limits above,
-and the client's wording of each refusal (``_refusal_text``) sits beside
-the code that refuses; the server is one class whose limits share its
-counters and locks.
+Some 600 lines on purpose: one small protocol, both ends. The server's
+operations, the client and the client's wording of each refusal
+(``_refusal_text``) sit beside the code that refuses.
 """
 from __future__ import annotations
 
@@ -59,20 +59,25 @@ import json
 import logging
 import os
 import socket
-import stat
 import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from agent.core.cards import CardFormatError, key_mask, parse_card_string
 from agent.exits import Exit
 from agent.i18n import _
-from agent.ratelimit import TokenBucket
+from agent.linesock import (
+    CLIENT_FAULTS,
+    LineServer,
+    Refused,
+    choice,
+    encode,
+    short_names,
+)
 from agent.simhw import (
     PASS_OPEN_S,
     SimulatedReader,
@@ -100,9 +105,7 @@ MAX_REQUEST_BYTES = 4096
 MAX_REPLY_BYTES = 65536
 MAX_CLIENTS = 8
 IDLE_TIMEOUT_S = 30.0
-MAX_BAD_REQUESTS = 10
 RATE_PER_S = 50.0
-CONNECTIONS_PER_S = 50.0
 DECISION_WAIT_S = 2.0
 MAX_WAIT_S = 10.0
 # One reader's frames at least this far apart: the longest frame (37 bits, 2 ms apart) plus
@@ -111,9 +114,7 @@ FRAME_SPACING_S = 0.13
 DECISION_TYPES = ("access.granted", "access.denied", "reader.error")
 OPS = ("card", "pass", "fire", "fire-reset", "button", "ready", "tamper", "ping")
 # Refusals that are the client's fault: enough of them on one connection closes it.
-_CLIENT_FAULTS = {"bad_json", "too_long", "unknown_op", "bad_arg", "unknown_reader",
-                  "unsupported_reader", "bad_card", "not_wired", "busy"}
-_SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes with its NUL
+_CLIENT_FAULTS = CLIENT_FAULTS | {"unknown_reader", "unsupported_reader", "bad_card", "not_wired"}
 
 
 def socket_path(state_dir: str | os.PathLike[str]) -> Path:
@@ -125,144 +126,10 @@ class SimServerError(OSError):
     """The socket cannot be opened; the message says why and what to do."""
 
 
-class _Refused(Exception):
-    """A request the server will not carry out (code, English message, details)."""
-
-    def __init__(self, code: str, message: str, **details: Any) -> None:
-        super().__init__(message)
-        self.code = code
-        self.details = details
-
-    def reply(self, op: Any = None) -> dict:
-        out: dict[str, Any] = {"ok": False, "error": self.code, "message": str(self), **self.details}
-        if isinstance(op, str) and op in OPS:
-            out["op"] = op
-        return out
-
-
-@contextmanager
-def _short_names(directory: Path) -> Iterator[Callable[[str], str]]:
-    """``name(basename)``: a path to basename in directory that fits a socket address.
-
-    The plain path when it is short enough; else ``/proc/self/fd/N/basename``
-    through a descriptor of the directory (Linux resolves it like the long
-    path), so a deep state directory still works.
-    """
-    fd: int | None = None
-
-    def name(base: str) -> str:
-        nonlocal fd
-        full = str(directory / base)
-        if len(os.fsencode(full)) <= _SUN_PATH_MAX:
-            return full
-        if fd is None:
-            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        return f"/proc/self/fd/{fd}/{base}"
-
-    try:
-        yield name
-    finally:
-        if fd is not None:
-            os.close(fd)
-
-
-def listen_unix(path: Path, backlog: int, *, error: type[OSError], role: str,
-                kept: str) -> tuple[socket.socket, tuple[int, int]]:
-    """A listening Unix socket at ``path``, mode 0600, and its (st_dev, st_ino).
-
-    Bound under a temporary name, made 0600, then renamed over the old one: nobody
-    ever sees it with a wider mode, and a stale socket left by a killed agent goes in
-    one step. ``error`` (with the fix in its message) when it cannot: ``path`` is not
-    a socket, another agent answers on it, or the directory refuses. ``role`` names
-    the socket in the log ("simulated hardware"), ``kept`` in the messages.
-    """
-    directory = path.parent
-    tmp = f".{path.name}.{os.getpid()}.tmp"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        with _short_names(directory) as name:
-            _check_existing(path, name(path.name), error=error, role=role, kept=kept)
-            try:
-                os.unlink(name(tmp))
-            except FileNotFoundError:
-                pass
-            sock.bind(name(tmp))
-            try:
-                os.chmod(name(tmp), 0o600)
-                sock.listen(backlog)
-                os.replace(name(tmp), name(path.name))
-            except BaseException:
-                try:
-                    os.unlink(name(tmp))
-                except OSError:
-                    pass
-                raise
-            st = os.stat(name(path.name))
-    except error:
-        sock.close()
-        raise
-    except OSError as exc:
-        sock.close()
-        raise error(f"cannot open {path}: {exc.strerror or exc}; check the state "
-                    "directory's owner and mode") from exc
-    return sock, (st.st_dev, st.st_ino)
-
-
-def _check_existing(path: Path, name: str, *, error: type[OSError], role: str, kept: str) -> None:
-    try:
-        st = os.lstat(name)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise error(f"{path} exists and is not a socket; move it away (the agent keeps "
-                    f"its {kept} there)")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(name)
-    except (ConnectionRefusedError, FileNotFoundError):
-        log.info("%s: replacing the stale socket %s of an agent that did not stop", role, path)
-        return
-    except OSError as exc:
-        raise error(f"{path} is a socket that cannot be probed ({exc}); another agent may "
-                    "use this state directory") from exc
-    finally:
-        probe.close()
-    raise error(f"another agent answers on {path}: two agents share the state directory "
-                "(service.state_dir); stop the other one")
-
-
-def remove_unix(path: Path, inode: tuple[int, int], *, role: str) -> None:
-    """Remove the socket at ``path`` if it is still the one opened (``inode``), not a newer agent's."""
-    with _short_names(path.parent) as name:
-        try:
-            st = os.stat(name(path.name))
-            if (st.st_dev, st.st_ino) == inode:
-                os.unlink(name(path.name))
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            log.warning("%s: socket %s not removed (%s)", role, path, exc)
-
-
-class _RateBudget:
-    """A token bucket (``rate`` a second, burst ``rate``) shared by the server's threads."""
-
-    def __init__(self, rate: float, clock: Callable[[], float]) -> None:
-        self.rate = float(rate)
-        self.clock = clock
-        self._bucket = TokenBucket(rate, rate, clock())
-        self._lock = threading.Lock()
-
-    def take(self) -> bool:
-        with self._lock:
-            return self._bucket.take(self.clock())
-
-
 # --------------------------------------------------------------------------- server
 
 
-class SimServer:
+class SimServer(LineServer):
     """The simulated hardware's socket (module doc). ``start()``, ``stop()``,
     ``on_record(record)`` from the gate thread.
 
@@ -271,6 +138,13 @@ class SimServer:
     SerialReader). reader_settings: the config's readers (name, type,
     format, number). key_width: the site's key width.
     """
+
+    role = "simulated hardware"
+    kept = "simulated-hardware socket"
+    thread_name = "sim"
+    error = SimServerError
+    ops = OPS
+    client_faults = _CLIENT_FAULTS
 
     def __init__(
         self,
@@ -288,73 +162,24 @@ class SimServer:
         idle_timeout_s: float = IDLE_TIMEOUT_S,
         rate_per_s: float = RATE_PER_S,
     ) -> None:
-        self.path = Path(path)
+        super().__init__(path, clock=clock, max_clients=max_clients, idle_timeout_s=idle_timeout_s,
+                         rate_per_s=rate_per_s, max_request_bytes=MAX_REQUEST_BYTES)
         self.factory = factory
         self.profile = profile
         self.readers = readers
         self.key_width = key_width
         self.site, self.gate = site, gate
-        self.clock = clock
-        self.max_clients = max_clients
-        self.idle_timeout_s = idle_timeout_s
         self._specs = {r.name: r for r in reader_settings}
         self._reader_locks = {name: threading.Lock() for name in self._specs}
         self._sim_readers: dict[str, SimulatedReader] = {}
         self._sent_at: dict[str, float] = {}
-        self._budget = _RateBudget(rate_per_s, clock)
-        self._accepts = _RateBudget(CONNECTIONS_PER_S, clock)  # a connect/close loop spawns no threads
         self._cond = threading.Condition()  # decision records
         self._records: deque[tuple[int, dict]] = deque(maxlen=256)
         self._record_n = 0
-        self._lock = threading.Lock()  # clients and threads
-        self._clients: set[socket.socket] = set()
-        self._threads: set[threading.Thread] = set()
-        self._sock: socket.socket | None = None
-        self._accepter: threading.Thread | None = None
-        self._inode: tuple[int, int] | None = None
-        self._stopping = threading.Event()
-        self.counters: dict[str, int] = {"connections": 0, "requests": 0, "refused": 0, "turned_away": 0}
 
-    # -- lifecycle -------------------------------------------------------------------
-
-    def start(self) -> None:
-        """Open the socket (0600; a stale one left by a killed agent is replaced) and
-        start answering. SimServerError when it cannot; the gate works without it."""
-        sock, self._inode = listen_unix(self.path, self.max_clients, error=SimServerError,
-                                        role="simulated hardware", kept="simulated-hardware socket")
-        sock.settimeout(0.5)  # the accept loop also looks at the stop flag this often
-        self._sock = sock
-        self._accepter = threading.Thread(target=self._accept_loop, name="sim-accept", daemon=True)
-        self._accepter.start()
-
-    def stop(self, timeout: float = 2.0) -> None:
-        """Stop answering, close every connection, remove the socket (if it is still ours)."""
-        self._stopping.set()
+    def wake(self) -> None:
         with self._cond:
             self._cond.notify_all()
-        sock, self._sock = self._sock, None
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)  # wakes accept()
-            except OSError:
-                pass
-            sock.close()
-        if self._accepter is not None and self._accepter is not threading.current_thread():
-            self._accepter.join(timeout)
-        with self._lock:
-            clients = list(self._clients)
-            threads = list(self._threads)
-        for conn in clients:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)  # wakes its thread's recv()
-            except OSError:
-                pass
-        for t in threads:
-            if t is not threading.current_thread():
-                t.join(timeout)
-        if self._inode is not None:
-            remove_unix(self.path, self._inode, role="simulated hardware")
-            self._inode = None
 
     # -- the gate thread -------------------------------------------------------------
 
@@ -367,129 +192,11 @@ class SimServer:
             self._records.append((self._record_n, record))
             self._cond.notify_all()
 
-    # -- connections -----------------------------------------------------------------
-
-    def _accept_loop(self) -> None:
-        while not self._stopping.is_set():
-            sock = self._sock
-            if sock is None:
-                return
-            try:
-                conn, _addr = sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                if self._stopping.is_set():
-                    return
-                log.exception("simulated hardware: accept failed; going on")
-                time.sleep(0.1)
-                continue
-            with self._lock:
-                full = len(self._clients) >= self.max_clients or not self._accepts.take()
-                if not full:
-                    self._clients.add(conn)
-                    self.counters["connections"] += 1
-            if full:
-                self.counters["turned_away"] += 1
-                self._turn_away(conn)
-                # Back-pressure: while turning clients away, leave the rest in the kernel's backlog
-                # (a full backlog refuses them there) instead of spending the agent's CPU on them.
-                self._stopping.wait(0.02)
-                continue
-            t = threading.Thread(target=self._serve, args=(conn,), name="sim-client", daemon=True)
-            with self._lock:
-                self._threads.add(t)
-            t.start()
-
-    def _turn_away(self, conn: socket.socket) -> None:
-        reply = _Refused("busy", f"{self.max_clients} clients are connected already, or more than "
-                         f"{CONNECTIONS_PER_S:.0f} connected in a second; try again in a moment").reply()
-        try:
-            conn.setblocking(False)
-            conn.send(_line(reply))
-        except OSError:
-            pass
-        conn.close()
-
-    def _serve(self, conn: socket.socket) -> None:
-        bad = 0
-        buf = b""
-        try:
-            conn.settimeout(self.idle_timeout_s)
-            while not self._stopping.is_set():
-                nl = buf.find(b"\n")
-                if nl < 0 and len(buf) <= MAX_REQUEST_BYTES:
-                    try:
-                        chunk = conn.recv(4096)
-                    except TimeoutError:
-                        return  # idle: the slot goes to someone else
-                    if not chunk:
-                        return
-                    buf += chunk
-                    continue
-                if nl < 0 or nl > MAX_REQUEST_BYTES:
-                    # No way to find the next request's start: answer and hang up.
-                    self.counters["refused"] += 1
-                    log.warning("simulated hardware: a request over %d bytes; "
-                                   "connection closed", MAX_REQUEST_BYTES)
-                    conn.sendall(_line(_Refused(
-                        "too_long", f"a request is one JSON object on one line of at most {MAX_REQUEST_BYTES} "
-                        "bytes; connection closed").reply()))
-                    return
-                line, buf = buf[:nl], buf[nl + 1:]
-                if not line.strip():
-                    continue
-                reply = self._reply(line)
-                if not reply["ok"] and reply.get("error") in _CLIENT_FAULTS:
-                    bad += 1
-                conn.sendall(_line(reply))
-                if bad >= MAX_BAD_REQUESTS:
-                    log.warning("simulated hardware: %d refused requests on one "
-                                   "connection; closed", bad)
-                    return
-        except OSError:
-            pass  # the client went away, or stop() shut the connection
-        except Exception:
-            log.exception("simulated hardware: a connection failed; the gate is not affected")
-        finally:
-            with self._lock:
-                self._clients.discard(conn)
-                self._threads.discard(threading.current_thread())
-            conn.close()
-
     # -- requests ----------------------------------------------------------------------
-
-    def _reply(self, line: bytes) -> dict:
-        op: Any = None
-        try:
-            try:
-                req = json.loads(line.decode("utf-8"))
-            except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: nested too deep
-                raise _Refused("bad_json", 'a request is one JSON object per line, e.g. {"op": "ping"}') from None
-            if not isinstance(req, dict):
-                raise _Refused("bad_json", 'a request is one JSON object per line, e.g. {"op": "ping"}')
-            op = req.get("op")
-            handler = _HANDLERS.get(op) if isinstance(op, str) else None
-            if handler is None:
-                raise _Refused("unknown_op", f"op {str(op)[:40]!r} is not known; ops: {', '.join(OPS)}",
-                               ops=list(OPS))
-            if self._stopping.is_set():
-                raise _Refused("stopping", "the agent is stopping")
-            if not self._budget.take():
-                raise _Refused("busy", f"over {self._budget.rate:.0f} requests a second; slow down")
-            self.counters["requests"] += 1
-            return {"ok": True, "op": op, **handler(self, req)}
-        except _Refused as exc:
-            self.counters["refused"] += 1
-            log.info("simulated hardware: refused %s: %s", exc.code, exc)
-            return exc.reply(op)
-        except Exception as exc:
-            log.exception("simulated hardware: %s failed", op)
-            return _Refused("failed", f"{type(exc).__name__}: {exc}"[:300]).reply(op)
 
     def _wired(self, name: str) -> None:
         if name not in self.profile.inputs:
-            raise _Refused("not_wired", f"input {name} is not wired in the board profile {self.profile.name}",
+            raise Refused("not_wired", f"input {name} is not wired in the board profile {self.profile.name}",
                            input=name, profile=self.profile.name, inputs=sorted(self.profile.inputs))
 
     def _input(self, name: str, asserted: bool) -> None:
@@ -508,7 +215,7 @@ class SimServer:
                 "inputs": sorted(self.profile.inputs)}
 
     def _op_pass(self, req: dict) -> dict:
-        side = _choice(req, "side", ("A", "B"))
+        side = choice(req, "side", ("A", "B"))
         name = "pass_a" if side == "A" else "pass_b"
         self._input(name, True)  # the arm passes the sensor...
         time.sleep(PASS_OPEN_S)
@@ -516,7 +223,7 @@ class SimServer:
         return {"side": side}
 
     def _op_fire(self, req: dict) -> dict:
-        loop = _choice(req, "loop", ("open", "closed"))
+        loop = choice(req, "loop", ("open", "closed"))
         self._input("fire_loop", loop == "open")
         return {"loop": loop}
 
@@ -525,7 +232,7 @@ class SimServer:
         return {}
 
     def _op_button(self, req: dict) -> dict:
-        direction = _choice(req, "direction", ("in", "out"))
+        direction = choice(req, "direction", ("in", "out"))
         self._press(f"button_{direction}")
         return {"direction": direction}
 
@@ -543,17 +250,17 @@ class SimServer:
         name = req.get("reader")
         spec = self._specs.get(name) if isinstance(name, str) else None
         if spec is None:
-            raise _Refused("unknown_reader", f"reader {str(name)[:40]!r} is not in the agent's config; its "
+            raise Refused("unknown_reader", f"reader {str(name)[:40]!r} is not in the agent's config; its "
                            f"readers: {', '.join(self._specs) or 'none'}",
                            reader=str(name)[:40], readers=list(self._specs))
         card = req.get("card")
         key = self._key(card)
         wait = req.get("wait", DECISION_WAIT_S)
         if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= MAX_WAIT_S:
-            raise _Refused("bad_arg", f"wait {wait!r}: give seconds from 0 to {MAX_WAIT_S:.0f}", field="wait")
+            raise Refused("bad_arg", f"wait {wait!r}: give seconds from 0 to {MAX_WAIT_S:.0f}", field="wait")
         adapter = self.readers.get(name)
         if spec.type == "osdp" or adapter is None:
-            raise _Refused("unsupported_reader", f"reader {name} is an OSDP reader: its cards come over the "
+            raise Refused("unsupported_reader", f"reader {name} is an OSDP reader: its cards come over the "
                            "OSDP Secure Channel, which sim does not simulate; use a Wiegand or serial reader",
                            reader=name, type=spec.type)
         out: dict[str, Any] = {"reader": name, "card": card, "key": key}
@@ -575,7 +282,7 @@ class SimServer:
                     feed_serial(adapter, data)
                     out["serial"] = data.hex()
             except (CardFormatError, ValueError) as exc:
-                raise _Refused("bad_card", f"card {str(card)[:40]!r} at reader {name}: {exc}",
+                raise Refused("bad_card", f"card {str(card)[:40]!r} at reader {name}: {exc}",
                                card=str(card)[:40], reader=name) from None
             self._sent_at[name] = self.clock()
             log.info("simulated hardware: card %s presented at reader %s", key, name)
@@ -589,14 +296,14 @@ class SimServer:
         if isinstance(card, int) and not isinstance(card, bool):
             if 0 <= card <= mask:
                 return card
-            raise _Refused("bad_card", f"card key {card} does not fit the site's key width "
+            raise Refused("bad_card", f"card key {card} does not fit the site's key width "
                            f"{self.key_width} (0..{mask})", card=str(card))
         if isinstance(card, str) and len(card) <= 64:
             try:
                 return parse_card_string(card, self.key_width)
             except CardFormatError as exc:
-                raise _Refused("bad_card", str(exc), card=card) from None
-        raise _Refused("bad_card", 'card: give a card string ("100,60179", "0006613779", "hex:0A008EC793") '
+                raise Refused("bad_card", str(exc), card=card) from None
+        raise Refused("bad_card", 'card: give a card string ("100,60179", "0006613779", "hex:0A008EC793") '
                        "or its integer key", card=str(card)[:40])
 
     def _sim_reader(self, name: str) -> SimulatedReader:
@@ -632,25 +339,14 @@ _HANDLERS: dict[str, Callable[[SimServer, dict], dict]] = {
     "tamper": SimServer._op_tamper,
     "ping": SimServer._op_ping,
 }
-
-
-def _choice(req: dict, field: str, allowed: tuple[str, ...]) -> str:
-    value = req.get(field)
-    if value not in allowed:
-        raise _Refused("bad_arg", f"{field} {str(value)[:40]!r}: give {' or '.join(allowed)}", field=field,
-                       allowed=list(allowed))
-    return value
+SimServer.handlers = _HANDLERS
 
 
 def _flag(req: dict, field: str) -> bool:
     value = req.get(field)
     if not isinstance(value, bool):
-        raise _Refused("bad_arg", f"{field} {str(value)[:40]!r}: give true or false", field=field)
+        raise Refused("bad_arg", f"{field} {str(value)[:40]!r}: give true or false", field=field)
     return value
-
-
-def _line(doc: dict) -> bytes:
-    return (json.dumps(doc, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
 
 
 # --------------------------------------------------------------------------- client
@@ -669,9 +365,9 @@ def request(path: str | os.PathLike[str], doc: dict, *, timeout: float = 10.0) -
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
-        with _short_names(path.parent) as name:
+        with short_names(path.parent) as name:
             sock.connect(name(path.name))
-        sock.sendall(_line(doc))
+        sock.sendall(encode(doc))
         buf = b""
         while b"\n" not in buf:
             chunk = sock.recv(4096)

@@ -159,18 +159,27 @@ def test_a_technician_sees_a_card_live_pulses_a_line_and_exports_the_journal(sit
     screenshot(browser, "live")
 
     # io-test: pulse the entry reader's LED; the mock pin goes active and back.
+    from agent.consolesock import request, socket_path
+
+    def led() -> bool:  # the pin itself, as the agent reads it off the mock pin factory
+        return request(socket_path(agent.state), {"op": "status"})["status"]["outputs"]["entry.led"]
+
+    assert until(lambda: not led())  # the grant's own LED signal is over
     browser.get(base + "/tech")
-    cell = browser.find_element(By.CSS_SELECTOR, '[data-out="entry.led"]')
-    assert cell.get_attribute("class") == "off"
+    cell = lambda: browser.find_element(By.CSS_SELECTOR, '[data-out="entry.led"]')
+    assert until(lambda: cell().get_attribute("class") == "off")
+    # The page pulses for 1 s; 5 s here, so a loaded machine still sees the line lit.
+    browser.execute_script('document.getElementById("pulse-entry.led").form.seconds.value = "5"')
     browser.find_element(By.ID, "pulse-entry.led").click()
     assert until(lambda: journal(site, type="console.action", action="pulse", account=TECH))
     done = journal(site, type="console.action", action="pulse", account=TECH)[0]
-    assert done["result"] == "done" and done["args"]["line"] == "entry.led"
+    assert done["result"] == "done" and done["args"] == {"line": "entry.led", "seconds": 5.0}
+    assert led()  # the mock pin is driven
+    # The page the form comes back to shows the line lit, then the live feed shows it back at rest.
+    assert until(lambda: "/tech" in browser.current_url and cell().get_attribute("class") == "on")
     screenshot(browser, "technician")
-    from agent.consolesock import request, socket_path
-
-    # The pin itself, read by the agent off the mock pin factory, is back at rest after the pulse.
-    assert until(lambda: not request(socket_path(agent.state), {"op": "status"})["status"]["outputs"]["entry.led"])
+    assert until(lambda: cell().get_attribute("class") == "off")
+    assert not led()
 
     # The journal page finds the card and exports it as CSV.
     browser.get(base + "/journal?card=100%2C60003")

@@ -25,9 +25,9 @@ from agent.core.acl import AccessList
 from agent.core.events import Button
 from agent.downlink.aclfiles import ACL_FILE, store_list
 from agent.hw.profiles import load_profile
+from agent.linesock import MAX_BAD_REQUESTS
 from agent.service import Service
 from agent.simctl import (
-    MAX_BAD_REQUESTS,
     MAX_REQUEST_BYTES,
     SimServer,
     SimServerError,

@@ -214,6 +214,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         # h11 and no websockets: fewer modules, less memory (the board has the gate to run).
         uvicorn.run(app, host=args.bind, port=port, http="h11", ws="none", lifespan="on", access_log=False,
                     log_level="warning", proxy_headers=False, server_header=False,
+                    # An open live page (its event stream) would hold a stop for good: 2 s, then closed.
+                    timeout_graceful_shutdown=2,
                     ssl_certfile=str(cert) if https else None, ssl_keyfile=str(key) if https else None)
     except SystemExit as exc:  # uvicorn exits 1 when it cannot bind
         print("gate-agent console: " + _("cannot listen on {bind}:{port}: is it taken, or not an address of "
