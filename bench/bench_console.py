@@ -3,8 +3,9 @@
     .venv/bin/python -m bench.bench_console [--pages N] [--cards N] [--out FILE]
 
 Starts what a board runs: an agent on mock pins (tests/agentproc.py) and
-`gate-agent console serve` beside it (plain HTTP on loopback), with one
-technician account. Then, as a browser would, over HTTP (httpx):
+`gate-agent console serve` beside it on loopback, as a board serves it: HTTPS
+(the console's own certificate; --no-tls for plain HTTP), with one technician
+account. Then, as a browser would, over HTTP (httpx):
 
 * first_page: log in, then GET /status and every stylesheet and script it
   names. ``cold_ms`` is the first such load after the login (the console's
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pages", type=int, default=50)
     ap.add_argument("--cards", type=int, default=30)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
+    ap.add_argument("--no-tls", action="store_true", help="plain HTTP, as `make run`'s demo serves it")
     args = ap.parse_args(argv)
 
     import httpx
@@ -96,17 +98,19 @@ def main(argv: list[str] | None = None) -> int:
                     "technician", "--password-stdin", "--config", str(agent.config)],
                    input=PASSWORD + "\n", text=True, cwd=work, env=env, check=True, capture_output=True)
     port = _free_port()
-    base = f"http://127.0.0.1:{port}"
+    scheme = "http" if args.no_tls else "https"
+    base = f"{scheme}://127.0.0.1:{port}"
     with open(work / "console.log", "ab") as log:  # the child keeps its own descriptor
         console = subprocess.Popen([sys.executable, "-m", "agent.cli", "console", "serve", "--config",
                                     str(agent.config), "--bind", "127.0.0.1", "--port", str(port),
-                                    "--no-tls"], cwd=work, env=env, stdin=subprocess.DEVNULL,
+                                    *(["--no-tls"] if args.no_tls else [])], cwd=work, env=env,
+                                   stdin=subprocess.DEVNULL,
                                    stdout=subprocess.DEVNULL, stderr=log)
     try:
         deadline = time.monotonic() + 30
         while True:
             try:
-                if httpx.get(base + "/login", timeout=2).status_code == 200:
+                if httpx.get(base + "/login", timeout=2, verify=False).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
@@ -115,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(0.1)
         started_rss = _rss_mb(console.pid)
 
-        with httpx.Client(timeout=10) as client:
+        with httpx.Client(timeout=10, verify=False) as client:
             _login(client, base)
             cold_ms, size = _load(client, base)
             times = [_load(client, base)[0] for _ in range(args.pages)]
@@ -126,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         stop = threading.Event()
 
         def listen() -> None:
-            with httpx.Client(timeout=None) as c:
+            with httpx.Client(timeout=None, verify=False) as c:
                 _login(c, base)
                 with c.stream("GET", base + "/live/events") as r:
                     ready.set()
@@ -169,8 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         agent.stop()
 
     result = {
-        "method": "Agent on mock pins and `gate-agent console serve` (plain HTTP, loopback) as two "
-                  "processes; httpx as the browser. first_page: GET /status after login plus every "
+        "method": "Agent on mock pins and `gate-agent console serve` (loopback; HTTPS with the "
+                  "console's own certificate unless --no-tls) as two processes; httpx as the browser "
+                  "(one keep-alive connection). first_page: GET /status after login plus every "
                   "/static asset it names; cold = the first load; p50/max over the next loads. live: "
                   "card sent through the agent's sim socket until the console's SSE 'record' event "
                   "with that id. rss: VmRSS of the console process at the end.",
@@ -181,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                  "max_ms": round(max(live), 1) if live else None},
         "rss_mb": {"console_start": round(started_rss, 1), "console": round(rss, 1),
                    "agent": round(agent_rss, 1)},
+        "tls": not args.no_tls,
         "goals": GOALS,
         "machine": machine_info(),
     }

@@ -169,10 +169,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.tls_cert and not args.tls_key or args.tls_key and not args.tls_cert:
         print("gate-agent console: " + _("give both --tls-cert and --tls-key, or neither"), file=sys.stderr)
         return Exit.USAGE
-    from agent.console.tlscert import choose, fingerprint, server_usable
-
     console_log = logging.getLogger("agent.console")
     https, cert, key = not args.no_tls, None, None
+    if https:  # cryptography (some 8 MB) only where a certificate is to be checked or made
+        from agent.console.tlscert import choose, fingerprint, server_usable
     if https and args.tls_cert:
         cert, key = Path(args.tls_cert), Path(args.tls_key)
         why = server_usable(cert, key)
