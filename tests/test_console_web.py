@@ -914,3 +914,86 @@ def test_serve_refuses_a_client_only_certificate_given_outright(short_dir):
                           env={**os.environ, "LANGUAGE": "en"})
     assert done.returncode == 2
     assert "client only" in done.stderr and "--tls-cert" in done.stderr
+
+
+# --------------------------------------------------------------------------- found by an attack run
+
+
+def test_a_burst_of_parallel_logins_is_limited_like_logins_one_by_one(site):
+    """Sent at once, every login passed the limiter before any of them had failed."""
+    import httpx
+
+    app = create_app(settings_for(site))
+
+    async def burst() -> list[int]:
+        transport = httpx.ASGITransport(app=app, client=("10.0.0.9", 5000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+            page = await c.get("/login")
+            token = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+            tries = [c.post("/login", data={"account": "tech", "password": f"guess-{i}", "csrf": token})
+                     for i in range(30)]
+            return [r.status_code for r in await asyncio.gather(*tries)]
+
+    codes = asyncio.run(burst())
+    assert codes.count(401) == 5 and codes.count(429) == 25, codes  # five passwords checked, not thirty
+
+
+def test_an_account_holders_own_logins_do_not_wipe_the_addresses_failures(site):
+    """Guessing at other names, with one's own login between every few guesses."""
+    clock = Clock()
+    app = create_app(settings_for(site), clock=clock)
+    codes = []
+    for round_ in range(3):
+        with TestClient(app, follow_redirects=False, client=("10.0.0.7", 4000)) as c:
+            for i in range(4):
+                codes.append(login(c, f"teacher{round_}{i}", "summer2026").status_code)
+        with TestClient(app, follow_redirects=False, client=("10.0.0.7", 4001)) as own:
+            assert login(own, "guard", "guard-pass").status_code in (303, 429)
+    assert codes[:4] == [401] * 4 and 429 in codes[4:8], codes  # held back in the second round
+
+
+def test_a_live_stream_ends_when_its_account_is_deleted(site, agent):
+    app = create_app(settings_for(site))
+    with TestClient(app, follow_redirects=False) as c:
+        login(c, "guard", "guard-pass")
+        wait_until(lambda: app.state.hub.connected, "the hub's watch")
+        events = []
+        with c.stream("GET", "/live/events") as r:
+            for line in r.iter_lines():
+                if line.startswith("event: "):
+                    events.append(line[7:])
+                    if events[-1] == "link":
+                        Accounts(site / "console-accounts.json").load().remove("guard")
+                        agent.push({"record": {"id": "x:1", "type": "access.granted", "person": "p-1"}})
+                    if events[-1] == "logout" or len(events) > 200:
+                        break
+        assert events[-1] == "logout" and "record" not in events[events.index("link"):], events
+
+
+def test_one_accounts_logins_and_live_pages_do_not_crowd_out_another(site, agent):
+    from agent.console.app import MAX_STREAMS_PER_ACCOUNT
+    from agent.console.security import MAX_SESSIONS
+
+    app = create_app(settings_for(site))
+    with TestClient(app, follow_redirects=False) as tech:
+        assert login(tech, "tech", "tech-pass").status_code == 303
+        for _ in range(MAX_SESSIONS + 5):  # a guard logging in again and again
+            app.state.sessions.create("guard", "guard", "en")
+        assert tech.get("/status").status_code == 200  # the technician is still logged in
+    with TestClient(app, follow_redirects=False) as guard, TestClient(app, follow_redirects=False) as tech:
+        login(guard, "guard", "guard-pass")
+        login(tech, "tech", "tech-pass")
+        wait_until(lambda: app.state.hub.connected, "the hub's watch")
+        held = []
+        try:
+            for _ in range(MAX_STREAMS_PER_ACCOUNT):
+                cm = guard.stream("GET", "/live/events")
+                held.append(cm)
+                assert cm.__enter__().status_code == 200
+            refused = guard.get("/live/events")
+            assert refused.status_code == 503  # the guard's own limit
+            with tech.stream("GET", "/live/events") as r:  # the technician still gets a live page
+                assert r.status_code == 200
+        finally:
+            for cm in held:
+                cm.__exit__(None, None, None)

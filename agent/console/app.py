@@ -51,6 +51,7 @@ COOKIE = "gate_console"
 PRE_COOKIE = "gate_console_login"  # the login form's own CSRF token (no session yet)
 MODES = ("normal", "entry_only", "free", "lockdown")
 MAX_STREAMS = 32
+MAX_STREAMS_PER_ACCOUNT = 8  # one guard's open pages cannot take every stream
 SHOWN = 500  # journal rows on a page (the CSV has them all)
 PULSE_DEFAULT_S = 0.3
 TECH = "technician"
@@ -76,7 +77,7 @@ def create_app(settings: ConsoleSettings, *, clock: Callable[[], float] = time.m
     env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]),
                       trim_blocks=True, lstrip_blocks=True)
     env.globals.update(local=local_time, ts_local=ts_local)
-    streams = {"n": 0}
+    streams: dict[str, Any] = {"n": 0, "by": {}}  # open live streams, in all and by account
     # One password check at a time: each scrypt takes 16 MB and ~0.1 s of a core, and the
     # logins of a crowd of addresses must neither pass the memory cap nor take the gate's CPU.
     checking = asyncio.Semaphore(1)
@@ -96,16 +97,19 @@ def create_app(settings: ConsoleSettings, *, clock: Callable[[], float] = time.m
         resp.headers["cache-control"] = "no-store"
         return resp
 
+    def account_current(s: Session) -> bool:
+        """Whether the session's account is still as it was at the login; if not (deleted,
+        given another role or another password since), the session is dropped."""
+        accounts.reload_if_changed()
+        acc = accounts.accounts.get(s.account)
+        if acc is None or acc.role != s.role or acc.hash != s.password_hash:
+            sessions.drop(s.token)
+            return False
+        return True
+
     def session_of(request: Request) -> Session | None:
         s = sessions.get(request.cookies.get(COOKIE))
-        if s is not None:
-            accounts.reload_if_changed()
-            acc = accounts.accounts.get(s.account)
-            # Deleted, given another role or another password since the login: out.
-            if acc is None or acc.role != s.role or acc.hash != s.password_hash:
-                sessions.drop(s.token)
-                return None
-        return s
+        return s if s is not None and account_current(s) else None
 
     async def csrf_ok(request: Request, session: Session) -> bool:
         header = request.headers.get("x-csrf-token")
@@ -200,21 +204,32 @@ def create_app(settings: ConsoleSettings, *, clock: Callable[[], float] = time.m
             log.warning("login refused: no valid login form token from %s", client(request))
             return _login_form(request, t("The login form expired; try again."), 403, name)
         addr = client(request)
-        wait = limiter.wait(addr, name)
-        if wait > 0:
+
+        def limited(wait: float) -> Response:
             log.warning("login refused: too many failures (account %r from %s; %.0f s to wait)", name, addr, wait)
             resp = _login_form(request, t("Too many failed logins: wait {n} s and try again.").format(
                 n=int(wait) + 1), 429, name)
             resp.headers["retry-after"] = str(int(wait) + 1)
             return resp
+
+        wait = limiter.wait(addr, name)
+        if wait > 0:
+            return limited(wait)
         accounts.reload_if_changed()
         async with checking:
+            # Checked again here, where the checks go one at a time: a burst of logins sent in
+            # parallel all passed the check above before any of them had failed.
+            wait = limiter.wait(addr, name)
+            if wait > 0:
+                return limited(wait)
             acc = await run_in_threadpool(accounts.check, name, password)  # scrypt: off the event loop
+            if acc is None:
+                limiter.failed(addr, name)
+            else:
+                limiter.succeeded(addr, name)
         if acc is None:
-            limiter.failed(addr, name)
             log.warning("login failed: account %r from %s", name, addr)
             return _login_form(request, t("Wrong account or password."), 401, name)
-        limiter.succeeded(addr, name)
         session = sessions.create(acc.name, acc.role, lang_of(request, None), acc.hash)
         log.info("login: account %s (%s) from %s", acc.name, acc.role, addr)
         resp = RedirectResponse(safe_next(form.get("next")) or "/status", status_code=303)  # type: ignore[arg-type]
@@ -264,11 +279,13 @@ def create_app(settings: ConsoleSettings, *, clock: Callable[[], float] = time.m
 
     @guard(api=True)
     async def live_events(request: Request, session: Session) -> Response:
-        if streams["n"] >= MAX_STREAMS:
+        mine = streams["by"].get(session.account, 0)
+        if streams["n"] >= MAX_STREAMS or mine >= MAX_STREAMS_PER_ACCOUNT:
             return JSONResponse({"error": "too many live pages open"}, status_code=503)
         hub.start()
         sub = hub.subscribe()
         streams["n"] += 1
+        streams["by"][session.account] = mine + 1
         width = {"w": _width(hub.status)}
 
         def enrich(rec: dict, past: bool = False) -> dict:
@@ -291,7 +308,7 @@ def create_app(settings: ConsoleSettings, *, clock: Callable[[], float] = time.m
                     yield f"event: record\ndata: {json.dumps(enrich(rec, True), ensure_ascii=False)}\n\n"
                 while True:
                     item = await sub.get(15.0)
-                    if not sessions.alive(request.cookies.get(COOKIE)):
+                    if not sessions.alive(request.cookies.get(COOKIE)) or not account_current(session):
                         yield "event: logout\ndata: {}\n\n"  # the session ended: the page goes to the login
                         return
                     if item is None:
@@ -308,6 +325,11 @@ def create_app(settings: ConsoleSettings, *, clock: Callable[[], float] = time.m
             finally:
                 sub.close()
                 streams["n"] -= 1
+                left = streams["by"].get(session.account, 1) - 1
+                if left > 0:
+                    streams["by"][session.account] = left
+                else:
+                    streams["by"].pop(session.account, None)
 
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"cache-control": "no-store", "x-accel-buffering": "no"})

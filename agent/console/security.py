@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 __all__ = ["LoginLimiter", "Session", "Sessions", "tokens_equal"]
 
 MAX_SESSIONS = 200
+MAX_SESSIONS_PER_ACCOUNT = 10  # a guard's logins on every post of the school, and some to spare
 MAX_TRACKED = 4096  # addresses and names the limiter remembers (a flood of names cannot grow it)
 
 
@@ -53,8 +54,13 @@ class Sessions:
     def create(self, account: str, role: str, lang: str, password_hash: str = "") -> Session:
         now = self.clock()
         self._expire(now)
+        # The account's own oldest login goes first: logging in again and again ends only
+        # one's own sessions, never another account's.
+        own = [t for t, s in self._by_token.items() if s.account == account]
+        while len(own) >= MAX_SESSIONS_PER_ACCOUNT:
+            del self._by_token[own.pop(0)]
         while len(self._by_token) >= MAX_SESSIONS:
-            self._by_token.popitem(last=False)  # the oldest login goes first
+            self._by_token.popitem(last=False)  # then the oldest login of all
         s = Session(secrets.token_urlsafe(32), account, role, lang, now, now, password_hash=password_hash)
         self._by_token[s.token] = s
         return s
@@ -125,5 +131,12 @@ class LoginLimiter:
             self._fails.popitem(last=False)
 
     def succeeded(self, address: str, account: str) -> None:
-        self._fails.pop("a:" + address, None)
+        """The account's count starts again; the address's goes down by one only, so an
+        account holder's own logins between guesses at other names do not wipe it."""
         self._fails.pop("u:" + account.lower(), None)
+        key = "a:" + address
+        n, at = self._fails.get(key, (0, 0.0))
+        if n > 1:
+            self._fails[key] = (n - 1, at)
+        else:
+            self._fails.pop(key, None)
