@@ -997,3 +997,59 @@ def test_one_accounts_logins_and_live_pages_do_not_crowd_out_another(site, agent
         finally:
             for cm in held:
                 cm.__exit__(None, None, None)
+
+
+def test_slow_clients_cannot_hold_the_console(short_dir):
+    """Slowloris: requests whose head never ends, and many connections from one address."""
+    import socket
+
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from agent.console.slowguard import GuardedH11Protocol
+
+    class Quick(GuardedH11Protocol):  # the same guard, with limits a test can wait for
+        head_timeout_s = 1.0
+        max_per_address = 4
+
+    async def hello(request):
+        return PlainTextResponse("hello")
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(Starlette(routes=[Route("/", hello)]), host="127.0.0.1", port=port,
+                                           http=Quick, ws="none", lifespan="off", log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_until(lambda: server.started, "the server")
+
+    def closed(conn: socket.socket, within: float) -> bool:
+        conn.settimeout(within)
+        try:
+            return conn.recv(1) == b""
+        except TimeoutError:
+            return False
+
+    def get() -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+            c.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            return c.recv(4096)
+
+    try:
+        slow = socket.create_connection(("127.0.0.1", port), timeout=10)
+        slow.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")  # ... and never the rest
+        slow.sendall(b"X-a: b\r\n")
+        assert closed(slow, 10.0)  # closed after the head timeout, though it kept sending
+        slow.close()
+        held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(4)]
+        extra = socket.create_connection(("127.0.0.1", port), timeout=10)
+        assert closed(extra, 10.0)  # the fifth from one address: closed at once
+        extra.close()
+        for c in held:
+            c.close()
+        wait_until(lambda: not Quick._open, "the held connections counted off")
+        assert b"hello" in get()  # and the console serves again
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -211,8 +211,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     logging.getLogger("agent.console").info("serving on %s://%s:%d", "https" if https else "http", args.bind, port)
     try:
-        # h11 and no websockets: fewer modules, less memory (the board has the gate to run).
-        uvicorn.run(app, host=args.bind, port=port, http="h11", ws="none", lifespan="on", access_log=False,
+        from agent.console.slowguard import GuardedH11Protocol
+
+        # h11 with a time limit on a request's head and a cap per address (slow clients cannot hold
+        # every descriptor), and no websockets: fewer modules, less memory (the board has the gate to run).
+        uvicorn.run(app, host=args.bind, port=port, http=GuardedH11Protocol, ws="none", lifespan="on",
+                    access_log=False,
                     log_level="warning", proxy_headers=False, server_header=False,
                     # An open live page (its event stream) would hold a stop for good: 2 s, then closed.
                     timeout_graceful_shutdown=2,
