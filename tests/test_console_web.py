@@ -1034,7 +1034,10 @@ def test_slow_clients_cannot_hold_the_console(short_dir):
     def get() -> bytes:
         with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
             c.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            return c.recv(4096)
+            out = b""
+            while chunk := c.recv(4096):  # to the server's close
+                out += chunk
+            return out
 
     try:
         slow = socket.create_connection(("127.0.0.1", port), timeout=10)
