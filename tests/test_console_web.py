@@ -1056,3 +1056,43 @@ def test_slow_clients_cannot_hold_the_console(short_dir):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_journal_reads_run_two_at_a_time_whatever_a_guard_opens(site, monkeypatch):
+    """Each read holds its rows in memory on its own thread: 32 tabs of searches grew the
+    console to 140 MB, past its unit's MemoryMax, before reads were bounded."""
+    import sqlite3
+
+    import httpx
+
+    import agent.console.data as data
+    from agent.console.app import JOURNAL_READERS
+
+    sqlite3.connect(site / "journal.db").close()
+    monkeypatch.setattr("agent.tools.journaltool.open_readonly", lambda path: sqlite3.connect(":memory:"))
+    running, seen = [0], [0]
+    lock = threading.Lock()
+
+    def slow_search(conn, **kw):
+        with lock:
+            running[0] += 1
+            seen[0] = max(seen[0], running[0])
+        time.sleep(0.2)
+        with lock:
+            running[0] -= 1
+        return iter([{"seq": 1, "type": "passage", "person": "p-1"}])
+
+    monkeypatch.setattr(data, "search", slow_search)
+    app = create_app(settings_for(site))
+
+    async def tabs() -> list[int]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+            page = await c.get("/login")
+            token = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+            await c.post("/login", data={"account": "guard", "password": "guard-pass", "csrf": token})
+            got = await asyncio.gather(*[c.get("/journal?person=p-1") for _ in range(8)])
+            return [r.status_code for r in got]
+
+    assert asyncio.run(tabs()) == [200] * 8
+    assert seen[0] == JOURNAL_READERS  # every tab answered, never more than two reads at once

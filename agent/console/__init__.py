@@ -132,11 +132,16 @@ def _cmd_user(args: argparse.Namespace) -> int:
 def _fixed_mmap_threshold() -> None:
     """Each login's scrypt takes 16 MB; glibc then raises its mmap threshold and keeps such
     blocks in the heap, so the process would stay ~20 MB larger after the first login. A fixed
-    threshold (as MALLOC_MMAP_THRESHOLD_ sets) gives them back at once. glibc only; quiet elsewhere."""
+    threshold (as MALLOC_MMAP_THRESHOLD_ sets) gives them back at once; and two malloc arenas
+    at most. glibc only; quiet elsewhere."""
     try:
         import ctypes
 
-        ctypes.CDLL(None).mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+        # Each thread that reads the journal would get a malloc arena of its own, kept after it:
+        # two are enough for a console (MALLOC_ARENA_MAX=2).
+        libc.mallopt(-8, 2)  # M_ARENA_MAX
     except (OSError, AttributeError):
         pass
 

@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ COOKIE = "gate_console"
 PRE_COOKIE = "gate_console_login"  # the login form's own CSRF token (no session yet)
 MODES = ("normal", "entry_only", "free", "lockdown")
 MAX_STREAMS = 32
+JOURNAL_READERS = 2  # journal reads at once (a search, today's figures, an export); the rest queue
 MAX_STREAMS_PER_ACCOUNT = 8  # one guard's open pages cannot take every stream
 SHOWN = 500  # journal rows on a page (the CSV has them all)
 PULSE_DEFAULT_S = 0.3
@@ -77,7 +79,10 @@ def create_app(settings: ConsoleSettings, *, clock: Callable[[], float] = time.m
     env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]),
                       trim_blocks=True, lstrip_blocks=True)
     env.globals.update(local=local_time, ts_local=ts_local)
-    streams: dict[str, Any] = {"n": 0, "by": {}}  # open live streams, in all and by account
+    streams: dict[str, Any] = {"n": 0, "by": {}}
+    # Each journal read holds its rows in memory, on its own thread: a guard clicking Search in
+    # many tabs at once would otherwise grow the console past its unit's MemoryMax. They wait here.
+    journal_readers = threading.BoundedSemaphore(JOURNAL_READERS)  # open live streams, in all and by account
     # One password check at a time: each scrypt takes 16 MB and ~0.1 s of a core, and the
     # logins of a crowd of addresses must neither pass the memory cap nor take the gate's CPU.
     checking = asyncio.Semaphore(1)
@@ -342,12 +347,13 @@ def create_app(settings: ConsoleSettings, *, clock: Callable[[], float] = time.m
         t = translator(session.lang)
         try:
             def read() -> dict:
-                with speaking(session.lang):
-                    conn = open_readonly(settings.journal_path)
-                try:
-                    return today_stats(conn, time.time(), settings.late_after)
-                finally:
-                    conn.close()
+                with journal_readers:
+                    with speaking(session.lang):
+                        conn = open_readonly(settings.journal_path)
+                    try:
+                        return today_stats(conn, time.time(), settings.late_after)
+                    finally:
+                        conn.close()
             stats = await run_in_threadpool(read)
         except (JournalReadError, OSError, Exception) as exc:  # noqa: BLE001 - a page, not the gate: say it
             return render(request, "today.html", session, error=str(exc), stats=None, chart="")
@@ -428,17 +434,18 @@ def create_app(settings: ConsoleSettings, *, clock: Callable[[], float] = time.m
         more = False
         if not error and request.query_params:
             def read() -> tuple[list[dict], bool]:
-                with speaking(session.lang):
-                    conn = open_readonly(settings.journal_path)
-                try:
-                    out = []
-                    for rec in search(conn, **args):
-                        if len(out) == SHOWN:
-                            return out, True
-                        out.append(rec)
-                    return out, False
-                finally:
-                    conn.close()
+                with journal_readers:
+                    with speaking(session.lang):
+                        conn = open_readonly(settings.journal_path)
+                    try:
+                        out = []
+                        for rec in search(conn, **args):
+                            if len(out) == SHOWN:
+                                return out, True
+                            out.append(rec)
+                        return out, False
+                    finally:
+                        conn.close()
             try:
                 rows, more = await run_in_threadpool(read)
             except (JournalReadError, Exception) as exc:  # noqa: BLE001
@@ -464,7 +471,8 @@ def create_app(settings: ConsoleSettings, *, clock: Callable[[], float] = time.m
         def rows():
             try:
                 yield "\ufeff"  # a spreadsheet opens UTF-8 CSV right with the byte order mark
-                yield from csv_rows(search(conn, **args))
+                with journal_readers:  # (this runs on a thread of its own, as the pages' reads do)
+                    yield from csv_rows(search(conn, **args))
             finally:
                 conn.close()
 
