@@ -1065,7 +1065,7 @@ def test_journal_reads_run_two_at_a_time_whatever_a_guard_opens(site, monkeypatc
 
     import httpx
 
-    import agent.console.data as data
+    from agent.console import data
     from agent.console.app import JOURNAL_READERS
 
     sqlite3.connect(site / "journal.db").close()
