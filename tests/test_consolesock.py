@@ -220,6 +220,24 @@ def test_a_led_pulse_drives_the_pin_then_leaves_it_inactive_and_turnstile_lines_
     assert not records_of(agent, "access.granted", source="console")  # no open by the back door
 
 
+def test_a_card_read_during_a_led_pulse_does_not_cut_it_short(agent):
+    """The card's own feedback blink ended with the line off while the core still held it on:
+    the pulse went dark early and the next one said done but lit nothing."""
+    def led() -> bool:
+        return console(agent, {"op": "status"})["status"]["outputs"]["entry.led"]
+
+    for _ in range(2):
+        reply = console(agent, {"op": "pulse", "line": "entry.led", "seconds": 4, "account": TECH})
+        assert reply["result"] == "done" and led()
+        t0 = time.monotonic()
+        assert agent.card(CARDS[1])["decision"]["type"] == "access.granted"  # its feedback: a blink
+        agent.sim({"op": "pass", "side": "A"})
+        while time.monotonic() - t0 < 2.0:  # well inside the pulse, past the card's blink
+            time.sleep(0.1)
+        assert led(), "the card's blink cut the pulse short"
+        wait_for(lambda: not led())  # and it ends when its seconds ran out
+
+
 def test_during_a_fire_a_mode_change_is_refused_and_an_open_is_done_with_the_gate_free(agent):
     console(agent, {"op": "pulse", "line": "exit.led", "seconds": 10, "account": TECH})
     agent.sim({"op": "fire", "loop": "open"})

@@ -21,6 +21,7 @@ unlock is held is the core's timer, not the device's.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any, ClassVar
@@ -255,11 +256,29 @@ class Relay(TurnstileOutput):
 
 
 class FeedbackLine(TurnstileOutput):
-    """A reader's LED or beeper line, blinked in the background."""
+    """A reader's LED or beeper line, blinked in the background, or held by the console's
+    I/O test (``hold``): while it is held, a card's blink leaves it alone, so the line under
+    test stays as the technician set it (a blink ends with the line off)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._held = False
+        self._hold_lock = threading.Lock()
 
     def play(self, on_s: float, off_s: float, n: int) -> None:
-        """Blink n times in the background (replacing a running blink)."""
-        self.blink(on_time=on_s, off_time=off_s, n=n, background=True)
+        """Blink n times in the background (replacing a running blink), unless held."""
+        with self._hold_lock:
+            if not self._held:
+                self.blink(on_time=on_s, off_time=off_s, n=n, background=True)
+
+    def hold(self, active: bool) -> None:
+        """Drive the line on (held: blinks wait) or off (released), stopping a running blink."""
+        with self._hold_lock:
+            self._held = bool(active)
+            if active:
+                self.on()
+            else:
+                self.off()
 
     def wait_quiet(self, timeout: float) -> bool:
         """Wait for a running blink to finish; False if it still runs after timeout."""

@@ -190,7 +190,9 @@ class TurnstileIO:
             self.counters["unwired_outputs"] += 1
             log.debug("output %s is not wired on profile %s; ignored", line, self.profile.name)
             return
-        if active:
+        if isinstance(dev, FeedbackLine):
+            dev.hold(active)  # a card's blink does not cut the console's pulse short
+        elif active:
             dev.on()
         else:
             dev.off()
