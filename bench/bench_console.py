@@ -26,11 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -45,12 +42,6 @@ from bench.common import machine_info, write_result
 
 GOALS = {"first_page_ms": 300, "first_page_kb": 200, "live_ms": 1000, "rss_mb": 60}
 ACCOUNT, PASSWORD = "bench", "bench password"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rss_mb(pid: int) -> float:
@@ -89,35 +80,16 @@ def main(argv: list[str] | None = None) -> int:
 
     import httpx
 
-    from tests.agentproc import CARDS, AgentProcess
+    from tests.agentproc import CARDS, AgentProcess, ConsoleProcess
 
     work = Path(tempfile.mkdtemp(prefix="bench-console-"))
     agent = AgentProcess(work).start()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    subprocess.run([sys.executable, "-m", "agent.cli", "console", "user", "add", ACCOUNT, "--role",
-                    "technician", "--password-stdin", "--config", str(agent.config)],
-                   input=PASSWORD + "\n", text=True, cwd=work, env=env, check=True, capture_output=True)
-    port = _free_port()
-    scheme = "http" if args.no_tls else "https"
-    base = f"{scheme}://127.0.0.1:{port}"
-    with open(work / "console.log", "ab") as log:  # the child keeps its own descriptor
-        console = subprocess.Popen([sys.executable, "-m", "agent.cli", "console", "serve", "--config",
-                                    str(agent.config), "--bind", "127.0.0.1", "--port", str(port),
-                                    *(["--no-tls"] if args.no_tls else [])], cwd=work, env=env,
-                                   stdin=subprocess.DEVNULL,
-                                   stdout=subprocess.DEVNULL, stderr=log)
+    console = ConsoleProcess(agent, tls=not args.no_tls)
+    base = console.base
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(base + "/login", timeout=2, verify=False).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or console.poll() is not None:
-                raise RuntimeError("the console did not start: " + (work / "console.log").read_text()[-2000:])
-            time.sleep(0.1)
-        started_rss = _rss_mb(console.pid)
+        console.add_user(ACCOUNT, "technician", PASSWORD)
+        console.start()
+        started_rss = _rss_mb(console.proc.pid)
 
         with httpx.Client(timeout=10, verify=False) as client:
             _login(client, base)
@@ -162,14 +134,10 @@ def main(argv: list[str] | None = None) -> int:
             agent.sim({"op": "pass", "side": "A"})
             time.sleep(0.3)
         stop.set()
-        rss = _rss_mb(console.pid)
+        rss = _rss_mb(console.proc.pid)
         agent_rss = agent.rss_mb()
     finally:
-        console.terminate()
-        try:
-            console.wait(10)
-        except subprocess.TimeoutExpired:
-            console.kill()
+        console.stop()
         agent.stop()
 
     result = {

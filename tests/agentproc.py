@@ -1,6 +1,10 @@
 """The real agent in its own process, driven from outside: for black-box tests
 and `make chaos` (bench/chaos.py).
 
+``ConsoleProcess(agent)`` is `gate-agent console serve` beside it, as a board
+runs the two; ``RawClient(path)`` speaks a line socket (sim.sock, console.sock)
+byte by byte, malformed requests included.
+
 ``AgentProcess(workdir, broker=...)`` writes a config (mock pins, the broker,
 a short pulse), keeps an access list on disk (cards ``100,60000`` to
 ``100,60019`` allowed, ``7,1234`` blocked), starts ``python -m agent.cli run``
@@ -13,10 +17,13 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sqlite3
+import ssl
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -142,3 +149,93 @@ class AgentProcess:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
         except OSError:
             return "(no log)"
+
+
+class ConsoleProcess:
+    """`gate-agent console serve` for an AgentProcess's config, on a free loopback port:
+    plain HTTP, or HTTPS with the console's own certificate (``tls``). ``add_user``
+    before ``start``; ``base`` is the address; ``stop()`` ends it."""
+
+    def __init__(self, agent: AgentProcess, *, tls: bool = False) -> None:
+        self.agent, self.tls = agent, tls
+        self.log_path = agent.workdir / "console.log"
+        self.proc: subprocess.Popen | None = None
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.base = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+
+    def _env(self) -> dict:
+        return {**os.environ, "PYTHONPATH": str(ROOT), "LANGUAGE": "en", "LC_ALL": "C.UTF-8"}
+
+    def add_user(self, name: str, role: str, password: str) -> None:
+        done = subprocess.run([sys.executable, "-m", "agent.cli", "console", "user", "add", name, "--role", role,
+                               "--password-stdin", "--config", str(self.agent.config)], input=password + "\n",
+                              text=True, capture_output=True, cwd=self.agent.workdir, env=self._env(),
+                              timeout=60, check=False)
+        if done.returncode:
+            raise RuntimeError(f"console user add {name}: {done.stderr}")
+
+    def start(self, timeout: float = 30.0) -> ConsoleProcess:
+        cmd = [sys.executable, "-m", "agent.cli", "console", "serve", "--config", str(self.agent.config),
+               "--bind", "127.0.0.1", "--port", str(self.port), *([] if self.tls else ["--no-tls"])]
+        with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(cmd, cwd=self.agent.workdir, env=self._env(), stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=log)
+        context = ssl._create_unverified_context() if self.tls else None  # its own certificate
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(self.base + "/login", timeout=2, context=context) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the console did not start: {self.log_tail()}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "(no log)"
+
+
+class RawClient:
+    """A client speaking a line socket by hand (malformed requests included)."""
+
+    def __init__(self, path: Path, timeout: float = 10.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(str(path))
+        self.buf = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def reply(self) -> dict | None:
+        """The next reply line, or None when the server closed the connection."""
+        while b"\n" not in self.buf:
+            try:
+                chunk = self.sock.recv(65536)
+            except ConnectionResetError:  # closed with our flood still unread: the kernel says reset
+                return None
+            if not chunk:
+                return None
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def close(self) -> None:
+        self.sock.close()

@@ -10,17 +10,12 @@ screenshot (tests/browser.py SCREENSHOTS).
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.agentproc import AgentProcess
+from tests.agentproc import AgentProcess, ConsoleProcess
 from tests.browser import REQUIRE_BROWSER, browser_missing, open_browser, screenshot
 
 pytestmark = [pytest.mark.browser, pytest.mark.long(20)]
@@ -37,18 +32,6 @@ GUARD, GUARD_PW = "guard.petrov", "correct horse 2"
 WAIT_S = 15.0  # generous: a loaded CI machine; nothing here asserts speed
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _cli(*args: str, stdin: str = "", cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "LANGUAGE": "en", "LC_ALL": "C.UTF-8"}
-    return subprocess.run([sys.executable, "-m", "agent.cli", *args], check=False, input=stdin, text=True,
-                          capture_output=True, cwd=cwd, env=env, timeout=60)
-
-
 def until(what, timeout: float = WAIT_S, step: float = 0.1):
     """what()'s first truthy value within timeout seconds, else None."""
     deadline = time.monotonic() + timeout
@@ -62,37 +45,15 @@ def until(what, timeout: float = WAIT_S, step: float = 0.1):
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     """A running agent and its console (plain HTTP on loopback), with one account of each role."""
-    work = tmp_path_factory.mktemp("console")
-    agent = AgentProcess(work).start()
-    for name, role, pw in ((TECH, "technician", TECH_PW), (GUARD, "guard", GUARD_PW)):
-        done = _cli("console", "user", "add", name, "--role", role, "--password-stdin",
-                    "--config", str(agent.config), stdin=pw + "\n", cwd=work)
-        assert done.returncode == 0, done.stderr
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    with open(work / "console.log", "ab") as log:  # the child keeps its own descriptor
-        console = subprocess.Popen([sys.executable, "-m", "agent.cli", "console", "serve", "--config",
-                                    str(agent.config), "--bind", "127.0.0.1", "--port", str(port),
-                                    "--no-tls"], cwd=work, env=env, stdin=subprocess.DEVNULL,
-                                   stdout=subprocess.DEVNULL, stderr=log)
-    base = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        try:
-            with urllib.request.urlopen(base + "/login", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
-
+    agent = AgentProcess(tmp_path_factory.mktemp("console")).start()
+    console = ConsoleProcess(agent)
     try:
-        assert until(up, 30), (work / "console.log").read_text(errors="replace")[-3000:]
-        yield {"agent": agent, "base": base, "work": work}
+        console.add_user(TECH, "technician", TECH_PW)
+        console.add_user(GUARD, "guard", GUARD_PW)
+        console.start()
+        yield {"agent": agent, "base": console.base}
     finally:
-        console.terminate()
-        try:
-            console.wait(10)
-        except subprocess.TimeoutExpired:
-            console.kill()
+        console.stop()
         agent.stop()
 
 

@@ -9,7 +9,6 @@ in this process, so the test can hand its gate thread thousands of records.
 # ruff: noqa: F811 - pytest fixtures imported from tests.broker, used as arguments
 from __future__ import annotations
 
-import json
 import os
 import socket
 import stat
@@ -28,7 +27,7 @@ from agent.consolesock import (
     watch,
 )
 from agent.core.events import Report
-from tests.agentproc import CARDS, AgentProcess
+from tests.agentproc import CARDS, AgentProcess, RawClient
 from tests.broker import broker, ingest_at, make_broker  # noqa: F401  (fixtures)
 from tests.twins import one_twin  # noqa: F401  (the socket does not differ between the twins)
 
@@ -66,34 +65,6 @@ def wait_for(what, timeout: float = WAIT_S, every: float = 0.05):
 
 def records_of(agent: AgentProcess, rtype: str, **match) -> list[dict]:
     return [r for r in agent.records() if r["type"] == rtype and all(r.get(k) == v for k, v in match.items())]
-
-
-class Raw:
-    """A client writing bytes by hand (malformed requests included)."""
-
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(WAIT_S)
-        self.sock.connect(str(path))
-        self.buf = b""
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def reply(self) -> dict | None:
-        while b"\n" not in self.buf:
-            try:
-                chunk = self.sock.recv(65536)
-            except ConnectionResetError:
-                return None
-            if not chunk:
-                return None
-            self.buf += chunk
-        line, self.buf = self.buf.split(b"\n", 1)
-        return json.loads(line)
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 # --- status and watch ----------------------------------------------------------------------------
@@ -300,7 +271,7 @@ def test_console_actions_reach_the_reference_ingest_as_contract_records(tmp_path
     ('{"op": "open", "direction": "in", "account": "' + "я" * 3 + '"}\n', "bad_arg"),
 ])
 def test_bad_requests_are_refused_with_their_code_and_the_connection_goes_on(agent, data, code):
-    raw = Raw(socket_path(agent.state))
+    raw = RawClient(socket_path(agent.state), timeout=WAIT_S)
     try:
         raw.send(data.encode() if isinstance(data, str) else data)
         reply = raw.reply()
@@ -314,7 +285,7 @@ def test_bad_requests_are_refused_with_their_code_and_the_connection_goes_on(age
 
 
 def test_a_request_over_4096_bytes_is_refused_and_the_connection_closed(agent):
-    raw = Raw(socket_path(agent.state))
+    raw = RawClient(socket_path(agent.state), timeout=WAIT_S)
     try:
         raw.send(b'{"op": "ping", "pad": "' + b"x" * 5000 + b'"}\n')
         reply = raw.reply()
@@ -380,7 +351,7 @@ def test_peer_credentials_are_read_and_another_user_is_refused():
 def test_a_connection_from_a_wrong_uid_is_closed_without_an_answer(tmp_path):
     server, gate = _server(tmp_path, uid=os.geteuid() + 4242, allow_root=False)
     try:
-        raw = Raw(server.path)
+        raw = RawClient(server.path, timeout=WAIT_S)
         try:
             raw.send(b'{"op": "set_mode", "mode": "free", "account": "tech"}\n')
         except (BrokenPipeError, ConnectionResetError):
@@ -398,11 +369,11 @@ def test_the_ninth_connection_is_told_busy(tmp_path):
     clients = []
     try:
         for _ in range(8):
-            raw = Raw(server.path)
+            raw = RawClient(server.path, timeout=WAIT_S)
             raw.send(b'{"op": "ping"}\n')
             assert raw.reply()["ok"]
             clients.append(raw)
-        ninth = Raw(server.path)
+        ninth = RawClient(server.path, timeout=WAIT_S)
         reply = ninth.reply()
         assert (reply["ok"], reply["error"]) == (False, "busy")
         ninth.close()
@@ -416,7 +387,7 @@ def test_a_slow_watcher_gets_a_gap_and_the_gate_never_waits_for_it(tmp_path, ser
     from tests.test_simctl import CARD, make_agent, sim
 
     svc = services(make_agent(tmp_path))
-    slow = Raw(socket_path(svc.config.service.state_dir))
+    slow = RawClient(socket_path(svc.config.service.state_dir), timeout=WAIT_S)
     slow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     slow.send(b'{"op": "watch"}\n')  # ... and reads nothing more for now
     wait_for(lambda: svc.consolesock is not None and svc.consolesock._watchers)

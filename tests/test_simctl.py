@@ -34,7 +34,7 @@ from agent.simctl import (
     request,
     socket_path,
 )
-from tests.agentproc import journal_records
+from tests.agentproc import RawClient, journal_records
 from tests.broker import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,35 +85,6 @@ def sim(svc: Service, **doc) -> dict:
     if doc.get("op") == "card":
         doc.setdefault("wait", 10)  # the reply comes with the decision; a slow machine just takes longer
     return request(socket_path(svc.config.service.state_dir), doc, timeout=30)
-
-
-class RawClient:
-    """A client speaking the line protocol by hand (malformed requests included)."""
-
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(10)
-        self.sock.connect(str(path))
-        self.buf = b""
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def reply(self) -> dict | None:
-        """The next reply line, or None when the server closed the connection."""
-        while b"\n" not in self.buf:
-            try:
-                chunk = self.sock.recv(4096)
-            except ConnectionResetError:  # closed with our flood still unread: the kernel says reset
-                return None
-            if not chunk:
-                return None
-            self.buf += chunk
-        line, self.buf = self.buf.split(b"\n", 1)
-        return json.loads(line)
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 # --- in process: the real service on mock pins --------------------------------------------
