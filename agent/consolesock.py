@@ -52,7 +52,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import socket
 import struct
 import threading
@@ -62,8 +61,19 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from agent.core.events import ConsoleNote, ConsoleOpen, ConsolePulse, SetMode
-from agent.core.turnstile import COMMANDABLE_MODES, PULSE_MAX_S, PULSE_MIN_S
+from agent.core.events import (
+    CONSOLE_ACCOUNT,
+    CONSOLE_NOTE_MAX,
+    CONSOLE_NOTES,
+    PULSE_DEFAULT_S,
+    PULSE_MAX_S,
+    PULSE_MIN_S,
+    ConsoleNote,
+    ConsoleOpen,
+    ConsolePulse,
+    SetMode,
+)
+from agent.core.turnstile import COMMANDABLE_MODES
 from agent.linesock import LineServer, RateBudget, Refused, choice, encode, short_names
 
 log = logging.getLogger(__name__)
@@ -92,12 +102,8 @@ REQUESTS_PER_S = 50.0
 WATCH_QUEUE = 1000
 STATUS_EVERY_S = 1.0
 ACTION_WAIT_S = 5.0  # for the gate thread to journal an action's console.action record
-DEFAULT_PULSE_S = 0.3
-MAX_NOTE = 200
 OPS = ("ping", "status", "watch", "set_mode", "open", "pulse", "note")
 ACTION_OPS = ("set_mode", "open", "pulse", "note")
-NOTE_ACTIONS = ("enroll",)
-ACCOUNT_RE = re.compile(r"[A-Za-z0-9._@-]{1,64}")
 _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
@@ -313,7 +319,7 @@ class ConsoleServer(LineServer):
         line = req.get("line")
         if not isinstance(line, str) or not 1 <= len(line) <= 80:
             raise Refused("bad_arg", 'line: give an output line\'s name, e.g. "entry.led"', field="line")
-        seconds = req.get("seconds", DEFAULT_PULSE_S)
+        seconds = req.get("seconds", PULSE_DEFAULT_S)
         if (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
                 or not PULSE_MIN_S <= seconds <= PULSE_MAX_S):
             raise Refused("bad_arg", f"seconds {str(seconds)[:40]!r}: give {PULSE_MIN_S:g} to {PULSE_MAX_S:g}",
@@ -324,10 +330,10 @@ class ConsoleServer(LineServer):
 
     def _op_note(self, req: dict) -> dict:
         account = _account(req)
-        action = choice(req, "action", NOTE_ACTIONS)
+        action = choice(req, "action", CONSOLE_NOTES)
         detail = req.get("detail", "")
-        if not isinstance(detail, str) or len(detail) > MAX_NOTE:
-            raise Refused("bad_arg", f"detail: give a text of at most {MAX_NOTE} characters", field="detail")
+        if not isinstance(detail, str) or len(detail) > CONSOLE_NOTE_MAX:
+            raise Refused("bad_arg", f"detail: give a text of at most {CONSOLE_NOTE_MAX} characters", field="detail")
         return self._action(ConsoleNote(action, account, detail), account, action, {"detail": detail})
 
     def _action(self, event: Any, account: str, action: str, args: dict) -> dict:
@@ -380,7 +386,7 @@ ConsoleServer.handlers = _HANDLERS
 
 def _account(req: dict) -> str:
     account = req.get("account")
-    if not isinstance(account, str) or not ACCOUNT_RE.fullmatch(account):
+    if not isinstance(account, str) or not CONSOLE_ACCOUNT.fullmatch(account):
         raise Refused("bad_arg", "account: give the console account's name, 1 to 64 of A-Z a-z 0-9 . _ @ -",
                        field="account")
     return account

@@ -16,19 +16,18 @@ import hashlib
 import hmac
 import json
 import os
-import re
 import secrets
 import time
 from pathlib import Path
 from typing import Any
 
+from agent.core.events import CONSOLE_ACCOUNT
 from agent.fileio import write_atomic
 from agent.i18n import _
 
 __all__ = ["ROLES", "Account", "AccountError", "Accounts", "hash_password", "verify_password"]
 
 ROLES = ("guard", "technician")
-NAME = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")  # what the agent's socket accepts as `account`
 MIN_PASSWORD = 4  # the demo's "demo"; docs/console.md asks for a long one
 MAX_PASSWORD = 1024  # scrypt of a megabyte would be a way to burn the board's CPU
 # scrypt: 16 MB and about 0.1 s on a Raspberry Pi 4 per check (OWASP's minimum is N=2^17 with
@@ -90,7 +89,7 @@ class Account:
 
 
 def check_name(name: str) -> str:
-    if not NAME.match(name or ""):
+    if not CONSOLE_ACCOUNT.fullmatch(name or ""):  # what the agent's socket accepts as `account`
         raise AccountError(_("account name {name!r}: use 1..64 of the letters A-Z a-z, digits and . _ @ -").format(name=name))
     return name
 

@@ -43,6 +43,7 @@ from agent.console.agentlink import AgentLink, AgentUnavailable, Hub
 from agent.console.http import LANG_COOKIE, Guard, lang_of, local_time, safe_next, ts_local
 from agent.console.security import LoginLimiter, Session, Sessions, tokens_equal
 from agent.console.words import ACTION_REASONS, speaking, term, translator
+from agent.core.events import PULSE_DEFAULT_S, PULSE_MAX_S, PULSE_MIN_S
 
 __all__ = ["ConsoleSettings", "create_app"]
 
@@ -55,7 +56,6 @@ MAX_STREAMS = 32
 JOURNAL_READERS = 2  # journal reads at once (a search, today's figures, an export); the rest queue
 MAX_STREAMS_PER_ACCOUNT = 8  # one guard's open pages cannot take every stream
 SHOWN = 500  # journal rows on a page (the CSV has them all)
-PULSE_DEFAULT_S = 0.3
 TECH = "technician"
 @dataclass
 class ConsoleSettings:
@@ -521,7 +521,7 @@ def create_app(settings: ConsoleSettings, *, clock: Callable[[], float] = time.m
             seconds = float(form.get("seconds") or PULSE_DEFAULT_S)  # type: ignore[arg-type]
         except ValueError:
             seconds = PULSE_DEFAULT_S
-        seconds = min(10.0, max(0.1, seconds))
+        seconds = min(PULSE_MAX_S, max(PULSE_MIN_S, seconds))
         ok, text = await act(session, "pulse", line=line, seconds=seconds)
         return back(session, ok, text, request)
 

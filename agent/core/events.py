@@ -6,8 +6,19 @@ returns a ``Step`` of records (to journal first) and commands (to drive after).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
+
+# What a console event may carry (docs/contract.md "console.action"): the core checks it, the
+# agent's console socket refuses anything else first, and the console's accounts file holds
+# only such names.
+CONSOLE_ACCOUNT = re.compile(r"[A-Za-z0-9._@-]{1,64}")
+CONSOLE_NOTES = ("enroll",)  # the actions a ConsoleNote may name
+CONSOLE_NOTE_MAX = 200  # characters of a note's detail
+# An I/O test's pulse (gate-agent io-test, the console's): the turnstile's control inputs
+# need at least 100 ms; longer than 10 s is a hold, asked for deliberately.
+PULSE_MIN_S, PULSE_MAX_S, PULSE_DEFAULT_S = 0.1, 10.0, 0.3
 
 
 @dataclass(frozen=True)

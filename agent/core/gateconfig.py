@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from agent.core.events import PULSE_MIN_S as MIN_PULSE_S  # the turnstile's control inputs: 100 ms
 from agent.core.presence import parse_reset
 from agent.core.problems import ProblemsError
 from fastpath import codes
@@ -20,7 +21,6 @@ from fastpath import codes
 RELAY_MODES = ("pulse", "potential")
 # Fire is entered only through the fire loop, never configured.
 INITIAL_MODES = tuple(m for m in codes.MODES if m != "fire")
-MIN_PULSE_S = 0.1  # turnstile control inputs need at least 100 ms
 MAX_WAIT_S = 60.0  # the turnstile itself faults a passage stalled over 30 s
 # site and gate are MQTT topic levels (agent.contract.topics): no separators or wildcards.
 _TOPIC_LEVEL = re.compile(r"[A-Za-z0-9_-]{1,64}")

@@ -44,7 +44,6 @@ them; split, each part would reach into the others' state.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -91,13 +90,9 @@ CMD_OPEN = "open"
 # is journalled as one console.action record. A reader's feedback line may be pulsed; the
 # turnstile's lines never are: an unlock is an open (journalled as one), Stop and the fire
 # release are safety lines (tested with gate-agent io-test, the service stopped).
-ACCOUNT_RE = re.compile(r"[A-Za-z0-9._@-]{1,64}")
-CONSOLE_NOTES = ("enroll",)
 CONSOLE_LINE_REFUSALS = {"unlock_a": "use_open", "unlock_b": "use_open",
                          "stop": "safety_line", "fire_release": "safety_line"}
 FEEDBACK_LINE_KINDS = ("led", "beeper")
-PULSE_MIN_S, PULSE_MAX_S = 0.1, 10.0
-MAX_NOTE = 200
 
 
 @dataclass
@@ -537,7 +532,7 @@ class Gate:
     def _on_console_pulse(self, event: ev.ConsolePulse, now: ev.Now, step: ev.Step) -> None:
         line, seconds = event.line, event.seconds
         ok_seconds = (isinstance(seconds, (int, float)) and not isinstance(seconds, bool)
-                      and PULSE_MIN_S <= seconds <= PULSE_MAX_S)
+                      and ev.PULSE_MIN_S <= seconds <= ev.PULSE_MAX_S)
         args = {"line": str(line)[:80], "seconds": float(seconds) if ok_seconds else None}
         reason = CONSOLE_LINE_REFUSALS.get(line) if isinstance(line, str) else None
         if reason is None and not (isinstance(line, str) and event.wired and self._feedback_line(line)):
@@ -554,7 +549,7 @@ class Gate:
 
     def _on_console_note(self, event: ev.ConsoleNote, now: ev.Now, step: ev.Step) -> None:
         detail = event.detail if isinstance(event.detail, str) else ""
-        self._console_action(now, step, event.account, event.action, {"detail": detail[:MAX_NOTE]})
+        self._console_action(now, step, event.account, event.action, {"detail": detail[:ev.CONSOLE_NOTE_MAX]})
 
     def _console_action(self, now: ev.Now, step: ev.Step, account: str, action: str, args: dict,
                         reason: str | None = None) -> None:
@@ -960,9 +955,9 @@ def _journalable(event: Any) -> bool:
         return True
     if not isinstance(event, (ev.SetMode, ev.ConsoleOpen, ev.ConsolePulse, ev.ConsoleNote)):
         return True
-    if not (isinstance(event.account, str) and ACCOUNT_RE.fullmatch(event.account)):
+    if not (isinstance(event.account, str) and ev.CONSOLE_ACCOUNT.fullmatch(event.account)):
         return False
-    return not isinstance(event, ev.ConsoleNote) or event.action in CONSOLE_NOTES
+    return not isinstance(event, ev.ConsoleNote) or event.action in ev.CONSOLE_NOTES
 
 
 Handler = Callable[[Gate, Any, ev.Now, ev.Step], None]

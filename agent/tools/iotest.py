@@ -28,6 +28,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TextIO
 
+from agent.core.events import PULSE_DEFAULT_S, PULSE_MAX_S, PULSE_MIN_S
 from agent.i18n import _
 from agent.tools.words import error_text, io_state_text
 
@@ -42,9 +43,6 @@ from . import (
     make_pin_factory,
 )
 
-DEFAULT_PULSE_S = 0.3
-MIN_PULSE_S = 0.1  # the turnstile's control inputs need at least 100 ms
-MAX_PULSE_S = 10.0  # longer: use on/off, deliberately
 HELP = """commands:
   pulse LINE [SECONDS]  drive an output active for SECONDS (default 0.3, 0.1 to 10)
   on LINE | off LINE    hold an output active | release it
@@ -160,7 +158,7 @@ class _Bench:
         elif cmd == "pulse":
             if not 1 <= len(args) <= 2:
                 raise CommandError(_("pulse LINE [SECONDS], e.g. pulse unlock_a 0.3"))
-            self.pulse(args[0], _seconds(args[1]) if len(args) == 2 else DEFAULT_PULSE_S)
+            self.pulse(args[0], _seconds(args[1]) if len(args) == 2 else PULSE_DEFAULT_S)
         elif cmd in ("on", "off"):
             if len(args) != 1:
                 raise CommandError(_("{cmd} LINE, e.g. {cmd} stop").format(cmd=cmd))
@@ -176,11 +174,11 @@ class _Bench:
         return True
 
     def pulse(self, name: str, seconds: float) -> None:
-        if not MIN_PULSE_S <= seconds <= MAX_PULSE_S:
+        if not PULSE_MIN_S <= seconds <= PULSE_MAX_S:
             raise CommandError(
                 _("pulse length {seconds} s: give {min} to {max} s "
                   "(the turnstile needs at least 0.1 s; hold longer with on/off)").format(
-                    seconds=seconds, min=MIN_PULSE_S, max=MAX_PULSE_S)
+                    seconds=seconds, min=PULSE_MIN_S, max=PULSE_MAX_S)
             )
         dev = self.output(name)
         try:
