@@ -444,10 +444,8 @@ class Service:
         gate, io, up = self.gate, self.io, self.uplink
         table = gate.table if gate is not None else None
         version = getattr(table, "version", None) or None
-        applied_at = getattr(getattr(self.downlink, "acl", None), "applied_at", None)
-        age = round(max(0.0, self._wall() - applied_at), 1) if applied_at is not None else None
-        max_age = cfg.acl.max_age_s
-        stale = bool(self._acl_stale or (max_age is not None and age is not None and age > max_age))
+        acl_sync = getattr(self.downlink, "acl", None)
+        age, stale = acl_sync.freshness() if acl_sync is not None else (None, False)
         directions = dict(cfg.gate.readers)
         readers = []
         for r in cfg.hardware.readers:
@@ -468,7 +466,7 @@ class Service:
             "readers": readers,
             "journal": {"backlog": self.journal.backlog() if self.journal is not None else 0,
                         "last_seq": self._last_seq},
-            "acl": {"version": version, "cards": len(table) if version else None, "age_s": age, "stale": stale},
+            "acl": {"version": version, "cards": len(table) if version else None, "age_s": age, "stale": bool(stale)},
             "clock": {"synced": bool(self.clock_sync()) if self.clock_sync is not None else False,
                       "now": rfc3339_ms(self._wall())},
             "uplink": {"enabled": cfg.mqtt.enabled, "connected": up.connected if up is not None else None},

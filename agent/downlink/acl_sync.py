@@ -627,11 +627,16 @@ class AclSync:
 
     # --- age -----------------------------------------------------------------
 
+    def freshness(self) -> tuple[float | None, bool]:
+        """(age in seconds of the list in use, or None; whether it is past the age limit).
+        No side effect: the console's status asks this from its own threads."""
+        age = None if self.applied_at is None else round(max(0.0, self._wall() - self.applied_at), 1)
+        return age, self.max_age_s is not None and age is not None and age > self.max_age_s
+
     def status(self) -> dict:
         """{acl_version, acl_age_s, acl_stale}; raises ``acl_stale`` once when the age passes the limit."""
         version = self.acl.version if self.acl is not None else None
-        age = None if self.applied_at is None else round(max(0.0, self._wall() - self.applied_at), 1)
-        stale = self.max_age_s is not None and age is not None and age > self.max_age_s
+        age, stale = self.freshness()
         with self._flags:
             raise_now = stale and not self._stale_raised
             if raise_now:
