@@ -12,11 +12,13 @@ import sqlite3
 from collections import Counter
 from collections.abc import Iterator
 from datetime import datetime, timedelta
+from html import escape
 from typing import Any
 
-from agent.tools.journaltool import read_records
+from agent.core.presence import record_wall
+from agent.tools.journaltool import matching_records, read_records
 
-__all__ = ["CSV_COLUMNS", "chart_svg", "csv_rows", "record_epoch", "search", "today_stats"]
+__all__ = ["CSV_COLUMNS", "chart_svg", "csv_rows", "search", "today_stats"]
 
 BIN_S = 600  # the chart's bars: 10 minutes
 CHUNK = 64 * 1024  # CSV text handed on at a time
@@ -24,16 +26,6 @@ ENVELOPE = frozenset({"v", "id", "seq", "ts", "clock_synced", "boot", "mono", "t
 CSV_COLUMNS = ("seq", "id", "ts", "type", "reader", "direction", "card", "format", "person", "source", "reason",
                "detail")
 _NAMED = frozenset(CSV_COLUMNS) | ENVELOPE
-
-
-def record_epoch(rec: dict) -> float | None:
-    ts = rec.get("ts")
-    if not isinstance(ts, str):
-        return None
-    try:
-        return datetime.fromisoformat(ts).timestamp()
-    except ValueError:
-        return None
 
 
 def local_midnight(now: float) -> float:
@@ -55,7 +47,7 @@ def today_stats(conn: sqlite3.Connection, now: float, late_after: str = "08:30")
     late_at = datetime.fromtimestamp(start).astimezone().replace(hour=hh, minute=mm).timestamp()
     total = 0
     for rec in read_records(conn, since_wall=start, until_wall=end):
-        t = record_epoch(rec)
+        t = record_wall(rec)
         if t is None or not start <= t < end:
             continue
         kind = rec.get("type")
@@ -87,11 +79,11 @@ def chart_svg(ins: list[int], outs: list[int], *, label_in: str, label_out: str,
     bw, left, width, half = 6, 34, (hi - lo) * 6, 90
     h = 2 * half + 30
     out = [(f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" viewBox="0 0 {left + width + 8} {h}" '
-           f'role="img" aria-label="{_esc(title)}"><title>{_esc(title)}</title>'),
+           f'role="img" aria-label="{escape(title)}"><title>{escape(title)}</title>'),
            f'<line x1="{left}" y1="{half}" x2="{left + width}" y2="{half}" class="axis"/>',
            f'<text x="2" y="12" class="lbl">{peak}</text><text x="2" y="{2 * half}" class="lbl">{peak}</text>',
-           f'<text x="{left + 4}" y="12" class="lbl in">▲ {_esc(label_in)}</text>',
-           f'<text x="{left + 4}" y="{2 * half}" class="lbl out">▼ {_esc(label_out)}</text>']
+           f'<text x="{left + 4}" y="12" class="lbl in">▲ {escape(label_in)}</text>',
+           f'<text x="{left + 4}" y="{2 * half}" class="lbl out">▼ {escape(label_out)}</text>']
     for k in range(lo, hi):
         x = left + (k - lo) * bw
         if k % 6 == 0:
@@ -101,31 +93,22 @@ def chart_svg(ins: list[int], outs: list[int], *, label_in: str, label_out: str,
         if ins[k]:
             hgt = max(1, round(ins[k] / peak * (half - 4)))
             out.append(f'<rect class="bin" x="{x}" y="{half - hgt}" width="{bw - 1}" height="{hgt}">'
-                       f'<title>{when} {_esc(label_in)}: {ins[k]}</title></rect>')
+                       f'<title>{when} {escape(label_in)}: {ins[k]}</title></rect>')
         if outs[k]:
             hgt = max(1, round(outs[k] / peak * (half - 4)))
             out.append(f'<rect class="bout" x="{x}" y="{half}" width="{bw - 1}" height="{hgt}">'
-                       f'<title>{when} {_esc(label_out)}: {outs[k]}</title></rect>')
+                       f'<title>{when} {escape(label_out)}: {outs[k]}</title></rect>')
     out.append("</svg>")
     return "".join(out)
-
-
-def _esc(s: str) -> str:
-    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
 
 
 def search(conn: sqlite3.Connection, *, since_wall: float | None, until_wall: float | None,
            cards: frozenset[int] | None = None, person: str | None = None, kind: str | None = None) -> Iterator[dict]:
     """The journal's records in the window, filtered as `gate-agent journal export` filters
     (--card any form, --person), and by type."""
-    for rec in read_records(conn, since_wall=since_wall, until_wall=until_wall):
-        if cards is not None and rec.get("card") not in cards:
-            continue
-        if person is not None and rec.get("person") != person:
-            continue
-        if kind and rec.get("type") != kind:
-            continue
-        yield rec
+    for rec in matching_records(conn, since_wall=since_wall, until_wall=until_wall, cards=cards, person=person):
+        if not kind or rec.get("type") == kind:
+            yield rec
 
 
 def csv_rows(records: Iterator[dict]) -> Iterator[str]:

@@ -96,11 +96,11 @@ def local_time(epoch: float | None, *, date: bool = False) -> str:
 
 
 def ts_local(ts: Any, *, date: bool = True) -> str:
-    from agent.console.data import record_epoch
+    from agent.core.presence import record_wall
 
     if isinstance(ts, (int, float)) and not isinstance(ts, bool):
         return local_time(float(ts), date=date)
-    t = record_epoch({"ts": ts})
+    t = record_wall({"ts": ts})
     return local_time(t, date=date) if t is not None else str(ts or "-")
 
 def safe_next(value: Any) -> str:

@@ -189,17 +189,25 @@ def export_records(conn: sqlite3.Connection, out: TextIO, *, since_seq: int = 0,
                    since_wall: float | None = None, until_wall: float | None = None,
                    cards: frozenset[int] | None = None, person: str | None = None) -> int:
     """Write records as JSON Lines (the contract's event records); returns how many.
-    cards: keep records whose card is one of these keys (card_keys); person: whose person is."""
+    cards, person: as ``matching_records``."""
     n = 0
-    for rec in read_records(conn, since_seq=since_seq, pending_only=pending_only, until_seq=until_seq,
-                            since_wall=since_wall, until_wall=until_wall):
+    for rec in matching_records(conn, since_seq=since_seq, pending_only=pending_only, until_seq=until_seq,
+                                since_wall=since_wall, until_wall=until_wall, cards=cards, person=person):
+        out.write(json.dumps(rec, separators=(",", ":"), ensure_ascii=False) + "\n")
+        n += 1
+    return n
+
+
+def matching_records(conn: sqlite3.Connection, *, cards: frozenset[int] | None = None, person: str | None = None,
+                     **window: Any) -> Iterator[dict]:
+    """``read_records(conn, **window)`` whose card is one of ``cards`` (card_keys) and whose
+    person is ``person``, where given: the export's filter, and the console's search."""
+    for rec in read_records(conn, **window):
         if cards is not None and rec.get("card") not in cards:
             continue
         if person is not None and rec.get("person") != person:
             continue
-        out.write(json.dumps(rec, separators=(",", ":"), ensure_ascii=False) + "\n")
-        n += 1
-    return n
+        yield rec
 
 
 _DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
