@@ -17,7 +17,8 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -79,10 +80,24 @@ def create_app(settings: ConsoleSettings, *, clock: Callable[[], float] = time.m
     env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]),
                       trim_blocks=True, lstrip_blocks=True)
     env.globals.update(local=local_time, ts_local=ts_local)
-    streams: dict[str, Any] = {"n": 0, "by": {}}
+    streams: Counter[str] = Counter()  # open live streams by account
     # Each journal read holds its rows in memory, on its own thread: a guard clicking Search in
     # many tabs at once would otherwise grow the console past its unit's MemoryMax. They wait here.
-    journal_readers = threading.BoundedSemaphore(JOURNAL_READERS)  # open live streams, in all and by account
+    journal_readers = threading.BoundedSemaphore(JOURNAL_READERS)
+    @contextlib.contextmanager
+    def journal(lang: str) -> Iterator[Any]:
+        """The journal, read-only, as one of the JOURNAL_READERS (on a thread: this may wait);
+        its errors in ``lang``."""
+        from agent.tools.journaltool import open_readonly
+
+        with journal_readers:
+            with speaking(lang):
+                conn = open_readonly(settings.journal_path)
+            try:
+                yield conn
+            finally:
+                conn.close()
+
     # One password check at a time: each scrypt takes 16 MB and ~0.1 s of a core, and the
     # logins of a crowd of addresses must neither pass the memory cap nor take the gate's CPU.
     checking = asyncio.Semaphore(1)
@@ -284,13 +299,11 @@ def create_app(settings: ConsoleSettings, *, clock: Callable[[], float] = time.m
 
     @guard(api=True)
     async def live_events(request: Request, session: Session) -> Response:
-        mine = streams["by"].get(session.account, 0)
-        if streams["n"] >= MAX_STREAMS or mine >= MAX_STREAMS_PER_ACCOUNT:
+        if streams.total() >= MAX_STREAMS or streams[session.account] >= MAX_STREAMS_PER_ACCOUNT:
             return JSONResponse({"error": "too many live pages open"}, status_code=503)
         hub.start()
         sub = hub.subscribe()
-        streams["n"] += 1
-        streams["by"][session.account] = mine + 1
+        streams[session.account] += 1
         width = {"w": _width(hub.status)}
 
         def enrich(rec: dict, past: bool = False) -> dict:
@@ -329,12 +342,9 @@ def create_app(settings: ConsoleSettings, *, clock: Callable[[], float] = time.m
                     yield f"event: {kind}\ndata: {json.dumps(value, ensure_ascii=False)}\n\n"
             finally:
                 sub.close()
-                streams["n"] -= 1
-                left = streams["by"].get(session.account, 1) - 1
-                if left > 0:
-                    streams["by"][session.account] = left
-                else:
-                    streams["by"].pop(session.account, None)
+                streams[session.account] -= 1
+                if streams[session.account] <= 0:
+                    del streams[session.account]
 
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"cache-control": "no-store", "x-accel-buffering": "no"})
@@ -342,18 +352,13 @@ def create_app(settings: ConsoleSettings, *, clock: Callable[[], float] = time.m
     @guard()
     async def today_page(request: Request, session: Session) -> Response:
         from agent.console.data import chart_svg, today_stats
-        from agent.tools.journaltool import JournalReadError, open_readonly
+        from agent.tools.journaltool import JournalReadError
 
         t = translator(session.lang)
         try:
             def read() -> dict:
-                with journal_readers:
-                    with speaking(session.lang):
-                        conn = open_readonly(settings.journal_path)
-                    try:
-                        return today_stats(conn, time.time(), settings.late_after)
-                    finally:
-                        conn.close()
+                with journal(session.lang) as conn:
+                    return today_stats(conn, time.time(), settings.late_after)
             stats = await run_in_threadpool(read)
         except (JournalReadError, OSError, Exception) as exc:  # noqa: BLE001 - a page, not the gate: say it
             return render(request, "today.html", session, error=str(exc), stats=None, chart="")
@@ -427,25 +432,20 @@ def create_app(settings: ConsoleSettings, *, clock: Callable[[], float] = time.m
     @guard()
     async def journal_page(request: Request, session: Session) -> Response:
         from agent.console.data import search
-        from agent.tools.journaltool import JournalReadError, open_readonly
+        from agent.tools.journaltool import JournalReadError
 
         form, args, error = _journal_query(request, session.lang)
         rows: list[dict] = []
         more = False
         if not error and request.query_params:
             def read() -> tuple[list[dict], bool]:
-                with journal_readers:
-                    with speaking(session.lang):
-                        conn = open_readonly(settings.journal_path)
-                    try:
-                        out = []
-                        for rec in search(conn, **args):
-                            if len(out) == SHOWN:
-                                return out, True
-                            out.append(rec)
-                        return out, False
-                    finally:
-                        conn.close()
+                with journal(session.lang) as conn:
+                    out = []
+                    for rec in search(conn, **args):
+                        if len(out) == SHOWN:
+                            return out, True
+                        out.append(rec)
+                    return out, False
             try:
                 rows, more = await run_in_threadpool(read)
             except (JournalReadError, Exception) as exc:  # noqa: BLE001
