@@ -24,6 +24,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from agent.linesock import encode
+
 __all__ = ["AgentLink", "AgentUnavailable", "Hub", "Subscription"]
 
 log = logging.getLogger("agent.console")
@@ -55,7 +57,7 @@ class AgentLink:
         shows its message). AgentUnavailable when there is no answer within ``timeout``."""
         reader, writer = await self._open(timeout)
         try:
-            writer.write((json.dumps({"op": op, **args}, separators=(",", ":")) + "\n").encode("utf-8"))
+            writer.write(encode({"op": op, **args}))
             await writer.drain()
             line = await asyncio.wait_for(reader.readline(), timeout or self.timeout)
         except (TimeoutError, OSError, ValueError) as exc:
