@@ -17,6 +17,7 @@ import pytest
 from agent.core.events import Now
 from agent.core.records import make_record
 from agent.i18n import set_language
+from agent.tools.journaltool import local_time_text
 from agent.tools.monitor import (
     CLEAR,
     GateView,
@@ -236,7 +237,11 @@ def test_the_counters_say_their_period_and_clock_is_explained():
     for r in _denials(3, start, synced=False):
         view.add_record(r)
     frame = "\n".join(view.render(width=10_000))
-    since = datetime.fromtimestamp(start).strftime("%H:%M:%S")
+    begin = datetime.fromtimestamp(start).astimezone()
+    if begin.date() == datetime.now().astimezone().date():
+        since = begin.strftime("%H:%M:%S")
+    else:  # run in the first hour of a day: the counters began yesterday, and say its date
+        since = local_time_text(begin)
     assert f"counters: since {since}, events counted: 3" in frame
     assert "clock?" in frame and "not synchronised" in frame
 
