@@ -51,6 +51,7 @@ from typing import Any
 from agent.contract import topics
 from agent.core.acl import AccessList
 from agent.downlink.aclfiles import ACL_FILE, store_list
+from bench.machine_stall import Reference
 from bench.synthetic import synthetic_acl
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,7 +93,11 @@ SWAP_METHOD = (
     "gate_stall_max_ms, the longest the gate thread could not run since the previous message, a "
     "lower bound within the probe's 20 ms idle tick, exact from each card's arrival while cards come), the largest over the messages covering each swap up to 1.5 s after "
     "it applied; the figure is the larger of the snapshot's and the delta's. "
-    "baseline_gate_stall_ms: the same over the seconds before, no swap. load_1min: the machine's "
+    "baseline_gate_stall_ms: the same over the seconds before, no swap. machine_stall_ms: in the "
+    "same windows (baseline, snapshot, delta), the latest wake of a bare one-thread process "
+    "sleeping 1 ms at a time beside them (bench/machine_stall.py): how long the machine itself "
+    "kept a runnable thread off the CPU then, which the gate thread cannot beat (0.0: never "
+    "more than 0.5 ms). load_1min: the machine's "
     "load average when the run began (the machine is shared). pi4_estimate: time "
     "figures x pi4_factor (an estimate)."
 )
@@ -376,6 +381,7 @@ def swap_run(work: Path, n_cards: int, delta_cards: int,
     agent = AgentProcess(work / "agent", broker=broker, site=SITE, gate=GATE_A, telemetry_s=1,
                          extra_toml=tls + f'[commands.trusted_keys]\n{KEY_ID} = "{pub}"\n' + W26_READERS)
     ingest = regional = cards = None
+    machine = Reference(work / "machine-stall.txt").start()
     try:
         if n_cards in lists:  # the same list the footprint run staged: no need to make it again
             path, sample = lists[n_cards]
@@ -396,6 +402,8 @@ def swap_run(work: Path, n_cards: int, delta_cards: int,
         time.sleep(3.5)  # cards flowing, a few telemetry messages
         t_base = time.monotonic()
         baseline = regional.stall_ms(t_base - 3.0, t_base)
+        # The reference over the same stretch: each telemetry message covers the second before it.
+        machine_windows = {"baseline": (t_base - 4.0, t_base)}
 
         rss_before = _status_kb(pid, "VmRSS")
         reset = _reset_peak(pid)
@@ -404,14 +412,18 @@ def swap_run(work: Path, n_cards: int, delta_cards: int,
         peak = _status_kb(pid, "VmHWM")
         time.sleep(1.5)
         rss_after = _status_kb(pid, "VmRSS")
-        snap_stall = regional.stall_ms(t_pub, time.monotonic())
+        t_end = time.monotonic()
+        snap_stall = regional.stall_ms(t_pub, t_end)
+        machine_windows["snapshot"] = (t_pub - 1.0, t_end)
 
         reset_d = _reset_peak(pid)
         t_pub_d, size_d = regional.publish(delta, key, counter=1001)
         t_applied_d = regional.wait_applied("bench.3", timeout=300)
         peak_d = _status_kb(pid, "VmHWM")
         time.sleep(1.5)
-        delta_stall = regional.stall_ms(t_pub_d, time.monotonic())
+        t_end_d = time.monotonic()
+        delta_stall = regional.stall_ms(t_pub_d, t_end_d)
+        machine_windows["delta"] = (t_pub_d - 1.0, t_end_d)
         cards.stop()
         stalls = [s for s in (snap_stall, delta_stall) if s is not None]
         return {
@@ -431,10 +443,12 @@ def swap_run(work: Path, n_cards: int, delta_cards: int,
             "snapshot_gate_stall_ms": snap_stall,
             "delta_gate_stall_ms": delta_stall,
             "baseline_gate_stall_ms": baseline,
+            "machine_stall_ms": {name: machine.max_ms(*w) for name, w in machine_windows.items()},
             "cards_presented": cards.presented,
             "cards_decided": cards.decided,
         }
     finally:
+        machine.stop()
         if cards is not None:
             cards.stop()
         agent.stop()
@@ -511,13 +525,18 @@ def main(argv: list[str] | None = None) -> int:
                   f"peak RSS {row['peak_rss_mb']} MB (before {row['rss_before_mb']}, after "
                   f"{row['rss_after_mb']}); {args.delta_cards}-card delta in {row['delta_apply_s']} s; "
                   f"gate stall {row['snapshot_gate_stall_ms']} ms / {row['delta_gate_stall_ms']} ms "
-                  f"(baseline {row['baseline_gate_stall_ms']} ms); {row['cards_decided']} cards decided"
+                  f"(baseline {row['baseline_gate_stall_ms']} ms; the machine's own, a bare process: "
+                  f"{_windows(row['machine_stall_ms'])}); {row['cards_decided']} cards decided"
                   f"{_verdict(row)} [{time.monotonic() - t:.0f} s]", flush=True)
             write_result("swap", row, args.out)
     finally:
         if tmp is not None:
             tmp.cleanup()
     return 0
+
+
+def _windows(ms: dict[str, float]) -> str:
+    return ", ".join(f"{name} {value} ms" for name, value in ms.items())
 
 
 def _verdict(row: dict[str, Any]) -> str:

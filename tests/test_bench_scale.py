@@ -57,6 +57,9 @@ def test_the_tiniest_run_writes_footprint_and_swap_beside_the_other_keys(tmp_pat
     assert swap["peak_rss_mb"] >= swap["rss_before_mb"] or swap["peak_rss_since"] == "start"
     assert swap["gate_stall_max_ms"] == max(swap["snapshot_gate_stall_ms"], swap["delta_gate_stall_ms"])
     assert swap["cards_decided"] > 0  # cards were read throughout
+    # The machine's own stalls, by a bare process, in the same three windows.
+    assert set(swap["machine_stall_ms"]) == {"baseline", "snapshot", "delta"}
+    assert all(_number(v) and v >= 0 for v in swap["machine_stall_ms"].values())
     assert set(swap["goal"]) == {"apply_s", "peak_rss_mb", "delta_apply_s", "gate_stall_max_ms"}
     assert swap["meets"] == {k: swap[k] <= g for k, g in swap["goal"].items()}
     assert set(swap["pi4_estimate"]) == {"apply_s", "delta_apply_s", "gate_stall_max_ms"}
