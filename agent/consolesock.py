@@ -74,7 +74,15 @@ from agent.core.events import (
     SetMode,
 )
 from agent.core.turnstile import COMMANDABLE_MODES
-from agent.linesock import LineServer, RateBudget, Refused, choice, encode, short_names
+from agent.linesock import (
+    LineServer,
+    RateBudget,
+    RecordWaiter,
+    Refused,
+    choice,
+    encode,
+    short_names,
+)
 
 log = logging.getLogger(__name__)
 
@@ -197,16 +205,14 @@ class ConsoleServer(LineServer):
         # holds only to append (on_record).
         self._watch_cond = threading.Condition()
         self._watchers: dict[socket.socket, _Watcher] = {}
-        self._action_cond = threading.Condition()
-        self._action_records: deque[tuple[int, dict]] = deque(maxlen=64)
-        self._action_n = 0
+        self._action_records = RecordWaiter(64, clock, self._stopping)
         self._action_lock = threading.Lock()  # one action at a time (its record follows it)
         self.counters.update(wrong_peer=0, actions=0, gap_records=0)
 
     def wake(self) -> None:
-        for cond in (self._watch_cond, self._action_cond):
-            with cond:
-                cond.notify_all()
+        with self._watch_cond:
+            self._watch_cond.notify_all()
+        self._action_records.wake()
 
     # -- the gate thread -------------------------------------------------------------
 
@@ -214,10 +220,7 @@ class ConsoleServer(LineServer):
         """A committed record (gate thread): appended to each watcher's queue under a
         lock no client ever holds while it waits; never blocks on a client."""
         if record.get("type") == "console.action":
-            with self._action_cond:
-                self._action_n += 1
-                self._action_records.append((self._action_n, record))
-                self._action_cond.notify_all()
+            self._action_records.put(record)
         with self._watch_cond:
             if not self._watchers:
                 return
@@ -341,8 +344,7 @@ class ConsoleServer(LineServer):
         if not self._actions.take():
             raise Refused("busy", f"over {self._actions.rate:g} console actions a second; try again in a moment")
         with self._action_lock:
-            with self._action_cond:
-                mark = self._action_n
+            mark = self._action_records.mark()
             if not self._submit(event):
                 raise Refused("busy", "the gate's queue is full (or the gate is stopping); try again in a moment")
             self.counters["actions"] += 1
@@ -359,17 +361,9 @@ class ConsoleServer(LineServer):
         return out
 
     def _wait_record(self, mark: int, account: str, action: str, args: dict) -> dict | None:
-        deadline = self.clock() + self.action_wait_s
-        with self._action_cond:
-            while True:
-                for n, rec in self._action_records:
-                    if n > mark and rec.get("account") == account and rec.get("action") == action \
-                            and rec.get("args") == args:
-                        return rec
-                left = deadline - self.clock()
-                if left <= 0 or self._stopping.is_set():
-                    return None
-                self._action_cond.wait(left)
+        return self._action_records.wait(
+            mark, lambda r: r.get("account") == account and r.get("action") == action
+            and r.get("args") == args, self.action_wait_s)
 
 
 _HANDLERS: dict[str, Callable[[ConsoleServer, dict], dict]] = {

@@ -33,6 +33,7 @@ import socket
 import stat
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -93,6 +94,50 @@ class RateBudget:
     def take(self) -> bool:
         with self._lock:
             return self._bucket.take(self.clock())
+
+
+class RecordWaiter:
+    """The last ``keep`` committed records of some kind, numbered, for request threads
+    that hand the gate an event and wait for the record it journals: ``mark()`` before
+    submitting, then ``wait(mark, match, timeout)``. The gate thread only appends
+    (``put``), under a lock no waiter holds while it waits."""
+
+    def __init__(self, keep: int, clock: Callable[[], float], stopping: threading.Event) -> None:
+        self.clock = clock
+        self._stopping = stopping
+        self._cond = threading.Condition()
+        self._records: deque[tuple[int, dict]] = deque(maxlen=keep)
+        self._n = 0
+
+    def put(self, record: dict) -> None:
+        with self._cond:
+            self._n += 1
+            self._records.append((self._n, record))
+            self._cond.notify_all()
+
+    def mark(self) -> int:
+        """The number of the last record put: a later wait sees only what comes after."""
+        with self._cond:
+            return self._n
+
+    def wake(self) -> None:
+        """Wake every waiter (the server is stopping: each returns None)."""
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait(self, mark: int, match: Callable[[dict], bool], timeout: float) -> dict | None:
+        """The first record after ``mark`` that ``match`` accepts, within ``timeout`` s;
+        None when none came or the server is stopping."""
+        deadline = self.clock() + timeout
+        with self._cond:
+            while True:
+                for n, rec in self._records:
+                    if n > mark and match(rec):
+                        return rec
+                left = deadline - self.clock()
+                if left <= 0 or self._stopping.is_set():
+                    return None
+                self._cond.wait(left)
 
 
 # --------------------------------------------------------------------------- the socket file

@@ -62,7 +62,6 @@ import socket
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -73,6 +72,7 @@ from agent.i18n import _
 from agent.linesock import (
     CLIENT_FAULTS,
     LineServer,
+    RecordWaiter,
     Refused,
     choice,
     encode,
@@ -173,13 +173,10 @@ class SimServer(LineServer):
         self._reader_locks = {name: threading.Lock() for name in self._specs}
         self._sim_readers: dict[str, SimulatedReader] = {}
         self._sent_at: dict[str, float] = {}
-        self._cond = threading.Condition()  # decision records
-        self._records: deque[tuple[int, dict]] = deque(maxlen=256)
-        self._record_n = 0
+        self._decisions = RecordWaiter(256, clock, self._stopping)
 
     def wake(self) -> None:
-        with self._cond:
-            self._cond.notify_all()
+        self._decisions.wake()
 
     # -- the gate thread -------------------------------------------------------------
 
@@ -187,10 +184,7 @@ class SimServer(LineServer):
         """A committed record (gate thread): decisions are kept for the card replies."""
         if record.get("type") not in DECISION_TYPES:
             return
-        with self._cond:
-            self._record_n += 1
-            self._records.append((self._record_n, record))
-            self._cond.notify_all()
+        self._decisions.put(record)
 
     # -- requests ----------------------------------------------------------------------
 
@@ -268,8 +262,7 @@ class SimServer(LineServer):
             last = self._sent_at.get(name)
             if last is not None and self.clock() < last + FRAME_SPACING_S:
                 time.sleep(last + FRAME_SPACING_S - self.clock())
-            with self._cond:
-                mark = self._record_n
+            mark = self._decisions.mark()
             repeats = None
             try:
                 if spec.type == "wiegand":
@@ -315,18 +308,12 @@ class SimServer(LineServer):
 
     def _decision(self, reader: str, key: int, mark: int, wait: float) -> dict | None:
         """The decision record for this card, committed after ``mark``, within ``wait`` s."""
-        deadline = self.clock() + wait
-        with self._cond:
-            while True:
-                for n, rec in self._records:
-                    if n > mark and rec.get("reader") == reader and (
-                            rec.get("type") == "reader.error" or rec.get("card") == key):
-                        return {k: rec[k] for k in ("id", "type", "direction", "person", "reason", "check",
-                                                    "warning", "kind", "detail") if k in rec}
-                left = deadline - self.clock()
-                if left <= 0 or self._stopping.is_set():
-                    return None
-                self._cond.wait(left)
+        rec = self._decisions.wait(mark, lambda r: r.get("reader") == reader and (
+            r.get("type") == "reader.error" or r.get("card") == key), wait)
+        if rec is None:
+            return None
+        return {k: rec[k] for k in ("id", "type", "direction", "person", "reason", "check",
+                                    "warning", "kind", "detail") if k in rec}
 
 
 _HANDLERS: dict[str, Callable[[SimServer, dict], dict]] = {
