@@ -147,9 +147,14 @@ def test_a_technician_sees_a_card_live_pulses_a_line_and_exports_the_journal(sit
     assert "p-3" in browser.find_element(By.ID, "results").text
     screenshot(browser, "journal")
     browser.find_element(By.ID, "csv").click()
-    files = until(lambda: [p for p in browser.downloads.iterdir() if p.suffix == ".csv"])
-    assert files, "no CSV was downloaded"
-    text = files[0].read_text(encoding="utf-8-sig")
+
+    def csv_text() -> str:
+        # The browser may name the file before it has written it all: read it until it is.
+        files = [p for p in browser.downloads.iterdir() if p.suffix == ".csv"]
+        return files[0].read_text(encoding="utf-8-sig") if files else ""
+
+    assert until(lambda: decision["id"] in csv_text()), "no CSV with the card was downloaded"
+    text = csv_text()
     assert decision["id"] in text and "p-3" in text
 
     for page in ("today", "presence"):

@@ -360,8 +360,13 @@ def test_the_site_works_on_while_the_region_is_away_and_the_region_gets_every_ev
     receiver.connect()
     assert receiver.session_present
     wait_until(lambda: made[-1] in receiver.got(), 30, "the bridge to deliver the events made meanwhile")
-    assert not receiver.wait_for(lambda: len(receiver.got()) > len(made), 0.5)
-    assert receiver.got() == made
+    # Event 0 straddled the stop: its acknowledgement (the bridge's from the region, or the
+    # receiver's) may have been lost with the broker, and QoS 1 then delivers it again, first
+    # (the ingest drops it by its id). Every event made meanwhile comes once, in order.
+    first = (B["events"], event(GATE_B, 0))
+    expected = [first, *made] if receiver.got()[:1] == [first] else made
+    assert not receiver.wait_for(lambda: len(receiver.got()) > len(expected), 0.5)
+    assert receiver.got() == expected
     assert f"as {SITE}/site-broker (" in regional.log_text()  # the bridge's own identity
 
 
